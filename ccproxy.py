@@ -1,0 +1,2065 @@
+#!/usr/bin/env python3
+"""ccproxy: let Claude Code, or any Anthropic Messages API client, use any LLM provider.
+
+One file, Python 3.8+ standard library only. It speaks the Anthropic Messages API to its
+clients and each provider's own API behind it, with routing and clear Anthropic-shaped errors.
+
+Usage:
+    python3 ccproxy.py start --foreground [--host HOST] [--port PORT] [--config FILE]
+    python3 ccproxy.py start --check [--config FILE]     validate the config and exit 0/1
+    python3 ccproxy.py version
+    python3 ccproxy.py COMMAND --help
+
+Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py):
+    1. Constants
+    2. Errors
+    3. Config
+    4. HTTP/1.1
+    5. Access
+    6. Endpoints
+    7. Token estimator
+    8. Router
+    9. Transformers
+    10. Upstream
+    11. Daemon
+    12. CLI
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import hmac
+import http
+import http.client
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+__version__ = "0.1.0"
+__all__ = ["main", "load_config", "build_config", "ProxyServer", "estimate_request_tokens",
+           "__version__"]
+
+log = logging.getLogger("ccproxy")
+
+
+###############################################################################
+# 1. Constants
+###############################################################################
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3456
+MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024        # Anthropic's own request size limit
+DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
+DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 75.0
+DEFAULT_REQUEST_TIMEOUT_SECONDS = 600.0          # inactivity: a whole answer may stream for minutes
+DEFAULT_WORKER_THREADS = 512                     # one per upstream call in flight
+BODY_READ_SLICE_BYTES = 1024 * 1024
+UPSTREAM_READ_BYTES = 64 * 1024
+UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
+STREAM_QUEUE_CHUNKS = 64                         # chunks a slow client may leave unread per stream
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+CONFIG_SEARCH_PATHS = ("./config.json", "~/.ccproxy/config.json", "/etc/ccproxy/config.json")
+USER_AGENT = "ccproxy/" + __version__
+
+ERROR_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    500: "api_error",
+    502: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+# Upstream status -> the status the client sees (translation rule book, E2).
+CLIENT_STATUS_BY_UPSTREAM_STATUS = {
+    400: 400, 401: 401, 402: 402, 403: 403, 404: 404, 408: 504, 413: 413, 422: 400, 429: 429,
+    500: 500, 502: 502, 503: 529, 504: 504, 529: 529,
+}
+
+REASON_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+REASON_PHRASES[529] = "Overloaded"
+
+# Request headers that are passed on to an Anthropic-protocol provider; everything else
+# (the client's key, hop-by-hop headers, Accept-Encoding) stays here.
+ANTHROPIC_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+# Response headers relayed back from an Anthropic-protocol provider.
+RELAYED_RESPONSE_HEADERS = ("request-id", "retry-after")
+RELAYED_RESPONSE_HEADER_PREFIX = "anthropic-ratelimit-"
+
+
+###############################################################################
+# 2. Errors
+###############################################################################
+
+class ProxyError(Exception):
+    """An error a client sees: HTTP status, Anthropic error type, message and extra headers."""
+
+    status = 500
+
+    def __init__(self, message: str, status: int | None = None, headers=()):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = list(headers)
+
+    @property
+    def error_type(self) -> str:
+        return ERROR_TYPE_BY_STATUS.get(self.status, "api_error" if self.status >= 500
+                                        else "invalid_request_error")
+
+
+class InvalidRequestError(ProxyError):
+    status = 400
+
+
+class AuthenticationError(ProxyError):
+    status = 401
+
+
+class PermissionDeniedError(ProxyError):
+    status = 403
+
+
+class NotFoundError(ProxyError):
+    status = 404
+
+
+class RequestTooLargeError(ProxyError):
+    status = 413
+
+
+class UpstreamError(ProxyError):
+    """The provider could not be reached or broke the connection."""
+    status = 502
+
+
+class UpstreamTimeoutError(ProxyError):
+    status = 504
+
+
+class ClientDisconnected(Exception):
+    """The client went away; nothing more can be written to it."""
+
+
+class ConfigError(Exception):
+    """A mistake in the operator's configuration; the message names the file and the key."""
+
+
+def error_body(error_type: str, message: str, request_id: str = "") -> bytes:
+    """The Anthropic error JSON: {"type":"error","error":{"type":…,"message":…}}."""
+    payload = {"type": "error", "error": {"type": error_type, "message": message}}
+    if request_id:
+        payload["request_id"] = request_id
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
+def sse_error_event(error_type: str, message: str) -> bytes:
+    """The same error as an SSE `error` event, for streams that have already started."""
+    return b"event: error\ndata: " + error_body(error_type, message) + b"\n\n"
+
+
+def mask_secret(secret: str) -> str:
+    """Show just enough of a key to recognise it: 'sk-a…wxyz'; short keys become '****'."""
+    if not secret:
+        return ""
+    if len(secret) < 16:
+        return "****"
+    return secret[:4] + "…" + secret[-4:]
+
+
+def strip_secrets(text: str, secrets) -> str:
+    """Replace every known secret in text by its masked form."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    return text
+
+
+def upstream_error_message(body: bytes) -> str:
+    """The most useful message in an upstream error body, whatever its shape (rule book E3)."""
+    text = body[:UPSTREAM_ERROR_BODY_BYTES].decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        inner = data.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+        if isinstance(inner, str):
+            return inner
+        for key in ("message", "detail", "Message"):
+            if isinstance(data.get(key), str):
+                return data[key]
+    text = re.sub(r"<[^>]*>", " ", text)           # an HTML error page: keep its words
+    return " ".join(text.split())[:1000] or "(empty body)"
+
+
+def error_from_upstream(provider, status: int, body: bytes, headers=()) -> ProxyError:
+    """Map an upstream error response to the error the client sees (rule book E2, E3)."""
+    if status in CLIENT_STATUS_BY_UPSTREAM_STATUS:
+        client_status = CLIENT_STATUS_BY_UPSTREAM_STATUS[status]
+    else:
+        client_status = 500 if status >= 500 else 400
+    message = "%s: HTTP %d: %s" % (provider.name, status, upstream_error_message(body))
+    kept = [(k, v) for k, v in headers if k == "retry-after"]
+    return ProxyError(strip_secrets(message, provider.secrets()), client_status, kept)
+
+
+###############################################################################
+# 3. Config
+###############################################################################
+
+DEFAULT_CONFIG = {
+    "host": DEFAULT_HOST,
+    "port": DEFAULT_PORT,
+    "apikey": "",
+    "log": False,
+    "log_file": "~/.ccproxy/ccproxy.log",
+    "providers": [],
+    "routes": {},
+    "security": {"allowed_ips": []},
+    "performance": {
+        "request_timeout": DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        "header_timeout": DEFAULT_HEADER_TIMEOUT_SECONDS,
+        "keepalive_timeout": DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+        "max_request_body_size": DEFAULT_MAX_BODY_BYTES,
+        "worker_threads": DEFAULT_WORKER_THREADS,
+        "metrics_enabled": False,
+        "rate_limit_enabled": False,
+        "circuit_breaker_enabled": False,
+    },
+}
+
+PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "models", "enabled", "headers",
+                 "max_tokens", "count_tokens")
+ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
+# Accepted for compatibility with the original's config files; their features arrive with
+# routing and resilience, and until then they only earn a warning when switched on.
+NOT_YET_APPLIED_KEYS = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
+
+# Provider presets (design.md §4): a provider named like a preset needs only its key.
+# `auth` is how the key is sent; `count_tokens` whether the provider answers count_tokens.
+PROVIDER_PRESETS = {
+    "anthropic": {"type": "anthropic", "api_base_url": "https://api.anthropic.com",
+                  "count_tokens": True},
+    "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1"},
+    "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta"},
+    "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com"},
+    "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1"},
+    "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1"},
+    "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1"},
+    "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1"},
+    "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "auth": "none"},
+}
+AUTH_BY_PROTOCOL = {"anthropic": "x-api-key", "openai": "bearer", "gemini": "x-goog-api-key"}
+
+BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+                 "false": False, "0": False, "no": False, "off": False, "": False}
+
+# Environment variables of the original's table: variable -> (key path, kind of value).
+ENV_SETTINGS = (
+    ("CCPROXY_HOST", ("host",), "text"),
+    ("CCPROXY_PORT", ("port",), "port"),
+    ("CCPROXY_API_KEY", ("apikey",), "text"),
+    ("CCPROXY_LOG", ("log",), "bool"),
+    ("LOG", ("log",), "bool"),
+    ("CCPROXY_LOG_FILE", ("log_file",), "text"),
+)
+PROVIDER_KEY_ENV_RE = re.compile(r"^CCPROXY_PROVIDERS_(\d+)_API_KEY$")
+
+JSONC_TOKEN_RE = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*[\s\S]*?(?:\*/|$)')
+JSONC_TRAILING_COMMA_RE = re.compile(r'"(?:\\.|[^"\\])*"|,(?=\s*[}\]])')
+ENV_REFERENCE_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_jsonc(text: str, source: str):
+    """Parse JSON that may carry // and /* */ comments and trailing commas.
+
+    Comments become blanks of the same shape, so the line and column of a syntax error still
+    point into the file as the user wrote it.
+    """
+    def blank(match):
+        token = match.group()
+        if token.startswith('"'):
+            return token
+        return re.sub(r"[^\n]", " ", token)
+
+    text = JSONC_TOKEN_RE.sub(blank, text)
+    text = JSONC_TRAILING_COMMA_RE.sub(lambda m: m.group() if m.group() != "," else " ", text)
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError("%s: not valid JSON: %s" % (source, exc)) from None
+
+
+def expand_env_references(value, path: str, source: str, environ):
+    """Replace ${VAR} (or ${VAR:-default}) in every string of a parsed config."""
+    if isinstance(value, dict):
+        return {k: expand_env_references(v, join_key(path, k), source, environ)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env_references(v, "%s[%d]" % (path, i), source, environ)
+                for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match):
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError("%s: %s: environment variable %s is not set" % (source, path, name))
+
+    return ENV_REFERENCE_RE.sub(substitute, value)
+
+
+def join_key(path: str, key: str) -> str:
+    return "%s.%s" % (path, key) if path else key
+
+
+def parse_duration(value) -> float:
+    """Seconds from 30, 2.5, "30s", "5m", "1h30m" or "500ms"; raises ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = DURATION_PART_RE.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError("not a duration") from None
+            seconds = sum(float(n) * DURATION_UNIT_SECONDS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError("must be more than zero")
+    return seconds
+
+
+def parse_bool(text: str) -> bool:
+    """true/false, 1/0, yes/no, on/off, as environment variables write them."""
+    try:
+        return BOOLEAN_WORDS[text.strip().lower()]
+    except KeyError:
+        raise ValueError("not a boolean (true/false)") from None
+
+
+def find_config_file(explicit: str | None, environ) -> str | None:
+    """The config file to read: --config, else CCPROXY_CONFIG, else the first that exists."""
+    named = explicit or environ.get("CCPROXY_CONFIG")
+    if named:
+        path = os.path.expanduser(named)
+        if not os.path.isfile(path):
+            raise ConfigError("%s: config file not found" % named)
+        return path
+    for candidate in CONFIG_SEARCH_PATHS:
+        path = os.path.expanduser(candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_config_file(path: str, environ) -> dict:
+    """Read, parse and ${VAR}-expand one config file."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc)) from None
+    raw = parse_jsonc(text, path)
+    if not isinstance(raw, dict):
+        raise ConfigError("%s: the top level must be a JSON object" % path)
+    return expand_env_references(raw, "", path, environ)
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """Deep-merge override into a copy of base: nested objects merge, other values replace."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_environment(raw: dict, environ, origins: dict, warnings: list) -> dict:
+    """Layer the original's environment variables over the file's values."""
+    raw = dict(raw)
+    for variable, path, kind in ENV_SETTINGS:
+        if variable not in environ:
+            continue
+        text = environ[variable]
+        try:
+            value = {"text": str, "bool": parse_bool, "port": int}[kind](text)
+        except ValueError as exc:
+            raise ConfigError("%s: %s: %r" % (variable, exc, text)) from None
+        raw[path[0]] = value
+        origins[path[0]] = variable
+    entries = raw.get("providers")
+    providers = [dict(p) if isinstance(p, dict) else p for p in entries] \
+        if isinstance(entries, list) else []
+    for variable in sorted(environ):
+        match = PROVIDER_KEY_ENV_RE.match(variable)
+        if not match:
+            continue
+        index = int(match.group(1))
+        if index >= len(providers) or not isinstance(providers[index], dict):
+            warnings.append("%s: there is no providers[%d]; ignored" % (variable, index))
+            continue
+        providers[index]["api_key"] = environ[variable]
+        origins["providers[%d].api_key" % index] = variable
+    if providers:
+        raw["providers"] = providers
+    return raw
+
+
+def apply_flags(raw: dict, flags: dict, origins: dict) -> dict:
+    """Layer command-line flags (host, port) over everything else."""
+    raw = dict(raw)
+    for key, value in flags.items():
+        if value is not None:
+            raw[key] = value
+            origins[key] = "--" + key
+    return raw
+
+
+class Provider:
+    """One configured provider, with preset defaults filled in and validated."""
+
+    __slots__ = ("name", "protocol", "base_url", "api_key", "models", "enabled", "headers",
+                 "max_tokens", "auth", "count_tokens")
+
+    def __init__(self, **fields):
+        for key in self.__slots__:
+            setattr(self, key, fields[key])
+
+    def secrets(self) -> list:
+        """Values that must never be shown: the key and every extra header value."""
+        return [self.api_key] + list(self.headers.values())
+
+    def public_view(self) -> dict:
+        """What /status and /providers show: everything, with secrets masked."""
+        return {
+            "name": self.name, "type": self.protocol, "api_base_url": self.base_url,
+            "api_key": mask_secret(self.api_key), "models": list(self.models),
+            "enabled": self.enabled, "max_tokens": self.max_tokens,
+            "headers": {k: mask_secret(v) for k, v in self.headers.items()},
+        }
+
+    def __repr__(self):
+        return "Provider(%r, %s, %s)" % (self.name, self.protocol, self.base_url)
+
+
+class Config:
+    """The validated configuration the server runs on; built by build_config()."""
+
+    def __init__(self, raw: dict, source: str | None, providers: list, routes: dict,
+                 allowed_networks: list, warnings: list):
+        performance = raw["performance"]
+        self.raw = raw
+        self.source = source
+        self.host = raw["host"]
+        self.port = raw["port"]
+        self.apikey = raw["apikey"]
+        self.log = raw["log"]
+        self.log_file = raw["log_file"]
+        self.providers = providers
+        self.routes = routes
+        self.allowed_networks = allowed_networks
+        self.request_timeout = performance["request_timeout"]
+        self.header_timeout = performance["header_timeout"]
+        self.keepalive_timeout = performance["keepalive_timeout"]
+        self.max_body_bytes = performance["max_request_body_size"]
+        self.worker_threads = performance["worker_threads"]
+        self.warnings = warnings
+
+    def enabled_providers(self) -> list:
+        return [p for p in self.providers if p.enabled]
+
+    def provider_named(self, name: str):
+        return next((p for p in self.providers if p.name == name), None)
+
+    def secrets(self) -> list:
+        """Every secret the config holds, for masking logs and messages."""
+        found = [self.apikey] if self.apikey else []
+        for provider in self.providers:
+            found.extend(s for s in provider.secrets() if s)
+        return found
+
+
+class ConfigChecker:
+    """Validates a merged raw config; every problem names its source file (or variable) and key."""
+
+    def __init__(self, source: str, origins: dict):
+        self.source = source
+        self.origins = origins
+        self.problems = []
+        self.warnings = []
+
+    def fail(self, key: str, problem: str) -> None:
+        self.problems.append("%s: %s: %s" % (self.origins.get(key, self.source), key, problem))
+
+    def warn(self, key: str, problem: str) -> None:
+        self.warnings.append("%s: %s: %s" % (self.origins.get(key, self.source), key, problem))
+
+    def unknown_keys(self, section: dict, known, path: str) -> None:
+        for key in section:
+            if key not in known:
+                self.warn(join_key(path, key), "unknown key, ignored")
+
+    def typed(self, section: dict, key: str, path: str, kinds, kind_name: str):
+        """The value if it has the right JSON type, else record a problem and return None."""
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = section.get(key)
+        if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
+            return value
+        self.fail(join_key(path, key), "must be %s, not %s" % (kind_name, json.dumps(value)))
+        return None
+
+
+def check_top_level(checker: ConfigChecker, raw: dict) -> None:
+    """Validate host, port, apikey, log and log_file."""
+    checker.unknown_keys(raw, DEFAULT_CONFIG, "")
+    checker.typed(raw, "host", "", str, "a host name or address")
+    port = checker.typed(raw, "port", "", int, "a port number")
+    if port is not None and not 0 <= port <= 65535:
+        checker.fail("port", "must be between 0 and 65535, not %d" % port)
+    checker.typed(raw, "apikey", "", str, "a string")
+    checker.typed(raw, "log", "", bool, "true or false")
+    checker.typed(raw, "log_file", "", str, "a file path")
+
+
+def check_performance(checker: ConfigChecker, section) -> dict:
+    """Validate performance.*; durations become seconds."""
+    if not isinstance(section, dict):
+        checker.fail("performance", "must be an object")
+        return dict(DEFAULT_CONFIG["performance"])
+    checker.unknown_keys(section, DEFAULT_CONFIG["performance"], "performance")
+    checked = dict(section)
+    for key in ("request_timeout", "header_timeout", "keepalive_timeout"):
+        try:
+            checked[key] = parse_duration(section[key])
+        except ValueError as exc:
+            checker.fail("performance." + key, "%s (use seconds or \"30s\", \"5m\"): %s"
+                         % (exc, json.dumps(section[key])))
+    for key in ("max_request_body_size", "worker_threads"):
+        value = checker.typed(section, key, "performance", int, "a positive integer")
+        if value is not None and value <= 0:
+            checker.fail("performance." + key, "must be a positive integer")
+    for key in NOT_YET_APPLIED_KEYS:
+        if checker.typed(section, key, "performance", bool, "true or false"):
+            checker.warn("performance." + key, "not applied by ccproxy %s yet" % __version__)
+    return checked
+
+
+def check_security(checker: ConfigChecker, section) -> list:
+    """Validate security.allowed_ips; returns the parsed networks."""
+    if not isinstance(section, dict):
+        checker.fail("security", "must be an object")
+        return []
+    checker.unknown_keys(section, DEFAULT_CONFIG["security"], "security")
+    entries = checker.typed(section, "allowed_ips", "security", list, "a list of CIDRs")
+    networks = []
+    for index, entry in enumerate(entries or []):
+        try:
+            networks.append(ipaddress.ip_network(str(entry), strict=False))
+        except ValueError:
+            checker.fail("security.allowed_ips[%d]" % index,
+                         "not an IP address or CIDR: %s" % json.dumps(entry))
+    return networks
+
+
+def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None:
+    """Validate one providers[i] entry and fill in its preset."""
+    path = "providers[%d]" % index
+    if not isinstance(entry, dict):
+        checker.fail(path, "must be an object")
+        return None
+    checker.unknown_keys(entry, PROVIDER_KEYS, path)
+    name = checker.typed(entry, "name", path, str, "a non-empty string")
+    if not name:
+        if name == "":
+            checker.fail(path + ".name", "must be a non-empty string")
+        return None
+    preset = PROVIDER_PRESETS.get(name.lower(), {})
+    fields = dict(preset, **entry)
+    protocol = fields.get("type")
+    if protocol not in AUTH_BY_PROTOCOL:
+        checker.fail(path + ".type", "must be one of %s for a provider not named like a preset (%s)"
+                     % (", ".join(AUTH_BY_PROTOCOL), ", ".join(PROVIDER_PRESETS)))
+        return None
+    base_url = fields.get("api_base_url")
+    if not isinstance(base_url, str) or not re.match(r"^https?://[^/\s]+", base_url):
+        checker.fail(path + ".api_base_url", "not an http(s) URL: %s" % json.dumps(base_url))
+    fields.setdefault("api_key", "")
+    fields.setdefault("models", [])
+    fields.setdefault("enabled", True)
+    fields.setdefault("headers", {})
+    fields.setdefault("max_tokens", None)
+    fields.setdefault("count_tokens", False)
+    checker.typed(fields, "api_key", path, str, "a string")
+    models = checker.typed(fields, "models", path, list, "a list of model names")
+    if models and not all(isinstance(m, str) and m for m in models):
+        checker.fail(path + ".models", "every model must be a non-empty string")
+    checker.typed(fields, "enabled", path, bool, "true or false")
+    headers = checker.typed(fields, "headers", path, dict, "an object of header: value")
+    if headers and not all(isinstance(v, str) for v in headers.values()):
+        checker.fail(path + ".headers", "every header value must be a string")
+    if fields["max_tokens"] is not None:
+        cap = checker.typed(fields, "max_tokens", path, int, "a positive integer")
+        if cap is not None and cap <= 0:
+            checker.fail(path + ".max_tokens", "must be a positive integer")
+    checker.typed(fields, "count_tokens", path, bool, "true or false")
+    auth = fields.get("auth", AUTH_BY_PROTOCOL[protocol])
+    if (fields["enabled"] is True and auth != "none" and preset and not fields["api_key"]):
+        checker.fail(path + ".api_key", "required for %s (or set CCPROXY_PROVIDERS_%d_API_KEY)"
+                     % (name, index))
+    if protocol not in PROTOCOLS:
+        checker.warn(path + ".type", "ccproxy %s cannot translate to the %s protocol yet; requests "
+                     "routed to %s will fail" % (__version__, protocol, name))
+    if checker.problems:
+        return None
+    return Provider(name=name, protocol=protocol, base_url=base_url.rstrip("/"),
+                    api_key=fields["api_key"], models=tuple(models or ()),
+                    enabled=fields["enabled"], headers=dict(headers or {}),
+                    max_tokens=fields["max_tokens"], auth=auth,
+                    count_tokens=fields["count_tokens"])
+
+
+def check_providers(checker: ConfigChecker, entries) -> list:
+    """Validate providers[]; names must be unique."""
+    if not isinstance(entries, list):
+        checker.fail("providers", "must be a list of provider objects")
+        return []
+    providers, seen = [], set()
+    for index, entry in enumerate(entries):
+        provider = check_provider(checker, entry, index)
+        if provider is None:
+            continue
+        if provider.name in seen:
+            checker.fail("providers[%d].name" % index, "duplicate provider %r" % provider.name)
+        seen.add(provider.name)
+        providers.append(provider)
+    return providers
+
+
+def check_routes(checker: ConfigChecker, section, providers: list) -> dict:
+    """Validate routes: each a {provider, model} naming a configured provider."""
+    if not isinstance(section, dict):
+        checker.fail("routes", "must be an object of route name: {provider, model}")
+        return {}
+    names = {p.name for p in providers}
+    routes = {}
+    for name, route in section.items():
+        path = "routes." + name
+        if not isinstance(route, dict):
+            checker.fail(path, "must be an object with provider and model")
+            continue
+        checker.unknown_keys(route, ROUTE_KEYS, path)
+        provider = checker.typed(route, "provider", path, str, "a provider name")
+        model = checker.typed(route, "model", path, str, "a model name")
+        if provider is not None and provider not in names:
+            checker.fail(path + ".provider", "no provider named %r" % provider)
+        for key in ("conditions", "fallbacks"):
+            if key in route:
+                checker.warn(join_key(path, key), "not applied by ccproxy %s yet" % __version__)
+        if provider and model:
+            routes[name] = (provider, model)
+    return routes
+
+
+def build_config(raw: dict, source: str | None, environ=None, flags=None) -> Config:
+    """Layer defaults <- file (raw) <- environment <- flags, validate, and build the Config."""
+    environ = os.environ if environ is None else environ
+    origins, env_warnings = {}, []
+    merged = merge_config(DEFAULT_CONFIG, raw)
+    merged = apply_environment(merged, environ, origins, env_warnings)
+    merged = apply_flags(merged, flags or {}, origins)
+    checker = ConfigChecker(source or "defaults", origins)
+    check_top_level(checker, merged)
+    merged["performance"] = check_performance(checker, merged.get("performance"))
+    networks = check_security(checker, merged.get("security"))
+    providers = check_providers(checker, merged.get("providers"))
+    routes = check_routes(checker, merged.get("routes"), providers)
+    if checker.problems:
+        raise ConfigError("\n".join(checker.problems))
+    return Config(merged, source, providers, routes, networks, env_warnings + checker.warnings)
+
+
+def load_config(config_path: str | None = None, environ=None, flags=None) -> Config:
+    """Find and read the config file (if any), then build_config() over it."""
+    environ = os.environ if environ is None else environ
+    path = find_config_file(config_path, environ)
+    raw = read_config_file(path, environ) if path else {}
+    return build_config(raw, path, environ, flags)
+
+
+###############################################################################
+# 4. HTTP/1.1
+###############################################################################
+
+REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\s]+) HTTP/(\d)\.(\d)")
+HEADER_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+CHUNKED = -1
+
+
+class Headers:
+    """Request headers: names case-insensitive, repeated headers kept in order."""
+
+    __slots__ = ("_items", "_first")
+
+    def __init__(self, items=()):
+        self._items = list(items)
+        self._first = {}
+        for name, value in self._items:
+            self._first.setdefault(name, value)
+
+    def get(self, name: str, default=None):
+        return self._first.get(name.lower(), default)
+
+    def get_all(self, name: str) -> list:
+        name = name.lower()
+        return [v for k, v in self._items if k == name]
+
+    def __contains__(self, name) -> bool:
+        return name.lower() in self._first
+
+    def items(self) -> list:
+        return list(self._items)
+
+    def __repr__(self):
+        return "Headers(%r)" % self._items
+
+
+class Request:
+    """One parsed HTTP request; the body is filled in after the head has been admitted."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "peer",
+                 "request_id")
+
+    def __init__(self, method: str, target: str, version: str, headers: Headers):
+        self.method = method
+        self.target = target
+        path, _, self.query = target.partition("?")
+        self.path = path.rstrip("/") or "/"
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        self.peer = None
+        self.request_id = ""
+
+    @property
+    def keep_alive(self) -> bool:
+        """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
+        tokens = {t.strip().lower() for v in self.headers.get_all("connection") for t in v.split(",")}
+        if self.version == "HTTP/1.1":
+            return "close" not in tokens
+        return "keep-alive" in tokens
+
+    def __repr__(self):
+        return "Request(%s %s)" % (self.method, self.target)
+
+
+class Response:
+    """An answer: status, headers and either a body or an async iterator of body pieces."""
+
+    __slots__ = ("status", "headers", "body", "stream", "close")
+
+    def __init__(self, status: int = 200, body: bytes = b"", headers=None, stream=None,
+                 content_type: str = "application/json"):
+        self.status = status
+        self.headers = [("content-type", content_type)] + list(headers or ())
+        self.body = body
+        self.stream = stream
+        self.close = False
+
+    def __repr__(self):
+        return "Response(%d)" % self.status
+
+
+def json_response(payload, status: int = 200, headers=()) -> Response:
+    return Response(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
+
+
+def error_response(error: ProxyError, request_id: str) -> Response:
+    body = error_body(error.error_type, error.message, request_id)
+    return Response(error.status, body, error.headers)
+
+
+def parse_request_head(data: bytes) -> Request:
+    """Parse a request head (request line and header lines, CRLF-separated) into a Request.
+
+    Leading empty lines are ignored (RFC 9112 §2.2); obsolete line folding, a space before
+    the colon, bytes that cannot be in a header, and versions other than HTTP/1.x are errors.
+    """
+    lines = data.lstrip(b"\r\n").split(b"\r\n")
+    match = REQUEST_LINE_RE.fullmatch(lines[0])
+    if not match:
+        raise InvalidRequestError("malformed HTTP request line")
+    method, target, major, minor = match.groups()
+    if major != b"1":
+        raise InvalidRequestError("unsupported HTTP version %s.%s" % (major.decode(), minor.decode()))
+    items = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            raise InvalidRequestError("obsolete header line folding is not accepted")
+        name, colon, value = line.partition(b":")
+        if not colon or not HEADER_NAME_RE.fullmatch(name):
+            raise InvalidRequestError("malformed header line")
+        value = value.strip(b" \t")
+        if b"\x00" in value or b"\r" in value or b"\n" in value:
+            raise InvalidRequestError("invalid character in header %s" % name.decode())
+        items.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    target_text = target.decode("latin-1")
+    if target_text.startswith(("http://", "https://")):
+        target_text = "/" + target_text.split("/", 3)[3] if target_text.count("/") >= 3 else "/"
+    if not target_text.startswith("/"):
+        raise InvalidRequestError("request target must be a path")
+    version = "HTTP/1.%s" % minor.decode()
+    return Request(method.decode("ascii"), target_text, version, Headers(items))
+
+
+def parse_body_framing(headers: Headers) -> int:
+    """The body length from Content-Length, CHUNKED, or 0; rejects ambiguous framing."""
+    codings = [c.strip().lower() for v in headers.get_all("transfer-encoding")
+               for c in v.split(",") if c.strip()]
+    lengths = {part.strip() for v in headers.get_all("content-length") for part in v.split(",")}
+    if codings:
+        if lengths:
+            raise InvalidRequestError("both Content-Length and Transfer-Encoding are set")
+        if codings != ["chunked"]:
+            raise InvalidRequestError("unsupported Transfer-Encoding %r: only chunked is accepted"
+                                      % ", ".join(codings))
+        return CHUNKED
+    if not lengths:
+        return 0
+    if len(lengths) != 1:
+        raise InvalidRequestError("conflicting Content-Length values")
+    length = lengths.pop()
+    if not length.isdigit() or not length.isascii():
+        raise InvalidRequestError("invalid Content-Length %r" % length)
+    return int(length)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size from a chunk-size line (without its CRLF); chunk extensions are ignored."""
+    size = line.split(b";", 1)[0].strip(b" \t")
+    if not CHUNK_SIZE_RE.fullmatch(size):
+        raise InvalidRequestError("invalid chunk size line")
+    return int(size, 16)
+
+
+def build_response_head(status: int, headers) -> bytes:
+    """Status line and header lines, ending with the blank line."""
+    lines = ["HTTP/1.1 %d %s" % (status, REASON_PHRASES.get(status, "Unknown"))]
+    lines.extend("%s: %s" % pair for pair in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class ClientConnection:
+    """Serves the requests of one client connection in turn, keep-alive included.
+
+    Lifecycle of a request: read the head (header timeout, 64 KiB limit), find its endpoint,
+    admit it (access rules), read the body (size limit, 100-continue), handle it, write the
+    answer. Errors before the body is read close the connection, since the unread body would
+    be taken for the next request.
+    """
+
+    def __init__(self, app, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._app = app
+        self._reader = reader
+        self._writer = writer
+        self._peer = parse_peer_address(writer.get_extra_info("peername"))
+        self._next_byte = None          # a pending read of the next request's first byte
+        self._on_disconnect = None
+
+    async def run(self) -> None:
+        timeout = self._app.config.header_timeout
+        try:
+            while True:
+                head = await self._read_head(timeout)
+                if head is None:
+                    return
+                keep_open = await self._serve(head)
+                if not keep_open:
+                    return
+                timeout = self._app.config.keepalive_timeout
+        except (ConnectionError, ClientDisconnected):
+            return
+        finally:
+            if self._next_byte is not None:
+                self._next_byte.cancel()
+            self._writer.close()
+
+    def cancel_on_disconnect(self, callback) -> None:
+        """Call callback() if the client closes its connection before its answer is done."""
+        self._on_disconnect = callback
+        if self._next_byte is None:
+            self._next_byte = asyncio.ensure_future(self._reader.read(1))
+            self._next_byte.add_done_callback(self._check_disconnect)
+
+    def _check_disconnect(self, task) -> None:
+        gone = task.cancelled() or task.exception() is not None or task.result() == b""
+        if gone and self._on_disconnect is not None:
+            self._on_disconnect()
+
+    async def _read_head(self, idle_timeout: float) -> bytes | None:
+        """The next request head, or None when the client closed or idled out."""
+        pending, self._next_byte = self._next_byte, None
+        try:
+            first = await asyncio.wait_for(pending or self._reader.read(1), idle_timeout)
+        except (asyncio.TimeoutError, ConnectionError):
+            return None
+        if not first:
+            return None
+        try:
+            rest = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"),
+                                          self._app.config.header_timeout)
+        except asyncio.LimitOverrunError:
+            await self._send_error(ProxyError("request header block is larger than %d bytes"
+                                              % MAX_HEADER_BYTES, 431), "")
+            return None
+        except asyncio.TimeoutError:
+            await self._send_error(ProxyError("request head not received within %g s"
+                                              % self._app.config.header_timeout, 408), "")
+            return None
+        except asyncio.IncompleteReadError:
+            return None
+        return first + rest
+
+    async def _serve(self, head: bytes) -> bool:
+        """Answer one request; True when the connection may carry another."""
+        app = self._app
+        request_id = app.next_request_id()
+        started = time.monotonic()
+        request = None
+        body_read = False
+        app.requests_active += 1
+        try:
+            try:
+                request = parse_request_head(head)
+                request.peer = self._peer
+                request.request_id = request_id
+                endpoint = find_endpoint(request)
+                check_access(app.config, self._peer, request)
+                await self._read_body(request)
+                body_read = True
+                response = await endpoint(app, request, self)
+            except ProxyError as error:
+                response = error_response(error, request_id)
+            except (ClientDisconnected, ConnectionError):
+                raise
+            except Exception:
+                log.exception("%s: internal error", request_id)
+                response = error_response(ProxyError("internal error in ccproxy; see its log"),
+                                          request_id)
+            keep_open = body_read and request.keep_alive and not response.close
+            await self._write_response(request, response, request_id, keep_open)
+        finally:
+            app.requests_active -= 1
+            self._on_disconnect = None
+        app.count_response(response.status)
+        if app.config.log and request is not None:
+            log.info("%s %s %s -> %d in %.1f ms", request_id, request.method, request.path,
+                     response.status, (time.monotonic() - started) * 1000)
+        return keep_open
+
+    async def _read_body(self, request: Request) -> None:
+        """Read the body by Content-Length or chunked coding, within the size limit."""
+        length = parse_body_framing(request.headers)
+        limit = self._app.config.max_body_bytes
+        if length > limit:
+            raise RequestTooLargeError("request body of %d bytes exceeds the limit of %d bytes"
+                                       % (length, limit))
+        if length == 0:
+            return
+        if (request.headers.get("expect", "").lower() == "100-continue"
+                and request.version == "HTTP/1.1"):
+            self._writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if length == CHUNKED:
+            request.body = await self._read_chunked(limit)
+        else:
+            request.body = await self._read_exactly(length)
+
+    async def _read_exactly(self, length: int) -> bytes:
+        """Read length bytes, each slice within the header timeout (an inactivity limit)."""
+        parts = []
+        while length > 0:
+            part = await self._timed(self._reader.readexactly(min(length, BODY_READ_SLICE_BYTES)))
+            parts.append(part)
+            length -= len(part)
+        return b"".join(parts)
+
+    async def _read_chunked(self, limit: int) -> bytes:
+        parts, total = [], 0
+        while True:
+            size = parse_chunk_size((await self._read_line())[:-2])
+            if size == 0:
+                while await self._read_line() != b"\r\n":     # trailer fields are dropped
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                raise RequestTooLargeError("request body exceeds the limit of %d bytes" % limit)
+            parts.append(await self._read_exactly(size))
+            if await self._read_exactly(2) != b"\r\n":
+                raise InvalidRequestError("chunk data not followed by CRLF")
+
+    async def _read_line(self) -> bytes:
+        try:
+            return await self._timed(self._reader.readuntil(b"\r\n"))
+        except asyncio.LimitOverrunError:
+            raise InvalidRequestError("chunk line too long") from None
+
+    async def _timed(self, awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, self._app.config.header_timeout)
+        except asyncio.TimeoutError:
+            raise ProxyError("request body not received within %g s"
+                             % self._app.config.header_timeout, 408) from None
+        except asyncio.IncompleteReadError:
+            raise ClientDisconnected() from None
+
+    async def _send_error(self, error: ProxyError, request_id: str) -> None:
+        response = error_response(error, request_id)
+        await self._write_response(None, response, request_id, keep_open=False)
+
+    async def _write_response(self, request, response: Response, request_id: str,
+                              keep_open: bool) -> None:
+        """Write head and body; a stream goes out chunked (close-delimited for HTTP/1.0)."""
+        headers = response.headers + [("request-id", request_id)]
+        if not keep_open:
+            headers.append(("connection", "close"))
+        head_only = request is not None and request.method == "HEAD"
+        chunked = response.stream is not None and request is not None and request.version == "HTTP/1.1"
+        if response.stream is None:
+            headers.append(("content-length", str(len(response.body))))
+        elif chunked:
+            headers.append(("transfer-encoding", "chunked"))
+        head = build_response_head(response.status, headers)
+        if response.stream is None or head_only:
+            self._writer.write(head if head_only else head + response.body)
+            await self._writer.drain()
+            return
+        self._writer.write(head)
+        await self._write_stream(response.stream, chunked)
+
+    async def _write_stream(self, stream, chunked: bool) -> None:
+        """Write each piece as it comes; a bug mid-stream still ends with an error event."""
+        writer = self._writer
+        try:
+            try:
+                async for piece in stream:
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                    await writer.drain()
+            except (ClientDisconnected, ConnectionError):
+                raise
+            except Exception:
+                log.exception("stream relay failed")
+                piece = sse_error_event("api_error", "internal error in ccproxy; see its log")
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            await stream.aclose()
+
+
+###############################################################################
+# 5. Access
+###############################################################################
+
+def parse_peer_address(peername):
+    """The client's IP address from a socket peername; IPv4-mapped IPv6 becomes IPv4."""
+    if not peername:
+        return None
+    host = peername[0] if isinstance(peername, tuple) else str(peername)
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def client_key(headers: Headers) -> str | None:
+    """The key the client presented, from x-api-key or Authorization: Bearer."""
+    key = headers.get("x-api-key")
+    if key:
+        return key
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def check_access(config: Config, peer, request: Request) -> None:
+    """Admit the request or raise: allow-list, then the loopback rule or the proxy key.
+
+    With no apikey, only loopback peers are served, whatever address is bound. With one,
+    every request but the public ones (/ and /health) must present it.
+    """
+    if peer is None:
+        raise PermissionDeniedError("cannot determine the client's address")
+    if config.allowed_networks and not any(peer in net for net in config.allowed_networks):
+        raise PermissionDeniedError("client address %s is not in security.allowed_ips" % peer)
+    if not config.apikey:
+        if not peer.is_loopback:
+            raise PermissionDeniedError("ccproxy serves only loopback clients when no apikey is "
+                                        "configured; set apikey to accept %s" % peer)
+        return
+    if request.path in PUBLIC_PATHS:
+        return
+    presented = client_key(request.headers)
+    if presented is None:
+        raise AuthenticationError("missing API key: send it as x-api-key or Authorization: Bearer")
+    if not hmac.compare_digest(presented.encode(), config.apikey.encode()):
+        raise AuthenticationError("invalid API key")
+
+
+###############################################################################
+# 6. Endpoints
+###############################################################################
+
+class ProxyApp:
+    """State shared by every connection: config, counters, the upstream worker pool."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.started_at = time.time()
+        self.listen_address = (config.host, config.port)
+        self.requests_total = 0
+        self.requests_active = 0
+        self.status_counts = {}
+        self.upstream_pool = concurrent.futures.ThreadPoolExecutor(
+            config.worker_threads, thread_name_prefix="ccproxy-upstream")
+        self.opener = build_upstream_opener()
+        self.upstream_calls = set()
+        self._threads_busy = 0
+        self._threads_lock = threading.Lock()
+        self._request_ids = itertools.count(1)
+        self._request_id_prefix = os.urandom(4).hex()
+
+    def next_request_id(self) -> str:
+        return "req_%s%08x" % (self._request_id_prefix, next(self._request_ids))
+
+    def count_response(self, status: int) -> None:
+        self.requests_total += 1
+        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+
+    def run_in_worker(self, function, *args):
+        """Run a blocking upstream step on the worker pool, counted while it runs."""
+        def counted():
+            with self._threads_lock:
+                self._threads_busy += 1
+            try:
+                return function(*args)
+            finally:
+                with self._threads_lock:
+                    self._threads_busy -= 1
+        return asyncio.get_running_loop().run_in_executor(self.upstream_pool, counted)
+
+    @property
+    def threads_busy(self) -> int:
+        return self._threads_busy
+
+    def close(self) -> None:
+        for call in list(self.upstream_calls):
+            call.cancel()
+        self.upstream_pool.shutdown(wait=False)
+
+
+def parse_json_body(request: Request) -> dict:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    if not request.body:
+        raise InvalidRequestError("request body is empty; a JSON object is required")
+    try:
+        body = json.loads(request.body)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError("request body is not valid JSON: %s" % exc) from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    return body
+
+
+MESSAGE_ROLES = ("user", "assistant", "system")
+
+
+def check_messages_request(body: dict, for_count: bool = False) -> None:
+    """Reject what no provider could accept, naming the field (never forwarded upstream)."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("model: Field required (a non-empty string)")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages: Field required (a non-empty list)")
+    for index, message in enumerate(messages):
+        check_message(message, index)
+    if not for_count:
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise InvalidRequestError("max_tokens: Field required (a positive integer)")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise InvalidRequestError("stream: must be true or false")
+    system = body.get("system")
+    if system is not None and not isinstance(system, (str, list)):
+        raise InvalidRequestError("system: must be a string or a list of text blocks")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list)
+                              or not all(isinstance(t, dict) and t.get("name") for t in tools)):
+        raise InvalidRequestError("tools: must be a list of objects, each with a name")
+
+
+def check_message(message, index: int) -> None:
+    if not isinstance(message, dict):
+        raise InvalidRequestError("messages[%d]: must be an object" % index)
+    if message.get("role") not in MESSAGE_ROLES:
+        raise InvalidRequestError("messages[%d].role: must be one of %s"
+                                  % (index, ", ".join(MESSAGE_ROLES)))
+    content = message.get("content")
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequestError("messages[%d].content: must be a string or a list of blocks"
+                                  % index)
+    for position, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise InvalidRequestError("messages[%d].content[%d]: must be an object with a type"
+                                      % (index, position))
+
+
+async def handle_root(app: ProxyApp, request: Request, conn) -> Response:
+    """`HEAD /` is Claude Code's reachability check; GET / says what this is."""
+    return json_response({"name": "ccproxy", "status": "ok"})
+
+
+async def handle_health(app: ProxyApp, request: Request, conn) -> Response:
+    return json_response({"status": "ok", "version": __version__})
+
+
+async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
+    host, port = app.listen_address
+    return json_response({
+        "status": "running",
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_seconds": round(time.time() - app.started_at, 3),
+        "listen": {"host": host, "port": port},
+        "config_file": app.config.source,
+        "providers": [p.public_view() for p in app.config.providers],
+        "requests": {"total": app.requests_total, "active": app.requests_active,
+                     "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
+        "upstream": {"calls_open": len(app.upstream_calls), "threads_busy": app.threads_busy},
+    })
+
+
+async def handle_providers(app: ProxyApp, request: Request, conn) -> Response:
+    return json_response({"providers": [p.public_view() for p in app.config.providers]})
+
+
+async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
+    """POST /v1/messages: validate, route, translate, call the provider, relay its answer."""
+    body = parse_json_body(request)
+    check_messages_request(body)
+    provider, model = route_request(app.config, body)
+    protocol = protocol_for(provider)
+    stream = body.get("stream") is True
+    url, headers, payload = protocol.messages_request(provider, model, request, body)
+    call = UpstreamCall(app, provider, url, headers, payload)
+    return await protocol.relay(call, conn, stream)
+
+
+async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
+    """POST /v1/messages/count_tokens: ask an Anthropic provider that supports it, else estimate."""
+    body = parse_json_body(request)
+    check_messages_request(body, for_count=True)
+    routed = route_request(app.config, body, required=False)
+    if routed is not None and routed[0].count_tokens and routed[0].protocol == "anthropic":
+        provider, model = routed
+        url, headers, payload = anthropic_count_tokens_request(provider, model, request, body)
+        answer = await fetch_upstream_json(UpstreamCall(app, provider, url, headers, payload), conn)
+        if answer is not None:
+            return Response(200, answer)
+    return json_response({"input_tokens": estimate_request_tokens(body)})
+
+
+async def fetch_upstream_json(call, conn) -> bytes | None:
+    """The body of a 200 answer, or None (logged) when the call failed in any way."""
+    conn.cancel_on_disconnect(call.cancel)
+    try:
+        status = await call.open()
+        body = await call.read_all()
+    except ProxyError as error:
+        log.warning("%s: count_tokens upstream failed, estimating instead: %s",
+                    call.provider.name, error.message)
+        return None
+    if status != 200:
+        log.warning("%s: count_tokens upstream answered HTTP %d, estimating instead",
+                    call.provider.name, status)
+        return None
+    return body
+
+
+PUBLIC_PATHS = ("/", "/health")
+
+ENDPOINTS = {
+    "/": {"GET": handle_root},
+    "/health": {"GET": handle_health},
+    "/status": {"GET": handle_status},
+    "/providers": {"GET": handle_providers},
+    "/v1/messages": {"POST": handle_messages},
+    "/v1/messages/count_tokens": {"POST": handle_count_tokens},
+}
+
+
+def find_endpoint(request: Request):
+    """The handler for the request's path and method; HEAD is served by GET handlers."""
+    methods = ENDPOINTS.get(request.path)
+    if methods is None:
+        raise NotFoundError("no endpoint %s" % request.path)
+    handler = methods.get("GET" if request.method == "HEAD" else request.method)
+    if handler is None:
+        allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
+        raise ProxyError("method %s is not allowed on %s" % (request.method, request.path), 405,
+                         [("allow", allowed)])
+    return handler
+
+
+###############################################################################
+# 7. Token estimator
+###############################################################################
+
+# Character classes and their weights in tokens, fitted to o200k_base on ../shared/tokcorpus
+# (English, code, JSON, CJK, base64, emoji). A run of ASCII letters splits at case changes,
+# as BPE vocabularies split identifiers and random strings.
+ASCII_TOKEN_CLASSES = (
+    (re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])"), 1.12),       # word pieces
+    (re.compile(r"[0-9]{1,3}"), 1.77),                         # digit groups
+    (re.compile(r"\n[ \t]*"), 0.32),                           # line breaks with indent
+    (re.compile(r"(?<!\n)[ \t]{2,}"), 0.6),                    # runs of spaces
+    (re.compile(r"[!-/:-@\[-`{-~]"), 0.48),                    # punctuation
+)
+CJK_CHARS = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+NON_ASCII_TOKEN_CLASSES = (
+    (re.compile("[%s]" % CJK_CHARS), 0.88),                             # CJK, kana, hangul
+    (re.compile(r"[^\W\d_\x00-\x7f%s]" % CJK_CHARS), 0.35),             # other letters
+    (re.compile(r"[^\w\s\x00-\x7f%s]" % CJK_CHARS), 1.39),              # emoji, symbols
+)
+IMAGE_TOKENS = 1600          # Anthropic's cost of an image scaled to its maximum size
+DOCUMENT_TOKENS = 1600       # a PDF page or so; documents are rare in Claude Code traffic
+MESSAGE_OVERHEAD_TOKENS = 3
+TOOL_OVERHEAD_TOKENS = 8
+TOOLS_PREAMBLE_TOKENS = 346  # the tool-use system prompt Anthropic adds when tools are present
+
+
+def estimate_text_tokens(text: str) -> int:
+    """Estimated BPE tokens in text, from counts of character classes (no vocabulary)."""
+    total = 0.0
+    for pattern, weight in ASCII_TOKEN_CLASSES:
+        total += weight * len(pattern.findall(text))
+    if not text.isascii():
+        for pattern, weight in NON_ASCII_TOKEN_CLASSES:
+            total += weight * len(pattern.findall(text))
+    return int(total + 0.5)
+
+
+def estimate_block_tokens(block) -> int:
+    """Tokens of one content block: text, thinking, tool_use input, tool_result, image…"""
+    if isinstance(block, str):
+        return estimate_text_tokens(block)
+    if not isinstance(block, dict):
+        return 0
+    kind = block.get("type")
+    if kind == "image":
+        return IMAGE_TOKENS
+    if kind == "document":
+        source = block.get("source")
+        if isinstance(source, dict) and isinstance(source.get("data"), str) \
+                and source.get("type") == "text":
+            return estimate_text_tokens(source["data"])
+        return DOCUMENT_TOKENS
+    if kind == "tool_use":
+        return (estimate_text_tokens(str(block.get("name", "")))
+                + estimate_text_tokens(json.dumps(block.get("input", {}), ensure_ascii=False)))
+    if kind == "tool_result":
+        content = block.get("content", "")
+        blocks = content if isinstance(content, list) else [content]
+        return MESSAGE_OVERHEAD_TOKENS + sum(estimate_block_tokens(b) for b in blocks)
+    for field in ("text", "thinking", "data"):
+        if isinstance(block.get(field), str):
+            return estimate_text_tokens(block[field])
+    return estimate_text_tokens(json.dumps(block, ensure_ascii=False))
+
+
+def estimate_request_tokens(body: dict) -> int:
+    """Estimated input tokens of a Messages request: system, messages, tools."""
+    total = 0
+    system = body.get("system")
+    blocks = system if isinstance(system, list) else [system] if system else []
+    total += sum(estimate_block_tokens(b) for b in blocks)
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        blocks = content if isinstance(content, list) else [content] if content else []
+        total += MESSAGE_OVERHEAD_TOKENS + sum(estimate_block_tokens(b) for b in blocks)
+    tools = body.get("tools") or ()
+    if tools:
+        total += TOOLS_PREAMBLE_TOKENS
+    for tool in tools:
+        total += TOOL_OVERHEAD_TOKENS + estimate_text_tokens(json.dumps(tool, ensure_ascii=False))
+    return max(total, 1)
+
+
+###############################################################################
+# 8. Router
+###############################################################################
+
+def route_request(config: Config, body: dict, required: bool = True):
+    """The (provider, model) a request goes to.
+
+    A model an enabled provider lists goes to that provider; otherwise routes.default; with no
+    routes, the first enabled provider with its first model (or the requested model when it
+    lists none). Returns None, or raises when required, if no provider is enabled.
+    """
+    requested = body.get("model")
+    enabled = config.enabled_providers()
+    for provider in enabled:
+        if requested in provider.models:
+            return provider, requested
+    default = config.routes.get("default")
+    if default is not None:
+        provider = config.provider_named(default[0])
+        if provider is not None and provider.enabled:
+            return provider, default[1]
+    if enabled:
+        provider = enabled[0]
+        return provider, provider.models[0] if provider.models else requested
+    if not required:
+        return None
+    raise InvalidRequestError("ccproxy has no enabled provider; add one to %s"
+                              % (config.source or "a config file (see ccproxy.py --help)"))
+
+
+###############################################################################
+# 9. Transformers
+###############################################################################
+
+SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
+
+
+def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
+    """The URL of /v1/{endpoint} from a base given as host, …/v1, or a full …/v1/messages URL."""
+    base = base_url.rstrip("/")
+    for suffix in ("/messages/count_tokens", "/messages"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    if not base.endswith("/v1"):
+        base += "/v1"
+    return base + "/" + endpoint
+
+
+def anthropic_request_headers(provider: Provider, request: Request) -> dict:
+    """The provider's key, the client's anthropic-* headers and the provider's extra headers."""
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT,
+               "anthropic-version": DEFAULT_ANTHROPIC_VERSION}
+    for name in ANTHROPIC_FORWARDED_HEADERS:
+        value = request.headers.get(name)
+        if value:
+            headers[name] = value
+    if provider.auth == "x-api-key":
+        headers["x-api-key"] = provider.api_key
+    elif provider.auth == "bearer":
+        headers["authorization"] = "Bearer " + provider.api_key
+    headers.update(provider.headers)
+    return headers
+
+
+def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None) -> bytes:
+    """The client's body with the routed model (and capped max_tokens); the client's own bytes
+    when nothing changes, so a pass-through costs no re-encoding."""
+    changed = body.get("model") != model
+    if max_tokens_cap is not None and body.get("max_tokens", 0) > max_tokens_cap:
+        body["max_tokens"] = max_tokens_cap
+        changed = True
+    if not changed:
+        return request.body
+    body["model"] = model
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def anthropic_messages_request(provider: Provider, model: str, request: Request, body: dict):
+    """(url, headers, body) of a Messages call to an Anthropic-protocol provider."""
+    url = anthropic_endpoint_url(provider.base_url, "messages")
+    if request.query:
+        url += "?" + request.query
+    return (url, anthropic_request_headers(provider, request),
+            anthropic_body(request, body, model, provider.max_tokens))
+
+
+def anthropic_count_tokens_request(provider: Provider, model: str, request: Request, body: dict):
+    """(url, headers, body) of a count_tokens call to an Anthropic-protocol provider."""
+    url = anthropic_endpoint_url(provider.base_url, "messages/count_tokens")
+    return url, anthropic_request_headers(provider, request), anthropic_body(request, body, model)
+
+
+def sse_complete_length(data: bytes) -> int:
+    """How many leading bytes of data form complete SSE events (LF or CRLF line endings)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class AnthropicStreamRelay:
+    """Relays an Anthropic event stream unchanged, whole events at a time.
+
+    feed() returns the complete events in a chunk and keeps a trailing partial event for the
+    next chunk, so a stream cut mid-event never leaves half an event before the error event
+    that finish() adds when the stream ended without message_stop or error.
+    """
+
+    def __init__(self, provider_name: str):
+        self._provider_name = provider_name
+        self._pending = b""
+        self._terminated = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        end = sse_complete_length(data)
+        complete, self._pending = data[:end], data[end:]
+        if complete and not self._terminated:
+            self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
+        return complete
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        if self._terminated:
+            return b""
+        if error is None:
+            error = UpstreamError("%s: the stream ended before message_stop" % self._provider_name)
+        return sse_error_event(error.error_type, error.message)
+
+
+def anthropic_error_response(call, status: int, body: bytes) -> Response:
+    """An upstream error: an Anthropic-shaped body passes unchanged with its status; any other
+    body (an HTML gateway page, a bare message) is mapped to one."""
+    try:
+        shaped = json.loads(body).get("type") == "error"
+    except (ValueError, AttributeError, RecursionError):
+        shaped = False
+    headers = call.relayed_headers()
+    if shaped:
+        return Response(status, body, headers)
+    error = error_from_upstream(call.provider, status, body, headers)
+    return Response(error.status, error_body(error.error_type, error.message), error.headers)
+
+
+async def relay_anthropic(call, conn, stream: bool) -> Response:
+    """Relay an Anthropic-protocol answer: status, body and stream exactly as they come."""
+    conn.cancel_on_disconnect(call.cancel)
+    status = await call.open()
+    if status >= 400:
+        return anthropic_error_response(call, status, await call.read_all(UPSTREAM_ERROR_BODY_BYTES))
+    content_type = call.header("content-type") or "application/json"
+    if stream and content_type.startswith("text/event-stream"):
+        relay = AnthropicStreamRelay(call.provider.name)
+        return Response(status, headers=call.relayed_headers(), content_type=content_type,
+                        stream=relay_stream(call, relay))
+    return Response(status, await call.read_all(), call.relayed_headers(), content_type=content_type)
+
+
+async def relay_stream(call, translator):
+    """Pieces for the client: each upstream chunk through the translator, then its ending."""
+    chunks = call.chunks()
+    try:
+        try:
+            async for chunk in chunks:
+                piece = translator.feed(chunk)
+                if piece:
+                    yield piece
+        except ProxyError as error:
+            ending = translator.finish(error)
+        else:
+            ending = translator.finish()
+        if ending:
+            yield ending
+    finally:
+        await chunks.aclose()
+
+
+class Protocol:
+    """What the endpoints need from one provider protocol: build the call, relay the answer."""
+
+    def __init__(self, name: str, messages_request, relay):
+        self.name = name
+        self.messages_request = messages_request
+        self.relay = relay
+
+    def __repr__(self):
+        return "Protocol(%s)" % self.name
+
+
+PROTOCOLS = {
+    "anthropic": Protocol("anthropic", anthropic_messages_request, relay_anthropic),
+}
+
+
+def protocol_for(provider: Provider) -> Protocol:
+    protocol = PROTOCOLS.get(provider.protocol)
+    if protocol is None:
+        raise InvalidRequestError("provider %s speaks the %s protocol, which ccproxy %s cannot "
+                                  "translate to yet" % (provider.name, provider.protocol, __version__))
+    return protocol
+
+
+###############################################################################
+# 10. Upstream
+###############################################################################
+
+class _TrackedHTTPConnection(http.client.HTTPConnection):
+    """Remembers its socket on the UpstreamCall, so the call can be cut from another thread."""
+    upstream_call = None
+
+    def connect(self):
+        super().connect()
+        self.upstream_call.attach_socket(self.sock)
+
+
+class _TrackedHTTPSConnection(http.client.HTTPSConnection):
+    upstream_call = None
+
+    def connect(self):
+        super().connect()
+        self.upstream_call.attach_socket(self.sock)
+
+
+def _tracked_connection_factory(connection_class, request):
+    def factory(host, **kwargs):
+        connection = connection_class(host, **kwargs)
+        connection.upstream_call = request.upstream_call
+        return connection
+    return factory
+
+
+class _TrackedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_tracked_connection_factory(_TrackedHTTPConnection, req), req)
+
+
+class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_tracked_connection_factory(_TrackedHTTPSConnection, req), req,
+                            context=self._context)
+
+
+def build_upstream_opener():
+    """A urllib opener that honours HTTPS_PROXY/NO_PROXY and lets calls be cut mid-flight."""
+    return urllib.request.build_opener(_TrackedHTTPHandler, _TrackedHTTPSHandler)
+
+
+def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: float,
+                     answered: bool) -> ProxyError:
+    """The client-facing error for a call that failed before or while its answer came."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return UpstreamTimeoutError("%s: the provider sent nothing for %g s "
+                                    "(performance.request_timeout)" % (provider.name, timeout))
+    detail = str(reason) or type(reason).__name__
+    if answered:
+        message = "%s: the connection broke while the answer was arriving: %s" % (
+            provider.name, detail)
+    else:
+        message = "%s: cannot reach %s: %s" % (provider.name, url.split("?", 1)[0], detail)
+    return UpstreamError(strip_secrets(message, provider.secrets()))
+
+
+class UpstreamCall:
+    """One HTTP call to a provider, run by worker threads and cancellable from the event loop.
+
+    open() sends the request and waits for the response head; then read_all() takes the whole
+    body, or chunks() hands it over piece by piece through a bounded queue. cancel() (the
+    client went away) cuts the socket so the worker thread returns at once.
+    """
+
+    def __init__(self, app: ProxyApp, provider: Provider, url: str, headers: dict, body: bytes):
+        self.provider = provider
+        self._app = app
+        self._url = url
+        self._request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        self._request.upstream_call = self
+        self._socket = None
+        self._response = None
+        self._cancelled = False
+        self.status = 0
+
+    def attach_socket(self, sock) -> None:
+        self._socket = sock
+        if self._cancelled:
+            self._shutdown_socket()
+
+    def cancel(self) -> None:
+        """Cut the call: the worker thread's next or current socket operation fails."""
+        self._cancelled = True
+        self._shutdown_socket()
+
+    def _shutdown_socket(self) -> None:
+        sock = self._socket
+        if sock is not None:
+            try:   # the plain socket's shutdown: safe while another thread reads, TLS or not
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name) if self._response is not None else None
+
+    def relayed_headers(self) -> list:
+        """The provider's response headers that the client should see too."""
+        if self._response is None or self._response.headers is None:
+            return []
+        return [(k.lower(), v) for k, v in self._response.headers.items()
+                if k.lower() in RELAYED_RESPONSE_HEADERS
+                or k.lower().startswith(RELAYED_RESPONSE_HEADER_PREFIX)]
+
+    async def open(self) -> int:
+        """Send the request; return the response status once its head has arrived."""
+        self._app.upstream_calls.add(self)
+        try:
+            await self._app.run_in_worker(self._open_blocking)
+        except BaseException:
+            self._app.upstream_calls.discard(self)
+            raise
+        return self.status
+
+    def _open_blocking(self) -> None:
+        try:
+            try:
+                response = self._app.opener.open(self._request,
+                                                 timeout=self._app.config.request_timeout)
+            except urllib.error.HTTPError as error:
+                response = error
+        except Exception as exc:
+            raise self._failure(exc) from None
+        self._response = response
+        self.status = response.status if response.status is not None else response.code
+
+    def _failure(self, exc: BaseException) -> Exception:
+        if self._cancelled:
+            return ClientDisconnected()
+        return upstream_failure(self.provider, self._url, exc, self._app.config.request_timeout,
+                                self._response is not None)
+
+    async def read_all(self, limit: int = -1) -> bytes:
+        """The rest of the body (at most limit bytes when limit >= 0); closes the response."""
+        try:
+            return await self._app.run_in_worker(self._read_blocking, limit)
+        finally:
+            self._app.upstream_calls.discard(self)
+
+    def _read_blocking(self, limit: int) -> bytes:
+        try:
+            return self._response.read(limit) if limit >= 0 else self._response.read()
+        except Exception as exc:
+            raise self._failure(exc) from None
+        finally:
+            self._response.close()
+
+    async def chunks(self):
+        """The body as it arrives, through a bounded queue; a failure raises ProxyError."""
+        loop = asyncio.get_running_loop()
+        queue = asyncio.Queue()
+        slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
+        pump = self._app.run_in_worker(self._pump_blocking, loop, queue, slots)
+        try:
+            while True:
+                item = await queue.get()
+                if item.__class__ is bytes:
+                    slots.release()
+                    yield item
+                elif item is None:
+                    return
+                else:
+                    raise item
+        finally:
+            self.cancel()
+            slots.release()
+            await asyncio.shield(pump)
+            self._app.upstream_calls.discard(self)
+
+    def _pump_blocking(self, loop, queue: asyncio.Queue, slots: threading.Semaphore) -> None:
+        """Worker thread: read the body as it comes and hand each piece to the loop."""
+        ending = None
+        try:
+            read = self._response.read1
+            while not self._cancelled:
+                chunk = read(UPSTREAM_READ_BYTES)
+                if not chunk:
+                    break
+                slots.acquire()
+                if self._cancelled:
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        except Exception as exc:
+            ending = self._failure(exc)
+        finally:
+            self._response.close()
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, ending)
+            except RuntimeError:      # the loop has closed: nobody is waiting any more
+                pass
+
+
+###############################################################################
+# 11. Daemon
+###############################################################################
+
+class SecretMaskingFilter(logging.Filter):
+    """Masks every configured secret in log records, whatever code logged them."""
+
+    def __init__(self, secrets):
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            record.msg = strip_secrets(record.getMessage(), self.secrets)
+            record.args = ()
+        return True
+
+
+def configure_logging(config: Config) -> None:
+    """Log to stderr, with secrets masked."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s ccproxy %(levelname)s %(message)s"))
+    handler.addFilter(SecretMaskingFilter(config.secrets()))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+class ProxyServer:
+    """The listening server: accepts connections and serves them until stopped."""
+
+    def __init__(self, config: Config):
+        self.app = ProxyApp(config)
+        self._server = None
+        self._loop = None
+        self._stopping = None
+        self._connections = set()
+
+    @property
+    def url(self) -> str:
+        host, port = self.app.listen_address
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    async def start(self) -> None:
+        """Bind and listen; raises OSError when the address cannot be bound."""
+        config = self.app.config
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._server = await asyncio.start_server(self._accept, config.host, config.port,
+                                                  limit=MAX_HEADER_BYTES, reuse_address=True)
+        bound = self._server.sockets[0].getsockname()
+        self.app.listen_address = (config.host, bound[1])
+
+    async def serve(self, on_ready=None) -> None:
+        """Start, call on_ready(self), and serve until stop() is called."""
+        await self.start()
+        if on_ready is not None:
+            on_ready(self)
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the server to stop; safe from any thread and from signal handlers."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    async def _accept(self, reader, writer) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            await ClientConnection(self.app, reader, writer).run()
+        except asyncio.CancelledError:     # shutdown ends idle and unfinished connections
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self._connections.discard(task)
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        self.app.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=5)
+        await self._server.wait_closed()
+
+
+def install_signal_handlers(server: ProxyServer) -> None:
+    """SIGINT and SIGTERM stop the server cleanly (where the platform allows it)."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, server.stop)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+
+def startup_warnings(config: Config) -> list:
+    """What the operator should know before the first request."""
+    notes = list(config.warnings)
+    if not config.providers:
+        notes.append("no provider configured: /v1/messages will answer 400 until one is added")
+    try:
+        loopback_bind = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback_bind = config.host == "localhost"
+    if not loopback_bind and not config.apikey:
+        notes.append("bound to %s without an apikey: only loopback clients will be served; set "
+                     "apikey to accept others" % config.host)
+    return notes
+
+
+def run_foreground(config: Config) -> int:
+    """Serve in this process until SIGINT/SIGTERM; the exit status."""
+    configure_logging(config)
+    for note in startup_warnings(config):
+        log.warning("%s", note)
+    server = ProxyServer(config)
+
+    async def main_task():
+        install_signal_handlers(server)
+        await server.serve(on_ready=lambda s: log.info(
+            "ccproxy %s listening on %s (config: %s)", __version__, s.url,
+            config.source or "built-in defaults"))
+
+    try:
+        asyncio.run(main_task())
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    log.info("ccproxy stopped")
+    return 0
+
+
+###############################################################################
+# 12. CLI
+###############################################################################
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per verb of the original."""
+    parser = argparse.ArgumentParser(
+        prog="ccproxy.py", description="Let Claude Code use any LLM provider.",
+        epilog="example: python3 ccproxy.py start --foreground --port 3456")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = commands.add_parser(
+        "start", help="start the proxy",
+        description="Start the proxy. This version serves in the foreground (detaching "
+                    "arrives with the daemon).",
+        epilog="example: python3 ccproxy.py start --foreground --config ~/.ccproxy/config.json")
+    start.add_argument("--foreground", action="store_true",
+                       help="stay attached to the terminal (systemd, containers)")
+    start.add_argument("--check", action="store_true",
+                       help="validate the configuration, print the result and exit 0 or 1")
+    add_config_flags(start)
+    for name, summary in (("stop", "stop the running proxy"),
+                          ("status", "show whether the proxy runs"),
+                          ("code", "run Claude Code through the proxy"),
+                          ("env", "print the environment for Claude Code")):
+        sub = commands.add_parser(name, help=summary, description=summary + " (not yet available "
+                                  "in ccproxy %s)" % __version__)
+        add_config_flags(sub)
+    commands.add_parser("version", help="print the version", description="Print the version.",
+                        epilog="example: python3 ccproxy.py version")
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="config file (default: search "
+                        + ", ".join(CONFIG_SEARCH_PATHS) + ")")
+    parser.add_argument("--host", help="address to listen on (default %s)" % DEFAULT_HOST)
+    parser.add_argument("--port", type=int, help="port to listen on (default %d)" % DEFAULT_PORT)
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, os.environ, {"host": args.host, "port": args.port})
+
+
+def cmd_start(args) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+        return 1
+    if args.check:
+        for warning in config.warnings:
+            print("warning: %s" % warning, file=sys.stderr)
+        print("configuration OK: %s (%d providers)" % (config.source or "built-in defaults",
+                                                       len(config.providers)))
+        return 0
+    return run_foreground(config)
+
+
+def cmd_version(args) -> int:
+    print("ccproxy %s" % __version__)
+    return 0
+
+
+def cmd_not_yet(args) -> int:
+    print("ccproxy: '%s' is not available in ccproxy %s yet; use 'start --foreground'"
+          % (args.command, __version__), file=sys.stderr)
+    return 2
+
+
+COMMANDS = {"start": cmd_start, "version": cmd_version, "stop": cmd_not_yet,
+            "status": cmd_not_yet, "code": cmd_not_yet, "env": cmd_not_yet}
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

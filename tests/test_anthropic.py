@@ -1,0 +1,321 @@
+"""Anthropic pass-through, seen through the official anthropic SDK and raw sockets."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import anthropic
+import pytest
+
+from conftest import (PROVIDER_KEY, anthropic_message, anthropic_provider, anthropic_stream_events,
+                      json_reply, shared_path, sse, stream_reply, wait_until, Reply)
+
+
+def client_for(proxy, api_key="client-key-not-for-upstream", **kw):
+    return anthropic.Anthropic(base_url=proxy.url, api_key=api_key, max_retries=0, **kw)
+
+
+def claude_code_request():
+    return json.loads(shared_path("reference", "claude-code-request.json").read_text())
+
+
+def test_non_stream_answer_reaches_the_sdk_unchanged(proxy, upstream):
+    message = client_for(proxy).messages.create(
+        model="claude-upstream", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello from upstream"
+    assert message.usage.input_tokens == 12
+    assert upstream.requests[0]["path"] == "/v1/messages"
+
+
+def test_provider_key_is_sent_and_client_key_is_not(proxy, upstream):
+    client_for(proxy, default_headers={"anthropic-beta": "tools-2024-05-16",
+                                       "anthropic-version": "2023-06-01"}).messages.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    headers = upstream.requests[0]["headers"]
+    assert headers["x-api-key"] == PROVIDER_KEY
+    assert headers["anthropic-version"] == "2023-06-01"
+    assert headers["anthropic-beta"] == "tools-2024-05-16"
+    assert "client-key-not-for-upstream" not in json.dumps(headers)
+    assert "authorization" not in headers
+
+
+def test_bearer_client_key_is_not_forwarded(proxy, upstream):
+    anthropic.Anthropic(base_url=proxy.url, auth_token="bearer-client-token",
+                        max_retries=0).messages.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert "bearer-client-token" not in json.dumps(upstream.requests[0]["headers"])
+
+
+def test_model_is_set_to_the_routed_model(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "routes": {"default": {"provider": "anthropic", "model": "claude-routed"}}})
+    client_for(proxy).messages.create(model="claude-opus-4-8", max_tokens=5,
+                                      messages=[{"role": "user", "content": "hi"}])
+    assert upstream.requests[0]["json"]["model"] == "claude-routed"
+
+
+def test_unchanged_body_is_forwarded_byte_for_byte(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"])]})
+    body = b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":"caf\\u00e9"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert upstream.requests[0]["body"] == body
+
+
+def test_claude_code_request_with_query_string_is_relayed(proxy, upstream):
+    request = claude_code_request()
+    upstream.script = lambda r: stream_reply()
+    client = client_for(proxy)
+    known = ("model", "max_tokens", "messages", "system", "tools")
+    with client.messages.stream(**{k: request[k] for k in known}, extra_query={"beta": "true"},
+                                extra_body={k: v for k, v in request.items()
+                                            if k not in known and k != "stream"}) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Hello!"
+    assert final.stop_reason == "end_turn"
+    assert upstream.requests[0]["path"] == "/v1/messages?beta=true"
+    assert upstream.requests[0]["json"] == request
+
+
+def test_stream_events_are_relayed_as_they_arrive(proxy, upstream):
+    reply = stream_reply(pause_before=3)          # message_start, block start, "Hel", pause
+    upstream.script = lambda r: reply
+    seen_before_release = []
+    with client_for(proxy).messages.stream(model="m", max_tokens=5,
+                                           messages=[{"role": "user", "content": "hi"}]) as stream:
+        for event in stream:
+            if event.type == "content_block_delta" and not reply.release.is_set():
+                seen_before_release.append(event.delta.text)
+                reply.release.set()
+        final = stream.get_final_message()
+    assert seen_before_release == ["Hel"]
+    assert final.content[0].text == "Hello!"
+
+
+def stream_and_collect(proxy):
+    """Stream through the SDK; the error it raises (if any) and the text it saw."""
+    texts = []
+    try:
+        with client_for(proxy).messages.stream(model="m", max_tokens=5,
+                                               messages=[{"role": "user", "content": "hi"}]) as s:
+            for event in s:
+                if event.type == "text":
+                    texts.append(event.text)
+    except anthropic.APIStatusError as error:
+        return error, texts
+    return None, texts
+
+
+def test_stream_cut_by_upstream_ends_with_an_error_event(proxy, upstream):
+    events = anthropic_stream_events()[:3]
+    events.append(b"event: content_block_delta\ndata: {\"type\":\"content_bl")   # half an event
+    upstream.script = lambda r: stream_reply(events, cut=True)
+    error, texts = stream_and_collect(proxy)
+    assert texts == ["Hel"]
+    assert error.body["error"] == {"type": "api_error", "message": "anthropic: the connection broke "
+                                   "while the answer was arriving: IncompleteRead(0 bytes read)"}
+
+
+def test_stream_ending_without_message_stop_ends_with_an_error_event(proxy, upstream):
+    upstream.script = lambda r: stream_reply(anthropic_stream_events()[:4])
+    error, texts = stream_and_collect(proxy)
+    assert texts == ["Hel", "lo"]
+    assert error.body["error"]["message"] == "anthropic: the stream ended before message_stop"
+
+
+def test_upstream_error_event_is_relayed_without_an_extra_one(proxy, upstream):
+    upstream_error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    upstream.script = lambda r: stream_reply(anthropic_stream_events()[:3]
+                                             + [sse("error", upstream_error)])
+    error, texts = stream_and_collect(proxy)
+    assert error.body == upstream_error
+
+
+def test_raw_stream_after_cut_has_no_partial_event(proxy, upstream):
+    events = anthropic_stream_events()[:3] + [b"event: content_block_delta\ndata: {\"ty"]
+    upstream.script = lambda r: stream_reply(events, cut=True)
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = sock.makefile("rb").read()
+    head, payload = reply.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding" not in head.lower()
+    prefix = b"".join(anthropic_stream_events()[:3])
+    assert payload.startswith(prefix + b"event: error\ndata: {")
+    assert payload.endswith(b"}\n\n") and payload.count(b"event:") == 4
+
+
+def test_upstream_error_keeps_status_and_body(proxy, upstream):
+    error = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+    upstream.script = lambda r: json_reply(error, status=429, headers={"retry-after": "7"})
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client_for(proxy).messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 429
+    assert caught.value.body == error
+    assert caught.value.response.headers["retry-after"] == "7"
+
+
+def test_upstream_error_in_a_stream_request_keeps_status(proxy, upstream):
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    upstream.script = lambda r: json_reply(error, status=529)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with client_for(proxy).messages.stream(model="m", max_tokens=5,
+                                               messages=[{"role": "user", "content": "hi"}]) as s:
+            s.get_final_message()
+    assert caught.value.status_code == 529
+    assert caught.value.body == error
+
+
+def test_html_gateway_error_becomes_an_anthropic_error(proxy, upstream):
+    upstream.script = lambda r: Reply(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+                                      content_type="text/html")
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client_for(proxy).messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert caught.value.body["type"] == "error"
+    assert caught.value.body["error"]["type"] == "api_error"
+    assert caught.value.body["error"]["message"] == "anthropic: HTTP 502: 502 Bad Gateway"
+
+
+def test_unreachable_upstream_is_502_naming_the_provider(start_proxy):
+    with socket.socket() as probe:                  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": PROVIDER_KEY,
+                                        "api_base_url": "http://127.0.0.1:%d" % dead_port}]})
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client_for(proxy).messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("anthropic: cannot reach http://127.0.0.1:%d/v1/messages" % dead_port)
+    assert "refused" in message.lower()
+
+
+def test_silent_upstream_is_504(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"request_timeout": "300ms"}})
+    upstream.script = lambda r: json_reply(anthropic_message(), delay=5)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client_for(proxy).messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 504
+    assert caught.value.body["error"]["type"] == "timeout_error"
+
+
+def test_upstream_silent_mid_stream_ends_with_timeout_error_event(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"request_timeout": "300ms"}})
+    upstream.script = lambda r: stream_reply(pause_before=3)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with client_for(proxy).messages.stream(model="m", max_tokens=5,
+                                               messages=[{"role": "user", "content": "hi"}]) as s:
+            for _ in s:
+                pass
+    assert "sent nothing for 0.3 s" in str(caught.value)
+
+
+def open_stream_and_vanish(proxy):
+    """Start a streamed request on a raw socket, read the first bytes, then close."""
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while b"message_start" not in received:
+        received += sock.recv(65536)
+    sock.close()
+    return time.monotonic()
+
+
+def status_of(proxy):
+    return anthropic.Anthropic(base_url=proxy.url, api_key="x").get("/status", cast_to=object)
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream(proxy, upstream):
+    upstream.script = lambda r: stream_reply(pause_before=3)
+    closed_at = open_stream_and_vanish(proxy)
+    assert upstream.peer_closed.wait(2)
+    assert upstream.peer_closed_at - closed_at < 2
+    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
+
+
+def test_client_disconnect_before_the_answer_closes_the_upstream(proxy, upstream):
+    upstream.script = lambda r: json_reply(anthropic_message(), delay=10)
+    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_until(lambda: len(upstream.requests) == 1)
+    sock.close()
+    closed_at = time.monotonic()
+    assert upstream.peer_closed.wait(2)
+    assert upstream.peer_closed_at - closed_at < 2
+    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
+
+
+def test_other_clients_are_served_while_a_stream_is_paused(proxy, upstream):
+    paused = stream_reply(pause_before=3)
+    upstream.script = lambda r: paused if r["json"]["messages"][0]["content"] == "slow" \
+        else json_reply(anthropic_message("quick"))
+    client = client_for(proxy)
+    with client.messages.stream(model="m", max_tokens=5,
+                                messages=[{"role": "user", "content": "slow"}]) as stream:
+        iterator = iter(stream)
+        next(iterator)
+        quick = client.messages.create(model="m", max_tokens=5,
+                                       messages=[{"role": "user", "content": "fast"}])
+        paused.release.set()
+        for _ in iterator:
+            pass
+    assert quick.content[0].text == "quick"
+
+
+def test_count_tokens_is_forwarded_to_anthropic(proxy, upstream):
+    upstream.script = lambda r: json_reply({"input_tokens": 4242})
+    count = client_for(proxy).messages.count_tokens(
+        model="m", messages=[{"role": "user", "content": "hi"}])
+    assert count.input_tokens == 4242
+    assert upstream.requests[0]["path"] == "/v1/messages/count_tokens"
+    assert upstream.requests[0]["headers"]["x-api-key"] == PROVIDER_KEY
+
+
+def test_count_tokens_falls_back_to_the_estimator_when_upstream_fails(proxy, upstream):
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "not_found_error", "message": "no such endpoint"}}, status=404)
+    count = client_for(proxy).messages.count_tokens(
+        model="m", messages=[{"role": "user", "content": "hello there, how are you?"}])
+    assert 5 <= count.input_tokens <= 15
+
+
+def test_count_tokens_uses_the_estimator_for_a_provider_without_it(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, name="gateway",
+                                                          type="anthropic")]})
+    request = claude_code_request()
+    count = client_for(proxy).messages.count_tokens(
+        model=request["model"], messages=request["messages"], system=request["system"],
+        tools=request["tools"])
+    assert upstream.requests == []
+    assert count.input_tokens > 10000
+
+
+def test_max_tokens_cap_of_the_provider_is_applied(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, max_tokens=1000)]})
+    client_for(proxy).messages.create(model="m", max_tokens=20000,
+                                      messages=[{"role": "user", "content": "hi"}])
+    assert upstream.requests[0]["json"]["max_tokens"] == 1000
+
+
+@pytest.mark.parametrize("base", ["{url}", "{url}/", "{url}/v1", "{url}/v1/messages"])
+def test_base_url_forms_all_reach_v1_messages(start_proxy, upstream, base):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream,
+                                                          api_base_url=base.format(url=upstream.url))]})
+    client_for(proxy).messages.create(model="m", max_tokens=5,
+                                      messages=[{"role": "user", "content": "hi"}])
+    assert upstream.requests[0]["path"] == "/v1/messages"

@@ -1,0 +1,233 @@
+"""Config: JSONC, ${VAR}, durations, layering, file search, validation messages, --check."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import ccproxy
+from conftest import REPO
+
+
+def build(raw, environ=None, flags=None):
+    return ccproxy.build_config(raw, "config.json", environ or {}, flags)
+
+
+def test_jsonc_comments_and_trailing_commas_are_accepted():
+    text = """{
+      // a line comment
+      "host": "127.0.0.1",  /* a block
+      comment */ "apikey": "a//b/*c*/", "providers": [],
+    }"""
+    assert ccproxy.parse_jsonc(text, "c.json") == {"host": "127.0.0.1", "apikey": "a//b/*c*/",
+                                                   "providers": []}
+
+
+def test_jsonc_syntax_error_names_file_and_original_line():
+    with pytest.raises(ccproxy.ConfigError, match=r"c\.json: not valid JSON: .*line 3"):
+        ccproxy.parse_jsonc('{\n /* two\n */ "a": }', "c.json")
+
+
+def test_the_original_readme_example_parses():
+    text = (REPO.parent / "shared" / "reference" / "original-ccproxy-README.md").read_text()
+    start = text.index('{\n  "host": "127.0.0.1",\n  "port": 3456,\n  "log": true')
+    example = text[start:text.index("```", start)]
+    config = build(ccproxy.parse_jsonc(example, "readme.json"))
+    assert [p.name for p in config.providers] == ["anthropic", "openai", "gemini"]
+    assert config.routes["default"] == ("anthropic", "claude-3-sonnet-20240229")
+    assert config.request_timeout == 30.0 and config.max_body_bytes == 10485760
+    assert any("conditions" in w for w in config.warnings)
+
+
+def test_env_references_are_expanded():
+    raw = {"apikey": "${PROXY_KEY}", "log_file": "${LOGDIR:-/var/log}/c.log",
+           "providers": [{"name": "openai", "api_key": "pre-${OPENAI_KEY}"}]}
+    expanded = ccproxy.expand_env_references(raw, "", "c.json",
+                                             {"PROXY_KEY": "k1", "OPENAI_KEY": "k2"})
+    assert expanded["apikey"] == "k1"
+    assert expanded["log_file"] == "/var/log/c.log"
+    assert expanded["providers"][0]["api_key"] == "pre-k2"
+
+
+def test_missing_env_reference_names_the_key():
+    with pytest.raises(ccproxy.ConfigError, match=r"c\.json: providers\[0\]\.api_key: environment "
+                                                  r"variable NOPE is not set"):
+        ccproxy.expand_env_references({"providers": [{"api_key": "${NOPE}"}]}, "", "c.json", {})
+
+
+@pytest.mark.parametrize("value, seconds", [(30, 30.0), (2.5, 2.5), ("30s", 30.0), ("5m", 300.0),
+                                            ("1h30m", 5400.0), ("500ms", 0.5), ("45", 45.0)])
+def test_durations(value, seconds):
+    assert ccproxy.parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "5x", "m5", "-3s", 0, True, "5m garbage", None])
+def test_bad_durations(value):
+    with pytest.raises(ValueError):
+        ccproxy.parse_duration(value)
+
+
+def test_defaults():
+    config = build({})
+    assert (config.host, config.port, config.apikey) == ("127.0.0.1", 3456, "")
+    assert config.max_body_bytes == 32 * 1024 * 1024
+    assert config.request_timeout == 600.0
+
+
+def test_layering_defaults_file_env_flags():
+    raw = {"port": 8080, "host": "127.0.0.2", "apikey": "file-key"}
+    assert build(raw).port == 8080
+    env = {"CCPROXY_PORT": "9090", "CCPROXY_API_KEY": "env-key"}
+    assert build(raw, env).port == 9090
+    assert build(raw, env).apikey == "env-key"
+    config = build(raw, env, {"port": 7070, "host": None})
+    assert (config.port, config.host) == (7070, "127.0.0.2")
+
+
+def test_every_env_var_of_the_original_table():
+    raw = {"providers": [{"name": "openai", "api_key": "a"}, {"name": "deepseek", "api_key": "b"}]}
+    env = {"CCPROXY_HOST": "0.0.0.0", "CCPROXY_PORT": "4000", "CCPROXY_API_KEY": "k",
+           "CCPROXY_LOG": "true", "CCPROXY_LOG_FILE": "/tmp/x.log",
+           "CCPROXY_PROVIDERS_0_API_KEY": "env-a", "CCPROXY_PROVIDERS_1_API_KEY": "env-b"}
+    config = build(raw, env)
+    assert (config.host, config.port, config.apikey, config.log, config.log_file) == (
+        "0.0.0.0", 4000, "k", True, "/tmp/x.log")
+    assert [p.api_key for p in config.providers] == ["env-a", "env-b"]
+    assert build({}, {"LOG": "1"}).log is True
+
+
+def test_provider_key_env_for_a_missing_provider_warns():
+    config = build({}, {"CCPROXY_PROVIDERS_3_API_KEY": "x"})
+    assert "CCPROXY_PROVIDERS_3_API_KEY: there is no providers[3]; ignored" in config.warnings
+
+
+def test_bad_env_value_names_the_variable():
+    with pytest.raises(ccproxy.ConfigError, match="CCPROXY_PORT: .*'abc'"):
+        build({}, {"CCPROXY_PORT": "abc"})
+    with pytest.raises(ccproxy.ConfigError, match="CCPROXY_LOG: not a boolean"):
+        build({}, {"CCPROXY_LOG": "maybe"})
+
+
+def test_env_key_fills_a_provider_whose_file_has_none():
+    config = build({"providers": [{"name": "openai"}]}, {"CCPROXY_PROVIDERS_0_API_KEY": "sk"})
+    assert config.providers[0].api_key == "sk"
+
+
+def test_presets_fill_base_url_and_protocol():
+    config = build({"providers": [{"name": "deepseek", "api_key": "k"},
+                                  {"name": "ollama"}, {"name": "anthropic", "api_key": "k"}]})
+    deepseek, ollama, anthropic = config.providers
+    assert (deepseek.protocol, deepseek.base_url) == ("openai", "https://api.deepseek.com")
+    assert ollama.auth == "none" and ollama.api_key == ""
+    assert anthropic.count_tokens is True and anthropic.auth == "x-api-key"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"providers": [{"name": "a", "type": "openai", "api_base_url": "ftp://x"}]},
+     'config.json: providers[0].api_base_url: not an http(s) URL: "ftp://x"'),
+    ({"providers": [{"name": "vllm"}]}, "config.json: providers[0].type: must be one of"),
+    ({"providers": [{"name": "openai"}]}, "config.json: providers[0].api_key: required for openai"),
+    ({"providers": [{"name": "openai", "api_key": "k", "models": "gpt-4"}]},
+     "config.json: providers[0].models: must be a list of model names"),
+    ({"providers": [{"name": "openai", "api_key": "k"}, {"name": "openai", "api_key": "k"}]},
+     "config.json: providers[1].name: duplicate provider 'openai'"),
+    ({"port": 70000}, "config.json: port: must be between 0 and 65535"),
+    ({"port": "3456"}, 'config.json: port: must be a port number, not "3456"'),
+    ({"log": "yes"}, "config.json: log: must be true or false"),
+    ({"performance": {"request_timeout": "soon"}}, "config.json: performance.request_timeout: "),
+    ({"performance": {"max_request_body_size": 0}},
+     "config.json: performance.max_request_body_size: must be a positive integer"),
+    ({"security": {"allowed_ips": ["10.0.0.0/33"]}},
+     'config.json: security.allowed_ips[0]: not an IP address or CIDR: "10.0.0.0/33"'),
+    ({"routes": {"default": {"provider": "nobody", "model": "m"}}},
+     "config.json: routes.default.provider: no provider named 'nobody'"),
+    ({"providers": {"name": "openai"}}, "config.json: providers: must be a list"),
+])
+def test_validation_names_file_and_key(raw, message):
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        build(raw)
+    assert message in str(caught.value)
+
+
+def test_validation_reports_every_problem_at_once():
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        build({"port": -1, "log": 3})
+    assert len(str(caught.value).splitlines()) == 2
+
+
+def test_flag_problem_names_the_flag():
+    with pytest.raises(ccproxy.ConfigError, match="--port: port: must be between"):
+        build({}, flags={"port": 99999})
+
+
+def test_unknown_keys_warn():
+    config = build({"hots": "x", "performance": {"request_timeot": 5},
+                    "providers": [{"name": "ollama", "modles": []}]})
+    assert "config.json: hots: unknown key, ignored" in config.warnings
+    assert "config.json: performance.request_timeot: unknown key, ignored" in config.warnings
+    assert "config.json: providers[0].modles: unknown key, ignored" in config.warnings
+
+
+def test_file_search_order(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / ".ccproxy").mkdir(parents=True)
+    (home / ".ccproxy" / "config.json").write_text('{"port": 2}')
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert ccproxy.load_config(environ={}).port == 2
+    (work / "config.json").write_text('{"port": 1}')
+    assert ccproxy.load_config(environ={}).port == 1
+    named = tmp_path / "named.json"
+    named.write_text('{"port": 3}')
+    assert ccproxy.load_config(environ={"CCPROXY_CONFIG": str(named)}).port == 3
+    other = tmp_path / "other.json"
+    other.write_text('{"port": 4}')
+    assert ccproxy.load_config(str(other), environ={"CCPROXY_CONFIG": str(named)}).port == 4
+
+
+def test_named_config_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(ccproxy.ConfigError, match="missing.json: config file not found"):
+        ccproxy.load_config(str(tmp_path / "missing.json"), environ={})
+
+
+def test_load_config_expands_env_in_the_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"providers": [{"name": "openai", "api_key": "${MY_KEY}"}]}')
+    config = ccproxy.load_config(str(path), environ={"MY_KEY": "sk-live"})
+    assert config.providers[0].api_key == "sk-live" and config.source == str(path)
+
+
+def run_check(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
+    return subprocess.run([sys.executable, str(REPO / "ccproxy.py"), "start", "--check",
+                           "--config", str(path)], capture_output=True, text=True, env=env,
+                          timeout=30)
+
+
+def test_check_accepts_a_good_config(tmp_path):
+    result = run_check(tmp_path, '{"providers": [{"name": "ollama", "bogus": 1}]} // ok')
+    assert result.returncode == 0
+    assert "configuration OK" in result.stdout
+    assert "providers[0].bogus: unknown key" in result.stderr
+
+
+def test_check_rejects_a_bad_config_naming_the_key(tmp_path):
+    result = run_check(tmp_path, '{"providers": [{"name": "x", "type": "openai", '
+                                 '"api_base_url": "nope"}]}')
+    assert result.returncode == 1
+    assert "providers[0].api_base_url: not an http(s) URL" in result.stderr
+    assert str(tmp_path / "config.json") in result.stderr
+
+
+def test_check_does_not_leak_keys_in_errors(tmp_path):
+    result = run_check(tmp_path, json.dumps({"providers": [
+        {"name": "openai", "api_key": "sk-very-secret-key-123456", "models": 5}]}))
+    assert result.returncode == 1
+    assert "sk-very-secret" not in result.stderr + result.stdout

@@ -1,0 +1,139 @@
+"""Endpoints: health, status, providers (secrets masked), 404/405, request validation."""
+from __future__ import annotations
+
+import json
+
+import anthropic
+import pytest
+
+import ccproxy
+from conftest import PROVIDER_KEY, anthropic_provider, raw_exchange
+
+
+def get_json(proxy, path):
+    reply = raw_exchange(proxy.port, b"GET %s HTTP/1.0\r\n\r\n" % path.encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode(), json.loads(body)
+
+
+def test_health_says_ok_and_version_only(proxy):
+    status, head, body = get_json(proxy, "/health")
+    assert status == 200 and body == {"status": "ok", "version": ccproxy.__version__}
+    assert "request-id: req_" in head
+
+
+def test_status_reports_process_providers_and_counters(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-a"],
+                                                          headers={"x-org": "org-secret-1234567"}),
+                                       {"name": "ollama", "enabled": False}]})
+    get_json(proxy, "/health")
+    status, _, body = get_json(proxy, "/status")
+    assert status == 200
+    assert body["version"] == ccproxy.__version__ and isinstance(body["pid"], int)
+    assert body["listen"] == {"host": "127.0.0.1", "port": proxy.port}
+    assert body["uptime_seconds"] >= 0
+    assert body["requests"]["by_status"]["200"] >= 1 and body["requests"]["active"] == 1
+    anthropic_view, ollama_view = body["providers"]
+    assert anthropic_view["enabled"] is True and anthropic_view["models"] == ["claude-a"]
+    assert anthropic_view["api_key"] == "sk-a…6789"
+    assert ollama_view["enabled"] is False
+    text = json.dumps(body)
+    assert PROVIDER_KEY not in text and "org-secret-1234567" not in text
+
+
+def test_providers_lists_masked_keys(proxy):
+    status, _, body = get_json(proxy, "/providers")
+    assert status == 200
+    assert body["providers"][0]["name"] == "anthropic"
+    assert PROVIDER_KEY not in json.dumps(body)
+
+
+def test_unknown_path_is_404_not_found_error(proxy):
+    status, _, body = get_json(proxy, "/v1/nothing")
+    assert status == 404 and body["error"]["type"] == "not_found_error"
+
+
+def test_wrong_method_is_405_with_allow(proxy):
+    reply = raw_exchange(proxy.port, b"GET /v1/messages HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 405") and b"allow: POST" in reply
+    reply = raw_exchange(proxy.port, b"DELETE /health HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 405") and b"allow: GET, HEAD" in reply
+
+
+def client(proxy):
+    return anthropic.Anthropic(base_url=proxy.url, api_key="x", max_retries=0)
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}, "model: Field required"),
+    ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens: Field required"),
+    ({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+    ({"model": "m", "max_tokens": 5}, "messages: Field required"),
+    ({"model": "m", "max_tokens": 5, "messages": []}, "messages: Field required"),
+    ({"model": "m", "max_tokens": 5, "messages": ["hi"]}, "messages[0]: must be an object"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]},
+     "messages[0].role"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 5}]},
+     "messages[0].content"),
+    ({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"text": "x"}]}]},
+     "messages[0].content[0]"),
+    ({"model": "m", "max_tokens": 5, "stream": "yes",
+      "messages": [{"role": "user", "content": "x"}]}, "stream"),
+    ({"model": "m", "max_tokens": 5, "system": 5,
+      "messages": [{"role": "user", "content": "x"}]}, "system"),
+    ({"model": "m", "max_tokens": 5, "tools": [{"description": "x"}],
+      "messages": [{"role": "user", "content": "x"}]}, "tools"),
+])
+def test_invalid_messages_requests_never_reach_the_provider(proxy, upstream, body, message):
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client(proxy).post("/v1/messages", body=body, cast_to=object)
+    assert message in caught.value.body["error"]["message"]
+    assert upstream.requests == []
+
+
+def test_count_tokens_requires_model_and_messages(proxy):
+    with pytest.raises(anthropic.BadRequestError):
+        client(proxy).post("/v1/messages/count_tokens", body={"model": "m"}, cast_to=object)
+
+
+def test_no_provider_gives_a_clear_error(start_proxy):
+    proxy = start_proxy({})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client(proxy).messages.create(model="m", max_tokens=5,
+                                      messages=[{"role": "user", "content": "hi"}])
+    assert "no enabled provider" in caught.value.body["error"]["message"]
+
+
+def test_count_tokens_without_provider_still_estimates(start_proxy):
+    proxy = start_proxy({})
+    count = client(proxy).messages.count_tokens(model="m",
+                                                messages=[{"role": "user", "content": "hi"}])
+    assert count.input_tokens > 0
+
+
+def test_provider_of_an_untranslated_protocol_is_a_clear_error(start_proxy):
+    proxy = start_proxy({"providers": [{"name": "gemini", "api_key": "AIza-secret-123456789"}]})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client(proxy).messages.create(model="m", max_tokens=5,
+                                      messages=[{"role": "user", "content": "hi"}])
+    assert "gemini protocol" in caught.value.body["error"]["message"]
+    assert "AIza-secret" not in json.dumps(caught.value.body)
+
+
+def test_error_responses_carry_a_request_id(proxy):
+    reply = raw_exchange(proxy.port, b"GET /nope HTTP/1.0\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    request_id = [l for l in head.decode().split("\r\n") if l.startswith("request-id: ")][0][12:]
+    assert json.loads(body)["request_id"] == request_id
+
+
+def test_internal_error_is_an_anthropic_500_and_the_server_goes_on(proxy, monkeypatch):
+    def broken(body, for_count=False):
+        raise RuntimeError("boom with sk-internal-detail")
+    monkeypatch.setattr(ccproxy, "check_messages_request", broken)
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        client(proxy).messages.create(model="m", max_tokens=5,
+                                      messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["error"] == {"type": "api_error",
+                                          "message": "internal error in ccproxy; see its log"}
+    assert get_json(proxy, "/health")[0] == 200

@@ -1,0 +1,230 @@
+"""HTTP/1.1: the sans-IO head parser and the connection loop over real sockets."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import ccproxy
+from conftest import raw_exchange
+
+parse = ccproxy.parse_request_head
+
+
+def test_parses_request_line_headers_and_query():
+    request = parse(b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\n")
+    assert (request.method, request.path, request.query) == ("POST", "/v1/messages", "beta=true")
+    assert request.headers.get("HOST") == "x"
+    assert request.headers.get_all("X-A") == ["1", "2"]
+    assert "x-a" in request.headers and "x-b" not in request.headers
+
+
+def test_leading_empty_lines_are_ignored_and_trailing_slash_dropped():
+    assert parse(b"\r\nGET /health/ HTTP/1.1\r\n\r\n").path == "/health"
+
+
+def test_absolute_form_target_becomes_its_path():
+    assert parse(b"GET http://127.0.0.1:3456/status?x=1 HTTP/1.1\r\n\r\n").path == "/status"
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /health\r\n\r\n",                              # no version
+    b"GET  /health HTTP/1.1\r\n\r\n",                    # two spaces
+    b"GET /health HTTP/2.0\r\n\r\n",                     # not HTTP/1.x
+    b"G(T /health HTTP/1.1\r\n\r\n",                     # not a token
+    b"GET health HTTP/1.1\r\n\r\n",                      # not a path
+    b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",               # space before colon
+    b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",        # obsolete folding
+    b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+    b"\xff\xfe / HTTP/1.1\r\n\r\n",
+])
+def test_malformed_heads_are_invalid_requests(head):
+    with pytest.raises(ccproxy.InvalidRequestError):
+        parse(head)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parser_raises_only_invalid_request_on_any_bytes(data):
+    try:
+        parse(data + b"\r\n\r\n")
+    except ccproxy.InvalidRequestError:
+        pass
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ([], 0),
+    ([("content-length", "12")], 12),
+    ([("content-length", "12, 12")], 12),
+    ([("transfer-encoding", "chunked")], ccproxy.CHUNKED),
+])
+def test_body_framing(headers, expected):
+    assert ccproxy.parse_body_framing(ccproxy.Headers(headers)) == expected
+
+
+@pytest.mark.parametrize("headers", [
+    [("content-length", "12"), ("transfer-encoding", "chunked")],
+    [("content-length", "12"), ("content-length", "13")],
+    [("content-length", "-1")],
+    [("content-length", "1e3")],
+    [("transfer-encoding", "gzip, chunked")],
+])
+def test_ambiguous_framing_is_rejected(headers):
+    with pytest.raises(ccproxy.InvalidRequestError):
+        ccproxy.parse_body_framing(ccproxy.Headers(headers))
+
+
+def test_chunk_size_lines():
+    assert ccproxy.parse_chunk_size(b"1a") == 26
+    assert ccproxy.parse_chunk_size(b"A;name=value") == 10
+    for bad in (b"", b"zz", b"-1", b"1" * 16):
+        with pytest.raises(ccproxy.InvalidRequestError):
+            ccproxy.parse_chunk_size(bad)
+
+
+def read_response(sock_file):
+    """One response from a socket file: (status, headers dict, body)."""
+    status_line = sock_file.readline()
+    status = int(status_line.split()[1])
+    headers = {}
+    while True:
+        line = sock_file.readline().rstrip(b"\r\n")
+        if not line:
+            break
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = sock_file.read(int(headers.get("content-length", 0)))
+    return status, headers, body
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        stream = sock.makefile("rb")
+        for path in (b"/health", b"/status", b"/health"):
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            status, headers, body = read_response(stream)
+            assert status == 200 and json.loads(body)["version"] == ccproxy.__version__
+            assert "connection" not in headers
+
+
+def test_pipelined_requests_are_answered_in_order(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n\r\nGET /nope HTTP/1.1\r\n\r\n")
+        stream = sock.makefile("rb")
+        assert read_response(stream)[0] == 200
+        assert read_response(stream)[0] == 404
+
+
+def test_connection_close_is_honoured(proxy):
+    reply = raw_exchange(proxy.port, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in reply.lower()
+
+
+def test_http10_closes_unless_keep_alive(proxy):
+    reply = raw_exchange(proxy.port, b"GET /health HTTP/1.0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+
+
+def test_head_has_headers_but_no_body(proxy):
+    reply = raw_exchange(proxy.port, b"HEAD / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length:" in head.lower()
+    assert body == b""
+
+
+def post(path, body, extra=b""):
+    return b"POST %s HTTP/1.1\r\nConnection: close\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        path, extra, len(body), body)
+
+
+def test_chunked_request_body_is_decoded(proxy, upstream):
+    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"chunked"}]}'
+    chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10])
+                      for i in range(0, len(body), 10))
+    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert upstream.requests[0]["body"] == body
+
+
+def test_expect_100_continue_gets_an_interim_response(proxy, upstream):
+    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert read_response(sock.makefile("rb"))[0] == 200
+
+
+def error_of(reply: bytes):
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_header_block_over_64k_is_431(proxy):
+    reply = raw_exchange(proxy.port, b"GET /health HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+    status, body = error_of(reply)
+    assert status == 431 and body["type"] == "error"
+
+
+def test_body_over_the_limit_is_413_without_reading_it(start_proxy):
+    proxy = start_proxy({"performance": {"max_request_body_size": 100}})
+    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nContent-Length: 101\r\n\r\n")
+    status, body = error_of(reply)
+    assert status == 413 and body["error"]["type"] == "request_too_large"
+
+
+def test_chunked_body_over_the_limit_is_413(start_proxy):
+    proxy = start_proxy({"performance": {"max_request_body_size": 100}})
+    chunk = b"x" * 60
+    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nTransfer-Encoding: chunked"
+                         b"\r\n\r\n" + (b"3c\r\n%s\r\n" % chunk) * 2 + b"0\r\n\r\n")
+    status, body = error_of(reply)
+    assert status == 413 and body["error"]["type"] == "request_too_large"
+
+
+def test_malformed_request_gets_400_and_the_connection_closes(proxy):
+    reply = raw_exchange(proxy.port, b"BROKEN\r\n\r\nGET /health HTTP/1.1\r\n\r\n")
+    status, body = error_of(reply)
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    assert reply.count(b"HTTP/1.1") == 1 and b"connection: close" in reply.lower()
+
+
+def test_bad_chunk_framing_gets_400(proxy):
+    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nTransfer-Encoding: chunked"
+                         b"\r\n\r\nzz\r\n")
+    assert error_of(reply)[0] == 400
+
+
+def test_slow_header_is_cut_by_the_header_timeout(start_proxy):
+    proxy = start_proxy({"performance": {"header_timeout": "200ms"}})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost")
+        reply = sock.makefile("rb").read()          # returns once the server closes
+    assert reply.startswith(b"HTTP/1.1 408")
+
+
+def test_idle_keep_alive_connection_is_closed(start_proxy):
+    proxy = start_proxy({"performance": {"keepalive_timeout": "200ms"}})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        stream = sock.makefile("rb")
+        assert read_response(stream)[0] == 200
+        assert stream.read() == b""                 # EOF: the server closed the idle connection
+
+
+def test_server_keeps_serving_after_garbage_from_other_clients(proxy):
+    for garbage in (b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/1.1\r\nX\r\n\r\n", b"GET\r\n\r\n"):
+        raw_exchange(proxy.port, garbage)
+    assert raw_exchange(proxy.port, b"GET /health HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+
+def test_invalid_json_body_is_400(proxy, upstream):
+    for body in (b"{not json", b"[1,2]", b"[" * 100000, b"\xff\xfe"):
+        status, error = error_of(raw_exchange(proxy.port, post(b"/v1/messages", body)))
+        assert status == 400 and error["error"]["type"] == "invalid_request_error"
+    assert upstream.requests == []
