@@ -1,0 +1,168 @@
+"""CLI: version, --help, --check, a foreground smoke run per Python, clean signal shutdown."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import ccproxy
+from conftest import REPO, anthropic_provider
+
+SCRIPT = str(REPO / "ccproxy.py")
+
+
+def clean_env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_") and k != "LOG"}
+
+
+def test_version_runs_isolated_on_the_standard_library_alone():
+    result = subprocess.run([sys.executable, "-I", "-S", SCRIPT, "version"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.strip() == "ccproxy %s" % ccproxy.__version__
+
+
+def test_version_matches_pyproject():
+    text = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == ccproxy.__version__
+
+
+@pytest.mark.parametrize("command", ["start", "stop", "status", "code", "env", "version"])
+def test_every_subcommand_has_help(command):
+    result = subprocess.run([sys.executable, SCRIPT, command, "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: ccproxy.py %s" % command)
+
+
+def test_start_help_lists_its_flags_with_an_example():
+    out = subprocess.run([sys.executable, SCRIPT, "start", "--help"], capture_output=True,
+                         text=True, timeout=30).stdout
+    for flag in ("--foreground", "--check", "--config", "--host", "--port", "example:"):
+        assert flag in out
+
+
+def test_commands_of_later_releases_say_so():
+    result = subprocess.run([sys.executable, SCRIPT, "stop"], capture_output=True, text=True,
+                            timeout=30, env=clean_env())
+    assert result.returncode == 2 and "not available" in result.stderr
+
+
+def test_no_command_prints_help():
+    result = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "start" in result.stdout
+
+
+def pyenv_python(version_prefix=None):
+    """A pyenv-installed python3 of that version (the newest one when None), or None."""
+    root = shutil.which("pyenv") and subprocess.run(["pyenv", "root"], capture_output=True,
+                                                    text=True).stdout.strip()
+    if not root:
+        return None
+    versions = sorted((p for p in Path(root, "versions").glob("3.*") if
+                       re.fullmatch(r"3\.\d+\.\d+", p.name)),
+                      key=lambda p: tuple(int(n) for n in p.name.split(".")))
+    if version_prefix:
+        versions = [p for p in versions if p.name.startswith(version_prefix + ".")]
+    return str(versions[-1] / "bin" / "python3") if versions else None
+
+
+class ForegroundProxy:
+    """`ccproxy.py start --foreground` in a subprocess, with its address read from its log."""
+
+    def __init__(self, python, config_path, *extra):
+        self.process = subprocess.Popen(
+            [python, SCRIPT, "start", "--foreground", "--port", "0", "--config", str(config_path)]
+            + list(extra), stderr=subprocess.PIPE, text=True, env=clean_env())
+        self.lines = []
+        for line in self.process.stderr:
+            self.lines.append(line)
+            match = re.search(r"listening on (http://\S+)", line)
+            if match:
+                self.url = match.group(1)
+                return
+        raise AssertionError("no listening line: %s" % "".join(self.lines))
+
+    def stop(self, signum=signal.SIGTERM):
+        self.process.send_signal(signum)
+        rest = self.process.communicate(timeout=15)[1]
+        return self.process.returncode, "".join(self.lines) + rest
+
+
+def post_message(url):
+    body = json.dumps({"model": "m", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = urllib.request.Request(url + "/v1/messages", data=body,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.parametrize("which", ["3.8", "newest"])
+def test_smoke_run_start_request_stop(which, tmp_path, upstream):
+    python = pyenv_python(None if which == "newest" else which)
+    if python is None:
+        pytest.skip("pyenv has no Python %s on this machine" % which)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"providers": [anthropic_provider(upstream)]}))
+    proxy = ForegroundProxy(python, config)
+    assert post_message(proxy.url)["content"][0]["text"] == "Hello from upstream"
+    code, log = proxy.stop()
+    assert code == 0 and "ccproxy stopped" in log
+    assert "sk-ant-upstream-secret" not in log
+
+
+def test_sigint_stops_cleanly(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    proxy = ForegroundProxy(sys.executable, config)
+    code, log = proxy.stop(signal.SIGINT)
+    assert code == 0 and "Traceback" not in log
+
+
+def test_request_log_lines_when_log_is_on(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"log": true}')
+    proxy = ForegroundProxy(sys.executable, config)
+    urllib.request.urlopen(proxy.url + "/health", timeout=10).read()
+    code, log = proxy.stop()
+    assert re.search(r"req_\w+ GET /health -> 200 in [\d.]+ ms", log)
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = tmp_path / "config.json"
+        config.write_text("{}")
+        result = subprocess.run([sys.executable, SCRIPT, "start", "--foreground", "--port",
+                                 str(port), "--config", str(config)], capture_output=True,
+                                text=True, timeout=30, env=clean_env())
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
+
+
+def test_bad_config_stops_start_with_exit_1(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"port": "x"}')
+    result = subprocess.run([sys.executable, SCRIPT, "start", "--foreground", "--config",
+                             str(config)], capture_output=True, text=True, timeout=30,
+                            env=clean_env())
+    assert result.returncode == 1 and "port: must be a port number" in result.stderr
+
+
+def test_docstring_lists_the_section_banners():
+    source = (REPO / "ccproxy.py").read_text()
+    banners = re.findall(r"^# (\d+\. .+)$", source, re.M)
+    listed = re.findall(r"^    (\d+\. .+)$", ccproxy.__doc__, re.M)
+    assert banners == listed and len(banners) == 12
