@@ -879,6 +879,60 @@ def parse_chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
+class ChunkedDecoder:
+    """Sans-IO decoder of the chunked transfer coding: feed() raw bytes, get the body's bytes.
+
+    Used on upstream answers, read whatever a socket read returns, so several events that
+    arrived together are handed on together. `done` turns true after the last chunk and
+    its trailer; bytes after that are ignored.
+    """
+
+    def __init__(self):
+        self._buffer = b""
+        self._remaining = 0            # bytes of chunk data still to come
+        self._after_data = False       # the CRLF that ends chunk data is due
+        self._in_trailer = False
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._buffer + data if self._buffer else data
+        pieces, position, end = [], 0, len(buffer)
+        while position < end and not self.done:
+            if self._remaining:
+                take = min(self._remaining, end - position)
+                pieces.append(buffer[position:position + take])
+                position += take
+                self._remaining -= take
+                self._after_data = self._remaining == 0
+            elif self._after_data:
+                if end - position < 2:
+                    break
+                if buffer[position:position + 2] != b"\r\n":
+                    raise InvalidRequestError("chunk data not followed by CRLF")
+                position += 2
+                self._after_data = False
+            else:
+                line_end = buffer.find(b"\r\n", position)
+                if line_end < 0:
+                    if end - position > MAX_HEADER_BYTES:
+                        raise InvalidRequestError("chunk line too long")
+                    break
+                line, position = buffer[position:line_end], line_end + 2
+                self._take_line(line)
+        self._buffer = buffer[position:]
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _take_line(self, line: bytes) -> None:
+        if self._in_trailer:
+            self.done = not line
+            return
+        size = parse_chunk_size(line)
+        if size:
+            self._remaining = size
+        else:
+            self._in_trailer = True
+
+
 def build_response_head(status: int, headers) -> bytes:
     """Status line and header lines, ending with the blank line."""
     lines = ["HTTP/1.1 %d %s" % (status, REASON_PHRASES.get(status, "Unknown"))]
@@ -1318,8 +1372,7 @@ async def fetch_upstream_json(call, conn) -> bytes | None:
     """The body of a 200 answer, or None (logged) when the call failed in any way."""
     conn.cancel_on_disconnect(call.cancel)
     try:
-        status = await call.open()
-        body = await call.read_all()
+        status = await call.send()
     except ProxyError as error:
         log.warning("%s: count_tokens upstream failed, estimating instead: %s",
                     call.provider.name, error.message)
@@ -1328,7 +1381,7 @@ async def fetch_upstream_json(call, conn) -> bytes | None:
         log.warning("%s: count_tokens upstream answered HTTP %d, estimating instead",
                     call.provider.name, status)
         return None
-    return body
+    return call.body
 
 
 PUBLIC_PATHS = ("/", "/health")
@@ -1587,15 +1640,15 @@ def anthropic_error_response(call, status: int, body: bytes) -> Response:
 async def relay_anthropic(call, conn, stream: bool) -> Response:
     """Relay an Anthropic-protocol answer: status, body and stream exactly as they come."""
     conn.cancel_on_disconnect(call.cancel)
-    status = await call.open()
+    status = await call.send(stream)
     if status >= 400:
-        return anthropic_error_response(call, status, await call.read_all(UPSTREAM_ERROR_BODY_BYTES))
+        return anthropic_error_response(call, status, call.body)
     content_type = call.header("content-type") or "application/json"
-    if stream and content_type.startswith("text/event-stream"):
+    if call.body is None:
         relay = AnthropicStreamRelay(call.provider.name)
         return Response(status, headers=call.relayed_headers(), content_type=content_type,
                         stream=relay_stream(call, relay))
-    return Response(status, await call.read_all(), call.relayed_headers(), content_type=content_type)
+    return Response(status, call.body, call.relayed_headers(), content_type=content_type)
 
 
 async def relay_stream(call, translator):
@@ -1683,8 +1736,15 @@ class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
 
 
 def build_upstream_opener():
-    """A urllib opener that honours HTTPS_PROXY/NO_PROXY and lets calls be cut mid-flight."""
-    return urllib.request.build_opener(_TrackedHTTPHandler, _TrackedHTTPSHandler)
+    """A urllib opener that honours HTTPS_PROXY/NO_PROXY and lets calls be cut mid-flight.
+
+    Only the handlers a provider call needs: no redirects, no error processing (an error
+    status comes back as a response like any other), nothing for file: or ftp: URLs.
+    """
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), _TrackedHTTPHandler(), _TrackedHTTPSHandler()):
+        opener.add_handler(handler)
+    return opener
 
 
 def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: float,
@@ -1706,9 +1766,9 @@ def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: 
 class UpstreamCall:
     """One HTTP call to a provider, run by worker threads and cancellable from the event loop.
 
-    open() sends the request and waits for the response head; then read_all() takes the whole
-    body, or chunks() hands it over piece by piece through a bounded queue. cancel() (the
-    client went away) cuts the socket so the worker thread returns at once.
+    send() sends the request and waits for the answer, body included, unless the answer is an
+    event stream: chunks() then hands it over piece by piece through a bounded queue. cancel()
+    (the client went away) cuts the socket so the worker thread returns at once.
     """
 
     def __init__(self, app: ProxyApp, provider: Provider, url: str, headers: dict, body: bytes):
@@ -1721,6 +1781,7 @@ class UpstreamCall:
         self._response = None
         self._cancelled = False
         self.status = 0
+        self.body = None
 
     def attach_socket(self, sock) -> None:
         self._socket = sock
@@ -1751,27 +1812,39 @@ class UpstreamCall:
                 if k.lower() in RELAYED_RESPONSE_HEADERS
                 or k.lower().startswith(RELAYED_RESPONSE_HEADER_PREFIX)]
 
-    async def open(self) -> int:
-        """Send the request; return the response status once its head has arrived."""
+    async def send(self, stream: bool = False) -> int:
+        """Send the request and return the answer's status once its head has arrived.
+
+        The body is read in the same worker job into `body`, unless stream is true and the
+        answer is a successful event stream: then `body` is None and chunks() delivers it.
+        """
         self._app.upstream_calls.add(self)
         try:
-            await self._app.run_in_worker(self._open_blocking)
+            await self._app.run_in_worker(self._send_blocking, stream)
         except BaseException:
             self._app.upstream_calls.discard(self)
             raise
+        if self.body is not None:
+            self._app.upstream_calls.discard(self)
         return self.status
 
-    def _open_blocking(self) -> None:
+    def _send_blocking(self, stream: bool) -> None:
         try:
-            try:
-                response = self._app.opener.open(self._request,
-                                                 timeout=self._app.config.request_timeout)
-            except urllib.error.HTTPError as error:
-                response = error
+            response = self._app.opener.open(self._request, timeout=self._app.config.request_timeout)
         except Exception as exc:
             raise self._failure(exc) from None
         self._response = response
-        self.status = response.status if response.status is not None else response.code
+        self.status = response.status
+        if stream and self.status < 400 and (response.headers.get("content-type") or "").startswith(
+                "text/event-stream"):
+            return
+        try:
+            limit = UPSTREAM_ERROR_BODY_BYTES if self.status >= 400 else None
+            self.body = response.read(limit)
+        except Exception as exc:
+            raise self._failure(exc) from None
+        finally:
+            response.close()
 
     def _failure(self, exc: BaseException) -> Exception:
         if self._cancelled:
@@ -1779,23 +1852,8 @@ class UpstreamCall:
         return upstream_failure(self.provider, self._url, exc, self._app.config.request_timeout,
                                 self._response is not None)
 
-    async def read_all(self, limit: int = -1) -> bytes:
-        """The rest of the body (at most limit bytes when limit >= 0); closes the response."""
-        try:
-            return await self._app.run_in_worker(self._read_blocking, limit)
-        finally:
-            self._app.upstream_calls.discard(self)
-
-    def _read_blocking(self, limit: int) -> bytes:
-        try:
-            return self._response.read(limit) if limit >= 0 else self._response.read()
-        except Exception as exc:
-            raise self._failure(exc) from None
-        finally:
-            self._response.close()
-
     async def chunks(self):
-        """The body as it arrives, through a bounded queue; a failure raises ProxyError."""
+        """The streamed body as it arrives, through a bounded queue; failures raise ProxyError."""
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
         slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
@@ -1817,18 +1875,14 @@ class UpstreamCall:
             self._app.upstream_calls.discard(self)
 
     def _pump_blocking(self, loop, queue: asyncio.Queue, slots: threading.Semaphore) -> None:
-        """Worker thread: read the body as it comes and hand each piece to the loop."""
+        """Worker thread: hand each piece of the body to the loop, at most `slots` ahead."""
         ending = None
         try:
-            read = self._response.read1
-            while not self._cancelled:
-                chunk = read(UPSTREAM_READ_BYTES)
-                if not chunk:
-                    break
+            for piece in self._body_pieces():
                 slots.acquire()
                 if self._cancelled:
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
         except Exception as exc:
             ending = self._failure(exc)
         finally:
@@ -1837,6 +1891,36 @@ class UpstreamCall:
                 loop.call_soon_threadsafe(queue.put_nowait, ending)
             except RuntimeError:      # the loop has closed: nobody is waiting any more
                 pass
+
+    def _body_pieces(self):
+        """Worker thread: the body as whatever each socket read returns, de-chunked here.
+
+        Reading the response's raw file rather than its read1() lets everything that arrived
+        together travel together, instead of one HTTP chunk (one event) per hand-over.
+        """
+        response = self._response
+        read = response.fp.read1
+        if response.chunked:
+            decoder = ChunkedDecoder()
+            while not decoder.done and not self._cancelled:
+                data = read(UPSTREAM_READ_BYTES)
+                if not data:
+                    raise http.client.IncompleteRead(b"")
+                piece = decoder.feed(data)
+                if piece:
+                    yield piece
+            return
+        remaining = response.length          # None: the body runs until the connection closes
+        while (remaining is None or remaining > 0) and not self._cancelled:
+            data = read(UPSTREAM_READ_BYTES if remaining is None
+                        else min(remaining, UPSTREAM_READ_BYTES))
+            if not data:
+                if remaining:
+                    raise http.client.IncompleteRead(b"", remaining)
+                return
+            if remaining is not None:
+                remaining -= len(data)
+            yield data
 
 
 ###############################################################################
