@@ -726,7 +726,8 @@ def load_config(config_path: str | None = None, environ=None, flags=None) -> Con
 ###############################################################################
 
 REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\s]+) HTTP/(\d)\.(\d)")
-HEADER_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# One header line, anchored at a line start: a block is valid when every line matches.
+HEADER_LINE_RE = re.compile(rb"(?m)^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\x00]*)\r\n")
 CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 CHUNKED = -1
 
@@ -763,7 +764,7 @@ class Request:
     """One parsed HTTP request; the body is filled in after the head has been admitted."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "peer",
-                 "request_id")
+                 "request_id", "body_text", "body_spans")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers):
         self.method = method
@@ -775,6 +776,8 @@ class Request:
         self.body = b""
         self.peer = None
         self.request_id = ""
+        self.body_text = ""
+        self.body_spans = {}
 
     @property
     def keep_alive(self) -> bool:
@@ -819,27 +822,22 @@ def parse_request_head(data: bytes) -> Request:
 
     Leading empty lines are ignored (RFC 9112 §2.2); obsolete line folding, a space before
     the colon, bytes that cannot be in a header, and versions other than HTTP/1.x are errors.
+    The header block is split by one regular expression rather than line by line.
     """
-    lines = data.lstrip(b"\r\n").split(b"\r\n")
-    match = REQUEST_LINE_RE.fullmatch(lines[0])
+    data = data.lstrip(b"\r\n")
+    line_end = data.find(b"\r\n")
+    match = REQUEST_LINE_RE.fullmatch(data, 0, line_end)
     if not match:
         raise InvalidRequestError("malformed HTTP request line")
     method, target, major, minor = match.groups()
     if major != b"1":
         raise InvalidRequestError("unsupported HTTP version %s.%s" % (major.decode(), minor.decode()))
-    items = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            raise InvalidRequestError("obsolete header line folding is not accepted")
-        name, colon, value = line.partition(b":")
-        if not colon or not HEADER_NAME_RE.fullmatch(name):
-            raise InvalidRequestError("malformed header line")
-        value = value.strip(b" \t")
-        if b"\x00" in value or b"\r" in value or b"\n" in value:
-            raise InvalidRequestError("invalid character in header %s" % name.decode())
-        items.append((name.decode("ascii").lower(), value.decode("latin-1")))
+    fields = data[line_end + 2:-2]
+    pairs = HEADER_LINE_RE.findall(fields)
+    if len(pairs) != fields.count(b"\n"):
+        raise InvalidRequestError(header_block_problem(fields))
+    items = [(name.decode("ascii").lower(), value.rstrip(b" \t").decode("latin-1"))
+             for name, value in pairs]
     target_text = target.decode("latin-1")
     if target_text.startswith(("http://", "https://")):
         target_text = "/" + target_text.split("/", 3)[3] if target_text.count("/") >= 3 else "/"
@@ -847,6 +845,16 @@ def parse_request_head(data: bytes) -> Request:
         raise InvalidRequestError("request target must be a path")
     version = "HTTP/1.%s" % minor.decode()
     return Request(method.decode("ascii"), target_text, version, Headers(items))
+
+
+def header_block_problem(fields: bytes) -> str:
+    """Why a header block that failed to parse is malformed (only run on failures)."""
+    for line in fields.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            return "obsolete header line folding is not accepted"
+        if line and not HEADER_LINE_RE.fullmatch(line + b"\r\n"):
+            return "malformed header line %r" % line[:80].decode("latin-1")
+    return "malformed header block"
 
 
 def parse_body_framing(headers: Headers) -> int:
@@ -940,76 +948,102 @@ def build_response_head(status: int, headers) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+class ClientStreamReader(asyncio.StreamReader):
+    """A StreamReader that reports the end of the client's side of the connection.
+
+    The end arrives while the proxy is busy with an upstream call and not reading, so it is
+    taken from the protocol's own notification rather than from a read kept pending.
+    """
+
+    on_end = None
+
+    def feed_eof(self):
+        super().feed_eof()
+        if self.on_end is not None:
+            self.on_end()
+
+    def set_exception(self, exc):
+        super().set_exception(exc)
+        if self.on_end is not None:
+            self.on_end()
+
+
 class ClientConnection:
     """Serves the requests of one client connection in turn, keep-alive included.
 
     Lifecycle of a request: read the head (header timeout, 64 KiB limit), find its endpoint,
     admit it (access rules), read the body (size limit, 100-continue), handle it, write the
     answer. Errors before the body is read close the connection, since the unread body would
-    be taken for the next request.
+    be taken for the next request. Timeouts are one timer re-armed per wait, not a task per read.
     """
 
-    def __init__(self, app, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, app, reader: ClientStreamReader, writer: asyncio.StreamWriter):
         self._app = app
         self._reader = reader
         self._writer = writer
         self._peer = parse_peer_address(writer.get_extra_info("peername"))
-        self._next_byte = None          # a pending read of the next request's first byte
-        self._on_disconnect = None
+        self._timer = None
 
     async def run(self) -> None:
-        timeout = self._app.config.header_timeout
+        idle_timeout = self._app.config.header_timeout
         try:
             while True:
-                head = await self._read_head(timeout)
+                head = await self._read_head(idle_timeout)
                 if head is None:
                     return
                 keep_open = await self._serve(head)
                 if not keep_open:
                     return
-                timeout = self._app.config.keepalive_timeout
+                idle_timeout = self._app.config.keepalive_timeout
         except (ConnectionError, ClientDisconnected):
             return
         finally:
-            if self._next_byte is not None:
-                self._next_byte.cancel()
+            self._disarm()
+            self._reader.on_end = None
             self._writer.close()
 
     def cancel_on_disconnect(self, callback) -> None:
         """Call callback() if the client closes its connection before its answer is done."""
-        self._on_disconnect = callback
-        if self._next_byte is None:
-            self._next_byte = asyncio.ensure_future(self._reader.read(1))
-            self._next_byte.add_done_callback(self._check_disconnect)
+        if self._reader.at_eof() or self._reader.exception() is not None:
+            callback()
+        self._reader.on_end = callback
 
-    def _check_disconnect(self, task) -> None:
-        gone = task.cancelled() or task.exception() is not None or task.result() == b""
-        if gone and self._on_disconnect is not None:
-            self._on_disconnect()
+    def _arm(self, seconds: float, error: ProxyError | None) -> None:
+        """Close the connection after seconds, answering error first if there is one."""
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire, error)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self, error: ProxyError | None) -> None:
+        self._timer = None
+        if error is not None:
+            self._writer.write(self._response_bytes(None, error_response(error, ""), "", False))
+        self._writer.close()          # the pending read then ends and run() returns
 
     async def _read_head(self, idle_timeout: float) -> bytes | None:
-        """The next request head, or None when the client closed or idled out."""
-        pending, self._next_byte = self._next_byte, None
+        """The next request head, or None when the client closed, idled out or was too slow."""
+        header_timeout = self._app.config.header_timeout
         try:
-            first = await asyncio.wait_for(pending or self._reader.read(1), idle_timeout)
-        except (asyncio.TimeoutError, ConnectionError):
-            return None
-        if not first:
-            return None
-        try:
-            rest = await asyncio.wait_for(self._reader.readuntil(b"\r\n\r\n"),
-                                          self._app.config.header_timeout)
+            self._arm(idle_timeout, None)
+            first = await self._reader.read(1)
+            if not first:
+                return None
+            self._arm(header_timeout, ProxyError("request head not received within %g s"
+                                                 % header_timeout, 408))
+            return first + await self._reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
+            self._disarm()
             await self._send_error(ProxyError("request header block is larger than %d bytes"
                                               % MAX_HEADER_BYTES, 431), "")
             return None
-        except asyncio.TimeoutError:
-            await self._send_error(ProxyError("request head not received within %g s"
-                                              % self._app.config.header_timeout, 408), "")
+        except (asyncio.IncompleteReadError, ConnectionError):
             return None
-        except asyncio.IncompleteReadError:
-            return None
-        return first + rest
+        finally:
+            self._disarm()
 
     async def _serve(self, head: bytes) -> bool:
         """Answer one request; True when the connection may carry another."""
@@ -1041,7 +1075,7 @@ class ClientConnection:
             await self._write_response(request, response, request_id, keep_open)
         finally:
             app.requests_active -= 1
-            self._on_disconnect = None
+            self._reader.on_end = None
         app.count_response(response.status)
         if app.config.log and request is not None:
             log.info("%s %s %s -> %d in %.1f ms", request_id, request.method, request.path,
@@ -1096,37 +1130,46 @@ class ClientConnection:
             raise InvalidRequestError("chunk line too long") from None
 
     async def _timed(self, awaitable):
+        """Await a body read; a pause longer than the header timeout ends with 408."""
+        timeout = self._app.config.header_timeout
+        self._arm(timeout, ProxyError("request body not received within %g s" % timeout, 408))
         try:
-            return await asyncio.wait_for(awaitable, self._app.config.header_timeout)
-        except asyncio.TimeoutError:
-            raise ProxyError("request body not received within %g s"
-                             % self._app.config.header_timeout, 408) from None
+            return await awaitable
         except asyncio.IncompleteReadError:
             raise ClientDisconnected() from None
+        finally:
+            self._disarm()
 
     async def _send_error(self, error: ProxyError, request_id: str) -> None:
         response = error_response(error, request_id)
         await self._write_response(None, response, request_id, keep_open=False)
 
-    async def _write_response(self, request, response: Response, request_id: str,
-                              keep_open: bool) -> None:
-        """Write head and body; a stream goes out chunked (close-delimited for HTTP/1.0)."""
+    @staticmethod
+    def _response_bytes(request, response: Response, request_id: str, keep_open: bool) -> bytes:
+        """The head of a response, with its body when the body is whole and not for HEAD.
+
+        A stream goes out chunked to HTTP/1.1 clients and close-delimited to HTTP/1.0 ones.
+        """
         headers = response.headers + [("request-id", request_id)]
         if not keep_open:
             headers.append(("connection", "close"))
-        head_only = request is not None and request.method == "HEAD"
-        chunked = response.stream is not None and request is not None and request.version == "HTTP/1.1"
         if response.stream is None:
             headers.append(("content-length", str(len(response.body))))
-        elif chunked:
+        elif request.version == "HTTP/1.1":
             headers.append(("transfer-encoding", "chunked"))
         head = build_response_head(response.status, headers)
-        if response.stream is None or head_only:
-            self._writer.write(head if head_only else head + response.body)
+        if response.stream is not None or (request is not None and request.method == "HEAD"):
+            return head
+        return head + response.body
+
+    async def _write_response(self, request, response: Response, request_id: str,
+                              keep_open: bool) -> None:
+        """Write a response: at once when whole, piece by piece when streamed."""
+        self._writer.write(self._response_bytes(request, response, request_id, keep_open))
+        if response.stream is None:
             await self._writer.drain()
-            return
-        self._writer.write(head)
-        await self._write_stream(response.stream, chunked)
+        else:
+            await self._write_stream(response.stream, request.version == "HTTP/1.1")
 
     async def _write_stream(self, stream, chunked: bool) -> None:
         """Write each piece as it comes; a bug mid-stream still ends with an error event."""
@@ -1254,16 +1297,58 @@ class ProxyApp:
         self.upstream_pool.shutdown(wait=False)
 
 
+JSON_WHITESPACE_RE = re.compile(r"[ \t\n\r]*")
+JSON_DECODER = json.JSONDecoder()
+
+
+def parse_json_object(text: str):
+    """Parse a JSON object like json.loads, also returning where each top-level value lies.
+
+    Returns (object, {key: (start, end)}): the spans let a transformer replace one value
+    (the model, say) without re-encoding a body of hundreds of kilobytes. Raises ValueError.
+    """
+    skip = JSON_WHITESPACE_RE.match
+    position = skip(text).end()
+    if text[position:position + 1] != "{":
+        raise ValueError("the top level is not an object")
+    position = skip(text, position + 1).end()
+    result, spans = {}, {}
+    closing = text[position:position + 1] == "}"
+    while not closing:
+        if text[position:position + 1] != '"':
+            raise ValueError("expecting a property name in double quotes at char %d" % position)
+        key, position = json.decoder.scanstring(text, position + 1)
+        position = skip(text, position).end()
+        if text[position:position + 1] != ":":
+            raise ValueError("expecting ':' at char %d" % position)
+        start = skip(text, position + 1).end()
+        result[key], end = JSON_DECODER.raw_decode(text, start)
+        spans[key] = (start, end)
+        position = skip(text, end).end()
+        separator = text[position:position + 1]
+        if separator not in (",", "}"):
+            raise ValueError("expecting ',' or '}' at char %d" % position)
+        position = skip(text, position + 1).end() if separator == "," else position
+        closing = separator == "}"
+    if skip(text, position + 1).end() != len(text):
+        raise ValueError("extra data after the object at char %d" % (position + 1))
+    return result, spans
+
+
 def parse_json_body(request: Request) -> dict:
-    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    """The request body as a JSON object, or a 400 saying what is wrong with it.
+
+    Keeps the decoded text and the spans of its top-level values on the request.
+    """
     if not request.body:
         raise InvalidRequestError("request body is empty; a JSON object is required")
     try:
-        body = json.loads(request.body)
+        request.body_text = request.body.decode("utf-8")
+        body, request.body_spans = parse_json_object(request.body_text)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError("request body is not UTF-8: %s" % exc) from None
     except (ValueError, RecursionError) as exc:
-        raise InvalidRequestError("request body is not valid JSON: %s" % exc) from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("request body must be a JSON object")
+        raise InvalidRequestError("request body is not a valid JSON object: %s" % exc) from None
     return body
 
 
@@ -1561,16 +1646,31 @@ def anthropic_request_headers(provider: Provider, request: Request) -> dict:
 
 
 def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None) -> bytes:
-    """The client's body with the routed model (and capped max_tokens); the client's own bytes
-    when nothing changes, so a pass-through costs no re-encoding."""
-    changed = body.get("model") != model
+    """The client's body with the routed model (and capped max_tokens).
+
+    Only the changed values are re-encoded, spliced into the client's own text; with nothing
+    to change, the client's bytes go on as they came.
+    """
+    changes = {}
+    if body.get("model") != model:
+        changes["model"] = model
     if max_tokens_cap is not None and body.get("max_tokens", 0) > max_tokens_cap:
-        body["max_tokens"] = max_tokens_cap
-        changed = True
-    if not changed:
+        changes["max_tokens"] = max_tokens_cap
+    if not changes:
         return request.body
-    body["model"] = model
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    body.update(changes)
+    return splice_json_values(request.body_text, request.body_spans, changes)
+
+
+def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
+    """text with the top-level values named in changes replaced by their JSON encoding."""
+    pieces, last = [], 0
+    for key in sorted(changes, key=lambda name: spans[name][0]):
+        start, end = spans[key]
+        pieces += [text[last:start], json.dumps(changes[key], ensure_ascii=False)]
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces).encode()
 
 
 def anthropic_messages_request(provider: Provider, model: str, request: Request, body: dict):
@@ -1971,8 +2071,12 @@ class ProxyServer:
         config = self.app.config
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        self._server = await asyncio.start_server(self._accept, config.host, config.port,
-                                                  limit=MAX_HEADER_BYTES, reuse_address=True)
+        def protocol_factory():
+            reader = ClientStreamReader(limit=MAX_HEADER_BYTES)
+            return asyncio.StreamReaderProtocol(reader, self._accept)
+
+        self._server = await self._loop.create_server(protocol_factory, config.host, config.port,
+                                                      reuse_address=True)
         bound = self._server.sockets[0].getsockname()
         self.app.listen_address = (config.host, bound[1])
 

@@ -319,3 +319,16 @@ def test_base_url_forms_all_reach_v1_messages(start_proxy, upstream, base):
     client_for(proxy).messages.create(model="m", max_tokens=5,
                                       messages=[{"role": "user", "content": "hi"}])
     assert upstream.requests[0]["path"] == "/v1/messages"
+
+
+def test_model_rewrite_changes_only_the_model_bytes(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "routes": {"default": {"provider": "anthropic", "model": "claude-ré"}}})
+    body = ('{ "messages" : [{"role":"user","content":"café \\u00e9 ☕"}],\n'
+            '  "model" :  "claude-opus-4-8" , "max_tokens":7}').encode()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n"
+                     b"\r\n%s" % (len(body), body))
+        assert sock.makefile("rb").read().startswith(b"HTTP/1.1 200")
+    assert upstream.requests[0]["body"] == body.replace(b'"claude-opus-4-8"',
+                                                        '"claude-ré"'.encode())

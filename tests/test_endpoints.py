@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import anthropic
+from hypothesis import given, settings, strategies as st
 import pytest
 
 import ccproxy
@@ -137,3 +138,29 @@ def test_internal_error_is_an_anthropic_500_and_the_server_goes_on(proxy, monkey
     assert caught.value.body["error"] == {"type": "api_error",
                                           "message": "internal error in ccproxy; see its log"}
     assert get_json(proxy, "/health")[0] == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children,
+                                                                       max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(), json_values, max_size=6), st.sampled_from(["", " ", "\n\t "]),
+       st.booleans())
+def test_parse_json_object_agrees_with_json_loads_and_spans_are_exact(obj, space, ascii_only):
+    text = json.dumps(obj, ensure_ascii=ascii_only, separators=("," + space, space + ":"))
+    text = space + text + space
+    parsed, spans = ccproxy.parse_json_object(text)
+    assert parsed == json.loads(text)
+    for key, (start, end) in spans.items():
+        assert json.loads(text[start:end]) == parsed[key]
+
+
+@pytest.mark.parametrize("text", ['[1]', '"x"', '{"a":1,}', '{"a" 1}', '{"a":1 "b":2}',
+                                  '{"a":1}x', '{a:1}', '{"a":tru}', '', '{'])
+def test_parse_json_object_rejects_what_is_not_one_object(text):
+    with pytest.raises(ValueError):
+        ccproxy.parse_json_object(text)
