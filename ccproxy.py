@@ -274,6 +274,8 @@ PROVIDER_PRESETS = {
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "auth": "none"},
 }
 AUTH_BY_PROTOCOL = {"anthropic": "x-api-key", "openai": "bearer", "gemini": "x-goog-api-key"}
+PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
+                     "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False}
 
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                  "false": False, "0": False, "no": False, "off": False, "": False}
@@ -609,21 +611,35 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
             checker.fail(path + ".name", "must be a non-empty string")
         return None
     preset = PROVIDER_PRESETS.get(name.lower(), {})
-    fields = dict(preset, **entry)
-    protocol = fields.get("type")
+    fields = dict(PROVIDER_DEFAULTS, **dict(preset, **entry))
+    protocol = fields["type"]
     if protocol not in AUTH_BY_PROTOCOL:
         checker.fail(path + ".type", "must be one of %s for a provider not named like a preset (%s)"
                      % (", ".join(AUTH_BY_PROTOCOL), ", ".join(PROVIDER_PRESETS)))
         return None
-    base_url = fields.get("api_base_url")
+    problems_before = len(checker.problems)
+    check_provider_fields(checker, fields, path)
+    auth = fields.get("auth", AUTH_BY_PROTOCOL[protocol])
+    if fields["enabled"] is True and auth != "none" and preset and not fields["api_key"]:
+        checker.fail(path + ".api_key", "required for %s (or set CCPROXY_PROVIDERS_%d_API_KEY)"
+                     % (name, index))
+    if protocol not in PROTOCOLS:
+        checker.warn(path + ".type", "ccproxy %s cannot translate to the %s protocol yet; requests "
+                     "routed to %s will fail" % (__version__, protocol, name))
+    if len(checker.problems) > problems_before:
+        return None
+    return Provider(name=name, protocol=protocol, base_url=fields["api_base_url"].rstrip("/"),
+                    api_key=fields["api_key"], models=tuple(fields["models"]),
+                    enabled=fields["enabled"], headers=dict(fields["headers"]),
+                    max_tokens=fields["max_tokens"], auth=auth,
+                    count_tokens=fields["count_tokens"])
+
+
+def check_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
+    """The type and shape of each provider field, preset defaults included."""
+    base_url = fields["api_base_url"]
     if not isinstance(base_url, str) or not re.match(r"^https?://[^/\s]+", base_url):
         checker.fail(path + ".api_base_url", "not an http(s) URL: %s" % json.dumps(base_url))
-    fields.setdefault("api_key", "")
-    fields.setdefault("models", [])
-    fields.setdefault("enabled", True)
-    fields.setdefault("headers", {})
-    fields.setdefault("max_tokens", None)
-    fields.setdefault("count_tokens", False)
     checker.typed(fields, "api_key", path, str, "a string")
     models = checker.typed(fields, "models", path, list, "a list of model names")
     if models and not all(isinstance(m, str) and m for m in models):
@@ -637,20 +653,6 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
         if cap is not None and cap <= 0:
             checker.fail(path + ".max_tokens", "must be a positive integer")
     checker.typed(fields, "count_tokens", path, bool, "true or false")
-    auth = fields.get("auth", AUTH_BY_PROTOCOL[protocol])
-    if (fields["enabled"] is True and auth != "none" and preset and not fields["api_key"]):
-        checker.fail(path + ".api_key", "required for %s (or set CCPROXY_PROVIDERS_%d_API_KEY)"
-                     % (name, index))
-    if protocol not in PROTOCOLS:
-        checker.warn(path + ".type", "ccproxy %s cannot translate to the %s protocol yet; requests "
-                     "routed to %s will fail" % (__version__, protocol, name))
-    if checker.problems:
-        return None
-    return Provider(name=name, protocol=protocol, base_url=base_url.rstrip("/"),
-                    api_key=fields["api_key"], models=tuple(models or ()),
-                    enabled=fields["enabled"], headers=dict(headers or {}),
-                    max_tokens=fields["max_tokens"], auth=auth,
-                    count_tokens=fields["count_tokens"])
 
 
 def check_providers(checker: ConfigChecker, entries) -> list:
@@ -750,12 +752,6 @@ class Headers:
         name = name.lower()
         return [v for k, v in self._items if k == name]
 
-    def __contains__(self, name) -> bool:
-        return name.lower() in self._first
-
-    def items(self) -> list:
-        return list(self._items)
-
     def __repr__(self):
         return "Headers(%r)" % self._items
 
@@ -794,7 +790,7 @@ class Request:
 class Response:
     """An answer: status, headers and either a body or an async iterator of body pieces."""
 
-    __slots__ = ("status", "headers", "body", "stream", "close")
+    __slots__ = ("status", "headers", "body", "stream")
 
     def __init__(self, status: int = 200, body: bytes = b"", headers=None, stream=None,
                  content_type: str = "application/json"):
@@ -802,7 +798,6 @@ class Response:
         self.headers = [("content-type", content_type)] + list(headers or ())
         self.body = body
         self.stream = stream
-        self.close = False
 
     def __repr__(self):
         return "Response(%d)" % self.status
@@ -1071,7 +1066,7 @@ class ClientConnection:
                 log.exception("%s: internal error", request_id)
                 response = error_response(ProxyError("internal error in ccproxy; see its log"),
                                           request_id)
-            keep_open = body_read and request.keep_alive and not response.close
+            keep_open = body_read and request.keep_alive
             await self._write_response(request, response, request_id, keep_open)
         finally:
             app.requests_active -= 1

@@ -116,6 +116,13 @@ class MockUpstream:
                 upstream.requests.append(record)
                 upstream.answer(self, upstream.script(record))
 
+            def do_CONNECT(self):
+                record = {"method": "CONNECT", "path": self.path,
+                          "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "body": b"", "json": None}
+                upstream.requests.append(record)
+                upstream.answer(self, upstream.script(record))
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
@@ -179,6 +186,17 @@ class MockUpstream:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_settings(monkeypatch):
+    """Tests decide for themselves whether ccproxy's upstream calls go through a proxy."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import anthropic
 import pytest
 
 from conftest import (PROVIDER_KEY, anthropic_message, anthropic_provider, anthropic_stream_events,
-                      json_reply, shared_path, sse, stream_reply, wait_until, Reply)
+                      json_reply, raw_exchange, shared_path, sse, stream_reply, wait_until, Reply)
 
 
 def client_for(proxy, api_key="client-key-not-for-upstream", **kw):
@@ -332,3 +332,49 @@ def test_model_rewrite_changes_only_the_model_bytes(start_proxy, upstream):
         assert sock.makefile("rb").read().startswith(b"HTTP/1.1 200")
     assert upstream.requests[0]["body"] == body.replace(b'"claude-opus-4-8"',
                                                         '"claude-ré"'.encode())
+
+
+@pytest.fixture
+def forward_proxy():
+    from conftest import MockUpstream
+    mock = MockUpstream()
+    yield mock
+    mock.close()
+
+
+def post_without_client_proxy(proxy):
+    """POST a message on a raw socket: the SDK itself would obey the proxy variables."""
+    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
+    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+def test_http_proxy_variable_is_honoured(start_proxy, upstream, forward_proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    status, message = post_without_client_proxy(proxy)
+    assert status == 200 and message["content"][0]["text"] == "Hello from upstream"
+    assert forward_proxy.requests[0]["path"] == upstream.url + "/v1/messages"
+    assert upstream.requests == []
+
+
+def test_no_proxy_variable_bypasses_the_proxy(start_proxy, upstream, forward_proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    assert post_without_client_proxy(proxy)[0] == 200
+    assert forward_proxy.requests == [] and len(upstream.requests) == 1
+
+
+def test_https_proxy_variable_tunnels_https_providers(start_proxy, forward_proxy, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    forward_proxy.script = lambda r: Reply(403, b"")      # refuse the tunnel: nothing leaves
+    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": PROVIDER_KEY}]})
+    status, error = post_without_client_proxy(proxy)
+    assert forward_proxy.requests[0]["method"] == "CONNECT"
+    assert forward_proxy.requests[0]["path"] == "api.anthropic.com:443"
+    assert status == 502
+    assert error["error"]["message"].startswith(
+        "anthropic: cannot reach https://api.anthropic.com/v1/messages: Tunnel connection failed")
