@@ -180,10 +180,11 @@ def sse_error_event(error_type: str, message: str) -> bytes:
 
 
 def mask_secret(secret: str) -> str:
-    """Show just enough of a key to recognise it: 'sk-a…wxyz'; short keys become '****'."""
+    """Show just enough of a key to recognise it: 'sk-a…wxyz'; keys under 20 characters
+    become '****'."""
     if not secret:
         return ""
-    if len(secret) < 16:
+    if len(secret) < 20:
         return "****"
     return secret[:4] + "…" + secret[-4:]
 
@@ -194,6 +195,13 @@ def strip_secrets(text: str, secrets) -> str:
         if secret and secret in text:
             text = text.replace(secret, mask_secret(secret))
     return text
+
+
+def strip_secrets_from_bytes(data: bytes, secrets) -> bytes:
+    """data with every known secret masked; the same object when none occurs."""
+    if not any(secret and secret.encode() in data for secret in secrets):
+        return data
+    return strip_secrets(data.decode("utf-8", "replace"), secrets).encode()
 
 
 def upstream_error_message(body: bytes) -> str:
@@ -258,6 +266,7 @@ ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 # Accepted for compatibility with the original's config files; their features arrive with
 # routing and resilience, and until then they only earn a warning when switched on.
 NOT_YET_APPLIED_KEYS = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
+SECRET_KEYS = ("apikey", "api_key", "headers")      # never echoed in a validation message
 
 # Provider presets (design.md §4): a provider named like a preset needs only its key.
 # `auth` is how the key is sent; `count_tokens` whether the provider answers count_tokens.
@@ -280,14 +289,16 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models"
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                  "false": False, "0": False, "no": False, "off": False, "": False}
 
-# Environment variables of the original's table: variable -> (key path, kind of value).
+# Environment variables of the original's table, in the order they apply (later wins):
+# variable -> (key, kind of value). LOG is a common name that other tools use too, so a
+# value that is not a boolean is ignored with a warning rather than refused.
 ENV_SETTINGS = (
-    ("CCPROXY_HOST", ("host",), "text"),
-    ("CCPROXY_PORT", ("port",), "port"),
-    ("CCPROXY_API_KEY", ("apikey",), "text"),
-    ("CCPROXY_LOG", ("log",), "bool"),
-    ("LOG", ("log",), "bool"),
-    ("CCPROXY_LOG_FILE", ("log_file",), "text"),
+    ("LOG", "log", "lenient bool"),
+    ("CCPROXY_LOG", "log", "bool"),
+    ("CCPROXY_HOST", "host", "text"),
+    ("CCPROXY_PORT", "port", "port"),
+    ("CCPROXY_API_KEY", "apikey", "text"),
+    ("CCPROXY_LOG_FILE", "log_file", "text"),
 )
 PROVIDER_KEY_ENV_RE = re.compile(r"^CCPROXY_PROVIDERS_(\d+)_API_KEY$")
 
@@ -372,6 +383,9 @@ def parse_bool(text: str) -> bool:
         raise ValueError("not a boolean (true/false)") from None
 
 
+ENV_VALUE_PARSERS = {"text": str, "bool": parse_bool, "lenient bool": parse_bool, "port": int}
+
+
 def find_config_file(explicit: str | None, environ) -> str | None:
     """The config file to read: --config, else CCPROXY_CONFIG, else the first that exists."""
     named = explicit or environ.get("CCPROXY_CONFIG")
@@ -414,16 +428,18 @@ def merge_config(base: dict, override: dict) -> dict:
 def apply_environment(raw: dict, environ, origins: dict, warnings: list) -> dict:
     """Layer the original's environment variables over the file's values."""
     raw = dict(raw)
-    for variable, path, kind in ENV_SETTINGS:
+    for variable, key, kind in ENV_SETTINGS:
         if variable not in environ:
             continue
         text = environ[variable]
         try:
-            value = {"text": str, "bool": parse_bool, "port": int}[kind](text)
+            raw[key] = ENV_VALUE_PARSERS[kind](text)
         except ValueError as exc:
-            raise ConfigError("%s: %s: %r" % (variable, exc, text)) from None
-        raw[path[0]] = value
-        origins[path[0]] = variable
+            if kind != "lenient bool":
+                raise ConfigError("%s: %s: %r" % (variable, exc, text)) from None
+            warnings.append("%s: %s: %r; ignored" % (variable, exc, text))
+            continue
+        origins[key] = variable
     entries = raw.get("providers")
     providers = [dict(p) if isinstance(p, dict) else p for p in entries] \
         if isinstance(entries, list) else []
@@ -542,7 +558,8 @@ class ConfigChecker:
         value = section.get(key)
         if isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds):
             return value
-        self.fail(join_key(path, key), "must be %s, not %s" % (kind_name, json.dumps(value)))
+        shown = type(value).__name__ if key in SECRET_KEYS else json.dumps(value)
+        self.fail(join_key(path, key), "must be %s, not %s" % (kind_name, shown))
         return None
 
 
@@ -759,8 +776,8 @@ class Headers:
 class Request:
     """One parsed HTTP request; the body is filled in after the head has been admitted."""
 
-    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "peer",
-                 "request_id", "body_text", "body_spans")
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
+                 "body_text", "body_spans")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers):
         self.method = method
@@ -770,8 +787,6 @@ class Request:
         self.version = version
         self.headers = headers
         self.body = b""
-        self.peer = None
-        self.request_id = ""
         self.body_text = ""
         self.body_spans = {}
 
@@ -1016,7 +1031,9 @@ class ClientConnection:
     def _expire(self, error: ProxyError | None) -> None:
         self._timer = None
         if error is not None:
-            self._writer.write(self._response_bytes(None, error_response(error, ""), "", False))
+            request_id = self._app.next_request_id()
+            self._writer.write(self._response_bytes(None, error_response(error, request_id),
+                                                    request_id, False))
         self._writer.close()          # the pending read then ends and run() returns
 
     async def _read_head(self, idle_timeout: float) -> bytes | None:
@@ -1033,7 +1050,7 @@ class ClientConnection:
         except asyncio.LimitOverrunError:
             self._disarm()
             await self._send_error(ProxyError("request header block is larger than %d bytes"
-                                              % MAX_HEADER_BYTES, 431), "")
+                                              % MAX_HEADER_BYTES, 431))
             return None
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
@@ -1051,8 +1068,6 @@ class ClientConnection:
         try:
             try:
                 request = parse_request_head(head)
-                request.peer = self._peer
-                request.request_id = request_id
                 endpoint = find_endpoint(request)
                 check_access(app.config, self._peer, request)
                 await self._read_body(request)
@@ -1135,7 +1150,8 @@ class ClientConnection:
         finally:
             self._disarm()
 
-    async def _send_error(self, error: ProxyError, request_id: str) -> None:
+    async def _send_error(self, error: ProxyError) -> None:
+        request_id = self._app.next_request_id()
         response = error_response(error, request_id)
         await self._write_response(None, response, request_id, keep_open=False)
 
@@ -1144,8 +1160,11 @@ class ClientConnection:
         """The head of a response, with its body when the body is whole and not for HEAD.
 
         A stream goes out chunked to HTTP/1.1 clients and close-delimited to HTTP/1.0 ones.
+        A provider's own request-id, relayed, is kept instead of the proxy's.
         """
-        headers = response.headers + [("request-id", request_id)]
+        headers = list(response.headers)
+        if not any(name == "request-id" for name, _ in headers):
+            headers.append(("request-id", request_id))
         if not keep_open:
             headers.append(("connection", "close"))
         if response.stream is None:
@@ -1727,7 +1746,7 @@ def anthropic_error_response(call, status: int, body: bytes) -> Response:
         shaped = False
     headers = call.relayed_headers()
     if shaped:
-        return Response(status, body, headers)
+        return Response(status, strip_secrets_from_bytes(body, call.provider.secrets()), headers)
     error = error_from_upstream(call.provider, status, body, headers)
     return Response(error.status, error_body(error.error_type, error.message), error.headers)
 

@@ -378,3 +378,30 @@ def test_https_proxy_variable_tunnels_https_providers(start_proxy, forward_proxy
     assert status == 502
     assert error["error"]["message"].startswith(
         "anthropic: cannot reach https://api.anthropic.com/v1/messages: Tunnel connection failed")
+
+
+def test_provider_request_id_is_relayed_once(proxy, upstream):
+    upstream.script = lambda r: json_reply(anthropic_message(), headers={"request-id": "req_up_1"})
+    raw = client_for(proxy).messages.with_raw_response.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers.get_list("request-id") == ["req_up_1"]
+
+
+def test_provider_key_echoed_in_an_upstream_error_is_masked(proxy, upstream):
+    error = {"type": "error", "error": {"type": "authentication_error",
+                                        "message": "invalid x-api-key %s" % PROVIDER_KEY}}
+    upstream.script = lambda r: json_reply(error, status=401)
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        client_for(proxy).messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["error"]["message"] == "invalid x-api-key sk-a…6789"
+
+
+def test_provider_key_echoed_in_a_foreign_error_is_masked(proxy, upstream):
+    upstream.script = lambda r: Reply(500, ("oops key=%s" % PROVIDER_KEY).encode(),
+                                      content_type="text/plain")
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        client_for(proxy).messages.create(model="m", max_tokens=5,
+                                          messages=[{"role": "user", "content": "hi"}])
+    assert PROVIDER_KEY not in json.dumps(caught.value.body)
+    assert caught.value.body["error"]["message"] == "anthropic: HTTP 500: oops key=sk-a…6789"

@@ -231,3 +231,28 @@ def test_check_does_not_leak_keys_in_errors(tmp_path):
         {"name": "openai", "api_key": "sk-very-secret-key-123456", "models": 5}]}))
     assert result.returncode == 1
     assert "sk-very-secret" not in result.stderr + result.stdout
+
+
+def test_a_foreign_log_variable_is_ignored_with_a_warning():
+    config = build({"log": True}, {"LOG": "debug"})
+    assert config.log is True
+    assert "LOG: not a boolean (true/false): 'debug'; ignored" in config.warnings
+
+
+def test_ccproxy_log_wins_over_log():
+    assert build({}, {"LOG": "true", "CCPROXY_LOG": "false"}).log is False
+
+
+def test_masking_keeps_short_secrets_whole_hidden():
+    assert ccproxy.mask_secret("sk-ant-api03-abcdefghijklmnop") == "sk-a…mnop"
+    assert ccproxy.mask_secret("short-proxy-key") == "****"
+    assert ccproxy.mask_secret("") == ""
+
+
+def test_a_mistyped_key_is_not_echoed():
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        build({"apikey": ["proxy-secret-value"],
+               "providers": [{"name": "openai", "api_key": {"k": "sk-secret-value"}}]})
+    message = str(caught.value)
+    assert "apikey: must be a string, not list" in message
+    assert "secret-value" not in message
