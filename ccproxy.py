@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import concurrent.futures
+import hashlib
 import hmac
 import http
 import http.client
@@ -69,6 +71,7 @@ BODY_READ_SLICE_BYTES = 1024 * 1024
 UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
 STREAM_QUEUE_CHUNKS = 64                         # chunks a slow client may leave unread per stream
+STREAM_PING_SECONDS = 15.0                       # a ping to the client after this much silence
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 CONFIG_SEARCH_PATHS = ("./config.json", "~/.ccproxy/config.json", "/etc/ccproxy/config.json")
 USER_AGENT = "ccproxy/" + __version__
@@ -268,19 +271,44 @@ ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 NOT_YET_APPLIED_KEYS = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
 SECRET_KEYS = ("apikey", "api_key", "headers")      # never echoed in a validation message
 
+# What an OpenAI-compatible server accepts; a preset overrides what its server does otherwise.
+OPENAI_QUIRKS = {
+    "reasoning_models": None,   # model ids (regex) that take max_completion_tokens, no sampling
+    "reasoning_style": None,    # how thinking is asked for: "effort", "deepseek", "openrouter"
+    "reasoning_replay": False,  # thinking goes back as reasoning_content on tool-call turns
+    "stream_usage": True,       # accepts stream_options.include_usage
+    "top_k": False,             # accepts top_k
+    "vision": True,             # accepts image parts
+    "max_output_tokens": {},    # model id -> the most output tokens it allows
+    "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
+    "user_after_tool": True,    # accepts a user message right after tool messages
+    "schema_drop_keys": (),     # top-level tool schema keys the server rejects
+}
+
 # Provider presets (design.md §4): a provider named like a preset needs only its key.
-# `auth` is how the key is sent; `count_tokens` whether the provider answers count_tokens.
+# `auth` is how the key is sent; `count_tokens` whether the provider answers count_tokens;
+# `headers` go with every call (the user's own headers win); `quirks` as above.
 PROVIDER_PRESETS = {
     "anthropic": {"type": "anthropic", "api_base_url": "https://api.anthropic.com",
                   "count_tokens": True},
-    "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1"},
+    "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
+               "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort"}},
     "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta"},
-    "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com"},
-    "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1"},
-    "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1"},
-    "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1"},
+    "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
+                 "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
+                            "vision": False, "max_output_tokens": {"deepseek-chat": 8192,
+                                                                   "deepseek-reasoner": 65536}}},
+    "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1",
+                   "headers": {"HTTP-Referer": "http://localhost:3456",
+                               "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
+                   "quirks": {"reasoning_style": "openrouter", "top_k": True}},
+    "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
+             "quirks": {"schema_drop_keys": ("$schema",)}},
+    "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
+                "quirks": {"tool_id_style": "alnum9", "user_after_tool": False}},
     "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1"},
-    "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "auth": "none"},
+    "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "auth": "none",
+               "quirks": {"top_k": True}},
 }
 AUTH_BY_PROTOCOL = {"anthropic": "x-api-key", "openai": "bearer", "gemini": "x-goog-api-key"}
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
@@ -472,7 +500,7 @@ class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
     __slots__ = ("name", "protocol", "base_url", "api_key", "models", "enabled", "headers",
-                 "max_tokens", "auth", "count_tokens")
+                 "max_tokens", "auth", "count_tokens", "quirks")
 
     def __init__(self, **fields):
         for key in self.__slots__:
@@ -645,11 +673,12 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
                      "routed to %s will fail" % (__version__, protocol, name))
     if len(checker.problems) > problems_before:
         return None
+    headers = dict(preset.get("headers", {}), **fields["headers"])
     return Provider(name=name, protocol=protocol, base_url=fields["api_base_url"].rstrip("/"),
                     api_key=fields["api_key"], models=tuple(fields["models"]),
-                    enabled=fields["enabled"], headers=dict(fields["headers"]),
-                    max_tokens=fields["max_tokens"], auth=auth,
-                    count_tokens=fields["count_tokens"])
+                    enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
+                    auth=auth, count_tokens=fields["count_tokens"],
+                    quirks=dict(OPENAI_QUIRKS, **preset.get("quirks", {})))
 
 
 def check_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
@@ -1447,10 +1476,9 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     check_messages_request(body)
     provider, model = route_request(app.config, body)
     protocol = protocol_for(provider)
-    stream = body.get("stream") is True
     url, headers, payload = protocol.messages_request(provider, model, request, body)
     call = UpstreamCall(app, provider, url, headers, payload)
-    return await protocol.relay(call, conn, stream)
+    return await protocol.relay(call, conn, request, body)
 
 
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
@@ -1628,6 +1656,53 @@ def route_request(config: Config, body: dict, required: bool = True):
 # 9. Transformers
 ###############################################################################
 
+# --- SSE codec ---------------------------------------------------------------
+
+SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
+
+
+def sse_event(name: str, payload: dict) -> bytes:
+    """One Anthropic-style frame: `event: <name>` and its JSON `data:` line."""
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload, ensure_ascii=False).encode())
+
+
+class SSEDecoder:
+    """Sans-IO server-sent events parser: feed() bytes, get the (event, data) of each complete
+    event. LF or CRLF line endings, comments (`: …`), multi-line `data:` joined with "\\n"."""
+
+    def __init__(self):
+        self._buffer = b""
+        self._event = ""
+        self._data = []
+
+    def feed(self, chunk: bytes) -> list:
+        lines = (self._buffer + chunk if self._buffer else chunk).split(b"\n")
+        self._buffer = lines.pop()
+        if len(self._buffer) > MAX_SSE_LINE_BYTES:
+            raise UpstreamError("an event-stream line longer than %d bytes" % MAX_SSE_LINE_BYTES)
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", "\n".join(self._data)))
+                self._event, self._data = "", []
+            elif line[:1] != b":":
+                field, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if field == b"data":
+                    self._data.append(value.decode("utf-8", "replace"))
+                elif field == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+
+
+# --- Anthropic ----------------------------------------------------------------
+
 SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
 
 
@@ -1751,24 +1826,26 @@ def anthropic_error_response(call, status: int, body: bytes) -> Response:
     return Response(error.status, error_body(error.error_type, error.message), error.headers)
 
 
-async def relay_anthropic(call, conn, stream: bool) -> Response:
+async def relay_anthropic(call, conn, request: Request, body: dict) -> Response:
     """Relay an Anthropic-protocol answer: status, body and stream exactly as they come."""
     conn.cancel_on_disconnect(call.cancel)
-    status = await call.send(stream)
+    status = await call.send(body.get("stream") is True)
     if status >= 400:
         return anthropic_error_response(call, status, call.body)
     content_type = call.header("content-type") or "application/json"
     if call.body is None:
         relay = AnthropicStreamRelay(call.provider.name)
         return Response(status, headers=call.relayed_headers(), content_type=content_type,
-                        stream=relay_stream(call, relay))
+                        stream=relay_stream(call.chunks(), relay))
     return Response(status, call.body, call.relayed_headers(), content_type=content_type)
 
 
-async def relay_stream(call, translator):
-    """Pieces for the client: each upstream chunk through the translator, then its ending."""
-    chunks = call.chunks()
+async def relay_stream(chunks, translator, first: bytes = b""):
+    """Pieces for the client: first, each further upstream chunk through the translator,
+    then the translator's ending."""
     try:
+        if first:
+            yield first
         try:
             async for chunk in chunks:
                 piece = translator.feed(chunk)
@@ -1784,6 +1861,812 @@ async def relay_stream(call, translator):
         await chunks.aclose()
 
 
+# --- OpenAI Chat Completions ----------------------------------------------------
+
+OPENAI_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                       "function_call": "tool_use", "content_filter": "refusal"}
+OPENAI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+ANTHROPIC_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
+MISTRAL_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9]{9}$")
+ENCODED_TOOL_ID_PREFIX = "ccpxid_"
+PROXY_SIGNATURE_PREFIX = "ccpx1."
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
+# Anthropic body keys that have an OpenAI meaning; every other key stays here (rule book A8).
+MAX_OPENAI_STOP_SEQUENCES = 4
+MAX_OPENAI_USER_CHARS = 64
+CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
+                                 r"prompt is too long|context window", re.I)
+MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
+SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                      "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
+                      "search_result", "container_upload")
+
+
+def base62_digest(text: str, length: int) -> str:
+    """A stable alphanumeric digest of text, `length` characters long."""
+    number = int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    digits = []
+    while len(digits) < length:
+        number, remainder = divmod(number, 62)
+        digits.append(alphabet[remainder])
+    return "".join(digits)
+
+
+def openai_tool_name(name: str) -> str:
+    """An OpenAI function name for an Anthropic tool name (rule book A31)."""
+    if OPENAI_TOOL_NAME_RE.match(name):
+        return name
+    cleaned = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:55] or "unnamed_tool"
+    return "%s_%s" % (cleaned, hashlib.sha256(name.encode()).hexdigest()[:8])
+
+
+def openai_tool_id(tool_id: str, style: str | None) -> str:
+    """The id an OpenAI-family server gets for an Anthropic tool_use id; the same id always maps
+    to the same result, so calls and their results stay paired."""
+    if tool_id.startswith(ENCODED_TOOL_ID_PREFIX):
+        try:
+            tool_id = base64.urlsafe_b64decode(tool_id[len(ENCODED_TOOL_ID_PREFIX):] + "==").decode()
+        except (ValueError, UnicodeDecodeError):
+            pass
+    if style == "alnum9" and not MISTRAL_TOOL_ID_RE.match(tool_id):
+        return base62_digest(tool_id, 9)
+    return tool_id
+
+
+def anthropic_tool_id(call_id) -> str:
+    """The tool_use id for an upstream call id: kept when Anthropic accepts it, else encoded
+    reversibly, or a fresh id when there is none."""
+    if not isinstance(call_id, str) or not call_id:
+        return "toolu_" + os.urandom(12).hex()
+    if ANTHROPIC_TOOL_ID_RE.match(call_id):
+        return call_id
+    encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+    return ENCODED_TOOL_ID_PREFIX + encoded
+
+
+def thinking_effort(body: dict) -> str | None:
+    """low/medium/high when the request asks for thinking, None when it does not (A7, A12)."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict):
+        return None
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        budget = budget if isinstance(budget, int) else 8192
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    if thinking.get("type") == "adaptive":
+        config = body.get("output_config")
+        effort = config.get("effort") if isinstance(config, dict) else None
+        return {"low": "low", "medium": "medium", "high": "high", "max": "high"}.get(effort, "medium")
+    return None
+
+
+def openai_reasoning_fields(body: dict, quirks: dict, reasoning_model: bool) -> dict:
+    """The provider's own way of asking for reasoning, per its preset (A7)."""
+    effort = thinking_effort(body)
+    style = quirks["reasoning_style"]
+    if effort is None or style is None:
+        return {}
+    if style == "effort":
+        return {"reasoning_effort": effort} if reasoning_model else {}
+    if style == "deepseek":
+        return {"thinking": {"type": "enabled"}}
+    budget = (body.get("thinking") or {}).get("budget_tokens")
+    return {"reasoning": {"max_tokens": budget} if isinstance(budget, int) else {"effort": effort}}
+
+
+def text_of_system(system) -> str:
+    """The system prompt as one string: text blocks joined by blank lines (A10-A13)."""
+    if isinstance(system, str):
+        return system.strip() and system
+    texts = [b["text"] for b in system or () if isinstance(b, dict) and b.get("type") == "text"
+             and isinstance(b.get("text"), str) and b["text"].strip()
+             and not b["text"].startswith(BILLING_HEADER_PREFIX)]
+    return "\n\n".join(texts)
+
+
+def openai_image_part(block: dict, where: str) -> dict:
+    """An image block as an image_url part (A16); a Files API reference cannot be sent."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64":
+        url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
+    elif source.get("type") == "url":
+        url = source.get("url", "")
+    else:
+        raise InvalidRequestError("%s: an image with source type %r cannot be sent to an "
+                                  "OpenAI-compatible provider" % (where, source.get("type")))
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def openai_document_part(block: dict) -> dict:
+    """A document block as a file part (PDF) or text (A17)."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64":
+        return {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:%s;base64,%s"
+                                         % (source.get("media_type", "application/pdf"),
+                                            source.get("data", ""))}}
+    if source.get("type") == "text":
+        return {"type": "text", "text": str(source.get("data", ""))}
+    if source.get("type") == "content":
+        texts = [b.get("text", "") for b in source.get("content") or () if isinstance(b, dict)]
+        return {"type": "text", "text": "\n".join(texts)}
+    return {"type": "text", "text": "[document omitted: %s source]" % source.get("type")}
+
+
+def openai_user_parts(blocks, quirks: dict, where: str) -> list:
+    """User blocks other than tool results as Chat Completions content parts."""
+    parts = []
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text":
+            if isinstance(block.get("text"), str) and block["text"].strip():
+                parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image":
+            parts.append(openai_image_part(block, "%s[%d]" % (where, position)) if quirks["vision"]
+                         else {"type": "text", "text": "[image omitted]"})
+        elif kind == "document":
+            parts.append(openai_document_part(block))
+        elif kind in SERVER_BLOCK_TYPES or kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
+                                      "provider" % (where, position, kind))
+    return parts
+
+
+def openai_content(parts: list):
+    """Content parts as Chat Completions wants them: a string when all are text (A15)."""
+    if all(part["type"] == "text" for part in parts):
+        return "\n".join(part["text"] for part in parts)
+    return parts
+
+
+def tool_result_text_and_images(block: dict, quirks: dict, where: str):
+    """A tool_result's text (is_error marked, A21) and the image parts it carried (A22)."""
+    content = block.get("content")
+    items = content if isinstance(content, list) else [content]
+    texts, images = [], []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append(str(item.get("text", "")))
+        elif isinstance(item, dict) and item.get("type") == "image":
+            images.append(openai_image_part(item, where) if quirks["vision"]
+                          else {"type": "text", "text": "[image omitted]"})
+    text = "\n".join(t for t in texts if t)
+    if not text and images:
+        text = "[image attached below]"
+    if block.get("is_error"):
+        text = "Error: " + text
+    return text, images
+
+
+def openai_assistant_message(blocks, quirks: dict) -> dict | None:
+    """An assistant turn: text joined, tool_use as tool_calls, thinking dropped or replayed."""
+    texts, calls, thoughts = [], [], []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+            texts.append(block["text"])
+        elif kind == "tool_use":
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False,
+                                   separators=(",", ":"))
+            calls.append({"id": openai_tool_id(str(block.get("id", "")), quirks["tool_id_style"]),
+                          "type": "function",
+                          "function": {"name": openai_tool_name(str(block.get("name", ""))),
+                                       "arguments": arguments}})
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
+    if not texts and not calls:
+        return None
+    message = {"role": "assistant", "content": "\n".join(texts) or None}
+    if calls:
+        message["tool_calls"] = calls
+        if quirks["reasoning_replay"]:
+            message["reasoning_content"] = "".join(thoughts)
+    return message
+
+
+def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
+    """The conversation as Chat Completions messages (rule book A10-A29)."""
+    messages = []
+    system = text_of_system(body.get("system"))
+    if system:
+        messages.append({"role": "system", "content": system})
+    open_calls = []          # ids of the last assistant turn's calls, awaiting results
+    deferred = []            # system messages that came between calls and their results
+    for index, message in enumerate(body["messages"]):
+        where = "messages[%d].content" % index
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        role = message["role"]
+        if role == "assistant":
+            messages.extend(missing_tool_results(open_calls) + deferred)
+            deferred = []
+            converted = openai_assistant_message(blocks, quirks)
+            open_calls = [c["id"] for c in converted.get("tool_calls", ())] if converted else []
+            if converted:
+                messages.append(converted)
+        elif role == "system":
+            text = text_of_system(blocks)
+            if text:
+                (deferred if open_calls else messages).append({"role": "system", "content": text})
+        else:
+            messages.extend(openai_user_turn(blocks, open_calls, quirks, where) + deferred)
+            open_calls, deferred = [], []
+    return merge_adjacent_user_messages(messages + deferred)
+
+
+def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list:
+    """A user turn: one tool message per answered call, first (A19), then its other content."""
+    answered, tool_messages, extra_parts = set(), [], []
+    for position, block in enumerate(blocks):
+        if block.get("type") != "tool_result":
+            continue
+        call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
+        text, images = tool_result_text_and_images(block, quirks, "%s[%d]" % (where, position))
+        if call_id in open_calls and call_id not in answered:
+            answered.add(call_id)
+            tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+        else:
+            extra_parts.append({"type": "text", "text": "[tool result %s]\n%s"
+                                % (block.get("tool_use_id"), text)})
+        extra_parts.extend(images)
+    tool_messages += missing_tool_results([c for c in open_calls if c not in answered])
+    parts = extra_parts + openai_user_parts(
+        [b for b in blocks if b.get("type") != "tool_result"], quirks, where)
+    result = tool_messages
+    if parts:
+        if tool_messages and not quirks["user_after_tool"]:
+            result.append({"role": "assistant", "content": "Noted."})
+        result.append({"role": "user", "content": openai_content(parts)})
+    elif not tool_messages:
+        result.append({"role": "user", "content": "..."})
+    return result
+
+
+def missing_tool_results(call_ids) -> list:
+    """Stand-in results for calls the conversation never answered (A24)."""
+    return [{"role": "tool", "tool_call_id": call_id,
+             "content": "[no result: the tool call was interrupted]"} for call_id in call_ids]
+
+
+def merge_adjacent_user_messages(messages: list) -> list:
+    """Two user messages in a row become one (A29)."""
+    merged = []
+    for message in messages:
+        previous = merged[-1] if merged else None
+        if previous is not None and previous["role"] == message["role"] == "user":
+            parts = [{"type": "text", "text": c} if isinstance(c, str) else c
+                     for c in (previous["content"], message["content"])]
+            flat = [p for c in parts for p in (c if isinstance(c, list) else [c])]
+            previous["content"] = openai_content(flat)
+        else:
+            merged.append(message)
+    return merged
+
+
+def openai_tools_from_anthropic(tools, quirks: dict) -> list:
+    """Custom tools as functions; server tools (web search…) have no equivalent and are
+    left out (A30-A32)."""
+    functions = []
+    for tool in tools or ():
+        if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
+            log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
+                     tool.get("type"))
+            continue
+        parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
+        if quirks["schema_drop_keys"] and isinstance(parameters, dict):
+            parameters = {k: v for k, v in parameters.items() if k not in quirks["schema_drop_keys"]}
+        function = {"name": openai_tool_name(str(tool["name"])), "parameters": parameters}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        functions.append({"type": "function", "function": function})
+    return functions
+
+
+def openai_tool_choice(choice) -> dict:
+    """tool_choice and parallel_tool_calls for an Anthropic tool_choice (A.7)."""
+    if not isinstance(choice, dict):
+        return {}
+    kind = choice.get("type")
+    fields = {}
+    if kind in ("auto", "none"):
+        fields["tool_choice"] = kind
+    elif kind == "any":
+        fields["tool_choice"] = "required"
+    elif kind == "tool":
+        fields["tool_choice"] = {"type": "function",
+                                 "function": {"name": openai_tool_name(str(choice.get("name", "")))}}
+    if choice.get("disable_parallel_tool_use") is True:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def openai_user_field(metadata) -> dict:
+    """metadata.user_id as `user`: as is when short and plain, else a stable digest (A6)."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str) or not user_id:
+        return {}
+    if len(user_id) <= MAX_OPENAI_USER_CHARS and re.match(r"^[A-Za-z0-9_-]+$", user_id):
+        return {"user": user_id}
+    return {"user": "u_" + hashlib.sha256(user_id.encode()).hexdigest()[:32]}
+
+
+def openai_output_cap(provider: Provider, model: str) -> int | None:
+    """The smallest of the config's and the preset's output caps for this model."""
+    caps = [provider.max_tokens, provider.quirks["max_output_tokens"].get(model)]
+    caps = [cap for cap in caps if cap]
+    return min(caps) if caps else None
+
+
+def openai_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
+    """The Chat Completions body for an Anthropic Messages body (rule book A)."""
+    quirks = provider.quirks
+    pattern = quirks["reasoning_models"]
+    reasoning_model = bool(pattern and re.match(pattern, model))
+    request = {"model": model, "messages": openai_messages_from_anthropic(body, quirks)}
+    cap = openai_output_cap(provider, model)
+    max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
+    request["max_completion_tokens" if reasoning_model else "max_tokens"] = max_tokens
+    sampling = () if reasoning_model else ("temperature", "top_p") + (
+        ("top_k",) if quirks["top_k"] else ())
+    for key in sampling:
+        if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
+            request[key] = body[key]
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and stops:
+        request["stop"] = stops[:MAX_OPENAI_STOP_SEQUENCES]
+    if body.get("stream") is True:
+        request["stream"] = True
+        if quirks["stream_usage"]:
+            request["stream_options"] = {"include_usage": True}
+    tools = openai_tools_from_anthropic(body.get("tools"), quirks)
+    if tools:
+        request["tools"] = tools
+        request.update(openai_tool_choice(body.get("tool_choice")))
+    request.update(openai_user_field(body.get("metadata")))
+    request.update(openai_reasoning_fields(body, quirks, reasoning_model))
+    return request
+
+
+def openai_endpoint_url(base_url: str) -> str:
+    """…/chat/completions from a base (…/v1) or from the full endpoint URL."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/chat/completions") else base + "/chat/completions"
+
+
+def openai_request_headers(provider: Provider) -> dict:
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT}
+    if provider.auth == "bearer" and provider.api_key:
+        headers["authorization"] = "Bearer " + provider.api_key
+    headers.update(provider.headers)
+    return headers
+
+
+def openai_messages_request(provider: Provider, model: str, request: Request, body: dict):
+    """(url, headers, body) of a Chat Completions call for an Anthropic Messages request."""
+    payload = openai_request_from_anthropic(body, provider, model)
+    return (openai_endpoint_url(provider.base_url), openai_request_headers(provider),
+            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def anthropic_usage_from_openai(usage) -> dict:
+    """Anthropic usage from OpenAI usage: cache reads counted apart from input (B6)."""
+    usage = usage if isinstance(usage, dict) else {}
+    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"),
+                                                              dict) else {}
+    prompt = usage.get("prompt_tokens") or 0
+    cache_read = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+    cache_write = details.get("cache_write_tokens") or 0
+    return {"input_tokens": max(prompt - cache_read - cache_write, 0),
+            "output_tokens": usage.get("completion_tokens") or 0,
+            "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read}
+
+
+def tool_input_from_arguments(arguments) -> dict:
+    """A tool_use input object from OpenAI arguments, whatever shape they came in (B4)."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments.strip():
+        return {}
+    for candidate in (arguments, re.sub(r",\s*([}\]])", r"\1", arguments), arguments + "}"):
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, str):
+            return tool_input_from_arguments(value)
+        if isinstance(value, dict):
+            return value
+    log.warning("tool arguments are not a JSON object; passed as {\"arguments\": …}")
+    return {"arguments": arguments}
+
+
+def thinking_signature(provider_name: str) -> str:
+    """The signature of a thinking block ccproxy made: recognisable when it comes back."""
+    return PROXY_SIGNATURE_PREFIX + provider_name
+
+
+def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
+    """An error object inside a 200 answer or a stream (B9, C18) as the client's error."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    code = error.get("code")
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and 400 <= code < 600:
+        status = CLIENT_STATUS_BY_UPSTREAM_STATUS.get(code, 500 if code >= 500 else 400)
+    message = "%s: %s" % (provider.name, error.get("message") or json.dumps(error))
+    return ProxyError(strip_secrets(message, provider.secrets()), status)
+
+
+def anthropic_message_from_openai(data: dict, context) -> dict:
+    """An Anthropic message from a Chat Completions answer (rule book B)."""
+    if not isinstance(data, dict):
+        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
+    choices = data.get("choices")
+    if not choices:
+        if data.get("error"):
+            raise openai_error(context.provider, data["error"])
+        raise UpstreamError("%s: the answer has no choices" % context.provider.name)
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning,
+                        "signature": thinking_signature(context.provider.name)})
+    text = message.get("content")
+    if isinstance(text, list):
+        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+    if isinstance(text, str) and text:
+        content.append({"type": "text", "text": text})
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        content.append({"type": "text", "text": refusal})
+    calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+    if not calls and isinstance(message.get("function_call"), dict):
+        calls = [{"function": message["function_call"]}]
+    content += [anthropic_tool_use(call, context) for call in calls]
+    stop_reason = "refusal" if refusal else context.stop_reason(choice.get("finish_reason"),
+                                                                 bool(calls))
+    usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
+        else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
+    return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
+            "model": context.model, "content": content, "stop_reason": stop_reason,
+            "stop_sequence": None, "usage": usage}
+
+
+def anthropic_tool_use(call: dict, context) -> dict:
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    return {"type": "tool_use", "id": anthropic_tool_id(call.get("id")),
+            "name": context.tool_name(function.get("name")),
+            "input": tool_input_from_arguments(function.get("arguments"))}
+
+
+class TranslationContext:
+    """What a response translator needs to know about its request."""
+
+    def __init__(self, provider: Provider, request: Request, body: dict):
+        self.provider = provider
+        self.model = body.get("model")
+        self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
+        self._tool_names = {openai_tool_name(str(t.get("name"))): str(t.get("name"))
+                            for t in body.get("tools") or () if isinstance(t, dict)}
+        self.probe = body.get("max_tokens") == 1
+
+    def tool_name(self, name) -> str:
+        """The Anthropic name of an upstream function name (reverse of A31)."""
+        if not isinstance(name, str) or not name:
+            return "unknown_tool"
+        return self._tool_names.get(name, name)
+
+    @staticmethod
+    def stop_reason(finish_reason, made_calls: bool) -> str:
+        """B5: the Anthropic stop_reason; tool_use whenever calls were made."""
+        if made_calls:
+            return "tool_use"
+        reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn")
+        return "end_turn" if reason == "tool_use" else reason
+
+    def estimated_usage(self, output_chars: int) -> dict:
+        return {"input_tokens": self.input_estimate, "output_tokens": max(output_chars // 4, 1),
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+              b'"delta":{"type":"text_delta","text":%s}}\n\n')
+THINKING_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                  b'"delta":{"type":"thinking_delta","thinking":%s}}\n\n')
+INPUT_JSON_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+                    b'"delta":{"type":"input_json_delta","partial_json":%s}}\n\n')
+BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+
+
+def json_bytes(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode()
+
+
+class OpenAIStreamTranslator:
+    """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
+
+    One Anthropic block is open at a time, indexes count from 0. A tool call streams live while
+    it is the current one; a call that starts while the current call's arguments are still
+    incomplete JSON is buffered and sent whole at the end, so interleaved indexes never send a
+    delta to a closed block (rule book C10). feed() per chunk, done() on [DONE], finish() last.
+    """
+
+    def __init__(self, context: TranslationContext):
+        self._context = context
+        self._started = False
+        self._block = -1              # index of the last block started
+        self._open = None             # "text", "thinking" or a call key while a block is open
+        self._calls = {}              # call key -> {"id", "name", "arguments": [...], "sent"}
+        self._finish_reason = None
+        self._done = False
+        self._usage = None
+        self._output_chars = 0
+
+    def feed(self, chunk: dict) -> bytes:
+        if chunk.get("error"):
+            raise openai_error(self._context.provider, chunk["error"])
+        out = [] if self._started else [self._message_start()]
+        usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict):
+                self._feed_choice(choice, out)
+        return b"".join(out)
+
+    def done(self) -> None:
+        """The upstream said [DONE]."""
+        self._done = True
+
+    @property
+    def complete(self) -> bool:
+        """Whether the upstream said the answer is over (finish_reason or [DONE])."""
+        return self._finish_reason is not None or self._done
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        """The end of the stream: message_delta and message_stop, or an error event."""
+        if error is None and self._finish_reason is None and not self._done:
+            error = UpstreamError("%s: the stream ended before completion"
+                                  % self._context.provider.name)
+        if error is not None:
+            return sse_error_event(error.error_type, error.message)
+        out = [] if self._started else [self._message_start()]
+        self._close(out)
+        for key in list(self._calls):
+            if not self._calls[key]["sent"]:
+                self._send_whole_call(key, out)
+        made_calls = bool(self._calls)
+        usage = anthropic_usage_from_openai(self._usage) if self._usage \
+            else self._context.estimated_usage(self._output_chars)
+        out.append(sse_event("message_delta", {
+            "type": "message_delta", "usage": usage,
+            "delta": {"stop_reason": self._context.stop_reason(self._finish_reason, made_calls),
+                      "stop_sequence": None}}))
+        out.append(sse_event("message_stop", {"type": "message_stop"}))
+        return b"".join(out)
+
+    def _message_start(self) -> bytes:
+        self._started = True
+        usage = self._context.estimated_usage(0)
+        usage["output_tokens"] = 1
+        return sse_event("message_start", {"type": "message_start", "message": {
+            "id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
+            "model": self._context.model, "content": [], "stop_reason": None,
+            "stop_sequence": None, "usage": usage}}) + SSE_PING
+
+    def _feed_choice(self, choice: dict, out: list) -> None:
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
+            out.append(THINKING_DELTA % (self._block, json_bytes(reasoning)))
+            self._output_chars += len(reasoning)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            self._open_block("text", {"type": "text", "text": ""}, out)
+            out.append(TEXT_DELTA % (self._block, json_bytes(content)))
+            self._output_chars += len(content)
+        for position, call in enumerate(delta.get("tool_calls") or ()):
+            if isinstance(call, dict):
+                self._feed_call(call, position, out)
+        if choice.get("finish_reason") == "error":
+            raise openai_error(self._context.provider, choice.get("error") or
+                               "the provider reported an error mid-stream")
+        if choice.get("finish_reason"):
+            self._finish_reason = choice["finish_reason"]
+
+    def _feed_call(self, call: dict, position: int, out: list) -> None:
+        key = call.get("index", call.get("id") or position)
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        state = self._calls.get(key)
+        if state is None:
+            state = self._calls[key] = {"id": None, "name": None, "arguments": [], "sent": False}
+        state["id"] = state["id"] or call.get("id")
+        state["name"] = state["name"] or function.get("name") or None
+        if isinstance(arguments, str) and arguments:
+            self._output_chars += len(arguments)
+            if self._open == key:
+                out.append(INPUT_JSON_DELTA % (self._block, json_bytes(arguments)))
+                state["arguments"].append(arguments)
+                return
+            if state["sent"]:
+                log.warning("%s: arguments for a finished tool call were dropped",
+                            self._context.provider.name)
+                return
+            state["arguments"].append(arguments)
+        if state["sent"] or not state["name"] or not self._may_start_call():
+            return
+        self._open_block(key, {"type": "tool_use", "id": anthropic_tool_id(state["id"]),
+                               "name": self._context.tool_name(state["name"]), "input": {}}, out)
+        state["sent"] = True
+        if state["arguments"]:
+            out.append(INPUT_JSON_DELTA % (self._block, json_bytes("".join(state["arguments"]))))
+
+    def _may_start_call(self) -> bool:
+        """A new call may open now unless the open call's arguments are still incomplete."""
+        if self._open is None or self._open in ("text", "thinking"):
+            return True
+        arguments = "".join(self._calls[self._open]["arguments"])
+        try:
+            json.loads(arguments)
+        except ValueError:
+            return not arguments.strip()
+        return True
+
+    def _open_block(self, kind, block: dict, out: list) -> None:
+        if self._open == kind:
+            return
+        self._close(out)
+        self._block += 1
+        self._open = kind
+        out.append(sse_event("content_block_start", {"type": "content_block_start",
+                                                     "index": self._block, "content_block": block}))
+
+    def _close(self, out: list) -> None:
+        if self._open is None:
+            return
+        if self._open == "thinking":
+            out.append(sse_event("content_block_delta", {
+                "type": "content_block_delta", "index": self._block,
+                "delta": {"type": "signature_delta",
+                          "signature": thinking_signature(self._context.provider.name)}}))
+        out.append(BLOCK_STOP % self._block)
+        self._open = None
+
+    def _send_whole_call(self, key, out: list) -> None:
+        state = self._calls[key]
+        state["name"] = state["name"] or "unknown_tool"
+        self._open_block(key, {"type": "tool_use", "id": anthropic_tool_id(state["id"]),
+                               "name": self._context.tool_name(state["name"]), "input": {}}, out)
+        state["sent"] = True
+        if state["arguments"]:
+            out.append(INPUT_JSON_DELTA % (self._block, json_bytes("".join(state["arguments"]))))
+        self._close(out)
+
+
+class OpenAIStreamRelay:
+    """Bytes of a Chat Completions event stream in, Anthropic events out: SSE decoding and
+    JSON parsing around an OpenAIStreamTranslator. An empty chunk (upstream silence) is a ping."""
+
+    def __init__(self, translator: OpenAIStreamTranslator, provider: Provider):
+        self._decoder = SSEDecoder()
+        self._translator = translator
+        self.provider = provider
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return SSE_PING
+        out = []
+        for event, data in self._decoder.feed(chunk):
+            if data.strip() == "[DONE]":
+                self._translator.done()
+                continue
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                log.warning("%s: ignoring a stream line that is not JSON", self.provider.name)
+                continue
+            if not isinstance(payload, dict):
+                continue
+            if event == "error" or payload.get("object") == "error":
+                raise openai_error(self.provider, payload.get("error") or payload)
+            out.append(self._translator.feed(payload))
+        return b"".join(out)
+
+    @property
+    def complete(self) -> bool:
+        return self._translator.complete
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        return self._translator.finish(error)
+
+
+def openai_error_response(call, status: int, context: TranslationContext, stream: bool):
+    """An upstream error status as the client's error, with two special cases: the
+    max_tokens=1 probe of a reasoning model (B12) and context overflow (E5)."""
+    error = error_from_upstream(call.provider, status, call.body, call.relayed_headers())
+    if status == 400 and context.probe and MAX_TOKENS_PROBE_RE.search(error.message):
+        return translated_completion_response({"choices": [{"message": {}, "finish_reason":
+                                                            "length"}]}, context, stream)
+    if status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message):
+        error.message = "prompt is too long: " + error.message
+    raise error
+
+
+def openai_chunk_from_completion(data: dict) -> dict:
+    """A whole Chat Completions answer as one stream chunk, for the stream translator."""
+    choices = []
+    for choice in data.get("choices") or ():
+        message = dict(choice.get("message") or {}) if isinstance(choice, dict) else {}
+        message["tool_calls"] = [dict(call, index=i) for i, call in
+                                 enumerate(message.get("tool_calls") or ()) if isinstance(call, dict)]
+        choices.append({"delta": message, "finish_reason": choice.get("finish_reason") or "stop"})
+    return {"choices": choices, "usage": data.get("usage")}
+
+
+def translated_completion_response(data: dict, context: TranslationContext, stream: bool):
+    """A whole Chat Completions answer as an Anthropic message, or as its events when the
+    client asked for a stream and the server answered at once."""
+    if not stream:
+        return json_response(anthropic_message_from_openai(data, context))
+    anthropic_message_from_openai(data, context)          # the same checks and errors
+    translator = OpenAIStreamTranslator(context)
+    events = translator.feed(openai_chunk_from_completion(data)) + translator.finish()
+    return Response(200, events, [("cache-control", "no-cache")], content_type="text/event-stream")
+
+
+def parse_upstream_json(call):
+    try:
+        return json.loads(call.body)
+    except (ValueError, RecursionError):
+        raise UpstreamError("%s: the answer is not JSON: %s" % (
+            call.provider.name, upstream_error_message(call.body))) from None
+
+
+async def first_translated_piece(chunks, relay) -> bytes:
+    """Read the stream until the translator has something to send. A failure before that
+    raises, so the client still gets it as an HTTP status (rule book C3)."""
+    async for chunk in chunks:
+        piece = relay.feed(chunk) if chunk else b""
+        if piece:
+            return piece
+    if not relay.complete:
+        raise UpstreamError("%s: the stream ended before completion" % relay.provider.name)
+    return b""
+
+
+async def relay_openai(call, conn, request: Request, body: dict) -> Response:
+    """Send a translated call and relay its answer as an Anthropic message or events (B, C)."""
+    context = TranslationContext(call.provider, request, body)
+    stream = body.get("stream") is True
+    conn.cancel_on_disconnect(call.cancel)
+    status = await call.send(stream)
+    if status >= 400:
+        return openai_error_response(call, status, context, stream)
+    if call.body is not None:
+        return translated_completion_response(parse_upstream_json(call), context, stream)
+    relay = OpenAIStreamRelay(OpenAIStreamTranslator(context), call.provider)
+    chunks = call.chunks(STREAM_PING_SECONDS)
+    try:
+        first = await first_translated_piece(chunks, relay)
+    except BaseException:
+        await chunks.aclose()
+        raise
+    return Response(200, headers=[("cache-control", "no-cache")], content_type="text/event-stream",
+                    stream=relay_stream(chunks, relay, first))
+
+
+# --- Protocol registry ------------------------------------------------------------
+
 class Protocol:
     """What the endpoints need from one provider protocol: build the call, relay the answer."""
 
@@ -1798,6 +2681,7 @@ class Protocol:
 
 PROTOCOLS = {
     "anthropic": Protocol("anthropic", anthropic_messages_request, relay_anthropic),
+    "openai": Protocol("openai", openai_messages_request, relay_openai),
 }
 
 
@@ -1875,6 +2759,28 @@ def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: 
     else:
         message = "%s: cannot reach %s: %s" % (provider.name, url.split("?", 1)[0], detail)
     return UpstreamError(strip_secrets(message, provider.secrets()))
+
+
+SILENCE = object()      # queued by a SilenceWatch when the upstream has been quiet
+
+
+class SilenceWatch:
+    """Queues SILENCE every `seconds` during which no chunk was heard (counted in `heard`)."""
+
+    def __init__(self, loop, queue: asyncio.Queue, seconds: float):
+        self.heard = 0
+        self._seen = 0
+        self._loop, self._queue, self._seconds = loop, queue, seconds
+        self._timer = loop.call_later(seconds, self._tick)
+
+    def _tick(self) -> None:
+        if self.heard == self._seen:
+            self._queue.put_nowait(SILENCE)
+        self._seen = self.heard
+        self._timer = self._loop.call_later(self._seconds, self._tick)
+
+    def stop(self) -> None:
+        self._timer.cancel()
 
 
 class UpstreamCall:
@@ -1966,23 +2872,34 @@ class UpstreamCall:
         return upstream_failure(self.provider, self._url, exc, self._app.config.request_timeout,
                                 self._response is not None)
 
-    async def chunks(self):
-        """The streamed body as it arrives, through a bounded queue; failures raise ProxyError."""
+    async def chunks(self, silence_seconds: float | None = None):
+        """The streamed body as it arrives, through a bounded queue; failures raise ProxyError.
+
+        With silence_seconds, an empty chunk is yielded whenever the upstream has sent nothing
+        for that long, so the relay can keep the client's connection alive.
+        """
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
         slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
         pump = self._app.run_in_worker(self._pump_blocking, loop, queue, slots)
+        watch = SilenceWatch(loop, queue, silence_seconds) if silence_seconds else None
         try:
             while True:
                 item = await queue.get()
                 if item.__class__ is bytes:
                     slots.release()
+                    if watch is not None:
+                        watch.heard += 1
                     yield item
                 elif item is None:
                     return
+                elif item is SILENCE:
+                    yield b""
                 else:
                     raise item
         finally:
+            if watch is not None:
+                watch.stop()
             self.cancel()
             slots.release()
             await asyncio.shield(pump)

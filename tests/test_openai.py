@@ -1,0 +1,759 @@
+"""OpenAI-family translation: request mapping, the stream translator, and the anthropic SDK
+through the proxy against a scripted mock Chat Completions server."""
+from __future__ import annotations
+
+import json
+
+import anthropic
+import openai
+import pytest
+
+import ccproxy
+from conftest import Reply, json_reply, raw_exchange, shared_path, stream_reply
+
+OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+def chunk(delta=None, finish=None, usage=None, no_choices=False):
+    """One chat.completion.chunk as OpenAI sends it."""
+    body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-test", "choices": []}
+    if not no_choices:
+        body["choices"] = [{"index": 0, "delta": delta or {}, "finish_reason": finish}]
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def completion(message, finish="stop", usage=None):
+    """One chat.completion as OpenAI answers without streaming."""
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-test",
+            "choices": [{"index": 0, "message": dict({"role": "assistant"}, **message),
+                         "finish_reason": finish}],
+            "usage": usage or {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+
+
+def call_fragment(index, call_id=None, name=None, arguments=None):
+    function = {}
+    if name is not None:
+        function["name"] = name
+    if arguments is not None:
+        function["arguments"] = arguments
+    fragment = {"index": index, "function": function}
+    if call_id:
+        fragment.update(id=call_id, type="function")
+    return {"tool_calls": [fragment]}
+
+
+def sse_pieces(chunks, done=True):
+    pieces = [b"data: %s\n\n" % json.dumps(c).encode() for c in chunks]
+    return pieces + ([b"data: [DONE]\n\n"] if done else [])
+
+
+USAGE = {"prompt_tokens": 120, "completion_tokens": 7, "total_tokens": 127,
+         "prompt_tokens_details": {"cached_tokens": 100}}
+
+SCENARIOS = {
+    "plain_text": [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}),
+                   chunk({"content": "lo"}), chunk({}, "stop"), chunk(no_choices=True, usage=USAGE)],
+    "one_tool_many_fragments": [
+        chunk({"role": "assistant"}), chunk(call_fragment(0, "call_a", "get_weather", "")),
+        chunk(call_fragment(0, arguments='{"loc')), chunk(call_fragment(0, arguments='ation": ')),
+        chunk(call_fragment(0, arguments='"Oslo"}')), chunk({}, "tool_calls")],
+    "interleaved_tools": [
+        chunk(call_fragment(0, "call_a", "get_weather", '{"location":')),
+        chunk(call_fragment(1, "call_b", "get_time", '{"tz":')),
+        chunk(call_fragment(0, arguments='"Oslo"}')),
+        chunk(call_fragment(1, arguments='"UTC"}')), chunk({}, "tool_calls")],
+    "text_then_tools": [
+        chunk({"content": "Let me check."}),
+        chunk(call_fragment(0, "call_a", "get_weather", '{"location":"Oslo"}')),
+        chunk(call_fragment(1, "call_b", "get_time", '{"tz":"UTC"}')), chunk({}, "tool_calls")],
+    "reasoning_content_then_text": [
+        chunk({"reasoning_content": "Let me"}), chunk({"reasoning_content": " think"}),
+        chunk({"content": "4"}), chunk({}, "stop")],
+    "reasoning_then_text": [chunk({"reasoning": "Hmm."}), chunk({"content": "Yes"}),
+                            chunk({}, "stop")],
+    "finish_in_last_content_chunk": [chunk({"content": "Done"}, "stop")],
+    "empty_deltas": [chunk({}), chunk({"content": None}), chunk({"content": ""}),
+                     chunk({"content": "x"}), chunk({}), chunk({}, "stop")],
+    "usage_on_finish_chunk": [chunk({"content": "x"}), chunk({}, "stop", usage=USAGE)],
+}
+
+EXPECTED_CONTENT = {
+    "plain_text": [{"type": "text", "text": "Hello"}],
+    "one_tool_many_fragments": [{"type": "tool_use", "id": "call_a", "name": "get_weather",
+                                 "input": {"location": "Oslo"}}],
+    "interleaved_tools": [
+        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"location": "Oslo"}},
+        {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {"tz": "UTC"}}],
+    "text_then_tools": [
+        {"type": "text", "text": "Let me check."},
+        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"location": "Oslo"}},
+        {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {"tz": "UTC"}}],
+    "reasoning_content_then_text": [
+        {"type": "thinking", "thinking": "Let me think", "signature": "ccpx1.openai"},
+        {"type": "text", "text": "4"}],
+    "reasoning_then_text": [{"type": "thinking", "thinking": "Hmm.", "signature": "ccpx1.openai"},
+                            {"type": "text", "text": "Yes"}],
+    "finish_in_last_content_chunk": [{"type": "text", "text": "Done"}],
+    "empty_deltas": [{"type": "text", "text": "x"}],
+    "usage_on_finish_chunk": [{"type": "text", "text": "x"}],
+}
+
+
+def parse_events(data: bytes):
+    """(event, payload) pairs of an Anthropic SSE body, checking each frame's shape."""
+    events = []
+    for frame in data.decode().split("\n\n"):
+        if not frame:
+            continue
+        lines = frame.split("\n")
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), frame
+        name, payload = lines[0][7:], json.loads(lines[1][6:])
+        assert payload["type"] == name
+        events.append((name, payload))
+    return events
+
+
+def check_grammar(events):
+    """The Anthropic event order: message_start, blocks one at a time, message_delta, stop."""
+    names = [name for name, _ in events if name != "ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    open_index, next_index = None, 0
+    for name, payload in events[1:-2]:
+        if name == "content_block_start":
+            assert open_index is None and payload["index"] == next_index
+            open_index, next_index = payload["index"], next_index + 1
+        elif name == "content_block_delta":
+            assert payload["index"] == open_index
+        elif name == "content_block_stop":
+            assert payload["index"] == open_index
+            open_index = None
+    assert open_index is None
+
+
+def context(tools=(), model="claude-x", provider_name="openai"):
+    config = ccproxy.build_config({"providers": [{"name": provider_name, "api_key": "k"}]}, "c", {})
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
+    request.body = b"x" * 400
+    return ccproxy.TranslationContext(config.providers[0], request,
+                                      {"model": model, "tools": list(tools), "max_tokens": 100})
+
+
+def translate(chunks, done=True):
+    translator = ccproxy.OpenAIStreamTranslator(context())
+    out = b"".join(translator.feed(c) for c in chunks)
+    if done:
+        translator.done()
+    return parse_events(out + translator.finish())
+
+
+def content_of(events):
+    """The message an SDK would assemble from the events."""
+    blocks = []
+    for name, payload in events:
+        if name == "content_block_start":
+            blocks.append(dict(payload["content_block"], _json=""))
+        elif name == "content_block_delta":
+            delta, block = payload["delta"], blocks[payload["index"]]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
+            else:
+                block["_json"] += delta["partial_json"]
+    for block in blocks:
+        raw = block.pop("_json")
+        if block["type"] == "tool_use":
+            block["input"] = json.loads(raw) if raw else {}
+    return blocks
+
+
+# --- the mock chunks are what the official openai SDK accepts ----------------------------------
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_mock_chunks_validate_as_openai_sdk_types(name):
+    for item in SCENARIOS[name]:
+        openai.types.chat.ChatCompletionChunk.model_validate(item)
+
+
+def test_mock_completion_validates_as_openai_sdk_type():
+    openai.types.chat.ChatCompletion.model_validate(completion(
+        {"content": "x", "tool_calls": [{"id": "c", "type": "function",
+                                         "function": {"name": "f", "arguments": "{}"}}]}))
+
+
+# --- the stream translator, sans IO ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_translator_scenarios(name):
+    events = translate(SCENARIOS[name])
+    check_grammar(events)
+    assert content_of(events) == EXPECTED_CONTENT[name]
+
+
+def test_translator_stop_reasons_and_usage():
+    events = translate(SCENARIOS["plain_text"])
+    delta = [p for n, p in events if n == "message_delta"][0]
+    assert delta["delta"]["stop_reason"] == "end_turn"
+    assert delta["usage"] == {"input_tokens": 20, "output_tokens": 7,
+                              "cache_read_input_tokens": 100, "cache_creation_input_tokens": 0}
+    tools = [p for n, p in translate(SCENARIOS["text_then_tools"]) if n == "message_delta"][0]
+    assert tools["delta"]["stop_reason"] == "tool_use"
+    length = translate([chunk({"content": "x"}, "length")])
+    assert [p for n, p in length if n == "message_delta"][0]["delta"]["stop_reason"] == "max_tokens"
+
+
+def test_message_start_carries_an_input_estimate_and_a_ping_follows():
+    events = translate(SCENARIOS["plain_text"])
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 100      # 400 body bytes / 4
+    assert events[0][1]["message"]["model"] == "claude-x"
+    assert events[1][0] == "ping"
+
+
+def test_stream_without_done_but_with_finish_ends_normally():
+    events = translate(SCENARIOS["finish_in_last_content_chunk"], done=False)
+    assert events[-1][0] == "message_stop"
+
+
+def test_done_without_finish_reason_ends_normally():
+    events = translate([chunk({"content": "x"})], done=True)
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_stream_cut_without_finish_or_done_ends_with_an_error_event():
+    events = translate([chunk({"content": "partial"})], done=False)
+    assert events[-1][0] == "error"
+    assert "ended before completion" in events[-1][1]["error"]["message"]
+    assert "message_stop" not in [name for name, _ in events]
+
+
+def test_upstream_error_chunk_raises_a_mapped_error():
+    translator = ccproxy.OpenAIStreamTranslator(context())
+    translator.feed(chunk({"content": "x"}))
+    with pytest.raises(ccproxy.ProxyError) as caught:
+        translator.feed({"error": {"message": "Rate limit reached", "code": 429}})
+    assert caught.value.status == 429 and caught.value.error_type == "rate_limit_error"
+    events = parse_events(translator.finish(caught.value))
+    assert events == [("error", {"type": "error", "error": {
+        "type": "rate_limit_error", "message": "openai: Rate limit reached"}})]
+
+
+def test_whole_arguments_and_late_names():
+    events = translate([chunk({"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                               "function": {"name": "f", "arguments": {"a": 1}}}]}),
+                        chunk({"tool_calls": [{"index": 1, "id": "c2", "function": {"arguments": '{"b":'}}]}),
+                        chunk({"tool_calls": [{"index": 1, "function": {"name": "g", "arguments": "2}"}}]}),
+                        chunk({}, "tool_calls")])
+    check_grammar(events)
+    assert content_of(events) == [{"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}},
+                                  {"type": "tool_use", "id": "c2", "name": "g", "input": {"b": 2}}]
+
+
+def test_tool_call_without_arguments_has_empty_input():
+    events = translate([chunk(call_fragment(0, "c1", "ls", "")), chunk({}, "tool_calls")])
+    assert content_of(events) == [{"type": "tool_use", "id": "c1", "name": "ls", "input": {}}]
+    assert not any(p.get("delta", {}).get("type") == "input_json_delta" for _, p in events)
+
+
+def test_odd_tool_ids_are_encoded_reversibly():
+    events = translate([chunk(call_fragment(0, "functions.Bash:0", "Bash", "{}")),
+                        chunk({}, "tool_calls")])
+    tool_id = content_of(events)[0]["id"]
+    assert tool_id.startswith("ccpxid_")
+    assert ccproxy.openai_tool_id(tool_id, None) == "functions.Bash:0"
+
+
+def test_text_after_a_tool_call_opens_a_new_text_block():
+    events = translate([chunk(call_fragment(0, "c1", "f", "{}")), chunk({"content": "after"}),
+                        chunk({}, "tool_calls")])
+    check_grammar(events)
+    assert [b["type"] for b in content_of(events)] == ["tool_use", "text"]
+
+
+def test_sse_decoder_handles_crlf_comments_split_lines_and_multiline_data():
+    decoder = ccproxy.SSEDecoder()
+    assert decoder.feed(b": OPENROUTER PROCESSING\r\n\r\ndata: {\"a\"") == []
+    assert decoder.feed(b":1}\r\n\r\nevent: error\ndata: x\ndata: y\n\n") == [
+        ("message", '{"a":1}'), ("error", "x\ny")]
+
+
+# --- request mapping ------------------------------------------------------------------------
+
+def provider(name="openai", **extra):
+    entry = {"name": name, "api_key": "k"}
+    if name not in ccproxy.PROVIDER_PRESETS:
+        entry.update(type="openai", api_base_url="http://127.0.0.1:1/v1")
+    entry.update(extra)
+    return ccproxy.build_config({"providers": [entry]}, "c", {}).providers[0]
+
+
+def mapped(body, name="openai", model="gpt-4.1", **extra):
+    body = dict({"model": "claude-x", "max_tokens": 100}, **body)
+    return ccproxy.openai_request_from_anthropic(body, provider(name, **extra), model)
+
+
+def test_full_conversation_maps_to_the_exact_chat_completions_body():
+    body = {
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=ab;"},
+                   {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "Be exact."}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Look:"},
+                                         {"type": "image", "source": {"type": "base64",
+                                                                      "media_type": "image/png",
+                                                                      "data": "iVBO"}},
+                                         {"type": "image", "source": {"type": "url",
+                                                                      "url": "https://x/y.png"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "also this"},
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": "ENOENT",
+                 "is_error": True},
+                {"type": "tool_result", "tool_use_id": "toolu_1", "cache_control": {"type": "ephemeral"},
+                 "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"},
+                             {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
+                                                          "data": "AA"}}]}]},
+            {"role": "system", "content": "Mid-conversation note."},
+            {"role": "user", "content": "go on"},
+        ],
+        "tools": [{"name": "Read", "description": "Reads", "input_schema": {"type": "object"},
+                   "cache_control": {"type": "ephemeral"}},
+                  {"name": "Bash", "input_schema": {"type": "object", "properties": {}}},
+                  {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+        "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "stop_sequences": ["END"], "temperature": 0.2, "top_p": 0.9, "top_k": 5,
+        "metadata": {"user_id": "user_abc"}, "stream": True,
+        "context_management": {"edits": []}, "service_tier": "auto",
+    }
+    assert mapped(body) == {
+        "model": "gpt-4.1",
+        "messages": [
+            {"role": "system", "content": "You are terse.\n\nBe exact."},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+                {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+            {"role": "assistant", "content": "Checking.", "tool_calls": [
+                {"id": "toolu_1", "type": "function",
+                 "function": {"name": "Read", "arguments": '{"path":"a"}'}},
+                {"id": "toolu_2", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: ENOENT"},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "a\nb"},
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AA"}},
+                {"type": "text", "text": "also this"}]},
+            {"role": "system", "content": "Mid-conversation note."},
+            {"role": "user", "content": "go on"},
+        ],
+        "max_tokens": 100, "temperature": 0.2, "top_p": 0.9, "stop": ["END"],
+        "stream": True, "stream_options": {"include_usage": True},
+        "tools": [{"type": "function", "function": {"name": "Read", "description": "Reads",
+                                                    "parameters": {"type": "object"}}},
+                  {"type": "function", "function": {"name": "Bash",
+                                                    "parameters": {"type": "object", "properties": {}}}}],
+        "tool_choice": "required", "parallel_tool_calls": False, "user": "user_abc",
+    }
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ({"type": "auto"}, {"tool_choice": "auto"}), ({"type": "none"}, {"tool_choice": "none"}),
+    ({"type": "any"}, {"tool_choice": "required"}),
+    ({"type": "tool", "name": "Read"}, {"tool_choice": {"type": "function",
+                                                         "function": {"name": "Read"}}}),
+])
+def test_tool_choice(choice, expected):
+    request = mapped({"messages": [{"role": "user", "content": "x"}], "tool_choice": choice,
+                      "tools": [{"name": "Read", "input_schema": {"type": "object"}}]})
+    assert {k: request[k] for k in expected} == expected
+
+
+def test_no_tools_means_no_tool_choice():
+    request = mapped({"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "any"},
+                      "tools": [{"type": "web_search_20250305", "name": "web_search"}]})
+    assert "tools" not in request and "tool_choice" not in request
+
+
+def test_system_message_between_calls_and_results_waits_for_the_results():
+    request = mapped({"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "system", "content": "note"},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]})
+    assert [m["role"] for m in request["messages"]] == ["user", "assistant", "tool", "system"]
+
+
+def test_orphan_results_become_text_and_missing_results_are_filled():
+    request = mapped({"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+                                          {"type": "tool_use", "id": "t2", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"},
+                                     {"type": "tool_result", "tool_use_id": "t9", "content": "late"}]}]})
+    assert request["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "t1", "content": "ok"},
+        {"role": "tool", "tool_call_id": "t2", "content": "[no result: the tool call was interrupted]"},
+        {"role": "user", "content": "[tool result t9]\nlate"}]
+
+
+def test_adjacent_user_turns_merge_and_empty_assistant_turns_drop():
+    request = mapped({"messages": [{"role": "user", "content": "a"},
+                                   {"role": "assistant", "content": [{"type": "text", "text": " "}]},
+                                   {"role": "user", "content": "b"}]})
+    assert request["messages"] == [{"role": "user", "content": "a\nb"}]
+
+
+@pytest.mark.parametrize("model, field", [("o3-mini", "max_completion_tokens"),
+                                          ("gpt-5", "max_completion_tokens"),
+                                          ("gpt-4.1", "max_tokens")])
+def test_openai_reasoning_models_take_max_completion_tokens_and_no_sampling(model, field):
+    request = mapped({"messages": [{"role": "user", "content": "x"}], "temperature": 0.5,
+                      "top_p": 0.5, "thinking": {"type": "enabled", "budget_tokens": 31999}},
+                     model=model)
+    assert request[field] == 100
+    reasoning = field == "max_completion_tokens"
+    assert ("temperature" in request) is not reasoning
+    assert request.get("reasoning_effort") == ("high" if reasoning else None)
+
+
+@pytest.mark.parametrize("thinking, effort", [
+    ({"type": "enabled", "budget_tokens": 1024}, "low"),
+    ({"type": "enabled", "budget_tokens": 10000}, "medium"),
+    ({"type": "enabled", "budget_tokens": 31999}, "high"),
+    ({"type": "adaptive"}, "medium"), ({"type": "disabled"}, None)])
+def test_thinking_maps_to_reasoning_effort(thinking, effort):
+    request = mapped({"messages": [{"role": "user", "content": "x"}], "thinking": thinking},
+                     model="o4-mini")
+    assert request.get("reasoning_effort") == effort
+
+
+def test_deepseek_preset():
+    body = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "see"},
+                                     {"type": "image", "source": {"type": "url", "url": "u"}}]},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "s"},
+                                          {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}],
+        "max_tokens": 32000, "thinking": {"type": "enabled", "budget_tokens": 2000}, "top_k": 3}
+    request = mapped(body, "deepseek", model="deepseek-chat")
+    assert request["max_tokens"] == 8192
+    assert request["thinking"] == {"type": "enabled"}
+    assert request["messages"][0]["content"] == "see\n[image omitted]"
+    assert request["messages"][1]["reasoning_content"] == "plan"
+    assert "top_k" not in request
+
+
+def test_openrouter_preset():
+    request = mapped({"messages": [{"role": "user", "content": "x"}], "top_k": 3,
+                      "thinking": {"type": "enabled", "budget_tokens": 2000}}, "openrouter")
+    assert request["reasoning"] == {"max_tokens": 2000} and request["top_k"] == 3
+    headers = ccproxy.openai_request_headers(provider("openrouter"))
+    assert headers["HTTP-Referer"] and headers["X-Title"] == "ccproxy.py"
+    assert headers["authorization"] == "Bearer k"
+
+
+def test_groq_preset_drops_schema_keys():
+    request = mapped({"messages": [{"role": "user", "content": "x"}],
+                      "tools": [{"name": "f", "input_schema": {"$schema": "http://json-schema.org/x",
+                                                               "type": "object"}}]}, "groq")
+    assert request["tools"][0]["function"]["parameters"] == {"type": "object"}
+
+
+def test_mistral_preset_maps_tool_ids_both_ways_consistently():
+    body = {"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_01ABCDEFGH", "name": "f",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01ABCDEFGH",
+                                      "content": "ok"}, {"type": "text", "text": "and?"}]}]}
+    messages = mapped(body, "mistral")["messages"]
+    call_id = messages[1]["tool_calls"][0]["id"]
+    assert len(call_id) == 9 and call_id.isalnum()
+    assert messages[2] == {"role": "tool", "tool_call_id": call_id, "content": "ok"}
+    assert messages[3]["role"] == "assistant" and messages[4] == {"role": "user", "content": "and?"}
+    assert ccproxy.openai_tool_id(call_id, "alnum9") == call_id
+
+
+def test_ollama_needs_no_key_and_custom_servers_take_any_base_url():
+    assert "authorization" not in ccproxy.openai_request_headers(provider("ollama", api_key=""))
+    custom = provider("vllm", api_base_url="http://127.0.0.1:8000/v1/chat/completions")
+    assert ccproxy.openai_endpoint_url(custom.base_url) == "http://127.0.0.1:8000/v1/chat/completions"
+    assert ccproxy.openai_endpoint_url("http://h/v1/") == "http://h/v1/chat/completions"
+
+
+def test_config_max_tokens_cap_and_long_user_ids_and_long_tool_names():
+    long_name = "mcp__server__" + "x" * 80
+    request = mapped({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000,
+                      "metadata": {"user_id": '{"device":"abc","session":"' + "s" * 100 + '"}'},
+                      "tools": [{"name": long_name, "input_schema": {"type": "object"}}]},
+                     max_tokens=1000)
+    assert request["max_tokens"] == 1000
+    assert request["user"].startswith("u_") and len(request["user"]) == 34
+    name = request["tools"][0]["function"]["name"]
+    assert len(name) <= 64 and ccproxy.OPENAI_TOOL_NAME_RE.match(name)
+
+
+def test_unexpressible_content_is_a_400_naming_the_block():
+    with pytest.raises(ccproxy.InvalidRequestError, match=r"messages\[0\].content\[0\].*file"):
+        mapped({"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "f1"}}]}]})
+    with pytest.raises(ccproxy.InvalidRequestError, match="'hologram'"):
+        mapped({"messages": [{"role": "user", "content": [{"type": "hologram"}]}]})
+
+
+def test_claude_code_request_maps_cleanly():
+    body = json.loads(shared_path("reference", "claude-code-request.json").read_text())
+    request = ccproxy.openai_request_from_anthropic(body, provider(), "gpt-4.1")
+    json.dumps(request)
+    assert request["messages"][0]["role"] == "system"
+    assert not any("cache_control" in json.dumps(m) for m in request["messages"])
+    assert all(t["type"] == "function" for t in request["tools"])
+    assert set(request) <= {"model", "messages", "max_tokens", "stream", "stream_options", "tools",
+                            "tool_choice", "user", "temperature", "top_p", "stop",
+                            "parallel_tool_calls"}
+
+
+# --- through the proxy, with the anthropic SDK as the client -------------------------------------
+
+@pytest.fixture
+def openai_proxy(start_proxy, upstream):
+    return start_proxy({"providers": [{"name": "openai", "api_base_url": upstream.url + "/v1",
+                                       "api_key": OPENAI_KEY, "models": ["gpt-test"]}]})
+
+
+def sdk(proxy):
+    return anthropic.Anthropic(base_url=proxy.url, api_key="client", max_retries=0)
+
+
+REQUEST = dict(model="claude-test-model", max_tokens=200,
+               messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
+               tools=[{"name": "get_weather", "description": "Weather",
+                       "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}}},
+                      {"name": "get_time", "input_schema": {"type": "object"}}])
+
+
+def block_dicts(message):
+    return [b.model_dump(exclude_none=True, exclude={"citations", "caller"}) for b in message.content]
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_sdk_stream_scenarios(openai_proxy, upstream, name):
+    upstream.script = lambda r: stream_reply(sse_pieces(SCENARIOS[name]))
+    with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+        final = stream.get_final_message()
+    assert block_dicts(final) == EXPECTED_CONTENT[name]
+    assert final.model == "claude-test-model"
+    sent = upstream.requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["headers"]["authorization"] == "Bearer " + OPENAI_KEY
+    assert sent["json"]["stream"] is True and sent["json"]["model"] == "gpt-test"
+    assert sent["json"]["stream_options"] == {"include_usage": True}
+    expected_stop = "tool_use" if any(b["type"] == "tool_use" for b in EXPECTED_CONTENT[name]) \
+        else "end_turn"
+    assert final.stop_reason == expected_stop
+
+
+def test_sdk_stream_usage_reaches_the_final_message(openai_proxy, upstream):
+    upstream.script = lambda r: stream_reply(sse_pieces(SCENARIOS["plain_text"]))
+    with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+        final = stream.get_final_message()
+    assert final.usage.input_tokens == 20 and final.usage.output_tokens == 7
+    assert final.usage.cache_read_input_tokens == 100
+
+
+NON_STREAM_CASES = {
+    "text": (completion({"content": "Hello"}), [{"type": "text", "text": "Hello"}], "end_turn"),
+    "tools": (completion({"content": None, "tool_calls": [
+        {"id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"location":"Oslo"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
+        "tool_calls"),
+        [{"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"location": "Oslo"}},
+         {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {}}], "tool_use"),
+    "reasoning_text_and_tool_in_any_order": (completion({
+        "tool_calls": [{"id": "call_a", "type": "function",
+                        "function": {"name": "get_time", "arguments": '{"tz":"UTC",}'}}],
+        "content": "Checking.", "reasoning_content": "Plan."}, "stop"),
+        [{"type": "thinking", "thinking": "Plan.", "signature": "ccpx1.openai"},
+         {"type": "text", "text": "Checking."},
+         {"type": "tool_use", "id": "call_a", "name": "get_time", "input": {"tz": "UTC"}}],
+        "tool_use"),
+    "length": (completion({"content": "Trunc"}, "length"), [{"type": "text", "text": "Trunc"}],
+               "max_tokens"),
+    "content_filter": (completion({"content": ""}, "content_filter"), [], "refusal"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NON_STREAM_CASES))
+def test_sdk_non_stream_cases(openai_proxy, upstream, name):
+    answer, expected, stop_reason = NON_STREAM_CASES[name]
+    upstream.script = lambda r: json_reply(answer)
+    message = sdk(openai_proxy).messages.create(**REQUEST)
+    assert block_dicts(message) == expected
+    assert message.stop_reason == stop_reason
+    assert message.id.startswith("msg_") and message.model == "claude-test-model"
+    assert "stream" not in upstream.requests[0]["json"]
+
+
+def test_sdk_non_stream_usage_counts_cache_reads_apart(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(completion({"content": "x"}, usage=USAGE))
+    usage = sdk(openai_proxy).messages.create(**REQUEST).usage
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens) == (20, 7, 100)
+
+
+def test_a_json_answer_to_a_stream_request_is_streamed(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(NON_STREAM_CASES["tools"][0])
+    with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+        final = stream.get_final_message()
+    assert block_dicts(final) == NON_STREAM_CASES["tools"][1]
+
+
+def openai_error_body(message, code=None):
+    return {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                      "code": code}}
+
+
+@pytest.mark.parametrize("status, error_class, error_type, client_status", [
+    (400, anthropic.BadRequestError, "invalid_request_error", 400),
+    (401, anthropic.AuthenticationError, "authentication_error", 401),
+    (403, anthropic.PermissionDeniedError, "permission_error", 403),
+    (404, anthropic.NotFoundError, "not_found_error", 404),
+    (429, anthropic.RateLimitError, "rate_limit_error", 429),
+    (500, anthropic.InternalServerError, "api_error", 500),
+    (503, anthropic.APIStatusError, "overloaded_error", 529),
+])
+def test_upstream_errors_are_mapped(openai_proxy, upstream, status, error_class, error_type,
+                                    client_status):
+    upstream.script = lambda r: json_reply(openai_error_body("went wrong " + OPENAI_KEY), status,
+                                           headers={"retry-after": "3"})
+    with pytest.raises(error_class) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    assert caught.value.status_code == client_status
+    assert caught.value.body["error"]["type"] == error_type
+    assert caught.value.body["error"]["message"].startswith("openai: HTTP %d: went wrong" % status)
+    assert OPENAI_KEY not in json.dumps(caught.value.body)
+    if status == 429:
+        assert caught.value.response.headers["retry-after"] == "3"
+
+
+def test_html_error_page_is_mapped(openai_proxy, upstream):
+    upstream.script = lambda r: Reply(502, b"<html><h1>502 Bad Gateway</h1></html>",
+                                      content_type="text/html")
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    assert caught.value.status_code == 502
+    assert caught.value.body["error"]["message"] == "openai: HTTP 502: 502 Bad Gateway"
+
+
+def test_error_inside_a_200_answer_is_mapped(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply({"error": {"message": "Provider returned error",
+                                                      "code": 429}})
+    with pytest.raises(anthropic.RateLimitError):
+        sdk(openai_proxy).messages.create(**REQUEST)
+
+
+def test_an_answer_without_choices_is_a_502(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply({"id": "x", "choices": []})
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    assert caught.value.status_code == 502 and "no choices" in caught.value.body["error"]["message"]
+
+
+def test_context_overflow_says_prompt_is_too_long(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(openai_error_body(
+        "This model's maximum context length is 128000 tokens.", "context_length_exceeded"), 400)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    assert caught.value.body["error"]["message"].startswith("prompt is too long: ")
+
+
+def test_max_tokens_probe_of_a_reasoning_model_is_answered(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(openai_error_body(
+        "Could not finish the message because max_tokens or model output limit was reached."), 400)
+    message = sdk(openai_proxy).messages.create(**dict(REQUEST, max_tokens=1))
+    assert message.content == [] and message.stop_reason == "max_tokens"
+    with sdk(openai_proxy).messages.stream(**dict(REQUEST, max_tokens=1)) as stream:
+        assert stream.get_final_message().stop_reason == "max_tokens"
+
+
+def test_error_before_the_first_chunk_keeps_its_http_status(openai_proxy, upstream):
+    upstream.script = lambda r: stream_reply(
+        [b'data: {"error": {"message": "Rate limit reached", "code": 429}}\n\n'])
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+            stream.get_final_message()
+    assert caught.value.status_code == 429
+
+
+def test_error_mid_stream_becomes_an_error_event(openai_proxy, upstream):
+    pieces = sse_pieces([chunk({"content": "Hel"})], done=False) + [
+        b'data: {"error": {"message": "server overloaded", "code": 503}}\n\n']
+    upstream.script = lambda r: stream_reply(pieces)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+            stream.get_final_message()
+    assert caught.value.body["error"] == {"type": "overloaded_error",
+                                          "message": "openai: server overloaded"}
+
+
+def test_dropped_connection_mid_stream_is_an_error_not_end_turn(openai_proxy, upstream):
+    upstream.script = lambda r: stream_reply(sse_pieces([chunk({"content": "Hel"})], done=False),
+                                             cut=True)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+            stream.get_final_message()
+    assert caught.value.body["error"]["type"] == "api_error"
+
+
+def test_stream_ending_cleanly_without_finish_or_done_is_an_error(openai_proxy, upstream):
+    upstream.script = lambda r: stream_reply(sse_pieces([chunk({"content": "Hel"})], done=False))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+            stream.get_final_message()
+    assert "ended before completion" in caught.value.body["error"]["message"]
+
+
+def test_silent_upstream_gets_pings_to_the_client(start_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(ccproxy, "STREAM_PING_SECONDS", 0.05)
+    proxy = start_proxy({"providers": [{"name": "openai", "api_base_url": upstream.url,
+                                        "api_key": OPENAI_KEY}]})
+    reply = stream_reply(sse_pieces(SCENARIOS["plain_text"]), pause_before=2)
+    upstream.script = lambda r: reply
+    body = json.dumps(dict(REQUEST, stream=True)).encode()
+    import socket
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while received.count(b"event: ping") < 3:
+            received += sock.recv(65536)
+        reply.release.set()
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    events = parse_events(received.split(b"\r\n\r\n", 1)[1])
+    check_grammar(events)
+    assert content_of(events) == EXPECTED_CONTENT["plain_text"]
+
+
+@pytest.mark.parametrize("preset", ["openai", "deepseek", "openrouter", "groq", "mistral", "xai",
+                                    "ollama"])
+def test_every_preset_streams_tools_through_the_sdk(start_proxy, upstream, preset):
+    proxy = start_proxy({"providers": [{"name": preset, "api_base_url": upstream.url + "/v1",
+                                        "api_key": OPENAI_KEY, "models": ["m1"]}]})
+    upstream.script = lambda r: stream_reply(sse_pieces(SCENARIOS["text_then_tools"]))
+    with sdk(proxy).messages.stream(**REQUEST) as stream:
+        final = stream.get_final_message()
+    assert block_dicts(final) == EXPECTED_CONTENT["text_then_tools"]
+    upstream.script = lambda r: json_reply(NON_STREAM_CASES["tools"][0])
+    assert block_dicts(sdk(proxy).messages.create(**REQUEST)) == NON_STREAM_CASES["tools"][1]
