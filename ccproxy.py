@@ -1704,6 +1704,8 @@ class SSEDecoder:
 # --- Anthropic ----------------------------------------------------------------
 
 SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
+PROXY_SIGNATURE_PREFIX = "ccpx1."          # starts the signature of thinking ccproxy made
+PROXY_SIGNATURE_MARK = b'"ccpx1.'
 
 
 def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
@@ -1743,12 +1745,35 @@ def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None
     changes = {}
     if body.get("model") != model:
         changes["model"] = model
+    if PROXY_SIGNATURE_MARK in request.body:
+        messages = messages_without_proxy_thinking(body.get("messages"))
+        if messages is not None:
+            changes["messages"] = messages
     if max_tokens_cap is not None and body.get("max_tokens", 0) > max_tokens_cap:
         changes["max_tokens"] = max_tokens_cap
     if not changes:
         return request.body
     body.update(changes)
     return splice_json_values(request.body_text, request.body_spans, changes)
+
+
+def messages_without_proxy_thinking(messages):
+    """The messages without the thinking blocks another provider made through ccproxy, which
+    Anthropic would reject for their signature (rule book C17); None when there are none."""
+    if not isinstance(messages, list):
+        return None
+    changed, cleaned = False, []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            kept = [b for b in content if not (
+                isinstance(b, dict) and b.get("type") == "thinking"
+                and str(b.get("signature", "")).startswith(PROXY_SIGNATURE_PREFIX))]
+            if len(kept) != len(content):
+                changed = True
+                message = dict(message, content=kept)
+        cleaned.append(message)
+    return cleaned if changed else None
 
 
 def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
@@ -1869,7 +1894,6 @@ OPENAI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 ANTHROPIC_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 MISTRAL_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9]{9}$")
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"
-PROXY_SIGNATURE_PREFIX = "ccpx1."
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
 # Anthropic body keys that have an OpenAI meaning; every other key stays here (rule book A8).
 MAX_OPENAI_STOP_SEQUENCES = 4
@@ -1880,6 +1904,7 @@ MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens
 SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
                       "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
                       "search_result", "container_upload")
+ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
 
 
 def base62_digest(text: str, length: int) -> str:
@@ -2042,11 +2067,15 @@ def tool_result_text_and_images(block: dict, quirks: dict, where: str):
     return text, images
 
 
-def openai_assistant_message(blocks, quirks: dict) -> dict | None:
-    """An assistant turn: text joined, tool_use as tool_calls, thinking dropped or replayed."""
+def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
+    """An assistant turn: text joined, tool_use as tool_calls, thinking dropped or replayed,
+    server-tool history dropped (A26-A28)."""
     texts, calls, thoughts = [], [], []
-    for block in blocks:
+    for position, block in enumerate(blocks):
         kind = block.get("type")
+        if kind not in ASSISTANT_BLOCK_TYPES:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
+                                      "provider" % (where, position, kind))
         if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
             texts.append(block["text"])
         elif kind == "tool_use":
@@ -2084,7 +2113,7 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
         if role == "assistant":
             messages.extend(missing_tool_results(open_calls) + deferred)
             deferred = []
-            converted = openai_assistant_message(blocks, quirks)
+            converted = openai_assistant_message(blocks, quirks, where)
             open_calls = [c["id"] for c in converted.get("tool_calls", ())] if converted else []
             if converted:
                 messages.append(converted)
@@ -2228,7 +2257,19 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
         request.update(openai_tool_choice(body.get("tool_choice")))
     request.update(openai_user_field(body.get("metadata")))
     request.update(openai_reasoning_fields(body, quirks, reasoning_model))
+    request.update(openai_response_format(body))
     return request
+
+
+def openai_response_format(body: dict) -> dict:
+    """A JSON-schema output format as response_format (A9)."""
+    config = body.get("output_config")
+    output_format = body.get("output_format") or (config.get("format") if isinstance(config, dict)
+                                                  else None)
+    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
+        return {}
+    return {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "structured_output", "schema": output_format.get("schema") or {}, "strict": True}}}
 
 
 def openai_endpoint_url(base_url: str) -> str:

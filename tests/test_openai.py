@@ -757,3 +757,33 @@ def test_every_preset_streams_tools_through_the_sdk(start_proxy, upstream, prese
     assert block_dicts(final) == EXPECTED_CONTENT["text_then_tools"]
     upstream.script = lambda r: json_reply(NON_STREAM_CASES["tools"][0])
     assert block_dicts(sdk(proxy).messages.create(**REQUEST)) == NON_STREAM_CASES["tools"][1]
+
+
+def test_structured_output_becomes_response_format():
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}}
+    request = mapped({"messages": [{"role": "user", "content": "x"}],
+                      "output_config": {"format": {"type": "json_schema", "schema": schema},
+                                        "effort": "high"}})
+    assert request["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "structured_output", "schema": schema, "strict": True}}
+
+
+def test_unknown_assistant_block_is_a_400():
+    with pytest.raises(ccproxy.InvalidRequestError, match=r"messages\[1\].content\[0\]"):
+        mapped({"messages": [{"role": "user", "content": "x"},
+                             {"role": "assistant", "content": [{"type": "hologram"}]}]})
+
+
+def test_thinking_made_by_another_provider_is_not_sent_to_anthropic(start_proxy, upstream):
+    from conftest import anthropic_provider
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [
+                   {"type": "thinking", "thinking": "t", "signature": "ccpx1.openai"},
+                   {"type": "thinking", "thinking": "real", "signature": "EqQBCkgIB"},
+                   {"type": "text", "text": "hello"}]},
+               {"role": "user", "content": "again"}]
+    sdk(proxy).messages.create(model="m", max_tokens=5, messages=history)
+    sent = upstream.requests[0]["json"]["messages"]
+    assert sent[1]["content"] == history[1]["content"][1:]
+    assert sent[0] == history[0] and sent[2] == history[2]
