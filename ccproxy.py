@@ -286,7 +286,7 @@ OPENAI_QUIRKS = {
 }
 
 # Provider presets (design.md §4): a provider named like a preset needs only its key.
-# `auth` is how the key is sent; `count_tokens` whether the provider answers count_tokens;
+# `key_optional` for servers that need no key; `count_tokens` whether it answers count_tokens;
 # `headers` go with every call (the user's own headers win); `quirks` as above.
 PROVIDER_PRESETS = {
     "anthropic": {"type": "anthropic", "api_base_url": "https://api.anthropic.com",
@@ -307,10 +307,10 @@ PROVIDER_PRESETS = {
     "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
                 "quirks": {"tool_id_style": "alnum9", "user_after_tool": False}},
     "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1"},
-    "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "auth": "none",
+    "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
                "quirks": {"top_k": True}},
 }
-AUTH_BY_PROTOCOL = {"anthropic": "x-api-key", "openai": "bearer", "gemini": "x-goog-api-key"}
+PROTOCOL_NAMES = ("anthropic", "openai", "gemini")
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False}
 
@@ -500,7 +500,7 @@ class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
     __slots__ = ("name", "protocol", "base_url", "api_key", "models", "enabled", "headers",
-                 "max_tokens", "auth", "count_tokens", "quirks")
+                 "max_tokens", "count_tokens", "quirks")
 
     def __init__(self, **fields):
         for key in self.__slots__:
@@ -658,14 +658,14 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
     preset = PROVIDER_PRESETS.get(name.lower(), {})
     fields = dict(PROVIDER_DEFAULTS, **dict(preset, **entry))
     protocol = fields["type"]
-    if protocol not in AUTH_BY_PROTOCOL:
+    if protocol not in PROTOCOL_NAMES:
         checker.fail(path + ".type", "must be one of %s for a provider not named like a preset (%s)"
-                     % (", ".join(AUTH_BY_PROTOCOL), ", ".join(PROVIDER_PRESETS)))
+                     % (", ".join(PROTOCOL_NAMES), ", ".join(PROVIDER_PRESETS)))
         return None
     problems_before = len(checker.problems)
     check_provider_fields(checker, fields, path)
-    auth = fields.get("auth", AUTH_BY_PROTOCOL[protocol])
-    if fields["enabled"] is True and auth != "none" and preset and not fields["api_key"]:
+    if (fields["enabled"] is True and preset and not preset.get("key_optional")
+            and not fields["api_key"]):
         checker.fail(path + ".api_key", "required for %s (or set CCPROXY_PROVIDERS_%d_API_KEY)"
                      % (name, index))
     if protocol not in PROTOCOLS:
@@ -677,7 +677,7 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
     return Provider(name=name, protocol=protocol, base_url=fields["api_base_url"].rstrip("/"),
                     api_key=fields["api_key"], models=tuple(fields["models"]),
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
-                    auth=auth, count_tokens=fields["count_tokens"],
+                    count_tokens=fields["count_tokens"],
                     quirks=dict(OPENAI_QUIRKS, **preset.get("quirks", {})))
 
 
@@ -1728,10 +1728,8 @@ def anthropic_request_headers(provider: Provider, request: Request) -> dict:
         value = request.headers.get(name)
         if value:
             headers[name] = value
-    if provider.auth == "x-api-key":
+    if provider.api_key:
         headers["x-api-key"] = provider.api_key
-    elif provider.auth == "bearer":
-        headers["authorization"] = "Bearer " + provider.api_key
     headers.update(provider.headers)
     return headers
 
@@ -2280,7 +2278,7 @@ def openai_endpoint_url(base_url: str) -> str:
 
 def openai_request_headers(provider: Provider) -> dict:
     headers = {"content-type": "application/json", "user-agent": USER_AGENT}
-    if provider.auth == "bearer" and provider.api_key:
+    if provider.api_key:
         headers["authorization"] = "Bearer " + provider.api_key
     headers.update(provider.headers)
     return headers

@@ -485,6 +485,7 @@ def test_mistral_preset_maps_tool_ids_both_ways_consistently():
 
 def test_ollama_needs_no_key_and_custom_servers_take_any_base_url():
     assert "authorization" not in ccproxy.openai_request_headers(provider("ollama", api_key=""))
+    assert ccproxy.openai_request_headers(provider("ollama", api_key="k"))["authorization"] == "Bearer k"
     custom = provider("vllm", api_base_url="http://127.0.0.1:8000/v1/chat/completions")
     assert ccproxy.openai_endpoint_url(custom.base_url) == "http://127.0.0.1:8000/v1/chat/completions"
     assert ccproxy.openai_endpoint_url("http://h/v1/") == "http://h/v1/chat/completions"
@@ -524,10 +525,26 @@ def test_claude_code_request_maps_cleanly():
 
 # --- through the proxy, with the anthropic SDK as the client -------------------------------------
 
+PRESETS = ["openai", "deepseek", "openrouter", "groq", "mistral", "xai", "ollama", "custom"]
+
+
+def preset_provider(preset, upstream, **extra):
+    entry = {"name": preset, "api_base_url": upstream.url + "/v1", "api_key": OPENAI_KEY,
+             "models": ["gpt-test"]}
+    if preset == "custom":
+        entry.update(type="openai", api_base_url=upstream.url + "/v1/chat/completions")
+    entry.update(extra)
+    return entry
+
+
+def with_signature(blocks, preset):
+    """Expected blocks with the thinking signature ccproxy gives this provider."""
+    return [dict(b, signature="ccpx1." + preset) if b["type"] == "thinking" else b for b in blocks]
+
+
 @pytest.fixture
 def openai_proxy(start_proxy, upstream):
-    return start_proxy({"providers": [{"name": "openai", "api_base_url": upstream.url + "/v1",
-                                       "api_key": OPENAI_KEY, "models": ["gpt-test"]}]})
+    return start_proxy({"providers": [preset_provider("openai", upstream)]})
 
 
 def sdk(proxy):
@@ -545,12 +562,14 @@ def block_dicts(message):
     return [b.model_dump(exclude_none=True, exclude={"citations", "caller"}) for b in message.content]
 
 
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-def test_sdk_stream_scenarios(openai_proxy, upstream, name):
+def test_sdk_stream_scenarios(start_proxy, upstream, name, preset):
+    proxy = start_proxy({"providers": [preset_provider(preset, upstream)]})
     upstream.script = lambda r: stream_reply(sse_pieces(SCENARIOS[name]))
-    with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+    with sdk(proxy).messages.stream(**REQUEST) as stream:
         final = stream.get_final_message()
-    assert block_dicts(final) == EXPECTED_CONTENT[name]
+    assert block_dicts(final) == with_signature(EXPECTED_CONTENT[name], preset)
     assert final.model == "claude-test-model"
     sent = upstream.requests[0]
     assert sent["path"] == "/v1/chat/completions"
@@ -593,12 +612,14 @@ NON_STREAM_CASES = {
 }
 
 
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("name", sorted(NON_STREAM_CASES))
-def test_sdk_non_stream_cases(openai_proxy, upstream, name):
+def test_sdk_non_stream_cases(start_proxy, upstream, name, preset):
+    proxy = start_proxy({"providers": [preset_provider(preset, upstream)]})
     answer, expected, stop_reason = NON_STREAM_CASES[name]
     upstream.script = lambda r: json_reply(answer)
-    message = sdk(openai_proxy).messages.create(**REQUEST)
-    assert block_dicts(message) == expected
+    message = sdk(proxy).messages.create(**REQUEST)
+    assert block_dicts(message) == with_signature(expected, preset)
     assert message.stop_reason == stop_reason
     assert message.id.startswith("msg_") and message.model == "claude-test-model"
     assert "stream" not in upstream.requests[0]["json"]
@@ -746,44 +767,11 @@ def test_silent_upstream_gets_pings_to_the_client(start_proxy, upstream, monkeyp
     assert content_of(events) == EXPECTED_CONTENT["plain_text"]
 
 
-@pytest.mark.parametrize("preset", ["openai", "deepseek", "openrouter", "groq", "mistral", "xai",
-                                    "ollama"])
-def test_every_preset_streams_tools_through_the_sdk(start_proxy, upstream, preset):
-    proxy = start_proxy({"providers": [{"name": preset, "api_base_url": upstream.url + "/v1",
-                                        "api_key": OPENAI_KEY, "models": ["m1"]}]})
-    upstream.script = lambda r: stream_reply(sse_pieces(SCENARIOS["text_then_tools"]))
-    with sdk(proxy).messages.stream(**REQUEST) as stream:
-        final = stream.get_final_message()
-    assert block_dicts(final) == EXPECTED_CONTENT["text_then_tools"]
-    upstream.script = lambda r: json_reply(NON_STREAM_CASES["tools"][0])
-    assert block_dicts(sdk(proxy).messages.create(**REQUEST)) == NON_STREAM_CASES["tools"][1]
-
-
-def test_structured_output_becomes_response_format():
-    schema = {"type": "object", "properties": {"title": {"type": "string"}}}
-    request = mapped({"messages": [{"role": "user", "content": "x"}],
-                      "output_config": {"format": {"type": "json_schema", "schema": schema},
-                                        "effort": "high"}})
-    assert request["response_format"] == {"type": "json_schema", "json_schema": {
-        "name": "structured_output", "schema": schema, "strict": True}}
-
-
-def test_unknown_assistant_block_is_a_400():
-    with pytest.raises(ccproxy.InvalidRequestError, match=r"messages\[1\].content\[0\]"):
-        mapped({"messages": [{"role": "user", "content": "x"},
-                             {"role": "assistant", "content": [{"type": "hologram"}]}]})
-
-
-def test_thinking_made_by_another_provider_is_not_sent_to_anthropic(start_proxy, upstream):
-    from conftest import anthropic_provider
-    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
-    history = [{"role": "user", "content": "hi"},
-               {"role": "assistant", "content": [
-                   {"type": "thinking", "thinking": "t", "signature": "ccpx1.openai"},
-                   {"type": "thinking", "thinking": "real", "signature": "EqQBCkgIB"},
-                   {"type": "text", "text": "hello"}]},
-               {"role": "user", "content": "again"}]
-    sdk(proxy).messages.create(model="m", max_tokens=5, messages=history)
-    sent = upstream.requests[0]["json"]["messages"]
-    assert sent[1]["content"] == history[1]["content"][1:]
-    assert sent[0] == history[0] and sent[2] == history[2]
+def test_config_headers_and_cap_reach_the_provider(start_proxy, upstream):
+    proxy = start_proxy({"providers": [preset_provider("openrouter", upstream, max_tokens=50,
+                                                       headers={"X-Team": "blue"})]})
+    upstream.script = lambda r: json_reply(completion({"content": "x"}))
+    sdk(proxy).messages.create(**REQUEST)
+    sent = upstream.requests[0]
+    assert sent["headers"]["x-team"] == "blue" and sent["headers"]["x-title"] == "ccproxy.py"
+    assert sent["json"]["max_tokens"] == 50
