@@ -2427,37 +2427,119 @@ def json_bytes(value) -> bytes:
     return json.dumps(value, ensure_ascii=False).encode()
 
 
-class OpenAIStreamTranslator:
-    """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
+class AnthropicEventEmitter:
+    """Writes an Anthropic event stream for the stream translators of every protocol.
 
-    One Anthropic block is open at a time, indexes count from 0. A tool call streams live while
-    it is the current one; a call that starts while the current call's arguments are still
-    incomplete JSON is buffered and sent whole at the end, so interleaved indexes never send a
-    delta to a closed block (rule book C10). feed() per chunk, done() on [DONE], finish() last.
+    Keeps the order the contract demands: message_start (and a ping) first, one block open at a
+    time under a key, indexes from 0 without gaps, a thinking block closed with its signature,
+    then message_delta and message_stop. Events accumulate until take().
     """
 
     def __init__(self, context: TranslationContext):
         self._context = context
-        self._started = False
-        self._block = -1              # index of the last block started
-        self._open = None             # "text", "thinking" or a call key while a block is open
+        self._out = []
+        self.started = False
+        self.block = -1               # index of the last block started
+        self.open = None              # the key of the open block, None when none is open
+        self.signature = thinking_signature(context.provider.name)
+        self.output_chars = 0
+
+    def take(self) -> bytes:
+        """The events written since the last take()."""
+        out, self._out = self._out, []
+        return b"".join(out)
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        usage = self._context.estimated_usage(0)
+        usage["output_tokens"] = 1
+        self._out.append(sse_event("message_start", {"type": "message_start", "message": {
+            "id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
+            "model": self._context.model, "content": [], "stop_reason": None,
+            "stop_sequence": None, "usage": usage}}) + SSE_PING)
+
+    def open_block(self, key, content_block: dict) -> None:
+        """Start a block under key, closing the open one; nothing when key is already open."""
+        if self.open == key:
+            return
+        self.start()
+        self.close()
+        self.block += 1
+        self.open = key
+        self._out.append(sse_event("content_block_start", {
+            "type": "content_block_start", "index": self.block, "content_block": content_block}))
+
+    def text(self, text: str) -> None:
+        self.open_block("text", {"type": "text", "text": ""})
+        self._out.append(TEXT_DELTA % (self.block, json_bytes(text)))
+        self.output_chars += len(text)
+
+    def thinking(self, text: str) -> None:
+        self.open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        if text:
+            self._out.append(THINKING_DELTA % (self.block, json_bytes(text)))
+            self.output_chars += len(text)
+
+    def open_tool(self, key, tool_id: str, name: str) -> None:
+        self.open_block(key, {"type": "tool_use", "id": tool_id, "name": name, "input": {}})
+
+    def tool_arguments(self, fragment: str) -> None:
+        """A piece of the open tool block's input JSON."""
+        self._out.append(INPUT_JSON_DELTA % (self.block, json_bytes(fragment)))
+        self.output_chars += len(fragment)
+
+    def close(self) -> None:
+        if self.open is None:
+            return
+        if self.open == "thinking":
+            self._out.append(sse_event("content_block_delta", {
+                "type": "content_block_delta", "index": self.block,
+                "delta": {"type": "signature_delta", "signature": self.signature}}))
+            self.signature = thinking_signature(self._context.provider.name)
+        self._out.append(BLOCK_STOP % self.block)
+        self.open = None
+
+    def stop(self, stop_reason: str, usage: dict | None) -> None:
+        """Close the open block and end the message."""
+        self.start()
+        self.close()
+        self._out.append(sse_event("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+            "usage": usage or self._context.estimated_usage(self.output_chars)}))
+        self._out.append(sse_event("message_stop", {"type": "message_stop"}))
+
+
+class OpenAIStreamTranslator:
+    """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
+
+    A tool call streams live while it is the current one; a call that starts while the current
+    call's arguments are still incomplete JSON is buffered and sent whole at the end, so
+    interleaved indexes never send a delta to a closed block (rule book C10). feed() per chunk,
+    done() on [DONE], finish() last.
+    """
+
+    def __init__(self, context: TranslationContext):
+        self._context = context
+        self._emit = AnthropicEventEmitter(context)
         self._calls = {}              # call key -> {"id", "name", "arguments": [...], "sent"}
         self._finish_reason = None
         self._done = False
         self._usage = None
-        self._output_chars = 0
 
     def feed(self, chunk: dict) -> bytes:
         if chunk.get("error"):
             raise openai_error(self._context.provider, chunk["error"])
-        out = [] if self._started else [self._message_start()]
+        self._emit.start()
         usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
         if isinstance(usage, dict):
             self._usage = usage
         for choice in chunk.get("choices") or ():
             if isinstance(choice, dict):
-                self._feed_choice(choice, out)
-        return b"".join(out)
+                self._feed_choice(choice)
+        return self._emit.take()
 
     def done(self) -> None:
         """The upstream said [DONE]."""
@@ -2470,58 +2552,38 @@ class OpenAIStreamTranslator:
 
     def finish(self, error: ProxyError | None = None) -> bytes:
         """The end of the stream: message_delta and message_stop, or an error event."""
-        if error is None and self._finish_reason is None and not self._done:
+        if error is None and not self.complete:
             error = UpstreamError("%s: the stream ended before completion"
                                   % self._context.provider.name)
         if error is not None:
             return sse_error_event(error.error_type, error.message)
-        out = [] if self._started else [self._message_start()]
-        self._close(out)
+        self._emit.close()
         for key in list(self._calls):
             if not self._calls[key]["sent"]:
-                self._send_whole_call(key, out)
-        made_calls = bool(self._calls)
-        usage = anthropic_usage_from_openai(self._usage) if self._usage \
-            else self._context.estimated_usage(self._output_chars)
-        out.append(sse_event("message_delta", {
-            "type": "message_delta", "usage": usage,
-            "delta": {"stop_reason": self._context.stop_reason(self._finish_reason, made_calls),
-                      "stop_sequence": None}}))
-        out.append(sse_event("message_stop", {"type": "message_stop"}))
-        return b"".join(out)
+                self._send_whole_call(key)
+        usage = anthropic_usage_from_openai(self._usage) if self._usage else None
+        self._emit.stop(self._context.stop_reason(self._finish_reason, bool(self._calls)), usage)
+        return self._emit.take()
 
-    def _message_start(self) -> bytes:
-        self._started = True
-        usage = self._context.estimated_usage(0)
-        usage["output_tokens"] = 1
-        return sse_event("message_start", {"type": "message_start", "message": {
-            "id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
-            "model": self._context.model, "content": [], "stop_reason": None,
-            "stop_sequence": None, "usage": usage}}) + SSE_PING
-
-    def _feed_choice(self, choice: dict, out: list) -> None:
+    def _feed_choice(self, choice: dict) -> None:
         delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
-            self._open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
-            out.append(THINKING_DELTA % (self._block, json_bytes(reasoning)))
-            self._output_chars += len(reasoning)
+            self._emit.thinking(reasoning)
         content = delta.get("content")
         if isinstance(content, str) and content:
-            self._open_block("text", {"type": "text", "text": ""}, out)
-            out.append(TEXT_DELTA % (self._block, json_bytes(content)))
-            self._output_chars += len(content)
+            self._emit.text(content)
         for position, call in enumerate(delta.get("tool_calls") or ()):
             if isinstance(call, dict):
-                self._feed_call(call, position, out)
+                self._feed_call(call, position)
         if choice.get("finish_reason") == "error":
             raise openai_error(self._context.provider, choice.get("error") or
                                "the provider reported an error mid-stream")
         if choice.get("finish_reason"):
             self._finish_reason = choice["finish_reason"]
 
-    def _feed_call(self, call: dict, position: int, out: list) -> None:
-        key = call.get("index", call.get("id") or position)
+    def _feed_call(self, call: dict, position: int) -> None:
+        key = ("call", call.get("index", call.get("id") or position))
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments")
         if isinstance(arguments, dict):
@@ -2532,9 +2594,8 @@ class OpenAIStreamTranslator:
         state["id"] = state["id"] or call.get("id")
         state["name"] = state["name"] or function.get("name") or None
         if isinstance(arguments, str) and arguments:
-            self._output_chars += len(arguments)
-            if self._open == key:
-                out.append(INPUT_JSON_DELTA % (self._block, json_bytes(arguments)))
+            if self._emit.open == key:
+                self._emit.tool_arguments(arguments)
                 state["arguments"].append(arguments)
                 return
             if state["sent"]:
@@ -2542,54 +2603,31 @@ class OpenAIStreamTranslator:
                             self._context.provider.name)
                 return
             state["arguments"].append(arguments)
-        if state["sent"] or not state["name"] or not self._may_start_call():
-            return
-        self._open_block(key, {"type": "tool_use", "id": anthropic_tool_id(state["id"]),
-                               "name": self._context.tool_name(state["name"]), "input": {}}, out)
-        state["sent"] = True
-        if state["arguments"]:
-            out.append(INPUT_JSON_DELTA % (self._block, json_bytes("".join(state["arguments"]))))
+        if not state["sent"] and state["name"] and self._may_start_call():
+            self._start_call(key)
 
     def _may_start_call(self) -> bool:
         """A new call may open now unless the open call's arguments are still incomplete."""
-        if self._open is None or self._open in ("text", "thinking"):
+        if self._emit.open not in self._calls:
             return True
-        arguments = "".join(self._calls[self._open]["arguments"])
+        arguments = "".join(self._calls[self._emit.open]["arguments"])
         try:
             json.loads(arguments)
         except ValueError:
             return not arguments.strip()
         return True
 
-    def _open_block(self, kind, block: dict, out: list) -> None:
-        if self._open == kind:
-            return
-        self._close(out)
-        self._block += 1
-        self._open = kind
-        out.append(sse_event("content_block_start", {"type": "content_block_start",
-                                                     "index": self._block, "content_block": block}))
-
-    def _close(self, out: list) -> None:
-        if self._open is None:
-            return
-        if self._open == "thinking":
-            out.append(sse_event("content_block_delta", {
-                "type": "content_block_delta", "index": self._block,
-                "delta": {"type": "signature_delta",
-                          "signature": thinking_signature(self._context.provider.name)}}))
-        out.append(BLOCK_STOP % self._block)
-        self._open = None
-
-    def _send_whole_call(self, key, out: list) -> None:
+    def _start_call(self, key) -> None:
         state = self._calls[key]
-        state["name"] = state["name"] or "unknown_tool"
-        self._open_block(key, {"type": "tool_use", "id": anthropic_tool_id(state["id"]),
-                               "name": self._context.tool_name(state["name"]), "input": {}}, out)
         state["sent"] = True
+        self._emit.open_tool(key, anthropic_tool_id(state["id"]),
+                             self._context.tool_name(state["name"] or "unknown_tool"))
         if state["arguments"]:
-            out.append(INPUT_JSON_DELTA % (self._block, json_bytes("".join(state["arguments"]))))
-        self._close(out)
+            self._emit.tool_arguments("".join(state["arguments"]))
+
+    def _send_whole_call(self, key) -> None:
+        self._start_call(key)
+        self._emit.close()
 
 
 class OpenAIStreamRelay:
