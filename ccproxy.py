@@ -46,6 +46,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 __version__ = "0.1.0"
@@ -271,8 +272,8 @@ ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 NOT_YET_APPLIED_KEYS = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
 SECRET_KEYS = ("apikey", "api_key", "headers")      # never echoed in a validation message
 
-# What an OpenAI-compatible server accepts; a preset overrides what its server does otherwise.
-OPENAI_QUIRKS = {
+# What a provider's server accepts; a preset overrides what its server does otherwise.
+PROVIDER_QUIRKS = {
     "reasoning_models": None,   # model ids (regex) that take max_completion_tokens, no sampling
     "reasoning_style": None,    # how thinking is asked for: "effort", "deepseek", "openrouter"
     "reasoning_replay": False,  # thinking goes back as reasoning_content on tool-call turns
@@ -283,6 +284,7 @@ OPENAI_QUIRKS = {
     "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
     "user_after_tool": True,    # accepts a user message right after tool messages
     "schema_drop_keys": (),     # top-level tool schema keys the server rejects
+    "thinking_level_models": None,  # Gemini model ids (regex) that take thinkingLevel
 }
 
 # Provider presets (design.md §4): a provider named like a preset needs only its key.
@@ -293,7 +295,8 @@ PROVIDER_PRESETS = {
                   "count_tokens": True},
     "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
                "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort"}},
-    "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta"},
+    "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
+               "quirks": {"thinking_level_models": r"^gemini-3"}},
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
                             "vision": False, "max_output_tokens": {"deepseek-chat": 8192,
@@ -310,7 +313,6 @@ PROVIDER_PRESETS = {
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
                "quirks": {"top_k": True}},
 }
-PROTOCOL_NAMES = ("anthropic", "openai", "gemini")
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False}
 
@@ -658,9 +660,9 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
     preset = PROVIDER_PRESETS.get(name.lower(), {})
     fields = dict(PROVIDER_DEFAULTS, **dict(preset, **entry))
     protocol = fields["type"]
-    if protocol not in PROTOCOL_NAMES:
+    if protocol not in PROTOCOLS:
         checker.fail(path + ".type", "must be one of %s for a provider not named like a preset (%s)"
-                     % (", ".join(PROTOCOL_NAMES), ", ".join(PROVIDER_PRESETS)))
+                     % (", ".join(PROTOCOLS), ", ".join(PROVIDER_PRESETS)))
         return None
     problems_before = len(checker.problems)
     check_provider_fields(checker, fields, path)
@@ -668,9 +670,6 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
             and not fields["api_key"]):
         checker.fail(path + ".api_key", "required for %s (or set CCPROXY_PROVIDERS_%d_API_KEY)"
                      % (name, index))
-    if protocol not in PROTOCOLS:
-        checker.warn(path + ".type", "ccproxy %s cannot translate to the %s protocol yet; requests "
-                     "routed to %s will fail" % (__version__, protocol, name))
     if len(checker.problems) > problems_before:
         return None
     headers = dict(preset.get("headers", {}), **fields["headers"])
@@ -678,7 +677,7 @@ def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None
                     api_key=fields["api_key"], models=tuple(fields["models"]),
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
                     count_tokens=fields["count_tokens"],
-                    quirks=dict(OPENAI_QUIRKS, **preset.get("quirks", {})))
+                    quirks=dict(PROVIDER_QUIRKS, **preset.get("quirks", {})))
 
 
 def check_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
@@ -1475,7 +1474,7 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     body = parse_json_body(request)
     check_messages_request(body)
     provider, model = route_request(app.config, body)
-    protocol = protocol_for(provider)
+    protocol = PROTOCOLS[provider.protocol]
     url, headers, payload = protocol.messages_request(provider, model, request, body)
     call = UpstreamCall(app, provider, url, headers, payload)
     return await protocol.relay(call, conn, request, body)
@@ -2044,25 +2043,32 @@ def openai_content(parts: list):
     return parts
 
 
-def tool_result_text_and_images(block: dict, quirks: dict, where: str):
-    """A tool_result's text (is_error marked, A21) and the image parts it carried (A22)."""
+def tool_result_text(block: dict) -> str:
+    """A tool_result's content as text: strings and text blocks joined, never their JSON (A20)."""
     content = block.get("content")
-    items = content if isinstance(content, list) else [content]
-    texts, images = [], []
-    for item in items:
+    texts = []
+    for item in content if isinstance(content, list) else [content]:
         if isinstance(item, str):
             texts.append(item)
         elif isinstance(item, dict) and item.get("type") == "text":
             texts.append(str(item.get("text", "")))
-        elif isinstance(item, dict) and item.get("type") == "image":
-            images.append(openai_image_part(item, where) if quirks["vision"]
-                          else {"type": "text", "text": "[image omitted]"})
     text = "\n".join(t for t in texts if t)
-    if not text and images:
-        text = "[image attached below]"
-    if block.get("is_error"):
-        text = "Error: " + text
-    return text, images
+    return text or ("[image attached below]" if tool_result_images(block) else "")
+
+
+def tool_result_images(block: dict) -> list:
+    """The image blocks inside a tool_result."""
+    content = block.get("content")
+    return [item for item in content if isinstance(item, dict) and item.get("type") == "image"] \
+        if isinstance(content, list) else []
+
+
+def tool_result_text_and_images(block: dict, quirks: dict, where: str):
+    """A tool_result's text (is_error marked, A21) and its images as parts (A22)."""
+    text = tool_result_text(block)
+    images = [openai_image_part(item, where) if quirks["vision"]
+              else {"type": "text", "text": "[image omitted]"} for item in tool_result_images(block)]
+    return ("Error: " + text if block.get("is_error") else text), images
 
 
 def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
@@ -2387,11 +2393,12 @@ def anthropic_tool_use(call: dict, context) -> dict:
 class TranslationContext:
     """What a response translator needs to know about its request."""
 
-    def __init__(self, provider: Provider, request: Request, body: dict):
+    def __init__(self, provider: Provider, request: Request, body: dict,
+                 upstream_tool_name=openai_tool_name):
         self.provider = provider
         self.model = body.get("model")
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
-        self._tool_names = {openai_tool_name(str(t.get("name"))): str(t.get("name"))
+        self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
                             for t in body.get("tools") or () if isinstance(t, dict)}
         self.probe = body.get("max_tokens") == 1
 
@@ -2732,6 +2739,11 @@ async def relay_openai(call, conn, request: Request, body: dict) -> Response:
     if call.body is not None:
         return translated_completion_response(parse_upstream_json(call), context, stream)
     relay = OpenAIStreamRelay(OpenAIStreamTranslator(context), call.provider)
+    return await translated_stream_response(call, relay)
+
+
+async def translated_stream_response(call, relay) -> Response:
+    """The client's event stream, opened once the relay has its first events (C3)."""
     chunks = call.chunks(STREAM_PING_SECONDS)
     try:
         first = await first_translated_piece(chunks, relay)
@@ -2740,6 +2752,559 @@ async def relay_openai(call, conn, request: Request, body: dict) -> Response:
         raise
     return Response(200, headers=[("cache-control", "no-cache")], content_type="text/event-stream",
                     stream=relay_stream(chunks, relay, first))
+
+
+# --- Gemini ------------------------------------------------------------------------
+
+GEMINI_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "gemini."
+GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"   # Google's documented placeholder
+GEMINI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.:-]{0,63}$")
+GEMINI_SCHEMA_KEYS = ("description", "title", "nullable", "minimum", "maximum", "minItems",
+                      "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+                      "pattern", "propertyOrdering")
+GEMINI_TYPES = {"string": "STRING", "number": "NUMBER", "integer": "INTEGER",
+                "boolean": "BOOLEAN", "array": "ARRAY", "object": "OBJECT"}
+GEMINI_FORMATS = {"STRING": ("enum", "date-time"), "NUMBER": ("float", "double"),
+                  "INTEGER": ("int32", "int64")}
+MAX_SCHEMA_REF_DEPTH = 8
+MAX_GEMINI_STOP_SEQUENCES = 5
+GEMINI_REFUSALS = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                   "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "LANGUAGE")
+GEMINI_BAD_CALLS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS")
+GEMINI_STATUS_BY_CODE = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
+                         "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+                         "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 529,
+                         "DEADLINE_EXCEEDED": 504}
+
+
+def gemini_tool_name(name: str) -> str:
+    """A Gemini function name for an Anthropic tool name (rule book D10, mapped like A31)."""
+    if GEMINI_TOOL_NAME_RE.match(name):
+        return name
+    cleaned = re.sub(r"[^a-zA-Z0-9_.:-]", "_", name)
+    cleaned = cleaned if re.match(r"[a-zA-Z_]", cleaned) else "_" + cleaned
+    return "%s_%s" % (cleaned[:55], hashlib.sha256(name.encode()).hexdigest()[:8])
+
+
+def gemini_schema(node, definitions: dict, depth: int = 0) -> dict:
+    """A JSON Schema cleaned to the OpenAPI subset Gemini accepts (rule book D12), recursively."""
+    if not isinstance(node, dict):
+        return {"type": "STRING"}
+    if "$ref" in node:
+        target = definitions.get(str(node["$ref"]).rsplit("/", 1)[-1])
+        if target is None or depth >= MAX_SCHEMA_REF_DEPTH:
+            return {"type": "OBJECT", "description": "JSON object"}
+        return gemini_schema(dict(target, **{k: v for k, v in node.items() if k != "$ref"}),
+                             definitions, depth + 1)
+    if isinstance(node.get("allOf"), list):
+        node = merge_all_of(node)
+    choices = node.get("anyOf") or node.get("oneOf")
+    if isinstance(choices, list):
+        return gemini_any_of(node, choices, definitions, depth)
+    types = node.get("type")
+    types = [types] if isinstance(types, str) else list(types or ())
+    nullable = "null" in types
+    types = [t for t in types if t != "null"]
+    if len(types) > 1:
+        return gemini_any_of(node, [dict(node, type=t) for t in types], definitions, depth)
+    if not types:
+        types = ["object"] if "properties" in node else ["array"] if "items" in node else []
+    cleaned = {k: node[k] for k in GEMINI_SCHEMA_KEYS if k in node}
+    if nullable:
+        cleaned["nullable"] = True
+    if types and types[0] in GEMINI_TYPES:
+        cleaned["type"] = GEMINI_TYPES[types[0]]
+    gemini_schema_values(node, cleaned)
+    gemini_schema_children(node, cleaned, definitions, depth)
+    if "example" not in cleaned and isinstance(node.get("examples"), list) and node["examples"]:
+        cleaned["example"] = node["examples"][0]
+    return cleaned
+
+
+def gemini_schema_values(node: dict, cleaned: dict) -> None:
+    """enum (strings only, const included) and format (only those Gemini knows)."""
+    values = node.get("enum")
+    if "const" in node:
+        values = [node["const"]]
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        values = [v for v in values if v]
+        if values:
+            cleaned["enum"] = values
+            cleaned["type"] = "STRING"
+    kind = cleaned.get("type")
+    if node.get("format") in GEMINI_FORMATS.get(kind, ()) and "enum" not in cleaned:
+        cleaned["format"] = node["format"]
+
+
+def gemini_schema_children(node: dict, cleaned: dict, definitions: dict, depth: int) -> None:
+    """properties and required for objects, items for arrays."""
+    kind = cleaned.get("type")
+    if kind == "OBJECT":
+        properties = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+        if properties:
+            cleaned["properties"] = {name: gemini_schema(value, definitions, depth)
+                                     for name, value in properties.items()}
+            required = [r for r in node.get("required") or () if r in properties]
+            if required:
+                cleaned["required"] = required
+        elif "description" not in cleaned:
+            cleaned["description"] = "JSON object"
+    elif kind == "ARRAY":
+        items = node.get("items")
+        cleaned["items"] = gemini_schema(items, definitions, depth) if isinstance(items, dict) \
+            and items else {"type": "STRING"}
+
+
+def gemini_any_of(node: dict, choices: list, definitions: dict, depth: int) -> dict:
+    """anyOf/oneOf: null choices become nullable; one choice left is used as the node itself."""
+    nullable = any(isinstance(c, dict) and c.get("type") == "null" for c in choices)
+    options = [gemini_schema(c, definitions, depth) for c in choices
+               if not (isinstance(c, dict) and c.get("type") == "null")]
+    cleaned = options[0] if len(options) == 1 else {"anyOf": options}
+    if isinstance(node.get("description"), str):
+        cleaned["description"] = node["description"]
+    if nullable:
+        cleaned["nullable"] = True
+    return cleaned
+
+
+def merge_all_of(node: dict) -> dict:
+    """allOf of object schemas merged into one object schema."""
+    merged = {k: v for k, v in node.items() if k != "allOf"}
+    properties, required = dict(merged.get("properties") or {}), list(merged.get("required") or ())
+    for part in node["allOf"]:
+        if isinstance(part, dict):
+            properties.update(part.get("properties") or {})
+            required += [r for r in part.get("required") or () if r not in required]
+            merged.setdefault("type", part.get("type"))
+    if properties:
+        merged.update(type="object", properties=properties, required=required)
+    return merged
+
+
+def gemini_function_declaration(tool: dict) -> dict:
+    """One Anthropic tool as a functionDeclaration; no parameters when it takes none."""
+    schema = tool.get("input_schema") if isinstance(tool.get("input_schema"), dict) else {}
+    definitions = dict(schema.get("definitions") or {}, **(schema.get("$defs") or {}))
+    declaration = {"name": gemini_tool_name(str(tool["name"]))}
+    if tool.get("description"):
+        declaration["description"] = tool["description"]
+    parameters = gemini_schema(schema, definitions)
+    if parameters.get("properties"):
+        declaration["parameters"] = parameters
+    return declaration
+
+
+def gemini_tools_from_anthropic(tools) -> list:
+    """Custom tools in one functionDeclarations entry; web search as googleSearch when alone."""
+    declarations, search = [], False
+    for tool in tools or ():
+        kind = tool.get("type")
+        if kind in (None, "custom") and "input_schema" in tool:
+            declarations.append(gemini_function_declaration(tool))
+        elif str(kind).startswith("web_search"):
+            search = True
+        else:
+            log.info("tool %r (%s) has no Gemini equivalent; not sent", tool.get("name"), kind)
+    if declarations:
+        return [{"functionDeclarations": declarations}]
+    return [{"googleSearch": {}}] if search else []
+
+
+def gemini_tool_config(choice) -> dict:
+    """toolConfig.functionCallingConfig for an Anthropic tool_choice (D11)."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool":
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [
+            gemini_tool_name(str(choice.get("name", "")))]}}
+    mode = {"auto": "AUTO", "any": "ANY", "none": "NONE"}.get(kind)
+    return {"functionCallingConfig": {"mode": mode}} if mode else {}
+
+
+def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict:
+    """generationConfig: output cap, sampling, stop sequences, thinking (D7, D8)."""
+    cap = openai_output_cap(provider, model)
+    config = {"maxOutputTokens": min(body["max_tokens"], cap) if cap else body["max_tokens"]}
+    for source, target in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
+        value = body.get(source)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            config[target] = value
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and stops:
+        config["stopSequences"] = stops[:MAX_GEMINI_STOP_SEQUENCES]
+    effort = thinking_effort(body)
+    if effort is not None:
+        pattern = provider.quirks["thinking_level_models"]
+        if pattern and re.match(pattern, model):
+            thinking = {"thinkingLevel": "low" if effort == "low" else "high"}
+        else:
+            budget = (body.get("thinking") or {}).get("budget_tokens")
+            thinking = {"thinkingBudget": budget if isinstance(budget, int) else -1}
+        config["thinkingConfig"] = dict(thinking, includeThoughts=True)
+    return config
+
+
+def gemini_inline_part(block: dict, where: str) -> dict:
+    """A base64 image or PDF as inlineData; Gemini cannot fetch other URLs (D4)."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64":
+        return {"inlineData": {"mimeType": source.get("media_type", "application/octet-stream"),
+                               "data": source.get("data", "")}}
+    if source.get("type") == "text":
+        return {"text": str(source.get("data", ""))}
+    raise InvalidRequestError("%s: Gemini takes images and documents only inline (base64), not "
+                              "as a %r source" % (where, source.get("type")))
+
+
+def gemini_model_parts(blocks, calls: list, where: str) -> list:
+    """An assistant turn as model parts; each call's thought signature is restored from the
+    thinking block before it, and a turn's first call without one gets the placeholder (D9)."""
+    parts, signature, first_call = [], None, True
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+            parts.append({"text": block["text"]})
+        elif kind == "thinking":
+            mark = str(block.get("signature", ""))
+            if mark.startswith(GEMINI_SIGNATURE_PREFIX):
+                signature = mark[len(GEMINI_SIGNATURE_PREFIX):]
+        elif kind == "tool_use":
+            name = gemini_tool_name(str(block.get("name", "")))
+            part = {"functionCall": {"name": name, "args": block.get("input") or {}}}
+            if signature or first_call:
+                part["thoughtSignature"] = signature or GEMINI_SKIP_SIGNATURE
+            parts.append(part)
+            calls.append((str(block.get("id", "")), name))
+            signature, first_call = None, False
+        elif kind not in ASSISTANT_BLOCK_TYPES:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
+                                      % (where, position, kind))
+    return parts
+
+
+def gemini_user_parts(blocks, calls: list, where: str) -> list:
+    """A user turn: one functionResponse per call of the model turn before, in call order
+    (missing ones filled in), then orphan results as text, then the rest (D6)."""
+    results, extra = {}, []
+    for position, block in enumerate(blocks):
+        if block.get("type") != "tool_result":
+            continue
+        inside = "%s[%d]" % (where, position)
+        text = tool_result_text(block)
+        images = [gemini_inline_part(b, inside) for b in tool_result_images(block)]
+        key = str(block.get("tool_use_id", ""))
+        if any(call_id == key for call_id, _ in calls) and key not in results:
+            results[key] = ({"error": text} if block.get("is_error") else {"output": text}, images)
+        else:
+            extra += [{"text": "[tool result %s]\n%s" % (key, text)}] + images
+    parts = []
+    for call_id, name in calls:
+        response, images = results.get(call_id, ({"error": "no result: the call was interrupted"}, []))
+        parts.append({"functionResponse": {"name": name, "response": response}})
+        extra += images
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+            extra.append({"text": block["text"]})
+        elif kind in ("image", "document"):
+            extra.append(gemini_inline_part(block, "%s[%d]" % (where, position)))
+        elif kind not in ("text", "tool_result") and kind not in SERVER_BLOCK_TYPES:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
+                                      % (where, position, kind))
+    return parts + extra
+
+
+def gemini_contents_from_anthropic(body: dict):
+    """(contents, system text): turns as user/model contents, consecutive same-role turns
+    merged; system messages in the conversation join the system instruction."""
+    contents, system_texts, calls = [], [text_of_system(body.get("system"))], []
+    for index, message in enumerate(body["messages"]):
+        where = "messages[%d].content" % index
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if message["role"] == "system":
+            system_texts.append(text_of_system(blocks))
+            continue
+        if message["role"] == "assistant":
+            calls = []
+            role, parts = "model", gemini_model_parts(blocks, calls, where)
+        else:
+            role, parts = "user", gemini_user_parts(blocks, calls, where)
+            calls = []
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    return contents, "\n\n".join(t for t in system_texts if t)
+
+
+def gemini_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
+    """The generateContent body for an Anthropic Messages body (rule book D)."""
+    contents, system = gemini_contents_from_anthropic(body)
+    request = {"contents": contents}
+    if system:
+        request["systemInstruction"] = {"parts": [{"text": system}]}
+    tools = gemini_tools_from_anthropic(body.get("tools"))
+    if tools:
+        request["tools"] = tools
+        tool_config = gemini_tool_config(body.get("tool_choice"))
+        if tool_config and "functionDeclarations" in tools[0]:
+            request["toolConfig"] = tool_config
+    request["generationConfig"] = gemini_generation_config(body, provider, model)
+    return request
+
+
+def gemini_endpoint_url(base_url: str, model: str, stream: bool) -> str:
+    """…/models/{model}:generateContent, or :streamGenerateContent?alt=sse for streams."""
+    model = model[len("models/"):] if model.startswith("models/") else model
+    action = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
+    return "%s/models/%s%s" % (base_url.rstrip("/"), urllib.parse.quote(model, safe="-._~"), action)
+
+
+def gemini_messages_request(provider: Provider, model: str, request: Request, body: dict):
+    """(url, headers, body) of a Gemini call; the key goes in a header, never in the URL."""
+    payload = gemini_request_from_anthropic(body, provider, model)
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT}
+    if provider.api_key:
+        headers["x-goog-api-key"] = provider.api_key
+    headers.update(provider.headers)
+    return (gemini_endpoint_url(provider.base_url, model, body.get("stream") is True), headers,
+            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def anthropic_usage_from_gemini(usage) -> dict:
+    """Anthropic usage from usageMetadata: cached tokens apart, thoughts counted as output (D17)."""
+    usage = usage if isinstance(usage, dict) else {}
+    prompt = (usage.get("promptTokenCount") or 0) + (usage.get("toolUsePromptTokenCount") or 0)
+    cached = usage.get("cachedContentTokenCount") or 0
+    return {"input_tokens": max(prompt - cached, 0),
+            "output_tokens": (usage.get("candidatesTokenCount") or 0)
+            + (usage.get("thoughtsTokenCount") or 0),
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+
+
+def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
+    """A Gemini error object as the client's error (D19)."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    message = str(error.get("message") or json.dumps(error))
+    code = error.get("code") if isinstance(error.get("code"), int) else status
+    status = GEMINI_STATUS_BY_CODE.get(error.get("status")) or CLIENT_STATUS_BY_UPSTREAM_STATUS.get(
+        code, 500 if code >= 500 else 400)
+    if "API_KEY_INVALID" in json.dumps(error) or "API key not valid" in message:
+        status = 401
+    headers = [("retry-after", delay) for delay in gemini_retry_delays(error)][:1]
+    return ProxyError(strip_secrets("%s: %s" % (provider.name, message), provider.secrets()),
+                      status, headers)
+
+
+def gemini_retry_delays(error: dict) -> list:
+    """Seconds from RetryInfo.retryDelay ("32s"), as retry-after values."""
+    delays = []
+    for detail in error.get("details") or ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and re.match(r"^\d+(\.\d+)?s$", delay):
+            delays.append(str(max(1, int(float(delay[:-1]) + 0.999))))
+    return delays
+
+
+def gemini_stop_reason(finish_reason, made_calls: bool) -> str:
+    """D16: tool_use whenever calls were made (Gemini says STOP), refusals for safety stops."""
+    if made_calls:
+        return "tool_use"
+    if finish_reason == "MAX_TOKENS":
+        return "max_tokens"
+    return "refusal" if finish_reason in GEMINI_REFUSALS else "end_turn"
+
+
+def gemini_notice(finish_reason, block_reason) -> str | None:
+    """The text a user should see when Gemini stopped for a reason of its own."""
+    if block_reason:
+        return "[Gemini blocked the prompt: %s]" % block_reason
+    if finish_reason in GEMINI_REFUSALS:
+        return "[Gemini stopped the answer: %s]" % finish_reason
+    if finish_reason in GEMINI_BAD_CALLS:
+        return "[Gemini could not produce a valid tool call: %s]" % finish_reason
+    return None
+
+
+class GeminiStreamTranslator:
+    """Sans-IO: GenerateContentResponse chunks in, Anthropic SSE events (bytes) out.
+
+    Parts become blocks in the order they come: thoughts as thinking, text as text, each
+    functionCall (always whole) as a tool_use block with its input in one delta. A call's
+    thoughtSignature rides on the thinking block just before it (D9, D15).
+    """
+
+    def __init__(self, context: TranslationContext):
+        self._context = context
+        self._emit = AnthropicEventEmitter(context)
+        self._finish_reason = None
+        self._block_reason = None
+        self._usage = None
+        self._calls = 0
+
+    def feed(self, chunk: dict) -> bytes:
+        if chunk.get("error"):
+            raise gemini_error(self._context.provider, chunk["error"])
+        self._emit.start()
+        if isinstance(chunk.get("usageMetadata"), dict):
+            self._usage = chunk["usageMetadata"]
+        feedback = chunk.get("promptFeedback")
+        if isinstance(feedback, dict) and feedback.get("blockReason"):
+            self._block_reason = feedback["blockReason"]
+        candidates = chunk.get("candidates") or ()
+        candidate = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
+        content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
+        for part in content.get("parts") or ():
+            if isinstance(part, dict):
+                self._feed_part(part)
+        if candidate.get("finishReason"):
+            self._finish_reason = candidate["finishReason"]
+        return self._emit.take()
+
+    @property
+    def complete(self) -> bool:
+        return self._finish_reason is not None or self._block_reason is not None
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        if error is None and not self.complete:
+            error = UpstreamError("%s: the stream ended before completion"
+                                  % self._context.provider.name)
+        if error is not None:
+            return sse_error_event(error.error_type, error.message)
+        notice = gemini_notice(self._finish_reason, self._block_reason)
+        if notice:
+            self._emit.text(notice)
+        reason = "refusal" if self._block_reason else gemini_stop_reason(self._finish_reason,
+                                                                         self._calls > 0)
+        self._emit.stop(reason, anthropic_usage_from_gemini(self._usage) if self._usage else None)
+        return self._emit.take()
+
+    def _feed_part(self, part: dict) -> None:
+        text = part.get("text")
+        signature = part.get("thoughtSignature")
+        if part.get("thought"):
+            self._emit.thinking(text if isinstance(text, str) else "")
+            if signature:
+                self._emit.signature = GEMINI_SIGNATURE_PREFIX + signature
+        elif isinstance(part.get("functionCall"), dict):
+            if signature:
+                self._emit.thinking("")
+                self._emit.signature = GEMINI_SIGNATURE_PREFIX + signature
+            call = part["functionCall"]
+            self._calls += 1
+            self._emit.open_tool(("call", self._calls), anthropic_tool_id(call.get("id")),
+                                 self._context.tool_name(call.get("name")))
+            self._emit.tool_arguments(json.dumps(call.get("args") or {}, ensure_ascii=False))
+            self._emit.close()
+        elif isinstance(text, str) and text:
+            self._emit.text(text)
+
+
+def events_from_gemini_answer(data, context: TranslationContext) -> bytes:
+    """The Anthropic events for a whole generateContent answer (D15-D17)."""
+    if not isinstance(data, dict):
+        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
+    translator = GeminiStreamTranslator(context)
+    events = translator.feed(data)
+    if not translator.complete:
+        raise UpstreamError("%s: the answer has no finishReason" % context.provider.name)
+    return events + translator.finish()
+
+
+def message_from_events(data: bytes) -> dict:
+    """The Anthropic message that a stream of events describes."""
+    message, blocks, partial = None, [], {}
+    for frame in data.split(b"\n\n"):
+        lines = frame.split(b"\n")
+        if len(lines) < 2 or not lines[1].startswith(b"data: "):
+            continue
+        event = json.loads(lines[1][6:])
+        kind = event["type"]
+        if kind == "message_start":
+            message = dict(event["message"], content=blocks)
+        elif kind == "content_block_start":
+            blocks.append(dict(event["content_block"]))
+        elif kind == "content_block_delta":
+            apply_delta(blocks[event["index"]], event["delta"], partial, event["index"])
+        elif kind == "message_delta":
+            message.update(event["delta"], usage=event["usage"])
+    for index, text in partial.items():
+        blocks[index]["input"] = json.loads(text) if text else {}
+    return message
+
+
+def apply_delta(block: dict, delta: dict, partial: dict, index: int) -> None:
+    kind = delta["type"]
+    if kind == "text_delta":
+        block["text"] += delta["text"]
+    elif kind == "thinking_delta":
+        block["thinking"] += delta["thinking"]
+    elif kind == "signature_delta":
+        block["signature"] = delta["signature"]
+    elif kind == "input_json_delta":
+        partial[index] = partial.get(index, "") + delta["partial_json"]
+
+
+class GeminiStreamRelay:
+    """Bytes of a Gemini event stream (alt=sse) in, Anthropic events out."""
+
+    def __init__(self, translator: GeminiStreamTranslator, provider: Provider):
+        self._decoder = SSEDecoder()
+        self._translator = translator
+        self.provider = provider
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return SSE_PING
+        out = []
+        for _, data in self._decoder.feed(chunk):
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                log.warning("%s: ignoring a stream line that is not JSON", self.provider.name)
+                continue
+            if isinstance(payload, dict):
+                out.append(self._translator.feed(payload))
+        return b"".join(out)
+
+    @property
+    def complete(self) -> bool:
+        return self._translator.complete
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        return self._translator.finish(error)
+
+
+def gemini_error_response(call) -> ProxyError:
+    """An upstream error status as the client's error (D19)."""
+    try:
+        error = json.loads(call.body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        error = None
+    if isinstance(error, dict):
+        return gemini_error(call.provider, error, call.status)
+    return error_from_upstream(call.provider, call.status, call.body, call.relayed_headers())
+
+
+async def relay_gemini(call, conn, request: Request, body: dict) -> Response:
+    """Send a translated call and relay Gemini's answer as an Anthropic message or events."""
+    context = TranslationContext(call.provider, request, body, gemini_tool_name)
+    stream = body.get("stream") is True
+    conn.cancel_on_disconnect(call.cancel)
+    status = await call.send(stream)
+    if status >= 400:
+        raise gemini_error_response(call)
+    if call.body is not None:
+        events = events_from_gemini_answer(parse_upstream_json(call), context)
+        if not stream:
+            return json_response(message_from_events(events))
+        return Response(200, events, [("cache-control", "no-cache")],
+                        content_type="text/event-stream")
+    relay = GeminiStreamRelay(GeminiStreamTranslator(context), call.provider)
+    return await translated_stream_response(call, relay)
 
 
 # --- Protocol registry ------------------------------------------------------------
@@ -2759,15 +3324,8 @@ class Protocol:
 PROTOCOLS = {
     "anthropic": Protocol("anthropic", anthropic_messages_request, relay_anthropic),
     "openai": Protocol("openai", openai_messages_request, relay_openai),
+    "gemini": Protocol("gemini", gemini_messages_request, relay_gemini),
 }
-
-
-def protocol_for(provider: Provider) -> Protocol:
-    protocol = PROTOCOLS.get(provider.protocol)
-    if protocol is None:
-        raise InvalidRequestError("provider %s speaks the %s protocol, which ccproxy %s cannot "
-                                  "translate to yet" % (provider.name, provider.protocol, __version__))
-    return protocol
 
 
 ###############################################################################
