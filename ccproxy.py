@@ -2808,12 +2808,15 @@ def gemini_schema(node, definitions: dict, depth: int = 0) -> dict:
     if len(types) > 1:
         return gemini_any_of(node, [dict(node, type=t) for t in types], definitions, depth)
     if not types:
-        types = ["object"] if "properties" in node else ["array"] if "items" in node else []
+        types = ["object"] if "properties" in node else ["array"] if "items" in node else \
+            ["string"] if "enum" in node or "const" in node else []
+    if not types:             # any JSON value: Gemini has no such type, so offer each of them
+        any_value = [{"type": t} for t in ("string", "number", "boolean", "object", "array")]
+        return gemini_any_of(node, any_value, definitions, depth)
     cleaned = {k: node[k] for k in GEMINI_SCHEMA_KEYS if k in node}
     if nullable:
         cleaned["nullable"] = True
-    if types and types[0] in GEMINI_TYPES:
-        cleaned["type"] = GEMINI_TYPES[types[0]]
+    cleaned["type"] = GEMINI_TYPES.get(types[0], "STRING")
     gemini_schema_values(node, cleaned)
     gemini_schema_children(node, cleaned, definitions, depth)
     if "example" not in cleaned and isinstance(node.get("examples"), list) and node["examples"]:

@@ -1,0 +1,464 @@
+"""Gemini translation: schema cleaning, request mapping, thought signatures, and the anthropic
+SDK through the proxy against a scripted mock Gemini server."""
+from __future__ import annotations
+
+import json
+
+import anthropic
+import pytest
+
+import ccproxy
+from conftest import Reply, json_reply, shared_path, stream_reply
+
+GEMINI_KEY = "AIzaSy-gemini-secret-0123456789"
+
+
+# --- an independent check of what Gemini's Schema accepts ---------------------------------------
+
+ALLOWED_KEYS = {"type", "format", "description", "title", "nullable", "enum", "properties",
+                "required", "items", "anyOf", "minimum", "maximum", "minItems", "maxItems",
+                "minLength", "maxLength", "minProperties", "maxProperties", "pattern", "example",
+                "propertyOrdering"}
+TYPES = {"STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT"}
+
+
+def assert_gemini_schema(node, path="parameters"):
+    """Fails with the path of the first thing Gemini's OpenAPI subset would reject."""
+    assert isinstance(node, dict), path
+    assert set(node) <= ALLOWED_KEYS, (path, set(node) - ALLOWED_KEYS)
+    if "anyOf" in node:
+        assert set(node) <= {"anyOf", "description", "nullable"}, path
+        for i, option in enumerate(node["anyOf"]):
+            assert_gemini_schema(option, "%s.anyOf[%d]" % (path, i))
+        return
+    assert node.get("type") in TYPES, (path, node.get("type"))
+    if "enum" in node:
+        assert node["enum"] and all(isinstance(v, str) and v for v in node["enum"]), path
+    if "format" in node:
+        assert node["format"] in {"enum", "date-time", "float", "double", "int32", "int64"}, path
+    if "properties" in node or "required" in node:
+        assert node["type"] == "OBJECT", path
+        assert set(node.get("required", ())) <= set(node.get("properties", ())), path
+        for name, value in node.get("properties", {}).items():
+            assert_gemini_schema(value, "%s.%s" % (path, name))
+    if node["type"] == "ARRAY":
+        assert_gemini_schema(node["items"], path + ".items")
+    else:
+        assert "items" not in node, path
+
+
+def test_rule_book_schema_example_is_cleaned_exactly():
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+              "additionalProperties": False,
+              "properties": {"path": {"type": "string", "format": "uri", "default": "a.txt"},
+                             "n": {"type": ["integer", "null"], "exclusiveMinimum": 0}},
+              "required": ["path", "ghost"]}
+    assert ccproxy.gemini_schema(schema, {}) == {
+        "type": "OBJECT", "properties": {"path": {"type": "STRING"},
+                                         "n": {"type": "INTEGER", "nullable": True}},
+        "required": ["path"]}
+
+
+@pytest.mark.parametrize("schema, expected", [
+    ({"const": "x"}, {"type": "STRING", "enum": ["x"]}),
+    ({"type": "string", "enum": ["a", "", "b"]}, {"type": "STRING", "enum": ["a", "b"]}),
+    ({"type": "integer", "enum": [1, 2]}, {"type": "INTEGER"}),
+    ({"type": "array"}, {"type": "ARRAY", "items": {"type": "STRING"}}),
+    ({"type": "array", "items": {}}, {"type": "ARRAY", "items": {"type": "STRING"}}),
+    ({"properties": {"a": {"type": "boolean"}}},
+     {"type": "OBJECT", "properties": {"a": {"type": "BOOLEAN"}}}),
+    ({"type": "object", "additionalProperties": {"type": "string"}},
+     {"type": "OBJECT", "description": "JSON object"}),
+    ({"anyOf": [{"type": "string"}, {"type": "null"}], "description": "d"},
+     {"type": "STRING", "nullable": True, "description": "d"}),
+    ({"oneOf": [{"type": "string"}, {"type": "integer"}], "default": 1},
+     {"anyOf": [{"type": "STRING"}, {"type": "INTEGER"}]}),
+    ({"type": ["string", "integer"]}, {"anyOf": [{"type": "STRING"}, {"type": "INTEGER"}]}),
+    ({"description": "any JSON value"}, {"description": "any JSON value", "anyOf": [
+        {"type": "STRING"}, {"type": "NUMBER"}, {"type": "BOOLEAN"},
+        {"type": "OBJECT", "description": "JSON object"},
+        {"type": "ARRAY", "items": {"type": "STRING"}}]}),
+    ({"type": "string", "format": "date-time", "examples": ["2026-01-01T00:00:00Z"]},
+     {"type": "STRING", "format": "date-time", "example": "2026-01-01T00:00:00Z"}),
+    ({"type": "number", "format": "double", "multipleOf": 2, "minimum": 0},
+     {"type": "NUMBER", "format": "double", "minimum": 0}),
+    ({"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                {"properties": {"b": {"type": "string"}}}]},
+     {"type": "OBJECT", "properties": {"a": {"type": "STRING"}, "b": {"type": "STRING"}},
+      "required": ["a"]}),
+])
+def test_schema_cleaning_rules(schema, expected):
+    assert ccproxy.gemini_schema(schema, {}) == expected
+
+
+def test_refs_are_inlined_and_recursion_is_capped():
+    schema = {"type": "object", "$defs": {"Node": {"type": "object", "properties": {
+        "name": {"type": "string"}, "child": {"$ref": "#/$defs/Node"}}}},
+              "properties": {"root": {"$ref": "#/$defs/Node"}}}
+    declaration = ccproxy.gemini_function_declaration({"name": "tree", "input_schema": schema})
+    assert_gemini_schema(declaration["parameters"])
+    root = declaration["parameters"]["properties"]["root"]
+    assert root["properties"]["name"] == {"type": "STRING"}
+    assert root["properties"]["child"]["type"] == "OBJECT"
+
+
+def test_every_claude_code_tool_schema_comes_out_valid_for_gemini():
+    tools = json.loads(shared_path("reference", "claude-code-request.json").read_text())["tools"]
+    assert len(tools) > 10
+    for tool in tools:
+        declaration = ccproxy.gemini_function_declaration(tool)
+        assert ccproxy.GEMINI_TOOL_NAME_RE.match(declaration["name"])
+        if "parameters" in declaration:
+            assert_gemini_schema(declaration["parameters"], tool["name"])
+        else:
+            assert not tool["input_schema"].get("properties"), tool["name"]
+
+
+# --- request mapping ----------------------------------------------------------------------
+
+def gemini_provider(**extra):
+    entry = dict({"name": "gemini", "api_key": GEMINI_KEY}, **extra)
+    return ccproxy.build_config({"providers": [entry]}, "c", {}).providers[0]
+
+
+def mapped(body, model="gemini-2.5-pro", **extra):
+    body = dict({"model": "claude-x", "max_tokens": 100}, **body)
+    return ccproxy.gemini_request_from_anthropic(body, gemini_provider(**extra), model)
+
+
+def test_conversation_maps_to_the_exact_generate_content_body():
+    body = {
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cch=1;"},
+                   {"type": "text", "text": "Be terse."}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather in Rome and Oslo?"},
+                                         {"type": "image", "source": {"type": "base64",
+                                                                      "media_type": "image/png",
+                                                                      "data": "iVBO"}}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Rome"}},
+                {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "cold"}]},
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny", "is_error": False},
+                {"type": "text", "text": "Thanks"}]},
+            {"role": "system", "content": "Answer in English."},
+            {"role": "user", "content": "And tomorrow?"},
+        ],
+        "tools": [{"name": "get_weather", "description": "Weather",
+                   "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                                    "required": ["city"], "additionalProperties": False}}],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+        "temperature": 0.3, "top_p": 0.8, "top_k": 20, "stop_sequences": ["END"],
+        "metadata": {"user_id": "u"}, "context_management": {},
+    }
+    assert mapped(body) == {
+        "contents": [
+            {"role": "user", "parts": [{"text": "Weather in Rome and Oslo?"},
+                                       {"inlineData": {"mimeType": "image/png", "data": "iVBO"}}]},
+            {"role": "model", "parts": [
+                {"text": "Checking."},
+                {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}},
+                 "thoughtSignature": "skip_thought_signature_validator"},
+                {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}}]},
+            {"role": "user", "parts": [
+                {"functionResponse": {"name": "get_weather", "response": {"output": "sunny"}}},
+                {"functionResponse": {"name": "get_weather", "response": {"output": "cold"}}},
+                {"text": "Thanks"}, {"text": "And tomorrow?"}]},
+        ],
+        "systemInstruction": {"parts": [{"text": "Be terse.\n\nAnswer in English."}]},
+        "tools": [{"functionDeclarations": [{
+            "name": "get_weather", "description": "Weather",
+            "parameters": {"type": "OBJECT", "properties": {"city": {"type": "STRING"}},
+                           "required": ["city"]}}]}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY",
+                                                 "allowedFunctionNames": ["get_weather"]}},
+        "generationConfig": {"maxOutputTokens": 100, "temperature": 0.3, "topP": 0.8, "topK": 20,
+                             "stopSequences": ["END"]},
+    }
+
+
+def test_errors_missing_results_and_orphans():
+    contents = mapped({"messages": [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}},
+                                          {"type": "tool_use", "id": "b", "name": "g", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "a", "content": "boom", "is_error": True},
+            {"type": "tool_result", "tool_use_id": "zzz", "content": "late"}]}]})["contents"]
+    assert contents[2]["parts"] == [
+        {"functionResponse": {"name": "f", "response": {"error": "boom"}}},
+        {"functionResponse": {"name": "g", "response": {"error": "no result: the call was interrupted"}}},
+        {"text": "[tool result zzz]\nlate"}]
+
+
+@pytest.mark.parametrize("choice, config", [
+    ({"type": "auto"}, {"mode": "AUTO"}), ({"type": "any"}, {"mode": "ANY"}),
+    ({"type": "none"}, {"mode": "NONE"})])
+def test_tool_choice(choice, config):
+    request = mapped({"messages": [{"role": "user", "content": "x"}], "tool_choice": choice,
+                      "tools": [{"name": "f", "input_schema": {"type": "object"}}]})
+    assert request["toolConfig"] == {"functionCallingConfig": config}
+    assert request["tools"] == [{"functionDeclarations": [{"name": "f"}]}]
+
+
+def test_web_search_becomes_google_search_only_without_functions():
+    search = {"type": "web_search_20250305", "name": "web_search"}
+    assert mapped({"messages": [{"role": "user", "content": "x"}],
+                   "tools": [search]})["tools"] == [{"googleSearch": {}}]
+    with_functions = mapped({"messages": [{"role": "user", "content": "x"}],
+                             "tools": [search, {"name": "f", "input_schema": {"type": "object"}}]})
+    assert with_functions["tools"] == [{"functionDeclarations": [{"name": "f"}]}]
+
+
+@pytest.mark.parametrize("model, thinking, expected", [
+    ("gemini-2.5-pro", {"type": "enabled", "budget_tokens": 2048},
+     {"thinkingBudget": 2048, "includeThoughts": True}),
+    ("gemini-2.5-flash", {"type": "adaptive"}, {"thinkingBudget": -1, "includeThoughts": True}),
+    ("gemini-3-pro-preview", {"type": "enabled", "budget_tokens": 1024},
+     {"thinkingLevel": "low", "includeThoughts": True}),
+    ("gemini-3-pro-preview", {"type": "enabled", "budget_tokens": 20000},
+     {"thinkingLevel": "high", "includeThoughts": True}),
+    ("gemini-2.5-pro", {"type": "disabled"}, None)])
+def test_thinking_config(model, thinking, expected):
+    config = mapped({"messages": [{"role": "user", "content": "x"}], "thinking": thinking},
+                    model=model)["generationConfig"]
+    assert config.get("thinkingConfig") == expected
+
+
+def test_url_images_are_refused_with_a_reason():
+    with pytest.raises(ccproxy.InvalidRequestError, match=r"messages\[0\].content\[0\].*inline"):
+        mapped({"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]})
+
+
+def test_endpoint_urls_and_key_header():
+    provider = gemini_provider()
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
+    body = {"model": "x", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    url, headers, _ = ccproxy.gemini_messages_request(provider, "models/gemini-2.5-pro", request, body)
+    assert url == ("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro"
+                   ":streamGenerateContent?alt=sse")
+    assert headers["x-goog-api-key"] == GEMINI_KEY and GEMINI_KEY not in url
+
+
+def test_long_and_odd_tool_names_are_mapped_and_mapped_back():
+    name = "mcp__my-server__" + "a" * 70
+    mapped_name = ccproxy.gemini_tool_name(name)
+    assert ccproxy.GEMINI_TOOL_NAME_RE.match(mapped_name)
+    assert ccproxy.gemini_tool_name("9lives") != "9lives"
+
+
+# --- through the proxy, with the anthropic SDK as the client -------------------------------------
+
+@pytest.fixture
+def gemini_proxy(start_proxy, upstream):
+    return start_proxy({"providers": [{"name": "gemini", "api_base_url": upstream.url + "/v1beta",
+                                       "api_key": GEMINI_KEY, "models": ["gemini-2.5-pro"]}]})
+
+
+def sdk(proxy):
+    return anthropic.Anthropic(base_url=proxy.url, api_key="client", max_retries=0)
+
+
+REQUEST = dict(model="claude-test-model", max_tokens=300,
+               messages=[{"role": "user", "content": "Weather in Rome?"}],
+               tools=[{"name": "get_weather", "description": "Weather",
+                       "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+                      {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}])
+
+USAGE = {"promptTokenCount": 1200, "cachedContentTokenCount": 1000, "candidatesTokenCount": 40,
+         "thoughtsTokenCount": 60, "totalTokenCount": 1300}
+
+
+def answer(parts, finish="STOP", usage=USAGE):
+    body = {"candidates": [{"content": {"role": "model", "parts": parts}, "index": 0}],
+            "usageMetadata": usage, "modelVersion": "gemini-2.5-pro"}
+    if finish:
+        body["candidates"][0]["finishReason"] = finish
+    return body
+
+
+def gemini_stream(chunks):
+    return [b"data: %s\r\n\r\n" % json.dumps(c).encode() for c in chunks]
+
+
+SCENARIOS = {
+    "text": ([answer([{"text": "Hel"}], None, None), answer([{"text": "lo ☀️ 東京"}], "STOP")],
+             [{"type": "text", "text": "Hello ☀️ 東京"}], "end_turn"),
+    "one_tool": ([answer([{"functionCall": {"name": "get_weather", "args": {"city": "Rome"}},
+                           "thoughtSignature": "SIG1"}])],
+                 [{"type": "thinking", "thinking": "", "signature": "ccpx1.gemini.SIG1"},
+                  {"type": "tool_use", "id": "*", "name": "get_weather", "input": {"city": "Rome"}}],
+                 "tool_use"),
+    "several_tools": ([answer([{"text": "Both."}], None, None), answer([
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}},
+        {"functionCall": {"name": "get_time", "args": {}}}])],
+        [{"type": "text", "text": "Both."},
+         {"type": "tool_use", "id": "*", "name": "get_weather", "input": {"city": "Rome"}},
+         {"type": "tool_use", "id": "*", "name": "get_time", "input": {}}], "tool_use"),
+    "thinking": ([answer([{"text": "Let me think.", "thought": True}], None, None),
+                  answer([{"text": "Sunny."}])],
+                 [{"type": "thinking", "thinking": "Let me think.", "signature": "ccpx1.gemini"},
+                  {"type": "text", "text": "Sunny."}], "end_turn"),
+    "max_tokens": ([answer([{"text": "Trunc"}], "MAX_TOKENS")], [{"type": "text", "text": "Trunc"}],
+                   "max_tokens"),
+    "safety": ([answer([], "SAFETY")],
+               [{"type": "text", "text": "[Gemini stopped the answer: SAFETY]"}], "refusal"),
+    "blocked_prompt": ([{"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"},
+                         "usageMetadata": {"promptTokenCount": 5}}],
+                       [{"type": "text", "text": "[Gemini blocked the prompt: PROHIBITED_CONTENT]"}],
+                       "refusal"),
+    "malformed_call": ([answer([], "MALFORMED_FUNCTION_CALL")],
+                       [{"type": "text", "text": "[Gemini could not produce a valid tool call: "
+                                                 "MALFORMED_FUNCTION_CALL]"}], "end_turn"),
+}
+
+
+def blocks_of(message):
+    blocks = [b.model_dump(exclude_none=True, exclude={"citations", "caller"}) for b in message.content]
+    for block in blocks:
+        if block["type"] == "tool_use":
+            assert block["id"].startswith("toolu_")
+            block["id"] = "*"
+    return blocks
+
+
+def whole_answer(chunks):
+    """The non-stream answer equivalent to a list of stream chunks."""
+    parts = [p for c in chunks for cand in c.get("candidates", ()) for p in cand["content"]["parts"]]
+    merged = dict(chunks[-1])
+    if "candidates" in merged:
+        merged["candidates"] = [dict(merged["candidates"][0], content={"role": "model", "parts": parts})]
+    return merged
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_sdk_scenarios(gemini_proxy, upstream, name, stream):
+    chunks, expected, stop_reason = SCENARIOS[name]
+    if stream:
+        upstream.script = lambda r: stream_reply(gemini_stream(chunks))
+        with sdk(gemini_proxy).messages.stream(**REQUEST) as s:
+            message = s.get_final_message()
+    else:
+        upstream.script = lambda r: json_reply(whole_answer(chunks))
+        message = sdk(gemini_proxy).messages.create(**REQUEST)
+    assert blocks_of(message) == expected
+    assert message.stop_reason == stop_reason
+    sent = upstream.requests[0]
+    action = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
+    assert sent["path"] == "/v1beta/models/gemini-2.5-pro" + action
+    assert sent["headers"]["x-goog-api-key"] == GEMINI_KEY
+
+
+def test_sdk_usage_counts_cache_and_thoughts(gemini_proxy, upstream):
+    upstream.script = lambda r: json_reply(answer([{"text": "x"}]))
+    usage = sdk(gemini_proxy).messages.create(**REQUEST).usage
+    assert (usage.input_tokens, usage.cache_read_input_tokens, usage.output_tokens) == (200, 1000, 100)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_thought_signature_survives_a_two_turn_tool_conversation(gemini_proxy, upstream, stream):
+    first = answer([{"text": "Planning", "thought": True},
+                    {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}},
+                     "thoughtSignature": "Q2lnbmF0dXJlMQ=="},
+                    {"functionCall": {"name": "get_time", "args": {}}}])
+    replies = [first, answer([{"text": "Sunny at noon."}])]
+    upstream.script = lambda r: (stream_reply(gemini_stream([replies.pop(0)])) if stream
+                                 else json_reply(replies.pop(0)))
+    client = sdk(gemini_proxy)
+
+    def ask(messages):
+        if stream:
+            with client.messages.stream(**dict(REQUEST, messages=messages)) as s:
+                return s.get_final_message()
+        return client.messages.create(**dict(REQUEST, messages=messages))
+
+    turn = ask(REQUEST["messages"])
+    calls = [b for b in turn.content if b.type == "tool_use"]
+    history = REQUEST["messages"] + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in turn.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": "sunny"},
+                                     {"type": "tool_result", "tool_use_id": calls[1].id, "content": "noon"}]}]
+    assert ask(history).content[0].text == "Sunny at noon."
+    model_turn = upstream.requests[1]["json"]["contents"][1]
+    assert model_turn["role"] == "model"
+    assert model_turn["parts"] == [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}},
+         "thoughtSignature": "Q2lnbmF0dXJlMQ=="},
+        {"functionCall": {"name": "get_time", "args": {}}}]
+    assert upstream.requests[1]["json"]["contents"][2]["parts"] == [
+        {"functionResponse": {"name": "get_weather", "response": {"output": "sunny"}}},
+        {"functionResponse": {"name": "get_time", "response": {"output": "noon"}}}]
+
+
+def google_error(code, status, message, details=()):
+    return {"error": {"code": code, "message": message, "status": status, "details": list(details)}}
+
+
+@pytest.mark.parametrize("http_status, body, error_class, error_type, client_status", [
+    (429, google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "32s"}]),
+     anthropic.RateLimitError, "rate_limit_error", 429),
+    (400, google_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.",
+                       [{"reason": "API_KEY_INVALID"}]),
+     anthropic.AuthenticationError, "authentication_error", 401),
+    (400, google_error(400, "INVALID_ARGUMENT", "Invalid JSON payload"),
+     anthropic.BadRequestError, "invalid_request_error", 400),
+    (403, google_error(403, "PERMISSION_DENIED", "denied"), anthropic.PermissionDeniedError,
+     "permission_error", 403),
+    (404, google_error(404, "NOT_FOUND", "models/x is not found"), anthropic.NotFoundError,
+     "not_found_error", 404),
+    (500, google_error(500, "INTERNAL", "internal"), anthropic.InternalServerError, "api_error", 500),
+    (503, google_error(503, "UNAVAILABLE", "The model is overloaded."), anthropic.APIStatusError,
+     "overloaded_error", 529),
+    (504, google_error(504, "DEADLINE_EXCEEDED", "deadline"), anthropic.APIStatusError,
+     "timeout_error", 504),
+])
+def test_gemini_errors_are_mapped(gemini_proxy, upstream, http_status, body, error_class,
+                                  error_type, client_status):
+    upstream.script = lambda r: json_reply(body, http_status)
+    with pytest.raises(error_class) as caught:
+        sdk(gemini_proxy).messages.create(**REQUEST)
+    assert caught.value.status_code == client_status
+    assert caught.value.body["error"]["type"] == error_type
+    assert caught.value.body["error"]["message"] == "gemini: " + body["error"]["message"]
+    if http_status == 429:
+        assert caught.value.response.headers["retry-after"] == "32"
+
+
+def test_error_mid_stream_becomes_an_error_event(gemini_proxy, upstream):
+    chunks = gemini_stream([answer([{"text": "Hel"}], None, None)]) + gemini_stream(
+        [google_error(503, "UNAVAILABLE", "overloaded")])
+    upstream.script = lambda r: stream_reply(chunks)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(gemini_proxy).messages.stream(**REQUEST) as s:
+            s.get_final_message()
+    assert caught.value.body["error"] == {"type": "overloaded_error", "message": "gemini: overloaded"}
+
+
+def test_stream_without_finish_reason_ends_with_an_error_event(gemini_proxy, upstream):
+    upstream.script = lambda r: stream_reply(gemini_stream([answer([{"text": "Hel"}], None, None)]))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(gemini_proxy).messages.stream(**REQUEST) as s:
+            s.get_final_message()
+    assert "ended before completion" in caught.value.body["error"]["message"]
+
+
+def test_key_never_appears_in_errors_or_urls(gemini_proxy, upstream):
+    upstream.script = lambda r: json_reply(google_error(400, "INVALID_ARGUMENT",
+                                                        "bad key " + GEMINI_KEY), 400)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(gemini_proxy).messages.create(**REQUEST)
+    assert GEMINI_KEY not in json.dumps(caught.value.body)
+    assert GEMINI_KEY not in upstream.requests[0]["path"]
+
+
+def test_html_error_page_is_mapped(gemini_proxy, upstream):
+    upstream.script = lambda r: Reply(502, b"<html><b>Bad Gateway</b></html>", content_type="text/html")
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(gemini_proxy).messages.create(**REQUEST)
+    assert caught.value.status_code == 502
+    assert caught.value.body["error"]["message"] == "gemini: HTTP 502: Bad Gateway"
