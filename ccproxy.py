@@ -5,9 +5,10 @@ One file, Python 3.8+ standard library only. It speaks the Anthropic Messages AP
 clients and each provider's own API behind it, with routing and clear Anthropic-shaped errors.
 
 Usage:
-    python3 ccproxy.py start --foreground [--host HOST] [--port PORT] [--config FILE]
+    python3 ccproxy.py code [claude arguments]   start the proxy if needed, run Claude Code
+    python3 ccproxy.py start [--foreground] [--host HOST] [--port PORT] [--config FILE]
     python3 ccproxy.py start --check [--config FILE]     validate the config and exit 0/1
-    python3 ccproxy.py version
+    python3 ccproxy.py stop | status [--json] | env [--shell SHELL] | version
     python3 ccproxy.py COMMAND --help
 
 Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py):
@@ -28,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import base64
 import concurrent.futures
+import errno
 import hashlib
 import hmac
 import http
@@ -38,10 +41,13 @@ import ipaddress
 import itertools
 import json
 import logging
+import logging.handlers
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -68,6 +74,7 @@ DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 75.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 600.0          # inactivity: a whole answer may stream for minutes
 DEFAULT_WORKER_THREADS = 512                     # one per upstream call in flight
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0          # in-flight answers may finish this long on stop
 BODY_READ_SLICE_BYTES = 1024 * 1024
 UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
@@ -76,6 +83,13 @@ STREAM_PING_SECONDS = 15.0                       # a ping to the client after th
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 CONFIG_SEARCH_PATHS = ("./config.json", "~/.ccproxy/config.json", "/etc/ccproxy/config.json")
 USER_AGENT = "ccproxy/" + __version__
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024            # the detached log rotates at this size
+LOG_FILE_BACKUPS = 3
+START_WAIT_SECONDS = 15.0                        # `start` waits this long for /health
+STOP_POLL_SECONDS = 0.05
+STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout before a kill
+SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
+CLAUDE_API_TIMEOUT_MS = 3000000                  # Claude Code's own request timeout, 50 minutes
 
 ERROR_TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -249,6 +263,7 @@ DEFAULT_CONFIG = {
     "apikey": "",
     "log": False,
     "log_file": "~/.ccproxy/ccproxy.log",
+    "log_bodies": False,
     "providers": [],
     "routes": {},
     "security": {"allowed_ips": []},
@@ -256,6 +271,7 @@ DEFAULT_CONFIG = {
         "request_timeout": DEFAULT_REQUEST_TIMEOUT_SECONDS,
         "header_timeout": DEFAULT_HEADER_TIMEOUT_SECONDS,
         "keepalive_timeout": DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+        "shutdown_timeout": DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
         "max_request_body_size": DEFAULT_MAX_BODY_BYTES,
         "worker_threads": DEFAULT_WORKER_THREADS,
         "metrics_enabled": False,
@@ -538,12 +554,14 @@ class Config:
         self.apikey = raw["apikey"]
         self.log = raw["log"]
         self.log_file = raw["log_file"]
+        self.log_bodies = raw["log_bodies"]
         self.providers = providers
         self.routes = routes
         self.allowed_networks = allowed_networks
         self.request_timeout = performance["request_timeout"]
         self.header_timeout = performance["header_timeout"]
         self.keepalive_timeout = performance["keepalive_timeout"]
+        self.shutdown_timeout = performance["shutdown_timeout"]
         self.max_body_bytes = performance["max_request_body_size"]
         self.worker_threads = performance["worker_threads"]
         self.warnings = warnings
@@ -603,6 +621,7 @@ def check_top_level(checker: ConfigChecker, raw: dict) -> None:
     checker.typed(raw, "apikey", "", str, "a string")
     checker.typed(raw, "log", "", bool, "true or false")
     checker.typed(raw, "log_file", "", str, "a file path")
+    checker.typed(raw, "log_bodies", "", bool, "true or false")
 
 
 def check_performance(checker: ConfigChecker, section) -> dict:
@@ -612,7 +631,7 @@ def check_performance(checker: ConfigChecker, section) -> dict:
         return dict(DEFAULT_CONFIG["performance"])
     checker.unknown_keys(section, DEFAULT_CONFIG["performance"], "performance")
     checked = dict(section)
-    for key in ("request_timeout", "header_timeout", "keepalive_timeout"):
+    for key in ("request_timeout", "header_timeout", "keepalive_timeout", "shutdown_timeout"):
         try:
             checked[key] = parse_duration(section[key])
         except ValueError as exc:
@@ -805,7 +824,7 @@ class Request:
     """One parsed HTTP request; the body is filled in after the head has been admitted."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
-                 "body_text", "body_spans")
+                 "body_text", "body_spans", "log")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers):
         self.method = method
@@ -817,6 +836,7 @@ class Request:
         self.body = b""
         self.body_text = ""
         self.body_spans = {}
+        self.log = None               # the request log record, when request logging is on
 
     @property
     def keep_alive(self) -> bool:
@@ -844,6 +864,22 @@ class Response:
 
     def __repr__(self):
         return "Response(%d)" % self.status
+
+
+def format_request_log(request: Request, status: int) -> str:
+    """One request log line: no message content, only what happened to the request."""
+    record = request.log
+    now = time.monotonic()
+    usage = record.get("usage") or {}
+    first = record.get("first_byte")
+    return ("%s %s %s route=%s provider=%s model=%s stream=%s status=%d in=%s out=%s "
+            "latency_ms=%.1f ttft_ms=%s" % (
+                record["id"], request.method, request.path, record.get("route", "-"),
+                record.get("provider", "-"), record.get("model", "-"),
+                str(record.get("stream", False)).lower(), status,
+                usage.get("input_tokens", "-"), usage.get("output_tokens", "-"),
+                (now - record["started"]) * 1000,
+                "%.1f" % ((first - record["started"]) * 1000) if first else "-"))
 
 
 def json_response(payload, status: int = 200, headers=()) -> Response:
@@ -1021,6 +1057,12 @@ class ClientConnection:
         self._writer = writer
         self._peer = parse_peer_address(writer.get_extra_info("peername"))
         self._timer = None
+        self.busy = False             # a request is being served
+
+    def close_if_idle(self) -> None:
+        """End a connection that waits for its next request (used when draining)."""
+        if not self.busy:
+            self._writer.close()
 
     async def run(self) -> None:
         idle_timeout = self._app.config.header_timeout
@@ -1093,9 +1135,12 @@ class ClientConnection:
         request = None
         body_read = False
         app.requests_active += 1
+        self.busy = True
         try:
             try:
                 request = parse_request_head(head)
+                if app.config.log:
+                    request.log = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
                 check_access(app.config, self._peer, request)
                 await self._read_body(request)
@@ -1109,15 +1154,15 @@ class ClientConnection:
                 log.exception("%s: internal error", request_id)
                 response = error_response(ProxyError("internal error in ccproxy; see its log"),
                                           request_id)
-            keep_open = body_read and request.keep_alive
+            keep_open = body_read and request.keep_alive and not app.draining
             await self._write_response(request, response, request_id, keep_open)
         finally:
             app.requests_active -= 1
             self._reader.on_end = None
+            self.busy = False
         app.count_response(response.status)
-        if app.config.log and request is not None:
-            log.info("%s %s %s -> %d in %.1f ms", request_id, request.method, request.path,
-                     response.status, (time.monotonic() - started) * 1000)
+        if request is not None and request.log is not None:
+            log.info("%s", format_request_log(request, response.status))
         return keep_open
 
     async def _read_body(self, request: Request) -> None:
@@ -1211,14 +1256,16 @@ class ClientConnection:
         if response.stream is None:
             await self._writer.drain()
         else:
-            await self._write_stream(response.stream, request.version == "HTTP/1.1")
+            await self._write_stream(response.stream, request.version == "HTTP/1.1", request.log)
 
-    async def _write_stream(self, stream, chunked: bool) -> None:
+    async def _write_stream(self, stream, chunked: bool, record) -> None:
         """Write each piece as it comes; a bug mid-stream still ends with an error event."""
         writer = self._writer
         try:
             try:
                 async for piece in stream:
+                    if record is not None and "first_byte" not in record:
+                        record["first_byte"] = time.monotonic()
                     writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
                     await writer.drain()
             except (ClientDisconnected, ConnectionError):
@@ -1305,6 +1352,7 @@ class ProxyApp:
             config.worker_threads, thread_name_prefix="ccproxy-upstream")
         self.opener = build_upstream_opener()
         self.upstream_calls = set()
+        self.draining = False         # shutting down: answer in-flight requests, take no more
         self._threads_busy = 0
         self._threads_lock = threading.Lock()
         self._request_ids = itertools.count(1)
@@ -1473,7 +1521,12 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     """POST /v1/messages: validate, route, translate, call the provider, relay its answer."""
     body = parse_json_body(request)
     check_messages_request(body)
-    provider, model = route_request(app.config, body)
+    provider, model, route = route_request(app.config, body)
+    if request.log is not None:
+        request.log.update(route=route, provider=provider.name, model=model,
+                           stream=body.get("stream") is True)
+        if app.config.log_bodies:
+            log.info("%s body: %s", request.log["id"], request.body_text)
     protocol = PROTOCOLS[provider.protocol]
     url, headers, payload = protocol.messages_request(provider, model, request, body)
     call = UpstreamCall(app, provider, url, headers, payload)
@@ -1485,8 +1538,8 @@ async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response
     body = parse_json_body(request)
     check_messages_request(body, for_count=True)
     routed = route_request(app.config, body, required=False)
-    if routed is not None and routed[0].count_tokens and routed[0].protocol == "anthropic":
-        provider, model = routed
+    if routed is not None and routed.provider.count_tokens and routed.provider.protocol == "anthropic":
+        provider, model, _ = routed
         url, headers, payload = anthropic_count_tokens_request(provider, model, request, body)
         answer = await fetch_upstream_json(UpstreamCall(app, provider, url, headers, payload), conn)
         if answer is not None:
@@ -1625,26 +1678,30 @@ def estimate_request_tokens(body: dict) -> int:
 # 8. Router
 ###############################################################################
 
-def route_request(config: Config, body: dict, required: bool = True):
-    """The (provider, model) a request goes to.
+Routing = collections.namedtuple("Routing", "provider model route")
 
-    A model an enabled provider lists goes to that provider; otherwise routes.default; with no
-    routes, the first enabled provider with its first model (or the requested model when it
-    lists none). Returns None, or raises when required, if no provider is enabled.
+
+def route_request(config: Config, body: dict, required: bool = True):
+    """The Routing (provider, model, route name) a request goes to.
+
+    A model an enabled provider lists goes to that provider (route "model"); otherwise
+    routes.default; with no routes, the first enabled provider with its first model, or the
+    requested model when it lists none (route "first"). Returns None, or raises when required,
+    if no provider is enabled.
     """
     requested = body.get("model")
     enabled = config.enabled_providers()
     for provider in enabled:
         if requested in provider.models:
-            return provider, requested
+            return Routing(provider, requested, "model")
     default = config.routes.get("default")
     if default is not None:
         provider = config.provider_named(default[0])
         if provider is not None and provider.enabled:
-            return provider, default[1]
+            return Routing(provider, default[1], "default")
     if enabled:
         provider = enabled[0]
-        return provider, provider.models[0] if provider.models else requested
+        return Routing(provider, provider.models[0] if provider.models else requested, "first")
     if not required:
         return None
     raise InvalidRequestError("ccproxy has no enabled provider; add one to %s"
@@ -1813,10 +1870,11 @@ class AnthropicStreamRelay:
     that finish() adds when the stream ended without message_stop or error.
     """
 
-    def __init__(self, provider_name: str):
+    def __init__(self, provider_name: str, record=None):
         self._provider_name = provider_name
         self._pending = b""
         self._terminated = False
+        self._record = record
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
@@ -1824,6 +1882,8 @@ class AnthropicStreamRelay:
         complete, self._pending = data[:end], data[end:]
         if complete and not self._terminated:
             self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
+        if complete and self._record is not None:
+            note_anthropic_usage(complete, self._record)
         return complete
 
     def finish(self, error: ProxyError | None = None) -> bytes:
@@ -1832,6 +1892,16 @@ class AnthropicStreamRelay:
         if error is None:
             error = UpstreamError("%s: the stream ended before message_stop" % self._provider_name)
         return sse_error_event(error.error_type, error.message)
+
+
+USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens)"\s*:\s*(\d+)')
+
+
+def note_anthropic_usage(data: bytes, record: dict) -> None:
+    """Token counts found in Anthropic JSON or events, for the request log (last one wins)."""
+    usage = record.setdefault("usage", {})
+    for name, value in USAGE_FIELD_RE.findall(data):
+        usage[name.decode()] = int(value)
 
 
 def anthropic_error_response(call, status: int, body: bytes) -> Response:
@@ -1856,9 +1926,11 @@ async def relay_anthropic(call, conn, request: Request, body: dict) -> Response:
         return anthropic_error_response(call, status, call.body)
     content_type = call.header("content-type") or "application/json"
     if call.body is None:
-        relay = AnthropicStreamRelay(call.provider.name)
+        relay = AnthropicStreamRelay(call.provider.name, request.log)
         return Response(status, headers=call.relayed_headers(), content_type=content_type,
                         stream=relay_stream(call.chunks(), relay))
+    if request.log is not None:
+        note_anthropic_usage(call.body, request.log)
     return Response(status, call.body, call.relayed_headers(), content_type=content_type)
 
 
@@ -2378,6 +2450,8 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
                                                                  bool(calls))
     usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
         else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
+    if context.log is not None:
+        context.log["usage"] = usage
     return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
             "model": context.model, "content": content, "stop_reason": stop_reason,
             "stop_sequence": None, "usage": usage}
@@ -2397,6 +2471,7 @@ class TranslationContext:
                  upstream_tool_name=openai_tool_name):
         self.provider = provider
         self.model = body.get("model")
+        self.log = request.log
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
         self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
                             for t in body.get("tools") or () if isinstance(t, dict)}
@@ -2512,10 +2587,12 @@ class AnthropicEventEmitter:
         """Close the open block and end the message."""
         self.start()
         self.close()
+        usage = usage or self._context.estimated_usage(self.output_chars)
+        if self._context.log is not None:
+            self._context.log["usage"] = usage
         self._out.append(sse_event("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-            "usage": usage or self._context.estimated_usage(self.output_chars)}))
+            "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage}))
         self._out.append(sse_event("message_stop", {"type": "message_stop"}))
 
 
@@ -3610,9 +3687,16 @@ class SecretMaskingFilter(logging.Filter):
         return True
 
 
-def configure_logging(config: Config) -> None:
-    """Log to stderr, with secrets masked."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(config: Config, detached: bool) -> None:
+    """Log to stderr in the foreground, to log_file (rotated by size) when detached; secrets
+    masked either way."""
+    if detached:
+        path = os.path.expanduser(config.log_file)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_MAX_BYTES,
+                                                       backupCount=LOG_FILE_BACKUPS)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s ccproxy %(levelname)s %(message)s"))
     handler.addFilter(SecretMaskingFilter(config.secrets()))
     log.handlers[:] = [handler]
@@ -3620,15 +3704,129 @@ def configure_logging(config: Config) -> None:
     log.propagate = False
 
 
+def ccproxy_home() -> str:
+    """~/.ccproxy: the pidfile, session leases and (by default) the log live here."""
+    return os.path.join(os.path.expanduser("~"), ".ccproxy")
+
+
+def pidfile_path() -> str:
+    return os.path.join(ccproxy_home(), "ccproxy.pid")
+
+
+def write_private_file(path: str, text: str) -> None:
+    """Write a file atomically (temporary file, then rename) with mode 0600."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def read_pidfile() -> dict | None:
+    """The pidfile's record (pid, url, version, started_at, config, started_by), if readable."""
+    try:
+        with open(pidfile_path(), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
+
+
+def remove_pidfile(pid: int) -> None:
+    """Remove the pidfile if it still names pid (another instance may have replaced it)."""
+    record = read_pidfile()
+    if record is not None and record["pid"] == pid:
+        try:
+            os.remove(pidfile_path())
+        except OSError:
+            pass
+
+
+def process_alive(pid: int) -> bool:
+    if os.name == "nt":           # no signal 0 on Windows: the health check decides
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_is_ccproxy(pid: int) -> bool:
+    """Whether pid runs ccproxy (a recycled pid belongs to some other program)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return b"ccproxy" in handle.read()
+    except OSError:
+        pass
+    try:
+        command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                                 timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return b"ccproxy" in command
+
+
+def local_get(url: str, path: str, apikey: str = "", timeout: float = 2.0):
+    """GET a path of a local ccproxy, never through a user's HTTP proxy; (status, JSON) or None."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url + path, headers={"x-api-key": apikey} if apikey else {})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, None
+    except (OSError, ValueError):
+        return None
+
+
+def running_proxy() -> dict | None:
+    """The pidfile record of a live ccproxy, or None; a stale pidfile is removed."""
+    record = read_pidfile()
+    if record is None:
+        return None
+    pid = record["pid"]
+    answer = local_get(record.get("url", ""), "/health") if process_alive(pid) else None
+    if answer is not None and answer[0] == 200 and process_is_ccproxy(pid):
+        return record
+    remove_pidfile(pid)
+    return None
+
+
+def sessions_dir() -> str:
+    return os.path.join(ccproxy_home(), "sessions")
+
+
+def live_sessions() -> int:
+    """How many `code` sessions are alive; leases of sessions that died are removed."""
+    try:
+        names = os.listdir(sessions_dir())
+    except OSError:
+        return 0
+    alive = 0
+    for name in names:
+        if name.isdigit() and process_alive(int(name)):
+            alive += 1
+        else:
+            try:
+                os.remove(os.path.join(sessions_dir(), name))
+            except OSError:
+                pass
+    return alive
+
+
 class ProxyServer:
-    """The listening server: accepts connections and serves them until stopped."""
+    """The listening server: accepts connections and serves them until stopped, then drains."""
 
     def __init__(self, config: Config):
         self.app = ProxyApp(config)
         self._server = None
         self._loop = None
         self._stopping = None
-        self._connections = set()
+        self._connections = {}        # task -> ClientConnection
 
     @property
     def url(self) -> str:
@@ -3640,6 +3838,7 @@ class ProxyServer:
         config = self.app.config
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+
         def protocol_factory():
             reader = ClientStreamReader(limit=MAX_HEADER_BYTES)
             return asyncio.StreamReaderProtocol(reader, self._accept)
@@ -3666,18 +3865,28 @@ class ProxyServer:
 
     async def _accept(self, reader, writer) -> None:
         task = asyncio.current_task()
-        self._connections.add(task)
+        connection = ClientConnection(self.app, reader, writer)
+        self._connections[task] = connection
+        if self.app.draining:
+            connection.close_if_idle()
         try:
-            await ClientConnection(self.app, reader, writer).run()
-        except asyncio.CancelledError:     # shutdown ends idle and unfinished connections
+            await connection.run()
+        except asyncio.CancelledError:     # the end of the grace period cuts what is left
             pass
         except Exception:
             log.exception("connection handler failed")
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
 
     async def _shutdown(self) -> None:
+        """Stop accepting, end idle connections, let answers in flight finish within
+        shutdown_timeout, then cut what is left."""
         self._server.close()
+        self.app.draining = True
+        for connection in list(self._connections.values()):
+            connection.close_if_idle()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=self.app.config.shutdown_timeout)
         self.app.close()
         for task in list(self._connections):
             task.cancel()
@@ -3696,6 +3905,21 @@ def install_signal_handlers(server: ProxyServer) -> None:
             pass
 
 
+def watch_sessions(server: ProxyServer) -> None:
+    """Stop the server once no `code` session is alive (checked every few seconds), so a
+    proxy that `code` started does not outlive its sessions, even crashed ones."""
+    loop = asyncio.get_running_loop()
+
+    def check():
+        if live_sessions() == 0:
+            log.info("no Claude Code session left; stopping")
+            server.stop()
+        else:
+            loop.call_later(SESSION_CHECK_SECONDS, check)
+
+    loop.call_later(SESSION_CHECK_SECONDS, check)
+
+
 def startup_warnings(config: Config) -> list:
     """What the operator should know before the first request."""
     notes = list(config.warnings)
@@ -3711,18 +3935,37 @@ def startup_warnings(config: Config) -> list:
     return notes
 
 
-def run_foreground(config: Config) -> int:
-    """Serve in this process until SIGINT/SIGTERM; the exit status."""
-    configure_logging(config)
+def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict:
+    host, port = server.app.listen_address
+    return {"pid": os.getpid(), "url": client_url(host, port), "host": host, "port": port,
+            "version": __version__, "started_at": time.time(), "config": config.source,
+            "started_by": started_by, "shutdown_timeout": config.shutdown_timeout}
+
+
+def client_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses: a wildcard bind is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+def run_foreground(config: Config, detached: bool = False, started_by: str = "foreground",
+                   watch_code_sessions: bool = False) -> int:
+    """Serve in this process until SIGINT/SIGTERM, with a pidfile; the exit status."""
+    configure_logging(config, detached)
     for note in startup_warnings(config):
         log.warning("%s", note)
     server = ProxyServer(config)
 
+    def on_ready(ready: ProxyServer) -> None:
+        write_private_file(pidfile_path(), json.dumps(pidfile_record(ready, config, started_by)))
+        log.info("ccproxy %s listening on %s (pid %d, config: %s)", __version__, ready.url,
+                 os.getpid(), config.source or "built-in defaults")
+
     async def main_task():
         install_signal_handlers(server)
-        await server.serve(on_ready=lambda s: log.info(
-            "ccproxy %s listening on %s (config: %s)", __version__, s.url,
-            config.source or "built-in defaults"))
+        if watch_code_sessions:
+            watch_sessions(server)
+        await server.serve(on_ready)
 
     try:
         asyncio.run(main_task())
@@ -3731,8 +3974,142 @@ def run_foreground(config: Config) -> int:
         return 1
     except KeyboardInterrupt:
         pass
+    finally:
+        remove_pidfile(os.getpid())
     log.info("ccproxy stopped")
     return 0
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the proxy could not listen on host:port, found by trying; None when it can."""
+    if port == 0:
+        return None
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            if os.name != "nt":
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+            return "port %d on %s is already in use" % (port, host)
+        return "cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)
+    return None
+
+
+def detach_options() -> dict:
+    """Popen options that detach a child from this terminal and session."""
+    options = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+               "stderr": subprocess.DEVNULL, "close_fds": True}
+    if os.name == "nt":
+        options["creationflags"] = (getattr(subprocess, "DETACHED_PROCESS", 0)
+                                    | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
+    else:
+        options["start_new_session"] = True
+    return options
+
+
+def start_detached(config: Config, started_by: str) -> dict | None:
+    """Start the proxy in the background and wait until it answers /health; its pidfile
+    record, or None after printing why it could not start."""
+    problem = port_problem(config.host, config.port)
+    if problem:
+        print("ccproxy: %s" % problem, file=sys.stderr)
+        return None
+    command = [sys.executable, os.path.abspath(__file__), "start", "--foreground", "--detached",
+               "--started-by", started_by, "--host", config.host, "--port", str(config.port)]
+    if config.source:
+        command += ["--config", config.source]
+    if started_by == "code":
+        command.append("--watch-sessions")
+    child = subprocess.Popen(command, **detach_options())
+    deadline = time.monotonic() + START_WAIT_SECONDS
+    while time.monotonic() < deadline and child.poll() is None:
+        record = read_pidfile()
+        if record is not None and record["pid"] == child.pid and local_get(
+                record["url"], "/health") is not None:
+            return record
+        time.sleep(0.05)
+    reason = "it exited with status %s" % child.returncode if child.poll() is not None \
+        else "it did not answer within %g s" % START_WAIT_SECONDS
+    print("ccproxy: could not start: %s; see %s" % (reason, os.path.expanduser(config.log_file)),
+          file=sys.stderr)
+    return None
+
+
+def stop_proxy(record: dict) -> str:
+    """SIGTERM, wait for the drain, then kill; says how it ended."""
+    pid = record["pid"]
+    grace = float(record.get("shutdown_timeout") or DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
+    os.kill(pid, signal.SIGTERM)
+    if wait_for_exit(pid, grace + STOP_MARGIN_SECONDS):
+        remove_pidfile(pid)
+        return "stopped"
+    os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+    wait_for_exit(pid, STOP_MARGIN_SECONDS)
+    remove_pidfile(pid)
+    return "killed after the %g s grace period" % grace
+
+
+def wait_for_exit(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not process_alive(pid) or not process_is_ccproxy(pid):
+            return True
+        time.sleep(STOP_POLL_SECONDS)
+    return False
+
+
+CLAUDE_INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
+# Variables that would make Claude Code bypass ANTHROPIC_BASE_URL or use another key.
+CLAUDE_UNSET_VARIABLES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "ANTHROPIC_API_KEY")
+
+
+def claude_variables(url: str, config: Config, environ) -> dict:
+    """The environment that points Claude Code at the proxy and keeps it from calling home."""
+    no_proxy = [p for p in (environ.get("NO_PROXY") or environ.get("no_proxy") or "").split(",")
+                if p.strip()]
+    no_proxy += [h for h in ("127.0.0.1", "localhost", "::1") if h not in no_proxy]
+    return {
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_AUTH_TOKEN": config.apikey or "ccproxy",
+        "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_COST_WARNINGS": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "NO_PROXY": ",".join(no_proxy),
+        "no_proxy": ",".join(no_proxy),
+    }
+
+
+SHELL_RENDERERS = {
+    "bash": (lambda k, v: "export %s=%s" % (k, shell_quote(v)), lambda k: "unset %s" % k),
+    "zsh": (lambda k, v: "export %s=%s" % (k, shell_quote(v)), lambda k: "unset %s" % k),
+    "fish": (lambda k, v: "set -gx %s '%s';" % (k, v.replace("\\", "\\\\").replace("'", "\\'")),
+             lambda k: "set -e %s;" % k),
+    "powershell": (lambda k, v: "$env:%s = '%s'" % (k, v.replace("'", "''")),
+                   lambda k: "Remove-Item Env:%s -ErrorAction SilentlyContinue" % k),
+    "cmd": (lambda k, v: 'set "%s=%s"' % (k, v), lambda k: "set %s=" % k),
+}
+
+
+def shell_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def render_environment(variables: dict, unset, shell: str) -> str:
+    """Lines that set (and unset) the variables in the given shell."""
+    assign, remove = SHELL_RENDERERS[shell]
+    lines = [remove(name) for name in unset] + [assign(k, v) for k, v in variables.items()]
+    return "\n".join(lines)
+
+
+def default_shell(environ) -> str:
+    """The user's shell from $SHELL; PowerShell on Windows; bash otherwise."""
+    name = os.path.basename(environ.get("SHELL", ""))
+    if name in SHELL_RENDERERS:
+        return name
+    return "powershell" if os.name == "nt" else "bash"
 
 
 ###############################################################################
@@ -3743,27 +4120,57 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one subcommand per verb of the original."""
     parser = argparse.ArgumentParser(
         prog="ccproxy.py", description="Let Claude Code use any LLM provider.",
-        epilog="example: python3 ccproxy.py start --foreground --port 3456")
+        epilog="example: python3 ccproxy.py code")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     start = commands.add_parser(
-        "start", help="start the proxy",
-        description="Start the proxy. This version serves in the foreground (detaching "
-                    "arrives with the daemon).",
-        epilog="example: python3 ccproxy.py start --foreground --config ~/.ccproxy/config.json")
+        "start", help="start the proxy in the background (or --foreground)",
+        description="Start the proxy: in the background, returning once it answers, or in the "
+                    "foreground with --foreground. Already running: says where, exit 0.",
+        epilog="example: python3 ccproxy.py start --config ~/.ccproxy/config.json")
     start.add_argument("--foreground", action="store_true",
-                       help="stay attached to the terminal (systemd, containers)")
+                       help="stay attached, log to stderr (systemd, containers)")
     start.add_argument("--check", action="store_true",
                        help="validate the configuration, print the result and exit 0 or 1")
     add_config_flags(start)
-    for name, summary in (("stop", "stop the running proxy"),
-                          ("status", "show whether the proxy runs"),
-                          ("code", "run Claude Code through the proxy"),
-                          ("env", "print the environment for Claude Code")):
-        sub = commands.add_parser(name, help=summary, description=summary + " (not yet available "
-                                  "in ccproxy %s)" % __version__)
-        add_config_flags(sub)
+    start.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
+    start.add_argument("--started-by", default="foreground", help=argparse.SUPPRESS)
+    start.add_argument("--watch-sessions", action="store_true", help=argparse.SUPPRESS)
+    commands.add_parser(
+        "stop", help="stop the running proxy",
+        description="Stop the running proxy: in-flight answers may finish within "
+                    "performance.shutdown_timeout, then it is killed. Not running: exit 0.",
+        epilog="example: python3 ccproxy.py stop")
+    status = commands.add_parser(
+        "status", help="show whether the proxy runs",
+        description="Show pid, address, uptime, version and providers; exit 0 when running, "
+                    "3 when not.", epilog="example: python3 ccproxy.py status --json")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    commands.add_parser("code", help="run Claude Code through the proxy (starts it if needed)",
+                        add_help=False)
+    env = commands.add_parser(
+        "env", help="print the environment for Claude Code",
+        description="Print the variables that point Claude Code at the proxy, for your shell.",
+        epilog='example: eval "$(python3 ccproxy.py env)"')
+    env.add_argument("--shell", choices=sorted(SHELL_RENDERERS),
+                     help="shell syntax (default: from $SHELL, PowerShell on Windows)")
+    add_config_flags(env)
     commands.add_parser("version", help="print the version", description="Print the version.",
                         epilog="example: python3 ccproxy.py version")
+    return parser
+
+
+def build_code_parser() -> argparse.ArgumentParser:
+    """The help of `code`: its own flags; every other argument goes to claude."""
+    parser = argparse.ArgumentParser(
+        prog="ccproxy.py code", usage="ccproxy.py code [--config FILE] [--host H] [--port P] "
+                                      "[claude arguments…] [-- claude arguments…]",
+        description="Start the proxy if it is not running, then run Claude Code ('claude', or "
+                    "$CLAUDE_PATH) through it. Arguments not listed here go to claude unchanged; "
+                    "after -- everything does. Returns claude's exit status. A proxy that code "
+                    "started stops when the last code session ends.",
+        epilog='examples: python3 ccproxy.py code -p "fix the tests"    '
+               'python3 ccproxy.py code -- --help')
+    add_config_flags(parser)
     return parser
 
 
@@ -3778,6 +4185,14 @@ def config_from_args(args) -> Config:
     return load_config(args.config, os.environ, {"host": args.host, "port": args.port})
 
 
+def config_of(record: dict, fallback: Config) -> Config:
+    """The configuration a running proxy was started with (for its apikey), if readable."""
+    try:
+        return load_config(record.get("config"), os.environ) if record.get("config") else fallback
+    except ConfigError:
+        return fallback
+
+
 def cmd_start(args) -> int:
     try:
         config = config_from_args(args)
@@ -3790,7 +4205,159 @@ def cmd_start(args) -> int:
         print("configuration OK: %s (%d providers)" % (config.source or "built-in defaults",
                                                        len(config.providers)))
         return 0
-    return run_foreground(config)
+    running = running_proxy()
+    if running is not None:
+        print("ccproxy is already running at %s (pid %d)" % (running["url"], running["pid"]))
+        return 1 if args.foreground else 0
+    if args.foreground:
+        return run_foreground(config, args.detached, args.started_by, args.watch_sessions)
+    record = start_detached(config, "start")
+    if record is None:
+        return 1
+    print("ccproxy %s started at %s (pid %d); log: %s" % (
+        __version__, record["url"], record["pid"], os.path.expanduser(config.log_file)))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    record = running_proxy()
+    if record is None:
+        print("ccproxy is not running")
+        return 0
+    print("ccproxy (pid %d) %s" % (record["pid"], stop_proxy(record)))
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Exit 0 when running, 3 when not (LSB)."""
+    record = running_proxy()
+    if record is None:
+        print(json.dumps({"running": False}) if args.json else "ccproxy is not running")
+        return 3
+    config = config_of(record, build_config({}, None))
+    answer = local_get(record["url"], "/status", config.apikey)
+    details = answer[1] if answer is not None and answer[0] == 200 else {}
+    report = {"running": True, "pid": record["pid"], "url": record["url"],
+              "version": record.get("version"), "started_by": record.get("started_by"),
+              "config": record.get("config"),
+              "uptime_seconds": details.get("uptime_seconds",
+                                            round(time.time() - record.get("started_at", 0), 3)),
+              "providers": details.get("providers", [])}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print("ccproxy %s is running at %s (pid %d, up %ds, started by %s)" % (
+        report["version"], report["url"], report["pid"], report["uptime_seconds"],
+        report["started_by"]))
+    for provider in report["providers"]:
+        print("  %-12s %-9s %-8s %s" % (provider["name"], provider["type"],
+                                         "enabled" if provider["enabled"] else "disabled",
+                                         ", ".join(provider["models"]) or "(any model)"))
+    return 0
+
+
+def cmd_env(args) -> int:
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+        return 1
+    record = running_proxy()
+    if record is None:
+        print("ccproxy: not running yet; start it with: python3 ccproxy.py start", file=sys.stderr)
+    url = record["url"] if record else client_url(config.host, config.port)
+    shell = args.shell or default_shell(os.environ)
+    print(render_environment(claude_variables(url, config, os.environ), CLAUDE_UNSET_VARIABLES,
+                             shell))
+    return 0
+
+
+def split_code_arguments(argv):
+    """(code's own options, claude's arguments): --config/--host/--port and --help are
+    code's; `--` hands everything after it to claude; anything else goes to claude too."""
+    own, passed, index = {"--config": None, "--host": None, "--port": None, "help": False}, [], 0
+    while index < len(argv):
+        argument = argv[index]
+        name, equals, value = argument.partition("=")
+        if argument == "--":
+            passed += argv[index + 1:]
+            break
+        if argument in ("-h", "--help"):
+            own["help"] = True
+        elif name in own:
+            if not equals:
+                if index + 1 >= len(argv):
+                    raise ValueError("%s needs a value" % name)
+                index, value = index + 1, argv[index + 1]
+            own[name] = value
+        else:
+            passed.append(argument)
+        index += 1
+    if own["--port"] is not None and not own["--port"].isdigit():
+        raise ValueError("--port needs a number, not %r" % own["--port"])
+    return own, passed
+
+
+def find_claude(environ) -> str | None:
+    """The claude executable: $CLAUDE_PATH, else `claude` on PATH."""
+    named = environ.get("CLAUDE_PATH")
+    if named:
+        return named if os.path.isfile(named) and os.access(named, os.X_OK) else None
+    return shutil.which("claude")
+
+
+def cmd_code(argv) -> int:
+    """Run claude through the proxy, starting the proxy if needed; claude's exit status."""
+    try:
+        own, claude_arguments = split_code_arguments(argv)
+    except ValueError as exc:
+        print("ccproxy code: %s" % exc, file=sys.stderr)
+        return 2
+    if own["help"]:
+        build_code_parser().print_help()
+        return 0
+    claude = find_claude(os.environ)
+    if claude is None:
+        print("ccproxy: Claude Code (claude) was not found%s; install it with: %s" % (
+            " at CLAUDE_PATH" if os.environ.get("CLAUDE_PATH") else " on PATH",
+            CLAUDE_INSTALL_HINT), file=sys.stderr)
+        return 127
+    try:
+        port = int(own["--port"]) if own["--port"] is not None else None
+        config = load_config(own["--config"], os.environ, {"host": own["--host"], "port": port})
+    except ConfigError as exc:
+        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+        return 1
+    return run_code_session(claude, claude_arguments, config)
+
+
+def run_code_session(claude: str, arguments: list, config: Config) -> int:
+    """Hold a session lease while claude runs; stop a proxy `code` started when the last
+    session ends."""
+    lease = os.path.join(sessions_dir(), str(os.getpid()))
+    write_private_file(lease, "")
+    record = None
+    try:
+        record = running_proxy() or start_detached(config, "code")
+        if record is None:
+            return 1
+        environment = {k: v for k, v in os.environ.items() if k not in CLAUDE_UNSET_VARIABLES}
+        environment.update(claude_variables(record["url"], config_of(record, config), os.environ))
+        return run_claude([claude] + arguments, environment)
+    finally:
+        os.remove(lease)
+        if record is not None and record.get("started_by") == "code" and live_sessions() == 0:
+            if running_proxy() is not None:
+                stop_proxy(record)
+
+
+def run_claude(command: list, environment: dict) -> int:
+    """Run claude in the foreground; Ctrl-C is claude's to handle, not ours."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return subprocess.call(command, env=environment)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_version(args) -> int:
@@ -3798,18 +4365,15 @@ def cmd_version(args) -> int:
     return 0
 
 
-def cmd_not_yet(args) -> int:
-    print("ccproxy: '%s' is not available in ccproxy %s yet; use 'start --foreground'"
-          % (args.command, __version__), file=sys.stderr)
-    return 2
-
-
-COMMANDS = {"start": cmd_start, "version": cmd_version, "stop": cmd_not_yet,
-            "status": cmd_not_yet, "code": cmd_not_yet, "env": cmd_not_yet}
+COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "env": cmd_env,
+            "version": cmd_version}
 
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["code"]:
+        return cmd_code(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -20,8 +20,12 @@ from conftest import REPO, anthropic_provider
 SCRIPT = str(REPO / "ccproxy.py")
 
 
-def clean_env():
-    return {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_") and k != "LOG"}
+def clean_env(home=None):
+    """The environment for a ccproxy subprocess: no CCPROXY_ settings, its own HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_") and k != "LOG"}
+    if home is not None:
+        env["HOME"] = str(home)
+    return env
 
 
 def test_version_runs_isolated_on_the_standard_library_alone():
@@ -51,12 +55,6 @@ def test_start_help_lists_its_flags_with_an_example():
         assert flag in out
 
 
-def test_commands_of_later_releases_say_so():
-    result = subprocess.run([sys.executable, SCRIPT, "stop"], capture_output=True, text=True,
-                            timeout=30, env=clean_env())
-    assert result.returncode == 2 and "not available" in result.stderr
-
-
 def test_no_command_prints_help():
     result = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "start" in result.stdout
@@ -82,7 +80,8 @@ class ForegroundProxy:
     def __init__(self, python, config_path, *extra):
         self.process = subprocess.Popen(
             [python, SCRIPT, "start", "--foreground", "--port", "0", "--config", str(config_path)]
-            + list(extra), stderr=subprocess.PIPE, text=True, env=clean_env())
+            + list(extra), stderr=subprocess.PIPE, text=True,
+            env=clean_env(Path(config_path).parent))
         self.lines = []
         for line in self.process.stderr:
             self.lines.append(line)
@@ -121,6 +120,18 @@ def test_smoke_run_start_request_stop(which, tmp_path, upstream):
     assert "sk-ant-upstream-secret" not in log
 
 
+def test_foreground_start_writes_and_removes_its_pidfile(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    proxy = ForegroundProxy(sys.executable, config)
+    pidfile = tmp_path / ".ccproxy" / "ccproxy.pid"
+    record = json.loads(pidfile.read_text())
+    assert record["pid"] == proxy.process.pid and record["url"] == proxy.url
+    assert pidfile.stat().st_mode & 0o777 == 0o600
+    assert proxy.stop()[0] == 0
+    assert not pidfile.exists()
+
+
 def test_sigint_stops_cleanly(tmp_path):
     config = tmp_path / "config.json"
     config.write_text("{}")
@@ -129,13 +140,24 @@ def test_sigint_stops_cleanly(tmp_path):
     assert code == 0 and "Traceback" not in log
 
 
-def test_request_log_lines_when_log_is_on(tmp_path):
+def test_request_log_lines_when_log_is_on(tmp_path, upstream):
     config = tmp_path / "config.json"
-    config.write_text('{"log": true}')
+    config.write_text(json.dumps({"log": True, "providers": [anthropic_provider(upstream)]}))
     proxy = ForegroundProxy(sys.executable, config)
-    urllib.request.urlopen(proxy.url + "/health", timeout=10).read()
+    post_message(proxy.url)
     code, log = proxy.stop()
-    assert re.search(r"req_\w+ GET /health -> 200 in [\d.]+ ms", log)
+    assert re.search(r"req_\w+ POST /v1/messages route=first provider=anthropic model=m "
+                     r"stream=false status=200 in=12 out=5 latency_ms=[\d.]+ ttft_ms=-", log)
+    assert "hi" not in log.split("route=")[1]
+
+
+def test_request_bodies_are_logged_only_when_asked(tmp_path, upstream):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"log": True, "log_bodies": True,
+                                  "providers": [anthropic_provider(upstream)]}))
+    proxy = ForegroundProxy(sys.executable, config)
+    post_message(proxy.url)
+    assert '"content": "hi"' in proxy.stop()[1]
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):

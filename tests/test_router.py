@@ -8,8 +8,8 @@ import ccproxy
 
 def route(raw, model):
     config = ccproxy.build_config(raw, "config.json", {})
-    provider, routed = ccproxy.route_request(config, {"model": model})
-    return provider.name, routed
+    routing = ccproxy.route_request(config, {"model": model})
+    return routing.provider.name, routing.model
 
 
 PROVIDERS = [
@@ -47,6 +47,15 @@ def test_a_disabled_provider_is_never_chosen():
     assert route({"providers": PROVIDERS}, "spare-model") == ("anthropic", "claude-a")
     raw = {"providers": PROVIDERS, "routes": {"default": {"provider": "spare", "model": "x"}}}
     assert route(raw, "other") == ("anthropic", "claude-a")
+
+
+def test_route_names():
+    config = ccproxy.build_config({"providers": PROVIDERS, "routes": {
+        "default": {"provider": "gateway", "model": "gw"}}}, "config.json", {})
+    assert ccproxy.route_request(config, {"model": "claude-a"}).route == "model"
+    assert ccproxy.route_request(config, {"model": "other"}).route == "default"
+    config = ccproxy.build_config({"providers": PROVIDERS}, "config.json", {})
+    assert ccproxy.route_request(config, {"model": "other"}).route == "first"
 
 
 def test_no_enabled_provider():

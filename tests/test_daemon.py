@@ -1,0 +1,326 @@
+"""Daemon: start/stop/status as real processes, pidfiles, draining, `code` sessions, `env`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO, anthropic_provider, stream_reply, wait_until
+
+SCRIPT = str(REPO / "ccproxy.py")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Home:
+    """A temporary HOME with a config file, and the ccproxy CLI run inside it."""
+
+    def __init__(self, path, config):
+        self.path = path
+        self.port = free_port()
+        self.config = path / "config.json"
+        self.config.write_text(json.dumps(dict({"port": self.port}, **config)))
+        self.pidfile = path / ".ccproxy" / "ccproxy.pid"
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def env(self, **extra):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_") and k != "LOG"}
+        env.update(HOME=str(self.path), CCPROXY_CONFIG=str(self.config))
+        env.update(extra)
+        return env
+
+    def run(self, *args, timeout=60, **extra):
+        return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True,
+                              text=True, timeout=timeout, env=self.env(**extra))
+
+    def record(self):
+        return json.loads(self.pidfile.read_text()) if self.pidfile.exists() else None
+
+    def healthy(self):
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+
+@pytest.fixture
+def home(tmp_path, upstream):
+    made = []
+
+    def make(**config):
+        config.setdefault("providers", [anthropic_provider(upstream)])
+        made.append(Home(tmp_path, config))
+        return made[-1]
+
+    yield make
+    for each in made:
+        record = each.record()
+        if record:
+            try:
+                os.kill(record["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def test_start_status_stop_round_trip(home):
+    h = home()
+    started = h.run("start")
+    assert started.returncode == 0, started.stderr
+    record = h.record()
+    assert "started at %s (pid %d)" % (h.url, record["pid"]) in started.stdout
+    assert stat.S_IMODE(h.pidfile.stat().st_mode) == 0o600
+    assert record["version"] and record["started_by"] == "start" and h.healthy()
+    status = h.run("status")
+    assert status.returncode == 0 and "is running at %s" % h.url in status.stdout
+    assert "anthropic" in status.stdout
+    report = json.loads(h.run("status", "--json").stdout)
+    assert report["running"] is True and report["pid"] == record["pid"]
+    assert "sk-ant-upstream" not in json.dumps(report)
+    stopped = h.run("stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not h.pidfile.exists() and not h.healthy()
+    after = h.run("status")
+    assert after.returncode == 3 and "not running" in after.stdout
+    assert json.loads(h.run("status", "--json").stdout) == {"running": False}
+    assert h.run("stop").stdout.strip() == "ccproxy is not running"
+
+
+def test_detached_proxy_logs_to_its_log_file(home):
+    h = home(log=True)
+    assert h.run("start").returncode == 0
+    urllib.request.urlopen(h.url + "/health", timeout=5).read()
+    h.run("stop")
+    text = (h.path / ".ccproxy" / "ccproxy.log").read_text()
+    assert "listening on %s" % h.url in text and "GET /health route=-" in text
+    assert "sk-ant-upstream-secret" not in text
+
+
+def test_starting_twice_says_it_is_running(home):
+    h = home()
+    assert h.run("start").returncode == 0
+    pid = h.record()["pid"]
+    again = h.run("start")
+    assert again.returncode == 0
+    assert "already running at %s (pid %d)" % (h.url, pid) in again.stdout
+    assert h.record()["pid"] == pid
+    foreground = h.run("start", "--foreground")
+    assert foreground.returncode == 1 and "already running" in foreground.stdout
+    h.run("stop")
+
+
+def test_stale_pidfile_is_detected_and_replaced(home):
+    h = home()
+    sleeper = subprocess.Popen(["sleep", "30"])           # a live pid that is not ccproxy
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for pid in (dead.pid, sleeper.pid):
+            h.pidfile.parent.mkdir(parents=True, exist_ok=True)
+            h.pidfile.write_text(json.dumps({"pid": pid, "url": h.url}))
+            status = h.run("status")
+            assert status.returncode == 3 and not h.pidfile.exists()
+        h.pidfile.write_text(json.dumps({"pid": sleeper.pid, "url": h.url}))
+        assert h.run("start").returncode == 0
+        assert h.record()["pid"] not in (sleeper.pid, dead.pid)
+        h.run("stop")
+    finally:
+        sleeper.kill()
+
+
+def test_port_in_use_is_a_clear_error(home):
+    h = home()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", h.port))
+        holder.listen()
+        result = h.run("start")
+    assert result.returncode == 1
+    assert "port %d on 127.0.0.1 is already in use" % h.port in result.stderr
+
+
+def test_stop_lets_an_active_stream_finish(home, upstream):
+    h = home(performance={"shutdown_timeout": "20s"})
+    reply = stream_reply(pause_before=3)
+    upstream.script = lambda r: reply
+    assert h.run("start").returncode == 0
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    sock = socket.create_connection(("127.0.0.1", h.port), timeout=20)
+    sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while b"text_delta" not in received:
+        received += sock.recv(65536)
+    stopping = threading.Thread(target=lambda: h.run("stop"))
+    stopping.start()
+    assert wait_until(lambda: not accepts_connections(h.port), 10)   # draining: no new clients
+    reply.release.set()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        received += data
+    sock.close()
+    stopping.join(30)
+    assert b"event: message_stop" in received
+    assert not h.pidfile.exists()
+
+
+def accepts_connections(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+STAND_IN_CLAUDE = r"""#!{python}
+import json, os, sys, time, urllib.request
+record = {{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in (
+    "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "API_TIMEOUT_MS", "DISABLE_TELEMETRY",
+    "DISABLE_COST_WARNINGS", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "NO_PROXY",
+    "ANTHROPIC_API_KEY", "CLAUDE_CODE_USE_BEDROCK")}}}}
+with urllib.request.urlopen(os.environ["ANTHROPIC_BASE_URL"] + "/health") as response:
+    record["health"] = response.status
+with open(os.environ["RECORD_FILE"], "a") as handle:
+    handle.write(json.dumps(record) + "\n")
+while os.path.exists(os.environ.get("HOLD_FILE", "/nonexistent")):
+    time.sleep(0.05)
+sys.exit(int(os.environ.get("EXIT_CODE", "0")))
+"""
+
+
+@pytest.fixture
+def claude_stand_in(tmp_path):
+    path = tmp_path / "bin" / "claude"
+    path.parent.mkdir()
+    path.write_text(STAND_IN_CLAUDE.format(python=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+def records(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "claude.jsonl").read_text().splitlines()]
+
+
+def test_code_runs_claude_through_a_proxy_it_starts_and_stops(home, claude_stand_in, tmp_path):
+    h = home(apikey="proxy-key")
+    result = h.run("code", "-p", "fix the tests", "--model", "openai,gpt-4.1",
+                   PATH=str(claude_stand_in.parent) + os.pathsep + os.environ["PATH"],
+                   RECORD_FILE=str(tmp_path / "claude.jsonl"), EXIT_CODE="7",
+                   ANTHROPIC_API_KEY="sk-ant-should-not-pass", CLAUDE_CODE_USE_BEDROCK="1",
+                   NO_PROXY="corp.example")
+    assert result.returncode == 7, result.stderr
+    (seen,) = records(tmp_path)
+    assert seen["argv"] == ["-p", "fix the tests", "--model", "openai,gpt-4.1"]
+    assert seen["health"] == 200
+    env = seen["env"]
+    assert env["ANTHROPIC_BASE_URL"] == h.url and env["ANTHROPIC_AUTH_TOKEN"] == "proxy-key"
+    assert int(env["API_TIMEOUT_MS"]) >= 600000
+    assert env["DISABLE_TELEMETRY"] == env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert env["DISABLE_COST_WARNINGS"] == "1"
+    assert env["NO_PROXY"].split(",")[:2] == ["corp.example", "127.0.0.1"]
+    assert env["ANTHROPIC_API_KEY"] is None and env["CLAUDE_CODE_USE_BEDROCK"] is None
+    assert not h.pidfile.exists() and not h.healthy()
+
+
+def test_code_passes_everything_after_double_dash(home, claude_stand_in, tmp_path):
+    h = home()
+    result = h.run("code", "--", "--help", "--port", "1", CLAUDE_PATH=str(claude_stand_in),
+                   RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert records(tmp_path)[0]["argv"] == ["--help", "--port", "1"]
+    assert records(tmp_path)[0]["env"]["ANTHROPIC_AUTH_TOKEN"] == "ccproxy"
+
+
+def test_code_without_claude_says_how_to_install_it(home, tmp_path):
+    h = home()
+    result = h.run("code", "-p", "x", PATH=str(tmp_path / "empty"))
+    assert result.returncode == 127
+    assert "npm install -g @anthropic-ai/claude-code" in result.stderr
+    missing = h.run("code", CLAUDE_PATH=str(tmp_path / "nope"))
+    assert missing.returncode == 127 and "CLAUDE_PATH" in missing.stderr
+    assert not h.pidfile.exists()
+
+
+def test_code_leaves_a_proxy_started_with_start_running(home, claude_stand_in, tmp_path):
+    h = home()
+    assert h.run("start").returncode == 0
+    assert h.run("code", CLAUDE_PATH=str(claude_stand_in),
+                 RECORD_FILE=str(tmp_path / "claude.jsonl")).returncode == 0
+    assert h.healthy() and h.record()["started_by"] == "start"
+    h.run("stop")
+
+
+def test_sessions_share_one_proxy_that_stops_with_the_last(home, claude_stand_in, tmp_path):
+    h = home()
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    common = dict(CLAUDE_PATH=str(claude_stand_in), RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    first = subprocess.Popen([sys.executable, SCRIPT, "code"],
+                             env=h.env(HOLD_FILE=str(hold), **common))
+    assert wait_until(lambda: (tmp_path / "claude.jsonl").exists(), 20)
+    pid = h.record()["pid"]
+    assert h.run("code", **common).returncode == 0          # a second session comes and goes
+    assert h.healthy() and h.record()["pid"] == pid
+    hold.unlink()
+    assert first.wait(20) == 0
+    assert wait_until(lambda: not h.pidfile.exists(), 10)
+
+
+def test_a_crashed_session_does_not_keep_the_proxy_alive(home, claude_stand_in, tmp_path):
+    h = home()
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    session = subprocess.Popen([sys.executable, SCRIPT, "code"], start_new_session=True,
+                               env=h.env(HOLD_FILE=str(hold), CLAUDE_PATH=str(claude_stand_in),
+                                         RECORD_FILE=str(tmp_path / "claude.jsonl")))
+    assert wait_until(lambda: (tmp_path / "claude.jsonl").exists(), 20)
+    os.killpg(session.pid, signal.SIGKILL)                  # the session and its claude die
+    session.wait()
+    assert wait_until(lambda: not h.healthy(), 15)
+    assert wait_until(lambda: not h.pidfile.exists(), 5)
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_env_output_evaluates_in_each_shell(home, shell):
+    if shutil.which(shell) is None:
+        pytest.skip("%s is not installed here" % shell)
+    h = home(apikey="it's-a-key")
+    exported = h.run("env", "--shell", shell).stdout
+    script = exported + '\necho $ANTHROPIC_BASE_URL; echo $ANTHROPIC_AUTH_TOKEN; ' \
+                        'echo "[$ANTHROPIC_API_KEY]"'
+    lines = subprocess.run([shell, "-c", script], capture_output=True, text=True, timeout=30,
+                           env=dict(h.env(), ANTHROPIC_API_KEY="old")).stdout.splitlines()
+    assert lines == [h.url, "it's-a-key", "[]"]
+
+
+@pytest.mark.parametrize("shell, expected", [
+    ("bash", "export ANTHROPIC_AUTH_TOKEN='a'\\''b'"),
+    ("fish", "set -gx ANTHROPIC_AUTH_TOKEN 'a\\'b';"),
+    ("powershell", "$env:ANTHROPIC_AUTH_TOKEN = 'a''b'"),
+    ("cmd", 'set "ANTHROPIC_AUTH_TOKEN=a\'b"'),
+])
+def test_env_syntax_for_each_shell(home, shell, expected):
+    h = home(apikey="a'b")
+    output = h.run("env", "--shell", shell).stdout
+    assert expected in output.splitlines()
+    assert "ANTHROPIC_BASE_URL" in output and "API_TIMEOUT_MS" in output
+
+
+def test_env_shell_defaults_to_shell_variable(home):
+    h = home()
+    assert "set -gx ANTHROPIC_BASE_URL" in h.run("env", SHELL="/usr/bin/fish").stdout
+    assert "export ANTHROPIC_BASE_URL" in h.run("env", SHELL="/bin/zsh").stdout
