@@ -1381,9 +1381,10 @@ class ProxyApp:
     def threads_busy(self) -> int:
         return self._threads_busy
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
+        """End every upstream call (its client gets an error saying why) and the pool."""
         for call in list(self.upstream_calls):
-            call.cancel()
+            call.cancel(reason)
         self.upstream_pool.shutdown(wait=False)
 
 
@@ -3515,6 +3516,7 @@ class UpstreamCall:
         self._socket = None
         self._response = None
         self._cancelled = False
+        self._cancel_reason = ""
         self.status = 0
         self.body = None
 
@@ -3523,8 +3525,10 @@ class UpstreamCall:
         if self._cancelled:
             self._shutdown_socket()
 
-    def cancel(self) -> None:
-        """Cut the call: the worker thread's next or current socket operation fails."""
+    def cancel(self, reason: str = "") -> None:
+        """Cut the call: the worker thread's next or current socket operation fails. With a
+        reason the client is told (an error event); without, the client is gone."""
+        self._cancel_reason = self._cancel_reason or reason
         self._cancelled = True
         self._shutdown_socket()
 
@@ -3583,7 +3587,8 @@ class UpstreamCall:
 
     def _failure(self, exc: BaseException) -> Exception:
         if self._cancelled:
-            return ClientDisconnected()
+            return ProxyError(self._cancel_reason, 529) if self._cancel_reason \
+                else ClientDisconnected()
         return upstream_failure(self.provider, self._url, exc, self._app.config.request_timeout,
                                 self._response is not None)
 
@@ -3887,7 +3892,9 @@ class ProxyServer:
             connection.close_if_idle()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=self.app.config.shutdown_timeout)
-        self.app.close()
+        self.app.close("ccproxy is shutting down; the answer was cut")
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=STOP_MARGIN_SECONDS / 2)
         for task in list(self._connections):
             task.cancel()
         if self._connections:

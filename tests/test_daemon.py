@@ -324,3 +324,27 @@ def test_env_shell_defaults_to_shell_variable(home):
     h = home()
     assert "set -gx ANTHROPIC_BASE_URL" in h.run("env", SHELL="/usr/bin/fish").stdout
     assert "export ANTHROPIC_BASE_URL" in h.run("env", SHELL="/bin/zsh").stdout
+
+
+def test_stop_cuts_what_outlasts_the_grace_period(home, upstream):
+    h = home(performance={"shutdown_timeout": "1s"})
+    upstream.script = lambda r: stream_reply(pause_before=3)        # never released
+    assert h.run("start").returncode == 0
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    sock = socket.create_connection(("127.0.0.1", h.port), timeout=20)
+    sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while b"text_delta" not in received:
+        received += sock.recv(65536)
+    started = time.monotonic()
+    stopped = h.run("stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert time.monotonic() - started < 10
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        received += data
+    sock.close()
+    assert b"message_stop" not in received and not h.pidfile.exists()
+    assert received.rstrip().endswith(b'"message": "ccproxy is shutting down; the answer was cut"}}')
