@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import base64
+import collections
 import concurrent.futures
 import errno
 import hashlib
@@ -42,7 +42,9 @@ import itertools
 import json
 import logging
 import logging.handlers
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -75,6 +77,10 @@ DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 75.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 600.0          # inactivity: a whole answer may stream for minutes
 DEFAULT_WORKER_THREADS = 512                     # one per upstream call in flight
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0          # in-flight answers may finish this long on stop
+DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext route applies
+RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
+RETRY_CAP_SECONDS = 8.0
+MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
 BODY_READ_SLICE_BYTES = 1024 * 1024
 UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
@@ -264,6 +270,7 @@ DEFAULT_CONFIG = {
     "log": False,
     "log_file": "~/.ccproxy/ccproxy.log",
     "log_bodies": False,
+    "failover": True,
     "providers": [],
     "routes": {},
     "security": {"allowed_ips": []},
@@ -274,18 +281,25 @@ DEFAULT_CONFIG = {
         "shutdown_timeout": DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
         "max_request_body_size": DEFAULT_MAX_BODY_BYTES,
         "worker_threads": DEFAULT_WORKER_THREADS,
+        "max_retries": 0,
+        "retry_budget": 30.0,
         "metrics_enabled": False,
         "rate_limit_enabled": False,
+        "rate_limit_rpm": 60,
+        "rate_limit_burst": 20,
         "circuit_breaker_enabled": False,
+        "circuit_breaker_threshold": 5,
+        "circuit_breaker_cooldown": 30.0,
     },
 }
 
 PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "models", "enabled", "headers",
                  "max_tokens", "count_tokens")
 ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
-# Accepted for compatibility with the original's config files; their features arrive with
-# routing and resilience, and until then they only earn a warning when switched on.
-NOT_YET_APPLIED_KEYS = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
+LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
+CONDITION_TYPES = ("tokenCount", "model", "thinking", "tools", "header")
+CONDITION_OPERATORS = (">", ">=", "<", "<=", "==", "!=", "contains", "matches")
+PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
 SECRET_KEYS = ("apikey", "api_key", "headers")      # never echoed in a validation message
 
 # What a provider's server accepts; a preset overrides what its server does otherwise.
@@ -541,6 +555,9 @@ class Provider:
         return "Provider(%r, %s, %s)" % (self.name, self.protocol, self.base_url)
 
 
+Route = collections.namedtuple("Route", "name provider model conditions fallbacks")
+
+
 class Config:
     """The validated configuration the server runs on; built by build_config()."""
 
@@ -557,6 +574,10 @@ class Config:
         self.log_bodies = raw["log_bodies"]
         self.providers = providers
         self.routes = routes
+        self.long_context_threshold = raw["routes"].get(LONG_CONTEXT_THRESHOLD_KEY,
+                                                        DEFAULT_LONG_CONTEXT_TOKENS) \
+            if isinstance(raw["routes"], dict) else DEFAULT_LONG_CONTEXT_TOKENS
+        self.failover = raw["failover"]
         self.allowed_networks = allowed_networks
         self.request_timeout = performance["request_timeout"]
         self.header_timeout = performance["header_timeout"]
@@ -564,6 +585,14 @@ class Config:
         self.shutdown_timeout = performance["shutdown_timeout"]
         self.max_body_bytes = performance["max_request_body_size"]
         self.worker_threads = performance["worker_threads"]
+        self.max_retries = performance["max_retries"]
+        self.retry_budget = performance["retry_budget"]
+        self.metrics_enabled = performance["metrics_enabled"]
+        self.rate_limit = (performance["rate_limit_rpm"], performance["rate_limit_burst"]) \
+            if performance["rate_limit_enabled"] else None
+        self.breaker_settings = (performance["circuit_breaker_threshold"],
+                                 performance["circuit_breaker_cooldown"],
+                                 performance["circuit_breaker_enabled"])
         self.warnings = warnings
 
     def enabled_providers(self) -> list:
@@ -622,6 +651,7 @@ def check_top_level(checker: ConfigChecker, raw: dict) -> None:
     checker.typed(raw, "log", "", bool, "true or false")
     checker.typed(raw, "log_file", "", str, "a file path")
     checker.typed(raw, "log_bodies", "", bool, "true or false")
+    checker.typed(raw, "failover", "", bool, "true or false")
 
 
 def check_performance(checker: ConfigChecker, section) -> dict:
@@ -631,19 +661,23 @@ def check_performance(checker: ConfigChecker, section) -> dict:
         return dict(DEFAULT_CONFIG["performance"])
     checker.unknown_keys(section, DEFAULT_CONFIG["performance"], "performance")
     checked = dict(section)
-    for key in ("request_timeout", "header_timeout", "keepalive_timeout", "shutdown_timeout"):
+    for key in ("request_timeout", "header_timeout", "keepalive_timeout", "shutdown_timeout",
+                "retry_budget", "circuit_breaker_cooldown"):
         try:
             checked[key] = parse_duration(section[key])
         except ValueError as exc:
             checker.fail("performance." + key, "%s (use seconds or \"30s\", \"5m\"): %s"
                          % (exc, json.dumps(section[key])))
-    for key in ("max_request_body_size", "worker_threads"):
+    for key in ("max_request_body_size", "worker_threads", "rate_limit_rpm", "rate_limit_burst",
+                "circuit_breaker_threshold"):
         value = checker.typed(section, key, "performance", int, "a positive integer")
         if value is not None and value <= 0:
             checker.fail("performance." + key, "must be a positive integer")
-    for key in NOT_YET_APPLIED_KEYS:
-        if checker.typed(section, key, "performance", bool, "true or false"):
-            checker.warn("performance." + key, "not applied by ccproxy %s yet" % __version__)
+    retries = checker.typed(section, "max_retries", "performance", int, "0 or more")
+    if retries is not None and retries < 0:
+        checker.fail("performance.max_retries", "must be 0 or more")
+    for key in PERFORMANCE_SWITCHES:
+        checker.typed(section, key, "performance", bool, "true or false")
     return checked
 
 
@@ -737,28 +771,80 @@ def check_providers(checker: ConfigChecker, entries) -> list:
 
 
 def check_routes(checker: ConfigChecker, section, providers: list) -> dict:
-    """Validate routes: each a {provider, model} naming a configured provider."""
+    """Validate routes: each {provider, model} naming a configured provider, with optional
+    conditions and fallbacks; longContextThreshold is a number, not a route."""
     if not isinstance(section, dict):
         checker.fail("routes", "must be an object of route name: {provider, model}")
         return {}
     names = {p.name for p in providers}
     routes = {}
-    for name, route in section.items():
+    for name, entry in section.items():
         path = "routes." + name
-        if not isinstance(route, dict):
+        if name == LONG_CONTEXT_THRESHOLD_KEY:
+            if not isinstance(entry, int) or isinstance(entry, bool) or entry <= 0:
+                checker.fail(path, "must be a positive number of tokens")
+            continue
+        if not isinstance(entry, dict):
             checker.fail(path, "must be an object with provider and model")
             continue
-        checker.unknown_keys(route, ROUTE_KEYS, path)
-        provider = checker.typed(route, "provider", path, str, "a provider name")
-        model = checker.typed(route, "model", path, str, "a model name")
-        if provider is not None and provider not in names:
-            checker.fail(path + ".provider", "no provider named %r" % provider)
-        for key in ("conditions", "fallbacks"):
-            if key in route:
-                checker.warn(join_key(path, key), "not applied by ccproxy %s yet" % __version__)
-        if provider and model:
-            routes[name] = (provider, model)
+        checker.unknown_keys(entry, ROUTE_KEYS, path)
+        target = check_route_target(checker, entry, path, names)
+        conditions = check_conditions(checker, entry.get("conditions", []), path + ".conditions")
+        fallbacks = []
+        for index, fallback in enumerate(entry.get("fallbacks") or []):
+            where = "%s.fallbacks[%d]" % (path, index)
+            if isinstance(fallback, str) and "," in fallback:
+                fallback = dict(zip(("provider", "model"), fallback.split(",", 1)))
+            if not isinstance(fallback, dict):
+                checker.fail(where, 'must be {"provider", "model"} or "provider,model"')
+                continue
+            fallbacks.append(check_route_target(checker, fallback, where, names))
+        if target is not None and None not in fallbacks:
+            routes[name] = Route(name, target[0], target[1], conditions, fallbacks)
     return routes
+
+
+def check_route_target(checker: ConfigChecker, entry: dict, path: str, names) -> tuple | None:
+    """(provider, model) of a route or fallback naming a configured provider."""
+    provider = checker.typed(entry, "provider", path, str, "a provider name")
+    model = checker.typed(entry, "model", path, str, "a model name")
+    if provider is not None and provider not in names:
+        checker.fail(path + ".provider", "no provider named %r" % provider)
+        return None
+    return (provider, model) if provider and model else None
+
+
+def check_conditions(checker: ConfigChecker, conditions, path: str) -> list:
+    """Route conditions {type, operator, value} (header conditions also name the header)."""
+    if not isinstance(conditions, list):
+        checker.fail(path, "must be a list of {type, operator, value}")
+        return []
+    checked = []
+    for index, condition in enumerate(conditions):
+        where = "%s[%d]" % (path, index)
+        if not isinstance(condition, dict):
+            checker.fail(where, "must be an object with type, operator and value")
+            continue
+        kind, operator = condition.get("type"), condition.get("operator", "==")
+        if kind not in CONDITION_TYPES:
+            checker.fail(where + ".type", "must be one of " + ", ".join(CONDITION_TYPES))
+        elif operator not in CONDITION_OPERATORS:
+            checker.fail(where + ".operator", "must be one of " + " ".join(CONDITION_OPERATORS))
+        elif kind == "header" and not isinstance(condition.get("header"), str):
+            checker.fail(where + ".header", "must name the request header to test")
+        elif operator == "matches" and not valid_regex(condition.get("value")):
+            checker.fail(where + ".value", "not a valid regular expression")
+        else:
+            checked.append(dict(condition, operator=operator))
+    return checked
+
+
+def valid_regex(value) -> bool:
+    try:
+        re.compile(str(value))
+    except re.error:
+        return False
+    return True
 
 
 def build_config(raw: dict, source: str | None, environ=None, flags=None) -> Config:
@@ -1143,6 +1229,7 @@ class ClientConnection:
                     request.log = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
                 check_access(app.config, self._peer, request)
+                app.check_rate(self._peer, request)
                 await self._read_body(request)
                 body_read = True
                 response = await endpoint(app, request, self)
@@ -1334,6 +1421,26 @@ def check_access(config: Config, peer, request: Request) -> None:
         raise AuthenticationError("invalid API key")
 
 
+class TokenBucket:
+    """`per_minute` requests a minute on average, bursts of up to `burst`."""
+
+    def __init__(self, per_minute: int, burst: int):
+        self._rate = per_minute / 60.0
+        self._capacity = float(burst)
+        self._tokens = float(burst)
+        self._updated = time.monotonic()
+
+    def take(self) -> float:
+        """0 when a request may go now, else the seconds until one may."""
+        now = time.monotonic()
+        self._tokens = min(self._capacity, self._tokens + (now - self._updated) * self._rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self._rate
+
+
 ###############################################################################
 # 6. Endpoints
 ###############################################################################
@@ -1353,10 +1460,43 @@ class ProxyApp:
         self.opener = build_upstream_opener()
         self.upstream_calls = set()
         self.draining = False         # shutting down: answer in-flight requests, take no more
+        self.breakers = {}            # provider name -> CircuitBreaker
+        self.rate_buckets = {}        # client key or address -> TokenBucket
+        self.failovers = 0
         self._threads_busy = 0
         self._threads_lock = threading.Lock()
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
+
+    def check_rate(self, peer, request: Request) -> None:
+        """Refuse with 429 a client (by its key, else its address) over its request rate."""
+        if self.config.rate_limit is None or request.path in PUBLIC_PATHS:
+            return
+        client = client_key(request.headers) or str(peer)
+        bucket = self.rate_buckets.get(client)
+        if bucket is None:
+            if len(self.rate_buckets) >= MAX_RATE_BUCKETS:
+                self.rate_buckets.clear()       # bounded memory; a reset only forgives
+            bucket = self.rate_buckets[client] = TokenBucket(*self.config.rate_limit)
+        wait = bucket.take()
+        if wait:
+            raise ProxyError("rate limit of %d requests per minute exceeded; retry in %d s"
+                             % (self.config.rate_limit[0], math.ceil(wait)), 429,
+                             [("retry-after", str(math.ceil(wait)))])
+
+    def breaker_for(self, provider_name: str) -> CircuitBreaker:
+        breaker = self.breakers.get(provider_name)
+        if breaker is None:
+            breaker = self.breakers[provider_name] = CircuitBreaker(*self.config.breaker_settings)
+        return breaker
+
+    def provider_view(self, provider: Provider) -> dict:
+        """A provider as /status and /providers show it: masked, with its circuit state."""
+        return dict(provider.public_view(), circuit=self.breaker_for(provider.name).public_view())
+
+    def note_failover(self, failed: str, following: str, status: int) -> None:
+        self.failovers += 1
+        log.warning("%s failed (HTTP %d); trying %s", failed, status, following)
 
     def next_request_id(self) -> str:
         return "req_%s%08x" % (self._request_id_prefix, next(self._request_ids))
@@ -1507,7 +1647,8 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
         "uptime_seconds": round(time.time() - app.started_at, 3),
         "listen": {"host": host, "port": port},
         "config_file": app.config.source,
-        "providers": [p.public_view() for p in app.config.providers],
+        "providers": [app.provider_view(p) for p in app.config.providers],
+        "failovers": app.failovers,
         "requests": {"total": app.requests_total, "active": app.requests_active,
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
         "upstream": {"calls_open": len(app.upstream_calls), "threads_busy": app.threads_busy},
@@ -1515,23 +1656,86 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
 
 
 async def handle_providers(app: ProxyApp, request: Request, conn) -> Response:
-    return json_response({"providers": [p.public_view() for p in app.config.providers]})
+    return json_response({"providers": [app.provider_view(p) for p in app.config.providers]})
 
 
 async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
-    """POST /v1/messages: validate, route, translate, call the provider, relay its answer."""
+    """POST /v1/messages: validate, plan the route, then try each candidate until one
+    answers (failover), relaying its answer."""
     body = parse_json_body(request)
     check_messages_request(body)
-    provider, model, route = route_request(app.config, body)
+    plan = plan_route(app.config, body, request.headers)
     if request.log is not None:
-        request.log.update(route=route, provider=provider.name, model=model,
-                           stream=body.get("stream") is True)
+        request.log["stream"] = body.get("stream") is True
         if app.config.log_bodies:
             log.info("%s body: %s", request.log["id"], request.body_text)
+    return await send_with_failover(app, request, conn, body, plan)
+
+
+async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
+    """One attempt: translate for the candidate's protocol, call it, relay its answer."""
+    provider, model, route = routing
+    if request.log is not None:
+        request.log.update(route=route, provider=provider.name, model=model)
     protocol = PROTOCOLS[provider.protocol]
     url, headers, payload = protocol.messages_request(provider, model, request, body)
     call = UpstreamCall(app, provider, url, headers, payload)
     return await protocol.relay(call, conn, request, body)
+
+
+async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, plan: list):
+    """Try the plan's candidates in order, retrying a candidate with backoff while the retry
+    budget lasts; a failure before the answer began moves on, the request's own 4xx does not.
+    Every answer carries the x-ccproxy-provider, -model and -route headers."""
+    config = app.config
+    policy = RetryPolicy(config.max_retries, config.retry_budget)
+    outcome = None
+    for position, routing in enumerate(plan):
+        breaker = app.breaker_for(routing.provider.name)
+        if not breaker.allows_request():
+            outcome = outcome or ProxyError("%s: circuit open after repeated failures (%s)" % (
+                routing.provider.name, breaker.last_error), 529)
+            continue
+        for attempt in range(config.max_retries + 1):
+            try:
+                outcome = await send_to(app, request, conn, body, routing)
+            except ProxyError as error:
+                outcome = error
+            status = outcome.status
+            breaker.record(status, getattr(outcome, "message", "HTTP %d" % status))
+            if status not in RETRYABLE_STATUSES:
+                return with_route_headers(outcome, routing)
+            delay = policy.next_delay(attempt, retry_after_seconds(outcome))
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+        if position + 1 < len(plan):
+            app.note_failover(routing.provider.name, plan[position + 1].provider.name, status)
+    if isinstance(outcome, ProxyError):
+        raise outcome
+    return outcome
+
+
+def with_route_headers(outcome, routing: Routing):
+    """The answer (or error) with headers naming where the request went."""
+    headers = [("x-ccproxy-provider", routing.provider.name), ("x-ccproxy-model", routing.model),
+               ("x-ccproxy-route", routing.route)]
+    if isinstance(outcome, ProxyError):
+        outcome.headers += headers
+        raise outcome
+    outcome.headers += headers
+    return outcome
+
+
+def retry_after_seconds(outcome) -> float | None:
+    """Seconds from a retry-after header of an error or response, if any."""
+    for name, value in outcome.headers:
+        if name == "retry-after":
+            try:
+                return max(float(value), 0.0)
+            except ValueError:
+                return None
+    return None
 
 
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
@@ -1681,32 +1885,245 @@ def estimate_request_tokens(body: dict) -> int:
 
 Routing = collections.namedtuple("Routing", "provider model route")
 
+# The scenario routes, in the order they are tried when their route exists (see plan_route).
+SCENARIO_ROUTES = ("longContext", "background", "webSearch", "think", "image")
 
-def route_request(config: Config, body: dict, required: bool = True):
-    """The Routing (provider, model, route name) a request goes to.
 
-    A model an enabled provider lists goes to that provider (route "model"); otherwise
-    routes.default; with no routes, the first enabled provider with its first model, or the
-    requested model when it lists none (route "first"). Returns None, or raises when required,
-    if no provider is enabled.
+class RequestFacts:
+    """What routing rules ask about a request, each worked out once and only when asked."""
+
+    def __init__(self, config: Config, body: dict, headers: Headers):
+        self._config, self._body, self.headers = config, body, headers
+        self._tokens = None
+
+    @property
+    def model(self) -> str:
+        return str(self._body.get("model") or "")
+
+    @property
+    def tokens(self) -> int:
+        if self._tokens is None:
+            self._tokens = estimate_request_tokens(self._body)
+        return self._tokens
+
+    @property
+    def thinking(self) -> bool:
+        thinking = self._body.get("thinking")
+        return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+    @property
+    def tool_names(self) -> list:
+        return [str(t.get("name")) for t in self._body.get("tools") or () if isinstance(t, dict)]
+
+    @property
+    def web_search(self) -> bool:
+        return any(str(t.get("type", "")).startswith("web_search")
+                   for t in self._body.get("tools") or () if isinstance(t, dict))
+
+    @property
+    def images(self) -> bool:
+        return any(block_has_image(b) for m in self._body.get("messages") or ()
+                   if isinstance(m, dict) and isinstance(m.get("content"), list)
+                   for b in m["content"])
+
+    def scenario(self, name: str) -> bool:
+        """Whether a built-in scenario route applies to this request."""
+        if name == "longContext":
+            return self.tokens > self._config.long_context_threshold
+        if name == "background":
+            return "haiku" in self.model.lower()
+        if name == "webSearch":
+            return self.web_search
+        if name == "think":
+            return self.thinking
+        return self.images
+
+    def condition_holds(self, condition: dict) -> bool:
+        """One {type, operator, value} condition of a custom route."""
+        kind, operator, value = condition["type"], condition["operator"], condition.get("value")
+        if kind == "tokenCount":
+            return compare(self.tokens, operator, value)
+        if kind == "model":
+            return compare(self.model, operator, value)
+        if kind == "thinking":
+            return compare(self.thinking, operator, value)
+        if kind == "header":
+            return compare(self.headers.get(condition["header"], ""), operator, value)
+        return self.tools_condition_holds(operator, value)
+
+    def tools_condition_holds(self, operator: str, value) -> bool:
+        """tools: == / contains (a tool of that name is present), != (none is), matches (a
+        name matches), and the comparisons on how many tools there are."""
+        names = self.tool_names
+        if operator in ("==", "contains"):
+            return str(value) in names
+        if operator == "!=":
+            return str(value) not in names
+        if operator == "matches":
+            return any(re.search(str(value), name) for name in names)
+        return compare(len(names), operator, value)
+
+
+def block_has_image(block) -> bool:
+    if not isinstance(block, dict):
+        return False
+    if block.get("type") == "image":
+        return True
+    inner = block.get("content") if block.get("type") == "tool_result" else None
+    return isinstance(inner, list) and any(block_has_image(b) for b in inner)
+
+
+def compare(left, operator: str, right) -> bool:
+    """left <operator> right for route conditions: numbers, strings and booleans."""
+    if operator in (">", ">=", "<", "<="):
+        try:
+            left, right = float(left), float(right)
+        except (TypeError, ValueError):
+            return False
+        return {">": left > right, ">=": left >= right, "<": left < right,
+                "<=": left <= right}[operator]
+    if isinstance(left, bool):
+        right = right if isinstance(right, bool) else str(right).lower() in ("true", "1", "yes")
+    elif not isinstance(left, str):
+        left = str(left)
+    if operator in ("==", "!="):
+        same = left == (right if isinstance(left, bool) else str(right))
+        return same if operator == "==" else not same
+    if operator == "contains":
+        return str(right) in str(left)
+    return re.search(str(right), str(left)) is not None
+
+
+def explicit_choice(config: Config, text: str, route: str):
+    """The Routing of a `provider,model` string, or a 400 saying which provider is missing."""
+    name, _, model = text.partition(",")
+    provider = config.provider_named(name.strip())
+    if provider is None or not provider.enabled:
+        raise InvalidRequestError("model %r names provider %r, which is not configured or not "
+                                  "enabled" % (text, name.strip()))
+    return Routing(provider, model.strip(), route)
+
+
+def route_target(config: Config, route: Route):
+    """A route's (enabled) provider and model as a Routing, or None."""
+    provider = config.provider_named(route.provider)
+    return Routing(provider, route.model, route.name) if provider and provider.enabled else None
+
+
+def plan_route(config: Config, body: dict, headers: Headers) -> list:
+    """Every (provider, model, route) to try, best first.
+
+    The first choice, by precedence: a `provider,model` model string; a model that enabled
+    providers list; the first custom route whose conditions all hold (config order); the
+    scenario routes longContext, background, webSearch, think, image; routes.default; the
+    first enabled provider. Then that route's fallbacks, then (unless failover is false)
+    every other enabled provider with its first model.
     """
-    requested = body.get("model")
+    facts = RequestFacts(config, body, headers)
+    requested = facts.model
     enabled = config.enabled_providers()
-    for provider in enabled:
-        if requested in provider.models:
-            return Routing(provider, requested, "model")
-    default = config.routes.get("default")
-    if default is not None:
-        provider = config.provider_named(default[0])
-        if provider is not None and provider.enabled:
-            return Routing(provider, default[1], "default")
-    if enabled:
-        provider = enabled[0]
-        return Routing(provider, provider.models[0] if provider.models else requested, "first")
-    if not required:
+    if "," in requested:
+        plan = [explicit_choice(config, requested, "explicit")]
+    else:
+        plan = [Routing(p, requested, "model") for p in enabled if requested in p.models]
+    if not plan:
+        plan = routed_by_rules(config, facts)
+    if not plan and enabled:
+        first = enabled[0]
+        plan = [Routing(first, first.models[0] if first.models else requested, "first")]
+    if not plan:
+        raise InvalidRequestError("ccproxy has no enabled provider; add one to %s"
+                                  % (config.source or "a config file (see ccproxy.py --help)"))
+    if config.failover:
+        tried = {routing.provider.name for routing in plan}
+        plan += [Routing(p, p.models[0] if p.models else requested, "failover")
+                 for p in enabled if p.name not in tried]
+    return plan
+
+
+def routed_by_rules(config: Config, facts: RequestFacts) -> list:
+    """The routing of the first route rule that applies, with its fallbacks; [] if none."""
+    chosen = None
+    for route in config.routes.values():
+        if route.conditions and all(facts.condition_holds(c) for c in route.conditions):
+            chosen = route_target(config, route)
+            if chosen:
+                break
+    for name in SCENARIO_ROUTES:
+        route = config.routes.get(name)
+        if chosen is None and route is not None and not route.conditions and facts.scenario(name):
+            chosen = route_target(config, route)
+    if chosen is None and "default" in config.routes:
+        chosen = route_target(config, config.routes["default"])
+    if chosen is None:
+        return []
+    fallbacks = [route_target(config, Route(chosen.route, p, m, [], []))
+                 for p, m in config.routes[chosen.route].fallbacks]
+    return [chosen] + [f for f in fallbacks if f is not None]
+
+
+def route_request(config: Config, body: dict, required: bool = True, headers=None):
+    """The first choice of plan_route(), or None when nothing is enabled and not required."""
+    try:
+        return plan_route(config, body, headers or Headers())[0]
+    except InvalidRequestError:
+        if required or config.enabled_providers():
+            raise
         return None
-    raise InvalidRequestError("ccproxy has no enabled provider; add one to %s"
-                              % (config.source or "a config file (see ccproxy.py --help)"))
+
+
+RETRYABLE_STATUSES = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
+
+
+class RetryPolicy:
+    """Exponential backoff with jitter, honouring Retry-After, within a total time budget."""
+
+    def __init__(self, max_retries: int, budget_seconds: float):
+        self._max_retries = max_retries
+        self._deadline = time.monotonic() + budget_seconds
+
+    def next_delay(self, attempt: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retrying the same candidate, or None to move on."""
+        if attempt >= self._max_retries:
+            return None
+        delay = retry_after if retry_after is not None else min(
+            RETRY_BASE_SECONDS * 2 ** attempt, RETRY_CAP_SECONDS) * random.uniform(0.5, 1.5)
+        return delay if time.monotonic() + delay < self._deadline else None
+
+
+class CircuitBreaker:
+    """Per provider: opens after `threshold` failures in a row, refuses requests while open,
+    lets one probe through after `cooldown` seconds (half-open), closes on a success."""
+
+    def __init__(self, threshold: int, cooldown: float, enabled: bool):
+        self._threshold, self._cooldown, self._enabled = threshold, cooldown, enabled
+        self.state = "closed"
+        self.failures = 0
+        self.last_error = ""
+        self._opened_at = 0.0
+
+    def allows_request(self) -> bool:
+        if not self._enabled or self.state == "closed":
+            return True
+        if self.state == "open" and time.monotonic() - self._opened_at >= self._cooldown:
+            self.state = "half_open"           # this request is the probe
+            return True
+        return False
+
+    def record(self, status: int, error: str) -> None:
+        """The outcome of a request: 5xx and unreachable count as failures, 4xx do not."""
+        if status < 500:
+            self.state, self.failures = "closed", 0
+            return
+        self.failures += 1
+        self.last_error = error
+        if self._enabled and (self.state == "half_open" or self.failures >= self._threshold):
+            self.state = "open"
+            self._opened_at = time.monotonic()
+
+    def public_view(self) -> dict:
+        return {"state": self.state if self._enabled else "disabled",
+                "consecutive_failures": self.failures, "last_error": self.last_error}
 
 
 ###############################################################################
@@ -1797,7 +2214,7 @@ def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None
     Only the changed values are re-encoded, spliced into the client's own text; with nothing
     to change, the client's bytes go on as they came.
     """
-    changes = {}
+    changes = {}            # body itself stays as the client sent it: failover may need it again
     if body.get("model") != model:
         changes["model"] = model
     if PROXY_SIGNATURE_MARK in request.body:
@@ -1808,7 +2225,6 @@ def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None
         changes["max_tokens"] = max_tokens_cap
     if not changes:
         return request.body
-    body.update(changes)
     return splice_json_values(request.body_text, request.body_spans, changes)
 
 

@@ -206,6 +206,20 @@ def upstream():
     mock.close()
 
 
+@pytest.fixture
+def second_upstream():
+    mock = MockUpstream()
+    yield mock
+    mock.close()
+
+
+def dead_url():
+    """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return "http://127.0.0.1:%d" % probe.getsockname()[1]
+
+
 class RunningProxy:
     """ccproxy serving on 127.0.0.1 from a thread of this process."""
 

@@ -1,9 +1,18 @@
 """Minimal routing: a listed model, routes.default, the first enabled provider."""
 from __future__ import annotations
 
+import re
+
+import anthropic
 import pytest
 
 import ccproxy
+from conftest import (Reply, anthropic_message, anthropic_provider, anthropic_stream_events,
+                      dead_url, json_reply, stream_reply)
+
+
+def status_of(proxy):
+    return anthropic.Anthropic(base_url=proxy.url, api_key="c").get("/status", cast_to=object)
 
 
 def route(raw, model):
@@ -63,3 +72,269 @@ def test_no_enabled_provider():
     with pytest.raises(ccproxy.InvalidRequestError, match="no enabled provider"):
         ccproxy.route_request(config, {"model": "x"})
     assert ccproxy.route_request(config, {"model": "x"}, required=False) is None
+
+
+# --- routing rules and their precedence ------------------------------------------------------
+
+RULES = {
+    "providers": [{"name": "anthropic", "api_key": "k", "models": ["claude-listed"]},
+                  {"name": "openai", "api_key": "k", "models": ["gpt-main", "gpt-other"]},
+                  {"name": "deepseek", "api_key": "k", "models": ["deepseek-chat"]}],
+    "routes": {
+        "default": {"provider": "openai", "model": "gpt-main",
+                    "fallbacks": ["deepseek,deepseek-chat"]},
+        "background": {"provider": "deepseek", "model": "bg"},
+        "think": {"provider": "anthropic", "model": "thinker"},
+        "longContext": {"provider": "anthropic", "model": "long"},
+        "webSearch": {"provider": "openai", "model": "searcher"},
+        "image": {"provider": "openai", "model": "vision"},
+        "teamBlue": {"provider": "deepseek", "model": "blue",
+                     "conditions": [{"type": "header", "header": "x-team", "operator": "==",
+                                     "value": "blue"}]},
+        "bigTools": {"provider": "openai", "model": "tools-model",
+                     "conditions": [{"type": "tools", "operator": "contains", "value": "Agent"},
+                                    {"type": "model", "operator": "matches", "value": "^claude-opus"}]},
+        "longContextThreshold": 3000,
+    },
+}
+
+
+def plan(body, headers=(), raw=RULES):
+    config = ccproxy.build_config(raw, "config.json", {})
+    body = dict({"model": "claude-sonnet-4-5", "max_tokens": 10,
+                 "messages": [{"role": "user", "content": "hi"}]}, **body)
+    return [(r.provider.name, r.model, r.route)
+            for r in ccproxy.plan_route(config, body, ccproxy.Headers(headers))]
+
+
+def first(body, headers=()):
+    return plan(body, headers)[0]
+
+
+def test_provider_comma_model_goes_exactly_there():
+    assert first({"model": "deepseek,deepseek-reasoner"}) == ("deepseek", "deepseek-reasoner",
+                                                             "explicit")
+    with pytest.raises(ccproxy.InvalidRequestError, match="'nobody'"):
+        first({"model": "nobody,x"})
+
+
+def test_a_listed_model_beats_every_route():
+    assert first({"model": "gpt-other", "thinking": {"type": "enabled", "budget_tokens": 2000}}) \
+        == ("openai", "gpt-other", "model")
+
+
+def test_custom_routes_need_all_their_conditions():
+    agent = {"tools": [{"name": "Agent", "input_schema": {"type": "object"}}]}
+    assert first(dict(agent, model="claude-opus-4-8")) == ("openai", "tools-model", "bigTools")
+    assert first(dict(agent, model="claude-sonnet-4-5"))[2] == "default"
+    assert first({}, [("x-team", "blue")]) == ("deepseek", "blue", "teamBlue")
+    assert first({}, [("x-team", "red")])[2] == "default"
+
+
+def test_custom_routes_come_before_scenario_routes():
+    assert first({"thinking": {"type": "enabled", "budget_tokens": 2000}},
+                 [("x-team", "blue")])[2] == "teamBlue"
+
+
+@pytest.mark.parametrize("body, route", [
+    ({"messages": [{"role": "user", "content": "word " * 4000}]}, "longContext"),
+    ({"model": "claude-haiku-4-5"}, "background"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "webSearch"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "think"),
+    ({"thinking": {"type": "adaptive"}}, "think"),
+    ({"thinking": {"type": "disabled"}}, "default"),
+    ({"messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "A"}}]}]}]},
+     "image"),
+    ({}, "default"),
+])
+def test_scenario_routes(body, route):
+    assert first(body)[2] == route
+
+
+def test_scenario_precedence_long_context_then_background_then_search_then_think():
+    everything = {"model": "claude-haiku-4-5", "thinking": {"type": "enabled", "budget_tokens": 2000},
+                  "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
+    assert first(everything)[2] == "background"
+    assert first(dict(everything, messages=[{"role": "user", "content": "w " * 8000}]))[2] == \
+        "longContext"
+    assert first(dict(everything, model="claude-x"))[2] == "webSearch"
+
+
+def test_long_context_route_with_its_own_token_condition():
+    raw = {"providers": RULES["providers"], "routes": {"longContext": {
+        "provider": "anthropic", "model": "long",
+        "conditions": [{"type": "tokenCount", "operator": ">", "value": 50}]}}}
+    assert plan({"messages": [{"role": "user", "content": "word " * 100}]}, raw=raw)[0][2] == \
+        "longContext"
+    assert plan({}, raw=raw)[0][2] == "first"
+
+
+def test_candidates_are_the_route_then_its_fallbacks_then_the_others():
+    assert plan({}) == [("openai", "gpt-main", "default"), ("deepseek", "deepseek-chat", "default"),
+                        ("anthropic", "claude-listed", "failover")]
+    no_failover = dict(RULES, failover=False)
+    assert plan({}, raw=no_failover) == [("openai", "gpt-main", "default"),
+                                         ("deepseek", "deepseek-chat", "default")]
+
+
+@pytest.mark.parametrize("condition, problem", [
+    ({"type": "weather", "operator": "==", "value": 1}, "conditions[0].type: must be one of"),
+    ({"type": "model", "operator": "~", "value": 1}, "conditions[0].operator: must be one of"),
+    ({"type": "model", "operator": "matches", "value": "("},
+     "conditions[0].value: not a valid regular expression"),
+    ({"type": "header", "operator": "==", "value": "x"}, "conditions[0].header"),
+])
+def test_bad_conditions_name_the_key(condition, problem):
+    raw = {"providers": RULES["providers"],
+           "routes": {"r": {"provider": "openai", "model": "m", "conditions": [condition]}}}
+    with pytest.raises(ccproxy.ConfigError, match=r"config\.json: routes\.r\." + re.escape(problem)):
+        ccproxy.build_config(raw, "config.json", {})
+
+
+def test_fallback_naming_an_unknown_provider_is_an_error():
+    raw = {"providers": RULES["providers"],
+           "routes": {"default": {"provider": "openai", "model": "m", "fallbacks": ["ghost,m"]}}}
+    with pytest.raises(ccproxy.ConfigError, match=r"routes\.default\.fallbacks\[0\]\.provider"):
+        ccproxy.build_config(raw, "config.json", {})
+
+
+# --- failover, retries and the circuit breaker, through the SDK ---------------------------------
+
+def two_providers(start_proxy, first_url, second_url, **performance):
+    return start_proxy({"providers": [
+        {"name": "primary", "type": "anthropic", "api_base_url": first_url, "api_key": "k1"},
+        {"name": "backup", "type": "anthropic", "api_base_url": second_url, "api_key": "k2"}],
+                        "performance": performance})
+
+
+def ask(proxy, stream=False):
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
+    request = dict(model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    if stream:
+        with client.messages.stream(**request) as s:
+            return s.get_final_message(), None
+    raw = client.messages.with_raw_response.create(**request)
+    return raw.parse(), raw.headers
+
+
+def test_refused_connection_fails_over_to_a_healthy_provider(start_proxy, upstream):
+    proxy = two_providers(start_proxy, dead_url(), upstream.url)
+    message, headers = ask(proxy)
+    assert message.content[0].text == "Hello from upstream"
+    assert (headers["x-ccproxy-provider"], headers["x-ccproxy-route"]) == ("backup", "failover")
+    assert status_of(proxy)["failovers"] == 1
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(500, {"type": "error", "error": {"type": "api_error", "message": "boom"}}),
+    Reply(529, {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}),
+    Reply(429, {"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}},
+          headers={"retry-after": "120"}),
+    Reply(502, b"<html>bad gateway</html>", content_type="text/html"),
+])
+def test_server_errors_fail_over(start_proxy, upstream, second_upstream, reply):
+    upstream.script = lambda r: reply
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url)
+    message, headers = ask(proxy)
+    assert message.content[0].text == "Hello from upstream" and headers["x-ccproxy-provider"] == "backup"
+    assert len(upstream.requests) == 1 and len(second_upstream.requests) == 1
+
+
+def test_a_silent_provider_fails_over_after_the_timeout(start_proxy, upstream, second_upstream):
+    upstream.script = lambda r: json_reply(anthropic_message(), delay=5)
+    second_upstream.script = lambda r: stream_reply()
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url, request_timeout="300ms")
+    message, headers = ask(proxy, stream=True)
+    assert message.content[0].text == "Hello!"
+    assert len(second_upstream.requests) == 1
+
+
+def test_the_requests_own_errors_are_not_retried(start_proxy, upstream, second_upstream):
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": "bad"}}, 400)
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(proxy)
+    assert caught.value.response.headers["x-ccproxy-provider"] == "primary"
+    assert second_upstream.requests == []
+
+
+def test_no_retry_once_the_answer_has_begun(start_proxy, upstream, second_upstream):
+    upstream.script = lambda r: stream_reply(anthropic_stream_events()[:3], cut=True)
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        ask(proxy, stream=True)
+    assert caught.value.body["error"]["type"] == "api_error"
+    assert second_upstream.requests == []
+
+
+def test_all_providers_failing_returns_the_last_error(start_proxy):
+    proxy = two_providers(start_proxy, dead_url(), dead_url())
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        ask(proxy)
+    assert caught.value.status_code == 502
+    assert caught.value.body["error"]["message"].startswith("backup: cannot reach")
+
+
+def test_retries_the_same_provider_with_backoff(start_proxy, upstream, second_upstream):
+    answers = [Reply(500, b"{}"), Reply(503, b"{}"), json_reply(anthropic_message("third time"))]
+    upstream.script = lambda r: answers.pop(0)
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url, max_retries=2)
+    message, headers = ask(proxy)
+    assert message.content[0].text == "third time" and len(upstream.requests) == 3
+    assert second_upstream.requests == []
+
+
+def test_a_retry_after_beyond_the_budget_moves_on_at_once(start_proxy, upstream, second_upstream):
+    upstream.script = lambda r: Reply(429, b"{}", headers={"retry-after": "600"})
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url, max_retries=3,
+                          retry_budget="5s")
+    assert ask(proxy)[1]["x-ccproxy-provider"] == "backup"
+    assert len(upstream.requests) == 1
+
+
+def breaker(proxy, name="primary"):
+    return proxy.server.app.breaker_for(name)
+
+
+def test_circuit_breaker_opens_skips_probes_and_closes(start_proxy, upstream, second_upstream):
+    failing = [True]
+    upstream.script = lambda r: Reply(500, b"{}") if failing[0] else json_reply(anthropic_message("A"))
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url,
+                          circuit_breaker_enabled=True, circuit_breaker_threshold=2,
+                          circuit_breaker_cooldown="1h")
+    ask(proxy)
+    assert status_of(proxy)["providers"][0]["circuit"]["state"] == "closed"
+    ask(proxy)
+    circuit = status_of(proxy)["providers"][0]["circuit"]
+    assert circuit["state"] == "open" and circuit["consecutive_failures"] == 2
+    assert ask(proxy)[1]["x-ccproxy-provider"] == "backup"
+    assert len(upstream.requests) == 2                   # skipped while open
+    breaker(proxy)._opened_at -= 3600                    # the cooldown has passed
+    ask(proxy)                                           # the probe fails: open again
+    assert len(upstream.requests) == 3 and breaker(proxy).state == "open"
+    breaker(proxy)._opened_at -= 3600
+    failing[0] = False
+    message, headers = ask(proxy)                        # the probe succeeds: closed
+    assert message.content[0].text == "A" and headers["x-ccproxy-provider"] == "primary"
+    assert breaker(proxy).state == "closed"
+    providers = anthropic.Anthropic(base_url=proxy.url, api_key="c").get("/providers", cast_to=object)
+    assert providers["providers"][0]["circuit"]["state"] == "closed"
+
+
+def test_rate_limit_per_client(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"rate_limit_enabled": True, "rate_limit_rpm": 1,
+                                         "rate_limit_burst": 2}})
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="client-a", max_retries=0)
+    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    client.messages.create(**request)
+    client.messages.create(**request)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client.messages.create(**request)
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert caught.value.body["error"]["type"] == "rate_limit_error"
+    other = anthropic.Anthropic(base_url=proxy.url, api_key="client-b", max_retries=0)
+    assert other.messages.create(**request).content[0].text == "Hello from upstream"
