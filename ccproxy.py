@@ -81,6 +81,8 @@ DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext r
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
 RETRY_CAP_SECONDS = 8.0
 MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
+LATENCY_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 BODY_READ_SLICE_BYTES = 1024 * 1024
 UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
@@ -95,6 +97,7 @@ START_WAIT_SECONDS = 15.0                        # `start` waits this long for /
 STOP_POLL_SECONDS = 0.05
 STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout before a kill
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
+CONFIG_WATCH_SECONDS = 2.0                       # how often the config file's mtime is checked
 CLAUDE_API_TIMEOUT_MS = 3000000                  # Claude Code's own request timeout, 50 minutes
 
 ERROR_TYPE_BY_STATUS = {
@@ -461,8 +464,8 @@ def find_config_file(explicit: str | None, environ) -> str | None:
     return None
 
 
-def read_config_file(path: str, environ) -> dict:
-    """Read, parse and ${VAR}-expand one config file."""
+def read_config_file(path: str) -> dict:
+    """Read and parse one config file (${VAR} references left as written)."""
     try:
         with open(path, encoding="utf-8-sig") as handle:
             text = handle.read()
@@ -471,7 +474,7 @@ def read_config_file(path: str, environ) -> dict:
     raw = parse_jsonc(text, path)
     if not isinstance(raw, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
-    return expand_env_references(raw, "", path, environ)
+    return raw
 
 
 def merge_config(base: dict, override: dict) -> dict:
@@ -594,6 +597,7 @@ class Config:
                                  performance["circuit_breaker_cooldown"],
                                  performance["circuit_breaker_enabled"])
         self.warnings = warnings
+        self.file_content, self.environ, self.flags = raw, {}, {}   # set by load_config
 
     def enabled_providers(self) -> list:
         return [p for p in self.providers if p.enabled]
@@ -698,9 +702,9 @@ def check_security(checker: ConfigChecker, section) -> list:
     return networks
 
 
-def check_provider(checker: ConfigChecker, entry, index: int) -> Provider | None:
-    """Validate one providers[i] entry and fill in its preset."""
-    path = "providers[%d]" % index
+def check_provider(checker: ConfigChecker, entry, index: int, path: str = "") -> Provider | None:
+    """Validate one providers[i] entry (or one at path) and fill in its preset."""
+    path = path or "providers[%d]" % index
     if not isinstance(entry, dict):
         checker.fail(path, "must be an object")
         return None
@@ -869,8 +873,16 @@ def load_config(config_path: str | None = None, environ=None, flags=None) -> Con
     """Find and read the config file (if any), then build_config() over it."""
     environ = os.environ if environ is None else environ
     path = find_config_file(config_path, environ)
-    raw = read_config_file(path, environ) if path else {}
-    return build_config(raw, path, environ, flags)
+    return config_from_file_content(read_config_file(path) if path else {}, path, environ, flags)
+
+
+def config_from_file_content(content: dict, path: str | None, environ, flags) -> Config:
+    """A Config from a config file's parsed content, remembering how it was made so that it
+    can be rebuilt (reload) and written back (provider management)."""
+    config = build_config(expand_env_references(content, "", path or "defaults", environ), path,
+                          environ, flags)
+    config.file_content, config.environ, config.flags = content, environ, flags
+    return config
 
 
 ###############################################################################
@@ -1225,7 +1237,7 @@ class ClientConnection:
         try:
             try:
                 request = parse_request_head(head)
-                if app.config.log:
+                if app.config.log or app.config.metrics_enabled:
                     request.log = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
                 check_access(app.config, self._peer, request)
@@ -1249,7 +1261,10 @@ class ClientConnection:
             self.busy = False
         app.count_response(response.status)
         if request is not None and request.log is not None:
-            log.info("%s", format_request_log(request, response.status))
+            if app.config.metrics_enabled and "provider" in request.log:
+                app.metrics.observe(request.log, response.status)
+            if app.config.log:
+                log.info("%s", format_request_log(request, response.status))
         return keep_open
 
     async def _read_body(self, request: Request) -> None:
@@ -1348,6 +1363,7 @@ class ClientConnection:
     async def _write_stream(self, stream, chunked: bool, record) -> None:
         """Write each piece as it comes; a bug mid-stream still ends with an error event."""
         writer = self._writer
+        self._app.active_streams += 1
         try:
             try:
                 async for piece in stream:
@@ -1365,6 +1381,7 @@ class ClientConnection:
                 writer.write(b"0\r\n\r\n")
             await writer.drain()
         finally:
+            self._app.active_streams -= 1
             await stream.aclose()
 
 
@@ -1421,6 +1438,96 @@ def check_access(config: Config, peer, request: Request) -> None:
         raise AuthenticationError("invalid API key")
 
 
+class Metrics:
+    """Counters and histograms for /metrics, fed with each routed request when it ends."""
+
+    def __init__(self):
+        self.requests = collections.Counter()       # (provider, route, status)
+        self.tokens = collections.Counter()         # (provider, "input" | "output")
+        self.latency = {}                           # provider -> Histogram
+        self.first_token = {}
+
+    def observe(self, record: dict, status: int) -> None:
+        provider = record["provider"]
+        self.requests[(provider, record.get("route", ""), status)] += 1
+        now = time.monotonic()
+        self.latency.setdefault(provider, Histogram()).observe(now - record["started"])
+        if record.get("first_byte"):
+            self.first_token.setdefault(provider, Histogram()).observe(
+                record["first_byte"] - record["started"])
+        for key, direction in (("input_tokens", "input"), ("output_tokens", "output")):
+            self.tokens[(provider, direction)] += (record.get("usage") or {}).get(key, 0)
+
+    def render(self, app) -> str:
+        """The Prometheus text exposition of everything counted so far."""
+        lines = metric_header("ccproxy_requests_total", "counter",
+                              "Requests answered, by provider, route and status.")
+        lines += ["ccproxy_requests_total{%s} %d" % (labels(provider=p, route=r, status=s), n)
+                  for (p, r, s), n in sorted(self.requests.items())]
+        for name, help_text, histograms in (
+                ("ccproxy_request_duration_seconds", "Time to the end of the answer.",
+                 self.latency),
+                ("ccproxy_time_to_first_token_seconds", "Time to the first byte of a stream.",
+                 self.first_token)):
+            lines += metric_header(name, "histogram", help_text)
+            for provider, histogram in sorted(histograms.items()):
+                lines += histogram.render(name, provider)
+        lines += metric_header("ccproxy_tokens_total", "counter", "Tokens in and out.")
+        lines += ["ccproxy_tokens_total{%s} %d" % (labels(provider=p, direction=d), n)
+                  for (p, d), n in sorted(self.tokens.items())]
+        lines += metric_header("ccproxy_active_streams", "gauge", "Streams being relayed now.")
+        lines.append("ccproxy_active_streams %d" % app.active_streams)
+        lines += metric_header("ccproxy_circuit_state", "gauge",
+                               "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.")
+        lines += ["ccproxy_circuit_state{%s} %d" % (labels(provider=name), CIRCUIT_STATE_VALUES[
+            breaker.state]) for name, breaker in sorted(app.breakers.items())]
+        lines += metric_header("ccproxy_failovers_total", "counter",
+                               "Times a request moved on to the next provider.")
+        lines.append("ccproxy_failovers_total %d" % app.failovers)
+        return "\n".join(lines) + "\n"
+
+
+class Histogram:
+    """Cumulative buckets, sum and count, as Prometheus histograms are."""
+
+    def __init__(self):
+        self.counts = [0] * len(LATENCY_BUCKETS_SECONDS)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for index, bound in enumerate(LATENCY_BUCKETS_SECONDS):
+            if seconds <= bound:
+                self.counts[index] += 1
+        self.total += seconds
+        self.count += 1
+
+    def render(self, name: str, provider: str) -> list:
+        lines = ["%s_bucket{%s} %d" % (name, labels(provider=provider, le="%g" % bound), count)
+                 for bound, count in zip(LATENCY_BUCKETS_SECONDS, self.counts)]
+        lines.append('%s_bucket{%s} %d' % (name, labels(provider=provider, le="+Inf"), self.count))
+        lines.append("%s_sum{%s} %.6f" % (name, labels(provider=provider), self.total))
+        lines.append("%s_count{%s} %d" % (name, labels(provider=provider), self.count))
+        return lines
+
+
+def metric_header(name: str, kind: str, help_text: str) -> list:
+    return ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
+
+
+def labels(**values) -> str:
+    """Prometheus label pairs, values escaped."""
+    return ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\").replace('"', '\\"')
+                                 .replace("\n", "\\n")) for key, value in values.items())
+
+
+def file_mtime(path: str | None) -> float | None:
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None
+
+
 class TokenBucket:
     """`per_minute` requests a minute on average, bursts of up to `burst`."""
 
@@ -1460,6 +1567,9 @@ class ProxyApp:
         self.opener = build_upstream_opener()
         self.upstream_calls = set()
         self.draining = False         # shutting down: answer in-flight requests, take no more
+        self.config_mtime = file_mtime(config.source)
+        self.active_streams = 0
+        self.metrics = Metrics()
         self.breakers = {}            # provider name -> CircuitBreaker
         self.rate_buckets = {}        # client key or address -> TokenBucket
         self.failovers = 0
@@ -1489,6 +1599,41 @@ class ProxyApp:
         if breaker is None:
             breaker = self.breakers[provider_name] = CircuitBreaker(*self.config.breaker_settings)
         return breaker
+
+    def change_config_file(self, change) -> Config:
+        """Apply change() to a copy of the config file's content, validate it like a config
+        file, write it back (atomically, 0600) and put it live for new requests."""
+        content = json.loads(json.dumps(self.config.file_content))
+        change(content)
+        path = self.config.source or os.path.join(ccproxy_home(), "config.json")
+        try:
+            config = config_from_file_content(content, path, self.config.environ,
+                                              self.config.flags)
+        except ConfigError as exc:
+            raise ProxyError("the change would make the configuration invalid: %s" % exc,
+                             409) from None
+        write_private_file(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+        self.swap_config(config)
+        return config
+
+    def reload_config(self) -> bool:
+        """Read the config file again; an invalid one is refused and the old one stays."""
+        try:
+            config = load_config(self.config.source, self.config.environ, self.config.flags)
+        except ConfigError as exc:
+            log.error("configuration not reloaded, the running one stays:\n%s", exc)
+            return False
+        if (config.host, config.port) != (self.config.host, self.config.port):
+            log.warning("host and port changes apply at the next start")
+        self.swap_config(config)
+        log.info("configuration reloaded from %s (%d providers)", config.source or "defaults",
+                 len(config.providers))
+        return True
+
+    def swap_config(self, config: Config) -> None:
+        """New requests use config; requests in flight keep the providers they started with."""
+        self.config = config
+        self.config_mtime = file_mtime(config.source)
 
     def provider_view(self, provider: Provider) -> dict:
         """A provider as /status and /providers show it: masked, with its circuit state."""
@@ -1649,10 +1794,19 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
         "config_file": app.config.source,
         "providers": [app.provider_view(p) for p in app.config.providers],
         "failovers": app.failovers,
+        "active_streams": app.active_streams,
         "requests": {"total": app.requests_total, "active": app.requests_active,
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
         "upstream": {"calls_open": len(app.upstream_calls), "threads_busy": app.threads_busy},
     })
+
+
+async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /metrics: Prometheus text, when performance.metrics_enabled."""
+    if not app.config.metrics_enabled:
+        raise NotFoundError("metrics are off; set performance.metrics_enabled to true")
+    return Response(200, app.metrics.render(app).encode(),
+                    content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def handle_providers(app: ProxyApp, request: Request, conn) -> Response:
@@ -1768,21 +1922,105 @@ async def fetch_upstream_json(call, conn) -> bytes | None:
     return call.body
 
 
+def provider_name_of(request: Request) -> str:
+    """The {name} of /providers/{name}."""
+    return urllib.parse.unquote(request.path[len("/providers/"):])
+
+
+def provider_entry_from(app: ProxyApp, request: Request, name: str | None = None) -> dict:
+    """The provider a management request sends, validated like the config file (a 400
+    names the field); returned as sent, ${VAR} references kept for the file."""
+    entry = parse_json_body(request)
+    if name is not None:
+        entry.setdefault("name", name)
+        if entry["name"] != name:
+            raise InvalidRequestError("name: %r does not match the %r in the path; a provider "
+                                      "cannot be renamed" % (entry["name"], name))
+    checker = ConfigChecker("request body", {})
+    try:
+        expanded = expand_env_references(entry, "provider", "request body", app.config.environ)
+    except ConfigError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    provider = check_provider(checker, expanded, 0, "provider")
+    if checker.problems or provider is None:
+        raise InvalidRequestError("; ".join(checker.problems) or "provider: invalid")
+    return entry
+
+
+def file_providers(content: dict) -> list:
+    providers = content.get("providers")
+    if not isinstance(providers, list):
+        providers = content["providers"] = []
+    return providers
+
+
+def entry_index(content: dict, name: str) -> int:
+    """Where provider `name` stands in the config file's providers, or a 404."""
+    for index, entry in enumerate(file_providers(content)):
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return index
+    raise NotFoundError("no provider named %r" % name)
+
+
+async def handle_provider_create(app: ProxyApp, request: Request, conn) -> Response:
+    """POST /providers: add a provider, live and in the config file."""
+    entry = provider_entry_from(app, request)
+    if app.config.provider_named(entry["name"]) is not None:
+        raise ProxyError("provider %r already exists; change it with PUT /providers/%s"
+                         % (entry["name"], entry["name"]), 409)
+    config = app.change_config_file(lambda content: file_providers(content).append(entry))
+    return json_response(app.provider_view(config.provider_named(entry["name"])), 201)
+
+
+async def handle_provider_get(app: ProxyApp, request: Request, conn) -> Response:
+    provider = app.config.provider_named(provider_name_of(request))
+    if provider is None:
+        raise NotFoundError("no provider named %r" % provider_name_of(request))
+    return json_response(app.provider_view(provider))
+
+
+async def handle_provider_replace(app: ProxyApp, request: Request, conn) -> Response:
+    """PUT /providers/{name}: replace a provider, live and in the config file."""
+    name = provider_name_of(request)
+    entry = provider_entry_from(app, request, name)
+    index = entry_index(app.config.file_content, name)
+
+    def replace(content):
+        file_providers(content)[index] = entry
+    return json_response(app.provider_view(app.change_config_file(replace).provider_named(name)))
+
+
+async def handle_provider_delete(app: ProxyApp, request: Request, conn) -> Response:
+    """DELETE /providers/{name}: remove a provider (refused while a route names it)."""
+    name = provider_name_of(request)
+    index = entry_index(app.config.file_content, name)
+    app.change_config_file(lambda content: file_providers(content).pop(index))
+    return json_response({"deleted": name})
+
+
 PUBLIC_PATHS = ("/", "/health")
 
 ENDPOINTS = {
     "/": {"GET": handle_root},
     "/health": {"GET": handle_health},
     "/status": {"GET": handle_status},
-    "/providers": {"GET": handle_providers},
+    "/metrics": {"GET": handle_metrics},
+    "/providers": {"GET": handle_providers, "POST": handle_provider_create},
     "/v1/messages": {"POST": handle_messages},
     "/v1/messages/count_tokens": {"POST": handle_count_tokens},
 }
+# Endpoints with a parameter in the path: prefix -> methods.
+PREFIX_ENDPOINTS = (
+    ("/providers/", {"GET": handle_provider_get, "PUT": handle_provider_replace,
+                     "DELETE": handle_provider_delete}),
+)
 
 
 def find_endpoint(request: Request):
     """The handler for the request's path and method; HEAD is served by GET handlers."""
-    methods = ENDPOINTS.get(request.path)
+    methods = ENDPOINTS.get(request.path) or next(
+        (methods for prefix, methods in PREFIX_ENDPOINTS
+         if request.path.startswith(prefix) and len(request.path) > len(prefix)), None)
     if methods is None:
         raise NotFoundError("no endpoint %s" % request.path)
     handler = methods.get("GET" if request.method == "HEAD" else request.method)
@@ -4272,6 +4510,7 @@ class ProxyServer:
     async def serve(self, on_ready=None) -> None:
         """Start, call on_ready(self), and serve until stop() is called."""
         await self.start()
+        watch_config_file(self.app)
         if on_ready is not None:
             on_ready(self)
         try:
@@ -4282,7 +4521,10 @@ class ProxyServer:
     def stop(self) -> None:
         """Ask the server to stop; safe from any thread and from signal handlers."""
         if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:          # the loop has already ended: nothing to stop
+                pass
 
     async def _accept(self, reader, writer) -> None:
         task = asyncio.current_task()
@@ -4319,13 +4561,31 @@ class ProxyServer:
 
 
 def install_signal_handlers(server: ProxyServer) -> None:
-    """SIGINT and SIGTERM stop the server cleanly (where the platform allows it)."""
+    """SIGINT and SIGTERM stop the server cleanly, SIGHUP reloads the config (where the
+    platform has them)."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    actions = [(signal.SIGINT, server.stop), (signal.SIGTERM, server.stop)]
+    if hasattr(signal, "SIGHUP"):
+        actions.append((signal.SIGHUP, server.app.reload_config))
+    for signum, action in actions:
         try:
-            loop.add_signal_handler(signum, server.stop)
+            loop.add_signal_handler(signum, action)
         except (NotImplementedError, RuntimeError):
             pass
+
+
+def watch_config_file(app: ProxyApp) -> None:
+    """Reload the config when its file changes (checked every few seconds)."""
+    loop = asyncio.get_running_loop()
+
+    def check():
+        current = file_mtime(app.config.source)
+        if current is not None and current != app.config_mtime:
+            app.config_mtime = current
+            app.reload_config()
+        loop.call_later(CONFIG_WATCH_SECONDS, check)
+
+    loop.call_later(CONFIG_WATCH_SECONDS, check)
 
 
 def watch_sessions(server: ProxyServer) -> None:

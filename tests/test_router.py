@@ -338,3 +338,40 @@ def test_rate_limit_per_client(start_proxy, upstream):
     assert caught.value.body["error"]["type"] == "rate_limit_error"
     other = anthropic.Anthropic(base_url=proxy.url, api_key="client-b", max_retries=0)
     assert other.messages.create(**request).content[0].text == "Hello from upstream"
+
+
+# --- observability ------------------------------------------------------------------------
+
+def metrics_of(proxy):
+    import urllib.request
+    with urllib.request.urlopen(proxy.url + "/metrics", timeout=5) as response:
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        return response.read().decode()
+
+
+def test_metrics_in_prometheus_text(start_proxy, upstream, second_upstream):
+    proxy = start_proxy({"providers": [
+        {"name": "primary", "type": "anthropic", "api_base_url": dead_url(), "api_key": "k1"},
+        {"name": "backup", "type": "anthropic", "api_base_url": upstream.url, "api_key": "k2"}],
+        "performance": {"metrics_enabled": True, "circuit_breaker_enabled": True}})
+    ask(proxy)
+    upstream.script = lambda r: stream_reply()
+    ask(proxy, stream=True)
+    text = metrics_of(proxy)
+    assert 'ccproxy_requests_total{provider="backup",route="failover",status="200"} 2' in text
+    assert 'ccproxy_request_duration_seconds_count{provider="backup"} 2' in text
+    assert 'ccproxy_request_duration_seconds_bucket{provider="backup",le="+Inf"} 2' in text
+    assert 'ccproxy_time_to_first_token_seconds_count{provider="backup"} 1' in text
+    assert 'ccproxy_tokens_total{provider="backup",direction="input"} 24' in text
+    assert 'ccproxy_tokens_total{provider="backup",direction="output"} 10' in text
+    assert "ccproxy_active_streams 0" in text
+    assert 'ccproxy_circuit_state{provider="primary"} 0' in text
+    assert "ccproxy_failovers_total 2" in text
+    for line in text.splitlines():
+        assert line.startswith("#") or re.match(r'^[a-z_]+(\{[^}]*\})? [0-9.e+-]+$', line), line
+
+
+def test_metrics_are_off_unless_enabled(proxy):
+    with pytest.raises(anthropic.NotFoundError) as caught:
+        anthropic.Anthropic(base_url=proxy.url, api_key="c").get("/metrics", cast_to=object)
+    assert "metrics_enabled" in caught.value.body["error"]["message"]
