@@ -4933,9 +4933,9 @@ def cmd_status(args) -> int:
         report["version"], report["url"], report["pid"], report["uptime_seconds"],
         report["started_by"]))
     for provider in report["providers"]:
-        print("  %-12s %-9s %-8s %s" % (provider["name"], provider["type"],
-                                         "enabled" if provider["enabled"] else "disabled",
-                                         ", ".join(provider["models"]) or "(any model)"))
+        print("  %-12s %-9s %-8s circuit %-9s %s" % (
+            provider["name"], provider["type"], "enabled" if provider["enabled"] else "disabled",
+            provider["circuit"]["state"], ", ".join(provider["models"]) or "(any model)"))
     return 0
 
 

@@ -257,3 +257,8 @@ def test_a_mistyped_key_is_not_echoed():
     message = str(caught.value)
     assert "apikey: must be a string, not list" in message
     assert "secret-value" not in message
+
+
+def test_the_example_config_is_valid_and_warns_of_nothing():
+    config = ccproxy.load_config(str(REPO / "example.config.json"), {"ANTHROPIC_API_KEY": "k"})
+    assert config.warnings == [] and [p.name for p in config.providers] == ["anthropic", "openai"]

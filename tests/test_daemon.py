@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -87,7 +88,7 @@ def test_start_status_stop_round_trip(home):
     assert record["version"] and record["started_by"] == "start" and h.healthy()
     status = h.run("status")
     assert status.returncode == 0 and "is running at %s" % h.url in status.stdout
-    assert "anthropic" in status.stdout
+    assert re.search(r"anthropic +anthropic +enabled +circuit disabled", status.stdout)
     report = json.loads(h.run("status", "--json").stdout)
     assert report["running"] is True and report["pid"] == record["pid"]
     assert "sk-ant-upstream" not in json.dumps(report)
