@@ -922,7 +922,7 @@ class Request:
     """One parsed HTTP request; the body is filled in after the head has been admitted."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
-                 "body_text", "body_spans", "log")
+                 "body_text", "body_spans", "log", "rewritten")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers):
         self.method = method
@@ -935,6 +935,7 @@ class Request:
         self.body_text = ""
         self.body_spans = {}
         self.log = None               # the request log record, when request logging is on
+        self.rewritten = set()        # top-level body keys ccproxy changed before forwarding
 
     @property
     def keep_alive(self) -> bool:
@@ -1818,7 +1819,10 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     answers (failover), relaying its answer."""
     body = parse_json_body(request)
     check_messages_request(body)
-    plan = plan_route(app.config, body, request.headers)
+    subagent_choice = take_subagent_tag(body)
+    if subagent_choice:
+        request.rewritten.add("system")
+    plan = plan_route(app.config, body, request.headers, subagent_choice)
     if request.log is not None:
         request.log["stream"] = body.get("stream") is True
         if app.config.log_bodies:
@@ -2125,6 +2129,7 @@ Routing = collections.namedtuple("Routing", "provider model route")
 
 # The scenario routes, in the order they are tried when their route exists (see plan_route).
 SCENARIO_ROUTES = ("longContext", "background", "webSearch", "think", "image")
+SUBAGENT_TAG_RE = re.compile(r"<CCR-SUBAGENT-MODEL>(.*?)</CCR-SUBAGENT-MODEL>\s*", re.S)
 
 
 class RequestFacts:
@@ -2248,20 +2253,42 @@ def route_target(config: Config, route: Route):
     return Routing(provider, route.model, route.name) if provider and provider.enabled else None
 
 
-def plan_route(config: Config, body: dict, headers: Headers) -> list:
+def take_subagent_tag(body: dict) -> str | None:
+    """The `provider,model` of a <CCR-SUBAGENT-MODEL> tag in the system prompt, removed from
+    it (other routers' convention for choosing a sub-agent's model), or None."""
+    system = body.get("system")
+    blocks = [system] if isinstance(system, str) else system if isinstance(system, list) else []
+    for index, block in enumerate(blocks):
+        text = block if isinstance(block, str) else block.get("text") \
+            if isinstance(block, dict) else None
+        match = SUBAGENT_TAG_RE.search(text) if isinstance(text, str) else None
+        if match:
+            cleaned = text[:match.start()] + text[match.end():]
+            if isinstance(system, str):
+                body["system"] = cleaned
+            else:
+                body["system"] = system[:index] + [dict(block, text=cleaned)] + system[index + 1:]
+            return match.group(1).strip()
+    return None
+
+
+def plan_route(config: Config, body: dict, headers: Headers, subagent_choice=None) -> list:
     """Every (provider, model, route) to try, best first.
 
-    The first choice, by precedence: a `provider,model` model string; a model that enabled
-    providers list; the first custom route whose conditions all hold (config order); the
-    scenario routes longContext, background, webSearch, think, image; routes.default; the
-    first enabled provider. Then that route's fallbacks, then (unless failover is false)
-    every other enabled provider with its first model.
+    The first choice, by precedence: a `provider,model` model string; a sub-agent tag's
+    `provider,model`; a model that enabled providers list; the first custom route whose
+    conditions all hold (config order); the scenario routes longContext, background,
+    webSearch, think, image; routes.default; the first enabled provider. Then that route's
+    fallbacks, then (unless failover is false) every other enabled provider with its first
+    model.
     """
     facts = RequestFacts(config, body, headers)
     requested = facts.model
     enabled = config.enabled_providers()
     if "," in requested:
         plan = [explicit_choice(config, requested, "explicit")]
+    elif subagent_choice:
+        plan = [explicit_choice(config, subagent_choice, "subagent")]
     else:
         plan = [Routing(p, requested, "model") for p in enabled if requested in p.models]
     if not plan:
@@ -2452,8 +2479,8 @@ def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None
     Only the changed values are re-encoded, spliced into the client's own text; with nothing
     to change, the client's bytes go on as they came.
     """
-    changes = {}            # body itself stays as the client sent it: failover may need it again
-    if body.get("model") != model:
+    changes = {key: body[key] for key in request.rewritten}
+    if body.get("model") != model:    # the model is not changed in body: failover needs it
         changes["model"] = model
     if PROXY_SIGNATURE_MARK in request.body:
         messages = messages_without_proxy_thinking(body.get("messages"))

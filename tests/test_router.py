@@ -375,3 +375,28 @@ def test_metrics_are_off_unless_enabled(proxy):
     with pytest.raises(anthropic.NotFoundError) as caught:
         anthropic.Anthropic(base_url=proxy.url, api_key="c").get("/metrics", cast_to=object)
     assert "metrics_enabled" in caught.value.body["error"]["message"]
+
+
+def test_subagent_tag_picks_the_model_and_is_removed(start_proxy, upstream):
+    proxy = start_proxy({"providers": [
+        {"name": "other", "type": "anthropic", "api_base_url": dead_url(), "api_key": "k"},
+        anthropic_provider(upstream)]})
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
+    raw = client.messages.with_raw_response.create(
+        model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+        system=[{"type": "text", "text": "Main prompt."},
+                {"type": "text", "text": "<CCR-SUBAGENT-MODEL>anthropic,claude-sub</CCR-SUBAGENT-MODEL>"
+                                         "You review code.", "cache_control": {"type": "ephemeral"}}])
+    assert raw.headers["x-ccproxy-route"] == "subagent"
+    sent = upstream.requests[0]["json"]
+    assert sent["model"] == "claude-sub"
+    assert sent["system"] == [{"type": "text", "text": "Main prompt."},
+                              {"type": "text", "text": "You review code.",
+                               "cache_control": {"type": "ephemeral"}}]
+
+
+def test_subagent_tag_in_a_string_system_prompt():
+    body = {"system": "<CCR-SUBAGENT-MODEL> openai,gpt-4.1 </CCR-SUBAGENT-MODEL>\nBe brief."}
+    assert ccproxy.take_subagent_tag(body) == "openai,gpt-4.1"
+    assert body["system"] == "Be brief."
+    assert ccproxy.take_subagent_tag({"system": "no tag"}) is None
