@@ -157,22 +157,27 @@ class ProxyError(Exception):
 
 
 class InvalidRequestError(ProxyError):
+    """The request is malformed or cannot be expressed (400)."""
     status = 400
 
 
 class AuthenticationError(ProxyError):
+    """The proxy key is missing or wrong (401)."""
     status = 401
 
 
 class PermissionDeniedError(ProxyError):
+    """The client address may not use the proxy (403)."""
     status = 403
 
 
 class NotFoundError(ProxyError):
+    """No such endpoint or provider (404)."""
     status = 404
 
 
 class RequestTooLargeError(ProxyError):
+    """The request body is over the size limit (413)."""
     status = 413
 
 
@@ -182,6 +187,7 @@ class UpstreamError(ProxyError):
 
 
 class UpstreamTimeoutError(ProxyError):
+    """The provider stayed silent for request_timeout (504)."""
     status = 504
 
 
@@ -415,6 +421,7 @@ def expand_env_references(value, path: str, source: str, environ):
 
 
 def join_key(path: str, key: str) -> str:
+    """A dotted key path: join_key("performance", "port") is "performance.port"."""
     return "%s.%s" % (path, key) if path else key
 
 
@@ -844,6 +851,7 @@ def check_conditions(checker: ConfigChecker, conditions, path: str) -> list:
 
 
 def valid_regex(value) -> bool:
+    """Whether value compiles as a regular expression."""
     try:
         re.compile(str(value))
     except re.error:
@@ -982,10 +990,12 @@ def format_request_log(request: Request, status: int) -> str:
 
 
 def json_response(payload, status: int = 200, headers=()) -> Response:
+    """A JSON response of payload."""
     return Response(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
 
 
 def error_response(error: ProxyError, request_id: str) -> Response:
+    """The Anthropic-shaped response of a ProxyError."""
     body = error_body(error.error_type, error.message, request_id)
     return Response(error.status, body, error.headers)
 
@@ -1513,6 +1523,7 @@ class Histogram:
 
 
 def metric_header(name: str, kind: str, help_text: str) -> list:
+    """The # HELP and # TYPE lines of one metric."""
     return ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
 
 
@@ -1523,6 +1534,7 @@ def labels(**values) -> str:
 
 
 def file_mtime(path: str | None) -> float | None:
+    """A file's modification time, or None when there is no such file."""
     try:
         return os.stat(path).st_mtime if path else None
     except OSError:
@@ -1758,6 +1770,7 @@ def check_messages_request(body: dict, for_count: bool = False) -> None:
 
 
 def check_message(message, index: int) -> None:
+    """Reject a message that is not {role, content} with typed content blocks."""
     if not isinstance(message, dict):
         raise InvalidRequestError("messages[%d]: must be an object" % index)
     if message.get("role") not in MESSAGE_ROLES:
@@ -1781,10 +1794,12 @@ async def handle_root(app: ProxyApp, request: Request, conn) -> Response:
 
 
 async def handle_health(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /health: alive, and the version; nothing else."""
     return json_response({"status": "ok", "version": __version__})
 
 
 async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /status: process, listener, providers (masked) and counters."""
     host, port = app.listen_address
     return json_response({
         "status": "running",
@@ -1811,6 +1826,7 @@ async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
 
 
 async def handle_providers(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /providers: every provider, secrets masked, with its circuit state."""
     return json_response({"providers": [app.provider_view(p) for p in app.config.providers]})
 
 
@@ -1952,6 +1968,7 @@ def provider_entry_from(app: ProxyApp, request: Request, name: str | None = None
 
 
 def file_providers(content: dict) -> list:
+    """The config file content's providers list (made when missing)."""
     providers = content.get("providers")
     if not isinstance(providers, list):
         providers = content["providers"] = []
@@ -1977,6 +1994,7 @@ async def handle_provider_create(app: ProxyApp, request: Request, conn) -> Respo
 
 
 async def handle_provider_get(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /providers/{name}: one provider, masked."""
     provider = app.config.provider_named(provider_name_of(request))
     if provider is None:
         raise NotFoundError("no provider named %r" % provider_name_of(request))
@@ -2208,6 +2226,7 @@ class RequestFacts:
 
 
 def block_has_image(block) -> bool:
+    """Whether a content block is an image or a tool_result holding one."""
     if not isinstance(block, dict):
         return False
     if block.get("type") == "image":
@@ -3037,6 +3056,7 @@ def openai_endpoint_url(base_url: str) -> str:
 
 
 def openai_request_headers(provider: Provider) -> dict:
+    """Headers of a Chat Completions call: the key as Bearer, extra headers."""
     headers = {"content-type": "application/json", "user-agent": USER_AGENT}
     if provider.api_key:
         headers["authorization"] = "Bearer " + provider.api_key
@@ -3140,6 +3160,7 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
 
 
 def anthropic_tool_use(call: dict, context) -> dict:
+    """A tool_use block from an OpenAI tool call (B4)."""
     function = call.get("function") if isinstance(call.get("function"), dict) else {}
     return {"type": "tool_use", "id": anthropic_tool_id(call.get("id")),
             "name": context.tool_name(function.get("name")),
@@ -3188,6 +3209,7 @@ BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","in
 
 
 def json_bytes(value) -> bytes:
+    """value as compact UTF-8 JSON bytes."""
     return json.dumps(value, ensure_ascii=False).encode()
 
 
@@ -3468,6 +3490,7 @@ def translated_completion_response(data: dict, context: TranslationContext, stre
 
 
 def parse_upstream_json(call):
+    """The provider's answer body as JSON, or a 502 quoting it."""
     try:
         return json.loads(call.body)
     except (ValueError, RecursionError):
@@ -3999,6 +4022,7 @@ def message_from_events(data: bytes) -> dict:
 
 
 def apply_delta(block: dict, delta: dict, partial: dict, index: int) -> None:
+    """Add one content_block_delta to the block it belongs to."""
     kind = delta["type"]
     if kind == "text_delta":
         block["text"] += delta["text"]
@@ -4396,6 +4420,7 @@ def ccproxy_home() -> str:
 
 
 def pidfile_path() -> str:
+    """~/.ccproxy/ccproxy.pid."""
     return os.path.join(ccproxy_home(), "ccproxy.pid")
 
 
@@ -4430,6 +4455,7 @@ def remove_pidfile(pid: int) -> None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether a process with that pid exists."""
     if os.name == "nt":           # no signal 0 on Windows: the health check decides
         return True
     try:
@@ -4483,6 +4509,7 @@ def running_proxy() -> dict | None:
 
 
 def sessions_dir() -> str:
+    """~/.ccproxy/sessions: one lease file per running `code` session."""
     return os.path.join(ccproxy_home(), "sessions")
 
 
@@ -4646,6 +4673,7 @@ def startup_warnings(config: Config) -> list:
 
 
 def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict:
+    """What the pidfile says about this server."""
     host, port = server.app.listen_address
     return {"pid": os.getpid(), "url": client_url(host, port), "host": host, "port": port,
             "version": __version__, "started_at": time.time(), "config": config.source,
@@ -4762,6 +4790,7 @@ def stop_proxy(record: dict) -> str:
 
 
 def wait_for_exit(pid: int, seconds: float) -> bool:
+    """Wait up to seconds for pid to end; whether it did."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if not process_alive(pid) or not process_is_ccproxy(pid):
@@ -4804,6 +4833,7 @@ SHELL_RENDERERS = {
 
 
 def shell_quote(value: str) -> str:
+    """value in single quotes for POSIX shells."""
     return "'" + value.replace("'", "'\\''") + "'"
 
 
@@ -4885,6 +4915,7 @@ def build_code_parser() -> argparse.ArgumentParser:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The --config, --host and --port flags."""
     parser.add_argument("--config", metavar="FILE", help="config file (default: search "
                         + ", ".join(CONFIG_SEARCH_PATHS) + ")")
     parser.add_argument("--host", help="address to listen on (default %s)" % DEFAULT_HOST)
@@ -4892,6 +4923,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> Config:
+    """The Config for a command, flags layered on top."""
     return load_config(args.config, os.environ, {"host": args.host, "port": args.port})
 
 
@@ -4904,6 +4936,7 @@ def config_of(record: dict, fallback: Config) -> Config:
 
 
 def cmd_start(args) -> int:
+    """start: in the background (default) or the foreground, or --check."""
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -4930,6 +4963,7 @@ def cmd_start(args) -> int:
 
 
 def cmd_stop(args) -> int:
+    """stop: drain, then end the running proxy; not running is fine."""
     record = running_proxy()
     if record is None:
         print("ccproxy is not running")
@@ -4967,6 +5001,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_env(args) -> int:
+    """env: print the variables for Claude Code in the user's shell syntax."""
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -5071,6 +5106,7 @@ def run_claude(command: list, environment: dict) -> int:
 
 
 def cmd_version(args) -> int:
+    """version: print the version."""
     print("ccproxy %s" % __version__)
     return 0
 
