@@ -1885,9 +1885,7 @@ async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, 
             await asyncio.sleep(delay)
         if position + 1 < len(plan):
             app.note_failover(routing.provider.name, plan[position + 1].provider.name, status)
-    if isinstance(outcome, ProxyError):
-        raise outcome
-    return outcome
+    return with_route_headers(outcome, plan[-1])
 
 
 def with_route_headers(outcome, routing: Routing):

@@ -276,6 +276,7 @@ def test_all_providers_failing_returns_the_last_error(start_proxy):
         ask(proxy)
     assert caught.value.status_code == 502
     assert caught.value.body["error"]["message"].startswith("backup: cannot reach")
+    assert caught.value.response.headers["x-ccproxy-provider"] == "backup"
 
 
 def test_retries_the_same_provider_with_backoff(start_proxy, upstream, second_upstream):
