@@ -88,6 +88,8 @@ UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
 STREAM_QUEUE_CHUNKS = 64                         # chunks a slow client may leave unread per stream
 STREAM_PING_SECONDS = 15.0                       # a ping to the client after this much silence
+UPSTREAM_IDLE_SECONDS = 30.0                     # an idle provider connection is kept this long
+UPSTREAM_IDLE_PER_HOST = 16                      # idle connections kept per provider host
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 CONFIG_SEARCH_PATHS = ("./config.json", "~/.ccproxy/config.json", "/etc/ccproxy/config.json")
 USER_AGENT = "ccproxy/" + __version__
@@ -1578,6 +1580,7 @@ class ProxyApp:
         self.upstream_pool = concurrent.futures.ThreadPoolExecutor(
             config.worker_threads, thread_name_prefix="ccproxy-upstream")
         self.opener = build_upstream_opener()
+        self.pool = ConnectionPool()
         self.upstream_calls = set()
         self.draining = False         # shutting down: answer in-flight requests, take no more
         self.config_mtime = file_mtime(config.source)
@@ -1684,6 +1687,7 @@ class ProxyApp:
         for call in list(self.upstream_calls):
             call.cancel(reason)
         self.upstream_pool.shutdown(wait=False)
+        self.pool.close_all()
 
 
 JSON_WHITESPACE_RE = re.compile(r"[ \t\n\r]*")
@@ -4141,15 +4145,88 @@ def _tracked_connection_factory(connection_class, request):
     return factory
 
 
+class ConnectionPool:
+    """Idle keep-alive connections to providers, so that a call does not pay for a new TCP
+    and TLS handshake. A connection comes back only after its answer was read to the end."""
+
+    def __init__(self):
+        self._idle = {}               # (connection class, host) -> [(connection, since)]
+        self._lock = threading.Lock()
+
+    def take(self, key):
+        """An idle connection for key, or None."""
+        with self._lock:
+            entries = self._idle.get(key) or []
+            while entries:
+                connection, since = entries.pop()
+                if time.monotonic() - since < UPSTREAM_IDLE_SECONDS:
+                    return connection
+                connection.close()
+        return None
+
+    def give(self, key, connection) -> None:
+        with self._lock:
+            entries = self._idle.setdefault(key, [])
+            if len(entries) < UPSTREAM_IDLE_PER_HOST:
+                entries.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for entries in idle.values():
+            for connection, _ in entries:
+                connection.close()
+
+
+def open_pooled(handler, req, connection_class, **connection_options):
+    """urllib's do_open for a provider call, on a pooled connection when one is idle.
+
+    A pooled connection the provider has meanwhile closed fails at once; the request is then
+    sent again on a fresh connection. Calls through an HTTPS proxy tunnel are not pooled.
+    """
+    call = req.upstream_call
+    if getattr(req, "_tunnel_host", None):          # set by urllib's ProxyHandler
+        return handler.do_open(_tracked_connection_factory(connection_class, req), req,
+                               **connection_options)
+    key = (connection_class, req.host)
+    headers = dict(req.unredirected_hdrs)
+    headers.update((k, v) for k, v in req.headers.items() if k not in headers)
+    headers = {name.title(): value for name, value in headers.items()}
+    for reuse in (True, False):
+        connection = call.pool.take(key) if reuse else None
+        if connection is None:
+            reuse = False
+            connection = connection_class(req.host, timeout=req.timeout, **connection_options)
+            connection.upstream_call = call
+        else:
+            connection.sock.settimeout(req.timeout)
+            call.attach_socket(connection.sock)
+        try:
+            connection.request(req.get_method(), req.selector, req.data, headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            if reuse and isinstance(exc, STALE_CONNECTION_ERRORS) and not call.cancelled:
+                continue
+            raise urllib.error.URLError(exc) from None
+        response.pooled = (key, connection)
+        return response
+
+
+STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                           http.client.RemoteDisconnected, http.client.BadStatusLine)
+
+
 class _TrackedHTTPHandler(urllib.request.HTTPHandler):
     def http_open(self, req):
-        return self.do_open(_tracked_connection_factory(_TrackedHTTPConnection, req), req)
+        return open_pooled(self, req, _TrackedHTTPConnection)
 
 
 class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req):
-        return self.do_open(_tracked_connection_factory(_TrackedHTTPSConnection, req), req,
-                            context=self._context)
+        return open_pooled(self, req, _TrackedHTTPSConnection, context=self._context)
 
 
 def build_upstream_opener():
@@ -4216,9 +4293,13 @@ class UpstreamCall:
         self._url = url
         self._request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         self._request.upstream_call = self
+        self.pool = app.pool
         self._socket = None
         self._response = None
         self._cancelled = False
+        self._finished = False        # the answer was read to its end
+        self._body_complete = False
+        self._lock = threading.Lock()
         self._cancel_reason = ""
         self.status = 0
         self.body = None
@@ -4228,12 +4309,35 @@ class UpstreamCall:
         if self._cancelled:
             self._shutdown_socket()
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def cancel(self, reason: str = "") -> None:
         """Cut the call: the worker thread's next or current socket operation fails. With a
-        reason the client is told (an error event); without, the client is gone."""
-        self._cancel_reason = self._cancel_reason or reason
-        self._cancelled = True
+        reason the client is told (an error event); without, the client is gone. A call
+        whose answer was read to the end is left alone (its connection may be reused)."""
+        with self._lock:
+            if self._finished:
+                return
+            self._cancel_reason = self._cancel_reason or reason
+            self._cancelled = True
         self._shutdown_socket()
+
+    def _release(self, complete: bool) -> None:
+        """Worker thread: close the response; its connection goes back to the pool when the
+        answer was read to its end and nobody cut the call."""
+        response = self._response
+        with self._lock:
+            self._finished = True
+            reusable = complete and not self._cancelled and not response.will_close
+        response.close()
+        key, connection = getattr(response, "pooled", (None, None))
+        if connection is not None:
+            if reusable:
+                self.pool.give(key, connection)
+            else:
+                connection.close()
 
     def _shutdown_socket(self) -> None:
         sock = self._socket
@@ -4286,7 +4390,7 @@ class UpstreamCall:
         except Exception as exc:
             raise self._failure(exc) from None
         finally:
-            response.close()
+            self._release(response.isclosed())
 
     def _failure(self, exc: BaseException) -> Exception:
         if self._cancelled:
@@ -4340,7 +4444,7 @@ class UpstreamCall:
         except Exception as exc:
             ending = self._failure(exc)
         finally:
-            self._response.close()
+            self._release(self._body_complete)
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, ending)
             except RuntimeError:      # the loop has closed: nobody is waiting any more
@@ -4363,6 +4467,7 @@ class UpstreamCall:
                 piece = decoder.feed(data)
                 if piece:
                     yield piece
+            self._body_complete = decoder.done
             return
         remaining = response.length          # None: the body runs until the connection closes
         while (remaining is None or remaining > 0) and not self._cancelled:
@@ -4374,6 +4479,7 @@ class UpstreamCall:
                 return
             if remaining is not None:
                 remaining -= len(data)
+                self._body_complete = remaining == 0
             yield data
 
 

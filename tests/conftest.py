@@ -62,7 +62,8 @@ class Reply:
     """A scripted answer: status, headers, and body given whole or as timed pieces."""
 
     def __init__(self, status=200, body=b"", headers=None, pieces=None, pause_before=None,
-                 release=None, cut=False, delay=0.0, content_type="application/json"):
+                 release=None, cut=False, delay=0.0, content_type="application/json",
+                 close_after=False):
         self.status = status
         self.body = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
         self.headers = dict(headers or {})
@@ -72,6 +73,7 @@ class Reply:
         self.release = release or threading.Event()
         self.cut = cut                  # end the connection without the final chunk
         self.delay = delay              # wait before the response head (or for the peer)
+        self.close_after = close_after  # close the connection afterwards, without saying so
 
 
 def json_reply(body, status=200, **kw):
@@ -106,7 +108,7 @@ class MockUpstream:
             def do_POST(self):
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
-                record = {"method": "POST", "path": self.path,
+                record = {"method": "POST", "path": self.path, "peer": self.client_address,
                           "headers": {k.lower(): v for k, v in self.headers.items()},
                           "body": body}
                 try:
@@ -167,10 +169,11 @@ class MockUpstream:
             handler.send_header("content-length", str(len(reply.body)))
             handler.end_headers()
             handler.wfile.write(reply.body)
+            handler.close_connection = reply.close_after
             return
         handler.send_header("transfer-encoding", "chunked")
         handler.end_headers()
-        handler.close_connection = True
+        handler.close_connection = reply.cut or reply.close_after or reply.pause_before is not None
         try:
             for index, piece in enumerate(reply.pieces):
                 if index == reply.pause_before and self.pause(handler, reply.release):

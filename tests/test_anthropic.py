@@ -405,3 +405,33 @@ def test_provider_key_echoed_in_a_foreign_error_is_masked(proxy, upstream):
                                           messages=[{"role": "user", "content": "hi"}])
     assert PROVIDER_KEY not in json.dumps(caught.value.body)
     assert caught.value.body["error"]["message"] == "anthropic: HTTP 500: oops key=sk-a…6789"
+
+
+def test_upstream_connections_are_reused(proxy, upstream):
+    upstream.script = lambda r: stream_reply() if r["json"].get("stream") else json_reply(
+        anthropic_message())
+    client = client_for(proxy)
+    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    client.messages.create(**request)
+    with client.messages.stream(**request) as stream:
+        stream.get_final_message()
+    client.messages.create(**request)
+    assert len({r["peer"] for r in upstream.requests}) == 1
+
+
+def test_a_connection_the_provider_closed_is_replaced_transparently(proxy, upstream):
+    upstream.script = lambda r: json_reply(anthropic_message(), close_after=True)
+    client = client_for(proxy)
+    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    for _ in range(3):
+        assert client.messages.create(**request).content[0].text == "Hello from upstream"
+    assert len({r["peer"] for r in upstream.requests}) == 3
+
+
+def test_a_cut_call_does_not_leave_a_broken_connection_in_the_pool(proxy, upstream):
+    upstream.script = lambda r: stream_reply(pause_before=3)
+    open_stream_and_vanish(proxy)
+    assert upstream.peer_closed.wait(2)
+    upstream.script = lambda r: json_reply(anthropic_message("after"))
+    assert client_for(proxy).messages.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]).content[0].text == "after"
