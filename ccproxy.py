@@ -2416,6 +2416,16 @@ class CircuitBreaker:
 # 9. Transformers
 ###############################################################################
 
+def list_of(value) -> list:
+    """value when it is a list, else an empty one: JSON from outside may have any shape."""
+    return value if isinstance(value, list) else []
+
+
+def dict_of(value) -> dict:
+    """value when it is an object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 # --- SSE codec ---------------------------------------------------------------
 
 SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
@@ -3075,15 +3085,20 @@ def openai_messages_request(provider: Provider, model: str, request: Request, bo
 
 def anthropic_usage_from_openai(usage) -> dict:
     """Anthropic usage from OpenAI usage: cache reads counted apart from input (B6)."""
-    usage = usage if isinstance(usage, dict) else {}
-    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"),
-                                                              dict) else {}
-    prompt = usage.get("prompt_tokens") or 0
-    cache_read = details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
-    cache_write = details.get("cache_write_tokens") or 0
+    usage = dict_of(usage)
+    details = dict_of(usage.get("prompt_tokens_details"))
+    prompt = count_of(usage.get("prompt_tokens"))
+    cache_read = count_of(details.get("cached_tokens")) or count_of(
+        usage.get("prompt_cache_hit_tokens"))
+    cache_write = count_of(details.get("cache_write_tokens"))
     return {"input_tokens": max(prompt - cache_read - cache_write, 0),
-            "output_tokens": usage.get("completion_tokens") or 0,
+            "output_tokens": count_of(usage.get("completion_tokens")),
             "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read}
+
+
+def count_of(value) -> int:
+    """A token count from upstream JSON: an integer, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def tool_input_from_arguments(arguments) -> dict:
@@ -3126,7 +3141,7 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     """An Anthropic message from a Chat Completions answer (rule book B)."""
     if not isinstance(data, dict):
         raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
-    choices = data.get("choices")
+    choices = list_of(data.get("choices"))
     if not choices:
         if data.get("error"):
             raise openai_error(context.provider, data["error"])
@@ -3140,13 +3155,14 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
                         "signature": thinking_signature(context.provider.name)})
     text = message.get("content")
     if isinstance(text, list):
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"),
+                                                                                       str))
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
     refusal = message.get("refusal")
     if isinstance(refusal, str) and refusal:
         content.append({"type": "text", "text": refusal})
-    calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
+    calls = [c for c in list_of(message.get("tool_calls")) if isinstance(c, dict)]
     if not calls and isinstance(message.get("function_call"), dict):
         calls = [{"function": message["function_call"]}]
     content += [anthropic_tool_use(call, context) for call in calls]
@@ -3193,7 +3209,8 @@ class TranslationContext:
         """B5: the Anthropic stop_reason; tool_use whenever calls were made."""
         if made_calls:
             return "tool_use"
-        reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn")
+        reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn") \
+            if isinstance(finish_reason, str) else "end_turn"
         return "end_turn" if reason == "tool_use" else reason
 
     def estimated_usage(self, output_chars: int) -> dict:
@@ -3323,10 +3340,10 @@ class OpenAIStreamTranslator:
         if chunk.get("error"):
             raise openai_error(self._context.provider, chunk["error"])
         self._emit.start()
-        usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
+        usage = chunk.get("usage") or dict_of(chunk.get("x_groq")).get("usage")
         if isinstance(usage, dict):
             self._usage = usage
-        for choice in chunk.get("choices") or ():
+        for choice in list_of(chunk.get("choices")):
             if isinstance(choice, dict):
                 self._feed_choice(choice)
         return self._emit.take()
@@ -3363,7 +3380,7 @@ class OpenAIStreamTranslator:
         content = delta.get("content")
         if isinstance(content, str) and content:
             self._emit.text(content)
-        for position, call in enumerate(delta.get("tool_calls") or ()):
+        for position, call in enumerate(list_of(delta.get("tool_calls"))):
             if isinstance(call, dict):
                 self._feed_call(call, position)
         if choice.get("finish_reason") == "error":
@@ -3472,10 +3489,10 @@ def openai_error_response(call, status: int, context: TranslationContext, stream
 def openai_chunk_from_completion(data: dict) -> dict:
     """A whole Chat Completions answer as one stream chunk, for the stream translator."""
     choices = []
-    for choice in data.get("choices") or ():
+    for choice in list_of(data.get("choices")):
         message = dict(choice.get("message") or {}) if isinstance(choice, dict) else {}
         message["tool_calls"] = [dict(call, index=i) for i, call in
-                                 enumerate(message.get("tool_calls") or ()) if isinstance(call, dict)]
+                                 enumerate(list_of(message.get("tool_calls"))) if isinstance(call, dict)]
         choices.append({"delta": message, "finish_reason": choice.get("finish_reason") or "stop"})
     return {"choices": choices, "usage": data.get("usage")}
 
@@ -3586,7 +3603,7 @@ def gemini_schema(node, definitions: dict, depth: int = 0) -> dict:
     if isinstance(choices, list):
         return gemini_any_of(node, choices, definitions, depth)
     types = node.get("type")
-    types = [types] if isinstance(types, str) else list(types or ())
+    types = [types] if isinstance(types, str) else [t for t in list_of(types) if isinstance(t, str)]
     nullable = "null" in types
     types = [t for t in types if t != "null"]
     if len(types) > 1:
@@ -3631,7 +3648,7 @@ def gemini_schema_children(node: dict, cleaned: dict, definitions: dict, depth: 
         if properties:
             cleaned["properties"] = {name: gemini_schema(value, definitions, depth)
                                      for name, value in properties.items()}
-            required = [r for r in node.get("required") or () if r in properties]
+            required = [r for r in list_of(node.get("required")) if r in properties]
             if required:
                 cleaned["required"] = required
         elif "description" not in cleaned:
@@ -3658,11 +3675,11 @@ def gemini_any_of(node: dict, choices: list, definitions: dict, depth: int) -> d
 def merge_all_of(node: dict) -> dict:
     """allOf of object schemas merged into one object schema."""
     merged = {k: v for k, v in node.items() if k != "allOf"}
-    properties, required = dict(merged.get("properties") or {}), list(merged.get("required") or ())
+    properties, required = dict(dict_of(merged.get("properties"))), list_of(merged.get("required"))
     for part in node["allOf"]:
         if isinstance(part, dict):
             properties.update(part.get("properties") or {})
-            required += [r for r in part.get("required") or () if r not in required]
+            required += [r for r in list_of(part.get("required")) if r not in required]
             merged.setdefault("type", part.get("type"))
     if properties:
         merged.update(type="object", properties=properties, required=required)
@@ -3863,12 +3880,12 @@ def gemini_messages_request(provider: Provider, model: str, request: Request, bo
 
 def anthropic_usage_from_gemini(usage) -> dict:
     """Anthropic usage from usageMetadata: cached tokens apart, thoughts counted as output (D17)."""
-    usage = usage if isinstance(usage, dict) else {}
-    prompt = (usage.get("promptTokenCount") or 0) + (usage.get("toolUsePromptTokenCount") or 0)
-    cached = usage.get("cachedContentTokenCount") or 0
+    usage = dict_of(usage)
+    prompt = count_of(usage.get("promptTokenCount")) + count_of(usage.get("toolUsePromptTokenCount"))
+    cached = count_of(usage.get("cachedContentTokenCount"))
     return {"input_tokens": max(prompt - cached, 0),
-            "output_tokens": (usage.get("candidatesTokenCount") or 0)
-            + (usage.get("thoughtsTokenCount") or 0),
+            "output_tokens": count_of(usage.get("candidatesTokenCount"))
+            + count_of(usage.get("thoughtsTokenCount")),
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
@@ -3877,7 +3894,8 @@ def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
     error = error if isinstance(error, dict) else {"message": str(error)}
     message = str(error.get("message") or json.dumps(error))
     code = error.get("code") if isinstance(error.get("code"), int) else status
-    status = GEMINI_STATUS_BY_CODE.get(error.get("status")) or CLIENT_STATUS_BY_UPSTREAM_STATUS.get(
+    status_name = error.get("status") if isinstance(error.get("status"), str) else ""
+    status = GEMINI_STATUS_BY_CODE.get(status_name) or CLIENT_STATUS_BY_UPSTREAM_STATUS.get(
         code, 500 if code >= 500 else 400)
     if "API_KEY_INVALID" in json.dumps(error) or "API key not valid" in message:
         status = 401
@@ -3889,7 +3907,7 @@ def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
 def gemini_retry_delays(error: dict) -> list:
     """Seconds from RetryInfo.retryDelay ("32s"), as retry-after values."""
     delays = []
-    for detail in error.get("details") or ():
+    for detail in list_of(error.get("details")):
         delay = detail.get("retryDelay") if isinstance(detail, dict) else None
         if isinstance(delay, str) and re.match(r"^\d+(\.\d+)?s$", delay):
             delays.append(str(max(1, int(float(delay[:-1]) + 0.999))))
@@ -3941,10 +3959,10 @@ class GeminiStreamTranslator:
         feedback = chunk.get("promptFeedback")
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self._block_reason = feedback["blockReason"]
-        candidates = chunk.get("candidates") or ()
+        candidates = list_of(chunk.get("candidates"))
         candidate = candidates[0] if candidates and isinstance(candidates[0], dict) else {}
         content = candidate.get("content") if isinstance(candidate.get("content"), dict) else {}
-        for part in content.get("parts") or ():
+        for part in list_of(content.get("parts")):
             if isinstance(part, dict):
                 self._feed_part(part)
         if candidate.get("finishReason"):
@@ -3984,7 +4002,7 @@ class GeminiStreamTranslator:
             self._calls += 1
             self._emit.open_tool(("call", self._calls), anthropic_tool_id(call.get("id")),
                                  self._context.tool_name(call.get("name")))
-            self._emit.tool_arguments(json.dumps(call.get("args") or {}, ensure_ascii=False))
+            self._emit.tool_arguments(json.dumps(dict_of(call.get("args")), ensure_ascii=False))
             self._emit.close()
         elif isinstance(text, str) and text:
             self._emit.text(text)
