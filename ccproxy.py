@@ -1867,13 +1867,14 @@ async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, 
     Every answer carries the x-ccproxy-provider, -model and -route headers."""
     config = app.config
     policy = RetryPolicy(config.max_retries, config.retry_budget)
-    outcome = None
+    outcome, tried = None, plan[0]
     for position, routing in enumerate(plan):
         breaker = app.breaker_for(routing.provider.name)
         if not breaker.allows_request():
             outcome = outcome or ProxyError("%s: circuit open after repeated failures (%s)" % (
                 routing.provider.name, breaker.last_error), 529)
             continue
+        tried = routing
         for attempt in range(config.max_retries + 1):
             try:
                 outcome = await send_to(app, request, conn, body, routing)
@@ -1889,7 +1890,7 @@ async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, 
             await asyncio.sleep(delay)
         if position + 1 < len(plan):
             app.note_failover(routing.provider.name, plan[position + 1].provider.name, status)
-    return with_route_headers(outcome, plan[-1])
+    return with_route_headers(outcome, tried)
 
 
 def with_route_headers(outcome, routing: Routing):
