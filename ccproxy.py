@@ -337,7 +337,7 @@ PROVIDER_PRESETS = {
     "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
                "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort"}},
     "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
-               "quirks": {"thinking_level_models": r"^gemini-3"}},
+               "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3"}},
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
                             "vision": False, "max_output_tokens": {"deepseek-chat": 8192,
@@ -1916,17 +1916,32 @@ def retry_after_seconds(outcome) -> float | None:
 
 
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
-    """POST /v1/messages/count_tokens: ask an Anthropic provider that supports it, else estimate."""
+    """POST /v1/messages/count_tokens: ask the routed provider when it can count (Anthropic's
+    count_tokens, Gemini's countTokens), else, or when that fails, the estimator answers."""
     body = parse_json_body(request)
     check_messages_request(body, for_count=True)
     routed = route_request(app.config, body, required=False)
-    if routed is not None and routed.provider.count_tokens and routed.provider.protocol == "anthropic":
+    counter = COUNT_TOKENS_REQUESTS.get(routed.provider.protocol) if routed else None
+    if counter is not None and routed.provider.count_tokens:
         provider, model, _ = routed
-        url, headers, payload = anthropic_count_tokens_request(provider, model, request, body)
+        url, headers, payload = counter(provider, model, request, body)
         answer = await fetch_upstream_json(UpstreamCall(app, provider, url, headers, payload), conn)
-        if answer is not None:
-            return Response(200, answer)
+        count = input_tokens_of(answer)
+        if count is not None:
+            return json_response({"input_tokens": count})
     return json_response({"input_tokens": estimate_request_tokens(body)})
+
+
+def input_tokens_of(answer: bytes | None) -> int | None:
+    """The count in an Anthropic ({"input_tokens"}) or Gemini ({"totalTokens"}) answer."""
+    try:
+        data = json.loads(answer) if answer else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    count = data.get("input_tokens", data.get("totalTokens"))
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 async def fetch_upstream_json(call, conn) -> bytes | None:
@@ -2023,6 +2038,16 @@ async def handle_provider_delete(app: ProxyApp, request: Request, conn) -> Respo
     return json_response({"deleted": name})
 
 
+async def handle_models(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /v1/models: every configured model as `provider,model`, in Anthropic's list shape."""
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(app.started_at))
+    models = [{"type": "model", "id": "%s,%s" % (p.name, m), "display_name": "%s (%s)" % (m, p.name),
+               "created_at": created} for p in app.config.enabled_providers() for m in p.models]
+    return json_response({"data": models, "has_more": False,
+                          "first_id": models[0]["id"] if models else None,
+                          "last_id": models[-1]["id"] if models else None})
+
+
 PUBLIC_PATHS = ("/", "/health")
 
 ENDPOINTS = {
@@ -2033,6 +2058,7 @@ ENDPOINTS = {
     "/providers": {"GET": handle_providers, "POST": handle_provider_create},
     "/v1/messages": {"POST": handle_messages},
     "/v1/messages/count_tokens": {"POST": handle_count_tokens},
+    "/v1/models": {"GET": handle_models},
 }
 # Endpoints with a parameter in the path: prefix -> methods.
 PREFIX_ENDPOINTS = (
@@ -3871,12 +3897,29 @@ def gemini_endpoint_url(base_url: str, model: str, stream: bool) -> str:
 def gemini_messages_request(provider: Provider, model: str, request: Request, body: dict):
     """(url, headers, body) of a Gemini call; the key goes in a header, never in the URL."""
     payload = gemini_request_from_anthropic(body, provider, model)
+    return (gemini_endpoint_url(provider.base_url, model, body.get("stream") is True),
+            gemini_request_headers(provider),
+            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def gemini_request_headers(provider: Provider) -> dict:
+    """The key in x-goog-api-key (never in the URL) and the provider's extra headers."""
     headers = {"content-type": "application/json", "user-agent": USER_AGENT}
     if provider.api_key:
         headers["x-goog-api-key"] = provider.api_key
     headers.update(provider.headers)
-    return (gemini_endpoint_url(provider.base_url, model, body.get("stream") is True), headers,
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+    return headers
+
+
+def gemini_count_tokens_request(provider: Provider, model: str, request: Request, body: dict):
+    """(url, headers, body) of a countTokens call: the generateContent request, wrapped."""
+    payload = gemini_request_from_anthropic(dict(body, max_tokens=body.get("max_tokens") or 1),
+                                            provider, model)
+    payload["model"] = "models/" + (model[len("models/"):] if model.startswith("models/") else model)
+    url = gemini_endpoint_url(provider.base_url, model, False).replace(":generateContent",
+                                                                       ":countTokens")
+    return (url, gemini_request_headers(provider),
+            json.dumps({"generateContentRequest": payload}, ensure_ascii=False).encode())
 
 
 def anthropic_usage_from_gemini(usage) -> dict:
@@ -4127,6 +4170,9 @@ class Protocol:
     def __repr__(self):
         return "Protocol(%s)" % self.name
 
+
+COUNT_TOKENS_REQUESTS = {"anthropic": anthropic_count_tokens_request,
+                         "gemini": gemini_count_tokens_request}
 
 PROTOCOLS = {
     "anthropic": Protocol("anthropic", anthropic_messages_request, relay_anthropic),

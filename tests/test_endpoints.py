@@ -155,3 +155,15 @@ def test_parse_json_object_agrees_with_json_loads_and_spans_are_exact(obj, space
 def test_parse_json_object_rejects_what_is_not_one_object(text):
     with pytest.raises(ValueError):
         ccproxy.parse_json_object(text)
+
+
+def test_models_lists_provider_comma_model_pairs(start_proxy):
+    proxy = start_proxy({"providers": [
+        {"name": "openai", "api_key": "k", "models": ["gpt-4.1", "o4-mini"]},
+        {"name": "ollama", "models": ["qwen3"], "enabled": False}]})
+    status, _, body = get_json(proxy, "/v1/models")
+    assert status == 200 and body["has_more"] is False
+    assert [m["id"] for m in body["data"]] == ["openai,gpt-4.1", "openai,o4-mini"]
+    assert body["data"][0]["type"] == "model" and body["first_id"] == "openai,gpt-4.1"
+    models = anthropic.Anthropic(base_url=proxy.url, api_key="x").models.list()
+    assert [m.id for m in models.data] == ["openai,gpt-4.1", "openai,o4-mini"]

@@ -462,3 +462,23 @@ def test_html_error_page_is_mapped(gemini_proxy, upstream):
         sdk(gemini_proxy).messages.create(**REQUEST)
     assert caught.value.status_code == 502
     assert caught.value.body["error"]["message"] == "gemini: HTTP 502: Bad Gateway"
+
+
+def test_count_tokens_asks_gemini_count_tokens(gemini_proxy, upstream):
+    upstream.script = lambda r: json_reply({"totalTokens": 321})
+    count = sdk(gemini_proxy).messages.count_tokens(
+        model="claude-x", messages=[{"role": "user", "content": "hello"}], system="Be brief.")
+    assert count.input_tokens == 321
+    sent = upstream.requests[0]
+    assert sent["path"] == "/v1beta/models/gemini-2.5-pro:countTokens"
+    assert sent["json"]["generateContentRequest"]["model"] == "models/gemini-2.5-pro"
+    assert sent["json"]["generateContentRequest"]["contents"] == [
+        {"role": "user", "parts": [{"text": "hello"}]}]
+    assert sent["headers"]["x-goog-api-key"] == GEMINI_KEY
+
+
+def test_count_tokens_falls_back_when_gemini_fails(gemini_proxy, upstream):
+    upstream.script = lambda r: json_reply(google_error(400, "INVALID_ARGUMENT", "nope"), 400)
+    count = sdk(gemini_proxy).messages.count_tokens(
+        model="claude-x", messages=[{"role": "user", "content": "hello there, how are you?"}])
+    assert 5 <= count.input_tokens <= 20
