@@ -1064,6 +1064,12 @@ def parse_body_framing(headers: Headers) -> int:
     return int(length)
 
 
+def carries_no_body(request: Request) -> bool:
+    """Whether the request came without a body, so an early answer leaves nothing unread."""
+    return not request.headers.get_all("transfer-encoding") and \
+        request.headers.get("content-length", "0").strip() == "0"
+
+
 def parse_chunk_size(line: bytes) -> int:
     """The size from a chunk-size line (without its CRLF); chunk extensions are ignored."""
     size = line.split(b";", 1)[0].strip(b" \t")
@@ -1266,6 +1272,7 @@ class ClientConnection:
                 log.exception("%s: internal error", request_id)
                 response = error_response(ProxyError("internal error in ccproxy; see its log"),
                                           request_id)
+            body_read = body_read or (request is not None and carries_no_body(request))
             keep_open = body_read and request.keep_alive and not app.draining
             await self._write_response(request, response, request_id, keep_open)
         finally:

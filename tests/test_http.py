@@ -228,3 +228,21 @@ def test_invalid_json_body_is_400(proxy, upstream):
         status, error = error_of(raw_exchange(proxy.port, post(b"/v1/messages", body)))
         assert status == 400 and error["error"]["type"] == "invalid_request_error"
     assert upstream.requests == []
+
+
+def test_an_error_answer_to_a_bodiless_request_keeps_the_connection(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        stream = sock.makefile("rb")
+        for _ in range(2):
+            sock.sendall(b"GET /nope HTTP/1.1\r\n\r\n")
+            status, headers, _ = read_response(stream)
+            assert status == 404 and "connection" not in headers
+        sock.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        assert read_response(stream)[0] == 200
+
+
+def test_an_error_answer_before_a_body_is_read_closes_the_connection(start_proxy):
+    proxy = start_proxy({"security": {"allowed_ips": ["127.0.0.99/32"]}})
+    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+                         b"GET /health HTTP/1.1\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 ") == 1 and b"connection: close" in reply.lower()
