@@ -1598,6 +1598,7 @@ class ProxyApp:
         self.failovers = 0
         self._threads_busy = 0
         self._threads_lock = threading.Lock()
+        self._inbox = None
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
 
@@ -1672,6 +1673,12 @@ class ProxyApp:
     def count_response(self, status: int) -> None:
         self.requests_total += 1
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
+
+    def inbox_for(self, loop) -> LoopInbox:
+        """The inbox through which worker threads reach this app's event loop."""
+        if self._inbox is None:
+            self._inbox = LoopInbox(loop)
+        return self._inbox
 
     def run_in_worker(self, function, *args):
         """Run a blocking upstream step on the worker pool, counted while it runs."""
@@ -4329,6 +4336,41 @@ def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: 
     return UpstreamError(strip_secrets(message, provider.secrets()))
 
 
+class LoopInbox:
+    """Hands items from worker threads to the event loop with at most one wake-up pending.
+
+    Waking the loop writes a byte to its self-pipe; one write per stream chunk from hundreds
+    of streams can fill that pipe, and a full pipe loses signals (a `stop` that never
+    arrives). Here a wake-up is sent only when none is outstanding, and the loop then takes
+    everything that has gathered.
+    """
+
+    def __init__(self, loop):
+        self._loop = loop
+        self._items = collections.deque()
+        self._lock = threading.Lock()
+        self._rung = False
+
+    def post(self, deliver, item) -> None:
+        """Worker thread: have deliver(item) called on the loop."""
+        with self._lock:
+            self._items.append((deliver, item))
+            if self._rung:
+                return
+            self._rung = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver_all)
+        except RuntimeError:          # the loop has closed: nobody is waiting any more
+            pass
+
+    def _deliver_all(self) -> None:
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+            self._rung = False
+        for deliver, item in items:
+            deliver(item)
+
+
 SILENCE = object()      # queued by a SilenceWatch when the upstream has been quiet
 
 
@@ -4480,7 +4522,8 @@ class UpstreamCall:
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
         slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
-        pump = self._app.run_in_worker(self._pump_blocking, loop, queue, slots)
+        pump = self._app.run_in_worker(self._pump_blocking, self._app.inbox_for(loop), queue,
+                                       slots)
         watch = SilenceWatch(loop, queue, silence_seconds) if silence_seconds else None
         try:
             while True:
@@ -4504,7 +4547,7 @@ class UpstreamCall:
             await asyncio.shield(pump)
             self._app.upstream_calls.discard(self)
 
-    def _pump_blocking(self, loop, queue: asyncio.Queue, slots: threading.Semaphore) -> None:
+    def _pump_blocking(self, inbox, queue: asyncio.Queue, slots: threading.Semaphore) -> None:
         """Worker thread: hand each piece of the body to the loop, at most `slots` ahead."""
         ending = None
         try:
@@ -4512,15 +4555,12 @@ class UpstreamCall:
                 slots.acquire()
                 if self._cancelled:
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
+                inbox.post(queue.put_nowait, piece)
         except Exception as exc:
             ending = self._failure(exc)
         finally:
             self._release(self._body_complete)
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, ending)
-            except RuntimeError:      # the loop has closed: nobody is waiting any more
-                pass
+            inbox.post(queue.put_nowait, ending)
 
     def _body_pieces(self):
         """Worker thread: the body as whatever each socket read returns, de-chunked here.

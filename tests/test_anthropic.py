@@ -9,6 +9,8 @@ import time
 import anthropic
 import pytest
 
+import ccproxy
+
 from conftest import (PROVIDER_KEY, anthropic_message, anthropic_provider, anthropic_stream_events,
                       json_reply, raw_exchange, shared_path, sse, stream_reply, wait_until, Reply)
 
@@ -435,3 +437,23 @@ def test_a_cut_call_does_not_leave_a_broken_connection_in_the_pool(proxy, upstre
     upstream.script = lambda r: json_reply(anthropic_message("after"))
     assert client_for(proxy).messages.create(
         model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]).content[0].text == "after"
+
+
+def test_worker_threads_wake_the_loop_at_most_once_per_batch():
+    class RecordingLoop:
+        def __init__(self):
+            self.wakeups = []
+
+        def call_soon_threadsafe(self, callback):
+            self.wakeups.append(callback)
+
+    loop = RecordingLoop()
+    inbox = ccproxy.LoopInbox(loop)
+    delivered = []
+    for number in range(1000):
+        inbox.post(delivered.append, number)
+    assert len(loop.wakeups) == 1 and delivered == []
+    loop.wakeups[0]()
+    assert delivered == list(range(1000))
+    inbox.post(delivered.append, "next")
+    assert len(loop.wakeups) == 2

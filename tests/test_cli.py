@@ -169,7 +169,7 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         config.write_text("{}")
         result = subprocess.run([sys.executable, SCRIPT, "start", "--foreground", "--port",
                                  str(port), "--config", str(config)], capture_output=True,
-                                text=True, timeout=30, env=clean_env())
+                                text=True, timeout=30, env=clean_env(tmp_path))
     assert result.returncode == 1
     assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
 
@@ -179,7 +179,7 @@ def test_bad_config_stops_start_with_exit_1(tmp_path):
     config.write_text('{"port": "x"}')
     result = subprocess.run([sys.executable, SCRIPT, "start", "--foreground", "--config",
                              str(config)], capture_output=True, text=True, timeout=30,
-                            env=clean_env())
+                            env=clean_env(tmp_path))
     assert result.returncode == 1 and "port: must be a port number" in result.stderr
 
 
