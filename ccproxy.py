@@ -101,6 +101,8 @@ STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout befor
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
 CONFIG_WATCH_SECONDS = 2.0                       # how often the config file's mtime is checked
 CLAUDE_API_TIMEOUT_MS = 3000000                  # Claude Code's own request timeout, 50 minutes
+WINDOWS_QUERY_LIMITED_INFORMATION = 0x1000
+WINDOWS_STILL_ACTIVE = 259
 
 ERROR_TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -4672,8 +4674,8 @@ def remove_pidfile(pid: int) -> None:
 
 def process_alive(pid: int) -> bool:
     """Whether a process with that pid exists."""
-    if os.name == "nt":           # no signal 0 on Windows: the health check decides
-        return True
+    if os.name == "nt":
+        return windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -4681,6 +4683,19 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def windows_process_alive(pid: int) -> bool:
+    """Windows has no signal 0: ask for the process's exit code (259 means still running)."""
+    import ctypes          # only on Windows, where it is part of every Python
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(WINDOWS_QUERY_LIMITED_INFORMATION, False, pid)
+    if not handle:
+        return False
+    code = ctypes.c_ulong()
+    found = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+    kernel32.CloseHandle(handle)
+    return bool(found) and code.value == WINDOWS_STILL_ACTIVE
 
 
 def process_is_ccproxy(pid: int) -> bool:
