@@ -2690,6 +2690,42 @@ async def relay_anthropic(call, conn, request: Request, body: dict) -> Response:
     return Response(status, call.body, call.relayed_headers(), content_type=content_type)
 
 
+class TranslatedStreamRelay:
+    """Bytes of a provider's event stream in, Anthropic events out, for every translating
+    protocol: SSE decoding and JSON parsing around the protocol's stream translator, which
+    takes each (event name, payload); `[DONE]` comes as a None payload. An empty chunk
+    (upstream silence) becomes a ping."""
+
+    def __init__(self, translator, provider: Provider):
+        self._decoder = SSEDecoder()
+        self._translator = translator
+        self.provider = provider
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return SSE_PING
+        out = []
+        for event, data in self._decoder.feed(chunk):
+            if data.strip() == "[DONE]":
+                self._translator.feed_event(event, None)
+                continue
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                log.warning("%s: ignoring a stream line that is not JSON", self.provider.name)
+                continue
+            if isinstance(payload, dict):
+                out.append(self._translator.feed_event(event, payload))
+        return b"".join(out)
+
+    @property
+    def complete(self) -> bool:
+        return self._translator.complete
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        return self._translator.finish(error)
+
+
 async def relay_stream(chunks, translator, first: bytes = b""):
     """Pieces for the client: first, each further upstream chunk through the translator,
     then the translator's ending."""
@@ -3395,6 +3431,15 @@ class OpenAIStreamTranslator:
         """The upstream said [DONE]."""
         self._done = True
 
+    def feed_event(self, event: str, payload: dict | None) -> bytes:
+        """One decoded SSE event: a chunk, an error event, or [DONE] (None)."""
+        if payload is None:
+            self.done()
+            return b""
+        if event == "error" or payload.get("object") == "error":
+            raise openai_error(self._context.provider, payload.get("error") or payload)
+        return self.feed(payload)
+
     @property
     def complete(self) -> bool:
         """Whether the upstream said the answer is over (finish_reason or [DONE])."""
@@ -3480,43 +3525,6 @@ class OpenAIStreamTranslator:
         self._emit.close()
 
 
-class OpenAIStreamRelay:
-    """Bytes of a Chat Completions event stream in, Anthropic events out: SSE decoding and
-    JSON parsing around an OpenAIStreamTranslator. An empty chunk (upstream silence) is a ping."""
-
-    def __init__(self, translator: OpenAIStreamTranslator, provider: Provider):
-        self._decoder = SSEDecoder()
-        self._translator = translator
-        self.provider = provider
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return SSE_PING
-        out = []
-        for event, data in self._decoder.feed(chunk):
-            if data.strip() == "[DONE]":
-                self._translator.done()
-                continue
-            try:
-                payload = json.loads(data)
-            except ValueError:
-                log.warning("%s: ignoring a stream line that is not JSON", self.provider.name)
-                continue
-            if not isinstance(payload, dict):
-                continue
-            if event == "error" or payload.get("object") == "error":
-                raise openai_error(self.provider, payload.get("error") or payload)
-            out.append(self._translator.feed(payload))
-        return b"".join(out)
-
-    @property
-    def complete(self) -> bool:
-        return self._translator.complete
-
-    def finish(self, error: ProxyError | None = None) -> bytes:
-        return self._translator.finish(error)
-
-
 def openai_error_response(call, status: int, context: TranslationContext, stream: bool):
     """An upstream error status as the client's error, with two special cases: the
     max_tokens=1 probe of a reasoning model (B12) and context overflow (E5)."""
@@ -3582,7 +3590,7 @@ async def relay_openai(call, conn, request: Request, body: dict) -> Response:
         return openai_error_response(call, status, context, stream)
     if call.body is not None:
         return translated_completion_response(parse_upstream_json(call), context, stream)
-    relay = OpenAIStreamRelay(OpenAIStreamTranslator(context), call.provider)
+    relay = TranslatedStreamRelay(OpenAIStreamTranslator(context), call.provider)
     return await translated_stream_response(call, relay)
 
 
@@ -4029,6 +4037,10 @@ class GeminiStreamTranslator:
             self._finish_reason = candidate["finishReason"]
         return self._emit.take()
 
+    def feed_event(self, event: str, payload: dict | None) -> bytes:
+        """One decoded SSE event (Gemini sends no [DONE]; errors come inside the payload)."""
+        return self.feed(payload) if payload is not None else b""
+
     @property
     def complete(self) -> bool:
         return self._finish_reason is not None or self._block_reason is not None
@@ -4114,36 +4126,6 @@ def apply_delta(block: dict, delta: dict, partial: dict, index: int) -> None:
         partial[index] = partial.get(index, "") + delta["partial_json"]
 
 
-class GeminiStreamRelay:
-    """Bytes of a Gemini event stream (alt=sse) in, Anthropic events out."""
-
-    def __init__(self, translator: GeminiStreamTranslator, provider: Provider):
-        self._decoder = SSEDecoder()
-        self._translator = translator
-        self.provider = provider
-
-    def feed(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return SSE_PING
-        out = []
-        for _, data in self._decoder.feed(chunk):
-            try:
-                payload = json.loads(data)
-            except ValueError:
-                log.warning("%s: ignoring a stream line that is not JSON", self.provider.name)
-                continue
-            if isinstance(payload, dict):
-                out.append(self._translator.feed(payload))
-        return b"".join(out)
-
-    @property
-    def complete(self) -> bool:
-        return self._translator.complete
-
-    def finish(self, error: ProxyError | None = None) -> bytes:
-        return self._translator.finish(error)
-
-
 def gemini_error_response(call) -> ProxyError:
     """An upstream error status as the client's error (D19)."""
     try:
@@ -4169,7 +4151,7 @@ async def relay_gemini(call, conn, request: Request, body: dict) -> Response:
             return json_response(message_from_events(events))
         return Response(200, events, [("cache-control", "no-cache")],
                         content_type="text/event-stream")
-    relay = GeminiStreamRelay(GeminiStreamTranslator(context), call.provider)
+    relay = TranslatedStreamRelay(GeminiStreamTranslator(context), call.provider)
     return await translated_stream_response(call, relay)
 
 
