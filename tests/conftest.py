@@ -297,6 +297,30 @@ def raw_exchange(port, data: bytes, timeout=5.0, host="127.0.0.1") -> bytes:
     return b"".join(chunks)
 
 
+STREAM_BODY = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+
+
+def open_stream(port, until=b"text_delta", body=STREAM_BODY):
+    """A streamed request on a raw HTTP/1.0 socket; (socket, bytes received once `until` came,
+    `until` being bytes to wait for or a test of what was received)."""
+    arrived = until if callable(until) else (lambda received: until in received)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while not arrived(received):
+        received += sock.recv(65536)
+    return sock, received
+
+
+def read_to_end(sock, received=b""):
+    """received plus everything else the server sends until it closes the connection."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return received
+        received += data
+
+
 def wait_until(condition, seconds=5.0, interval=0.02):
     """Poll condition() until it is true or the deadline passes; returns its last value."""
     deadline = time.monotonic() + seconds

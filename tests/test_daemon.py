@@ -16,7 +16,8 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, anthropic_provider, stream_reply, wait_until
+from conftest import (REPO, anthropic_provider, open_stream, read_to_end, stream_reply,
+                      wait_until)
 
 SCRIPT = str(REPO / "ccproxy.py")
 
@@ -158,21 +159,12 @@ def test_stop_lets_an_active_stream_finish(home, upstream):
     reply = stream_reply(pause_before=3)
     upstream.script = lambda r: reply
     assert h.run("start").returncode == 0
-    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
-    sock = socket.create_connection(("127.0.0.1", h.port), timeout=20)
-    sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    received = b""
-    while b"text_delta" not in received:
-        received += sock.recv(65536)
+    sock, received = open_stream(h.port)
     stopping = threading.Thread(target=lambda: h.run("stop"))
     stopping.start()
     assert wait_until(lambda: not accepts_connections(h.port), 10)   # draining: no new clients
     reply.release.set()
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            break
-        received += data
+    received = read_to_end(sock, received)
     sock.close()
     stopping.join(30)
     assert b"event: message_stop" in received
@@ -331,21 +323,12 @@ def test_stop_cuts_what_outlasts_the_grace_period(home, upstream):
     h = home(performance={"shutdown_timeout": "1s"})
     upstream.script = lambda r: stream_reply(pause_before=3)        # never released
     assert h.run("start").returncode == 0
-    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
-    sock = socket.create_connection(("127.0.0.1", h.port), timeout=20)
-    sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    received = b""
-    while b"text_delta" not in received:
-        received += sock.recv(65536)
+    sock, received = open_stream(h.port)
     started = time.monotonic()
     stopped = h.run("stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert time.monotonic() - started < 10
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            break
-        received += data
+    received = read_to_end(sock, received)
     sock.close()
     assert b"message_stop" not in received and not h.pidfile.exists()
     assert received.rstrip().endswith(b'"message": "ccproxy is shutting down; the answer was cut"}}')

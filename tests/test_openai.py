@@ -9,7 +9,8 @@ import openai
 import pytest
 
 import ccproxy
-from conftest import Reply, json_reply, raw_exchange, shared_path, stream_reply
+from conftest import (Reply, json_reply, open_stream, raw_exchange, read_to_end, shared_path,
+                      stream_reply)
 
 OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
 
@@ -750,18 +751,10 @@ def test_silent_upstream_gets_pings_to_the_client(start_proxy, upstream, monkeyp
     reply = stream_reply(sse_pieces(SCENARIOS["plain_text"]), pause_before=2)
     upstream.script = lambda r: reply
     body = json.dumps(dict(REQUEST, stream=True)).encode()
-    import socket
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        received = b""
-        while received.count(b"event: ping") < 3:
-            received += sock.recv(65536)
+    sock, received = open_stream(proxy.port, lambda data: data.count(b"event: ping") >= 3, body)
+    with sock:
         reply.release.set()
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            received += data
+        received = read_to_end(sock, received)
     events = parse_events(received.split(b"\r\n\r\n", 1)[1])
     check_grammar(events)
     assert content_of(events) == EXPECTED_CONTENT["plain_text"]
