@@ -74,6 +74,7 @@ MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024        # Anthropic's own request size limit
 DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 75.0
+DEFAULT_BODY_TIMEOUT_SECONDS = 120.0             # a whole request body, however it trickles in
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 600.0          # inactivity: a whole answer may stream for minutes
 DEFAULT_WORKER_THREADS = 1024                    # one per upstream call in flight (~16 KB each)
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0          # in-flight answers may finish this long on stop
@@ -81,6 +82,12 @@ DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext r
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
 RETRY_CAP_SECONDS = 8.0
 MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
+LISTEN_BACKLOG = 1024                            # connections the kernel queues before accept
+RESERVED_FILE_DESCRIPTORS = 64                   # kept free for upstream calls, logs, config
+MAX_AUTO_CONNECTIONS = 10000                     # the automatic connection limit stops here
+MIN_AUTO_CONNECTIONS = 16
+FALLBACK_MAX_CONNECTIONS = 1000                  # where the descriptor limit cannot be read
+ACCEPT_RETRY_SECONDS = 1.0                       # pause after accept() ran out of descriptors
 LATENCY_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 BODY_READ_SLICE_BYTES = 1024 * 1024
@@ -226,19 +233,40 @@ def mask_secret(secret: str) -> str:
     return secret[:4] + "…" + secret[-4:]
 
 
-def strip_secrets(text: str, secrets) -> str:
-    """Replace every known secret in text by its masked form."""
-    for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, mask_secret(secret))
-    return text
+def secret_forms(secret: str) -> set:
+    """Every way a secret may be written into a message: as is, escaped the way repr() and JSON
+    escape it (a key with a stray newline shows up as `sk-…\\n`), and URL-encoded."""
+    forms = {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1],
+             repr(secret.encode("utf-8", "surrogatepass"))[2:-1],
+             urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret, safe="")}
+    return {form for form in forms if form}
 
 
-def strip_secrets_from_bytes(data: bytes, secrets) -> bytes:
-    """data with every known secret masked; the same object when none occurs."""
-    if not any(secret and secret.encode() in data for secret in secrets):
-        return data
-    return strip_secrets(data.decode("utf-8", "replace"), secrets).encode()
+class SecretMasker:
+    """Replaces every form of every secret it knows by the secret's masked form, in one pass."""
+
+    def __init__(self, secrets=()):
+        masked = {}
+        for secret in secrets:
+            if secret:
+                masked.update((form, mask_secret(secret)) for form in secret_forms(secret))
+        self._masked = masked
+        forms = sorted(masked, key=len, reverse=True)       # longest first: no partial hits
+        self._pattern = re.compile("|".join(map(re.escape, forms))) if forms else None
+
+    def text(self, text: str) -> str:
+        """text with every secret masked."""
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(lambda match: self._masked[match.group()], text)
+
+    def data(self, data: bytes) -> bytes:
+        """data with every secret masked; the same object when none occurs."""
+        if self._pattern is None:
+            return data
+        text = data.decode("utf-8", "replace")
+        masked = self.text(text)
+        return data if masked == text else masked.encode()
 
 
 def upstream_error_message(body: bytes) -> str:
@@ -246,7 +274,7 @@ def upstream_error_message(body: bytes) -> str:
     text = body[:UPSTREAM_ERROR_BODY_BYTES].decode("utf-8", "replace")
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if isinstance(data, dict):
         inner = data.get("error")
@@ -269,7 +297,7 @@ def error_from_upstream(provider, status: int, body: bytes, headers=()) -> Proxy
         client_status = 500 if status >= 500 else 400
     message = "%s: HTTP %d: %s" % (provider.name, status, upstream_error_message(body))
     kept = [(k, v) for k, v in headers if k == "retry-after"]
-    return ProxyError(strip_secrets(message, provider.secrets()), client_status, kept)
+    return ProxyError(provider.masker.text(message), client_status, kept)
 
 
 ###############################################################################
@@ -280,6 +308,7 @@ DEFAULT_CONFIG = {
     "host": DEFAULT_HOST,
     "port": DEFAULT_PORT,
     "apikey": "",
+    "admin_key": "",
     "log": False,
     "log_file": "~/.ccproxy/ccproxy.log",
     "log_bodies": False,
@@ -291,8 +320,10 @@ DEFAULT_CONFIG = {
         "request_timeout": DEFAULT_REQUEST_TIMEOUT_SECONDS,
         "header_timeout": DEFAULT_HEADER_TIMEOUT_SECONDS,
         "keepalive_timeout": DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
+        "body_timeout": DEFAULT_BODY_TIMEOUT_SECONDS,
         "shutdown_timeout": DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
         "max_request_body_size": DEFAULT_MAX_BODY_BYTES,
+        "max_connections": 0,
         "worker_threads": DEFAULT_WORKER_THREADS,
         "max_retries": 0,
         "retry_budget": 30.0,
@@ -313,7 +344,9 @@ LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
 CONDITION_TYPES = ("tokenCount", "model", "thinking", "tools", "header")
 CONDITION_OPERATORS = (">", ">=", "<", "<=", "==", "!=", "contains", "matches")
 PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
-SECRET_KEYS = ("apikey", "api_key", "headers")      # never echoed in a validation message
+SECRET_KEYS = ("apikey", "admin_key", "api_key", "headers")   # never echoed in a message
+CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
+HTTP_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 # What a provider's server accepts; a preset overrides what its server does otherwise.
 PROVIDER_QUIRKS = {
@@ -371,6 +404,7 @@ ENV_SETTINGS = (
     ("CCPROXY_HOST", "host", "text"),
     ("CCPROXY_PORT", "port", "port"),
     ("CCPROXY_API_KEY", "apikey", "text"),
+    ("CCPROXY_ADMIN_KEY", "admin_key", "text"),
     ("CCPROXY_LOG_FILE", "log_file", "text"),
 )
 PROVIDER_KEY_ENV_RE = re.compile(r"^CCPROXY_PROVIDERS_(\d+)_API_KEY$")
@@ -467,11 +501,11 @@ def find_config_file(explicit: str | None, environ) -> str | None:
         path = os.path.expanduser(named)
         if not os.path.isfile(path):
             raise ConfigError("%s: config file not found" % named)
-        return path
+        return os.path.abspath(path)        # written back later, whatever the working directory
     for candidate in CONFIG_SEARCH_PATHS:
         path = os.path.expanduser(candidate)
         if os.path.isfile(path):
-            return path
+            return os.path.abspath(path)
     return None
 
 
@@ -546,11 +580,12 @@ class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
     __slots__ = ("name", "protocol", "base_url", "api_key", "models", "enabled", "headers",
-                 "max_tokens", "count_tokens", "quirks")
+                 "max_tokens", "count_tokens", "quirks", "masker")
 
     def __init__(self, **fields):
-        for key in self.__slots__:
+        for key in self.__slots__[:-1]:
             setattr(self, key, fields[key])
+        self.masker = SecretMasker(self.secrets())
 
     def secrets(self) -> list:
         """Values that must never be shown: the key and every extra header value."""
@@ -583,8 +618,9 @@ class Config:
         self.host = raw["host"]
         self.port = raw["port"]
         self.apikey = raw["apikey"]
+        self.admin_key = raw["admin_key"]
         self.log = raw["log"]
-        self.log_file = raw["log_file"]
+        self.log_file = os.path.abspath(os.path.expanduser(raw["log_file"]))
         self.log_bodies = raw["log_bodies"]
         self.providers = providers
         self.routes = routes
@@ -596,8 +632,10 @@ class Config:
         self.request_timeout = performance["request_timeout"]
         self.header_timeout = performance["header_timeout"]
         self.keepalive_timeout = performance["keepalive_timeout"]
+        self.body_timeout = performance["body_timeout"]
         self.shutdown_timeout = performance["shutdown_timeout"]
         self.max_body_bytes = performance["max_request_body_size"]
+        self.max_connections = performance["max_connections"] or default_max_connections()
         self.worker_threads = performance["worker_threads"]
         self.max_retries = performance["max_retries"]
         self.retry_budget = performance["retry_budget"]
@@ -608,6 +646,7 @@ class Config:
                                  performance["circuit_breaker_cooldown"],
                                  performance["circuit_breaker_enabled"])
         self.warnings = warnings
+        self.masker = SecretMasker(self.secrets())
         self.file_content, self.environ, self.flags = raw, {}, {}   # set by load_config
 
     def enabled_providers(self) -> list:
@@ -618,10 +657,25 @@ class Config:
 
     def secrets(self) -> list:
         """Every secret the config holds, for masking logs and messages."""
-        found = [self.apikey] if self.apikey else []
+        found = [key for key in (self.apikey, self.admin_key) if key]
         for provider in self.providers:
             found.extend(s for s in provider.secrets() if s)
         return found
+
+
+def default_max_connections() -> int:
+    """The client connections served at once when performance.max_connections is 0: half the
+    file descriptors this process may open (a connection may hold an upstream one too), less a
+    reserve, so that accept() never runs out of descriptors."""
+    try:
+        import resource           # Unix only
+    except ImportError:
+        return FALLBACK_MAX_CONNECTIONS
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_AUTO_CONNECTIONS
+    return max(MIN_AUTO_CONNECTIONS,
+               min(MAX_AUTO_CONNECTIONS, (soft - RESERVED_FILE_DESCRIPTORS) // 2))
 
 
 class ConfigChecker:
@@ -654,6 +708,53 @@ class ConfigChecker:
         self.fail(join_key(path, key), "must be %s, not %s" % (kind_name, shown))
         return None
 
+    def plain(self, path: str, text: str) -> bool:
+        """Whether text is free of control characters (it goes into headers, names and log
+        lines); a problem is recorded when it is not."""
+        problem = control_character_problem(text)
+        if problem:
+            self.fail(path, problem)
+        return problem is None
+
+    def secret(self, section: dict, key: str, path: str) -> str | None:
+        """A key or header value: a string, surrounding whitespace (a pasted newline) removed,
+        with no control character inside."""
+        value = self.typed(section, key, path, str, "a string")
+        if value is None:
+            return None
+        value = value.strip()
+        return value if self.plain(join_key(path, key), value) else None
+
+
+def control_character_problem(text: str) -> str | None:
+    """Why text may not go into a header or a name: its first control character, by code and
+    position only (the text may be a secret)."""
+    match = CONTROL_CHARACTER_RE.search(text)
+    if match is None:
+        return None
+    return "must not contain control characters (U+%04X at position %d)" % (
+        ord(match.group()), match.start())
+
+
+def base_url_problem(url) -> str | None:
+    """Why url cannot be a provider's base URL: it must be a plain http(s) origin with an
+    optional path, no user name, query string or fragment (ccproxy adds what each API needs)."""
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+        return "not an http(s) URL: %s" % json.dumps(url.split("?")[0] if isinstance(url, str)
+                                                      else url)
+    if control_character_problem(url) or re.search(r"\s", url):
+        return "must not contain spaces or control characters"
+    parts = urllib.parse.urlsplit(url)
+    if "?" in url or "#" in url:
+        return "must not have a query string or fragment (%s…)" % url.split("?")[0].split("#")[0]
+    if "@" in parts.netloc:
+        return "must not hold a user name or password; put the key in api_key"
+    try:
+        parts.port
+    except ValueError:
+        return "has an invalid port: %s" % json.dumps(url)
+    return None
+
 
 def check_top_level(checker: ConfigChecker, raw: dict) -> None:
     """Validate host, port, apikey, log and log_file."""
@@ -662,7 +763,8 @@ def check_top_level(checker: ConfigChecker, raw: dict) -> None:
     port = checker.typed(raw, "port", "", int, "a port number")
     if port is not None and not 0 <= port <= 65535:
         checker.fail("port", "must be between 0 and 65535, not %d" % port)
-    checker.typed(raw, "apikey", "", str, "a string")
+    for key in ("apikey", "admin_key"):
+        raw[key] = checker.secret(raw, key, "")
     checker.typed(raw, "log", "", bool, "true or false")
     checker.typed(raw, "log_file", "", str, "a file path")
     checker.typed(raw, "log_bodies", "", bool, "true or false")
@@ -676,8 +778,8 @@ def check_performance(checker: ConfigChecker, section) -> dict:
         return dict(DEFAULT_CONFIG["performance"])
     checker.unknown_keys(section, DEFAULT_CONFIG["performance"], "performance")
     checked = dict(section)
-    for key in ("request_timeout", "header_timeout", "keepalive_timeout", "shutdown_timeout",
-                "retry_budget", "circuit_breaker_cooldown"):
+    for key in ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout",
+                "shutdown_timeout", "retry_budget", "circuit_breaker_cooldown"):
         try:
             checked[key] = parse_duration(section[key])
         except ValueError as exc:
@@ -688,9 +790,10 @@ def check_performance(checker: ConfigChecker, section) -> dict:
         value = checker.typed(section, key, "performance", int, "a positive integer")
         if value is not None and value <= 0:
             checker.fail("performance." + key, "must be a positive integer")
-    retries = checker.typed(section, "max_retries", "performance", int, "0 or more")
-    if retries is not None and retries < 0:
-        checker.fail("performance.max_retries", "must be 0 or more")
+    for key in ("max_retries", "max_connections"):
+        value = checker.typed(section, key, "performance", int, "0 or more")
+        if value is not None and value < 0:
+            checker.fail("performance." + key, "must be 0 or more")
     for key in PERFORMANCE_SWITCHES:
         checker.typed(section, key, "performance", bool, "true or false")
     return checked
@@ -725,6 +828,12 @@ def check_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
         if name == "":
             checker.fail(path + ".name", "must be a non-empty string")
         return None
+    if not checker.plain(path + ".name", name):
+        return None
+    if "," in name:
+        checker.fail(path + ".name", "must not contain a comma (requests name a provider's "
+                                     "model as \"provider,model\")")
+        return None
     preset = PROVIDER_PRESETS.get(name.lower(), {})
     fields = dict(PROVIDER_DEFAULTS, **dict(preset, **entry))
     protocol = fields["type"]
@@ -749,18 +858,27 @@ def check_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
 
 
 def check_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
-    """The type and shape of each provider field, preset defaults included."""
-    base_url = fields["api_base_url"]
-    if not isinstance(base_url, str) or not re.match(r"^https?://[^/\s]+", base_url):
-        checker.fail(path + ".api_base_url", "not an http(s) URL: %s" % json.dumps(base_url))
-    checker.typed(fields, "api_key", path, str, "a string")
+    """The type and shape of each provider field, preset defaults included; the key and the
+    header values are stripped of surrounding whitespace in fields."""
+    problem = base_url_problem(fields["api_base_url"])
+    if problem:
+        checker.fail(path + ".api_base_url", problem)
+    fields["api_key"] = checker.secret(fields, "api_key", path)
     models = checker.typed(fields, "models", path, list, "a list of model names")
-    if models and not all(isinstance(m, str) and m for m in models):
-        checker.fail(path + ".models", "every model must be a non-empty string")
+    for index, model in enumerate(models or ()):
+        if not isinstance(model, str) or not model:
+            checker.fail("%s.models[%d]" % (path, index), "must be a non-empty string")
+        else:
+            checker.plain("%s.models[%d]" % (path, index), model)
     checker.typed(fields, "enabled", path, bool, "true or false")
     headers = checker.typed(fields, "headers", path, dict, "an object of header: value")
-    if headers and not all(isinstance(v, str) for v in headers.values()):
-        checker.fail(path + ".headers", "every header value must be a string")
+    fields["headers"] = {}
+    for name in headers or ():
+        where = "%s.headers.%s" % (path, name)
+        if not HTTP_TOKEN_RE.match(name):
+            checker.fail(where, "not a valid header name")
+        else:
+            fields["headers"][name] = checker.secret(headers, name, path + ".headers")
     if fields["max_tokens"] is not None:
         cap = checker.typed(fields, "max_tokens", path, int, "a positive integer")
         if cap is not None and cap <= 0:
@@ -795,6 +913,8 @@ def check_routes(checker: ConfigChecker, section, providers: list) -> dict:
     routes = {}
     for name, entry in section.items():
         path = "routes." + name
+        if not checker.plain("routes", name):
+            continue
         if name == LONG_CONTEXT_THRESHOLD_KEY:
             if not isinstance(entry, int) or isinstance(entry, bool) or entry <= 0:
                 checker.fail(path, "must be a positive number of tokens")
@@ -823,6 +943,8 @@ def check_route_target(checker: ConfigChecker, entry: dict, path: str, names) ->
     """(provider, model) of a route or fallback naming a configured provider."""
     provider = checker.typed(entry, "provider", path, str, "a provider name")
     model = checker.typed(entry, "model", path, str, "a model name")
+    if model is not None and not checker.plain(path + ".model", model):
+        return None
     if provider is not None and provider not in names:
         checker.fail(path + ".provider", "no provider named %r" % provider)
         return None
@@ -894,7 +1016,35 @@ def config_from_file_content(content: dict, path: str | None, environ, flags) ->
     config = build_config(expand_env_references(content, "", path or "defaults", environ), path,
                           environ, flags)
     config.file_content, config.environ, config.flags = content, environ, flags
+    exposure = config_file_exposure(path, content)
+    if exposure:
+        config.warnings.append(exposure)
     return config
+
+
+def literal_secret_paths(content: dict) -> list:
+    """The key paths of a config file's content that hold a key written out, not a ${VAR}."""
+    def literal(value) -> bool:
+        return isinstance(value, str) and bool(value) and not ENV_REFERENCE_RE.fullmatch(value)
+    found = [key for key in ("apikey", "admin_key") if literal(content.get(key))]
+    for index, entry in enumerate(content.get("providers") or ()):
+        if isinstance(entry, dict):
+            found += ["providers[%d].api_key" % index] if literal(entry.get("api_key")) else []
+            found += ["providers[%d].headers.%s" % (index, name) for name, value in
+                      dict_of(entry.get("headers")).items() if literal(value)]
+    return found
+
+
+def config_file_exposure(path: str | None, content: dict) -> str | None:
+    """A warning when a config file that others may read holds keys written out."""
+    if path is None or os.name == "nt":
+        return None
+    mode = os.stat(path).st_mode & 0o777
+    secrets = literal_secret_paths(content) if mode & 0o044 else []
+    if not secrets:
+        return None
+    return ("%s: readable by other users (mode %04o) and holds a key at %s; run chmod 600 %s, or "
+            "use ${VAR} references" % (path, mode, ", ".join(secrets), path))
 
 
 ###############################################################################
@@ -1135,10 +1285,20 @@ class ChunkedDecoder:
 
 
 def build_response_head(status: int, headers) -> bytes:
-    """Status line and header lines, ending with the blank line."""
+    """Status line and header lines, ending with the blank line; every value made safe."""
     lines = ["HTTP/1.1 %d %s" % (status, REASON_PHRASES.get(status, "Unknown"))]
-    lines.extend("%s: %s" % pair for pair in headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lines.extend("%s: %s" % (name, header_safe(value)) for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def header_safe(value: str) -> str:
+    """value fit for a header line: printable ASCII stays, anything else (CR, LF, other
+    control characters, non-ASCII such as a model name in another script) is percent-encoded
+    as UTF-8, so no value can end a header line or break the response's encoding."""
+    if value.isascii() and value.isprintable():
+        return value
+    return "".join(char if " " <= char <= "~" else "".join(
+        "%%%02X" % byte for byte in char.encode("utf-8", "surrogatepass")) for char in value)
 
 
 class ClientStreamReader(asyncio.StreamReader):
@@ -1176,6 +1336,7 @@ class ClientConnection:
         self._writer = writer
         self._peer = parse_peer_address(writer.get_extra_info("peername"))
         self._timer = None
+        self._body_deadline = 0.0
         self.busy = False             # a request is being served
 
     def close_if_idle(self) -> None:
@@ -1261,7 +1422,7 @@ class ClientConnection:
                 if app.config.log or app.config.metrics_enabled:
                     request.log = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
-                check_access(app.config, self._peer, request)
+                check_access(app.config, self._peer, request, endpoint in MANAGEMENT_HANDLERS)
                 app.check_rate(self._peer, request)
                 await self._read_body(request)
                 body_read = True
@@ -1290,9 +1451,11 @@ class ClientConnection:
         return keep_open
 
     async def _read_body(self, request: Request) -> None:
-        """Read the body by Content-Length or chunked coding, within the size limit."""
+        """Read the body by Content-Length or chunked coding, within the size limit and the
+        body timeout (a total: a body that trickles in is cut as surely as one that stalls)."""
         length = parse_body_framing(request.headers)
         limit = self._app.config.max_body_bytes
+        self._body_deadline = time.monotonic() + self._app.config.body_timeout
         if length > limit:
             raise RequestTooLargeError("request body of %d bytes exceeds the limit of %d bytes"
                                        % (length, limit))
@@ -1337,9 +1500,18 @@ class ClientConnection:
             raise InvalidRequestError("chunk line too long") from None
 
     async def _timed(self, awaitable):
-        """Await a body read; a pause longer than the header timeout ends with 408."""
-        timeout = self._app.config.header_timeout
-        self._arm(timeout, ProxyError("request body not received within %g s" % timeout, 408))
+        """Await a body read; a pause longer than the header timeout, or a body not whole within
+        the body timeout, ends with 408."""
+        config = self._app.config
+        left = self._body_deadline - time.monotonic()
+        if left < config.header_timeout:
+            error = ProxyError("request body not received within %g s (performance.body_timeout)"
+                               % config.body_timeout, 408)
+        else:
+            left = config.header_timeout
+            error = ProxyError("request body paused for more than %g s "
+                               "(performance.header_timeout)" % left, 408)
+        self._arm(max(left, 0.0), error)
         try:
             return await awaitable
         except asyncio.IncompleteReadError:
@@ -1375,12 +1547,25 @@ class ClientConnection:
 
     async def _write_response(self, request, response: Response, request_id: str,
                               keep_open: bool) -> None:
-        """Write a response: at once when whole, piece by piece when streamed."""
-        self._writer.write(self._response_bytes(request, response, request_id, keep_open))
-        if response.stream is None:
-            await self._writer.drain()
-        else:
-            await self._write_stream(response.stream, request.version == "HTTP/1.1", request.log)
+        """Write a response: at once when whole, piece by piece when streamed. One that cannot
+        be written (a bug) becomes a 500; a stream is released however writing ends."""
+        stream = response.stream
+        try:
+            try:
+                head = self._response_bytes(request, response, request_id, keep_open)
+            except Exception:
+                log.exception("%s: the answer could not be written", request_id)
+                response = error_response(ProxyError("internal error in ccproxy; see its log"),
+                                          request_id)
+                head = self._response_bytes(request, response, request_id, keep_open)
+            self._writer.write(head)
+            if response.stream is None:
+                await self._writer.drain()
+            else:
+                await self._write_stream(stream, request.version == "HTTP/1.1", request.log)
+        finally:
+            if stream is not None:
+                await stream.aclose()
 
     async def _write_stream(self, stream, chunked: bool, record) -> None:
         """Write each piece as it comes; a bug mid-stream still ends with an error event."""
@@ -1404,7 +1589,6 @@ class ClientConnection:
             await writer.drain()
         finally:
             self._app.active_streams -= 1
-            await stream.aclose()
 
 
 ###############################################################################
@@ -1436,28 +1620,38 @@ def client_key(headers: Headers) -> str | None:
     return None
 
 
-def check_access(config: Config, peer, request: Request) -> None:
+def check_access(config: Config, peer, request: Request, management: bool = False) -> None:
     """Admit the request or raise: allow-list, then the loopback rule or the proxy key.
 
     With no apikey, only loopback peers are served, whatever address is bound. With one,
-    every request but the public ones (/ and /health) must present it.
+    every request but the public ones (/ and /health) must present it. Management (changing
+    providers) needs more than a client's key: the admin_key, or without one, a loopback peer.
     """
     if peer is None:
         raise PermissionDeniedError("cannot determine the client's address")
     if config.allowed_networks and not any(peer in net for net in config.allowed_networks):
         raise PermissionDeniedError("client address %s is not in security.allowed_ips" % peer)
-    if not config.apikey:
-        if not peer.is_loopback:
-            raise PermissionDeniedError("ccproxy serves only loopback clients when no apikey is "
-                                        "configured; set apikey to accept %s" % peer)
-        return
-    if request.path in PUBLIC_PATHS:
-        return
+    if not config.apikey and not peer.is_loopback:
+        raise PermissionDeniedError("ccproxy serves only loopback clients when no apikey is "
+                                    "configured; set apikey to accept %s" % peer)
+    if management and config.admin_key:
+        check_key(request, config.admin_key, "admin_key")
+    elif management and not peer.is_loopback:
+        raise PermissionDeniedError("providers can be changed only from this machine unless "
+                                    "admin_key is configured")
+    elif config.apikey and request.path not in PUBLIC_PATHS:
+        check_key(request, config.apikey, "apikey")
+
+
+def check_key(request: Request, expected: str, setting: str) -> None:
+    """Raise 401 unless the request presents `expected` (compared in constant time)."""
     presented = client_key(request.headers)
     if presented is None:
-        raise AuthenticationError("missing API key: send it as x-api-key or Authorization: Bearer")
-    if not hmac.compare_digest(presented.encode(), config.apikey.encode()):
-        raise AuthenticationError("invalid API key")
+        raise AuthenticationError("missing API key (this needs the %s): send it as x-api-key or "
+                                  "Authorization: Bearer" % setting)
+    if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8", "surrogateescape")):
+        raise AuthenticationError("invalid API key (this needs the %s)" % setting)
 
 
 class Metrics:
@@ -1596,7 +1790,7 @@ class ProxyApp:
         self.active_streams = 0
         self.metrics = Metrics()
         self.breakers = {}            # provider name -> CircuitBreaker
-        self.rate_buckets = {}        # client key or address -> TokenBucket
+        self.rate_buckets = collections.OrderedDict()   # client address -> TokenBucket
         self.failovers = 0
         self._threads_busy = 0
         self._threads_lock = threading.Lock()
@@ -1605,15 +1799,18 @@ class ProxyApp:
         self._request_id_prefix = os.urandom(4).hex()
 
     def check_rate(self, peer, request: Request) -> None:
-        """Refuse with 429 a client (by its key, else its address) over its request rate."""
+        """Refuse with 429 a client (by its address: a key it presents is not checked here, so
+        rotating made-up keys gains nothing) over its request rate."""
         if self.config.rate_limit is None or request.path in PUBLIC_PATHS:
             return
-        client = client_key(request.headers) or str(peer)
+        client = str(peer)
         bucket = self.rate_buckets.get(client)
         if bucket is None:
             if len(self.rate_buckets) >= MAX_RATE_BUCKETS:
-                self.rate_buckets.clear()       # bounded memory; a reset only forgives
+                self.rate_buckets.popitem(last=False)    # the least recently seen client
             bucket = self.rate_buckets[client] = TokenBucket(*self.config.rate_limit)
+        else:
+            self.rate_buckets.move_to_end(client)
         wait = bucket.take()
         if wait:
             raise ProxyError("rate limit of %d requests per minute exceeded; retry in %d s"
@@ -1706,8 +1903,22 @@ class ProxyApp:
         self.pool.close_all()
 
 
+def refuse_json_constant(name: str):
+    """NaN and Infinity are not JSON, though Python's parser accepts them."""
+    raise ValueError("%s is not a JSON value" % name)
+
+
+def finite_float(text: str) -> float:
+    """A JSON number as a float; one too large to be finite (1e999) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("the number %s is out of range" % text[:40])
+    return value
+
+
 JSON_WHITESPACE_RE = re.compile(r"[ \t\n\r]*")
-JSON_DECODER = json.JSONDecoder()
+JSON_DECODER = json.JSONDecoder(parse_constant=refuse_json_constant, parse_float=finite_float)
+SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def parse_json_object(text: str):
@@ -1758,7 +1969,19 @@ def parse_json_body(request: Request) -> dict:
         raise InvalidRequestError("request body is not UTF-8: %s" % exc) from None
     except (ValueError, RecursionError) as exc:
         raise InvalidRequestError("request body is not a valid JSON object: %s" % exc) from None
+    if SURROGATE_ESCAPE_RE.search(request.body_text):
+        check_no_lone_surrogate(body)
     return body
+
+
+def check_no_lone_surrogate(body: dict) -> None:
+    """A 400 when a \\uD800-\\uDFFF escape stands alone: it decodes to no character, and no
+    provider's JSON could carry it (only run when such an escape occurs at all)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError("request body holds a lone UTF-16 surrogate escape (\\u%04x), "
+                                  "which is not a Unicode character" % ord(exc.object[exc.start]))
 
 
 MESSAGE_ROLES = ("user", "assistant", "system")
@@ -1778,15 +2001,81 @@ def check_messages_request(body: dict, for_count: bool = False) -> None:
         max_tokens = body.get("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise InvalidRequestError("max_tokens: Field required (a positive integer)")
-        if "stream" in body and not isinstance(body["stream"], bool):
-            raise InvalidRequestError("stream: must be true or false")
-    system = body.get("system")
-    if system is not None and not isinstance(system, (str, list)):
-        raise InvalidRequestError("system: must be a string or a list of text blocks")
-    tools = body.get("tools")
-    if tools is not None and (not isinstance(tools, list)
-                              or not all(isinstance(t, dict) and t.get("name") for t in tools)):
-        raise InvalidRequestError("tools: must be a list of objects, each with a name")
+    for key, problem_of in OPTIONAL_FIELD_CHECKS.items():
+        problem = problem_of(body[key]) if body.get(key) is not None else None
+        if problem:
+            raise InvalidRequestError("%s: %s" % (key, problem))
+
+
+def is_number(value) -> bool:
+    """A JSON number (an int or a float, never a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def unit_interval_problem(value) -> str | None:
+    """temperature and top_p: a number from 0 to 1, as the Messages API documents."""
+    return None if is_number(value) and 0 <= value <= 1 else "must be a number from 0 to 1"
+
+
+def top_k_problem(value) -> str | None:
+    return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else "must be an integer of 0 or more"
+
+
+def stop_sequences_problem(value) -> str | None:
+    return None if isinstance(value, list) and all(isinstance(v, str) for v in value) \
+        else "must be a list of strings"
+
+
+def tools_problem(value) -> str | None:
+    return None if isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"] for t in value) \
+        else "must be a list of objects, each with a name"
+
+
+def tool_choice_problem(value) -> str | None:
+    if not isinstance(value, dict) or value.get("type") not in ("auto", "any", "tool", "none"):
+        return "must be an object whose type is auto, any, tool or none"
+    if value["type"] == "tool" and not isinstance(value.get("name"), str):
+        return "must name the tool (name) when its type is tool"
+    return None
+
+
+def thinking_problem(value) -> str | None:
+    if not isinstance(value, dict) or value.get("type") not in ("enabled", "disabled", "adaptive"):
+        return "must be an object whose type is enabled, disabled or adaptive"
+    budget = value.get("budget_tokens")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool)
+                               or budget < 1):
+        return "budget_tokens must be a positive integer"
+    return None
+
+
+def kind_problem(kinds, name: str):
+    """A check that the value is of one of kinds (named `name` in the message)."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+
+    def problem_of(value) -> str | None:
+        wrong = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
+        return "must be %s" % name if wrong else None
+    return problem_of
+
+
+# The optional fields of a Messages request that are read or forwarded, and what each must be
+# (Anthropic's API reference); a wrong one is a 400 naming it, before any provider sees it.
+OPTIONAL_FIELD_CHECKS = {
+    "stream": kind_problem(bool, "true or false"),
+    "system": kind_problem((str, list), "a string or a list of text blocks"),
+    "tools": tools_problem,
+    "tool_choice": tool_choice_problem,
+    "thinking": thinking_problem,
+    "temperature": unit_interval_problem,
+    "top_p": unit_interval_problem,
+    "top_k": top_k_problem,
+    "stop_sequences": stop_sequences_problem,
+    "metadata": kind_problem(dict, "an object"),
+    "output_config": kind_problem(dict, "an object"),
+}
 
 
 def check_message(message, index: int) -> None:
@@ -1892,12 +2181,8 @@ async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, 
             continue
         tried = routing
         for attempt in range(config.max_retries + 1):
-            try:
-                outcome = await send_to(app, request, conn, body, routing)
-            except ProxyError as error:
-                outcome = error
+            outcome = await attempt_recorded(app, request, conn, body, routing, breaker)
             status = outcome.status
-            breaker.record(status, getattr(outcome, "message", "HTTP %d" % status))
             if status not in RETRYABLE_STATUSES:
                 return with_route_headers(outcome, routing)
             delay = policy.next_delay(attempt, retry_after_seconds(outcome))
@@ -1907,6 +2192,22 @@ async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, 
         if position + 1 < len(plan):
             app.note_failover(routing.provider.name, plan[position + 1].provider.name, status)
     return with_route_headers(outcome, tried)
+
+
+async def attempt_recorded(app: ProxyApp, request: Request, conn, body: dict, routing: Routing,
+                           breaker: CircuitBreaker):
+    """One attempt whose outcome the breaker always learns: the answer or error it ended with,
+    or, when it ended otherwise (the client left, a bug), that it proved nothing, so that a
+    half-open circuit's probe is never lost."""
+    try:
+        outcome = await send_to(app, request, conn, body, routing)
+    except ProxyError as error:
+        outcome = error
+    except BaseException:
+        breaker.abandon()
+        raise
+    breaker.record(outcome.status, getattr(outcome, "message", "HTTP %d" % outcome.status))
+    return outcome
 
 
 def with_route_headers(outcome, routing: Routing):
@@ -1983,22 +2284,36 @@ def provider_name_of(request: Request) -> str:
 
 def provider_entry_from(app: ProxyApp, request: Request, name: str | None = None) -> dict:
     """The provider a management request sends, validated like the config file (a 400
-    names the field); returned as sent, ${VAR} references kept for the file."""
+    names the field). Values from a client are never expanded: a ${VAR} reference is refused,
+    since the proxy's environment is not the client's to read."""
     entry = parse_json_body(request)
     if name is not None:
         entry.setdefault("name", name)
         if entry["name"] != name:
             raise InvalidRequestError("name: %r does not match the %r in the path; a provider "
                                       "cannot be renamed" % (entry["name"], name))
+    check_no_env_references(entry, "provider")
     checker = ConfigChecker("request body", {})
-    try:
-        expanded = expand_env_references(entry, "provider", "request body", app.config.environ)
-    except ConfigError as exc:
-        raise InvalidRequestError(str(exc)) from None
-    provider = check_provider(checker, expanded, 0, "provider")
+    provider = check_provider(checker, dict(entry), 0, "provider")
     if checker.problems or provider is None:
         raise InvalidRequestError("; ".join(checker.problems) or "provider: invalid")
     return entry
+
+
+def check_no_env_references(value, path: str) -> None:
+    """A 400 naming the first string that holds `${`: through the management API it would be
+    written to the config file and expanded from the proxy's environment at the next load."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_no_env_references(key, path)
+            check_no_env_references(item, join_key(path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_no_env_references(item, "%s[%d]" % (path, index))
+    elif isinstance(value, str) and "${" in value:
+        raise InvalidRequestError("%s: ${…} references are not accepted through the management "
+                                  "API (they would read the proxy's environment); send the value "
+                                  "itself, or put the reference in the config file" % path)
 
 
 def file_providers(content: dict) -> list:
@@ -2081,6 +2396,9 @@ PREFIX_ENDPOINTS = (
     ("/providers/", {"GET": handle_provider_get, "PUT": handle_provider_replace,
                      "DELETE": handle_provider_delete}),
 )
+# Handlers that change the configuration: they need the admin_key, or a loopback client.
+MANAGEMENT_HANDLERS = frozenset((handle_provider_create, handle_provider_replace,
+                                 handle_provider_delete))
 
 
 def find_endpoint(request: Request):
@@ -2439,6 +2757,13 @@ class CircuitBreaker:
             return True
         return False
 
+    def abandon(self) -> None:
+        """A request ended without an outcome (its client left): a probe it carried is owed
+        again, so the next request becomes the probe."""
+        if self.state == "half_open":
+            self.state = "open"
+            self._opened_at = time.monotonic() - self._cooldown
+
     def record(self, status: int, error: str) -> None:
         """The outcome of a request: 5xx and unreachable count as failures, 4xx do not."""
         if status < 500:
@@ -2480,20 +2805,51 @@ def sse_event(name: str, payload: dict) -> bytes:
     return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload, ensure_ascii=False).encode())
 
 
+class HeldBytes:
+    """The unfinished end of an event stream, kept as pieces so that a long line costs linear
+    time, and refused (502) beyond MAX_SSE_LINE_BYTES."""
+
+    def __init__(self):
+        self._parts = []
+        self._size = 0
+
+    def hold(self, data: bytes) -> None:
+        if data:
+            self._parts.append(data)
+            self._size += len(data)
+            if self._size > MAX_SSE_LINE_BYTES:
+                raise UpstreamError("the provider sent an event-stream event longer than %d bytes"
+                                    % MAX_SSE_LINE_BYTES)
+
+    def release(self, data: bytes) -> bytes:
+        """What was held, followed by data; nothing is held afterwards."""
+        if not self._parts:
+            return data
+        self._parts.append(data)
+        joined = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        return joined
+
+    def tail(self, length: int) -> bytes:
+        """The last `length` bytes held (every piece holds at least one)."""
+        return b"".join(self._parts[-length:])[-length:] if self._parts else b""
+
+
 class SSEDecoder:
     """Sans-IO server-sent events parser: feed() bytes, get the (event, data) of each complete
     event. LF or CRLF line endings, comments (`: …`), multi-line `data:` joined with "\\n"."""
 
     def __init__(self):
-        self._buffer = b""
+        self._held = HeldBytes()
         self._event = ""
         self._data = []
 
     def feed(self, chunk: bytes) -> list:
-        lines = (self._buffer + chunk if self._buffer else chunk).split(b"\n")
-        self._buffer = lines.pop()
-        if len(self._buffer) > MAX_SSE_LINE_BYTES:
-            raise UpstreamError("an event-stream line longer than %d bytes" % MAX_SSE_LINE_BYTES)
+        if b"\n" not in chunk:
+            self._held.hold(chunk)
+            return []
+        lines = self._held.release(chunk).split(b"\n")
+        self._held.hold(lines.pop())
         events = []
         for line in lines:
             if line.endswith(b"\r"):
@@ -2540,7 +2896,7 @@ def anthropic_request_headers(provider: Provider, request: Request) -> dict:
     for name in ANTHROPIC_FORWARDED_HEADERS:
         value = request.headers.get(name)
         if value:
-            headers[name] = value
+            headers[name] = header_safe(value)
     if provider.api_key:
         headers["x-api-key"] = provider.api_key
     headers.update(provider.headers)
@@ -2628,15 +2984,19 @@ class AnthropicStreamRelay:
 
     def __init__(self, provider_name: str, record=None):
         self._provider_name = provider_name
-        self._pending = b""
+        self._held = HeldBytes()
         self._terminated = False
         self._record = record
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        end = sse_complete_length(data)
-        complete, self._pending = data[:end], data[end:]
-        if complete and not self._terminated:
+        tail = self._held.tail(3)             # an event boundary may straddle two chunks
+        end = sse_complete_length(tail + chunk) - len(tail)
+        if end <= 0:
+            self._held.hold(chunk)
+            return b""
+        complete = self._held.release(chunk[:end])
+        self._held.hold(chunk[end:])
+        if not self._terminated:
             self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
         if complete and self._record is not None:
             note_anthropic_usage(complete, self._record)
@@ -2669,39 +3029,63 @@ def anthropic_error_response(call, status: int, body: bytes) -> Response:
         shaped = False
     headers = call.relayed_headers()
     if shaped:
-        return Response(status, strip_secrets_from_bytes(body, call.provider.secrets()), headers)
+        return Response(status, call.provider.masker.data(body), headers)
     error = error_from_upstream(call.provider, status, body, headers)
     return Response(error.status, error_body(error.error_type, error.message), error.headers)
 
 
 async def relay_anthropic(call, conn, request: Request, body: dict) -> Response:
-    """Relay an Anthropic-protocol answer: status, body and stream exactly as they come."""
+    """Relay an Anthropic-protocol answer: status, body and stream exactly as they come, once
+    the answer is known to be one (anything else is a 502, so failover can move on)."""
     conn.cancel_on_disconnect(call.cancel)
     status = await call.send(body.get("stream") is True)
     if status >= 400:
         return anthropic_error_response(call, status, call.body)
+    if not 200 <= status < 300:
+        raise UpstreamError("%s: answered HTTP %d%s; check its api_base_url" % (
+            call.provider.name, status, " (a redirect to %s)" % call.header("location")
+            if call.header("location") else ""))
     content_type = call.header("content-type") or "application/json"
     if call.body is None:
         relay = AnthropicStreamRelay(call.provider.name, request.log)
         return Response(status, headers=call.relayed_headers(), content_type=content_type,
-                        stream=relay_stream(call.chunks(), relay))
+                        stream=UpstreamStream(call, call.chunks(), relay))
+    check_anthropic_answer(call)
     if request.log is not None:
         note_anthropic_usage(call.body, request.log)
     return Response(status, call.body, call.relayed_headers(), content_type=content_type)
+
+
+def check_anthropic_answer(call) -> None:
+    """Raise a 502 unless the body of a 200 is an Anthropic message (or a count): a gateway's
+    HTML page, an empty body or an answer cut short is not passed on as a success."""
+    try:
+        answer = json.loads(call.body)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict) or answer.get("type") != "message":
+        raise UpstreamError("%s: answered HTTP 200 with something that is not an Anthropic "
+                            "message: %s" % (call.provider.name,
+                                             call.provider.masker.text(
+                                                 upstream_error_message(call.body)[:200])))
 
 
 class TranslatedStreamRelay:
     """Bytes of a provider's event stream in, Anthropic events out, for every translating
     protocol: SSE decoding and JSON parsing around the protocol's stream translator, which
     takes each (event name, payload); `[DONE]` comes as a None payload. An empty chunk
-    (upstream silence) becomes a ping."""
+    (upstream silence) becomes a ping. An event that is not a JSON object breaks the stream:
+    what came before it is sent, then the stream ends with an error event, never as complete."""
 
     def __init__(self, translator, provider: Provider):
         self._decoder = SSEDecoder()
         self._translator = translator
+        self.broken = None
         self.provider = provider
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.broken is not None:
+            raise self.broken
         if not chunk:
             return SSE_PING
         out = []
@@ -2711,40 +3095,60 @@ class TranslatedStreamRelay:
                 continue
             try:
                 payload = json.loads(data)
-            except ValueError:
-                log.warning("%s: ignoring a stream line that is not JSON", self.provider.name)
-                continue
-            if isinstance(payload, dict):
-                out.append(self._translator.feed_event(event, payload))
+            except (ValueError, RecursionError):
+                payload = None
+            if not isinstance(payload, dict):
+                self.broken = UpstreamError("%s: the stream held an event that is not a JSON "
+                                             "object; text of the answer was lost"
+                                             % self.provider.name)
+                break
+            out.append(self._translator.feed_event(event, payload))
         return b"".join(out)
 
     @property
     def complete(self) -> bool:
-        return self._translator.complete
+        return self._translator.complete and self.broken is None
 
     def finish(self, error: ProxyError | None = None) -> bytes:
-        return self._translator.finish(error)
+        return self._translator.finish(error or self.broken)
 
 
-async def relay_stream(chunks, translator, first: bytes = b""):
-    """Pieces for the client: first, each further upstream chunk through the translator,
-    then the translator's ending."""
-    try:
-        if first:
-            yield first
+class UpstreamStream:
+    """A streamed answer for the client: `first`, then each upstream chunk through the relay,
+    then the relay's ending (an error event when the stream failed).
+
+    aclose() releases the upstream call whether or not the stream was ever read, so an answer
+    that fails before its first write leaves no connection behind.
+    """
+
+    def __init__(self, call, chunks, relay, first: bytes = b""):
+        self._call, self._chunks, self._relay, self._first = call, chunks, relay, first
+        self._pieces = None
+
+    def __aiter__(self):
+        self._pieces = self._generate()
+        return self._pieces
+
+    async def _generate(self):
+        if self._first:
+            yield self._first
         try:
-            async for chunk in chunks:
-                piece = translator.feed(chunk)
+            async for chunk in self._chunks:
+                piece = self._relay.feed(chunk)
                 if piece:
                     yield piece
         except ProxyError as error:
-            ending = translator.finish(error)
+            ending = self._relay.finish(error)
         else:
-            ending = translator.finish()
+            ending = self._relay.finish()
         if ending:
             yield ending
-    finally:
-        await chunks.aclose()
+
+    async def aclose(self) -> None:
+        if self._pieces is not None:
+            await self._pieces.aclose()
+        await self._chunks.aclose()
+        self._call.close_unread()
 
 
 # --- OpenAI Chat Completions ----------------------------------------------------
@@ -3213,7 +3617,7 @@ def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
     if isinstance(code, int) and 400 <= code < 600:
         status = CLIENT_STATUS_BY_UPSTREAM_STATUS.get(code, 500 if code >= 500 else 400)
     message = "%s: %s" % (provider.name, error.get("message") or json.dumps(error))
-    return ProxyError(strip_secrets(message, provider.secrets()), status)
+    return ProxyError(provider.masker.text(message), status)
 
 
 def anthropic_message_from_openai(data: dict, context) -> dict:
@@ -3576,7 +3980,8 @@ async def first_translated_piece(chunks, relay) -> bytes:
         if piece:
             return piece
     if not relay.complete:
-        raise UpstreamError("%s: the stream ended before completion" % relay.provider.name)
+        raise relay.broken or UpstreamError("%s: the stream ended before completion"
+                                            % relay.provider.name)
     return b""
 
 
@@ -3603,7 +4008,7 @@ async def translated_stream_response(call, relay) -> Response:
         await chunks.aclose()
         raise
     return Response(200, headers=[("cache-control", "no-cache")], content_type="text/event-stream",
-                    stream=relay_stream(chunks, relay, first))
+                    stream=UpstreamStream(call, chunks, relay, first))
 
 
 # --- Gemini ------------------------------------------------------------------------
@@ -3968,7 +4373,7 @@ def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
     if "API_KEY_INVALID" in json.dumps(error) or "API key not valid" in message:
         status = 401
     headers = [("retry-after", delay) for delay in gemini_retry_delays(error)][:1]
-    return ProxyError(strip_secrets("%s: %s" % (provider.name, message), provider.secrets()),
+    return ProxyError(provider.masker.text("%s: %s" % (provider.name, message)),
                       status, headers)
 
 
@@ -4317,7 +4722,7 @@ def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: 
             provider.name, detail)
     else:
         message = "%s: cannot reach %s: %s" % (provider.name, url.split("?", 1)[0], detail)
-    return UpstreamError(strip_secrets(message, provider.secrets()))
+    return UpstreamError(provider.masker.text(message))
 
 
 class LoopInbox:
@@ -4395,7 +4800,8 @@ class UpstreamCall:
         self._socket = None
         self._response = None
         self._cancelled = False
-        self._finished = False        # the answer was read to its end
+        self._finished = False        # the answer was read to its end, or released
+        self._pumping = False         # chunks() has taken over the streamed body
         self._body_complete = False
         self._lock = threading.Lock()
         self._cancel_reason = ""
@@ -4422,9 +4828,20 @@ class UpstreamCall:
             self._cancelled = True
         self._shutdown_socket()
 
+    def close_unread(self) -> None:
+        """Release a streamed answer that nobody read (its response failed before the first
+        write): cut its connection and forget the call. Once chunks() has started, it does this
+        itself."""
+        if self._pumping or self._finished or self._response is None:
+            return
+        self.cancel()
+        self._release(False)
+        self._app.upstream_calls.discard(self)
+
     def _release(self, complete: bool) -> None:
-        """Worker thread: close the response; its connection goes back to the pool when the
-        answer was read to its end and nobody cut the call."""
+        """Close the response (from its worker thread, or from the loop when no worker reads
+        it); its connection goes back to the pool when the answer was read to its end and
+        nobody cut the call."""
         response = self._response
         with self._lock:
             self._finished = True
@@ -4506,6 +4923,7 @@ class UpstreamCall:
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
         slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
+        self._pumping = True
         pump = self._app.run_in_worker(self._pump_blocking, self._app.inbox_for(loop), queue,
                                        slots)
         watch = SilenceWatch(loop, queue, silence_seconds) if silence_seconds else None
@@ -4584,31 +5002,46 @@ class UpstreamCall:
 ###############################################################################
 
 class SecretMaskingFilter(logging.Filter):
-    """Masks every configured secret in log records, whatever code logged them."""
+    """Masks every secret of the running configuration (as it is now: providers added live
+    included) in log records, their tracebacks too, whatever code logged them."""
 
-    def __init__(self, secrets):
+    def __init__(self, current_masker):
         super().__init__()
-        self.secrets = [s for s in secrets if s]
+        self._current_masker = current_masker
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            record.msg = strip_secrets(record.getMessage(), self.secrets)
-            record.args = ()
+        masker = self._current_masker()
+        record.msg, record.args = masker.text(record.getMessage()), ()
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = masker.text(record.exc_text)
         return True
 
 
-def configure_logging(config: Config, detached: bool) -> None:
-    """Log to stderr in the foreground, to log_file (rotated by size) when detached; secrets
-    masked either way."""
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A size-rotated log whose files are created with mode 0600 (a log may hold request
+    bodies, with log_bodies)."""
+
+    def _open(self):
+        descriptor = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if os.name != "nt":
+            os.chmod(self.baseFilename, 0o600)       # a file an older version left readable
+        return os.fdopen(descriptor, "a", encoding=self.encoding or "utf-8")
+
+
+def configure_logging(config: Config, detached: bool, current_masker) -> None:
+    """Log to stderr in the foreground, to log_file (rotated by size, 0600) when detached;
+    secrets masked either way, as current_masker() knows them."""
     if detached:
-        path = os.path.expanduser(config.log_file)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_MAX_BYTES,
-                                                       backupCount=LOG_FILE_BACKUPS)
+        ensure_private_directory(os.path.dirname(config.log_file))
+        handler = PrivateRotatingFileHandler(config.log_file, maxBytes=LOG_FILE_MAX_BYTES,
+                                             backupCount=LOG_FILE_BACKUPS, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s ccproxy %(levelname)s %(message)s"))
-    handler.addFilter(SecretMaskingFilter(config.secrets()))
+    handler.addFilter(SecretMaskingFilter(current_masker))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -4624,9 +5057,22 @@ def pidfile_path() -> str:
     return os.path.join(ccproxy_home(), "ccproxy.pid")
 
 
+def ensure_private_directory(path: str) -> None:
+    """Make the directory (mode 0700) if it is missing; ~/.ccproxy is tightened to 0700 when
+    an older version left it open to others."""
+    if not path:
+        return
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if os.name != "nt" and os.path.abspath(path) == ccproxy_home():
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, 0o700)
+
+
 def write_private_file(path: str, text: str) -> None:
-    """Write a file atomically (temporary file, then rename) with mode 0600."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """Write a file atomically (temporary file, then rename) with mode 0600, in a directory
+    made 0700 when it has to be made."""
+    ensure_private_directory(os.path.dirname(path))
     temporary = "%s.%d.tmp" % (path, os.getpid())
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
@@ -4902,10 +5348,10 @@ def client_url(host: str, port: int) -> str:
 def run_foreground(config: Config, detached: bool = False, started_by: str = "foreground",
                    watch_code_sessions: bool = False) -> int:
     """Serve in this process until SIGINT/SIGTERM, with a pidfile; the exit status."""
-    configure_logging(config, detached)
+    server = ProxyServer(config)
+    configure_logging(config, detached, lambda: server.app.config.masker)
     for note in startup_warnings(config):
         log.warning("%s", note)
-    server = ProxyServer(config)
 
     def on_ready(ready: ProxyServer) -> None:
         write_private_file(pidfile_path(), json.dumps(pidfile_record(ready, config, started_by)))

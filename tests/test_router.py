@@ -1,6 +1,8 @@
 """Minimal routing: a listed model, routes.default, the first enabled provider."""
 from __future__ import annotations
 
+import http.client
+import json
 import re
 
 import anthropic
@@ -325,20 +327,52 @@ def test_circuit_breaker_opens_skips_probes_and_closes(start_proxy, upstream, se
     assert providers["providers"][0]["circuit"]["state"] == "closed"
 
 
-def test_rate_limit_per_client(start_proxy, upstream):
+def post_from(proxy, source_address, key):
+    """(status, JSON) of a Messages request whose connection comes from source_address (any
+    address of 127.0.0.0/8 reaches the proxy), presenting key."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10,
+                                            source_address=(source_address, 0))
+    body = json.dumps(dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]))
+    connection.request("POST", "/v1/messages", body, {"x-api-key": key,
+                                                       "content-type": "application/json"})
+    response = connection.getresponse()
+    answer = (response.status, json.loads(response.read()), response.getheader("retry-after"))
+    connection.close()
+    return answer
+
+
+def test_rate_limit_per_client_address_not_per_unchecked_key(start_proxy, upstream):
     proxy = start_proxy({"providers": [anthropic_provider(upstream)],
                          "performance": {"rate_limit_enabled": True, "rate_limit_rpm": 1,
                                          "rate_limit_burst": 2}})
-    client = anthropic.Anthropic(base_url=proxy.url, api_key="client-a", max_retries=0)
-    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-    client.messages.create(**request)
-    client.messages.create(**request)
-    with pytest.raises(anthropic.RateLimitError) as caught:
-        client.messages.create(**request)
-    assert int(caught.value.response.headers["retry-after"]) >= 1
-    assert caught.value.body["error"]["type"] == "rate_limit_error"
-    other = anthropic.Anthropic(base_url=proxy.url, api_key="client-b", max_retries=0)
-    assert other.messages.create(**request).content[0].text == "Hello from upstream"
+    assert post_from(proxy, "127.0.0.1", "client-a")[0] == 200
+    assert post_from(proxy, "127.0.0.1", "client-b")[0] == 200
+    for fake_key in ("client-c", "client-d"):        # rotating made-up keys gains nothing
+        status, error, retry_after = post_from(proxy, "127.0.0.1", fake_key)
+        assert status == 429 and error["error"]["type"] == "rate_limit_error"
+        assert int(retry_after) >= 1
+    status, answer, _ = post_from(proxy, "127.0.0.2", "client-a")
+    assert status == 200 and answer["content"][0]["text"] == "Hello from upstream"
+
+
+def test_a_full_rate_limiter_forgets_only_the_least_recent_client():
+    config = ccproxy.build_config({"performance": {"rate_limit_enabled": True,
+                                                   "rate_limit_rpm": 1, "rate_limit_burst": 1}},
+                                  "c", {})
+    app = ccproxy.ProxyApp(config)
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
+    try:
+        for number in range(ccproxy.MAX_RATE_BUCKETS):
+            app.check_rate("10.%d.%d.1" % divmod(number, 256), request)
+        app.check_rate("10.0.0.1", request)          # the first client comes back: refused
+    except ccproxy.ProxyError as error:
+        assert error.status == 429
+    else:
+        raise AssertionError("the oldest client's bucket was forgotten")
+    app.check_rate("192.0.2.1", request)             # a new client evicts the least recent
+    assert len(app.rate_buckets) == ccproxy.MAX_RATE_BUCKETS
+    assert "10.0.0.1" in app.rate_buckets and "10.0.1.1" not in app.rate_buckets
+    app.close("test over")
 
 
 # --- observability ------------------------------------------------------------------------
