@@ -88,6 +88,7 @@ MAX_AUTO_CONNECTIONS = 10000                     # the automatic connection limi
 MIN_AUTO_CONNECTIONS = 16
 FALLBACK_MAX_CONNECTIONS = 1000                  # where the descriptor limit cannot be read
 ACCEPT_RETRY_SECONDS = 1.0                       # pause after accept() ran out of descriptors
+MAX_FILE_LIMIT = 65536                           # the server raises its descriptor limit to this
 LATENCY_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 BODY_READ_SLICE_BYTES = 1024 * 1024
@@ -5190,12 +5191,51 @@ def live_sessions() -> int:
     return alive
 
 
+DESCRIPTORS_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PAUSE_LOG_SECONDS = 60.0                         # at most one "not accepting" line this often
+
+
+def open_listeners(host: str, port: int) -> list:
+    """Non-blocking listening sockets on every address host resolves to (all interfaces for
+    ""), with a backlog of LISTEN_BACKLOG; with port 0 they share the first free port found."""
+    listeners, address = [], (host, port)
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            if os.name != "nt":
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(listeners) > 1:
+                address = (address[0], listeners[0].getsockname()[1]) + tuple(address[2:])
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+    except OSError as exc:
+        for listener in listeners:
+            listener.close()
+        raise OSError(exc.errno, "cannot listen on %s: %s" % (address[:2], exc.strerror or exc)) \
+            from None
+    return listeners
+
+
 class ProxyServer:
-    """The listening server: accepts connections and serves them until stopped, then drains."""
+    """The listening server: accepts connections and serves them until stopped, then drains.
+
+    It accepts connections itself, so that it can stop accepting while it serves
+    performance.max_connections of them (or runs out of file descriptors): new clients then
+    wait in the kernel's queue instead of failing, and the log gets one line, not thousands.
+    """
 
     def __init__(self, config: Config):
         self.app = ProxyApp(config)
-        self._server = None
+        self._listeners = []
+        self._accepting = []          # one accept task per listening socket
+        self._room = None             # set while fewer than max_connections are open
+        self._open_connections = 0
+        self._pause_logged_at = -PAUSE_LOG_SECONDS
         self._loop = None
         self._stopping = None
         self._connections = {}        # task -> ClientConnection
@@ -5210,15 +5250,53 @@ class ProxyServer:
         config = self.app.config
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._listeners = open_listeners(config.host, config.port)
+        self.app.listen_address = (config.host, self._listeners[0].getsockname()[1])
+        self._accepting = [self._loop.create_task(self._accept_loop(listener))
+                           for listener in self._listeners]
 
-        def protocol_factory():
+    async def _accept_loop(self, listener) -> None:
+        """Accept connections while there is room; pause while there is none."""
+        while True:
+            await self._room.wait()
+            try:
+                sock, _ = await self._loop.sock_accept(listener)
+            except OSError as exc:
+                if listener.fileno() < 0:
+                    return
+                if exc.errno in DESCRIPTORS_EXHAUSTED:
+                    self._note_pause("the process is out of file descriptors (%s)" % exc.strerror)
+                    await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            self._open_connections += 1
+            if self._open_connections >= self.app.config.max_connections:
+                self._room.clear()
+                self._note_pause("%d connections are open (performance.max_connections)"
+                                 % self._open_connections)
+            self._loop.create_task(self._serve_socket(sock))
+
+    def _note_pause(self, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._pause_logged_at >= PAUSE_LOG_SECONDS:
+            self._pause_logged_at = now
+            log.warning("not accepting new connections for now: %s; new clients wait in the "
+                        "queue until a connection closes", reason)
+
+    async def _serve_socket(self, sock) -> None:
+        """Serve one accepted connection, then make room for the next."""
+        try:
             reader = ClientStreamReader(limit=MAX_HEADER_BYTES)
-            return asyncio.StreamReaderProtocol(reader, self._accept)
-
-        self._server = await self._loop.create_server(protocol_factory, config.host, config.port,
-                                                      reuse_address=True)
-        bound = self._server.sockets[0].getsockname()
-        self.app.listen_address = (config.host, bound[1])
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await self._loop.connect_accepted_socket(lambda: protocol, sock)
+            await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, self._loop))
+        except OSError:
+            sock.close()
+        finally:
+            self._open_connections -= 1
+            if self._open_connections < self.app.config.max_connections:
+                self._room.set()
 
     async def serve(self, on_ready=None) -> None:
         """Start, call on_ready(self), and serve until stop() is called."""
@@ -5254,10 +5332,16 @@ class ProxyServer:
         finally:
             self._connections.pop(task, None)
 
+    def _stop_accepting(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        for listener in self._listeners:
+            listener.close()
+
     async def _shutdown(self) -> None:
         """Stop accepting, end idle connections, let answers in flight finish within
         shutdown_timeout, then cut what is left."""
-        self._server.close()
+        self._stop_accepting()
         self.app.draining = True
         for connection in list(self._connections.values()):
             connection.close_if_idle()
@@ -5270,7 +5354,7 @@ class ProxyServer:
             task.cancel()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=5)
-        await self._server.wait_closed()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
 
 
 def install_signal_handlers(server: ProxyServer) -> None:
@@ -5343,6 +5427,23 @@ def client_url(host: str, port: int) -> str:
     """The URL a client on this machine uses: a wildcard bind is reached on loopback."""
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
+def raise_file_limit() -> None:
+    """Let the server open as many files as the system allows it (the soft limit is often
+    1,024 while the hard one is far higher), up to MAX_FILE_LIMIT; the connection limit
+    follows. The server process only: an embedding program keeps its own limits."""
+    try:
+        import resource           # Unix only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, MAX_FILE_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def run_foreground(config: Config, detached: bool = False, started_by: str = "foreground",
@@ -5600,6 +5701,8 @@ def config_of(record: dict, fallback: Config) -> Config:
 
 def cmd_start(args) -> int:
     """start: in the background (default) or the foreground, or --check."""
+    if args.foreground:
+        raise_file_limit()
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -5625,6 +5728,20 @@ def cmd_start(args) -> int:
     return 0
 
 
+def status_details(record: dict):
+    """(the running proxy's /status, or {}; why it could not be read, or None). /status needs
+    the proxy's apikey, read from its config file in this shell's environment."""
+    try:
+        apikey = load_config(record["config"], os.environ).apikey if record.get("config") else ""
+    except ConfigError as exc:
+        return {}, "its config file cannot be read in this shell, so its apikey is unknown: %s" \
+            % str(exc).replace("\n", "; ")
+    answer = local_get(record["url"], "/status", apikey)
+    if answer is None or answer[0] != 200:
+        return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer")
+    return answer[1], None
+
+
 def cmd_stop(args) -> int:
     """stop: drain, then end the running proxy; not running is fine."""
     record = running_proxy()
@@ -5641,21 +5758,23 @@ def cmd_status(args) -> int:
     if record is None:
         print(json.dumps({"running": False}) if args.json else "ccproxy is not running")
         return 3
-    config = config_of(record, build_config({}, None))
-    answer = local_get(record["url"], "/status", config.apikey)
-    details = answer[1] if answer is not None and answer[0] == 200 else {}
+    details, problem = status_details(record)
     report = {"running": True, "pid": record["pid"], "url": record["url"],
               "version": record.get("version"), "started_by": record.get("started_by"),
               "config": record.get("config"),
               "uptime_seconds": details.get("uptime_seconds",
                                             round(time.time() - record.get("started_at", 0), 3)),
               "providers": details.get("providers", [])}
+    if problem:
+        report["providers_problem"] = problem
     if args.json:
         print(json.dumps(report))
         return 0
     print("ccproxy %s is running at %s (pid %d, up %ds, started by %s)" % (
         report["version"], report["url"], report["pid"], report["uptime_seconds"],
         report["started_by"]))
+    if problem:
+        print("  providers not shown: %s" % problem)
     for provider in report["providers"]:
         print("  %-12s %-9s %-8s circuit %-9s %s" % (
             provider["name"], provider["type"], "enabled" if provider["enabled"] else "disabled",

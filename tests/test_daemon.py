@@ -102,6 +102,22 @@ def test_start_status_stop_round_trip(home):
     assert h.run("stop").stdout.strip() == "ccproxy is not running"
 
 
+def test_status_says_why_it_cannot_show_providers(home):
+    h = home(apikey="${PROXY_KEY}")
+    assert h.run("start", PROXY_KEY="proxy-key-0123").returncode == 0
+    try:
+        status = h.run("status")                       # PROXY_KEY is not set in this shell
+        assert status.returncode == 0
+        assert "providers not shown: its config file cannot be read in this shell" in status.stdout
+        assert "environment variable PROXY_KEY is not set" in status.stdout
+        report = json.loads(h.run("status", "--json").stdout)
+        assert report["providers"] == [] and "PROXY_KEY" in report["providers_problem"]
+        shown = h.run("status", PROXY_KEY="proxy-key-0123").stdout
+        assert "providers not shown" not in shown and re.search(r"anthropic +anthropic", shown)
+    finally:
+        h.run("stop")
+
+
 def test_detached_proxy_logs_to_its_log_file(home):
     h = home(log=True)
     assert h.run("start").returncode == 0

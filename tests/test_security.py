@@ -1,0 +1,643 @@
+"""Hardening: each attack of the adversarial review, as the review ran it (loopback only), and
+hypothesis fuzzing of everything that ends up in a header line."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import anthropic
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import ccproxy
+from conftest import (REPO, Reply, RunningProxy, anthropic_message, anthropic_provider,
+                      json_reply, open_stream, raw_exchange, read_to_end, stream_reply, wait_until)
+
+KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
+
+
+def sdk(proxy, key="client"):
+    return anthropic.Anthropic(base_url=proxy.url, api_key=key, max_retries=0)
+
+
+def ask(proxy, model="m", key="client", **extra):
+    return sdk(proxy, key).messages.create(
+        model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}], **extra)
+
+
+def get(proxy, path, key="client"):
+    return sdk(proxy, key).get(path, cast_to=object)
+
+
+def openai_sse(*pieces_of_text, finish="stop"):
+    """An OpenAI stream: one chunk per text piece, a finish chunk, [DONE]."""
+    chunks = [{"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+              for text in pieces_of_text]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    return [b"data: %s\n\n" % json.dumps(c).encode() for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+def openai_provider(upstream, name="foai", **extra):
+    return dict({"name": name, "type": "openai", "api_base_url": upstream.url + "/v1",
+                 "api_key": KEY}, **extra)
+
+
+def head_of(response: bytes) -> list:
+    """The header lines of a raw HTTP response."""
+    return response.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+
+
+# --- 1. keys with control characters, and masking of every form ----------------------------
+
+def test_a_key_pasted_with_a_newline_is_stripped_and_works(tmp_path, upstream):
+    upstream.script = lambda r: Reply(200, pieces=openai_sse("ok"), content_type="text/event-stream")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"port": 0, "providers": [
+        openai_provider(upstream, api_key="${NLKEY}")]}))
+    proxy = RunningProxy(ccproxy.load_config(str(path), {"NLKEY": KEY + "\n"}))
+    try:
+        with sdk(proxy).messages.stream(model="gpt", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}]) as stream:
+            assert stream.get_final_message().content[0].text == "ok"
+    finally:
+        proxy.stop()
+    assert upstream.requests[0]["headers"]["authorization"] == "Bearer " + KEY
+
+
+@pytest.mark.parametrize("field, value, key_path", [
+    ("api_key", "sk-abc\x07def-0123456789", "providers[0].api_key"),
+    ("api_key", "sk-abc\ndef-0123456789", "providers[0].api_key"),
+    ("headers", {"X-Team": "a\r\nInjected: yes"}, "providers[0].headers.X-Team"),
+    ("headers", {"Bad Name": "v"}, "providers[0].headers.Bad Name"),
+    ("name", "evil\r\nX: y", "providers[0].name"),
+    ("name", "two,parts", "providers[0].name"),
+    ("models", ["ok", "m\r\nX: y"], "providers[0].models[1]"),
+])
+def test_control_characters_are_refused_naming_the_key_never_its_value(field, value, key_path):
+    provider = {"name": "p", "type": "openai", "api_base_url": "http://127.0.0.1:9/v1",
+                "api_key": "k"}
+    provider[field] = value
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"providers": [provider]}, "config.json", {})
+    message = str(caught.value)
+    assert "config.json: %s:" % key_path in message
+    assert "sk-abc" not in message and "Injected" not in message
+
+
+def test_the_proxy_keys_are_stripped_and_checked_too():
+    config = ccproxy.build_config({"apikey": " client-key\n", "admin_key": "\tadmin-key "},
+                                  "c.json", {})
+    assert (config.apikey, config.admin_key) == ("client-key", "admin-key")
+    with pytest.raises(ccproxy.ConfigError, match="CCPROXY_API_KEY: apikey: must not contain"):
+        ccproxy.build_config({}, "c.json", {"CCPROXY_API_KEY": "a\x00b"})
+
+
+def test_every_form_of_a_secret_is_masked():
+    masker = ccproxy.SecretMasker([KEY, "sk-with-newline-0123456789\n"])
+    forms = [KEY, json.dumps(KEY)[1:-1], urllib.parse.quote(KEY, safe=""),
+             urllib.parse.quote_plus(KEY), repr(KEY.encode())[2:-1],
+             repr("sk-with-newline-0123456789\n")[1:-1],
+             repr(b"Bearer sk-with-newline-0123456789\n")]
+    for form in forms:
+        masked = masker.text("error: %s (end)" % form)
+        assert "0123456789" not in masked and masked.startswith("error: ") and "(end)" in masked
+    assert masker.data(b"plain text") == b"plain text"
+
+
+def test_an_upstream_that_echoes_the_key_in_any_form_never_shows_it(start_proxy, upstream):
+    echoed = "key %s or %s or %s rejected" % (KEY, urllib.parse.quote(KEY, safe=""),
+                                              json.dumps(KEY)[1:-1])
+    upstream.script = lambda r: json_reply({"error": {"message": echoed}}, 500)
+    proxy = start_proxy({"providers": [openai_provider(upstream)],
+                         "performance": {"circuit_breaker_enabled": True}})
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        ask(proxy, "gpt")
+    status = get(proxy, "/status")
+    shown = json.dumps([caught.value.body, status, get(proxy, "/providers")], ensure_ascii=False)
+    assert "0123456789xyz" not in shown and "sk-p…9xyz" in shown
+    assert "rejected" in status["providers"][0]["circuit"]["last_error"]
+
+
+def test_logged_tracebacks_are_masked_too(capfd):
+    record = None
+    try:
+        raise ValueError("Invalid header value b'Bearer %s\\n'" % KEY)
+    except ValueError:
+        import logging
+        record = logging.LogRecord("ccproxy", logging.ERROR, __file__, 1, "failed: %s", (KEY,),
+                                   sys.exc_info())
+    masker = ccproxy.SecretMasker([KEY])
+    assert ccproxy.SecretMaskingFilter(lambda: masker).filter(record)
+    text = record.getMessage() + record.exc_text
+    assert "0123456789xyz" not in text and "Invalid header value" in text
+
+
+# --- 2. management needs more than a client's key; nothing from a client is expanded --------
+
+def decide(raw, peer, method, path, key=None):
+    """None when admitted, else the refusal's status (access rules alone)."""
+    config = ccproxy.build_config(raw, "c.json", {})
+    head = b"%s %s HTTP/1.1\r\n%s\r\n" % (method.encode(), path.encode(),
+                                          b"x-api-key: %s\r\n" % key.encode() if key else b"")
+    request = ccproxy.parse_request_head(head)
+    handler = ccproxy.find_endpoint(request)
+    try:
+        ccproxy.check_access(config, ccproxy.parse_peer_address((peer, 1)), request,
+                             handler in ccproxy.MANAGEMENT_HANDLERS)
+    except ccproxy.ProxyError as error:
+        return error.status
+    return None
+
+
+def test_a_client_key_does_not_open_management_to_remote_clients():
+    raw = {"apikey": "client-key"}
+    assert decide(raw, "10.0.0.5", "POST", "/v1/messages", "client-key") is None
+    assert decide(raw, "10.0.0.5", "GET", "/providers", "client-key") is None
+    for method, path in (("POST", "/providers"), ("PUT", "/providers/x"),
+                         ("DELETE", "/providers/x")):
+        assert decide(raw, "10.0.0.5", method, path, "client-key") == 403
+        assert decide(raw, "127.0.0.1", method, path, "client-key") is None
+        assert decide(raw, "127.0.0.1", method, path, "wrong") == 401
+
+
+def test_with_an_admin_key_management_needs_exactly_it():
+    raw = {"apikey": "client-key", "admin_key": "admin-key-0123456789"}
+    for peer in ("10.0.0.5", "127.0.0.1"):
+        assert decide(raw, peer, "POST", "/providers", "client-key") == 401
+        assert decide(raw, peer, "POST", "/providers") == 401
+        assert decide(raw, peer, "POST", "/providers", "admin-key-0123456789") is None
+    assert decide(raw, "10.0.0.5", "POST", "/v1/messages", "admin-key-0123456789") == 401
+
+
+@pytest.fixture
+def managed(tmp_path, upstream):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"port": 0, "apikey": "client-key", "admin_key": "admin-key-0123",
+                                "providers": [anthropic_provider(upstream, type="anthropic", name="main")]}))
+    proxy = RunningProxy(ccproxy.load_config(str(path), {"SECRET": "env-secret-0123456789"}))
+    yield proxy, path
+    proxy.stop()
+
+
+def manage(proxy, method, path, body=None, key="admin-key-0123"):
+    client = sdk(proxy, key)
+    try:
+        return 200, client.request(object, anthropic._base_client.FinalRequestOptions.construct(
+            method=method, url=path, json_data=body))
+    except anthropic.APIStatusError as error:
+        return error.status_code, error.body
+
+
+@pytest.mark.parametrize("entry, field", [
+    ({"api_key": "${SECRET}"}, "provider.api_key"),
+    ({"headers": {"X-Steal": "${SECRET}"}}, "provider.headers.X-Steal"),
+    ({"api_base_url": "http://127.0.0.1:9/${SECRET}"}, "provider.api_base_url"),
+    ({"models": ["m-${SECRET:-x}"]}, "provider.models[0]"),
+])
+def test_env_references_from_a_client_are_refused_never_expanded(managed, second_upstream, entry,
+                                                                 field):
+    proxy, path = managed
+    before = path.read_text()
+    body = dict({"name": "thief", "type": "anthropic", "api_base_url": second_upstream.url,
+                 "api_key": "k"}, **entry)
+    status, error = manage(proxy, "post", "/providers", body)
+    assert status == 400 and error["error"]["message"].startswith(field + ": ${…} references")
+    assert path.read_text() == before and second_upstream.requests == []
+    assert "env-secret" not in json.dumps(get(proxy, "/status", "client-key"))
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://127.0.0.1:9/x?to=elsewhere", "must not have a query string"),
+    ("http://127.0.0.1:9/x#frag", "must not have a query string or fragment"),
+    ("http://user:pw@127.0.0.1:9", "must not hold a user name or password"),
+    ("http://127.0.0.1:99999", "has an invalid port"),
+    ("http://127.0.0.1:9/a b", "must not contain spaces"),
+])
+def test_base_urls_are_plain_origins_with_a_path(managed, url, problem):
+    proxy, _ = managed
+    status, error = manage(proxy, "post", "/providers", {"name": "x", "type": "anthropic",
+                                                         "api_base_url": url})
+    assert status == 400 and "provider.api_base_url: " + problem in error["error"]["message"]
+    with pytest.raises(ccproxy.ConfigError, match="providers\\[0\\].api_base_url: " + problem):
+        ccproxy.build_config({"providers": [{"name": "x", "type": "anthropic",
+                                             "api_base_url": url}]}, "c.json", {})
+
+
+def test_a_client_key_cannot_repoint_a_provider(managed, second_upstream):
+    proxy, path = managed
+    change = {"name": "main", "type": "anthropic", "api_base_url": second_upstream.url}
+    assert manage(proxy, "put", "/providers/main", change, key="client-key")[0] == 401
+    assert manage(proxy, "put", "/providers/main", change)[0] == 200
+    assert json.loads(path.read_text())["providers"][0]["api_base_url"] == second_upstream.url
+
+
+# --- 3, 4. header values: non-Latin-1, CR/LF; an answer that cannot be written -------------
+
+def post_raw(port, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return raw_exchange(port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+def test_a_model_name_in_another_script_answers_and_leaks_nothing(start_proxy, upstream, kind):
+    if kind == "openai":
+        upstream.script = lambda r: json_reply({"choices": [{"message": {"content": "ok"},
+                                                             "finish_reason": "stop"}]})
+        provider = openai_provider(upstream, name="fant")
+    else:
+        provider = anthropic_provider(upstream, type="anthropic", name="fant")
+    proxy = start_proxy({"providers": [provider]})
+    for _ in range(3):
+        response = post_raw(proxy.port, {"model": "fant,a模", "max_tokens": 5,
+                                         "messages": [{"role": "user", "content": "hi"}]})
+        assert response.startswith(b"HTTP/1.1 200 ")
+        assert b"x-ccproxy-model: a%E6%A8%A1" in head_of(response)
+    assert wait_until(lambda: get(proxy, "/status")["upstream"]["calls_open"] == 0)
+    assert len(proxy.server.app.upstream_calls) == 0
+
+
+def test_cr_lf_in_a_model_name_injects_no_header(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, type="anthropic", name="foai")]})
+    response = post_raw(proxy.port, {"model": "foai,m\r\nX-Injected: yes\r\nSet-Cookie: a=b\r\n\r\n<",
+                                     "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    lines = head_of(response)
+    assert not any(line.lower().startswith((b"x-injected", b"set-cookie")) for line in lines)
+    assert b"x-ccproxy-model: m%0D%0AX-Injected: yes%0D%0ASet-Cookie: a=b%0D%0A%0D%0A<" in lines
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["type"] == "message"
+
+
+def test_route_names_and_models_with_control_characters_are_refused():
+    providers = [{"name": "p", "type": "anthropic", "api_base_url": "http://127.0.0.1:9"}]
+    for routes, key in (({"x\ny": {"provider": "p", "model": "m"}}, "routes: "),
+                        ({"default": {"provider": "p", "model": "m\r\n"}}, "routes.default.model: ")):
+        with pytest.raises(ccproxy.ConfigError, match=key + "must not contain control"):
+            ccproxy.build_config({"providers": providers, "routes": routes}, "c.json", {})
+
+
+def test_an_answer_that_cannot_be_written_is_a_500_and_releases_its_stream(start_proxy, upstream,
+                                                                          monkeypatch):
+    upstream.script = lambda r: stream_reply(pause_before=2)
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    real = ccproxy.build_response_head
+
+    def broken(status, headers):
+        if status == 200:
+            raise UnicodeEncodeError("latin-1", "模", 0, 1, "simulated")
+        return real(status, headers)
+    monkeypatch.setattr(ccproxy, "build_response_head", broken)
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}]) as stream:
+            stream.get_final_message()
+    assert caught.value.body["error"]["message"] == "internal error in ccproxy; see its log"
+    assert wait_until(lambda: len(proxy.server.app.upstream_calls) == 0)
+    assert upstream.peer_closed.wait(5)
+    monkeypatch.setattr(ccproxy, "build_response_head", real)
+    upstream.script = lambda r: json_reply(anthropic_message())
+    assert ask(proxy).content[0].text == "Hello from upstream"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["x-ccproxy-model", "x-ccproxy-provider", "request-id"]),
+                          st.text()), max_size=5))
+def test_any_header_value_makes_a_well_formed_head(headers):
+    head = ccproxy.build_response_head(200, headers)
+    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+    lines = head[:-4].split(b"\r\n")
+    assert len(lines) == len(headers) + 1
+    for (name, value), line in zip(headers, lines[1:]):
+        shown = line.decode("ascii").split(": ", 1)[1]
+        assert line.startswith(name.encode() + b": ")
+        assert all(" " <= char <= "~" for char in shown)
+        assert urllib.parse.unquote(shown, errors="surrogatepass") == value or "%" in value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=12), st.lists(st.text(max_size=12), max_size=3))
+def test_any_provider_or_model_name_is_refused_or_safe(name, models):
+    try:
+        config = ccproxy.build_config({"providers": [{"name": name, "type": "openai",
+                                                      "api_base_url": "http://h/v1",
+                                                      "models": models}]}, "c.json", {})
+    except ccproxy.ConfigError as error:
+        assert "providers[0]" in str(error)
+        return
+    provider = config.providers[0]
+    assert "," not in provider.name
+    for text in (provider.name,) + provider.models:
+        assert ccproxy.control_character_problem(text) is None
+
+
+MODEL_NAMES = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20)
+
+
+@pytest.fixture(scope="module")
+def fuzz_proxy():
+    config = ccproxy.build_config({"port": 0, "providers": [
+        {"name": "p", "type": "anthropic", "api_base_url": "http://127.0.0.1:9"}],
+        "failover": False}, "c.json", {})
+    proxy = RunningProxy(config)
+    yield proxy
+    proxy.stop()
+
+
+@settings(max_examples=60, deadline=None)
+@given(MODEL_NAMES)
+def test_any_model_name_over_the_wire_gets_a_well_formed_answer(fuzz_proxy, model):
+    response = post_raw(fuzz_proxy.port, {"model": "p," + model, "max_tokens": 5,
+                                          "messages": [{"role": "user", "content": "hi"}]})
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert all(line.count(b": ") >= 1 and b"\n" not in line for line in head_of(response))
+    assert json.loads(body)["type"] == "error"
+
+
+# --- 5. a half-open probe whose client left -----------------------------------------------
+
+def test_a_probe_whose_client_disconnects_does_not_leave_the_circuit_half_open(start_proxy,
+                                                                              upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)], "failover": False,
+                         "performance": {"circuit_breaker_enabled": True,
+                                         "circuit_breaker_threshold": 1,
+                                         "circuit_breaker_cooldown": 0.2}})
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "api_error", "message": "down"}}, 500)
+    with pytest.raises(anthropic.InternalServerError):
+        ask(proxy)
+    breaker = proxy.server.app.breakers["anthropic"]
+    assert breaker.state == "open"
+    time.sleep(0.3)                                      # the cooldown passes
+    upstream.script = lambda r: Reply(200, anthropic_message(), delay=10)
+    body = json.dumps({"model": "m", "max_tokens": 5,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        assert wait_until(lambda: breaker.state == "half_open")
+    assert wait_until(lambda: breaker.state == "open", 5)
+    upstream.script = lambda r: json_reply(anthropic_message())
+    assert ask(proxy).content[0].text == "Hello from upstream"       # the next one probes
+    assert breaker.state == "closed"
+
+
+# --- 6. a connection limit; the backlog -------------------------------------------------------
+
+def test_at_the_connection_limit_new_clients_wait_and_are_served_later(start_proxy, upstream,
+                                                                      caplog):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"max_connections": 3}})
+    idle = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(3)]
+    waiting = [socket.create_connection(("127.0.0.1", proxy.port), timeout=3)
+               for _ in range(300)]                    # held in the listen backlog (1024)
+    waiting[0].sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    waiting[0].settimeout(0.5)
+    with pytest.raises(socket.timeout):
+        waiting[0].recv(100)                             # not accepted while the house is full
+    idle.pop().close()
+    waiting[0].settimeout(5)
+    assert read_to_end(waiting[0]).startswith(b"HTTP/1.1 200 ")
+    pauses = [r for r in caplog.records if "not accepting new connections" in r.getMessage()]
+    assert len(pauses) == 1 and "performance.max_connections" in pauses[0].getMessage()
+    for sock in idle + waiting:
+        sock.close()
+
+
+def test_out_of_file_descriptors_pauses_quietly_and_recovers(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"port": 0}))
+    env = dict(os.environ, HOME=str(tmp_path))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    process = subprocess.Popen([sys.executable, str(REPO / "ccproxy.py"), "start", "--foreground",
+                                "--config", str(config)], stderr=subprocess.PIPE,
+                               preexec_fn=limit, env=env)
+    try:
+        line = process.stderr.readline().decode()
+        while "listening on" not in line:
+            line = process.stderr.readline().decode()
+        port = int(re.search(r"listening on http://127.0.0.1:(\d+)", line).group(1))
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(300)]
+        late = socket.create_connection(("127.0.0.1", port), timeout=5)
+        late.sendall(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        time.sleep(1.0)                                  # let a flood of log lines happen, if any
+        for sock in idle:
+            sock.close()
+        assert read_to_end(late).startswith(b"HTTP/1.1 200 ")
+    finally:
+        process.terminate()
+        errors = process.communicate(timeout=30)[1].decode()
+    assert len(errors) < 4000, errors[-2000:]
+    assert errors.count("not accepting new connections") == 1
+
+
+# --- 7. a bare config filename -------------------------------------------------------------
+
+def test_management_works_with_a_bare_config_filename(tmp_path, upstream, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg.json").write_text(json.dumps({"port": 0, "providers": [
+        anthropic_provider(upstream, type="anthropic", name="main")]}))
+    for config in (ccproxy.load_config("cfg.json", {}),
+                   ccproxy.load_config(None, {"CCPROXY_CONFIG": "cfg.json"})):
+        assert config.source == str(tmp_path / "cfg.json")
+    proxy = RunningProxy(ccproxy.load_config("cfg.json", {}))
+    try:
+        monkeypatch.chdir("/")
+        status, _ = manage(proxy, "post", "/providers", {"name": "x", "type": "anthropic",
+                                                         "api_base_url": upstream.url})
+        assert status == 200
+        assert [p["name"] for p in json.loads((tmp_path / "cfg.json").read_text())["providers"]] \
+            == ["main", "x"]
+    finally:
+        proxy.stop()
+
+
+# --- 8. corrupt upstream streams never end as complete --------------------------------------
+
+@pytest.mark.parametrize("kind", ["openai", "gemini"])
+def test_a_stream_line_that_is_not_json_ends_with_an_error_event(start_proxy, upstream, kind):
+    if kind == "openai":
+        pieces = openai_sse("AAA")[:1] + [b"data: {not json\n\n"] + openai_sse("CCC")
+        provider = openai_provider(upstream, name="p")
+    else:
+        part = lambda text: b'data: {"candidates":[{"content":{"parts":[{"text":"%s"}]}}]}\n\n' \
+            % text.encode()
+        pieces = [part("AAA"), b"data: {not json\n\n", part("CCC"),
+                  b'data: {"candidates":[{"finishReason":"STOP"}]}\n\n']
+        provider = {"name": "p", "type": "gemini", "api_base_url": upstream.url, "api_key": "k"}
+    upstream.script = lambda r: Reply(200, pieces=pieces, content_type="text/event-stream")
+    proxy = start_proxy({"providers": [provider]})
+    sock, received = open_stream(proxy.port, until=b"AAA")
+    received = read_to_end(sock, received)
+    sock.close()
+    assert b"event: error" in received and b"message_stop" not in received
+    assert b"not a JSON object" in received and b"CCC" not in received
+
+
+# --- low ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, problem", [
+    (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"\\ud800"}]}',
+     "lone UTF-16 surrogate"),
+    (b'{"model":"m","max_tokens":5,"temperature":NaN,"messages":[{"role":"user","content":"x"}]}',
+     "NaN is not a JSON value"),
+    (b'{"model":"m","max_tokens":5,"top_p":1e999,"messages":[{"role":"user","content":"x"}]}',
+     "out of range"),
+    (b'{"model":"m","max_tokens":5,"temperature":5,"messages":[{"role":"user","content":"x"}]}',
+     "temperature: must be a number from 0 to 1"),
+    (b'{"model":"m","max_tokens":5,"top_k":"3","messages":[{"role":"user","content":"x"}]}',
+     "top_k: must be an integer"),
+    (b'{"model":"m","max_tokens":5,"stop_sequences":[1],"messages":[{"role":"user","content":"x"}]}',
+     "stop_sequences: must be a list of strings"),
+    (b'{"model":"m","max_tokens":5,"tool_choice":{"type":"sometimes"},'
+     b'"messages":[{"role":"user","content":"x"}]}', "tool_choice: must be an object whose type"),
+    (b'{"model":"m","max_tokens":5,"thinking":{"type":"enabled","budget_tokens":-1},'
+     b'"messages":[{"role":"user","content":"x"}]}', "thinking: budget_tokens must be"),
+    (b'{"model":"m","max_tokens":5,"metadata":"me","messages":[{"role":"user","content":"x"}]}',
+     "metadata: must be an object"),
+])
+def test_bad_field_values_are_a_400_naming_them_before_any_provider(start_proxy, upstream, body,
+                                                                    problem):
+    proxy = start_proxy({"providers": [openai_provider(upstream)]})
+    response = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n"
+                                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert response.startswith(b"HTTP/1.1 400 ")
+    error = json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["type"] == "invalid_request_error" and problem in error["message"]
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(200, b"<html>Sign in to the proxy</html>", content_type="text/html"),
+    Reply(200, b""),
+    Reply(302, b"", headers={"location": "http://127.0.0.1:9/login"}),
+    Reply(200, {"unexpected": "shape"}),
+])
+def test_a_200_that_is_not_an_anthropic_answer_fails_over(start_proxy, upstream, second_upstream,
+                                                          reply):
+    upstream.script = lambda r: reply
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, type="anthropic", name="first"),
+                                       anthropic_provider(second_upstream, type="anthropic", name="second")]})
+    raw = sdk(proxy).messages.with_raw_response.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-ccproxy-provider"] == "second"
+    assert raw.parse().content[0].text == "Hello from upstream"
+
+
+def test_a_cut_close_delimited_answer_is_a_502_not_a_200(start_proxy):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+
+    def serve():
+        connection, _ = listener.accept()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += connection.recv(65536)
+        head, _, body = request.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+        while len(body) < length:
+            body += connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                           b"connection: close\r\n\r\n" + json.dumps(anthropic_message()).encode()[:40])
+        connection.close()
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = start_proxy({"providers": [{"name": "a", "type": "anthropic",
+                                        "api_base_url": "http://127.0.0.1:%d" % listener.getsockname()[1]}]})
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        ask(proxy)
+    listener.close()
+    assert caught.value.status_code == 502
+    assert "not an Anthropic message" in caught.value.body["error"]["message"]
+
+
+def test_an_endless_event_ends_with_an_error_event_and_bounded_memory(start_proxy, upstream):
+    piece = b"x" * (1024 * 1024)
+    pieces = [b"event: content_block_delta\ndata: "] + [piece] * 20
+    upstream.script = lambda r: Reply(200, pieces=pieces, content_type="text/event-stream")
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    sock, received = open_stream(proxy.port, until=b"\r\n\r\n")
+    received = read_to_end(sock, received)
+    sock.close()
+    assert b"event: error" in received and b"longer than 16777216 bytes" in received
+    upstream.script = lambda r: json_reply(anthropic_message())
+    assert ask(proxy).content[0].text == "Hello from upstream"
+
+
+def test_held_bytes_join_once_however_many_pieces():
+    relay = ccproxy.AnthropicStreamRelay("p")
+    for _ in range(1000):
+        assert relay.feed(b"y" * 100) == b""
+    out = relay.feed(b"\n\nevent: message_stop\ndata: {}\n\n")
+    assert out.startswith(b"y" * 100000 + b"\n\n") and out.endswith(b"message_stop\ndata: {}\n\n")
+    assert relay.finish() == b""
+
+
+def test_log_files_and_the_home_directory_are_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = tmp_path / ".ccproxy"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)                                # as an older version left it
+    config = ccproxy.build_config({"log_file": str(home / "ccproxy.log")}, None, {})
+    previous = list(ccproxy.log.handlers)
+    try:
+        ccproxy.configure_logging(config, True, lambda: config.masker)
+        ccproxy.log.warning("hello")
+    finally:
+        for handler in ccproxy.log.handlers:
+            handler.close()
+        ccproxy.log.handlers[:] = previous
+    assert stat.S_IMODE((home / "ccproxy.log").stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def test_a_world_readable_config_with_literal_keys_is_warned_about(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"apikey": "${PROXY_KEY}", "providers": [
+        {"name": "openai", "api_key": "sk-literal-0123456789"},
+        {"name": "groq", "api_key": "${GROQ}", "headers": {"X-Team": "t"}}]}))
+    os.chmod(path, 0o644)
+    environ = {"PROXY_KEY": "p", "GROQ": "g"}
+    warnings = ccproxy.load_config(str(path), environ).warnings
+    assert any("readable by other users (mode 0644) and holds a key at providers[0].api_key, "
+               "providers[1].headers.X-Team; run chmod 600" in w for w in warnings)
+    assert not any("sk-literal" in w for w in warnings)
+    os.chmod(path, 0o600)
+    assert not any("readable" in w for w in ccproxy.load_config(str(path), environ).warnings)
+
+
+def test_a_body_that_trickles_in_is_cut_by_the_body_timeout(start_proxy):
+    proxy = start_proxy({"performance": {"header_timeout": 1, "body_timeout": 1.5}})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        started, answer = time.monotonic(), b""
+        while not answer and time.monotonic() - started < 8:
+            try:
+                sock.sendall(b"1\r\nx\r\n")              # one byte every 0.4 s: never a pause > 1 s
+            except OSError:
+                break
+            sock.settimeout(0.4)
+            try:
+                answer = sock.recv(65536)
+            except socket.timeout:
+                pass
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"performance.body_timeout" in answer
+
+
+def test_a_deeply_nested_upstream_error_fails_over(start_proxy, upstream, second_upstream):
+    upstream.script = lambda r: Reply(500, b"[" * 100000 + b"]" * 100000)
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, type="anthropic", name="first"),
+                                       anthropic_provider(second_upstream, type="anthropic", name="second")]})
+    assert ask(proxy).content[0].text == "Hello from upstream"
+    assert len(second_upstream.requests) == 1
