@@ -1429,6 +1429,7 @@ class ClientConnection:
                 body_read = True
                 response = await endpoint(app, request, self)
             except ProxyError as error:
+                error.message = app.config.masker.text(error.message)   # any secret, any form
                 response = error_response(error, request_id)
             except (ClientDisconnected, ConnectionError):
                 raise
@@ -1443,12 +1444,7 @@ class ClientConnection:
             app.requests_active -= 1
             self._reader.on_end = None
             self.busy = False
-        app.count_response(response.status)
-        if request is not None and request.log is not None:
-            if app.config.metrics_enabled and "provider" in request.log:
-                app.metrics.observe(request.log, response.status)
-            if app.config.log:
-                log.info("%s", format_request_log(request, response.status))
+        app.count_response(request, response.status)
         return keep_open
 
     async def _read_body(self, request: Request) -> None:
@@ -1861,7 +1857,9 @@ class ProxyApp:
 
     def provider_view(self, provider: Provider) -> dict:
         """A provider as /status and /providers show it: masked, with its circuit state."""
-        return dict(provider.public_view(), circuit=self.breaker_for(provider.name).public_view())
+        circuit = self.breaker_for(provider.name).public_view()
+        circuit["last_error"] = self.config.masker.text(circuit["last_error"])
+        return dict(provider.public_view(), circuit=circuit)
 
     def note_failover(self, failed: str, following: str, status: int) -> None:
         self.failovers += 1
@@ -1870,9 +1868,15 @@ class ProxyApp:
     def next_request_id(self) -> str:
         return "req_%s%08x" % (self._request_id_prefix, next(self._request_ids))
 
-    def count_response(self, status: int) -> None:
+    def count_response(self, request: Request | None, status: int) -> None:
+        """Count an answered request, in the metrics and the request log when they are on."""
         self.requests_total += 1
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
+        if request is not None and request.log is not None:
+            if self.config.metrics_enabled and "provider" in request.log:
+                self.metrics.observe(request.log, status)
+            if self.config.log:
+                log.info("%s", format_request_log(request, status))
 
     def inbox_for(self, loop) -> LoopInbox:
         """The inbox through which worker threads reach this app's event loop."""
@@ -5050,7 +5054,7 @@ def configure_logging(config: Config, detached: bool, current_masker) -> None:
 
 def ccproxy_home() -> str:
     """~/.ccproxy: the pidfile, session leases and (by default) the log live here."""
-    return os.path.join(os.path.expanduser("~"), ".ccproxy")
+    return os.path.join(os.path.abspath(os.path.expanduser("~")), ".ccproxy")
 
 
 def pidfile_path() -> str:
