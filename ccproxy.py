@@ -151,21 +151,47 @@ RELAYED_RESPONSE_HEADER_PREFIX = "anthropic-ratelimit-"
 ###############################################################################
 
 class ProxyError(Exception):
-    """An error a client sees: HTTP status, Anthropic error type, message and extra headers."""
+    """An error a client sees, and its answer: status, Anthropic error type, message, extra
+    headers. Each status ccproxy answers with has a class below (error_for_status() picks one
+    for a status that comes from a provider); an error answers for itself, as a response
+    before a stream has begun and as an SSE `error` event after."""
 
     status = 500
 
-    def __init__(self, message: str, status: int | None = None, headers=()):
+    def __init__(self, message: str, headers=()):
         super().__init__(message)
         self.message = message
-        if status is not None:
-            self.status = status
         self.headers = list(headers)
 
     @property
     def error_type(self) -> str:
         return ERROR_TYPE_BY_STATUS.get(self.status, "api_error" if self.status >= 500
                                         else "invalid_request_error")
+
+    def body(self, request_id: str = "") -> bytes:
+        """The Anthropic error JSON: {"type":"error","error":{"type":…,"message":…}}."""
+        payload = {"type": "error", "error": {"type": self.error_type, "message": self.message}}
+        if request_id:
+            payload["request_id"] = request_id
+        return json.dumps(payload, ensure_ascii=False).encode()
+
+    def response(self, request_id: str) -> Response:
+        """The error as a whole answer."""
+        return Response(self.status, self.body(request_id), self.headers)
+
+    def event(self) -> bytes:
+        """The error as an SSE `error` event, for a stream that has already begun."""
+        return b"event: error\ndata: " + self.body() + b"\n\n"
+
+    def retry_after(self) -> float | None:
+        """Seconds from the error's retry-after header, if it has one."""
+        for name, value in self.headers:
+            if name == "retry-after":
+                try:
+                    return max(float(value), 0.0)
+                except ValueError:
+                    return None
+        return None
 
 
 class InvalidRequestError(ProxyError):
@@ -174,18 +200,38 @@ class InvalidRequestError(ProxyError):
 
 
 class AuthenticationError(ProxyError):
-    """The proxy key is missing or wrong (401)."""
+    """The proxy key is missing or wrong, or a provider refused its key (401)."""
     status = 401
 
 
+class BillingError(ProxyError):
+    """A provider wants payment (402)."""
+    status = 402
+
+
 class PermissionDeniedError(ProxyError):
-    """The client address may not use the proxy (403)."""
+    """The client may not do this (403)."""
     status = 403
 
 
 class NotFoundError(ProxyError):
-    """No such endpoint or provider (404)."""
+    """No such endpoint, provider or model (404)."""
     status = 404
+
+
+class MethodNotAllowedError(ProxyError):
+    """The path exists, the method does not; the `allow` header lists those that do (405)."""
+    status = 405
+
+
+class RequestTimeoutError(ProxyError):
+    """The client was too slow to send its request (408)."""
+    status = 408
+
+
+class ConflictError(ProxyError):
+    """A change that clashes with the configuration as it is (409)."""
+    status = 409
 
 
 class RequestTooLargeError(ProxyError):
@@ -193,8 +239,26 @@ class RequestTooLargeError(ProxyError):
     status = 413
 
 
+class RateLimitError(ProxyError):
+    """Too many requests, from this client or at the provider (429, with retry-after)."""
+    status = 429
+
+
+class HeaderTooLargeError(ProxyError):
+    """The request head is over the size limit (431)."""
+    status = 431
+
+
+class InternalError(ProxyError):
+    """Something failed inside ccproxy or at the provider (500)."""
+    status = 500
+
+    def __init__(self, message: str = "internal error in ccproxy; see its log", headers=()):
+        super().__init__(message, headers)
+
+
 class UpstreamError(ProxyError):
-    """The provider could not be reached or broke the connection."""
+    """The provider could not be reached, broke the connection or answered nonsense (502)."""
     status = 502
 
 
@@ -203,25 +267,48 @@ class UpstreamTimeoutError(ProxyError):
     status = 504
 
 
+class OverloadedError(ProxyError):
+    """A provider is overloaded or skipped for now, or ccproxy is shutting down (529)."""
+    status = 529
+
+
+class RelayedError(ProxyError):
+    """A provider's own Anthropic-shaped error, answered with its status and body unchanged."""
+
+    def __init__(self, status: int, body: bytes, headers=()):
+        try:
+            inner = json.loads(body).get("error") or {}
+        except (ValueError, AttributeError, RecursionError):
+            inner = {}
+        message = inner.get("message") if isinstance(inner, dict) else None
+        super().__init__(message if isinstance(message, str) else "HTTP %d" % status, headers)
+        self.status = status
+        self._body = body
+
+    def body(self, request_id: str = "") -> bytes:
+        return self._body
+
+
+ERROR_CLASS_BY_STATUS = {error.status: error for error in (
+    InvalidRequestError, AuthenticationError, BillingError, PermissionDeniedError, NotFoundError,
+    MethodNotAllowedError, RequestTimeoutError, ConflictError, RequestTooLargeError,
+    RateLimitError, HeaderTooLargeError, InternalError, UpstreamError, UpstreamTimeoutError,
+    OverloadedError)}
+
+
+def error_for_status(status: int, message: str, headers=()) -> ProxyError:
+    """The error of a status that came from elsewhere: its class, else 500 or 400 by range."""
+    error_class = ERROR_CLASS_BY_STATUS.get(status) or (
+        InternalError if status >= 500 else InvalidRequestError)
+    return error_class(message, headers)
+
+
 class ClientDisconnected(Exception):
     """The client went away; nothing more can be written to it."""
 
 
 class ConfigError(Exception):
     """A mistake in the operator's configuration; the message names the file and the key."""
-
-
-def error_body(error_type: str, message: str, request_id: str = "") -> bytes:
-    """The Anthropic error JSON: {"type":"error","error":{"type":…,"message":…}}."""
-    payload = {"type": "error", "error": {"type": error_type, "message": message}}
-    if request_id:
-        payload["request_id"] = request_id
-    return json.dumps(payload, ensure_ascii=False).encode()
-
-
-def sse_error_event(error_type: str, message: str) -> bytes:
-    """The same error as an SSE `error` event, for streams that have already started."""
-    return b"event: error\ndata: " + error_body(error_type, message) + b"\n\n"
 
 
 def mask_secret(secret: str) -> str:
@@ -298,7 +385,7 @@ def error_from_upstream(provider, status: int, body: bytes, headers=()) -> Proxy
         client_status = 500 if status >= 500 else 400
     message = "%s: HTTP %d: %s" % (provider.name, status, upstream_error_message(body))
     kept = [(k, v) for k, v in headers if k == "retry-after"]
-    return ProxyError(provider.masker.text(message), client_status, kept)
+    return error_for_status(client_status, provider.masker.text(message), kept)
 
 
 ###############################################################################
@@ -1149,12 +1236,6 @@ def json_response(payload, status: int = 200, headers=()) -> Response:
     return Response(status, json.dumps(payload, ensure_ascii=False).encode(), headers)
 
 
-def error_response(error: ProxyError, request_id: str) -> Response:
-    """The Anthropic-shaped response of a ProxyError."""
-    body = error_body(error.error_type, error.message, request_id)
-    return Response(error.status, body, error.headers)
-
-
 def parse_request_head(data: bytes) -> Request:
     """Parse a request head (request line and header lines, CRLF-separated) into a Request.
 
@@ -1383,7 +1464,7 @@ class ClientConnection:
         self._timer = None
         if error is not None:
             request_id = self._app.next_request_id()
-            self._writer.write(self._response_bytes(None, error_response(error, request_id),
+            self._writer.write(self._response_bytes(None, error.response(request_id),
                                                     request_id, False))
         self._writer.close()          # the pending read then ends and run() returns
 
@@ -1395,13 +1476,13 @@ class ClientConnection:
             first = await self._reader.read(1)
             if not first:
                 return None
-            self._arm(header_timeout, ProxyError("request head not received within %g s"
-                                                 % header_timeout, 408))
+            self._arm(header_timeout, RequestTimeoutError("request head not received within %g s"
+                                                          % header_timeout))
             return first + await self._reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             self._disarm()
-            await self._send_error(ProxyError("request header block is larger than %d bytes"
-                                              % MAX_HEADER_BYTES, 431))
+            await self._send_error(HeaderTooLargeError("request header block is larger than %d "
+                                                       "bytes" % MAX_HEADER_BYTES))
             return None
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
@@ -1430,13 +1511,12 @@ class ClientConnection:
                 response = await endpoint(app, request, self)
             except ProxyError as error:
                 error.message = app.config.masker.text(error.message)   # any secret, any form
-                response = error_response(error, request_id)
+                response = error.response(request_id)
             except (ClientDisconnected, ConnectionError):
                 raise
             except Exception:
                 log.exception("%s: internal error", request_id)
-                response = error_response(ProxyError("internal error in ccproxy; see its log"),
-                                          request_id)
+                response = InternalError().response(request_id)
             body_read = body_read or (request is not None and carries_no_body(request))
             keep_open = body_read and request.keep_alive and not app.draining
             await self._write_response(request, response, request_id, keep_open)
@@ -1502,12 +1582,12 @@ class ClientConnection:
         config = self._app.config
         left = self._body_deadline - time.monotonic()
         if left < config.header_timeout:
-            error = ProxyError("request body not received within %g s (performance.body_timeout)"
-                               % config.body_timeout, 408)
+            error = RequestTimeoutError("request body not received within %g s "
+                                        "(performance.body_timeout)" % config.body_timeout)
         else:
             left = config.header_timeout
-            error = ProxyError("request body paused for more than %g s "
-                               "(performance.header_timeout)" % left, 408)
+            error = RequestTimeoutError("request body paused for more than %g s "
+                                        "(performance.header_timeout)" % left)
         self._arm(max(left, 0.0), error)
         try:
             return await awaitable
@@ -1518,8 +1598,7 @@ class ClientConnection:
 
     async def _send_error(self, error: ProxyError) -> None:
         request_id = self._app.next_request_id()
-        response = error_response(error, request_id)
-        await self._write_response(None, response, request_id, keep_open=False)
+        await self._write_response(None, error.response(request_id), request_id, keep_open=False)
 
     @staticmethod
     def _response_bytes(request, response: Response, request_id: str, keep_open: bool) -> bytes:
@@ -1552,8 +1631,7 @@ class ClientConnection:
                 head = self._response_bytes(request, response, request_id, keep_open)
             except Exception:
                 log.exception("%s: the answer could not be written", request_id)
-                response = error_response(ProxyError("internal error in ccproxy; see its log"),
-                                          request_id)
+                response = InternalError().response(request_id)
                 head = self._response_bytes(request, response, request_id, keep_open)
             self._writer.write(head)
             if response.stream is None:
@@ -1579,7 +1657,7 @@ class ClientConnection:
                 raise
             except Exception:
                 log.exception("stream relay failed")
-                piece = sse_error_event("api_error", "internal error in ccproxy; see its log")
+                piece = InternalError().event()
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
             if chunked:
                 writer.write(b"0\r\n\r\n")
@@ -1810,9 +1888,9 @@ class ProxyApp:
             self.rate_buckets.move_to_end(client)
         wait = bucket.take()
         if wait:
-            raise ProxyError("rate limit of %d requests per minute exceeded; retry in %d s"
-                             % (self.config.rate_limit[0], math.ceil(wait)), 429,
-                             [("retry-after", str(math.ceil(wait)))])
+            raise RateLimitError("rate limit of %d requests per minute exceeded; retry in %d s"
+                                 % (self.config.rate_limit[0], math.ceil(wait)),
+                                 [("retry-after", str(math.ceil(wait)))])
 
     def breaker_for(self, provider_name: str) -> CircuitBreaker:
         breaker = self.breakers.get(provider_name)
@@ -1830,8 +1908,8 @@ class ProxyApp:
             config = config_from_file_content(content, path, self.config.environ,
                                               self.config.flags)
         except ConfigError as exc:
-            raise ProxyError("the change would make the configuration invalid: %s" % exc,
-                             409) from None
+            raise ConflictError("the change would make the configuration invalid: %s"
+                                % exc) from None
         write_private_file(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         self.swap_config(config)
         return config
@@ -2181,8 +2259,8 @@ async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, 
     for position, routing in enumerate(plan):
         breaker = app.breaker_for(routing.provider.name)
         if not breaker.allows_request():
-            outcome = outcome or ProxyError("%s: circuit open after repeated failures (%s)" % (
-                routing.provider.name, breaker.last_error), 529)
+            outcome = outcome or OverloadedError("%s: circuit open after repeated failures (%s)"
+                                                 % (routing.provider.name, breaker.last_error))
             continue
         tried = routing
         for attempt in range(config.max_retries + 1):
@@ -2341,8 +2419,8 @@ async def handle_provider_create(app: ProxyApp, request: Request, conn) -> Respo
     """POST /providers: add a provider, live and in the config file."""
     entry = provider_entry_from(app, request)
     if app.config.provider_named(entry["name"]) is not None:
-        raise ProxyError("provider %r already exists; change it with PUT /providers/%s"
-                         % (entry["name"], entry["name"]), 409)
+        raise ConflictError("provider %r already exists; change it with PUT /providers/%s"
+                            % (entry["name"], entry["name"]))
     config = app.change_config_file(lambda content: file_providers(content).append(entry))
     return json_response(app.provider_view(config.provider_named(entry["name"])), 201)
 
@@ -2416,8 +2494,9 @@ def find_endpoint(request: Request):
     handler = methods.get("GET" if request.method == "HEAD" else request.method)
     if handler is None:
         allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))
-        raise ProxyError("method %s is not allowed on %s" % (request.method, request.path), 405,
-                         [("allow", allowed)])
+        raise MethodNotAllowedError("method %s is not allowed on %s" % (request.method,
+                                                                       request.path),
+                                    [("allow", allowed)])
     return handler
 
 
@@ -3012,7 +3091,7 @@ class AnthropicStreamRelay:
             return b""
         if error is None:
             error = UpstreamError("%s: the stream ended before message_stop" % self._provider_name)
-        return sse_error_event(error.error_type, error.message)
+        return error.event()
 
 
 USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens)"\s*:\s*(\d+)')
@@ -3025,18 +3104,17 @@ def note_anthropic_usage(data: bytes, record: dict) -> None:
         usage[name.decode()] = int(value)
 
 
-def anthropic_error_response(call, status: int, body: bytes) -> Response:
+def anthropic_error(call) -> ProxyError:
     """An upstream error: an Anthropic-shaped body passes unchanged with its status; any other
     body (an HTML gateway page, a bare message) is mapped to one."""
     try:
-        shaped = json.loads(body).get("type") == "error"
+        shaped = json.loads(call.body).get("type") == "error"
     except (ValueError, AttributeError, RecursionError):
         shaped = False
     headers = call.relayed_headers()
     if shaped:
-        return Response(status, call.provider.masker.data(body), headers)
-    error = error_from_upstream(call.provider, status, body, headers)
-    return Response(error.status, error_body(error.error_type, error.message), error.headers)
+        return RelayedError(call.status, call.provider.masker.data(call.body), headers)
+    return error_from_upstream(call.provider, call.status, call.body, headers)
 
 
 async def relay_anthropic(call, conn, request: Request, body: dict) -> Response:
@@ -3045,7 +3123,7 @@ async def relay_anthropic(call, conn, request: Request, body: dict) -> Response:
     conn.cancel_on_disconnect(call.cancel)
     status = await call.send(body.get("stream") is True)
     if status >= 400:
-        return anthropic_error_response(call, status, call.body)
+        raise anthropic_error(call)
     if not 200 <= status < 300:
         raise UpstreamError("%s: answered HTTP %d%s; check its api_base_url" % (
             call.provider.name, status, " (a redirect to %s)" % call.header("location")
@@ -3622,7 +3700,7 @@ def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
     if isinstance(code, int) and 400 <= code < 600:
         status = CLIENT_STATUS_BY_UPSTREAM_STATUS.get(code, 500 if code >= 500 else 400)
     message = "%s: %s" % (provider.name, error.get("message") or json.dumps(error))
-    return ProxyError(provider.masker.text(message), status)
+    return error_for_status(status, provider.masker.text(message))
 
 
 def anthropic_message_from_openai(data: dict, context) -> dict:
@@ -3860,7 +3938,7 @@ class OpenAIStreamTranslator:
             error = UpstreamError("%s: the stream ended before completion"
                                   % self._context.provider.name)
         if error is not None:
-            return sse_error_event(error.error_type, error.message)
+            return error.event()
         self._emit.close()
         for key in list(self._calls):
             if not self._calls[key]["sent"]:
@@ -4378,8 +4456,8 @@ def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
     if "API_KEY_INVALID" in json.dumps(error) or "API key not valid" in message:
         status = 401
     headers = [("retry-after", delay) for delay in gemini_retry_delays(error)][:1]
-    return ProxyError(provider.masker.text("%s: %s" % (provider.name, message)),
-                      status, headers)
+    return error_for_status(status, provider.masker.text("%s: %s" % (provider.name, message)),
+                            headers)
 
 
 def gemini_retry_delays(error: dict) -> list:
@@ -4460,7 +4538,7 @@ class GeminiStreamTranslator:
             error = UpstreamError("%s: the stream ended before completion"
                                   % self._context.provider.name)
         if error is not None:
-            return sse_error_event(error.error_type, error.message)
+            return error.event()
         notice = gemini_notice(self._finish_reason, self._block_reason)
         if notice:
             self._emit.text(notice)
@@ -4914,7 +4992,7 @@ class UpstreamCall:
 
     def _failure(self, exc: BaseException) -> Exception:
         if self._cancelled:
-            return ProxyError(self._cancel_reason, 529) if self._cancel_reason \
+            return OverloadedError(self._cancel_reason) if self._cancel_reason \
                 else ClientDisconnected()
         return upstream_failure(self.provider, self._url, exc, self._app.config.request_timeout,
                                 self._response is not None)
