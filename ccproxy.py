@@ -1855,11 +1855,7 @@ class ProxyApp:
         self.requests_total = 0
         self.requests_active = 0
         self.status_counts = {}
-        self.upstream_pool = concurrent.futures.ThreadPoolExecutor(
-            config.worker_threads, thread_name_prefix="ccproxy-upstream")
-        self.opener = build_upstream_opener()
-        self.pool = ConnectionPool()
-        self.upstream_calls = set()
+        self.upstream = Upstream(config.worker_threads)
         self.draining = False         # shutting down: answer in-flight requests, take no more
         self.config_mtime = file_mtime(config.source)
         self.active_streams = 0
@@ -1867,8 +1863,6 @@ class ProxyApp:
         self.breakers = {}            # provider name -> CircuitBreaker
         self.rate_buckets = collections.OrderedDict()   # client address -> TokenBucket
         self.failovers = 0
-        self._threads_busy = 0
-        self._threads_lock = threading.Lock()
         self._inbox = None
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
@@ -1956,34 +1950,9 @@ class ProxyApp:
             if self.config.log:
                 log.info("%s", format_request_log(request, status))
 
-    def inbox_for(self, loop) -> LoopInbox:
-        """The inbox through which worker threads reach this app's event loop."""
-        if self._inbox is None:
-            self._inbox = LoopInbox(loop)
-        return self._inbox
-
-    def run_in_worker(self, function, *args):
-        """Run a blocking upstream step on the worker pool, counted while it runs."""
-        def counted():
-            with self._threads_lock:
-                self._threads_busy += 1
-            try:
-                return function(*args)
-            finally:
-                with self._threads_lock:
-                    self._threads_busy -= 1
-        return asyncio.get_running_loop().run_in_executor(self.upstream_pool, counted)
-
-    @property
-    def threads_busy(self) -> int:
-        return self._threads_busy
-
     def close(self, reason: str) -> None:
-        """End every upstream call (its client gets an error saying why) and the pool."""
-        for call in list(self.upstream_calls):
-            call.cancel(reason)
-        self.upstream_pool.shutdown(wait=False)
-        self.pool.close_all()
+        """End every upstream call (its client gets an error saying why)."""
+        self.upstream.close(reason)
 
 
 def refuse_json_constant(name: str):
@@ -2205,7 +2174,8 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
         "active_streams": app.active_streams,
         "requests": {"total": app.requests_total, "active": app.requests_active,
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
-        "upstream": {"calls_open": len(app.upstream_calls), "threads_busy": app.threads_busy},
+        "upstream": {"calls_open": len(app.upstream.calls),
+                     "threads_busy": app.upstream.threads_busy},
     })
 
 
@@ -2244,8 +2214,8 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     if request.log is not None:
         request.log.update(route=route, provider=provider.name, model=model)
     protocol = PROTOCOLS[provider.protocol]
-    url, headers, payload = protocol.messages_request(provider, model, request, body)
-    call = UpstreamCall(app, provider, url, headers, payload)
+    outgoing = UpstreamRequest(*protocol.messages_request(provider, model, request, body))
+    call = app.upstream.call(provider, outgoing, app.config.request_timeout)
     return await protocol.relay(call, conn, request, body)
 
 
@@ -2324,8 +2294,9 @@ async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response
     counter = COUNT_TOKENS_REQUESTS.get(routed.provider.protocol) if routed else None
     if counter is not None and routed.provider.count_tokens:
         provider, model, _ = routed
-        url, headers, payload = counter(provider, model, request, body)
-        answer = await fetch_upstream_json(UpstreamCall(app, provider, url, headers, payload), conn)
+        outgoing = UpstreamRequest(*counter(provider, model, request, body))
+        call = app.upstream.call(provider, outgoing, app.config.request_timeout)
+        answer = await fetch_upstream_json(call, conn)
         count = input_tokens_of(answer)
         if count is not None:
             return json_response({"input_tokens": count})
@@ -4746,7 +4717,7 @@ def open_pooled(handler, req, connection_class, **connection_options):
     headers.update((k, v) for k, v in req.headers.items() if k not in headers)
     headers = {name.title(): value for name, value in headers.items()}
     for reuse in (True, False):
-        connection = call.pool.take(key) if reuse else None
+        connection = call.connections.take(key) if reuse else None
         if connection is None:
             reuse = False
             connection = connection_class(req.host, timeout=req.timeout, **connection_options)
@@ -4865,6 +4836,59 @@ class SilenceWatch:
         self._timer.cancel()
 
 
+UpstreamRequest = collections.namedtuple("UpstreamRequest", "url headers body")
+
+
+class Upstream:
+    """Everything that reaches the providers, for one server: the worker threads that run
+    urllib's blocking calls, the inbox through which they reach the event loop, the opener,
+    idle keep-alive connections, and the calls in flight (cut when the server stops)."""
+
+    def __init__(self, worker_threads: int):
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            worker_threads, thread_name_prefix="ccproxy-upstream")
+        self.opener = build_upstream_opener()
+        self.connections = ConnectionPool()
+        self.calls = set()            # UpstreamCalls whose answer is not yet released
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._inbox = None
+
+    def call(self, provider: Provider, outgoing: UpstreamRequest, timeout: float):
+        """A call of outgoing to provider, not yet sent; silent for `timeout` s, it fails."""
+        return UpstreamCall(self, provider, outgoing, timeout)
+
+    def run(self, function, *args):
+        """Run a blocking step on a worker thread, counted while it runs; an awaitable."""
+        def counted():
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                return function(*args)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+        return asyncio.get_running_loop().run_in_executor(self._workers, counted)
+
+    def inbox(self, loop) -> LoopInbox:
+        """The inbox through which worker threads reach the event loop."""
+        if self._inbox is None:
+            self._inbox = LoopInbox(loop)
+        return self._inbox
+
+    @property
+    def threads_busy(self) -> int:
+        return self._busy
+
+    def close(self, reason: str) -> None:
+        """Cut every call in flight (its client is told `reason`), end the workers and close
+        idle connections."""
+        for call in list(self.calls):
+            call.cancel(reason)
+        self._workers.shutdown(wait=False)
+        self.connections.close_all()
+
+
 class UpstreamCall:
     """One HTTP call to a provider, run by worker threads and cancellable from the event loop.
 
@@ -4873,13 +4897,16 @@ class UpstreamCall:
     (the client went away) cuts the socket so the worker thread returns at once.
     """
 
-    def __init__(self, app: ProxyApp, provider: Provider, url: str, headers: dict, body: bytes):
+    def __init__(self, upstream: Upstream, provider: Provider, outgoing: UpstreamRequest,
+                 timeout: float):
         self.provider = provider
-        self._app = app
-        self._url = url
-        self._request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        self._upstream = upstream
+        self._url = outgoing.url
+        self._timeout = timeout
+        self._request = urllib.request.Request(outgoing.url, data=outgoing.body,
+                                               headers=outgoing.headers, method="POST")
         self._request.upstream_call = self
-        self.pool = app.pool
+        self.connections = upstream.connections
         self._socket = None
         self._response = None
         self._cancelled = False
@@ -4919,7 +4946,7 @@ class UpstreamCall:
             return
         self.cancel()
         self._release(False)
-        self._app.upstream_calls.discard(self)
+        self._upstream.calls.discard(self)
 
     def _release(self, complete: bool) -> None:
         """Close the response (from its worker thread, or from the loop when no worker reads
@@ -4933,7 +4960,7 @@ class UpstreamCall:
         key, connection = getattr(response, "pooled", (None, None))
         if connection is not None:
             if reusable:
-                self.pool.give(key, connection)
+                self.connections.give(key, connection)
             else:
                 connection.close()
 
@@ -4962,19 +4989,19 @@ class UpstreamCall:
         The body is read in the same worker job into `body`, unless stream is true and the
         answer is a successful event stream: then `body` is None and chunks() delivers it.
         """
-        self._app.upstream_calls.add(self)
+        self._upstream.calls.add(self)
         try:
-            await self._app.run_in_worker(self._send_blocking, stream)
+            await self._upstream.run(self._send_blocking, stream)
         except BaseException:
-            self._app.upstream_calls.discard(self)
+            self._upstream.calls.discard(self)
             raise
         if self.body is not None:
-            self._app.upstream_calls.discard(self)
+            self._upstream.calls.discard(self)
         return self.status
 
     def _send_blocking(self, stream: bool) -> None:
         try:
-            response = self._app.opener.open(self._request, timeout=self._app.config.request_timeout)
+            response = self._upstream.opener.open(self._request, timeout=self._timeout)
         except Exception as exc:
             raise self._failure(exc) from None
         self._response = response
@@ -4994,7 +5021,7 @@ class UpstreamCall:
         if self._cancelled:
             return OverloadedError(self._cancel_reason) if self._cancel_reason \
                 else ClientDisconnected()
-        return upstream_failure(self.provider, self._url, exc, self._app.config.request_timeout,
+        return upstream_failure(self.provider, self._url, exc, self._timeout,
                                 self._response is not None)
 
     async def chunks(self, silence_seconds: float | None = None):
@@ -5007,7 +5034,7 @@ class UpstreamCall:
         queue = asyncio.Queue()
         slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
         self._pumping = True
-        pump = self._app.run_in_worker(self._pump_blocking, self._app.inbox_for(loop), queue,
+        pump = self._upstream.run(self._pump_blocking, self._upstream.inbox(loop), queue,
                                        slots)
         watch = SilenceWatch(loop, queue, silence_seconds) if silence_seconds else None
         try:
@@ -5030,7 +5057,7 @@ class UpstreamCall:
             self.cancel()
             slots.release()
             await asyncio.shield(pump)
-            self._app.upstream_calls.discard(self)
+            self._upstream.calls.discard(self)
 
     def _pump_blocking(self, inbox, queue: asyncio.Queue, slots: threading.Semaphore) -> None:
         """Worker thread: hand each piece of the body to the loop, at most `slots` ahead."""

@@ -263,7 +263,7 @@ def test_a_model_name_in_another_script_answers_and_leaks_nothing(start_proxy, u
         assert response.startswith(b"HTTP/1.1 200 ")
         assert b"x-ccproxy-model: a%E6%A8%A1" in head_of(response)
     assert wait_until(lambda: get(proxy, "/status")["upstream"]["calls_open"] == 0)
-    assert len(proxy.server.app.upstream_calls) == 0
+    assert len(proxy.server.app.upstream.calls) == 0
 
 
 def test_cr_lf_in_a_model_name_injects_no_header(start_proxy, upstream):
@@ -300,7 +300,7 @@ def test_an_answer_that_cannot_be_written_is_a_500_and_releases_its_stream(start
                                         messages=[{"role": "user", "content": "hi"}]) as stream:
             stream.get_final_message()
     assert caught.value.body["error"]["message"] == "internal error in ccproxy; see its log"
-    assert wait_until(lambda: len(proxy.server.app.upstream_calls) == 0)
+    assert wait_until(lambda: len(proxy.server.app.upstream.calls) == 0)
     assert upstream.peer_closed.wait(5)
     monkeypatch.setattr(ccproxy, "build_response_head", real)
     upstream.script = lambda r: json_reply(anthropic_message())
