@@ -707,7 +707,7 @@ class Config:
         self.port = raw["port"]
         self.apikey = raw["apikey"]
         self.admin_key = raw["admin_key"]
-        self.log = raw["log"]
+        self.log_requests = raw["log"]
         self.log_file = os.path.abspath(os.path.expanduser(raw["log_file"]))
         self.log_bodies = raw["log_bodies"]
         self.providers = providers
@@ -1172,7 +1172,7 @@ class Request:
     """One parsed HTTP request; the body is filled in after the head has been admitted."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body",
-                 "body_text", "body_spans", "log", "rewritten")
+                 "body_text", "body_spans", "record", "rewritten")
 
     def __init__(self, method: str, target: str, version: str, headers: Headers):
         self.method = method
@@ -1184,7 +1184,7 @@ class Request:
         self.body = b""
         self.body_text = ""
         self.body_spans = {}
-        self.log = None               # the request log record, when request logging is on
+        self.record = None            # what happened to it, when requests are logged or counted
         self.rewritten = set()        # top-level body keys ccproxy changed before forwarding
 
     @property
@@ -1217,7 +1217,7 @@ class Response:
 
 def format_request_log(request: Request, status: int) -> str:
     """One request log line: no message content, only what happened to the request."""
-    record = request.log
+    record = request.record
     now = time.monotonic()
     usage = record.get("usage") or {}
     first = record.get("first_byte")
@@ -1501,8 +1501,8 @@ class ClientConnection:
         try:
             try:
                 request = parse_request_head(head)
-                if app.config.log or app.config.metrics_enabled:
-                    request.log = {"id": request_id, "started": started}
+                if app.config.log_requests or app.config.metrics_enabled:
+                    request.record = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
                 check_access(app.config, self._peer, request, endpoint in MANAGEMENT_HANDLERS)
                 app.check_rate(self._peer, request)
@@ -1637,7 +1637,7 @@ class ClientConnection:
             if response.stream is None:
                 await self._writer.drain()
             else:
-                await self._write_stream(stream, request.version == "HTTP/1.1", request.log)
+                await self._write_stream(stream, request.version == "HTTP/1.1", request.record)
         finally:
             if stream is not None:
                 await stream.aclose()
@@ -1944,10 +1944,10 @@ class ProxyApp:
         """Count an answered request, in the metrics and the request log when they are on."""
         self.requests_total += 1
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
-        if request is not None and request.log is not None:
-            if self.config.metrics_enabled and "provider" in request.log:
-                self.metrics.observe(request.log, status)
-            if self.config.log:
+        if request is not None and request.record is not None:
+            if self.config.metrics_enabled and "provider" in request.record:
+                self.metrics.observe(request.record, status)
+            if self.config.log_requests:
                 log.info("%s", format_request_log(request, status))
 
     def close(self, reason: str) -> None:
@@ -2201,22 +2201,22 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     if subagent_choice:
         request.rewritten.add("system")
     plan = plan_route(app.config, body, request.headers, subagent_choice)
-    if request.log is not None:
-        request.log["stream"] = body.get("stream") is True
+    if request.record is not None:
+        request.record["stream"] = body.get("stream") is True
         if app.config.log_bodies:
-            log.info("%s body: %s", request.log["id"], request.body_text)
+            log.info("%s body: %s", request.record["id"], request.body_text)
     return await send_with_failover(app, request, conn, body, plan)
 
 
 async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
-    """One attempt: translate for the candidate's protocol, call it, relay its answer."""
+    """One attempt: the candidate's protocol builds the call, relay_call() answers with it."""
     provider, model, route = routing
-    if request.log is not None:
-        request.log.update(route=route, provider=provider.name, model=model)
+    if request.record is not None:
+        request.record.update(route=route, provider=provider.name, model=model)
     protocol = PROTOCOLS[provider.protocol]
-    outgoing = UpstreamRequest(*protocol.messages_request(provider, model, request, body))
-    call = app.upstream.call(provider, outgoing, app.config.request_timeout)
-    return await protocol.relay(call, conn, request, body)
+    call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
+                             app.config.request_timeout)
+    return await relay_call(protocol, call, conn, request, body)
 
 
 async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, plan: list):
@@ -2291,44 +2291,33 @@ async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response
     body = parse_json_body(request)
     check_messages_request(body, for_count=True)
     routed = route_request(app.config, body, required=False)
-    counter = COUNT_TOKENS_REQUESTS.get(routed.provider.protocol) if routed else None
-    if counter is not None and routed.provider.count_tokens:
-        provider, model, _ = routed
-        outgoing = UpstreamRequest(*counter(provider, model, request, body))
-        call = app.upstream.call(provider, outgoing, app.config.request_timeout)
-        answer = await fetch_upstream_json(call, conn)
-        count = input_tokens_of(answer)
-        if count is not None:
-            return json_response({"input_tokens": count})
-    return json_response({"input_tokens": estimate_request_tokens(body)})
+    count = None
+    if routed is not None and routed.provider.count_tokens:
+        count = await count_at_provider(app, routed, request, body, conn)
+    return json_response({"input_tokens": estimate_request_tokens(body) if count is None
+                          else count})
 
 
-def input_tokens_of(answer: bytes | None) -> int | None:
-    """The count in an Anthropic ({"input_tokens"}) or Gemini ({"totalTokens"}) answer."""
-    try:
-        data = json.loads(answer) if answer else None
-    except (ValueError, RecursionError):
+async def count_at_provider(app: ProxyApp, routing: Routing, request: Request, body: dict,
+                            conn) -> int | None:
+    """The provider's own count of a request's input tokens, or None (logged) when it has no
+    way to count or the call failed in any way."""
+    provider, model, _ = routing
+    protocol = PROTOCOLS[provider.protocol]
+    outgoing = protocol.count_tokens_request(provider, model, request, body)
+    if outgoing is None:
         return None
-    if not isinstance(data, dict):
-        return None
-    count = data.get("input_tokens", data.get("totalTokens"))
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
-
-
-async def fetch_upstream_json(call, conn) -> bytes | None:
-    """The body of a 200 answer, or None (logged) when the call failed in any way."""
-    conn.cancel_on_disconnect(call.cancel)
+    call = app.upstream.call(provider, outgoing, app.config.request_timeout)
     try:
-        status = await call.send()
+        status = await call_provider(call, conn)
     except ProxyError as error:
-        log.warning("%s: count_tokens upstream failed, estimating instead: %s",
-                    call.provider.name, error.message)
+        log.warning("%s: count_tokens failed, estimating instead: %s", provider.name,
+                    error.message)
         return None
     if status != 200:
-        log.warning("%s: count_tokens upstream answered HTTP %d, estimating instead",
-                    call.provider.name, status)
+        log.warning("%s: count_tokens answered HTTP %d, estimating instead", provider.name, status)
         return None
-    return call.body
+    return protocol.input_tokens(call.body)
 
 
 def provider_name_of(request: Request) -> str:
@@ -2849,6 +2838,60 @@ def dict_of(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+class Protocol:
+    """One provider protocol as the endpoints use it: a subclass per protocol (9.2 on), one
+    object of each in PROTOCOLS (9.5), which config validation and dispatch both read.
+
+    Every method takes data and returns data; relay_call() does the I/O around them. The
+    defaults fit a translating protocol, which turns a whole answer into a message and a
+    stream into events with a stream translator (feed_event, finish, complete).
+    """
+
+    name = ""
+
+    def upstream_tool_name(self, name: str) -> str:
+        """The name a client's tool has at this provider."""
+        return name
+
+    def messages_request(self, provider: Provider, model: str, request: Request,
+                         body: dict) -> UpstreamRequest:
+        """The provider call for a Messages request."""
+        raise NotImplementedError
+
+    def count_tokens_request(self, provider: Provider, model: str, request: Request,
+                             body: dict) -> UpstreamRequest | None:
+        """The provider call that counts a request's input tokens; None when it has none."""
+        return None
+
+    def input_tokens(self, answer: bytes) -> int | None:
+        """The count in the provider's answer to count_tokens_request(), if it holds one."""
+        return None
+
+    def message(self, answer, context: TranslationContext) -> dict:
+        """The client's message for the provider's whole answer (parsed JSON)."""
+        raise NotImplementedError
+
+    def stream_translator(self, context: TranslationContext):
+        """A translator of the provider's stream events into the client's events."""
+        raise NotImplementedError
+
+    def answer(self, call, context: TranslationContext, stream: bool) -> Response:
+        """The client's answer for a whole 2xx answer."""
+        return message_response(self.message(parse_upstream_json(call), context), context,
+                                stream)
+
+    def stream_relay(self, context: TranslationContext):
+        """The relay of the provider's event stream (feed, finish, complete, broken)."""
+        return TranslatedStreamRelay(self.stream_translator(context), context.provider)
+
+    def error(self, call) -> ProxyError:
+        """The client's error for the provider's error status."""
+        return error_from_upstream(call.provider, call.status, call.body, call.relayed_headers())
+
+    def __repr__(self):
+        return "<%s protocol>" % self.name
+
+
 # --- SSE codec ---------------------------------------------------------------
 
 SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
@@ -3008,19 +3051,39 @@ def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
     return "".join(pieces).encode()
 
 
-def anthropic_messages_request(provider: Provider, model: str, request: Request, body: dict):
-    """(url, headers, body) of a Messages call to an Anthropic-protocol provider."""
-    url = anthropic_endpoint_url(provider.base_url, "messages")
-    if request.query:
-        url += "?" + request.query
-    return (url, anthropic_request_headers(provider, request),
-            anthropic_body(request, body, model, provider.max_tokens))
+class AnthropicProtocol(Protocol):
+    """Anthropic's Messages API, and any server that speaks it: a pass-through."""
 
+    name = "anthropic"
 
-def anthropic_count_tokens_request(provider: Provider, model: str, request: Request, body: dict):
-    """(url, headers, body) of a count_tokens call to an Anthropic-protocol provider."""
-    url = anthropic_endpoint_url(provider.base_url, "messages/count_tokens")
-    return url, anthropic_request_headers(provider, request), anthropic_body(request, body, model)
+    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
+        url = anthropic_endpoint_url(provider.base_url, "messages")
+        if request.query:
+            url += "?" + request.query
+        return UpstreamRequest(url, anthropic_request_headers(provider, request),
+                               anthropic_body(request, body, model, provider.max_tokens))
+
+    def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
+        url = anthropic_endpoint_url(provider.base_url, "messages/count_tokens")
+        return UpstreamRequest(url, anthropic_request_headers(provider, request),
+                               anthropic_body(request, body, model))
+
+    def input_tokens(self, answer: bytes) -> int | None:
+        return count_in(answer, "input_tokens")
+
+    def answer(self, call, context, stream: bool) -> Response:
+        """The provider's own answer, unchanged, once it is known to be a message."""
+        check_anthropic_answer(call)
+        if context.record is not None:
+            note_anthropic_usage(call.body, context.record)
+        return Response(call.status, call.body, call.relayed_headers(),
+                        content_type=call.header("content-type") or "application/json")
+
+    def stream_relay(self, context):
+        return AnthropicStreamRelay(context.provider.name, context.record)
+
+    def error(self, call) -> ProxyError:
+        return anthropic_error(call)
 
 
 def sse_complete_length(data: bytes) -> int:
@@ -3034,8 +3097,11 @@ class AnthropicStreamRelay:
 
     feed() returns the complete events in a chunk and keeps a trailing partial event for the
     next chunk, so a stream cut mid-event never leaves half an event before the error event
-    that finish() adds when the stream ended without message_stop or error.
+    that finish() adds when the stream ended without message_stop or error. Upstream silence
+    (an empty chunk) becomes a ping between events.
     """
+
+    broken = None                     # never: bytes pass as they are
 
     def __init__(self, provider_name: str, record=None):
         self._provider_name = provider_name
@@ -3044,6 +3110,8 @@ class AnthropicStreamRelay:
         self._record = record
 
     def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return SSE_PING
         tail = self._held.tail(3)             # an event boundary may straddle two chunks
         end = sse_complete_length(tail + chunk) - len(tail)
         if end <= 0:
@@ -3056,6 +3124,10 @@ class AnthropicStreamRelay:
         if complete and self._record is not None:
             note_anthropic_usage(complete, self._record)
         return complete
+
+    @property
+    def complete(self) -> bool:
+        return self._terminated
 
     def finish(self, error: ProxyError | None = None) -> bytes:
         if self._terminated:
@@ -3086,28 +3158,6 @@ def anthropic_error(call) -> ProxyError:
     if shaped:
         return RelayedError(call.status, call.provider.masker.data(call.body), headers)
     return error_from_upstream(call.provider, call.status, call.body, headers)
-
-
-async def relay_anthropic(call, conn, request: Request, body: dict) -> Response:
-    """Relay an Anthropic-protocol answer: status, body and stream exactly as they come, once
-    the answer is known to be one (anything else is a 502, so failover can move on)."""
-    conn.cancel_on_disconnect(call.cancel)
-    status = await call.send(body.get("stream") is True)
-    if status >= 400:
-        raise anthropic_error(call)
-    if not 200 <= status < 300:
-        raise UpstreamError("%s: answered HTTP %d%s; check its api_base_url" % (
-            call.provider.name, status, " (a redirect to %s)" % call.header("location")
-            if call.header("location") else ""))
-    content_type = call.header("content-type") or "application/json"
-    if call.body is None:
-        relay = AnthropicStreamRelay(call.provider.name, request.log)
-        return Response(status, headers=call.relayed_headers(), content_type=content_type,
-                        stream=UpstreamStream(call, call.chunks(), relay))
-    check_anthropic_answer(call)
-    if request.log is not None:
-        note_anthropic_usage(call.body, request.log)
-    return Response(status, call.body, call.relayed_headers(), content_type=content_type)
 
 
 def check_anthropic_answer(call) -> None:
@@ -3258,7 +3308,7 @@ def openai_tool_id(tool_id: str, style: str | None) -> str:
     return tool_id
 
 
-def anthropic_tool_id(call_id) -> str:
+def tool_use_id(call_id) -> str:
     """The tool_use id for an upstream call id: kept when Anthropic accepts it, else encoded
     reversibly, or a fresh id when there is none."""
     if not isinstance(call_id, str) or not call_id:
@@ -3613,13 +3663,6 @@ def openai_request_headers(provider: Provider) -> dict:
     return headers
 
 
-def openai_messages_request(provider: Provider, model: str, request: Request, body: dict):
-    """(url, headers, body) of a Chat Completions call for an Anthropic Messages request."""
-    payload = openai_request_from_anthropic(body, provider, model)
-    return (openai_endpoint_url(provider.base_url), openai_request_headers(provider),
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
-
-
 def anthropic_usage_from_openai(usage) -> dict:
     """Anthropic usage from OpenAI usage: cache reads counted apart from input (B6)."""
     usage = dict_of(usage)
@@ -3660,6 +3703,16 @@ def tool_input_from_arguments(arguments) -> dict:
 def thinking_signature(provider_name: str) -> str:
     """The signature of a thinking block ccproxy made: recognisable when it comes back."""
     return PROXY_SIGNATURE_PREFIX + provider_name
+
+
+def openai_stop_reason(finish_reason, made_calls: bool) -> str:
+    """The stop_reason of a finish_reason: tool_use whenever calls were made (some servers say
+    "stop" after calls), refusal for a content filter, end_turn for anything unknown."""
+    if made_calls:
+        return "tool_use"
+    reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn") \
+        if isinstance(finish_reason, str) else "end_turn"
+    return "end_turn" if reason == "tool_use" else reason
 
 
 def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
@@ -3703,12 +3756,12 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     if not calls and isinstance(message.get("function_call"), dict):
         calls = [{"function": message["function_call"]}]
     content += [anthropic_tool_use(call, context) for call in calls]
-    stop_reason = "refusal" if refusal else context.stop_reason(choice.get("finish_reason"),
+    stop_reason = "refusal" if refusal else openai_stop_reason(choice.get("finish_reason"),
                                                                  bool(calls))
     usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
         else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
-    if context.log is not None:
-        context.log["usage"] = usage
+    if context.record is not None:
+        context.record["usage"] = usage
     return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
             "model": context.model, "content": content, "stop_reason": stop_reason,
             "stop_sequence": None, "usage": usage}
@@ -3717,7 +3770,7 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
 def anthropic_tool_use(call: dict, context) -> dict:
     """A tool_use block from an OpenAI tool call (B4)."""
     function = call.get("function") if isinstance(call.get("function"), dict) else {}
-    return {"type": "tool_use", "id": anthropic_tool_id(call.get("id")),
+    return {"type": "tool_use", "id": tool_use_id(call.get("id")),
             "name": context.tool_name(function.get("name")),
             "input": tool_input_from_arguments(function.get("arguments"))}
 
@@ -3725,30 +3778,21 @@ def anthropic_tool_use(call: dict, context) -> dict:
 class TranslationContext:
     """What a response translator needs to know about its request."""
 
-    def __init__(self, provider: Provider, request: Request, body: dict,
-                 upstream_tool_name=openai_tool_name):
+    def __init__(self, provider: Provider, request: Request, body: dict, upstream_tool_name):
         self.provider = provider
         self.model = body.get("model")
-        self.log = request.log
+        self.record = request.record
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
         self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
                             for t in body.get("tools") or () if isinstance(t, dict)}
         self.probe = body.get("max_tokens") == 1
 
     def tool_name(self, name) -> str:
-        """The Anthropic name of an upstream function name (reverse of A31)."""
+        """The client's name for a tool the provider named (a name the provider could not take
+        was changed on the way there)."""
         if not isinstance(name, str) or not name:
             return "unknown_tool"
         return self._tool_names.get(name, name)
-
-    @staticmethod
-    def stop_reason(finish_reason, made_calls: bool) -> str:
-        """B5: the Anthropic stop_reason; tool_use whenever calls were made."""
-        if made_calls:
-            return "tool_use"
-        reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn") \
-            if isinstance(finish_reason, str) else "end_turn"
-        return "end_turn" if reason == "tool_use" else reason
 
     def estimated_usage(self, output_chars: int) -> dict:
         return {"input_tokens": self.input_estimate, "output_tokens": max(output_chars // 4, 1),
@@ -3769,8 +3813,8 @@ def json_bytes(value) -> bytes:
     return json.dumps(value, ensure_ascii=False).encode()
 
 
-class AnthropicEventEmitter:
-    """Writes an Anthropic event stream for the stream translators of every protocol.
+class EventEmitter:
+    """Writes the client's event stream (the Messages API's) for every translating protocol.
 
     Keeps the order the contract demands: message_start (and a ping) first, one block open at a
     time under a key, indexes from 0 without gaps, a thinking block closed with its signature,
@@ -3783,6 +3827,7 @@ class AnthropicEventEmitter:
         self.started = False
         self.block = -1               # index of the last block started
         self.open = None              # the key of the open block, None when none is open
+        self._open_type = None        # the type of the open block
         self.signature = thinking_signature(context.provider.name)
         self.output_chars = 0
 
@@ -3809,17 +3854,17 @@ class AnthropicEventEmitter:
         self.start()
         self.close()
         self.block += 1
-        self.open = key
+        self.open, self._open_type = key, content_block["type"]
         self._out.append(sse_event("content_block_start", {
             "type": "content_block_start", "index": self.block, "content_block": content_block}))
 
-    def text(self, text: str) -> None:
-        self.open_block("text", {"type": "text", "text": ""})
+    def text(self, text: str, key="text") -> None:
+        self.open_block(key, {"type": "text", "text": ""})
         self._out.append(TEXT_DELTA % (self.block, json_bytes(text)))
         self.output_chars += len(text)
 
-    def thinking(self, text: str) -> None:
-        self.open_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+    def thinking(self, text: str, key="thinking") -> None:
+        self.open_block(key, {"type": "thinking", "thinking": "", "signature": ""})
         if text:
             self._out.append(THINKING_DELTA % (self.block, json_bytes(text)))
             self.output_chars += len(text)
@@ -3835,7 +3880,7 @@ class AnthropicEventEmitter:
     def close(self) -> None:
         if self.open is None:
             return
-        if self.open == "thinking":
+        if self._open_type == "thinking":
             self._out.append(sse_event("content_block_delta", {
                 "type": "content_block_delta", "index": self.block,
                 "delta": {"type": "signature_delta", "signature": self.signature}}))
@@ -3848,8 +3893,8 @@ class AnthropicEventEmitter:
         self.start()
         self.close()
         usage = usage or self._context.estimated_usage(self.output_chars)
-        if self._context.log is not None:
-            self._context.log["usage"] = usage
+        if self._context.record is not None:
+            self._context.record["usage"] = usage
         self._out.append(sse_event("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage}))
@@ -3867,7 +3912,7 @@ class OpenAIStreamTranslator:
 
     def __init__(self, context: TranslationContext):
         self._context = context
-        self._emit = AnthropicEventEmitter(context)
+        self._emit = EventEmitter(context)
         self._calls = {}              # call key -> {"id", "name", "arguments": [...], "sent"}
         self._finish_reason = None
         self._done = False
@@ -3915,7 +3960,7 @@ class OpenAIStreamTranslator:
             if not self._calls[key]["sent"]:
                 self._send_whole_call(key)
         usage = anthropic_usage_from_openai(self._usage) if self._usage else None
-        self._emit.stop(self._context.stop_reason(self._finish_reason, bool(self._calls)), usage)
+        self._emit.stop(openai_stop_reason(self._finish_reason, bool(self._calls)), usage)
         return self._emit.take()
 
     def _feed_choice(self, choice: dict) -> None:
@@ -3973,7 +4018,7 @@ class OpenAIStreamTranslator:
     def _start_call(self, key) -> None:
         state = self._calls[key]
         state["sent"] = True
-        self._emit.open_tool(key, anthropic_tool_id(state["id"]),
+        self._emit.open_tool(key, tool_use_id(state["id"]),
                              self._context.tool_name(state["name"] or "unknown_tool"))
         if state["arguments"]:
             self._emit.tool_arguments("".join(state["arguments"]))
@@ -3983,38 +4028,26 @@ class OpenAIStreamTranslator:
         self._emit.close()
 
 
-def openai_error_response(call, status: int, context: TranslationContext, stream: bool):
-    """An upstream error status as the client's error, with two special cases: the
-    max_tokens=1 probe of a reasoning model (B12) and context overflow (E5)."""
-    error = error_from_upstream(call.provider, status, call.body, call.relayed_headers())
-    if status == 400 and context.probe and MAX_TOKENS_PROBE_RE.search(error.message):
-        return translated_completion_response({"choices": [{"message": {}, "finish_reason":
-                                                            "length"}]}, context, stream)
-    if status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message):
-        error.message = "prompt is too long: " + error.message
-    raise error
+class OpenAIChatProtocol(Protocol):
+    """OpenAI's Chat Completions API, and the many servers that copy it."""
 
+    name = "openai"
 
-def openai_chunk_from_completion(data: dict) -> dict:
-    """A whole Chat Completions answer as one stream chunk, for the stream translator."""
-    choices = []
-    for choice in list_of(data.get("choices")):
-        message = dict(choice.get("message") or {}) if isinstance(choice, dict) else {}
-        message["tool_calls"] = [dict(call, index=i) for i, call in
-                                 enumerate(list_of(message.get("tool_calls"))) if isinstance(call, dict)]
-        choices.append({"delta": message, "finish_reason": choice.get("finish_reason") or "stop"})
-    return {"choices": choices, "usage": data.get("usage")}
+    def upstream_tool_name(self, name: str) -> str:
+        return openai_tool_name(name)
 
+    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
+        payload = openai_request_from_anthropic(body, provider, model)
+        return UpstreamRequest(openai_endpoint_url(provider.base_url),
+                               openai_request_headers(provider),
+                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+                               .encode())
 
-def translated_completion_response(data: dict, context: TranslationContext, stream: bool):
-    """A whole Chat Completions answer as an Anthropic message, or as its events when the
-    client asked for a stream and the server answered at once."""
-    if not stream:
-        return json_response(anthropic_message_from_openai(data, context))
-    anthropic_message_from_openai(data, context)          # the same checks and errors
-    translator = OpenAIStreamTranslator(context)
-    events = translator.feed(openai_chunk_from_completion(data)) + translator.finish()
-    return Response(200, events, [("cache-control", "no-cache")], content_type="text/event-stream")
+    def message(self, answer, context) -> dict:
+        return anthropic_message_from_openai(answer, context)
+
+    def stream_translator(self, context):
+        return OpenAIStreamTranslator(context)
 
 
 def parse_upstream_json(call):
@@ -4026,43 +4059,117 @@ def parse_upstream_json(call):
             call.provider.name, upstream_error_message(call.body))) from None
 
 
-async def first_translated_piece(chunks, relay) -> bytes:
-    """Read the stream until the translator has something to send. A failure before that
-    raises, so the client still gets it as an HTTP status (rule book C3)."""
+async def first_piece(chunks, relay, provider: Provider) -> bytes:
+    """Read the stream until the relay has something to send. A failure before that raises,
+    so the client still gets it as an HTTP status, and failover can try another provider."""
     async for chunk in chunks:
         piece = relay.feed(chunk) if chunk else b""
         if piece:
             return piece
     if not relay.complete:
         raise relay.broken or UpstreamError("%s: the stream ended before completion"
-                                            % relay.provider.name)
+                                            % provider.name)
     return b""
 
 
-async def relay_openai(call, conn, request: Request, body: dict) -> Response:
-    """Send a translated call and relay its answer as an Anthropic message or events (B, C)."""
-    context = TranslationContext(call.provider, request, body)
-    stream = body.get("stream") is True
-    conn.cancel_on_disconnect(call.cancel)
-    status = await call.send(stream)
-    if status >= 400:
-        return openai_error_response(call, status, context, stream)
-    if call.body is not None:
-        return translated_completion_response(parse_upstream_json(call), context, stream)
-    relay = TranslatedStreamRelay(OpenAIStreamTranslator(context), call.provider)
-    return await translated_stream_response(call, relay)
-
-
-async def translated_stream_response(call, relay) -> Response:
-    """The client's event stream, opened once the relay has its first events (C3)."""
+async def stream_response(call, relay) -> Response:
+    """The client's event stream, opened once the relay has its first events."""
     chunks = call.chunks(STREAM_PING_SECONDS)
     try:
-        first = await first_translated_piece(chunks, relay)
+        first = await first_piece(chunks, relay, call.provider)
     except BaseException:
         await chunks.aclose()
         raise
-    return Response(200, headers=[("cache-control", "no-cache")], content_type="text/event-stream",
+    headers = [("cache-control", "no-cache")] + call.relayed_headers()
+    return Response(200, headers=headers, content_type="text/event-stream",
                     stream=UpstreamStream(call, chunks, relay, first))
+
+
+async def call_provider(call, conn, stream: bool = False) -> int:
+    """Send a provider call that is cut when the client leaves; the answer's status."""
+    conn.cancel_on_disconnect(call.cancel)
+    return await call.send(stream)
+
+
+async def relay_call(protocol: Protocol, call, conn, request: Request, body: dict) -> Response:
+    """The one path of every provider call: send it, then turn the provider's error, whole
+    answer or event stream into the client's answer, through the protocol's translation."""
+    context = TranslationContext(call.provider, request, body, protocol.upstream_tool_name)
+    stream = body.get("stream") is True
+    status = await call_provider(call, conn, stream)
+    if status >= 400:
+        return answer_to_error(protocol.error(call), context, stream)
+    if not 200 <= status < 300:
+        location = call.header("location")
+        raise UpstreamError("%s: answered HTTP %d%s; check its api_base_url" % (
+            call.provider.name, status, " (a redirect to %s)" % location if location else ""))
+    if call.body is not None:
+        return protocol.answer(call, context, stream)
+    return await stream_response(call, protocol.stream_relay(context))
+
+
+def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
+    """Raise a translated provider's error, reworded where Claude Code needs Anthropic's words
+    ("prompt is too long", which it answers by compacting); but a reasoning model's refusal of
+    Claude Code's max_tokens=1 availability probe is answered as Anthropic would answer the
+    probe: an empty message that stopped at max_tokens."""
+    if isinstance(error, RelayedError):
+        raise error
+    if context.probe and error.status == 400 and MAX_TOKENS_PROBE_RE.search(error.message):
+        usage = dict(context.estimated_usage(0), output_tokens=0)
+        return message_response(new_message(context.model, [], "max_tokens", usage), context,
+                                stream)
+    if error.status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message) \
+            and not error.message.startswith("prompt is too long"):
+        error.message = "prompt is too long: " + error.message
+    raise error
+
+
+def new_message(model: str, content: list, stop_reason: str, usage: dict) -> dict:
+    """A whole assistant message in the Messages API's shape."""
+    return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
+            "model": model, "content": content, "stop_reason": stop_reason,
+            "stop_sequence": None, "usage": usage}
+
+
+def message_response(message: dict, context: TranslationContext, stream: bool) -> Response:
+    """A whole answer as the client asked for it: the message as JSON, or as its events (a
+    provider may answer at once what was asked as a stream)."""
+    if context.record is not None:
+        context.record["usage"] = message["usage"]
+    if not stream:
+        return json_response(message)
+    return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
+                    content_type="text/event-stream")
+
+
+def events_from_message(message: dict, context: TranslationContext) -> bytes:
+    """The events that stream a whole message: each block whole, in order, then its end."""
+    emit = EventEmitter(context)
+    emit.start()
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "text":
+            emit.text(block["text"], index)
+        elif kind == "thinking":
+            emit.thinking(block["thinking"], index)
+            emit.signature = block.get("signature") or emit.signature
+        elif kind == "tool_use":
+            emit.open_tool(index, block["id"], block["name"])
+            emit.tool_arguments(json.dumps(block["input"], ensure_ascii=False))
+        else:
+            emit.open_block(index, block)
+    emit.stop(message["stop_reason"], message["usage"])
+    return emit.take()
+
+
+def count_in(answer: bytes, key: str) -> int | None:
+    """The integer at key in a JSON answer, if it is one."""
+    try:
+        count = dict_of(json.loads(answer)).get(key)
+    except (ValueError, RecursionError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 # --- Gemini ------------------------------------------------------------------------
@@ -4377,14 +4484,6 @@ def gemini_endpoint_url(base_url: str, model: str, stream: bool) -> str:
     return "%s/models/%s%s" % (base_url.rstrip("/"), urllib.parse.quote(model, safe="-._~"), action)
 
 
-def gemini_messages_request(provider: Provider, model: str, request: Request, body: dict):
-    """(url, headers, body) of a Gemini call; the key goes in a header, never in the URL."""
-    payload = gemini_request_from_anthropic(body, provider, model)
-    return (gemini_endpoint_url(provider.base_url, model, body.get("stream") is True),
-            gemini_request_headers(provider),
-            json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
-
-
 def gemini_request_headers(provider: Provider) -> dict:
     """The key in x-goog-api-key (never in the URL) and the provider's extra headers."""
     headers = {"content-type": "application/json", "user-agent": USER_AGENT}
@@ -4392,17 +4491,6 @@ def gemini_request_headers(provider: Provider) -> dict:
         headers["x-goog-api-key"] = provider.api_key
     headers.update(provider.headers)
     return headers
-
-
-def gemini_count_tokens_request(provider: Provider, model: str, request: Request, body: dict):
-    """(url, headers, body) of a countTokens call: the generateContent request, wrapped."""
-    payload = gemini_request_from_anthropic(dict(body, max_tokens=body.get("max_tokens") or 1),
-                                            provider, model)
-    payload["model"] = "models/" + (model[len("models/"):] if model.startswith("models/") else model)
-    url = gemini_endpoint_url(provider.base_url, model, False).replace(":generateContent",
-                                                                       ":countTokens")
-    return (url, gemini_request_headers(provider),
-            json.dumps({"generateContentRequest": payload}, ensure_ascii=False).encode())
 
 
 def anthropic_usage_from_gemini(usage) -> dict:
@@ -4471,7 +4559,7 @@ class GeminiStreamTranslator:
 
     def __init__(self, context: TranslationContext):
         self._context = context
-        self._emit = AnthropicEventEmitter(context)
+        self._emit = EventEmitter(context)
         self._finish_reason = None
         self._block_reason = None
         self._usage = None
@@ -4531,7 +4619,7 @@ class GeminiStreamTranslator:
                 self._emit.signature = GEMINI_SIGNATURE_PREFIX + signature
             call = part["functionCall"]
             self._calls += 1
-            self._emit.open_tool(("call", self._calls), anthropic_tool_id(call.get("id")),
+            self._emit.open_tool(("call", self._calls), tool_use_id(call.get("id")),
                                  self._context.tool_name(call.get("name")))
             self._emit.tool_arguments(json.dumps(dict_of(call.get("args")), ensure_ascii=False))
             self._emit.close()
@@ -4540,7 +4628,7 @@ class GeminiStreamTranslator:
 
 
 def events_from_gemini_answer(data, context: TranslationContext) -> bytes:
-    """The Anthropic events for a whole generateContent answer (D15-D17)."""
+    """The client's events for a whole generateContent answer."""
     if not isinstance(data, dict):
         raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
     translator = GeminiStreamTranslator(context)
@@ -4548,6 +4636,52 @@ def events_from_gemini_answer(data, context: TranslationContext) -> bytes:
     if not translator.complete:
         raise UpstreamError("%s: the answer has no finishReason" % context.provider.name)
     return events + translator.finish()
+
+
+class GeminiProtocol(Protocol):
+    """Google's Gemini API (generateContent, streamGenerateContent, countTokens)."""
+
+    name = "gemini"
+
+    def upstream_tool_name(self, name: str) -> str:
+        return gemini_tool_name(name)
+
+    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
+        payload = gemini_request_from_anthropic(body, provider, model)
+        return UpstreamRequest(gemini_endpoint_url(provider.base_url, model,
+                                                   body.get("stream") is True),
+                               gemini_request_headers(provider),
+                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+                               .encode())
+
+    def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
+        """The generateContent request, wrapped in a countTokens call."""
+        payload = gemini_request_from_anthropic(dict(body, max_tokens=body.get("max_tokens") or 1),
+                                                provider, model)
+        payload["model"] = "models/" + (model[len("models/"):] if model.startswith("models/")
+                                        else model)
+        url = gemini_endpoint_url(provider.base_url, model, False).replace(":generateContent",
+                                                                           ":countTokens")
+        return UpstreamRequest(url, gemini_request_headers(provider), json.dumps(
+            {"generateContentRequest": payload}, ensure_ascii=False).encode())
+
+    def input_tokens(self, answer: bytes) -> int | None:
+        return count_in(answer, "totalTokens")
+
+    def message(self, answer, context) -> dict:
+        return message_from_events(events_from_gemini_answer(answer, context))
+
+    def stream_translator(self, context):
+        return GeminiStreamTranslator(context)
+
+    def error(self, call) -> ProxyError:
+        try:
+            error = json.loads(call.body).get("error")
+        except (ValueError, AttributeError, RecursionError):
+            error = None
+        if isinstance(error, dict):
+            return gemini_error(call.provider, error, call.status)
+        return super().error(call)
 
 
 def message_from_events(data: bytes) -> dict:
@@ -4585,57 +4719,14 @@ def apply_delta(block: dict, delta: dict, partial: dict, index: int) -> None:
         partial[index] = partial.get(index, "") + delta["partial_json"]
 
 
-def gemini_error_response(call) -> ProxyError:
-    """An upstream error status as the client's error (D19)."""
-    try:
-        error = json.loads(call.body).get("error")
-    except (ValueError, AttributeError, RecursionError):
-        error = None
-    if isinstance(error, dict):
-        return gemini_error(call.provider, error, call.status)
-    return error_from_upstream(call.provider, call.status, call.body, call.relayed_headers())
-
-
-async def relay_gemini(call, conn, request: Request, body: dict) -> Response:
-    """Send a translated call and relay Gemini's answer as an Anthropic message or events."""
-    context = TranslationContext(call.provider, request, body, gemini_tool_name)
-    stream = body.get("stream") is True
-    conn.cancel_on_disconnect(call.cancel)
-    status = await call.send(stream)
-    if status >= 400:
-        raise gemini_error_response(call)
-    if call.body is not None:
-        events = events_from_gemini_answer(parse_upstream_json(call), context)
-        if not stream:
-            return json_response(message_from_events(events))
-        return Response(200, events, [("cache-control", "no-cache")],
-                        content_type="text/event-stream")
-    relay = TranslatedStreamRelay(GeminiStreamTranslator(context), call.provider)
-    return await translated_stream_response(call, relay)
-
-
 # --- Protocol registry ------------------------------------------------------------
 
-class Protocol:
-    """What the endpoints need from one provider protocol: build the call, relay the answer."""
 
-    def __init__(self, name: str, messages_request, relay):
-        self.name = name
-        self.messages_request = messages_request
-        self.relay = relay
-
-    def __repr__(self):
-        return "Protocol(%s)" % self.name
-
-
-COUNT_TOKENS_REQUESTS = {"anthropic": anthropic_count_tokens_request,
-                         "gemini": gemini_count_tokens_request}
-
-PROTOCOLS = {
-    "anthropic": Protocol("anthropic", anthropic_messages_request, relay_anthropic),
-    "openai": Protocol("openai", openai_messages_request, relay_openai),
-    "gemini": Protocol("gemini", gemini_messages_request, relay_gemini),
-}
+PROTOCOLS = {protocol.name: protocol for protocol in (
+    AnthropicProtocol(),
+    OpenAIChatProtocol(),
+    GeminiProtocol(),
+)}
 
 
 ###############################################################################

@@ -94,10 +94,10 @@ def test_every_env_var_of_the_original_table():
            "CCPROXY_LOG": "true", "CCPROXY_LOG_FILE": "/tmp/x.log",
            "CCPROXY_PROVIDERS_0_API_KEY": "env-a", "CCPROXY_PROVIDERS_1_API_KEY": "env-b"}
     config = build(raw, env)
-    assert (config.host, config.port, config.apikey, config.log, config.log_file) == (
+    assert (config.host, config.port, config.apikey, config.log_requests, config.log_file) == (
         "0.0.0.0", 4000, "k", True, "/tmp/x.log")
     assert [p.api_key for p in config.providers] == ["env-a", "env-b"]
-    assert build({}, {"LOG": "1"}).log is True
+    assert build({}, {"LOG": "1"}).log_requests is True
 
 
 def test_provider_key_env_for_a_missing_provider_warns():
@@ -236,12 +236,12 @@ def test_check_does_not_leak_keys_in_errors(tmp_path):
 
 def test_a_foreign_log_variable_is_ignored_with_a_warning():
     config = build({"log": True}, {"LOG": "debug"})
-    assert config.log is True
+    assert config.log_requests is True
     assert "LOG: not a boolean (true/false): 'debug'; ignored" in config.warnings
 
 
 def test_ccproxy_log_wins_over_log():
-    assert build({}, {"LOG": "true", "CCPROXY_LOG": "false"}).log is False
+    assert build({}, {"LOG": "true", "CCPROXY_LOG": "false"}).log_requests is False
 
 
 def test_masking_keeps_short_secrets_whole_hidden():

@@ -78,7 +78,8 @@ chunk_like = st.recursive(st.none() | st.booleans() | st.integers() | st.text(ma
 def test_stream_translators_survive_any_chunks(chunks):
     config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
     request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
-    context = ccproxy.TranslationContext(config.providers[0], request, {"model": "m"})
+    context = ccproxy.TranslationContext(config.providers[0], request, {"model": "m"},
+                                         ccproxy.openai_tool_name)
     for translator in (ccproxy.OpenAIStreamTranslator(context),
                        ccproxy.GeminiStreamTranslator(context)):
         try:
@@ -95,10 +96,12 @@ def test_stream_translators_survive_any_chunks(chunks):
 def test_whole_answers_of_any_shape_translate_or_fail_cleanly(answer):
     config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
     request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
-    context = ccproxy.TranslationContext(config.providers[0], request, {"model": "m"})
-    for translate in (ccproxy.anthropic_message_from_openai, ccproxy.events_from_gemini_answer):
+    context = ccproxy.TranslationContext(config.providers[0], request, {"model": "m"},
+                                         ccproxy.openai_tool_name)
+    for protocol in (ccproxy.PROTOCOLS["openai"], ccproxy.PROTOCOLS["gemini"]):
         try:
-            json.dumps(translate(answer, context) if translate is ccproxy.anthropic_message_from_openai
-                       else ccproxy.message_from_events(translate(answer, context)))
+            message = protocol.message(answer, context)
         except ccproxy.ProxyError:
-            pass
+            continue
+        json.dumps(message)
+        ccproxy.events_from_message(message, context)

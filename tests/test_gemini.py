@@ -237,7 +237,8 @@ def test_endpoint_urls_and_key_header():
     provider = gemini_provider()
     request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
     body = {"model": "x", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    url, headers, _ = ccproxy.gemini_messages_request(provider, "models/gemini-2.5-pro", request, body)
+    url, headers, _ = ccproxy.PROTOCOLS["gemini"].messages_request(
+        provider, "models/gemini-2.5-pro", request, body)
     assert url == ("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro"
                    ":streamGenerateContent?alt=sse")
     assert headers["x-goog-api-key"] == GEMINI_KEY and GEMINI_KEY not in url

@@ -141,7 +141,8 @@ def context(tools=(), model="claude-x", provider_name="openai"):
     request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
     request.body = b"x" * 400
     return ccproxy.TranslationContext(config.providers[0], request,
-                                      {"model": model, "tools": list(tools), "max_tokens": 100})
+                                      {"model": model, "tools": list(tools), "max_tokens": 100},
+                                      ccproxy.openai_tool_name)
 
 
 def translate(chunks, done=True):

@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from conftest import (REPO, Reply, RunningProxy, anthropic_message, anthropic_provider,
-                      json_reply, open_stream, raw_exchange, read_to_end, stream_reply, wait_until)
+                      anthropic_stream_events, json_reply, open_stream, raw_exchange, read_to_end, stream_reply, wait_until)
 
 KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
 
@@ -561,15 +561,20 @@ def test_a_cut_close_delimited_answer_is_a_502_not_a_200(start_proxy):
     assert "not an Anthropic message" in caught.value.body["error"]["message"]
 
 
-def test_an_endless_event_ends_with_an_error_event_and_bounded_memory(start_proxy, upstream):
-    piece = b"x" * (1024 * 1024)
-    pieces = [b"event: content_block_delta\ndata: "] + [piece] * 20
-    upstream.script = lambda r: Reply(200, pieces=pieces, content_type="text/event-stream")
+@pytest.mark.parametrize("after_first_event", [True, False])
+def test_an_endless_event_is_cut_at_the_limit(start_proxy, upstream, after_first_event):
+    endless = [b"event: content_block_delta\ndata: "] + [b"x" * (1024 * 1024)] * 20
+    first = anthropic_stream_events()[:1] if after_first_event else []
+    upstream.script = lambda r: Reply(200, pieces=first + endless, content_type="text/event-stream")
     proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
     sock, received = open_stream(proxy.port, until=b"\r\n\r\n")
     received = read_to_end(sock, received)
     sock.close()
-    assert b"event: error" in received and b"longer than 16777216 bytes" in received
+    assert b"longer than 16777216 bytes" in received
+    if after_first_event:          # the stream had begun: it ends with an error event
+        assert received.startswith(b"HTTP/1.1 200 ") and b"event: error" in received
+    else:                          # nothing was sent yet: an HTTP error, so failover could act
+        assert received.startswith(b"HTTP/1.1 502 ")
     upstream.script = lambda r: json_reply(anthropic_message())
     assert ask(proxy).content[0].text == "Hello from upstream"
 
