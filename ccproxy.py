@@ -429,8 +429,6 @@ PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "models", "enabled",
                  "max_tokens", "count_tokens")
 ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
-CONDITION_TYPES = ("tokenCount", "model", "thinking", "tools", "header")
-CONDITION_OPERATORS = (">", ">=", "<", "<=", "==", "!=", "contains", "matches")
 PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
 SECRET_KEYS = ("apikey", "admin_key", "api_key", "headers")   # never echoed in a message
 CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -1013,6 +1011,9 @@ def check_routes(checker: ConfigChecker, section, providers: list) -> dict:
         checker.unknown_keys(entry, ROUTE_KEYS, path)
         target = check_route_target(checker, entry, path, names)
         conditions = check_conditions(checker, entry.get("conditions", []), path + ".conditions")
+        if not conditions and name not in SCENARIOS and name != "default":
+            checker.warn(path, "not a scenario route (%s, default) and without conditions: no "
+                               "request will use it" % ", ".join(SCENARIOS))
         fallbacks = []
         for index, fallback in enumerate(entry.get("fallbacks") or []):
             where = "%s.fallbacks[%d]" % (path, index)
@@ -1051,10 +1052,10 @@ def check_conditions(checker: ConfigChecker, conditions, path: str) -> list:
             checker.fail(where, "must be an object with type, operator and value")
             continue
         kind, operator = condition.get("type"), condition.get("operator", "==")
-        if kind not in CONDITION_TYPES:
-            checker.fail(where + ".type", "must be one of " + ", ".join(CONDITION_TYPES))
-        elif operator not in CONDITION_OPERATORS:
-            checker.fail(where + ".operator", "must be one of " + " ".join(CONDITION_OPERATORS))
+        if kind not in CONDITIONS:
+            checker.fail(where + ".type", "must be one of " + ", ".join(CONDITIONS))
+        elif operator not in COMPARISONS:
+            checker.fail(where + ".operator", "must be one of " + " ".join(COMPARISONS))
         elif kind == "header" and not isinstance(condition.get("header"), str):
             checker.fail(where + ".header", "must name the request header to test")
         elif operator == "matches" and not valid_regex(condition.get("value")):
@@ -1771,10 +1772,10 @@ class Metrics:
         lines += metric_header("ccproxy_circuit_state", "gauge",
                                "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.")
         lines += ["ccproxy_circuit_state{%s} %d" % (labels(provider=name), CIRCUIT_STATE_VALUES[
-            breaker.state]) for name, breaker in sorted(app.breakers.items())]
+            breaker.state]) for name, breaker in sorted(app.failover.breakers.items())]
         lines += metric_header("ccproxy_failovers_total", "counter",
                                "Times a request moved on to the next provider.")
-        lines.append("ccproxy_failovers_total %d" % app.failovers)
+        lines.append("ccproxy_failovers_total %d" % app.failover.count)
         return "\n".join(lines) + "\n"
 
 
@@ -1860,9 +1861,8 @@ class ProxyApp:
         self.config_mtime = file_mtime(config.source)
         self.active_streams = 0
         self.metrics = Metrics()
-        self.breakers = {}            # provider name -> CircuitBreaker
+        self.failover = Failover()
         self.rate_buckets = collections.OrderedDict()   # client address -> TokenBucket
-        self.failovers = 0
         self._inbox = None
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
@@ -1885,12 +1885,6 @@ class ProxyApp:
             raise RateLimitError("rate limit of %d requests per minute exceeded; retry in %d s"
                                  % (self.config.rate_limit[0], math.ceil(wait)),
                                  [("retry-after", str(math.ceil(wait)))])
-
-    def breaker_for(self, provider_name: str) -> CircuitBreaker:
-        breaker = self.breakers.get(provider_name)
-        if breaker is None:
-            breaker = self.breakers[provider_name] = CircuitBreaker(*self.config.breaker_settings)
-        return breaker
 
     def change_config_file(self, change) -> Config:
         """Apply change() to a copy of the config file's content, validate it like a config
@@ -1929,13 +1923,9 @@ class ProxyApp:
 
     def provider_view(self, provider: Provider) -> dict:
         """A provider as /status and /providers show it: masked, with its circuit state."""
-        circuit = self.breaker_for(provider.name).public_view()
+        circuit = self.failover.breaker(provider.name, self.config.breaker_settings).public_view()
         circuit["last_error"] = self.config.masker.text(circuit["last_error"])
         return dict(provider.public_view(), circuit=circuit)
-
-    def note_failover(self, failed: str, following: str, status: int) -> None:
-        self.failovers += 1
-        log.warning("%s failed (HTTP %d); trying %s", failed, status, following)
 
     def next_request_id(self) -> str:
         return "req_%s%08x" % (self._request_id_prefix, next(self._request_ids))
@@ -2170,7 +2160,7 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
         "listen": {"host": host, "port": port},
         "config_file": app.config.source,
         "providers": [app.provider_view(p) for p in app.config.providers],
-        "failovers": app.failovers,
+        "failovers": app.failover.count,
         "active_streams": app.active_streams,
         "requests": {"total": app.requests_total, "active": app.requests_active,
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
@@ -2205,7 +2195,8 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
         request.record["stream"] = body.get("stream") is True
         if app.config.log_bodies:
             log.info("%s body: %s", request.record["id"], request.body_text)
-    return await send_with_failover(app, request, conn, body, plan)
+    return await app.failover.run(plan, lambda routing: send_to(app, request, conn, body,
+                                                                routing), app.config)
 
 
 async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
@@ -2219,70 +2210,11 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     return await relay_call(protocol, call, conn, request, body)
 
 
-async def send_with_failover(app: ProxyApp, request: Request, conn, body: dict, plan: list):
-    """Try the plan's candidates in order, retrying a candidate with backoff while the retry
-    budget lasts; a failure before the answer began moves on, the request's own 4xx does not.
-    Every answer carries the x-ccproxy-provider, -model and -route headers."""
-    config = app.config
-    policy = RetryPolicy(config.max_retries, config.retry_budget)
-    outcome, tried = None, plan[0]
-    for position, routing in enumerate(plan):
-        breaker = app.breaker_for(routing.provider.name)
-        if not breaker.allows_request():
-            outcome = outcome or OverloadedError("%s: circuit open after repeated failures (%s)"
-                                                 % (routing.provider.name, breaker.last_error))
-            continue
-        tried = routing
-        for attempt in range(config.max_retries + 1):
-            outcome = await attempt_recorded(app, request, conn, body, routing, breaker)
-            status = outcome.status
-            if status not in RETRYABLE_STATUSES:
-                return with_route_headers(outcome, routing)
-            delay = policy.next_delay(attempt, retry_after_seconds(outcome))
-            if delay is None:
-                break
-            await asyncio.sleep(delay)
-        if position + 1 < len(plan):
-            app.note_failover(routing.provider.name, plan[position + 1].provider.name, status)
-    return with_route_headers(outcome, tried)
-
-
-async def attempt_recorded(app: ProxyApp, request: Request, conn, body: dict, routing: Routing,
-                           breaker: CircuitBreaker):
-    """One attempt whose outcome the breaker always learns: the answer or error it ended with,
-    or, when it ended otherwise (the client left, a bug), that it proved nothing, so that a
-    half-open circuit's probe is never lost."""
-    try:
-        outcome = await send_to(app, request, conn, body, routing)
-    except ProxyError as error:
-        outcome = error
-    except BaseException:
-        breaker.abandon()
-        raise
-    breaker.record(outcome.status, getattr(outcome, "message", "HTTP %d" % outcome.status))
-    return outcome
-
-
-def with_route_headers(outcome, routing: Routing):
-    """The answer (or error) with headers naming where the request went."""
-    headers = [("x-ccproxy-provider", routing.provider.name), ("x-ccproxy-model", routing.model),
-               ("x-ccproxy-route", routing.route)]
-    if isinstance(outcome, ProxyError):
-        outcome.headers += headers
-        raise outcome
-    outcome.headers += headers
-    return outcome
-
-
-def retry_after_seconds(outcome) -> float | None:
-    """Seconds from a retry-after header of an error or response, if any."""
-    for name, value in outcome.headers:
-        if name == "retry-after":
-            try:
-                return max(float(value), 0.0)
-            except ValueError:
-                return None
-    return None
+def with_route_headers(answer, routing: Routing):
+    """The answer or error, with headers naming where the request went."""
+    answer.headers += [("x-ccproxy-provider", routing.provider.name),
+                       ("x-ccproxy-model", routing.model), ("x-ccproxy-route", routing.route)]
+    return answer
 
 
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
@@ -2552,8 +2484,6 @@ def estimate_request_tokens(body: dict) -> int:
 
 Routing = collections.namedtuple("Routing", "provider model route")
 
-# The scenario routes, in the order they are tried when their route exists (see plan_route).
-SCENARIO_ROUTES = ("longContext", "background", "webSearch", "think", "image")
 SUBAGENT_TAG_RE = re.compile(r"<CCR-SUBAGENT-MODEL>(.*?)</CCR-SUBAGENT-MODEL>\s*", re.S)
 
 
@@ -2594,42 +2524,9 @@ class RequestFacts:
                    if isinstance(m, dict) and isinstance(m.get("content"), list)
                    for b in m["content"])
 
-    def scenario(self, name: str) -> bool:
-        """Whether a built-in scenario route applies to this request."""
-        if name == "longContext":
-            return self.tokens > self._config.long_context_threshold
-        if name == "background":
-            return "haiku" in self.model.lower()
-        if name == "webSearch":
-            return self.web_search
-        if name == "think":
-            return self.thinking
-        return self.images
-
-    def condition_holds(self, condition: dict) -> bool:
-        """One {type, operator, value} condition of a custom route."""
-        kind, operator, value = condition["type"], condition["operator"], condition.get("value")
-        if kind == "tokenCount":
-            return compare(self.tokens, operator, value)
-        if kind == "model":
-            return compare(self.model, operator, value)
-        if kind == "thinking":
-            return compare(self.thinking, operator, value)
-        if kind == "header":
-            return compare(self.headers.get(condition["header"], ""), operator, value)
-        return self.tools_condition_holds(operator, value)
-
-    def tools_condition_holds(self, operator: str, value) -> bool:
-        """tools: == / contains (a tool of that name is present), != (none is), matches (a
-        name matches), and the comparisons on how many tools there are."""
-        names = self.tool_names
-        if operator in ("==", "contains"):
-            return str(value) in names
-        if operator == "!=":
-            return str(value) not in names
-        if operator == "matches":
-            return any(re.search(str(value), name) for name in names)
-        return compare(len(names), operator, value)
+    @property
+    def long_context(self) -> bool:
+        return self.tokens > self._config.long_context_threshold
 
 
 def block_has_image(block) -> bool:
@@ -2644,23 +2541,58 @@ def block_has_image(block) -> bool:
 
 def compare(left, operator: str, right) -> bool:
     """left <operator> right for route conditions: numbers, strings and booleans."""
-    if operator in (">", ">=", "<", "<="):
+    if operator in NUMERIC_COMPARISONS:
         try:
-            left, right = float(left), float(right)
+            return NUMERIC_COMPARISONS[operator](float(left), float(right))
         except (TypeError, ValueError):
             return False
-        return {">": left > right, ">=": left >= right, "<": left < right,
-                "<=": left <= right}[operator]
     if isinstance(left, bool):
         right = right if isinstance(right, bool) else str(right).lower() in ("true", "1", "yes")
-    elif not isinstance(left, str):
-        left = str(left)
-    if operator in ("==", "!="):
-        same = left == (right if isinstance(left, bool) else str(right))
-        return same if operator == "==" else not same
-    if operator == "contains":
-        return str(right) in str(left)
-    return re.search(str(right), str(left)) is not None
+    else:
+        left, right = str(left), str(right)
+    return COMPARISONS[operator](left, right)
+
+
+def tools_condition_holds(names: list, operator: str, value) -> bool:
+    """tools: == / contains (a tool of that name is present), != (none is), matches (a name
+    matches), and the numeric comparisons on how many tools there are."""
+    if operator in ("==", "contains"):
+        return str(value) in names
+    if operator == "!=":
+        return str(value) not in names
+    if operator == "matches":
+        return any(re.search(str(value), name) for name in names)
+    return compare(len(names), operator, value)
+
+
+NUMERIC_COMPARISONS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
+                       "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
+# Every operator of a route condition (config validation reads this table too).
+COMPARISONS = dict(NUMERIC_COMPARISONS, **{
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b,
+    "contains": lambda a, b: str(b) in str(a),
+    "matches": lambda a, b: re.search(str(b), str(a)) is not None,
+})
+# Custom route conditions: type -> whether a {type, operator, value} condition holds for the
+# request's facts (config validation reads the names from here, routing the predicates).
+CONDITIONS = {
+    "tokenCount": lambda facts, c: compare(facts.tokens, c["operator"], c.get("value")),
+    "model": lambda facts, c: compare(facts.model, c["operator"], c.get("value")),
+    "thinking": lambda facts, c: compare(facts.thinking, c["operator"], c.get("value")),
+    "header": lambda facts, c: compare(facts.headers.get(c["header"], ""), c["operator"],
+                                       c.get("value")),
+    "tools": lambda facts, c: tools_condition_holds(facts.tool_names, c["operator"],
+                                                    c.get("value")),
+}
+# The scenario routes, in the order they are tried when configured: name -> whether it applies
+# to the request (config validation reads the names from here, routing the predicates).
+SCENARIOS = {
+    "longContext": lambda facts: facts.long_context,
+    "background": lambda facts: "haiku" in facts.model.lower(),
+    "webSearch": lambda facts: facts.web_search,
+    "think": lambda facts: facts.thinking,
+    "image": lambda facts: facts.images,
+}
 
 
 def explicit_choice(config: Config, text: str, route: str):
@@ -2736,13 +2668,13 @@ def routed_by_rules(config: Config, facts: RequestFacts) -> list:
     """The routing of the first route rule that applies, with its fallbacks; [] if none."""
     chosen = None
     for route in config.routes.values():
-        if route.conditions and all(facts.condition_holds(c) for c in route.conditions):
+        if route.conditions and all(CONDITIONS[c["type"]](facts, c) for c in route.conditions):
             chosen = route_target(config, route)
             if chosen:
                 break
-    for name in SCENARIO_ROUTES:
+    for name, applies in SCENARIOS.items():
         route = config.routes.get(name)
-        if chosen is None and route is not None and not route.conditions and facts.scenario(name):
+        if chosen is None and route is not None and not route.conditions and applies(facts):
             chosen = route_target(config, route)
     if chosen is None and "default" in config.routes:
         chosen = route_target(config, config.routes["default"])
@@ -2822,6 +2754,78 @@ class CircuitBreaker:
     def public_view(self) -> dict:
         return {"state": self.state if self._enabled else "disabled",
                 "consecutive_failures": self.failures, "last_error": self.last_error}
+
+
+class Failover:
+    """Tries a route plan's candidates in order, each with retries and backoff while the retry
+    budget lasts, skipping providers whose circuit is open. A failure before the answer began
+    moves on; the request's own 4xx does not. Owns a circuit breaker per provider and counts
+    how often a request moved on. Every answer and error names where it went (x-ccproxy-*)."""
+
+    def __init__(self):
+        self.breakers = {}            # provider name -> CircuitBreaker
+        self.count = 0                # times a request moved on to the next candidate
+
+    def breaker(self, name: str, settings) -> CircuitBreaker:
+        """The provider's breaker, made with settings (threshold, cooldown, on) when new."""
+        breaker = self.breakers.get(name)
+        if breaker is None:
+            breaker = self.breakers[name] = CircuitBreaker(*settings)
+        return breaker
+
+    async def run(self, plan: list, attempt, config: Config) -> Response:
+        """The first answer of attempt(routing) along the plan; else the last error, raised."""
+        policy = RetryPolicy(config.max_retries, config.retry_budget)
+        error, tried = None, plan[0]
+        for position, routing in enumerate(plan):
+            breaker = self.breaker(routing.provider.name, config.breaker_settings)
+            if not breaker.allows_request():
+                error = error or OverloadedError("%s: circuit open after repeated failures (%s)"
+                                                 % (routing.provider.name, breaker.last_error))
+                continue
+            tried = routing
+            try:
+                return with_route_headers(await self._retried(routing, attempt, breaker, policy),
+                                          routing)
+            except ProxyError as failure:
+                if failure.status not in RETRYABLE_STATUSES:
+                    raise with_route_headers(failure, routing)
+                error = failure
+            if position + 1 < len(plan):
+                self.count += 1
+                log.warning("%s failed (HTTP %d); trying %s", routing.provider.name,
+                            error.status, plan[position + 1].provider.name)
+        raise with_route_headers(error, tried)
+
+    @staticmethod
+    async def _retried(routing: Routing, attempt, breaker: CircuitBreaker,
+                       policy: RetryPolicy) -> Response:
+        """attempt(routing), again after a backoff while the policy allows."""
+        for number in itertools.count():
+            try:
+                return await Failover._recorded(routing, attempt, breaker)
+            except ProxyError as error:
+                delay = policy.next_delay(number, error.retry_after()) \
+                    if error.status in RETRYABLE_STATUSES else None
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _recorded(routing: Routing, attempt, breaker: CircuitBreaker) -> Response:
+        """attempt(routing), whose outcome the breaker always learns: the answer or error it
+        ended with, or, when it ended otherwise (the client left, a bug), that it proved
+        nothing, so that a half-open circuit's probe is never lost."""
+        try:
+            response = await attempt(routing)
+        except ProxyError as error:
+            breaker.record(error.status, error.message)
+            raise
+        except BaseException:
+            breaker.abandon()
+            raise
+        breaker.record(response.status, "")
+        return response
 
 
 ###############################################################################

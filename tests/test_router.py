@@ -195,6 +195,55 @@ def test_bad_conditions_name_the_key(condition, problem):
         ccproxy.build_config(raw, "config.json", {})
 
 
+# One request per condition type that makes that condition hold (and not the default).
+CONDITION_CASES = {
+    "tokenCount": ({"type": "tokenCount", "operator": ">", "value": 100},
+                   {"messages": [{"role": "user", "content": "word " * 400}]}, ()),
+    "model": ({"type": "model", "operator": "contains", "value": "opus"},
+              {"model": "claude-opus-4-8"}, ()),
+    "thinking": ({"type": "thinking", "operator": "==", "value": True},
+                 {"thinking": {"type": "enabled", "budget_tokens": 2000}}, ()),
+    "header": ({"type": "header", "header": "x-task", "operator": "==", "value": "review"},
+               {}, [("x-task", "review")]),
+    "tools": ({"type": "tools", "operator": ">=", "value": 2},
+              {"tools": [{"name": "a", "input_schema": {}}, {"name": "b", "input_schema": {}}]}, ()),
+}
+SCENARIO_CASES = {
+    "longContext": {"messages": [{"role": "user", "content": "word " * 4000}]},
+    "background": {"model": "claude-haiku-4-5"},
+    "webSearch": {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+    "think": {"thinking": {"type": "adaptive"}},
+    "image": {"messages": [{"role": "user", "content": [{"type": "image", "source": {
+        "type": "base64", "media_type": "image/png", "data": "A"}}]}]},
+}
+
+
+def test_one_table_each_drives_validation_and_routing_of_conditions_and_scenarios():
+    assert set(CONDITION_CASES) == set(ccproxy.CONDITIONS)       # a new type needs a case here
+    assert set(SCENARIO_CASES) == set(ccproxy.SCENARIOS)
+    for kind, (condition, body, headers) in CONDITION_CASES.items():
+        raw = {"providers": RULES["providers"], "routes": {
+            "default": {"provider": "openai", "model": "gpt-main"},
+            "custom": {"provider": "deepseek", "model": "c", "conditions": [condition]}}}
+        assert plan(body, headers, raw)[0][2] == "custom", kind
+        assert plan({}, (), raw)[0][2] == "default", kind
+    for name, body in SCENARIO_CASES.items():
+        raw = {"providers": RULES["providers"], "routes": {
+            "default": {"provider": "openai", "model": "gpt-main"},
+            name: {"provider": "deepseek", "model": "s"}, "longContextThreshold": 3000}}
+        assert not ccproxy.build_config(raw, "config.json", {}).warnings
+        assert plan(body, (), raw)[0][2] == name and plan({}, (), raw)[0][2] == "default"
+
+
+def test_a_route_no_request_would_use_is_warned_about():
+    raw = {"providers": RULES["providers"],
+           "routes": {"longcontext": {"provider": "openai", "model": "m"}}}
+    warnings = ccproxy.build_config(raw, "config.json", {}).warnings
+    assert warnings == ["config.json: routes.longcontext: not a scenario route (longContext, "
+                        "background, webSearch, think, image, default) and without conditions: "
+                        "no request will use it"]
+
+
 def test_fallback_naming_an_unknown_provider_is_an_error():
     raw = {"providers": RULES["providers"],
            "routes": {"default": {"provider": "openai", "model": "m", "fallbacks": ["ghost,m"]}}}
@@ -299,7 +348,7 @@ def test_a_retry_after_beyond_the_budget_moves_on_at_once(start_proxy, upstream,
 
 
 def breaker(proxy, name="primary"):
-    return proxy.server.app.breaker_for(name)
+    return proxy.server.app.failover.breakers[name]
 
 
 def test_circuit_breaker_opens_skips_probes_and_closes(start_proxy, upstream, second_upstream):

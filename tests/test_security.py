@@ -374,7 +374,7 @@ def test_a_probe_whose_client_disconnects_does_not_leave_the_circuit_half_open(s
         "type": "api_error", "message": "down"}}, 500)
     with pytest.raises(anthropic.InternalServerError):
         ask(proxy)
-    breaker = proxy.server.app.breakers["anthropic"]
+    breaker = proxy.server.app.failover.breakers["anthropic"]
     assert breaker.state == "open"
     time.sleep(0.3)                                      # the cooldown passes
     upstream.script = lambda r: Reply(200, anthropic_message(), delay=10)
