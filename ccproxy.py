@@ -129,7 +129,8 @@ ERROR_TYPE_BY_STATUS = {
     529: "overloaded_error",
 }
 
-# Upstream status -> the status the client sees (translation rule book, E2).
+# Upstream status -> the status the client sees: the Messages API's own statuses, a gateway's
+# 503 as Anthropic's 529 (overloaded, which clients retry), 422 (a validation error) as 400.
 CLIENT_STATUS_BY_UPSTREAM_STATUS = {
     400: 400, 401: 401, 402: 402, 403: 403, 404: 404, 408: 504, 413: 413, 422: 400, 429: 429,
     500: 500, 502: 502, 503: 529, 504: 504, 529: 529,
@@ -358,7 +359,9 @@ class SecretMasker:
 
 
 def upstream_error_message(body: bytes) -> str:
-    """The most useful message in an upstream error body, whatever its shape (rule book E3)."""
+    """The most useful message in an upstream error body, whatever its shape: error.message
+    (OpenAI, Anthropic, Gemini), a bare error string, message or detail, or an HTML page's
+    words."""
     text = body[:UPSTREAM_ERROR_BODY_BYTES].decode("utf-8", "replace")
     try:
         data = json.loads(text)
@@ -378,7 +381,8 @@ def upstream_error_message(body: bytes) -> str:
 
 
 def error_from_upstream(provider, status: int, body: bytes, headers=()) -> ProxyError:
-    """Map an upstream error response to the error the client sees (rule book E2, E3)."""
+    """The error the client sees for an upstream error answer: the status mapped, the
+    provider's own message kept (without secrets), a retry-after passed on."""
     if status in CLIENT_STATUS_BY_UPSTREAM_STATUS:
         client_status = CLIENT_STATUS_BY_UPSTREAM_STATUS[status]
     else:
@@ -842,7 +846,7 @@ def base_url_problem(url) -> str | None:
     return None
 
 
-def check_top_level(checker: ConfigChecker, raw: dict) -> None:
+def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
     """Validate host, port, apikey, log and log_file."""
     checker.unknown_keys(raw, DEFAULT_CONFIG, "")
     checker.typed(raw, "host", "", str, "a host name or address")
@@ -857,7 +861,7 @@ def check_top_level(checker: ConfigChecker, raw: dict) -> None:
     checker.typed(raw, "failover", "", bool, "true or false")
 
 
-def check_performance(checker: ConfigChecker, section) -> dict:
+def build_performance(checker: ConfigChecker, section) -> dict:
     """Validate performance.*; durations become seconds."""
     if not isinstance(section, dict):
         checker.fail("performance", "must be an object")
@@ -885,7 +889,7 @@ def check_performance(checker: ConfigChecker, section) -> dict:
     return checked
 
 
-def check_security(checker: ConfigChecker, section) -> list:
+def build_allowed_networks(checker: ConfigChecker, section) -> list:
     """Validate security.allowed_ips; returns the parsed networks."""
     if not isinstance(section, dict):
         checker.fail("security", "must be an object")
@@ -902,7 +906,7 @@ def check_security(checker: ConfigChecker, section) -> list:
     return networks
 
 
-def check_provider(checker: ConfigChecker, entry, index: int, path: str = "") -> Provider | None:
+def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") -> Provider | None:
     """Validate one providers[i] entry (or one at path) and fill in its preset."""
     path = path or "providers[%d]" % index
     if not isinstance(entry, dict):
@@ -928,7 +932,7 @@ def check_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
                      % (", ".join(PROTOCOLS), ", ".join(PROVIDER_PRESETS)))
         return None
     problems_before = len(checker.problems)
-    check_provider_fields(checker, fields, path)
+    clean_provider_fields(checker, fields, path)
     if (fields["enabled"] is True and preset and not preset.get("key_optional")
             and not fields["api_key"]):
         checker.fail(path + ".api_key", "required for %s (or set CCPROXY_PROVIDERS_%d_API_KEY)"
@@ -943,7 +947,7 @@ def check_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
                     quirks=dict(PROVIDER_QUIRKS, **preset.get("quirks", {})))
 
 
-def check_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
+def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
     """The type and shape of each provider field, preset defaults included; the key and the
     header values are stripped of surrounding whitespace in fields."""
     problem = base_url_problem(fields["api_base_url"])
@@ -972,14 +976,14 @@ def check_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
     checker.typed(fields, "count_tokens", path, bool, "true or false")
 
 
-def check_providers(checker: ConfigChecker, entries) -> list:
+def build_providers(checker: ConfigChecker, entries) -> list:
     """Validate providers[]; names must be unique."""
     if not isinstance(entries, list):
         checker.fail("providers", "must be a list of provider objects")
         return []
     providers, seen = [], set()
     for index, entry in enumerate(entries):
-        provider = check_provider(checker, entry, index)
+        provider = build_provider(checker, entry, index)
         if provider is None:
             continue
         if provider.name in seen:
@@ -989,7 +993,7 @@ def check_providers(checker: ConfigChecker, entries) -> list:
     return providers
 
 
-def check_routes(checker: ConfigChecker, section, providers: list) -> dict:
+def build_routes(checker: ConfigChecker, section, providers: list) -> dict:
     """Validate routes: each {provider, model} naming a configured provider, with optional
     conditions and fallbacks; longContextThreshold is a number, not a route."""
     if not isinstance(section, dict):
@@ -1009,8 +1013,8 @@ def check_routes(checker: ConfigChecker, section, providers: list) -> dict:
             checker.fail(path, "must be an object with provider and model")
             continue
         checker.unknown_keys(entry, ROUTE_KEYS, path)
-        target = check_route_target(checker, entry, path, names)
-        conditions = check_conditions(checker, entry.get("conditions", []), path + ".conditions")
+        target = build_route_target(checker, entry, path, names)
+        conditions = build_conditions(checker, entry.get("conditions", []), path + ".conditions")
         if not conditions and name not in SCENARIOS and name != "default":
             checker.warn(path, "not a scenario route (%s, default) and without conditions: no "
                                "request will use it" % ", ".join(SCENARIOS))
@@ -1022,13 +1026,13 @@ def check_routes(checker: ConfigChecker, section, providers: list) -> dict:
             if not isinstance(fallback, dict):
                 checker.fail(where, 'must be {"provider", "model"} or "provider,model"')
                 continue
-            fallbacks.append(check_route_target(checker, fallback, where, names))
+            fallbacks.append(build_route_target(checker, fallback, where, names))
         if target is not None and None not in fallbacks:
             routes[name] = Route(name, target[0], target[1], conditions, fallbacks)
     return routes
 
 
-def check_route_target(checker: ConfigChecker, entry: dict, path: str, names) -> tuple | None:
+def build_route_target(checker: ConfigChecker, entry: dict, path: str, names) -> tuple | None:
     """(provider, model) of a route or fallback naming a configured provider."""
     provider = checker.typed(entry, "provider", path, str, "a provider name")
     model = checker.typed(entry, "model", path, str, "a model name")
@@ -1040,7 +1044,7 @@ def check_route_target(checker: ConfigChecker, entry: dict, path: str, names) ->
     return (provider, model) if provider and model else None
 
 
-def check_conditions(checker: ConfigChecker, conditions, path: str) -> list:
+def build_conditions(checker: ConfigChecker, conditions, path: str) -> list:
     """Route conditions {type, operator, value} (header conditions also name the header)."""
     if not isinstance(conditions, list):
         checker.fail(path, "must be a list of {type, operator, value}")
@@ -1082,11 +1086,11 @@ def build_config(raw: dict, source: str | None, environ=None, flags=None) -> Con
     merged = apply_environment(merged, environ, origins, env_warnings)
     merged = apply_flags(merged, flags or {}, origins)
     checker = ConfigChecker(source or "defaults", origins)
-    check_top_level(checker, merged)
-    merged["performance"] = check_performance(checker, merged.get("performance"))
-    networks = check_security(checker, merged.get("security"))
-    providers = check_providers(checker, merged.get("providers"))
-    routes = check_routes(checker, merged.get("routes"), providers)
+    clean_top_level(checker, merged)
+    merged["performance"] = build_performance(checker, merged.get("performance"))
+    networks = build_allowed_networks(checker, merged.get("security"))
+    providers = build_providers(checker, merged.get("providers"))
+    routes = build_routes(checker, merged.get("routes"), providers)
     if checker.problems:
         raise ConfigError("\n".join(checker.problems))
     return Config(merged, source, providers, routes, networks, env_warnings + checker.warnings)
@@ -2269,7 +2273,7 @@ def provider_entry_from(app: ProxyApp, request: Request, name: str | None = None
                                       "cannot be renamed" % (entry["name"], name))
     check_no_env_references(entry, "provider")
     checker = ConfigChecker("request body", {})
-    provider = check_provider(checker, dict(entry), 0, "provider")
+    provider = build_provider(checker, dict(entry), 0, "provider")
     if checker.problems or provider is None:
         raise InvalidRequestError("; ".join(checker.problems) or "provider: invalid")
     return entry
@@ -3027,7 +3031,8 @@ def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None
 
 def messages_without_proxy_thinking(messages):
     """The messages without the thinking blocks another provider made through ccproxy, which
-    Anthropic would reject for their signature (rule book C17); None when there are none."""
+    Anthropic would reject (their signature is ccproxy's, not Anthropic's); None when there
+    are none."""
     if not isinstance(messages, list):
         return None
     changed, cleaned = False, []
@@ -3268,7 +3273,6 @@ ANTHROPIC_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
 MISTRAL_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9]{9}$")
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
-# Anthropic body keys that have an OpenAI meaning; every other key stays here (rule book A8).
 MAX_OPENAI_STOP_SEQUENCES = 4
 MAX_OPENAI_USER_CHARS = 64
 CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
@@ -3292,7 +3296,8 @@ def base62_digest(text: str, length: int) -> str:
 
 
 def openai_tool_name(name: str) -> str:
-    """An OpenAI function name for an Anthropic tool name (rule book A31)."""
+    """An OpenAI function name for a tool name: kept when it fits ^[a-zA-Z0-9_-]{1,64}$ (what
+    Chat Completions accepts), else cleaned and made unique with a short hash."""
     if OPENAI_TOOL_NAME_RE.match(name):
         return name
     cleaned = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:55] or "unnamed_tool"
@@ -3324,7 +3329,8 @@ def tool_use_id(call_id) -> str:
 
 
 def thinking_effort(body: dict) -> str | None:
-    """low/medium/high when the request asks for thinking, None when it does not (A7, A12)."""
+    """low/medium/high when the request asks for thinking (from budget_tokens, or
+    output_config.effort with adaptive thinking), None when it does not."""
     thinking = body.get("thinking")
     if not isinstance(thinking, dict):
         return None
@@ -3340,7 +3346,8 @@ def thinking_effort(body: dict) -> str | None:
 
 
 def openai_reasoning_fields(body: dict, quirks: dict, reasoning_model: bool) -> dict:
-    """The provider's own way of asking for reasoning, per its preset (A7)."""
+    """The provider's own way of asking for reasoning, per its preset: reasoning_effort
+    (OpenAI's reasoning models), thinking (DeepSeek), reasoning (OpenRouter)."""
     effort = thinking_effort(body)
     style = quirks["reasoning_style"]
     if effort is None or style is None:
@@ -3354,7 +3361,8 @@ def openai_reasoning_fields(body: dict, quirks: dict, reasoning_model: bool) -> 
 
 
 def text_of_system(system) -> str:
-    """The system prompt as one string: text blocks joined by blank lines (A10-A13)."""
+    """The system prompt as one string: text blocks joined by blank lines, without Claude
+    Code's billing-header block (meaningless elsewhere)."""
     if isinstance(system, str):
         return system.strip() and system
     texts = [b["text"] for b in system or () if isinstance(b, dict) and b.get("type") == "text"
@@ -3364,7 +3372,8 @@ def text_of_system(system) -> str:
 
 
 def openai_image_part(block: dict, where: str) -> dict:
-    """An image block as an image_url part (A16); a Files API reference cannot be sent."""
+    """An image block as an image_url part (a data: URL for base64); a Files API reference
+    cannot be sent."""
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     if source.get("type") == "base64":
         url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
@@ -3377,7 +3386,7 @@ def openai_image_part(block: dict, where: str) -> dict:
 
 
 def openai_document_part(block: dict) -> dict:
-    """A document block as a file part (PDF) or text (A17)."""
+    """A document block as a file part (a base64 PDF) or as its text."""
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     if source.get("type") == "base64":
         return {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:%s;base64,%s"
@@ -3413,14 +3422,15 @@ def openai_user_parts(blocks, quirks: dict, where: str) -> list:
 
 
 def openai_content(parts: list):
-    """Content parts as Chat Completions wants them: a string when all are text (A15)."""
+    """Content parts as Chat Completions wants them: one string when all are text (the form
+    every OpenAI-compatible server accepts)."""
     if all(part["type"] == "text" for part in parts):
         return "\n".join(part["text"] for part in parts)
     return parts
 
 
 def tool_result_text(block: dict) -> str:
-    """A tool_result's content as text: strings and text blocks joined, never their JSON (A20)."""
+    """A tool_result's content as text: strings and text blocks joined, never their JSON."""
     content = block.get("content")
     texts = []
     for item in content if isinstance(content, list) else [content]:
@@ -3440,7 +3450,8 @@ def tool_result_images(block: dict) -> list:
 
 
 def tool_result_text_and_images(block: dict, quirks: dict, where: str):
-    """A tool_result's text (is_error marked, A21) and its images as parts (A22)."""
+    """A tool_result's text (an error result marked "Error: ") and its images as parts (a tool
+    message cannot hold images, so they follow in a user message)."""
     text = tool_result_text(block)
     images = [openai_image_part(item, where) if quirks["vision"]
               else {"type": "text", "text": "[image omitted]"} for item in tool_result_images(block)]
@@ -3449,7 +3460,7 @@ def tool_result_text_and_images(block: dict, quirks: dict, where: str):
 
 def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
     """An assistant turn: text joined, tool_use as tool_calls, thinking dropped or replayed,
-    server-tool history dropped (A26-A28)."""
+    server-tool history dropped (it has no Chat Completions form)."""
     texts, calls, thoughts = [], [], []
     for position, block in enumerate(blocks):
         kind = block.get("type")
@@ -3478,7 +3489,8 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
 
 
 def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
-    """The conversation as Chat Completions messages (rule book A10-A29)."""
+    """The conversation as Chat Completions messages: system first, each assistant turn with
+    its tool calls, each call's result as a tool message right after it."""
     messages = []
     system = text_of_system(body.get("system"))
     if system:
@@ -3508,7 +3520,8 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
 
 
 def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list:
-    """A user turn: one tool message per answered call, first (A19), then its other content."""
+    """A user turn: one tool message per answered call first (Chat Completions wants them
+    right after the calls), then the turn's other content."""
     answered, tool_messages, extra_parts = set(), [], []
     for position, block in enumerate(blocks):
         if block.get("type") != "tool_result":
@@ -3536,13 +3549,14 @@ def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list
 
 
 def missing_tool_results(call_ids) -> list:
-    """Stand-in results for calls the conversation never answered (A24)."""
+    """Stand-in results for calls the conversation never answered (Chat Completions refuses a
+    call without its result)."""
     return [{"role": "tool", "tool_call_id": call_id,
              "content": "[no result: the tool call was interrupted]"} for call_id in call_ids]
 
 
 def merge_adjacent_user_messages(messages: list) -> list:
-    """Two user messages in a row become one (A29)."""
+    """Two user messages in a row become one (some servers refuse two in a row)."""
     merged = []
     for message in messages:
         previous = merged[-1] if merged else None
@@ -3558,7 +3572,7 @@ def merge_adjacent_user_messages(messages: list) -> list:
 
 def openai_tools_from_anthropic(tools, quirks: dict) -> list:
     """Custom tools as functions; server tools (web search…) have no equivalent and are
-    left out (A30-A32)."""
+    left out (logged)."""
     functions = []
     for tool in tools or ():
         if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
@@ -3594,7 +3608,8 @@ def openai_tool_choice(choice) -> dict:
 
 
 def openai_user_field(metadata) -> dict:
-    """metadata.user_id as `user`: as is when short and plain, else a stable digest (A6)."""
+    """metadata.user_id as `user`: as is when short and plain, else a stable digest (OpenAI
+    limits it to 64 characters)."""
     user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
     if not isinstance(user_id, str) or not user_id:
         return {}
@@ -3611,7 +3626,8 @@ def openai_output_cap(provider: Provider, model: str) -> int | None:
 
 
 def openai_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
-    """The Chat Completions body for an Anthropic Messages body (rule book A)."""
+    """The Chat Completions body for a Messages body
+    (https://platform.openai.com/docs/api-reference/chat/create)."""
     quirks = provider.quirks
     pattern = quirks["reasoning_models"]
     reasoning_model = bool(pattern and re.match(pattern, model))
@@ -3642,7 +3658,7 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
 
 
 def openai_response_format(body: dict) -> dict:
-    """A JSON-schema output format as response_format (A9)."""
+    """A JSON-schema output format (output_config.format) as response_format."""
     config = body.get("output_config")
     output_format = body.get("output_format") or (config.get("format") if isinstance(config, dict)
                                                   else None)
@@ -3668,7 +3684,8 @@ def openai_request_headers(provider: Provider) -> dict:
 
 
 def anthropic_usage_from_openai(usage) -> dict:
-    """Anthropic usage from OpenAI usage: cache reads counted apart from input (B6)."""
+    """Anthropic usage from OpenAI usage: cache reads counted apart from input (Anthropic's
+    input_tokens excludes them; OpenAI's prompt_tokens includes them)."""
     usage = dict_of(usage)
     details = dict_of(usage.get("prompt_tokens_details"))
     prompt = count_of(usage.get("prompt_tokens"))
@@ -3686,7 +3703,8 @@ def count_of(value) -> int:
 
 
 def tool_input_from_arguments(arguments) -> dict:
-    """A tool_use input object from OpenAI arguments, whatever shape they came in (B4)."""
+    """A tool_use input object from OpenAI arguments, whatever shape they came in (a JSON
+    string, a string inside a string, an object, a trailing comma)."""
     if isinstance(arguments, dict):
         return arguments
     if not isinstance(arguments, str) or not arguments.strip():
@@ -3720,7 +3738,8 @@ def openai_stop_reason(finish_reason, made_calls: bool) -> str:
 
 
 def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
-    """An error object inside a 200 answer or a stream (B9, C18) as the client's error."""
+    """An error object inside a 200 answer or a stream as the client's error, its status
+    from the error's code when it is an HTTP status."""
     error = error if isinstance(error, dict) else {"message": str(error)}
     code = error.get("code")
     if isinstance(code, str) and code.isdigit():
@@ -3732,7 +3751,8 @@ def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
 
 
 def anthropic_message_from_openai(data: dict, context) -> dict:
-    """An Anthropic message from a Chat Completions answer (rule book B)."""
+    """An Anthropic message from a Chat Completions answer: reasoning as thinking, text,
+    refusal as text, tool calls as tool_use blocks."""
     if not isinstance(data, dict):
         raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
     choices = list_of(data.get("choices"))
@@ -3772,7 +3792,7 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
 
 
 def anthropic_tool_use(call: dict, context) -> dict:
-    """A tool_use block from an OpenAI tool call (B4)."""
+    """A tool_use block from an OpenAI tool call."""
     function = call.get("function") if isinstance(call.get("function"), dict) else {}
     return {"type": "tool_use", "id": tool_use_id(call.get("id")),
             "name": context.tool_name(function.get("name")),
@@ -3910,7 +3930,7 @@ class OpenAIStreamTranslator:
 
     A tool call streams live while it is the current one; a call that starts while the current
     call's arguments are still incomplete JSON is buffered and sent whole at the end, so
-    interleaved indexes never send a delta to a closed block (rule book C10). feed() per chunk,
+    interleaved indexes never send a delta to a closed block. feed() per chunk,
     done() on [DONE], finish() last.
     """
 
@@ -4200,7 +4220,8 @@ GEMINI_STATUS_BY_CODE = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
 
 
 def gemini_tool_name(name: str) -> str:
-    """A Gemini function name for an Anthropic tool name (rule book D10, mapped like A31)."""
+    """A Gemini function name for a tool name: kept when it fits Gemini's rule (a letter or _
+    first, then letters, digits, _ . : -, at most 64), else cleaned and made unique."""
     if GEMINI_TOOL_NAME_RE.match(name):
         return name
     cleaned = re.sub(r"[^a-zA-Z0-9_.:-]", "_", name)
@@ -4209,7 +4230,9 @@ def gemini_tool_name(name: str) -> str:
 
 
 def gemini_schema(node, definitions: dict, depth: int = 0) -> dict:
-    """A JSON Schema cleaned to the OpenAPI subset Gemini accepts (rule book D12), recursively."""
+    """A JSON Schema cleaned to the OpenAPI subset Gemini accepts, recursively
+    (https://ai.google.dev/api/caching#Schema): $ref inlined, allOf merged, type lists and
+    null as nullable, only the keywords it knows."""
     if not isinstance(node, dict):
         return {"type": "STRING"}
     if "$ref" in node:
@@ -4337,7 +4360,8 @@ def gemini_tools_from_anthropic(tools) -> list:
 
 
 def gemini_tool_config(choice) -> dict:
-    """toolConfig.functionCallingConfig for an Anthropic tool_choice (D11)."""
+    """toolConfig.functionCallingConfig for a tool_choice: auto, any (ANY), none, or one tool
+    (ANY with allowedFunctionNames)."""
     kind = choice.get("type") if isinstance(choice, dict) else None
     if kind == "tool":
         return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [
@@ -4347,7 +4371,8 @@ def gemini_tool_config(choice) -> dict:
 
 
 def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict:
-    """generationConfig: output cap, sampling, stop sequences, thinking (D7, D8)."""
+    """generationConfig: output cap, sampling, stop sequences (at most 5), thinking
+    (thinkingLevel for Gemini 3, thinkingBudget before)."""
     cap = openai_output_cap(provider, model)
     config = {"maxOutputTokens": min(body["max_tokens"], cap) if cap else body["max_tokens"]}
     for source, target in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
@@ -4370,7 +4395,7 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
 
 
 def gemini_inline_part(block: dict, where: str) -> dict:
-    """A base64 image or PDF as inlineData; Gemini cannot fetch other URLs (D4)."""
+    """A base64 image or PDF as inlineData; Gemini's API cannot fetch other URLs."""
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     if source.get("type") == "base64":
         return {"inlineData": {"mimeType": source.get("media_type", "application/octet-stream"),
@@ -4383,7 +4408,8 @@ def gemini_inline_part(block: dict, where: str) -> dict:
 
 def gemini_model_parts(blocks, calls: list, where: str) -> list:
     """An assistant turn as model parts; each call's thought signature is restored from the
-    thinking block before it, and a turn's first call without one gets the placeholder (D9)."""
+    thinking block before it, and a turn's first call without one gets Google's documented
+    placeholder (https://ai.google.dev/gemini-api/docs/thought-signatures)."""
     parts, signature, first_call = [], None, True
     for position, block in enumerate(blocks):
         kind = block.get("type")
@@ -4409,7 +4435,8 @@ def gemini_model_parts(blocks, calls: list, where: str) -> list:
 
 def gemini_user_parts(blocks, calls: list, where: str) -> list:
     """A user turn: one functionResponse per call of the model turn before, in call order
-    (missing ones filled in), then orphan results as text, then the rest (D6)."""
+    (missing ones filled in: Gemini wants as many responses as calls), then orphan results as
+    text, then the rest."""
     results, extra = {}, []
     for position, block in enumerate(blocks):
         if block.get("type") != "tool_result":
@@ -4466,7 +4493,8 @@ def gemini_contents_from_anthropic(body: dict):
 
 
 def gemini_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
-    """The generateContent body for an Anthropic Messages body (rule book D)."""
+    """The generateContent body for a Messages body
+    (https://ai.google.dev/api/generate-content#request-body)."""
     contents, system = gemini_contents_from_anthropic(body)
     request = {"contents": contents}
     if system:
@@ -4498,7 +4526,8 @@ def gemini_request_headers(provider: Provider) -> dict:
 
 
 def anthropic_usage_from_gemini(usage) -> dict:
-    """Anthropic usage from usageMetadata: cached tokens apart, thoughts counted as output (D17)."""
+    """Anthropic usage from usageMetadata: cached tokens apart, thoughts counted as output (the
+    provider bills them as output)."""
     usage = dict_of(usage)
     prompt = count_of(usage.get("promptTokenCount")) + count_of(usage.get("toolUsePromptTokenCount"))
     cached = count_of(usage.get("cachedContentTokenCount"))
@@ -4509,7 +4538,8 @@ def anthropic_usage_from_gemini(usage) -> dict:
 
 
 def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
-    """A Gemini error object as the client's error (D19)."""
+    """A Gemini error object ({code, message, status, details}) as the client's error, its
+    status from the error's status name, a RetryInfo delay as retry-after."""
     error = error if isinstance(error, dict) else {"message": str(error)}
     message = str(error.get("message") or json.dumps(error))
     code = error.get("code") if isinstance(error.get("code"), int) else status
@@ -4534,7 +4564,8 @@ def gemini_retry_delays(error: dict) -> list:
 
 
 def gemini_stop_reason(finish_reason, made_calls: bool) -> str:
-    """D16: tool_use whenever calls were made (Gemini says STOP), refusals for safety stops."""
+    """The stop_reason of a finishReason: tool_use whenever calls were made (Gemini says
+    STOP), max_tokens, refusal for safety stops, else end_turn."""
     if made_calls:
         return "tool_use"
     if finish_reason == "MAX_TOKENS":
@@ -4558,7 +4589,7 @@ class GeminiStreamTranslator:
 
     Parts become blocks in the order they come: thoughts as thinking, text as text, each
     functionCall (always whole) as a tool_use block with its input in one delta. A call's
-    thoughtSignature rides on the thinking block just before it (D9, D15).
+    thoughtSignature rides on the thinking block just before it, so it comes back.
     """
 
     def __init__(self, context: TranslationContext):
