@@ -11,16 +11,32 @@ Usage:
     python3 ccproxy.py stop | status [--json] | env [--shell SHELL] | version
     python3 ccproxy.py COMMAND --help
 
-Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py):
+Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and their parts:
     1. Constants
     2. Errors
     3. Config
+        3.1 Reading: JSONC, ${VAR}, durations, layers
+        3.2 The configuration: providers, routes, limits
+        3.3 Validation: every problem, with its file and key
     4. HTTP/1.1
+        4.1 Messages: parsing requests, writing responses (sans-IO)
+        4.2 The server: listening, accepting within limits, draining
+        4.3 Connections: keep-alive, limits, timeouts, streaming
     5. Access
     6. Endpoints
+        6.1 The app and the request body
+        6.2 Messages, token counts, models
+        6.3 Health, status, metrics, the request log
+        6.4 Provider management
+        6.5 The endpoint table
     7. Token estimator
-    8. Router
+    8. Router and resilience
     9. Transformers
+        9.1 Shared by every protocol: the client's request and events, the relay
+        9.2 Anthropic Messages (pass-through)
+        9.3 OpenAI Chat Completions
+        9.4 Gemini
+        9.5 The protocol registry (a new protocol: a sub-section above, a line here)
     10. Upstream
     11. Daemon
     12. CLI
@@ -62,6 +78,8 @@ __all__ = ["main", "load_config", "build_config", "ProxyServer", "estimate_reque
            "__version__"]
 
 log = logging.getLogger("ccproxy")
+
+
 
 
 ###############################################################################
@@ -129,8 +147,8 @@ ERROR_TYPE_BY_STATUS = {
     529: "overloaded_error",
 }
 
-# Upstream status -> the status the client sees: the Messages API's own statuses, a gateway's
-# 503 as Anthropic's 529 (overloaded, which clients retry), 422 (a validation error) as 400.
+# Upstream status -> the status the client sees: the Messages API's own statuses; a gateway's
+# "503 unavailable" as Anthropic's 529 (overloaded, which clients retry); 422 as 400.
 CLIENT_STATUS_BY_UPSTREAM_STATUS = {
     400: 400, 401: 401, 402: 402, 403: 403, 404: 404, 408: 504, 413: 413, 422: 400, 429: 429,
     500: 500, 502: 502, 503: 529, 504: 504, 529: 529,
@@ -145,6 +163,8 @@ ANTHROPIC_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 # Response headers relayed back from an Anthropic-protocol provider.
 RELAYED_RESPONSE_HEADERS = ("request-id", "retry-after")
 RELAYED_RESPONSE_HEADER_PREFIX = "anthropic-ratelimit-"
+
+
 
 
 ###############################################################################
@@ -392,9 +412,16 @@ def error_from_upstream(provider, status: int, body: bytes, headers=()) -> Proxy
     return error_for_status(client_status, provider.masker.text(message), kept)
 
 
+
+
 ###############################################################################
 # 3. Config
 ###############################################################################
+
+
+# -----------------------------------------------------------------------------
+# 3.1 Reading: JSONC, ${VAR}, durations, layers
+# -----------------------------------------------------------------------------
 
 DEFAULT_CONFIG = {
     "host": DEFAULT_HOST,
@@ -429,58 +456,6 @@ DEFAULT_CONFIG = {
     },
 }
 
-PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "models", "enabled", "headers",
-                 "max_tokens", "count_tokens")
-ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
-LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
-PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
-SECRET_KEYS = ("apikey", "admin_key", "api_key", "headers")   # never echoed in a message
-CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
-HTTP_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-
-# What a provider's server accepts; a preset overrides what its server does otherwise.
-PROVIDER_QUIRKS = {
-    "reasoning_models": None,   # model ids (regex) that take max_completion_tokens, no sampling
-    "reasoning_style": None,    # how thinking is asked for: "effort", "deepseek", "openrouter"
-    "reasoning_replay": False,  # thinking goes back as reasoning_content on tool-call turns
-    "stream_usage": True,       # accepts stream_options.include_usage
-    "top_k": False,             # accepts top_k
-    "vision": True,             # accepts image parts
-    "max_output_tokens": {},    # model id -> the most output tokens it allows
-    "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
-    "user_after_tool": True,    # accepts a user message right after tool messages
-    "schema_drop_keys": (),     # top-level tool schema keys the server rejects
-    "thinking_level_models": None,  # Gemini model ids (regex) that take thinkingLevel
-}
-
-# Provider presets (design.md §4): a provider named like a preset needs only its key.
-# `key_optional` for servers that need no key; `count_tokens` whether it answers count_tokens;
-# `headers` go with every call (the user's own headers win); `quirks` as above.
-PROVIDER_PRESETS = {
-    "anthropic": {"type": "anthropic", "api_base_url": "https://api.anthropic.com",
-                  "count_tokens": True},
-    "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
-               "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort"}},
-    "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
-               "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3"}},
-    "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
-                 "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
-                            "vision": False, "max_output_tokens": {"deepseek-chat": 8192,
-                                                                   "deepseek-reasoner": 65536}}},
-    "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1",
-                   "headers": {"HTTP-Referer": "http://localhost:3456",
-                               "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
-                   "quirks": {"reasoning_style": "openrouter", "top_k": True}},
-    "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
-             "quirks": {"schema_drop_keys": ("$schema",)}},
-    "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
-                "quirks": {"tool_id_style": "alnum9", "user_after_tool": False}},
-    "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1"},
-    "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
-               "quirks": {"top_k": True}},
-}
-PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
-                     "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False}
 
 BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "on": True,
                  "false": False, "0": False, "no": False, "off": False, "": False}
@@ -666,6 +641,64 @@ def apply_flags(raw: dict, flags: dict, origins: dict) -> dict:
     return raw
 
 
+def file_mtime(path: str | None) -> float | None:
+    """A file's modification time, or None when there is no such file."""
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None
+
+
+
+# -----------------------------------------------------------------------------
+# 3.2 The configuration: providers, routes, limits
+# -----------------------------------------------------------------------------
+
+# What a provider's server accepts; a preset overrides what its server does otherwise.
+PROVIDER_QUIRKS = {
+    "reasoning_models": None,   # model ids (regex) that take max_completion_tokens, no sampling
+    "reasoning_style": None,    # how thinking is asked for: "effort", "deepseek", "openrouter"
+    "reasoning_replay": False,  # thinking goes back as reasoning_content on tool-call turns
+    "stream_usage": True,       # accepts stream_options.include_usage
+    "top_k": False,             # accepts top_k
+    "vision": True,             # accepts image parts
+    "max_output_tokens": {},    # model id -> the most output tokens it allows
+    "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
+    "user_after_tool": True,    # accepts a user message right after tool messages
+    "schema_drop_keys": (),     # top-level tool schema keys the server rejects
+    "thinking_level_models": None,  # Gemini model ids (regex) that take thinkingLevel
+}
+
+# Provider presets: a provider named like a preset needs only its key.
+# `key_optional` for servers that need no key; `count_tokens` whether it answers count_tokens;
+# `headers` go with every call (the user's own headers win); `quirks` as above.
+PROVIDER_PRESETS = {
+    "anthropic": {"type": "anthropic", "api_base_url": "https://api.anthropic.com",
+                  "count_tokens": True},
+    "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
+               "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort"}},
+    "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
+               "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3"}},
+    "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
+                 "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
+                            "vision": False, "max_output_tokens": {"deepseek-chat": 8192,
+                                                                   "deepseek-reasoner": 65536}}},
+    "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1",
+                   "headers": {"HTTP-Referer": "http://localhost:3456",
+                               "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
+                   "quirks": {"reasoning_style": "openrouter", "top_k": True}},
+    "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
+             "quirks": {"schema_drop_keys": ("$schema",)}},
+    "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
+                "quirks": {"tool_id_style": "alnum9", "user_after_tool": False}},
+    "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1"},
+    "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
+               "quirks": {"top_k": True}},
+}
+PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
+                     "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False}
+
+
 class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
@@ -766,6 +799,21 @@ def default_max_connections() -> int:
         return MAX_AUTO_CONNECTIONS
     return max(MIN_AUTO_CONNECTIONS,
                min(MAX_AUTO_CONNECTIONS, (soft - RESERVED_FILE_DESCRIPTORS) // 2))
+
+
+
+# -----------------------------------------------------------------------------
+# 3.3 Validation: every problem, with its file and key
+# -----------------------------------------------------------------------------
+
+PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "models", "enabled", "headers",
+                 "max_tokens", "count_tokens")
+ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
+LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
+PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
+SECRET_KEYS = ("apikey", "admin_key", "api_key", "headers")   # never echoed in a message
+CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
+HTTP_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 class ConfigChecker:
@@ -1140,9 +1188,16 @@ def config_file_exposure(path: str | None, content: dict) -> str | None:
             "use ${VAR} references" % (path, mode, ", ".join(secrets), path))
 
 
+
+
 ###############################################################################
 # 4. HTTP/1.1
 ###############################################################################
+
+
+# -----------------------------------------------------------------------------
+# 4.1 Messages: parsing requests, writing responses (sans-IO)
+# -----------------------------------------------------------------------------
 
 REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([^\s]+) HTTP/(\d)\.(\d)")
 # One header line, anchored at a line start: a block is valid when every line matches.
@@ -1218,22 +1273,6 @@ class Response:
 
     def __repr__(self):
         return "Response(%d)" % self.status
-
-
-def format_request_log(request: Request, status: int) -> str:
-    """One request log line: no message content, only what happened to the request."""
-    record = request.record
-    now = time.monotonic()
-    usage = record.get("usage") or {}
-    first = record.get("first_byte")
-    return ("%s %s %s route=%s provider=%s model=%s stream=%s status=%d in=%s out=%s "
-            "latency_ms=%.1f ttft_ms=%s" % (
-                record["id"], request.method, request.path, record.get("route", "-"),
-                record.get("provider", "-"), record.get("model", "-"),
-                str(record.get("stream", False)).lower(), status,
-                usage.get("input_tokens", "-"), usage.get("output_tokens", "-"),
-                (now - record["started"]) * 1000,
-                "%.1f" % ((first - record["started"]) * 1000) if first else "-"))
 
 
 def json_response(payload, status: int = 200, headers=()) -> Response:
@@ -1387,6 +1426,182 @@ def header_safe(value: str) -> str:
     return "".join(char if " " <= char <= "~" else "".join(
         "%%%02X" % byte for byte in char.encode("utf-8", "surrogatepass")) for char in value)
 
+
+
+# -----------------------------------------------------------------------------
+# 4.2 The server: listening, accepting within limits, draining
+# -----------------------------------------------------------------------------
+
+DESCRIPTORS_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PAUSE_LOG_SECONDS = 60.0                         # at most one "not accepting" line this often
+
+
+def open_listeners(host: str, port: int) -> list:
+    """Non-blocking listening sockets on every address host resolves to (all interfaces for
+    ""), with a backlog of LISTEN_BACKLOG; with port 0 they share the first free port found."""
+    listeners, address = [], (host, port)
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            listener = socket.socket(family, kind, proto)
+            listeners.append(listener)
+            if os.name != "nt":
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(listeners) > 1:
+                address = (address[0], listeners[0].getsockname()[1]) + tuple(address[2:])
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+    except OSError as exc:
+        for listener in listeners:
+            listener.close()
+        raise OSError(exc.errno, "cannot listen on %s: %s" % (address[:2], exc.strerror or exc)) \
+            from None
+    return listeners
+
+
+class ProxyServer:
+    """The listening server: accepts connections and serves them until stopped, then drains.
+
+    It accepts connections itself, so that it can stop accepting while it serves
+    performance.max_connections of them (or runs out of file descriptors): new clients then
+    wait in the kernel's queue instead of failing, and the log gets one line, not thousands.
+    """
+
+    def __init__(self, config: Config):
+        self.app = ProxyApp(config)
+        self._listeners = []
+        self._accepting = []          # one accept task per listening socket
+        self._room = None             # set while fewer than max_connections are open
+        self._open_connections = 0
+        self._pause_logged_at = -PAUSE_LOG_SECONDS
+        self._loop = None
+        self._stopping = None
+        self._connections = {}        # task -> ClientConnection
+
+    @property
+    def url(self) -> str:
+        host, port = self.app.listen_address
+        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    async def start(self) -> None:
+        """Bind and listen; raises OSError when the address cannot be bound."""
+        config = self.app.config
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._listeners = open_listeners(config.host, config.port)
+        self.app.listen_address = (config.host, self._listeners[0].getsockname()[1])
+        self._accepting = [self._loop.create_task(self._accept_loop(listener))
+                           for listener in self._listeners]
+
+    async def _accept_loop(self, listener) -> None:
+        """Accept connections while there is room; pause while there is none."""
+        while True:
+            await self._room.wait()
+            try:
+                sock, _ = await self._loop.sock_accept(listener)
+            except OSError as exc:
+                if listener.fileno() < 0:
+                    return
+                if exc.errno in DESCRIPTORS_EXHAUSTED:
+                    self._note_pause("the process is out of file descriptors (%s)" % exc.strerror)
+                    await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            self._open_connections += 1
+            if self._open_connections >= self.app.config.max_connections:
+                self._room.clear()
+                self._note_pause("%d connections are open (performance.max_connections)"
+                                 % self._open_connections)
+            self._loop.create_task(self._serve_socket(sock))
+
+    def _note_pause(self, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._pause_logged_at >= PAUSE_LOG_SECONDS:
+            self._pause_logged_at = now
+            log.warning("not accepting new connections for now: %s; new clients wait in the "
+                        "queue until a connection closes", reason)
+
+    async def _serve_socket(self, sock) -> None:
+        """Serve one accepted connection, then make room for the next."""
+        try:
+            reader = ClientStreamReader(limit=MAX_HEADER_BYTES)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await self._loop.connect_accepted_socket(lambda: protocol, sock)
+            await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, self._loop))
+        except OSError:
+            sock.close()
+        finally:
+            self._open_connections -= 1
+            if self._open_connections < self.app.config.max_connections:
+                self._room.set()
+
+    async def serve(self, on_ready=None) -> None:
+        """Start, call on_ready(self), and serve until stop() is called."""
+        await self.start()
+        watch_config_file(self.app)
+        if on_ready is not None:
+            on_ready(self)
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        """Ask the server to stop; safe from any thread and from signal handlers."""
+        if self._loop is not None and self._stopping is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stopping.set)
+            except RuntimeError:          # the loop has already ended: nothing to stop
+                pass
+
+    async def _accept(self, reader, writer) -> None:
+        task = asyncio.current_task()
+        connection = ClientConnection(self.app, reader, writer)
+        self._connections[task] = connection
+        if self.app.draining:
+            connection.close_if_idle()
+        try:
+            await connection.run()
+        except asyncio.CancelledError:     # the end of the grace period cuts what is left
+            pass
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self._connections.pop(task, None)
+
+    def _stop_accepting(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        for listener in self._listeners:
+            listener.close()
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, end idle connections, let answers in flight finish within
+        shutdown_timeout, then cut what is left."""
+        self._stop_accepting()
+        self.app.draining = True
+        for connection in list(self._connections.values()):
+            connection.close_if_idle()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=self.app.config.shutdown_timeout)
+        self.app.close("ccproxy is shutting down; the answer was cut")
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=STOP_MARGIN_SECONDS / 2)
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=5)
+        await asyncio.gather(*self._accepting, return_exceptions=True)
+
+
+
+# -----------------------------------------------------------------------------
+# 4.3 Connections: keep-alive, limits, timeouts, streaming
+# -----------------------------------------------------------------------------
 
 class ClientStreamReader(asyncio.StreamReader):
     """A StreamReader that reports the end of the client's side of the connection.
@@ -1671,6 +1886,8 @@ class ClientConnection:
             self._app.active_streams -= 1
 
 
+
+
 ###############################################################################
 # 5. Access
 ###############################################################################
@@ -1734,98 +1951,6 @@ def check_key(request: Request, expected: str, setting: str) -> None:
         raise AuthenticationError("invalid API key (this needs the %s)" % setting)
 
 
-class Metrics:
-    """Counters and histograms for /metrics, fed with each routed request when it ends."""
-
-    def __init__(self):
-        self.requests = collections.Counter()       # (provider, route, status)
-        self.tokens = collections.Counter()         # (provider, "input" | "output")
-        self.latency = {}                           # provider -> Histogram
-        self.first_token = {}
-
-    def observe(self, record: dict, status: int) -> None:
-        provider = record["provider"]
-        self.requests[(provider, record.get("route", ""), status)] += 1
-        now = time.monotonic()
-        self.latency.setdefault(provider, Histogram()).observe(now - record["started"])
-        if record.get("first_byte"):
-            self.first_token.setdefault(provider, Histogram()).observe(
-                record["first_byte"] - record["started"])
-        for key, direction in (("input_tokens", "input"), ("output_tokens", "output")):
-            self.tokens[(provider, direction)] += (record.get("usage") or {}).get(key, 0)
-
-    def render(self, app) -> str:
-        """The Prometheus text exposition of everything counted so far."""
-        lines = metric_header("ccproxy_requests_total", "counter",
-                              "Requests answered, by provider, route and status.")
-        lines += ["ccproxy_requests_total{%s} %d" % (labels(provider=p, route=r, status=s), n)
-                  for (p, r, s), n in sorted(self.requests.items())]
-        for name, help_text, histograms in (
-                ("ccproxy_request_duration_seconds", "Time to the end of the answer.",
-                 self.latency),
-                ("ccproxy_time_to_first_token_seconds", "Time to the first byte of a stream.",
-                 self.first_token)):
-            lines += metric_header(name, "histogram", help_text)
-            for provider, histogram in sorted(histograms.items()):
-                lines += histogram.render(name, provider)
-        lines += metric_header("ccproxy_tokens_total", "counter", "Tokens in and out.")
-        lines += ["ccproxy_tokens_total{%s} %d" % (labels(provider=p, direction=d), n)
-                  for (p, d), n in sorted(self.tokens.items())]
-        lines += metric_header("ccproxy_active_streams", "gauge", "Streams being relayed now.")
-        lines.append("ccproxy_active_streams %d" % app.active_streams)
-        lines += metric_header("ccproxy_circuit_state", "gauge",
-                               "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.")
-        lines += ["ccproxy_circuit_state{%s} %d" % (labels(provider=name), CIRCUIT_STATE_VALUES[
-            breaker.state]) for name, breaker in sorted(app.failover.breakers.items())]
-        lines += metric_header("ccproxy_failovers_total", "counter",
-                               "Times a request moved on to the next provider.")
-        lines.append("ccproxy_failovers_total %d" % app.failover.count)
-        return "\n".join(lines) + "\n"
-
-
-class Histogram:
-    """Cumulative buckets, sum and count, as Prometheus histograms are."""
-
-    def __init__(self):
-        self.counts = [0] * len(LATENCY_BUCKETS_SECONDS)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, seconds: float) -> None:
-        for index, bound in enumerate(LATENCY_BUCKETS_SECONDS):
-            if seconds <= bound:
-                self.counts[index] += 1
-        self.total += seconds
-        self.count += 1
-
-    def render(self, name: str, provider: str) -> list:
-        lines = ["%s_bucket{%s} %d" % (name, labels(provider=provider, le="%g" % bound), count)
-                 for bound, count in zip(LATENCY_BUCKETS_SECONDS, self.counts)]
-        lines.append('%s_bucket{%s} %d' % (name, labels(provider=provider, le="+Inf"), self.count))
-        lines.append("%s_sum{%s} %.6f" % (name, labels(provider=provider), self.total))
-        lines.append("%s_count{%s} %d" % (name, labels(provider=provider), self.count))
-        return lines
-
-
-def metric_header(name: str, kind: str, help_text: str) -> list:
-    """The # HELP and # TYPE lines of one metric."""
-    return ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
-
-
-def labels(**values) -> str:
-    """Prometheus label pairs, values escaped."""
-    return ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\").replace('"', '\\"')
-                                 .replace("\n", "\\n")) for key, value in values.items())
-
-
-def file_mtime(path: str | None) -> float | None:
-    """A file's modification time, or None when there is no such file."""
-    try:
-        return os.stat(path).st_mtime if path else None
-    except OSError:
-        return None
-
-
 class TokenBucket:
     """`per_minute` requests a minute on average, bursts of up to `burst`."""
 
@@ -1846,9 +1971,40 @@ class TokenBucket:
         return (1 - self._tokens) / self._rate
 
 
+class RateLimiter:
+    """A token bucket per client address. A key a client presents is not checked here, so
+    rotating made-up keys gains nothing; at MAX_RATE_BUCKETS clients, the least recently seen
+    is forgotten first."""
+
+    def __init__(self):
+        self.buckets = collections.OrderedDict()      # client address -> TokenBucket
+
+    def check(self, client: str, per_minute: int, burst: int) -> None:
+        """Take one request from the client's bucket, or raise 429 with retry-after."""
+        bucket = self.buckets.get(client)
+        if bucket is None:
+            if len(self.buckets) >= MAX_RATE_BUCKETS:
+                self.buckets.popitem(last=False)
+            bucket = self.buckets[client] = TokenBucket(per_minute, burst)
+        else:
+            self.buckets.move_to_end(client)
+        wait = bucket.take()
+        if wait:
+            raise RateLimitError("rate limit of %d requests per minute exceeded; retry in %d s"
+                                 % (per_minute, math.ceil(wait)),
+                                 [("retry-after", str(math.ceil(wait)))])
+
+
+
+
 ###############################################################################
 # 6. Endpoints
 ###############################################################################
+
+
+# -----------------------------------------------------------------------------
+# 6.1 The app and the request body
+# -----------------------------------------------------------------------------
 
 class ProxyApp:
     """State shared by every connection: config, counters, the upstream worker pool."""
@@ -1866,29 +2022,15 @@ class ProxyApp:
         self.active_streams = 0
         self.metrics = Metrics()
         self.failover = Failover()
-        self.rate_buckets = collections.OrderedDict()   # client address -> TokenBucket
+        self.rate_limiter = RateLimiter()
         self._inbox = None
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
 
     def check_rate(self, peer, request: Request) -> None:
-        """Refuse with 429 a client (by its address: a key it presents is not checked here, so
-        rotating made-up keys gains nothing) over its request rate."""
-        if self.config.rate_limit is None or request.path in PUBLIC_PATHS:
-            return
-        client = str(peer)
-        bucket = self.rate_buckets.get(client)
-        if bucket is None:
-            if len(self.rate_buckets) >= MAX_RATE_BUCKETS:
-                self.rate_buckets.popitem(last=False)    # the least recently seen client
-            bucket = self.rate_buckets[client] = TokenBucket(*self.config.rate_limit)
-        else:
-            self.rate_buckets.move_to_end(client)
-        wait = bucket.take()
-        if wait:
-            raise RateLimitError("rate limit of %d requests per minute exceeded; retry in %d s"
-                                 % (self.config.rate_limit[0], math.ceil(wait)),
-                                 [("retry-after", str(math.ceil(wait)))])
+        """Refuse with 429 a client over its request rate, when rate limiting is on."""
+        if self.config.rate_limit is not None and request.path not in PUBLIC_PATHS:
+            self.rate_limiter.check(str(peer), *self.config.rate_limit)
 
     def change_config_file(self, change) -> Config:
         """Apply change() to a copy of the config file's content, validate it like a config
@@ -2053,6 +2195,25 @@ def check_messages_request(body: dict, for_count: bool = False) -> None:
             raise InvalidRequestError("%s: %s" % (key, problem))
 
 
+def check_message(message, index: int) -> None:
+    """Reject a message that is not {role, content} with typed content blocks."""
+    if not isinstance(message, dict):
+        raise InvalidRequestError("messages[%d]: must be an object" % index)
+    if message.get("role") not in MESSAGE_ROLES:
+        raise InvalidRequestError("messages[%d].role: must be one of %s"
+                                  % (index, ", ".join(MESSAGE_ROLES)))
+    content = message.get("content")
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise InvalidRequestError("messages[%d].content: must be a string or a list of blocks"
+                                  % index)
+    for position, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise InvalidRequestError("messages[%d].content[%d]: must be an object with a type"
+                                      % (index, position))
+
+
 def is_number(value) -> bool:
     """A JSON number (an int or a float, never a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -2124,24 +2285,88 @@ OPTIONAL_FIELD_CHECKS = {
 }
 
 
-def check_message(message, index: int) -> None:
-    """Reject a message that is not {role, content} with typed content blocks."""
-    if not isinstance(message, dict):
-        raise InvalidRequestError("messages[%d]: must be an object" % index)
-    if message.get("role") not in MESSAGE_ROLES:
-        raise InvalidRequestError("messages[%d].role: must be one of %s"
-                                  % (index, ", ".join(MESSAGE_ROLES)))
-    content = message.get("content")
-    if isinstance(content, str):
-        return
-    if not isinstance(content, list):
-        raise InvalidRequestError("messages[%d].content: must be a string or a list of blocks"
-                                  % index)
-    for position, block in enumerate(content):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise InvalidRequestError("messages[%d].content[%d]: must be an object with a type"
-                                      % (index, position))
 
+# -----------------------------------------------------------------------------
+# 6.2 Messages, token counts, models
+# -----------------------------------------------------------------------------
+
+async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
+    """POST /v1/messages: validate, plan the route, then try each candidate until one
+    answers (failover), relaying its answer."""
+    body = parse_json_body(request)
+    check_messages_request(body)
+    subagent_choice = take_subagent_tag(body)
+    if subagent_choice:
+        request.rewritten.add("system")
+    plan = plan_route(app.config, body, request.headers, subagent_choice)
+    if request.record is not None:
+        request.record["stream"] = body.get("stream") is True
+        if app.config.log_bodies:
+            log.info("%s body: %s", request.record["id"], request.body_text)
+    return await app.failover.run(plan, lambda routing: send_to(app, request, conn, body,
+                                                                routing), app.config)
+
+
+async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
+    """One attempt: the candidate's protocol builds the call, relay_call() answers with it."""
+    provider, model, route = routing
+    if request.record is not None:
+        request.record.update(route=route, provider=provider.name, model=model)
+    protocol = PROTOCOLS[provider.protocol]
+    call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
+                             app.config.request_timeout)
+    return await relay_call(protocol, call, conn, request, body)
+
+
+async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
+    """POST /v1/messages/count_tokens: ask the routed provider when it can count (Anthropic's
+    count_tokens, Gemini's countTokens), else, or when that fails, the estimator answers."""
+    body = parse_json_body(request)
+    check_messages_request(body, for_count=True)
+    routed = route_request(app.config, body, required=False)
+    count = None
+    if routed is not None and routed.provider.count_tokens:
+        count = await count_at_provider(app, routed, request, body, conn)
+    return json_response({"input_tokens": estimate_request_tokens(body) if count is None
+                          else count})
+
+
+async def count_at_provider(app: ProxyApp, routing: Routing, request: Request, body: dict,
+                            conn) -> int | None:
+    """The provider's own count of a request's input tokens, or None (logged) when it has no
+    way to count or the call failed in any way."""
+    provider, model, _ = routing
+    protocol = PROTOCOLS[provider.protocol]
+    outgoing = protocol.count_tokens_request(provider, model, request, body)
+    if outgoing is None:
+        return None
+    call = app.upstream.call(provider, outgoing, app.config.request_timeout)
+    try:
+        status = await call_provider(call, conn)
+    except ProxyError as error:
+        log.warning("%s: count_tokens failed, estimating instead: %s", provider.name,
+                    error.message)
+        return None
+    if status != 200:
+        log.warning("%s: count_tokens answered HTTP %d, estimating instead", provider.name, status)
+        return None
+    return protocol.input_tokens(call.body)
+
+
+async def handle_models(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /v1/models: every configured model as `provider,model`, in Anthropic's list shape."""
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(app.started_at))
+    models = [{"type": "model", "id": "%s,%s" % (p.name, m), "display_name": "%s (%s)" % (m, p.name),
+               "created_at": created} for p in app.config.enabled_providers() for m in p.models]
+    return json_response({"data": models, "has_more": False,
+                          "first_id": models[0]["id"] if models else None,
+                          "last_id": models[-1]["id"] if models else None})
+
+
+
+# -----------------------------------------------------------------------------
+# 6.3 Health, status, metrics, the request log
+# -----------------------------------------------------------------------------
 
 async def handle_root(app: ProxyApp, request: Request, conn) -> Response:
     """`HEAD /` is Claude Code's reachability check; GET / says what this is."""
@@ -2181,79 +2406,151 @@ async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
                     content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+class Metrics:
+    """Counters and histograms for /metrics, fed with each routed request when it ends."""
+
+    def __init__(self):
+        self.requests = collections.Counter()       # (provider, route, status)
+        self.tokens = collections.Counter()         # (provider, "input" | "output")
+        self.latency = {}                           # provider -> Histogram
+        self.first_token = {}
+
+    def observe(self, record: dict, status: int) -> None:
+        provider = record["provider"]
+        self.requests[(provider, record.get("route", ""), status)] += 1
+        now = time.monotonic()
+        self.latency.setdefault(provider, Histogram()).observe(now - record["started"])
+        if record.get("first_byte"):
+            self.first_token.setdefault(provider, Histogram()).observe(
+                record["first_byte"] - record["started"])
+        for key, direction in (("input_tokens", "input"), ("output_tokens", "output")):
+            self.tokens[(provider, direction)] += (record.get("usage") or {}).get(key, 0)
+
+    def render(self, app) -> str:
+        """The Prometheus text exposition of everything counted so far."""
+        lines = metric_header("ccproxy_requests_total", "counter",
+                              "Requests answered, by provider, route and status.")
+        lines += ["ccproxy_requests_total{%s} %d" % (labels(provider=p, route=r, status=s), n)
+                  for (p, r, s), n in sorted(self.requests.items())]
+        for name, help_text, histograms in (
+                ("ccproxy_request_duration_seconds", "Time to the end of the answer.",
+                 self.latency),
+                ("ccproxy_time_to_first_token_seconds", "Time to the first byte of a stream.",
+                 self.first_token)):
+            lines += metric_header(name, "histogram", help_text)
+            for provider, histogram in sorted(histograms.items()):
+                lines += histogram.render(name, provider)
+        lines += metric_header("ccproxy_tokens_total", "counter", "Tokens in and out.")
+        lines += ["ccproxy_tokens_total{%s} %d" % (labels(provider=p, direction=d), n)
+                  for (p, d), n in sorted(self.tokens.items())]
+        lines += metric_header("ccproxy_active_streams", "gauge", "Streams being relayed now.")
+        lines.append("ccproxy_active_streams %d" % app.active_streams)
+        lines += metric_header("ccproxy_circuit_state", "gauge",
+                               "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.")
+        lines += ["ccproxy_circuit_state{%s} %d" % (labels(provider=name), CIRCUIT_STATE_VALUES[
+            breaker.state]) for name, breaker in sorted(app.failover.breakers.items())]
+        lines += metric_header("ccproxy_failovers_total", "counter",
+                               "Times a request moved on to the next provider.")
+        lines.append("ccproxy_failovers_total %d" % app.failover.count)
+        return "\n".join(lines) + "\n"
+
+
+class Histogram:
+    """Cumulative buckets, sum and count, as Prometheus histograms are."""
+
+    def __init__(self):
+        self.counts = [0] * len(LATENCY_BUCKETS_SECONDS)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for index, bound in enumerate(LATENCY_BUCKETS_SECONDS):
+            if seconds <= bound:
+                self.counts[index] += 1
+        self.total += seconds
+        self.count += 1
+
+    def render(self, name: str, provider: str) -> list:
+        lines = ["%s_bucket{%s} %d" % (name, labels(provider=provider, le="%g" % bound), count)
+                 for bound, count in zip(LATENCY_BUCKETS_SECONDS, self.counts)]
+        lines.append('%s_bucket{%s} %d' % (name, labels(provider=provider, le="+Inf"), self.count))
+        lines.append("%s_sum{%s} %.6f" % (name, labels(provider=provider), self.total))
+        lines.append("%s_count{%s} %d" % (name, labels(provider=provider), self.count))
+        return lines
+
+
+def metric_header(name: str, kind: str, help_text: str) -> list:
+    """The # HELP and # TYPE lines of one metric."""
+    return ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
+
+
+def labels(**values) -> str:
+    """Prometheus label pairs, values escaped."""
+    return ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\").replace('"', '\\"')
+                                 .replace("\n", "\\n")) for key, value in values.items())
+
+
+def format_request_log(request: Request, status: int) -> str:
+    """One request log line: no message content, only what happened to the request."""
+    record = request.record
+    now = time.monotonic()
+    usage = record.get("usage") or {}
+    first = record.get("first_byte")
+    return ("%s %s %s route=%s provider=%s model=%s stream=%s status=%d in=%s out=%s "
+            "latency_ms=%.1f ttft_ms=%s" % (
+                record["id"], request.method, request.path, record.get("route", "-"),
+                record.get("provider", "-"), record.get("model", "-"),
+                str(record.get("stream", False)).lower(), status,
+                usage.get("input_tokens", "-"), usage.get("output_tokens", "-"),
+                (now - record["started"]) * 1000,
+                "%.1f" % ((first - record["started"]) * 1000) if first else "-"))
+
+
+
+# -----------------------------------------------------------------------------
+# 6.4 Provider management
+# -----------------------------------------------------------------------------
+
 async def handle_providers(app: ProxyApp, request: Request, conn) -> Response:
     """GET /providers: every provider, secrets masked, with its circuit state."""
     return json_response({"providers": [app.provider_view(p) for p in app.config.providers]})
 
 
-async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
-    """POST /v1/messages: validate, plan the route, then try each candidate until one
-    answers (failover), relaying its answer."""
-    body = parse_json_body(request)
-    check_messages_request(body)
-    subagent_choice = take_subagent_tag(body)
-    if subagent_choice:
-        request.rewritten.add("system")
-    plan = plan_route(app.config, body, request.headers, subagent_choice)
-    if request.record is not None:
-        request.record["stream"] = body.get("stream") is True
-        if app.config.log_bodies:
-            log.info("%s body: %s", request.record["id"], request.body_text)
-    return await app.failover.run(plan, lambda routing: send_to(app, request, conn, body,
-                                                                routing), app.config)
+async def handle_provider_get(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /providers/{name}: one provider, masked."""
+    provider = app.config.provider_named(provider_name_of(request))
+    if provider is None:
+        raise NotFoundError("no provider named %r" % provider_name_of(request))
+    return json_response(app.provider_view(provider))
 
 
-async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
-    """One attempt: the candidate's protocol builds the call, relay_call() answers with it."""
-    provider, model, route = routing
-    if request.record is not None:
-        request.record.update(route=route, provider=provider.name, model=model)
-    protocol = PROTOCOLS[provider.protocol]
-    call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
-                             app.config.request_timeout)
-    return await relay_call(protocol, call, conn, request, body)
+async def handle_provider_create(app: ProxyApp, request: Request, conn) -> Response:
+    """POST /providers: add a provider, live and in the config file."""
+    entry = provider_entry_from(app, request)
+    if app.config.provider_named(entry["name"]) is not None:
+        raise ConflictError("provider %r already exists; change it with PUT /providers/%s"
+                            % (entry["name"], entry["name"]))
+    config = app.change_config_file(lambda content: file_providers(content).append(entry))
+    return json_response(app.provider_view(config.provider_named(entry["name"])), 201)
 
 
-def with_route_headers(answer, routing: Routing):
-    """The answer or error, with headers naming where the request went."""
-    answer.headers += [("x-ccproxy-provider", routing.provider.name),
-                       ("x-ccproxy-model", routing.model), ("x-ccproxy-route", routing.route)]
-    return answer
+async def handle_provider_replace(app: ProxyApp, request: Request, conn) -> Response:
+    """PUT /providers/{name}: replace a provider, live and in the config file."""
+    name = provider_name_of(request)
+    entry = provider_entry_from(app, request, name)
+    index = entry_index(app.config.file_content, name)
+
+    def replace(content):
+        file_providers(content)[index] = entry
+    return json_response(app.provider_view(app.change_config_file(replace).provider_named(name)))
 
 
-async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
-    """POST /v1/messages/count_tokens: ask the routed provider when it can count (Anthropic's
-    count_tokens, Gemini's countTokens), else, or when that fails, the estimator answers."""
-    body = parse_json_body(request)
-    check_messages_request(body, for_count=True)
-    routed = route_request(app.config, body, required=False)
-    count = None
-    if routed is not None and routed.provider.count_tokens:
-        count = await count_at_provider(app, routed, request, body, conn)
-    return json_response({"input_tokens": estimate_request_tokens(body) if count is None
-                          else count})
-
-
-async def count_at_provider(app: ProxyApp, routing: Routing, request: Request, body: dict,
-                            conn) -> int | None:
-    """The provider's own count of a request's input tokens, or None (logged) when it has no
-    way to count or the call failed in any way."""
-    provider, model, _ = routing
-    protocol = PROTOCOLS[provider.protocol]
-    outgoing = protocol.count_tokens_request(provider, model, request, body)
-    if outgoing is None:
-        return None
-    call = app.upstream.call(provider, outgoing, app.config.request_timeout)
-    try:
-        status = await call_provider(call, conn)
-    except ProxyError as error:
-        log.warning("%s: count_tokens failed, estimating instead: %s", provider.name,
-                    error.message)
-        return None
-    if status != 200:
-        log.warning("%s: count_tokens answered HTTP %d, estimating instead", provider.name, status)
-        return None
-    return protocol.input_tokens(call.body)
+async def handle_provider_delete(app: ProxyApp, request: Request, conn) -> Response:
+    """DELETE /providers/{name}: remove a provider (refused while a route names it)."""
+    name = provider_name_of(request)
+    index = entry_index(app.config.file_content, name)
+    app.change_config_file(lambda content: file_providers(content).pop(index))
+    return json_response({"deleted": name})
 
 
 def provider_name_of(request: Request) -> str:
@@ -2311,52 +2608,10 @@ def entry_index(content: dict, name: str) -> int:
     raise NotFoundError("no provider named %r" % name)
 
 
-async def handle_provider_create(app: ProxyApp, request: Request, conn) -> Response:
-    """POST /providers: add a provider, live and in the config file."""
-    entry = provider_entry_from(app, request)
-    if app.config.provider_named(entry["name"]) is not None:
-        raise ConflictError("provider %r already exists; change it with PUT /providers/%s"
-                            % (entry["name"], entry["name"]))
-    config = app.change_config_file(lambda content: file_providers(content).append(entry))
-    return json_response(app.provider_view(config.provider_named(entry["name"])), 201)
 
-
-async def handle_provider_get(app: ProxyApp, request: Request, conn) -> Response:
-    """GET /providers/{name}: one provider, masked."""
-    provider = app.config.provider_named(provider_name_of(request))
-    if provider is None:
-        raise NotFoundError("no provider named %r" % provider_name_of(request))
-    return json_response(app.provider_view(provider))
-
-
-async def handle_provider_replace(app: ProxyApp, request: Request, conn) -> Response:
-    """PUT /providers/{name}: replace a provider, live and in the config file."""
-    name = provider_name_of(request)
-    entry = provider_entry_from(app, request, name)
-    index = entry_index(app.config.file_content, name)
-
-    def replace(content):
-        file_providers(content)[index] = entry
-    return json_response(app.provider_view(app.change_config_file(replace).provider_named(name)))
-
-
-async def handle_provider_delete(app: ProxyApp, request: Request, conn) -> Response:
-    """DELETE /providers/{name}: remove a provider (refused while a route names it)."""
-    name = provider_name_of(request)
-    index = entry_index(app.config.file_content, name)
-    app.change_config_file(lambda content: file_providers(content).pop(index))
-    return json_response({"deleted": name})
-
-
-async def handle_models(app: ProxyApp, request: Request, conn) -> Response:
-    """GET /v1/models: every configured model as `provider,model`, in Anthropic's list shape."""
-    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(app.started_at))
-    models = [{"type": "model", "id": "%s,%s" % (p.name, m), "display_name": "%s (%s)" % (m, p.name),
-               "created_at": created} for p in app.config.enabled_providers() for m in p.models]
-    return json_response({"data": models, "has_more": False,
-                          "first_id": models[0]["id"] if models else None,
-                          "last_id": models[-1]["id"] if models else None})
-
+# -----------------------------------------------------------------------------
+# 6.5 The endpoint table
+# -----------------------------------------------------------------------------
 
 PUBLIC_PATHS = ("/", "/health")
 
@@ -2394,6 +2649,8 @@ def find_endpoint(request: Request):
                                                                        request.path),
                                     [("allow", allowed)])
     return handler
+
+
 
 
 ###############################################################################
@@ -2482,8 +2739,10 @@ def estimate_request_tokens(body: dict) -> int:
     return max(total, 1)
 
 
+
+
 ###############################################################################
-# 8. Router
+# 8. Router and resilience
 ###############################################################################
 
 Routing = collections.namedtuple("Routing", "provider model route")
@@ -2760,6 +3019,13 @@ class CircuitBreaker:
                 "consecutive_failures": self.failures, "last_error": self.last_error}
 
 
+def with_route_headers(answer, routing: Routing):
+    """The answer or error, with headers naming where the request went."""
+    answer.headers += [("x-ccproxy-provider", routing.provider.name),
+                       ("x-ccproxy-model", routing.model), ("x-ccproxy-route", routing.route)]
+    return answer
+
+
 class Failover:
     """Tries a route plan's candidates in order, each with retries and backoff while the retry
     budget lasts, skipping providers whose circuit is open. A failure before the answer began
@@ -2832,19 +3098,16 @@ class Failover:
         return response
 
 
+
+
 ###############################################################################
 # 9. Transformers
 ###############################################################################
 
-def list_of(value) -> list:
-    """value when it is a list, else an empty one: JSON from outside may have any shape."""
-    return value if isinstance(value, list) else []
 
-
-def dict_of(value) -> dict:
-    """value when it is an object, else an empty one."""
-    return value if isinstance(value, dict) else {}
-
+# -----------------------------------------------------------------------------
+# 9.1 Shared by every protocol: the client's request and events, the relay
+# -----------------------------------------------------------------------------
 
 class Protocol:
     """One provider protocol as the endpoints use it: a subclass per protocol (9.2 on), one
@@ -2900,287 +3163,139 @@ class Protocol:
         return "<%s protocol>" % self.name
 
 
-# --- SSE codec ---------------------------------------------------------------
-
-SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
-MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
-
-
-def sse_event(name: str, payload: dict) -> bytes:
-    """One Anthropic-style frame: `event: <name>` and its JSON `data:` line."""
-    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload, ensure_ascii=False).encode())
-
-
-class HeldBytes:
-    """The unfinished end of an event stream, kept as pieces so that a long line costs linear
-    time, and refused (502) beyond MAX_SSE_LINE_BYTES."""
-
-    def __init__(self):
-        self._parts = []
-        self._size = 0
-
-    def hold(self, data: bytes) -> None:
-        if data:
-            self._parts.append(data)
-            self._size += len(data)
-            if self._size > MAX_SSE_LINE_BYTES:
-                raise UpstreamError("the provider sent an event-stream event longer than %d bytes"
-                                    % MAX_SSE_LINE_BYTES)
-
-    def release(self, data: bytes) -> bytes:
-        """What was held, followed by data; nothing is held afterwards."""
-        if not self._parts:
-            return data
-        self._parts.append(data)
-        joined = b"".join(self._parts)
-        self._parts, self._size = [], 0
-        return joined
-
-    def tail(self, length: int) -> bytes:
-        """The last `length` bytes held (every piece holds at least one)."""
-        return b"".join(self._parts[-length:])[-length:] if self._parts else b""
+async def relay_call(protocol: Protocol, call, conn, request: Request, body: dict) -> Response:
+    """The one path of every provider call: send it, then turn the provider's error, whole
+    answer or event stream into the client's answer, through the protocol's translation."""
+    context = TranslationContext(call.provider, request, body, protocol.upstream_tool_name)
+    stream = body.get("stream") is True
+    status = await call_provider(call, conn, stream)
+    if status >= 400:
+        return answer_to_error(protocol.error(call), context, stream)
+    if not 200 <= status < 300:
+        location = call.header("location")
+        raise UpstreamError("%s: answered HTTP %d%s; check its api_base_url" % (
+            call.provider.name, status, " (a redirect to %s)" % location if location else ""))
+    if call.body is not None:
+        return protocol.answer(call, context, stream)
+    return await stream_response(call, protocol.stream_relay(context))
 
 
-class SSEDecoder:
-    """Sans-IO server-sent events parser: feed() bytes, get the (event, data) of each complete
-    event. LF or CRLF line endings, comments (`: …`), multi-line `data:` joined with "\\n"."""
-
-    def __init__(self):
-        self._held = HeldBytes()
-        self._event = ""
-        self._data = []
-
-    def feed(self, chunk: bytes) -> list:
-        if b"\n" not in chunk:
-            self._held.hold(chunk)
-            return []
-        lines = self._held.release(chunk).split(b"\n")
-        self._held.hold(lines.pop())
-        events = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    events.append((self._event or "message", "\n".join(self._data)))
-                self._event, self._data = "", []
-            elif line[:1] != b":":
-                field, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if field == b"data":
-                    self._data.append(value.decode("utf-8", "replace"))
-                elif field == b"event":
-                    self._event = value.decode("utf-8", "replace")
-        return events
+async def call_provider(call, conn, stream: bool = False) -> int:
+    """Send a provider call that is cut when the client leaves; the answer's status."""
+    conn.cancel_on_disconnect(call.cancel)
+    return await call.send(stream)
 
 
+class TranslationContext:
+    """What a response translator needs to know about its request."""
 
-# --- Anthropic ----------------------------------------------------------------
+    def __init__(self, provider: Provider, request: Request, body: dict, upstream_tool_name):
+        self.provider = provider
+        self.model = body.get("model")
+        self.record = request.record
+        self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
+        self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
+                            for t in body.get("tools") or () if isinstance(t, dict)}
+        self.probe = body.get("max_tokens") == 1
 
-SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
-PROXY_SIGNATURE_PREFIX = "ccpx1."          # starts the signature of thinking ccproxy made
-PROXY_SIGNATURE_MARK = b'"ccpx1.'
+    def tool_name(self, name) -> str:
+        """The client's name for a tool the provider named (a name the provider could not take
+        was changed on the way there)."""
+        if not isinstance(name, str) or not name:
+            return "unknown_tool"
+        return self._tool_names.get(name, name)
 
-
-def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
-    """The URL of /v1/{endpoint} from a base given as host, …/v1, or a full …/v1/messages URL."""
-    base = base_url.rstrip("/")
-    for suffix in ("/messages/count_tokens", "/messages"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    if not base.endswith("/v1"):
-        base += "/v1"
-    return base + "/" + endpoint
-
-
-def anthropic_request_headers(provider: Provider, request: Request) -> dict:
-    """The provider's key, the client's anthropic-* headers and the provider's extra headers."""
-    headers = {"content-type": "application/json", "user-agent": USER_AGENT,
-               "anthropic-version": DEFAULT_ANTHROPIC_VERSION}
-    for name in ANTHROPIC_FORWARDED_HEADERS:
-        value = request.headers.get(name)
-        if value:
-            headers[name] = header_safe(value)
-    if provider.api_key:
-        headers["x-api-key"] = provider.api_key
-    headers.update(provider.headers)
-    return headers
+    def estimated_usage(self, output_chars: int) -> dict:
+        return {"input_tokens": self.input_estimate, "output_tokens": max(output_chars // 4, 1),
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
 
-def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None) -> bytes:
-    """The client's body with the routed model (and capped max_tokens).
-
-    Only the changed values are re-encoded, spliced into the client's own text; with nothing
-    to change, the client's bytes go on as they came.
-    """
-    changes = {key: body[key] for key in request.rewritten}
-    if body.get("model") != model:    # the model is not changed in body: failover needs it
-        changes["model"] = model
-    if PROXY_SIGNATURE_MARK in request.body:
-        messages = messages_without_proxy_thinking(body.get("messages"))
-        if messages is not None:
-            changes["messages"] = messages
-    if max_tokens_cap is not None and body.get("max_tokens", 0) > max_tokens_cap:
-        changes["max_tokens"] = max_tokens_cap
-    if not changes:
-        return request.body
-    return splice_json_values(request.body_text, request.body_spans, changes)
+# Words of a provider's 400 that mean the prompt is over the model's window, and that a
+# max_tokens=1 probe could not be answered (reasoning models need more room).
+CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
+                                 r"prompt is too long|context window", re.I)
+MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
 
 
-def messages_without_proxy_thinking(messages):
-    """The messages without the thinking blocks another provider made through ccproxy, which
-    Anthropic would reject (their signature is ccproxy's, not Anthropic's); None when there
-    are none."""
-    if not isinstance(messages, list):
-        return None
-    changed, cleaned = False, []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            kept = [b for b in content if not (
-                isinstance(b, dict) and b.get("type") == "thinking"
-                and str(b.get("signature", "")).startswith(PROXY_SIGNATURE_PREFIX))]
-            if len(kept) != len(content):
-                changed = True
-                message = dict(message, content=kept)
-        cleaned.append(message)
-    return cleaned if changed else None
+def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
+    """Raise a translated provider's error, reworded where Claude Code needs Anthropic's words
+    ("prompt is too long", which it answers by compacting); but a reasoning model's refusal of
+    Claude Code's max_tokens=1 availability probe is answered as Anthropic would answer the
+    probe: an empty message that stopped at max_tokens."""
+    if isinstance(error, RelayedError):
+        raise error
+    if context.probe and error.status == 400 and MAX_TOKENS_PROBE_RE.search(error.message):
+        usage = dict(context.estimated_usage(0), output_tokens=0)
+        return message_response(new_message(context.model, [], "max_tokens", usage), context,
+                                stream)
+    if error.status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message) \
+            and not error.message.startswith("prompt is too long"):
+        error.message = "prompt is too long: " + error.message
+    raise error
 
 
-def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
-    """text with the top-level values named in changes replaced by their JSON encoding."""
-    pieces, last = [], 0
-    for key in sorted(changes, key=lambda name: spans[name][0]):
-        start, end = spans[key]
-        pieces += [text[last:start], json.dumps(changes[key], ensure_ascii=False)]
-        last = end
-    pieces.append(text[last:])
-    return "".join(pieces).encode()
+async def stream_response(call, relay) -> Response:
+    """The client's event stream, opened once the relay has its first events."""
+    chunks = call.chunks(STREAM_PING_SECONDS)
+    try:
+        first = await first_piece(chunks, relay, call.provider)
+    except BaseException:
+        await chunks.aclose()
+        raise
+    headers = [("cache-control", "no-cache")] + call.relayed_headers()
+    return Response(200, headers=headers, content_type="text/event-stream",
+                    stream=UpstreamStream(call, chunks, relay, first))
 
 
-class AnthropicProtocol(Protocol):
-    """Anthropic's Messages API, and any server that speaks it: a pass-through."""
-
-    name = "anthropic"
-
-    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
-        url = anthropic_endpoint_url(provider.base_url, "messages")
-        if request.query:
-            url += "?" + request.query
-        return UpstreamRequest(url, anthropic_request_headers(provider, request),
-                               anthropic_body(request, body, model, provider.max_tokens))
-
-    def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
-        url = anthropic_endpoint_url(provider.base_url, "messages/count_tokens")
-        return UpstreamRequest(url, anthropic_request_headers(provider, request),
-                               anthropic_body(request, body, model))
-
-    def input_tokens(self, answer: bytes) -> int | None:
-        return count_in(answer, "input_tokens")
-
-    def answer(self, call, context, stream: bool) -> Response:
-        """The provider's own answer, unchanged, once it is known to be a message."""
-        check_anthropic_answer(call)
-        if context.record is not None:
-            note_anthropic_usage(call.body, context.record)
-        return Response(call.status, call.body, call.relayed_headers(),
-                        content_type=call.header("content-type") or "application/json")
-
-    def stream_relay(self, context):
-        return AnthropicStreamRelay(context.provider.name, context.record)
-
-    def error(self, call) -> ProxyError:
-        return anthropic_error(call)
+async def first_piece(chunks, relay, provider: Provider) -> bytes:
+    """Read the stream until the relay has something to send. A failure before that raises,
+    so the client still gets it as an HTTP status, and failover can try another provider."""
+    async for chunk in chunks:
+        piece = relay.feed(chunk) if chunk else b""
+        if piece:
+            return piece
+    if not relay.complete:
+        raise relay.broken or UpstreamError("%s: the stream ended before completion"
+                                            % provider.name)
+    return b""
 
 
-def sse_complete_length(data: bytes) -> int:
-    """How many leading bytes of data form complete SSE events (LF or CRLF line endings)."""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+class UpstreamStream:
+    """A streamed answer for the client: `first`, then each upstream chunk through the relay,
+    then the relay's ending (an error event when the stream failed).
 
-
-class AnthropicStreamRelay:
-    """Relays an Anthropic event stream unchanged, whole events at a time.
-
-    feed() returns the complete events in a chunk and keeps a trailing partial event for the
-    next chunk, so a stream cut mid-event never leaves half an event before the error event
-    that finish() adds when the stream ended without message_stop or error. Upstream silence
-    (an empty chunk) becomes a ping between events.
+    aclose() releases the upstream call whether or not the stream was ever read, so an answer
+    that fails before its first write leaves no connection behind.
     """
 
-    broken = None                     # never: bytes pass as they are
+    def __init__(self, call, chunks, relay, first: bytes = b""):
+        self._call, self._chunks, self._relay, self._first = call, chunks, relay, first
+        self._pieces = None
 
-    def __init__(self, provider_name: str, record=None):
-        self._provider_name = provider_name
-        self._held = HeldBytes()
-        self._terminated = False
-        self._record = record
+    def __aiter__(self):
+        self._pieces = self._generate()
+        return self._pieces
 
-    def feed(self, chunk: bytes) -> bytes:
-        if not chunk:
-            return SSE_PING
-        tail = self._held.tail(3)             # an event boundary may straddle two chunks
-        end = sse_complete_length(tail + chunk) - len(tail)
-        if end <= 0:
-            self._held.hold(chunk)
-            return b""
-        complete = self._held.release(chunk[:end])
-        self._held.hold(chunk[end:])
-        if not self._terminated:
-            self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
-        if complete and self._record is not None:
-            note_anthropic_usage(complete, self._record)
-        return complete
+    async def _generate(self):
+        if self._first:
+            yield self._first
+        try:
+            async for chunk in self._chunks:
+                piece = self._relay.feed(chunk)
+                if piece:
+                    yield piece
+        except ProxyError as error:
+            ending = self._relay.finish(error)
+        else:
+            ending = self._relay.finish()
+        if ending:
+            yield ending
 
-    @property
-    def complete(self) -> bool:
-        return self._terminated
-
-    def finish(self, error: ProxyError | None = None) -> bytes:
-        if self._terminated:
-            return b""
-        if error is None:
-            error = UpstreamError("%s: the stream ended before message_stop" % self._provider_name)
-        return error.event()
-
-
-USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens)"\s*:\s*(\d+)')
-
-
-def note_anthropic_usage(data: bytes, record: dict) -> None:
-    """Token counts found in Anthropic JSON or events, for the request log (last one wins)."""
-    usage = record.setdefault("usage", {})
-    for name, value in USAGE_FIELD_RE.findall(data):
-        usage[name.decode()] = int(value)
-
-
-def anthropic_error(call) -> ProxyError:
-    """An upstream error: an Anthropic-shaped body passes unchanged with its status; any other
-    body (an HTML gateway page, a bare message) is mapped to one."""
-    try:
-        shaped = json.loads(call.body).get("type") == "error"
-    except (ValueError, AttributeError, RecursionError):
-        shaped = False
-    headers = call.relayed_headers()
-    if shaped:
-        return RelayedError(call.status, call.provider.masker.data(call.body), headers)
-    return error_from_upstream(call.provider, call.status, call.body, headers)
-
-
-def check_anthropic_answer(call) -> None:
-    """Raise a 502 unless the body of a 200 is an Anthropic message (or a count): a gateway's
-    HTML page, an empty body or an answer cut short is not passed on as a success."""
-    try:
-        answer = json.loads(call.body)
-    except (ValueError, RecursionError):
-        answer = None
-    if not isinstance(answer, dict) or answer.get("type") != "message":
-        raise UpstreamError("%s: answered HTTP 200 with something that is not an Anthropic "
-                            "message: %s" % (call.provider.name,
-                                             call.provider.masker.text(
-                                                 upstream_error_message(call.body)[:200])))
+    async def aclose(self) -> None:
+        if self._pieces is not None:
+            await self._pieces.aclose()
+        await self._chunks.aclose()
+        self._call.close_unread()
 
 
 class TranslatedStreamRelay:
@@ -3226,601 +3341,95 @@ class TranslatedStreamRelay:
         return self._translator.finish(error or self.broken)
 
 
-class UpstreamStream:
-    """A streamed answer for the client: `first`, then each upstream chunk through the relay,
-    then the relay's ending (an error event when the stream failed).
-
-    aclose() releases the upstream call whether or not the stream was ever read, so an answer
-    that fails before its first write leaves no connection behind.
-    """
-
-    def __init__(self, call, chunks, relay, first: bytes = b""):
-        self._call, self._chunks, self._relay, self._first = call, chunks, relay, first
-        self._pieces = None
-
-    def __aiter__(self):
-        self._pieces = self._generate()
-        return self._pieces
-
-    async def _generate(self):
-        if self._first:
-            yield self._first
-        try:
-            async for chunk in self._chunks:
-                piece = self._relay.feed(chunk)
-                if piece:
-                    yield piece
-        except ProxyError as error:
-            ending = self._relay.finish(error)
-        else:
-            ending = self._relay.finish()
-        if ending:
-            yield ending
-
-    async def aclose(self) -> None:
-        if self._pieces is not None:
-            await self._pieces.aclose()
-        await self._chunks.aclose()
-        self._call.close_unread()
+def parse_upstream_json(call):
+    """The provider's answer body as JSON, or a 502 quoting it."""
+    try:
+        return json.loads(call.body)
+    except (ValueError, RecursionError):
+        raise UpstreamError("%s: the answer is not JSON: %s" % (
+            call.provider.name, upstream_error_message(call.body))) from None
 
 
-# --- OpenAI Chat Completions ----------------------------------------------------
-
-OPENAI_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                       "function_call": "tool_use", "content_filter": "refusal"}
-OPENAI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-ANTHROPIC_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")
-MISTRAL_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9]{9}$")
-ENCODED_TOOL_ID_PREFIX = "ccpxid_"
-BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"
-MAX_OPENAI_STOP_SEQUENCES = 4
-MAX_OPENAI_USER_CHARS = 64
-CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
-                                 r"prompt is too long|context window", re.I)
-MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
-SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-                      "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
-                      "search_result", "container_upload")
-ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
-
-
-def base62_digest(text: str, length: int) -> str:
-    """A stable alphanumeric digest of text, `length` characters long."""
-    number = int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
-    alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-    digits = []
-    while len(digits) < length:
-        number, remainder = divmod(number, 62)
-        digits.append(alphabet[remainder])
-    return "".join(digits)
-
-
-def openai_tool_name(name: str) -> str:
-    """An OpenAI function name for a tool name: kept when it fits ^[a-zA-Z0-9_-]{1,64}$ (what
-    Chat Completions accepts), else cleaned and made unique with a short hash."""
-    if OPENAI_TOOL_NAME_RE.match(name):
-        return name
-    cleaned = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:55] or "unnamed_tool"
-    return "%s_%s" % (cleaned, hashlib.sha256(name.encode()).hexdigest()[:8])
-
-
-def openai_tool_id(tool_id: str, style: str | None) -> str:
-    """The id an OpenAI-family server gets for an Anthropic tool_use id; the same id always maps
-    to the same result, so calls and their results stay paired."""
-    if tool_id.startswith(ENCODED_TOOL_ID_PREFIX):
-        try:
-            tool_id = base64.urlsafe_b64decode(tool_id[len(ENCODED_TOOL_ID_PREFIX):] + "==").decode()
-        except (ValueError, UnicodeDecodeError):
-            pass
-    if style == "alnum9" and not MISTRAL_TOOL_ID_RE.match(tool_id):
-        return base62_digest(tool_id, 9)
-    return tool_id
-
-
-def tool_use_id(call_id) -> str:
-    """The tool_use id for an upstream call id: kept when Anthropic accepts it, else encoded
-    reversibly, or a fresh id when there is none."""
-    if not isinstance(call_id, str) or not call_id:
-        return "toolu_" + os.urandom(12).hex()
-    if ANTHROPIC_TOOL_ID_RE.match(call_id):
-        return call_id
-    encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
-    return ENCODED_TOOL_ID_PREFIX + encoded
-
-
-def thinking_effort(body: dict) -> str | None:
-    """low/medium/high when the request asks for thinking (from budget_tokens, or
-    output_config.effort with adaptive thinking), None when it does not."""
-    thinking = body.get("thinking")
-    if not isinstance(thinking, dict):
+def count_in(answer: bytes, key: str) -> int | None:
+    """The integer at key in a JSON answer, if it is one."""
+    try:
+        count = dict_of(json.loads(answer)).get(key)
+    except (ValueError, RecursionError):
         return None
-    if thinking.get("type") == "enabled":
-        budget = thinking.get("budget_tokens")
-        budget = budget if isinstance(budget, int) else 8192
-        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
-    if thinking.get("type") == "adaptive":
-        config = body.get("output_config")
-        effort = config.get("effort") if isinstance(config, dict) else None
-        return {"low": "low", "medium": "medium", "high": "high", "max": "high"}.get(effort, "medium")
-    return None
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
-def openai_reasoning_fields(body: dict, quirks: dict, reasoning_model: bool) -> dict:
-    """The provider's own way of asking for reasoning, per its preset: reasoning_effort
-    (OpenAI's reasoning models), thinking (DeepSeek), reasoning (OpenRouter)."""
-    effort = thinking_effort(body)
-    style = quirks["reasoning_style"]
-    if effort is None or style is None:
-        return {}
-    if style == "effort":
-        return {"reasoning_effort": effort} if reasoning_model else {}
-    if style == "deepseek":
-        return {"thinking": {"type": "enabled"}}
-    budget = (body.get("thinking") or {}).get("budget_tokens")
-    return {"reasoning": {"max_tokens": budget} if isinstance(budget, int) else {"effort": effort}}
-
-
-def text_of_system(system) -> str:
-    """The system prompt as one string: text blocks joined by blank lines, without Claude
-    Code's billing-header block (meaningless elsewhere)."""
-    if isinstance(system, str):
-        return system.strip() and system
-    texts = [b["text"] for b in system or () if isinstance(b, dict) and b.get("type") == "text"
-             and isinstance(b.get("text"), str) and b["text"].strip()
-             and not b["text"].startswith(BILLING_HEADER_PREFIX)]
-    return "\n\n".join(texts)
-
-
-def openai_image_part(block: dict, where: str) -> dict:
-    """An image block as an image_url part (a data: URL for base64); a Files API reference
-    cannot be sent."""
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
-    if source.get("type") == "base64":
-        url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
-    elif source.get("type") == "url":
-        url = source.get("url", "")
-    else:
-        raise InvalidRequestError("%s: an image with source type %r cannot be sent to an "
-                                  "OpenAI-compatible provider" % (where, source.get("type")))
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def openai_document_part(block: dict) -> dict:
-    """A document block as a file part (a base64 PDF) or as its text."""
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
-    if source.get("type") == "base64":
-        return {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:%s;base64,%s"
-                                         % (source.get("media_type", "application/pdf"),
-                                            source.get("data", ""))}}
-    if source.get("type") == "text":
-        return {"type": "text", "text": str(source.get("data", ""))}
-    if source.get("type") == "content":
-        texts = [b.get("text", "") for b in source.get("content") or () if isinstance(b, dict)]
-        return {"type": "text", "text": "\n".join(texts)}
-    return {"type": "text", "text": "[document omitted: %s source]" % source.get("type")}
-
-
-def openai_user_parts(blocks, quirks: dict, where: str) -> list:
-    """User blocks other than tool results as Chat Completions content parts."""
-    parts = []
-    for position, block in enumerate(blocks):
-        kind = block.get("type")
-        if kind == "text":
-            if isinstance(block.get("text"), str) and block["text"].strip():
-                parts.append({"type": "text", "text": block["text"]})
-        elif kind == "image":
-            parts.append(openai_image_part(block, "%s[%d]" % (where, position)) if quirks["vision"]
-                         else {"type": "text", "text": "[image omitted]"})
-        elif kind == "document":
-            parts.append(openai_document_part(block))
-        elif kind in SERVER_BLOCK_TYPES or kind in ("thinking", "redacted_thinking"):
-            continue
-        else:
-            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
-                                      "provider" % (where, position, kind))
-    return parts
-
-
-def openai_content(parts: list):
-    """Content parts as Chat Completions wants them: one string when all are text (the form
-    every OpenAI-compatible server accepts)."""
-    if all(part["type"] == "text" for part in parts):
-        return "\n".join(part["text"] for part in parts)
-    return parts
-
-
-def tool_result_text(block: dict) -> str:
-    """A tool_result's content as text: strings and text blocks joined, never their JSON."""
-    content = block.get("content")
-    texts = []
-    for item in content if isinstance(content, list) else [content]:
-        if isinstance(item, str):
-            texts.append(item)
-        elif isinstance(item, dict) and item.get("type") == "text":
-            texts.append(str(item.get("text", "")))
-    text = "\n".join(t for t in texts if t)
-    return text or ("[image attached below]" if tool_result_images(block) else "")
-
-
-def tool_result_images(block: dict) -> list:
-    """The image blocks inside a tool_result."""
-    content = block.get("content")
-    return [item for item in content if isinstance(item, dict) and item.get("type") == "image"] \
-        if isinstance(content, list) else []
-
-
-def tool_result_text_and_images(block: dict, quirks: dict, where: str):
-    """A tool_result's text (an error result marked "Error: ") and its images as parts (a tool
-    message cannot hold images, so they follow in a user message)."""
-    text = tool_result_text(block)
-    images = [openai_image_part(item, where) if quirks["vision"]
-              else {"type": "text", "text": "[image omitted]"} for item in tool_result_images(block)]
-    return ("Error: " + text if block.get("is_error") else text), images
-
-
-def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
-    """An assistant turn: text joined, tool_use as tool_calls, thinking dropped or replayed,
-    server-tool history dropped (it has no Chat Completions form)."""
-    texts, calls, thoughts = [], [], []
-    for position, block in enumerate(blocks):
-        kind = block.get("type")
-        if kind not in ASSISTANT_BLOCK_TYPES:
-            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
-                                      "provider" % (where, position, kind))
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
-            texts.append(block["text"])
-        elif kind == "tool_use":
-            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False,
-                                   separators=(",", ":"))
-            calls.append({"id": openai_tool_id(str(block.get("id", "")), quirks["tool_id_style"]),
-                          "type": "function",
-                          "function": {"name": openai_tool_name(str(block.get("name", ""))),
-                                       "arguments": arguments}})
-        elif kind == "thinking" and isinstance(block.get("thinking"), str):
-            thoughts.append(block["thinking"])
-    if not texts and not calls:
-        return None
-    message = {"role": "assistant", "content": "\n".join(texts) or None}
-    if calls:
-        message["tool_calls"] = calls
-        if quirks["reasoning_replay"]:
-            message["reasoning_content"] = "".join(thoughts)
-    return message
-
-
-def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
-    """The conversation as Chat Completions messages: system first, each assistant turn with
-    its tool calls, each call's result as a tool message right after it."""
-    messages = []
-    system = text_of_system(body.get("system"))
-    if system:
-        messages.append({"role": "system", "content": system})
-    open_calls = []          # ids of the last assistant turn's calls, awaiting results
-    deferred = []            # system messages that came between calls and their results
-    for index, message in enumerate(body["messages"]):
-        where = "messages[%d].content" % index
-        content = message["content"]
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        role = message["role"]
-        if role == "assistant":
-            messages.extend(missing_tool_results(open_calls) + deferred)
-            deferred = []
-            converted = openai_assistant_message(blocks, quirks, where)
-            open_calls = [c["id"] for c in converted.get("tool_calls", ())] if converted else []
-            if converted:
-                messages.append(converted)
-        elif role == "system":
-            text = text_of_system(blocks)
-            if text:
-                (deferred if open_calls else messages).append({"role": "system", "content": text})
-        else:
-            messages.extend(openai_user_turn(blocks, open_calls, quirks, where) + deferred)
-            open_calls, deferred = [], []
-    return merge_adjacent_user_messages(messages + deferred)
-
-
-def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list:
-    """A user turn: one tool message per answered call first (Chat Completions wants them
-    right after the calls), then the turn's other content."""
-    answered, tool_messages, extra_parts = set(), [], []
-    for position, block in enumerate(blocks):
-        if block.get("type") != "tool_result":
-            continue
-        call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
-        text, images = tool_result_text_and_images(block, quirks, "%s[%d]" % (where, position))
-        if call_id in open_calls and call_id not in answered:
-            answered.add(call_id)
-            tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
-        else:
-            extra_parts.append({"type": "text", "text": "[tool result %s]\n%s"
-                                % (block.get("tool_use_id"), text)})
-        extra_parts.extend(images)
-    tool_messages += missing_tool_results([c for c in open_calls if c not in answered])
-    parts = extra_parts + openai_user_parts(
-        [b for b in blocks if b.get("type") != "tool_result"], quirks, where)
-    result = tool_messages
-    if parts:
-        if tool_messages and not quirks["user_after_tool"]:
-            result.append({"role": "assistant", "content": "Noted."})
-        result.append({"role": "user", "content": openai_content(parts)})
-    elif not tool_messages:
-        result.append({"role": "user", "content": "..."})
-    return result
-
-
-def missing_tool_results(call_ids) -> list:
-    """Stand-in results for calls the conversation never answered (Chat Completions refuses a
-    call without its result)."""
-    return [{"role": "tool", "tool_call_id": call_id,
-             "content": "[no result: the tool call was interrupted]"} for call_id in call_ids]
-
-
-def merge_adjacent_user_messages(messages: list) -> list:
-    """Two user messages in a row become one (some servers refuse two in a row)."""
-    merged = []
-    for message in messages:
-        previous = merged[-1] if merged else None
-        if previous is not None and previous["role"] == message["role"] == "user":
-            parts = [{"type": "text", "text": c} if isinstance(c, str) else c
-                     for c in (previous["content"], message["content"])]
-            flat = [p for c in parts for p in (c if isinstance(c, list) else [c])]
-            previous["content"] = openai_content(flat)
-        else:
-            merged.append(message)
-    return merged
-
-
-def openai_tools_from_anthropic(tools, quirks: dict) -> list:
-    """Custom tools as functions; server tools (web search…) have no equivalent and are
-    left out (logged)."""
-    functions = []
-    for tool in tools or ():
-        if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
-            log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
-                     tool.get("type"))
-            continue
-        parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
-        if quirks["schema_drop_keys"] and isinstance(parameters, dict):
-            parameters = {k: v for k, v in parameters.items() if k not in quirks["schema_drop_keys"]}
-        function = {"name": openai_tool_name(str(tool["name"])), "parameters": parameters}
-        if tool.get("description"):
-            function["description"] = tool["description"]
-        functions.append({"type": "function", "function": function})
-    return functions
-
-
-def openai_tool_choice(choice) -> dict:
-    """tool_choice and parallel_tool_calls for an Anthropic tool_choice (A.7)."""
-    if not isinstance(choice, dict):
-        return {}
-    kind = choice.get("type")
-    fields = {}
-    if kind in ("auto", "none"):
-        fields["tool_choice"] = kind
-    elif kind == "any":
-        fields["tool_choice"] = "required"
-    elif kind == "tool":
-        fields["tool_choice"] = {"type": "function",
-                                 "function": {"name": openai_tool_name(str(choice.get("name", "")))}}
-    if choice.get("disable_parallel_tool_use") is True:
-        fields["parallel_tool_calls"] = False
-    return fields
-
-
-def openai_user_field(metadata) -> dict:
-    """metadata.user_id as `user`: as is when short and plain, else a stable digest (OpenAI
-    limits it to 64 characters)."""
-    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    if not isinstance(user_id, str) or not user_id:
-        return {}
-    if len(user_id) <= MAX_OPENAI_USER_CHARS and re.match(r"^[A-Za-z0-9_-]+$", user_id):
-        return {"user": user_id}
-    return {"user": "u_" + hashlib.sha256(user_id.encode()).hexdigest()[:32]}
-
-
-def openai_output_cap(provider: Provider, model: str) -> int | None:
-    """The smallest of the config's and the preset's output caps for this model."""
-    caps = [provider.max_tokens, provider.quirks["max_output_tokens"].get(model)]
-    caps = [cap for cap in caps if cap]
-    return min(caps) if caps else None
-
-
-def openai_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
-    """The Chat Completions body for a Messages body
-    (https://platform.openai.com/docs/api-reference/chat/create)."""
-    quirks = provider.quirks
-    pattern = quirks["reasoning_models"]
-    reasoning_model = bool(pattern and re.match(pattern, model))
-    request = {"model": model, "messages": openai_messages_from_anthropic(body, quirks)}
-    cap = openai_output_cap(provider, model)
-    max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
-    request["max_completion_tokens" if reasoning_model else "max_tokens"] = max_tokens
-    sampling = () if reasoning_model else ("temperature", "top_p") + (
-        ("top_k",) if quirks["top_k"] else ())
-    for key in sampling:
-        if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
-            request[key] = body[key]
-    stops = body.get("stop_sequences")
-    if isinstance(stops, list) and stops:
-        request["stop"] = stops[:MAX_OPENAI_STOP_SEQUENCES]
-    if body.get("stream") is True:
-        request["stream"] = True
-        if quirks["stream_usage"]:
-            request["stream_options"] = {"include_usage": True}
-    tools = openai_tools_from_anthropic(body.get("tools"), quirks)
-    if tools:
-        request["tools"] = tools
-        request.update(openai_tool_choice(body.get("tool_choice")))
-    request.update(openai_user_field(body.get("metadata")))
-    request.update(openai_reasoning_fields(body, quirks, reasoning_model))
-    request.update(openai_response_format(body))
-    return request
-
-
-def openai_response_format(body: dict) -> dict:
-    """A JSON-schema output format (output_config.format) as response_format."""
-    config = body.get("output_config")
-    output_format = body.get("output_format") or (config.get("format") if isinstance(config, dict)
-                                                  else None)
-    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
-        return {}
-    return {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "structured_output", "schema": output_format.get("schema") or {}, "strict": True}}}
-
-
-def openai_endpoint_url(base_url: str) -> str:
-    """…/chat/completions from a base (…/v1) or from the full endpoint URL."""
-    base = base_url.rstrip("/")
-    return base if base.endswith("/chat/completions") else base + "/chat/completions"
-
-
-def openai_request_headers(provider: Provider) -> dict:
-    """Headers of a Chat Completions call: the key as Bearer, extra headers."""
-    headers = {"content-type": "application/json", "user-agent": USER_AGENT}
-    if provider.api_key:
-        headers["authorization"] = "Bearer " + provider.api_key
-    headers.update(provider.headers)
-    return headers
-
-
-def anthropic_usage_from_openai(usage) -> dict:
-    """Anthropic usage from OpenAI usage: cache reads counted apart from input (Anthropic's
-    input_tokens excludes them; OpenAI's prompt_tokens includes them)."""
-    usage = dict_of(usage)
-    details = dict_of(usage.get("prompt_tokens_details"))
-    prompt = count_of(usage.get("prompt_tokens"))
-    cache_read = count_of(details.get("cached_tokens")) or count_of(
-        usage.get("prompt_cache_hit_tokens"))
-    cache_write = count_of(details.get("cache_write_tokens"))
-    return {"input_tokens": max(prompt - cache_read - cache_write, 0),
-            "output_tokens": count_of(usage.get("completion_tokens")),
-            "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read}
-
-
-def count_of(value) -> int:
-    """A token count from upstream JSON: an integer, else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def tool_input_from_arguments(arguments) -> dict:
-    """A tool_use input object from OpenAI arguments, whatever shape they came in (a JSON
-    string, a string inside a string, an object, a trailing comma)."""
-    if isinstance(arguments, dict):
-        return arguments
-    if not isinstance(arguments, str) or not arguments.strip():
-        return {}
-    for candidate in (arguments, re.sub(r",\s*([}\]])", r"\1", arguments), arguments + "}"):
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, str):
-            return tool_input_from_arguments(value)
-        if isinstance(value, dict):
-            return value
-    log.warning("tool arguments are not a JSON object; passed as {\"arguments\": …}")
-    return {"arguments": arguments}
-
-
-def thinking_signature(provider_name: str) -> str:
-    """The signature of a thinking block ccproxy made: recognisable when it comes back."""
-    return PROXY_SIGNATURE_PREFIX + provider_name
-
-
-def openai_stop_reason(finish_reason, made_calls: bool) -> str:
-    """The stop_reason of a finish_reason: tool_use whenever calls were made (some servers say
-    "stop" after calls), refusal for a content filter, end_turn for anything unknown."""
-    if made_calls:
-        return "tool_use"
-    reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn") \
-        if isinstance(finish_reason, str) else "end_turn"
-    return "end_turn" if reason == "tool_use" else reason
-
-
-def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
-    """An error object inside a 200 answer or a stream as the client's error, its status
-    from the error's code when it is an HTTP status."""
-    error = error if isinstance(error, dict) else {"message": str(error)}
-    code = error.get("code")
-    if isinstance(code, str) and code.isdigit():
-        code = int(code)
-    if isinstance(code, int) and 400 <= code < 600:
-        status = CLIENT_STATUS_BY_UPSTREAM_STATUS.get(code, 500 if code >= 500 else 400)
-    message = "%s: %s" % (provider.name, error.get("message") or json.dumps(error))
-    return error_for_status(status, provider.masker.text(message))
-
-
-def anthropic_message_from_openai(data: dict, context) -> dict:
-    """An Anthropic message from a Chat Completions answer: reasoning as thinking, text,
-    refusal as text, tool calls as tool_use blocks."""
-    if not isinstance(data, dict):
-        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
-    choices = list_of(data.get("choices"))
-    if not choices:
-        if data.get("error"):
-            raise openai_error(context.provider, data["error"])
-        raise UpstreamError("%s: the answer has no choices" % context.provider.name)
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning,
-                        "signature": thinking_signature(context.provider.name)})
-    text = message.get("content")
-    if isinstance(text, list):
-        text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"),
-                                                                                       str))
-    if isinstance(text, str) and text:
-        content.append({"type": "text", "text": text})
-    refusal = message.get("refusal")
-    if isinstance(refusal, str) and refusal:
-        content.append({"type": "text", "text": refusal})
-    calls = [c for c in list_of(message.get("tool_calls")) if isinstance(c, dict)]
-    if not calls and isinstance(message.get("function_call"), dict):
-        calls = [{"function": message["function_call"]}]
-    content += [anthropic_tool_use(call, context) for call in calls]
-    stop_reason = "refusal" if refusal else openai_stop_reason(choice.get("finish_reason"),
-                                                                 bool(calls))
-    usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
-        else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
-    if context.record is not None:
-        context.record["usage"] = usage
+def new_message(model: str, content: list, stop_reason: str, usage: dict) -> dict:
+    """A whole assistant message in the Messages API's shape."""
     return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
-            "model": context.model, "content": content, "stop_reason": stop_reason,
+            "model": model, "content": content, "stop_reason": stop_reason,
             "stop_sequence": None, "usage": usage}
 
 
-def anthropic_tool_use(call: dict, context) -> dict:
-    """A tool_use block from an OpenAI tool call."""
-    function = call.get("function") if isinstance(call.get("function"), dict) else {}
-    return {"type": "tool_use", "id": tool_use_id(call.get("id")),
-            "name": context.tool_name(function.get("name")),
-            "input": tool_input_from_arguments(function.get("arguments"))}
+def message_response(message: dict, context: TranslationContext, stream: bool) -> Response:
+    """A whole answer as the client asked for it: the message as JSON, or as its events (a
+    provider may answer at once what was asked as a stream)."""
+    if context.record is not None:
+        context.record["usage"] = message["usage"]
+    if not stream:
+        return json_response(message)
+    return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
+                    content_type="text/event-stream")
 
 
-class TranslationContext:
-    """What a response translator needs to know about its request."""
+def events_from_message(message: dict, context: TranslationContext) -> bytes:
+    """The events that stream a whole message: each block whole, in order, then its end."""
+    emit = EventEmitter(context)
+    emit.start()
+    for index, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "text":
+            emit.text(block["text"], index)
+        elif kind == "thinking":
+            emit.thinking(block["thinking"], index)
+            emit.signature = block.get("signature") or emit.signature
+        elif kind == "tool_use":
+            emit.open_tool(index, block["id"], block["name"])
+            emit.tool_arguments(json.dumps(block["input"], ensure_ascii=False))
+        else:
+            emit.open_block(index, block)
+    emit.stop(message["stop_reason"], message["usage"])
+    return emit.take()
 
-    def __init__(self, provider: Provider, request: Request, body: dict, upstream_tool_name):
-        self.provider = provider
-        self.model = body.get("model")
-        self.record = request.record
-        self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
-        self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
-                            for t in body.get("tools") or () if isinstance(t, dict)}
-        self.probe = body.get("max_tokens") == 1
 
-    def tool_name(self, name) -> str:
-        """The client's name for a tool the provider named (a name the provider could not take
-        was changed on the way there)."""
-        if not isinstance(name, str) or not name:
-            return "unknown_tool"
-        return self._tool_names.get(name, name)
+def message_from_events(data: bytes) -> dict:
+    """The Anthropic message that a stream of events describes."""
+    message, blocks, partial = None, [], {}
+    for frame in data.split(b"\n\n"):
+        lines = frame.split(b"\n")
+        if len(lines) < 2 or not lines[1].startswith(b"data: "):
+            continue
+        event = json.loads(lines[1][6:])
+        kind = event["type"]
+        if kind == "message_start":
+            message = dict(event["message"], content=blocks)
+        elif kind == "content_block_start":
+            blocks.append(dict(event["content_block"]))
+        elif kind == "content_block_delta":
+            apply_delta(blocks[event["index"]], event["delta"], partial, event["index"])
+        elif kind == "message_delta":
+            message.update(event["delta"], usage=event["usage"])
+    for index, text in partial.items():
+        blocks[index]["input"] = json.loads(text) if text else {}
+    return message
 
-    def estimated_usage(self, output_chars: int) -> dict:
-        return {"input_tokens": self.input_estimate, "output_tokens": max(output_chars // 4, 1),
-                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+def apply_delta(block: dict, delta: dict, partial: dict, index: int) -> None:
+    """Add one content_block_delta to the block it belongs to."""
+    kind = delta["type"]
+    if kind == "text_delta":
+        block["text"] += delta["text"]
+    elif kind == "thinking_delta":
+        block["thinking"] += delta["thinking"]
+    elif kind == "signature_delta":
+        block["signature"] = delta["signature"]
+    elif kind == "input_json_delta":
+        partial[index] = partial.get(index, "") + delta["partial_json"]
 
 
 TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
@@ -3923,6 +3532,861 @@ class EventEmitter:
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage}))
         self._out.append(sse_event("message_stop", {"type": "message_stop"}))
+
+
+PROXY_SIGNATURE_PREFIX = "ccpx1."          # starts the signature of thinking ccproxy made
+PROXY_SIGNATURE_MARK = b'"ccpx1.'
+
+
+def thinking_signature(provider_name: str) -> str:
+    """The signature of a thinking block ccproxy made: recognisable when it comes back."""
+    return PROXY_SIGNATURE_PREFIX + provider_name
+
+
+ANTHROPIC_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
+ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
+# Server tools' blocks: Anthropic runs these tools itself; no other provider has them.
+SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                      "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
+                      "search_result", "container_upload")
+ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
+
+
+def tool_use_id(call_id) -> str:
+    """The tool_use id for an upstream call id: kept when Anthropic accepts it, else encoded
+    reversibly, or a fresh id when there is none."""
+    if not isinstance(call_id, str) or not call_id:
+        return "toolu_" + os.urandom(12).hex()
+    if ANTHROPIC_TOOL_ID_RE.match(call_id):
+        return call_id
+    encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+    return ENCODED_TOOL_ID_PREFIX + encoded
+
+
+def text_of_system(system) -> str:
+    """The system prompt as one string: text blocks joined by blank lines, without Claude
+    Code's billing-header block (meaningless elsewhere)."""
+    if isinstance(system, str):
+        return system.strip() and system
+    texts = [b["text"] for b in system or () if isinstance(b, dict) and b.get("type") == "text"
+             and isinstance(b.get("text"), str) and b["text"].strip()
+             and not b["text"].startswith(BILLING_HEADER_PREFIX)]
+    return "\n\n".join(texts)
+
+
+def tool_result_text(block: dict) -> str:
+    """A tool_result's content as text: strings and text blocks joined, never their JSON."""
+    content = block.get("content")
+    texts = []
+    for item in content if isinstance(content, list) else [content]:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append(str(item.get("text", "")))
+    text = "\n".join(t for t in texts if t)
+    return text or ("[image attached below]" if tool_result_images(block) else "")
+
+
+def tool_result_images(block: dict) -> list:
+    """The image blocks inside a tool_result."""
+    content = block.get("content")
+    return [item for item in content if isinstance(item, dict) and item.get("type") == "image"] \
+        if isinstance(content, list) else []
+
+
+def thinking_effort(body: dict) -> str | None:
+    """low/medium/high when the request asks for thinking (from budget_tokens, or
+    output_config.effort with adaptive thinking), None when it does not."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict):
+        return None
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        budget = budget if isinstance(budget, int) else 8192
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    if thinking.get("type") == "adaptive":
+        config = body.get("output_config")
+        effort = config.get("effort") if isinstance(config, dict) else None
+        return {"low": "low", "medium": "medium", "high": "high", "max": "high"}.get(effort, "medium")
+    return None
+
+
+def openai_output_cap(provider: Provider, model: str) -> int | None:
+    """The smallest of the config's and the preset's output caps for this model."""
+    caps = [provider.max_tokens, provider.quirks["max_output_tokens"].get(model)]
+    caps = [cap for cap in caps if cap]
+    return min(caps) if caps else None
+
+
+def list_of(value) -> list:
+    """value when it is a list, else an empty one: JSON from outside may have any shape."""
+    return value if isinstance(value, list) else []
+
+
+def dict_of(value) -> dict:
+    """value when it is an object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def count_of(value) -> int:
+    """A token count from upstream JSON: an integer, else 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
+
+
+def sse_event(name: str, payload: dict) -> bytes:
+    """One Anthropic-style frame: `event: <name>` and its JSON `data:` line."""
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload, ensure_ascii=False).encode())
+
+
+def sse_complete_length(data: bytes) -> int:
+    """How many leading bytes of data form complete SSE events (LF or CRLF line endings)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class HeldBytes:
+    """The unfinished end of an event stream, kept as pieces so that a long line costs linear
+    time, and refused (502) beyond MAX_SSE_LINE_BYTES."""
+
+    def __init__(self):
+        self._parts = []
+        self._size = 0
+
+    def hold(self, data: bytes) -> None:
+        if data:
+            self._parts.append(data)
+            self._size += len(data)
+            if self._size > MAX_SSE_LINE_BYTES:
+                raise UpstreamError("the provider sent an event-stream event longer than %d bytes"
+                                    % MAX_SSE_LINE_BYTES)
+
+    def release(self, data: bytes) -> bytes:
+        """What was held, followed by data; nothing is held afterwards."""
+        if not self._parts:
+            return data
+        self._parts.append(data)
+        joined = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        return joined
+
+    def tail(self, length: int) -> bytes:
+        """The last `length` bytes held (every piece holds at least one)."""
+        return b"".join(self._parts[-length:])[-length:] if self._parts else b""
+
+
+class SSEDecoder:
+    """Sans-IO server-sent events parser: feed() bytes, get the (event, data) of each complete
+    event. LF or CRLF line endings, comments (`: …`), multi-line `data:` joined with "\\n"."""
+
+    def __init__(self):
+        self._held = HeldBytes()
+        self._event = ""
+        self._data = []
+
+    def feed(self, chunk: bytes) -> list:
+        if b"\n" not in chunk:
+            self._held.hold(chunk)
+            return []
+        lines = self._held.release(chunk).split(b"\n")
+        self._held.hold(lines.pop())
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", "\n".join(self._data)))
+                self._event, self._data = "", []
+            elif line[:1] != b":":
+                field, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if field == b"data":
+                    self._data.append(value.decode("utf-8", "replace"))
+                elif field == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+
+
+# -----------------------------------------------------------------------------
+# 9.2 Anthropic Messages (pass-through)
+# -----------------------------------------------------------------------------
+
+SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
+
+
+class AnthropicProtocol(Protocol):
+    """Anthropic's Messages API, and any server that speaks it: a pass-through."""
+
+    name = "anthropic"
+
+    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
+        url = anthropic_endpoint_url(provider.base_url, "messages")
+        if request.query:
+            url += "?" + request.query
+        return UpstreamRequest(url, anthropic_request_headers(provider, request),
+                               anthropic_body(request, body, model, provider.max_tokens))
+
+    def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
+        url = anthropic_endpoint_url(provider.base_url, "messages/count_tokens")
+        return UpstreamRequest(url, anthropic_request_headers(provider, request),
+                               anthropic_body(request, body, model))
+
+    def input_tokens(self, answer: bytes) -> int | None:
+        return count_in(answer, "input_tokens")
+
+    def answer(self, call, context, stream: bool) -> Response:
+        """The provider's own answer, unchanged, once it is known to be a message."""
+        check_anthropic_answer(call)
+        if context.record is not None:
+            note_anthropic_usage(call.body, context.record)
+        return Response(call.status, call.body, call.relayed_headers(),
+                        content_type=call.header("content-type") or "application/json")
+
+    def stream_relay(self, context):
+        return AnthropicStreamRelay(context.provider.name, context.record)
+
+    def error(self, call) -> ProxyError:
+        return anthropic_error(call)
+
+
+def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
+    """The URL of /v1/{endpoint} from a base given as host, …/v1, or a full …/v1/messages URL."""
+    base = base_url.rstrip("/")
+    for suffix in ("/messages/count_tokens", "/messages"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    if not base.endswith("/v1"):
+        base += "/v1"
+    return base + "/" + endpoint
+
+
+def anthropic_request_headers(provider: Provider, request: Request) -> dict:
+    """The provider's key, the client's anthropic-* headers and the provider's extra headers."""
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT,
+               "anthropic-version": DEFAULT_ANTHROPIC_VERSION}
+    for name in ANTHROPIC_FORWARDED_HEADERS:
+        value = request.headers.get(name)
+        if value:
+            headers[name] = header_safe(value)
+    if provider.api_key:
+        headers["x-api-key"] = provider.api_key
+    headers.update(provider.headers)
+    return headers
+
+
+def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None) -> bytes:
+    """The client's body with the routed model (and capped max_tokens).
+
+    Only the changed values are re-encoded, spliced into the client's own text; with nothing
+    to change, the client's bytes go on as they came.
+    """
+    changes = {key: body[key] for key in request.rewritten}
+    if body.get("model") != model:    # the model is not changed in body: failover needs it
+        changes["model"] = model
+    if PROXY_SIGNATURE_MARK in request.body:
+        messages = messages_without_proxy_thinking(body.get("messages"))
+        if messages is not None:
+            changes["messages"] = messages
+    if max_tokens_cap is not None and body.get("max_tokens", 0) > max_tokens_cap:
+        changes["max_tokens"] = max_tokens_cap
+    if not changes:
+        return request.body
+    return splice_json_values(request.body_text, request.body_spans, changes)
+
+
+def messages_without_proxy_thinking(messages):
+    """The messages without the thinking blocks another provider made through ccproxy, which
+    Anthropic would reject (their signature is ccproxy's, not Anthropic's); None when there
+    are none."""
+    if not isinstance(messages, list):
+        return None
+    changed, cleaned = False, []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            kept = [b for b in content if not (
+                isinstance(b, dict) and b.get("type") == "thinking"
+                and str(b.get("signature", "")).startswith(PROXY_SIGNATURE_PREFIX))]
+            if len(kept) != len(content):
+                changed = True
+                message = dict(message, content=kept)
+        cleaned.append(message)
+    return cleaned if changed else None
+
+
+def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
+    """text with the top-level values named in changes replaced by their JSON encoding."""
+    pieces, last = [], 0
+    for key in sorted(changes, key=lambda name: spans[name][0]):
+        start, end = spans[key]
+        pieces += [text[last:start], json.dumps(changes[key], ensure_ascii=False)]
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces).encode()
+
+
+def check_anthropic_answer(call) -> None:
+    """Raise a 502 unless the body of a 200 is an Anthropic message (or a count): a gateway's
+    HTML page, an empty body or an answer cut short is not passed on as a success."""
+    try:
+        answer = json.loads(call.body)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict) or answer.get("type") != "message":
+        raise UpstreamError("%s: answered HTTP 200 with something that is not an Anthropic "
+                            "message: %s" % (call.provider.name,
+                                             call.provider.masker.text(
+                                                 upstream_error_message(call.body)[:200])))
+
+
+def anthropic_error(call) -> ProxyError:
+    """An upstream error: an Anthropic-shaped body passes unchanged with its status; any other
+    body (an HTML gateway page, a bare message) is mapped to one."""
+    try:
+        shaped = json.loads(call.body).get("type") == "error"
+    except (ValueError, AttributeError, RecursionError):
+        shaped = False
+    headers = call.relayed_headers()
+    if shaped:
+        return RelayedError(call.status, call.provider.masker.data(call.body), headers)
+    return error_from_upstream(call.provider, call.status, call.body, headers)
+
+
+class AnthropicStreamRelay:
+    """Relays an Anthropic event stream unchanged, whole events at a time.
+
+    feed() returns the complete events in a chunk and keeps a trailing partial event for the
+    next chunk, so a stream cut mid-event never leaves half an event before the error event
+    that finish() adds when the stream ended without message_stop or error. Upstream silence
+    (an empty chunk) becomes a ping between events.
+    """
+
+    broken = None                     # never: bytes pass as they are
+
+    def __init__(self, provider_name: str, record=None):
+        self._provider_name = provider_name
+        self._held = HeldBytes()
+        self._terminated = False
+        self._record = record
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return SSE_PING
+        tail = self._held.tail(3)             # an event boundary may straddle two chunks
+        end = sse_complete_length(tail + chunk) - len(tail)
+        if end <= 0:
+            self._held.hold(chunk)
+            return b""
+        complete = self._held.release(chunk[:end])
+        self._held.hold(chunk[end:])
+        if not self._terminated:
+            self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
+        if complete and self._record is not None:
+            note_anthropic_usage(complete, self._record)
+        return complete
+
+    @property
+    def complete(self) -> bool:
+        return self._terminated
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        if self._terminated:
+            return b""
+        if error is None:
+            error = UpstreamError("%s: the stream ended before message_stop" % self._provider_name)
+        return error.event()
+
+
+USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens)"\s*:\s*(\d+)')
+
+
+def note_anthropic_usage(data: bytes, record: dict) -> None:
+    """Token counts found in Anthropic JSON or events, for the request log (last one wins)."""
+    usage = record.setdefault("usage", {})
+    for name, value in USAGE_FIELD_RE.findall(data):
+        usage[name.decode()] = int(value)
+
+
+
+# -----------------------------------------------------------------------------
+# 9.3 OpenAI Chat Completions
+# -----------------------------------------------------------------------------
+
+OPENAI_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                       "function_call": "tool_use", "content_filter": "refusal"}
+OPENAI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MISTRAL_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9]{9}$")
+MAX_OPENAI_STOP_SEQUENCES = 4
+MAX_OPENAI_USER_CHARS = 64
+
+
+class OpenAIChatProtocol(Protocol):
+    """OpenAI's Chat Completions API, and the many servers that copy it."""
+
+    name = "openai"
+
+    def upstream_tool_name(self, name: str) -> str:
+        return openai_tool_name(name)
+
+    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
+        payload = openai_request_from_anthropic(body, provider, model)
+        return UpstreamRequest(openai_endpoint_url(provider.base_url),
+                               openai_request_headers(provider),
+                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+                               .encode())
+
+    def message(self, answer, context) -> dict:
+        return anthropic_message_from_openai(answer, context)
+
+    def stream_translator(self, context):
+        return OpenAIStreamTranslator(context)
+
+
+def openai_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
+    """The Chat Completions body for a Messages body
+    (https://platform.openai.com/docs/api-reference/chat/create)."""
+    quirks = provider.quirks
+    pattern = quirks["reasoning_models"]
+    reasoning_model = bool(pattern and re.match(pattern, model))
+    request = {"model": model, "messages": openai_messages_from_anthropic(body, quirks)}
+    cap = openai_output_cap(provider, model)
+    max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
+    request["max_completion_tokens" if reasoning_model else "max_tokens"] = max_tokens
+    sampling = () if reasoning_model else ("temperature", "top_p") + (
+        ("top_k",) if quirks["top_k"] else ())
+    for key in sampling:
+        if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
+            request[key] = body[key]
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and stops:
+        request["stop"] = stops[:MAX_OPENAI_STOP_SEQUENCES]
+    if body.get("stream") is True:
+        request["stream"] = True
+        if quirks["stream_usage"]:
+            request["stream_options"] = {"include_usage": True}
+    tools = openai_tools_from_anthropic(body.get("tools"), quirks)
+    if tools:
+        request["tools"] = tools
+        request.update(openai_tool_choice(body.get("tool_choice")))
+    request.update(openai_user_field(body.get("metadata")))
+    request.update(openai_reasoning_fields(body, quirks, reasoning_model))
+    request.update(openai_response_format(body))
+    return request
+
+
+def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
+    """The conversation as Chat Completions messages: system first, each assistant turn with
+    its tool calls, each call's result as a tool message right after it."""
+    messages = []
+    system = text_of_system(body.get("system"))
+    if system:
+        messages.append({"role": "system", "content": system})
+    open_calls = []          # ids of the last assistant turn's calls, awaiting results
+    deferred = []            # system messages that came between calls and their results
+    for index, message in enumerate(body["messages"]):
+        where = "messages[%d].content" % index
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        role = message["role"]
+        if role == "assistant":
+            messages.extend(missing_tool_results(open_calls) + deferred)
+            deferred = []
+            converted = openai_assistant_message(blocks, quirks, where)
+            open_calls = [c["id"] for c in converted.get("tool_calls", ())] if converted else []
+            if converted:
+                messages.append(converted)
+        elif role == "system":
+            text = text_of_system(blocks)
+            if text:
+                (deferred if open_calls else messages).append({"role": "system", "content": text})
+        else:
+            messages.extend(openai_user_turn(blocks, open_calls, quirks, where) + deferred)
+            open_calls, deferred = [], []
+    return merge_adjacent_user_messages(messages + deferred)
+
+
+def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
+    """An assistant turn: text joined, tool_use as tool_calls, thinking dropped or replayed,
+    server-tool history dropped (it has no Chat Completions form)."""
+    texts, calls, thoughts = [], [], []
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind not in ASSISTANT_BLOCK_TYPES:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
+                                      "provider" % (where, position, kind))
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+            texts.append(block["text"])
+        elif kind == "tool_use":
+            arguments = json.dumps(block.get("input") or {}, ensure_ascii=False,
+                                   separators=(",", ":"))
+            calls.append({"id": openai_tool_id(str(block.get("id", "")), quirks["tool_id_style"]),
+                          "type": "function",
+                          "function": {"name": openai_tool_name(str(block.get("name", ""))),
+                                       "arguments": arguments}})
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            thoughts.append(block["thinking"])
+    if not texts and not calls:
+        return None
+    message = {"role": "assistant", "content": "\n".join(texts) or None}
+    if calls:
+        message["tool_calls"] = calls
+        if quirks["reasoning_replay"]:
+            message["reasoning_content"] = "".join(thoughts)
+    return message
+
+
+def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list:
+    """A user turn: one tool message per answered call first (Chat Completions wants them
+    right after the calls), then the turn's other content."""
+    answered, tool_messages, extra_parts = set(), [], []
+    for position, block in enumerate(blocks):
+        if block.get("type") != "tool_result":
+            continue
+        call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
+        text, images = tool_result_text_and_images(block, quirks, "%s[%d]" % (where, position))
+        if call_id in open_calls and call_id not in answered:
+            answered.add(call_id)
+            tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+        else:
+            extra_parts.append({"type": "text", "text": "[tool result %s]\n%s"
+                                % (block.get("tool_use_id"), text)})
+        extra_parts.extend(images)
+    tool_messages += missing_tool_results([c for c in open_calls if c not in answered])
+    parts = extra_parts + openai_user_parts(
+        [b for b in blocks if b.get("type") != "tool_result"], quirks, where)
+    result = tool_messages
+    if parts:
+        if tool_messages and not quirks["user_after_tool"]:
+            result.append({"role": "assistant", "content": "Noted."})
+        result.append({"role": "user", "content": openai_content(parts)})
+    elif not tool_messages:
+        result.append({"role": "user", "content": "..."})
+    return result
+
+
+def openai_user_parts(blocks, quirks: dict, where: str) -> list:
+    """User blocks other than tool results as Chat Completions content parts."""
+    parts = []
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text":
+            if isinstance(block.get("text"), str) and block["text"].strip():
+                parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image":
+            parts.append(openai_image_part(block, "%s[%d]" % (where, position)) if quirks["vision"]
+                         else {"type": "text", "text": "[image omitted]"})
+        elif kind == "document":
+            parts.append(openai_document_part(block))
+        elif kind in SERVER_BLOCK_TYPES or kind in ("thinking", "redacted_thinking"):
+            continue
+        else:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
+                                      "provider" % (where, position, kind))
+    return parts
+
+
+def openai_image_part(block: dict, where: str) -> dict:
+    """An image block as an image_url part (a data: URL for base64); a Files API reference
+    cannot be sent."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64":
+        url = "data:%s;base64,%s" % (source.get("media_type", "image/png"), source.get("data", ""))
+    elif source.get("type") == "url":
+        url = source.get("url", "")
+    else:
+        raise InvalidRequestError("%s: an image with source type %r cannot be sent to an "
+                                  "OpenAI-compatible provider" % (where, source.get("type")))
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def openai_document_part(block: dict) -> dict:
+    """A document block as a file part (a base64 PDF) or as its text."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64":
+        return {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:%s;base64,%s"
+                                         % (source.get("media_type", "application/pdf"),
+                                            source.get("data", ""))}}
+    if source.get("type") == "text":
+        return {"type": "text", "text": str(source.get("data", ""))}
+    if source.get("type") == "content":
+        texts = [b.get("text", "") for b in source.get("content") or () if isinstance(b, dict)]
+        return {"type": "text", "text": "\n".join(texts)}
+    return {"type": "text", "text": "[document omitted: %s source]" % source.get("type")}
+
+
+def openai_content(parts: list):
+    """Content parts as Chat Completions wants them: one string when all are text (the form
+    every OpenAI-compatible server accepts)."""
+    if all(part["type"] == "text" for part in parts):
+        return "\n".join(part["text"] for part in parts)
+    return parts
+
+
+def tool_result_text_and_images(block: dict, quirks: dict, where: str):
+    """A tool_result's text (an error result marked "Error: ") and its images as parts (a tool
+    message cannot hold images, so they follow in a user message)."""
+    text = tool_result_text(block)
+    images = [openai_image_part(item, where) if quirks["vision"]
+              else {"type": "text", "text": "[image omitted]"} for item in tool_result_images(block)]
+    return ("Error: " + text if block.get("is_error") else text), images
+
+
+def missing_tool_results(call_ids) -> list:
+    """Stand-in results for calls the conversation never answered (Chat Completions refuses a
+    call without its result)."""
+    return [{"role": "tool", "tool_call_id": call_id,
+             "content": "[no result: the tool call was interrupted]"} for call_id in call_ids]
+
+
+def merge_adjacent_user_messages(messages: list) -> list:
+    """Two user messages in a row become one (some servers refuse two in a row)."""
+    merged = []
+    for message in messages:
+        previous = merged[-1] if merged else None
+        if previous is not None and previous["role"] == message["role"] == "user":
+            parts = [{"type": "text", "text": c} if isinstance(c, str) else c
+                     for c in (previous["content"], message["content"])]
+            flat = [p for c in parts for p in (c if isinstance(c, list) else [c])]
+            previous["content"] = openai_content(flat)
+        else:
+            merged.append(message)
+    return merged
+
+
+def openai_tools_from_anthropic(tools, quirks: dict) -> list:
+    """Custom tools as functions; server tools (web search…) have no equivalent and are
+    left out (logged)."""
+    functions = []
+    for tool in tools or ():
+        if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
+            log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
+                     tool.get("type"))
+            continue
+        parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
+        if quirks["schema_drop_keys"] and isinstance(parameters, dict):
+            parameters = {k: v for k, v in parameters.items() if k not in quirks["schema_drop_keys"]}
+        function = {"name": openai_tool_name(str(tool["name"])), "parameters": parameters}
+        if tool.get("description"):
+            function["description"] = tool["description"]
+        functions.append({"type": "function", "function": function})
+    return functions
+
+
+def openai_tool_name(name: str) -> str:
+    """An OpenAI function name for a tool name: kept when it fits ^[a-zA-Z0-9_-]{1,64}$ (what
+    Chat Completions accepts), else cleaned and made unique with a short hash."""
+    if OPENAI_TOOL_NAME_RE.match(name):
+        return name
+    cleaned = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:55] or "unnamed_tool"
+    return "%s_%s" % (cleaned, hashlib.sha256(name.encode()).hexdigest()[:8])
+
+
+def openai_tool_id(tool_id: str, style: str | None) -> str:
+    """The id an OpenAI-family server gets for an Anthropic tool_use id; the same id always maps
+    to the same result, so calls and their results stay paired."""
+    if tool_id.startswith(ENCODED_TOOL_ID_PREFIX):
+        try:
+            tool_id = base64.urlsafe_b64decode(tool_id[len(ENCODED_TOOL_ID_PREFIX):] + "==").decode()
+        except (ValueError, UnicodeDecodeError):
+            pass
+    if style == "alnum9" and not MISTRAL_TOOL_ID_RE.match(tool_id):
+        return base62_digest(tool_id, 9)
+    return tool_id
+
+
+def base62_digest(text: str, length: int) -> str:
+    """A stable alphanumeric digest of text, `length` characters long."""
+    number = int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
+    alphabet = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    digits = []
+    while len(digits) < length:
+        number, remainder = divmod(number, 62)
+        digits.append(alphabet[remainder])
+    return "".join(digits)
+
+
+def openai_tool_choice(choice) -> dict:
+    """tool_choice and parallel_tool_calls for an Anthropic tool_choice (A.7)."""
+    if not isinstance(choice, dict):
+        return {}
+    kind = choice.get("type")
+    fields = {}
+    if kind in ("auto", "none"):
+        fields["tool_choice"] = kind
+    elif kind == "any":
+        fields["tool_choice"] = "required"
+    elif kind == "tool":
+        fields["tool_choice"] = {"type": "function",
+                                 "function": {"name": openai_tool_name(str(choice.get("name", "")))}}
+    if choice.get("disable_parallel_tool_use") is True:
+        fields["parallel_tool_calls"] = False
+    return fields
+
+
+def openai_user_field(metadata) -> dict:
+    """metadata.user_id as `user`: as is when short and plain, else a stable digest (OpenAI
+    limits it to 64 characters)."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str) or not user_id:
+        return {}
+    if len(user_id) <= MAX_OPENAI_USER_CHARS and re.match(r"^[A-Za-z0-9_-]+$", user_id):
+        return {"user": user_id}
+    return {"user": "u_" + hashlib.sha256(user_id.encode()).hexdigest()[:32]}
+
+
+def openai_reasoning_fields(body: dict, quirks: dict, reasoning_model: bool) -> dict:
+    """The provider's own way of asking for reasoning, per its preset: reasoning_effort
+    (OpenAI's reasoning models), thinking (DeepSeek), reasoning (OpenRouter)."""
+    effort = thinking_effort(body)
+    style = quirks["reasoning_style"]
+    if effort is None or style is None:
+        return {}
+    if style == "effort":
+        return {"reasoning_effort": effort} if reasoning_model else {}
+    if style == "deepseek":
+        return {"thinking": {"type": "enabled"}}
+    budget = (body.get("thinking") or {}).get("budget_tokens")
+    return {"reasoning": {"max_tokens": budget} if isinstance(budget, int) else {"effort": effort}}
+
+
+def openai_response_format(body: dict) -> dict:
+    """A JSON-schema output format (output_config.format) as response_format."""
+    config = body.get("output_config")
+    output_format = body.get("output_format") or (config.get("format") if isinstance(config, dict)
+                                                  else None)
+    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
+        return {}
+    return {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "structured_output", "schema": output_format.get("schema") or {}, "strict": True}}}
+
+
+def openai_endpoint_url(base_url: str) -> str:
+    """…/chat/completions from a base (…/v1) or from the full endpoint URL."""
+    base = base_url.rstrip("/")
+    return base if base.endswith("/chat/completions") else base + "/chat/completions"
+
+
+def openai_request_headers(provider: Provider) -> dict:
+    """Headers of a Chat Completions call: the key as Bearer, extra headers."""
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT}
+    if provider.api_key:
+        headers["authorization"] = "Bearer " + provider.api_key
+    headers.update(provider.headers)
+    return headers
+
+
+def anthropic_message_from_openai(data: dict, context) -> dict:
+    """An Anthropic message from a Chat Completions answer: reasoning as thinking, text,
+    refusal as text, tool calls as tool_use blocks."""
+    if not isinstance(data, dict):
+        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
+    choices = list_of(data.get("choices"))
+    if not choices:
+        if data.get("error"):
+            raise openai_error(context.provider, data["error"])
+        raise UpstreamError("%s: the answer has no choices" % context.provider.name)
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if isinstance(reasoning, str) and reasoning:
+        content.append({"type": "thinking", "thinking": reasoning,
+                        "signature": thinking_signature(context.provider.name)})
+    text = message.get("content")
+    if isinstance(text, list):
+        text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"),
+                                                                                       str))
+    if isinstance(text, str) and text:
+        content.append({"type": "text", "text": text})
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        content.append({"type": "text", "text": refusal})
+    calls = [c for c in list_of(message.get("tool_calls")) if isinstance(c, dict)]
+    if not calls and isinstance(message.get("function_call"), dict):
+        calls = [{"function": message["function_call"]}]
+    content += [anthropic_tool_use(call, context) for call in calls]
+    stop_reason = "refusal" if refusal else openai_stop_reason(choice.get("finish_reason"),
+                                                                 bool(calls))
+    usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
+        else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
+    if context.record is not None:
+        context.record["usage"] = usage
+    return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
+            "model": context.model, "content": content, "stop_reason": stop_reason,
+            "stop_sequence": None, "usage": usage}
+
+
+def anthropic_tool_use(call: dict, context) -> dict:
+    """A tool_use block from an OpenAI tool call."""
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    return {"type": "tool_use", "id": tool_use_id(call.get("id")),
+            "name": context.tool_name(function.get("name")),
+            "input": tool_input_from_arguments(function.get("arguments"))}
+
+
+def tool_input_from_arguments(arguments) -> dict:
+    """A tool_use input object from OpenAI arguments, whatever shape they came in (a JSON
+    string, a string inside a string, an object, a trailing comma)."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not isinstance(arguments, str) or not arguments.strip():
+        return {}
+    for candidate in (arguments, re.sub(r",\s*([}\]])", r"\1", arguments), arguments + "}"):
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, str):
+            return tool_input_from_arguments(value)
+        if isinstance(value, dict):
+            return value
+    log.warning("tool arguments are not a JSON object; passed as {\"arguments\": …}")
+    return {"arguments": arguments}
+
+
+def anthropic_usage_from_openai(usage) -> dict:
+    """Anthropic usage from OpenAI usage: cache reads counted apart from input (Anthropic's
+    input_tokens excludes them; OpenAI's prompt_tokens includes them)."""
+    usage = dict_of(usage)
+    details = dict_of(usage.get("prompt_tokens_details"))
+    prompt = count_of(usage.get("prompt_tokens"))
+    cache_read = count_of(details.get("cached_tokens")) or count_of(
+        usage.get("prompt_cache_hit_tokens"))
+    cache_write = count_of(details.get("cache_write_tokens"))
+    return {"input_tokens": max(prompt - cache_read - cache_write, 0),
+            "output_tokens": count_of(usage.get("completion_tokens")),
+            "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read}
+
+
+def openai_stop_reason(finish_reason, made_calls: bool) -> str:
+    """The stop_reason of a finish_reason: tool_use whenever calls were made (some servers say
+    "stop" after calls), refusal for a content filter, end_turn for anything unknown."""
+    if made_calls:
+        return "tool_use"
+    reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn") \
+        if isinstance(finish_reason, str) else "end_turn"
+    return "end_turn" if reason == "tool_use" else reason
+
+
+def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
+    """An error object inside a 200 answer or a stream as the client's error, its status
+    from the error's code when it is an HTTP status."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    code = error.get("code")
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and 400 <= code < 600:
+        status = CLIENT_STATUS_BY_UPSTREAM_STATUS.get(code, 500 if code >= 500 else 400)
+    message = "%s: %s" % (provider.name, error.get("message") or json.dumps(error))
+    return error_for_status(status, provider.masker.text(message))
 
 
 class OpenAIStreamTranslator:
@@ -4052,151 +4516,10 @@ class OpenAIStreamTranslator:
         self._emit.close()
 
 
-class OpenAIChatProtocol(Protocol):
-    """OpenAI's Chat Completions API, and the many servers that copy it."""
 
-    name = "openai"
-
-    def upstream_tool_name(self, name: str) -> str:
-        return openai_tool_name(name)
-
-    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
-        payload = openai_request_from_anthropic(body, provider, model)
-        return UpstreamRequest(openai_endpoint_url(provider.base_url),
-                               openai_request_headers(provider),
-                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-                               .encode())
-
-    def message(self, answer, context) -> dict:
-        return anthropic_message_from_openai(answer, context)
-
-    def stream_translator(self, context):
-        return OpenAIStreamTranslator(context)
-
-
-def parse_upstream_json(call):
-    """The provider's answer body as JSON, or a 502 quoting it."""
-    try:
-        return json.loads(call.body)
-    except (ValueError, RecursionError):
-        raise UpstreamError("%s: the answer is not JSON: %s" % (
-            call.provider.name, upstream_error_message(call.body))) from None
-
-
-async def first_piece(chunks, relay, provider: Provider) -> bytes:
-    """Read the stream until the relay has something to send. A failure before that raises,
-    so the client still gets it as an HTTP status, and failover can try another provider."""
-    async for chunk in chunks:
-        piece = relay.feed(chunk) if chunk else b""
-        if piece:
-            return piece
-    if not relay.complete:
-        raise relay.broken or UpstreamError("%s: the stream ended before completion"
-                                            % provider.name)
-    return b""
-
-
-async def stream_response(call, relay) -> Response:
-    """The client's event stream, opened once the relay has its first events."""
-    chunks = call.chunks(STREAM_PING_SECONDS)
-    try:
-        first = await first_piece(chunks, relay, call.provider)
-    except BaseException:
-        await chunks.aclose()
-        raise
-    headers = [("cache-control", "no-cache")] + call.relayed_headers()
-    return Response(200, headers=headers, content_type="text/event-stream",
-                    stream=UpstreamStream(call, chunks, relay, first))
-
-
-async def call_provider(call, conn, stream: bool = False) -> int:
-    """Send a provider call that is cut when the client leaves; the answer's status."""
-    conn.cancel_on_disconnect(call.cancel)
-    return await call.send(stream)
-
-
-async def relay_call(protocol: Protocol, call, conn, request: Request, body: dict) -> Response:
-    """The one path of every provider call: send it, then turn the provider's error, whole
-    answer or event stream into the client's answer, through the protocol's translation."""
-    context = TranslationContext(call.provider, request, body, protocol.upstream_tool_name)
-    stream = body.get("stream") is True
-    status = await call_provider(call, conn, stream)
-    if status >= 400:
-        return answer_to_error(protocol.error(call), context, stream)
-    if not 200 <= status < 300:
-        location = call.header("location")
-        raise UpstreamError("%s: answered HTTP %d%s; check its api_base_url" % (
-            call.provider.name, status, " (a redirect to %s)" % location if location else ""))
-    if call.body is not None:
-        return protocol.answer(call, context, stream)
-    return await stream_response(call, protocol.stream_relay(context))
-
-
-def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
-    """Raise a translated provider's error, reworded where Claude Code needs Anthropic's words
-    ("prompt is too long", which it answers by compacting); but a reasoning model's refusal of
-    Claude Code's max_tokens=1 availability probe is answered as Anthropic would answer the
-    probe: an empty message that stopped at max_tokens."""
-    if isinstance(error, RelayedError):
-        raise error
-    if context.probe and error.status == 400 and MAX_TOKENS_PROBE_RE.search(error.message):
-        usage = dict(context.estimated_usage(0), output_tokens=0)
-        return message_response(new_message(context.model, [], "max_tokens", usage), context,
-                                stream)
-    if error.status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message) \
-            and not error.message.startswith("prompt is too long"):
-        error.message = "prompt is too long: " + error.message
-    raise error
-
-
-def new_message(model: str, content: list, stop_reason: str, usage: dict) -> dict:
-    """A whole assistant message in the Messages API's shape."""
-    return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
-            "model": model, "content": content, "stop_reason": stop_reason,
-            "stop_sequence": None, "usage": usage}
-
-
-def message_response(message: dict, context: TranslationContext, stream: bool) -> Response:
-    """A whole answer as the client asked for it: the message as JSON, or as its events (a
-    provider may answer at once what was asked as a stream)."""
-    if context.record is not None:
-        context.record["usage"] = message["usage"]
-    if not stream:
-        return json_response(message)
-    return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
-                    content_type="text/event-stream")
-
-
-def events_from_message(message: dict, context: TranslationContext) -> bytes:
-    """The events that stream a whole message: each block whole, in order, then its end."""
-    emit = EventEmitter(context)
-    emit.start()
-    for index, block in enumerate(message["content"]):
-        kind = block["type"]
-        if kind == "text":
-            emit.text(block["text"], index)
-        elif kind == "thinking":
-            emit.thinking(block["thinking"], index)
-            emit.signature = block.get("signature") or emit.signature
-        elif kind == "tool_use":
-            emit.open_tool(index, block["id"], block["name"])
-            emit.tool_arguments(json.dumps(block["input"], ensure_ascii=False))
-        else:
-            emit.open_block(index, block)
-    emit.stop(message["stop_reason"], message["usage"])
-    return emit.take()
-
-
-def count_in(answer: bytes, key: str) -> int | None:
-    """The integer at key in a JSON answer, if it is one."""
-    try:
-        count = dict_of(json.loads(answer)).get(key)
-    except (ValueError, RecursionError):
-        return None
-    return count if isinstance(count, int) and not isinstance(count, bool) else None
-
-
-# --- Gemini ------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# 9.4 Gemini
+# -----------------------------------------------------------------------------
 
 GEMINI_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "gemini."
 GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"   # Google's documented placeholder
@@ -4217,6 +4540,196 @@ GEMINI_STATUS_BY_CODE = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400,
                          "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
                          "RESOURCE_EXHAUSTED": 429, "INTERNAL": 500, "UNAVAILABLE": 529,
                          "DEADLINE_EXCEEDED": 504}
+
+
+class GeminiProtocol(Protocol):
+    """Google's Gemini API (generateContent, streamGenerateContent, countTokens)."""
+
+    name = "gemini"
+
+    def upstream_tool_name(self, name: str) -> str:
+        return gemini_tool_name(name)
+
+    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
+        payload = gemini_request_from_anthropic(body, provider, model)
+        return UpstreamRequest(gemini_endpoint_url(provider.base_url, model,
+                                                   body.get("stream") is True),
+                               gemini_request_headers(provider),
+                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+                               .encode())
+
+    def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
+        """The generateContent request, wrapped in a countTokens call."""
+        payload = gemini_request_from_anthropic(dict(body, max_tokens=body.get("max_tokens") or 1),
+                                                provider, model)
+        payload["model"] = "models/" + (model[len("models/"):] if model.startswith("models/")
+                                        else model)
+        url = gemini_endpoint_url(provider.base_url, model, False).replace(":generateContent",
+                                                                           ":countTokens")
+        return UpstreamRequest(url, gemini_request_headers(provider), json.dumps(
+            {"generateContentRequest": payload}, ensure_ascii=False).encode())
+
+    def input_tokens(self, answer: bytes) -> int | None:
+        return count_in(answer, "totalTokens")
+
+    def message(self, answer, context) -> dict:
+        return message_from_events(events_from_gemini_answer(answer, context))
+
+    def stream_translator(self, context):
+        return GeminiStreamTranslator(context)
+
+    def error(self, call) -> ProxyError:
+        try:
+            error = json.loads(call.body).get("error")
+        except (ValueError, AttributeError, RecursionError):
+            error = None
+        if isinstance(error, dict):
+            return gemini_error(call.provider, error, call.status)
+        return super().error(call)
+
+
+def gemini_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
+    """The generateContent body for a Messages body
+    (https://ai.google.dev/api/generate-content#request-body)."""
+    contents, system = gemini_contents_from_anthropic(body)
+    request = {"contents": contents}
+    if system:
+        request["systemInstruction"] = {"parts": [{"text": system}]}
+    tools = gemini_tools_from_anthropic(body.get("tools"))
+    if tools:
+        request["tools"] = tools
+        tool_config = gemini_tool_config(body.get("tool_choice"))
+        if tool_config and "functionDeclarations" in tools[0]:
+            request["toolConfig"] = tool_config
+    request["generationConfig"] = gemini_generation_config(body, provider, model)
+    return request
+
+
+def gemini_contents_from_anthropic(body: dict):
+    """(contents, system text): turns as user/model contents, consecutive same-role turns
+    merged; system messages in the conversation join the system instruction."""
+    contents, system_texts, calls = [], [text_of_system(body.get("system"))], []
+    for index, message in enumerate(body["messages"]):
+        where = "messages[%d].content" % index
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if message["role"] == "system":
+            system_texts.append(text_of_system(blocks))
+            continue
+        if message["role"] == "assistant":
+            calls = []
+            role, parts = "model", gemini_model_parts(blocks, calls, where)
+        else:
+            role, parts = "user", gemini_user_parts(blocks, calls, where)
+            calls = []
+        if not parts:
+            continue
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    return contents, "\n\n".join(t for t in system_texts if t)
+
+
+def gemini_model_parts(blocks, calls: list, where: str) -> list:
+    """An assistant turn as model parts; each call's thought signature is restored from the
+    thinking block before it, and a turn's first call without one gets Google's documented
+    placeholder (https://ai.google.dev/gemini-api/docs/thought-signatures)."""
+    parts, signature, first_call = [], None, True
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+            parts.append({"text": block["text"]})
+        elif kind == "thinking":
+            mark = str(block.get("signature", ""))
+            if mark.startswith(GEMINI_SIGNATURE_PREFIX):
+                signature = mark[len(GEMINI_SIGNATURE_PREFIX):]
+        elif kind == "tool_use":
+            name = gemini_tool_name(str(block.get("name", "")))
+            part = {"functionCall": {"name": name, "args": block.get("input") or {}}}
+            if signature or first_call:
+                part["thoughtSignature"] = signature or GEMINI_SKIP_SIGNATURE
+            parts.append(part)
+            calls.append((str(block.get("id", "")), name))
+            signature, first_call = None, False
+        elif kind not in ASSISTANT_BLOCK_TYPES:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
+                                      % (where, position, kind))
+    return parts
+
+
+def gemini_user_parts(blocks, calls: list, where: str) -> list:
+    """A user turn: one functionResponse per call of the model turn before, in call order
+    (missing ones filled in: Gemini wants as many responses as calls), then orphan results as
+    text, then the rest."""
+    results, extra = {}, []
+    for position, block in enumerate(blocks):
+        if block.get("type") != "tool_result":
+            continue
+        inside = "%s[%d]" % (where, position)
+        text = tool_result_text(block)
+        images = [gemini_inline_part(b, inside) for b in tool_result_images(block)]
+        key = str(block.get("tool_use_id", ""))
+        if any(call_id == key for call_id, _ in calls) and key not in results:
+            results[key] = ({"error": text} if block.get("is_error") else {"output": text}, images)
+        else:
+            extra += [{"text": "[tool result %s]\n%s" % (key, text)}] + images
+    parts = []
+    for call_id, name in calls:
+        response, images = results.get(call_id, ({"error": "no result: the call was interrupted"}, []))
+        parts.append({"functionResponse": {"name": name, "response": response}})
+        extra += images
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+            extra.append({"text": block["text"]})
+        elif kind in ("image", "document"):
+            extra.append(gemini_inline_part(block, "%s[%d]" % (where, position)))
+        elif kind not in ("text", "tool_result") and kind not in SERVER_BLOCK_TYPES:
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
+                                      % (where, position, kind))
+    return parts + extra
+
+
+def gemini_inline_part(block: dict, where: str) -> dict:
+    """A base64 image or PDF as inlineData; Gemini's API cannot fetch other URLs."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "base64":
+        return {"inlineData": {"mimeType": source.get("media_type", "application/octet-stream"),
+                               "data": source.get("data", "")}}
+    if source.get("type") == "text":
+        return {"text": str(source.get("data", ""))}
+    raise InvalidRequestError("%s: Gemini takes images and documents only inline (base64), not "
+                              "as a %r source" % (where, source.get("type")))
+
+
+def gemini_tools_from_anthropic(tools) -> list:
+    """Custom tools in one functionDeclarations entry; web search as googleSearch when alone."""
+    declarations, search = [], False
+    for tool in tools or ():
+        kind = tool.get("type")
+        if kind in (None, "custom") and "input_schema" in tool:
+            declarations.append(gemini_function_declaration(tool))
+        elif str(kind).startswith("web_search"):
+            search = True
+        else:
+            log.info("tool %r (%s) has no Gemini equivalent; not sent", tool.get("name"), kind)
+    if declarations:
+        return [{"functionDeclarations": declarations}]
+    return [{"googleSearch": {}}] if search else []
+
+
+def gemini_function_declaration(tool: dict) -> dict:
+    """One Anthropic tool as a functionDeclaration; no parameters when it takes none."""
+    schema = tool.get("input_schema") if isinstance(tool.get("input_schema"), dict) else {}
+    definitions = dict(schema.get("definitions") or {}, **(schema.get("$defs") or {}))
+    declaration = {"name": gemini_tool_name(str(tool["name"]))}
+    if tool.get("description"):
+        declaration["description"] = tool["description"]
+    parameters = gemini_schema(schema, definitions)
+    if parameters.get("properties"):
+        declaration["parameters"] = parameters
+    return declaration
 
 
 def gemini_tool_name(name: str) -> str:
@@ -4330,35 +4843,6 @@ def merge_all_of(node: dict) -> dict:
     return merged
 
 
-def gemini_function_declaration(tool: dict) -> dict:
-    """One Anthropic tool as a functionDeclaration; no parameters when it takes none."""
-    schema = tool.get("input_schema") if isinstance(tool.get("input_schema"), dict) else {}
-    definitions = dict(schema.get("definitions") or {}, **(schema.get("$defs") or {}))
-    declaration = {"name": gemini_tool_name(str(tool["name"]))}
-    if tool.get("description"):
-        declaration["description"] = tool["description"]
-    parameters = gemini_schema(schema, definitions)
-    if parameters.get("properties"):
-        declaration["parameters"] = parameters
-    return declaration
-
-
-def gemini_tools_from_anthropic(tools) -> list:
-    """Custom tools in one functionDeclarations entry; web search as googleSearch when alone."""
-    declarations, search = [], False
-    for tool in tools or ():
-        kind = tool.get("type")
-        if kind in (None, "custom") and "input_schema" in tool:
-            declarations.append(gemini_function_declaration(tool))
-        elif str(kind).startswith("web_search"):
-            search = True
-        else:
-            log.info("tool %r (%s) has no Gemini equivalent; not sent", tool.get("name"), kind)
-    if declarations:
-        return [{"functionDeclarations": declarations}]
-    return [{"googleSearch": {}}] if search else []
-
-
 def gemini_tool_config(choice) -> dict:
     """toolConfig.functionCallingConfig for a tool_choice: auto, any (ANY), none, or one tool
     (ANY with allowedFunctionNames)."""
@@ -4394,121 +4878,6 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
     return config
 
 
-def gemini_inline_part(block: dict, where: str) -> dict:
-    """A base64 image or PDF as inlineData; Gemini's API cannot fetch other URLs."""
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
-    if source.get("type") == "base64":
-        return {"inlineData": {"mimeType": source.get("media_type", "application/octet-stream"),
-                               "data": source.get("data", "")}}
-    if source.get("type") == "text":
-        return {"text": str(source.get("data", ""))}
-    raise InvalidRequestError("%s: Gemini takes images and documents only inline (base64), not "
-                              "as a %r source" % (where, source.get("type")))
-
-
-def gemini_model_parts(blocks, calls: list, where: str) -> list:
-    """An assistant turn as model parts; each call's thought signature is restored from the
-    thinking block before it, and a turn's first call without one gets Google's documented
-    placeholder (https://ai.google.dev/gemini-api/docs/thought-signatures)."""
-    parts, signature, first_call = [], None, True
-    for position, block in enumerate(blocks):
-        kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
-            parts.append({"text": block["text"]})
-        elif kind == "thinking":
-            mark = str(block.get("signature", ""))
-            if mark.startswith(GEMINI_SIGNATURE_PREFIX):
-                signature = mark[len(GEMINI_SIGNATURE_PREFIX):]
-        elif kind == "tool_use":
-            name = gemini_tool_name(str(block.get("name", "")))
-            part = {"functionCall": {"name": name, "args": block.get("input") or {}}}
-            if signature or first_call:
-                part["thoughtSignature"] = signature or GEMINI_SKIP_SIGNATURE
-            parts.append(part)
-            calls.append((str(block.get("id", "")), name))
-            signature, first_call = None, False
-        elif kind not in ASSISTANT_BLOCK_TYPES:
-            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
-                                      % (where, position, kind))
-    return parts
-
-
-def gemini_user_parts(blocks, calls: list, where: str) -> list:
-    """A user turn: one functionResponse per call of the model turn before, in call order
-    (missing ones filled in: Gemini wants as many responses as calls), then orphan results as
-    text, then the rest."""
-    results, extra = {}, []
-    for position, block in enumerate(blocks):
-        if block.get("type") != "tool_result":
-            continue
-        inside = "%s[%d]" % (where, position)
-        text = tool_result_text(block)
-        images = [gemini_inline_part(b, inside) for b in tool_result_images(block)]
-        key = str(block.get("tool_use_id", ""))
-        if any(call_id == key for call_id, _ in calls) and key not in results:
-            results[key] = ({"error": text} if block.get("is_error") else {"output": text}, images)
-        else:
-            extra += [{"text": "[tool result %s]\n%s" % (key, text)}] + images
-    parts = []
-    for call_id, name in calls:
-        response, images = results.get(call_id, ({"error": "no result: the call was interrupted"}, []))
-        parts.append({"functionResponse": {"name": name, "response": response}})
-        extra += images
-    for position, block in enumerate(blocks):
-        kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
-            extra.append({"text": block["text"]})
-        elif kind in ("image", "document"):
-            extra.append(gemini_inline_part(block, "%s[%d]" % (where, position)))
-        elif kind not in ("text", "tool_result") and kind not in SERVER_BLOCK_TYPES:
-            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
-                                      % (where, position, kind))
-    return parts + extra
-
-
-def gemini_contents_from_anthropic(body: dict):
-    """(contents, system text): turns as user/model contents, consecutive same-role turns
-    merged; system messages in the conversation join the system instruction."""
-    contents, system_texts, calls = [], [text_of_system(body.get("system"))], []
-    for index, message in enumerate(body["messages"]):
-        where = "messages[%d].content" % index
-        content = message["content"]
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if message["role"] == "system":
-            system_texts.append(text_of_system(blocks))
-            continue
-        if message["role"] == "assistant":
-            calls = []
-            role, parts = "model", gemini_model_parts(blocks, calls, where)
-        else:
-            role, parts = "user", gemini_user_parts(blocks, calls, where)
-            calls = []
-        if not parts:
-            continue
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-    return contents, "\n\n".join(t for t in system_texts if t)
-
-
-def gemini_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
-    """The generateContent body for a Messages body
-    (https://ai.google.dev/api/generate-content#request-body)."""
-    contents, system = gemini_contents_from_anthropic(body)
-    request = {"contents": contents}
-    if system:
-        request["systemInstruction"] = {"parts": [{"text": system}]}
-    tools = gemini_tools_from_anthropic(body.get("tools"))
-    if tools:
-        request["tools"] = tools
-        tool_config = gemini_tool_config(body.get("tool_choice"))
-        if tool_config and "functionDeclarations" in tools[0]:
-            request["toolConfig"] = tool_config
-    request["generationConfig"] = gemini_generation_config(body, provider, model)
-    return request
-
-
 def gemini_endpoint_url(base_url: str, model: str, stream: bool) -> str:
     """…/models/{model}:generateContent, or :streamGenerateContent?alt=sse for streams."""
     model = model[len("models/"):] if model.startswith("models/") else model
@@ -4525,63 +4894,15 @@ def gemini_request_headers(provider: Provider) -> dict:
     return headers
 
 
-def anthropic_usage_from_gemini(usage) -> dict:
-    """Anthropic usage from usageMetadata: cached tokens apart, thoughts counted as output (the
-    provider bills them as output)."""
-    usage = dict_of(usage)
-    prompt = count_of(usage.get("promptTokenCount")) + count_of(usage.get("toolUsePromptTokenCount"))
-    cached = count_of(usage.get("cachedContentTokenCount"))
-    return {"input_tokens": max(prompt - cached, 0),
-            "output_tokens": count_of(usage.get("candidatesTokenCount"))
-            + count_of(usage.get("thoughtsTokenCount")),
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
-
-
-def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
-    """A Gemini error object ({code, message, status, details}) as the client's error, its
-    status from the error's status name, a RetryInfo delay as retry-after."""
-    error = error if isinstance(error, dict) else {"message": str(error)}
-    message = str(error.get("message") or json.dumps(error))
-    code = error.get("code") if isinstance(error.get("code"), int) else status
-    status_name = error.get("status") if isinstance(error.get("status"), str) else ""
-    status = GEMINI_STATUS_BY_CODE.get(status_name) or CLIENT_STATUS_BY_UPSTREAM_STATUS.get(
-        code, 500 if code >= 500 else 400)
-    if "API_KEY_INVALID" in json.dumps(error) or "API key not valid" in message:
-        status = 401
-    headers = [("retry-after", delay) for delay in gemini_retry_delays(error)][:1]
-    return error_for_status(status, provider.masker.text("%s: %s" % (provider.name, message)),
-                            headers)
-
-
-def gemini_retry_delays(error: dict) -> list:
-    """Seconds from RetryInfo.retryDelay ("32s"), as retry-after values."""
-    delays = []
-    for detail in list_of(error.get("details")):
-        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
-        if isinstance(delay, str) and re.match(r"^\d+(\.\d+)?s$", delay):
-            delays.append(str(max(1, int(float(delay[:-1]) + 0.999))))
-    return delays
-
-
-def gemini_stop_reason(finish_reason, made_calls: bool) -> str:
-    """The stop_reason of a finishReason: tool_use whenever calls were made (Gemini says
-    STOP), max_tokens, refusal for safety stops, else end_turn."""
-    if made_calls:
-        return "tool_use"
-    if finish_reason == "MAX_TOKENS":
-        return "max_tokens"
-    return "refusal" if finish_reason in GEMINI_REFUSALS else "end_turn"
-
-
-def gemini_notice(finish_reason, block_reason) -> str | None:
-    """The text a user should see when Gemini stopped for a reason of its own."""
-    if block_reason:
-        return "[Gemini blocked the prompt: %s]" % block_reason
-    if finish_reason in GEMINI_REFUSALS:
-        return "[Gemini stopped the answer: %s]" % finish_reason
-    if finish_reason in GEMINI_BAD_CALLS:
-        return "[Gemini could not produce a valid tool call: %s]" % finish_reason
-    return None
+def events_from_gemini_answer(data, context: TranslationContext) -> bytes:
+    """The client's events for a whole generateContent answer."""
+    if not isinstance(data, dict):
+        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
+    translator = GeminiStreamTranslator(context)
+    events = translator.feed(data)
+    if not translator.complete:
+        raise UpstreamError("%s: the answer has no finishReason" % context.provider.name)
+    return events + translator.finish()
 
 
 class GeminiStreamTranslator:
@@ -4662,100 +4983,69 @@ class GeminiStreamTranslator:
             self._emit.text(text)
 
 
-def events_from_gemini_answer(data, context: TranslationContext) -> bytes:
-    """The client's events for a whole generateContent answer."""
-    if not isinstance(data, dict):
-        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
-    translator = GeminiStreamTranslator(context)
-    events = translator.feed(data)
-    if not translator.complete:
-        raise UpstreamError("%s: the answer has no finishReason" % context.provider.name)
-    return events + translator.finish()
+def gemini_stop_reason(finish_reason, made_calls: bool) -> str:
+    """The stop_reason of a finishReason: tool_use whenever calls were made (Gemini says
+    STOP), max_tokens, refusal for safety stops, else end_turn."""
+    if made_calls:
+        return "tool_use"
+    if finish_reason == "MAX_TOKENS":
+        return "max_tokens"
+    return "refusal" if finish_reason in GEMINI_REFUSALS else "end_turn"
 
 
-class GeminiProtocol(Protocol):
-    """Google's Gemini API (generateContent, streamGenerateContent, countTokens)."""
-
-    name = "gemini"
-
-    def upstream_tool_name(self, name: str) -> str:
-        return gemini_tool_name(name)
-
-    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
-        payload = gemini_request_from_anthropic(body, provider, model)
-        return UpstreamRequest(gemini_endpoint_url(provider.base_url, model,
-                                                   body.get("stream") is True),
-                               gemini_request_headers(provider),
-                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-                               .encode())
-
-    def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
-        """The generateContent request, wrapped in a countTokens call."""
-        payload = gemini_request_from_anthropic(dict(body, max_tokens=body.get("max_tokens") or 1),
-                                                provider, model)
-        payload["model"] = "models/" + (model[len("models/"):] if model.startswith("models/")
-                                        else model)
-        url = gemini_endpoint_url(provider.base_url, model, False).replace(":generateContent",
-                                                                           ":countTokens")
-        return UpstreamRequest(url, gemini_request_headers(provider), json.dumps(
-            {"generateContentRequest": payload}, ensure_ascii=False).encode())
-
-    def input_tokens(self, answer: bytes) -> int | None:
-        return count_in(answer, "totalTokens")
-
-    def message(self, answer, context) -> dict:
-        return message_from_events(events_from_gemini_answer(answer, context))
-
-    def stream_translator(self, context):
-        return GeminiStreamTranslator(context)
-
-    def error(self, call) -> ProxyError:
-        try:
-            error = json.loads(call.body).get("error")
-        except (ValueError, AttributeError, RecursionError):
-            error = None
-        if isinstance(error, dict):
-            return gemini_error(call.provider, error, call.status)
-        return super().error(call)
+def gemini_notice(finish_reason, block_reason) -> str | None:
+    """The text a user should see when Gemini stopped for a reason of its own."""
+    if block_reason:
+        return "[Gemini blocked the prompt: %s]" % block_reason
+    if finish_reason in GEMINI_REFUSALS:
+        return "[Gemini stopped the answer: %s]" % finish_reason
+    if finish_reason in GEMINI_BAD_CALLS:
+        return "[Gemini could not produce a valid tool call: %s]" % finish_reason
+    return None
 
 
-def message_from_events(data: bytes) -> dict:
-    """The Anthropic message that a stream of events describes."""
-    message, blocks, partial = None, [], {}
-    for frame in data.split(b"\n\n"):
-        lines = frame.split(b"\n")
-        if len(lines) < 2 or not lines[1].startswith(b"data: "):
-            continue
-        event = json.loads(lines[1][6:])
-        kind = event["type"]
-        if kind == "message_start":
-            message = dict(event["message"], content=blocks)
-        elif kind == "content_block_start":
-            blocks.append(dict(event["content_block"]))
-        elif kind == "content_block_delta":
-            apply_delta(blocks[event["index"]], event["delta"], partial, event["index"])
-        elif kind == "message_delta":
-            message.update(event["delta"], usage=event["usage"])
-    for index, text in partial.items():
-        blocks[index]["input"] = json.loads(text) if text else {}
-    return message
+def anthropic_usage_from_gemini(usage) -> dict:
+    """Anthropic usage from usageMetadata: cached tokens apart, thoughts counted as output (the
+    provider bills them as output)."""
+    usage = dict_of(usage)
+    prompt = count_of(usage.get("promptTokenCount")) + count_of(usage.get("toolUsePromptTokenCount"))
+    cached = count_of(usage.get("cachedContentTokenCount"))
+    return {"input_tokens": max(prompt - cached, 0),
+            "output_tokens": count_of(usage.get("candidatesTokenCount"))
+            + count_of(usage.get("thoughtsTokenCount")),
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
-def apply_delta(block: dict, delta: dict, partial: dict, index: int) -> None:
-    """Add one content_block_delta to the block it belongs to."""
-    kind = delta["type"]
-    if kind == "text_delta":
-        block["text"] += delta["text"]
-    elif kind == "thinking_delta":
-        block["thinking"] += delta["thinking"]
-    elif kind == "signature_delta":
-        block["signature"] = delta["signature"]
-    elif kind == "input_json_delta":
-        partial[index] = partial.get(index, "") + delta["partial_json"]
+def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:
+    """A Gemini error object ({code, message, status, details}) as the client's error, its
+    status from the error's status name, a RetryInfo delay as retry-after."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    message = str(error.get("message") or json.dumps(error))
+    code = error.get("code") if isinstance(error.get("code"), int) else status
+    status_name = error.get("status") if isinstance(error.get("status"), str) else ""
+    status = GEMINI_STATUS_BY_CODE.get(status_name) or CLIENT_STATUS_BY_UPSTREAM_STATUS.get(
+        code, 500 if code >= 500 else 400)
+    if "API_KEY_INVALID" in json.dumps(error) or "API key not valid" in message:
+        status = 401
+    headers = [("retry-after", delay) for delay in gemini_retry_delays(error)][:1]
+    return error_for_status(status, provider.masker.text("%s: %s" % (provider.name, message)),
+                            headers)
 
 
-# --- Protocol registry ------------------------------------------------------------
+def gemini_retry_delays(error: dict) -> list:
+    """Seconds from RetryInfo.retryDelay ("32s"), as retry-after values."""
+    delays = []
+    for detail in list_of(error.get("details")):
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and re.match(r"^\d+(\.\d+)?s$", delay):
+            delays.append(str(max(1, int(float(delay[:-1]) + 0.999))))
+    return delays
 
+
+
+# -----------------------------------------------------------------------------
+# 9.5 The protocol registry (a new protocol: a sub-section above, a line here)
+# -----------------------------------------------------------------------------
 
 PROTOCOLS = {protocol.name: protocol for protocol in (
     AnthropicProtocol(),
@@ -4764,203 +5054,11 @@ PROTOCOLS = {protocol.name: protocol for protocol in (
 )}
 
 
+
+
 ###############################################################################
 # 10. Upstream
 ###############################################################################
-
-class _TrackedHTTPConnection(http.client.HTTPConnection):
-    """Remembers its socket on the UpstreamCall, so the call can be cut from another thread."""
-    upstream_call = None
-
-    def connect(self):
-        super().connect()
-        self.upstream_call.attach_socket(self.sock)
-
-
-class _TrackedHTTPSConnection(http.client.HTTPSConnection):
-    upstream_call = None
-
-    def connect(self):
-        super().connect()
-        self.upstream_call.attach_socket(self.sock)
-
-
-def _tracked_connection_factory(connection_class, request):
-    def factory(host, **kwargs):
-        connection = connection_class(host, **kwargs)
-        connection.upstream_call = request.upstream_call
-        return connection
-    return factory
-
-
-class ConnectionPool:
-    """Idle keep-alive connections to providers, so that a call does not pay for a new TCP
-    and TLS handshake. A connection comes back only after its answer was read to the end."""
-
-    def __init__(self):
-        self._idle = {}               # (connection class, host) -> [(connection, since)]
-        self._lock = threading.Lock()
-
-    def take(self, key):
-        """An idle connection for key, or None."""
-        with self._lock:
-            entries = self._idle.get(key) or []
-            while entries:
-                connection, since = entries.pop()
-                if time.monotonic() - since < UPSTREAM_IDLE_SECONDS:
-                    return connection
-                connection.close()
-        return None
-
-    def give(self, key, connection) -> None:
-        with self._lock:
-            entries = self._idle.setdefault(key, [])
-            if len(entries) < UPSTREAM_IDLE_PER_HOST:
-                entries.append((connection, time.monotonic()))
-                return
-        connection.close()
-
-    def close_all(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for entries in idle.values():
-            for connection, _ in entries:
-                connection.close()
-
-
-def open_pooled(handler, req, connection_class, **connection_options):
-    """urllib's do_open for a provider call, on a pooled connection when one is idle.
-
-    A pooled connection the provider has meanwhile closed fails at once; the request is then
-    sent again on a fresh connection. Calls through an HTTPS proxy tunnel are not pooled.
-    """
-    call = req.upstream_call
-    if getattr(req, "_tunnel_host", None):          # set by urllib's ProxyHandler
-        return handler.do_open(_tracked_connection_factory(connection_class, req), req,
-                               **connection_options)
-    key = (connection_class, req.host)
-    headers = dict(req.unredirected_hdrs)
-    headers.update((k, v) for k, v in req.headers.items() if k not in headers)
-    headers = {name.title(): value for name, value in headers.items()}
-    for reuse in (True, False):
-        connection = call.connections.take(key) if reuse else None
-        if connection is None:
-            reuse = False
-            connection = connection_class(req.host, timeout=req.timeout, **connection_options)
-            connection.upstream_call = call
-        else:
-            connection.sock.settimeout(req.timeout)
-            call.attach_socket(connection.sock)
-        try:
-            connection.request(req.get_method(), req.selector, req.data, headers)
-            response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as exc:
-            connection.close()
-            if reuse and isinstance(exc, STALE_CONNECTION_ERRORS) and not call.cancelled:
-                continue
-            raise urllib.error.URLError(exc) from None
-        response.pooled = (key, connection)
-        return response
-
-
-STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
-                           http.client.RemoteDisconnected, http.client.BadStatusLine)
-
-
-class _TrackedHTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return open_pooled(self, req, _TrackedHTTPConnection)
-
-
-class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        return open_pooled(self, req, _TrackedHTTPSConnection, context=self._context)
-
-
-def build_upstream_opener():
-    """A urllib opener that honours HTTPS_PROXY/NO_PROXY and lets calls be cut mid-flight.
-
-    Only the handlers a provider call needs: no redirects, no error processing (an error
-    status comes back as a response like any other), nothing for file: or ftp: URLs.
-    """
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), _TrackedHTTPHandler(), _TrackedHTTPSHandler()):
-        opener.add_handler(handler)
-    return opener
-
-
-def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: float,
-                     answered: bool) -> ProxyError:
-    """The client-facing error for a call that failed before or while its answer came."""
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    if isinstance(reason, (socket.timeout, TimeoutError)):
-        return UpstreamTimeoutError("%s: the provider sent nothing for %g s "
-                                    "(performance.request_timeout)" % (provider.name, timeout))
-    detail = str(reason) or type(reason).__name__
-    if answered:
-        message = "%s: the connection broke while the answer was arriving: %s" % (
-            provider.name, detail)
-    else:
-        message = "%s: cannot reach %s: %s" % (provider.name, url.split("?", 1)[0], detail)
-    return UpstreamError(provider.masker.text(message))
-
-
-class LoopInbox:
-    """Hands items from worker threads to the event loop with at most one wake-up pending.
-
-    Waking the loop writes a byte to its self-pipe; one write per stream chunk from hundreds
-    of streams can fill that pipe, and a full pipe loses signals (a `stop` that never
-    arrives). Here a wake-up is sent only when none is outstanding, and the loop then takes
-    everything that has gathered.
-    """
-
-    def __init__(self, loop):
-        self._loop = loop
-        self._items = collections.deque()
-        self._lock = threading.Lock()
-        self._rung = False
-
-    def post(self, deliver, item) -> None:
-        """Worker thread: have deliver(item) called on the loop."""
-        with self._lock:
-            self._items.append((deliver, item))
-            if self._rung:
-                return
-            self._rung = True
-        try:
-            self._loop.call_soon_threadsafe(self._deliver_all)
-        except RuntimeError:          # the loop has closed: nobody is waiting any more
-            pass
-
-    def _deliver_all(self) -> None:
-        with self._lock:
-            items, self._items = self._items, collections.deque()
-            self._rung = False
-        for deliver, item in items:
-            deliver(item)
-
-
-SILENCE = object()      # queued by a SilenceWatch when the upstream has been quiet
-
-
-class SilenceWatch:
-    """Queues SILENCE every `seconds` during which no chunk was heard (counted in `heard`)."""
-
-    def __init__(self, loop, queue: asyncio.Queue, seconds: float):
-        self.heard = 0
-        self._seen = 0
-        self._loop, self._queue, self._seconds = loop, queue, seconds
-        self._timer = loop.call_later(seconds, self._tick)
-
-    def _tick(self) -> None:
-        if self.heard == self._seen:
-            self._queue.put_nowait(SILENCE)
-        self._seen = self.heard
-        self._timer = self._loop.call_later(self._seconds, self._tick)
-
-    def stop(self) -> None:
-        self._timer.cancel()
-
 
 UpstreamRequest = collections.namedtuple("UpstreamRequest", "url headers body")
 
@@ -5233,9 +5331,312 @@ class UpstreamCall:
             yield data
 
 
+def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: float,
+                     answered: bool) -> ProxyError:
+    """The client-facing error for a call that failed before or while its answer came."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return UpstreamTimeoutError("%s: the provider sent nothing for %g s "
+                                    "(performance.request_timeout)" % (provider.name, timeout))
+    detail = str(reason) or type(reason).__name__
+    if answered:
+        message = "%s: the connection broke while the answer was arriving: %s" % (
+            provider.name, detail)
+    else:
+        message = "%s: cannot reach %s: %s" % (provider.name, url.split("?", 1)[0], detail)
+    return UpstreamError(provider.masker.text(message))
+
+
+SILENCE = object()      # queued by a SilenceWatch when the upstream has been quiet
+
+
+class SilenceWatch:
+    """Queues SILENCE every `seconds` during which no chunk was heard (counted in `heard`)."""
+
+    def __init__(self, loop, queue: asyncio.Queue, seconds: float):
+        self.heard = 0
+        self._seen = 0
+        self._loop, self._queue, self._seconds = loop, queue, seconds
+        self._timer = loop.call_later(seconds, self._tick)
+
+    def _tick(self) -> None:
+        if self.heard == self._seen:
+            self._queue.put_nowait(SILENCE)
+        self._seen = self.heard
+        self._timer = self._loop.call_later(self._seconds, self._tick)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
+class LoopInbox:
+    """Hands items from worker threads to the event loop with at most one wake-up pending.
+
+    Waking the loop writes a byte to its self-pipe; one write per stream chunk from hundreds
+    of streams can fill that pipe, and a full pipe loses signals (a `stop` that never
+    arrives). Here a wake-up is sent only when none is outstanding, and the loop then takes
+    everything that has gathered.
+    """
+
+    def __init__(self, loop):
+        self._loop = loop
+        self._items = collections.deque()
+        self._lock = threading.Lock()
+        self._rung = False
+
+    def post(self, deliver, item) -> None:
+        """Worker thread: have deliver(item) called on the loop."""
+        with self._lock:
+            self._items.append((deliver, item))
+            if self._rung:
+                return
+            self._rung = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver_all)
+        except RuntimeError:          # the loop has closed: nobody is waiting any more
+            pass
+
+    def _deliver_all(self) -> None:
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+            self._rung = False
+        for deliver, item in items:
+            deliver(item)
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to providers, so that a call does not pay for a new TCP
+    and TLS handshake. A connection comes back only after its answer was read to the end."""
+
+    def __init__(self):
+        self._idle = {}               # (connection class, host) -> [(connection, since)]
+        self._lock = threading.Lock()
+
+    def take(self, key):
+        """An idle connection for key, or None."""
+        with self._lock:
+            entries = self._idle.get(key) or []
+            while entries:
+                connection, since = entries.pop()
+                if time.monotonic() - since < UPSTREAM_IDLE_SECONDS:
+                    return connection
+                connection.close()
+        return None
+
+    def give(self, key, connection) -> None:
+        with self._lock:
+            entries = self._idle.setdefault(key, [])
+            if len(entries) < UPSTREAM_IDLE_PER_HOST:
+                entries.append((connection, time.monotonic()))
+                return
+        connection.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for entries in idle.values():
+            for connection, _ in entries:
+                connection.close()
+
+
+def open_pooled(handler, req, connection_class, **connection_options):
+    """urllib's do_open for a provider call, on a pooled connection when one is idle.
+
+    A pooled connection the provider has meanwhile closed fails at once; the request is then
+    sent again on a fresh connection. Calls through an HTTPS proxy tunnel are not pooled.
+    """
+    call = req.upstream_call
+    if getattr(req, "_tunnel_host", None):          # set by urllib's ProxyHandler
+        return handler.do_open(_tracked_connection_factory(connection_class, req), req,
+                               **connection_options)
+    key = (connection_class, req.host)
+    headers = dict(req.unredirected_hdrs)
+    headers.update((k, v) for k, v in req.headers.items() if k not in headers)
+    headers = {name.title(): value for name, value in headers.items()}
+    for reuse in (True, False):
+        connection = call.connections.take(key) if reuse else None
+        if connection is None:
+            reuse = False
+            connection = connection_class(req.host, timeout=req.timeout, **connection_options)
+            connection.upstream_call = call
+        else:
+            connection.sock.settimeout(req.timeout)
+            call.attach_socket(connection.sock)
+        try:
+            connection.request(req.get_method(), req.selector, req.data, headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            connection.close()
+            if reuse and isinstance(exc, STALE_CONNECTION_ERRORS) and not call.cancelled:
+                continue
+            raise urllib.error.URLError(exc) from None
+        response.pooled = (key, connection)
+        return response
+
+
+STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,
+                           http.client.RemoteDisconnected, http.client.BadStatusLine)
+
+
+class _TrackedHTTPConnection(http.client.HTTPConnection):
+    """Remembers its socket on the UpstreamCall, so the call can be cut from another thread."""
+    upstream_call = None
+
+    def connect(self):
+        super().connect()
+        self.upstream_call.attach_socket(self.sock)
+
+
+class _TrackedHTTPSConnection(http.client.HTTPSConnection):
+    upstream_call = None
+
+    def connect(self):
+        super().connect()
+        self.upstream_call.attach_socket(self.sock)
+
+
+def _tracked_connection_factory(connection_class, request):
+    def factory(host, **kwargs):
+        connection = connection_class(host, **kwargs)
+        connection.upstream_call = request.upstream_call
+        return connection
+    return factory
+
+
+class _TrackedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return open_pooled(self, req, _TrackedHTTPConnection)
+
+
+class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return open_pooled(self, req, _TrackedHTTPSConnection, context=self._context)
+
+
+def build_upstream_opener():
+    """A urllib opener that honours HTTPS_PROXY/NO_PROXY and lets calls be cut mid-flight.
+
+    Only the handlers a provider call needs: no redirects, no error processing (an error
+    status comes back as a response like any other), nothing for file: or ftp: URLs.
+    """
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), _TrackedHTTPHandler(), _TrackedHTTPSHandler()):
+        opener.add_handler(handler)
+    return opener
+
+
+
+
 ###############################################################################
 # 11. Daemon
 ###############################################################################
+
+def run_foreground(config: Config, detached: bool = False, started_by: str = "foreground",
+                   watch_code_sessions: bool = False) -> int:
+    """Serve in this process until SIGINT/SIGTERM, with a pidfile; the exit status."""
+    server = ProxyServer(config)
+    configure_logging(config, detached, lambda: server.app.config.masker)
+    for note in startup_warnings(config):
+        log.warning("%s", note)
+
+    def on_ready(ready: ProxyServer) -> None:
+        write_private_file(pidfile_path(), json.dumps(pidfile_record(ready, config, started_by)))
+        log.info("ccproxy %s listening on %s (pid %d, config: %s)", __version__, ready.url,
+                 os.getpid(), config.source or "built-in defaults")
+
+    async def main_task():
+        install_signal_handlers(server)
+        if watch_code_sessions:
+            watch_sessions(server)
+        await server.serve(on_ready)
+
+    try:
+        asyncio.run(main_task())
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        remove_pidfile(os.getpid())
+    log.info("ccproxy stopped")
+    return 0
+
+
+def raise_file_limit() -> None:
+    """Let the server open as many files as the system allows it (the soft limit is often
+    1,024 while the hard one is far higher), up to MAX_FILE_LIMIT; the connection limit
+    follows. The server process only: an embedding program keeps its own limits."""
+    try:
+        import resource           # Unix only
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, MAX_FILE_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def startup_warnings(config: Config) -> list:
+    """What the operator should know before the first request."""
+    notes = list(config.warnings)
+    if not config.providers:
+        notes.append("no provider configured: /v1/messages will answer 400 until one is added")
+    try:
+        loopback_bind = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback_bind = config.host == "localhost"
+    if not loopback_bind and not config.apikey:
+        notes.append("bound to %s without an apikey: only loopback clients will be served; set "
+                     "apikey to accept others" % config.host)
+    return notes
+
+
+def install_signal_handlers(server: ProxyServer) -> None:
+    """SIGINT and SIGTERM stop the server cleanly, SIGHUP reloads the config (where the
+    platform has them)."""
+    loop = asyncio.get_running_loop()
+    actions = [(signal.SIGINT, server.stop), (signal.SIGTERM, server.stop)]
+    if hasattr(signal, "SIGHUP"):
+        actions.append((signal.SIGHUP, server.app.reload_config))
+    for signum, action in actions:
+        try:
+            loop.add_signal_handler(signum, action)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+
+def watch_config_file(app: ProxyApp) -> None:
+    """Reload the config when its file changes (checked every few seconds)."""
+    loop = asyncio.get_running_loop()
+
+    def check():
+        current = file_mtime(app.config.source)
+        if current is not None and current != app.config_mtime:
+            app.config_mtime = current
+            app.reload_config()
+        loop.call_later(CONFIG_WATCH_SECONDS, check)
+
+    loop.call_later(CONFIG_WATCH_SECONDS, check)
+
+
+def watch_sessions(server: ProxyServer) -> None:
+    """Stop the server once no `code` session is alive (checked every few seconds), so a
+    proxy that `code` started does not outlive its sessions, even crashed ones."""
+    loop = asyncio.get_running_loop()
+
+    def check():
+        if live_sessions() == 0:
+            log.info("no Claude Code session left; stopping")
+            server.stop()
+        else:
+            loop.call_later(SESSION_CHECK_SECONDS, check)
+
+    loop.call_later(SESSION_CHECK_SECONDS, check)
+
 
 class SecretMaskingFilter(logging.Filter):
     """Masks every secret of the running configuration (as it is now: providers added live
@@ -5336,6 +5737,20 @@ def remove_pidfile(pid: int) -> None:
             pass
 
 
+def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict:
+    """What the pidfile says about this server."""
+    host, port = server.app.listen_address
+    return {"pid": os.getpid(), "url": client_url(host, port), "host": host, "port": port,
+            "version": __version__, "started_at": time.time(), "config": config.source,
+            "started_by": started_by, "shutdown_timeout": config.shutdown_timeout}
+
+
+def client_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses: a wildcard bind is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+
 def process_alive(pid: int) -> bool:
     """Whether a process with that pid exists."""
     if os.name == "nt":
@@ -5426,293 +5841,6 @@ def live_sessions() -> int:
     return alive
 
 
-DESCRIPTORS_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-PAUSE_LOG_SECONDS = 60.0                         # at most one "not accepting" line this often
-
-
-def open_listeners(host: str, port: int) -> list:
-    """Non-blocking listening sockets on every address host resolves to (all interfaces for
-    ""), with a backlog of LISTEN_BACKLOG; with port 0 they share the first free port found."""
-    listeners, address = [], (host, port)
-    try:
-        for family, kind, proto, _, address in socket.getaddrinfo(
-                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
-            listener = socket.socket(family, kind, proto)
-            listeners.append(listener)
-            if os.name != "nt":
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(listeners) > 1:
-                address = (address[0], listeners[0].getsockname()[1]) + tuple(address[2:])
-            listener.bind(address)
-            listener.listen(LISTEN_BACKLOG)
-            listener.setblocking(False)
-    except OSError as exc:
-        for listener in listeners:
-            listener.close()
-        raise OSError(exc.errno, "cannot listen on %s: %s" % (address[:2], exc.strerror or exc)) \
-            from None
-    return listeners
-
-
-class ProxyServer:
-    """The listening server: accepts connections and serves them until stopped, then drains.
-
-    It accepts connections itself, so that it can stop accepting while it serves
-    performance.max_connections of them (or runs out of file descriptors): new clients then
-    wait in the kernel's queue instead of failing, and the log gets one line, not thousands.
-    """
-
-    def __init__(self, config: Config):
-        self.app = ProxyApp(config)
-        self._listeners = []
-        self._accepting = []          # one accept task per listening socket
-        self._room = None             # set while fewer than max_connections are open
-        self._open_connections = 0
-        self._pause_logged_at = -PAUSE_LOG_SECONDS
-        self._loop = None
-        self._stopping = None
-        self._connections = {}        # task -> ClientConnection
-
-    @property
-    def url(self) -> str:
-        host, port = self.app.listen_address
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
-
-    async def start(self) -> None:
-        """Bind and listen; raises OSError when the address cannot be bound."""
-        config = self.app.config
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._listeners = open_listeners(config.host, config.port)
-        self.app.listen_address = (config.host, self._listeners[0].getsockname()[1])
-        self._accepting = [self._loop.create_task(self._accept_loop(listener))
-                           for listener in self._listeners]
-
-    async def _accept_loop(self, listener) -> None:
-        """Accept connections while there is room; pause while there is none."""
-        while True:
-            await self._room.wait()
-            try:
-                sock, _ = await self._loop.sock_accept(listener)
-            except OSError as exc:
-                if listener.fileno() < 0:
-                    return
-                if exc.errno in DESCRIPTORS_EXHAUSTED:
-                    self._note_pause("the process is out of file descriptors (%s)" % exc.strerror)
-                    await asyncio.sleep(ACCEPT_RETRY_SECONDS)
-                continue
-            self._open_connections += 1
-            if self._open_connections >= self.app.config.max_connections:
-                self._room.clear()
-                self._note_pause("%d connections are open (performance.max_connections)"
-                                 % self._open_connections)
-            self._loop.create_task(self._serve_socket(sock))
-
-    def _note_pause(self, reason: str) -> None:
-        now = time.monotonic()
-        if now - self._pause_logged_at >= PAUSE_LOG_SECONDS:
-            self._pause_logged_at = now
-            log.warning("not accepting new connections for now: %s; new clients wait in the "
-                        "queue until a connection closes", reason)
-
-    async def _serve_socket(self, sock) -> None:
-        """Serve one accepted connection, then make room for the next."""
-        try:
-            reader = ClientStreamReader(limit=MAX_HEADER_BYTES)
-            protocol = asyncio.StreamReaderProtocol(reader)
-            transport, _ = await self._loop.connect_accepted_socket(lambda: protocol, sock)
-            await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, self._loop))
-        except OSError:
-            sock.close()
-        finally:
-            self._open_connections -= 1
-            if self._open_connections < self.app.config.max_connections:
-                self._room.set()
-
-    async def serve(self, on_ready=None) -> None:
-        """Start, call on_ready(self), and serve until stop() is called."""
-        await self.start()
-        watch_config_file(self.app)
-        if on_ready is not None:
-            on_ready(self)
-        try:
-            await self._stopping.wait()
-        finally:
-            await self._shutdown()
-
-    def stop(self) -> None:
-        """Ask the server to stop; safe from any thread and from signal handlers."""
-        if self._loop is not None and self._stopping is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._stopping.set)
-            except RuntimeError:          # the loop has already ended: nothing to stop
-                pass
-
-    async def _accept(self, reader, writer) -> None:
-        task = asyncio.current_task()
-        connection = ClientConnection(self.app, reader, writer)
-        self._connections[task] = connection
-        if self.app.draining:
-            connection.close_if_idle()
-        try:
-            await connection.run()
-        except asyncio.CancelledError:     # the end of the grace period cuts what is left
-            pass
-        except Exception:
-            log.exception("connection handler failed")
-        finally:
-            self._connections.pop(task, None)
-
-    def _stop_accepting(self) -> None:
-        for task in self._accepting:
-            task.cancel()
-        for listener in self._listeners:
-            listener.close()
-
-    async def _shutdown(self) -> None:
-        """Stop accepting, end idle connections, let answers in flight finish within
-        shutdown_timeout, then cut what is left."""
-        self._stop_accepting()
-        self.app.draining = True
-        for connection in list(self._connections.values()):
-            connection.close_if_idle()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=self.app.config.shutdown_timeout)
-        self.app.close("ccproxy is shutting down; the answer was cut")
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=STOP_MARGIN_SECONDS / 2)
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=5)
-        await asyncio.gather(*self._accepting, return_exceptions=True)
-
-
-def install_signal_handlers(server: ProxyServer) -> None:
-    """SIGINT and SIGTERM stop the server cleanly, SIGHUP reloads the config (where the
-    platform has them)."""
-    loop = asyncio.get_running_loop()
-    actions = [(signal.SIGINT, server.stop), (signal.SIGTERM, server.stop)]
-    if hasattr(signal, "SIGHUP"):
-        actions.append((signal.SIGHUP, server.app.reload_config))
-    for signum, action in actions:
-        try:
-            loop.add_signal_handler(signum, action)
-        except (NotImplementedError, RuntimeError):
-            pass
-
-
-def watch_config_file(app: ProxyApp) -> None:
-    """Reload the config when its file changes (checked every few seconds)."""
-    loop = asyncio.get_running_loop()
-
-    def check():
-        current = file_mtime(app.config.source)
-        if current is not None and current != app.config_mtime:
-            app.config_mtime = current
-            app.reload_config()
-        loop.call_later(CONFIG_WATCH_SECONDS, check)
-
-    loop.call_later(CONFIG_WATCH_SECONDS, check)
-
-
-def watch_sessions(server: ProxyServer) -> None:
-    """Stop the server once no `code` session is alive (checked every few seconds), so a
-    proxy that `code` started does not outlive its sessions, even crashed ones."""
-    loop = asyncio.get_running_loop()
-
-    def check():
-        if live_sessions() == 0:
-            log.info("no Claude Code session left; stopping")
-            server.stop()
-        else:
-            loop.call_later(SESSION_CHECK_SECONDS, check)
-
-    loop.call_later(SESSION_CHECK_SECONDS, check)
-
-
-def startup_warnings(config: Config) -> list:
-    """What the operator should know before the first request."""
-    notes = list(config.warnings)
-    if not config.providers:
-        notes.append("no provider configured: /v1/messages will answer 400 until one is added")
-    try:
-        loopback_bind = ipaddress.ip_address(config.host).is_loopback
-    except ValueError:
-        loopback_bind = config.host == "localhost"
-    if not loopback_bind and not config.apikey:
-        notes.append("bound to %s without an apikey: only loopback clients will be served; set "
-                     "apikey to accept others" % config.host)
-    return notes
-
-
-def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict:
-    """What the pidfile says about this server."""
-    host, port = server.app.listen_address
-    return {"pid": os.getpid(), "url": client_url(host, port), "host": host, "port": port,
-            "version": __version__, "started_at": time.time(), "config": config.source,
-            "started_by": started_by, "shutdown_timeout": config.shutdown_timeout}
-
-
-def client_url(host: str, port: int) -> str:
-    """The URL a client on this machine uses: a wildcard bind is reached on loopback."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
-
-
-def raise_file_limit() -> None:
-    """Let the server open as many files as the system allows it (the soft limit is often
-    1,024 while the hard one is far higher), up to MAX_FILE_LIMIT; the connection limit
-    follows. The server process only: an embedding program keeps its own limits."""
-    try:
-        import resource           # Unix only
-    except ImportError:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = MAX_FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, MAX_FILE_LIMIT)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def run_foreground(config: Config, detached: bool = False, started_by: str = "foreground",
-                   watch_code_sessions: bool = False) -> int:
-    """Serve in this process until SIGINT/SIGTERM, with a pidfile; the exit status."""
-    server = ProxyServer(config)
-    configure_logging(config, detached, lambda: server.app.config.masker)
-    for note in startup_warnings(config):
-        log.warning("%s", note)
-
-    def on_ready(ready: ProxyServer) -> None:
-        write_private_file(pidfile_path(), json.dumps(pidfile_record(ready, config, started_by)))
-        log.info("ccproxy %s listening on %s (pid %d, config: %s)", __version__, ready.url,
-                 os.getpid(), config.source or "built-in defaults")
-
-    async def main_task():
-        install_signal_handlers(server)
-        if watch_code_sessions:
-            watch_sessions(server)
-        await server.serve(on_ready)
-
-    try:
-        asyncio.run(main_task())
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    finally:
-        remove_pidfile(os.getpid())
-    log.info("ccproxy stopped")
-    return 0
-
-
 def port_problem(host: str, port: int) -> str | None:
     """Why the proxy could not listen on host:port, found by trying; None when it can."""
     if port == 0:
@@ -5798,57 +5926,6 @@ def wait_for_exit(pid: int, seconds: float) -> bool:
     return False
 
 
-CLAUDE_INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
-# Variables that would make Claude Code bypass ANTHROPIC_BASE_URL or use another key.
-CLAUDE_UNSET_VARIABLES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "ANTHROPIC_API_KEY")
-
-
-def claude_variables(url: str, config: Config, environ) -> dict:
-    """The environment that points Claude Code at the proxy and keeps it from calling home."""
-    no_proxy = [p for p in (environ.get("NO_PROXY") or environ.get("no_proxy") or "").split(",")
-                if p.strip()]
-    no_proxy += [h for h in ("127.0.0.1", "localhost", "::1") if h not in no_proxy]
-    return {
-        "ANTHROPIC_BASE_URL": url,
-        "ANTHROPIC_AUTH_TOKEN": config.apikey or "ccproxy",
-        "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
-        "DISABLE_TELEMETRY": "1",
-        "DISABLE_COST_WARNINGS": "1",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "NO_PROXY": ",".join(no_proxy),
-        "no_proxy": ",".join(no_proxy),
-    }
-
-
-SHELL_RENDERERS = {
-    "bash": (lambda k, v: "export %s=%s" % (k, shell_quote(v)), lambda k: "unset %s" % k),
-    "zsh": (lambda k, v: "export %s=%s" % (k, shell_quote(v)), lambda k: "unset %s" % k),
-    "fish": (lambda k, v: "set -gx %s '%s';" % (k, v.replace("\\", "\\\\").replace("'", "\\'")),
-             lambda k: "set -e %s;" % k),
-    "powershell": (lambda k, v: "$env:%s = '%s'" % (k, v.replace("'", "''")),
-                   lambda k: "Remove-Item Env:%s -ErrorAction SilentlyContinue" % k),
-    "cmd": (lambda k, v: 'set "%s=%s"' % (k, v), lambda k: "set %s=" % k),
-}
-
-
-def shell_quote(value: str) -> str:
-    """value in single quotes for POSIX shells."""
-    return "'" + value.replace("'", "'\\''") + "'"
-
-
-def render_environment(variables: dict, unset, shell: str) -> str:
-    """Lines that set (and unset) the variables in the given shell."""
-    assign, remove = SHELL_RENDERERS[shell]
-    lines = [remove(name) for name in unset] + [assign(k, v) for k, v in variables.items()]
-    return "\n".join(lines)
-
-
-def default_shell(environ) -> str:
-    """The user's shell from $SHELL; PowerShell on Windows; bash otherwise."""
-    name = os.path.basename(environ.get("SHELL", ""))
-    if name in SHELL_RENDERERS:
-        return name
-    return "powershell" if os.name == "nt" else "bash"
 
 
 ###############################################################################
@@ -5963,20 +6040,6 @@ def cmd_start(args) -> int:
     return 0
 
 
-def status_details(record: dict):
-    """(the running proxy's /status, or {}; why it could not be read, or None). /status needs
-    the proxy's apikey, read from its config file in this shell's environment."""
-    try:
-        apikey = load_config(record["config"], os.environ).apikey if record.get("config") else ""
-    except ConfigError as exc:
-        return {}, "its config file cannot be read in this shell, so its apikey is unknown: %s" \
-            % str(exc).replace("\n", "; ")
-    answer = local_get(record["url"], "/status", apikey)
-    if answer is None or answer[0] != 200:
-        return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer")
-    return answer[1], None
-
-
 def cmd_stop(args) -> int:
     """stop: drain, then end the running proxy; not running is fine."""
     record = running_proxy()
@@ -6017,6 +6080,20 @@ def cmd_status(args) -> int:
     return 0
 
 
+def status_details(record: dict):
+    """(the running proxy's /status, or {}; why it could not be read, or None). /status needs
+    the proxy's apikey, read from its config file in this shell's environment."""
+    try:
+        apikey = load_config(record["config"], os.environ).apikey if record.get("config") else ""
+    except ConfigError as exc:
+        return {}, "its config file cannot be read in this shell, so its apikey is unknown: %s" \
+            % str(exc).replace("\n", "; ")
+    answer = local_get(record["url"], "/status", apikey)
+    if answer is None or answer[0] != 200:
+        return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer")
+    return answer[1], None
+
+
 def cmd_env(args) -> int:
     """env: print the variables for Claude Code in the user's shell syntax."""
     try:
@@ -6032,6 +6109,84 @@ def cmd_env(args) -> int:
     print(render_environment(claude_variables(url, config, os.environ), CLAUDE_UNSET_VARIABLES,
                              shell))
     return 0
+
+
+CLAUDE_INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
+# Variables that would make Claude Code bypass ANTHROPIC_BASE_URL or use another key.
+CLAUDE_UNSET_VARIABLES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "ANTHROPIC_API_KEY")
+
+
+def claude_variables(url: str, config: Config, environ) -> dict:
+    """The environment that points Claude Code at the proxy and keeps it from calling home."""
+    no_proxy = [p for p in (environ.get("NO_PROXY") or environ.get("no_proxy") or "").split(",")
+                if p.strip()]
+    no_proxy += [h for h in ("127.0.0.1", "localhost", "::1") if h not in no_proxy]
+    return {
+        "ANTHROPIC_BASE_URL": url,
+        "ANTHROPIC_AUTH_TOKEN": config.apikey or "ccproxy",
+        "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
+        "DISABLE_TELEMETRY": "1",
+        "DISABLE_COST_WARNINGS": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "NO_PROXY": ",".join(no_proxy),
+        "no_proxy": ",".join(no_proxy),
+    }
+
+
+SHELL_RENDERERS = {
+    "bash": (lambda k, v: "export %s=%s" % (k, shell_quote(v)), lambda k: "unset %s" % k),
+    "zsh": (lambda k, v: "export %s=%s" % (k, shell_quote(v)), lambda k: "unset %s" % k),
+    "fish": (lambda k, v: "set -gx %s '%s';" % (k, v.replace("\\", "\\\\").replace("'", "\\'")),
+             lambda k: "set -e %s;" % k),
+    "powershell": (lambda k, v: "$env:%s = '%s'" % (k, v.replace("'", "''")),
+                   lambda k: "Remove-Item Env:%s -ErrorAction SilentlyContinue" % k),
+    "cmd": (lambda k, v: 'set "%s=%s"' % (k, v), lambda k: "set %s=" % k),
+}
+
+
+def shell_quote(value: str) -> str:
+    """value in single quotes for POSIX shells."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def render_environment(variables: dict, unset, shell: str) -> str:
+    """Lines that set (and unset) the variables in the given shell."""
+    assign, remove = SHELL_RENDERERS[shell]
+    lines = [remove(name) for name in unset] + [assign(k, v) for k, v in variables.items()]
+    return "\n".join(lines)
+
+
+def default_shell(environ) -> str:
+    """The user's shell from $SHELL; PowerShell on Windows; bash otherwise."""
+    name = os.path.basename(environ.get("SHELL", ""))
+    if name in SHELL_RENDERERS:
+        return name
+    return "powershell" if os.name == "nt" else "bash"
+
+
+def cmd_code(argv) -> int:
+    """Run claude through the proxy, starting the proxy if needed; claude's exit status."""
+    try:
+        own, claude_arguments = split_code_arguments(argv)
+    except ValueError as exc:
+        print("ccproxy code: %s" % exc, file=sys.stderr)
+        return 2
+    if own["help"]:
+        build_code_parser().print_help()
+        return 0
+    claude = find_claude(os.environ)
+    if claude is None:
+        print("ccproxy: Claude Code (claude) was not found%s; install it with: %s" % (
+            " at CLAUDE_PATH" if os.environ.get("CLAUDE_PATH") else " on PATH",
+            CLAUDE_INSTALL_HINT), file=sys.stderr)
+        return 127
+    try:
+        port = int(own["--port"]) if own["--port"] is not None else None
+        config = load_config(own["--config"], os.environ, {"host": own["--host"], "port": port})
+    except ConfigError as exc:
+        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+        return 1
+    return run_code_session(claude, claude_arguments, config)
 
 
 def split_code_arguments(argv):
@@ -6066,31 +6221,6 @@ def find_claude(environ) -> str | None:
     if named:
         return named if os.path.isfile(named) and os.access(named, os.X_OK) else None
     return shutil.which("claude")
-
-
-def cmd_code(argv) -> int:
-    """Run claude through the proxy, starting the proxy if needed; claude's exit status."""
-    try:
-        own, claude_arguments = split_code_arguments(argv)
-    except ValueError as exc:
-        print("ccproxy code: %s" % exc, file=sys.stderr)
-        return 2
-    if own["help"]:
-        build_code_parser().print_help()
-        return 0
-    claude = find_claude(os.environ)
-    if claude is None:
-        print("ccproxy: Claude Code (claude) was not found%s; install it with: %s" % (
-            " at CLAUDE_PATH" if os.environ.get("CLAUDE_PATH") else " on PATH",
-            CLAUDE_INSTALL_HINT), file=sys.stderr)
-        return 127
-    try:
-        port = int(own["--port"]) if own["--port"] is not None else None
-        config = load_config(own["--config"], os.environ, {"host": own["--host"], "port": port})
-    except ConfigError as exc:
-        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
-        return 1
-    return run_code_session(claude, claude_arguments, config)
 
 
 def run_code_session(claude: str, arguments: list, config: Config) -> int:

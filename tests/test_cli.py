@@ -183,8 +183,12 @@ def test_bad_config_stops_start_with_exit_1(tmp_path):
     assert result.returncode == 1 and "port: must be a port number" in result.stderr
 
 
-def test_docstring_lists_the_section_banners():
+def test_docstring_lists_the_section_and_part_banners():
     source = (REPO / "ccproxy.py").read_text()
-    banners = re.findall(r"^# (\d+\. .+)$", source, re.M)
-    listed = re.findall(r"^    (\d+\. .+)$", ccproxy.__doc__, re.M)
-    assert banners == listed and len(banners) == 12
+    banners = re.findall(r"^# (\d+\.\d* .+)$", source, re.M)
+    listed = re.findall(r"^    (\d+\. .+)$|^        (\d+\.\d+ .+)$", ccproxy.__doc__, re.M)
+    assert banners == [section or part for section, part in listed]
+    assert len([b for b in banners if re.match(r"\d+\. ", b)]) == 12
+    assert [b for b in banners if b.startswith("9.")][1:5] == [
+        "9.1 Shared by every protocol: the client's request and events, the relay",
+        "9.2 Anthropic Messages (pass-through)", "9.3 OpenAI Chat Completions", "9.4 Gemini"]

@@ -419,8 +419,8 @@ def test_a_full_rate_limiter_forgets_only_the_least_recent_client():
     else:
         raise AssertionError("the oldest client's bucket was forgotten")
     app.check_rate("192.0.2.1", request)             # a new client evicts the least recent
-    assert len(app.rate_buckets) == ccproxy.MAX_RATE_BUCKETS
-    assert "10.0.0.1" in app.rate_buckets and "10.0.1.1" not in app.rate_buckets
+    assert len(app.rate_limiter.buckets) == ccproxy.MAX_RATE_BUCKETS
+    assert "10.0.0.1" in app.rate_limiter.buckets and "10.0.1.1" not in app.rate_limiter.buckets
     app.close("test over")
 
 
