@@ -7,7 +7,7 @@ import anthropic
 import pytest
 
 import ccproxy
-from conftest import anthropic_provider, raw_exchange
+from helpers import anthropic_provider, raw_exchange
 
 
 def decide(peername, raw=None, headers=(), path="/v1/messages"):

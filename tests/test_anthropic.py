@@ -3,20 +3,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 
 import anthropic
 import pytest
 
-import ccproxy
-
-from conftest import (PROVIDER_KEY, anthropic_message, anthropic_provider, anthropic_stream_events,
-                      json_reply, raw_exchange, shared_path, sse, stream_reply, wait_until, Reply)
-
-
-def client_for(proxy, api_key="client-key-not-for-upstream", **kw):
-    return anthropic.Anthropic(base_url=proxy.url, api_key=api_key, max_retries=0, **kw)
+from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
+                     PROVIDER_KEY, Reply, sdk, shared_path, sse, stream_reply)
 
 
 def claude_code_request():
@@ -24,7 +16,7 @@ def claude_code_request():
 
 
 def test_non_stream_answer_reaches_the_sdk_unchanged(proxy, upstream):
-    message = client_for(proxy).messages.create(
+    message = sdk(proxy).messages.create(
         model="claude-upstream", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
     assert message.content[0].text == "Hello from upstream"
     assert message.usage.input_tokens == 12
@@ -32,9 +24,9 @@ def test_non_stream_answer_reaches_the_sdk_unchanged(proxy, upstream):
 
 
 def test_provider_key_is_sent_and_client_key_is_not(proxy, upstream):
-    client_for(proxy, default_headers={"anthropic-beta": "tools-2024-05-16",
-                                       "anthropic-version": "2023-06-01"}).messages.create(
-        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    sdk(proxy, default_headers={"anthropic-beta": "tools-2024-05-16",
+                                "anthropic-version": "2023-06-01"}).messages.create(
+ model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     headers = upstream.requests[0]["headers"]
     assert headers["x-api-key"] == PROVIDER_KEY
     assert headers["anthropic-version"] == "2023-06-01"
@@ -53,8 +45,8 @@ def test_bearer_client_key_is_not_forwarded(proxy, upstream):
 def test_model_is_set_to_the_routed_model(start_proxy, upstream):
     proxy = start_proxy({"providers": [anthropic_provider(upstream)],
                          "routes": {"default": {"provider": "anthropic", "model": "claude-routed"}}})
-    client_for(proxy).messages.create(model="claude-opus-4-8", max_tokens=5,
-                                      messages=[{"role": "user", "content": "hi"}])
+    sdk(proxy).messages.create(model="claude-opus-4-8", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
     assert upstream.requests[0]["json"]["model"] == "claude-routed"
 
 
@@ -72,7 +64,7 @@ def test_unchanged_body_is_forwarded_byte_for_byte(start_proxy, upstream):
 def test_claude_code_request_with_query_string_is_relayed(proxy, upstream):
     request = claude_code_request()
     upstream.script = lambda r: stream_reply()
-    client = client_for(proxy)
+    client = sdk(proxy)
     known = ("model", "max_tokens", "messages", "system", "tools")
     with client.messages.stream(**{k: request[k] for k in known}, extra_query={"beta": "true"},
                                 extra_body={k: v for k, v in request.items()
@@ -89,8 +81,8 @@ def test_stream_events_are_relayed_as_they_arrive(proxy, upstream):
     reply = stream_reply(pause_before=3)          # message_start, block start, "Hel", pause
     upstream.script = lambda r: reply
     seen_before_release = []
-    with client_for(proxy).messages.stream(model="m", max_tokens=5,
-                                           messages=[{"role": "user", "content": "hi"}]) as stream:
+    with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
         for event in stream:
             if event.type == "content_block_delta" and not reply.release.is_set():
                 seen_before_release.append(event.delta.text)
@@ -104,8 +96,8 @@ def stream_and_collect(proxy):
     """Stream through the SDK; the error it raises (if any) and the text it saw."""
     texts = []
     try:
-        with client_for(proxy).messages.stream(model="m", max_tokens=5,
-                                               messages=[{"role": "user", "content": "hi"}]) as s:
+        with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}]) as s:
             for event in s:
                 if event.type == "text":
                     texts.append(event.text)
@@ -157,8 +149,8 @@ def test_upstream_error_keeps_status_and_body(proxy, upstream):
     error = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
     upstream.script = lambda r: json_reply(error, status=429, headers={"retry-after": "7"})
     with pytest.raises(anthropic.RateLimitError) as caught:
-        client_for(proxy).messages.create(model="m", max_tokens=5,
-                                          messages=[{"role": "user", "content": "hi"}])
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 429
     assert caught.value.body == error
     assert caught.value.response.headers["retry-after"] == "7"
@@ -168,8 +160,8 @@ def test_upstream_error_in_a_stream_request_keeps_status(proxy, upstream):
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     upstream.script = lambda r: json_reply(error, status=529)
     with pytest.raises(anthropic.APIStatusError) as caught:
-        with client_for(proxy).messages.stream(model="m", max_tokens=5,
-                                               messages=[{"role": "user", "content": "hi"}]) as s:
+        with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}]) as s:
             s.get_final_message()
     assert caught.value.status_code == 529
     assert caught.value.body == error
@@ -179,109 +171,17 @@ def test_html_gateway_error_becomes_an_anthropic_error(proxy, upstream):
     upstream.script = lambda r: Reply(502, b"<html><body><h1>502 Bad Gateway</h1></body></html>",
                                       content_type="text/html")
     with pytest.raises(anthropic.APIStatusError) as caught:
-        client_for(proxy).messages.create(model="m", max_tokens=5,
-                                          messages=[{"role": "user", "content": "hi"}])
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 502
     assert caught.value.body["type"] == "error"
     assert caught.value.body["error"]["type"] == "api_error"
     assert caught.value.body["error"]["message"] == "anthropic: HTTP 502: 502 Bad Gateway"
 
 
-def test_unreachable_upstream_is_502_naming_the_provider(start_proxy):
-    with socket.socket() as probe:                  # a port with nobody listening
-        probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
-    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": PROVIDER_KEY,
-                                        "api_base_url": "http://127.0.0.1:%d" % dead_port}]})
-    with pytest.raises(anthropic.APIStatusError) as caught:
-        client_for(proxy).messages.create(model="m", max_tokens=5,
-                                          messages=[{"role": "user", "content": "hi"}])
-    assert caught.value.status_code == 502
-    message = caught.value.body["error"]["message"]
-    assert message.startswith("anthropic: cannot reach http://127.0.0.1:%d/v1/messages" % dead_port)
-    assert "refused" in message.lower()
-
-
-def test_silent_upstream_is_504(start_proxy, upstream):
-    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
-                         "performance": {"request_timeout": "300ms"}})
-    upstream.script = lambda r: json_reply(anthropic_message(), delay=5)
-    with pytest.raises(anthropic.APIStatusError) as caught:
-        client_for(proxy).messages.create(model="m", max_tokens=5,
-                                          messages=[{"role": "user", "content": "hi"}])
-    assert caught.value.status_code == 504
-    assert caught.value.body["error"]["type"] == "timeout_error"
-
-
-def test_upstream_silent_mid_stream_ends_with_timeout_error_event(start_proxy, upstream):
-    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
-                         "performance": {"request_timeout": "300ms"}})
-    upstream.script = lambda r: stream_reply(pause_before=3)
-    with pytest.raises(anthropic.APIStatusError) as caught:
-        with client_for(proxy).messages.stream(model="m", max_tokens=5,
-                                               messages=[{"role": "user", "content": "hi"}]) as s:
-            for _ in s:
-                pass
-    assert "sent nothing for 0.3 s" in str(caught.value)
-
-
-def open_stream_and_vanish(proxy):
-    """Start a streamed request on a raw socket, read the first bytes, then close."""
-    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    received = b""
-    while b"message_start" not in received:
-        received += sock.recv(65536)
-    sock.close()
-    return time.monotonic()
-
-
-def status_of(proxy):
-    return anthropic.Anthropic(base_url=proxy.url, api_key="x").get("/status", cast_to=object)
-
-
-def test_client_disconnect_mid_stream_closes_the_upstream(proxy, upstream):
-    upstream.script = lambda r: stream_reply(pause_before=3)
-    closed_at = open_stream_and_vanish(proxy)
-    assert upstream.peer_closed.wait(2)
-    assert upstream.peer_closed_at - closed_at < 2
-    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
-
-
-def test_client_disconnect_before_the_answer_closes_the_upstream(proxy, upstream):
-    upstream.script = lambda r: json_reply(anthropic_message(), delay=10)
-    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    assert wait_until(lambda: len(upstream.requests) == 1)
-    sock.close()
-    closed_at = time.monotonic()
-    assert upstream.peer_closed.wait(2)
-    assert upstream.peer_closed_at - closed_at < 2
-    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
-
-
-def test_other_clients_are_served_while_a_stream_is_paused(proxy, upstream):
-    paused = stream_reply(pause_before=3)
-    upstream.script = lambda r: paused if r["json"]["messages"][0]["content"] == "slow" \
-        else json_reply(anthropic_message("quick"))
-    client = client_for(proxy)
-    with client.messages.stream(model="m", max_tokens=5,
-                                messages=[{"role": "user", "content": "slow"}]) as stream:
-        iterator = iter(stream)
-        next(iterator)
-        quick = client.messages.create(model="m", max_tokens=5,
-                                       messages=[{"role": "user", "content": "fast"}])
-        paused.release.set()
-        for _ in iterator:
-            pass
-    assert quick.content[0].text == "quick"
-
-
 def test_count_tokens_is_forwarded_to_anthropic(proxy, upstream):
     upstream.script = lambda r: json_reply({"input_tokens": 4242})
-    count = client_for(proxy).messages.count_tokens(
+    count = sdk(proxy).messages.count_tokens(
         model="m", messages=[{"role": "user", "content": "hi"}])
     assert count.input_tokens == 4242
     assert upstream.requests[0]["path"] == "/v1/messages/count_tokens"
@@ -291,7 +191,7 @@ def test_count_tokens_is_forwarded_to_anthropic(proxy, upstream):
 def test_count_tokens_falls_back_to_the_estimator_when_upstream_fails(proxy, upstream):
     upstream.script = lambda r: json_reply({"type": "error", "error": {
         "type": "not_found_error", "message": "no such endpoint"}}, status=404)
-    count = client_for(proxy).messages.count_tokens(
+    count = sdk(proxy).messages.count_tokens(
         model="m", messages=[{"role": "user", "content": "hello there, how are you?"}])
     assert 5 <= count.input_tokens <= 15
 
@@ -300,7 +200,7 @@ def test_count_tokens_uses_the_estimator_for_a_provider_without_it(start_proxy, 
     proxy = start_proxy({"providers": [anthropic_provider(upstream, name="gateway",
                                                           type="anthropic")]})
     request = claude_code_request()
-    count = client_for(proxy).messages.count_tokens(
+    count = sdk(proxy).messages.count_tokens(
         model=request["model"], messages=request["messages"], system=request["system"],
         tools=request["tools"])
     assert upstream.requests == []
@@ -309,8 +209,8 @@ def test_count_tokens_uses_the_estimator_for_a_provider_without_it(start_proxy, 
 
 def test_max_tokens_cap_of_the_provider_is_applied(start_proxy, upstream):
     proxy = start_proxy({"providers": [anthropic_provider(upstream, max_tokens=1000)]})
-    client_for(proxy).messages.create(model="m", max_tokens=20000,
-                                      messages=[{"role": "user", "content": "hi"}])
+    sdk(proxy).messages.create(model="m", max_tokens=20000,
+                               messages=[{"role": "user", "content": "hi"}])
     assert upstream.requests[0]["json"]["max_tokens"] == 1000
 
 
@@ -318,8 +218,8 @@ def test_max_tokens_cap_of_the_provider_is_applied(start_proxy, upstream):
 def test_base_url_forms_all_reach_v1_messages(start_proxy, upstream, base):
     proxy = start_proxy({"providers": [anthropic_provider(upstream,
                                                           api_base_url=base.format(url=upstream.url))]})
-    client_for(proxy).messages.create(model="m", max_tokens=5,
-                                      messages=[{"role": "user", "content": "hi"}])
+    sdk(proxy).messages.create(model="m", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
     assert upstream.requests[0]["path"] == "/v1/messages"
 
 
@@ -336,124 +236,9 @@ def test_model_rewrite_changes_only_the_model_bytes(start_proxy, upstream):
                                                         '"claude-ré"'.encode())
 
 
-@pytest.fixture
-def forward_proxy():
-    from conftest import MockUpstream
-    mock = MockUpstream()
-    yield mock
-    mock.close()
-
-
-def post_without_client_proxy(proxy):
-    """POST a message on a raw socket: the SDK itself would obey the proxy variables."""
-    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
-    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    head, _, payload = reply.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload)
-
-
-def test_http_proxy_variable_is_honoured(start_proxy, upstream, forward_proxy, monkeypatch):
-    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
-    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
-    status, message = post_without_client_proxy(proxy)
-    assert status == 200 and message["content"][0]["text"] == "Hello from upstream"
-    assert forward_proxy.requests[0]["path"] == upstream.url + "/v1/messages"
-    assert upstream.requests == []
-
-
-def test_no_proxy_variable_bypasses_the_proxy(start_proxy, upstream, forward_proxy, monkeypatch):
-    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
-    assert post_without_client_proxy(proxy)[0] == 200
-    assert forward_proxy.requests == [] and len(upstream.requests) == 1
-
-
-def test_https_proxy_variable_tunnels_https_providers(start_proxy, forward_proxy, monkeypatch):
-    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
-    forward_proxy.script = lambda r: Reply(403, b"")      # refuse the tunnel: nothing leaves
-    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": PROVIDER_KEY}]})
-    status, error = post_without_client_proxy(proxy)
-    assert forward_proxy.requests[0]["method"] == "CONNECT"
-    assert forward_proxy.requests[0]["path"] == "api.anthropic.com:443"
-    assert status == 502
-    assert error["error"]["message"].startswith(
-        "anthropic: cannot reach https://api.anthropic.com/v1/messages: Tunnel connection failed")
-
-
 def test_provider_request_id_is_relayed_once(proxy, upstream):
     upstream.script = lambda r: json_reply(anthropic_message(), headers={"request-id": "req_up_1"})
-    raw = client_for(proxy).messages.with_raw_response.create(
+    raw = sdk(proxy).messages.with_raw_response.create(
         model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert raw.headers.get_list("request-id") == ["req_up_1"]
 
-
-def test_provider_key_echoed_in_an_upstream_error_is_masked(proxy, upstream):
-    error = {"type": "error", "error": {"type": "authentication_error",
-                                        "message": "invalid x-api-key %s" % PROVIDER_KEY}}
-    upstream.script = lambda r: json_reply(error, status=401)
-    with pytest.raises(anthropic.AuthenticationError) as caught:
-        client_for(proxy).messages.create(model="m", max_tokens=5,
-                                          messages=[{"role": "user", "content": "hi"}])
-    assert caught.value.body["error"]["message"] == "invalid x-api-key sk-a…6789"
-
-
-def test_provider_key_echoed_in_a_foreign_error_is_masked(proxy, upstream):
-    upstream.script = lambda r: Reply(500, ("oops key=%s" % PROVIDER_KEY).encode(),
-                                      content_type="text/plain")
-    with pytest.raises(anthropic.InternalServerError) as caught:
-        client_for(proxy).messages.create(model="m", max_tokens=5,
-                                          messages=[{"role": "user", "content": "hi"}])
-    assert PROVIDER_KEY not in json.dumps(caught.value.body)
-    assert caught.value.body["error"]["message"] == "anthropic: HTTP 500: oops key=sk-a…6789"
-
-
-def test_upstream_connections_are_reused(proxy, upstream):
-    upstream.script = lambda r: stream_reply() if r["json"].get("stream") else json_reply(
-        anthropic_message())
-    client = client_for(proxy)
-    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-    client.messages.create(**request)
-    with client.messages.stream(**request) as stream:
-        stream.get_final_message()
-    client.messages.create(**request)
-    assert len({r["peer"] for r in upstream.requests}) == 1
-
-
-def test_a_connection_the_provider_closed_is_replaced_transparently(proxy, upstream):
-    upstream.script = lambda r: json_reply(anthropic_message(), close_after=True)
-    client = client_for(proxy)
-    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-    for _ in range(3):
-        assert client.messages.create(**request).content[0].text == "Hello from upstream"
-    assert len({r["peer"] for r in upstream.requests}) == 3
-
-
-def test_a_cut_call_does_not_leave_a_broken_connection_in_the_pool(proxy, upstream):
-    upstream.script = lambda r: stream_reply(pause_before=3)
-    open_stream_and_vanish(proxy)
-    assert upstream.peer_closed.wait(2)
-    upstream.script = lambda r: json_reply(anthropic_message("after"))
-    assert client_for(proxy).messages.create(
-        model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]).content[0].text == "after"
-
-
-def test_worker_threads_wake_the_loop_at_most_once_per_batch():
-    class RecordingLoop:
-        def __init__(self):
-            self.wakeups = []
-
-        def call_soon_threadsafe(self, callback):
-            self.wakeups.append(callback)
-
-    loop = RecordingLoop()
-    inbox = ccproxy.LoopInbox(loop)
-    delivered = []
-    for number in range(1000):
-        inbox.post(delivered.append, number)
-    assert len(loop.wakeups) == 1 and delivered == []
-    loop.wakeups[0]()
-    assert delivered == list(range(1000))
-    inbox.post(delivered.append, "next")
-    assert len(loop.wakeups) == 2

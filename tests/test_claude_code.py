@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Reply, json_reply
+from helpers import REPO, Reply, json_reply
 
 VERSIONS = ["2.1.197", "2.1.330"]      # the two seen to send different requests
 CACHE = Path(os.environ.get("CCPROXY_TEST_CACHE", Path.home() / ".cache" / "ccproxy-tests"))

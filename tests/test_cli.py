@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import ccproxy
-from conftest import REPO, anthropic_provider
+from helpers import REPO, anthropic_provider
 
 SCRIPT = str(REPO / "ccproxy.py")
 

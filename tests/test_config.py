@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import ccproxy
-from conftest import REPO
+from helpers import REPO
 
 
 def build(raw, environ=None, flags=None):

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import (REPO, anthropic_provider, open_stream, read_to_end, stream_reply,
+from helpers import (REPO, anthropic_provider, open_stream, read_to_end, stream_reply,
                       wait_until)
 
 SCRIPT = str(REPO / "ccproxy.py")

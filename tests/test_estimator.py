@@ -7,7 +7,7 @@ import json
 import pytest
 
 import ccproxy
-from conftest import shared_path
+from helpers import shared_path
 
 # The bounds: English, code and JSON within 15%; CJK and other scripts within 30%.
 TOLERANCE = {"en_license.txt": 0.15, "en_docstrings.txt": 0.15, "cc_system.txt": 0.15,

@@ -8,7 +8,7 @@ import anthropic
 import pytest
 
 import ccproxy
-from conftest import Reply, json_reply, shared_path, stream_reply
+from helpers import json_reply, Reply, sdk, shared_path, stream_reply
 
 GEMINI_KEY = "AIzaSy-gemini-secret-0123456789"
 
@@ -257,10 +257,6 @@ def test_long_and_odd_tool_names_are_mapped_and_mapped_back():
 def gemini_proxy(start_proxy, upstream):
     return start_proxy({"providers": [{"name": "gemini", "api_base_url": upstream.url + "/v1beta",
                                        "api_key": GEMINI_KEY, "models": ["gemini-2.5-pro"]}]})
-
-
-def sdk(proxy):
-    return anthropic.Anthropic(base_url=proxy.url, api_key="client", max_retries=0)
 
 
 REQUEST = dict(model="claude-test-model", max_tokens=300,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
-from conftest import raw_exchange
+from helpers import raw_exchange
 
 parse = ccproxy.parse_request_head
 

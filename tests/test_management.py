@@ -14,8 +14,7 @@ import anthropic
 import pytest
 
 import ccproxy
-from conftest import (REPO, RunningProxy, anthropic_message, json_reply, stream_reply,
-                      wait_until)
+from helpers import REPO, RunningProxy, sdk, stream_reply, wait_until
 
 FILE = """{
   // hand-written, with a comment
@@ -47,13 +46,9 @@ def managed(tmp_path, upstream):
         proxy.stop()
 
 
-def api(proxy, key="c"):
-    return anthropic.Anthropic(base_url=proxy.url, api_key=key, max_retries=0)
-
-
 def call(proxy, method, path, body=None, key="c"):
     """(status, JSON) of a management call."""
-    client = api(proxy, key)
+    client = sdk(proxy, key)
     try:
         response = client.request(object, anthropic._base_client.FinalRequestOptions.construct(
             method=method, url=path, json_data=body))
@@ -63,7 +58,7 @@ def call(proxy, method, path, body=None, key="c"):
 
 
 def ask(proxy, model):
-    return api(proxy).messages.with_raw_response.create(
+    return sdk(proxy).messages.with_raw_response.create(
         model=model, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
 
 
@@ -144,7 +139,7 @@ def test_in_flight_stream_survives_a_change_of_its_provider(managed, upstream):
     proxy = managed()
     reply = stream_reply(pause_before=3)
     upstream.script = lambda r: reply
-    client = api(proxy)
+    client = sdk(proxy)
     with client.messages.stream(model="claude-main", max_tokens=5,
                                 messages=[{"role": "user", "content": "hi"}]) as stream:
         events = iter(stream)
@@ -162,7 +157,7 @@ def test_concurrent_changes_and_traffic_lose_no_request(managed, upstream):
     failures, done = [], threading.Event()
 
     def traffic():
-        client = api(proxy)
+        client = sdk(proxy)
         while not done.is_set():
             try:
                 client.messages.create(model="claude-main", max_tokens=5,

@@ -9,8 +9,8 @@ import openai
 import pytest
 
 import ccproxy
-from conftest import (Reply, json_reply, open_stream, raw_exchange, read_to_end, shared_path,
-                      stream_reply)
+from helpers import (json_reply, open_stream, read_to_end, Reply, sdk, shared_path,
+                     stream_reply)
 
 OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
 
@@ -547,10 +547,6 @@ def with_signature(blocks, preset):
 @pytest.fixture
 def openai_proxy(start_proxy, upstream):
     return start_proxy({"providers": [preset_provider("openai", upstream)]})
-
-
-def sdk(proxy):
-    return anthropic.Anthropic(base_url=proxy.url, api_key="client", max_retries=0)
 
 
 REQUEST = dict(model="claude-test-model", max_tokens=200,

@@ -9,12 +9,12 @@ import anthropic
 import pytest
 
 import ccproxy
-from conftest import (Reply, anthropic_message, anthropic_provider, anthropic_stream_events,
-                      dead_url, json_reply, stream_reply)
+from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, dead_url,
+                     json_reply, Reply, sdk, stream_reply)
 
 
 def status_of(proxy):
-    return anthropic.Anthropic(base_url=proxy.url, api_key="c").get("/status", cast_to=object)
+    return sdk(proxy).get("/status", cast_to=object)
 
 
 def route(raw, model):
@@ -261,7 +261,7 @@ def two_providers(start_proxy, first_url, second_url, **performance):
 
 
 def ask(proxy, stream=False):
-    client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
+    client = sdk(proxy)
     request = dict(model="claude-x", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
     if stream:
         with client.messages.stream(**request) as s:
@@ -372,7 +372,7 @@ def test_circuit_breaker_opens_skips_probes_and_closes(start_proxy, upstream, se
     message, headers = ask(proxy)                        # the probe succeeds: closed
     assert message.content[0].text == "A" and headers["x-ccproxy-provider"] == "primary"
     assert breaker(proxy).state == "closed"
-    providers = anthropic.Anthropic(base_url=proxy.url, api_key="c").get("/providers", cast_to=object)
+    providers = sdk(proxy).get("/providers", cast_to=object)
     assert providers["providers"][0]["circuit"]["state"] == "closed"
 
 
@@ -457,7 +457,7 @@ def test_metrics_in_prometheus_text(start_proxy, upstream, second_upstream):
 
 def test_metrics_are_off_unless_enabled(proxy):
     with pytest.raises(anthropic.NotFoundError) as caught:
-        anthropic.Anthropic(base_url=proxy.url, api_key="c").get("/metrics", cast_to=object)
+        sdk(proxy).get("/metrics", cast_to=object)
     assert "metrics_enabled" in caught.value.body["error"]["message"]
 
 
@@ -465,7 +465,7 @@ def test_subagent_tag_picks_the_model_and_is_removed(start_proxy, upstream):
     proxy = start_proxy({"providers": [
         {"name": "other", "type": "anthropic", "api_base_url": dead_url(), "api_key": "k"},
         anthropic_provider(upstream)]})
-    client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
+    client = sdk(proxy)
     raw = client.messages.with_raw_response.create(
         model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
         system=[{"type": "text", "text": "Main prompt."},

@@ -1,0 +1,291 @@
+"""Test helpers shared by every test file: scripted mock upstreams on 127.0.0.1, an in-process
+ccproxy, the one SDK client, and raw-socket HTTP. Fixtures built on them live in conftest.py."""
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import anthropic
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+import ccproxy  # noqa: E402
+
+PROVIDER_KEY = "sk-ant-upstream-secret-0123456789"
+
+
+def shared_path(*parts) -> Path:
+    """A file under ../shared; tests that need it skip with the reason when it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip("%s is missing: the tests read shared data from ../shared" % path)
+    return path
+
+
+def sse(event: str, data) -> bytes:
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data).encode())
+
+
+def anthropic_message(text="Hello from upstream", model="claude-upstream"):
+    return {"id": "msg_01", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 5}}
+
+
+def anthropic_stream_events(pieces=("Hel", "lo", "!"), model="claude-upstream"):
+    """The events of a well-formed streamed text answer, one bytes item per event."""
+    events = [sse("message_start", {"type": "message_start", "message": dict(
+        anthropic_message("", model), content=[], stop_reason=None,
+        usage={"input_tokens": 12, "output_tokens": 1})}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}})]
+    for piece in pieces:
+        events.append(sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                  "delta": {"type": "text_delta", "text": piece}}))
+    events += [sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               sse("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                     "usage": {"output_tokens": 5}}),
+               sse("message_stop", {"type": "message_stop"})]
+    return events
+
+
+class Reply:
+    """A scripted answer: status, headers, and body given whole or as timed pieces."""
+
+    def __init__(self, status=200, body=b"", headers=None, pieces=None, pause_before=None,
+                 release=None, cut=False, delay=0.0, content_type="application/json",
+                 close_after=False):
+        self.status = status
+        self.body = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        self.headers = dict(headers or {})
+        self.headers.setdefault("content-type", content_type)
+        self.pieces = pieces            # list of bytes written as separate HTTP chunks
+        self.pause_before = pause_before  # index of the piece to wait before
+        self.release = release or threading.Event()
+        self.cut = cut                  # end the connection without the final chunk
+        self.delay = delay              # wait before the response head (or for the peer)
+        self.close_after = close_after  # close the connection afterwards, without saying so
+
+
+def json_reply(body, status=200, **kw):
+    return Reply(status, body, **kw)
+
+
+def stream_reply(events=None, **kw):
+    return Reply(200, pieces=list(events or anthropic_stream_events()),
+                 content_type="text/event-stream", **kw)
+
+
+class MockUpstream:
+    """A provider on 127.0.0.1 that records every request and answers as scripted.
+
+    `script` is a function (recorded request) -> Reply; `peer_closed` is set, with the time in
+    `peer_closed_at`, when the proxy closes a connection the mock is holding open.
+    """
+
+    def __init__(self):
+        self.requests = []
+        self.script = lambda request: json_reply(anthropic_message())
+        self.peer_closed = threading.Event()
+        self.peer_closed_at = None
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                record = {"method": "POST", "path": self.path, "peer": self.client_address,
+                          "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "body": body}
+                try:
+                    record["json"] = json.loads(body)
+                except ValueError:
+                    record["json"] = None
+                upstream.requests.append(record)
+                upstream.answer(self, upstream.script(record))
+
+            def do_CONNECT(self):
+                record = {"method": "CONNECT", "path": self.path,
+                          "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "body": b"", "json": None}
+                upstream.requests.append(record)
+                upstream.answer(self, upstream.script(record))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def wait_for_peer_close(self, sock, seconds):
+        """Hold the connection until the proxy closes it (recorded) or seconds pass."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable:
+                try:
+                    data = sock.recv(1, socket.MSG_PEEK)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.peer_closed_at = time.monotonic()
+                    self.peer_closed.set()
+                    return True
+        return False
+
+    def pause(self, handler, release, seconds=10.0):
+        """Hold the stream until released; True when the proxy closed the connection meanwhile."""
+        handler.wfile.flush()
+        deadline = time.monotonic() + seconds
+        while not release.is_set() and time.monotonic() < deadline:
+            if self.wait_for_peer_close(handler.connection, 0.05):
+                return True
+        return False
+
+    def answer(self, handler, reply: Reply):
+        if reply.delay:
+            if self.wait_for_peer_close(handler.connection, reply.delay):
+                handler.close_connection = True
+                return
+        handler.send_response(reply.status)
+        for name, value in reply.headers.items():
+            handler.send_header(name, value)
+        if reply.pieces is None:
+            handler.send_header("content-length", str(len(reply.body)))
+            handler.end_headers()
+            handler.wfile.write(reply.body)
+            handler.close_connection = reply.close_after
+            return
+        handler.send_header("transfer-encoding", "chunked")
+        handler.end_headers()
+        handler.close_connection = reply.cut or reply.close_after or reply.pause_before is not None
+        try:
+            for index, piece in enumerate(reply.pieces):
+                if index == reply.pause_before and self.pause(handler, reply.release):
+                    return
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                handler.wfile.flush()
+            if not reply.cut:
+                handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.peer_closed_at = time.monotonic()
+            self.peer_closed.set()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def dead_url():
+    """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return "http://127.0.0.1:%d" % probe.getsockname()[1]
+
+
+class RunningProxy:
+    """ccproxy serving on 127.0.0.1 from a thread of this process."""
+
+    def __init__(self, config):
+        self.server = ccproxy.ProxyServer(config)
+        ready = threading.Event()
+        self.error = None
+
+        def run():
+            try:
+                asyncio.run(self.server.serve(on_ready=lambda s: ready.set()))
+            except BaseException as exc:   # surfaced by the fixture, never swallowed
+                self.error = exc
+                ready.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "proxy did not start"
+        assert self.error is None, self.error
+        self.url = self.server.url
+        self.port = self.server.app.listen_address[1]
+
+    def stop(self):
+        self.server.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "proxy did not stop"
+
+
+def anthropic_provider(upstream, **extra):
+    provider = {"name": "anthropic", "api_base_url": upstream.url, "api_key": PROVIDER_KEY}
+    provider.update(extra)
+    return provider
+
+
+def raw_exchange(port, data: bytes, timeout=5.0, host="127.0.0.1") -> bytes:
+    """Send bytes on a fresh connection and read until the server closes it."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+STREAM_BODY = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+
+
+def open_stream(port, until=b"text_delta", body=STREAM_BODY):
+    """A streamed request on a raw HTTP/1.0 socket; (socket, bytes received once `until` came,
+    `until` being bytes to wait for or a test of what was received)."""
+    arrived = until if callable(until) else (lambda received: until in received)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while not arrived(received):
+        received += sock.recv(65536)
+    return sock, received
+
+
+def read_to_end(sock, received=b""):
+    """received plus everything else the server sends until it closes the connection."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return received
+        received += data
+
+
+def wait_until(condition, seconds=5.0, interval=0.02):
+    """Poll condition() until it is true or the deadline passes; returns its last value."""
+    deadline = time.monotonic() + seconds
+    value = condition()
+    while not value and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = condition()
+    return value
+
+
+
+def sdk(proxy, key="client-key-not-for-upstream", **options) -> anthropic.Anthropic:
+    """The one client of the tests: the official anthropic SDK, pointed at a running proxy,
+    with no retries of its own."""
+    return anthropic.Anthropic(base_url=proxy.url, api_key=key, max_retries=0, **options)

@@ -1,0 +1,149 @@
+"""Errors: one class per status, each answering for itself; provider errors mapped by status;
+secrets masked in every form, wherever a message goes."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import urllib.parse
+
+import anthropic
+import pytest
+
+import ccproxy
+from helpers import PROVIDER_KEY, Reply, json_reply, raw_exchange, sdk
+
+KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
+
+
+# --- the tree ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status, error_type", [
+    (400, "invalid_request_error"), (401, "authentication_error"), (402, "billing_error"),
+    (403, "permission_error"), (404, "not_found_error"), (405, "invalid_request_error"),
+    (408, "timeout_error"), (409, "invalid_request_error"), (413, "request_too_large"),
+    (429, "rate_limit_error"), (431, "invalid_request_error"), (500, "api_error"),
+    (502, "api_error"), (504, "timeout_error"), (529, "overloaded_error")])
+def test_every_status_has_its_class_and_type(status, error_type):
+    error = ccproxy.error_for_status(status, "why", [("retry-after", "7")])
+    assert type(error) is ccproxy.ERROR_CLASS_BY_STATUS[status] and error.status == status
+    assert error.error_type == error_type and error.retry_after() == 7.0
+    assert json.loads(error.body("req_1")) == {"type": "error", "request_id": "req_1",
+                                               "error": {"type": error_type, "message": "why"}}
+
+
+def test_statuses_without_a_class_fall_in_by_range():
+    assert type(ccproxy.error_for_status(418, "x")) is ccproxy.InvalidRequestError
+    assert type(ccproxy.error_for_status(599, "x")) is ccproxy.InternalError
+
+
+def test_an_error_answers_for_itself_before_and_after_a_stream_began():
+    error = ccproxy.RateLimitError("slow down", [("retry-after", "3")])
+    response = error.response("req_9")
+    assert (response.status, response.stream) == (429, None)
+    assert ("retry-after", "3") in response.headers
+    assert json.loads(response.body)["error"] == {"type": "rate_limit_error", "message": "slow down"}
+    assert error.event() == (b'event: error\ndata: {"type": "error", "error": {"type": '
+                             b'"rate_limit_error", "message": "slow down"}}\n\n')
+    assert ccproxy.RateLimitError("x", [("retry-after", "soon")]).retry_after() is None
+
+
+def test_a_relayed_error_keeps_the_providers_body_and_status():
+    body = b'{"type":"error","error":{"type":"overloaded_error","message":"busy"}}'
+    error = ccproxy.RelayedError(529, body, [("request-id", "req_up")])
+    assert (error.status, error.message, error.body("req_1")) == (529, "busy", body)
+    assert error.response("req_1").headers[-1] == ("request-id", "req_up")
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"error": {"message": "bad key", "type": "invalid"}}', "bad key"),
+    (b'{"error": "plain"}', "plain"),
+    (b'{"detail": "not here"}', "not here"),
+    (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "502 Bad Gateway"),
+    (b"", "(empty body)"),
+    (b"[" * 100000, "[" * 1000),
+])
+def test_the_most_useful_message_of_any_error_body(body, message):
+    assert ccproxy.upstream_error_message(body) == message
+
+
+# --- masking -----------------------------------------------------------------------------------
+
+def test_provider_key_echoed_in_an_upstream_error_is_masked(proxy, upstream):
+    error = {"type": "error", "error": {"type": "authentication_error",
+                                        "message": "invalid x-api-key %s" % PROVIDER_KEY}}
+    upstream.script = lambda r: json_reply(error, status=401)
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["error"]["message"] == "invalid x-api-key sk-a…6789"
+
+
+def test_provider_key_echoed_in_a_foreign_error_is_masked(proxy, upstream):
+    upstream.script = lambda r: Reply(500, ("oops key=%s" % PROVIDER_KEY).encode(),
+                                      content_type="text/plain")
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert PROVIDER_KEY not in json.dumps(caught.value.body)
+    assert caught.value.body["error"]["message"] == "anthropic: HTTP 500: oops key=sk-a…6789"
+
+
+def test_every_form_of_a_secret_is_masked():
+    masker = ccproxy.SecretMasker([KEY, "sk-with-newline-0123456789\n"])
+    forms = [KEY, json.dumps(KEY)[1:-1], urllib.parse.quote(KEY, safe=""),
+             urllib.parse.quote_plus(KEY), repr(KEY.encode())[2:-1],
+             repr("sk-with-newline-0123456789\n")[1:-1],
+             repr(b"Bearer sk-with-newline-0123456789\n")]
+    for form in forms:
+        masked = masker.text("error: %s (end)" % form)
+        assert "0123456789" not in masked and masked.startswith("error: ") and "(end)" in masked
+    assert masker.data(b"plain text") == b"plain text"
+
+
+def test_an_upstream_that_echoes_the_key_in_any_form_never_shows_it(start_proxy, upstream):
+    echoed = "key %s or %s or %s rejected" % (KEY, urllib.parse.quote(KEY, safe=""),
+                                              json.dumps(KEY)[1:-1])
+    upstream.script = lambda r: json_reply({"error": {"message": echoed}}, 500)
+    proxy = start_proxy({"providers": [{"name": "foai", "type": "openai", "api_key": KEY,
+                                        "api_base_url": upstream.url + "/v1"}],
+                         "performance": {"circuit_breaker_enabled": True}})
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        sdk(proxy).messages.create(model="gpt", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    status = sdk(proxy).get("/status", cast_to=object)
+    providers = sdk(proxy).get("/providers", cast_to=object)
+    shown = json.dumps([caught.value.body, status, providers], ensure_ascii=False)
+    assert "0123456789xyz" not in shown and "sk-p…9xyz" in shown
+    assert "rejected" in status["providers"][0]["circuit"]["last_error"]
+
+
+def test_logged_tracebacks_are_masked_too():
+    try:
+        raise ValueError("Invalid header value b'Bearer %s\\n'" % KEY)
+    except ValueError:
+        record = logging.LogRecord("ccproxy", logging.ERROR, __file__, 1, "failed: %s", (KEY,),
+                                   sys.exc_info())
+    masker = ccproxy.SecretMasker([KEY])
+    assert ccproxy.SecretMaskingFilter(lambda: masker).filter(record)
+    text = record.getMessage() + record.exc_text
+    assert "0123456789xyz" not in text and "Invalid header value" in text
+
+
+def test_error_responses_carry_a_request_id(proxy):
+    reply = raw_exchange(proxy.port, b"GET /nope HTTP/1.0\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    request_id = [l for l in head.decode().split("\r\n") if l.startswith("request-id: ")][0][12:]
+    assert json.loads(body)["request_id"] == request_id
+
+
+def test_internal_error_is_an_anthropic_500_and_the_server_goes_on(proxy, monkeypatch):
+    def broken(body, for_count=False):
+        raise RuntimeError("boom with sk-internal-detail")
+    monkeypatch.setattr(ccproxy, "check_messages_request", broken)
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["error"] == {"type": "api_error",
+                                          "message": "internal error in ccproxy; see its log"}
+    assert sdk(proxy).get("/health", cast_to=object)["status"] == "ok"

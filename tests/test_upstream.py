@@ -1,0 +1,201 @@
+"""Upstream: reaching providers, connections kept and replaced, calls cut when their client
+leaves, silence and refusals as errors, proxy variables, the worker inbox."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import anthropic
+import pytest
+
+import ccproxy
+from helpers import (anthropic_message, anthropic_provider, json_reply, MockUpstream, PROVIDER_KEY,
+                     raw_exchange, Reply, sdk, stream_reply, wait_until)
+
+
+def test_unreachable_upstream_is_502_naming_the_provider(start_proxy):
+    with socket.socket() as probe:                  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": PROVIDER_KEY,
+                                        "api_base_url": "http://127.0.0.1:%d" % dead_port}]})
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("anthropic: cannot reach http://127.0.0.1:%d/v1/messages" % dead_port)
+    assert "refused" in message.lower()
+
+
+def test_silent_upstream_is_504(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"request_timeout": "300ms"}})
+    upstream.script = lambda r: json_reply(anthropic_message(), delay=5)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 504
+    assert caught.value.body["error"]["type"] == "timeout_error"
+
+
+def test_upstream_silent_mid_stream_ends_with_timeout_error_event(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"request_timeout": "300ms"}})
+    upstream.script = lambda r: stream_reply(pause_before=3)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}]) as s:
+            for _ in s:
+                pass
+    assert "sent nothing for 0.3 s" in str(caught.value)
+
+
+def open_stream_and_vanish(proxy):
+    """Start a streamed request on a raw socket, read the first bytes, then close."""
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while b"message_start" not in received:
+        received += sock.recv(65536)
+    sock.close()
+    return time.monotonic()
+
+
+def status_of(proxy):
+    return sdk(proxy).get("/status", cast_to=object)
+
+
+def test_client_disconnect_mid_stream_closes_the_upstream(proxy, upstream):
+    upstream.script = lambda r: stream_reply(pause_before=3)
+    closed_at = open_stream_and_vanish(proxy)
+    assert upstream.peer_closed.wait(2)
+    assert upstream.peer_closed_at - closed_at < 2
+    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
+
+
+def test_client_disconnect_before_the_answer_closes_the_upstream(proxy, upstream):
+    upstream.script = lambda r: json_reply(anthropic_message(), delay=10)
+    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_until(lambda: len(upstream.requests) == 1)
+    sock.close()
+    closed_at = time.monotonic()
+    assert upstream.peer_closed.wait(2)
+    assert upstream.peer_closed_at - closed_at < 2
+    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
+
+
+def test_other_clients_are_served_while_a_stream_is_paused(proxy, upstream):
+    paused = stream_reply(pause_before=3)
+    upstream.script = lambda r: paused if r["json"]["messages"][0]["content"] == "slow" \
+        else json_reply(anthropic_message("quick"))
+    client = sdk(proxy)
+    with client.messages.stream(model="m", max_tokens=5,
+                                messages=[{"role": "user", "content": "slow"}]) as stream:
+        iterator = iter(stream)
+        next(iterator)
+        quick = client.messages.create(model="m", max_tokens=5,
+                                       messages=[{"role": "user", "content": "fast"}])
+        paused.release.set()
+        for _ in iterator:
+            pass
+    assert quick.content[0].text == "quick"
+
+
+def test_upstream_connections_are_reused(proxy, upstream):
+    upstream.script = lambda r: stream_reply() if r["json"].get("stream") else json_reply(
+        anthropic_message())
+    client = sdk(proxy)
+    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    client.messages.create(**request)
+    with client.messages.stream(**request) as stream:
+        stream.get_final_message()
+    client.messages.create(**request)
+    assert len({r["peer"] for r in upstream.requests}) == 1
+
+
+def test_a_connection_the_provider_closed_is_replaced_transparently(proxy, upstream):
+    upstream.script = lambda r: json_reply(anthropic_message(), close_after=True)
+    client = sdk(proxy)
+    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    for _ in range(3):
+        assert client.messages.create(**request).content[0].text == "Hello from upstream"
+    assert len({r["peer"] for r in upstream.requests}) == 3
+
+
+def test_a_cut_call_does_not_leave_a_broken_connection_in_the_pool(proxy, upstream):
+    upstream.script = lambda r: stream_reply(pause_before=3)
+    open_stream_and_vanish(proxy)
+    assert upstream.peer_closed.wait(2)
+    upstream.script = lambda r: json_reply(anthropic_message("after"))
+    assert sdk(proxy).messages.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]).content[0].text == "after"
+
+
+def test_worker_threads_wake_the_loop_at_most_once_per_batch():
+    class RecordingLoop:
+        def __init__(self):
+            self.wakeups = []
+
+        def call_soon_threadsafe(self, callback):
+            self.wakeups.append(callback)
+
+    loop = RecordingLoop()
+    inbox = ccproxy.LoopInbox(loop)
+    delivered = []
+    for number in range(1000):
+        inbox.post(delivered.append, number)
+    assert len(loop.wakeups) == 1 and delivered == []
+    loop.wakeups[0]()
+    assert delivered == list(range(1000))
+    inbox.post(delivered.append, "next")
+    assert len(loop.wakeups) == 2
+
+
+@pytest.fixture
+def forward_proxy():
+    mock = MockUpstream()
+    yield mock
+    mock.close()
+
+
+def post_without_client_proxy(proxy):
+    """POST a message on a raw socket: the SDK itself would obey the proxy variables."""
+    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"x"}]}'
+    reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload)
+
+
+def test_http_proxy_variable_is_honoured(start_proxy, upstream, forward_proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    status, message = post_without_client_proxy(proxy)
+    assert status == 200 and message["content"][0]["text"] == "Hello from upstream"
+    assert forward_proxy.requests[0]["path"] == upstream.url + "/v1/messages"
+    assert upstream.requests == []
+
+
+def test_no_proxy_variable_bypasses_the_proxy(start_proxy, upstream, forward_proxy, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    assert post_without_client_proxy(proxy)[0] == 200
+    assert forward_proxy.requests == [] and len(upstream.requests) == 1
+
+
+def test_https_proxy_variable_tunnels_https_providers(start_proxy, forward_proxy, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    forward_proxy.script = lambda r: Reply(403, b"")      # refuse the tunnel: nothing leaves
+    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": PROVIDER_KEY}]})
+    status, error = post_without_client_proxy(proxy)
+    assert forward_proxy.requests[0]["method"] == "CONNECT"
+    assert forward_proxy.requests[0]["path"] == "api.anthropic.com:443"
+    assert status == 502
+    assert error["error"]["message"].startswith(
+        "anthropic: cannot reach https://api.anthropic.com/v1/messages: Tunnel connection failed")
