@@ -3443,7 +3443,7 @@ BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","in
 
 def json_bytes(value) -> bytes:
     """value as compact UTF-8 JSON bytes."""
-    return json.dumps(value, ensure_ascii=False).encode()
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class EventEmitter:
@@ -3939,9 +3939,7 @@ class OpenAIChatProtocol(Protocol):
     def messages_request(self, provider, model, request, body) -> UpstreamRequest:
         payload = openai_request_from_anthropic(body, provider, model)
         return UpstreamRequest(openai_endpoint_url(provider.base_url),
-                               openai_request_headers(provider),
-                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-                               .encode())
+                               openai_request_headers(provider), json_bytes(payload))
 
     def message(self, answer, context) -> dict:
         return anthropic_message_from_openai(answer, context)
@@ -4554,9 +4552,7 @@ class GeminiProtocol(Protocol):
         payload = gemini_request_from_anthropic(body, provider, model)
         return UpstreamRequest(gemini_endpoint_url(provider.base_url, model,
                                                    body.get("stream") is True),
-                               gemini_request_headers(provider),
-                               json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-                               .encode())
+                               gemini_request_headers(provider), json_bytes(payload))
 
     def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
         """The generateContent request, wrapped in a countTokens call."""
