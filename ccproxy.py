@@ -3299,7 +3299,7 @@ class UpstreamStream:
 
 
 class TranslatedStreamRelay:
-    """Bytes of a provider's event stream in, Anthropic events out, for every translating
+    """Bytes of a provider's event stream in, the client's events out, for every translating
     protocol: SSE decoding and JSON parsing around the protocol's stream translator, which
     takes each (event name, payload); `[DONE]` comes as a None payload. An empty chunk
     (upstream silence) becomes a ping. An event that is not a JSON object breaks the stream:
@@ -3398,7 +3398,7 @@ def events_from_message(message: dict, context: TranslationContext) -> bytes:
 
 
 def message_from_events(data: bytes) -> dict:
-    """The Anthropic message that a stream of events describes."""
+    """The message that a stream of the client's events describes."""
     message, blocks, partial = None, [], {}
     for frame in data.split(b"\n\n"):
         lines = frame.split(b"\n")
@@ -3543,7 +3543,7 @@ def thinking_signature(provider_name: str) -> str:
     return PROXY_SIGNATURE_PREFIX + provider_name
 
 
-ANTHROPIC_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
+TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
 # Server tools' blocks: Anthropic runs these tools itself; no other provider has them.
@@ -3554,11 +3554,11 @@ ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + 
 
 
 def tool_use_id(call_id) -> str:
-    """The tool_use id for an upstream call id: kept when Anthropic accepts it, else encoded
+    """The tool_use id for an upstream call id: kept when a tool_use id may hold it, else encoded
     reversibly, or a fresh id when there is none."""
     if not isinstance(call_id, str) or not call_id:
         return "toolu_" + os.urandom(12).hex()
-    if ANTHROPIC_TOOL_ID_RE.match(call_id):
+    if TOOL_USE_ID_RE.match(call_id):
         return call_id
     encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
     return ENCODED_TOOL_ID_PREFIX + encoded
@@ -3612,7 +3612,7 @@ def thinking_effort(body: dict) -> str | None:
     return None
 
 
-def openai_output_cap(provider: Provider, model: str) -> int | None:
+def output_cap(provider: Provider, model: str) -> int | None:
     """The smallest of the config's and the preset's output caps for this model."""
     caps = [provider.max_tokens, provider.quirks["max_output_tokens"].get(model)]
     caps = [cap for cap in caps if cap]
@@ -3639,7 +3639,7 @@ MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
 
 
 def sse_event(name: str, payload: dict) -> bytes:
-    """One Anthropic-style frame: `event: <name>` and its JSON `data:` line."""
+    """One event of the client's stream: `event: <name>` and its JSON `data:` line."""
     return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload, ensure_ascii=False).encode())
 
 
@@ -3955,7 +3955,7 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     pattern = quirks["reasoning_models"]
     reasoning_model = bool(pattern and re.match(pattern, model))
     request = {"model": model, "messages": openai_messages_from_anthropic(body, quirks)}
-    cap = openai_output_cap(provider, model)
+    cap = output_cap(provider, model)
     max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
     request["max_completion_tokens" if reasoning_model else "max_tokens"] = max_tokens
     sampling = () if reasoning_model else ("temperature", "top_p") + (
@@ -4853,7 +4853,7 @@ def gemini_tool_config(choice) -> dict:
 def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict:
     """generationConfig: output cap, sampling, stop sequences (at most 5), thinking
     (thinkingLevel for Gemini 3, thinkingBudget before)."""
-    cap = openai_output_cap(provider, model)
+    cap = output_cap(provider, model)
     config = {"maxOutputTokens": min(body["max_tokens"], cap) if cap else body["max_tokens"]}
     for source, target in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
         value = body.get(source)
