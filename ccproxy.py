@@ -3359,11 +3359,12 @@ def count_in(answer: bytes, key: str) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
-def new_message(model: str, content: list, stop_reason: str, usage: dict) -> dict:
+def new_message(model: str, content: list, stop_reason: str, usage: dict,
+                stop_sequence: str | None = None) -> dict:
     """A whole assistant message in the Messages API's shape."""
     return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
             "model": model, "content": content, "stop_reason": stop_reason,
-            "stop_sequence": None, "usage": usage}
+            "stop_sequence": stop_sequence, "usage": usage}
 
 
 def message_response(message: dict, context: TranslationContext, stream: bool) -> Response:
@@ -3393,7 +3394,7 @@ def events_from_message(message: dict, context: TranslationContext) -> bytes:
             emit.tool_arguments(json.dumps(block["input"], ensure_ascii=False))
         else:
             emit.open_block(index, block)
-    emit.stop(message["stop_reason"], message["usage"])
+    emit.stop(message["stop_reason"], message["usage"], message.get("stop_sequence"))
     return emit.take()
 
 
@@ -3521,7 +3522,7 @@ class EventEmitter:
         self._out.append(BLOCK_STOP % self.block)
         self.open = None
 
-    def stop(self, stop_reason: str, usage: dict | None) -> None:
+    def stop(self, stop_reason: str, usage: dict | None, stop_sequence: str | None = None) -> None:
         """Close the open block and end the message."""
         self.start()
         self.close()
@@ -3530,7 +3531,8 @@ class EventEmitter:
             self._context.record["usage"] = usage
         self._out.append(sse_event("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": usage}))
+            "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+            "usage": usage}))
         self._out.append(sse_event("message_stop", {"type": "message_stop"}))
 
 
@@ -4311,15 +4313,12 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     if not calls and isinstance(message.get("function_call"), dict):
         calls = [{"function": message["function_call"]}]
     content += [anthropic_tool_use(call, context) for call in calls]
+    stop_sequence = matched_stop_sequence(choice)
     stop_reason = "refusal" if refusal else openai_stop_reason(choice.get("finish_reason"),
-                                                                 bool(calls))
+                                                                 bool(calls), stop_sequence)
     usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
         else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
-    if context.record is not None:
-        context.record["usage"] = usage
-    return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
-            "model": context.model, "content": content, "stop_reason": stop_reason,
-            "stop_sequence": None, "usage": usage}
+    return new_message(context.model, content, stop_reason, usage, stop_sequence)
 
 
 def anthropic_tool_use(call: dict, context) -> dict:
@@ -4364,14 +4363,25 @@ def anthropic_usage_from_openai(usage) -> dict:
             "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read}
 
 
-def openai_stop_reason(finish_reason, made_calls: bool) -> str:
+def openai_stop_reason(finish_reason, made_calls: bool, stop_sequence=None) -> str:
     """The stop_reason of a finish_reason: tool_use whenever calls were made (some servers say
-    "stop" after calls), refusal for a content filter, end_turn for anything unknown."""
+    "stop" after calls), stop_sequence when the server named the stop string that matched,
+    refusal for a content filter, end_turn for anything unknown."""
     if made_calls:
         return "tool_use"
+    if stop_sequence is not None:
+        return "stop_sequence"
     reason = OPENAI_STOP_REASONS.get(finish_reason, "end_turn") \
         if isinstance(finish_reason, str) else "end_turn"
     return "end_turn" if reason == "tool_use" else reason
+
+
+def matched_stop_sequence(choice: dict) -> str | None:
+    """The stop string that ended a choice, where the server says which (vLLM and SGLang put
+    it in the choice's stop_reason; a number there is a token id, not a string)."""
+    matched = choice.get("stop_reason")
+    return matched if choice.get("finish_reason") == "stop" and isinstance(matched, str) \
+        and matched else None
 
 
 def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
@@ -4391,8 +4401,8 @@ class OpenAIStreamTranslator:
     """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
 
     A tool call streams live while it is the current one; a call that starts while the current
-    call's arguments are still incomplete JSON is buffered and sent whole at the end, so
-    interleaved indexes never send a delta to a closed block. feed() per chunk,
+    call's arguments are not yet a whole JSON value (not even begun) is buffered and sent whole
+    at the end, so interleaved indexes never send a delta to a closed block. feed() per chunk,
     done() on [DONE], finish() last.
     """
 
@@ -4401,6 +4411,8 @@ class OpenAIStreamTranslator:
         self._emit = EventEmitter(context)
         self._calls = {}              # call key -> {"id", "name", "arguments": [...], "sent"}
         self._finish_reason = None
+        self._stop_sequence = None    # the stop string that ended the answer, when told
+        self._refused = False
         self._done = False
         self._usage = None
 
@@ -4446,7 +4458,9 @@ class OpenAIStreamTranslator:
             if not self._calls[key]["sent"]:
                 self._send_whole_call(key)
         usage = anthropic_usage_from_openai(self._usage) if self._usage else None
-        self._emit.stop(openai_stop_reason(self._finish_reason, bool(self._calls)), usage)
+        reason = "refusal" if self._refused else openai_stop_reason(
+            self._finish_reason, bool(self._calls), self._stop_sequence)
+        self._emit.stop(reason, usage, self._stop_sequence)
         return self._emit.take()
 
     def _feed_choice(self, choice: dict) -> None:
@@ -4457,6 +4471,10 @@ class OpenAIStreamTranslator:
         content = delta.get("content")
         if isinstance(content, str) and content:
             self._emit.text(content)
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            self._refused = True
+            self._emit.text(refusal)
         for position, call in enumerate(list_of(delta.get("tool_calls"))):
             if isinstance(call, dict):
                 self._feed_call(call, position)
@@ -4465,6 +4483,7 @@ class OpenAIStreamTranslator:
                                "the provider reported an error mid-stream")
         if choice.get("finish_reason"):
             self._finish_reason = choice["finish_reason"]
+            self._stop_sequence = matched_stop_sequence(choice)
 
     def _feed_call(self, call: dict, position: int) -> None:
         key = ("call", call.get("index", call.get("id") or position))
@@ -4491,14 +4510,14 @@ class OpenAIStreamTranslator:
             self._start_call(key)
 
     def _may_start_call(self) -> bool:
-        """A new call may open now unless the open call's arguments are still incomplete."""
+        """A new call may open now unless the open call's arguments are not yet a whole JSON
+        value: incomplete, or not begun (their fragments may still come, interleaved)."""
         if self._emit.open not in self._calls:
             return True
-        arguments = "".join(self._calls[self._emit.open]["arguments"])
         try:
-            json.loads(arguments)
+            json.loads("".join(self._calls[self._emit.open]["arguments"]))
         except ValueError:
-            return not arguments.strip()
+            return False
         return True
 
     def _start_call(self, key) -> None:

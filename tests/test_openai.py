@@ -211,6 +211,44 @@ def test_translator_stop_reasons_and_usage():
     assert [p for n, p in length if n == "message_delta"][0]["delta"]["stop_reason"] == "max_tokens"
 
 
+def test_parallel_calls_whose_headers_come_first_keep_every_argument():
+    chunks = [chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                     "function": {"name": "Read", "arguments": ""}},
+                                    {"index": 1, "id": "call_b", "type": "function",
+                                     "function": {"name": "Grep", "arguments": ""}}]}),
+              chunk(call_fragment(0, arguments='{"path":')), chunk(call_fragment(1, arguments='{"q":')),
+              chunk(call_fragment(0, arguments='"a.py"}')), chunk(call_fragment(1, arguments='"x"}')),
+              chunk({}, "tool_calls")]
+    events = translate(chunks)
+    check_grammar(events)
+    assert [(b["name"], b["input"]) for b in content_of(events)] == [
+        ("Read", {"path": "a.py"}), ("Grep", {"q": "x"})]
+
+
+def test_a_streamed_refusal_is_text_with_stop_reason_refusal():
+    events = translate([chunk({"role": "assistant", "refusal": "I can't "}),
+                        chunk({"refusal": "help with that."}), chunk({}, "stop")])
+    assert content_of(events) == [{"type": "text", "text": "I can't help with that."}]
+    assert [p for n, p in events if n == "message_delta"][0]["delta"]["stop_reason"] == "refusal"
+
+
+def test_the_stop_string_a_server_names_becomes_stop_sequence(openai_proxy, upstream):
+    final = chunk({}, "stop")
+    final["choices"][0]["stop_reason"] = "END"          # vLLM and SGLang say which one matched
+    events = translate([chunk({"content": "done"}), final])
+    delta = [p for n, p in events if n == "message_delta"][0]["delta"]
+    assert delta == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+    numbered = chunk({}, "stop")
+    numbered["choices"][0]["stop_reason"] = 128001      # a token id: not a stop string
+    assert [p for n, p in translate([numbered]) if n == "message_delta"][0]["delta"] == {
+        "stop_reason": "end_turn", "stop_sequence": None}
+    answer = completion({"content": "done"})
+    answer["choices"][0]["stop_reason"] = "END"
+    upstream.script = lambda r: json_reply(answer)
+    message = sdk(openai_proxy).messages.create(**dict(REQUEST, stop_sequences=["END"]))
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "END")
+
+
 def test_message_start_carries_an_input_estimate_and_a_ping_follows():
     events = translate(SCENARIOS["plain_text"])
     assert events[0][1]["message"]["usage"]["input_tokens"] == 100      # 400 body bytes / 4
