@@ -97,6 +97,7 @@ DEFAULT_REQUEST_TIMEOUT_SECONDS = 600.0          # inactivity: a whole answer ma
 DEFAULT_WORKER_THREADS = 1024                    # one per upstream call in flight (~16 KB each)
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0          # in-flight answers may finish this long on stop
 DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext route applies
+WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be this much too high
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
 RETRY_CAP_SECONDS = 8.0
 MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
@@ -127,6 +128,8 @@ STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout befor
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
 CONFIG_WATCH_SECONDS = 2.0                       # how often the config file's mtime is checked
 CLAUDE_API_TIMEOUT_MS = 3000000                  # Claude Code's own request timeout, 50 minutes
+CLAUDE_MIN_COMPACT_WINDOW = 100000               # Claude Code reads a smaller window as this
+CLAUDE_DEFAULT_MAX_OUTPUT_TOKENS = 64000         # the least max_tokens Claude Code 2.1 sends
 WINDOWS_QUERY_LIMITED_INFORMATION = 0x1000
 WINDOWS_STILL_ACTIVE = 259
 
@@ -662,11 +665,12 @@ PROVIDER_QUIRKS = {
     "stream_usage": True,       # accepts stream_options.include_usage
     "top_k": False,             # accepts top_k
     "vision": True,             # accepts image parts
-    "max_output_tokens": {},    # model id -> the most output tokens it allows
     "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
     "user_after_tool": True,    # accepts a user message right after tool messages
     "schema_drop_keys": (),     # top-level tool schema keys the server rejects
     "thinking_level_models": None,  # Gemini model ids (regex) that take thinkingLevel
+    "search": None,             # how it searches the web: "web_search_options", "web_plugin"
+    "search_models": None,      # model ids (regex) that can search with web_search_options
 }
 
 # Provider presets: a provider named like a preset needs only its key.
@@ -676,17 +680,18 @@ PROVIDER_PRESETS = {
     "anthropic": {"type": "anthropic", "api_base_url": "https://api.anthropic.com",
                   "count_tokens": True},
     "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
-               "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort"}},
+               "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
+                          "search": "web_search_options", "search_models": r"search"}},
     "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
                "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3"}},
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
-                            "vision": False, "max_output_tokens": {"deepseek-chat": 8192,
-                                                                   "deepseek-reasoner": 65536}}},
+                            "vision": False}},
     "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1",
                    "headers": {"HTTP-Referer": "http://localhost:3456",
                                "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
-                   "quirks": {"reasoning_style": "openrouter", "top_k": True}},
+                   "quirks": {"reasoning_style": "openrouter", "top_k": True,
+                              "search": "web_plugin"}},
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
              "quirks": {"schema_drop_keys": ("$schema",)}},
     "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
@@ -699,16 +704,64 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models"
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False}
 
 
+# Published limits of each preset's well-known models: model -> (context window: the most input
+# tokens it takes, the most output tokens it writes); None where the page gives none. Checked
+# 2026-12-05 on the providers' model pages:
+#   openai: https://platform.openai.com/docs/models (gpt-5: 400,000 in all, of which input at most
+#           272,000 and output 128,000; gpt-4.1: 1,047,576 / 32,768; gpt-4o: 128,000 / 16,384;
+#           o3, o4-mini: 200,000 / 100,000)
+#   gemini: https://ai.google.dev/gemini-api/docs/models (1,048,576 input / 65,536 output)
+#   deepseek: https://api-docs.deepseek.com/quick_start/pricing (V4: 1M context, 384K output;
+#           deepseek-chat and deepseek-reasoner are V4-Flash's two modes)
+#   xai: https://docs.x.ai/developers/models (grok-4.7: 500,000; grok-4, grok-code-fast-1:
+#           256,000; no output limit given)
+# Groq, Mistral, OpenRouter, Ollama and Anthropic serve too many or too changeable models (or,
+# for Anthropic, answer an overflow in the very words Claude Code needs): set their limits in
+# the config's models list.
+PRESET_MODEL_LIMITS = {
+    "openai": {
+        "gpt-5": (272000, 128000), "gpt-5-mini": (272000, 128000),
+        "gpt-5-nano": (272000, 128000), "gpt-4.1": (1047576, 32768),
+        "gpt-4.1-mini": (1047576, 32768), "gpt-4.1-nano": (1047576, 32768),
+        "gpt-4o": (128000, 16384), "gpt-4o-mini": (128000, 16384),
+        "o3": (200000, 100000), "o4-mini": (200000, 100000),
+    },
+    "gemini": {
+        "gemini-3-pro-preview": (1048576, 65536), "gemini-2.5-pro": (1048576, 65536),
+        "gemini-2.5-flash": (1048576, 65536), "gemini-2.5-flash-lite": (1048576, 65536),
+    },
+    "deepseek": {
+        "deepseek-v4-flash": (1000000, 384000), "deepseek-v4-pro": (1000000, 384000),
+        "deepseek-chat": (1000000, 384000), "deepseek-reasoner": (1000000, 384000),
+    },
+    "xai": {
+        "grok-4.7": (500000, None), "grok-4": (256000, None), "grok-code-fast-1": (256000, None),
+    },
+}
+MODEL_LIMIT_KEYS = ("name", "context_window", "max_output_tokens")
+
+
 class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
     __slots__ = ("name", "protocol", "base_url", "api_key", "models", "enabled", "headers",
-                 "max_tokens", "count_tokens", "quirks", "masker")
+                 "max_tokens", "count_tokens", "quirks", "model_limits", "masker")
 
     def __init__(self, **fields):
         for key in self.__slots__[:-1]:
             setattr(self, key, fields[key])
         self.masker = SecretMasker(self.secrets())
+
+    def context_window(self, model: str) -> int | None:
+        """The most input tokens the model takes, when known."""
+        return self.model_limits.get(model, (None, None))[0]
+
+    def output_cap(self, model: str) -> int | None:
+        """The most output tokens a request may ask of the model: the smaller of the provider's
+        max_tokens and the model's own limit, when either is known."""
+        caps = [cap for cap in (self.max_tokens, self.model_limits.get(model, (None, None))[1])
+                if cap]
+        return min(caps) if caps else None
 
     def secrets(self) -> list:
         """Values that must never be shown: the key and every extra header value."""
@@ -988,11 +1041,13 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
     if len(checker.problems) > problems_before:
         return None
     headers = dict(preset.get("headers", {}), **fields["headers"])
+    limits = dict(PRESET_MODEL_LIMITS.get(name.lower(), {}))
+    limits.update(fields["model_limits"])
     return Provider(name=name, protocol=protocol, base_url=fields["api_base_url"].rstrip("/"),
                     api_key=fields["api_key"], models=tuple(fields["models"]),
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
                     count_tokens=fields["count_tokens"],
-                    quirks=dict(PROVIDER_QUIRKS, **preset.get("quirks", {})))
+                    quirks=dict(PROVIDER_QUIRKS, **preset.get("quirks", {})), model_limits=limits)
 
 
 def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
@@ -1003,11 +1058,14 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
         checker.fail(path + ".api_base_url", problem)
     fields["api_key"] = checker.secret(fields, "api_key", path)
     models = checker.typed(fields, "models", path, list, "a list of model names")
+    preset_limits = PRESET_MODEL_LIMITS.get(str(fields.get("name")).lower(), {})
+    fields["models"], fields["model_limits"] = [], {}
     for index, model in enumerate(models or ()):
-        if not isinstance(model, str) or not model:
-            checker.fail("%s.models[%d]" % (path, index), "must be a non-empty string")
-        else:
-            checker.plain("%s.models[%d]" % (path, index), model)
+        entry = clean_model_entry(checker, model, "%s.models[%d]" % (path, index), preset_limits)
+        if entry is not None:
+            fields["models"].append(entry[0])
+            if entry[1] is not None:
+                fields["model_limits"][entry[0]] = entry[1]
     checker.typed(fields, "enabled", path, bool, "true or false")
     headers = checker.typed(fields, "headers", path, dict, "an object of header: value")
     fields["headers"] = {}
@@ -1022,6 +1080,33 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
         if cap is not None and cap <= 0:
             checker.fail(path + ".max_tokens", "must be a positive integer")
     checker.typed(fields, "count_tokens", path, bool, "true or false")
+
+
+def clean_model_entry(checker: ConfigChecker, model, path: str, preset_limits: dict):
+    """(name, (context window, output limit) or None) of a models[] entry: a name, or an
+    object {name, context_window?, max_output_tokens?} whose limits override the preset's."""
+    if isinstance(model, str):
+        if not model:
+            checker.fail(path, "must be a non-empty string")
+            return None
+        return (model, None) if checker.plain(path, model) else None
+    if not isinstance(model, dict):
+        checker.fail(path, "must be a model name or {name, context_window, max_output_tokens}")
+        return None
+    checker.unknown_keys(model, MODEL_LIMIT_KEYS, path)
+    name = model.get("name")
+    if not isinstance(name, str) or not name or not checker.plain(path + ".name", name):
+        if not isinstance(name, str) or not name:
+            checker.fail(path + ".name", "must be a non-empty string")
+        return None
+    limits = list(preset_limits.get(name, (None, None)))
+    for position, key in enumerate(MODEL_LIMIT_KEYS[1:]):
+        if key in model:
+            value = checker.typed(model, key, path, int, "a positive number of tokens")
+            if value is not None and value <= 0:
+                checker.fail(join_key(path, key), "must be a positive number of tokens")
+            limits[position] = value
+    return name, tuple(limits)
 
 
 def build_providers(checker: ConfigChecker, entries) -> list:
@@ -2924,7 +3009,66 @@ def plan_route(config: Config, body: dict, headers: Headers, subagent_choice=Non
         tried = {routing.provider.name for routing in plan}
         plan += [Routing(p, p.models[0] if p.models else requested, "failover")
                  for p in enabled if p.name not in tried]
+    return able_plan(config, facts, plan)
+
+
+def able_plan(config: Config, facts: RequestFacts, plan: list) -> list:
+    """The plan without the candidates that cannot serve the request: a model whose known window
+    it is over, a provider that cannot search when it asks for a web search. When the first
+    choice cannot, the longContext or webSearch route is tried first; when no candidate can, a
+    400 says why (for the window, in the words Claude Code answers by compacting)."""
+    if any(r.provider.context_window(r.model) for r in plan):
+        plan = narrowed(config, plan, lambda routing: window_fits(routing, facts.tokens),
+                        "longContext") or refuse_overflow(plan[0], facts.tokens)
+    if facts.web_search:
+        plan = narrowed(config, plan, can_search, "webSearch") or refuse_search(plan[0])
     return plan
+
+
+def window_fits(routing: Routing, tokens: int) -> bool:
+    """Whether the request's estimated tokens fit the model's known window, allowing for the
+    estimate being up to WINDOW_ESTIMATE_MARGIN too high (the provider itself refuses the
+    rare request that is over it by less)."""
+    window = routing.provider.context_window(routing.model)
+    return window is None or tokens <= window * (1 + WINDOW_ESTIMATE_MARGIN)
+
+
+def can_search(routing: Routing) -> bool:
+    """Whether the candidate can run a web search: its protocol's own search, for its model."""
+    return PROTOCOLS[routing.provider.protocol].can_search(routing.provider, routing.model)
+
+
+def narrowed(config: Config, plan: list, able, route_name: str) -> list:
+    """The able candidates of the plan, route_name's first when the first choice is not able."""
+    route = config.routes.get(route_name)
+    if not able(plan[0]) and route is not None:
+        plan = route_candidates(config, route) + plan
+    kept, seen = [], set()
+    for routing in plan:
+        if able(routing) and (routing.provider.name, routing.model) not in seen:
+            seen.add((routing.provider.name, routing.model))
+            kept.append(routing)
+    return kept
+
+
+def refuse_overflow(routing: Routing, tokens: int):
+    """Raise Anthropic's own 400 for a prompt over the window, which Claude Code answers by
+    compacting the conversation."""
+    raise InvalidRequestError(prompt_too_long(tokens, routing.provider.context_window(
+        routing.model)) + " (%s,%s; estimated)" % (routing.provider.name, routing.model))
+
+
+def prompt_too_long(tokens: int, window: int) -> str:
+    """The words of Anthropic's overflow error, which Claude Code reads both numbers from."""
+    return "prompt is too long: %d tokens > %d maximum" % (tokens, window)
+
+
+def refuse_search(routing: Routing):
+    """Raise a 400 for a web search that no candidate can run."""
+    raise InvalidRequestError(
+        "%s cannot search the web (model %s); set routes.webSearch to a provider that can: "
+        "gemini, openrouter, anthropic, or openai with a search model" % (
+            routing.provider.name, routing.model))
 
 
 def routed_by_rules(config: Config, facts: RequestFacts) -> list:
@@ -2941,11 +3085,14 @@ def routed_by_rules(config: Config, facts: RequestFacts) -> list:
             chosen = route_target(config, route)
     if chosen is None and "default" in config.routes:
         chosen = route_target(config, config.routes["default"])
-    if chosen is None:
-        return []
-    fallbacks = [route_target(config, Route(chosen.route, p, m, [], []))
-                 for p, m in config.routes[chosen.route].fallbacks]
-    return [chosen] + [f for f in fallbacks if f is not None]
+    return route_candidates(config, config.routes[chosen.route]) if chosen else []
+
+
+def route_candidates(config: Config, route: Route) -> list:
+    """A route's (enabled) target, then its fallbacks, as Routings."""
+    targets = [route_target(config, route)] + [
+        route_target(config, Route(route.name, p, m, [], [])) for p, m in route.fallbacks]
+    return [target for target in targets if target is not None]
 
 
 def route_request(config: Config, body: dict, required: bool = True, headers=None):
@@ -2956,6 +3103,17 @@ def route_request(config: Config, body: dict, required: bool = True, headers=Non
         if required or config.enabled_providers():
             raise
         return None
+
+
+def default_target(config: Config):
+    """Where an ordinary request goes: routes.default's target, else the first enabled
+    provider's first model; None when there is neither."""
+    route = config.routes.get("default")
+    target = route_target(config, route) if route else None
+    enabled = config.enabled_providers()
+    if target is None and enabled and enabled[0].models:
+        target = Routing(enabled[0], enabled[0].models[0], "first")
+    return target
 
 
 RETRYABLE_STATUSES = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
@@ -3138,6 +3296,10 @@ class Protocol:
         """The count in the provider's answer to count_tokens_request(), if it holds one."""
         return None
 
+    def can_search(self, provider: Provider, model: str) -> bool:
+        """Whether the provider can run the web_search server tool for this model."""
+        return False
+
     def message(self, answer, context: TranslationContext) -> dict:
         """The client's message for the provider's whole answer (parsed JSON)."""
         raise NotImplementedError
@@ -3213,8 +3375,11 @@ class TranslationContext:
 # Words of a provider's 400 that mean the prompt is over the model's window, and that a
 # max_tokens=1 probe could not be answered (reasoning models need more room).
 CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
-                                 r"prompt is too long|context window", re.I)
+                                 r"prompt is too long|context window|input tokens? exceeds? |"
+                                 r"exceeds the maximum number of tokens", re.I)
 MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
+OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length)\D{0,40}?(\d[\d,]*)",
+                               re.I)
 
 
 def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
@@ -3230,8 +3395,19 @@ def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool
                                 stream)
     if error.status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message) \
             and not error.message.startswith("prompt is too long"):
-        error.message = "prompt is too long: " + error.message
+        error.message = overflow_message(error.message)
     raise error
+
+
+def overflow_message(message: str) -> str:
+    """A provider's context-overflow message in Anthropic's words, with its numbers where it
+    gives them ("maximum context length is 131072 tokens … requested 140000 tokens")."""
+    limit = OVERFLOW_LIMIT_RE.search(message)
+    numbers = [int(number.replace(",", "")) for number in re.findall(r"\d[\d,]*", message)]
+    window = int(limit.group(1).replace(",", "")) if limit else 0
+    if window and max(numbers) > window:
+        return "%s (%s)" % (prompt_too_long(max(numbers), window), message)
+    return "prompt is too long: " + message
 
 
 async def stream_response(call, relay) -> Response:
@@ -3614,13 +3790,6 @@ def thinking_effort(body: dict) -> str | None:
     return None
 
 
-def output_cap(provider: Provider, model: str) -> int | None:
-    """The smallest of the config's and the preset's output caps for this model."""
-    caps = [provider.max_tokens, provider.quirks["max_output_tokens"].get(model)]
-    caps = [cap for cap in caps if cap]
-    return min(caps) if caps else None
-
-
 def list_of(value) -> list:
     """value when it is a list, else an empty one: JSON from outside may have any shape."""
     return value if isinstance(value, list) else []
@@ -3733,7 +3902,7 @@ class AnthropicProtocol(Protocol):
         if request.query:
             url += "?" + request.query
         return UpstreamRequest(url, anthropic_request_headers(provider, request),
-                               anthropic_body(request, body, model, provider.max_tokens))
+                               anthropic_body(request, body, model, provider.output_cap(model)))
 
     def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
         url = anthropic_endpoint_url(provider.base_url, "messages/count_tokens")
@@ -3742,6 +3911,9 @@ class AnthropicProtocol(Protocol):
 
     def input_tokens(self, answer: bytes) -> int | None:
         return count_in(answer, "input_tokens")
+
+    def can_search(self, provider, model) -> bool:
+        return True                   # Anthropic runs web_search itself
 
     def answer(self, call, context, stream: bool) -> Response:
         """The provider's own answer, unchanged, once it is known to be a message."""
@@ -3943,6 +4115,12 @@ class OpenAIChatProtocol(Protocol):
         return UpstreamRequest(openai_endpoint_url(provider.base_url),
                                openai_request_headers(provider), json_bytes(payload))
 
+    def can_search(self, provider, model) -> bool:
+        """OpenRouter with its web plugin; OpenAI with a search model (web_search_options)."""
+        style, pattern = provider.quirks["search"], provider.quirks["search_models"]
+        return style == "web_plugin" or (style == "web_search_options" and bool(
+            pattern and re.search(pattern, model)))
+
     def message(self, answer, context) -> dict:
         return anthropic_message_from_openai(answer, context)
 
@@ -3957,7 +4135,7 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     pattern = quirks["reasoning_models"]
     reasoning_model = bool(pattern and re.match(pattern, model))
     request = {"model": model, "messages": openai_messages_from_anthropic(body, quirks)}
-    cap = output_cap(provider, model)
+    cap = provider.output_cap(model)
     max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
     request["max_completion_tokens" if reasoning_model else "max_tokens"] = max_tokens
     sampling = () if reasoning_model else ("temperature", "top_p") + (
@@ -4587,6 +4765,9 @@ class GeminiProtocol(Protocol):
     def input_tokens(self, answer: bytes) -> int | None:
         return count_in(answer, "totalTokens")
 
+    def can_search(self, provider, model) -> bool:
+        return True                   # grounding with Google Search
+
     def message(self, answer, context) -> dict:
         return message_from_events(events_from_gemini_answer(answer, context))
 
@@ -4872,7 +5053,7 @@ def gemini_tool_config(choice) -> dict:
 def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict:
     """generationConfig: output cap, sampling, stop sequences (at most 5), thinking
     (thinkingLevel for Gemini 3, thinkingBudget before)."""
-    cap = output_cap(provider, model)
+    cap = provider.output_cap(model)
     config = {"maxOutputTokens": min(body["max_tokens"], cap) if cap else body["max_tokens"]}
     for source, target in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
         value = body.get(source)
@@ -6136,7 +6317,7 @@ def claude_variables(url: str, config: Config, environ) -> dict:
     no_proxy = [p for p in (environ.get("NO_PROXY") or environ.get("no_proxy") or "").split(",")
                 if p.strip()]
     no_proxy += [h for h in ("127.0.0.1", "localhost", "::1") if h not in no_proxy]
-    return {
+    variables = {
         "ANTHROPIC_BASE_URL": url,
         "ANTHROPIC_AUTH_TOKEN": config.apikey or "ccproxy",
         "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
@@ -6146,6 +6327,27 @@ def claude_variables(url: str, config: Config, environ) -> dict:
         "NO_PROXY": ",".join(no_proxy),
         "no_proxy": ",".join(no_proxy),
     }
+    variables.update((name, value) for name, value in window_variables(config).items()
+                     if name not in environ)          # the user's own setting stays
+    return variables
+
+
+def window_variables(config: Config) -> dict:
+    """What Claude Code should know of the default route's model: its window (so it compacts in
+    time; Claude Code reads any value under 100,000 as 100,000, so a smaller window is left to
+    the proxy's "prompt is too long" answer, which Claude Code also answers by compacting) and
+    its output limit, when that is below what Claude Code asks for."""
+    target = default_target(config)
+    if target is None:
+        return {}
+    variables = {}
+    window = target.provider.context_window(target.model)
+    if window and window >= CLAUDE_MIN_COMPACT_WINDOW:
+        variables["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] = str(window)
+    cap = target.provider.output_cap(target.model)
+    if cap and cap < CLAUDE_DEFAULT_MAX_OUTPUT_TOKENS:
+        variables["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(cap)
+    return variables
 
 
 SHELL_RENDERERS = {

@@ -262,3 +262,48 @@ def test_a_mistyped_key_is_not_echoed():
 def test_the_example_config_is_valid_and_warns_of_nothing():
     config = ccproxy.load_config(str(REPO / "example.config.json"), {"ANTHROPIC_API_KEY": "k"})
     assert config.warnings == [] and [p.name for p in config.providers] == ["anthropic", "openai"]
+
+
+def test_models_may_carry_their_window_and_output_limit():
+    provider = build({"providers": [{"name": "local", "type": "openai",
+                                     "api_base_url": "http://127.0.0.1:1/v1", "models": [
+                                         "plain", {"name": "qwen", "context_window": 32768},
+                                         {"name": "big", "context_window": 200000,
+                                          "max_output_tokens": 8192}]}]}).providers[0]
+    assert provider.models == ("plain", "qwen", "big")
+    assert [provider.context_window(m) for m in provider.models] == [None, 32768, 200000]
+    assert [provider.output_cap(m) for m in provider.models] == [None, None, 8192]
+
+
+def test_presets_carry_published_limits_and_config_overrides_them():
+    config = build({"providers": [
+        {"name": "openai", "api_key": "k", "max_tokens": 20000,
+         "models": ["gpt-4o", {"name": "gpt-4.1", "context_window": 500000}]},
+        {"name": "groq", "api_key": "k", "models": ["llama-3.3-70b-versatile"]}]})
+    openai, groq = config.providers
+    assert (openai.context_window("gpt-4o"), openai.output_cap("gpt-4o")) == (128000, 16384)
+    assert (openai.context_window("gpt-4.1"), openai.output_cap("gpt-4.1")) == (500000, 20000)
+    assert openai.context_window("gpt-5") == 272000                  # listed or not
+    assert groq.context_window("llama-3.3-70b-versatile") is None    # unknown: no limit
+
+
+@pytest.mark.parametrize("model, problem", [
+    ({"name": "m", "context_window": 0}, "models[0].context_window: must be a positive number"),
+    ({"name": "m", "context_window": "128k"}, "models[0].context_window: must be a positive"),
+    ({"name": "m", "max_output_tokens": -1}, "models[0].max_output_tokens: must be a positive"),
+    ({"context_window": 1000}, "models[0].name: must be a non-empty string"),
+    (["m"], "models[0]: must be a model name or {name, context_window, max_output_tokens}"),
+    ("", "models[0]: must be a non-empty string"),
+])
+def test_bad_model_limits_name_the_key(model, problem):
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        build({"providers": [{"name": "p", "type": "openai", "api_base_url": "http://h/v1",
+                              "models": [model]}]})
+    assert "config.json: providers[0]." + problem in str(caught.value)
+
+
+def test_an_unknown_key_in_a_model_entry_is_warned_about():
+    config = build({"providers": [{"name": "p", "type": "openai", "api_base_url": "http://h/v1",
+                                   "models": [{"name": "m", "context_windw": 9}]}]})
+    assert "config.json: providers[0].models[0].context_windw: unknown key, ignored" in \
+        config.warnings

@@ -348,3 +348,31 @@ def test_stop_cuts_what_outlasts_the_grace_period(home, upstream):
     sock.close()
     assert b"message_stop" not in received and not h.pidfile.exists()
     assert received.rstrip().endswith(b'"message": "ccproxy is shutting down; the answer was cut"}}')
+
+
+@pytest.mark.parametrize("shell", ["bash", "fish"])
+def test_env_tells_claude_code_the_default_models_window_and_output_limit(home, upstream, shell):
+    if shutil.which(shell) is None:
+        pytest.skip("%s is not installed here" % shell)
+    big = {"name": "deepseek", "type": "openai", "api_base_url": upstream.url, "api_key": "k",
+           "models": [{"name": "v4", "context_window": 131072, "max_output_tokens": 8192}]}
+    h = home(providers=[big])
+    script = h.run("env", "--shell", shell).stdout + \
+        "\necho $CLAUDE_CODE_AUTO_COMPACT_WINDOW; echo $CLAUDE_CODE_MAX_OUTPUT_TOKENS"
+    lines = subprocess.run([shell, "-c", script], capture_output=True, text=True, timeout=30,
+                           env=h.env()).stdout.splitlines()
+    assert lines == ["131072", "8192"]
+
+
+def test_env_leaves_a_small_window_to_the_proxy_and_the_users_own_setting_alone(home, upstream):
+    small = {"name": "local", "type": "openai", "api_base_url": upstream.url,
+             "models": [{"name": "qwen", "context_window": 32768, "max_output_tokens": 65536}]}
+    h = home(providers=[small])
+    output = h.run("env", "--shell", "bash").stdout
+    assert "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in output    # Claude Code would read 100,000
+    assert "CLAUDE_CODE_MAX_OUTPUT_TOKENS" not in output      # not below Claude Code's own ask
+    big = dict(small, models=[{"name": "qwen", "context_window": 200000}])
+    h = home(providers=[big])
+    assert "export CLAUDE_CODE_AUTO_COMPACT_WINDOW='200000'" in h.run("env", "--shell", "bash").stdout
+    mine = h.run("env", "--shell", "bash", CLAUDE_CODE_AUTO_COMPACT_WINDOW="150000").stdout
+    assert "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in mine

@@ -101,6 +101,9 @@ def test_create_get_replace_delete_round_trip_survives_a_restart(managed, second
     ({"name": "openai"}, "request body: provider.api_key: required for openai"),
     ({"name": "x", "type": "openai", "api_base_url": "http://h", "models": "m"},
      "request body: provider.models: must be a list"),
+    ({"name": "x", "type": "openai", "api_base_url": "http://h",
+      "models": [{"name": "m", "context_window": -1}]},
+     "request body: provider.models[0].context_window: must be a positive number of tokens"),
 ])
 def test_a_bad_provider_gets_a_400_naming_the_field(managed, body, problem):
     proxy = managed()

@@ -483,9 +483,9 @@ def test_deepseek_preset():
         {"role": "assistant", "content": [{"type": "thinking", "thinking": "plan", "signature": "s"},
                                           {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}],
-        "max_tokens": 32000, "thinking": {"type": "enabled", "budget_tokens": 2000}, "top_k": 3}
+        "max_tokens": 500000, "thinking": {"type": "enabled", "budget_tokens": 2000}, "top_k": 3}
     request = mapped(body, "deepseek", model="deepseek-chat")
-    assert request["max_tokens"] == 8192
+    assert request["max_tokens"] == 384000                  # the model's published output limit
     assert request["thinking"] == {"type": "enabled"}
     assert request["messages"][0]["content"] == "see\n[image omitted]"
     assert request["messages"][1]["reasoning_content"] == "plan"
@@ -731,6 +731,22 @@ def test_context_overflow_says_prompt_is_too_long(openai_proxy, upstream):
     with pytest.raises(anthropic.BadRequestError) as caught:
         sdk(openai_proxy).messages.create(**REQUEST)
     assert caught.value.body["error"]["message"].startswith("prompt is too long: ")
+
+
+@pytest.mark.parametrize("wording, numbers", [
+    ("This model's maximum context length is 131072 tokens. However, you requested 140000 "
+     "tokens (139000 in the messages, 1000 in the completion).", "140000 tokens > 131072"),
+    ("Input tokens exceed the configured limit of 272,000 tokens. Your messages resulted in "
+     "297,006 tokens.", "297006 tokens > 272000"),
+])
+def test_a_providers_overflow_carries_its_numbers_in_anthropics_form(openai_proxy, upstream,
+                                                                     wording, numbers):
+    upstream.script = lambda r: json_reply(openai_error_body(wording, "context_length_exceeded"),
+                                           400)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("prompt is too long: %s maximum (openai: HTTP 400: " % numbers)
 
 
 def test_max_tokens_probe_of_a_reasoning_model_is_answered(openai_proxy, upstream):

@@ -158,10 +158,13 @@ def test_scenario_routes(body, route):
 def test_scenario_precedence_long_context_then_background_then_search_then_think():
     everything = {"model": "claude-haiku-4-5", "thinking": {"type": "enabled", "budget_tokens": 2000},
                   "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
-    assert first(everything)[2] == "background"
-    assert first(dict(everything, messages=[{"role": "user", "content": "w " * 8000}]))[2] == \
-        "longContext"
+    searching = dict(RULES, routes=dict(RULES["routes"], background={
+        "provider": "anthropic", "model": "bg"}))          # anthropic can search
+    assert plan(everything, raw=searching)[0][2] == "background"
+    assert plan(dict(everything, messages=[{"role": "user", "content": "w " * 8000}]),
+                raw=searching)[0][2] == "longContext"
     assert first(dict(everything, model="claude-x"))[2] == "webSearch"
+    assert first(everything)[:2] == ("openai", "searcher")  # deepseek's bg cannot search
 
 
 def test_long_context_route_with_its_own_token_condition():
@@ -230,7 +233,7 @@ def test_one_table_each_drives_validation_and_routing_of_conditions_and_scenario
     for name, body in SCENARIO_CASES.items():
         raw = {"providers": RULES["providers"], "routes": {
             "default": {"provider": "openai", "model": "gpt-main"},
-            name: {"provider": "deepseek", "model": "s"}, "longContextThreshold": 3000}}
+            name: {"provider": "anthropic", "model": "s"}, "longContextThreshold": 3000}}
         assert not ccproxy.build_config(raw, "config.json", {}).warnings
         assert plan(body, (), raw)[0][2] == name and plan({}, (), raw)[0][2] == "default"
 
@@ -484,3 +487,77 @@ def test_subagent_tag_in_a_string_system_prompt():
     assert ccproxy.take_subagent_tag(body) == "openai,gpt-4.1"
     assert body["system"] == "Be brief."
     assert ccproxy.take_subagent_tag({"system": "no tag"}) is None
+
+
+# --- model windows: overflow answered before any provider ------------------------------------
+
+WINDOWED = {
+    "providers": [
+        {"name": "small", "type": "anthropic", "api_base_url": "http://127.0.0.1:1",
+         "models": [{"name": "s-32k", "context_window": 1000}]},
+        {"name": "big", "type": "anthropic", "api_base_url": "http://127.0.0.1:2",
+         "models": [{"name": "b-1m", "context_window": 1000000}]}],
+    "routes": {"default": {"provider": "small", "model": "s-32k"}},
+    "failover": False,
+}
+LONG = {"messages": [{"role": "user", "content": "word " * 3000}]}    # about 3,000 tokens
+
+
+def test_a_prompt_over_the_known_window_is_refused_in_anthropics_words():
+    with pytest.raises(ccproxy.InvalidRequestError) as caught:
+        plan(LONG, raw=WINDOWED)
+    assert re.match(r"prompt is too long: \d+ tokens > 1000 maximum \(small,s-32k; estimated\)$",
+                    caught.value.message)
+    assert plan({}, raw=WINDOWED)[0][:2] == ("small", "s-32k")
+
+
+def test_an_overflow_goes_to_the_long_context_route_when_its_window_fits():
+    raw = dict(WINDOWED, routes=dict(WINDOWED["routes"], longContext={
+        "provider": "big", "model": "b-1m"}, longContextThreshold=100000))
+    assert plan(LONG, raw=raw) == [("big", "b-1m", "longContext")]
+    small_long = dict(raw, routes=dict(raw["routes"], longContext={
+        "provider": "small", "model": "s-32k"}))
+    with pytest.raises(ccproxy.InvalidRequestError, match="prompt is too long"):
+        plan(LONG, raw=small_long)
+
+
+def test_failover_candidates_that_cannot_fit_are_left_out():
+    raw = dict(WINDOWED, failover=True)
+    assert plan(LONG, raw=raw) == [("big", "b-1m", "failover")]
+
+
+def test_the_window_check_allows_for_the_estimate_being_high():
+    tokens = ccproxy.estimate_request_tokens(dict(LONG, model="m", max_tokens=5))
+    just_under = dict(WINDOWED, providers=[dict(WINDOWED["providers"][0], models=[
+        {"name": "s-32k", "context_window": int(tokens / 1.08)}])])
+    assert plan(LONG, raw=just_under)[0][:2] == ("small", "s-32k")
+
+
+def test_an_overflow_is_answered_without_calling_the_provider(start_proxy, upstream):
+    proxy = start_proxy({"providers": [dict(anthropic_provider(upstream), models=[
+        {"name": "tiny", "context_window": 500}])]})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(model="tiny", max_tokens=5,
+                                   messages=[{"role": "user", "content": "word " * 2000}])
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert re.match(r"prompt is too long: \d+ tokens > 500 maximum", caught.value.body["error"][
+        "message"])
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai", "gemini"])
+def test_max_tokens_is_lowered_to_the_models_output_limit(start_proxy, upstream, kind):
+    provider = {"name": "p", "type": kind, "api_key": "k", "api_base_url": upstream.url,
+                "models": [{"name": "m", "max_output_tokens": 1000}]}
+    upstream.script = {
+        "anthropic": lambda r: json_reply(anthropic_message()),
+        "openai": lambda r: json_reply({"choices": [{"message": {"content": "ok"},
+                                                     "finish_reason": "stop"}]}),
+        "gemini": lambda r: json_reply({"candidates": [{"content": {"parts": [{"text": "ok"}]},
+                                                        "finishReason": "STOP"}]})}[kind]
+    proxy = start_proxy({"providers": [provider]})
+    sdk(proxy).messages.create(model="m", max_tokens=16000,
+                               messages=[{"role": "user", "content": "hi"}])
+    sent = upstream.requests[0]["json"]
+    assert (sent.get("max_tokens") or sent.get("generationConfig", {}).get("maxOutputTokens")) \
+        == 1000
