@@ -3359,6 +3359,7 @@ class TranslationContext:
         self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
                             for t in body.get("tools") or () if isinstance(t, dict)}
         self.probe = body.get("max_tokens") == 1
+        self.search_query = web_search_query(body) if web_search_tool(body) else None
 
     def tool_name(self, name) -> str:
         """The client's name for a tool the provider named (a name the provider could not take
@@ -3565,11 +3566,13 @@ def events_from_message(message: dict, context: TranslationContext) -> bytes:
         elif kind == "thinking":
             emit.thinking(block["thinking"], index)
             emit.signature = block.get("signature") or emit.signature
-        elif kind == "tool_use":
-            emit.open_tool(index, block["id"], block["name"])
+        elif kind in ("tool_use", "server_tool_use"):
+            emit.open_block(index, dict(block, input={}))
             emit.tool_arguments(json.dumps(block["input"], ensure_ascii=False))
         else:
             emit.open_block(index, block)
+        if kind == "text" and block.get("citations"):
+            emit.cite(block["citations"])
     emit.stop(message["stop_reason"], message["usage"], message.get("stop_sequence"))
     return emit.take()
 
@@ -3607,6 +3610,8 @@ def apply_delta(block: dict, delta: dict, partial: dict, index: int) -> None:
         block["signature"] = delta["signature"]
     elif kind == "input_json_delta":
         partial[index] = partial.get(index, "") + delta["partial_json"]
+    elif kind == "citations_delta":
+        block.setdefault("citations", []).append(delta["citation"])
 
 
 TEXT_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
@@ -3682,6 +3687,23 @@ class EventEmitter:
     def open_tool(self, key, tool_id: str, name: str) -> None:
         self.open_block(key, {"type": "tool_use", "id": tool_id, "name": name, "input": {}})
 
+    def cite(self, citations: list) -> None:
+        """Citations of the open text block (what the provider says supports its text)."""
+        if self._open_type == "text":
+            for citation in citations:
+                self._out.append(sse_event("content_block_delta", {
+                    "type": "content_block_delta", "index": self.block,
+                    "delta": {"type": "citations_delta", "citation": citation}}))
+
+    def search(self, query: str, results: list) -> None:
+        """A web search the provider ran, as Anthropic reports one: a server_tool_use block,
+        then a web_search_tool_result block listing each (url, title)."""
+        use, result = search_blocks(query, results)
+        self.open_block(("search", use["id"]), dict(use, input={}))
+        self.tool_arguments(json.dumps(use["input"], ensure_ascii=False))
+        self.open_block(("result", use["id"]), result)
+        self.close()
+
     def tool_arguments(self, fragment: str) -> None:
         """A piece of the open tool block's input JSON."""
         self._out.append(INPUT_JSON_DELTA % (self.block, json_bytes(fragment)))
@@ -3740,6 +3762,95 @@ def tool_use_id(call_id) -> str:
         return call_id
     encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
     return ENCODED_TOOL_ID_PREFIX + encoded
+
+
+WEB_SEARCH_QUERY_RE = re.compile(r"Perform a web search for the query: (.+)", re.S)
+MAX_SERVER_BLOCK_CHARS = 20000           # the most of a server tool's output kept as text
+
+
+def web_search_tool(body: dict) -> dict | None:
+    """The web_search server tool of a request (Claude Code's WebSearch sends it), if any."""
+    return next((tool for tool in body.get("tools") or () if isinstance(tool, dict)
+                 and str(tool.get("type", "")).startswith("web_search")), None)
+
+
+def web_search_query(body: dict) -> str:
+    """What a search request asks to search for: Claude Code's "Perform a web search for the
+    query: …", else the last user text."""
+    for message in reversed(body.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        texts = [content] if isinstance(content, str) else [
+            b.get("text") for b in list_of(content) if isinstance(b, dict)
+            and isinstance(b.get("text"), str)]
+        if message.get("role") == "user" and texts:
+            text = "\n".join(texts).strip()
+            match = WEB_SEARCH_QUERY_RE.search(text)
+            return (match.group(1) if match else text).strip()[:500]
+    return ""
+
+
+def search_blocks(query: str, results: list) -> list:
+    """The server_tool_use and web_search_tool_result blocks that report a search a provider
+    ran; results are (url, title) pairs. Claude Code takes the links it shows from the result
+    block."""
+    tool_id = "srvtoolu_" + os.urandom(12).hex()
+    return [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
+             "input": {"query": query}},
+            {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": [
+                {"type": "web_search_result", "url": url, "title": title, "page_age": None,
+                 "encrypted_content": ""} for url, title in results]}]
+
+
+def search_citation(url: str, title: str, cited_text: str) -> dict:
+    """A citation of a search result, as Anthropic attaches them to text."""
+    return {"type": "web_search_result_location", "url": url, "title": title,
+            "encrypted_index": "", "cited_text": cited_text}
+
+
+def server_block_text(block: dict) -> str | None:
+    """A block of a server tool Anthropic ran (web search, fetch, code execution, MCP) as text
+    another provider's model can read: what was asked and what came back. Encrypted content
+    is never passed on. None for a block with nothing readable (a container upload)."""
+    kind = block.get("type")
+    if kind in ("server_tool_use", "mcp_tool_use"):
+        arguments = dict_of(block.get("input"))
+        if block.get("name") == "web_search" and "query" in arguments:
+            return "[web search: %s]" % arguments["query"]
+        return "[%s %s: %s]" % (kind.replace("_", " "), block.get("name"),
+                                json.dumps(arguments, ensure_ascii=False))
+    if kind == "web_search_tool_result":
+        return web_search_result_text(block.get("content"))
+    if kind == "container_upload":
+        return None
+    texts = [text for text in nested_texts(block) if text]
+    return ("[%s]\n%s" % (kind.replace("_", " "), "\n".join(texts)))[:MAX_SERVER_BLOCK_CHARS]
+
+
+def web_search_result_text(content) -> str:
+    """A web_search_tool_result's results as numbered lines of title and URL."""
+    if isinstance(content, dict):
+        return "[web search failed: %s]" % content.get("error_code", "unknown error")
+    lines = ["%d. %s %s" % (number, item.get("title") or "", item.get("url") or "")
+             for number, item in enumerate((i for i in list_of(content) if isinstance(i, dict)),
+                                           1)]
+    return "[web search results]\n" + ("\n".join(lines) or "(no results)")
+
+
+def nested_texts(value) -> list:
+    """Every readable string inside a server tool's block: text, stdout, stderr, URLs, titles,
+    a fetched document's text; never encrypted content or base64 data."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [text for item in value for text in nested_texts(item)]
+    if not isinstance(value, dict) or value.get("type") == "base64":
+        return []
+    return [text for key, item in value.items() if key in READABLE_BLOCK_KEYS
+            for text in nested_texts(item)]
+
+
+READABLE_BLOCK_KEYS = ("text", "title", "url", "source", "stdout", "stderr", "content", "data",
+                       "retrieved_at", "error_code")
 
 
 def text_of_system(system) -> str:
@@ -4116,10 +4227,7 @@ class OpenAIChatProtocol(Protocol):
                                openai_request_headers(provider), json_bytes(payload))
 
     def can_search(self, provider, model) -> bool:
-        """OpenRouter with its web plugin; OpenAI with a search model (web_search_options)."""
-        style, pattern = provider.quirks["search"], provider.quirks["search_models"]
-        return style == "web_plugin" or (style == "web_search_options" and bool(
-            pattern and re.search(pattern, model)))
+        return openai_search_style(provider, model) is not None
 
     def message(self, answer, context) -> dict:
         return anthropic_message_from_openai(answer, context)
@@ -4138,7 +4246,9 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     cap = provider.output_cap(model)
     max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
     request["max_completion_tokens" if reasoning_model else "max_tokens"] = max_tokens
-    sampling = () if reasoning_model else ("temperature", "top_p") + (
+    search = web_search_tool(body) and openai_search_style(provider, model)
+    search_model = search == "web_search_options"       # they take no sampling parameters
+    sampling = () if reasoning_model or search_model else ("temperature", "top_p") + (
         ("top_k",) if quirks["top_k"] else ())
     for key in sampling:
         if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
@@ -4151,9 +4261,14 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
         if quirks["stream_usage"]:
             request["stream_options"] = {"include_usage": True}
     tools = openai_tools_from_anthropic(body.get("tools"), quirks)
+    if search == "web_plugin":
+        tools.append({"type": "openrouter:web_search"})
     if tools:
         request["tools"] = tools
-        request.update(openai_tool_choice(body.get("tool_choice")))
+        request.update(openai_tool_choice(body.get("tool_choice"), {
+            t["function"]["name"] for t in tools if t["type"] == "function"}))
+    if search_model:
+        request["web_search_options"] = {}
     request.update(openai_user_field(body.get("metadata")))
     request.update(openai_reasoning_fields(body, quirks, reasoning_model))
     request.update(openai_response_format(body))
@@ -4192,15 +4307,19 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
 
 
 def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
-    """An assistant turn: text joined, tool_use as tool_calls, thinking dropped or replayed,
-    server-tool history dropped (it has no Chat Completions form)."""
+    """An assistant turn: text joined, tool_use as tool_calls, thinking dropped (another
+    provider's signed or redacted thinking means nothing here) or replayed, server tools'
+    blocks as the text of what they asked and found."""
     texts, calls, thoughts = [], [], []
     for position, block in enumerate(blocks):
         kind = block.get("type")
-        if kind not in ASSISTANT_BLOCK_TYPES:
+        readable = server_block_text(block) if kind in SERVER_BLOCK_TYPES else None
+        if kind not in ASSISTANT_BLOCK_TYPES or (kind in SERVER_BLOCK_TYPES and readable is None):
             raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
                                       "provider" % (where, position, kind))
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+        if readable is not None:
+            texts.append(readable)
+        elif kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
             texts.append(block["text"])
         elif kind == "tool_use":
             arguments = json.dumps(block.get("input") or {}, ensure_ascii=False,
@@ -4263,9 +4382,9 @@ def openai_user_parts(blocks, quirks: dict, where: str) -> list:
                          else {"type": "text", "text": "[image omitted]"})
         elif kind == "document":
             parts.append(openai_document_part(block))
-        elif kind in SERVER_BLOCK_TYPES or kind in ("thinking", "redacted_thinking"):
-            continue
-        else:
+        elif kind in SERVER_BLOCK_TYPES and server_block_text(block) is not None:
+            parts.append({"type": "text", "text": server_block_text(block)})
+        elif kind not in ("thinking", "redacted_thinking"):
             raise InvalidRequestError("%s[%d]: a %r block cannot be sent to an OpenAI-compatible "
                                       "provider" % (where, position, kind))
     return parts
@@ -4339,14 +4458,26 @@ def merge_adjacent_user_messages(messages: list) -> list:
     return merged
 
 
+def openai_search_style(provider: Provider, model: str) -> str | None:
+    """How the provider searches the web for this model, if it can: "web_plugin" (OpenRouter's
+    openrouter:web_search server tool, https://openrouter.ai/docs/guides/features/server-tools/
+    web-search) or "web_search_options" (OpenAI's search models,
+    https://platform.openai.com/docs/guides/tools-web-search)."""
+    style, pattern = provider.quirks["search"], provider.quirks["search_models"]
+    if style == "web_search_options" and not (pattern and re.search(pattern, model)):
+        return None
+    return style
+
+
 def openai_tools_from_anthropic(tools, quirks: dict) -> list:
-    """Custom tools as functions; server tools (web search…) have no equivalent and are
-    left out (logged)."""
+    """Custom tools as functions; web search is asked for apart (see
+    openai_request_from_anthropic); other server tools have no equivalent (logged)."""
     functions = []
     for tool in tools or ():
         if tool.get("type") not in (None, "custom") or "input_schema" not in tool:
-            log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
-                     tool.get("type"))
+            if not str(tool.get("type")).startswith("web_search"):
+                log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
+                         tool.get("type"))
             continue
         parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
         if quirks["schema_drop_keys"] and isinstance(parameters, dict):
@@ -4391,19 +4522,20 @@ def base62_digest(text: str, length: int) -> str:
     return "".join(digits)
 
 
-def openai_tool_choice(choice) -> dict:
-    """tool_choice and parallel_tool_calls for an Anthropic tool_choice (A.7)."""
+def openai_tool_choice(choice, functions: set) -> dict:
+    """tool_choice and parallel_tool_calls for a tool_choice; a choice of a tool that was not
+    sent as a function (Claude Code forces web_search) is left out rather than sent."""
     if not isinstance(choice, dict):
         return {}
     kind = choice.get("type")
     fields = {}
+    name = openai_tool_name(str(choice.get("name", "")))
     if kind in ("auto", "none"):
         fields["tool_choice"] = kind
     elif kind == "any":
         fields["tool_choice"] = "required"
-    elif kind == "tool":
-        fields["tool_choice"] = {"type": "function",
-                                 "function": {"name": openai_tool_name(str(choice.get("name", "")))}}
+    elif kind == "tool" and name in functions:
+        fields["tool_choice"] = {"type": "function", "function": {"name": name}}
     if choice.get("disable_parallel_tool_use") is True:
         fields["parallel_tool_calls"] = False
     return fields
@@ -4491,6 +4623,12 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     if not calls and isinstance(message.get("function_call"), dict):
         calls = [{"function": message["function_call"]}]
     content += [anthropic_tool_use(call, context) for call in calls]
+    results, citations = openai_search_results(message.get("annotations"), text)
+    text_blocks = [block for block in content if block["type"] == "text"]
+    if citations and text_blocks:
+        text_blocks[0]["citations"] = citations
+    if results:
+        content += search_blocks(context.search_query or "", results)
     stop_sequence = matched_stop_sequence(choice)
     stop_reason = "refusal" if refusal else openai_stop_reason(choice.get("finish_reason"),
                                                                  bool(calls), stop_sequence)
@@ -4505,6 +4643,26 @@ def anthropic_tool_use(call: dict, context) -> dict:
     return {"type": "tool_use", "id": tool_use_id(call.get("id")),
             "name": context.tool_name(function.get("name")),
             "input": tool_input_from_arguments(function.get("arguments"))}
+
+
+def openai_search_results(annotations, text) -> tuple:
+    """(results, citations) of url_citation annotations (OpenAI's search models, OpenRouter's
+    web search): each URL once with its title, and a citation of the text each one marks."""
+    results, citations, seen = [], [], set()
+    text = text if isinstance(text, str) else ""
+    for annotation in list_of(annotations):
+        cited = dict_of(dict_of(annotation).get("url_citation"))
+        url = cited.get("url")
+        if not isinstance(url, str) or not url:
+            continue
+        title = cited.get("title") if isinstance(cited.get("title"), str) else url
+        if url not in seen:
+            seen.add(url)
+            results.append((url, title))
+        start, end = cited.get("start_index"), cited.get("end_index")
+        span = text[start:end] if isinstance(start, int) and isinstance(end, int) else ""
+        citations.append(search_citation(url, title, span))
+    return results, citations
 
 
 def tool_input_from_arguments(arguments) -> dict:
@@ -4591,6 +4749,8 @@ class OpenAIStreamTranslator:
         self._finish_reason = None
         self._stop_sequence = None    # the stop string that ended the answer, when told
         self._refused = False
+        self._annotations = []        # url_citation annotations of a web search
+        self._text = []               # the answer's text, kept to quote what they cite
         self._done = False
         self._usage = None
 
@@ -4631,10 +4791,14 @@ class OpenAIStreamTranslator:
                                   % self._context.provider.name)
         if error is not None:
             return error.event()
+        results, citations = openai_search_results(self._annotations, "".join(self._text))
+        self._emit.cite(citations)
         self._emit.close()
         for key in list(self._calls):
             if not self._calls[key]["sent"]:
                 self._send_whole_call(key)
+        if results:
+            self._emit.search(self._context.search_query or "", results)
         usage = anthropic_usage_from_openai(self._usage) if self._usage else None
         reason = "refusal" if self._refused else openai_stop_reason(
             self._finish_reason, bool(self._calls), self._stop_sequence)
@@ -4649,6 +4813,9 @@ class OpenAIStreamTranslator:
         content = delta.get("content")
         if isinstance(content, str) and content:
             self._emit.text(content)
+            if self._context.search_query is not None:
+                self._text.append(content)
+        self._annotations += list_of(delta.get("annotations"))
         refusal = delta.get("refusal")
         if isinstance(refusal, str) and refusal:
             self._refused = True
@@ -4794,8 +4961,9 @@ def gemini_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     tools = gemini_tools_from_anthropic(body.get("tools"))
     if tools:
         request["tools"] = tools
-        tool_config = gemini_tool_config(body.get("tool_choice"))
-        if tool_config and "functionDeclarations" in tools[0]:
+        declared = {d["name"] for d in tools[0].get("functionDeclarations", ())}
+        tool_config = gemini_tool_config(body.get("tool_choice"), declared)
+        if tool_config and declared:
             request["toolConfig"] = tool_config
     request["generationConfig"] = gemini_generation_config(body, provider, model)
     return request
@@ -4848,7 +5016,9 @@ def gemini_model_parts(blocks, calls: list, where: str) -> list:
             parts.append(part)
             calls.append((str(block.get("id", "")), name))
             signature, first_call = None, False
-        elif kind not in ASSISTANT_BLOCK_TYPES:
+        elif kind in SERVER_BLOCK_TYPES and server_block_text(block) is not None:
+            parts.append({"text": server_block_text(block)})
+        elif kind not in ASSISTANT_BLOCK_TYPES or kind in SERVER_BLOCK_TYPES:
             raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
                                       % (where, position, kind))
     return parts
@@ -4881,7 +5051,9 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
             extra.append({"text": block["text"]})
         elif kind in ("image", "document"):
             extra.append(gemini_inline_part(block, "%s[%d]" % (where, position)))
-        elif kind not in ("text", "tool_result") and kind not in SERVER_BLOCK_TYPES:
+        elif kind in SERVER_BLOCK_TYPES and server_block_text(block) is not None:
+            extra.append({"text": server_block_text(block)})
+        elif kind not in ("text", "tool_result", "thinking", "redacted_thinking"):
             raise InvalidRequestError("%s[%d]: a %r block cannot be sent to Gemini"
                                       % (where, position, kind))
     return parts + extra
@@ -4900,7 +5072,8 @@ def gemini_inline_part(block: dict, where: str) -> dict:
 
 
 def gemini_tools_from_anthropic(tools) -> list:
-    """Custom tools in one functionDeclarations entry; web search as googleSearch when alone."""
+    """Custom tools in one functionDeclarations entry; web search as Google Search grounding
+    (https://ai.google.dev/gemini-api/docs/google-search), beside them when both are asked."""
     declarations, search = [], False
     for tool in tools or ():
         kind = tool.get("type")
@@ -4908,11 +5081,13 @@ def gemini_tools_from_anthropic(tools) -> list:
             declarations.append(gemini_function_declaration(tool))
         elif str(kind).startswith("web_search"):
             search = True
+            if tool.get("allowed_domains") or tool.get("blocked_domains"):
+                log.info("web search domain filters have no Gemini equivalent; searching "
+                         "without them")
         else:
             log.info("tool %r (%s) has no Gemini equivalent; not sent", tool.get("name"), kind)
-    if declarations:
-        return [{"functionDeclarations": declarations}]
-    return [{"googleSearch": {}}] if search else []
+    return ([{"functionDeclarations": declarations}] if declarations else []) + (
+        [{"googleSearch": {}}] if search else [])
 
 
 def gemini_function_declaration(tool: dict) -> dict:
@@ -5039,13 +5214,15 @@ def merge_all_of(node: dict) -> dict:
     return merged
 
 
-def gemini_tool_config(choice) -> dict:
-    """toolConfig.functionCallingConfig for a tool_choice: auto, any (ANY), none, or one tool
-    (ANY with allowedFunctionNames)."""
+def gemini_tool_config(choice, declared: set) -> dict:
+    """toolConfig.functionCallingConfig for a tool_choice: auto, any (ANY), none, or one of the
+    declared functions (ANY with allowedFunctionNames); a choice of a tool that is not a
+    function (Claude Code forces web_search) is left out rather than sent."""
     kind = choice.get("type") if isinstance(choice, dict) else None
     if kind == "tool":
-        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [
-            gemini_tool_name(str(choice.get("name", "")))]}}
+        name = gemini_tool_name(str(choice.get("name", "")))
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}} \
+            if name in declared else {}
     mode = {"auto": "AUTO", "any": "ANY", "none": "NONE"}.get(kind)
     return {"functionCallingConfig": {"mode": mode}} if mode else {}
 
@@ -5115,6 +5292,7 @@ class GeminiStreamTranslator:
         self._finish_reason = None
         self._block_reason = None
         self._usage = None
+        self._grounding = None        # groundingMetadata: what a Google Search found
         self._calls = 0
 
     def feed(self, chunk: dict) -> bytes:
@@ -5134,6 +5312,8 @@ class GeminiStreamTranslator:
                 self._feed_part(part)
         if candidate.get("finishReason"):
             self._finish_reason = candidate["finishReason"]
+        if isinstance(candidate.get("groundingMetadata"), dict):
+            self._grounding = candidate["groundingMetadata"]
         return self._emit.take()
 
     def feed_event(self, event: str, payload: dict | None) -> bytes:
@@ -5150,6 +5330,8 @@ class GeminiStreamTranslator:
                                   % self._context.provider.name)
         if error is not None:
             return error.event()
+        if self._grounding is not None:
+            self._report_search()
         notice = gemini_notice(self._finish_reason, self._block_reason)
         if notice:
             self._emit.text(notice)
@@ -5157,6 +5339,16 @@ class GeminiStreamTranslator:
                                                                          self._calls > 0)
         self._emit.stop(reason, anthropic_usage_from_gemini(self._usage) if self._usage else None)
         return self._emit.take()
+
+    def _report_search(self) -> None:
+        """The Google Search behind the answer (it arrives with the last chunk): citations on
+        the text it supports, then the search and its results as Anthropic reports them."""
+        results, citations, queries = gemini_search_results(self._grounding)
+        self._emit.cite(citations)
+        self._emit.close()
+        if results or queries:
+            self._emit.search(queries[0] if queries else self._context.search_query or "",
+                              results)
 
     def _feed_part(self, part: dict) -> None:
         text = part.get("text")
@@ -5177,6 +5369,26 @@ class GeminiStreamTranslator:
             self._emit.close()
         elif isinstance(text, str) and text:
             self._emit.text(text)
+
+
+def gemini_search_results(grounding: dict) -> tuple:
+    """(results, citations, queries) of groundingMetadata
+    (https://ai.google.dev/gemini-api/docs/google-search): each groundingChunks web source as a
+    (uri, title) result, each groundingSupports segment as citations of the sources it names."""
+    sources = [dict_of(dict_of(chunk).get("web")) for chunk in list_of(grounding.get(
+        "groundingChunks"))]
+    results = [(source["uri"], str(source.get("title") or source["uri"])) for source in sources
+               if isinstance(source.get("uri"), str) and source["uri"]]
+    citations = []
+    for support in list_of(grounding.get("groundingSupports")):
+        segment = dict_of(dict_of(support).get("segment"))
+        for index in list_of(dict_of(support).get("groundingChunkIndices")):
+            if isinstance(index, int) and 0 <= index < len(sources) and sources[index].get("uri"):
+                source = sources[index]
+                citations.append(search_citation(source["uri"], str(source.get("title") or ""),
+                                                 str(segment.get("text") or "")))
+    queries = [q for q in list_of(grounding.get("webSearchQueries")) if isinstance(q, str) and q]
+    return results, citations, queries
 
 
 def gemini_stop_reason(finish_reason, made_calls: bool) -> str:

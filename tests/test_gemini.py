@@ -203,13 +203,17 @@ def test_tool_choice(choice, config):
     assert request["tools"] == [{"functionDeclarations": [{"name": "f"}]}]
 
 
-def test_web_search_becomes_google_search_only_without_functions():
-    search = {"type": "web_search_20250305", "name": "web_search"}
-    assert mapped({"messages": [{"role": "user", "content": "x"}],
-                   "tools": [search]})["tools"] == [{"googleSearch": {}}]
+def test_web_search_becomes_google_search_beside_any_functions():
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}
+    alone = mapped({"messages": [{"role": "user", "content": "x"}], "tools": [search],
+                    "tool_choice": {"type": "tool", "name": "web_search"}})
+    assert alone["tools"] == [{"googleSearch": {}}] and "toolConfig" not in alone
     with_functions = mapped({"messages": [{"role": "user", "content": "x"}],
-                             "tools": [search, {"name": "f", "input_schema": {"type": "object"}}]})
-    assert with_functions["tools"] == [{"functionDeclarations": [{"name": "f"}]}]
+                             "tools": [search, {"name": "f", "input_schema": {"type": "object"}}],
+                             "tool_choice": {"type": "tool", "name": "web_search"}})
+    assert with_functions["tools"] == [{"functionDeclarations": [{"name": "f"}]},
+                                       {"googleSearch": {}}]
+    assert "toolConfig" not in with_functions     # never force a function it was not given
 
 
 @pytest.mark.parametrize("model, thinking, expected", [
@@ -479,3 +483,58 @@ def test_count_tokens_falls_back_when_gemini_fails(gemini_proxy, upstream):
     count = sdk(gemini_proxy).messages.count_tokens(
         model="claude-x", messages=[{"role": "user", "content": "hello there, how are you?"}])
     assert 5 <= count.input_tokens <= 20
+
+
+# --- web search: Google Search grounding as Anthropic's search blocks ---------------------------
+
+SEARCH_REQUEST = dict(model="claude-test-model", max_tokens=300,
+                      system="You are an assistant for performing a web search tool use",
+                      messages=[{"role": "user", "content":
+                                 "Perform a web search for the query: python 3.14 release"}],
+                      tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+                      tool_choice={"type": "tool", "name": "web_search"})
+FOUND = "Python 3.14 came out in October 2025."
+GROUNDING = {"webSearchQueries": ["python 3.14 release date"],
+             "groundingChunks": [{"web": {"uri": "https://www.python.org/downloads/3.14/",
+                                          "title": "python.org"}},
+                                 {"web": {"uri": "https://docs.python.org/3.14/whatsnew/",
+                                          "title": "docs.python.org"}}],
+             "groundingSupports": [{"segment": {"startIndex": 0, "endIndex": len(FOUND),
+                                                "text": FOUND}, "groundingChunkIndices": [0, 1]}],
+             "searchEntryPoint": {"renderedContent": "<div>…</div>"}}
+
+
+def grounded(chunks_of_text):
+    *first, last = chunks_of_text
+    chunks = [answer([{"text": text}], None, None) for text in first]
+    final = answer([{"text": last}], "STOP")
+    final["candidates"][0]["groundingMetadata"] = GROUNDING
+    return chunks + [final]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_google_search_grounding_becomes_search_blocks_and_citations(gemini_proxy, upstream,
+                                                                     stream):
+    chunks = grounded(["Python 3.14 came out", " in October 2025."])
+    upstream.script = lambda r: (Reply(200, pieces=gemini_stream(chunks),
+                                       content_type="text/event-stream") if stream
+                                 else json_reply(grounded([FOUND])[0]))
+    if stream:
+        with sdk(gemini_proxy).messages.stream(**SEARCH_REQUEST) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk(gemini_proxy).messages.create(**SEARCH_REQUEST)
+    sent = upstream.requests[0]["json"]
+    assert sent["tools"] == [{"googleSearch": {}}] and "toolConfig" not in sent
+    text, use, result = message.content
+    assert (text.type, use.type, result.type) == ("text", "server_tool_use",
+                                                   "web_search_tool_result")
+    assert text.text == FOUND and message.stop_reason == "end_turn"
+    assert [(c.url, c.cited_text) for c in text.citations] == [
+        ("https://www.python.org/downloads/3.14/", FOUND),
+        ("https://docs.python.org/3.14/whatsnew/", FOUND)]
+    assert use.name == "web_search" and use.input == {"query": "python 3.14 release date"}
+    assert result.tool_use_id == use.id
+    assert [(r.url, r.title) for r in result.content] == [
+        ("https://www.python.org/downloads/3.14/", "python.org"),
+        ("https://docs.python.org/3.14/whatsnew/", "docs.python.org")]

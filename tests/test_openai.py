@@ -819,3 +819,77 @@ def test_config_headers_and_cap_reach_the_provider(start_proxy, upstream):
     sent = upstream.requests[0]
     assert sent["headers"]["x-team"] == "blue" and sent["headers"]["x-title"] == "ccproxy.py"
     assert sent["json"]["max_tokens"] == 50
+
+
+# --- web search: OpenAI's search models and OpenRouter's web search ----------------------------
+
+SEARCH_REQUEST = dict(model="claude-test-model", max_tokens=300, extra_body={"temperature": 0.5},
+                      messages=[{"role": "user", "content":
+                                 "Perform a web search for the query: oslo weather today"}],
+                      tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+                      tool_choice={"type": "tool", "name": "web_search"})
+ANSWER = "Oslo is 4°C and cloudy today."
+ANNOTATIONS = [
+    {"type": "url_citation", "url_citation": {"url": "https://yr.no/oslo", "title": "Yr: Oslo",
+                                              "start_index": 0, "end_index": 29}},
+    {"type": "url_citation", "url_citation": {"url": "https://met.no/", "title": "MET Norway",
+                                              "start_index": 9, "end_index": 29}},
+    {"type": "url_citation", "url_citation": {"url": "https://yr.no/oslo", "title": "Yr: Oslo",
+                                              "start_index": 17, "end_index": 29}}]
+
+
+def search_answer(stream):
+    if not stream:
+        return json_reply(completion({"content": ANSWER, "annotations": ANNOTATIONS}))
+    chunks = [chunk({"role": "assistant", "content": ANSWER[:10]}), chunk({"content": ANSWER[10:]}),
+              chunk({"annotations": ANNOTATIONS}), chunk({}, "stop")]
+    return stream_reply(sse_pieces(chunks))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("preset, model", [("openai", "gpt-4o-search-preview"),
+                                           ("openrouter", "anthropic/claude-sonnet-4.5")])
+def test_a_web_search_runs_at_the_providers_own_search(start_proxy, upstream, preset, model,
+                                                       stream):
+    proxy = start_proxy({"providers": [dict(preset_provider(preset, upstream), models=[model])]})
+    upstream.script = lambda r: search_answer(stream)
+    if stream:
+        with sdk(proxy).messages.stream(**SEARCH_REQUEST) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk(proxy).messages.create(**SEARCH_REQUEST)
+    sent = upstream.requests[0]["json"]
+    if preset == "openai":          # a search model: web_search_options, no tools, no sampling
+        assert sent["web_search_options"] == {} and "tools" not in sent
+        assert "temperature" not in sent and "tool_choice" not in sent
+    else:                           # OpenRouter's own web search tool; no forced choice
+        assert sent["tools"] == [{"type": "openrouter:web_search"}]
+        assert "tool_choice" not in sent and "web_search_options" not in sent
+    text, use, result = message.content
+    assert text.text == ANSWER and [c.url for c in text.citations] == [
+        "https://yr.no/oslo", "https://met.no/", "https://yr.no/oslo"]
+    assert text.citations[1].cited_text == ANSWER[9:29]
+    assert use.input == {"query": "oslo weather today"} and result.tool_use_id == use.id
+    assert [(r.url, r.title) for r in result.content] == [("https://yr.no/oslo", "Yr: Oslo"),
+                                                          ("https://met.no/", "MET Norway")]
+
+
+def test_a_provider_that_cannot_search_says_so_or_hands_over_to_the_web_search_route(
+        start_proxy, upstream, second_upstream):
+    plain = dict(preset_provider("deepseek", upstream), models=["deepseek-chat"])
+    proxy = start_proxy({"providers": [plain]})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(**SEARCH_REQUEST)
+    assert caught.value.body["error"]["message"] == (
+        "deepseek cannot search the web (model deepseek-chat); set routes.webSearch to a "
+        "provider that can: gemini, openrouter, anthropic, or openai with a search model")
+    assert upstream.requests == []
+    searcher = dict(preset_provider("openrouter", second_upstream), models=["x-ai/grok-4"])
+    proxy = start_proxy({"providers": [plain, searcher], "failover": False, "routes": {
+        "default": {"provider": "deepseek", "model": "deepseek-chat"},
+        "webSearch": {"provider": "openrouter", "model": "x-ai/grok-4"}}})
+    second_upstream.script = lambda r: search_answer(False)
+    raw = sdk(proxy).messages.with_raw_response.create(**dict(SEARCH_REQUEST,
+                                                              model="deepseek,deepseek-chat"))
+    assert raw.headers["x-ccproxy-provider"] == "openrouter" and upstream.requests == []
+    assert [b.type for b in raw.parse().content][1:] == ["server_tool_use", "web_search_tool_result"]
