@@ -99,3 +99,125 @@ def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstrea
     sent = [r["json"] for r in upstream.requests if r["json"]]
     assert any(m.get("role") == "tool" and "tool_call_id" in m for b in sent for m in b["messages"])
     assert not (home / ".ccproxy" / "ccproxy.pid").exists()         # code stopped its proxy
+
+
+# --- WebSearch: Claude Code's search request, answered by Google Search grounding ------------------
+
+SEARCHED = [("https://www.python.org/downloads/release/python-3140/", "python.org"),
+            ("https://docs.python.org/3.14/whatsnew/3.14.html", "docs.python.org")]
+
+
+def gemini_answer(parts: list, stream: bool, grounding=None):
+    """A generateContent answer, whole or as one SSE event."""
+    candidate = {"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}
+    if grounding:
+        candidate["groundingMetadata"] = grounding
+    body = {"candidates": [candidate], "usageMetadata": {"promptTokenCount": 900,
+                                                         "candidatesTokenCount": 20}}
+    if not stream:
+        return json_reply(body)
+    return Reply(200, pieces=[b"data: %s\r\n\r\n" % json.dumps(body).encode()],
+                 content_type="text/event-stream")
+
+
+def searching_model(request):
+    """Main turn: call WebSearch. Search request (googleSearch): a grounded answer. Once the
+    search's result is back: an answer quoting the links Claude Code passed on."""
+    body = request["json"] or {}
+    stream = "streamGenerateContent" in request["path"]
+    tools = body.get("tools") or []
+    if any("googleSearch" in tool for tool in tools):
+        grounding = {"webSearchQueries": ["python 3.14 release date"],
+                     "groundingChunks": [{"web": {"uri": url, "title": title}}
+                                         for url, title in SEARCHED]}
+        return gemini_answer([{"text": "Python 3.14.0 was released on 7 October 2025."}], stream,
+                             grounding)
+    results = [part["functionResponse"] for content in body.get("contents", ())
+               for part in content["parts"] if "functionResponse" in part]
+    if results:
+        found = [url for url, _ in SEARCHED if url in json.dumps(results)]
+        return gemini_answer([{"text": "Sources: " + " ".join(found)}], stream)
+    names = [d["name"] for tool in tools for d in tool.get("functionDeclarations", ())]
+    if "WebSearch" in names:
+        return gemini_answer([{"functionCall": {"name": "WebSearch", "args": {
+            "query": "python 3.14 release date"}}}], stream)
+    return gemini_answer([{"text": "ok"}], stream)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_web_search_returns_the_searched_links(version, tmp_path, upstream):
+    claude = installed_claude(version)
+    upstream.script = searching_model
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    config = home / "config.json"
+    config.write_text(json.dumps({"port": 0, "providers": [
+        {"name": "gemini", "api_base_url": upstream.url + "/v1beta", "api_key": "g-key-0123456789",
+         "models": ["gemini-2.5-pro"]}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
+    env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
+               DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES="0", ENABLE_TOOL_SEARCH="false")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "ccproxy.py"), "code", "-p",
+         "When was Python 3.14 released? Search the web.", "--output-format", "json",
+         "--allowedTools", "WebSearch"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    assert output["is_error"] is False
+    assert output["result"] == "Sources: " + " ".join(url for url, _ in SEARCHED)
+    searches = [r for r in upstream.requests if r["json"] and any(
+        "googleSearch" in tool for tool in r["json"].get("tools") or ())]
+    assert len(searches) == 1 and "toolConfig" not in searches[0]["json"]
+
+
+# --- compaction: a provider's overflow, answered in Anthropic's words, makes Claude Code compact ---
+
+SUMMARY = "Summary: the user asked for out.txt; Bash wrote it."
+
+
+def overflowing_model(request):
+    """Run Bash; refuse the turn that carries its result as over the window (the provider's
+    own words), until Claude Code has compacted; answer its compaction with a summary."""
+    body = request["json"] or {}
+    stream = body.get("stream") is True
+    texts = json.dumps(body.get("messages", []))
+    if "CRITICAL: Respond with TEXT ONLY" in texts:
+        return openai_answer({"content": SUMMARY}, stream, "stop")
+    if SUMMARY in texts:
+        return openai_answer({"content": FINAL_TEXT}, stream, "stop")
+    if any(m.get("role") == "tool" for m in body.get("messages", ())):
+        return json_reply({"error": {"message": "This model's maximum context length is 32768 "
+                                                "tokens. However, you requested 40000 tokens.",
+                                     "type": "invalid_request_error",
+                                     "code": "context_length_exceeded"}}, 400)
+    return scripted_model(request)
+
+
+# Seen here: 2.1.330 compacts and finishes; 2.1.197 reports "Prompt is too long" and ends the run
+# without compacting in this one-tool-turn headless session, whatever the message's tail.
+@pytest.mark.parametrize("version", ["2.1.330"])
+def test_real_claude_code_compacts_when_the_provider_overflows(version, tmp_path, upstream):
+    claude = installed_claude(version)
+    upstream.script = overflowing_model
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    config = home / "config.json"
+    config.write_text(json.dumps({"port": 0, "providers": [
+        {"name": "openai", "api_base_url": upstream.url + "/v1", "api_key": "sk-test-key-123456789",
+         "models": ["gpt-test"]}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
+    env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
+               DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES="0")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "ccproxy.py"), "code", "-p",
+         "Create a file out.txt containing hi, using the Bash tool.",
+         "--output-format", "json", "--allowedTools", "Bash"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    compactions = [r for r in upstream.requests
+                   if "CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])]
+    assert compactions, json.dumps(output)           # Claude Code compacted on our wording
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
