@@ -3360,6 +3360,7 @@ class TranslationContext:
                             for t in body.get("tools") or () if isinstance(t, dict)}
         self.probe = body.get("max_tokens") == 1
         self.search_query = web_search_query(body) if web_search_tool(body) else None
+        self.wants_thinking = thinking_effort(body) is not None
 
     def tool_name(self, name) -> str:
         """The client's name for a tool the provider named (a name the provider could not take
@@ -3909,6 +3910,17 @@ def list_of(value) -> list:
 def dict_of(value) -> dict:
     """value when it is an object, else an empty one."""
     return value if isinstance(value, dict) else {}
+
+
+def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int, cache_write: int,
+                    thinking_tokens: int = 0) -> dict:
+    """Usage as the Messages API reports it: input apart from cache reads and writes, and the
+    reasoning share of the output in output_tokens_details (what Claude Code 2.1.330 reads)."""
+    usage = {"input_tokens": input_tokens, "output_tokens": output_tokens,
+             "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read}
+    if thinking_tokens:
+        usage["output_tokens_details"] = {"thinking_tokens": min(thinking_tokens, output_tokens)}
+    return usage
 
 
 def count_of(value) -> int:
@@ -4611,17 +4623,20 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
         content.append({"type": "thinking", "thinking": reasoning,
                         "signature": thinking_signature(context.provider.name)})
     text = message.get("content")
-    if isinstance(text, list):
-        text = "".join(p["text"] for p in text if isinstance(p, dict) and isinstance(p.get("text"),
-                                                                                       str))
+    if isinstance(text, list):                        # Mistral: thinking and text chunks
+        chunks = content_chunks(text, context.wants_thinking)
+        content += [{"type": "thinking", "thinking": t, "signature": thinking_signature(
+            context.provider.name)} for kind, t in chunks if kind == "thinking"]
+        text = "".join(t for kind, t in chunks if kind == "text")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
     refusal = message.get("refusal")
     if isinstance(refusal, str) and refusal:
         content.append({"type": "text", "text": refusal})
     calls = [c for c in list_of(message.get("tool_calls")) if isinstance(c, dict)]
-    if not calls and isinstance(message.get("function_call"), dict):
-        calls = [{"function": message["function_call"]}]
+    legacy = dict_of(message.get("function_call"))
+    if not calls and isinstance(legacy.get("name"), str) and legacy["name"]:
+        calls = [{"function": legacy}]                # an empty one is no call
     content += [anthropic_tool_use(call, context) for call in calls]
     results, citations = openai_search_results(message.get("annotations"), text)
     text_blocks = [block for block in content if block["type"] == "text"]
@@ -4635,6 +4650,23 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
         else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
     return new_message(context.model, content, stop_reason, usage, stop_sequence)
+
+
+def content_chunks(content: list, wants_thinking: bool) -> list:
+    """(kind, text) of content given as chunks: text chunks, and the thinking chunks Mistral's
+    reasoning models send ({"type": "thinking", "thinking": [{"type": "text", …}]},
+    https://docs.mistral.ai/capabilities/reasoning), kept when the request asked for thinking."""
+    found = []
+    for chunk in content:
+        chunk = dict_of(chunk)
+        if chunk.get("type") == "thinking" and wants_thinking:
+            inner = chunk.get("thinking")
+            texts = [inner] if isinstance(inner, str) else [
+                dict_of(item).get("text") for item in list_of(inner)]
+            found += [("thinking", t) for t in texts if isinstance(t, str) and t]
+        elif isinstance(chunk.get("text"), str) and chunk["text"] and chunk.get("type") != "thinking":
+            found.append(("text", chunk["text"]))
+    return found
 
 
 def anthropic_tool_use(call: dict, context) -> dict:
@@ -4691,12 +4723,12 @@ def anthropic_usage_from_openai(usage) -> dict:
     usage = dict_of(usage)
     details = dict_of(usage.get("prompt_tokens_details"))
     prompt = count_of(usage.get("prompt_tokens"))
-    cache_read = count_of(details.get("cached_tokens")) or count_of(
-        usage.get("prompt_cache_hit_tokens"))
-    cache_write = count_of(details.get("cache_write_tokens"))
-    return {"input_tokens": max(prompt - cache_read - cache_write, 0),
-            "output_tokens": count_of(usage.get("completion_tokens")),
-            "cache_creation_input_tokens": cache_write, "cache_read_input_tokens": cache_read}
+    cache_read = min(count_of(details.get("cached_tokens")) or count_of(
+        usage.get("prompt_cache_hit_tokens")), prompt)
+    cache_write = min(count_of(details.get("cache_write_tokens")), prompt - cache_read)
+    return anthropic_usage(prompt - cache_read - cache_write, count_of(usage.get(
+        "completion_tokens")), cache_read, cache_write, count_of(dict_of(usage.get(
+            "completion_tokens_details")).get("reasoning_tokens")))
 
 
 def openai_stop_reason(finish_reason, made_calls: bool, stop_sequence=None) -> str:
@@ -4811,7 +4843,10 @@ class OpenAIStreamTranslator:
         if isinstance(reasoning, str) and reasoning:
             self._emit.thinking(reasoning)
         content = delta.get("content")
-        if isinstance(content, str) and content:
+        if isinstance(content, list):                 # Mistral: thinking and text chunks
+            for kind, text in content_chunks(content, self._context.wants_thinking):
+                (self._emit.thinking if kind == "thinking" else self._emit.text)(text)
+        elif isinstance(content, str) and content:
             self._emit.text(content)
             if self._context.search_query is not None:
                 self._text.append(content)
@@ -5353,11 +5388,11 @@ class GeminiStreamTranslator:
     def _feed_part(self, part: dict) -> None:
         text = part.get("text")
         signature = part.get("thoughtSignature")
-        if part.get("thought"):
+        if part.get("thought") and not isinstance(part.get("functionCall"), dict):
             self._emit.thinking(text if isinstance(text, str) else "")
             if signature:
                 self._emit.signature = GEMINI_SIGNATURE_PREFIX + signature
-        elif isinstance(part.get("functionCall"), dict):
+        elif isinstance(part.get("functionCall"), dict):   # a call, whatever its thought flag
             if signature:
                 self._emit.thinking("")
                 self._emit.signature = GEMINI_SIGNATURE_PREFIX + signature
@@ -5417,11 +5452,10 @@ def anthropic_usage_from_gemini(usage) -> dict:
     provider bills them as output)."""
     usage = dict_of(usage)
     prompt = count_of(usage.get("promptTokenCount")) + count_of(usage.get("toolUsePromptTokenCount"))
-    cached = count_of(usage.get("cachedContentTokenCount"))
-    return {"input_tokens": max(prompt - cached, 0),
-            "output_tokens": count_of(usage.get("candidatesTokenCount"))
-            + count_of(usage.get("thoughtsTokenCount")),
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+    cached = min(count_of(usage.get("cachedContentTokenCount")), prompt)
+    thoughts = count_of(usage.get("thoughtsTokenCount"))
+    return anthropic_usage(prompt - cached, count_of(usage.get("candidatesTokenCount")) + thoughts,
+                           cached, 0, thoughts)
 
 
 def gemini_error(provider: Provider, error, status: int = 502) -> ProxyError:

@@ -538,3 +538,18 @@ def test_google_search_grounding_becomes_search_blocks_and_citations(gemini_prox
     assert [(r.url, r.title) for r in result.content] == [
         ("https://www.python.org/downloads/3.14/", "python.org"),
         ("https://docs.python.org/3.14/whatsnew/", "docs.python.org")]
+
+
+def test_a_function_call_marked_as_thought_is_still_a_call(gemini_proxy, upstream):
+    upstream.script = lambda r: json_reply(answer([
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}, "thought": True}]))
+    message = sdk(gemini_proxy).messages.create(**REQUEST)
+    assert [(b.type, getattr(b, "name", None)) for b in message.content] == [
+        ("tool_use", "get_weather")]
+    assert message.stop_reason == "tool_use"
+
+
+def test_thought_tokens_are_reported_as_thinking_tokens():
+    usage = ccproxy.anthropic_usage_from_gemini(USAGE)
+    assert usage["output_tokens"] == 100 and usage["output_tokens_details"] == {
+        "thinking_tokens": 60}

@@ -893,3 +893,46 @@ def test_a_provider_that_cannot_search_says_so_or_hands_over_to_the_web_search_r
                                                               model="deepseek,deepseek-chat"))
     assert raw.headers["x-ccproxy-provider"] == "openrouter" and upstream.requests == []
     assert [b.type for b in raw.parse().content][1:] == ["server_tool_use", "web_search_tool_result"]
+
+
+# --- shapes recorded from real providers (public HTTP recordings) ------------------------------
+
+def test_an_empty_legacy_function_call_beside_text_is_no_call(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(completion(
+        {"content": "Hello!", "function_call": {"name": "", "arguments": ""}}, "stop"))
+    message = sdk(openai_proxy).messages.create(**REQUEST)
+    assert block_dicts(message) == [{"type": "text", "text": "Hello!"}]
+    assert message.stop_reason == "end_turn"
+
+
+def test_cache_reads_and_writes_never_add_up_to_more_than_the_prompt():
+    usage = ccproxy.anthropic_usage_from_openai({
+        "prompt_tokens": 2168, "completion_tokens": 12, "completion_tokens_details": {
+            "reasoning_tokens": 5}, "prompt_tokens_details": {"cached_tokens": 2161,
+                                                              "cache_write_tokens": 2161}})
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] + \
+        usage["cache_creation_input_tokens"] == 2168
+    assert usage["cache_read_input_tokens"] == 2161
+    assert usage["output_tokens_details"] == {"thinking_tokens": 5}
+
+
+def test_mistral_thinking_chunks_become_thinking_when_asked_for():
+    chunks = [chunk({"role": "assistant", "content": [
+                  {"type": "thinking", "thinking": [{"type": "text", "text": "Let me "}]}]}),
+              chunk({"content": [{"type": "thinking", "thinking": [{"type": "text",
+                                                                    "text": "think."}]}]}),
+              chunk({"content": [{"type": "text", "text": "Four."}]}), chunk({}, "stop")]
+    thinking_context = context()
+    thinking_context.wants_thinking = True
+    translator = ccproxy.OpenAIStreamTranslator(thinking_context)
+    events = parse_events(b"".join(translator.feed(c) for c in chunks) + translator.finish())
+    blocks = content_of(events)
+    assert [b["type"] for b in blocks] == ["thinking", "text"]
+    assert blocks[0]["thinking"] == "Let me think." and blocks[1]["text"] == "Four."
+    quiet = translate(chunks)                               # not asked for: not shown
+    assert content_of(quiet) == [{"type": "text", "text": "Four."}]
+    whole = ccproxy.anthropic_message_from_openai(completion({"content": [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "Hm."}]},
+        {"type": "text", "text": "Yes."}]}), thinking_context)
+    assert [(b["type"], b.get("thinking") or b.get("text")) for b in whole["content"]] == [
+        ("thinking", "Hm."), ("text", "Yes.")]
