@@ -657,6 +657,25 @@ def file_mtime(path: str | None) -> float | None:
 # 3.2 The configuration: providers, routes, limits
 # -----------------------------------------------------------------------------
 
+# Effort levels of a request (output_config.effort), lowest first; a provider's scale names
+# those it has (effort -> its own value) and each request takes the highest it has at or
+# below what was asked (the lowest when it has none below). Checked 2026-12-05:
+#   OpenAI reasoning_effort, https://platform.openai.com/docs/guides/reasoning: low, medium,
+#   high; xhigh on gpt-5.1-codex-max and gpt-5.2 on. OpenRouter reasoning.effort,
+#   https://openrouter.ai/docs/use-cases/reasoning-tokens: up to xhigh. Groq's gpt-oss:
+#   low, medium, high (https://console.groq.com/docs/reasoning). xAI, https://docs.x.ai/:
+#   grok-4.7 low to xhigh, grok-3-mini low and high. Gemini thinkingLevel,
+#   https://ai.google.dev/gemini-api/docs/thinking: low and high on Gemini 3 Pro, with medium on
+#   Gemini 3 Flash; Gemini 2.5 takes a thinkingBudget instead (GEMINI_BUDGET_BY_EFFORT).
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
+EFFORTS_TO_HIGH = {"low": "low", "medium": "medium", "high": "high"}
+EFFORTS_TO_XHIGH = dict(EFFORTS_TO_HIGH, xhigh="xhigh")
+OPENAI_EFFORT_SCALES = ((r"^gpt-5\.(?:[2-9]|1-codex-max)", EFFORTS_TO_XHIGH),
+                        (r"^(o\d|gpt-5)", EFFORTS_TO_HIGH))
+GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
+                        (r"^gemini-3", {"low": "low", "high": "high"}))
+
+
 # What a provider's server accepts; a preset overrides what its server does otherwise.
 PROVIDER_QUIRKS = {
     "reasoning_models": None,   # model ids (regex) that take max_completion_tokens, no sampling
@@ -669,6 +688,7 @@ PROVIDER_QUIRKS = {
     "user_after_tool": True,    # accepts a user message right after tool messages
     "schema_drop_keys": (),     # top-level tool schema keys the server rejects
     "thinking_level_models": None,  # Gemini model ids (regex) that take thinkingLevel
+    "effort_scales": (),        # (model regex, {effort: the provider's value}) for the first match
     "search": None,             # how it searches the web: "web_search_options", "web_plugin"
     "search_models": None,      # model ids (regex) that can search with web_search_options
 }
@@ -681,9 +701,11 @@ PROVIDER_PRESETS = {
                   "count_tokens": True},
     "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
                "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
+                          "effort_scales": OPENAI_EFFORT_SCALES,
                           "search": "web_search_options", "search_models": r"search"}},
     "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
-               "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3"}},
+               "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3",
+                                                "effort_scales": GEMINI_EFFORT_SCALES}},
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
                             "vision": False}},
@@ -691,12 +713,16 @@ PROVIDER_PRESETS = {
                    "headers": {"HTTP-Referer": "http://localhost:3456",
                                "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
                    "quirks": {"reasoning_style": "openrouter", "top_k": True,
+                              "effort_scales": ((r"", EFFORTS_TO_XHIGH),),
                               "search": "web_plugin"}},
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
-             "quirks": {"schema_drop_keys": ("$schema",)}},
+             "quirks": {"schema_drop_keys": ("$schema",), "reasoning_style": "effort",
+                        "effort_scales": ((r"^openai/gpt-oss", EFFORTS_TO_HIGH),)}},
     "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
                 "quirks": {"tool_id_style": "alnum9", "user_after_tool": False}},
-    "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1"},
+    "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1",
+            "quirks": {"reasoning_style": "effort", "effort_scales": (
+                (r"^grok-4\.7", EFFORTS_TO_XHIGH), (r"^grok-3-mini", {"low": "low", "high": "high"}))}},
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
                "quirks": {"top_k": True}},
 }
@@ -3886,20 +3912,36 @@ def tool_result_images(block: dict) -> list:
 
 
 def thinking_effort(body: dict) -> str | None:
-    """low/medium/high when the request asks for thinking (from budget_tokens, or
-    output_config.effort with adaptive thinking), None when it does not."""
+    """The effort a request asks to think with (one of EFFORTS), None when it asks for no
+    thinking: output_config.effort with adaptive thinking (Anthropic's default there is high),
+    or a level from thinking.budget_tokens."""
     thinking = body.get("thinking")
     if not isinstance(thinking, dict):
         return None
     if thinking.get("type") == "enabled":
         budget = thinking.get("budget_tokens")
         budget = budget if isinstance(budget, int) else 8192
-        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high" \
+            if budget < 32768 else "xhigh"
     if thinking.get("type") == "adaptive":
-        config = body.get("output_config")
-        effort = config.get("effort") if isinstance(config, dict) else None
-        return {"low": "low", "medium": "medium", "high": "high", "max": "high"}.get(effort, "medium")
+        effort = dict_of(body.get("output_config")).get("effort")
+        return effort if effort in EFFORTS else "high"
     return None
+
+
+def provider_effort(effort: str, scales, model: str) -> str | None:
+    """The provider's own level for an effort, on the scale of the first pattern that matches
+    the model: the highest it has at or below the effort asked for (never a silent medium).
+    None when the model has no scale."""
+    scale = next((levels for pattern, levels in scales if re.search(pattern, model)), None)
+    if not scale:
+        return None
+    rank = EFFORTS.index(effort)
+    below = [level for level in scale if EFFORTS.index(level) <= rank]
+    chosen = below[-1] if below else next(iter(scale))
+    if chosen != effort:
+        log.debug("%s has no %s effort; asking for %s", model, effort, scale[chosen])
+    return scale[chosen]
 
 
 def list_of(value) -> list:
@@ -4282,7 +4324,7 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     if search_model:
         request["web_search_options"] = {}
     request.update(openai_user_field(body.get("metadata")))
-    request.update(openai_reasoning_fields(body, quirks, reasoning_model))
+    request.update(openai_reasoning_fields(body, quirks, model))
     request.update(openai_response_format(body))
     return request
 
@@ -4564,19 +4606,21 @@ def openai_user_field(metadata) -> dict:
     return {"user": "u_" + hashlib.sha256(user_id.encode()).hexdigest()[:32]}
 
 
-def openai_reasoning_fields(body: dict, quirks: dict, reasoning_model: bool) -> dict:
-    """The provider's own way of asking for reasoning, per its preset: reasoning_effort
-    (OpenAI's reasoning models), thinking (DeepSeek), reasoning (OpenRouter)."""
+def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
+    """The provider's own way of asking for reasoning, per its preset: reasoning_effort on the
+    model's scale (OpenAI, Groq, xAI), thinking (DeepSeek), reasoning (OpenRouter: the budget
+    when one was given, else the effort)."""
     effort = thinking_effort(body)
     style = quirks["reasoning_style"]
     if effort is None or style is None:
         return {}
-    if style == "effort":
-        return {"reasoning_effort": effort} if reasoning_model else {}
     if style == "deepseek":
         return {"thinking": {"type": "enabled"}}
-    budget = (body.get("thinking") or {}).get("budget_tokens")
-    return {"reasoning": {"max_tokens": budget} if isinstance(budget, int) else {"effort": effort}}
+    level = provider_effort(effort, quirks["effort_scales"], model)
+    if style == "effort":
+        return {"reasoning_effort": level} if level else {}
+    budget = dict_of(body.get("thinking")).get("budget_tokens")
+    return {"reasoning": {"max_tokens": budget} if isinstance(budget, int) else {"effort": level}}
 
 
 def openai_response_format(body: dict) -> dict:
@@ -4930,6 +4974,10 @@ GEMINI_FORMATS = {"STRING": ("enum", "date-time"), "NUMBER": ("float", "double")
                   "INTEGER": ("int32", "int64")}
 MAX_SCHEMA_REF_DEPTH = 8
 MAX_GEMINI_STOP_SEQUENCES = 5
+# Gemini 2.5's thinkingBudget for an effort asked without a budget (-1: the model decides;
+# 24,576 is the most 2.5 Flash takes, https://ai.google.dev/gemini-api/docs/thinking).
+GEMINI_BUDGET_BY_EFFORT = {"low": 1024, "medium": 8192, "high": -1, "xhigh": 24576,
+                           "max": 24576}
 GEMINI_REFUSALS = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
                    "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "LANGUAGE")
 GEMINI_BAD_CALLS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "TOO_MANY_TOOL_CALLS")
@@ -5277,11 +5325,13 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
     effort = thinking_effort(body)
     if effort is not None:
         pattern = provider.quirks["thinking_level_models"]
-        if pattern and re.match(pattern, model):
-            thinking = {"thinkingLevel": "low" if effort == "low" else "high"}
+        level = provider_effort(effort, provider.quirks["effort_scales"], model)
+        if pattern and re.match(pattern, model) and level:
+            thinking = {"thinkingLevel": level}
         else:
-            budget = (body.get("thinking") or {}).get("budget_tokens")
-            thinking = {"thinkingBudget": budget if isinstance(budget, int) else -1}
+            budget = dict_of(body.get("thinking")).get("budget_tokens")
+            thinking = {"thinkingBudget": budget if isinstance(budget, int)
+                        else GEMINI_BUDGET_BY_EFFORT[effort]}
         config["thinkingConfig"] = dict(thinking, includeThoughts=True)
     return config
 

@@ -231,6 +231,20 @@ def test_thinking_config(model, thinking, expected):
     assert config.get("thinkingConfig") == expected
 
 
+@pytest.mark.parametrize("model, effort, expected", [
+    ("gemini-3-pro-preview", "medium", {"thinkingLevel": "low"}),   # Pro: low and high only
+    ("gemini-3-pro-preview", "xhigh", {"thinkingLevel": "high"}),
+    ("gemini-3-flash", "medium", {"thinkingLevel": "medium"}),
+    ("gemini-2.5-pro", "low", {"thinkingBudget": 1024}),
+    ("gemini-2.5-flash", "max", {"thinkingBudget": 24576}),
+])
+def test_effort_maps_to_thinking_level_or_budget(model, effort, expected):
+    config = mapped({"messages": [{"role": "user", "content": "x"}],
+                     "thinking": {"type": "adaptive"}, "output_config": {"effort": effort}},
+                    model=model)["generationConfig"]
+    assert config["thinkingConfig"] == dict(expected, includeThoughts=True)
+
+
 def test_url_images_are_refused_with_a_reason():
     with pytest.raises(ccproxy.InvalidRequestError, match=r"messages\[0\].content\[0\].*inline"):
         mapped({"messages": [{"role": "user", "content": [

@@ -469,11 +469,33 @@ def test_openai_reasoning_models_take_max_completion_tokens_and_no_sampling(mode
     ({"type": "enabled", "budget_tokens": 1024}, "low"),
     ({"type": "enabled", "budget_tokens": 10000}, "medium"),
     ({"type": "enabled", "budget_tokens": 31999}, "high"),
-    ({"type": "adaptive"}, "medium"), ({"type": "disabled"}, None)])
+    ({"type": "enabled", "budget_tokens": 64000}, "high"),     # xhigh: o4-mini stops at high
+    ({"type": "adaptive"}, "high"), ({"type": "disabled"}, None)])
 def test_thinking_maps_to_reasoning_effort(thinking, effort):
     request = mapped({"messages": [{"role": "user", "content": "x"}], "thinking": thinking},
                      model="o4-mini")
     assert request.get("reasoning_effort") == effort
+
+
+@pytest.mark.parametrize("preset, model, asked, sent", [
+    ("openai", "gpt-5.2", "xhigh", {"reasoning_effort": "xhigh"}),
+    ("openai", "gpt-5.2", "max", {"reasoning_effort": "xhigh"}),
+    ("openai", "gpt-5-mini", "xhigh", {"reasoning_effort": "high"}),
+    ("openai", "gpt-5-mini", "low", {"reasoning_effort": "low"}),
+    ("openrouter", "z-ai/glm-5", "xhigh", {"reasoning": {"effort": "xhigh"}}),
+    ("openrouter", "z-ai/glm-5", "max", {"reasoning": {"effort": "xhigh"}}),
+    ("groq", "openai/gpt-oss-120b", "xhigh", {"reasoning_effort": "high"}),
+    ("groq", "llama-3.3-70b-versatile", "high", {}),             # no effort scale: none sent
+    ("xai", "grok-4.7", "xhigh", {"reasoning_effort": "xhigh"}),
+    ("xai", "grok-3-mini", "medium", {"reasoning_effort": "low"}),
+    ("deepseek", "deepseek-chat", "xhigh", {"thinking": {"type": "enabled"}}),
+])
+def test_effort_is_mapped_onto_each_providers_own_scale(preset, model, asked, sent):
+    request = mapped({"messages": [{"role": "user", "content": "x"}],
+                      "thinking": {"type": "adaptive"}, "output_config": {"effort": asked}},
+                     preset, model=model)
+    fields = {k: request[k] for k in ("reasoning_effort", "reasoning", "thinking") if k in request}
+    assert fields == sent
 
 
 def test_deepseek_preset():
