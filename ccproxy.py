@@ -4533,7 +4533,8 @@ def openai_tools_from_anthropic(tools, quirks: dict) -> list:
                 log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
                          tool.get("type"))
             continue
-        parameters = tool.get("input_schema") or {"type": "object", "properties": {}}
+        parameters = openai_schema(tool.get("input_schema") or {"type": "object",
+                                                                 "properties": {}})
         if quirks["schema_drop_keys"] and isinstance(parameters, dict):
             parameters = {k: v for k, v in parameters.items() if k not in quirks["schema_drop_keys"]}
         function = {"name": openai_tool_name(str(tool["name"])), "parameters": parameters}
@@ -4541,6 +4542,43 @@ def openai_tools_from_anthropic(tools, quirks: dict) -> list:
             function["description"] = tool["description"]
         functions.append({"type": "function", "function": function})
     return functions
+
+
+SCHEMA_MAP_KEYWORDS = ("properties", "patternProperties", "$defs", "definitions",
+                       "dependentSchemas")
+SCHEMA_LIST_KEYWORDS = ("anyOf", "allOf", "oneOf", "prefixItems")
+SCHEMA_KEYWORDS = ("items", "additionalProperties", "not", "contains", "if", "then", "else",
+                   "propertyNames", "unevaluatedProperties", "additionalItems")
+
+
+def openai_schema(node):
+    """A tool schema as OpenAI's validator takes it: a `pattern` its regular-expression dialect
+    cannot compile (`\\p{…}` classes, as Claude Code 2.1.265 sent; checked with Python's re, the
+    same family) is left out, recursively; everything else is kept."""
+    if not isinstance(node, dict):
+        return node
+    cleaned = {}
+    for key, value in node.items():
+        if key == "pattern" and isinstance(value, str) and not python_regex(value):
+            log.debug("a tool schema pattern OpenAI cannot compile was left out: %r", value[:80])
+            continue
+        if key in SCHEMA_MAP_KEYWORDS and isinstance(value, dict):
+            value = {name: openai_schema(child) for name, child in value.items()}
+        elif key in SCHEMA_LIST_KEYWORDS and isinstance(value, list):
+            value = [openai_schema(child) for child in value]
+        elif key in SCHEMA_KEYWORDS:
+            value = openai_schema(value)
+        cleaned[key] = value
+    return cleaned
+
+
+def python_regex(pattern: str) -> bool:
+    """Whether pattern compiles as a Python regular expression (no \\p{…}, no possessives)."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
 
 
 def openai_tool_name(name: str) -> str:

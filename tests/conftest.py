@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import MockUpstream, RunningProxy, anthropic_provider  # first: ccproxy on the path
+from helpers import (CLAUDE_CODE_VERSIONS, MockUpstream, RunningProxy,  # first: ccproxy on the path
+                     anthropic_provider, capture_claude_code)
 import ccproxy  # noqa: E402  (isort: skip)
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -54,3 +55,13 @@ def start_proxy():
 def proxy(start_proxy, upstream):
     """A proxy with one Anthropic provider: the mock upstream."""
     return start_proxy({"providers": [anthropic_provider(upstream)]})
+
+
+@pytest.fixture(scope="session")
+def claude_code_requests(tmp_path_factory):
+    """version -> the requests each Claude Code version the suite installs sends in a one-turn
+    headless run, every tool in `tools` (ENABLE_TOOL_SEARCH=false). Captured from the real CLI
+    at test time: Claude Code's own prompts and tool schemas are not stored in the project."""
+    return {version: capture_claude_code(version, tmp_path_factory.mktemp("claude-" + version),
+                                         env={"ENABLE_TOOL_SEARCH": "false"})
+            for version in CLAUDE_CODE_VERSIONS}

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import select
+import shutil
+import subprocess
 import socket
 import sys
 import threading
@@ -16,20 +19,11 @@ import anthropic
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 import ccproxy  # noqa: E402
 
 PROVIDER_KEY = "sk-ant-upstream-secret-0123456789"
-
-
-def shared_path(*parts) -> Path:
-    """A file under ../shared; tests that need it skip with the reason when it is missing."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip("%s is missing: the tests read shared data from ../shared" % path)
-    return path
 
 
 def sse(event: str, data) -> bytes:
@@ -289,3 +283,47 @@ def sdk(proxy, key="client-key-not-for-upstream", **options) -> anthropic.Anthro
     """The one client of the tests: the official anthropic SDK, pointed at a running proxy,
     with no retries of its own."""
     return anthropic.Anthropic(base_url=proxy.url, api_key=key, max_retries=0, **options)
+
+
+CLAUDE_CODE_VERSIONS = ["2.1.197", "2.1.330"]   # the two seen to send different requests
+CACHE = Path(os.environ.get("CCPROXY_TEST_CACHE", Path.home() / ".cache" / "ccproxy-tests"))
+
+
+def installed_claude(version: str) -> Path:
+    """node_modules/.bin/claude of that version, installed once into the cache folder."""
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed, so the real Claude Code CLI cannot be installed")
+    folder = CACHE / ("claude-code-" + version)
+    claude = folder / "node_modules" / ".bin" / "claude"
+    if not claude.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "package.json").write_text('{"name": "cc-cache", "private": true}')
+        result = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error",
+                                 "@anthropic-ai/claude-code@" + version], cwd=folder,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return claude
+
+
+def capture_claude_code(version: str, folder: Path, prompt: str = "hi", env=None) -> list:
+    """The requests a real Claude Code sends in one headless run (`claude -p prompt`) against a
+    mock Anthropic API that answers every request with a short text: [{headers, json, path}].
+    Claude Code's own text stays in memory, for the test that reads it; nothing is stored."""
+    claude = installed_claude(version)
+    mock = MockUpstream()
+    mock.script = lambda r: stream_reply() if (r["json"] or {}).get("stream") else json_reply(
+        anthropic_message())
+    home = folder / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE"))}
+    environ.update(HOME=str(home), ANTHROPIC_BASE_URL=mock.url, ANTHROPIC_AUTH_TOKEN="capture",
+                   DISABLE_TELEMETRY="1", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+                   DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES="0", **(env or {}))
+    try:
+        result = subprocess.run([str(claude), "-p", prompt, "--output-format", "json"],
+                                cwd=str(folder), env=environ, capture_output=True, text=True,
+                                timeout=300, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, (result.stdout[-1000:], result.stderr[-1000:])
+        return [r for r in mock.requests if r["method"] == "POST" and r["json"]]
+    finally:
+        mock.close()

@@ -8,11 +8,7 @@ import anthropic
 import pytest
 
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     PROVIDER_KEY, Reply, sdk, shared_path, sse, stream_reply)
-
-
-def claude_code_request():
-    return json.loads(shared_path("reference", "claude-code-request.json").read_text())
+                     PROVIDER_KEY, Reply, sdk, sse, stream_reply, CLAUDE_CODE_VERSIONS)
 
 
 def test_non_stream_answer_reaches_the_sdk_unchanged(proxy, upstream):
@@ -61,8 +57,10 @@ def test_unchanged_body_is_forwarded_byte_for_byte(start_proxy, upstream):
     assert upstream.requests[0]["body"] == body
 
 
-def test_claude_code_request_with_query_string_is_relayed(proxy, upstream):
-    request = claude_code_request()
+@pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
+def test_claude_code_request_with_query_string_is_relayed(proxy, upstream, claude_code_requests,
+                                                          version):
+    request = claude_code_requests[version][0]["json"]
     upstream.script = lambda r: stream_reply()
     client = sdk(proxy)
     known = ("model", "max_tokens", "messages", "system", "tools")
@@ -196,10 +194,11 @@ def test_count_tokens_falls_back_to_the_estimator_when_upstream_fails(proxy, ups
     assert 5 <= count.input_tokens <= 15
 
 
-def test_count_tokens_uses_the_estimator_for_a_provider_without_it(start_proxy, upstream):
+def test_count_tokens_uses_the_estimator_for_a_provider_without_it(start_proxy, upstream,
+                                                                   claude_code_requests):
     proxy = start_proxy({"providers": [anthropic_provider(upstream, name="gateway",
                                                           type="anthropic")]})
-    request = claude_code_request()
+    request = claude_code_requests["2.1.330"][0]["json"]
     count = sdk(proxy).messages.count_tokens(
         model=request["model"], messages=request["messages"], system=request["system"],
         tools=request["tools"])

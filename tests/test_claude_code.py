@@ -4,34 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, Reply, json_reply
-
-VERSIONS = ["2.1.197", "2.1.330"]      # the two seen to send different requests
-CACHE = Path(os.environ.get("CCPROXY_TEST_CACHE", Path.home() / ".cache" / "ccproxy-tests"))
-
-
-def installed_claude(version: str) -> Path:
-    """node_modules/.bin/claude of that version, installed once into the cache folder."""
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed, so the real Claude Code CLI cannot be installed")
-    folder = CACHE / ("claude-code-" + version)
-    claude = folder / "node_modules" / ".bin" / "claude"
-    if not claude.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "package.json").write_text('{"name": "cc-cache", "private": true}')
-        result = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error",
-                                 "@anthropic-ai/claude-code@" + version], cwd=folder,
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-2000:]
-    return claude
-
+from helpers import CLAUDE_CODE_VERSIONS as VERSIONS, REPO, Reply, installed_claude, json_reply
 
 def openai_answer(message: dict, stream: bool, finish: str):
     """A Chat Completions answer, streamed as chunks or whole."""

@@ -8,7 +8,7 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import json_reply, Reply, sdk, shared_path, stream_reply
+from helpers import CLAUDE_CODE_VERSIONS, json_reply, Reply, sdk, stream_reply
 
 GEMINI_KEY = "AIzaSy-gemini-secret-0123456789"
 
@@ -102,8 +102,9 @@ def test_refs_are_inlined_and_recursion_is_capped():
     assert root["properties"]["child"]["type"] == "OBJECT"
 
 
-def test_every_claude_code_tool_schema_comes_out_valid_for_gemini():
-    tools = json.loads(shared_path("reference", "claude-code-request.json").read_text())["tools"]
+@pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
+def test_every_claude_code_tool_schema_comes_out_valid_for_gemini(claude_code_requests, version):
+    tools = claude_code_requests[version][0]["json"]["tools"]
     assert len(tools) > 10
     for tool in tools:
         declaration = ccproxy.gemini_function_declaration(tool)

@@ -3,13 +3,14 @@ through the proxy against a scripted mock Chat Completions server."""
 from __future__ import annotations
 
 import json
+import re
 
 import anthropic
 import openai
 import pytest
 
 import ccproxy
-from helpers import (json_reply, open_stream, read_to_end, Reply, sdk, shared_path,
+from helpers import (CLAUDE_CODE_VERSIONS, json_reply, open_stream, read_to_end, Reply, sdk,
                      stream_reply)
 
 OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
@@ -573,8 +574,58 @@ def test_unexpressible_content_is_a_400_naming_the_block():
         mapped({"messages": [{"role": "user", "content": [{"type": "hologram"}]}]})
 
 
-def test_claude_code_request_maps_cleanly():
-    body = json.loads(shared_path("reference", "claude-code-request.json").read_text())
+def all_patterns(node):
+    """Every `pattern` keyword in a schema (property names called "pattern" are not)."""
+    if isinstance(node, list):
+        return [p for child in node for p in all_patterns(child)]
+    if not isinstance(node, dict):
+        return []
+    found = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+    for key, value in node.items():
+        children = value.values() if key in ("properties", "$defs", "definitions") and \
+            isinstance(value, dict) else [value]
+        found += [p for child in children for p in all_patterns(child)]
+    return found
+
+
+UNICODE_CLASS_TOOL = {"name": "Artifact", "input_schema": {"type": "object", "properties": {
+    "title": {"type": "string", "pattern": "^[^\\p{Cc}]{1,80}$"},
+    "pattern": {"type": "string", "description": "a property that is called pattern"},
+    "slug": {"type": "string", "pattern": "^[a-z0-9-]+$"},
+    "items": {"type": "array", "items": {"anyOf": [
+        {"type": "string", "pattern": "\\P{L}+"}, {"type": "integer"}]}}},
+    "required": ["title"]}}
+
+
+def test_patterns_openai_cannot_compile_are_left_out_and_the_rest_kept():
+    tool = ccproxy.openai_tools_from_anthropic([UNICODE_CLASS_TOOL], provider().quirks)[0]
+    parameters = tool["function"]["parameters"]
+    assert all_patterns(UNICODE_CLASS_TOOL["input_schema"]) == [
+        "^[^\\p{Cc}]{1,80}$", "^[a-z0-9-]+$", "\\P{L}+"]
+    assert all_patterns(parameters) == ["^[a-z0-9-]+$"]
+    assert parameters["properties"]["pattern"] == {
+        "type": "string", "description": "a property that is called pattern"}
+    assert parameters["properties"]["title"] == {"type": "string"}
+    assert parameters["required"] == ["title"]
+
+
+@pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
+def test_every_claude_code_tool_schema_compiles_for_openai(claude_code_requests, version):
+    body = claude_code_requests[version][0]["json"]
+    request = ccproxy.openai_request_from_anthropic(body, provider(), "gpt-4.1")
+    for tool in request["tools"]:
+        for pattern in all_patterns(tool["function"]["parameters"]):
+            re.compile(pattern)
+    kept = {t["function"]["name"]: t["function"]["parameters"] for t in request["tools"]}
+    for tool in body["tools"]:
+        if "input_schema" in tool and all(ccproxy.python_regex(p) for p in all_patterns(
+                tool["input_schema"])):
+            assert kept[ccproxy.openai_tool_name(tool["name"])] == tool["input_schema"]
+
+
+@pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
+def test_claude_code_request_maps_cleanly(claude_code_requests, version):
+    body = claude_code_requests[version][0]["json"]
     request = ccproxy.openai_request_from_anthropic(body, provider(), "gpt-4.1")
     json.dumps(request)
     assert request["messages"][0]["role"] == "system"
