@@ -3892,7 +3892,9 @@ def text_of_system(system) -> str:
 
 
 def tool_result_text(block: dict) -> str:
-    """A tool_result's content as text: strings and text blocks joined, never their JSON."""
+    """A tool_result's content as text: strings and text blocks joined, never their JSON; a
+    tool_reference (what Claude Code's tool search returns) as the name of the tool it loaded;
+    a search result or document as its readable text; images are sent apart."""
     content = block.get("content")
     texts = []
     for item in content if isinstance(content, list) else [content]:
@@ -3900,8 +3902,29 @@ def tool_result_text(block: dict) -> str:
             texts.append(item)
         elif isinstance(item, dict) and item.get("type") == "text":
             texts.append(str(item.get("text", "")))
+        elif isinstance(item, dict) and item.get("type") == "tool_reference":
+            texts.append("[tool loaded: %s]" % item.get("tool_name"))
+        elif isinstance(item, dict) and item.get("type") not in ("image", None):
+            texts.append("[%s]\n%s" % (item["type"], "\n".join(
+                t for t in nested_texts(item) if t))[:MAX_SERVER_BLOCK_CHARS])
     text = "\n".join(t for t in texts if t)
     return text or ("[image attached below]" if tool_result_images(block) else "")
+
+
+def offered_tools(body: dict) -> list:
+    """The request's tools a translating provider should see: a tool marked defer_loading only
+    once a tool_reference in the conversation has named it (Claude Code's tool search loads
+    tools that way; sent from the start, every deferred tool would cost tokens on every turn)."""
+    tools = [tool for tool in list_of(body.get("tools")) if isinstance(tool, dict)]
+    if not any(tool.get("defer_loading") is True for tool in tools):
+        return tools
+    loaded = {dict_of(item).get("tool_name") for message in list_of(body.get("messages"))
+              for block in list_of(dict_of(message).get("content"))
+              if dict_of(block).get("type") == "tool_result"
+              for item in list_of(dict_of(block).get("content"))
+              if dict_of(item).get("type") == "tool_reference"}
+    return [tool for tool in tools if tool.get("defer_loading") is not True
+            or tool.get("name") in loaded]
 
 
 def tool_result_images(block: dict) -> list:
@@ -4314,7 +4337,7 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
         request["stream"] = True
         if quirks["stream_usage"]:
             request["stream_options"] = {"include_usage": True}
-    tools = openai_tools_from_anthropic(body.get("tools"), quirks)
+    tools = openai_tools_from_anthropic(offered_tools(body), quirks)
     if search == "web_plugin":
         tools.append({"type": "openrouter:web_search"})
     if tools:
@@ -5079,7 +5102,7 @@ def gemini_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     request = {"contents": contents}
     if system:
         request["systemInstruction"] = {"parts": [{"text": system}]}
-    tools = gemini_tools_from_anthropic(body.get("tools"))
+    tools = gemini_tools_from_anthropic(offered_tools(body))
     if tools:
         request["tools"] = tools
         declared = {d["name"] for d in tools[0].get("functionDeclarations", ())}

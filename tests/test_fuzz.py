@@ -181,3 +181,39 @@ def test_every_block_type_is_carried_as_readable_content_or_refused_by_name(prov
     if kind in DROPPED or (kind == "image" and not provider.quirks["vision"]):
         return
     assert readable and all(value in sent for value in readable), (kind, sent)
+
+
+# --- tool search: deferred tools and the tool references that load them --------------------------
+
+DEFERRED = {"model": "m", "max_tokens": 5, "tools": [
+    {"name": "Bash", "input_schema": {"type": "object"}},
+    {"name": "ToolSearch", "input_schema": {"type": "object"}},
+    {"name": "WebSearch", "input_schema": {"type": "object"}, "defer_loading": True},
+    {"name": "NotebookEdit", "input_schema": {"type": "object"}, "defer_loading": True}]}
+LOADED = [{"role": "user", "content": "search the web"},
+          {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_9",
+                                             "name": "ToolSearch",
+                                             "input": {"query": "select:WebSearch"}}]},
+          {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9",
+                                        "content": [{"type": "tool_reference",
+                                                     "tool_name": "WebSearch"}]},
+                                       {"type": "text", "text": "Tool loaded."}]}]
+
+
+def sent_tools(provider, messages):
+    """(the tool names sent, the body sent) for a conversation."""
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
+    outgoing = ccproxy.PROTOCOLS[provider.protocol].messages_request(
+        provider, "model-x", request, dict(DEFERRED, messages=messages))
+    sent = json.loads(outgoing.body)
+    names = [d["name"] for t in sent.get("tools", ()) for d in t.get("functionDeclarations", ())] \
+        if provider.protocol == "gemini" else [t["function"]["name"] for t in sent.get("tools", ())]
+    return names, outgoing.body.decode()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=lambda p: p.name)
+def test_deferred_tools_are_sent_once_a_tool_reference_loaded_them(provider):
+    assert sent_tools(provider, [{"role": "user", "content": "hi"}])[0] == ["Bash", "ToolSearch"]
+    names, sent = sent_tools(provider, LOADED)
+    assert names == ["Bash", "ToolSearch", "WebSearch"]
+    assert "[tool loaded: WebSearch]" in sent
