@@ -681,6 +681,7 @@ PROVIDER_QUIRKS = {
     "reasoning_models": None,   # model ids (regex) that take max_completion_tokens, no sampling
     "reasoning_style": None,    # how thinking is asked for: "effort", "deepseek", "openrouter"
     "reasoning_replay": False,  # thinking goes back as reasoning_content on tool-call turns
+    "reasoning_details": False,  # reasoning_details (signed, encrypted) go back on the next turn
     "stream_usage": True,       # accepts stream_options.include_usage
     "top_k": False,             # accepts top_k
     "vision": True,             # accepts image parts
@@ -713,6 +714,7 @@ PROVIDER_PRESETS = {
                    "headers": {"HTTP-Referer": "http://localhost:3456",
                                "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
                    "quirks": {"reasoning_style": "openrouter", "top_k": True,
+                              "reasoning_details": True,
                               "effort_scales": ((r"", EFFORTS_TO_XHIGH),),
                               "search": "web_plugin"}},
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
@@ -3670,7 +3672,7 @@ class EventEmitter:
         self.block = -1               # index of the last block started
         self.open = None              # the key of the open block, None when none is open
         self._open_type = None        # the type of the open block
-        self.signature = thinking_signature(context.provider.name)
+        self.signature = thinking_signature(context.provider.name)   # or a callable giving it
         self.output_chars = 0
 
     def take(self) -> bytes:
@@ -3740,9 +3742,10 @@ class EventEmitter:
         if self.open is None:
             return
         if self._open_type == "thinking":
+            signature = self.signature() if callable(self.signature) else self.signature
             self._out.append(sse_event("content_block_delta", {
                 "type": "content_block_delta", "index": self.block,
-                "delta": {"type": "signature_delta", "signature": self.signature}}))
+                "delta": {"type": "signature_delta", "signature": signature}}))
             self.signature = thinking_signature(self._context.provider.name)
         self._out.append(BLOCK_STOP % self.block)
         self.open = None
@@ -4387,7 +4390,7 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
     """An assistant turn: text joined, tool_use as tool_calls, thinking dropped (another
     provider's signed or redacted thinking means nothing here) or replayed, server tools'
     blocks as the text of what they asked and found."""
-    texts, calls, thoughts = [], [], []
+    texts, calls, thoughts, details = [], [], [], []
     for position, block in enumerate(blocks):
         kind = block.get("type")
         readable = server_block_text(block) if kind in SERVER_BLOCK_TYPES else None
@@ -4407,9 +4410,12 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
                                        "arguments": arguments}})
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             thoughts.append(block["thinking"])
+            details += reasoning_details_of(block.get("signature"))
     if not texts and not calls:
         return None
     message = {"role": "assistant", "content": "\n".join(texts) or None}
+    if details and quirks["reasoning_details"]:
+        message["reasoning_details"] = details
     if calls:
         message["tool_calls"] = calls
         if quirks["reasoning_replay"]:
@@ -4724,9 +4730,11 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     content = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        content.append({"type": "thinking", "thinking": reasoning,
-                        "signature": thinking_signature(context.provider.name)})
+    details = [d for d in list_of(message.get("reasoning_details")) if isinstance(d, dict)]
+    if (isinstance(reasoning, str) and reasoning) or details:
+        content.append({"type": "thinking", "thinking": reasoning if isinstance(reasoning, str)
+                        else "", "signature": reasoning_details_signature(details)
+                        if details else thinking_signature(context.provider.name)})
     text = message.get("content")
     if isinstance(text, list):                        # Mistral: thinking and text chunks
         chunks = content_chunks(text, context.wants_thinking)
@@ -4836,6 +4844,43 @@ def anthropic_usage_from_openai(usage) -> dict:
             "completion_tokens_details")).get("reasoning_tokens")))
 
 
+REASONING_DETAILS_PREFIX = PROXY_SIGNATURE_PREFIX + "rd."
+
+
+def reasoning_details_signature(details: list) -> str:
+    """A thinking block's signature carrying the reasoning_details an OpenAI-compatible host
+    returned (OpenRouter: signed or encrypted reasoning, https://openrouter.ai/docs/use-cases/
+    reasoning-tokens#preserving-reasoning-blocks), so they go back with the next turn."""
+    return REASONING_DETAILS_PREFIX + base64.urlsafe_b64encode(json_bytes(details)).decode()
+
+
+def reasoning_details_of(signature) -> list:
+    """The reasoning_details a thinking block's signature carries, or [] when none."""
+    if not isinstance(signature, str) or not signature.startswith(REASONING_DETAILS_PREFIX):
+        return []
+    try:
+        details = json.loads(base64.urlsafe_b64decode(signature[len(REASONING_DETAILS_PREFIX):]))
+    except (ValueError, RecursionError):
+        return []
+    return [d for d in list_of(details) if isinstance(d, dict)]
+
+
+def merge_reasoning_details(kept: list, pieces: list) -> list:
+    """Streamed reasoning_details pieces added to those kept: a piece with the index of a kept
+    one extends its text and summary and brings its other fields (signature, data)."""
+    by_index = {d.get("index", n): d for n, d in enumerate(kept)}
+    for piece in pieces:
+        index = piece.get("index", len(by_index))
+        detail = by_index.setdefault(index, {})
+        for key, value in piece.items():
+            if key in ("text", "summary") and isinstance(value, str) and \
+                    isinstance(detail.get(key), str):
+                detail[key] += value
+            elif value is not None:
+                detail[key] = value
+    return list(by_index.values())
+
+
 def openai_stop_reason(finish_reason, made_calls: bool, stop_sequence=None) -> str:
     """The stop_reason of a finish_reason: tool_use whenever calls were made (some servers say
     "stop" after calls), stop_sequence when the server named the stop string that matched,
@@ -4887,6 +4932,7 @@ class OpenAIStreamTranslator:
         self._stop_sequence = None    # the stop string that ended the answer, when told
         self._refused = False
         self._annotations = []        # url_citation annotations of a web search
+        self._details = []            # reasoning_details of the open thinking block
         self._text = []               # the answer's text, kept to quote what they cite
         self._done = False
         self._usage = None
@@ -4947,6 +4993,11 @@ class OpenAIStreamTranslator:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             self._emit.thinking(reasoning)
+        details = [d for d in list_of(delta.get("reasoning_details")) if isinstance(d, dict)]
+        if details:
+            self._emit.thinking("")
+            self._details = merge_reasoning_details(self._details, details)
+            self._emit.signature = lambda kept=self._details: reasoning_details_signature(kept)
         content = delta.get("content")
         if isinstance(content, list):                 # Mistral: thinking and text chunks
             for kind, text in content_chunks(content, self._context.wants_thinking):

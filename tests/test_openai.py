@@ -1009,3 +1009,64 @@ def test_mistral_thinking_chunks_become_thinking_when_asked_for():
         {"type": "text", "text": "Yes."}]}), thinking_context)
     assert [(b["type"], b.get("thinking") or b.get("text")) for b in whole["content"]] == [
         ("thinking", "Hm."), ("text", "Yes.")]
+
+
+# --- reasoning that must come back: OpenRouter's reasoning_details ------------------------------
+
+DETAILS = [{"type": "reasoning.text", "text": "Check the weather tool.", "signature": "sig-abc",
+            "format": "anthropic-claude-v1", "index": 0},
+           {"type": "reasoning.encrypted", "data": "ENCRYPTED==", "format": "google-gemini-v1",
+            "index": 1}]
+
+
+def openrouter_reply(stream):
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"location":"Oslo"}'}}
+    if not stream:
+        return json_reply(completion({"content": None, "reasoning": "Check the weather tool.",
+                                      "reasoning_details": DETAILS, "tool_calls": [call]},
+                                     "tool_calls"))
+    pieces = [chunk({"role": "assistant", "reasoning": "Check the ",
+                     "reasoning_details": [{"type": "reasoning.text", "text": "Check the ",
+                                            "format": "anthropic-claude-v1", "index": 0}]}),
+              chunk({"reasoning": "weather tool.", "reasoning_details": [
+                  {"type": "reasoning.text", "text": "weather tool.", "index": 0}]}),
+              chunk({"reasoning_details": [{"type": "reasoning.text", "signature": "sig-abc",
+                                            "index": 0}, DETAILS[1]]}),
+              chunk({"tool_calls": [dict(call, index=0)]}), chunk({}, "tool_calls")]
+    return stream_reply(sse_pieces(pieces))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_details_survive_a_tool_turn_through_openrouter(start_proxy, upstream, stream):
+    proxy = start_proxy({"providers": [preset_provider("openrouter", upstream)]})
+    upstream.script = lambda r: openrouter_reply(stream)
+    request = dict(REQUEST, thinking={"type": "enabled", "budget_tokens": 2048})
+    if stream:
+        with sdk(proxy).messages.stream(**request) as events:
+            first = events.get_final_message()
+    else:
+        first = sdk(proxy).messages.create(**request)
+    thinking, call = first.content
+    assert thinking.type == "thinking" and thinking.thinking == "Check the weather tool."
+    assert thinking.signature.startswith("ccpx1.rd.")
+    upstream.script = lambda r: json_reply(completion({"content": "It is 4°C."}))
+    follow_up = dict(request, messages=request["messages"] + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                      "content": "4°C"}]}])
+    sdk(proxy).messages.create(**follow_up)
+    assistant = [m for m in upstream.requests[-1]["json"]["messages"] if m["role"] == "assistant"]
+    assert assistant[0]["reasoning_details"] == DETAILS
+
+
+def test_reasoning_details_go_back_only_to_hosts_that_take_them():
+    block = {"type": "thinking", "thinking": "x",
+             "signature": ccproxy.reasoning_details_signature(DETAILS)}
+    body = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": [block, {"type": "tool_use", "id": "t",
+                                                                    "name": "f", "input": {}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                       "content": "r"}]}]}
+    assert "reasoning_details" in mapped(body, "openrouter")["messages"][1]
+    assert "reasoning_details" not in mapped(body, "openai")["messages"][1]
