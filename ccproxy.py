@@ -81,7 +81,6 @@ log = logging.getLogger("ccproxy")
 
 
 
-
 ###############################################################################
 # 1. Constants
 ###############################################################################
@@ -166,7 +165,6 @@ ANTHROPIC_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 # Response headers relayed back from an Anthropic-protocol provider.
 RELAYED_RESPONSE_HEADERS = ("request-id", "retry-after")
 RELAYED_RESPONSE_HEADER_PREFIX = "anthropic-ratelimit-"
-
 
 
 
@@ -416,7 +414,6 @@ def error_from_upstream(provider, status: int, body: bytes, headers=()) -> Proxy
 
 
 
-
 ###############################################################################
 # 3. Config
 ###############################################################################
@@ -652,7 +649,6 @@ def file_mtime(path: str | None) -> float | None:
         return None
 
 
-
 # -----------------------------------------------------------------------------
 # 3.2 The configuration: providers, routes, limits
 # -----------------------------------------------------------------------------
@@ -880,7 +876,6 @@ def default_max_connections() -> int:
         return MAX_AUTO_CONNECTIONS
     return max(MIN_AUTO_CONNECTIONS,
                min(MAX_AUTO_CONNECTIONS, (soft - RESERVED_FILE_DESCRIPTORS) // 2))
-
 
 
 # -----------------------------------------------------------------------------
@@ -1302,7 +1297,6 @@ def config_file_exposure(path: str | None, content: dict) -> str | None:
 
 
 
-
 ###############################################################################
 # 4. HTTP/1.1
 ###############################################################################
@@ -1540,7 +1534,6 @@ def header_safe(value: str) -> str:
         "%%%02X" % byte for byte in char.encode("utf-8", "surrogatepass")) for char in value)
 
 
-
 # -----------------------------------------------------------------------------
 # 4.2 The server: listening, accepting within limits, draining
 # -----------------------------------------------------------------------------
@@ -1709,7 +1702,6 @@ class ProxyServer:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=5)
         await asyncio.gather(*self._accepting, return_exceptions=True)
-
 
 
 # -----------------------------------------------------------------------------
@@ -2000,7 +1992,6 @@ class ClientConnection:
 
 
 
-
 ###############################################################################
 # 5. Access
 ###############################################################################
@@ -2106,7 +2097,6 @@ class RateLimiter:
             raise RateLimitError("rate limit of %d requests per minute exceeded; retry in %d s"
                                  % (per_minute, math.ceil(wait)),
                                  [("retry-after", str(math.ceil(wait)))])
-
 
 
 
@@ -2398,7 +2388,6 @@ OPTIONAL_FIELD_CHECKS = {
 }
 
 
-
 # -----------------------------------------------------------------------------
 # 6.2 Messages, token counts, models
 # -----------------------------------------------------------------------------
@@ -2426,6 +2415,7 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     if request.record is not None:
         request.record.update(route=route, provider=provider.name, model=model)
     protocol = PROTOCOLS[provider.protocol]
+    protocol.check_request(body)
     call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
                              app.config.request_timeout)
     return await relay_call(protocol, call, conn, request, body)
@@ -2474,7 +2464,6 @@ async def handle_models(app: ProxyApp, request: Request, conn) -> Response:
     return json_response({"data": models, "has_more": False,
                           "first_id": models[0]["id"] if models else None,
                           "last_id": models[-1]["id"] if models else None})
-
 
 
 # -----------------------------------------------------------------------------
@@ -2619,7 +2608,6 @@ def format_request_log(request: Request, status: int) -> str:
                 "%.1f" % ((first - record["started"]) * 1000) if first else "-"))
 
 
-
 # -----------------------------------------------------------------------------
 # 6.4 Provider management
 # -----------------------------------------------------------------------------
@@ -2721,7 +2709,6 @@ def entry_index(content: dict, name: str) -> int:
     raise NotFoundError("no provider named %r" % name)
 
 
-
 # -----------------------------------------------------------------------------
 # 6.5 The endpoint table
 # -----------------------------------------------------------------------------
@@ -2762,7 +2749,6 @@ def find_endpoint(request: Request):
                                                                        request.path),
                                     [("allow", allowed)])
     return handler
-
 
 
 
@@ -2850,7 +2836,6 @@ def estimate_request_tokens(body: dict) -> int:
     for tool in tools:
         total += TOOL_OVERHEAD_TOKENS + estimate_text_tokens(json.dumps(tool, ensure_ascii=False))
     return max(total, 1)
-
 
 
 
@@ -3285,7 +3270,6 @@ class Failover:
 
 
 
-
 ###############################################################################
 # 9. Transformers
 ###############################################################################
@@ -3305,6 +3289,25 @@ class Protocol:
     """
 
     name = ""
+    coverage = None          # what a translation maps, drops and refuses (None: passes all on)
+
+    def __init__(self):
+        self._warned = set()     # unknown names already logged, once per process
+
+    def check_request(self, body: dict) -> None:
+        """Refuse (400) what the translation cannot carry, naming it and why; log once, by name
+        and never by value, each request field, block type or tool field it does not know."""
+        if self.coverage is None:
+            return
+        for kind, name in request_parts(body):
+            action, why = self.coverage[kind].get(name, ("unknown", ""))
+            if action == "refused":
+                raise InvalidRequestError("%s %r cannot be sent to a %s provider: %s"
+                                          % (kind, name, self.name, why))
+            if action == "unknown" and (kind, name) not in self._warned:
+                self._warned.add((kind, name))
+                log.warning("%s translation: the %s %r is new to ccproxy and was not translated",
+                            self.name, kind, name)
 
     def upstream_tool_name(self, name: str) -> str:
         """The name a client's tool has at this provider."""
@@ -3783,6 +3786,58 @@ SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_to
 ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
 
 
+def request_parts(body: dict):
+    """(kind, name) of every field, content block type and tool field of a request."""
+    yield from (("field", key) for key in body)
+    for message in list_of(body.get("messages")):
+        for block in list_of(dict_of(message).get("content")):
+            if isinstance(dict_of(block).get("type"), str):
+                yield "block", block["type"]
+    for tool in list_of(body.get("tools")):
+        yield from (("tool field", key) for key in dict_of(tool))
+
+
+def coverage(mapped=(), dropped=None, refused=None) -> dict:
+    """A translation's table for one kind of request part: name -> (action, why)."""
+    table = {name: ("mapped", "") for name in mapped}
+    table.update((name, ("dropped", why)) for name, why in (dropped or {}).items())
+    table.update((name, ("refused", why)) for name, why in (refused or {}).items())
+    return table
+
+
+# What every translating protocol does with a Messages request, beyond its own differences.
+ANTHROPIC_ONLY = "an Anthropic account or service setting, with no meaning elsewhere"
+TRANSLATED_FIELDS = coverage(
+    mapped=("model", "messages", "max_tokens", "system", "stream", "tools", "tool_choice",
+            "thinking", "temperature", "top_p", "top_k", "stop_sequences", "output_config",
+            "output_format", "metadata"),
+    dropped={"context_management": "Anthropic edits the context on its side; the conversation "
+                                   "goes on as the client holds it",
+             "cache_control": "the provider caches prompt prefixes its own way",
+             "service_tier": ANTHROPIC_ONLY, "container": ANTHROPIC_ONLY,
+             "diagnostics": ANTHROPIC_ONLY, "inference_geo": ANTHROPIC_ONLY,
+             "speed": ANTHROPIC_ONLY, "user_profile_id": ANTHROPIC_ONLY,
+             "workspace_id": ANTHROPIC_ONLY},
+    refused={"mcp_servers": "Anthropic's MCP connector runs those tools on Anthropic's side"})
+TRANSLATED_BLOCKS = coverage(
+    mapped=("text", "image", "document", "tool_use", "tool_result", "thinking",
+            "search_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+            "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"),
+    dropped={"redacted_thinking": "another provider's encrypted thinking means nothing here"},
+    refused={"container_upload": "files uploaded to Anthropic's containers are not readable"})
+TRANSLATED_TOOL_FIELDS = coverage(
+    mapped=("name", "description", "input_schema", "type", "defer_loading", "max_uses"),
+    dropped={"cache_control": "the provider caches prompt prefixes its own way",
+             "strict": "schemas go as they are; strict decoding is Anthropic's",
+             "input_examples": "no equivalent; the description and schema keep the tool's use",
+             "eager_input_streaming": "arguments stream as the provider sends them",
+             "allowed_domains": "no equivalent at the providers that search (logged)",
+             "blocked_domains": "no equivalent at the providers that search (logged)",
+             "user_location": "no equivalent at the providers that search"})
+TRANSLATED_REQUEST = {"field": TRANSLATED_FIELDS, "block": TRANSLATED_BLOCKS,
+                      "tool field": TRANSLATED_TOOL_FIELDS}
+
+
 def tool_use_id(call_id) -> str:
     """The tool_use id for an upstream call id: kept when a tool_use id may hold it, else encoded
     reversibly, or a fresh id when there is none."""
@@ -4075,7 +4130,6 @@ class SSEDecoder:
         return events
 
 
-
 # -----------------------------------------------------------------------------
 # 9.2 Anthropic Messages (pass-through)
 # -----------------------------------------------------------------------------
@@ -4280,7 +4334,6 @@ def note_anthropic_usage(data: bytes, record: dict) -> None:
         usage[name.decode()] = int(value)
 
 
-
 # -----------------------------------------------------------------------------
 # 9.3 OpenAI Chat Completions
 # -----------------------------------------------------------------------------
@@ -4297,6 +4350,7 @@ class OpenAIChatProtocol(Protocol):
     """OpenAI's Chat Completions API, and the many servers that copy it."""
 
     name = "openai"
+    coverage = TRANSLATED_REQUEST
 
     def upstream_tool_name(self, name: str) -> str:
         return openai_tool_name(name)
@@ -5069,7 +5123,6 @@ class OpenAIStreamTranslator:
         self._emit.close()
 
 
-
 # -----------------------------------------------------------------------------
 # 9.4 Gemini
 # -----------------------------------------------------------------------------
@@ -5103,6 +5156,8 @@ class GeminiProtocol(Protocol):
     """Google's Gemini API (generateContent, streamGenerateContent, countTokens)."""
 
     name = "gemini"
+    coverage = dict(TRANSLATED_REQUEST, field=dict(TRANSLATED_FIELDS, metadata=(
+        "dropped", "Gemini has no per-user field")))
 
     def upstream_tool_name(self, name: str) -> str:
         return gemini_tool_name(name)
@@ -5646,7 +5701,6 @@ def gemini_retry_delays(error: dict) -> list:
     return delays
 
 
-
 # -----------------------------------------------------------------------------
 # 9.5 The protocol registry (a new protocol: a sub-section above, a line here)
 # -----------------------------------------------------------------------------
@@ -5656,7 +5710,6 @@ PROTOCOLS = {protocol.name: protocol for protocol in (
     OpenAIChatProtocol(),
     GeminiProtocol(),
 )}
-
 
 
 
@@ -6130,7 +6183,6 @@ def build_upstream_opener():
 
 
 
-
 ###############################################################################
 # 11. Daemon
 ###############################################################################
@@ -6528,7 +6580,6 @@ def wait_for_exit(pid: int, seconds: float) -> bool:
             return True
         time.sleep(STOP_POLL_SECONDS)
     return False
-
 
 
 

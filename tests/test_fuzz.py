@@ -217,3 +217,39 @@ def test_deferred_tools_are_sent_once_a_tool_reference_loaded_them(provider):
     names, sent = sent_tools(provider, LOADED)
     assert names == ["Bash", "ToolSearch", "WebSearch"]
     assert "[tool loaded: WebSearch]" in sent
+
+
+# --- nothing unknown is silent ---------------------------------------------------------------------
+
+def test_an_unknown_field_block_or_tool_field_is_logged_once_by_name(caplog):
+    protocol = ccproxy.OpenAIChatProtocol()
+    body = {"model": "m", "max_tokens": 5, "telepathy": {"secret": "VALUE-NEVER-LOGGED"},
+            "messages": [{"role": "user", "content": [{"type": "hologram", "text": "x"}]}],
+            "tools": [{"name": "f", "input_schema": {}, "sparkle": "VALUE-NEVER-LOGGED"}]}
+    with caplog.at_level("WARNING", logger="ccproxy"):
+        protocol.check_request(body)
+        protocol.check_request(body)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sorted(lines) == [
+        "openai translation: the block 'hologram' is new to ccproxy and was not translated",
+        "openai translation: the field 'telepathy' is new to ccproxy and was not translated",
+        "openai translation: the tool field 'sparkle' is new to ccproxy and was not translated"]
+    assert "VALUE-NEVER-LOGGED" not in caplog.text
+
+
+def test_what_a_translation_cannot_carry_is_refused_naming_it():
+    with pytest.raises(ccproxy.InvalidRequestError, match="field 'mcp_servers' cannot be sent "
+                                                          "to a gemini provider: Anthropic's MCP"):
+        ccproxy.PROTOCOLS["gemini"].check_request({"mcp_servers": [{"url": "https://m"}]})
+    ccproxy.PROTOCOLS["anthropic"].check_request({"mcp_servers": []})     # passed on as is
+
+
+@pytest.mark.parametrize("version", ["2.1.197", "2.1.330"])
+@pytest.mark.parametrize("name", ["openai", "gemini"])
+def test_everything_claude_code_sends_is_known_to_every_translation(claude_code_requests, version,
+                                                                    name, caplog):
+    protocol = type(ccproxy.PROTOCOLS[name])()          # a fresh one: nothing warned yet
+    with caplog.at_level("WARNING", logger="ccproxy"):
+        for request in claude_code_requests[version]:
+            protocol.check_request(request["json"])
+    assert caplog.records == []
