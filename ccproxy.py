@@ -3820,7 +3820,7 @@ TRANSLATED_FIELDS = coverage(
              "workspace_id": ANTHROPIC_ONLY},
     refused={"mcp_servers": "Anthropic's MCP connector runs those tools on Anthropic's side"})
 TRANSLATED_BLOCKS = coverage(
-    mapped=("text", "image", "document", "tool_use", "tool_result", "thinking",
+    mapped=("text", "image", "document", "tool_use", "tool_result", "tool_reference", "thinking",
             "search_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
             "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"),
     dropped={"redacted_thinking": "another provider's encrypted thinking means nothing here"},

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import claude_code_canary
 from helpers import CLAUDE_CODE_VERSIONS as VERSIONS, REPO, Reply, installed_claude, json_reply
 
 def openai_answer(message: dict, stream: bool, finish: str):
@@ -199,3 +200,21 @@ def test_real_claude_code_compacts_when_the_provider_overflows(version, tmp_path
                    if "CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])]
     assert compactions, json.dumps(output)           # Claude Code compacted on our wording
     assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+
+
+# --- the canary: what the pinned versions send is what the profile says -----------------------------
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_pinned_claude_code_versions_send_nothing_new(version):
+    assert claude_code_canary.check(version) == []
+
+
+def test_the_canary_names_what_is_new_and_which_translation_lacks_a_rule():
+    profile = {kind: [] for kind in claude_code_canary.KINDS}
+    shape = dict(profile, fields=["messages", "telepathy"], betas=["new-beta-2027-01-01"],
+                 blocks=["text", "hologram"])
+    assert claude_code_canary.differences(shape, dict(profile, fields=["messages"],
+                                                      blocks=["text"])) == [
+        "new field: telepathy; no rule in the openai, gemini translation",
+        "new beta: new-beta-2027-01-01",
+        "new block: hologram; no rule in the openai, gemini translation"]
