@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -135,10 +136,33 @@ def rss_kb(pid: int) -> int:
         return 0
 
 
+def tool_search_saving() -> None:
+    """What deferring tools saves: the first request of a real Claude Code 2.1.330 run with
+    ENABLE_TOOL_SEARCH=true, translated for an OpenAI provider, with and without the deferred
+    tools (ccproxy's estimate of the upstream input tokens)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import ccproxy
+    from helpers import capture_claude_code
+    with tempfile.TemporaryDirectory() as folder:
+        body = capture_claude_code("2.1.330", Path(folder), env={"ENABLE_TOOL_SEARCH": "true"})[0]["json"]
+    provider = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "b",
+                                    {}).providers[0]
+    deferred = [t for t in body["tools"] if t.get("defer_loading")]
+    every = dict(body, tools=[dict(t, defer_loading=False) for t in body["tools"]])
+    sizes = [ccproxy.estimate_text_tokens(json.dumps(ccproxy.openai_request_from_anthropic(
+        b, provider, "gpt-4.1"))) for b in (every, body)]
+    print("tool search (2.1.330, %d of %d tools deferred): first request %d tokens upstream with "
+          "every tool, %d with deferred tools held back (%.0f%% less)" % (
+              len(deferred), len(body["tools"]), sizes[0], sizes[1],
+              100.0 * (sizes[0] - sizes[1]) / sizes[0]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=500)
     count = parser.parse_args().requests
+    if shutil.which("npm"):
+        tool_search_saving()
     with tempfile.TemporaryDirectory() as home:
         upstream_port, proxy_port = free_port(), free_port()
         mock = subprocess.Popen([sys.executable, "-c", MOCK, str(upstream_port)])
