@@ -48,6 +48,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import copy
 import errno
 import hashlib
 import hmac
@@ -74,8 +75,8 @@ import urllib.parse
 import urllib.request
 
 __version__ = "0.1.0"
-__all__ = ["main", "load_config", "build_config", "ProxyServer", "estimate_request_tokens",
-           "__version__"]
+__all__ = ["serve_in_thread", "ProxyThread", "ProxyServer", "Config", "ConfigError",
+           "load_config", "build_config", "estimate_request_tokens", "main", "__version__"]
 
 log = logging.getLogger("ccproxy")
 
@@ -1234,14 +1235,16 @@ def valid_regex(value) -> bool:
     return True
 
 
-def build_config(raw: dict, source: str | None, environ=None, flags=None) -> Config:
-    """Layer defaults <- file (raw) <- environment <- flags, validate, and build the Config."""
+def build_config(raw: dict, source: str | None, environ=None, flags=None,
+                 label: str | None = None) -> Config:
+    """Layer defaults <- file (raw) <- environment <- flags, validate, and build the Config;
+    problems name the file (or `label`, for a config that has none)."""
     environ = os.environ if environ is None else environ
     origins, env_warnings = {}, []
     merged = merge_config(DEFAULT_CONFIG, raw)
     merged = apply_environment(merged, environ, origins, env_warnings)
     merged = apply_flags(merged, flags or {}, origins)
-    checker = ConfigChecker(source or "defaults", origins)
+    checker = ConfigChecker(source or label or "defaults", origins)
     clean_top_level(checker, merged)
     merged["performance"] = build_performance(checker, merged.get("performance"))
     networks = build_allowed_networks(checker, merged.get("security"))
@@ -1259,11 +1262,13 @@ def load_config(config_path: str | None = None, environ=None, flags=None) -> Con
     return config_from_file_content(read_config_file(path) if path else {}, path, environ, flags)
 
 
-def config_from_file_content(content: dict, path: str | None, environ, flags) -> Config:
+def config_from_file_content(content: dict, path: str | None, environ, flags,
+                             settings: bool = True, label: str = "defaults") -> Config:
     """A Config from a config file's parsed content, remembering how it was made so that it
-    can be rebuilt (reload) and written back (provider management)."""
-    config = build_config(expand_env_references(content, "", path or "defaults", environ), path,
-                          environ, flags)
+    can be rebuilt (reload) and written back (provider management). ${VAR} references come
+    from environ; so do the CCPROXY_* settings, unless settings is false (an embedded proxy)."""
+    config = build_config(expand_env_references(content, "", path or label, environ), path,
+                          environ if settings else {}, flags, label)
     config.file_content, config.environ, config.flags = content, environ, flags
     exposure = config_file_exposure(path, content)
     if exposure:
@@ -1585,6 +1590,7 @@ class ProxyServer:
         self._pause_logged_at = -PAUSE_LOG_SECONDS
         self._loop = None
         self._stopping = None
+        self._grace = None            # seconds in-flight answers get on stop (None: the config's)
         self._connections = {}        # task -> ClientConnection
 
     @property
@@ -1655,9 +1661,13 @@ class ProxyServer:
             await self._stopping.wait()
         finally:
             await self._shutdown()
+            self.app.upstream.join()
 
-    def stop(self) -> None:
-        """Ask the server to stop; safe from any thread and from signal handlers."""
+    def stop(self, grace: float | None = None) -> None:
+        """Ask the server to stop, letting answers in flight finish for `grace` seconds (default
+        performance.shutdown_timeout); safe from any thread and from signal handlers. serve()
+        returns once the server has drained."""
+        self._grace = grace
         if self._loop is not None and self._stopping is not None:
             try:
                 self._loop.call_soon_threadsafe(self._stopping.set)
@@ -1693,7 +1703,8 @@ class ProxyServer:
         for connection in list(self._connections.values()):
             connection.close_if_idle()
         if self._connections:
-            await asyncio.wait(list(self._connections), timeout=self.app.config.shutdown_timeout)
+            await asyncio.wait(list(self._connections), timeout=self.app.config.shutdown_timeout
+                               if self._grace is None else self._grace)
         self.app.close("ccproxy is shutting down; the answer was cut")
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=STOP_MARGIN_SECONDS / 2)
@@ -1702,6 +1713,79 @@ class ProxyServer:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=5)
         await asyncio.gather(*self._accepting, return_exceptions=True)
+
+
+class ProxyThread:
+    """A proxy serving from its own event loop in a daemon thread, made by serve_in_thread().
+    `url` is where it listens; close() drains and ends it; a `with` block closes it."""
+
+    def __init__(self, config: Config):
+        self._server = ProxyServer(config)
+        self._ready = threading.Event()
+        self._error = None
+        self._thread = threading.Thread(target=self._run, name="ccproxy-server", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._server.serve(on_ready=lambda server: self._ready.set()))
+        except BaseException as exc:          # handed to the caller's thread by _start()
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    @property
+    def url(self) -> str:
+        """http://host:port, the port really bound."""
+        return self._server.url
+
+    @property
+    def app(self) -> ProxyApp:
+        return self._server.app
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop as SIGTERM stops the CLI's server: answers in flight may finish for `timeout`
+        seconds (default performance.shutdown_timeout) or end with an SSE error event; returns
+        once the thread has ended and the port is closed."""
+        self._server.stop(timeout)
+        self._thread.join()
+
+    def __enter__(self) -> ProxyThread:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self):
+        return "ProxyThread(%s)" % self.url
+
+
+def serve_in_thread(config, host: str = DEFAULT_HOST, port: int = 0) -> ProxyThread:
+    """Run a proxy inside this program: `config` is a dict shaped like the config file (same
+    keys, ${VAR} from the environment, same validation), a config file's path, or a Config.
+    Returns once it listens on host:port (0: a free port); raises ConfigError or OSError in the
+    caller's thread otherwise, leaving nothing running. No signal handler, log handler, pidfile
+    or file of its own; the CCPROXY_* environment settings are the CLI's, not applied here."""
+    flags = {"host": host, "port": port}
+    if isinstance(config, Config):
+        built = copy.copy(config)
+        built.host, built.port = host, port
+    elif isinstance(config, dict):
+        built = config_from_file_content(config, None, os.environ, flags, settings=False,
+                                         label="config")
+    else:
+        path = find_config_file(os.fspath(config), {})
+        built = config_from_file_content(read_config_file(path), path, os.environ, flags,
+                                         settings=False)
+    proxy = ProxyThread(built)
+    proxy._start()
+    return proxy
 
 
 # -----------------------------------------------------------------------------
@@ -5768,6 +5852,10 @@ class Upstream:
             call.cancel(reason)
         self._workers.shutdown(wait=False)
         self.connections.close_all()
+
+    def join(self) -> None:
+        """Wait for the worker threads to end (after close())."""
+        self._workers.shutdown(wait=True)
 
 
 class UpstreamCall:
