@@ -49,6 +49,7 @@ import base64
 import collections
 import concurrent.futures
 import copy
+import difflib
 import errno
 import hashlib
 import hmac
@@ -68,6 +69,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -124,6 +126,8 @@ LOG_FILE_MAX_BYTES = 10 * 1024 * 1024            # the detached log rotates at t
 LOG_FILE_BACKUPS = 3
 START_WAIT_SECONDS = 15.0                        # `start` waits this long for /health
 STOP_POLL_SECONDS = 0.05
+START_FAILURE_LINES = 15                         # of its stderr and log, when `start` fails
+STOP_REPORT_SECONDS = 2.0                        # `stop` says it is still waiting this often
 STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout before a kill
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
 CONFIG_WATCH_SECONDS = 2.0                       # how often the config file's mtime is checked
@@ -180,11 +184,20 @@ class ProxyError(Exception):
     before a stream has begun and as an SSE `error` event after."""
 
     status = 500
+    # Retrying cannot mend it (a configuration problem, a wrong key): clients are told so with
+    # x-should-retry: false, which Claude Code and Anthropic's SDKs obey instead of retrying
+    # for minutes; failover still moves on, since another provider may serve.
+    final = False
 
     def __init__(self, message: str, headers=()):
         super().__init__(message)
         self.message = message
         self.headers = list(headers)
+
+    def made_final(self):
+        """This error, marked final."""
+        self.final = True
+        return self
 
     @property
     def error_type(self) -> str:
@@ -200,7 +213,8 @@ class ProxyError(Exception):
 
     def response(self, request_id: str) -> Response:
         """The error as a whole answer."""
-        return Response(self.status, self.body(request_id), self.headers)
+        return Response(self.status, self.body(request_id),
+                        self.headers + ([("x-should-retry", "false")] if self.final else []))
 
     def event(self) -> bytes:
         """The error as an SSE `error` event, for a stream that has already begun."""
@@ -560,19 +574,42 @@ def parse_bool(text: str) -> bool:
 ENV_VALUE_PARSERS = {"text": str, "bool": parse_bool, "lenient bool": parse_bool, "port": int}
 
 
-def find_config_file(explicit: str | None, environ) -> str | None:
-    """The config file to read: --config, else CCPROXY_CONFIG, else the first that exists."""
+def find_config_file(explicit: str | None, environ, notes: list) -> str | None:
+    """The config file to read: --config, else CCPROXY_CONFIG, else the first of the search
+    paths that exists. ./config.json counts only when it is a router's config (a project's
+    own config.json is not): one skipped adds a line to notes naming the file used instead."""
     named = explicit or environ.get("CCPROXY_CONFIG")
     if named:
         path = os.path.expanduser(named)
         if not os.path.isfile(path):
             raise ConfigError("%s: config file not found" % named)
         return os.path.abspath(path)        # written back later, whatever the working directory
+    found, skipped = None, None
     for candidate in CONFIG_SEARCH_PATHS:
-        path = os.path.expanduser(candidate)
+        path = os.path.abspath(os.path.expanduser(candidate))
         if os.path.isfile(path):
-            return os.path.abspath(path)
-    return None
+            why_not = None if candidate != "./config.json" else not_a_router_config(path)
+            if why_not is None:
+                found = path
+                break
+            skipped = skipped or "%s skipped: %s" % (path, why_not)
+    if skipped:
+        notes.append("%s; using %s" % (skipped, found or "built-in defaults"))
+    return found
+
+
+def not_a_router_config(path: str) -> str | None:
+    """Why the file is not a config for ccproxy (or for Claude Code Router), or None when it is:
+    it names providers or routes, or every key it has is one of ccproxy's."""
+    try:
+        content = read_config_file(path)
+    except ConfigError as exc:
+        return str(exc).split(": ", 1)[-1]
+    if set(content) & {"providers", "routes", "Providers", "Router"}:
+        return None
+    if content and set(content) <= set(DEFAULT_CONFIG):
+        return None
+    return "not a ccproxy config (it has no providers or routes)"
 
 
 def read_config_file(path: str) -> dict:
@@ -847,6 +884,7 @@ class Config:
                                  performance["circuit_breaker_cooldown"],
                                  performance["circuit_breaker_enabled"])
         self.warnings = warnings
+        self.notes = []             # what was done that the user should hear of (not a problem)
         self.masker = SecretMasker(self.secrets())
         self.file_content, self.environ, self.flags = raw, {}, {}   # set by load_config
 
@@ -908,10 +946,15 @@ class ConfigChecker:
     def warn(self, key: str, problem: str) -> None:
         self.warnings.append("%s: %s: %s" % (self.origins.get(key, self.source), key, problem))
 
-    def unknown_keys(self, section: dict, known, path: str) -> None:
+    def unknown_keys(self, section: dict, known, path: str, refuse: bool = False) -> None:
+        """Warn about (or, with refuse, fail on) each key not in known, with a "did you mean"
+        for a near miss."""
         for key in section:
             if key not in known:
-                self.warn(join_key(path, key), "unknown key, ignored")
+                near = difflib.get_close_matches(str(key), [str(k) for k in known], 1, 0.75)
+                problem = ("unknown key%s" % (" (did you mean %r?)" % near[0] if near else "")) + (
+                    "" if refuse else ", ignored")
+                (self.fail if refuse else self.warn)(join_key(path, key), problem)
 
     def typed(self, section: dict, key: str, path: str, kinds, kind_name: str):
         """The value if it has the right JSON type, else record a problem and return None."""
@@ -1037,7 +1080,6 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
     if not isinstance(entry, dict):
         checker.fail(path, "must be an object")
         return None
-    checker.unknown_keys(entry, PROVIDER_KEYS, path)
     name = checker.typed(entry, "name", path, str, "a non-empty string")
     if not name:
         if name == "":
@@ -1050,6 +1092,9 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
                                      "model as \"provider,model\")")
         return None
     preset = PROVIDER_PRESETS.get(name.lower(), {})
+    # A typo in a preset's entry (api_bse_url) would send its traffic, and its key, to the
+    # preset's public address: that is an error, not a warning.
+    checker.unknown_keys(entry, PROVIDER_KEYS, path, refuse=bool(preset))
     fields = dict(PROVIDER_DEFAULTS, **dict(preset, **entry))
     protocol = fields["type"]
     if protocol not in PROTOCOLS:
@@ -1151,12 +1196,12 @@ def build_providers(checker: ConfigChecker, entries) -> list:
 
 
 def build_routes(checker: ConfigChecker, section, providers: list) -> dict:
-    """Validate routes: each {provider, model} naming a configured provider, with optional
-    conditions and fallbacks; longContextThreshold is a number, not a route."""
+    """Validate routes: each {provider, model} (or "provider,model") naming a configured
+    provider, with optional conditions and fallbacks; longContextThreshold is a number."""
     if not isinstance(section, dict):
         checker.fail("routes", "must be an object of route name: {provider, model}")
         return {}
-    names = {p.name for p in providers}
+    by_name = {p.name: p for p in providers}
     routes = {}
     for name, entry in section.items():
         path = "routes." + name
@@ -1166,38 +1211,59 @@ def build_routes(checker: ConfigChecker, section, providers: list) -> dict:
             if not isinstance(entry, int) or isinstance(entry, bool) or entry <= 0:
                 checker.fail(path, "must be a positive number of tokens")
             continue
-        if not isinstance(entry, dict):
-            checker.fail(path, "must be an object with provider and model")
-            continue
-        checker.unknown_keys(entry, ROUTE_KEYS, path)
-        target = build_route_target(checker, entry, path, names)
-        conditions = build_conditions(checker, entry.get("conditions", []), path + ".conditions")
-        if not conditions and name not in SCENARIOS and name != "default":
-            checker.warn(path, "not a scenario route (%s, default) and without conditions: no "
-                               "request will use it" % ", ".join(SCENARIOS))
-        fallbacks = []
-        for index, fallback in enumerate(entry.get("fallbacks") or []):
-            where = "%s.fallbacks[%d]" % (path, index)
-            if isinstance(fallback, str) and "," in fallback:
-                fallback = dict(zip(("provider", "model"), fallback.split(",", 1)))
-            if not isinstance(fallback, dict):
-                checker.fail(where, 'must be {"provider", "model"} or "provider,model"')
-                continue
-            fallbacks.append(build_route_target(checker, fallback, where, names))
-        if target is not None and None not in fallbacks:
-            routes[name] = Route(name, target[0], target[1], conditions, fallbacks)
+        route = build_route(checker, name, route_entry(entry), by_name)
+        if route is not None:
+            routes[name] = route
     return routes
 
 
-def build_route_target(checker: ConfigChecker, entry: dict, path: str, names) -> tuple | None:
-    """(provider, model) of a route or fallback naming a configured provider."""
+def route_entry(value):
+    """A route or fallback as an object: "provider,model" (as other routers write it) too."""
+    if isinstance(value, str) and "," in value:
+        return dict(zip(("provider", "model"), (part.strip() for part in value.split(",", 1))))
+    return value
+
+
+def build_route(checker: ConfigChecker, name: str, entry, providers: dict) -> Route | None:
+    """One route: its target, conditions and fallbacks, each naming a configured provider."""
+    path = "routes." + name
+    if not isinstance(entry, dict):
+        checker.fail(path, 'must be {"provider", "model"} or "provider,model"')
+        return None
+    checker.unknown_keys(entry, ROUTE_KEYS, path)
+    target = build_route_target(checker, entry, path, providers)
+    conditions = build_conditions(checker, entry.get("conditions", []), path + ".conditions")
+    if not conditions and name not in SCENARIOS and name != "default":
+        checker.warn(path, "not a scenario route (%s, default) and without conditions: no "
+                           "request will use it" % ", ".join(SCENARIOS))
+    fallbacks = []
+    for index, fallback in enumerate(entry.get("fallbacks") or []):
+        where = "%s.fallbacks[%d]" % (path, index)
+        fallback = route_entry(fallback)
+        if not isinstance(fallback, dict):
+            checker.fail(where, 'must be {"provider", "model"} or "provider,model"')
+            continue
+        fallbacks.append(build_route_target(checker, fallback, where, providers))
+    if target is None or None in fallbacks:
+        return None
+    return Route(name, target[0], target[1], conditions, fallbacks)
+
+
+def build_route_target(checker: ConfigChecker, entry: dict, path: str,
+                       providers: dict) -> tuple | None:
+    """(provider, model) of a route or fallback naming a configured provider; a model the
+    provider does not list is warned about (a typo would only show when Claude Code runs)."""
     provider = checker.typed(entry, "provider", path, str, "a provider name")
     model = checker.typed(entry, "model", path, str, "a model name")
     if model is not None and not checker.plain(path + ".model", model):
         return None
-    if provider is not None and provider not in names:
+    if provider is not None and provider not in providers:
         checker.fail(path + ".provider", "no provider named %r" % provider)
         return None
+    listed = providers[provider].models if provider else ()
+    if model and listed and model not in listed:
+        checker.warn(path + ".model", "%r is not among %s's models (%s)" % (
+            model, provider, ", ".join(listed)))
     return (provider, model) if provider and model else None
 
 
@@ -1258,8 +1324,11 @@ def build_config(raw: dict, source: str | None, environ=None, flags=None,
 def load_config(config_path: str | None = None, environ=None, flags=None) -> Config:
     """Find and read the config file (if any), then build_config() over it."""
     environ = os.environ if environ is None else environ
-    path = find_config_file(config_path, environ)
-    return config_from_file_content(read_config_file(path) if path else {}, path, environ, flags)
+    notes = []
+    path = find_config_file(config_path, environ, notes)
+    config = config_from_file_content(read_config_file(path) if path else {}, path, environ, flags)
+    config.notes[:0] = notes
+    return config
 
 
 def config_from_file_content(content: dict, path: str | None, environ, flags,
@@ -1780,7 +1849,7 @@ def serve_in_thread(config, host: str = DEFAULT_HOST, port: int = 0) -> ProxyThr
         built = config_from_file_content(config, None, os.environ, flags, settings=False,
                                          label="config")
     else:
-        path = find_config_file(os.fspath(config), {})
+        path = find_config_file(os.fspath(config), {}, [])
         built = config_from_file_content(read_config_file(path), path, os.environ, flags,
                                          settings=False)
     proxy = ProxyThread(built)
@@ -2133,10 +2202,10 @@ def check_key(request: Request, expected: str, setting: str) -> None:
     presented = client_key(request.headers)
     if presented is None:
         raise AuthenticationError("missing API key (this needs the %s): send it as x-api-key or "
-                                  "Authorization: Bearer" % setting)
+                                  "Authorization: Bearer" % setting).made_final()
     if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
                                expected.encode("utf-8", "surrogateescape")):
-        raise AuthenticationError("invalid API key (this needs the %s)" % setting)
+        raise AuthenticationError("invalid API key (this needs the %s)" % setting).made_final()
 
 
 class TokenBucket:
@@ -2501,8 +2570,12 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     protocol = PROTOCOLS[provider.protocol]
     protocol.check_request(body)
     call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
-                             app.config.request_timeout)
-    return await relay_call(protocol, call, conn, request, body)
+                             app.config.request_timeout, model)
+    try:
+        return await relay_call(protocol, call, conn, request, body)
+    except ProxyError as error:
+        call.log_failure(error)
+        raise
 
 
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
@@ -3050,6 +3123,16 @@ def explicit_choice(config: Config, text: str, route: str):
     return Routing(provider, model.strip(), route)
 
 
+def explicit_candidates(config: Config, text: str, route: str) -> list:
+    """The Routing a `provider,model` string names, then the fallbacks of a route with that
+    same target, if there is one."""
+    chosen = explicit_choice(config, text, route)
+    for configured in config.routes.values():
+        if (configured.provider, configured.model) == (chosen.provider.name, chosen.model):
+            return [chosen] + route_candidates(config, configured)[1:]
+    return [chosen]
+
+
 def route_target(config: Config, route: Route):
     """A route's (enabled) provider and model as a Routing, or None."""
     provider = config.provider_named(route.provider)
@@ -3083,17 +3166,16 @@ def plan_route(config: Config, body: dict, headers: Headers, subagent_choice=Non
     conditions all hold (config order); the scenario routes longContext, background,
     webSearch, think, image; routes.default; the first enabled provider. Then that route's
     fallbacks, then (unless failover is false) every other enabled provider with its first
-    model.
+    model. A `provider,model` the request names is tried alone, unless a route with that target
+    lists fallbacks: the user asked for that provider, and another's answer would mislead.
     """
     facts = RequestFacts(config, body, headers)
     requested = facts.model
     enabled = config.enabled_providers()
-    if "," in requested:
-        plan = [explicit_choice(config, requested, "explicit")]
-    elif subagent_choice:
-        plan = [explicit_choice(config, subagent_choice, "subagent")]
-    else:
-        plan = [Routing(p, requested, "model") for p in enabled if requested in p.models]
+    if "," in requested or subagent_choice:
+        return able_plan(config, facts, explicit_candidates(
+            config, subagent_choice or requested, "subagent" if subagent_choice else "explicit"))
+    plan = [Routing(p, requested, "model") for p in enabled if requested in p.models]
     if not plan:
         plan = routed_by_rules(config, facts)
     if not plan and enabled:
@@ -3101,7 +3183,7 @@ def plan_route(config: Config, body: dict, headers: Headers, subagent_choice=Non
         plan = [Routing(first, first.models[0] if first.models else requested, "first")]
     if not plan:
         raise InvalidRequestError("ccproxy has no enabled provider; add one to %s"
-                                  % (config.source or "a config file (see ccproxy.py --help)"))
+                                  % (config.source or "a config file (see --help)"))
     if config.failover:
         tried = {routing.provider.name for routing in plan}
         plan += [Routing(p, p.models[0] if p.models else requested, "failover")
@@ -3299,28 +3381,30 @@ class Failover:
         return breaker
 
     async def run(self, plan: list, attempt, config: Config) -> Response:
-        """The first answer of attempt(routing) along the plan; else the last error, raised."""
+        """The first answer of attempt(routing) along the plan; else an error: the one that
+        stopped it, or, when every candidate failed, one naming what each of them answered."""
         policy = RetryPolicy(config.max_retries, config.retry_budget)
-        error, tried = None, plan[0]
+        failures = []                 # (routing, error) of each candidate that failed
         for position, routing in enumerate(plan):
             breaker = self.breaker(routing.provider.name, config.breaker_settings)
             if not breaker.allows_request():
-                error = error or OverloadedError("%s: circuit open after repeated failures (%s)"
-                                                 % (routing.provider.name, breaker.last_error))
+                failures.append((routing, OverloadedError(
+                    "%s: circuit open after repeated failures (%s)"
+                    % (routing.provider.name, breaker.last_error))))
                 continue
-            tried = routing
             try:
                 return with_route_headers(await self._retried(routing, attempt, breaker, policy),
                                           routing)
             except ProxyError as failure:
-                if failure.status not in RETRYABLE_STATUSES:
+                failure = diagnosed(failure, routing, config)
+                if not (failure.final or failure.status in RETRYABLE_STATUSES):
                     raise with_route_headers(failure, routing)
-                error = failure
+                failures.append((routing, failure))
             if position + 1 < len(plan):
                 self.count += 1
                 log.warning("%s failed (HTTP %d); trying %s", routing.provider.name,
-                            error.status, plan[position + 1].provider.name)
-        raise with_route_headers(error, tried)
+                            failures[-1][1].status, plan[position + 1].provider.name)
+        raise with_route_headers(every_failure(failures), failures[-1][0])
 
     @staticmethod
     async def _retried(routing: Routing, attempt, breaker: CircuitBreaker,
@@ -3331,7 +3415,7 @@ class Failover:
                 return await Failover._recorded(routing, attempt, breaker)
             except ProxyError as error:
                 delay = policy.next_delay(number, error.retry_after()) \
-                    if error.status in RETRYABLE_STATUSES else None
+                    if error.status in RETRYABLE_STATUSES and not error.final else None
                 if delay is None:
                     raise
             await asyncio.sleep(delay)
@@ -3351,6 +3435,66 @@ class Failover:
             raise
         breaker.record(response.status, "")
         return response
+
+
+# Words of a provider's 400 that mean it does not have the model asked for (a 404 need only
+# mention a model: Anthropic's says "model: claude-…").
+MISSING_MODEL_RE = re.compile(r"model\b.{0,120}?\b(not[ _]found|does not exist|not exist|no such|"
+                              r"not available)|\b(unknown|invalid) model|not a valid model",
+                              re.I | re.S)
+
+
+def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError:
+    """A provider's failure that is a configuration problem (its key refused, no such model,
+    nothing serving at its address) as a final error that names the provider, the cause and
+    the config key to fix; any other error as it is."""
+    provider = routing.provider
+    index = config.providers.index(provider) if provider in config.providers else 0
+    place = " in %s" % config.source if config.source else ""
+    if error.status in (401, 403):
+        fix = "%s refused its API key; fix providers[%d].api_key%s" % (provider.name, index, place)
+    elif (error.status == 404 and "model" in error.message.lower()) or (
+            error.status == 400 and MISSING_MODEL_RE.search(error.message)):
+        fix = "%s has no model %r; fix %s%s" % (provider.name, routing.model,
+                                                model_setting(config, routing, index), place)
+        return InvalidRequestError("%s (%s)" % (fix, error.message)).made_final()
+    elif error.status == 404:        # a 502, as Claude Code hides a 404's words behind its own
+        return UpstreamError("%s has nothing at that address; check providers[%d].api_base_url%s "
+                             "(%s)" % (provider.name, index, place, error.message)).made_final()
+    elif error.final and isinstance(error, UpstreamError):
+        fix = "%s cannot be reached; check providers[%d].api_base_url%s and that its server " \
+              "runs" % (provider.name, index, place)
+    else:
+        return error
+    return error_for_status(error.status, "%s (%s)" % (fix, error.message),
+                            error.headers).made_final()
+
+
+def model_setting(config: Config, routing: Routing, index: int) -> str:
+    """Where the config chose a routing's model, as a key path (or how the request named it)."""
+    route = config.routes.get(routing.route)
+    if route is not None:
+        if (route.provider, route.model) == (routing.provider.name, routing.model):
+            return "routes.%s.model" % route.name
+        for number, target in enumerate(route.fallbacks):
+            if target == (routing.provider.name, routing.model):
+                return "routes.%s.fallbacks[%d]" % (route.name, number)
+    if routing.route in ("explicit", "subagent"):
+        return "the \"provider,model\" the request named (Claude Code: /model)"
+    return "providers[%d].models" % index
+
+
+def every_failure(failures: list) -> ProxyError:
+    """The error when every candidate failed: the last one's status (final only when all
+    were), its message listing what each provider answered."""
+    routing, last = failures[-1]
+    if len(failures) == 1:
+        return last
+    lines = "; ".join("%d. %s (%s): %s" % (number, r.provider.name, r.model, e.message)
+                      for number, (r, e) in enumerate(failures, 1))
+    error = error_for_status(last.status, "every provider failed: %s" % lines,
+                             [h for h in last.headers if h[0] == "retry-after"])
+    return error.made_final() if all(e.final for _, e in failures) else error
 
 
 
@@ -3410,6 +3554,15 @@ class Protocol:
     def input_tokens(self, answer: bytes) -> int | None:
         """The count in the provider's answer to count_tokens_request(), if it holds one."""
         return None
+
+    def models_request(self, provider: Provider) -> UpstreamRequest | None:
+        """The provider call (a GET) that lists its models; None when it has none."""
+        return None
+
+    def listed_models(self, answer) -> list:
+        """The model names in the provider's answer to models_request() (parsed JSON)."""
+        return [entry.get("id") for entry in list_of(dict_of(answer).get("data"))
+                if isinstance(entry, dict)]
 
     def can_search(self, provider: Provider, model: str) -> bool:
         """Whether the provider can run the web_search server tool for this model."""
@@ -3572,15 +3725,18 @@ class UpstreamStream:
     async def _generate(self):
         if self._first:
             yield self._first
+        error = None
         try:
             async for chunk in self._chunks:
                 piece = self._relay.feed(chunk)
                 if piece:
                     yield piece
-        except ProxyError as error:
-            ending = self._relay.finish(error)
-        else:
-            ending = self._relay.finish()
+        except ProxyError as failure:
+            error = failure
+        if error is not None or not self._relay.complete:
+            self._call.log_failure(error or self._relay.broken or UpstreamError(
+                "the stream ended before it was complete"), " after its stream began")
+        ending = self._relay.finish(error)
         if ending:
             yield ending
 
@@ -4241,6 +4397,10 @@ class AnthropicProtocol(Protocol):
     def input_tokens(self, answer: bytes) -> int | None:
         return count_in(answer, "input_tokens")
 
+    def models_request(self, provider) -> UpstreamRequest:
+        return UpstreamRequest(anthropic_endpoint_url(provider.base_url, "models?limit=1000"),
+                               anthropic_request_headers(provider), None)
+
     def can_search(self, provider, model) -> bool:
         return True                   # Anthropic runs web_search itself
 
@@ -4271,11 +4431,11 @@ def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
     return base + "/" + endpoint
 
 
-def anthropic_request_headers(provider: Provider, request: Request) -> dict:
+def anthropic_request_headers(provider: Provider, request: Request | None = None) -> dict:
     """The provider's key, the client's anthropic-* headers and the provider's extra headers."""
     headers = {"content-type": "application/json", "user-agent": USER_AGENT,
                "anthropic-version": DEFAULT_ANTHROPIC_VERSION}
-    for name in ANTHROPIC_FORWARDED_HEADERS:
+    for name in ANTHROPIC_FORWARDED_HEADERS if request is not None else ():
         value = request.headers.get(name)
         if value:
             headers[name] = header_safe(value)
@@ -4443,6 +4603,10 @@ class OpenAIChatProtocol(Protocol):
         payload = openai_request_from_anthropic(body, provider, model)
         return UpstreamRequest(openai_endpoint_url(provider.base_url),
                                openai_request_headers(provider), json_bytes(payload))
+
+    def models_request(self, provider) -> UpstreamRequest:
+        url = openai_endpoint_url(provider.base_url)[:-len("/chat/completions")] + "/models"
+        return UpstreamRequest(url, openai_request_headers(provider), None)
 
     def can_search(self, provider, model) -> bool:
         return openai_search_style(provider, model) is not None
@@ -5266,6 +5430,14 @@ class GeminiProtocol(Protocol):
     def input_tokens(self, answer: bytes) -> int | None:
         return count_in(answer, "totalTokens")
 
+    def models_request(self, provider) -> UpstreamRequest:
+        return UpstreamRequest(provider.base_url.rstrip("/") + "/models?pageSize=1000",
+                               gemini_request_headers(provider), None)
+
+    def listed_models(self, answer) -> list:
+        return [str(entry.get("name") or "")[len("models/"):]
+                for entry in list_of(dict_of(answer).get("models")) if isinstance(entry, dict)]
+
     def can_search(self, provider, model) -> bool:
         return True                   # grounding with Google Search
 
@@ -5819,9 +5991,11 @@ class Upstream:
         self._busy_lock = threading.Lock()
         self._inbox = None
 
-    def call(self, provider: Provider, outgoing: UpstreamRequest, timeout: float):
-        """A call of outgoing to provider, not yet sent; silent for `timeout` s, it fails."""
-        return UpstreamCall(self, provider, outgoing, timeout)
+    def call(self, provider: Provider, outgoing: UpstreamRequest, timeout: float,
+             model: str = ""):
+        """A call of outgoing to provider (for model), not yet sent; silent for `timeout` s,
+        it fails."""
+        return UpstreamCall(self, provider, outgoing, timeout, model)
 
     def run(self, function, *args):
         """Run a blocking step on a worker thread, counted while it runs; an awaitable."""
@@ -5867,13 +6041,15 @@ class UpstreamCall:
     """
 
     def __init__(self, upstream: Upstream, provider: Provider, outgoing: UpstreamRequest,
-                 timeout: float):
+                 timeout: float, model: str = ""):
         self.provider = provider
+        self.model = model
         self._upstream = upstream
         self._url = outgoing.url
         self._timeout = timeout
-        self._request = urllib.request.Request(outgoing.url, data=outgoing.body,
-                                               headers=outgoing.headers, method="POST")
+        self._request = urllib.request.Request(
+            outgoing.url, data=outgoing.body, headers=outgoing.headers,
+            method="GET" if outgoing.body is None else "POST")
         self._request.upstream_call = self
         self.connections = upstream.connections
         self._socket = None
@@ -5943,6 +6119,12 @@ class UpstreamCall:
 
     def header(self, name: str) -> str | None:
         return self._response.headers.get(name) if self._response is not None else None
+
+    def log_failure(self, error: ProxyError, when: str = "") -> None:
+        """One warning line for a call that failed, whatever else is logged: provider, model,
+        the status the client gets, and why."""
+        log.warning("upstream call failed%s: provider=%s model=%s status=%d: %s", when,
+                    self.provider.name, self.model or "-", error.status, error.message)
 
     def relayed_headers(self) -> list:
         """The provider's response headers that the client should see too."""
@@ -6087,9 +6269,19 @@ def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: 
     if answered:
         message = "%s: the connection broke while the answer was arriving: %s" % (
             provider.name, detail)
-    else:
-        message = "%s: cannot reach %s: %s" % (provider.name, url.split("?", 1)[0], detail)
-    return UpstreamError(provider.masker.text(message))
+        return UpstreamError(provider.masker.text(message))
+    message = "%s: cannot reach %s: %s" % (provider.name, url.split("?", 1)[0], detail)
+    error = UpstreamError(provider.masker.text(message))
+    return error.made_final() if cannot_connect(reason) else error
+
+
+def cannot_connect(reason) -> bool:
+    """Whether a failure means the provider's address is wrong or nothing serves there (refused,
+    no such host, no route, a certificate that does not verify), as opposed to a fault on the
+    way that another try may not meet."""
+    return (isinstance(reason, (ConnectionRefusedError, socket.gaierror))
+            or getattr(reason, "errno", None) in (errno.EHOSTUNREACH, errno.ENETUNREACH)
+            or "CERTIFICATE_VERIFY_FAILED" in str(reason))
 
 
 SILENCE = object()      # queued by a SilenceWatch when the upstream has been quiet
@@ -6522,18 +6714,19 @@ def windows_process_alive(pid: int) -> bool:
 
 
 def process_is_ccproxy(pid: int) -> bool:
-    """Whether pid runs ccproxy (a recycled pid belongs to some other program)."""
+    """Whether pid runs ccproxy, under its own name or this file's (a recycled pid belongs to
+    some other program)."""
+    names = (b"ccproxy", os.path.basename(__file__).encode())
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            return b"ccproxy" in handle.read()
+            command = handle.read()
     except OSError:
-        pass
-    try:
-        command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
-                                 timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return True
-    return b"ccproxy" in command
+        try:
+            command = subprocess.run(["ps", "-o", "command=", "-p", str(pid)],
+                                     capture_output=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return True
+    return any(name in command for name in names)
 
 
 def local_get(url: str, path: str, apikey: str = "", timeout: float = 2.0):
@@ -6614,44 +6807,79 @@ def detach_options() -> dict:
     return options
 
 
+# The background server loads this file by its path, whatever its name (it may be vendored as
+# tools/anything.py), as a module rather than a script, so that Python's bytecode cache spares
+# it compiling ~10,000 lines (tens of MB and ms).
+DETACHED_LAUNCHER = (
+    "import importlib.util, sys; "
+    "spec = importlib.util.spec_from_file_location('ccproxy', %r); "
+    "module = importlib.util.module_from_spec(spec); sys.modules['ccproxy'] = module; "
+    "spec.loader.exec_module(module); sys.exit(module.main())")
+
+
 def start_detached(config: Config, started_by: str) -> dict | None:
     """Start the proxy in the background and wait until it answers /health; its pidfile
-    record, or None after printing why it could not start."""
+    record, or None after printing why it could not start (what the child wrote to stderr
+    and to the log before it ended)."""
     problem = port_problem(config.host, config.port)
     if problem:
         print("ccproxy: %s" % problem, file=sys.stderr)
         return None
-    # The server imports this file as a module rather than running it as a script, so that
-    # Python's bytecode cache spares it compiling ~5,000 lines (about 16 MB and 50 ms).
-    launcher = "import sys; sys.path.insert(0, %r); import ccproxy; sys.exit(ccproxy.main())" \
-        % os.path.dirname(os.path.abspath(__file__))
-    command = [sys.executable, "-c", launcher, "start", "--foreground", "--detached",
-               "--started-by", started_by, "--host", config.host, "--port", str(config.port)]
+    command = [sys.executable, "-c", DETACHED_LAUNCHER % os.path.abspath(__file__), "start",
+               "--foreground", "--detached", "--started-by", started_by,
+               "--host", config.host, "--port", str(config.port)]
     if config.source:
         command += ["--config", config.source]
     if started_by == "code":
         command.append("--watch-sessions")
-    child = subprocess.Popen(command, **detach_options())
-    deadline = time.monotonic() + START_WAIT_SECONDS
-    while time.monotonic() < deadline and child.poll() is None:
-        record = read_pidfile()
-        if record is not None and record["pid"] == child.pid and local_get(
-                record["url"], "/health") is not None:
-            return record
-        time.sleep(0.05)
-    reason = "it exited with status %s" % child.returncode if child.poll() is not None \
-        else "it did not answer within %g s" % START_WAIT_SECONDS
-    print("ccproxy: could not start: %s; see %s" % (reason, os.path.expanduser(config.log_file)),
-          file=sys.stderr)
+    log_size = file_size(config.log_file)
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen(command, **dict(detach_options(), stderr=errors))
+        deadline = time.monotonic() + START_WAIT_SECONDS
+        while time.monotonic() < deadline and child.poll() is None:
+            record = read_pidfile()
+            if record is not None and record["pid"] == child.pid and local_get(
+                    record["url"], "/health") is not None:
+                return record
+            time.sleep(0.05)
+        reason = "it exited with status %s" % child.returncode if child.poll() is not None \
+            else "it did not answer within %g s" % START_WAIT_SECONDS
+        errors.seek(0)
+        said = errors.read().decode("utf-8", "replace") + text_since(config.log_file, log_size)
+    print("ccproxy: could not start: %s%s" % (reason, "".join(
+        "\n  " + line for line in said.strip().splitlines()[-START_FAILURE_LINES:])),
+        file=sys.stderr)
     return None
 
 
-def stop_proxy(record: dict) -> str:
-    """SIGTERM, wait for the drain, then kill; says how it ended."""
+def file_size(path: str) -> int:
+    """The size of a file, 0 when it does not exist."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def text_since(path: str, offset: int) -> str:
+    """What was written to a file after offset ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def stop_proxy(record: dict, report=None) -> str:
+    """SIGTERM, wait for the drain, then kill; says how it ended. report, when given, hears
+    what it waits for, every few seconds."""
     pid = record["pid"]
     grace = float(record.get("shutdown_timeout") or DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
+    if report is not None:
+        report("ccproxy (pid %d): stopping; open requests may finish within %g s "
+               "(performance.shutdown_timeout)" % (pid, grace))
     os.kill(pid, signal.SIGTERM)
-    if wait_for_exit(pid, grace + STOP_MARGIN_SECONDS):
+    if wait_for_exit(pid, grace + STOP_MARGIN_SECONDS, report):
         remove_pidfile(pid)
         return "stopped"
     os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
@@ -6660,12 +6888,18 @@ def stop_proxy(record: dict) -> str:
     return "killed after the %g s grace period" % grace
 
 
-def wait_for_exit(pid: int, seconds: float) -> bool:
-    """Wait up to seconds for pid to end; whether it did."""
+def wait_for_exit(pid: int, seconds: float, report=None) -> bool:
+    """Wait up to seconds for pid to end; whether it did. report, when given, hears every
+    STOP_REPORT_SECONDS how long is left."""
     deadline = time.monotonic() + seconds
+    next_report = time.monotonic() + STOP_REPORT_SECONDS
     while time.monotonic() < deadline:
         if not process_alive(pid) or not process_is_ccproxy(pid):
             return True
+        if report is not None and time.monotonic() >= next_report:
+            report("  still finishing open requests; %d s before it is killed"
+                   % (deadline - time.monotonic()))
+            next_report += STOP_REPORT_SECONDS
         time.sleep(STOP_POLL_SECONDS)
     return False
 
@@ -6675,75 +6909,119 @@ def wait_for_exit(pid: int, seconds: float) -> bool:
 # 12. CLI
 ###############################################################################
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: one subcommand per verb of the original."""
+def build_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser: one subcommand per verb of the original; name is how the user ran
+    this program, for the usage lines and examples."""
     parser = argparse.ArgumentParser(
-        prog="ccproxy.py", description="Let Claude Code use any LLM provider.",
-        epilog="example: python3 ccproxy.py code")
+        prog=name, description="Let Claude Code use any LLM provider.",
+        epilog="example: %s code" % name)
+    parser.add_argument("--version", action="version", version="ccproxy %s" % __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     start = commands.add_parser(
         "start", help="start the proxy in the background (or --foreground)",
         description="Start the proxy: in the background, returning once it answers, or in the "
                     "foreground with --foreground. Already running: says where, exit 0.",
-        epilog="example: python3 ccproxy.py start --config ~/.ccproxy/config.json")
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + "\n".join(
+            "  %s start %s" % (name, flags) for flags in (
+                "--config ~/.ccproxy/config.json", "--check", "--check --probe")))
     start.add_argument("--foreground", action="store_true",
                        help="stay attached, log to stderr (systemd, containers)")
     start.add_argument("--check", action="store_true",
                        help="validate the configuration, print the result and exit 0 or 1")
+    start.add_argument("--probe", action="store_true",
+                       help="with --check: call each enabled provider once and print a table")
     add_config_flags(start)
     start.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
     start.add_argument("--started-by", default="foreground", help=argparse.SUPPRESS)
     start.add_argument("--watch-sessions", action="store_true", help=argparse.SUPPRESS)
-    commands.add_parser(
+    stop = commands.add_parser(
         "stop", help="stop the running proxy",
         description="Stop the running proxy: in-flight answers may finish within "
-                    "performance.shutdown_timeout, then it is killed. Not running: exit 0.",
-        epilog="example: python3 ccproxy.py stop")
+                    "performance.shutdown_timeout, then it is killed. Not running: exit 0. "
+                    "With --config, only a proxy started with that config file is stopped.",
+        epilog="example: %s stop" % name)
+    add_config_flags(stop, listen=False)
     status = commands.add_parser(
         "status", help="show whether the proxy runs",
-        description="Show pid, address, uptime, version and providers; exit 0 when running, "
-                    "3 when not.", epilog="example: python3 ccproxy.py status --json")
+        description="Show pid, address, uptime, version, config file and providers; exit 0 when "
+                    "running, 3 when not. With --config, running means started with that file.",
+        epilog="example: %s status --json" % name)
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_flags(status, listen=False)
     commands.add_parser("code", help="run Claude Code through the proxy (starts it if needed)",
                         add_help=False)
     env = commands.add_parser(
         "env", help="print the environment for Claude Code",
         description="Print the variables that point Claude Code at the proxy, for your shell.",
-        epilog='example: eval "$(python3 ccproxy.py env)"')
+        epilog='example: eval "$(%s env)"' % name)
     env.add_argument("--shell", choices=sorted(SHELL_RENDERERS),
                      help="shell syntax (default: from $SHELL, PowerShell on Windows)")
     add_config_flags(env)
     commands.add_parser("version", help="print the version", description="Print the version.",
-                        epilog="example: python3 ccproxy.py version")
+                        epilog="example: %s version" % name)
     return parser
 
 
-def build_code_parser() -> argparse.ArgumentParser:
+def build_code_parser(name: str) -> argparse.ArgumentParser:
     """The help of `code`: its own flags; every other argument goes to claude."""
     parser = argparse.ArgumentParser(
-        prog="ccproxy.py code", usage="ccproxy.py code [--config FILE] [--host H] [--port P] "
-                                      "[claude arguments…] [-- claude arguments…]",
+        prog=name + " code", usage="%s code [--config FILE] [--host H] [--port P] "
+                                   "[claude arguments…] [-- claude arguments…]" % name,
         description="Start the proxy if it is not running, then run Claude Code ('claude', or "
                     "$CLAUDE_PATH) through it. Arguments not listed here go to claude unchanged; "
                     "after -- everything does. Returns claude's exit status. A proxy that code "
                     "started stops when the last code session ends.",
-        epilog='examples: python3 ccproxy.py code -p "fix the tests"    '
-               'python3 ccproxy.py code -- --help')
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  %s code\n  %s code -p \"fix the tests\"\n  %s code -- --help"
+               % (name, name, name))
     add_config_flags(parser)
     return parser
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """The --config, --host and --port flags."""
+def add_config_flags(parser: argparse.ArgumentParser, listen: bool = True) -> None:
+    """The --config flag, and (with listen) --host and --port."""
     parser.add_argument("--config", metavar="FILE", help="config file (default: search "
                         + ", ".join(CONFIG_SEARCH_PATHS) + ")")
-    parser.add_argument("--host", help="address to listen on (default %s)" % DEFAULT_HOST)
-    parser.add_argument("--port", type=int, help="port to listen on (default %d)" % DEFAULT_PORT)
+    if listen:
+        parser.add_argument("--host", help="address to listen on (default %s)" % DEFAULT_HOST)
+        parser.add_argument("--port", type=int, help="port to listen on (default %d)"
+                            % DEFAULT_PORT)
 
 
-def config_from_args(args) -> Config:
-    """The Config for a command, flags layered on top."""
-    return load_config(args.config, os.environ, {"host": args.host, "port": args.port})
+def config_from_args(config_file: str | None, flags: dict | None = None,
+                     logged: bool = False) -> Config | None:
+    """The Config for a command, flags layered on top, or None once its error is printed.
+    What the user should know goes to stderr: which file is in use, what was skipped or
+    converted, and each warning (unless logged: a server logs those itself)."""
+    try:
+        config = load_config(config_file, os.environ, flags)
+    except ConfigError as exc:
+        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+        return None
+    for note in config.notes:
+        print("ccproxy: %s" % note, file=sys.stderr)
+    if not logged:
+        for warning in config.warnings:
+            print("ccproxy: warning: %s" % warning, file=sys.stderr)
+        print("ccproxy: config: %s" % (config.source or "none found, built-in defaults"),
+              file=sys.stderr)
+    return config
+
+
+def same_file(first: str | None, second: str | None) -> bool:
+    """Whether two config paths (None: built-in defaults) name the same file."""
+    if first is None or second is None:
+        return first == second
+    return os.path.abspath(os.path.expanduser(first)) == os.path.abspath(os.path.expanduser(second))
+
+
+def started_with_other_config(record: dict, config_file: str | None) -> str | None:
+    """When --config names a file other than the one the running proxy was started with: a
+    sentence saying so, else None."""
+    if config_file is None or same_file(record.get("config"), config_file):
+        return None
+    return "the proxy running at %s (pid %d) was started with %s, not %s" % (
+        record["url"], record["pid"], record.get("config") or "built-in defaults", config_file)
 
 
 def config_of(record: dict, fallback: Config) -> Config:
@@ -6755,22 +7033,22 @@ def config_of(record: dict, fallback: Config) -> Config:
 
 
 def cmd_start(args) -> int:
-    """start: in the background (default) or the foreground, or --check."""
+    """start: in the background (default) or the foreground, or --check (and --probe)."""
     if args.foreground:
         raise_file_limit()
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+    config = config_from_args(args.config, {"host": args.host, "port": args.port},
+                              logged=args.foreground)
+    if config is None:
         return 1
     if args.check:
-        for warning in config.warnings:
-            print("warning: %s" % warning, file=sys.stderr)
-        print("configuration OK: %s (%d providers)" % (config.source or "built-in defaults",
-                                                       len(config.providers)))
-        return 0
+        return check_config(config, args.probe)
     running = running_proxy()
     if running is not None:
+        other = started_with_other_config(running, args.config)
+        if other:
+            print("ccproxy: %s; stop it first (%s stop)" % (other, command_name()),
+                  file=sys.stderr)
+            return 1
         print("ccproxy is already running at %s (pid %d)" % (running["url"], running["pid"]))
         return 1 if args.foreground else 0
     if args.foreground:
@@ -6779,25 +7057,142 @@ def cmd_start(args) -> int:
     if record is None:
         return 1
     print("ccproxy %s started at %s (pid %d); log: %s" % (
-        __version__, record["url"], record["pid"], os.path.expanduser(config.log_file)))
+        __version__, record["url"], record["pid"], config.log_file))
     return 0
 
 
+def check_config(config: Config, probe: bool) -> int:
+    """start --check: the verdict on the config; with probe, a table of what each enabled
+    provider answered. Exit status 1 when a provider or model that routes use failed."""
+    print("configuration OK: %s (%d providers)" % (config.source or "built-in defaults",
+                                                   len(config.providers)))
+    if not probe:
+        return 0
+    rows = asyncio.run(probe_providers(config))
+    print(render_table(("provider", "reachable", "key", "latency", "models"),
+                       [row[:5] for row in rows]))
+    failed = [row[0] for row in rows if row.failed and row.routed]
+    if failed:
+        print("routed providers or models failing: %s" % ", ".join(failed), file=sys.stderr)
+    return 1 if failed else 0
+
+
+ProbeRow = collections.namedtuple("ProbeRow", "provider reachable key latency models failed routed")
+PROBE_TIMEOUT_SECONDS = 15.0
+
+
+async def probe_providers(config: Config) -> list:
+    """A ProbeRow per enabled provider, all probed at once."""
+    providers = config.enabled_providers()
+    upstream = Upstream(max(len(providers), 1))
+    try:
+        return await asyncio.gather(*(
+            probe_provider(upstream, provider, routed_models(config, provider))
+            for provider in providers))
+    finally:
+        upstream.close("the probe is over")
+
+
+def routed_models(config: Config, provider: Provider):
+    """The models that routes (and their fallbacks) send to a provider, or None when no route
+    names it; with no routes at all, requests reach the first enabled provider's first model."""
+    if not config.routes:
+        first = config.enabled_providers()[0]
+        return first.models[:1] if provider is first else None
+    named = [model for route in config.routes.values()
+             for name, model in [(route.provider, route.model)] + list(route.fallbacks)
+             if name == provider.name]
+    return list(dict.fromkeys(named)) or None
+
+
+async def probe_provider(upstream: Upstream, provider: Provider, models) -> ProbeRow:
+    """Call the provider's model list once (or, without one, send each routed model the
+    smallest request) and say what came back."""
+    protocol = PROTOCOLS[provider.protocol]
+    started = time.monotonic()
+    outgoing = protocol.models_request(provider)
+    status, listed = await probe_call(upstream, provider, outgoing) if outgoing else (404, None)
+    latency = "%d ms" % ((time.monotonic() - started) * 1000)
+    routed = models is not None
+    if isinstance(listed, ProxyError):
+        return ProbeRow(provider.name, "no", "-", "-", listed.message, True, routed)
+    if status in (401, 403):
+        return ProbeRow(provider.name, "yes", "refused (HTTP %d)" % status, latency,
+                        upstream_error_message(listed or b""), True, routed)
+    if status != 200:
+        known = {model: await probe_model(upstream, provider, model) for model in models or ()}
+    else:
+        names = listed_names(protocol, listed)
+        known = {model: "ok" if model in names else "not listed" for model in models or ()}
+    shown = "; ".join("%s %s" % item for item in known.items()) or "(none routed here)"
+    return ProbeRow(provider.name, "yes", "accepted", latency, shown,
+                    any(verdict != "ok" for verdict in known.values()), routed)
+
+
+def listed_names(protocol: Protocol, answer: bytes) -> set:
+    """The model names in a model list answer (none, when it is not JSON)."""
+    try:
+        return set(protocol.listed_models(json.loads(answer)))
+    except (ValueError, RecursionError):
+        return set()
+
+
+async def probe_call(upstream: Upstream, provider: Provider, outgoing: UpstreamRequest):
+    """(status, body) of one call, or (0, the ProxyError) when it got no answer."""
+    call = upstream.call(provider, outgoing, PROBE_TIMEOUT_SECONDS)
+    try:
+        return await call.send(), call.body
+    except ProxyError as error:
+        return 0, error
+
+
+async def probe_model(upstream: Upstream, provider: Provider, model: str) -> str:
+    """"ok", or what is wrong, from the smallest Messages request to one model."""
+    request = Request("POST", "/v1/messages", "HTTP/1.1", Headers())
+    request.body = json_bytes({"model": model, "max_tokens": 16,
+                               "messages": [{"role": "user", "content": "ping"}]})
+    body = parse_json_body(request)
+    outgoing = PROTOCOLS[provider.protocol].messages_request(provider, model, request, body)
+    status, answer = await probe_call(upstream, provider, outgoing)
+    if isinstance(answer, ProxyError):
+        return answer.message
+    message = upstream_error_message(answer or b"") if status >= 400 else ""
+    if status == 404 or (status == 400 and MISSING_MODEL_RE.search(message)):
+        return "missing (HTTP %d: %s)" % (status, message)
+    return "ok" if status < 500 and status not in (401, 403) else "HTTP %d: %s" % (status, message)
+
+
+def render_table(titles, rows) -> str:
+    """Rows of text under titles, in columns as wide as their widest cell (the last is free)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(titles, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in
+                               zip(line[:-1], widths)) + "  " + str(line[-1])
+                     for line in [titles] + list(rows))
+
+
 def cmd_stop(args) -> int:
-    """stop: drain, then end the running proxy; not running is fine."""
+    """stop: drain, then end the running proxy (with --config, only one started with that
+    file); not running is fine."""
     record = running_proxy()
     if record is None:
         print("ccproxy is not running")
         return 0
-    print("ccproxy (pid %d) %s" % (record["pid"], stop_proxy(record)))
+    other = started_with_other_config(record, args.config)
+    if other:
+        print("ccproxy: %s; left running" % other)
+        return 0
+    ended = stop_proxy(record, lambda line: print(line, flush=True))
+    print("ccproxy (pid %d) %s" % (record["pid"], ended))
     return 0
 
 
 def cmd_status(args) -> int:
-    """Exit 0 when running, 3 when not (LSB)."""
+    """Exit 0 when running (with --config: started with that file), 3 when not (LSB)."""
     record = running_proxy()
-    if record is None:
-        print(json.dumps({"running": False}) if args.json else "ccproxy is not running")
+    other = started_with_other_config(record, args.config) if record else None
+    if record is None or other:
+        print(json.dumps({"running": False}) if args.json else "ccproxy is not running%s" % (
+            " with %s: %s" % (args.config, other) if other else ""))
         return 3
     details, problem = status_details(record)
     report = {"running": True, "pid": record["pid"], "url": record["url"],
@@ -6810,17 +7205,23 @@ def cmd_status(args) -> int:
         report["providers_problem"] = problem
     if args.json:
         print(json.dumps(report))
-        return 0
+    else:
+        print_status(report)
+    return 0
+
+
+def print_status(report: dict) -> None:
+    """The text form of `status`."""
     print("ccproxy %s is running at %s (pid %d, up %ds, started by %s)" % (
         report["version"], report["url"], report["pid"], report["uptime_seconds"],
         report["started_by"]))
-    if problem:
-        print("  providers not shown: %s" % problem)
+    print("  config: %s" % (report["config"] or "built-in defaults"))
+    if "providers_problem" in report:
+        print("  providers not shown: %s" % report["providers_problem"])
     for provider in report["providers"]:
         print("  %-12s %-9s %-8s circuit %-9s %s" % (
             provider["name"], provider["type"], "enabled" if provider["enabled"] else "disabled",
             provider["circuit"]["state"], ", ".join(provider["models"]) or "(any model)"))
-    return 0
 
 
 def status_details(record: dict):
@@ -6839,14 +7240,13 @@ def status_details(record: dict):
 
 def cmd_env(args) -> int:
     """env: print the variables for Claude Code in the user's shell syntax."""
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+    config = config_from_args(args.config, {"host": args.host, "port": args.port})
+    if config is None:
         return 1
     record = running_proxy()
     if record is None:
-        print("ccproxy: not running yet; start it with: python3 ccproxy.py start", file=sys.stderr)
+        print("ccproxy: not running yet; start it with: %s start" % command_name(),
+              file=sys.stderr)
     url = record["url"] if record else client_url(config.host, config.port)
     shell = args.shell or default_shell(os.environ)
     print(render_environment(claude_variables(url, config, os.environ), CLAUDE_UNSET_VARIABLES,
@@ -6936,7 +7336,7 @@ def cmd_code(argv) -> int:
         print("ccproxy code: %s" % exc, file=sys.stderr)
         return 2
     if own["help"]:
-        build_code_parser().print_help()
+        build_code_parser(command_name()).print_help()
         return 0
     claude = find_claude(os.environ)
     if claude is None:
@@ -6944,11 +7344,9 @@ def cmd_code(argv) -> int:
             " at CLAUDE_PATH" if os.environ.get("CLAUDE_PATH") else " on PATH",
             CLAUDE_INSTALL_HINT), file=sys.stderr)
         return 127
-    try:
-        port = int(own["--port"]) if own["--port"] is not None else None
-        config = load_config(own["--config"], os.environ, {"host": own["--host"], "port": port})
-    except ConfigError as exc:
-        print("ccproxy: configuration error:\n%s" % exc, file=sys.stderr)
+    port = int(own["--port"]) if own["--port"] is not None else None
+    config = config_from_args(own["--config"], {"host": own["--host"], "port": port})
+    if config is None:
         return 1
     return run_code_session(claude, claude_arguments, config)
 
@@ -7026,12 +7424,27 @@ COMMANDS = {"start": cmd_start, "stop": cmd_stop, "status": cmd_status, "env": c
             "version": cmd_version}
 
 
+def command_name() -> str:
+    """How the user ran this program, for help texts and hints: the installed `ccproxy`,
+    `python3 -m ccproxy`, or `python3 path/to/the/file.py` (under whatever name it has)."""
+    python = "python" if os.name == "nt" else "python3"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name not in ("__main__", "") and spec.origin == __file__:
+        return "%s -m %s" % (python, spec.name)
+    script = sys.argv[0] if sys.argv else ""
+    if script.endswith(".py"):
+        return "%s %s" % (python, script)
+    if script and not script.startswith("-"):
+        return os.path.basename(script)
+    return "%s %s" % (python, __file__)
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["code"]:
         return cmd_code(argv[1:])
-    parser = build_parser()
+    parser = build_parser(command_name())
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -2,6 +2,8 @@
 test. The helpers they are built on (and that tests use directly) are in helpers.py."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from helpers import (CLAUDE_CODE_VERSIONS, MockUpstream, RunningProxy,  # first: ccproxy on the path
@@ -17,6 +19,28 @@ def no_proxy_settings(monkeypatch):
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
+
+
+@pytest.fixture
+def ccproxy_log():
+    """The messages ccproxy logs during the test (at INFO and above), whatever another test
+    did to logging's propagation."""
+    class Collector(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    collector = Collector()
+    logger = logging.getLogger("ccproxy")
+    level = logger.level
+    logger.addHandler(collector)
+    logger.setLevel(logging.INFO)
+    yield collector.messages
+    logger.removeHandler(collector)
+    logger.setLevel(level)
 
 
 @pytest.fixture

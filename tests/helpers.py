@@ -101,10 +101,13 @@ class MockUpstream:
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                self.do_POST()
+
             def do_POST(self):
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
-                record = {"method": "POST", "path": self.path, "peer": self.client_address,
+                record = {"method": self.command, "path": self.path, "peer": self.client_address,
                           "headers": {k.lower(): v for k, v in self.headers.items()},
                           "body": body}
                 try:

@@ -41,18 +41,40 @@ def test_version_matches_pyproject():
 
 
 @pytest.mark.parametrize("command", ["start", "stop", "status", "code", "env", "version"])
-def test_every_subcommand_has_help(command):
+def test_every_subcommand_has_help_naming_the_command_as_it_was_run(command):
     result = subprocess.run([sys.executable, SCRIPT, command, "--help"], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0
-    assert result.stdout.startswith("usage: ccproxy.py %s" % command)
+    assert result.stdout.startswith("usage: python3 %s %s" % (SCRIPT, command))
 
 
-def test_start_help_lists_its_flags_with_an_example():
+def test_start_help_lists_its_flags_with_examples_one_per_line():
     out = subprocess.run([sys.executable, SCRIPT, "start", "--help"], capture_output=True,
                          text=True, timeout=30).stdout
-    for flag in ("--foreground", "--check", "--config", "--host", "--port", "example:"):
+    for flag in ("--foreground", "--check", "--probe", "--config", "--host", "--port"):
         assert flag in out
+    assert "\n  python3 %s start --check --probe\n" % SCRIPT in out
+
+
+def test_code_help_gives_its_examples_on_separate_lines():
+    out = subprocess.run([sys.executable, SCRIPT, "code", "--help"], capture_output=True,
+                         text=True, timeout=30).stdout
+    examples = out.split("examples:\n", 1)[1].splitlines()
+    assert examples == ["  python3 %s code" % SCRIPT, '  python3 %s code -p "fix the tests"' % SCRIPT,
+                        "  python3 %s code -- --help" % SCRIPT]
+
+
+def test_dash_dash_version_prints_the_version():
+    result = subprocess.run([sys.executable, SCRIPT, "--version"], capture_output=True, text=True,
+                            timeout=30)
+    assert (result.returncode, result.stdout.strip()) == (0, "ccproxy %s" % ccproxy.__version__)
+
+
+def test_python_dash_m_runs_it_and_its_help_says_so():
+    result = subprocess.run([sys.executable, "-m", "ccproxy", "stop", "--help"], cwd=str(REPO),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python3 -m ccproxy stop")
 
 
 def test_no_command_prints_help():

@@ -164,12 +164,25 @@ def test_flag_problem_names_the_flag():
         build({}, flags={"port": 99999})
 
 
-def test_unknown_keys_warn():
-    config = build({"hots": "x", "performance": {"request_timeot": 5},
-                    "providers": [{"name": "ollama", "modles": []}]})
-    assert "config.json: hots: unknown key, ignored" in config.warnings
-    assert "config.json: performance.request_timeot: unknown key, ignored" in config.warnings
-    assert "config.json: providers[0].modles: unknown key, ignored" in config.warnings
+def test_unknown_keys_warn_with_the_near_miss():
+    config = build({"hots": "x", "performance": {"request_timeot": 5, "zzz": 1},
+                    "providers": [{"name": "local", "type": "openai",
+                                   "api_base_url": "http://127.0.0.1:1/v1", "modles": []}]})
+    assert "config.json: hots: unknown key (did you mean 'host'?), ignored" in config.warnings
+    assert ("config.json: performance.request_timeot: unknown key (did you mean "
+            "'request_timeout'?), ignored") in config.warnings
+    assert "config.json: performance.zzz: unknown key, ignored" in config.warnings
+    assert ("config.json: providers[0].modles: unknown key (did you mean 'models'?), ignored"
+            in config.warnings)
+
+
+def test_an_unknown_key_in_a_preset_provider_is_an_error():
+    """A typo in a preset's base URL key would send its traffic, and its key, to the public API."""
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        build({"providers": [{"name": "openai", "api_key": "sk-x",
+                              "api_bse_url": "http://127.0.0.1:9/v1"}]})
+    assert ("config.json: providers[0].api_bse_url: unknown key (did you mean 'api_base_url'?)"
+            in str(caught.value))
 
 
 def test_file_search_order(tmp_path, monkeypatch):
@@ -213,10 +226,10 @@ def run_check(tmp_path, text):
 
 
 def test_check_accepts_a_good_config(tmp_path):
-    result = run_check(tmp_path, '{"providers": [{"name": "ollama", "bogus": 1}]} // ok')
+    result = run_check(tmp_path, '{"providers": [{"name": "ollama"}], "bogus": 1} // ok')
     assert result.returncode == 0
     assert "configuration OK" in result.stdout
-    assert "providers[0].bogus: unknown key" in result.stderr
+    assert "bogus: unknown key, ignored" in result.stderr
 
 
 def test_check_rejects_a_bad_config_naming_the_key(tmp_path):
@@ -305,5 +318,23 @@ def test_bad_model_limits_name_the_key(model, problem):
 def test_an_unknown_key_in_a_model_entry_is_warned_about():
     config = build({"providers": [{"name": "p", "type": "openai", "api_base_url": "http://h/v1",
                                    "models": [{"name": "m", "context_windw": 9}]}]})
-    assert "config.json: providers[0].models[0].context_windw: unknown key, ignored" in \
+    assert ("config.json: providers[0].models[0].context_windw: unknown key (did you mean "
+            "'context_window'?), ignored") in \
         config.warnings
+
+
+def test_routes_and_fallbacks_take_the_provider_model_string_form():
+    config = build({"providers": [{"name": "a", "type": "openai", "api_base_url": "http://h/v1"},
+                                  {"name": "b", "type": "openai", "api_base_url": "http://h/v1"}],
+                    "routes": {"default": "a, m1", "think": {"provider": "b", "model": "m2",
+                                                             "fallbacks": ["a,m3"]}}})
+    assert (config.routes["default"].provider, config.routes["default"].model) == ("a", "m1")
+    assert config.routes["think"].fallbacks == [("a", "m3")]
+
+
+def test_a_route_naming_a_model_the_provider_does_not_list_is_warned_about():
+    config = build({"providers": [{"name": "a", "type": "openai", "api_base_url": "http://h/v1",
+                                   "models": ["gpt-x", "gpt-y"]}],
+                    "routes": {"default": "a,gpt-z", "think": {"provider": "a", "model": "gpt-x"}}})
+    assert config.warnings == [
+        "config.json: routes.default.model: 'gpt-z' is not among a's models (gpt-x, gpt-y)"]

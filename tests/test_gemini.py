@@ -425,8 +425,8 @@ def google_error(code, status, message, details=()):
      anthropic.BadRequestError, "invalid_request_error", 400),
     (403, google_error(403, "PERMISSION_DENIED", "denied"), anthropic.PermissionDeniedError,
      "permission_error", 403),
-    (404, google_error(404, "NOT_FOUND", "models/x is not found"), anthropic.NotFoundError,
-     "not_found_error", 404),
+    (404, google_error(404, "NOT_FOUND", "models/x is not found"), anthropic.BadRequestError,
+     "invalid_request_error", 400),
     (500, google_error(500, "INTERNAL", "internal"), anthropic.InternalServerError, "api_error", 500),
     (503, google_error(503, "UNAVAILABLE", "The model is overloaded."), anthropic.APIStatusError,
      "overloaded_error", 529),
@@ -440,7 +440,14 @@ def test_gemini_errors_are_mapped(gemini_proxy, upstream, http_status, body, err
         sdk(gemini_proxy).messages.create(**REQUEST)
     assert caught.value.status_code == client_status
     assert caught.value.body["error"]["type"] == error_type
-    assert caught.value.body["error"]["message"] == "gemini: " + body["error"]["message"]
+    message = caught.value.body["error"]["message"]
+    config_problem = http_status in (403, 404) or "API_KEY_INVALID" in json.dumps(body)
+    if config_problem:       # named as such, and Claude Code is told not to retry
+        assert message.endswith("in test-config.json (gemini: %s)" % body["error"]["message"])
+        assert caught.value.response.headers["x-should-retry"] == "false"
+    else:
+        assert message == "gemini: " + body["error"]["message"]
+        assert "x-should-retry" not in caught.value.response.headers
     if http_status == 429:
         assert caught.value.response.headers["retry-after"] == "32"
 

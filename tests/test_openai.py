@@ -756,7 +756,7 @@ def openai_error_body(message, code=None):
     (400, anthropic.BadRequestError, "invalid_request_error", 400),
     (401, anthropic.AuthenticationError, "authentication_error", 401),
     (403, anthropic.PermissionDeniedError, "permission_error", 403),
-    (404, anthropic.NotFoundError, "not_found_error", 404),
+    (404, anthropic.InternalServerError, "api_error", 502),
     (429, anthropic.RateLimitError, "rate_limit_error", 429),
     (500, anthropic.InternalServerError, "api_error", 500),
     (503, anthropic.APIStatusError, "overloaded_error", 529),
@@ -769,8 +769,18 @@ def test_upstream_errors_are_mapped(openai_proxy, upstream, status, error_class,
         sdk(openai_proxy).messages.create(**REQUEST)
     assert caught.value.status_code == client_status
     assert caught.value.body["error"]["type"] == error_type
-    assert caught.value.body["error"]["message"].startswith("openai: HTTP %d: went wrong" % status)
+    message = caught.value.body["error"]["message"]
+    assert "openai: HTTP %d: went wrong" % status in message
     assert OPENAI_KEY not in json.dumps(caught.value.body)
+    # a key refused or nothing at the address: named as configuration, not to be retried
+    config_fix = {401: "openai refused its API key; fix providers[0].api_key in",
+                  403: "openai refused its API key; fix providers[0].api_key in",
+                  404: "openai has nothing at that address; check providers[0].api_base_url in"}
+    if status in config_fix:
+        assert message.startswith(config_fix[status])
+        assert caught.value.response.headers["x-should-retry"] == "false"
+    else:
+        assert "x-should-retry" not in caught.value.response.headers
     if status == 429:
         assert caught.value.response.headers["retry-after"] == "3"
 

@@ -233,14 +233,15 @@ def test_one_table_each_drives_validation_and_routing_of_conditions_and_scenario
     for name, body in SCENARIO_CASES.items():
         raw = {"providers": RULES["providers"], "routes": {
             "default": {"provider": "openai", "model": "gpt-main"},
-            name: {"provider": "anthropic", "model": "s"}, "longContextThreshold": 3000}}
+            name: {"provider": "anthropic", "model": "claude-listed"},
+            "longContextThreshold": 3000}}
         assert not ccproxy.build_config(raw, "config.json", {}).warnings
         assert plan(body, (), raw)[0][2] == name and plan({}, (), raw)[0][2] == "default"
 
 
 def test_a_route_no_request_would_use_is_warned_about():
     raw = {"providers": RULES["providers"],
-           "routes": {"longcontext": {"provider": "openai", "model": "m"}}}
+           "routes": {"longcontext": {"provider": "openai", "model": "gpt-main"}}}
     warnings = ccproxy.build_config(raw, "config.json", {}).warnings
     assert warnings == ["config.json: routes.longcontext: not a scenario route (longContext, "
                         "background, webSearch, think, image, default) and without conditions: "
@@ -324,13 +325,20 @@ def test_no_retry_once_the_answer_has_begun(start_proxy, upstream, second_upstre
     assert second_upstream.requests == []
 
 
-def test_all_providers_failing_returns_the_last_error(start_proxy):
+def test_when_every_provider_fails_the_error_lists_what_each_answered(start_proxy):
     proxy = two_providers(start_proxy, dead_url(), dead_url())
     with pytest.raises(anthropic.APIStatusError) as caught:
         ask(proxy)
     assert caught.value.status_code == 502
-    assert caught.value.body["error"]["message"].startswith("backup: cannot reach")
+    message = caught.value.body["error"]["message"]
+    assert re.match(r"every provider failed: 1\. primary \(claude-x\): primary cannot be "
+                    r"reached; check providers\[0\]\.api_base_url in test-config\.json and that "
+                    r"its server runs \(primary: cannot reach http://127.0.0.1:\d+/v1/messages: "
+                    r".*\); 2\. backup \(claude-x\): backup cannot be reached; check "
+                    r"providers\[1\]\.api_base_url", message), message
     assert caught.value.response.headers["x-ccproxy-provider"] == "backup"
+    # nothing served at either address: a configuration problem, not worth retrying
+    assert caught.value.response.headers["x-should-retry"] == "false"
 
 
 def test_retries_the_same_provider_with_backoff(start_proxy, upstream, second_upstream):

@@ -14,7 +14,8 @@ from helpers import (anthropic_message, anthropic_provider, json_reply, MockUpst
                      raw_exchange, Reply, sdk, stream_reply, wait_until)
 
 
-def test_unreachable_upstream_is_502_naming_the_provider(start_proxy):
+def test_unreachable_upstream_is_a_final_502_naming_the_provider_and_the_key(start_proxy,
+                                                                               ccproxy_log):
     with socket.socket() as probe:                  # a port with nobody listening
         probe.bind(("127.0.0.1", 0))
         dead_port = probe.getsockname()[1]
@@ -25,8 +26,15 @@ def test_unreachable_upstream_is_502_naming_the_provider(start_proxy):
                                    messages=[{"role": "user", "content": "hi"}])
     assert caught.value.status_code == 502
     message = caught.value.body["error"]["message"]
-    assert message.startswith("anthropic: cannot reach http://127.0.0.1:%d/v1/messages" % dead_port)
+    assert message.startswith("anthropic cannot be reached; check providers[0].api_base_url in "
+                              "test-config.json and that its server runs (anthropic: cannot reach "
+                              "http://127.0.0.1:%d/v1/messages" % dead_port)
     assert "refused" in message.lower()
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    # the default log (request logging off) has one warning line for the failed call
+    failed = [line for line in ccproxy_log if "upstream call failed" in line]
+    assert len(failed) == 1 and failed[0].startswith(
+        "upstream call failed: provider=anthropic model=m status=502: anthropic: cannot reach")
 
 
 def test_silent_upstream_is_504(start_proxy, upstream):
