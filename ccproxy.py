@@ -4,12 +4,12 @@
 One file, Python 3.8+ standard library only. It speaks the Anthropic Messages API to its
 clients and each provider's own API behind it, with routing and clear Anthropic-shaped errors.
 
-Usage:
+Usage (under any file name; also `python3 -m ccproxy` or the installed `ccproxy`):
     python3 ccproxy.py code [claude arguments]   start the proxy if needed, run Claude Code
     python3 ccproxy.py start [--foreground] [--host HOST] [--port PORT] [--config FILE]
-    python3 ccproxy.py start --check [--config FILE]     validate the config and exit 0/1
-    python3 ccproxy.py stop | status [--json] | env [--shell SHELL] | version
-    python3 ccproxy.py COMMAND --help
+    python3 ccproxy.py start --check [--probe]   validate the config (and call each provider)
+    python3 ccproxy.py stop | status [--json] [--config FILE]
+    python3 ccproxy.py env [--shell SHELL] | version | --version | COMMAND --help
 
 Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and their parts:
     1. Constants
@@ -18,6 +18,7 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         3.1 Reading: JSONC, ${VAR}, durations, layers
         3.2 The configuration: providers, routes, limits
         3.3 Validation: every problem, with its file and key
+        3.4 A Claude Code Router config, converted when read
     4. HTTP/1.1
         4.1 Messages: parsing requests, writing responses (sans-IO)
         4.2 The server: listening, accepting within limits, draining
@@ -40,6 +41,11 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
     10. Upstream
     11. Daemon
     12. CLI
+        12.1 Arguments, and the config a command runs on
+        12.2 start, and what --check --probe finds
+        12.3 stop and status
+        12.4 env and code: Claude Code through the proxy
+        12.5 version, and main
 """
 from __future__ import annotations
 
@@ -120,10 +126,12 @@ STREAM_PING_SECONDS = 15.0                       # a ping to the client after th
 UPSTREAM_IDLE_SECONDS = 30.0                     # an idle provider connection is kept this long
 UPSTREAM_IDLE_PER_HOST = 16                      # idle connections kept per provider host
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
-CONFIG_SEARCH_PATHS = ("./config.json", "~/.ccproxy/config.json", "/etc/ccproxy/config.json")
+CONFIG_SEARCH_PATHS = ("./config.json", "~/.ccproxy/config.json", "/etc/ccproxy/config.json",
+                       "~/.claude-code-router/config.json")     # the last converted when read
 USER_AGENT = "ccproxy/" + __version__
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024            # the detached log rotates at this size
 LOG_FILE_BACKUPS = 3
+PROBE_TIMEOUT_SECONDS = 15.0                     # `start --check --probe` waits this long
 START_WAIT_SECONDS = 15.0                        # `start` waits this long for /health
 STOP_POLL_SECONDS = 0.05
 START_FAILURE_LINES = 15                         # of its stderr and log, when `start` fails
@@ -491,16 +499,18 @@ PROVIDER_KEY_ENV_RE = re.compile(r"^CCPROXY_PROVIDERS_(\d+)_API_KEY$")
 
 JSONC_TOKEN_RE = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*[\s\S]*?(?:\*/|$)')
 JSONC_TRAILING_COMMA_RE = re.compile(r'"(?:\\.|[^"\\])*"|,(?=\s*[}\]])')
+JSONC_BARE_KEY_RE = re.compile(r'"(?:\\.|[^"\\])*"|([{,]\s*)([A-Za-z_$][\w$]*)(\s*:)')
 ENV_REFERENCE_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_jsonc(text: str, source: str):
-    """Parse JSON that may carry // and /* */ comments and trailing commas.
+    """Parse JSON that may carry // and /* */ comments, trailing commas and unquoted keys (as
+    Claude Code Router's JSON5 files may).
 
-    Comments become blanks of the same shape, so the line and column of a syntax error still
-    point into the file as the user wrote it.
+    Comments become blanks of the same shape, so the line of a syntax error still points into
+    the file as the user wrote it.
     """
     def blank(match):
         token = match.group()
@@ -510,6 +520,8 @@ def parse_jsonc(text: str, source: str):
 
     text = JSONC_TOKEN_RE.sub(blank, text)
     text = JSONC_TRAILING_COMMA_RE.sub(lambda m: m.group() if m.group() != "," else " ", text)
+    text = JSONC_BARE_KEY_RE.sub(lambda m: '%s"%s"%s' % m.groups() if m.group(2) else m.group(),
+                                 text)
     try:
         return json.loads(text)
     except ValueError as exc:
@@ -885,6 +897,7 @@ class Config:
                                  performance["circuit_breaker_enabled"])
         self.warnings = warnings
         self.notes = []             # what was done that the user should hear of (not a problem)
+        self.converted_from = None  # the router whose config file this was converted from
         self.masker = SecretMasker(self.secrets())
         self.file_content, self.environ, self.flags = raw, {}, {}   # set by load_config
 
@@ -1326,8 +1339,10 @@ def load_config(config_path: str | None = None, environ=None, flags=None) -> Con
     environ = os.environ if environ is None else environ
     notes = []
     path = find_config_file(config_path, environ, notes)
-    config = config_from_file_content(read_config_file(path) if path else {}, path, environ, flags)
+    content, converted_from = read_router_config(path, notes) if path else ({}, None)
+    config = config_from_file_content(content, path, environ, flags)
     config.notes[:0] = notes
+    config.converted_from = converted_from
     return config
 
 
@@ -1369,6 +1384,143 @@ def config_file_exposure(path: str | None, content: dict) -> str | None:
     return ("%s: readable by other users (mode %04o) and holds a key at %s; run chmod 600 %s, or "
             "use ${VAR} references" % (path, mode, ", ".join(secrets), path))
 
+
+# -----------------------------------------------------------------------------
+# 3.4 A Claude Code Router config, converted when read
+# -----------------------------------------------------------------------------
+# Its documented shape (github.com/musistudio/claude-code-router, README, checked 2026-12-05):
+# APIKEY, HOST, PORT, LOG, API_TIMEOUT_MS, PROXY_URL, Providers [{name, api_base_url (the full
+# endpoint), api_key, models, transformer: {use: [name | [name, options]], <model>: {use}}}],
+# Router {default, background, think, longContext, longContextThreshold, webSearch, image} as
+# "provider,model" strings, $VAR or ${VAR} anywhere in a string.
+
+CCR_SETTINGS = {            # its top-level key -> ccproxy's key path, or why there is none
+    "APIKEY": ("apikey",), "HOST": ("host",), "PORT": ("port",), "LOG": ("log",),
+    "API_TIMEOUT_MS": ("performance", "request_timeout"),
+    "PROXY_URL": "set HTTPS_PROXY in ccproxy's environment instead (provider calls use it)",
+    "LOG_LEVEL": "ccproxy logs warnings and, with log, one line per request",
+    "NON_INTERACTIVE_MODE": "not needed: `code` passes claude's terminal through",
+    "CUSTOM_ROUTER_PATH": "a JavaScript router cannot run here; write routes with conditions",
+    "transformers": "JavaScript transformer plugins cannot run here",
+}
+# Transformers that ccproxy's protocols and presets already are, and those it cannot be.
+CCR_BUILT_IN_TRANSFORMERS = {"anthropic", "openai", "deepseek", "gemini", "openrouter", "groq",
+                             "reasoning", "cleancache", "sampling", "maxtoken"}
+CCR_UNSERVED_TRANSFORMERS = {"vertex-gemini", "gemini-cli", "qwen-cli", "rovo-cli"}
+CCR_VARIABLE_RE = re.compile(r"\$(?!\{)([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def read_router_config(path: str, notes: list):
+    """(a config file's content for ccproxy, the router it was converted from or None): a
+    Claude Code Router config is converted, with a note per setting that has no equivalent."""
+    content = read_config_file(path)
+    if "providers" in content or not ({"Providers", "Router"} & set(content)):
+        return content, None
+    notes.append("%s is a Claude Code Router config, converted (`start --check` prints the "
+                 "result to save as a ccproxy config)" % path)
+    return ccr_converted(ccr_variables(content), notes), "Claude Code Router"
+
+
+def ccr_variables(value):
+    """Its $VAR references written as ccproxy's ${VAR}, in every string."""
+    if isinstance(value, dict):
+        return {key: ccr_variables(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [ccr_variables(item) for item in value]
+    return CCR_VARIABLE_RE.sub(r"${\1}", value) if isinstance(value, str) else value
+
+
+def ccr_converted(content: dict, notes: list) -> dict:
+    """The ccproxy config for a Claude Code Router config's content."""
+    converted = {}
+    for key, value in content.items():
+        target = CCR_SETTINGS.get(key)
+        if isinstance(target, tuple):
+            place = converted
+            for part in target[:-1]:
+                place = place.setdefault(part, {})
+            place[target[-1]] = ccr_setting(key, value)
+        elif key not in ("Providers", "Router") and value not in (False, None, ""):
+            notes.append("%s: no equivalent in ccproxy, ignored%s" % (
+                key, "; " + target if target else ""))
+    converted["providers"] = [ccr_provider(entry, index, notes) for index, entry in
+                              enumerate(list_of(content.get("Providers")))]
+    converted["routes"] = ccr_routes(dict_of(content.get("Router")), notes)
+    return converted
+
+
+def ccr_setting(key: str, value):
+    """A top-level setting's value in ccproxy's terms (a port as a number, seconds for ms)."""
+    if key == "PORT" and isinstance(value, str) and value.isdigit():
+        return int(value)
+    if key == "API_TIMEOUT_MS" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value / 1000
+    return value
+
+
+def ccr_provider(entry, index: int, notes: list) -> dict:
+    """One of its Providers as a ccproxy provider: the protocol from its transformers and
+    address, the address as a base URL, maxtoken as max_tokens and model limits."""
+    entry = dict_of(entry)
+    where = "Providers[%d]" % index
+    url = str(entry.get("api_base_url") or "")
+    transformer = dict_of(entry.get("transformer"))
+    uses = [ccr_use(item) for item in list_of(transformer.get("use"))]
+    names = {name.lower() for name, _ in uses}
+    protocol = ("gemini" if "gemini" in names or "generativelanguage." in url else
+                "anthropic" if "anthropic" in names or url.rstrip("/").endswith("/v1/messages")
+                else "openai")
+    provider = {"name": entry.get("name"), "type": protocol,
+                "api_base_url": re.sub(r"/models/?$", "", url) if protocol == "gemini" else url,
+                "api_key": entry.get("api_key") or "", "models": list_of(entry.get("models"))}
+    for name, options in uses:
+        ccr_transformer(provider, name, options, None, "%s.transformer.use" % where, notes)
+    for model, settings in ((k, v) for k, v in transformer.items() if k != "use"):
+        for name, options in (ccr_use(item) for item in list_of(dict_of(settings).get("use"))):
+            ccr_transformer(provider, name, options, model, "%s.transformer.%s" % (where, model),
+                            notes)
+    unknown = sorted(set(entry) - {"name", "api_base_url", "api_key", "models", "transformer"})
+    notes.extend("%s.%s: no equivalent in ccproxy, ignored" % (where, key) for key in unknown)
+    return provider
+
+
+def ccr_use(item) -> tuple:
+    """(name, options) of one transformer in a `use` list: "name" or ["name", {options}]."""
+    if isinstance(item, list) and item:
+        return str(item[0]), dict_of(item[1] if len(item) > 1 else {})
+    return str(item), {}
+
+
+def ccr_transformer(provider: dict, name: str, options: dict, model, where: str,
+                    notes: list) -> None:
+    """What one transformer means for the converted provider (for one model, or all)."""
+    limit = options.get("max_tokens")
+    if name == "maxtoken" and isinstance(limit, int):
+        if model is None:
+            provider["max_tokens"] = limit
+        else:
+            provider["models"] = [m for m in provider["models"] if m != model] + [
+                {"name": model, "max_output_tokens": limit}]
+    elif name.lower() in CCR_UNSERVED_TRANSFORMERS:
+        provider["enabled"] = False
+        notes.append("%s: %r has no equivalent in ccproxy; the provider is disabled" % (
+            where, name))
+    elif name.lower() not in CCR_BUILT_IN_TRANSFORMERS or (options and name != "maxtoken"):
+        notes.append("%s: %r%s has no equivalent in ccproxy, ignored" % (
+            where, name, " with options" if options else ""))
+
+
+def ccr_routes(router: dict, notes: list) -> dict:
+    """Its Router as routes: the scenario names are the same, and "provider,model" strings
+    are taken as they are."""
+    routes = {}
+    for name, value in router.items():
+        if name == LONG_CONTEXT_THRESHOLD_KEY or (
+                name in SCENARIOS or name == "default") and isinstance(value, str):
+            routes[name] = value
+        elif value:
+            notes.append("Router.%s: no equivalent in ccproxy, ignored" % name)
+    return routes
 
 
 ###############################################################################
@@ -1850,8 +2002,8 @@ def serve_in_thread(config, host: str = DEFAULT_HOST, port: int = 0) -> ProxyThr
                                          label="config")
     else:
         path = find_config_file(os.fspath(config), {}, [])
-        built = config_from_file_content(read_config_file(path), path, os.environ, flags,
-                                         settings=False)
+        built = config_from_file_content(read_router_config(path, [])[0], path, os.environ,
+                                         flags, settings=False)
     proxy = ProxyThread(built)
     proxy._start()
     return proxy
@@ -2291,6 +2443,11 @@ class ProxyApp:
     def change_config_file(self, change) -> Config:
         """Apply change() to a copy of the config file's content, validate it like a config
         file, write it back (atomically, 0600) and put it live for new requests."""
+        if self.config.converted_from:
+            raise ConflictError("%s is a %s config, converted when read; ccproxy does not rewrite "
+                                "it. Save the converted config that `start --check` prints as "
+                                "the config file, then change providers" % (
+                                    self.config.source, self.config.converted_from))
         content = json.loads(json.dumps(self.config.file_content))
         change(content)
         path = self.config.source or os.path.join(ccproxy_home(), "config.json")
@@ -2563,7 +2720,8 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
 
 
 async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
-    """One attempt: the candidate's protocol builds the call, relay_call() answers with it."""
+    """One attempt: the candidate's protocol builds the call, relay_call() answers with it; a
+    failure is logged, a configuration problem named as such."""
     provider, model, route = routing
     if request.record is not None:
         request.record.update(route=route, provider=provider.name, model=model)
@@ -2574,8 +2732,9 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     try:
         return await relay_call(protocol, call, conn, request, body)
     except ProxyError as error:
+        error = diagnosed(error, routing, app.config)
         call.log_failure(error)
-        raise
+        raise error from None
 
 
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
@@ -3396,7 +3555,6 @@ class Failover:
                 return with_route_headers(await self._retried(routing, attempt, breaker, policy),
                                           routing)
             except ProxyError as failure:
-                failure = diagnosed(failure, routing, config)
                 if not (failure.final or failure.status in RETRYABLE_STATUSES):
                     raise with_route_headers(failure, routing)
                 failures.append((routing, failure))
@@ -6471,7 +6629,12 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
                    watch_code_sessions: bool = False) -> int:
     """Serve in this process until SIGINT/SIGTERM, with a pidfile; the exit status."""
     server = ProxyServer(config)
-    configure_logging(config, detached, lambda: server.app.config.masker)
+    try:
+        configure_logging(config, detached, lambda: server.app.config.masker)
+    except OSError as exc:
+        print("ccproxy: cannot write the log file %s (log_file): %s" % (
+            config.log_file, exc.strerror or exc), file=sys.stderr)
+        return 1
     for note in startup_warnings(config):
         log.warning("%s", note)
 
@@ -6909,6 +7072,10 @@ def wait_for_exit(pid: int, seconds: float, report=None) -> bool:
 # 12. CLI
 ###############################################################################
 
+# -----------------------------------------------------------------------------
+# 12.1 Arguments, and the config a command runs on
+# -----------------------------------------------------------------------------
+
 def build_parser(name: str) -> argparse.ArgumentParser:
     """The argument parser: one subcommand per verb of the original; name is how the user ran
     this program, for the usage lines and examples."""
@@ -7032,6 +7199,10 @@ def config_of(record: dict, fallback: Config) -> Config:
         return fallback
 
 
+# -----------------------------------------------------------------------------
+# 12.2 start, and what --check --probe finds
+# -----------------------------------------------------------------------------
+
 def cmd_start(args) -> int:
     """start: in the background (default) or the foreground, or --check (and --probe)."""
     if args.foreground:
@@ -7062,23 +7233,28 @@ def cmd_start(args) -> int:
 
 
 def check_config(config: Config, probe: bool) -> int:
-    """start --check: the verdict on the config; with probe, a table of what each enabled
-    provider answered. Exit status 1 when a provider or model that routes use failed."""
+    """start --check: the verdict on the config (and, for another router's, the converted
+    one); with probe, a table of what each enabled provider answered. Exit status 1 when a
+    provider or model that routes use failed."""
+    verdict = sys.stdout
+    if config.converted_from:         # stdout is the converted config alone, ready to save
+        print(json.dumps(config.file_content, indent=2, ensure_ascii=False))
+        verdict = sys.stderr
     print("configuration OK: %s (%d providers)" % (config.source or "built-in defaults",
-                                                   len(config.providers)))
+                                                   len(config.providers)), file=verdict)
     if not probe:
         return 0
     rows = asyncio.run(probe_providers(config))
     print(render_table(("provider", "reachable", "key", "latency", "models"),
-                       [row[:5] for row in rows]))
+                       [row[:5] for row in rows]), file=verdict)
     failed = [row[0] for row in rows if row.failed and row.routed]
     if failed:
         print("routed providers or models failing: %s" % ", ".join(failed), file=sys.stderr)
     return 1 if failed else 0
 
 
-ProbeRow = collections.namedtuple("ProbeRow", "provider reachable key latency models failed routed")
-PROBE_TIMEOUT_SECONDS = 15.0
+ProbeRow = collections.namedtuple("ProbeRow",
+                                  "provider reachable key latency models failed routed")
 
 
 async def probe_providers(config: Config) -> list:
@@ -7170,6 +7346,10 @@ def render_table(titles, rows) -> str:
                      for line in [titles] + list(rows))
 
 
+# -----------------------------------------------------------------------------
+# 12.3 stop and status
+# -----------------------------------------------------------------------------
+
 def cmd_stop(args) -> int:
     """stop: drain, then end the running proxy (with --config, only one started with that
     file); not running is fine."""
@@ -7237,6 +7417,10 @@ def status_details(record: dict):
         return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer")
     return answer[1], None
 
+
+# -----------------------------------------------------------------------------
+# 12.4 env and code: Claude Code through the proxy
+# -----------------------------------------------------------------------------
 
 def cmd_env(args) -> int:
     """env: print the variables for Claude Code in the user's shell syntax."""
@@ -7413,6 +7597,10 @@ def run_claude(command: list, environment: dict) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
 
+
+# -----------------------------------------------------------------------------
+# 12.5 version, and main
+# -----------------------------------------------------------------------------
 
 def cmd_version(args) -> int:
     """version: print the version."""

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 import claude_code_canary
-from helpers import CLAUDE_CODE_VERSIONS as VERSIONS, REPO, Reply, installed_claude, json_reply
+from helpers import (CLAUDE_CODE_VERSIONS as VERSIONS, REPO, Reply, dead_url, installed_claude,
+                     json_reply)
 
 def openai_answer(message: dict, stream: bool, finish: str):
     """A Chat Completions answer, streamed as chunks or whole."""
@@ -34,6 +35,33 @@ def openai_answer(message: dict, stream: bool, finish: str):
 FINAL_TEXT = "Done: out.txt now holds hi."
 
 
+def run_code(version, tmp_path, providers, prompt, tools, **environment):
+    """`ccproxy.py code -p prompt` with the real Claude Code of that version, in a fresh home and
+    working directory, the providers configured: (the finished process, its JSON output, the
+    working directory)."""
+    claude = installed_claude(version)
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    config = home / "config.json"
+    config.write_text(json.dumps({"port": 0, "providers": providers}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
+    env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
+               DISABLE_AUTOUPDATER="1", **environment)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "ccproxy.py"), "code", "-p", prompt, "--output-format", "json",
+         "--allowedTools", tools],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    lines = result.stdout.strip().splitlines()
+    output = json.loads(lines[-1]) if lines else None
+    return result, output, work
+
+
+def openai_provider(upstream_url, **fields):
+    return dict({"name": "openai", "api_base_url": upstream_url + "/v1",
+                 "api_key": "sk-test-key-123456789", "models": ["gpt-test"]}, **fields)
+
+
 def scripted_model(request):
     """First make Claude Code run Bash; once the tool result is back, answer in text."""
     body = request["json"] or {}
@@ -51,33 +79,17 @@ def scripted_model(request):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstream):
-    claude = installed_claude(version)
     upstream.script = scripted_model
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    with __import__("socket").socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = home / "config.json"
-    config.write_text(json.dumps({"port": port, "providers": [
-        {"name": "openai", "api_base_url": upstream.url + "/v1", "api_key": "sk-test-key-123456789",
-         "models": ["gpt-test"]}]}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
-    env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
-               DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES="0")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "ccproxy.py"), "code", "-p",
-         "Create a file out.txt containing hi, using the Bash tool.",
-         "--output-format", "json", "--allowedTools", "Bash"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result, output, work = run_code(
+        version, tmp_path, [openai_provider(upstream.url)],
+        "Create a file out.txt containing hi, using the Bash tool.", "Bash",
+        CLAUDE_CODE_MAX_RETRIES="0")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
-    output = json.loads(result.stdout.strip().splitlines()[-1])
     assert output["is_error"] is False and output["result"] == FINAL_TEXT
     assert (work / "out.txt").read_text().strip() == "hi"          # the tool really ran
     sent = [r["json"] for r in upstream.requests if r["json"]]
     assert any(m.get("role") == "tool" and "tool_call_id" in m for b in sent for m in b["messages"])
-    assert not (home / ".ccproxy" / "ccproxy.pid").exists()         # code stopped its proxy
+    assert not (tmp_path / "home" / ".ccproxy" / "ccproxy.pid").exists()   # code stopped its proxy
 
 
 # --- WebSearch: Claude Code's search request, answered by Google Search grounding ------------------
@@ -125,25 +137,13 @@ def searching_model(request):
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_real_claude_code_web_search_returns_the_searched_links(version, tmp_path, upstream):
-    claude = installed_claude(version)
     upstream.script = searching_model
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    config = home / "config.json"
-    config.write_text(json.dumps({"port": 0, "providers": [
-        {"name": "gemini", "api_base_url": upstream.url + "/v1beta", "api_key": "g-key-0123456789",
-         "models": ["gemini-2.5-pro"]}]}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
-    env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
-               DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES="0", ENABLE_TOOL_SEARCH="false")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "ccproxy.py"), "code", "-p",
-         "When was Python 3.14 released? Search the web.", "--output-format", "json",
-         "--allowedTools", "WebSearch"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    result, output, _ = run_code(
+        version, tmp_path, [{"name": "gemini", "api_base_url": upstream.url + "/v1beta",
+                             "api_key": "g-key-0123456789", "models": ["gemini-2.5-pro"]}],
+        "When was Python 3.14 released? Search the web.", "WebSearch",
+        CLAUDE_CODE_MAX_RETRIES="0", ENABLE_TOOL_SEARCH="false")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
-    output = json.loads(result.stdout.strip().splitlines()[-1])
     assert output["is_error"] is False
     assert output["result"] == "Sources: " + " ".join(url for url, _ in SEARCHED)
     searches = [r for r in upstream.requests if r["json"] and any(
@@ -178,28 +178,44 @@ def overflowing_model(request):
 # without compacting in this one-tool-turn headless session, whatever the message's tail.
 @pytest.mark.parametrize("version", ["2.1.330"])
 def test_real_claude_code_compacts_when_the_provider_overflows(version, tmp_path, upstream):
-    claude = installed_claude(version)
     upstream.script = overflowing_model
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    config = home / "config.json"
-    config.write_text(json.dumps({"port": 0, "providers": [
-        {"name": "openai", "api_base_url": upstream.url + "/v1", "api_key": "sk-test-key-123456789",
-         "models": ["gpt-test"]}]}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
-    env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
-               DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES="0")
-    result = subprocess.run(
-        [sys.executable, str(REPO / "ccproxy.py"), "code", "-p",
-         "Create a file out.txt containing hi, using the Bash tool.",
-         "--output-format", "json", "--allowedTools", "Bash"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    output = json.loads(result.stdout.strip().splitlines()[-1])
+    _, output, _ = run_code(version, tmp_path, [openai_provider(upstream.url)],
+                            "Create a file out.txt containing hi, using the Bash tool.", "Bash",
+                            CLAUDE_CODE_MAX_RETRIES="0")
     compactions = [r for r in upstream.requests
                    if "CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])]
     assert compactions, json.dumps(output)           # Claude Code compacted on our wording
     assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+
+
+# --- configuration problems: shown at once, naming the cause, never retried for minutes ------------
+
+CONFIG_PROBLEMS = {
+    "key refused": (json_reply({"error": {"message": "Incorrect API key provided",
+                                          "type": "invalid_request_error"}}, 401),
+                    "openai refused its API key; fix providers[0].api_key in"),
+    "no such model": (json_reply({"error": {"message": "The model `gpt-test` does not exist or "
+                                            "you do not have access to it.",
+                                            "type": "invalid_request_error"}}, 404),
+                      "openai has no model 'gpt-test'; fix providers[0].models in"),
+    "nothing there": (None, "openai cannot be reached; check providers[0].api_base_url in"),
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("problem", CONFIG_PROBLEMS)
+def test_real_claude_code_shows_a_configuration_problem_at_once(version, problem, tmp_path,
+                                                                 upstream):
+    """Claude Code's default is 10 retries with backoff (minutes); told x-should-retry: false, it
+    asks once and shows ccproxy's words."""
+    reply, words = CONFIG_PROBLEMS[problem]
+    upstream.script = lambda request: reply
+    url = upstream.url if reply else dead_url()
+    result, output, _ = run_code(version, tmp_path, [openai_provider(url)], "say hi", "Bash")
+    assert output["is_error"] is True and words in output["result"], output
+    # Retried, it would ask 11 times over minutes. Not retried, it asks once; but on a 400,
+    # 2.1.330 re-sends at once up to five times with other thinking and tool settings.
+    assert len(upstream.requests) <= (6 if problem == "no such model" else 1), upstream.requests
 
 
 # --- the canary: what the pinned versions send is what the profile says -----------------------------

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 import ccproxy
-from helpers import REPO
+from helpers import REPO, dead_url, json_reply
 
 
 def build(raw, environ=None, flags=None):
@@ -216,13 +217,13 @@ def test_load_config_expands_env_in_the_file(tmp_path):
     assert config.providers[0].api_key == "sk-live" and config.source == str(path)
 
 
-def run_check(tmp_path, text):
+def run_check(tmp_path, text, *flags):
     path = tmp_path / "config.json"
     path.write_text(text)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
     return subprocess.run([sys.executable, str(REPO / "ccproxy.py"), "start", "--check",
-                           "--config", str(path)], capture_output=True, text=True, env=env,
-                          timeout=30)
+                           "--config", str(path)] + list(flags), capture_output=True, text=True,
+                          env=env, timeout=60)
 
 
 def test_check_accepts_a_good_config(tmp_path):
@@ -338,3 +339,111 @@ def test_a_route_naming_a_model_the_provider_does_not_list_is_warned_about():
                     "routes": {"default": "a,gpt-z", "think": {"provider": "a", "model": "gpt-x"}}})
     assert config.warnings == [
         "config.json: routes.default.model: 'gpt-z' is not among a's models (gpt-x, gpt-y)"]
+
+
+def test_check_names_the_file_in_use_and_each_warning_with_a_near_miss(tmp_path):
+    result = run_check(tmp_path, '{"providers": [{"name": "ollama"}], "prot": 1}')
+    assert result.returncode == 0
+    assert "ccproxy: config: %s" % (tmp_path / "config.json") in result.stderr.splitlines()
+    assert "ccproxy: warning: %s: prot: unknown key (did you mean 'port'?), ignored" % (
+        tmp_path / "config.json") in result.stderr.splitlines()
+
+
+def test_a_project_config_json_is_skipped_with_a_note_naming_the_file_used(tmp_path,
+                                                                           monkeypatch):
+    home, project = tmp_path / "home", tmp_path / "project"
+    (home / ".ccproxy").mkdir(parents=True)
+    (home / ".ccproxy" / "config.json").write_text('{"providers": [{"name": "ollama"}]}')
+    project.mkdir()
+    (project / "config.json").write_text('{"name": "my-app", "port": 8080}')
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(project)
+    config = ccproxy.load_config(environ={})
+    assert config.source == str(home / ".ccproxy" / "config.json")
+    assert config.notes == ["%s skipped: not a ccproxy config (it has no providers or routes); "
+                            "using %s" % (project / "config.json", config.source)]
+    (project / "config.json").write_text('{"routes": {}, "port": 3457}')   # one of ours: used
+    assert ccproxy.load_config(environ={}).port == 3457
+    (project / "config.json").write_text('{"port": ')                      # unreadable: said so
+    assert ccproxy.load_config(environ={}).notes[0].startswith(
+        "%s skipped: not valid JSON" % (project / "config.json"))
+
+
+# --- start --check --probe: each provider called once, a table of what it answered -------------
+
+def probed(tmp_path, providers, routes):
+    result = run_check(tmp_path, json.dumps({"providers": providers, "routes": routes}),
+                       "--probe")
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()[2:]}
+    return result, rows
+
+
+def openai_entry(name, url, **fields):
+    return dict({"name": name, "type": "openai", "api_base_url": url + "/v1",
+                 "api_key": "sk-probe-0123456789"}, **fields)
+
+
+def test_probe_reports_each_provider_and_exits_0_when_routed_ones_work(tmp_path, upstream):
+    upstream.script = lambda r: json_reply({"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]})
+    result, rows = probed(tmp_path, [openai_entry("ok", upstream.url)],
+                          {"default": "ok,m1", "think": "ok,m2"})
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"ok +yes +accepted +\d+ ms +m1 ok; m2 ok", rows["ok"])
+    assert [(r["method"], r["path"]) for r in upstream.requests] == [("GET", "/v1/models")]
+    assert upstream.requests[0]["headers"]["authorization"] == "Bearer sk-probe-0123456789"
+
+
+def test_probe_names_what_fails_and_exits_1(tmp_path, upstream, second_upstream):
+    upstream.script = lambda r: json_reply({"data": [{"id": "m1"}]})
+    second_upstream.script = lambda r: json_reply(
+        {"error": {"message": "Incorrect API key provided"}}, 401)
+    result, rows = probed(tmp_path, [
+        openai_entry("lacking", upstream.url), openai_entry("refusing", second_upstream.url),
+        openai_entry("down", dead_url()), openai_entry("unused", dead_url())],
+        {"default": "lacking,m9", "think": "refusing,m1", "background": "down,m1"})
+    assert result.returncode == 1
+    assert re.fullmatch(r"lacking +yes +accepted +\d+ ms +m9 not listed", rows["lacking"])
+    assert re.fullmatch(r"refusing +yes +refused \(HTTP 401\) +\d+ ms +Incorrect API key "
+                        r"provided", rows["refusing"])
+    assert re.fullmatch(r"down +no +- +- +down: cannot reach http://127.0.0.1:\d+/v1/models: .*"
+                        r"refused", rows["down"])
+    assert "unused" in rows          # shown, though no route uses it (and not counted)
+    assert result.stderr.splitlines()[-1] == \
+        "routed providers or models failing: lacking, refusing, down"
+
+
+def test_probe_lists_gemini_and_anthropic_models_their_way(tmp_path, upstream, second_upstream):
+    upstream.script = lambda r: json_reply({"models": [{"name": "models/gemini-2.5-pro"}]})
+    second_upstream.script = lambda r: json_reply({"data": [{"id": "claude-x",
+                                                             "type": "model"}]})
+    result, rows = probed(tmp_path, [
+        {"name": "gemini", "api_base_url": upstream.url + "/v1beta", "api_key": "g-0123456789"},
+        {"name": "anthropic", "api_base_url": second_upstream.url, "api_key": "sk-ant-0123456789"}],
+        {"default": "gemini,gemini-2.5-pro", "think": "anthropic,claude-x"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    gemini, anthropic_call = upstream.requests[0], second_upstream.requests[0]
+    assert gemini["path"] == "/v1beta/models?pageSize=1000"
+    assert gemini["headers"]["x-goog-api-key"] == "g-0123456789"
+    assert anthropic_call["path"] == "/v1/models?limit=1000"
+    assert anthropic_call["headers"]["x-api-key"] == "sk-ant-0123456789"
+    assert rows["gemini"].endswith("gemini-2.5-pro ok") and rows["anthropic"].endswith(
+        "claude-x ok")
+
+
+def test_probe_without_a_model_list_sends_each_routed_model_the_smallest_request(tmp_path,
+                                                                                 upstream):
+    def script(request):
+        if request["method"] == "GET":
+            return json_reply({"error": "no such endpoint"}, 404)
+        if request["json"]["model"] == "real":
+            return json_reply({"id": "c", "choices": [{"index": 0, "finish_reason": "length",
+                                                       "message": {"content": "p"}}]})
+        return json_reply({"error": {"message": "model 'fake' not found"}}, 404)
+    upstream.script = script
+    result, rows = probed(tmp_path, [openai_entry("p", upstream.url)],
+                          {"default": "p,real", "think": "p,fake"})
+    assert result.returncode == 1
+    assert re.search(r"real ok; fake missing \(HTTP 404: model 'fake' not found\)$", rows["p"])
+    sent = [r["json"] for r in upstream.requests if r["method"] == "POST"]
+    assert [(b["model"], b["max_tokens"], b["messages"]) for b in sent] == [
+        (m, 16, [{"role": "user", "content": "ping"}]) for m in ("real", "fake")]

@@ -45,9 +45,10 @@ class Home:
         env.update(extra)
         return env
 
-    def run(self, *args, timeout=60, **extra):
-        return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True,
-                              text=True, timeout=timeout, env=self.env(**extra))
+    def run(self, *args, timeout=60, script=SCRIPT, **extra):
+        return subprocess.run([sys.executable, str(script)] + list(args), capture_output=True,
+                              text=True, timeout=timeout, env=self.env(**extra),
+                              cwd=str(self.path))
 
     def record(self):
         return json.loads(self.pidfile.read_text()) if self.pidfile.exists() else None
@@ -170,21 +171,66 @@ def test_port_in_use_is_a_clear_error(home):
     assert "port %d on 127.0.0.1 is already in use" % h.port in result.stderr
 
 
-def test_stop_lets_an_active_stream_finish(home, upstream):
+def test_stop_lets_an_active_stream_finish_and_says_what_it_waits_for(home, upstream):
     h = home(performance={"shutdown_timeout": "20s"})
     reply = stream_reply(pause_before=3)
     upstream.script = lambda r: reply
     assert h.run("start").returncode == 0
+    pid = h.record()["pid"]
     sock, received = open_stream(h.port)
-    stopping = threading.Thread(target=lambda: h.run("stop"))
-    stopping.start()
-    assert wait_until(lambda: not accepts_connections(h.port), 10)   # draining: no new clients
+    stopping = subprocess.Popen([sys.executable, SCRIPT, "stop"], stdout=subprocess.PIPE,
+                                text=True, env=h.env())
+    said = [stopping.stdout.readline(), stopping.stdout.readline()]   # before the stream ends
+    assert said == ["ccproxy (pid %d): stopping; open requests may finish within 20 s "
+                    "(performance.shutdown_timeout)\n" % pid,
+                    "  still finishing open requests; 22 s before it is killed\n"]
+    assert not accepts_connections(h.port)                          # draining: no new clients
     reply.release.set()
     received = read_to_end(sock, received)
     sock.close()
-    stopping.join(30)
+    assert stopping.communicate(timeout=30)[0].splitlines()[-1] == "ccproxy (pid %d) stopped" % pid
     assert b"event: message_stop" in received
     assert not h.pidfile.exists()
+
+
+def test_vendored_under_another_name_every_command_works(home, tmp_path):
+    copy = tmp_path / "tools" / "llm_gateway.py"          # no "ccproxy" in its name or folder
+    copy.parent.mkdir()
+    shutil.copy(SCRIPT, copy)
+    h = home()
+    started = h.run("start", script=copy)
+    assert started.returncode == 0, started.stderr
+    assert h.run("status", script=copy).returncode == 0
+    assert "ANTHROPIC_BASE_URL='%s'" % h.url in h.run("env", "--shell", "bash", script=copy).stdout
+    assert "usage: python3 %s stop" % copy in h.run("stop", "--help", script=copy).stdout
+    assert "stopped" in h.run("stop", script=copy).stdout and not h.healthy()
+
+
+def test_a_background_start_that_fails_says_why_on_the_terminal(home):
+    h = home()
+    h.config.write_text(json.dumps({"port": h.port, "log_file": str(h.config / "ccproxy.log")}))
+    result = h.run("start")              # the log file's folder is a file: the server cannot log
+    assert result.returncode == 1
+    assert result.stderr.startswith("ccproxy: config: %s\nccproxy: could not start: it exited "
+                                    "with status 1\n  " % h.config)
+    assert result.stderr.endswith("  ccproxy: cannot write the log file %s (log_file): File "
+                                  "exists\n" % (h.config / "ccproxy.log"))
+
+
+def test_status_stop_and_start_with_config_mind_which_file_the_proxy_runs(home, tmp_path):
+    h = home()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"port": free_port()}))
+    assert h.run("start").returncode == 0
+    status = h.run("status", "--config", str(other))
+    assert status.returncode == 3 and status.stdout.startswith(
+        "ccproxy is not running with %s: the proxy running at %s" % (other, h.url))
+    assert "config: %s" % h.config in h.run("status", "--config", str(h.config)).stdout
+    start = h.run("start", "--config", str(other))
+    assert start.returncode == 1 and "was started with %s, not %s; stop it first" % (
+        h.config, other) in start.stderr
+    assert "left running" in h.run("stop", "--config", str(other)).stdout and h.healthy()
+    assert "stopped" in h.run("stop", "--config", str(h.config)).stdout and not h.healthy()
 
 
 def accepts_connections(port):

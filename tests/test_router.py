@@ -120,6 +120,74 @@ def test_provider_comma_model_goes_exactly_there():
         first({"model": "nobody,x"})
 
 
+def test_an_explicit_provider_model_is_tried_alone_unless_its_route_lists_fallbacks():
+    raw = dict(RULES, routes={"default": {"provider": "openai", "model": "gpt-main"}})
+    assert plan({"model": "deepseek,deepseek-chat"}, (), raw) == [
+        ("deepseek", "deepseek-chat", "explicit")]              # no failover to openai
+    raw = dict(RULES, routes={"default": {"provider": "openai", "model": "gpt-main"},
+                              "cheap": {"provider": "deepseek", "model": "deepseek-chat",
+                                        "fallbacks": ["openai,gpt-other"],
+                                        "conditions": [{"type": "model", "operator": "==",
+                                                        "value": "never"}]}})
+    assert plan({"model": "deepseek,deepseek-chat"}, (), raw) == [
+        ("deepseek", "deepseek-chat", "explicit"), ("openai", "gpt-other", "cheap")]
+
+
+def test_an_explicit_choice_of_a_provider_that_is_down_names_it_and_nobody_else(start_proxy,
+                                                                                upstream):
+    proxy = start_proxy({"providers": [
+        {"name": "local", "type": "openai", "api_base_url": dead_url() + "/v1", "models": ["m"]},
+        {"name": "other", "type": "anthropic", "api_base_url": upstream.url,
+         "api_key": "sk-other-0123456789"}]})
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(proxy).messages.create(model="local,m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert caught.value.body["error"]["message"].startswith(
+        "local cannot be reached; check providers[0].api_base_url in test-config.json")
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert upstream.requests == []                              # the other provider never asked
+
+
+def test_a_provider_refusing_its_key_fails_over_and_each_call_is_logged(start_proxy, upstream,
+                                                                       second_upstream,
+                                                                       ccproxy_log):
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "authentication_error", "message": "invalid x-api-key"}}, 401)
+    proxy = two_providers(start_proxy, upstream.url, second_upstream.url)
+    message, headers = ask(proxy)
+    assert headers["x-ccproxy-provider"] == "backup"
+    failed = [line for line in ccproxy_log if line.startswith("upstream call failed")]
+    assert failed == ["upstream call failed: provider=primary model=claude-x status=401: primary "
+                      "refused its API key; fix providers[0].api_key in test-config.json "
+                      "(invalid x-api-key)"]
+
+
+def test_a_model_the_provider_lacks_is_a_400_naming_the_route_key(start_proxy, upstream):
+    upstream.script = lambda r: json_reply({"error": {
+        "message": "The model `gpt-x` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "code": "model_not_found"}}, 404)
+    proxy = start_proxy({"providers": [{"name": "openai", "api_base_url": upstream.url + "/v1",
+                                        "api_key": "sk-test-0123456789abcdef"}],
+                         "routes": {"default": "openai,gpt-x"}})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(proxy)
+    assert caught.value.body["error"]["message"] == (
+        "openai has no model 'gpt-x'; fix routes.default.model in test-config.json (openai: HTTP "
+        "404: The model `gpt-x` does not exist or you do not have access to it.)")
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+def test_a_transient_failure_stays_retryable(start_proxy, upstream):
+    upstream.script = lambda r: Reply(503, b"{}")
+    proxy = two_providers(start_proxy, upstream.url, dead_url())
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        ask(proxy)
+    # the backup's address is wrong (final), but the primary may recover: retry is worth it
+    assert "x-should-retry" not in caught.value.response.headers
+    assert caught.value.body["error"]["message"].startswith("every provider failed: 1. primary")
+
+
 def test_a_listed_model_beats_every_route():
     assert first({"model": "gpt-other", "thinking": {"type": "enabled", "budget_tokens": 2000}}) \
         == ("openai", "gpt-other", "model")

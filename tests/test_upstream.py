@@ -34,7 +34,8 @@ def test_unreachable_upstream_is_a_final_502_naming_the_provider_and_the_key(sta
     # the default log (request logging off) has one warning line for the failed call
     failed = [line for line in ccproxy_log if "upstream call failed" in line]
     assert len(failed) == 1 and failed[0].startswith(
-        "upstream call failed: provider=anthropic model=m status=502: anthropic: cannot reach")
+        "upstream call failed: provider=anthropic model=m status=502: anthropic cannot be "
+        "reached; check providers[0].api_base_url")
 
 
 def test_silent_upstream_is_504(start_proxy, upstream):
