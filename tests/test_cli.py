@@ -214,3 +214,22 @@ def test_docstring_lists_the_section_and_part_banners():
     assert [b for b in banners if b.startswith("9.")][1:5] == [
         "9.1 Shared by every protocol: the client's request and events, the relay",
         "9.2 Anthropic Messages (pass-through)", "9.3 OpenAI Chat Completions", "9.4 Gemini"]
+
+
+def test_pip_installs_a_ccproxy_command_and_a_module(tmp_path):
+    """What `pip install` / `pipx install` from a checkout gives, built and installed offline."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "--no-build-isolation", "-w", str(tmp_path / "dist"), str(REPO)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True, timeout=120)
+    bin_dir = tmp_path / "venv" / ("Scripts" if os.name == "nt" else "bin")
+    wheel = next((tmp_path / "dist").glob("ccproxy_py-*.whl"))
+    subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-index",
+                    "--no-deps", str(wheel)], check=True, timeout=300, cwd=str(tmp_path))
+    command = subprocess.run([str(bin_dir / "ccproxy"), "stop", "--help"], capture_output=True,
+                             text=True, timeout=30, cwd=str(tmp_path))
+    assert command.stdout.startswith("usage: ccproxy stop")
+    module = subprocess.run([str(bin_dir / "python"), "-m", "ccproxy", "--version"],
+                            capture_output=True, text=True, timeout=30, cwd=str(tmp_path))
+    assert module.stdout.strip() == "ccproxy %s" % ccproxy.__version__

@@ -54,11 +54,16 @@ class Home:
         return json.loads(self.pidfile.read_text()) if self.pidfile.exists() else None
 
     def healthy(self):
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return healthy(self.url)
+
+
+def healthy(url):
+    """Whether a proxy answers /health at url."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -422,3 +427,83 @@ def test_env_leaves_a_small_window_to_the_proxy_and_the_users_own_setting_alone(
     assert "export CLAUDE_CODE_AUTO_COMPACT_WINDOW='200000'" in h.run("env", "--shell", "bash").stdout
     mine = h.run("env", "--shell", "bash", CLAUDE_CODE_AUTO_COMPACT_WINDOW="150000").stdout
     assert "CLAUDE_CODE_AUTO_COMPACT_WINDOW" not in mine
+
+
+# --- the recipes in contrib/: each one's command, run as its service manager would run it -----
+
+CONTRIB = REPO / "contrib"
+
+
+def run_recipe(argv, env, home, port):
+    """Run a recipe's command with the file paths it names mapped here; once /health answers,
+    SIGTERM it (as the service manager stops it); its exit status and stderr."""
+    mapped = [sys.executable if arg in ("python3", "/usr/bin/python3") else
+              SCRIPT if arg.endswith("ccproxy.py") else arg.replace("%h", str(home))
+              for arg in argv]
+    server = subprocess.Popen(mapped, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: server.poll() is not None or healthy(
+            "http://127.0.0.1:%d" % port), 15)
+        assert server.poll() is None, server.communicate()[1]
+    finally:
+        server.send_signal(signal.SIGTERM)
+    return server.wait(15), server.communicate()[1]
+
+
+def recipe_home(tmp_path, upstream):
+    """A home with a config whose provider key is a ${VAR} reference."""
+    (tmp_path / ".ccproxy").mkdir()
+    config = tmp_path / ".ccproxy" / "config.json"
+    config.write_text(json.dumps({"providers": [
+        dict(anthropic_provider(upstream), api_key="${UPSTREAM_KEY}")]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
+    return config, dict(env, HOME=str(tmp_path))
+
+
+def test_the_container_recipe_runs_unprivileged_needs_an_apikey_and_its_healthcheck_passes(
+        tmp_path, upstream):
+    text = (CONTRIB / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.\d+-slim$", text, re.M)
+    assert re.search(r"^USER ccproxy$", text, re.M) and "ENV CCPROXY_HOST=0.0.0.0" in text
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.*)$", text, re.M).group(1))
+    healthcheck = json.loads(re.search(r"^  CMD (\[.*\])$", text, re.M).group(1))
+    config, env = recipe_home(tmp_path, upstream)
+    port = free_port()
+    env.update(CCPROXY_HOST="0.0.0.0", CCPROXY_PORT=str(port), UPSTREAM_KEY="sk-up-0123456789")
+    script = entrypoint[:2] + [entrypoint[2].replace("/opt/ccproxy/ccproxy.py", SCRIPT)] + \
+        entrypoint[3:] + ["--config", str(config)]
+    refused = subprocess.run(script, env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "set CCPROXY_API_KEY" in refused.stderr
+    env["CCPROXY_API_KEY"] = "proxy-key-0123456789"
+    server = subprocess.Popen(script, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: subprocess.run(healthcheck, env=env).returncode == 0, 15)
+    finally:
+        server.send_signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+
+
+def test_the_systemd_unit_starts_with_its_environment_file(tmp_path, upstream):
+    unit = (CONTRIB / "ccproxy.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1).split()
+    assert re.search(r"^EnvironmentFile=%h/\.config/ccproxy/env$", unit, re.M)
+    config, env = recipe_home(tmp_path, upstream)
+    port = free_port()
+    config.write_text(config.read_text()[:-1] + ', "port": %d}' % port)
+    env.update(UPSTREAM_KEY="sk-up-0123456789")          # as systemd reads it from the file
+    status, stderr = run_recipe(exec_start, env, tmp_path, port)
+    assert status == 0 and "listening on http://127.0.0.1:%d" % port in stderr
+
+
+def test_the_launchd_agent_starts_with_its_environment_variables(tmp_path, upstream):
+    import plistlib
+    agent = plistlib.loads((CONTRIB / "dev.ccproxy.plist").read_bytes())
+    config, env = recipe_home(tmp_path, upstream)
+    port = free_port()
+    config.write_text(config.read_text()[:-1] + ', "port": %d}' % port)
+    argv = [arg.replace("/Users/YOU/.ccproxy/config.json", str(config))
+            for arg in agent["ProgramArguments"]]
+    env.update(agent["EnvironmentVariables"], UPSTREAM_KEY="sk-up-0123456789")
+    assert list(agent["EnvironmentVariables"]) == ["OPENAI_API_KEY"]
+    status, stderr = run_recipe(argv, env, tmp_path, port)
+    assert status == 0 and "listening on http://127.0.0.1:%d" % port in stderr
