@@ -32,16 +32,16 @@ def test_jsonc_syntax_error_names_file_and_original_line():
         ccproxy.parse_jsonc('{\n /* two\n */ "a": }', "c.json")
 
 
-def test_the_original_readme_example_parses():
-    text = (REPO.parent / "shared" / "reference" / "original-ccproxy-README.md").read_text()
-    start = text.index('{\n  "host": "127.0.0.1",\n  "port": 3456,\n  "log": true')
-    example = text[start:text.index("```", start)]
-    config = build(ccproxy.parse_jsonc(example, "readme.json"))
+def test_a_config_in_the_originals_documented_shape_parses():
+    text = (REPO / "tests" / "data" / "original-shape.jsonc").read_text()
+    config = build(ccproxy.parse_jsonc(text, "original.json"))
     assert [p.name for p in config.providers] == ["anthropic", "openai", "gemini"]
-    assert config.routes["default"][1:3] == ("anthropic", "claude-3-sonnet-20240229")
+    assert config.routes["default"][1:3] == ("anthropic", "claude-mid")
     assert config.routes["longContext"].conditions == [
         {"type": "tokenCount", "operator": ">", "value": 60000}]
     assert config.request_timeout == 30.0 and config.max_body_bytes == 10485760
+    assert config.apikey == "team-proxy-key" and config.metrics_enabled
+    assert not config.provider_named("gemini").enabled
 
 
 def test_env_references_are_expanded():
