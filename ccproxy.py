@@ -770,7 +770,8 @@ PROVIDER_PRESETS = {
                 "quirks": {"tool_id_style": "alnum9", "user_after_tool": False}},
     "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1",
             "quirks": {"reasoning_style": "effort", "effort_scales": (
-                (r"^grok-4\.7", EFFORTS_TO_XHIGH), (r"^grok-3-mini", {"low": "low", "high": "high"}))}},
+                (r"^grok-4\.7", EFFORTS_TO_XHIGH),
+                (r"^grok-3-mini", {"low": "low", "high": "high"}))}},
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
                "quirks": {"top_k": True}},
 }
@@ -1093,16 +1094,8 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
     if not isinstance(entry, dict):
         checker.fail(path, "must be an object")
         return None
-    name = checker.typed(entry, "name", path, str, "a non-empty string")
-    if not name:
-        if name == "":
-            checker.fail(path + ".name", "must be a non-empty string")
-        return None
-    if not checker.plain(path + ".name", name):
-        return None
-    if "," in name:
-        checker.fail(path + ".name", "must not contain a comma (requests name a provider's "
-                                     "model as \"provider,model\")")
+    name = provider_name(checker, entry, path)
+    if name is None:
         return None
     preset = PROVIDER_PRESETS.get(name.lower(), {})
     # A typo in a preset's entry (api_bse_url) would send its traffic, and its key, to the
@@ -1130,6 +1123,22 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
                     count_tokens=fields["count_tokens"],
                     quirks=dict(PROVIDER_QUIRKS, **preset.get("quirks", {})), model_limits=limits)
+
+
+def provider_name(checker: ConfigChecker, entry: dict, path: str) -> str | None:
+    """The entry's name, or None once the problem with it is recorded."""
+    name = checker.typed(entry, "name", path, str, "a non-empty string")
+    if not name:
+        if name == "":
+            checker.fail(path + ".name", "must be a non-empty string")
+        return None
+    if not checker.plain(path + ".name", name):
+        return None
+    if "," in name:
+        checker.fail(path + ".name", "must not contain a comma (requests name a provider's "
+                                     "model as \"provider,model\")")
+        return None
+    return name
 
 
 def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
@@ -1583,7 +1592,8 @@ class Request:
     @property
     def keep_alive(self) -> bool:
         """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
-        tokens = {t.strip().lower() for v in self.headers.get_all("connection") for t in v.split(",")}
+        tokens = {t.strip().lower() for v in self.headers.get_all("connection")
+                  for t in v.split(",")}
         if self.version == "HTTP/1.1":
             return "close" not in tokens
         return "keep-alive" in tokens
@@ -1627,7 +1637,8 @@ def parse_request_head(data: bytes) -> Request:
         raise InvalidRequestError("malformed HTTP request line")
     method, target, major, minor = match.groups()
     if major != b"1":
-        raise InvalidRequestError("unsupported HTTP version %s.%s" % (major.decode(), minor.decode()))
+        raise InvalidRequestError("unsupported HTTP version %s.%s"
+                                  % (major.decode(), minor.decode()))
     fields = data[line_end + 2:-2]
     pairs = HEADER_LINE_RE.findall(fields)
     if len(pairs) != fields.count(b"\n"):
@@ -1864,7 +1875,8 @@ class ProxyServer:
             reader = ClientStreamReader(limit=MAX_HEADER_BYTES)
             protocol = asyncio.StreamReaderProtocol(reader)
             transport, _ = await self._loop.connect_accepted_socket(lambda: protocol, sock)
-            await self._accept(reader, asyncio.StreamWriter(transport, protocol, reader, self._loop))
+            writer = asyncio.StreamWriter(transport, protocol, reader, self._loop)
+            await self._accept(reader, writer)
         except OSError:
             sock.close()
         finally:
@@ -2775,8 +2787,9 @@ async def count_at_provider(app: ProxyApp, routing: Routing, request: Request, b
 async def handle_models(app: ProxyApp, request: Request, conn) -> Response:
     """GET /v1/models: every configured model as `provider,model`, in Anthropic's list shape."""
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(app.started_at))
-    models = [{"type": "model", "id": "%s,%s" % (p.name, m), "display_name": "%s (%s)" % (m, p.name),
-               "created_at": created} for p in app.config.enabled_providers() for m in p.models]
+    models = [{"type": "model", "id": "%s,%s" % (p.name, m),
+               "display_name": "%s (%s)" % (m, p.name), "created_at": created}
+              for p in app.config.enabled_providers() for m in p.models]
     return json_response({"data": models, "has_more": False,
                           "first_id": models[0]["id"] if models else None,
                           "last_id": models[-1]["id"] if models else None})
@@ -4455,7 +4468,8 @@ MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
 
 def sse_event(name: str, payload: dict) -> bytes:
     """One event of the client's stream: `event: <name>` and its JSON `data:` line."""
-    return b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload, ensure_ascii=False).encode())
+    data = json.dumps(payload, ensure_ascii=False).encode()
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), data)
 
 
 def sse_complete_length(data: bytes) -> int:
@@ -4578,7 +4592,8 @@ class AnthropicProtocol(Protocol):
 
 
 def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
-    """The URL of /v1/{endpoint} from a base given as host, …/v1, or a full …/v1/messages URL."""
+    """The URL of /v1/{endpoint} from a base given as host, …/v1, or a full …/v1/messages
+    URL."""
     base = base_url.rstrip("/")
     for suffix in ("/messages/count_tokens", "/messages"):
         if base.endswith(suffix):
@@ -4951,9 +4966,9 @@ def openai_document_part(block: dict) -> dict:
     """A document block as a file part (a base64 PDF) or as its text."""
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     if source.get("type") == "base64":
-        return {"type": "file", "file": {"filename": "document.pdf", "file_data": "data:%s;base64,%s"
-                                         % (source.get("media_type", "application/pdf"),
-                                            source.get("data", ""))}}
+        data = "data:%s;base64,%s" % (source.get("media_type", "application/pdf"),
+                                      source.get("data", ""))
+        return {"type": "file", "file": {"filename": "document.pdf", "file_data": data}}
     if source.get("type") == "text":
         return {"type": "text", "text": str(source.get("data", ""))}
     if source.get("type") == "content":
@@ -4975,7 +4990,8 @@ def tool_result_text_and_images(block: dict, quirks: dict, where: str):
     message cannot hold images, so they follow in a user message)."""
     text = tool_result_text(block)
     images = [openai_image_part(item, where) if quirks["vision"]
-              else {"type": "text", "text": "[image omitted]"} for item in tool_result_images(block)]
+              else {"type": "text", "text": "[image omitted]"}
+              for item in tool_result_images(block)]
     return ("Error: " + text if block.get("is_error") else text), images
 
 
@@ -5024,8 +5040,9 @@ def openai_tools_from_anthropic(tools, quirks: dict) -> list:
             continue
         parameters = openai_schema(tool.get("input_schema") or {"type": "object",
                                                                  "properties": {}})
-        if quirks["schema_drop_keys"] and isinstance(parameters, dict):
-            parameters = {k: v for k, v in parameters.items() if k not in quirks["schema_drop_keys"]}
+        dropped = quirks["schema_drop_keys"]
+        if dropped and isinstance(parameters, dict):
+            parameters = {k: v for k, v in parameters.items() if k not in dropped}
         function = {"name": openai_tool_name(str(tool["name"])), "parameters": parameters}
         if tool.get("description"):
             function["description"] = tool["description"]
@@ -5084,7 +5101,8 @@ def openai_tool_id(tool_id: str, style: str | None) -> str:
     to the same result, so calls and their results stay paired."""
     if tool_id.startswith(ENCODED_TOOL_ID_PREFIX):
         try:
-            tool_id = base64.urlsafe_b64decode(tool_id[len(ENCODED_TOOL_ID_PREFIX):] + "==").decode()
+            encoded = tool_id[len(ENCODED_TOOL_ID_PREFIX):] + "=="
+            tool_id = base64.urlsafe_b64decode(encoded).decode()
         except (ValueError, UnicodeDecodeError):
             pass
     if style == "alnum9" and not MISTRAL_TOOL_ID_RE.match(tool_id):
@@ -5179,37 +5197,13 @@ def openai_request_headers(provider: Provider) -> dict:
 def anthropic_message_from_openai(data: dict, context) -> dict:
     """An Anthropic message from a Chat Completions answer: reasoning as thinking, text,
     refusal as text, tool calls as tool_use blocks."""
-    if not isinstance(data, dict):
-        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
-    choices = list_of(data.get("choices"))
-    if not choices:
-        if data.get("error"):
-            raise openai_error(context.provider, data["error"])
-        raise UpstreamError("%s: the answer has no choices" % context.provider.name)
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    content = []
-    reasoning = message.get("reasoning_content") or message.get("reasoning")
-    details = [d for d in list_of(message.get("reasoning_details")) if isinstance(d, dict)]
-    if (isinstance(reasoning, str) and reasoning) or details:
-        content.append({"type": "thinking", "thinking": reasoning if isinstance(reasoning, str)
-                        else "", "signature": reasoning_details_signature(details)
-                        if details else thinking_signature(context.provider.name)})
-    text = message.get("content")
-    if isinstance(text, list):                        # Mistral: thinking and text chunks
-        chunks = content_chunks(text, context.wants_thinking)
-        content += [{"type": "thinking", "thinking": t, "signature": thinking_signature(
-            context.provider.name)} for kind, t in chunks if kind == "thinking"]
-        text = "".join(t for kind, t in chunks if kind == "text")
-    if isinstance(text, str) and text:
-        content.append({"type": "text", "text": text})
+    choice = openai_choice(data, context.provider)
+    message = dict_of(choice.get("message"))
+    content, text = openai_thinking_and_text(message, context)
     refusal = message.get("refusal")
     if isinstance(refusal, str) and refusal:
         content.append({"type": "text", "text": refusal})
-    calls = [c for c in list_of(message.get("tool_calls")) if isinstance(c, dict)]
-    legacy = dict_of(message.get("function_call"))
-    if not calls and isinstance(legacy.get("name"), str) and legacy["name"]:
-        calls = [{"function": legacy}]                # an empty one is no call
+    calls = openai_calls(message)
     content += [anthropic_tool_use(call, context) for call in calls]
     results, citations = openai_search_results(message.get("annotations"), text)
     text_blocks = [block for block in content if block["type"] == "text"]
@@ -5225,6 +5219,49 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     return new_message(context.model, content, stop_reason, usage, stop_sequence)
 
 
+def openai_choice(data, provider: Provider) -> dict:
+    """The first choice of a Chat Completions answer; a 502 (or the error the answer holds)
+    when it has none."""
+    if not isinstance(data, dict):
+        raise UpstreamError("%s: the answer is not a JSON object" % provider.name)
+    choices = list_of(data.get("choices"))
+    if not choices:
+        if data.get("error"):
+            raise openai_error(provider, data["error"])
+        raise UpstreamError("%s: the answer has no choices" % provider.name)
+    return choices[0] if isinstance(choices[0], dict) else {}
+
+
+def openai_thinking_and_text(message: dict, context) -> tuple:
+    """(the thinking and text blocks of a Chat Completions message, its text): reasoning
+    (with OpenRouter's reasoning_details on the signature), Mistral's chunks, the content."""
+    content = []
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    details = [d for d in list_of(message.get("reasoning_details")) if isinstance(d, dict)]
+    if (isinstance(reasoning, str) and reasoning) or details:
+        content.append({"type": "thinking", "thinking": reasoning if isinstance(reasoning, str)
+                        else "", "signature": reasoning_details_signature(details)
+                        if details else thinking_signature(context.provider.name)})
+    text = message.get("content")
+    if isinstance(text, list):                        # Mistral: thinking and text chunks
+        chunks = content_chunks(text, context.wants_thinking)
+        content += [{"type": "thinking", "thinking": t, "signature": thinking_signature(
+            context.provider.name)} for kind, t in chunks if kind == "thinking"]
+        text = "".join(t for kind, t in chunks if kind == "text")
+    if isinstance(text, str) and text:
+        content.append({"type": "text", "text": text})
+    return content, text
+
+
+def openai_calls(message: dict) -> list:
+    """A Chat Completions message's tool calls (or its one legacy function_call)."""
+    calls = [c for c in list_of(message.get("tool_calls")) if isinstance(c, dict)]
+    legacy = dict_of(message.get("function_call"))
+    if not calls and isinstance(legacy.get("name"), str) and legacy["name"]:
+        calls = [{"function": legacy}]                # an empty one is no call
+    return calls
+
+
 def content_chunks(content: list, wants_thinking: bool) -> list:
     """(kind, text) of content given as chunks: text chunks, and the thinking chunks Mistral's
     reasoning models send ({"type": "thinking", "thinking": [{"type": "text", …}]},
@@ -5237,7 +5274,8 @@ def content_chunks(content: list, wants_thinking: bool) -> list:
             texts = [inner] if isinstance(inner, str) else [
                 dict_of(item).get("text") for item in list_of(inner)]
             found += [("thinking", t) for t in texts if isinstance(t, str) and t]
-        elif isinstance(chunk.get("text"), str) and chunk["text"] and chunk.get("type") != "thinking":
+        elif isinstance(chunk.get("text"), str) and chunk["text"] \
+                and chunk.get("type") != "thinking":
             found.append(("text", chunk["text"]))
     return found
 
@@ -5706,7 +5744,8 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
             extra += [{"text": "[tool result %s]\n%s" % (key, text)}] + images
     parts = []
     for call_id, name in calls:
-        response, images = results.get(call_id, ({"error": "no result: the call was interrupted"}, []))
+        response, images = results.get(
+            call_id, ({"error": "no result: the call was interrupted"}, []))
         parts.append({"functionResponse": {"name": name, "response": response}})
         extra += images
     for position, block in enumerate(blocks):
@@ -6082,7 +6121,8 @@ def anthropic_usage_from_gemini(usage) -> dict:
     """Anthropic usage from usageMetadata: cached tokens apart, thoughts counted as output (the
     provider bills them as output)."""
     usage = dict_of(usage)
-    prompt = count_of(usage.get("promptTokenCount")) + count_of(usage.get("toolUsePromptTokenCount"))
+    prompt = count_of(usage.get("promptTokenCount")) \
+        + count_of(usage.get("toolUsePromptTokenCount"))
     cached = min(count_of(usage.get("cachedContentTokenCount")), prompt)
     thoughts = count_of(usage.get("thoughtsTokenCount"))
     return anthropic_usage(prompt - cached, count_of(usage.get("candidatesTokenCount")) + thoughts,
@@ -7084,23 +7124,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         epilog="example: %s code" % name)
     parser.add_argument("--version", action="version", version="ccproxy %s" % __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    start = commands.add_parser(
-        "start", help="start the proxy in the background (or --foreground)",
-        description="Start the proxy: in the background, returning once it answers, or in the "
-                    "foreground with --foreground. Already running: says where, exit 0.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + "\n".join(
-            "  %s start %s" % (name, flags) for flags in (
-                "--config ~/.ccproxy/config.json", "--check", "--check --probe")))
-    start.add_argument("--foreground", action="store_true",
-                       help="stay attached, log to stderr (systemd, containers)")
-    start.add_argument("--check", action="store_true",
-                       help="validate the configuration, print the result and exit 0 or 1")
-    start.add_argument("--probe", action="store_true",
-                       help="with --check: call each enabled provider once and print a table")
-    add_config_flags(start)
-    start.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
-    start.add_argument("--started-by", default="foreground", help=argparse.SUPPRESS)
-    start.add_argument("--watch-sessions", action="store_true", help=argparse.SUPPRESS)
+    add_start_parser(commands, name)
     stop = commands.add_parser(
         "stop", help="stop the running proxy",
         description="Stop the running proxy: in-flight answers may finish within "
@@ -7127,6 +7151,27 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     commands.add_parser("version", help="print the version", description="Print the version.",
                         epilog="example: %s version" % name)
     return parser
+
+
+def add_start_parser(commands, name: str) -> None:
+    """The `start` subcommand: its flags, and the hidden ones of a background server."""
+    start = commands.add_parser(
+        "start", help="start the proxy in the background (or --foreground)",
+        description="Start the proxy: in the background, returning once it answers, or in the "
+                    "foreground with --foreground. Already running: says where, exit 0.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="examples:\n" + "\n".join(
+            "  %s start %s" % (name, flags) for flags in (
+                "--config ~/.ccproxy/config.json", "--check", "--check --probe")))
+    start.add_argument("--foreground", action="store_true",
+                       help="stay attached, log to stderr (systemd, containers)")
+    start.add_argument("--check", action="store_true",
+                       help="validate the configuration, print the result and exit 0 or 1")
+    start.add_argument("--probe", action="store_true",
+                       help="with --check: call each enabled provider once and print a table")
+    add_config_flags(start)
+    start.add_argument("--detached", action="store_true", help=argparse.SUPPRESS)
+    start.add_argument("--started-by", default="foreground", help=argparse.SUPPRESS)
+    start.add_argument("--watch-sessions", action="store_true", help=argparse.SUPPRESS)
 
 
 def build_code_parser(name: str) -> argparse.ArgumentParser:
