@@ -36,8 +36,9 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         9.1 Shared by every protocol: the client's request and events, the relay
         9.2 Anthropic Messages (pass-through)
         9.3 OpenAI Chat Completions
-        9.4 Gemini
-        9.5 The protocol registry (a new protocol: a sub-section above, a line here)
+        9.4 OpenAI Responses
+        9.5 Gemini
+        9.6 The protocol registry (a new protocol: a sub-section above, a line here)
     10. Upstream
     11. Daemon
     12. CLI
@@ -718,6 +719,15 @@ EFFORTS_TO_HIGH = {"low": "low", "medium": "medium", "high": "high"}
 EFFORTS_TO_XHIGH = dict(EFFORTS_TO_HIGH, xhigh="xhigh")
 OPENAI_EFFORT_SCALES = ((r"^gpt-5\.(?:[2-9]|1-codex-max)", EFFORTS_TO_XHIGH),
                         (r"^(o\d|gpt-5)", EFFORTS_TO_HIGH))
+# The models OpenAI serves only on the Responses API: the Responses-only entries of the
+# official SDK's ResponsesModel (openai-python 3.63, types/shared/responses_model.py) and the
+# codex family (platform.openai.com/docs/models, checked 2026-12-05).
+OPENAI_RESPONSES_MODELS = (r"^(o\d+-pro|o\d+(-mini)?-deep-research|computer-use|codex-|"
+                           r"gpt-[\d.]+-(pro|codex|cyber|rosalind)|gpt-[\d.]+-\w+-codex|"
+                           r"gpt-rosalind|gpt-[\d.]+-(astra|sol)-|gpt-daybreak)")
+OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
+                 "effort_scales": OPENAI_EFFORT_SCALES,
+                 "responses_models": OPENAI_RESPONSES_MODELS}
 GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
                         (r"^gemini-3", {"low": "low", "high": "high"}))
 
@@ -738,6 +748,9 @@ PROVIDER_QUIRKS = {
     "effort_scales": (),        # (model regex, {effort: the provider's value}) for the first match
     "search": None,             # how it searches the web: "web_search_options", "web_plugin"
     "search_models": None,      # model ids (regex) that can search with web_search_options
+    "api": None,                # "responses": every model goes to the Responses API
+    "responses_models": None,   # model ids (regex) that go to the Responses API
+    "azure": None,              # {api_version, deployments} for an Azure OpenAI resource
 }
 
 # Provider presets: a provider named like a preset needs only its key.
@@ -747,9 +760,8 @@ PROVIDER_PRESETS = {
     "anthropic": {"type": "anthropic", "api_base_url": "https://api.anthropic.com",
                   "count_tokens": True},
     "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
-               "quirks": {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
-                          "effort_scales": OPENAI_EFFORT_SCALES,
-                          "search": "web_search_options", "search_models": r"search"}},
+               "quirks": dict(OPENAI_QUIRKS, search="web_search_options",
+                              search_models=r"search")},
     "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
                "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3",
                                                 "effort_scales": GEMINI_EFFORT_SCALES}},
@@ -776,7 +788,9 @@ PROVIDER_PRESETS = {
                "quirks": {"top_k": True}},
 }
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
-                     "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False}
+                     "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
+                     "api": None, "responses_models": None, "deployments": {},
+                     "api_version": "v1"}
 
 
 # Published limits of each preset's well-known models: model -> (context window: the most input
@@ -936,7 +950,8 @@ def default_max_connections() -> int:
 # -----------------------------------------------------------------------------
 
 PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "models", "enabled", "headers",
-                 "max_tokens", "count_tokens")
+                 "max_tokens", "count_tokens", "api", "responses_models", "deployments",
+                 "api_version")
 ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
 PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
@@ -1122,7 +1137,21 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
                     api_key=fields["api_key"], models=tuple(fields["models"]),
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
                     count_tokens=fields["count_tokens"],
-                    quirks=dict(PROVIDER_QUIRKS, **preset.get("quirks", {})), model_limits=limits)
+                    quirks=provider_quirks(fields, preset), model_limits=limits)
+
+
+def provider_quirks(fields: dict, preset: dict) -> dict:
+    """What the provider's server accepts: the defaults, its preset's (an Azure resource has
+    OpenAI's), then what its entry says of the Responses API and Azure."""
+    quirks = dict(PROVIDER_QUIRKS, **preset.get("quirks", {}))
+    if fields["type"] == "azure":
+        quirks.update(OPENAI_QUIRKS, azure={"api_version": fields["api_version"],
+                                            "deployments": fields["deployments"]})
+    if fields["api"] is not None:
+        quirks["api"] = fields["api"]
+    if fields["responses_models"] is not None:
+        quirks["responses_models"] = fields["responses_models"]
+    return quirks
 
 
 def provider_name(checker: ConfigChecker, entry: dict, path: str) -> str | None:
@@ -1171,6 +1200,28 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
         if cap is not None and cap <= 0:
             checker.fail(path + ".max_tokens", "must be a positive integer")
     checker.typed(fields, "count_tokens", path, bool, "true or false")
+    clean_openai_fields(checker, fields, path)
+
+
+def clean_openai_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
+    """The fields of OpenAI's APIs: api, responses_models, and an Azure resource's
+    deployments and api_version."""
+    if fields["api"] not in (None, "chat", "responses"):
+        checker.fail(path + ".api", 'must be "chat" or "responses"')
+    pattern = fields["responses_models"]
+    if pattern is not None and not (isinstance(pattern, str) and valid_regex(pattern)):
+        checker.fail(path + ".responses_models", "must be a regular expression")
+    deployments = checker.typed(fields, "deployments", path, dict,
+                                "an object of model: deployment name")
+    for model, name in (deployments or {}).items():
+        where = "%s.deployments.%s" % (path, model)
+        if not isinstance(name, str) or not name:
+            checker.fail(where, "must be a deployment name")
+        else:
+            checker.plain(where, name)
+    version = checker.typed(fields, "api_version", path, str, 'a version ("v1" or dated)')
+    if version is not None and not re.match(r"^(v1|\d{4}-\d{2}-\d{2}(-preview)?)$", version):
+        checker.fail(path + ".api_version", 'must be "v1" or a date like "2025-04-01-preview"')
 
 
 def clean_model_entry(checker: ConfigChecker, model, path: str, preset_limits: dict):
@@ -2737,7 +2788,7 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     provider, model, route = routing
     if request.record is not None:
         request.record.update(route=route, provider=provider.name, model=model)
-    protocol = PROTOCOLS[provider.protocol]
+    protocol = protocol_for(provider, model)
     protocol.check_request(body)
     call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
                              app.config.request_timeout, model)
@@ -2767,7 +2818,7 @@ async def count_at_provider(app: ProxyApp, routing: Routing, request: Request, b
     """The provider's own count of a request's input tokens, or None (logged) when it has no
     way to count or the call failed in any way."""
     provider, model, _ = routing
-    protocol = PROTOCOLS[provider.protocol]
+    protocol = protocol_for(provider, model)
     outgoing = protocol.count_tokens_request(provider, model, request, body)
     if outgoing is None:
         return None
@@ -3386,7 +3437,8 @@ def window_fits(routing: Routing, tokens: int) -> bool:
 
 def can_search(routing: Routing) -> bool:
     """Whether the candidate can run a web search: its protocol's own search, for its model."""
-    return PROTOCOLS[routing.provider.protocol].can_search(routing.provider, routing.model)
+    return protocol_for(routing.provider, routing.model).can_search(routing.provider,
+                                                                    routing.model)
 
 
 def narrowed(config: Config, plan: list, able, route_name: str) -> list:
@@ -3680,7 +3732,7 @@ def every_failure(failures: list) -> ProxyError:
 
 class Protocol:
     """One provider protocol as the endpoints use it: a subclass per protocol (9.2 on), one
-    object of each in PROTOCOLS (9.5), which config validation and dispatch both read.
+    object of each in PROTOCOLS (9.6), which config validation and dispatch both read.
 
     Every method takes data and returns data; relay_call() does the I/O around them. The
     defaults fit a translating protocol, which turns a whole answer into a message and a
@@ -4760,6 +4812,7 @@ OPENAI_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls":
 OPENAI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MISTRAL_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9]{9}$")
 MAX_OPENAI_STOP_SEQUENCES = 4
+OPENAI_ENDPOINTS = ("chat/completions", "responses")      # a full endpoint URL may end so
 MAX_OPENAI_USER_CHARS = 64
 
 
@@ -4774,12 +4827,12 @@ class OpenAIChatProtocol(Protocol):
 
     def messages_request(self, provider, model, request, body) -> UpstreamRequest:
         payload = openai_request_from_anthropic(body, provider, model)
-        return UpstreamRequest(openai_endpoint_url(provider.base_url),
-                               openai_request_headers(provider), json_bytes(payload))
+        url, payload["model"] = openai_target(provider, model, "chat/completions")
+        return UpstreamRequest(url, openai_request_headers(provider), json_bytes(payload))
 
     def models_request(self, provider) -> UpstreamRequest:
-        url = openai_endpoint_url(provider.base_url)[:-len("/chat/completions")] + "/models"
-        return UpstreamRequest(url, openai_request_headers(provider), None)
+        return UpstreamRequest(openai_target(provider, "", "models")[0],
+                               openai_request_headers(provider), None)
 
     def can_search(self, provider, model) -> bool:
         return openai_search_style(provider, model) is not None
@@ -5179,17 +5232,42 @@ def openai_response_format(body: dict) -> dict:
         "name": "structured_output", "schema": output_format.get("schema") or {}, "strict": True}}}
 
 
-def openai_endpoint_url(base_url: str) -> str:
-    """…/chat/completions from a base (…/v1) or from the full endpoint URL."""
+def openai_endpoint_url(base_url: str, endpoint: str = "chat/completions") -> str:
+    """…/{endpoint} from a base (…/v1) or from a full endpoint URL (…/chat/completions)."""
     base = base_url.rstrip("/")
-    return base if base.endswith("/chat/completions") else base + "/chat/completions"
+    for suffix in OPENAI_ENDPOINTS:
+        if base.endswith("/" + suffix):
+            base = base[:-len(suffix) - 1]
+            break
+    return base + "/" + endpoint
+
+
+def openai_target(provider: Provider, model: str, endpoint: str) -> tuple:
+    """(URL, the model's name in the body) of an OpenAI API endpoint at the provider. At an
+    Azure resource: the v1 API's path, or a dated api_version's (a deployment's path for Chat
+    Completions), with the model's deployment name (https://learn.microsoft.com/azure/
+    ai-foundry/openai/api-version-lifecycle, checked 2026-12-05)."""
+    azure = provider.quirks["azure"]
+    if azure is None:
+        return openai_endpoint_url(provider.base_url, endpoint), model
+    deployment = azure["deployments"].get(model, model)
+    base = provider.base_url.rstrip("/") + "/openai"
+    if azure["api_version"] == "v1":
+        return "%s/v1/%s" % (base, endpoint), deployment
+    if endpoint == "chat/completions":
+        endpoint = "deployments/%s/chat/completions" % urllib.parse.quote(deployment, safe="")
+    return "%s/%s?api-version=%s" % (base, endpoint, urllib.parse.quote(
+        azure["api_version"], safe="")), deployment
 
 
 def openai_request_headers(provider: Provider) -> dict:
-    """Headers of a Chat Completions call: the key as Bearer, extra headers."""
+    """Headers of an OpenAI API call: the key as Bearer (as api-key at Azure), extra headers."""
     headers = {"content-type": "application/json", "user-agent": USER_AGENT}
     if provider.api_key:
-        headers["authorization"] = "Bearer " + provider.api_key
+        if provider.quirks["azure"] is not None:
+            headers["api-key"] = provider.api_key
+        else:
+            headers["authorization"] = "Bearer " + provider.api_key
     headers.update(provider.headers)
     return headers
 
@@ -5568,7 +5646,375 @@ class OpenAIStreamTranslator:
 
 
 # -----------------------------------------------------------------------------
-# 9.4 Gemini
+# 9.4 OpenAI Responses
+# -----------------------------------------------------------------------------
+# https://platform.openai.com/docs/api-reference/responses (checked 2026-12-05). Stateless:
+# store false, and each reasoning item (encrypted) rides on a thinking block's signature to the
+# client and back, restored as a `reasoning` input item with its id on the next turn.
+
+RESPONSES_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "resp."
+RESPONSES_STOP_REASONS = {"max_output_tokens": "max_tokens", "content_filter": "refusal"}
+
+
+class OpenAIResponsesProtocol(Protocol):
+    """OpenAI's Responses API (type openai-responses; an openai or azure provider's models that
+    only it serves)."""
+
+    name = "openai-responses"
+    coverage = TRANSLATED_REQUEST
+
+    def upstream_tool_name(self, name: str) -> str:
+        return openai_tool_name(name)
+
+    def messages_request(self, provider, model, request, body) -> UpstreamRequest:
+        payload = responses_request_from_anthropic(body, provider, model)
+        url, payload["model"] = openai_target(provider, model, "responses")
+        return UpstreamRequest(url, openai_request_headers(provider), json_bytes(payload))
+
+    def models_request(self, provider) -> UpstreamRequest:
+        return PROTOCOLS["openai"].models_request(provider)
+
+    def message(self, answer, context) -> dict:
+        return anthropic_message_from_responses(answer, context)
+
+    def stream_translator(self, context):
+        return ResponsesStreamTranslator(context)
+
+
+def responses_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
+    """The Responses body for a Messages body: instructions, input items, function tools, the
+    output cap, reasoning and output format; nothing stored at the provider."""
+    quirks = provider.quirks
+    request = {"model": model, "input": responses_input_from_anthropic(body, quirks),
+               "store": False, "include": ["reasoning.encrypted_content"]}
+    instructions = text_of_system(body.get("system"))
+    if instructions:
+        request["instructions"] = instructions
+    cap = provider.output_cap(model)
+    request["max_output_tokens"] = min(body["max_tokens"], cap) if cap else body["max_tokens"]
+    pattern = quirks["reasoning_models"]
+    if not (pattern and re.match(pattern, model)):
+        request.update((key, body[key]) for key in ("temperature", "top_p") if isinstance(
+            body.get(key), (int, float)) and not isinstance(body.get(key), bool))
+    if body.get("stream") is True:
+        request["stream"] = True
+    tools = [dict(tool["function"], type="function", strict=False)
+             for tool in openai_tools_from_anthropic(offered_tools(body), quirks)]
+    if tools:
+        request["tools"] = tools
+        choice = openai_tool_choice(body.get("tool_choice"), {t["name"] for t in tools})
+        if isinstance(choice.get("tool_choice"), dict):
+            choice["tool_choice"] = {"type": "function",
+                                     "name": choice["tool_choice"]["function"]["name"]}
+        request.update(choice)
+    request.update(responses_reasoning(body, quirks, model))
+    response_format = openai_response_format(body).get("response_format")
+    if response_format:
+        request["text"] = {"format": dict(response_format["json_schema"], type="json_schema")}
+    user = openai_user_field(body.get("metadata")).get("user")
+    if user:
+        request["safety_identifier"] = user
+    return request
+
+
+def responses_reasoning(body: dict, quirks: dict, model: str) -> dict:
+    """reasoning: the effort on the model's scale, with a summary to show as thinking."""
+    effort = thinking_effort(body)
+    level = provider_effort(effort, quirks["effort_scales"], model) if effort else None
+    return {"reasoning": {"effort": level, "summary": "auto"}} if level else {}
+
+
+def responses_input_from_anthropic(body: dict, quirks: dict) -> list:
+    """The conversation as input items, in order: messages, each assistant turn's reasoning and
+    function calls, each call's output paired by call_id (a missing one stood in for)."""
+    items, open_calls = [], []
+    for index, message in enumerate(body["messages"]):
+        where = "messages[%d].content" % index
+        content = message["content"]
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if message["role"] == "assistant":
+            items += responses_missing_outputs(open_calls)
+            turn = responses_assistant_items(blocks, quirks, where)
+            open_calls = [item["call_id"] for item in turn if item.get("type") == "function_call"]
+            items += turn
+        elif message["role"] == "system":
+            text = text_of_system(blocks)
+            if text:
+                items.append({"role": "system", "content": text})
+        else:
+            items += responses_user_items(blocks, open_calls, quirks, where)
+            open_calls = []
+    return items + responses_missing_outputs(open_calls)
+
+
+def responses_assistant_items(blocks, quirks: dict, where: str) -> list:
+    """An assistant turn as items: its text as messages, its calls as function_call items, and
+    reasoning that came from the Responses API restored in place (other thinking is dropped)."""
+    items, texts = [], []
+    for position, block in enumerate(blocks):
+        kind = block.get("type")
+        readable = server_block_text(block) if kind in SERVER_BLOCK_TYPES else None
+        if kind not in ASSISTANT_BLOCK_TYPES or (kind in SERVER_BLOCK_TYPES and readable is None):
+            raise InvalidRequestError("%s[%d]: a %r block cannot be sent to the Responses API"
+                                      % (where, position, kind))
+        if readable is not None or (kind == "text" and str(block.get("text") or "").strip()):
+            texts.append(readable if readable is not None else block["text"])
+            continue
+        item = responses_reasoning_item(block) if kind == "thinking" else \
+            responses_function_call(block, quirks) if kind == "tool_use" else None
+        if item is not None:
+            items += responses_text_message(texts) + [item]
+            texts = []
+    return items + responses_text_message(texts)
+
+
+def responses_text_message(texts: list) -> list:
+    """The assistant's text so far as one message item (none when there is none)."""
+    return [{"role": "assistant", "content": "\n".join(texts)}] if texts else []
+
+
+def responses_function_call(block: dict, quirks: dict) -> dict:
+    """A tool_use block as a function_call item."""
+    return {"type": "function_call",
+            "call_id": openai_tool_id(str(block.get("id", "")), quirks["tool_id_style"]),
+            "name": openai_tool_name(str(block.get("name", ""))),
+            "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False,
+                                    separators=(",", ":"))}
+
+
+def responses_reasoning_item(block: dict) -> dict | None:
+    """The reasoning item a thinking block carries in its signature (id included), or None
+    for thinking that did not come from the Responses API."""
+    signature = block.get("signature")
+    if not isinstance(signature, str) or not signature.startswith(RESPONSES_SIGNATURE_PREFIX):
+        return None
+    try:
+        kept = json.loads(base64.urlsafe_b64decode(
+            signature[len(RESPONSES_SIGNATURE_PREFIX):] + "==").decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(kept, dict) or not isinstance(kept.get("id"), str):
+        return None
+    item = {"type": "reasoning", "id": kept["id"], "summary": list_of(kept.get("summary"))}
+    if isinstance(kept.get("encrypted_content"), str):
+        item["encrypted_content"] = kept["encrypted_content"]
+    return item
+
+
+def responses_reasoning_signature(item: dict) -> str:
+    """A thinking block's signature carrying a reasoning item: its id, summary and encrypted
+    content."""
+    kept = {key: item[key] for key in ("id", "summary", "encrypted_content") if key in item}
+    return RESPONSES_SIGNATURE_PREFIX + base64.urlsafe_b64encode(
+        json.dumps(kept, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def responses_user_items(blocks, open_calls: list, quirks: dict, where: str) -> list:
+    """A user turn: a function_call_output per answered call (images in it too), then the
+    turn's other content as one user message."""
+    items, answered, parts = [], set(), []
+    for position, block in enumerate(blocks):
+        if block.get("type") != "tool_result":
+            continue
+        call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
+        text, images = tool_result_text_and_images(block, quirks, "%s[%d]" % (where, position))
+        output = [{"type": "input_text", "text": text}] + [
+            responses_part(image) for image in images] if images else text
+        if call_id in open_calls and call_id not in answered:
+            answered.add(call_id)
+            items.append({"type": "function_call_output", "call_id": call_id, "output": output})
+        else:
+            parts.append({"type": "input_text", "text": "[tool result %s]\n%s" % (
+                block.get("tool_use_id"), text)})
+    items += responses_missing_outputs([c for c in open_calls if c not in answered])
+    parts += [responses_part(part) for part in openai_user_parts(
+        [b for b in blocks if b.get("type") != "tool_result"], quirks, where)]
+    if parts or not items:
+        items.append({"role": "user", "content": parts or "..."})
+    return items
+
+
+def responses_part(part: dict) -> dict:
+    """A Chat Completions content part as a Responses input part."""
+    if part["type"] == "image_url":
+        return {"type": "input_image", "image_url": part["image_url"]["url"], "detail": "auto"}
+    if part["type"] == "file":
+        return dict(part["file"], type="input_file")
+    return {"type": "input_text", "text": part["text"]}
+
+
+def responses_missing_outputs(call_ids) -> list:
+    """Stand-in outputs for calls the conversation never answered (the API wants one each)."""
+    return [{"type": "function_call_output", "call_id": call_id,
+             "output": "[no result: the tool call was interrupted]"} for call_id in call_ids]
+
+
+def anthropic_message_from_responses(data, context) -> dict:
+    """An Anthropic message from a response object: reasoning as thinking (the item on its
+    signature), text, refusal, function calls; the stop reason from status and calls."""
+    if not isinstance(data, dict):
+        raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
+    if data.get("status") == "failed" or data.get("error"):
+        raise responses_error(context.provider, data.get("error"))
+    content, refused = [], False
+    for item in list_of(data.get("output")):
+        kind = dict_of(item).get("type")
+        if kind == "reasoning":
+            content.append({"type": "thinking", "thinking": reasoning_text(item),
+                            "signature": responses_reasoning_signature(item)})
+        elif kind == "message":
+            for part in list_of(item.get("content")):
+                text = dict_of(part).get("text") or dict_of(part).get("refusal")
+                refused = refused or part.get("type") == "refusal"
+                if isinstance(text, str) and text:
+                    content.append({"type": "text", "text": text})
+        elif kind == "function_call":
+            content.append(anthropic_tool_use({"id": item.get("call_id"), "function": item},
+                                              context))
+    reason = responses_stop_reason(data, any(b["type"] == "tool_use" for b in content), refused)
+    usage = anthropic_usage_from_responses(data.get("usage")) if data.get("usage") else \
+        context.estimated_usage(sum(len(json.dumps(block)) for block in content))
+    return new_message(context.model, content, reason, usage)
+
+
+def reasoning_text(item: dict) -> str:
+    """What a reasoning item says: its summaries (or its reasoning text), in order."""
+    parts = list_of(item.get("summary")) or list_of(item.get("content"))
+    return "\n\n".join(str(dict_of(part).get("text") or "") for part in parts)
+
+
+def responses_stop_reason(response: dict, made_calls: bool, refused: bool) -> str:
+    """end_turn, tool_use, max_tokens (incomplete at max_output_tokens) or refusal."""
+    if response.get("status") == "incomplete":
+        reason = dict_of(response.get("incomplete_details")).get("reason")
+        return RESPONSES_STOP_REASONS.get(reason, "max_tokens")
+    if refused:
+        return "refusal"
+    return "tool_use" if made_calls else "end_turn"
+
+
+def anthropic_usage_from_responses(usage) -> dict:
+    """Anthropic usage from a response's: cached input counted apart, reasoning in output."""
+    usage = dict_of(usage)
+    total = count_of(usage.get("input_tokens"))
+    cached = min(count_of(dict_of(usage.get("input_tokens_details")).get("cached_tokens")), total)
+    return anthropic_usage(total - cached, count_of(usage.get("output_tokens")), cached, 0,
+                           count_of(dict_of(usage.get("output_tokens_details")).get(
+                               "reasoning_tokens")))
+
+
+def responses_error(provider: Provider, error) -> ProxyError:
+    """A failed response's error ({code, message}) as the client's error: rate limits 429,
+    a refused prompt 400, anything else 502 (the provider failed)."""
+    error = dict_of(error) or {"message": "the response failed without saying why"}
+    status = {"rate_limit_exceeded": 429, "invalid_prompt": 400, "server_error": 502}.get(
+        error.get("code"), 502)
+    return openai_error(provider, error, status)
+
+
+class ResponsesStreamTranslator:
+    """Sans-IO: decoded Responses stream events in, Anthropic SSE events (bytes) out. Output
+    items come one after another, each a block: reasoning (thinking, its item on the signature
+    once done), message text, a function call with its arguments as they stream."""
+
+    def __init__(self, context: TranslationContext):
+        self._context = context
+        self._emit = EventEmitter(context)
+        self._reasoning = {}          # output index -> the finished reasoning item
+        self._summaries = {}          # output index -> the summary part being streamed
+        self._streamed = set()        # output indexes of calls whose arguments streamed
+        self._made_calls = False
+        self._refused = False
+        self._response = None         # the final response (completed or incomplete)
+
+    def feed_event(self, event: str, payload: dict | None) -> bytes:
+        kind = (payload or {}).get("type") or event
+        handler = RESPONSES_EVENT_HANDLERS.get(kind)
+        if payload is not None and handler is not None:
+            self._emit.start()
+            getattr(self, handler)(payload, ("item", payload.get("output_index")))
+        return self._emit.take()
+
+    @property
+    def complete(self) -> bool:
+        return self._response is not None
+
+    def finish(self, error: ProxyError | None = None) -> bytes:
+        if error is None and not self.complete:
+            error = UpstreamError("%s: the stream ended before the response was complete"
+                                  % self._context.provider.name)
+        if error is not None:
+            return error.event()
+        usage = dict_of(self._response).get("usage")
+        self._emit.stop(responses_stop_reason(self._response, self._made_calls, self._refused),
+                        anthropic_usage_from_responses(usage) if usage else None)
+        return self._emit.take()
+
+    def _item_added(self, payload: dict, key) -> None:
+        item = dict_of(payload.get("item"))
+        if item.get("type") == "reasoning":
+            self._emit.thinking("", key)
+            self._emit.signature = lambda index=key[1]: responses_reasoning_signature(
+                self._reasoning.get(index) or item)
+        elif item.get("type") == "function_call":
+            self._emit.open_tool(key, tool_use_id(item.get("call_id")),
+                                 self._context.tool_name(item.get("name")))
+
+    def _item_done(self, payload: dict, key) -> None:
+        item = dict_of(payload.get("item"))
+        if item.get("type") == "reasoning":
+            self._reasoning[key[1]] = item
+        elif item.get("type") == "function_call":
+            self._made_calls = True
+            if key[1] not in self._streamed:          # arguments only in the finished item
+                self._item_added(payload, key)
+                self._emit.tool_arguments(str(item.get("arguments") or ""))
+
+    def _thinking(self, payload: dict, key) -> None:
+        part = payload.get("summary_index", 0)
+        separator = "\n\n" if self._summaries.get(key[1], part) != part else ""
+        self._summaries[key[1]] = part
+        self._emit.thinking(separator + str(payload.get("delta") or ""), key)
+
+    def _text(self, payload: dict, key) -> None:
+        self._emit.text(str(payload.get("delta") or ""), key)
+
+    def _refusal(self, payload: dict, key) -> None:
+        self._refused = True
+        self._text(payload, key)
+
+    def _arguments(self, payload: dict, key) -> None:
+        if self._emit.open == key:
+            self._streamed.add(key[1])
+            self._emit.tool_arguments(str(payload.get("delta") or ""))
+
+    def _finished(self, payload: dict, key) -> None:
+        self._response = dict_of(payload.get("response"))
+
+    def _failed(self, payload: dict, key) -> None:
+        raise responses_error(self._context.provider, dict_of(payload.get("response")).get(
+            "error") if payload.get("type") == "response.failed" else payload)
+
+
+# Each stream event the translator acts on, and its method; others (created, in_progress,
+# content parts, annotations, hosted tools' progress) say nothing the client needs.
+RESPONSES_EVENT_HANDLERS = {
+    "response.output_item.added": "_item_added",
+    "response.output_item.done": "_item_done",
+    "response.reasoning_summary_text.delta": "_thinking",
+    "response.reasoning_text.delta": "_thinking",
+    "response.output_text.delta": "_text",
+    "response.refusal.delta": "_refusal",
+    "response.function_call_arguments.delta": "_arguments",
+    "response.completed": "_finished",
+    "response.incomplete": "_finished",
+    "response.failed": "_failed",
+    "error": "_failed",
+}
+
+
+# -----------------------------------------------------------------------------
+# 9.5 Gemini
 # -----------------------------------------------------------------------------
 
 GEMINI_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "gemini."
@@ -6156,14 +6602,27 @@ def gemini_retry_delays(error: dict) -> list:
 
 
 # -----------------------------------------------------------------------------
-# 9.5 The protocol registry (a new protocol: a sub-section above, a line here)
+# 9.6 The protocol registry (a new protocol: a sub-section above, a line here)
 # -----------------------------------------------------------------------------
 
 PROTOCOLS = {protocol.name: protocol for protocol in (
     AnthropicProtocol(),
     OpenAIChatProtocol(),
+    OpenAIResponsesProtocol(),
     GeminiProtocol(),
 )}
+PROTOCOLS["azure"] = PROTOCOLS["openai"]          # OpenAI's APIs at an Azure resource
+
+
+def protocol_for(provider: Provider, model: str) -> Protocol:
+    """The protocol a call of a model speaks: its provider's, except that an OpenAI or Azure
+    provider sends the Responses API what it says it should ("api": "responses", or a model
+    that responses_models matches)."""
+    quirks = provider.quirks
+    if provider.protocol in ("openai", "azure") and (quirks["api"] == "responses" or (
+            quirks["responses_models"] and re.search(quirks["responses_models"], model))):
+        return PROTOCOLS["openai-responses"]
+    return PROTOCOLS[provider.protocol]
 
 
 
@@ -7373,7 +7832,7 @@ async def probe_model(upstream: Upstream, provider: Provider, model: str) -> str
     request.body = json_bytes({"model": model, "max_tokens": 16,
                                "messages": [{"role": "user", "content": "ping"}]})
     body = parse_json_body(request)
-    outgoing = PROTOCOLS[provider.protocol].messages_request(provider, model, request, body)
+    outgoing = protocol_for(provider, model).messages_request(provider, model, request, body)
     status, answer = await probe_call(upstream, provider, outgoing)
     if isinstance(answer, ProxyError):
         return answer.message

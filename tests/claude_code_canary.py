@@ -143,9 +143,9 @@ def differences(shape: dict, profile: dict) -> list:
     lines = []
     for kind in KINDS:
         for name in sorted(set(shape[kind]) - set(profile.get(kind, ()))):
-            missing = [protocol.name for protocol in ccproxy.PROTOCOLS.values()
-                       if protocol.coverage is not None and kind in COVERAGE_KIND
-                       and name not in protocol.coverage[COVERAGE_KIND[kind]]]
+            missing = sorted({protocol.name for protocol in ccproxy.PROTOCOLS.values()
+                              if protocol.coverage is not None and kind in COVERAGE_KIND
+                              and name not in protocol.coverage[COVERAGE_KIND[kind]]})
             lines.append("new %s: %s%s" % (kind.rstrip("s") if kind != "betas" else "beta", name,
                                            "; no rule in the %s translation" % ", ".join(missing)
                                            if missing else ""))

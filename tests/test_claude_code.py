@@ -231,6 +231,6 @@ def test_the_canary_names_what_is_new_and_which_translation_lacks_a_rule():
                  blocks=["text", "hologram"])
     assert claude_code_canary.differences(shape, dict(profile, fields=["messages"],
                                                       blocks=["text"])) == [
-        "new field: telepathy; no rule in the openai, gemini translation",
+        "new field: telepathy; no rule in the gemini, openai, openai-responses translation",
         "new beta: new-beta-2027-01-01",
-        "new block: hologram; no rule in the openai, gemini translation"]
+        "new block: hologram; no rule in the gemini, openai, openai-responses translation"]

@@ -211,9 +211,10 @@ def test_docstring_lists_the_section_and_part_banners():
     listed = re.findall(r"^    (\d+\. .+)$|^        (\d+\.\d+ .+)$", ccproxy.__doc__, re.M)
     assert banners == [section or part for section, part in listed]
     assert len([b for b in banners if re.match(r"\d+\. ", b)]) == 12
-    assert [b for b in banners if b.startswith("9.")][1:5] == [
+    assert [b for b in banners if b.startswith("9.")][1:6] == [
         "9.1 Shared by every protocol: the client's request and events, the relay",
-        "9.2 Anthropic Messages (pass-through)", "9.3 OpenAI Chat Completions", "9.4 Gemini"]
+        "9.2 Anthropic Messages (pass-through)", "9.3 OpenAI Chat Completions",
+        "9.4 OpenAI Responses", "9.5 Gemini"]
 
 
 def test_pip_installs_a_ccproxy_command_and_a_module(tmp_path):
