@@ -751,7 +751,42 @@ PROVIDER_QUIRKS = {
     "api": None,                # "responses": every model goes to the Responses API
     "responses_models": None,   # model ids (regex) that go to the Responses API
     "azure": None,              # {api_version, deployments} for an Azure OpenAI resource
+    "anthropic_compat": None,   # for a server that copies Anthropic's API: what it lacks (below)
 }
+
+# What a server that copies Anthropic's Messages API lacks, as its preset says (each key's
+# default here). Whatever it says, thinking it did not make itself is not sent to it, and the
+# signatures of its own thinking are marked on the way out so that no other provider gets them.
+ANTHROPIC_COMPAT = {
+    "auth": "x-api-key",        # how the key goes: "x-api-key" or "bearer"
+    "drop_betas": False,        # leave out the anthropic-beta header
+    "drop_fields": (),          # request fields it rejects or ignores
+    "no_blocks": (),            # block types it takes nowhere (tool results included): as text
+    "thinking_with_calls": False,   # in thinking mode, a turn with tool calls needs a thinking block
+}
+# Anthropic-compatible endpoints, from each provider's own page (checked 2026-12-05):
+#   deepseek-anthropic: https://api-docs.deepseek.com/guides/anthropic_api (x-api-key; ignores
+#     anthropic-beta, container, mcp_servers, service_tier, top_k; no image, document,
+#     search_result or redacted_thinking; in thinking mode its own thinking must come back with
+#     tool calls, and a turn of calls without it is refused)
+#   minimax: https://platform.minimax.io/docs/api-reference/text-anthropic-api (x-api-key; text
+#     and tool calls only, no image or document; top_k and stop_sequences ignored)
+#   kimi, moonshot: https://platform.moonshot.ai/docs/guide/agent-support (Bearer key)
+#   glm, zai: https://docs.z.ai/scenario-example/develop-tools/claude (Bearer key)
+# Kimi and GLM publish no table of what they lack: only the common rules apply.
+DEEPSEEK_ANTHROPIC = {"type": "anthropic", "api_base_url": "https://api.deepseek.com/anthropic",
+                      "quirks": {"anthropic_compat": {
+                          "drop_betas": True, "thinking_with_calls": True,
+                          "drop_fields": ("container", "mcp_servers", "service_tier", "top_k"),
+                          "no_blocks": ("image", "document", "search_result",
+                                        "redacted_thinking")}}}
+KIMI = {"type": "anthropic", "api_base_url": "https://api.moonshot.ai/anthropic",
+        "quirks": {"anthropic_compat": {"auth": "bearer"}}}
+GLM = {"type": "anthropic", "api_base_url": "https://api.z.ai/api/anthropic",
+       "quirks": {"anthropic_compat": {"auth": "bearer"}}}
+MINIMAX = {"type": "anthropic", "api_base_url": "https://api.minimax.io/anthropic",
+           "quirks": {"anthropic_compat": {"drop_fields": ("top_k", "stop_sequences"),
+                                           "no_blocks": ("image", "document")}}}
 
 # Provider presets: a provider named like a preset needs only its key.
 # `key_optional` for servers that need no key; `count_tokens` whether it answers count_tokens;
@@ -786,6 +821,10 @@ PROVIDER_PRESETS = {
                 (r"^grok-3-mini", {"low": "low", "high": "high"}))}},
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
                "quirks": {"top_k": True}},
+    "deepseek-anthropic": DEEPSEEK_ANTHROPIC,
+    "kimi": KIMI, "moonshot": KIMI,
+    "glm": GLM, "zai": GLM,
+    "minimax": MINIMAX,
 }
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
@@ -804,6 +843,7 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models"
 #           deepseek-chat and deepseek-reasoner are V4-Flash's two modes)
 #   xai: https://docs.x.ai/developers/models (grok-4.7: 500,000; grok-4, grok-code-fast-1:
 #           256,000; no output limit given)
+#   deepseek-anthropic: as deepseek; minimax: its Anthropic API page (above), no output limit
 # Groq, Mistral, OpenRouter, Ollama and Anthropic serve too many or too changeable models (or,
 # for Anthropic, answer an overflow in the very words Claude Code needs): set their limits in
 # the config's models list.
@@ -825,6 +865,14 @@ PRESET_MODEL_LIMITS = {
     },
     "xai": {
         "grok-4.7": (500000, None), "grok-4": (256000, None), "grok-code-fast-1": (256000, None),
+    },
+    "deepseek-anthropic": {
+        "deepseek-v4-flash": (1000000, 384000), "deepseek-v4-pro": (1000000, 384000),
+    },
+    "minimax": {
+        "MiniMax-M3": (1000000, None), "MiniMax-M2.7": (204800, None),
+        "MiniMax-M2.7-highspeed": (204800, None), "MiniMax-M2.5": (204800, None),
+        "MiniMax-M2.1": (204800, None), "MiniMax-M2": (204800, None),
     },
 }
 MODEL_LIMIT_KEYS = ("name", "context_window", "max_output_tokens")
@@ -1144,6 +1192,8 @@ def provider_quirks(fields: dict, preset: dict) -> dict:
     """What the provider's server accepts: the defaults, its preset's (an Azure resource has
     OpenAI's), then what its entry says of the Responses API and Azure."""
     quirks = dict(PROVIDER_QUIRKS, **preset.get("quirks", {}))
+    if quirks["anthropic_compat"] is not None:
+        quirks["anthropic_compat"] = dict(ANTHROPIC_COMPAT, **quirks["anthropic_compat"])
     if fields["type"] == "azure":
         quirks.update(OPENAI_QUIRKS, azure={"api_version": fields["api_version"],
                                             "deployments": fields["deployments"]})
@@ -4611,12 +4661,13 @@ class AnthropicProtocol(Protocol):
         if request.query:
             url += "?" + request.query
         return UpstreamRequest(url, anthropic_request_headers(provider, request),
-                               anthropic_body(request, body, model, provider.output_cap(model)))
+                               anthropic_body(request, body, model, provider))
 
     def count_tokens_request(self, provider, model, request, body) -> UpstreamRequest:
         url = anthropic_endpoint_url(provider.base_url, "messages/count_tokens")
         return UpstreamRequest(url, anthropic_request_headers(provider, request),
-                               anthropic_body(request, body, model))
+                               anthropic_body(request, body, model, provider,
+                                              counting=True))
 
     def input_tokens(self, answer: bytes) -> int | None:
         return count_in(answer, "input_tokens")
@@ -4626,18 +4677,25 @@ class AnthropicProtocol(Protocol):
                                anthropic_request_headers(provider), None)
 
     def can_search(self, provider, model) -> bool:
-        return True                   # Anthropic runs web_search itself
+        return provider.quirks["anthropic_compat"] is None   # Anthropic runs web_search itself
 
     def answer(self, call, context, stream: bool) -> Response:
-        """The provider's own answer, unchanged, once it is known to be a message."""
-        check_anthropic_answer(call)
+        """The provider's own answer, unchanged (but for the mark on a compatible server's
+        thinking signatures), once it is known to be a message."""
+        answer = check_anthropic_answer(call)
         if context.record is not None:
             note_anthropic_usage(call.body, context.record)
-        return Response(call.status, call.body, call.relayed_headers(),
+        body = call.body
+        if call.provider.quirks["anthropic_compat"] is not None:
+            marked_signatures(answer.get("content"), call.provider.name)
+            body = json_bytes(dict(answer, model=context.model))
+        return Response(call.status, body, call.relayed_headers(),
                         content_type=call.header("content-type") or "application/json")
 
     def stream_relay(self, context):
-        return AnthropicStreamRelay(context.provider.name, context.record)
+        marked = context.provider.quirks["anthropic_compat"] is not None
+        return AnthropicStreamRelay(context.provider.name, context.record,
+                                    context.model if marked else None)
 
     def error(self, call) -> ProxyError:
         return anthropic_error(call)
@@ -4657,21 +4715,27 @@ def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
 
 
 def anthropic_request_headers(provider: Provider, request: Request | None = None) -> dict:
-    """The provider's key, the client's anthropic-* headers and the provider's extra headers."""
+    """The provider's key (as its preset says), the client's anthropic-* headers (unless the
+    server ignores the betas) and the provider's extra headers."""
     headers = {"content-type": "application/json", "user-agent": USER_AGENT,
                "anthropic-version": DEFAULT_ANTHROPIC_VERSION}
+    compat = provider.quirks["anthropic_compat"] or ANTHROPIC_COMPAT
     for name in ANTHROPIC_FORWARDED_HEADERS if request is not None else ():
         value = request.headers.get(name)
-        if value:
+        if value and not (name == "anthropic-beta" and compat["drop_betas"]):
             headers[name] = header_safe(value)
-    if provider.api_key:
+    if provider.api_key and compat["auth"] == "bearer":
+        headers["authorization"] = "Bearer " + provider.api_key
+    elif provider.api_key:
         headers["x-api-key"] = provider.api_key
     headers.update(provider.headers)
     return headers
 
 
-def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None) -> bytes:
-    """The client's body with the routed model (and capped max_tokens).
+def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
+                   counting: bool = False) -> bytes:
+    """The client's body with the routed model, max_tokens within the provider's cap (unless
+    counting), and what a compatible server lacks taken out.
 
     Only the changed values are re-encoded, spliced into the client's own text; with nothing
     to change, the client's bytes go on as they came.
@@ -4679,35 +4743,107 @@ def anthropic_body(request: Request, body: dict, model: str, max_tokens_cap=None
     changes = {key: body[key] for key in request.rewritten}
     if body.get("model") != model:    # the model is not changed in body: failover needs it
         changes["model"] = model
-    if PROXY_SIGNATURE_MARK in request.body:
-        messages = messages_without_proxy_thinking(body.get("messages"))
+    compat = provider.quirks["anthropic_compat"]
+    if compat is not None or PROXY_SIGNATURE_MARK in request.body:
+        messages = anthropic_messages_for(body, provider)
         if messages is not None:
             changes["messages"] = messages
-    if max_tokens_cap is not None and body.get("max_tokens", 0) > max_tokens_cap:
-        changes["max_tokens"] = max_tokens_cap
+    cap = None if counting else provider.output_cap(model)
+    if cap is not None and body.get("max_tokens", 0) > cap:
+        changes["max_tokens"] = cap
+    dropped = [key for key in (compat or ANTHROPIC_COMPAT)["drop_fields"] if key in body]
+    if dropped:
+        return json_bytes({key: changes.get(key, value) for key, value in body.items()
+                           if key not in dropped})
     if not changes:
         return request.body
     return splice_json_values(request.body_text, request.body_spans, changes)
 
 
-def messages_without_proxy_thinking(messages):
-    """The messages without the thinking blocks another provider made through ccproxy, which
-    Anthropic would reject (their signature is ccproxy's, not Anthropic's); None when there
-    are none."""
+def anthropic_messages_for(body: dict, provider: Provider):
+    """The messages as this provider may see them, or None when they need no change. Anthropic
+    gets no thinking another provider made through ccproxy (its signature is ccproxy's); a
+    compatible server gets its own thinking only (signatures unmarked), the blocks it lacks as
+    text, and, where its thinking mode wants one, an empty thinking block before tool calls."""
+    messages = body.get("messages")
     if not isinstance(messages, list):
         return None
+    compat = provider.quirks["anthropic_compat"]
+    thinking_on = dict_of(body.get("thinking")).get("type") in ("enabled", "adaptive")
     changed, cleaned = False, []
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
-            kept = [b for b in content if not (
-                isinstance(b, dict) and b.get("type") == "thinking"
-                and str(b.get("signature", "")).startswith(PROXY_SIGNATURE_PREFIX))]
-            if len(kept) != len(content):
+            kept = anthropic_blocks_for(content, provider.name, compat)
+            if compat and compat["thinking_with_calls"] and thinking_on and any(
+                    b.get("type") == "tool_use" for b in kept) and not any(
+                    b.get("type") == "thinking" for b in kept):
+                kept.insert(0, {"type": "thinking", "thinking": "", "signature": ""})
+            if kept != content:
                 changed = True
                 message = dict(message, content=kept)
         cleaned.append(message)
     return cleaned if changed else None
+
+
+def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
+    """A message's blocks for the provider (see anthropic_messages_for); a tool result's
+    content is cleaned the same way."""
+    kept = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            kept.append(block)
+            continue
+        kind = block.get("type")
+        if kind in ("thinking", "redacted_thinking"):
+            block = own_thinking(block, provider_name, compat)
+        elif compat is not None and kind in compat["no_blocks"]:
+            block = {"type": "text", "text": block_as_text(block, provider_name)}
+        elif kind == "tool_result" and compat is not None and isinstance(
+                block.get("content"), list):
+            block = dict(block, content=anthropic_blocks_for(block["content"], provider_name,
+                                                             compat))
+        if block is not None:
+            kept.append(block)
+    return kept
+
+
+def own_thinking(block: dict, provider_name: str, compat) -> dict | None:
+    """A thinking block as the provider may see it: Anthropic, every block but ccproxy's; a
+    compatible server, only its own (its signature unmarked)."""
+    signature = str(block.get("signature", ""))
+    if compat is None:
+        return None if signature.startswith(PROXY_SIGNATURE_PREFIX) else block
+    mark = signature_mark(provider_name)
+    return dict(block, signature=signature[len(mark):]) if signature.startswith(mark) else None
+
+
+def block_as_text(block: dict, provider_name: str) -> str:
+    """What a block the provider cannot take says, as text."""
+    readable = server_block_text(block) if block.get("type") in SERVER_BLOCK_TYPES else None
+    if readable is not None:
+        return readable
+    if block.get("type") == "document":
+        return openai_document_part(block).get("text") or "[document omitted]"
+    return "[%s omitted: %s takes none]" % (str(block.get("type")).replace("_", " "),
+                                            provider_name)
+
+
+def signature_mark(provider_name: str) -> str:
+    """What starts the signature of thinking a compatible server made, as its clients see it:
+    the provider's name in base64url, which holds no dot, so no mark is another's prefix (and
+    the signature keeps to the characters Claude Code sends back)."""
+    name = base64.urlsafe_b64encode(provider_name.encode()).decode().rstrip("=")
+    return "%sas.%s." % (PROXY_SIGNATURE_PREFIX, name)
+
+
+def marked_signatures(blocks, provider_name: str) -> None:
+    """Mark the signatures of the thinking blocks (whole, or a content_block_start's, or a
+    signature_delta) a compatible server sent."""
+    for block in list_of(blocks):
+        if isinstance(block, dict) and isinstance(block.get("signature"), str) and (
+                block.get("type") in ("thinking", "signature_delta")) and block["signature"]:
+            block["signature"] = signature_mark(provider_name) + block["signature"]
 
 
 def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
@@ -4721,9 +4857,9 @@ def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
     return "".join(pieces).encode()
 
 
-def check_anthropic_answer(call) -> None:
-    """Raise a 502 unless the body of a 200 is an Anthropic message (or a count): a gateway's
-    HTML page, an empty body or an answer cut short is not passed on as a success."""
+def check_anthropic_answer(call) -> dict:
+    """The answer of a 200, parsed; a 502 unless it is an Anthropic message (or a count): a
+    gateway's HTML page, an empty body or an answer cut short is not passed on as a success."""
     try:
         answer = json.loads(call.body)
     except (ValueError, RecursionError):
@@ -4733,6 +4869,7 @@ def check_anthropic_answer(call) -> None:
                             "message: %s" % (call.provider.name,
                                              call.provider.masker.text(
                                                  upstream_error_message(call.body)[:200])))
+    return answer
 
 
 def anthropic_error(call) -> ProxyError:
@@ -4759,11 +4896,14 @@ class AnthropicStreamRelay:
 
     broken = None                     # never: bytes pass as they are
 
-    def __init__(self, provider_name: str, record=None):
+    def __init__(self, provider_name: str, record=None, client_model: str | None = None):
         self._provider_name = provider_name
         self._held = HeldBytes()
         self._terminated = False
         self._record = record
+        # A compatible server's stream: its thinking signatures are marked, and the message is
+        # of the model the client asked for (Claude Code drops thinking from another model).
+        self._client_model = client_model
 
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
@@ -4779,6 +4919,9 @@ class AnthropicStreamRelay:
             self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
         if complete and self._record is not None:
             note_anthropic_usage(complete, self._record)
+        if self._client_model is not None and (b'"signature' in complete
+                                               or b'"message_start"' in complete):
+            complete = marked_events(complete, self._provider_name, self._client_model)
         return complete
 
     @property
@@ -4791,6 +4934,28 @@ class AnthropicStreamRelay:
         if error is None:
             error = UpstreamError("%s: the stream ended before message_stop" % self._provider_name)
         return error.event()
+
+
+def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:
+    """Whole events of a compatible server's stream: the signatures of its thinking marked,
+    the message of the model the client asked for."""
+    events = data.split(b"\n\n")
+    for index, event in enumerate(events):
+        head, found, payload = event.partition(b"data: ")
+        if not found or not (b'"signature' in payload or b'"message_start"' in payload):
+            continue
+        try:
+            parsed = json.loads(payload)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(parsed, dict):
+            continue
+        marked_signatures([dict_of(parsed.get("content_block")), dict_of(parsed.get("delta"))],
+                          provider_name)
+        if parsed.get("type") == "message_start":
+            dict_of(parsed.get("message"))["model"] = client_model
+        events[index] = head + found + json_bytes(parsed)
+    return b"\n\n".join(events)
 
 
 USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens)"\s*:\s*(\d+)')
@@ -5894,13 +6059,16 @@ def responses_stop_reason(response: dict, made_calls: bool, refused: bool) -> st
 
 
 def anthropic_usage_from_responses(usage) -> dict:
-    """Anthropic usage from a response's: cached input counted apart, reasoning in output."""
+    """Anthropic usage from a response's: cache reads and writes counted apart from input
+    (the response's input_tokens holds them), reasoning in output."""
     usage = dict_of(usage)
     total = count_of(usage.get("input_tokens"))
-    cached = min(count_of(dict_of(usage.get("input_tokens_details")).get("cached_tokens")), total)
-    return anthropic_usage(total - cached, count_of(usage.get("output_tokens")), cached, 0,
-                           count_of(dict_of(usage.get("output_tokens_details")).get(
-                               "reasoning_tokens")))
+    details = dict_of(usage.get("input_tokens_details"))
+    cached = min(count_of(details.get("cached_tokens")), total)
+    written = min(count_of(details.get("cache_write_tokens")), total - cached)
+    return anthropic_usage(total - cached - written, count_of(usage.get("output_tokens")),
+                           cached, written, count_of(dict_of(usage.get(
+                               "output_tokens_details")).get("reasoning_tokens")))
 
 
 def responses_error(provider: Provider, error) -> ProxyError:

@@ -11,7 +11,10 @@ import pytest
 
 import claude_code_canary
 from helpers import (CLAUDE_CODE_VERSIONS as VERSIONS, REPO, Reply, dead_url, installed_claude,
-                     json_reply)
+                     json_reply, stream_reply)
+from test_compatible import KEY as COMPATIBLE_KEY, RULES as COMPATIBLE_RULES, anthropic_answer, \
+    problems_of
+from test_responses import call_item, events_for, message_item, reasoning_item, response, sse
 
 def openai_answer(message: dict, stream: bool, finish: str):
     """A Chat Completions answer, streamed as chunks or whole."""
@@ -90,6 +93,93 @@ def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstrea
     sent = [r["json"] for r in upstream.requests if r["json"]]
     assert any(m.get("role") == "tool" and "tool_call_id" in m for b in sent for m in b["messages"])
     assert not (tmp_path / "home" / ".ccproxy" / "ccproxy.pid").exists()   # code stopped its proxy
+
+
+# --- the Responses API: a Responses-only model runs the tool, its reasoning carried across -----
+
+def responses_answer(items, stream):
+    return stream_reply(sse(events_for(items))) if stream else json_reply(response(items))
+
+
+def responses_model(request):
+    """Reason, then run Bash; once its output is back, answer in text."""
+    body = request["json"] or {}
+    stream = body.get("stream") is True
+    if any(item.get("type") == "function_call_output" for item in body.get("input", ())):
+        return responses_answer([message_item(FINAL_TEXT)], stream)
+    if "Bash" in [tool.get("name") for tool in body.get("tools") or ()]:
+        arguments = json.dumps({"command": "echo hi > out.txt", "description": "Write out.txt"})
+        return responses_answer([reasoning_item(("Bash can write it.",), "ENC-CC", "rs_cc"),
+                                 call_item("call_1", "Bash", arguments, 1)], stream)
+    return responses_answer([message_item("ok")], stream)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_a_tool_on_a_responses_only_model(version, tmp_path, upstream):
+    upstream.script = responses_model
+    result, output, work = run_code(
+        version, tmp_path, [openai_provider(upstream.url, models=["gpt-5-codex"])],
+        "Create a file out.txt containing hi, using the Bash tool.", "Bash",
+        CLAUDE_CODE_MAX_RETRIES="0")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT
+    assert (work / "out.txt").read_text().strip() == "hi"          # the tool really ran
+    assert {r["path"] for r in upstream.requests} == {"/v1/responses"}
+    followed = [r["json"]["input"] for r in upstream.requests if any(
+        item.get("type") == "function_call_output" for item in r["json"]["input"])]
+    assert followed and all(r["json"]["stream"] for r in upstream.requests)
+    carried = [item for item in followed[0] if item.get("type") == "reasoning"]
+    assert carried == [reasoning_item(("Bash can write it.",), "ENC-CC", "rs_cc")]
+
+
+# --- Anthropic-compatible servers and Azure: the same tool-using session on each --------------
+
+def compatible_model(preset):
+    """A server that refuses what this preset's provider lacks; it thinks (signing its thinking),
+    runs Bash, and once the result is back with its own thinking unchanged, answers in text."""
+    def script(request):
+        problems = problems_of(preset, request)
+        body = request["json"] or {}
+        stream = body.get("stream") is True
+        if problems:
+            return json_reply({"type": "error", "error": {"type": "invalid_request_error",
+                                                          "message": "; ".join(problems)}}, 400)
+        last = body["messages"][-1]["content"]
+        if isinstance(last, list) and any(b.get("type") == "tool_result" for b in last):
+            assert body["messages"][-2]["content"][0]["signature"] == "SIG-" + preset
+            return anthropic_answer([{"type": "text", "text": FINAL_TEXT}], "end_turn", stream)
+        if "Bash" in [tool.get("name") for tool in body.get("tools") or ()]:
+            return anthropic_answer([
+                {"type": "thinking", "thinking": "Bash it is.", "signature": "SIG-" + preset},
+                {"type": "tool_use", "id": "toolu_cc1", "name": "Bash", "input": {
+                    "command": "echo hi > out.txt", "description": "Write out.txt"}}],
+                "tool_use", stream)
+        return anthropic_answer([{"type": "text", "text": "ok"}], "end_turn", stream)
+    return script
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("preset", sorted(COMPATIBLE_RULES) + ["azure"])
+def test_real_claude_code_runs_a_tool_on_each_compatible_preset_and_azure(version, preset,
+                                                                          tmp_path, upstream):
+    if preset == "azure":
+        upstream.script = scripted_model
+        provider = {"name": "corp", "type": "azure", "api_base_url": upstream.url,
+                    "api_key": COMPATIBLE_KEY, "deployments": {"gpt-test": "prod-test"},
+                    "models": ["gpt-test"]}
+    else:
+        upstream.script = compatible_model(preset)
+        provider = {"name": preset, "api_base_url": upstream.url, "api_key": COMPATIBLE_KEY,
+                    "models": ["served-model"]}
+    result, output, work = run_code(
+        version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash tool.",
+        "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    assert (work / "out.txt").read_text().strip() == "hi"          # the tool really ran
+    if preset == "azure":
+        assert {(r["path"], r["json"]["model"]) for r in upstream.requests} == {
+            ("/openai/v1/chat/completions", "prod-test")}
 
 
 # --- WebSearch: Claude Code's search request, answered by Google Search grounding ------------------

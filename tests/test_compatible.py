@@ -1,0 +1,240 @@
+"""Servers that speak Anthropic's Messages API themselves (DeepSeek, Kimi, GLM, MiniMax): each
+preset's mock refuses what its provider's compatibility page says it lacks, and requests shaped
+like Claude Code's still get through; the thinking each server makes goes back to it alone."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ccproxy
+from helpers import json_reply, sdk, sse, stream_reply
+
+KEY = "sk-compat-0123456789abcdef"
+# preset: (how it wants the key, block types it refuses anywhere, fields it refuses, betas too)
+RULES = {
+    "deepseek-anthropic": ("x-api-key", {"image", "document", "search_result",
+                                         "redacted_thinking"},
+                           {"container", "mcp_servers", "service_tier", "top_k"}, False),
+    "minimax": ("x-api-key", {"image", "document"}, {"top_k", "stop_sequences"}, True),
+    "kimi": ("bearer", set(), set(), True),
+    "glm": ("bearer", set(), set(), True),
+}
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+
+
+def block_types(value):
+    """Every block type anywhere in a request body."""
+    if isinstance(value, dict):
+        found = {value["type"]} if isinstance(value.get("type"), str) else set()
+        return found.union(*(block_types(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(block_types(v) for v in value)) if value else set()
+    return set()
+
+
+def problems_of(preset, request):
+    """What this preset's server would refuse in a request."""
+    auth, blocks, fields, betas = RULES[preset]
+    body, headers, problems = request["json"], request["headers"], []
+    if auth == "bearer" and (headers.get("authorization") != "Bearer " + KEY
+                             or "x-api-key" in headers):
+        problems.append("wants the key as Bearer")
+    if auth == "x-api-key" and headers.get("x-api-key") != KEY:
+        problems.append("wants the key as x-api-key")
+    problems += ["block %s" % kind for kind in sorted(block_types(body["messages"]) & blocks)]
+    problems += ["field %s" % key for key in sorted(set(body) & fields)]
+    if not betas and "anthropic-beta" in headers:
+        problems.append("anthropic-beta")
+    if "ccpx1." in json.dumps(body):
+        problems.append("a signature it never made")
+    return problems
+
+
+def answer(preset, stream, signature):
+    """A thinking block signed by this server, then text; whole or streamed."""
+    return anthropic_answer([{"type": "thinking", "thinking": "Mine.", "signature": signature},
+                             {"type": "text", "text": "ok"}], "end_turn", stream)
+
+
+def anthropic_answer(content, stop_reason, stream):
+    """An Anthropic message of these blocks, whole or as the events that stream it."""
+    message = {"id": "msg_c", "type": "message", "role": "assistant", "model": "served",
+               "content": content, "stop_reason": stop_reason, "stop_sequence": None,
+               "usage": {"input_tokens": 10, "output_tokens": 3}}
+    if not stream:
+        return json_reply(message)
+    events = [sse("message_start", {"type": "message_start", "message": dict(
+        message, content=[], stop_reason=None)})]
+    for index, block in enumerate(content):
+        events += block_events(index, block)
+    return stream_reply(events + [
+        sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 3},
+                              "delta": {"stop_reason": stop_reason, "stop_sequence": None}}),
+        sse("message_stop", {"type": "message_stop"})])
+
+
+def block_events(index, block):
+    """content_block_start, its deltas, content_block_stop."""
+    start, deltas = block, []
+    if block["type"] == "thinking":
+        start = dict(block, thinking="", signature="")
+        deltas = [{"type": "thinking_delta", "thinking": block["thinking"]},
+                  {"type": "signature_delta", "signature": block["signature"]}]
+    elif block["type"] == "text":
+        start, deltas = dict(block, text=""), [{"type": "text_delta", "text": block["text"]}]
+    elif block["type"] == "tool_use":
+        start = dict(block, input={})
+        deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block["input"])}]
+    return ([sse("content_block_start", {"type": "content_block_start", "index": index,
+                                         "content_block": start})]
+            + [sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                           "delta": delta}) for delta in deltas]
+            + [sse("content_block_stop", {"type": "content_block_stop", "index": index})])
+
+
+def strict_server(preset):
+    """The script of a mock that refuses, as its provider does, what it lacks."""
+    def script(request):
+        problems = problems_of(preset, request)
+        if problems:
+            return json_reply({"type": "error", "error": {"type": "invalid_request_error",
+                                                          "message": "; ".join(problems)}}, 400)
+        return answer(preset, request["json"].get("stream") is True, "SIG-" + preset)
+    return script
+
+
+def compat_proxy(start_proxy, upstream, *presets):
+    return start_proxy({"providers": [{"name": preset, "api_key": KEY, "models": ["m"],
+                                       "api_base_url": upstream.url} for preset in presets]})
+
+
+# Claude Code's kinds of content that some of these servers refuse: an image in the prompt and
+# in a tool result (a screenshot), a document, a redacted thinking block, another provider's
+# thinking; a beta header; top_k and stop_sequences.
+CLAUDE_CODE_LIKE = dict(
+    model="m", max_tokens=100, stop_sequences=["END"], extra_body={"top_k": 5},
+    extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+    messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, IMAGE, {
+            "type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                           "data": "the spec"}}]},
+        {"role": "assistant", "content": [
+            {"type": "redacted_thinking", "data": "opaque"},
+            {"type": "thinking", "thinking": "x", "signature": "ccpx1.openai"},
+            {"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": [{"type": "text", "text": "here"}, IMAGE]}]}])
+
+
+@pytest.mark.parametrize("preset", sorted(RULES))
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_preset_sends_only_what_its_server_takes(start_proxy, upstream, preset, stream):
+    upstream.script = strict_server(preset)
+    proxy = compat_proxy(start_proxy, upstream, preset)
+    if stream:
+        with sdk(proxy).messages.stream(**CLAUDE_CODE_LIKE) as answered:
+            message = answered.get_final_message()
+    else:
+        message = sdk(proxy).messages.create(**CLAUDE_CODE_LIKE)
+    assert message.content[1].text == "ok"
+    sent = upstream.requests[0]["json"]["messages"]
+    refused = RULES[preset][1]
+    if "image" in refused:
+        assert sent[0]["content"][1] == {"type": "text",
+                                         "text": "[image omitted: %s takes none]" % preset}
+        assert sent[2]["content"][0]["content"][1]["type"] == "text"      # inside the result
+        assert sent[0]["content"][2] == {"type": "text", "text": "the spec"}
+    else:
+        assert sent[0]["content"][1] == IMAGE
+    assert [b["type"] for b in sent[1]["content"]] == ["tool_use"]        # no foreign thinking
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_servers_own_thinking_goes_back_to_it_and_to_nobody_else(start_proxy, upstream,
+                                                                   second_upstream, stream):
+    upstream.script = strict_server("deepseek-anthropic")
+    second_upstream.script = strict_server("kimi")
+    proxy = start_proxy({"providers": [
+        {"name": "deepseek-anthropic", "api_key": KEY, "api_base_url": upstream.url},
+        {"name": "kimi", "api_key": KEY, "api_base_url": second_upstream.url}]})
+    ask = dict(max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    if stream:
+        with sdk(proxy).messages.stream(model="deepseek-anthropic,m", **ask) as answered:
+            first = answered.get_final_message()
+    else:
+        first = sdk(proxy).messages.create(model="deepseek-anthropic,m", **ask)
+    thinking = first.content[0].model_dump()
+    assert thinking["signature"] == "ccpx1.as.ZGVlcHNlZWstYW50aHJvcGlj.SIG-deepseek-anthropic"
+    assert first.model == "deepseek-anthropic,m"         # as asked: Claude Code keeps thinking
+    history = ask["messages"] + [{"role": "assistant", "content": [thinking]},
+                                 {"role": "user", "content": "more"}]
+    for target, mock in (("deepseek-anthropic", upstream), ("kimi", second_upstream)):
+        sdk(proxy).messages.create(model=target + ",m", max_tokens=50, messages=history)
+        back = mock.requests[-1]["json"]["messages"][1]["content"]
+        assert back == ([dict(thinking, signature="SIG-deepseek-anthropic")]
+                        if target == "deepseek-anthropic" else [])
+
+
+def test_anthropic_itself_gets_no_thinking_a_compatible_server_made(start_proxy, upstream):
+    upstream.script = lambda r: json_reply({"id": "m", "type": "message", "role": "assistant",
+                                            "model": "c", "content": [], "stop_reason": "end_turn",
+                                            "stop_sequence": None,
+                                            "usage": {"input_tokens": 1, "output_tokens": 1}})
+    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": KEY,
+                                        "api_base_url": upstream.url}]})
+    sdk(proxy).messages.create(model="c", max_tokens=50, messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "t", "signature": "ccpx1.as.a2ltaQ.SIG"},
+            {"type": "thinking", "thinking": "real", "signature": "EqQBAnthropic"},
+            {"type": "text", "text": "a"}]},
+        {"role": "user", "content": "more"}])
+    assert upstream.requests[0]["json"]["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "real", "signature": "EqQBAnthropic"},
+        {"type": "text", "text": "a"}]
+
+
+def test_deepseek_in_thinking_mode_gets_a_thinking_block_before_tool_calls(start_proxy,
+                                                                           upstream):
+    upstream.script = strict_server("deepseek-anthropic")
+    proxy = compat_proxy(start_proxy, upstream, "deepseek-anthropic")
+    sdk(proxy).messages.create(model="m", max_tokens=5000, thinking={
+        "type": "enabled", "budget_tokens": 2000}, messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": "a"}]}])
+    assert upstream.requests[0]["json"]["messages"][1]["content"] == [
+        {"type": "thinking", "thinking": "", "signature": ""},
+        {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}]
+
+
+def test_a_generic_anthropic_server_gets_the_request_as_it_came(start_proxy, upstream):
+    upstream.script = lambda r: answer("gateway", False, "SIG")
+    proxy = start_proxy({"providers": [{"name": "gateway", "type": "anthropic", "api_key": KEY,
+                                        "api_base_url": upstream.url + "/llm"}]})
+    raw = json.dumps({"model": "m", "max_tokens": 9, "top_k": 3, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}]})
+    import urllib.request
+    request = urllib.request.Request(proxy.url + "/v1/messages", data=raw.encode(), headers={
+        "content-type": "application/json", "anthropic-beta": "x-2025"})
+    urllib.request.urlopen(request, timeout=10).read()
+    sent = upstream.requests[0]
+    assert sent["path"] == "/llm/v1/messages" and sent["body"] == raw.encode()
+    assert sent["headers"]["x-api-key"] == KEY and sent["headers"]["anthropic-beta"] == "x-2025"
+
+
+def test_compatible_presets_cannot_search_and_know_their_limits():
+    config = ccproxy.build_config({"providers": [
+        {"name": name, "api_key": KEY} for name in ("deepseek-anthropic", "minimax", "moonshot",
+                                                    "zai", "anthropic")]}, "config.json", {})
+    searches = {p.name: ccproxy.protocol_for(p, "m").can_search(p, "m") for p in config.providers}
+    assert searches == {"deepseek-anthropic": False, "minimax": False, "moonshot": False,
+                        "zai": False, "anthropic": True}
+    assert config.provider_named("deepseek-anthropic").context_window("deepseek-v4-pro") == \
+        1000000
+    assert config.provider_named("minimax").context_window("MiniMax-M3") == 1000000
+    assert config.provider_named("moonshot").base_url == "https://api.moonshot.ai/anthropic"
+    assert config.provider_named("zai").base_url == "https://api.z.ai/api/anthropic"

@@ -1,0 +1,402 @@
+"""The OpenAI Responses translator: requests, whole answers and streams through a mock Responses
+server, driven by the anthropic SDK; reasoning carried from one turn to the next; the openai
+preset's routing of Responses-only models; Azure OpenAI. Every mock body and event is checked
+against the official openai SDK's types."""
+from __future__ import annotations
+
+import json
+
+import anthropic
+import openai
+import pydantic
+import pytest
+
+from helpers import Reply, json_reply, sdk, stream_reply
+from test_openai import check_grammar, parse_events
+
+KEY = "sk-resp-0123456789abcdef"
+STREAM_EVENT = pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent)
+CREATE_PARAMS = pydantic.TypeAdapter(
+    openai.types.responses.response_create_params.ResponseCreateParams)
+TOOLS = [{"name": "get_weather", "description": "Weather",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+         {"name": "get_time", "input_schema": {"type": "object"}}]
+REQUEST = dict(model="claude-sonnet-4-5", max_tokens=300, tools=TOOLS,
+               messages=[{"role": "user", "content": "Weather in Oslo?"}])
+
+
+# --- a mock Responses server's answers, each checked against the SDK's types ------------------
+
+def usage(total=100, cached=40, output=20, reasoning=0, written=0):
+    return {"input_tokens": total,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
+            "total_tokens": total + output}
+
+
+def response(output, status="completed", **extra):
+    body = dict({"id": "resp_1", "object": "response", "created_at": 1, "model": "gpt-5-codex",
+                 "status": status, "output": output, "parallel_tool_calls": True,
+                 "tool_choice": "auto", "tools": [], "usage": usage(), "error": None,
+                 "incomplete_details": None}, **extra)
+    openai.types.responses.Response.model_validate(body)
+    return body
+
+
+def message_item(text, index=0):
+    return {"type": "message", "id": "msg_%d" % index, "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+
+def call_item(call_id, name, arguments, index=0):
+    return {"type": "function_call", "id": "fc_%d" % index, "call_id": call_id, "name": name,
+            "arguments": arguments, "status": "completed"}
+
+
+def reasoning_item(summary=("Thinking about Oslo.",), encrypted="ENC-1", item_id="rs_1"):
+    return {"type": "reasoning", "id": item_id, "encrypted_content": encrypted,
+            "summary": [{"type": "summary_text", "text": text} for text in summary]}
+
+
+def events_for(items, final_status="completed", **final):
+    """The stream events a server sends for output items, in order, then the final event."""
+    events = [{"type": "response.created", "response": response([], "in_progress")}]
+    for index, item in enumerate(items):
+        started = dict(item, status="in_progress")
+        if item["type"] == "message":
+            started["content"] = []
+        elif item["type"] == "function_call":
+            started["arguments"] = ""
+        elif item["type"] == "reasoning":
+            started["summary"], started["encrypted_content"] = [], None
+        events.append({"type": "response.output_item.added", "output_index": index,
+                       "item": started})
+        events += item_deltas(item, index)
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    kind = {"completed": "response.completed", "incomplete": "response.incomplete",
+            "failed": "response.failed"}[final_status]
+    events.append({"type": kind, "response": response(items, final_status, **final)})
+    return events
+
+
+def item_deltas(item, index):
+    """An item's deltas, in pieces (text and arguments in two halves)."""
+    if item["type"] == "message":
+        text = item["content"][0]["text"]
+        return [{"type": "response.output_text.delta", "item_id": item["id"], "logprobs": [],
+                 "output_index": index, "content_index": 0, "delta": piece}
+                for piece in (text[:len(text) // 2], text[len(text) // 2:])]
+    if item["type"] == "function_call":
+        arguments = item["arguments"]
+        return [{"type": "response.function_call_arguments.delta", "item_id": item["id"],
+                 "output_index": index, "delta": piece}
+                for piece in (arguments[:len(arguments) // 2], arguments[len(arguments) // 2:])]
+    return [{"type": "response.reasoning_summary_text.delta", "item_id": item["id"],
+             "output_index": index, "summary_index": part, "delta": summary["text"]}
+            for part, summary in enumerate(item["summary"])]
+
+
+def sse(events, cut=False):
+    """The events as the server frames them, numbered, each checked against the SDK's types."""
+    pieces = []
+    for number, event in enumerate(events):
+        event = dict(event, sequence_number=number)
+        STREAM_EVENT.validate_python(event)
+        pieces.append(b"event: %s\ndata: %s\n\n" % (event["type"].encode(),
+                                                    json.dumps(event).encode()))
+    return pieces[:-1] if cut else pieces
+
+
+def responses_provider(upstream, **fields):
+    return dict({"name": "oai", "type": "openai-responses", "api_base_url": upstream.url + "/v1",
+                 "api_key": KEY, "models": ["gpt-5-codex"]}, **fields)
+
+
+@pytest.fixture
+def responses_proxy(start_proxy, upstream):
+    return start_proxy({"providers": [responses_provider(upstream)]})
+
+
+def sent_body(upstream, index=0):
+    """The body the proxy sent, checked against the SDK's request type."""
+    body = upstream.requests[index]["json"]
+    CREATE_PARAMS.validate_python(body)
+    return body
+
+
+def blocks_of(message):
+    return [b.model_dump(exclude_none=True, exclude={"citations", "caller"})
+            for b in message.content]
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+def test_a_request_becomes_a_stateless_responses_body(responses_proxy, upstream):
+    upstream.script = lambda r: json_reply(response([message_item("Sunny.")]))
+    sdk(responses_proxy).messages.create(**dict(
+        REQUEST, system="Be brief.", extra_body={"temperature": 0.5}, metadata={"user_id": "u1"},
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "Weather in Oslo?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "AAAA"}}]}]))
+    assert upstream.requests[0]["path"] == "/v1/responses"
+    assert upstream.requests[0]["headers"]["authorization"] == "Bearer " + KEY
+    assert sent_body(upstream) == {
+        "model": "gpt-5-codex", "store": False, "include": ["reasoning.encrypted_content"],
+        "instructions": "Be brief.", "max_output_tokens": 300, "temperature": 0.5,
+        "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "Weather in Oslo?"},
+            {"type": "input_image", "image_url": "data:image/png;base64,AAAA",
+             "detail": "auto"}]}],
+        "tools": [{"type": "function", "name": "get_weather", "description": "Weather",
+                   "parameters": TOOLS[0]["input_schema"], "strict": False},
+                  {"type": "function", "name": "get_time", "parameters": {"type": "object"},
+                   "strict": False}],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "safety_identifier": "u1"}
+
+
+def test_history_becomes_items_with_calls_paired_and_reasoning_restored_with_its_id(
+        responses_proxy, upstream):
+    upstream.script = lambda r: json_reply(response([message_item("Done.")]))
+    signature = thinking_block_of(reasoning_item(encrypted="ENC-9", item_id="rs_9"))["signature"]
+    sdk(responses_proxy).messages.create(**dict(REQUEST, messages=[
+        {"role": "user", "content": "Weather in Oslo and Bergen?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "Two cities.", "signature": signature},
+            {"type": "thinking", "thinking": "foreign", "signature": "EqQBCkYIBx"},
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Oslo"}},
+            {"type": "tool_use", "id": "call_b", "name": "get_weather",
+             "input": {"city": "Bergen"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "call_a", "content": "Sunny"},
+            {"type": "text", "text": "And?"}]}]))
+    assert sent_body(upstream)["input"] == [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather in Oslo and Bergen?"}]},
+        {"type": "reasoning", "id": "rs_9", "encrypted_content": "ENC-9",
+         "summary": [{"type": "summary_text", "text": "Thinking about Oslo."}]},
+        {"role": "assistant", "content": "Checking."},
+        {"type": "function_call", "call_id": "call_a", "name": "get_weather",
+         "arguments": '{"city":"Oslo"}'},
+        {"type": "function_call", "call_id": "call_b", "name": "get_weather",
+         "arguments": '{"city":"Bergen"}'},
+        {"type": "function_call_output", "call_id": "call_a", "output": "Sunny"},
+        {"type": "function_call_output", "call_id": "call_b",
+         "output": "[no result: the tool call was interrupted]"},
+        {"role": "user", "content": [{"type": "input_text", "text": "And?"}]}]
+
+
+def thinking_block_of(item):
+    """The thinking block ccproxy makes of a reasoning item (through the whole-answer path)."""
+    import ccproxy
+    from test_openai import context
+    return ccproxy.anthropic_message_from_responses(response([item]), context())["content"][0]
+
+
+def test_thinking_asks_for_reasoning_with_a_summary_on_the_models_scale(start_proxy, upstream):
+    proxy = start_proxy({"providers": [{"name": "openai", "api_key": KEY,
+                                        "api_base_url": upstream.url + "/v1"}]})
+    upstream.script = lambda r: json_reply(response([message_item("ok")]))
+    sdk(proxy).messages.create(**dict(REQUEST, model="openai,gpt-5.1-codex-max",
+                                      thinking={"type": "enabled", "budget_tokens": 20000}))
+    body = sent_body(upstream)
+    assert body["reasoning"] == {"effort": "high", "summary": "auto"}
+    assert "temperature" not in body and upstream.requests[0]["path"] == "/v1/responses"
+
+
+# --- whole answers ----------------------------------------------------------------------------
+
+def test_a_whole_answer_with_reasoning_text_and_calls(responses_proxy, upstream):
+    upstream.script = lambda r: json_reply(response(
+        [reasoning_item(), message_item("Let me look."),
+         call_item("call_1", "get_weather", '{"city":"Oslo"}'),
+         call_item("call_2", "get_time", "{}", 1)], usage=usage(100, 40, 20, 8, 10)))
+    message = sdk(responses_proxy).messages.create(**REQUEST)
+    blocks = blocks_of(message)
+    assert blocks[0]["type"] == "thinking" and blocks[0]["thinking"] == "Thinking about Oslo."
+    assert blocks[0]["signature"].startswith("ccpx1.resp.")
+    assert blocks[1:] == [
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Oslo"}},
+        {"type": "tool_use", "id": "call_2", "name": "get_time", "input": {}}]
+    assert message.stop_reason == "tool_use"
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens,
+            message.usage.cache_creation_input_tokens, message.usage.output_tokens) == (
+        50, 40, 10, 20)
+
+
+def test_an_incomplete_answer_stops_at_max_tokens(responses_proxy, upstream):
+    upstream.script = lambda r: json_reply(response(
+        [message_item("Half")], "incomplete",
+        incomplete_details={"reason": "max_output_tokens"}))
+    message = sdk(responses_proxy).messages.create(**REQUEST)
+    assert message.stop_reason == "max_tokens" and blocks_of(message) == [
+        {"type": "text", "text": "Half"}]
+
+
+# --- streams ----------------------------------------------------------------------------------
+
+def stream_of(proxy, **request):
+    with sdk(proxy).messages.stream(**dict(REQUEST, **request)) as stream:
+        return stream.get_final_message()
+
+
+def test_a_streamed_text_answer(responses_proxy, upstream):
+    upstream.script = lambda r: stream_reply(sse(events_for([message_item("Sunny in Oslo.")])))
+    final = stream_of(responses_proxy)
+    assert blocks_of(final) == [{"type": "text", "text": "Sunny in Oslo."}]
+    assert final.stop_reason == "end_turn" and final.usage.cache_read_input_tokens == 40
+    assert sent_body(upstream)["stream"] is True
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_streamed_calls_one_or_parallel(responses_proxy, upstream, calls):
+    items = [call_item("call_%d" % n, "get_weather", '{"city":"C%d"}' % n, n)
+             for n in range(calls)]
+    upstream.script = lambda r: stream_reply(sse(events_for(items)))
+    final = stream_of(responses_proxy)
+    assert blocks_of(final) == [{"type": "tool_use", "id": "call_%d" % n, "name": "get_weather",
+                                 "input": {"city": "C%d" % n}} for n in range(calls)]
+    assert final.stop_reason == "tool_use"
+
+
+def test_reasoning_then_a_call_then_the_next_turn_carries_the_reasoning_back(responses_proxy,
+                                                                            upstream):
+    first = [reasoning_item(("Oslo first.", "Then answer.")), call_item(
+        "call_1", "get_weather", '{"city":"Oslo"}', 1)]
+    upstream.script = lambda r: stream_reply(sse(events_for(first)))
+    turn = stream_of(responses_proxy)
+    thinking = blocks_of(turn)[0]
+    assert thinking["thinking"] == "Oslo first.\n\nThen answer."
+    upstream.script = lambda r: stream_reply(sse(events_for([message_item("Sunny.")])))
+    stream_of(responses_proxy, messages=REQUEST["messages"] + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in turn.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                      "content": "Sunny"}]}])
+    assert sent_body(upstream, 1)["input"][1:] == [
+        reasoning_item(("Oslo first.", "Then answer.")),
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+         "arguments": '{"city":"Oslo"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"}]
+
+
+def test_a_streamed_incomplete_answer_stops_at_max_tokens(responses_proxy, upstream):
+    upstream.script = lambda r: stream_reply(sse(events_for(
+        [message_item("Half")], "incomplete", incomplete_details={"reason": "max_output_tokens"})))
+    assert stream_of(responses_proxy).stop_reason == "max_tokens"
+
+
+def test_a_response_that_fails_before_any_output_is_its_http_error(responses_proxy, upstream):
+    upstream.script = lambda r: stream_reply(sse(events_for(
+        [], "failed", error={"code": "rate_limit_exceeded", "message": "slow down"})))
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        stream_of(responses_proxy)
+    assert caught.value.body["error"]["message"] == "oai: slow down"
+
+
+@pytest.mark.parametrize("ending", ["failed", "cut"])
+def test_a_stream_that_fails_or_is_cut_after_text_ends_with_an_error_event(
+        responses_proxy, upstream, ending):
+    failure = {"error": {"code": "server_error", "message": "boom"}} if ending == "failed" else {}
+    pieces = sse(events_for([message_item("Partial answer")],
+                            "failed" if failure else "completed", **failure), cut=ending == "cut")
+    reply = stream_reply(pieces, pause_before=len(pieces) - 1)   # the end waits for the text
+    upstream.script = lambda r: reply
+    received = b""
+    with sdk(responses_proxy).messages.with_streaming_response.create(
+            **dict(REQUEST, stream=True)) as answer:
+        for chunk in answer.iter_bytes():
+            received += chunk
+            if b"text_delta" in received:
+                reply.release.set()
+    events = parse_events(received)
+    assert events[-1][0] == "error" and "message_stop" not in [name for name, _ in events]
+    assert "Partial answer" == "".join(p["delta"]["text"] for name, p in events
+                                       if name == "content_block_delta")
+    assert events[-1][1]["error"]["message"] == (
+        "oai: boom" if failure else "oai: the stream ended before the response was complete")
+
+
+def test_the_stream_keeps_the_anthropic_event_grammar():
+    import ccproxy
+    from test_openai import context
+    translator = ccproxy.ResponsesStreamTranslator(context())
+    items = [reasoning_item(), message_item("Hi", 1), call_item("c", "get_time", "{}", 2)]
+    out = b"".join(translator.feed_event(e["type"], e) for e in events_for(items))
+    check_grammar(parse_events(out + translator.finish()))
+
+
+# --- which API a model goes to ----------------------------------------------------------------
+
+@pytest.mark.parametrize("model, path", [("gpt-5-codex", "/v1/responses"),
+                                         ("gpt-5.2-pro", "/v1/responses"),
+                                         ("o3-pro", "/v1/responses"),
+                                         ("gpt-4.1", "/v1/chat/completions"),
+                                         ("gpt-5", "/v1/chat/completions")])
+def test_the_openai_preset_sends_responses_only_models_to_the_responses_api(
+        start_proxy, upstream, model, path):
+    proxy = start_proxy({"providers": [{"name": "openai", "api_key": KEY,
+                                        "api_base_url": upstream.url + "/v1"}]})
+    upstream.script = lambda r: json_reply(
+        response([message_item("ok")]) if r["path"].endswith("/responses") else {
+            "id": "c", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "ok"}}]})
+    sdk(proxy).messages.create(**dict(REQUEST, model="openai," + model))
+    assert upstream.requests[0]["path"] == path
+
+
+def test_api_responses_sends_every_model_there(start_proxy, upstream):
+    proxy = start_proxy({"providers": [{"name": "gw", "type": "openai", "api": "responses",
+                                        "api_base_url": upstream.url + "/v1/chat/completions",
+                                        "responses_models": "^never$"}]})
+    upstream.script = lambda r: json_reply(response([message_item("ok")]))
+    sdk(proxy).messages.create(**dict(REQUEST, model="gw,anything"))
+    assert upstream.requests[0]["path"] == "/v1/responses"
+
+
+# --- Azure OpenAI -----------------------------------------------------------------------------
+
+CHAT_ANSWER = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+               "choices": [{"index": 0, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "ok"}}]}
+
+
+@pytest.mark.parametrize("version, model, path, body_model", [
+    ("v1", "gpt-4.1", "/openai/v1/chat/completions", "prod-41"),
+    ("2025-04-01-preview", "gpt-4.1",
+     "/openai/deployments/prod-41/chat/completions?api-version=2025-04-01-preview", "prod-41"),
+    ("v1", "gpt-5-codex", "/openai/v1/responses", "codex-dep"),
+    ("2025-04-01-preview", "gpt-5-codex", "/openai/responses?api-version=2025-04-01-preview",
+     "codex-dep"),
+    ("v1", "o4-mini", "/openai/v1/chat/completions", "o4-mini")])
+def test_azure_calls_each_api_at_its_path_with_the_deployment(start_proxy, upstream, version,
+                                                              model, path, body_model):
+    proxy = start_proxy({"providers": [{
+        "name": "corp", "type": "azure", "api_base_url": upstream.url, "api_key": KEY,
+        "api_version": version, "deployments": {"gpt-4.1": "prod-41", "gpt-5-codex": "codex-dep"},
+        "models": ["gpt-4.1", "gpt-5-codex", "o4-mini"]}]})
+    upstream.script = lambda r: json_reply(
+        response([message_item("ok")]) if "responses" in r["path"] else CHAT_ANSWER)
+    message = sdk(proxy).messages.create(**dict(REQUEST, model=model))
+    sent = upstream.requests[0]
+    assert (sent["path"], sent["json"]["model"]) == (path, body_model)
+    assert sent["headers"]["api-key"] == KEY and "authorization" not in sent["headers"]
+    assert message.content[0].text == "ok"
+
+
+def test_azure_settings_are_checked_naming_the_key():
+    import ccproxy
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"providers": [{
+            "name": "corp", "type": "azure", "api_base_url": "https://x.openai.azure.com",
+            "api_version": "latest", "deployments": {"gpt-4.1": ""}, "api": "batch",
+            "responses_models": "("}]}, "config.json", {})
+    assert str(caught.value).splitlines() == [
+        'config.json: providers[0].api: must be "chat" or "responses"',
+        "config.json: providers[0].responses_models: must be a regular expression",
+        "config.json: providers[0].deployments.gpt-4.1: must be a deployment name",
+        'config.json: providers[0].api_version: must be "v1" or a date like '
+        '"2025-04-01-preview"']
