@@ -238,6 +238,18 @@ def test_an_incomplete_answer_stops_at_max_tokens(responses_proxy, upstream):
 
 # --- streams ----------------------------------------------------------------------------------
 
+def expected_body(**changes):
+    """The body REQUEST becomes, streamed."""
+    return dict({
+        "model": "gpt-5-codex", "store": False, "include": ["reasoning.encrypted_content"],
+        "max_output_tokens": 300, "stream": True,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Weather in Oslo?"}]}],
+        "tools": [{"type": "function", "name": "get_weather", "description": "Weather",
+                   "parameters": TOOLS[0]["input_schema"], "strict": False},
+                  {"type": "function", "name": "get_time", "parameters": {"type": "object"},
+                   "strict": False}]}, **changes)
+
+
 def stream_of(proxy, **request):
     with sdk(proxy).messages.stream(**dict(REQUEST, **request)) as stream:
         return stream.get_final_message()
@@ -248,7 +260,7 @@ def test_a_streamed_text_answer(responses_proxy, upstream):
     final = stream_of(responses_proxy)
     assert blocks_of(final) == [{"type": "text", "text": "Sunny in Oslo."}]
     assert final.stop_reason == "end_turn" and final.usage.cache_read_input_tokens == 40
-    assert sent_body(upstream)["stream"] is True
+    assert sent_body(upstream) == expected_body()
 
 
 @pytest.mark.parametrize("calls", [1, 2])
@@ -259,7 +271,7 @@ def test_streamed_calls_one_or_parallel(responses_proxy, upstream, calls):
     final = stream_of(responses_proxy)
     assert blocks_of(final) == [{"type": "tool_use", "id": "call_%d" % n, "name": "get_weather",
                                  "input": {"city": "C%d" % n}} for n in range(calls)]
-    assert final.stop_reason == "tool_use"
+    assert final.stop_reason == "tool_use" and sent_body(upstream) == expected_body()
 
 
 def test_reasoning_then_a_call_then_the_next_turn_carries_the_reasoning_back(responses_proxy,
@@ -275,6 +287,7 @@ def test_reasoning_then_a_call_then_the_next_turn_carries_the_reasoning_back(res
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in turn.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
                                       "content": "Sunny"}]}])
+    assert sent_body(upstream, 0) == expected_body()
     assert sent_body(upstream, 1)["input"][1:] == [
         reasoning_item(("Oslo first.", "Then answer.")),
         {"type": "function_call", "call_id": "call_1", "name": "get_weather",
