@@ -762,7 +762,7 @@ ANTHROPIC_COMPAT = {
     "drop_betas": False,        # leave out the anthropic-beta header
     "drop_fields": (),          # request fields it rejects or ignores
     "no_blocks": (),            # block types it takes nowhere (tool results included): as text
-    "thinking_with_calls": False,   # in thinking mode, a turn with tool calls needs a thinking block
+    "thinking_with_calls": False,   # in thinking mode, tool calls want a thinking block first
 }
 # Anthropic-compatible endpoints, from each provider's own page (checked 2026-12-05):
 #   deepseek-anthropic: https://api-docs.deepseek.com/guides/anthropic_api (x-api-key; ignores
@@ -4168,6 +4168,14 @@ INPUT_JSON_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_d
 BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
 
 
+def failed_ending(error: ProxyError | None, complete: bool, provider: Provider) -> bytes | None:
+    """The error event that ends a translated stream that failed, or that ended before the
+    provider said it was complete; None for a whole one."""
+    if error is None and not complete:
+        error = UpstreamError("%s: the stream ended before completion" % provider.name)
+    return error.event() if error is not None else None
+
+
 def json_bytes(value) -> bytes:
     """value as compact UTF-8 JSON bytes."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
@@ -5710,11 +5718,9 @@ class OpenAIStreamTranslator:
 
     def finish(self, error: ProxyError | None = None) -> bytes:
         """The end of the stream: message_delta and message_stop, or an error event."""
-        if error is None and not self.complete:
-            error = UpstreamError("%s: the stream ended before completion"
-                                  % self._context.provider.name)
-        if error is not None:
-            return error.event()
+        ending = failed_ending(error, self.complete, self._context.provider)
+        if ending is not None:
+            return ending
         results, citations = openai_search_results(self._annotations, "".join(self._text))
         self._emit.cite(citations)
         self._emit.close()
@@ -5821,23 +5827,20 @@ RESPONSES_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "resp."
 RESPONSES_STOP_REASONS = {"max_output_tokens": "max_tokens", "content_filter": "refusal"}
 
 
-class OpenAIResponsesProtocol(Protocol):
+class OpenAIResponsesProtocol(OpenAIChatProtocol):
     """OpenAI's Responses API (type openai-responses; an openai or azure provider's models that
-    only it serves)."""
+    only it serves): Chat Completions' tool names, model list and coverage, its own request and
+    answers."""
 
     name = "openai-responses"
-    coverage = TRANSLATED_REQUEST
-
-    def upstream_tool_name(self, name: str) -> str:
-        return openai_tool_name(name)
 
     def messages_request(self, provider, model, request, body) -> UpstreamRequest:
         payload = responses_request_from_anthropic(body, provider, model)
         url, payload["model"] = openai_target(provider, model, "responses")
         return UpstreamRequest(url, openai_request_headers(provider), json_bytes(payload))
 
-    def models_request(self, provider) -> UpstreamRequest:
-        return PROTOCOLS["openai"].models_request(provider)
+    def can_search(self, provider, model) -> bool:
+        return False                  # its hosted web_search is not translated yet
 
     def message(self, answer, context) -> dict:
         return anthropic_message_from_responses(answer, context)
@@ -6108,11 +6111,9 @@ class ResponsesStreamTranslator:
         return self._response is not None
 
     def finish(self, error: ProxyError | None = None) -> bytes:
-        if error is None and not self.complete:
-            error = UpstreamError("%s: the stream ended before the response was complete"
-                                  % self._context.provider.name)
-        if error is not None:
-            return error.event()
+        ending = failed_ending(error, self.complete, self._context.provider)
+        if ending is not None:
+            return ending
         usage = dict_of(self._response).get("usage")
         self._emit.stop(responses_stop_reason(self._response, self._made_calls, self._refused),
                         anthropic_usage_from_responses(usage) if usage else None)
@@ -6644,11 +6645,9 @@ class GeminiStreamTranslator:
         return self._finish_reason is not None or self._block_reason is not None
 
     def finish(self, error: ProxyError | None = None) -> bytes:
-        if error is None and not self.complete:
-            error = UpstreamError("%s: the stream ended before completion"
-                                  % self._context.provider.name)
-        if error is not None:
-            return error.event()
+        ending = failed_ending(error, self.complete, self._context.provider)
+        if ending is not None:
+            return ending
         if self._grounding is not None:
             self._report_search()
         notice = gemini_notice(self._finish_reason, self._block_reason)

@@ -11,7 +11,7 @@ import openai
 import pydantic
 import pytest
 
-from helpers import Reply, json_reply, sdk, stream_reply
+from helpers import json_reply, sdk, stream_reply
 from test_openai import check_grammar, parse_events
 
 KEY = "sk-resp-0123456789abcdef"
@@ -329,7 +329,7 @@ def test_a_stream_that_fails_or_is_cut_after_text_ends_with_an_error_event(
     assert "Partial answer" == "".join(p["delta"]["text"] for name, p in events
                                        if name == "content_block_delta")
     assert events[-1][1]["error"]["message"] == (
-        "oai: boom" if failure else "oai: the stream ended before the response was complete")
+        "oai: boom" if failure else "oai: the stream ended before completion")
 
 
 def test_the_stream_keeps_the_anthropic_event_grammar():
