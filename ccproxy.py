@@ -176,6 +176,10 @@ REASON_PHRASES[529] = "Overloaded"
 # Request headers that are passed on to an Anthropic-protocol provider; everything else
 # (the client's key, hop-by-hop headers, Accept-Encoding) stays here.
 ANTHROPIC_FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
+# What Claude Code says of a request's origin (2.1.197 and 2.1.330 send these): its session, and
+# on a subagent's requests that agent's id (a nested one adds its parent's).
+SESSION_ID_HEADER = "x-claude-code-session-id"
+AGENT_ID_HEADER = "x-claude-code-agent-id"
 # Response headers relayed back from an Anthropic-protocol provider.
 RELAYED_RESPONSE_HEADERS = ("request-id", "retry-after")
 RELAYED_RESPONSE_HEADER_PREFIX = "anthropic-ratelimit-"
@@ -725,9 +729,13 @@ OPENAI_EFFORT_SCALES = ((r"^gpt-5\.(?:[2-9]|1-codex-max)", EFFORTS_TO_XHIGH),
 OPENAI_RESPONSES_MODELS = (r"^(o\d+-pro|o\d+(-mini)?-deep-research|computer-use|codex-|"
                            r"gpt-[\d.]+-(pro|codex|cyber|rosalind)|gpt-[\d.]+-\w+-codex|"
                            r"gpt-rosalind|gpt-[\d.]+-(astra|sol)-|gpt-daybreak)")
+# Prompt caching (https://platform.openai.com/docs/guides/prompt-caching, checked 2026-12-05):
+# automatic from 1,024 tokens; prompt_cache_key groups a session's calls; prompt_cache_retention
+# "24h" (extended caching) on the gpt-5 family and gpt-4.1, in both APIs.
 OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
                  "effort_scales": OPENAI_EFFORT_SCALES,
-                 "responses_models": OPENAI_RESPONSES_MODELS}
+                 "responses_models": OPENAI_RESPONSES_MODELS, "prompt_cache_key": True,
+                 "cache_retention_models": r"^(gpt-5|gpt-4\.1)"}
 GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
                         (r"^gemini-3", {"low": "low", "high": "high"}))
 
@@ -748,10 +756,13 @@ PROVIDER_QUIRKS = {
     "effort_scales": (),        # (model regex, {effort: the provider's value}) for the first match
     "search": None,             # how it searches the web: "web_search_options", "web_plugin"
     "search_models": None,      # model ids (regex) that can search with web_search_options
+    "cache_control_models": None,   # model ids (regex) whose text parts keep cache_control
     "api": None,                # "responses": every model goes to the Responses API
     "responses_models": None,   # model ids (regex) that go to the Responses API
     "azure": None,              # {api_version, deployments} for an Azure OpenAI resource
     "anthropic_compat": None,   # for a server that copies Anthropic's API: what it lacks (below)
+    "prompt_cache_key": False,  # takes prompt_cache_key (a session's calls share cache routing)
+    "cache_retention_models": None,  # model ids (regex) that keep a cache 24 hours when asked
 }
 
 # What a server that copies Anthropic's Messages API lacks, as its preset says (each key's
@@ -808,6 +819,7 @@ PROVIDER_PRESETS = {
                                "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
                    "quirks": {"reasoning_style": "openrouter", "top_k": True,
                               "reasoning_details": True,
+                              "cache_control_models": r"^(anthropic|google)/",
                               "effort_scales": ((r"", EFFORTS_TO_XHIGH),),
                               "search": "web_plugin"}},
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
@@ -3319,6 +3331,12 @@ class RequestFacts:
     def long_context(self) -> bool:
         return self.tokens > self._config.long_context_threshold
 
+    @property
+    def agent(self) -> str:
+        """The id Claude Code gives a subagent's requests (x-claude-code-agent-id); "" for the
+        main conversation's."""
+        return self.headers.get(AGENT_ID_HEADER) or ""
+
 
 def block_has_image(block) -> bool:
     """Whether a content block is an image or a tool_result holding one."""
@@ -3374,11 +3392,13 @@ CONDITIONS = {
                                        c.get("value")),
     "tools": lambda facts, c: tools_condition_holds(facts.tool_names, c["operator"],
                                                     c.get("value")),
+    "agent": lambda facts, c: compare(facts.agent, c["operator"], c.get("value")),
 }
 # The scenario routes, in the order they are tried when configured: name -> whether it applies
 # to the request (config validation reads the names from here, routing the predicates).
 SCENARIOS = {
     "longContext": lambda facts: facts.long_context,
+    "subagent": lambda facts: bool(facts.agent),
     "background": lambda facts: "haiku" in facts.model.lower(),
     "webSearch": lambda facts: facts.web_search,
     "think": lambda facts: facts.thinking,
@@ -4328,13 +4348,15 @@ def coverage(mapped=(), dropped=None, refused=None) -> dict:
 
 # What every translating protocol does with a Messages request, beyond its own differences.
 ANTHROPIC_ONLY = "an Anthropic account or service setting, with no meaning elsewhere"
+CACHE_MARKS_WHY = ("the provider caches prompt prefixes its own way (OpenRouter's Anthropic and "
+                   "Gemini models keep the marks on text parts)")
 TRANSLATED_FIELDS = coverage(
     mapped=("model", "messages", "max_tokens", "system", "stream", "tools", "tool_choice",
             "thinking", "temperature", "top_p", "top_k", "stop_sequences", "output_config",
             "output_format", "metadata"),
     dropped={"context_management": "Anthropic edits the context on its side; the conversation "
                                    "goes on as the client holds it",
-             "cache_control": "the provider caches prompt prefixes its own way",
+             "cache_control": CACHE_MARKS_WHY,
              "service_tier": ANTHROPIC_ONLY, "container": ANTHROPIC_ONLY,
              "diagnostics": ANTHROPIC_ONLY, "inference_geo": ANTHROPIC_ONLY,
              "speed": ANTHROPIC_ONLY, "user_profile_id": ANTHROPIC_ONLY,
@@ -4348,7 +4370,7 @@ TRANSLATED_BLOCKS = coverage(
     refused={"container_upload": "files uploaded to Anthropic's containers are not readable"})
 TRANSLATED_TOOL_FIELDS = coverage(
     mapped=("name", "description", "input_schema", "type", "defer_loading", "max_uses"),
-    dropped={"cache_control": "the provider caches prompt prefixes its own way",
+    dropped={"cache_control": CACHE_MARKS_WHY,
              "strict": "schemas go as they are; strict decoding is Anthropic's",
              "input_examples": "no equivalent; the description and schema keep the tool's use",
              "eager_input_streaming": "arguments stream as the provider sends them",
@@ -4464,10 +4486,14 @@ def text_of_system(system) -> str:
     Code's billing-header block (meaningless elsewhere)."""
     if isinstance(system, str):
         return system.strip() and system
-    texts = [b["text"] for b in system or () if isinstance(b, dict) and b.get("type") == "text"
-             and isinstance(b.get("text"), str) and b["text"].strip()
-             and not b["text"].startswith(BILLING_HEADER_PREFIX)]
-    return "\n\n".join(texts)
+    return "\n\n".join(b["text"] for b in system_text_blocks(system))
+
+
+def system_text_blocks(system) -> list:
+    """The system prompt's text blocks, without Claude Code's billing-header block."""
+    return [b for b in system or () if isinstance(b, dict) and b.get("type") == "text"
+            and isinstance(b.get("text"), str) and b["text"].strip()
+            and not b["text"].startswith(BILLING_HEADER_PREFIX)]
 
 
 def tool_result_text(block: dict) -> str:
@@ -5000,6 +5026,7 @@ class OpenAIChatProtocol(Protocol):
 
     def messages_request(self, provider, model, request, body) -> UpstreamRequest:
         payload = openai_request_from_anthropic(body, provider, model)
+        payload.update(openai_cache_fields(provider, model, request))
         url, payload["model"] = openai_target(provider, model, "chat/completions")
         return UpstreamRequest(url, openai_request_headers(provider), json_bytes(payload))
 
@@ -5023,6 +5050,8 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     quirks = provider.quirks
     pattern = quirks["reasoning_models"]
     reasoning_model = bool(pattern and re.match(pattern, model))
+    caching = quirks["cache_control_models"]
+    quirks = dict(quirks, cache_control=bool(caching and re.match(caching, model)))
     request = {"model": model, "messages": openai_messages_from_anthropic(body, quirks)}
     cap = provider.output_cap(model)
     max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
@@ -5060,7 +5089,7 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
     """The conversation as Chat Completions messages: system first, each assistant turn with
     its tool calls, each call's result as a tool message right after it."""
     messages = []
-    system = text_of_system(body.get("system"))
+    system = openai_system_content(body.get("system"), quirks)
     if system:
         messages.append({"role": "system", "content": system})
     open_calls = []          # ids of the last assistant turn's calls, awaiting results
@@ -5084,7 +5113,24 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
         else:
             messages.extend(openai_user_turn(blocks, open_calls, quirks, where) + deferred)
             open_calls, deferred = [], []
-    return merge_adjacent_user_messages(messages + deferred)
+    return merge_adjacent_user_messages(messages + deferred, quirks.get("cache_control"))
+
+
+def openai_system_content(system, quirks: dict):
+    """The system prompt as one string, or, where the model honours cache_control through
+    this host (OpenRouter's Anthropic and Gemini models), as text parts that keep it."""
+    if not quirks.get("cache_control") or isinstance(system, str) or not any(
+            "cache_control" in block for block in system_text_blocks(system)):
+        return text_of_system(system)
+    return [cached_text_part(block["text"], block) for block in system_text_blocks(system)]
+
+
+def cached_text_part(text: str, block: dict) -> dict:
+    """A text content part that keeps the block's cache_control mark, if it has one."""
+    part = {"type": "text", "text": text}
+    if "cache_control" in block:
+        part["cache_control"] = block["cache_control"]
+    return part
 
 
 def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
@@ -5135,7 +5181,8 @@ def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list
         text, images = tool_result_text_and_images(block, quirks, "%s[%d]" % (where, position))
         if call_id in open_calls and call_id not in answered:
             answered.add(call_id)
-            tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": [
+                cached_text_part(text, block)] if quirks.get("cache_control") else text})
         else:
             extra_parts.append({"type": "text", "text": "[tool result %s]\n%s"
                                 % (block.get("tool_use_id"), text)})
@@ -5147,7 +5194,8 @@ def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list
     if parts:
         if tool_messages and not quirks["user_after_tool"]:
             result.append({"role": "assistant", "content": "Noted."})
-        result.append({"role": "user", "content": openai_content(parts)})
+        result.append({"role": "user", "content": openai_content(
+            parts, quirks.get("cache_control"))})
     elif not tool_messages:
         result.append({"role": "user", "content": "..."})
     return result
@@ -5160,7 +5208,8 @@ def openai_user_parts(blocks, quirks: dict, where: str) -> list:
         kind = block.get("type")
         if kind == "text":
             if isinstance(block.get("text"), str) and block["text"].strip():
-                parts.append({"type": "text", "text": block["text"]})
+                parts.append(cached_text_part(block["text"], block) if quirks.get("cache_control")
+                             else {"type": "text", "text": block["text"]})
         elif kind == "image":
             parts.append(openai_image_part(block, "%s[%d]" % (where, position)) if quirks["vision"]
                          else {"type": "text", "text": "[image omitted]"})
@@ -5203,10 +5252,11 @@ def openai_document_part(block: dict) -> dict:
     return {"type": "text", "text": "[document omitted: %s source]" % source.get("type")}
 
 
-def openai_content(parts: list):
+def openai_content(parts: list, keep_parts: bool = False):
     """Content parts as Chat Completions wants them: one string when all are text (the form
-    every OpenAI-compatible server accepts)."""
-    if all(part["type"] == "text" for part in parts):
+    every OpenAI-compatible server accepts), unless cache marks may come and go on them (the
+    parts then stay parts, so the prompt is the same with or without its marks)."""
+    if not keep_parts and all(part["type"] == "text" for part in parts):
         return "\n".join(part["text"] for part in parts)
     return parts
 
@@ -5228,7 +5278,7 @@ def missing_tool_results(call_ids) -> list:
              "content": "[no result: the tool call was interrupted]"} for call_id in call_ids]
 
 
-def merge_adjacent_user_messages(messages: list) -> list:
+def merge_adjacent_user_messages(messages: list, keep_parts: bool = False) -> list:
     """Two user messages in a row become one (some servers refuse two in a row)."""
     merged = []
     for message in messages:
@@ -5237,7 +5287,7 @@ def merge_adjacent_user_messages(messages: list) -> list:
             parts = [{"type": "text", "text": c} if isinstance(c, str) else c
                      for c in (previous["content"], message["content"])]
             flat = [p for c in parts for p in (c if isinstance(c, list) else [c])]
-            previous["content"] = openai_content(flat)
+            previous["content"] = openai_content(flat, keep_parts)
         else:
             merged.append(message)
     return merged
@@ -5403,6 +5453,28 @@ def openai_response_format(body: dict) -> dict:
         return {}
     return {"response_format": {"type": "json_schema", "json_schema": {
         "name": "structured_output", "schema": output_format.get("schema") or {}, "strict": True}}}
+
+
+ONE_HOUR_CACHE_RE = re.compile(rb'"ttl"\s*:\s*"1h"')
+
+
+def openai_cache_fields(provider: Provider, model: str, request: Request) -> dict:
+    """prompt_cache_key from Claude Code's session id (a digest with the provider's name, never
+    the client's own string), and 24-hour retention when the request asks for an hour-long
+    cache and the model keeps one that long; for providers that take them."""
+    quirks = provider.quirks
+    azure = quirks["azure"]
+    if not quirks["prompt_cache_key"] or (azure is not None and azure["api_version"] != "v1"):
+        return {}
+    fields = {}
+    session = request.headers.get(SESSION_ID_HEADER)
+    if session:
+        digest = hashlib.sha256(("%s\0%s" % (provider.name, session)).encode()).hexdigest()
+        fields["prompt_cache_key"] = "ccpx-" + digest[:40]
+    pattern = quirks["cache_retention_models"]
+    if pattern and re.search(pattern, model) and ONE_HOUR_CACHE_RE.search(request.body):
+        fields["prompt_cache_retention"] = "24h"
+    return fields
 
 
 def openai_endpoint_url(base_url: str, endpoint: str = "chat/completions") -> str:
@@ -5836,6 +5908,7 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
 
     def messages_request(self, provider, model, request, body) -> UpstreamRequest:
         payload = responses_request_from_anthropic(body, provider, model)
+        payload.update(openai_cache_fields(provider, model, request))
         url, payload["model"] = openai_target(provider, model, "responses")
         return UpstreamRequest(url, openai_request_headers(provider), json_bytes(payload))
 

@@ -278,6 +278,8 @@ CONDITION_CASES = {
                {}, [("x-task", "review")]),
     "tools": ({"type": "tools", "operator": ">=", "value": 2},
               {"tools": [{"name": "a", "input_schema": {}}, {"name": "b", "input_schema": {}}]}, ()),
+    "agent": ({"type": "agent", "operator": "matches", "value": "^a2"},
+              {}, [("x-claude-code-agent-id", "a2152d16dc4a6fbe4")]),
 }
 SCENARIO_CASES = {
     "longContext": {"messages": [{"role": "user", "content": "word " * 4000}]},
@@ -286,7 +288,10 @@ SCENARIO_CASES = {
     "think": {"thinking": {"type": "adaptive"}},
     "image": {"messages": [{"role": "user", "content": [{"type": "image", "source": {
         "type": "base64", "media_type": "image/png", "data": "A"}}]}]},
+    "subagent": {},
 }
+# Claude Code marks a subagent's requests with its id (seen from 2.1.197 and 2.1.330).
+SCENARIO_HEADERS = {"subagent": [("x-claude-code-agent-id", "a37f57f2dbd845d6d")]}
 
 
 def test_one_table_each_drives_validation_and_routing_of_conditions_and_scenarios():
@@ -304,7 +309,8 @@ def test_one_table_each_drives_validation_and_routing_of_conditions_and_scenario
             name: {"provider": "anthropic", "model": "claude-listed"},
             "longContextThreshold": 3000}}
         assert not ccproxy.build_config(raw, "config.json", {}).warnings
-        assert plan(body, (), raw)[0][2] == name and plan({}, (), raw)[0][2] == "default"
+        headers = SCENARIO_HEADERS.get(name, ())
+        assert plan(body, headers, raw)[0][2] == name and plan({}, (), raw)[0][2] == "default"
 
 
 def test_a_route_no_request_would_use_is_warned_about():
@@ -312,8 +318,8 @@ def test_a_route_no_request_would_use_is_warned_about():
            "routes": {"longcontext": {"provider": "openai", "model": "gpt-main"}}}
     warnings = ccproxy.build_config(raw, "config.json", {}).warnings
     assert warnings == ["config.json: routes.longcontext: not a scenario route (longContext, "
-                        "background, webSearch, think, image, default) and without conditions: "
-                        "no request will use it"]
+                        "subagent, background, webSearch, think, image, default) and without "
+                        "conditions: no request will use it"]
 
 
 def test_fallback_naming_an_unknown_provider_is_an_error():
