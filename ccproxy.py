@@ -137,6 +137,8 @@ START_WAIT_SECONDS = 15.0                        # `start` waits this long for /
 STOP_POLL_SECONDS = 0.05
 START_FAILURE_LINES = 15                         # of its stderr and log, when `start` fails
 STOP_REPORT_SECONDS = 2.0                        # `stop` says it is still waiting this often
+STATUSLINE_TIMEOUT_SECONDS = 0.5                 # `status --statusline` waits this long
+STATUSLINE_INPUT_BYTES = 1024 * 1024
 STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout before a kill
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
 CONFIG_WATCH_SECONDS = 2.0                       # how often the config file's mtime is checked
@@ -201,6 +203,7 @@ class ProxyError(Exception):
     # x-should-retry: false, which Claude Code and Anthropic's SDKs obey instead of retrying
     # for minutes; failover still moves on, since another provider may serve.
     final = False
+    kind = ""                 # a failure failover treats apart: "missing_model"
 
     def __init__(self, message: str, headers=()):
         super().__init__(message)
@@ -838,7 +841,8 @@ PROVIDER_PRESETS = {
     "glm": GLM, "zai": GLM,
     "minimax": MINIMAX,
 }
-PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "models": [],
+PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_keys": None,
+                     "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
                      "api": None, "responses_models": None, "deployments": {},
                      "api_version": "v1"}
@@ -888,18 +892,45 @@ PRESET_MODEL_LIMITS = {
     },
 }
 MODEL_LIMIT_KEYS = ("name", "context_window", "max_output_tokens")
+MODEL_ENTRY_KEYS = MODEL_LIMIT_KEYS + ("price",)
+# A model's price: US dollars per million tokens of each kind (its usage field beside it).
+PRICED_USAGE_FIELDS = (("input", "input_tokens"), ("output", "output_tokens"),
+                       ("cache_read", "cache_read_input_tokens"),
+                       ("cache_write", "cache_creation_input_tokens"))
 
 
 class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
-    __slots__ = ("name", "protocol", "base_url", "api_key", "models", "enabled", "headers",
-                 "max_tokens", "count_tokens", "quirks", "model_limits", "masker")
+    __slots__ = ("name", "protocol", "base_url", "api_keys", "models", "enabled", "headers",
+                 "max_tokens", "count_tokens", "quirks", "model_limits", "prices", "api_key",
+                 "masker")
 
     def __init__(self, **fields):
-        for key in self.__slots__[:-1]:
+        for key in self.__slots__[:-2]:
             setattr(self, key, fields[key])
+        self.api_key = self.api_keys[0] if self.api_keys else ""    # the one a call uses
         self.masker = SecretMasker(self.secrets())
+
+    def with_key(self, key: str) -> "Provider":
+        """This provider, calling with one key of its pool."""
+        chosen = copy.copy(self)
+        chosen.api_key = key
+        return chosen
+
+    def cost(self, model: str, usage: dict) -> float | None:
+        """What the usage cost in US dollars at the model's configured prices; None when a
+        price is not known for a kind of token it used."""
+        prices = self.prices.get(model)
+        if prices is None:
+            return None
+        total = 0.0
+        for kind, field in PRICED_USAGE_FIELDS:
+            tokens = usage.get(field) or 0
+            if tokens and prices.get(kind) is None:
+                return None
+            total += tokens * (prices.get(kind) or 0.0) / 1e6
+        return total
 
     def context_window(self, model: str) -> int | None:
         """The most input tokens the model takes, when known."""
@@ -914,7 +945,7 @@ class Provider:
 
     def secrets(self) -> list:
         """Values that must never be shown: the key and every extra header value."""
-        return [self.api_key] + list(self.headers.values())
+        return list(self.api_keys) + list(self.headers.values())
 
     def public_view(self) -> dict:
         """What /status and /providers show: everything, with secrets masked."""
@@ -923,6 +954,7 @@ class Provider:
             "api_key": mask_secret(self.api_key), "models": list(self.models),
             "enabled": self.enabled, "max_tokens": self.max_tokens,
             "headers": {k: mask_secret(v) for k, v in self.headers.items()},
+            "prices": {model: dict(prices) for model, prices in self.prices.items()},
         }
 
     def __repr__(self):
@@ -952,7 +984,7 @@ class Config:
         self.long_context_threshold = raw["routes"].get(LONG_CONTEXT_THRESHOLD_KEY,
                                                         DEFAULT_LONG_CONTEXT_TOKENS) \
             if isinstance(raw["routes"], dict) else DEFAULT_LONG_CONTEXT_TOKENS
-        self.failover = raw["failover"]
+        self.failover = failover_switches(raw["failover"])
         self.allowed_networks = allowed_networks
         self.request_timeout = performance["request_timeout"]
         self.header_timeout = performance["header_timeout"]
@@ -1009,13 +1041,20 @@ def default_max_connections() -> int:
 # 3.3 Validation: every problem, with its file and key
 # -----------------------------------------------------------------------------
 
-PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "models", "enabled", "headers",
+PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "api_keys", "models", "enabled",
+                 "headers",
                  "max_tokens", "count_tokens", "api", "responses_models", "deployments",
                  "api_version")
 ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
+# failover: other_providers after a route's own targets; missing_model: a target without the
+# model moves on; context_overflow: a provider's refusal of a prompt over its window moves on
+# to the longContext route.
+FAILOVER_DEFAULTS = {"other_providers": True, "missing_model": True, "context_overflow": True}
+FAILOVER_SWITCHES = tuple(FAILOVER_DEFAULTS)
 PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breaker_enabled")
-SECRET_KEYS = ("apikey", "admin_key", "api_key", "headers")   # never echoed in a message
+# Never echoed in a message.
+SECRET_KEYS = ("apikey", "admin_key", "api_key", "api_keys", "headers")
 CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
 HTTP_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -1115,7 +1154,21 @@ def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
     checker.typed(raw, "log", "", bool, "true or false")
     checker.typed(raw, "log_file", "", str, "a file path")
     checker.typed(raw, "log_bodies", "", bool, "true or false")
-    checker.typed(raw, "failover", "", bool, "true or false")
+    failover = raw.get("failover")
+    if isinstance(failover, dict):
+        checker.unknown_keys(failover, FAILOVER_SWITCHES, "failover")
+        for key in FAILOVER_SWITCHES:
+            if key in failover:
+                checker.typed(failover, key, "failover", bool, "true or false")
+    elif not isinstance(failover, bool):
+        checker.fail("failover", "must be true, false or {%s}" % ", ".join(FAILOVER_SWITCHES))
+
+
+def failover_switches(value) -> dict:
+    """failover as its three switches: true or false is other_providers alone."""
+    if isinstance(value, bool):
+        return dict(FAILOVER_DEFAULTS, other_providers=value)
+    return dict(FAILOVER_DEFAULTS, **value)
 
 
 def build_performance(checker: ConfigChecker, section) -> dict:
@@ -1185,7 +1238,7 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
     problems_before = len(checker.problems)
     clean_provider_fields(checker, fields, path)
     if (fields["enabled"] is True and preset and not preset.get("key_optional")
-            and not fields["api_key"]):
+            and not fields["api_keys"]):
         checker.fail(path + ".api_key", "required for %s (or set CCPROXY_PROVIDERS_%d_API_KEY)"
                      % (name, index))
     if len(checker.problems) > problems_before:
@@ -1194,10 +1247,11 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
     limits = dict(PRESET_MODEL_LIMITS.get(name.lower(), {}))
     limits.update(fields["model_limits"])
     return Provider(name=name, protocol=protocol, base_url=fields["api_base_url"].rstrip("/"),
-                    api_key=fields["api_key"], models=tuple(fields["models"]),
+                    api_keys=tuple(fields["api_keys"]), models=tuple(fields["models"]),
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
                     count_tokens=fields["count_tokens"],
-                    quirks=provider_quirks(fields, preset), model_limits=limits)
+                    quirks=provider_quirks(fields, preset), model_limits=limits,
+                    prices=fields["prices"])
 
 
 def provider_quirks(fields: dict, preset: dict) -> dict:
@@ -1238,16 +1292,19 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
     problem = base_url_problem(fields["api_base_url"])
     if problem:
         checker.fail(path + ".api_base_url", problem)
-    fields["api_key"] = checker.secret(fields, "api_key", path)
+    fields["api_keys"] = provider_keys(checker, fields, path)
     models = checker.typed(fields, "models", path, list, "a list of model names")
     preset_limits = PRESET_MODEL_LIMITS.get(str(fields.get("name")).lower(), {})
-    fields["models"], fields["model_limits"] = [], {}
+    fields["models"], fields["model_limits"], fields["prices"] = [], {}, {}
     for index, model in enumerate(models or ()):
-        entry = clean_model_entry(checker, model, "%s.models[%d]" % (path, index), preset_limits)
+        where = "%s.models[%d]" % (path, index)
+        entry = clean_model_entry(checker, model, where, preset_limits)
         if entry is not None:
             fields["models"].append(entry[0])
             if entry[1] is not None:
                 fields["model_limits"][entry[0]] = entry[1]
+            if isinstance(model, dict) and "price" in model:
+                fields["prices"][entry[0]] = model_price(checker, model["price"], where + ".price")
     checker.typed(fields, "enabled", path, bool, "true or false")
     headers = checker.typed(fields, "headers", path, dict, "an object of header: value")
     fields["headers"] = {}
@@ -1263,6 +1320,23 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
             checker.fail(path + ".max_tokens", "must be a positive integer")
     checker.typed(fields, "count_tokens", path, bool, "true or false")
     clean_openai_fields(checker, fields, path)
+
+
+def provider_keys(checker: ConfigChecker, fields: dict, path: str) -> list:
+    """The provider's keys: api_key alone, or the api_keys pool (not both), each cleaned."""
+    if fields["api_keys"] is None:
+        key = checker.secret(fields, "api_key", path)
+        return [key] if key else []
+    if fields["api_key"]:
+        checker.fail(path + ".api_keys", "give api_key or api_keys, not both")
+    pool = checker.typed(fields, "api_keys", path, list, "a list of keys") or []
+    keys = [checker.secret({"[%d]" % n: key}, "[%d]" % n, path + ".api_keys")
+            for n, key in enumerate(pool)]
+    if not pool or not all(keys):
+        checker.fail(path + ".api_keys", "must be a list of non-empty keys")
+    elif len(set(keys)) < len(keys):
+        checker.fail(path + ".api_keys", "lists one key twice")
+    return [key for key in keys if key]
 
 
 def clean_openai_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
@@ -1297,7 +1371,7 @@ def clean_model_entry(checker: ConfigChecker, model, path: str, preset_limits: d
     if not isinstance(model, dict):
         checker.fail(path, "must be a model name or {name, context_window, max_output_tokens}")
         return None
-    checker.unknown_keys(model, MODEL_LIMIT_KEYS, path)
+    checker.unknown_keys(model, MODEL_ENTRY_KEYS, path)
     name = model.get("name")
     if not isinstance(name, str) or not name or not checker.plain(path + ".name", name):
         if not isinstance(name, str) or not name:
@@ -1311,6 +1385,29 @@ def clean_model_entry(checker: ConfigChecker, model, path: str, preset_limits: d
                 checker.fail(join_key(path, key), "must be a positive number of tokens")
             limits[position] = value
     return name, tuple(limits)
+
+
+def model_price(checker: ConfigChecker, price, path: str) -> dict:
+    """A model's price ({input, output, cache_read?, cache_write?}: US dollars per million
+    tokens); a kind left out has no known price, so usage of it has no known cost."""
+    if not isinstance(price, dict):
+        checker.fail(path, "must be an object of US dollars per million tokens: "
+                           "{input, output, cache_read, cache_write}")
+        return {}
+    kinds = [kind for kind, _ in PRICED_USAGE_FIELDS]
+    checker.unknown_keys(price, kinds, path)
+    clean = {}
+    for kind in kinds:
+        value = price.get(kind)
+        if kind in price and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 <= value < 1e6):
+            checker.fail(join_key(path, kind), "must be a number of US dollars per million tokens")
+        elif kind in price:
+            clean[kind] = float(value)
+    for kind in ("input", "output"):
+        if kind not in price:
+            checker.fail(join_key(path, kind), "is required in a price")
+    return clean
 
 
 def build_providers(checker: ConfigChecker, entries) -> list:
@@ -1490,6 +1587,8 @@ def literal_secret_paths(content: dict) -> list:
     for index, entry in enumerate(content.get("providers") or ()):
         if isinstance(entry, dict):
             found += ["providers[%d].api_key" % index] if literal(entry.get("api_key")) else []
+            found += ["providers[%d].api_keys[%d]" % (index, number) for number, key in
+                      enumerate(list_of(entry.get("api_keys"))) if literal(key)]
             found += ["providers[%d].headers.%s" % (index, name) for name, value in
                       dict_of(entry.get("headers")).items() if literal(value)]
     return found
@@ -1699,7 +1798,7 @@ class Request:
         self.body = b""
         self.body_text = ""
         self.body_spans = {}
-        self.record = None            # what happened to it, when requests are logged or counted
+        self.record = None            # what happened to it: route, provider, model, usage
         self.rewritten = set()        # top-level body keys ccproxy changed before forwarding
 
     @property
@@ -2256,8 +2355,7 @@ class ClientConnection:
         try:
             try:
                 request = parse_request_head(head)
-                if app.config.log_requests or app.config.metrics_enabled:
-                    request.record = {"id": request_id, "started": started}
+                request.record = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
                 check_access(app.config, self._peer, request, endpoint in MANAGEMENT_HANDLERS)
                 app.check_rate(self._peer, request)
@@ -2556,6 +2654,8 @@ class ProxyApp:
         self.metrics = Metrics()
         self.failover = Failover()
         self.rate_limiter = RateLimiter()
+        self.key_pools = {}           # provider name -> KeyPool, for providers with api_keys
+        self.usage = UsageLedger()
         self._inbox = None
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
@@ -2604,21 +2704,41 @@ class ProxyApp:
         """New requests use config; requests in flight keep the providers they started with."""
         self.config = config
         self.config_mtime = file_mtime(config.source)
+        self.key_pools = {}
+
+    def key_pool(self, provider: Provider) -> KeyPool | None:
+        """The provider's key pool, when it has more than one key."""
+        if len(provider.api_keys) < 2:
+            return None
+        pool = self.key_pools.get(provider.name)
+        if pool is None or pool.keys != provider.api_keys:
+            pool = self.key_pools[provider.name] = KeyPool(provider.api_keys)
+        return pool
 
     def provider_view(self, provider: Provider) -> dict:
         """A provider as /status and /providers show it: masked, with its circuit state."""
         circuit = self.failover.breaker(provider.name, self.config.breaker_settings).public_view()
         circuit["last_error"] = self.config.masker.text(circuit["last_error"])
-        return dict(provider.public_view(), circuit=circuit)
+        view = dict(provider.public_view(), circuit=circuit)
+        pool = self.key_pool(provider)
+        if pool is not None:
+            view["api_keys"] = pool.view()
+        return view
 
     def next_request_id(self) -> str:
         return "req_%s%08x" % (self._request_id_prefix, next(self._request_ids))
 
     def count_response(self, request: Request | None, status: int) -> None:
-        """Count an answered request, in the metrics and the request log when they are on."""
+        """Count an answered request: its usage and cost, and in the metrics and the request
+        log when they are on."""
         self.requests_total += 1
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
         if request is not None and request.record is not None:
+            record = request.record
+            if record.get("usage") and "provider" in record:
+                provider = self.config.provider_named(record["provider"])
+                self.usage.add(record, session_id(request.headers), provider.cost(
+                    record["model"], record["usage"]) if provider else None)
             if self.config.metrics_enabled and "provider" in request.record:
                 self.metrics.observe(request.record, status)
             if self.config.log_requests:
@@ -2845,11 +2965,33 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
 
 
 async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
-    """One attempt: the candidate's protocol builds the call, relay_call() answers with it; a
-    failure is logged, a configuration problem named as such."""
+    """One attempt at a candidate: with its key, or each ready key of its pool in turn until
+    one serves (a key refused or rate-limited is put out and the next one tried)."""
     provider, model, route = routing
     if request.record is not None:
         request.record.update(route=route, provider=provider.name, model=model)
+    pool = app.key_pool(provider)
+    if pool is None:
+        return await call_with_key(app, request, conn, body, routing)
+    while True:                        # each key in turn, until one serves or all are out
+        key = pool.pick()
+        if key is None:
+            raise pool.exhausted(provider.name)
+        try:
+            response = await call_with_key(app, request, conn, body,
+                                           routing._replace(provider=provider.with_key(key)))
+        except ProxyError as error:
+            if not pool.put_out(key, error, provider.name):
+                raise
+        else:
+            pool.served(key)
+            return response
+
+
+async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
+    """One call to the routing's provider with the key it holds: the protocol builds it,
+    relay_call() answers with it; a failure is logged, a configuration problem named as such."""
+    provider, model, _ = routing
     protocol = protocol_for(provider, model)
     protocol.check_request(body)
     call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
@@ -2898,14 +3040,30 @@ async def count_at_provider(app: ProxyApp, routing: Routing, request: Request, b
 
 
 async def handle_models(app: ProxyApp, request: Request, conn) -> Response:
-    """GET /v1/models: every configured model as `provider,model`, in Anthropic's list shape."""
+    """GET /v1/models: every configured model as `provider,model`, in Anthropic's list shape;
+    for Claude Code's /model picker, ids it would drop are given the picker's prefix."""
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(app.started_at))
-    models = [{"type": "model", "id": "%s,%s" % (p.name, m),
-               "display_name": "%s (%s)" % (m, p.name), "created_at": created}
+    picker = (request.headers.get("user-agent") or "").startswith(CLAUDE_CODE_AGENTS)
+    models = [{"type": "model", "id": model_list_id(p.name, m, picker),
+               "display_name": "%s (%s, via ccproxy)" % (m, p.name), "created_at": created}
               for p in app.config.enabled_providers() for m in p.models]
     return json_response({"data": models, "has_more": False,
                           "first_id": models[0]["id"] if models else None,
                           "last_id": models[-1]["id"] if models else None})
+
+
+# Claude Code's model discovery (CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1; 2.1.330 asks,
+# 2.1.197 does not) keeps only ids with "claude" or "anthropic" in them, in any case: other ids
+# are listed to it with this prefix, which routing takes off again.
+CLAUDE_CODE_AGENTS = ("claude-code/", "claude-cli/")
+PICKER_ID_PREFIX = "claude-via-ccproxy/"
+PICKER_KEPT_RE = re.compile(r"claude|anthropic", re.I)
+
+
+def model_list_id(provider_name: str, model: str, picker: bool) -> str:
+    """A model's id in /v1/models: `provider,model`, prefixed for the picker when needed."""
+    name = "%s,%s" % (provider_name, model)
+    return PICKER_ID_PREFIX + name if picker and not PICKER_KEPT_RE.search(name) else name
 
 
 # -----------------------------------------------------------------------------
@@ -2939,7 +3097,20 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
         "upstream": {"calls_open": len(app.upstream.calls),
                      "threads_busy": app.upstream.threads_busy},
+        "usage": app.usage.view(),
     })
+
+
+async def handle_session(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /sessions/{id}: one Claude Code session's usage, cost and last provider and model
+    (what the status line shows)."""
+    name = urllib.parse.unquote(request.path[len("/sessions/"):])
+    session = app.usage.sessions.get(name)
+    if session is None:
+        raise NotFoundError("no answer recorded for session %s (the most recent %d are kept)"
+                            % (name if SESSION_ID_RE.match(name) else "(invalid id)",
+                               MAX_SESSIONS))
+    return json_response(dict(session, session_id=name))
 
 
 async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
@@ -2948,6 +3119,67 @@ async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
         raise NotFoundError("metrics are off; set performance.metrics_enabled to true")
     return Response(200, app.metrics.render(app).encode(),
                     content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+MAX_SESSIONS = 200                  # sessions whose usage is kept, most recent first
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                "cache_creation_input_tokens")
+
+
+def session_id(headers) -> str | None:
+    """The Claude Code session a request belongs to (x-claude-code-session-id), when the
+    header holds a plausible id."""
+    value = headers.get(SESSION_ID_HEADER) or ""
+    return value if SESSION_ID_RE.match(value) else None
+
+
+class UsageLedger:
+    """Tokens and cost of every answer: per provider and model since start, and per Claude
+    Code session (the most recent MAX_SESSIONS, with the provider and model that answered
+    last). No message content."""
+
+    def __init__(self):
+        self.models = {}                                # (provider, model) -> totals
+        self.sessions = collections.OrderedDict()       # session id -> totals, latest last
+
+    def add(self, record: dict, session: str | None, cost: float | None) -> None:
+        """Count one answer's usage (and its cost, None when no price is known)."""
+        places = [self.models.setdefault((record["provider"], record["model"]), new_totals())]
+        if session is not None:
+            entry = self.sessions.pop(session, None) or new_totals()
+            self.sessions[session] = entry
+            entry.update(provider=record["provider"], model=record["model"],
+                         route=record.get("route"), last_seen=round(time.time(), 3))
+            places.append(entry)
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+        for totals in places:
+            add_usage(totals, record["usage"], cost)
+
+    def view(self) -> dict:
+        """Usage per provider and model, and the sessions, most recent first, for /status."""
+        return {"by_model": [dict(totals, provider=provider, model=model) for (provider, model),
+                             totals in sorted(self.models.items())],
+                "sessions": [dict(totals, session_id=name)
+                             for name, totals in reversed(self.sessions.items())]}
+
+
+def new_totals() -> dict:
+    return dict({"requests": 0, "cost_usd": 0.0, "unpriced_requests": 0},
+                **{field: 0 for field in USAGE_FIELDS})
+
+
+def add_usage(totals: dict, usage: dict, cost: float | None) -> None:
+    """Add one answer's tokens and cost to totals."""
+    totals["requests"] += 1
+    for field in USAGE_FIELDS:
+        value = usage.get(field)
+        totals[field] += value if isinstance(value, int) and value > 0 else 0
+    if cost is None:
+        totals["unpriced_requests"] += 1
+    else:
+        totals["cost_usd"] = round(totals["cost_usd"] + cost, 6)
 
 
 class Metrics:
@@ -3169,6 +3401,7 @@ ENDPOINTS = {
 }
 # Endpoints with a parameter in the path: prefix -> methods.
 PREFIX_ENDPOINTS = (
+    ("/sessions/", {"GET": handle_session}),
     ("/providers/", {"GET": handle_provider_get, "PUT": handle_provider_replace,
                      "DELETE": handle_provider_delete}),
 )
@@ -3302,6 +3535,12 @@ class RequestFacts:
         return str(self._body.get("model") or "")
 
     @property
+    def alias(self) -> str:
+        """The route a /model picker alias names (claude-via-ccproxy/think), else ""."""
+        model = self.model
+        return model[len(PICKER_ID_PREFIX):] if model.startswith(PICKER_ID_PREFIX) else ""
+
+    @property
     def tokens(self) -> int:
         if self._tokens is None:
             self._tokens = estimate_request_tokens(self._body)
@@ -3399,15 +3638,18 @@ CONDITIONS = {
 SCENARIOS = {
     "longContext": lambda facts: facts.long_context,
     "subagent": lambda facts: bool(facts.agent),
-    "background": lambda facts: "haiku" in facts.model.lower(),
+    "background": lambda facts: "haiku" in facts.model.lower() or facts.alias == "background",
     "webSearch": lambda facts: facts.web_search,
-    "think": lambda facts: facts.thinking,
+    "think": lambda facts: facts.thinking or facts.alias == "think",
     "image": lambda facts: facts.images,
 }
 
 
 def explicit_choice(config: Config, text: str, route: str):
-    """The Routing of a `provider,model` string, or a 400 saying which provider is missing."""
+    """The Routing of a `provider,model` string (or its /model picker id), or a 400 saying
+    which provider is missing."""
+    if text.startswith(PICKER_ID_PREFIX):
+        text = text[len(PICKER_ID_PREFIX):]
     name, _, model = text.partition(",")
     provider = config.provider_named(name.strip())
     if provider is None or not provider.enabled:
@@ -3477,7 +3719,7 @@ def plan_route(config: Config, body: dict, headers: Headers, subagent_choice=Non
     if not plan:
         raise InvalidRequestError("ccproxy has no enabled provider; add one to %s"
                                   % (config.source or "a config file (see --help)"))
-    if config.failover:
+    if config.failover["other_providers"]:
         tried = {routing.provider.name for routing in plan}
         plan += [Routing(p, p.models[0] if p.models else requested, "failover")
                  for p in enabled if p.name not in tried]
@@ -3608,6 +3850,81 @@ class RetryPolicy:
         return delay if time.monotonic() + delay < self._deadline else None
 
 
+# A key answered with 429 (or a quota error) rests this long when the provider gives no
+# retry-after, doubling for each such answer in a row.
+KEY_COOLDOWN_SECONDS = 10.0
+KEY_COOLDOWN_CAP_SECONDS = 600.0
+QUOTA_WORDS_RE = re.compile(r"quota|billing|credit|rate.?limit|too many requests", re.I)
+
+
+class KeyPool:
+    """A provider's keys (api_keys): calls take turns over the keys that are ready. A key
+    answered with a rate limit or a quota error cools down for the provider's retry-after (or
+    a doubling backoff); one refused (401, 403) is set aside until the config is reloaded."""
+
+    def __init__(self, keys):
+        self.keys = tuple(keys)
+        self.cool_until = {}          # key -> time.monotonic() when it may be used again
+        self.strikes = {}             # key -> rate limits in a row
+        self.refused = set()
+        self._turn = 0
+
+    def pick(self) -> str | None:
+        """The next ready key, or None when every key is cooling down or set aside."""
+        now = time.monotonic()
+        for _ in self.keys:
+            key = self.keys[self._turn % len(self.keys)]
+            self._turn += 1
+            if key not in self.refused and self.cool_until.get(key, 0.0) <= now:
+                return key
+        return None
+
+    def put_out(self, key: str, error: ProxyError, provider_name: str) -> bool:
+        """Whether the error puts the key out (cooling or set aside), so that another key may
+        serve the call; the key's rate-limit count starts over on any other outcome."""
+        refused = error.status == 401 or (error.status == 403 and not QUOTA_WORDS_RE.search(
+            error.message))
+        if refused:
+            self.refused.add(key)
+            log.warning("%s: key %s refused (HTTP %d); set aside until the config is reloaded",
+                        provider_name, mask_secret(key), error.status)
+            return True
+        if error.status not in (402, 403, 429):
+            self.strikes.pop(key, None)
+            return False
+        strikes = self.strikes[key] = self.strikes.get(key, 0) + 1
+        rest = error.retry_after() or min(KEY_COOLDOWN_SECONDS * 2 ** (strikes - 1),
+                                          KEY_COOLDOWN_CAP_SECONDS)
+        self.cool_until[key] = time.monotonic() + rest
+        log.info("%s: key %s rate-limited (HTTP %d); resting %.0f s", provider_name,
+                 mask_secret(key), error.status, rest)
+        return True
+
+    def served(self, key: str) -> None:
+        self.strikes.pop(key, None)
+
+    def exhausted(self, provider_name: str) -> ProxyError:
+        """The error for a call with every key out: a 429 until the first is ready again, or,
+        when every key was refused, a final 401."""
+        now = time.monotonic()
+        waits = [self.cool_until[k] - now for k in self.keys if k not in self.refused]
+        if not waits:
+            return AuthenticationError("%s refused every key of its api_keys" % provider_name
+                                       ).made_final()
+        wait = max(min(waits), 0.0)
+        return RateLimitError("%s: every key is resting after rate limits; the first is ready in "
+                              "%.0f s" % (provider_name, wait),
+                              [("retry-after", "%d" % math.ceil(wait))])
+
+    def view(self) -> list:
+        """Each key's state, masked, for /status."""
+        now = time.monotonic()
+        return [{"key": mask_secret(key), "state": "refused" if key in self.refused else (
+            "resting" if self.cool_until.get(key, 0.0) > now else "ready"),
+            "ready_in_seconds": max(round(self.cool_until.get(key, 0.0) - now, 1), 0.0)}
+            for key in self.keys]
+
+
 class CircuitBreaker:
     """Per provider: opens after `threshold` failures in a row, refuses requests while open,
     lets one probe through after `cooldown` seconds (half-open), closes on a success."""
@@ -3678,6 +3995,7 @@ class Failover:
         """The first answer of attempt(routing) along the plan; else an error: the one that
         stopped it, or, when every candidate failed, one naming what each of them answered."""
         policy = RetryPolicy(config.max_retries, config.retry_budget)
+        plan = list(plan)             # a context overflow may add the longContext route
         failures = []                 # (routing, error) of each candidate that failed
         for position, routing in enumerate(plan):
             breaker = self.breaker(routing.provider.name, config.breaker_settings)
@@ -3690,7 +4008,7 @@ class Failover:
                 return with_route_headers(await self._retried(routing, attempt, breaker, policy),
                                           routing)
             except ProxyError as failure:
-                if not (failure.final or failure.status in RETRYABLE_STATUSES):
+                if not moves_on(failure, plan, position, config):
                     raise with_route_headers(failure, routing)
                 failures.append((routing, failure))
             if position + 1 < len(plan):
@@ -3730,6 +4048,25 @@ class Failover:
         return response
 
 
+def moves_on(failure: ProxyError, plan: list, position: int, config: Config) -> bool:
+    """Whether the failed candidate's error lets the request move on along the plan: a failure
+    of the provider (retryable, or a configuration problem), a missing model, and a prompt over
+    the model's window, for which the longContext route's targets are put next. Each comes
+    before any of the answer, so moving on repeats nothing."""
+    switches = config.failover
+    if failure.status in (400, 413) and CONTEXT_OVERFLOW_RE.search(failure.message):
+        route = config.routes.get("longContext")
+        tried = {(r.provider.name, r.model) for r in plan[:position + 1]}
+        fresh = [r for r in route_candidates(config, route)
+                 if (r.provider.name, r.model) not in tried] if route and switches[
+                     "context_overflow"] else []
+        plan[position + 1:position + 1] = fresh
+        return bool(fresh)
+    if failure.kind == "missing_model":
+        return switches["missing_model"]
+    return failure.final or failure.status in RETRYABLE_STATUSES
+
+
 # Words of a provider's 400 that mean it does not have the model asked for (a 404 need only
 # mention a model: Anthropic's says "model: claude-…").
 MISSING_MODEL_RE = re.compile(r"model\b.{0,120}?\b(not[ _]found|does not exist|not exist|no such|"
@@ -3742,7 +4079,8 @@ def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError
     nothing serving at its address) as a final error that names the provider, the cause and
     the config key to fix; any other error as it is."""
     provider = routing.provider
-    index = config.providers.index(provider) if provider in config.providers else 0
+    index = next((number for number, known in enumerate(config.providers)
+                  if known.name == provider.name), 0)
     place = " in %s" % config.source if config.source else ""
     if error.status in (401, 403):
         fix = "%s refused its API key; fix providers[%d].api_key%s" % (provider.name, index, place)
@@ -3750,7 +4088,9 @@ def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError
             error.status == 400 and MISSING_MODEL_RE.search(error.message)):
         fix = "%s has no model %r; fix %s%s" % (provider.name, routing.model,
                                                 model_setting(config, routing, index), place)
-        return InvalidRequestError("%s (%s)" % (fix, error.message)).made_final()
+        error = InvalidRequestError("%s (%s)" % (fix, error.message)).made_final()
+        error.kind = "missing_model"
+        return error
     elif error.status == 404:        # a 502, as Claude Code hides a 404's words behind its own
         return UpstreamError("%s has nothing at that address; check providers[%d].api_base_url%s "
                              "(%s)" % (provider.name, index, place, error.message)).made_final()
@@ -4992,11 +5332,14 @@ def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:
     return b"\n\n".join(events)
 
 
-USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens)"\s*:\s*(\d+)')
+USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens|cache_read_input_tokens|'
+                            rb'cache_creation_input_tokens)"\s*:\s*(\d+)')
 
 
 def note_anthropic_usage(data: bytes, record: dict) -> None:
-    """Token counts found in Anthropic JSON or events, for the request log (last one wins)."""
+    """Token counts found in Anthropic JSON or events, for the usage (last one wins)."""
+    if b"_tokens" not in data:
+        return
     usage = record.setdefault("usage", {})
     for name, value in USAGE_FIELD_RE.findall(data):
         usage[name.decode()] = int(value)
@@ -5107,9 +5450,10 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
             if converted:
                 messages.append(converted)
         elif role == "system":
-            text = text_of_system(blocks)
-            if text:
-                (deferred if open_calls else messages).append({"role": "system", "content": text})
+            system = openai_system_content(blocks, quirks)
+            if system:
+                (deferred if open_calls else messages).append({"role": "system",
+                                                               "content": system})
         else:
             messages.extend(openai_user_turn(blocks, open_calls, quirks, where) + deferred)
             open_calls, deferred = [], []
@@ -5118,9 +5462,9 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
 
 def openai_system_content(system, quirks: dict):
     """The system prompt as one string, or, where the model honours cache_control through
-    this host (OpenRouter's Anthropic and Gemini models), as text parts that keep it."""
-    if not quirks.get("cache_control") or isinstance(system, str) or not any(
-            "cache_control" in block for block in system_text_blocks(system)):
+    this host (OpenRouter's Anthropic and Gemini models), as text parts that keep it (parts
+    whether marked or not, so the prompt is the same when a mark moves)."""
+    if not quirks.get("cache_control") or isinstance(system, str):
         return text_of_system(system)
     return [cached_text_part(block["text"], block) for block in system_text_blocks(system)]
 
@@ -7837,6 +8181,9 @@ def build_parser(name: str) -> argparse.ArgumentParser:
                     "running, 3 when not. With --config, running means started with that file.",
         epilog="example: %s status --json" % name)
     status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--statusline", action="store_true",
+                        help="print one line for Claude Code's statusLine setting (reads its "
+                             "JSON on stdin: this session's model, tokens and cost)")
     add_config_flags(status, listen=False)
     commands.add_parser("code", help="run Claude Code through the proxy (starts it if needed)",
                         add_help=False)
@@ -7877,6 +8224,7 @@ def build_code_parser(name: str) -> argparse.ArgumentParser:
     """The help of `code`: its own flags; every other argument goes to claude."""
     parser = argparse.ArgumentParser(
         prog=name + " code", usage="%s code [--config FILE] [--host H] [--port P] "
+                                   "[--subagent-model PROVIDER,MODEL] "
                                    "[claude arguments…] [-- claude arguments…]" % name,
         description="Start the proxy if it is not running, then run Claude Code ('claude', or "
                     "$CLAUDE_PATH) through it. Arguments not listed here go to claude unchanged; "
@@ -7886,6 +8234,9 @@ def build_code_parser(name: str) -> argparse.ArgumentParser:
         epilog="examples:\n  %s code\n  %s code -p \"fix the tests\"\n  %s code -- --help"
                % (name, name, name))
     add_config_flags(parser)
+    parser.add_argument("--subagent-model", metavar="PROVIDER,MODEL",
+                        help="the model Claude Code's subagents use (CLAUDE_CODE_SUBAGENT_MODEL); "
+                             "without it they follow routes.subagent")
     return parser
 
 
@@ -8112,6 +8463,9 @@ def cmd_stop(args) -> int:
 
 def cmd_status(args) -> int:
     """Exit 0 when running (with --config: started with that file), 3 when not (LSB)."""
+    if args.statusline:
+        print(statusline(read_statusline_input(sys.stdin), read_pidfile()))
+        return 0
     record = running_proxy()
     other = started_with_other_config(record, args.config) if record else None
     if record is None or other:
@@ -8146,6 +8500,59 @@ def print_status(report: dict) -> None:
         print("  %-12s %-9s %-8s circuit %-9s %s" % (
             provider["name"], provider["type"], "enabled" if provider["enabled"] else "disabled",
             provider["circuit"]["state"], ", ".join(provider["models"]) or "(any model)"))
+
+
+def read_statusline_input(stream) -> dict:
+    """The JSON Claude Code writes to a status line command's stdin ({} when there is none)."""
+    try:
+        data = json.loads(stream.read(STATUSLINE_INPUT_BYTES) or "{}")
+    except (ValueError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def statusline(data: dict, record: dict | None) -> str:
+    """One short line: the proxy up or down, and for Claude Code's session the model that
+    answered last, its tokens (how many read from the cache) and cost. It runs on every
+    prompt: the config file is read only when the proxy asks for its key."""
+    if record is None:
+        return "ccproxy: down"
+    session = str(data.get("session_id") or "")
+    path = "/sessions/" + urllib.parse.quote(session, safe="") if session else "/health"
+    answer = local_get(record["url"], path, timeout=STATUSLINE_TIMEOUT_SECONDS)
+    if answer is not None and answer[0] == 401 and record.get("config"):
+        try:
+            apikey = load_config(record["config"], os.environ).apikey
+        except ConfigError:
+            return "ccproxy: up (its apikey cannot be read here)"
+        answer = local_get(record["url"], path, apikey, STATUSLINE_TIMEOUT_SECONDS)
+    if answer is None:
+        return "ccproxy: down"
+    if answer[0] != 200 or path == "/health":
+        return "ccproxy: up"
+    return "ccproxy: " + session_summary(answer[1])
+
+
+def session_summary(session: dict) -> str:
+    """A session's last model and its totals, in a few words."""
+    cached = session["cache_read_input_tokens"]
+    total_in = session["input_tokens"] + cached + session["cache_creation_input_tokens"]
+    parts = ["%s (%s)" % (session["model"], session["provider"]),
+             "%s in" % short_count(total_in)]
+    if total_in:
+        parts[-1] += " (%d%% cached)" % (100 * cached // total_in)
+    parts.append("%s out" % short_count(session["output_tokens"]))
+    if session["requests"] > session["unpriced_requests"]:
+        parts.append("$%.2f" % session["cost_usd"])
+    return " · ".join(parts)
+
+
+def short_count(number: int) -> str:
+    """1234 as 1.2k, 1234567 as 1.2M."""
+    for size, suffix in ((1e6, "M"), (1e3, "k")):
+        if number >= size:
+            return "%.1f%s" % (number / size, suffix)
+    return str(number)
 
 
 def status_details(record: dict):
@@ -8183,8 +8590,14 @@ def cmd_env(args) -> int:
 
 
 CLAUDE_INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
-# Variables that would make Claude Code bypass ANTHROPIC_BASE_URL or use another key.
-CLAUDE_UNSET_VARIABLES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX", "ANTHROPIC_API_KEY")
+# Variables that would make Claude Code bypass ANTHROPIC_BASE_URL (and skip model discovery:
+# 2.1.197 and 2.1.330 ask /v1/models only of a "firstParty" setup) or use another key.
+CLAUDE_UNSET_VARIABLES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX",
+                          "CLAUDE_CODE_USE_FOUNDRY", "CLAUDE_CODE_USE_ANTHROPIC_AWS",
+                          "CLAUDE_CODE_USE_ANTHROPIC_GOOGLE_CLOUD", "CLAUDE_CODE_USE_MANTLE",
+                          "ANTHROPIC_API_KEY")
+# The /model picker's Opus, Sonnet and Haiku entries: the route each stands for.
+PICKER_ROUTES = (("OPUS", "think"), ("SONNET", "default"), ("HAIKU", "background"))
 
 
 def claude_variables(url: str, config: Config, environ) -> dict:
@@ -8202,8 +8615,26 @@ def claude_variables(url: str, config: Config, environ) -> dict:
         "NO_PROXY": ",".join(no_proxy),
         "no_proxy": ",".join(no_proxy),
     }
-    variables.update((name, value) for name, value in window_variables(config).items()
+    chosen = dict(window_variables(config), **picker_variables(config))
+    variables.update((name, value) for name, value in chosen.items()
                      if name not in environ)          # the user's own setting stays
+    return variables
+
+
+def picker_variables(config: Config) -> dict:
+    """Claude Code's /model picker through the proxy: model discovery on (it lists the proxy's
+    models), and its Opus, Sonnet and Haiku entries as the think, default and background
+    routes, named by the model each route goes to."""
+    variables = {"CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1"}
+    for family, name in PICKER_ROUTES:
+        route = config.routes.get(name)
+        target = default_target(config) if name == "default" else (
+            route_target(config, route) if route else None)
+        if target is not None:
+            setting = "ANTHROPIC_DEFAULT_%s_MODEL" % family
+            variables[setting] = PICKER_ID_PREFIX + name
+            variables[setting + "_NAME"] = "%s (%s)" % (target.model, target.provider.name)
+            variables[setting + "_DESCRIPTION"] = "routes.%s, through ccproxy" % name
     return variables
 
 
@@ -8276,13 +8707,17 @@ def cmd_code(argv) -> int:
     config = config_from_args(own["--config"], {"host": own["--host"], "port": port})
     if config is None:
         return 1
-    return run_code_session(claude, claude_arguments, config)
+    extra = {"CLAUDE_CODE_SUBAGENT_MODEL": own["--subagent-model"]} \
+        if own["--subagent-model"] else {}
+    return run_code_session(claude, claude_arguments, config, extra)
 
 
 def split_code_arguments(argv):
-    """(code's own options, claude's arguments): --config/--host/--port and --help are
-    code's; `--` hands everything after it to claude; anything else goes to claude too."""
-    own, passed, index = {"--config": None, "--host": None, "--port": None, "help": False}, [], 0
+    """(code's own options, claude's arguments): --config/--host/--port, --subagent-model
+    and --help are code's; `--` hands everything after it to claude; anything else goes to
+    claude too."""
+    own, passed, index = {"--config": None, "--host": None, "--port": None,
+                          "--subagent-model": None, "help": False}, [], 0
     while index < len(argv):
         argument = argv[index]
         name, equals, value = argument.partition("=")
@@ -8313,9 +8748,9 @@ def find_claude(environ) -> str | None:
     return shutil.which("claude")
 
 
-def run_code_session(claude: str, arguments: list, config: Config) -> int:
-    """Hold a session lease while claude runs; stop a proxy `code` started when the last
-    session ends."""
+def run_code_session(claude: str, arguments: list, config: Config, extra: dict) -> int:
+    """Hold a session lease while claude runs (with the proxy's variables and extra); stop a
+    proxy `code` started when the last session ends."""
     lease = os.path.join(sessions_dir(), str(os.getpid()))
     write_private_file(lease, "")
     record = None
@@ -8325,6 +8760,7 @@ def run_code_session(claude: str, arguments: list, config: Config) -> int:
             return 1
         environment = {k: v for k, v in os.environ.items() if k not in CLAUDE_UNSET_VARIABLES}
         environment.update(claude_variables(record["url"], config_of(record, config), os.environ))
+        environment.update(extra)
         return run_claude([claude] + arguments, environment)
     finally:
         os.remove(lease)

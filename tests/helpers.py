@@ -330,3 +330,12 @@ def capture_claude_code(version: str, folder: Path, prompt: str = "hi", env=None
         return [r for r in mock.requests if r["method"] == "POST" and r["json"]]
     finally:
         mock.close()
+
+
+def without_cache_marks(value):
+    """value without cache_control anywhere (Claude Code moves its marks between turns)."""
+    if isinstance(value, dict):
+        return {k: without_cache_marks(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [without_cache_marks(v) for v in value]
+    return value

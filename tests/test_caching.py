@@ -11,19 +11,10 @@ import json
 import pytest
 
 import ccproxy
-from helpers import CLAUDE_CODE_VERSIONS, json_reply, sdk
+from helpers import CLAUDE_CODE_VERSIONS, json_reply, sdk, without_cache_marks
 
 KEY = "sk-cache-0123456789abcdef"
 SESSION = "849a35f4-1ce4-446c-aaf4-e7527036ca53"
-
-
-def without_cache_marks(value):
-    """value without cache_control (Claude Code moves its mark to the newest message)."""
-    if isinstance(value, dict):
-        return {k: without_cache_marks(v) for k, v in value.items() if k != "cache_control"}
-    if isinstance(value, list):
-        return [without_cache_marks(v) for v in value]
-    return value
 
 
 def session_turns(first: dict, count: int) -> list:

@@ -38,7 +38,7 @@ def openai_answer(message: dict, stream: bool, finish: str):
 FINAL_TEXT = "Done: out.txt now holds hi."
 
 
-def run_code(version, tmp_path, providers, prompt, tools, **environment):
+def run_code(version, tmp_path, providers, prompt, tools, routes=None, **environment):
     """`ccproxy.py code -p prompt` with the real Claude Code of that version, in a fresh home and
     working directory, the providers configured: (the finished process, its JSON output, the
     working directory)."""
@@ -47,7 +47,7 @@ def run_code(version, tmp_path, providers, prompt, tools, **environment):
     home.mkdir()
     work.mkdir()
     config = home / "config.json"
-    config.write_text(json.dumps({"port": 0, "providers": providers}))
+    config.write_text(json.dumps({"port": 0, "providers": providers, "routes": routes or {}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
     env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
                DISABLE_AUTOUPDATER="1", **environment)
@@ -276,6 +276,61 @@ def test_real_claude_code_compacts_when_the_provider_overflows(version, tmp_path
                    if "CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])]
     assert compactions, json.dumps(output)           # Claude Code compacted on our wording
     assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+
+
+# --- subagents on their own route; the /model picker fed by gateway discovery -------------------
+
+SUBAGENT_ANSWER = "The helper says hi."
+
+
+def delegating_model(request):
+    """Hand the work to a subagent (the Agent tool); once its report is back, finish."""
+    body = request["json"] or {}
+    stream = body.get("stream") is True
+    if any(m.get("role") == "tool" for m in body.get("messages", ())):
+        return openai_answer({"content": FINAL_TEXT}, stream, "stop")
+    if "Agent" in [t["function"]["name"] for t in body.get("tools") or ()]:
+        call = {"id": "call_agent", "type": "function", "function": {
+            "name": "Agent", "arguments": json.dumps({
+                "description": "Greet", "prompt": "Reply with a greeting.",
+                "subagent_type": "general-purpose", "run_in_background": False})}}
+        return openai_answer({"content": None, "tool_calls": [call]}, stream, "tool_calls")
+    return openai_answer({"content": "ok"}, stream, "stop")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_its_subagents_on_the_subagent_route(version, tmp_path, upstream,
+                                                                   second_upstream):
+    upstream.script = delegating_model
+    second_upstream.script = lambda r: openai_answer({"content": SUBAGENT_ANSWER},
+                                                     (r["json"] or {}).get("stream") is True,
+                                                     "stop")
+    helper = openai_provider(second_upstream.url, name="helper", type="openai",
+                             models=["helper-model"])
+    result, output, _ = run_code(version, tmp_path, [openai_provider(upstream.url), helper],
+                                 "Ask a subagent to greet.", "Agent",
+                                 routes={"subagent": "helper,helper-model"},
+                                 CLAUDE_CODE_MAX_RETRIES="0", ENABLE_TOOL_SEARCH="false")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    assert second_upstream.requests and all(
+        r["json"]["model"] == "helper-model" for r in second_upstream.requests)
+    reports = [m["content"] for r in upstream.requests for m in r["json"]["messages"]
+               if m.get("role") == "tool"]
+    assert any(SUBAGENT_ANSWER in json.dumps(content) for content in reports), reports
+
+
+def test_real_claude_code_lists_the_proxys_models_in_its_picker(tmp_path, upstream):
+    """2.1.330 asks /v1/models when discovery is on (`code` turns it on) and stores the ids it
+    keeps; 2.1.197 does not ask."""
+    upstream.script = scripted_model
+    result, output, _ = run_code("2.1.330", tmp_path, [openai_provider(upstream.url)], "say hi",
+                                 "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    stored = json.loads((tmp_path / "home" / ".claude" / "cache" / "gateway-models.json")
+                        .read_text())
+    assert [m["id"] for m in stored["models"]] == ["claude-via-ccproxy/openai,gpt-test"]
+    assert stored["models"][0]["display_name"] == "gpt-test (openai, via ccproxy)"
 
 
 # --- configuration problems: shown at once, naming the cause, never retried for minutes ------------

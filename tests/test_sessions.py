@@ -1,0 +1,379 @@
+"""Cost and sessions: usage and cost per provider, model and Claude Code session; key pools
+that rotate past rate limits and refused keys; failover on a missing model and on a context
+overflow; the /model picker's ids and route aliases."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import anthropic
+import pytest
+
+import ccproxy
+from helpers import (PROVIDER_KEY, REPO, anthropic_message, anthropic_provider, anthropic_stream_events,
+                     json_reply, sdk, stream_reply)
+
+SESSION = "0b6f1c7e-5a2d-4c61-9a0e-3d2b8f4e7a11"
+KEY_A, KEY_B = "sk-pool-key-aaaaaaaaaaaaaaaaaaaaaaaa", "sk-pool-key-bbbbbbbbbbbbbbbbbbbbbbbb"
+
+
+def get(proxy, path, headers=None):
+    request = urllib.request.Request(proxy.url + path, headers=dict(
+        {"x-api-key": "client"}, **(headers or {})))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def with_usage(message: dict, **usage) -> dict:
+    return dict(message, usage=dict({"input_tokens": 0, "output_tokens": 0}, **usage))
+
+
+def ask(proxy, model="claude-sonnet-4-5", session=SESSION, stream=False, **options):
+    headers = {"x-claude-code-session-id": session} if session else {}
+    client = sdk(proxy)
+    if stream:
+        with client.messages.stream(model=model, max_tokens=20, extra_headers=headers,
+                                    messages=[{"role": "user", "content": "hi"}],
+                                    **options) as events:
+            return events.get_final_message()
+    return client.messages.create(model=model, max_tokens=20, extra_headers=headers,
+                                  messages=[{"role": "user", "content": "hi"}], **options)
+
+
+PRICED = {"name": "claude-sonnet-4-5", "price": {"input": 3, "output": 15, "cache_read": 0.3,
+                                                  "cache_write": 3.75}}
+
+
+# --- usage and cost ---------------------------------------------------------------------------
+
+def test_each_session_and_model_adds_up_its_usage_and_cost(start_proxy, upstream):
+    upstream.script = lambda r: json_reply(with_usage(
+        anthropic_message(), input_tokens=1000, output_tokens=200, cache_read_input_tokens=10000,
+        cache_creation_input_tokens=2000))
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=[PRICED])]})
+    ask(proxy)
+    ask(proxy)
+    ask(proxy, session="other-session")
+    status, session = get(proxy, "/sessions/" + SESSION)
+    assert status == 200
+    assert {k: session[k] for k in ("requests", "input_tokens", "output_tokens",
+                                    "cache_read_input_tokens", "cache_creation_input_tokens",
+                                    "provider", "model")} == {
+        "requests": 2, "input_tokens": 2000, "output_tokens": 400,
+        "cache_read_input_tokens": 20000, "cache_creation_input_tokens": 4000,
+        "provider": "anthropic", "model": "claude-sonnet-4-5"}
+    per_answer = (1000 * 3 + 200 * 15 + 10000 * 0.3 + 2000 * 3.75) / 1e6
+    assert session["cost_usd"] == pytest.approx(2 * per_answer)
+    assert session["unpriced_requests"] == 0
+    usage = get(proxy, "/status")[1]["usage"]
+    assert [s["session_id"] for s in usage["sessions"]] == ["other-session", SESSION]
+    (model,) = usage["by_model"]
+    assert (model["requests"], model["cost_usd"]) == (3, pytest.approx(3 * per_answer))
+
+
+def test_streamed_answers_count_their_cache_tokens_too(start_proxy, upstream):
+    events = anthropic_stream_events()
+    start = json.loads(events[0].split(b"data: ")[1])
+    start["message"]["usage"] = {"input_tokens": 7, "output_tokens": 1,
+                                 "cache_read_input_tokens": 900,
+                                 "cache_creation_input_tokens": 50}
+    events[0] = b"event: message_start\ndata: %s\n\n" % json.dumps(start).encode()
+    upstream.script = lambda r: stream_reply(events)
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    ask(proxy, stream=True)
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert (session["input_tokens"], session["cache_read_input_tokens"],
+            session["cache_creation_input_tokens"]) == (7, 900, 50)
+
+
+def test_usage_without_a_known_price_has_no_made_up_cost(start_proxy, upstream):
+    price_without_cache = {"name": "claude-sonnet-4-5", "price": {"input": 3, "output": 15}}
+    upstream.script = lambda r: json_reply(with_usage(
+        anthropic_message(), input_tokens=10, output_tokens=5, cache_read_input_tokens=100))
+    proxy = start_proxy({"providers": [anthropic_provider(upstream,
+                                                          models=[price_without_cache])]})
+    ask(proxy)
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert (session["cost_usd"], session["unpriced_requests"]) == (0.0, 1)
+
+
+def test_sessions_are_bounded_and_odd_session_headers_ignored(start_proxy, upstream):
+    ledger = ccproxy.UsageLedger()
+    record = {"provider": "p", "model": "m", "usage": {"input_tokens": 1}}
+    for number in range(ccproxy.MAX_SESSIONS + 5):
+        ledger.add(record, "s%d" % number, None)
+    assert len(ledger.sessions) == ccproxy.MAX_SESSIONS
+    assert "s0" not in ledger.sessions and "s204" in ledger.sessions
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    ask(proxy, session="<script>alert(1)</script>")
+    assert get(proxy, "/status")[1]["usage"]["sessions"] == []
+    status, error = get(proxy, "/sessions/nobody")
+    assert status == 404 and "no answer recorded for session nobody" in error["error"]["message"]
+
+
+@pytest.mark.parametrize("price, problem", [
+    ({"input": 1}, "price.output: is required in a price"),
+    ({"input": "1", "output": 2}, "price.input: must be a number of US dollars"),
+    ({"input": -1, "output": 2}, "price.input: must be a number of US dollars"),
+    ("cheap", "price: must be an object of US dollars per million tokens")])
+def test_a_bad_price_names_its_key(price, problem):
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k", "models": [
+            {"name": "gpt-5", "price": price}]}]}, "prices.json", {})
+    assert "prices.json: providers[0].models[0]." + problem in str(caught.value)
+
+
+# --- key pools --------------------------------------------------------------------------------
+
+def keyed_script(answers: dict):
+    """Answer by the key the request carries: key -> (status, headers) or a message."""
+    def script(request):
+        key = request["headers"].get("x-api-key")
+        status, headers = answers.get(key, (200, {}))
+        if status == 200:
+            return json_reply(anthropic_message("served by %s" % key[-4:]))
+        return json_reply({"type": "error", "error": {"type": "rate_limit_error",
+                                                      "message": "slow down"}},
+                          status=status, headers=headers)
+    return script
+
+
+def pool_provider(upstream, **extra):
+    provider = anthropic_provider(upstream, api_keys=[KEY_A, KEY_B], **extra)
+    del provider["api_key"]
+    return provider
+
+
+def test_a_rate_limited_key_rests_while_the_next_key_serves(start_proxy, upstream, ccproxy_log):
+    upstream.script = keyed_script({KEY_A: (429, {"retry-after": "120"})})
+    proxy = start_proxy({"providers": [pool_provider(upstream)]})
+    texts = [ask(proxy).content[0].text for _ in range(3)]
+    assert texts == ["served by bbbb"] * 3
+    used = [r["headers"]["x-api-key"] for r in upstream.requests]
+    assert used == [KEY_A, KEY_B, KEY_B, KEY_B]          # A was tried once, then rested
+    (view,) = get(proxy, "/status")[1]["providers"]
+    assert [(k["key"], k["state"]) for k in view["api_keys"]] == [
+        ("sk-p…aaaa", "resting"), ("sk-p…bbbb", "ready")]
+    assert 110 < view["api_keys"][0]["ready_in_seconds"] <= 120
+    logged = "\n".join(ccproxy_log)
+    assert "key sk-p…aaaa rate-limited (HTTP 429); resting 120 s" in logged
+    assert KEY_A not in logged and KEY_B not in json.dumps(view)
+
+
+def test_a_refused_key_is_set_aside_and_every_key_out_fails_over(start_proxy, upstream,
+                                                                  second_upstream, ccproxy_log):
+    upstream.script = keyed_script({KEY_A: (401, {}), KEY_B: (429, {"retry-after": "60"})})
+    second_upstream.script = lambda r: json_reply(anthropic_message("from the second"))
+    proxy = start_proxy({"providers": [
+        pool_provider(upstream, name="pooled", type="anthropic"),
+        anthropic_provider(second_upstream, name="second", type="anthropic")]})
+    assert ask(proxy).content[0].text == "from the second"
+    assert ask(proxy).content[0].text == "from the second"
+    assert len(upstream.requests) == 2                 # once each; then every key was out
+    assert any("pooled: key sk-p…aaaa refused (HTTP 401); set aside" in m for m in ccproxy_log)
+    states = [k["state"] for k in get(proxy, "/status")[1]["providers"][0]["api_keys"]]
+    assert states == ["refused", "resting"]
+
+
+def test_a_pool_whose_every_key_was_refused_says_so(start_proxy, upstream):
+    upstream.script = keyed_script({KEY_A: (401, {}), KEY_B: (403, {})})
+    proxy = start_proxy({"providers": [pool_provider(upstream)], "failover": False})
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        ask(proxy)
+    assert "anthropic refused every key of its api_keys" in caught.value.message
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert KEY_A not in caught.value.response.text
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"api_key": "k", "api_keys": ["a"]}, "api_keys: give api_key or api_keys, not both"),
+    ({"api_keys": []}, "api_keys: must be a list of non-empty keys"),
+    ({"api_keys": ["a", "a"]}, "api_keys: lists one key twice"),
+    ({"api_keys": "a,b"}, "api_keys: must be a list of keys")])
+def test_a_bad_key_pool_names_its_key(entry, problem):
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"providers": [dict({"name": "openai"}, **entry)]}, "keys.json", {})
+    assert "keys.json: providers[0]." + problem in str(caught.value)
+
+
+# --- failover on a missing model and a context overflow --------------------------------------
+
+def missing_model(request):
+    return json_reply({"type": "error", "error": {"type": "not_found_error",
+                                                  "message": "model: gone-model"}}, status=404)
+
+
+def overflow(request):
+    return json_reply({"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "prompt is too long: 250000 tokens > 200000 maximum"}}, status=400)
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_a_missing_model_falls_through_the_route_chain_unless_turned_off(
+        start_proxy, upstream, second_upstream, switch):
+    upstream.script = missing_model
+    second_upstream.script = lambda r: json_reply(anthropic_message("fallback answered"))
+    proxy = start_proxy({
+        "providers": [anthropic_provider(upstream, name="first", type="anthropic"),
+                      anthropic_provider(second_upstream, name="second", type="anthropic")],
+        "routes": {"default": {"provider": "first", "model": "gone-model",
+                               "fallbacks": ["second,claude-sonnet-4-5"]}},
+        "failover": {"other_providers": False, "missing_model": switch}})
+    if switch:
+        assert ask(proxy).content[0].text == "fallback answered"
+    else:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            ask(proxy)
+        assert "first has no model 'gone-model'; fix routes.default.model" in \
+            caught.value.message
+        assert second_upstream.requests == []
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_a_context_overflow_moves_on_to_the_long_context_route(start_proxy, upstream,
+                                                                second_upstream, switch):
+    upstream.script = overflow
+    second_upstream.script = lambda r: json_reply(anthropic_message("a bigger window"))
+    proxy = start_proxy({
+        "providers": [anthropic_provider(upstream, name="small", type="anthropic"),
+                      anthropic_provider(second_upstream, name="big", type="anthropic")],
+        "routes": {"default": {"provider": "small", "model": "claude-sonnet-4-5"},
+                   "longContext": {"provider": "big", "model": "claude-sonnet-4-5-1m"}},
+        "failover": {"other_providers": False, "context_overflow": switch}})
+    if switch:
+        assert ask(proxy).content[0].text == "a bigger window"
+        assert second_upstream.requests[0]["json"]["model"] == "claude-sonnet-4-5-1m"
+    else:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            ask(proxy)
+        assert caught.value.body["error"]["message"].startswith(          # Claude Code compacts
+            "prompt is too long")
+        assert second_upstream.requests == []
+
+
+def test_an_overflow_with_no_long_context_route_left_is_answered_for_compaction(
+        start_proxy, upstream):
+    upstream.script = overflow
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "routes": {"longContext": {"provider": "anthropic",
+                                                    "model": "claude-sonnet-4-5"}}})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(proxy)
+    assert caught.value.body["error"]["message"].startswith(
+        "prompt is too long: 250000 tokens > 200000")
+    assert len(upstream.requests) == 1                # the same target is not tried twice
+
+
+def test_a_bad_failover_setting_names_its_key():
+    for value, problem in (({"context_overflow": "yes"}, "f.json: failover.context_overflow"),
+                           ("sometimes", "f.json: failover: must be true, false or")):
+        with pytest.raises(ccproxy.ConfigError) as caught:
+            ccproxy.build_config({"failover": value}, "f.json", {})
+        assert problem in str(caught.value)
+    config = ccproxy.build_config({"failover": {"missing_modle": False}}, "f.json", {})
+    assert any("failover.missing_modle" in w and "missing_model" in w for w in config.warnings)
+
+
+# --- the /model picker ------------------------------------------------------------------------
+
+PICKER_PROVIDERS = [{"name": "openai", "api_key": "sk-o", "models": ["gpt-5"]},
+                    {"name": "openrouter", "api_key": "sk-r",
+                     "models": ["anthropic/claude-sonnet-4.5"]}]
+
+
+def test_claude_code_is_listed_ids_its_picker_keeps_and_they_route_back(start_proxy, upstream):
+    providers = [dict(p, api_base_url=upstream.url + "/v1") for p in PICKER_PROVIDERS]
+    proxy = start_proxy({"providers": providers})
+    for agent, expected in (("claude-code/2.1.330", [
+            "claude-via-ccproxy/openai,gpt-5", "openrouter,anthropic/claude-sonnet-4.5"]),
+                            ("python-httpx/0.28", ["openai,gpt-5",
+                                                   "openrouter,anthropic/claude-sonnet-4.5"])):
+        listed = get(proxy, "/v1/models", {"user-agent": agent})[1]["data"]
+        assert [m["id"] for m in listed] == expected
+        assert listed[0]["display_name"] == "gpt-5 (openai, via ccproxy)"
+    upstream.script = lambda r: json_reply({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-5", "choices": [
+            {"index": 0, "finish_reason": "stop",
+             "message": {"role": "assistant", "content": "ok"}}]})
+    ask(proxy, model="claude-via-ccproxy/openai,gpt-5")
+    assert upstream.requests[-1]["json"]["model"] == "gpt-5"
+
+
+@pytest.mark.parametrize("alias, target", [("claude-via-ccproxy/think", "thinker"),
+                                           ("claude-via-ccproxy/background", "small"),
+                                           ("claude-via-ccproxy/default", "main")])
+def test_the_picker_aliases_go_where_their_routes_say(alias, target):
+    config = ccproxy.build_config({
+        "providers": [{"name": "openai", "api_key": "k", "models": ["main", "small", "thinker"]}],
+        "routes": {"default": "openai,main", "background": "openai,small",
+                   "think": "openai,thinker"}}, "c", {})
+    plan = ccproxy.plan_route(config, {"model": alias, "max_tokens": 5, "messages": [
+        {"role": "user", "content": "hi"}]}, ccproxy.Headers())
+    assert plan[0].model == target
+
+
+def test_code_points_the_picker_at_the_routes_and_keeps_the_users_own_settings():
+    config = ccproxy.build_config({
+        "providers": [{"name": "openai", "api_key": "k", "models": ["gpt-5", "gpt-5-mini"]}],
+        "routes": {"default": "openai,gpt-5", "background": "openai,gpt-5-mini"}}, "c", {})
+    variables = ccproxy.claude_variables("http://127.0.0.1:3456", config, {
+        "ANTHROPIC_DEFAULT_HAIKU_MODEL": "mine"})
+    assert variables["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
+    assert variables["ANTHROPIC_DEFAULT_SONNET_MODEL"] == "claude-via-ccproxy/default"
+    assert variables["ANTHROPIC_DEFAULT_SONNET_MODEL_NAME"] == "gpt-5 (openai)"
+    assert "ANTHROPIC_DEFAULT_HAIKU_MODEL" not in variables          # the user's own stays
+    assert variables["ANTHROPIC_DEFAULT_HAIKU_MODEL_NAME"] == "gpt-5-mini (openai)"
+    assert "ANTHROPIC_DEFAULT_OPUS_MODEL" not in variables           # no think route
+    assert "CLAUDE_CODE_USE_FOUNDRY" in ccproxy.CLAUDE_UNSET_VARIABLES
+
+
+def test_provider_key_stays_out_of_the_session_and_status_views(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=[PRICED])]})
+    ask(proxy)
+    for path in ("/status", "/sessions/" + SESSION):
+        assert PROVIDER_KEY not in json.dumps(get(proxy, path)[1])
+
+
+# --- the status line --------------------------------------------------------------------------
+
+def test_the_status_line_shows_the_sessions_model_tokens_and_cost(start_proxy, upstream):
+    upstream.script = lambda r: json_reply(with_usage(
+        anthropic_message(), input_tokens=1000, output_tokens=1500, cache_read_input_tokens=9000))
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=[PRICED])]})
+    record = {"url": proxy.url}
+    assert ccproxy.statusline({"session_id": SESSION}, record) == "ccproxy: up"   # none yet
+    ask(proxy)
+    line = ccproxy.statusline({"session_id": SESSION, "model": {"id": "x"}}, record)
+    assert line == "ccproxy: claude-sonnet-4-5 (anthropic) · 10.0k in (90% cached) · 1.5k out" \
+                   " · $0.03"
+    assert ccproxy.statusline({}, record) == "ccproxy: up"
+    assert ccproxy.statusline({"session_id": SESSION}, None) == "ccproxy: down"
+
+
+def test_the_status_line_asks_with_the_proxys_key_when_it_has_one(start_proxy, upstream,
+                                                                  tmp_path, monkeypatch):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"apikey": "${TEAM_KEY}", "providers": [
+        anthropic_provider(upstream)]}))
+    monkeypatch.setenv("TEAM_KEY", "team-key-0123456789")
+    proxy = start_proxy({"apikey": "team-key-0123456789",
+                         "providers": [anthropic_provider(upstream)]})
+    sdk(proxy, key="team-key-0123456789").messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[
+        {"role": "user", "content": "hi"}], extra_headers={"x-claude-code-session-id": SESSION})
+    line = ccproxy.statusline({"session_id": SESSION},
+                              {"url": proxy.url, "config": str(config)})
+    assert line.startswith("ccproxy: claude-sonnet-4-5 (anthropic) · ")
+
+
+def test_the_status_line_command_says_down_when_nothing_runs(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "ccproxy.py"), "status", "--statusline"],
+                            input='{"session_id": "s"}', capture_output=True, text=True,
+                            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "ccproxy: down\n")
