@@ -137,6 +137,7 @@ START_WAIT_SECONDS = 15.0                        # `start` waits this long for /
 STOP_POLL_SECONDS = 0.05
 START_FAILURE_LINES = 15                         # of its stderr and log, when `start` fails
 STOP_REPORT_SECONDS = 2.0                        # `stop` says it is still waiting this often
+STATUS_SESSIONS_SHOWN = 5                        # `status` lists this many recent sessions
 STATUSLINE_TIMEOUT_SECONDS = 0.5                 # `status --statusline` waits this long
 STATUSLINE_INPUT_BYTES = 1024 * 1024
 STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout before a kill
@@ -8478,7 +8479,8 @@ def cmd_status(args) -> int:
               "config": record.get("config"),
               "uptime_seconds": details.get("uptime_seconds",
                                             round(time.time() - record.get("started_at", 0), 3)),
-              "providers": details.get("providers", [])}
+              "providers": details.get("providers", []),
+              "usage": details.get("usage", {"by_model": [], "sessions": []})}
     if problem:
         report["providers_problem"] = problem
     if args.json:
@@ -8500,6 +8502,14 @@ def print_status(report: dict) -> None:
         print("  %-12s %-9s %-8s circuit %-9s %s" % (
             provider["name"], provider["type"], "enabled" if provider["enabled"] else "disabled",
             provider["circuit"]["state"], ", ".join(provider["models"]) or "(any model)"))
+    usage = report["usage"]
+    for totals in usage["by_model"]:
+        print("  %s,%s: %d answers, %s" % (totals["provider"], totals["model"],
+                                          totals["requests"], usage_words(totals)))
+    for session in usage["sessions"][:STATUS_SESSIONS_SHOWN]:
+        print("  session %s: %s" % (session["session_id"], session_summary(session)))
+    if len(usage["sessions"]) > STATUS_SESSIONS_SHOWN:
+        print("  (%d sessions in all; status --json lists them)" % len(usage["sessions"]))
 
 
 def read_statusline_input(stream) -> dict:
@@ -8535,15 +8545,19 @@ def statusline(data: dict, record: dict | None) -> str:
 
 def session_summary(session: dict) -> str:
     """A session's last model and its totals, in a few words."""
-    cached = session["cache_read_input_tokens"]
-    total_in = session["input_tokens"] + cached + session["cache_creation_input_tokens"]
-    parts = ["%s (%s)" % (session["model"], session["provider"]),
-             "%s in" % short_count(total_in)]
+    return "%s (%s) · %s" % (session["model"], session["provider"], usage_words(session))
+
+
+def usage_words(totals: dict) -> str:
+    """Totals of usage in a few words: tokens in (the share read from the cache), out, cost."""
+    cached = totals["cache_read_input_tokens"]
+    total_in = totals["input_tokens"] + cached + totals["cache_creation_input_tokens"]
+    parts = ["%s in" % short_count(total_in)]
     if total_in:
         parts[-1] += " (%d%% cached)" % (100 * cached // total_in)
-    parts.append("%s out" % short_count(session["output_tokens"]))
-    if session["requests"] > session["unpriced_requests"]:
-        parts.append("$%.2f" % session["cost_usd"])
+    parts.append("%s out" % short_count(totals["output_tokens"]))
+    if totals["requests"] > totals["unpriced_requests"]:
+        parts.append("$%.2f" % totals["cost_usd"])
     return " · ".join(parts)
 
 

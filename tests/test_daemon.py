@@ -13,10 +13,11 @@ import sys
 import time
 import urllib.request
 
+import anthropic
 import pytest
 
-from helpers import (REPO, anthropic_provider, open_stream, read_to_end, stream_reply,
-                      wait_until)
+from helpers import (REPO, anthropic_message, anthropic_provider, json_reply, open_stream,
+                      read_to_end, stream_reply, wait_until)
 
 SCRIPT = str(REPO / "ccproxy.py")
 
@@ -44,10 +45,10 @@ class Home:
         env.update(extra)
         return env
 
-    def run(self, *args, timeout=60, script=SCRIPT, **extra):
+    def run(self, *args, timeout=60, script=SCRIPT, input=None, **extra):
         return subprocess.run([sys.executable, str(script)] + list(args), capture_output=True,
                               text=True, timeout=timeout, env=self.env(**extra),
-                              cwd=str(self.path))
+                              cwd=str(self.path), input=input)
 
     def record(self):
         return json.loads(self.pidfile.read_text()) if self.pidfile.exists() else None
@@ -105,6 +106,26 @@ def test_start_status_stop_round_trip(home):
     assert after.returncode == 3 and "not running" in after.stdout
     assert json.loads(h.run("status", "--json").stdout) == {"running": False}
     assert h.run("stop").stdout.strip() == "ccproxy is not running"
+
+
+def test_status_and_the_status_line_show_each_sessions_usage(home, upstream):
+    upstream.script = lambda r: json_reply(dict(anthropic_message(), usage={
+        "input_tokens": 100, "output_tokens": 2000, "cache_read_input_tokens": 900}))
+    h = home(providers=[anthropic_provider(upstream, models=[{
+        "name": "claude-sonnet-4-5", "price": {"input": 3, "output": 15, "cache_read": 0.3}}])])
+    assert h.run("start").returncode == 0
+    try:
+        anthropic.Anthropic(base_url=h.url, api_key="c", max_retries=0).messages.create(
+            model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-claude-code-session-id": "s-1"})
+        shown = h.run("status").stdout
+        words = "claude-sonnet-4-5 (anthropic) · 1.0k in (90% cached) · 2.0k out · $0.03"
+        assert "  anthropic,claude-sonnet-4-5: 1 answers, 1.0k in (90% cached)" in shown
+        assert "  session s-1: " + words in shown
+        line = h.run("status", "--statusline", input='{"session_id": "s-1"}')
+        assert (line.returncode, line.stdout) == (0, "ccproxy: " + words + "\n")
+    finally:
+        h.run("stop")
 
 
 def test_status_says_why_it_cannot_show_providers(home):
