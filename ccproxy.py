@@ -1956,6 +1956,11 @@ class ChunkedDecoder:
         self._buffer = buffer[position:]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    @property
+    def expects_more(self) -> bool:
+        """Whether the connection's end would cut the body short."""
+        return not self.done
+
     def _take_line(self, line: bytes) -> None:
         if self._in_trailer:
             self.done = not line
@@ -1965,6 +1970,33 @@ class ChunkedDecoder:
             self._remaining = size
         else:
             self._in_trailer = True
+
+
+class LengthDecoder:
+    """Sans-IO framing of a body by its Content-Length, or, without one (None), of a body that
+    runs until the connection closes: the same feed() and done as ChunkedDecoder."""
+
+    def __init__(self, length: int | None):
+        self._remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self._remaining is None:
+            return data
+        data = data[:self._remaining]
+        self._remaining -= len(data)
+        self.done = self._remaining == 0
+        return data
+
+    @property
+    def expects_more(self) -> bool:
+        """Whether the connection's end would cut the body short."""
+        return bool(self._remaining)
+
+
+def body_decoder(response):
+    """The decoder of an http.client response's body as it comes off the socket."""
+    return ChunkedDecoder() if response.chunked else LengthDecoder(response.length)
 
 
 def build_response_head(status: int, headers) -> bytes:
@@ -7417,16 +7449,58 @@ class UpstreamCall:
         return upstream_failure(self.provider, self._url, exc, self._timeout,
                                 self._response is not None)
 
-    async def chunks(self, silence_seconds: float | None = None):
-        """The streamed body as it arrives, through a bounded queue; failures raise ProxyError.
+    def chunks(self, silence_seconds: float | None = None):
+        """The streamed body as it arrives (an async iterator); failures raise ProxyError.
 
         With silence_seconds, an empty chunk is yielded whenever the upstream has sent nothing
-        for that long, so the relay can keep the client's connection alive.
+        for that long, so the relay can keep the client's connection alive. The event loop
+        reads the socket itself; where it cannot watch sockets (Windows' default loop), a
+        worker thread reads it.
         """
+        if self._socket is not None and loop_watches_sockets(asyncio.get_running_loop()):
+            return self._read_by_loop(silence_seconds)
+        return self._read_by_thread(silence_seconds)
+
+    async def _read_by_loop(self, silence_seconds: float | None):
+        """The body read from the socket as data arrives, with no thread held: what the
+        response's buffer already has, then each read, de-framed and handed on."""
+        self._pumping = True
+        loop = asyncio.get_running_loop()
+        reader = SocketReader(loop, self._socket, self._response.fp)
+        decoder = body_decoder(self._response)
+        heard = loop.time()
+        try:
+            while not decoder.done:
+                left = self._timeout - (loop.time() - heard)
+                wait = min(left, silence_seconds) if silence_seconds else left
+                data = await reader.read(wait) if left > 0 else None
+                if data is None:
+                    if left <= wait:
+                        raise socket.timeout("silent")
+                    yield b""
+                    continue
+                heard = loop.time()
+                if not data or self._cancelled:
+                    if decoder.expects_more or self._cancelled:
+                        raise http.client.IncompleteRead(b"")
+                    break
+                piece = decoder.feed(data)
+                if piece:
+                    yield piece
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._failure(exc) from None
+        finally:
+            if not decoder.done:
+                self.cancel()
+            self._release(decoder.done)
+            self._upstream.calls.discard(self)
+
+    async def _read_by_thread(self, silence_seconds: float | None):
+        """The body read by a worker thread, handed over through a bounded queue."""
+        self._pumping = True
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
         slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
-        self._pumping = True
         pump = self._upstream.run(self._pump_blocking, self._upstream.inbox(loop), queue,
                                        slots)
         watch = SilenceWatch(loop, queue, silence_seconds) if silence_seconds else None
@@ -7473,31 +7547,18 @@ class UpstreamCall:
         Reading the response's raw file rather than its read1() lets everything that arrived
         together travel together, instead of one HTTP chunk (one event) per hand-over.
         """
-        response = self._response
-        read = response.fp.read1
-        if response.chunked:
-            decoder = ChunkedDecoder()
-            while not decoder.done and not self._cancelled:
-                data = read(UPSTREAM_READ_BYTES)
-                if not data:
-                    raise http.client.IncompleteRead(b"")
-                piece = decoder.feed(data)
-                if piece:
-                    yield piece
-            self._body_complete = decoder.done
-            return
-        remaining = response.length          # None: the body runs until the connection closes
-        while (remaining is None or remaining > 0) and not self._cancelled:
-            data = read(UPSTREAM_READ_BYTES if remaining is None
-                        else min(remaining, UPSTREAM_READ_BYTES))
+        read = self._response.fp.read1
+        decoder = body_decoder(self._response)
+        while not decoder.done and not self._cancelled:
+            data = read(UPSTREAM_READ_BYTES)
             if not data:
-                if remaining:
-                    raise http.client.IncompleteRead(b"", remaining)
+                if decoder.expects_more:
+                    raise http.client.IncompleteRead(b"")
                 return
-            if remaining is not None:
-                remaining -= len(data)
-                self._body_complete = remaining == 0
-            yield data
+            piece = decoder.feed(data)
+            self._body_complete = decoder.done
+            if piece:
+                yield piece
 
 
 def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: float,
@@ -7524,6 +7585,66 @@ def cannot_connect(reason) -> bool:
     return (isinstance(reason, (ConnectionRefusedError, socket.gaierror))
             or getattr(reason, "errno", None) in (errno.EHOSTUNREACH, errno.ENETUNREACH)
             or "CERTIFICATE_VERIFY_FAILED" in str(reason))
+
+
+def loop_watches_sockets(loop) -> bool:
+    """Whether the event loop can wait for a socket to be readable (selector loops can;
+    Windows' default proactor loop cannot)."""
+    return isinstance(loop, asyncio.SelectorEventLoop)
+
+
+class SocketReader:
+    """Reads an upstream socket from the event loop: first what the response's buffered file
+    already holds, then each receive as data arrives. A TLS socket is read until it would
+    block, so records the TLS layer has decrypted and buffered are handed on before the loop
+    waits for the socket again."""
+
+    def __init__(self, loop, sock, buffered_file):
+        sock.setblocking(False)
+        self._loop, self._sock, self._fd = loop, sock, sock.fileno()
+        ssl_module = sys.modules.get("ssl")
+        self._would_block = (BlockingIOError, InterruptedError) + (
+            (ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError) if ssl_module else ())
+        self._buffered = buffered_bytes(buffered_file, self._would_block)
+
+    async def read(self, wait: float) -> bytes | None:
+        """The next bytes (b"" at the end), or None when none came within wait seconds."""
+        if self._buffered:
+            data, self._buffered = self._buffered, b""
+            return data
+        while True:
+            try:
+                return self._sock.recv(UPSTREAM_READ_BYTES)
+            except self._would_block:
+                pass
+            if not await self._readable(wait):
+                return None
+
+    async def _readable(self, wait: float) -> bool:
+        future = self._loop.create_future()
+        self._loop.add_reader(self._fd, settle, future, True)
+        timer = self._loop.call_later(wait, settle, future, False)
+        try:
+            return await future
+        finally:
+            self._loop.remove_reader(self._fd)
+            timer.cancel()
+
+
+def settle(future, value) -> None:
+    """Give a future its result, unless it has one."""
+    if not future.done():
+        future.set_result(value)
+
+
+def buffered_bytes(file, would_block) -> bytes:
+    """What a socket's buffered file holds already (the bytes that came with the answer's
+    head), without waiting for more."""
+    try:
+        held = file.peek()
+    except would_block:
+        return b""
+    return file.read1(len(held)) if held else b""
 
 
 SILENCE = object()      # queued by a SilenceWatch when the upstream has been quiet

@@ -9,6 +9,7 @@ import select
 import shutil
 import subprocess
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -88,7 +89,7 @@ class MockUpstream:
     `peer_closed_at`, when the proxy closes a connection the mock is holding open.
     """
 
-    def __init__(self):
+    def __init__(self, tls=None):
         self.requests = []
         self.script = lambda request: json_reply(anthropic_message())
         self.peer_closed = threading.Event()
@@ -127,6 +128,11 @@ class MockUpstream:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        if tls is not None:                       # (certificate file, key file)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.url = self.url.replace("http:", "https:")
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                        daemon=True)
         self.thread.start()

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import anthropic
 import pytest
 
 import ccproxy
-from helpers import (anthropic_message, anthropic_provider, json_reply, MockUpstream, PROVIDER_KEY,
+from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
+                     MockUpstream, PROVIDER_KEY,
                      raw_exchange, Reply, sdk, stream_reply, wait_until)
 
 
@@ -208,3 +210,55 @@ def test_https_proxy_variable_tunnels_https_providers(start_proxy, forward_proxy
     assert status == 502
     assert error["error"]["message"].startswith(
         "anthropic: cannot reach https://api.anthropic.com/v1/messages: Tunnel connection failed")
+
+
+# --- streams read by the event loop, over TLS too ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command at test time."""
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest.mark.parametrize("by_thread", [False, True])
+def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
+        start_proxy, certificate, monkeypatch, tls, by_thread):
+    """Hundreds of events, each its own write (over TLS its own record), with a pause in the
+    middle: the event loop reads what the TLS layer has buffered before waiting again, so
+    nothing is lost, duplicated or held back; where the loop cannot watch sockets (Windows),
+    a worker thread reads them instead."""
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+    mock = MockUpstream(tls=certificate if tls else None)
+    pieces = ["p%03d " % n for n in range(300)]
+    release = threading.Event()
+    events = anthropic_stream_events(pieces)
+    mock.script = lambda r: stream_reply(events, pause_before=150, release=release)
+    readers = []
+
+    class RecordedReader(ccproxy.SocketReader):
+        def __init__(self, loop, sock, buffered_file):
+            readers.append(type(sock).__name__)
+            super().__init__(loop, sock, buffered_file)
+    monkeypatch.setattr(ccproxy, "SocketReader", RecordedReader)
+    if by_thread:
+        monkeypatch.setattr(ccproxy, "loop_watches_sockets", lambda loop: False)
+    try:
+        proxy = start_proxy({"providers": [anthropic_provider(mock)]})
+        threading.Timer(0.3, release.set).start()
+        with sdk(proxy).messages.stream(model="claude-sonnet-4-5", max_tokens=10, messages=[
+                {"role": "user", "content": "hi"}]) as stream:
+            text = "".join(stream.text_stream)
+        assert text == "".join(pieces)
+        assert readers == ([] if by_thread else ["SSLSocket" if tls else "socket"])
+    finally:
+        mock.close()
