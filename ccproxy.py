@@ -3128,7 +3128,7 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
         "active_streams": app.active_streams,
         "requests": {"total": app.requests_total, "active": app.requests_active,
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
-        "upstream": {"calls_open": len(app.upstream.calls),
+        "upstream": {"calls_open": len(app.upstream.calls), "threads": app.upstream.threads,
                      "threads_busy": app.upstream.threads_busy},
         "usage": app.usage.view(),
     })
@@ -7248,6 +7248,78 @@ def protocol_for(provider: Provider, model: str) -> Protocol:
 ###############################################################################
 
 UpstreamRequest = collections.namedtuple("UpstreamRequest", "url headers body")
+WORKER_IDLE_SECONDS = 5.0             # an idle worker thread ends after this long
+
+
+class WorkerPool(concurrent.futures.Executor):
+    """Threads for blocking steps, started as work arrives (up to `limit`) and ending after
+    WORKER_IDLE_SECONDS without work, so a burst leaves no threads behind."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._jobs = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._threads = set()
+        self._idle = 0                # threads waiting for a job
+        self._closed = False
+
+    def submit(self, function, *args, **kwargs):
+        future = concurrent.futures.Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the worker pool has shut down")
+            self._jobs.append((future, function, args, kwargs))
+            if len(self._jobs) > self._idle and len(self._threads) < self._limit:
+                thread = threading.Thread(target=self._work, name="ccproxy-upstream",
+                                          daemon=True)
+                self._threads.add(thread)
+                thread.start()
+            else:
+                self._ready.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                return
+            future, function, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def _next_job(self):
+        """The next job, or None when the thread should end (idle too long, or shut down)."""
+        with self._ready:
+            while not self._jobs:
+                if self._closed:
+                    break
+                self._idle += 1
+                woken = self._ready.wait(WORKER_IDLE_SECONDS)
+                self._idle -= 1
+                if not woken and not self._jobs:
+                    break
+            else:
+                return self._jobs.popleft()
+            self._threads.discard(threading.current_thread())
+            return None
+
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
+
+    def shutdown(self, wait: bool = True, **kwargs) -> None:
+        """No new jobs; idle threads end at once, busy ones after their job."""
+        with self._ready:
+            self._closed = True
+            threads = list(self._threads)
+            self._ready.notify_all()
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
 
 
 class Upstream:
@@ -7256,8 +7328,7 @@ class Upstream:
     idle keep-alive connections, and the calls in flight (cut when the server stops)."""
 
     def __init__(self, worker_threads: int):
-        self._workers = concurrent.futures.ThreadPoolExecutor(
-            worker_threads, thread_name_prefix="ccproxy-upstream")
+        self._workers = WorkerPool(worker_threads)
         self.opener = build_upstream_opener()
         self.connections = ConnectionPool()
         self.calls = set()            # UpstreamCalls whose answer is not yet released
@@ -7292,6 +7363,11 @@ class Upstream:
     @property
     def threads_busy(self) -> int:
         return self._busy
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive (busy or idle for a few seconds)."""
+        return self._workers.threads
 
     def close(self, reason: str) -> None:
         """Cut every call in flight (its client is told `reason`), end the workers and close
@@ -7490,6 +7566,7 @@ class UpstreamCall:
         except (OSError, http.client.HTTPException) as exc:
             raise self._failure(exc) from None
         finally:
+            reader.close()
             if not decoder.done:
                 self.cancel()
             self._release(decoder.done)
@@ -7595,17 +7672,22 @@ def loop_watches_sockets(loop) -> bool:
 
 class SocketReader:
     """Reads an upstream socket from the event loop: first what the response's buffered file
-    already holds, then each receive as data arrives. A TLS socket is read until it would
-    block, so records the TLS layer has decrypted and buffered are handed on before the loop
-    waits for the socket again."""
+    already holds, then each receive as data arrives. The socket stays watched between reads
+    (one registration per stream, dropped while nobody waits for it); a plain socket whose
+    last receive took all there was is waited on at once, while a TLS socket is read until it
+    would block, so records the TLS layer has buffered are handed on before the loop waits."""
 
     def __init__(self, loop, sock, buffered_file):
         sock.setblocking(False)
         self._loop, self._sock, self._fd = loop, sock, sock.fileno()
         ssl_module = sys.modules.get("ssl")
+        self._tls = ssl_module is not None and isinstance(sock, ssl_module.SSLSocket)
         self._would_block = (BlockingIOError, InterruptedError) + (
-            (ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError) if ssl_module else ())
+            (ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError) if self._tls else ())
         self._buffered = buffered_bytes(buffered_file, self._would_block)
+        self._drained = False         # the last receive took everything that had arrived
+        self._waiter = None
+        self._watching = False
 
     async def read(self, wait: float) -> bytes | None:
         """The next bytes (b"" at the end), or None when none came within wait seconds."""
@@ -7613,22 +7695,42 @@ class SocketReader:
             data, self._buffered = self._buffered, b""
             return data
         while True:
-            try:
-                return self._sock.recv(UPSTREAM_READ_BYTES)
-            except self._would_block:
-                pass
+            if not self._drained:
+                try:
+                    data = self._sock.recv(UPSTREAM_READ_BYTES)
+                except self._would_block:
+                    pass
+                else:
+                    self._drained = not self._tls and 0 < len(data) < UPSTREAM_READ_BYTES
+                    return data
+            self._drained = False
             if not await self._readable(wait):
                 return None
 
     async def _readable(self, wait: float) -> bool:
-        future = self._loop.create_future()
-        self._loop.add_reader(self._fd, settle, future, True)
+        self._waiter = future = self._loop.create_future()
+        if not self._watching:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._watching = True
         timer = self._loop.call_later(wait, settle, future, False)
         try:
             return await future
         finally:
-            self._loop.remove_reader(self._fd)
             timer.cancel()
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        if self._waiter is None:          # nobody waits: stop watching until someone does
+            self._loop.remove_reader(self._fd)
+            self._watching = False
+        else:
+            settle(self._waiter, True)
+
+    def close(self) -> None:
+        """Stop watching the socket (before it is closed or reused)."""
+        if self._watching:
+            self._loop.remove_reader(self._fd)
+            self._watching = False
 
 
 def settle(future, value) -> None:

@@ -79,12 +79,17 @@ def status_of(proxy):
     return sdk(proxy).get("/status", cast_to=object)
 
 
+def idle_upstream(status) -> bool:
+    """No upstream call open and no worker thread busy."""
+    return (status["upstream"]["calls_open"], status["upstream"]["threads_busy"]) == (0, 0)
+
+
 def test_client_disconnect_mid_stream_closes_the_upstream(proxy, upstream):
     upstream.script = lambda r: stream_reply(pause_before=3)
     closed_at = open_stream_and_vanish(proxy)
     assert upstream.peer_closed.wait(2)
     assert upstream.peer_closed_at - closed_at < 2
-    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
+    assert wait_until(lambda: idle_upstream(status_of(proxy)))
 
 
 def test_client_disconnect_before_the_answer_closes_the_upstream(proxy, upstream):
@@ -97,7 +102,7 @@ def test_client_disconnect_before_the_answer_closes_the_upstream(proxy, upstream
     closed_at = time.monotonic()
     assert upstream.peer_closed.wait(2)
     assert upstream.peer_closed_at - closed_at < 2
-    assert wait_until(lambda: status_of(proxy)["upstream"] == {"calls_open": 0, "threads_busy": 0})
+    assert wait_until(lambda: idle_upstream(status_of(proxy)))
 
 
 def test_other_clients_are_served_while_a_stream_is_paused(proxy, upstream):
@@ -262,3 +267,37 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
         assert readers == ([] if by_thread else ["SSLSocket" if tls else "socket"])
     finally:
         mock.close()
+
+
+# --- worker threads: started as work comes, ended when idle -----------------------------------
+
+def test_worker_threads_grow_with_the_work_up_to_the_limit_and_end_when_idle(monkeypatch):
+    monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 0.2)
+    pool = ccproxy.WorkerPool(limit=8)
+    release, running = threading.Event(), []
+    jobs = [pool.submit(lambda n: (running.append(n), release.wait(5), n * n)[2], n)
+            for n in range(20)]
+    assert wait_until(lambda: len(running) == 8)
+    assert pool.threads == 8                              # the limit; the rest wait their turn
+    release.set()
+    assert [job.result(5) for job in jobs] == [n * n for n in range(20)]
+    assert wait_until(lambda: pool.threads == 0, seconds=5)     # idle threads ended
+    assert pool.submit(lambda: "again").result(5) == "again"   # and start again on demand
+    pool.shutdown()
+    assert pool.threads == 0
+
+
+def test_a_burst_of_streams_leaves_no_worker_thread_behind(start_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 0.2)
+    upstream.script = lambda r: stream_reply(anthropic_stream_events(["x"] * 50))
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    threads = [threading.Thread(target=lambda: sdk(proxy).messages.create(
+        model="m", max_tokens=5, stream=True, messages=[{"role": "user", "content": "hi"}]
+    ).response.read()) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    upstream_state = lambda: proxy.server.app.upstream     # noqa: E731
+    assert wait_until(lambda: upstream_state().threads == 0, seconds=5)
+    assert len(upstream.requests) == 20
