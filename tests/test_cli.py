@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -234,3 +235,28 @@ def test_pip_installs_a_ccproxy_command_and_a_module(tmp_path):
     module = subprocess.run([str(bin_dir / "python"), "-m", "ccproxy", "--version"],
                             capture_output=True, text=True, timeout=30, cwd=str(tmp_path))
     assert module.stdout.strip() == "ccproxy %s" % ccproxy.__version__
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_foreground_server_started_as_a_script_runs_from_the_bytecode_cache(tmp_path):
+    """Run as a script, `start --foreground` becomes (same pid) a Python that imports the file
+    as a module, as the background server is, instead of keeping a compiled script's memory."""
+    config = tmp_path / "config.json"
+    config.write_text('{"providers": []}')
+    proxy = ForegroundProxy(sys.executable, config)
+    try:
+        command = Path("/proc/%d/cmdline" % proxy.process.pid).read_bytes().split(b"\0")
+        assert command[1] == b"-c" and b"spec_from_file_location" in command[2]
+        assert command[3:6] == [b"start", b"--foreground", b"--port"]
+        assert post_message_status(proxy.url) == 400          # serving: no provider yet
+    finally:
+        status, output = proxy.stop()
+    assert status == 0 and "ccproxy stopped" in output
+
+
+def post_message_status(url):
+    try:
+        post_message(url)
+    except urllib.error.HTTPError as error:
+        return error.code
+    return 200

@@ -301,3 +301,16 @@ def test_a_burst_of_streams_leaves_no_worker_thread_behind(start_proxy, upstream
     upstream_state = lambda: proxy.server.app.upstream     # noqa: E731
     assert wait_until(lambda: upstream_state().threads == 0, seconds=5)
     assert len(upstream.requests) == 20
+
+
+def test_memory_goes_back_to_the_system_once_the_server_is_idle(start_proxy, upstream,
+                                                                monkeypatch):
+    trims = []
+    monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 0.2)
+    monkeypatch.setattr(ccproxy, "malloc_trim_function", lambda: trims.append)
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    for _ in range(3):
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert wait_until(lambda: trims, seconds=5)               # after the burst
+    assert set(trims) == {0}
