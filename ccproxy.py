@@ -4462,6 +4462,9 @@ class UpstreamStream:
         self._call.close_unread()
 
 
+DECODE_JSON = json.JSONDecoder().decode        # json.loads of a str, without its wrapping
+
+
 class TranslatedStreamRelay:
     """Bytes of a provider's event stream in, the client's events out, for every translating
     protocol: SSE decoding and JSON parsing around the protocol's stream translator, which
@@ -4486,7 +4489,7 @@ class TranslatedStreamRelay:
                 self._translator.feed_event(event, None)
                 continue
             try:
-                payload = json.loads(data)
+                payload = DECODE_JSON(data)
             except (ValueError, RecursionError):
                 payload = None
             if not isinstance(payload, dict):
@@ -4619,8 +4622,24 @@ def failed_ending(error: ProxyError | None, complete: bool, provider: Provider) 
 
 
 def json_bytes(value) -> bytes:
-    """value as compact UTF-8 JSON bytes."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    """value as compact UTF-8 JSON bytes (a lone surrogate, which UTF-8 cannot carry, as its
+    \\u escape)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+ENCODE_JSON_STRING = json.encoder.encode_basestring     # C; leaves non-ASCII as it is
+
+
+def json_text(text: str) -> bytes:
+    """A string as JSON in UTF-8 bytes: json_bytes for the hot path of every text, thinking
+    and argument delta."""
+    try:
+        return ENCODE_JSON_STRING(text).encode()
+    except UnicodeEncodeError:
+        return json.dumps(text).encode()
 
 
 class EventEmitter:
@@ -4670,13 +4689,13 @@ class EventEmitter:
 
     def text(self, text: str, key="text") -> None:
         self.open_block(key, {"type": "text", "text": ""})
-        self._out.append(TEXT_DELTA % (self.block, json_bytes(text)))
+        self._out.append(TEXT_DELTA % (self.block, json_text(text)))
         self.output_chars += len(text)
 
     def thinking(self, text: str, key="thinking") -> None:
         self.open_block(key, {"type": "thinking", "thinking": "", "signature": ""})
         if text:
-            self._out.append(THINKING_DELTA % (self.block, json_bytes(text)))
+            self._out.append(THINKING_DELTA % (self.block, json_text(text)))
             self.output_chars += len(text)
 
     def open_tool(self, key, tool_id: str, name: str) -> None:
@@ -4701,7 +4720,7 @@ class EventEmitter:
 
     def tool_arguments(self, fragment: str) -> None:
         """A piece of the open tool block's input JSON."""
-        self._out.append(INPUT_JSON_DELTA % (self.block, json_bytes(fragment)))
+        self._out.append(INPUT_JSON_DELTA % (self.block, json_text(fragment)))
         self.output_chars += len(fragment)
 
     def close(self) -> None:
@@ -6162,6 +6181,27 @@ def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
     return error_for_status(status, provider.masker.text(message))
 
 
+PLAIN_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "choices",
+                              "system_fingerprint", "service_tier", "provider", "obfuscation"))
+PLAIN_CHOICE_KEYS = frozenset(("index", "delta", "finish_reason", "logprobs"))
+PLAIN_DELTA_KEYS = frozenset(("content", "role"))
+
+
+def plain_text_delta(chunk: dict) -> str | None:
+    """The text of a chunk that carries nothing but text (most of every stream), else None:
+    the common case, told apart at a glance."""
+    choices = chunk.get("choices")
+    if choices.__class__ is not list or len(choices) != 1 or not chunk.keys() <= PLAIN_CHUNK_KEYS:
+        return None
+    choice = choices[0]
+    delta = choice.get("delta") if choice.__class__ is dict else None
+    if delta.__class__ is not dict or choice.get("finish_reason") is not None \
+            or not delta.keys() <= PLAIN_DELTA_KEYS or not choice.keys() <= PLAIN_CHOICE_KEYS:
+        return None
+    text = delta.get("content")
+    return text if text.__class__ is str else None
+
+
 class OpenAIStreamTranslator:
     """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
 
@@ -6185,6 +6225,11 @@ class OpenAIStreamTranslator:
         self._usage = None
 
     def feed(self, chunk: dict) -> bytes:
+        text = plain_text_delta(chunk)
+        if text is not None and self._emit.started and self._context.search_query is None:
+            if text:
+                self._emit.text(text)
+            return self._emit.take()
         if chunk.get("error"):
             raise openai_error(self._context.provider, chunk["error"])
         self._emit.start()

@@ -1080,3 +1080,28 @@ def test_reasoning_details_go_back_only_to_hosts_that_take_them():
                                                        "content": "r"}]}]}
     assert "reasoning_details" in mapped(body, "openrouter")["messages"][1]
     assert "reasoning_details" not in mapped(body, "openai")["messages"][1]
+
+
+# --- the hot path: text-only chunks ------------------------------------------------------------
+
+def text_chunk(text, **extra):
+    return dict({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
+                **extra)
+
+
+@pytest.mark.parametrize("texts", [["Hel", "lo", " wörld ", "", "\"quoted\"\n\t\\", "😀"],
+                                   ["a\ud800b", "ok"]])
+def test_text_only_chunks_take_the_short_way_to_the_same_events(texts):
+    """Text-only chunks are told apart at a glance and written through the text template; a
+    chunk with anything more takes the full way. Both give the same events, and a lone
+    surrogate (which UTF-8 cannot carry) comes out escaped instead of breaking the stream."""
+    ending = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    short = translate([text_chunk(t) for t in texts] + ending)
+    full = translate([text_chunk(t, x_unknown=None) for t in texts] + ending)
+    assert ccproxy.plain_text_delta(text_chunk("x")) == "x"
+    assert ccproxy.plain_text_delta(text_chunk("x", x_unknown=None)) is None
+    assert short[1:] == full[1:]                       # message_start differs by its id only
+    assert "".join(p["delta"]["text"] for n, p in short if n == "content_block_delta") == \
+        "".join(texts)

@@ -1,0 +1,188 @@
+"""Benchmark: streams at scale. Each figure beside the same load sent straight to the mock in
+the same run, with the ratio.
+
+    python3 tests/bench_streams.py [--streams 1000] [--settle 30] [--quick]
+
+Everything runs on 127.0.0.1: the stdlib OpenAI mock (tests/bench/mock_openai.py) in one
+process, ccproxy (`start --foreground`, translating Anthropic to OpenAI) in another, and the
+keep-alive load generator (tests/bench/loadgen.py) in a third; both tools are the project's
+shared benchmark helpers. Rows:
+
+  paced streams     --streams concurrent streams of 40 chunks 50 ms apart (2 s each), twice
+                    that many in all: stream time p99 and time to first token p99
+  memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later
+  CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
+  CPU per request   JSON requests, 10 clients
+  idle RSS          `start --foreground`, from the bytecode cache
+  throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
+
+Machines differ and shared ones drift: compare the ratios, not the absolute figures. Not part
+of the test suite (nothing here is asserted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import py_compile
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_proxy import REPO, free_port, wait_healthy  # noqa: E402
+
+TOOLS = REPO / "tests" / "bench"
+
+
+def status_of(pid: int) -> dict:
+    """VmRSS and VmHWM in KB, and Threads, from /proc."""
+    fields = {}
+    for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM", "Threads"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def cpu_seconds(pid: int) -> float:
+    parts = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(url: str, mode: str, **options) -> dict:
+    """One loadgen run: its JSON result."""
+    command = [sys.executable, str(TOOLS / "loadgen.py"), url, "--mode", mode]
+    for name, value in options.items():
+        command += ["--" + name.replace("_", "-"), str(value)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit("loadgen failed: " + result.stderr[-2000:])
+    return json.loads(lines[-1])
+
+
+def measured(pid: int, run) -> tuple:
+    """(run()'s result, CPU seconds the process spent during it)."""
+    before = cpu_seconds(pid)
+    outcome = run()
+    return outcome, cpu_seconds(pid) - before
+
+
+class Processes:
+    """The mock and ccproxy, started and stopped together."""
+
+    def __init__(self, home: Path):
+        self.mock_port, self.proxy_port = free_port(), free_port()
+        self.mock = subprocess.Popen([sys.executable, str(TOOLS / "mock_openai.py"), "--port",
+                                      str(self.mock_port)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        config = home / "config.json"
+        config.write_text(json.dumps({"port": self.proxy_port, "providers": [
+            {"name": "mock", "type": "openai", "api_key": "sk-bench-0123456789",
+             "api_base_url": "http://127.0.0.1:%d/v1" % self.mock_port,
+             "models": ["mock-model"]}]}))
+        os.chmod(config, 0o600)
+        py_compile.compile(str(REPO / "ccproxy.py"))           # the bytecode cache it runs from
+        environment = dict(os.environ, HOME=str(home))
+        environment.pop("PYTHONDONTWRITEBYTECODE", None)
+        self.proxy = subprocess.Popen([sys.executable, str(REPO / "ccproxy.py"), "start",
+                                       "--foreground", "--config", str(config)],
+                                      stderr=subprocess.DEVNULL, env=environment)
+        self.mock_url = "http://127.0.0.1:%d" % self.mock_port
+        self.proxy_url = "http://127.0.0.1:%d" % self.proxy_port
+        wait_healthy(self.proxy_url)
+        wait_healthy(self.mock_url)
+
+    def stop(self) -> None:
+        for process in (self.proxy, self.mock):
+            process.terminate()
+            process.wait(30)
+
+
+def row(name: str, straight: str, proxied: str, ratio: str = "") -> None:
+    print("%-44s %16s %16s %14s" % (name, straight, proxied, ratio))
+
+
+def paced(run: Processes, streams: int, settle: float) -> None:
+    pid = run.proxy.pid
+    time.sleep(1)
+    idle = status_of(pid)
+    shape = dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
+    straight = load(run.mock_url, "openai", **shape)
+    proxied = load(run.proxy_url, "anthropic", **shape)
+    peak = status_of(pid)
+    row("paced streams: stream time p99", "%.2f s" % (straight["p99_ms"] / 1000),
+        "%.2f s" % (proxied["p99_ms"] / 1000), "%.2f×" % (proxied["p99_ms"] / straight["p99_ms"]))
+    row("paced streams: time to first token p99", "%.3f s" % (straight["ttft_p99_ms"] / 1000),
+        "%.3f s" % (proxied["ttft_p99_ms"] / 1000),
+        "+%.3f s" % ((proxied["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+    row("memory per open stream", "-", "%.0f KB" % ((peak["VmHWM"] - idle["VmRSS"]) / streams))
+    if proxied["errors"] or straight["errors"]:
+        row("errors", str(straight["errors"]), str(proxied["errors"]))
+    time.sleep(settle)
+    after = status_of(pid)
+    row("%g s after the burst: threads, RSS kept" % settle, "-",
+        "%d, +%.1f MB" % (after["Threads"], (after["VmRSS"] - idle["VmRSS"]) / 1024))
+
+
+def cpu_rows(run: Processes, requests: int) -> None:
+    mock, proxy = run.mock.pid, run.proxy.pid
+    shape = dict(stream=1, conc=10, n=requests, chunks=200)
+    _, mock_cpu = measured(mock, lambda: load(run.mock_url, "openai", **shape))
+    _, proxy_cpu = measured(proxy, lambda: load(run.proxy_url, "anthropic", **shape))
+    chunks = requests * 200
+    row("CPU per translated chunk (200-chunk, 10 clients)", "mock %.1f µs" % (
+        mock_cpu / chunks * 1e6), "%.1f µs" % (proxy_cpu / chunks * 1e6),
+        "%.2f×" % (proxy_cpu / mock_cpu))
+    _, proxy_cpu = measured(proxy, lambda: load(run.proxy_url, "anthropic", stream=0, conc=10,
+                                                n=requests * 4))
+    row("CPU per JSON request (10 clients)", "-", "%.2f ms" % (proxy_cpu / requests / 4 * 1e3))
+
+
+def throughput_rows(run: Processes, requests: int) -> None:
+    for clients in (1, 10, 50):
+        json_rate = load(run.proxy_url, "anthropic", stream=0, conc=clients, n=requests * 4)
+        stream_rate = load(run.proxy_url, "anthropic", stream=1, conc=clients, n=requests,
+                           chunks=200)
+        straight = load(run.mock_url, "openai", stream=1, conc=clients, n=requests, chunks=200)
+        row("%d clients: JSON req/s, 200-chunk streams/s" % clients,
+            "%.0f streams/s" % straight["rps"],
+            "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
+
+
+def idle_rss(home: Path) -> float:
+    """RSS (MB) of a fresh `start --foreground` that has served nothing."""
+    run = Processes(home)
+    try:
+        time.sleep(1)
+        return status_of(run.proxy.pid)["VmRSS"] / 1024
+    finally:
+        run.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--settle", type=float, default=30.0)
+    parser.add_argument("--quick", action="store_true", help="fewer requests per row")
+    options = parser.parse_args()
+    requests = 200 if options.quick else 1000
+    print("%d CPUs, Python %s, %s" % (os.cpu_count(), sys.version.split()[0], sys.platform))
+    row("", "straight to mock", "ccproxy", "ratio")
+    with tempfile.TemporaryDirectory() as folder:
+        home = Path(folder)
+        row("idle RSS, start --foreground", "-", "%.1f MB" % idle_rss(home))
+        run = Processes(home)
+        try:
+            paced(run, options.streams, options.settle)
+            cpu_rows(run, requests)
+            throughput_rows(run, requests)
+        finally:
+            run.stop()
+
+
+if __name__ == "__main__":
+    main()
