@@ -73,6 +73,7 @@ import os
 import random
 import re
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -464,6 +465,7 @@ DEFAULT_CONFIG = {
     "log": False,
     "log_file": "~/.ccproxy/ccproxy.log",
     "log_bodies": False,
+    "usage_file": "",
     "failover": True,
     "providers": [],
     "routes": {},
@@ -972,14 +974,13 @@ class Config:
     def __init__(self, raw: dict, source: str | None, providers: list, routes: dict,
                  allowed_networks: list, warnings: list):
         performance = raw["performance"]
-        self.raw = raw
-        self.source = source
-        self.host = raw["host"]
-        self.port = raw["port"]
-        self.apikey = raw["apikey"]
-        self.admin_key = raw["admin_key"]
+        self.raw, self.source = raw, source
+        self.host, self.port = raw["host"], raw["port"]
+        self.apikey, self.admin_key = raw["apikey"], raw["admin_key"]
         self.log_requests = raw["log"]
         self.log_file = os.path.abspath(os.path.expanduser(raw["log_file"]))
+        self.usage_file = raw["usage_file"] and os.path.abspath(os.path.expanduser(
+            raw["usage_file"]))
         self.log_bodies = raw["log_bodies"]
         self.providers = providers
         self.routes = routes
@@ -1155,6 +1156,7 @@ def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
         raw[key] = checker.secret(raw, key, "")
     checker.typed(raw, "log", "", bool, "true or false")
     checker.typed(raw, "log_file", "", str, "a file path")
+    checker.typed(raw, "usage_file", "", str, "a file path (\"\": usage is not kept)")
     checker.typed(raw, "log_bodies", "", bool, "true or false")
     failover = raw.get("failover")
     if isinstance(failover, dict):
@@ -2135,6 +2137,7 @@ class ProxyServer:
         """Start, call on_ready(self), and serve until stop() is called."""
         await self.start()
         watch_config_file(self.app)
+        keep_usage(self.app)
         if on_ready is not None:
             on_ready(self)
         try:
@@ -2193,6 +2196,7 @@ class ProxyServer:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=5)
         await asyncio.gather(*self._accepting, return_exceptions=True)
+        save_usage(self.app)
 
 
 class ProxyThread:
@@ -2772,10 +2776,13 @@ class ProxyApp:
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
         if request is not None and request.record is not None:
             record = request.record
-            if record.get("usage") and "provider" in record:
+            if "provider" in record:
                 provider = self.config.provider_named(record["provider"])
-                self.usage.add(record, session_id(request.headers), provider.cost(
-                    record["model"], record["usage"]) if provider else None)
+                cost = provider.cost(record["model"], record.get("usage") or {}) \
+                    if provider else None
+                if record.get("usage"):
+                    self.usage.add(record, session_id(request.headers), cost)
+                self.usage.note_request(record, status, cost)
             if self.config.metrics_enabled and "provider" in request.record:
                 self.metrics.observe(request.record, status)
             if self.config.log_requests:
@@ -3153,8 +3160,136 @@ def model_list_id(provider_name: str, model: str, picker: bool) -> str:
 # -----------------------------------------------------------------------------
 
 async def handle_root(app: ProxyApp, request: Request, conn) -> Response:
-    """`HEAD /` is Claude Code's reachability check; GET / says what this is."""
+    """`HEAD /` is Claude Code's reachability check; GET / is the status page to a browser,
+    and says what this is to anything else. The page holds no data: it reads /status with the
+    key the browser gives it, so the same access rules apply."""
+    if "text/html" in (request.headers.get("accept") or ""):
+        return Response(200, STATUS_PAGE, [("cache-control", "no-store"),
+                                           ("content-security-policy", STATUS_PAGE_POLICY)],
+                        content_type="text/html; charset=utf-8")
     return json_response({"name": "ccproxy", "status": "ok"})
+
+
+# The status page: one file, no external assets; its script fills it from /status every 5 s,
+# with textContent only (a provider's error text is never markup).
+STATUS_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                      "connect-src 'self'")
+STATUS_PAGE = br"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ccproxy</title>
+<style>
+:root { --bg: #fafafa; --fg: #1d1d1f; --muted: #6e6e73; --line: #dedee3; --card: #fff;
+        --ok: #1a7f37; --warn: #9a6700; --bad: #cf222e; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #111214; --fg: #e6e6e9; --muted: #9a9aa2; --line: #2c2d31; --card: #1a1b1e;
+          --ok: #3fb950; --warn: #d29922; --bad: #f85149; } }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+       background: var(--bg); color: var(--fg); }
+main { max-width: 1200px; margin: 0 auto; padding: 16px; }
+h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 15px; margin: 24px 0 8px; }
+#meta, .muted { color: var(--muted); }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 12px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+        padding: 10px 14px; min-width: 130px; }
+.card b { display: block; font-size: 20px; }
+.table { overflow-x: auto; background: var(--card); border: 1px solid var(--line);
+         border-radius: 8px; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line);
+         white-space: nowrap; }
+th { color: var(--muted); font-weight: 600; } tr:last-child td { border-bottom: 0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.closed, .s2 { color: var(--ok); } .half_open, .s4 { color: var(--warn); }
+.open, .s5 { color: var(--bad); }
+form { margin-top: 16px; } input { font: inherit; padding: 6px; width: 260px; }
+</style></head>
+<body><main>
+<h1>ccproxy</h1><div id="meta">loading&hellip;</div>
+<form id="login" hidden><label>This proxy needs its key:
+<input id="key" type="password" autocomplete="off"></label> <button>Show</button></form>
+<div class="cards" id="totals"></div>
+<h2>Providers</h2><div class="table"><table id="providers"></table></div>
+<h2>Routes</h2><div class="table"><table id="routes"></table></div>
+<h2>Usage today</h2><div class="table"><table id="usage"></table></div>
+<h2>Last requests</h2><div class="table"><table id="requests"></table></div>
+<p class="muted">Refreshes every 5 s. Nothing of what was said is kept or shown.</p>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+function fill(table, head, rows) {
+  table.replaceChildren();
+  const tr = table.insertRow();
+  for (const name of head) { const th = document.createElement("th"); th.textContent = name;
+                             tr.appendChild(th); }
+  for (const row of rows) {
+    const line = table.insertRow();
+    for (const cell of row) {
+      const td = line.insertCell();
+      const [text, cls] = Array.isArray(cell) ? cell : [cell, ""];
+      td.textContent = text === null || text === undefined ? "\u2013" : String(text);
+      if (cls) td.className = cls;
+    }
+  }
+  if (!rows.length) { const td = table.insertRow().insertCell(); td.colSpan = head.length;
+                      td.className = "muted"; td.textContent = "none yet"; }
+}
+const n = (x) => [Number(x || 0).toLocaleString("en-US"), "num"];
+const money = (x, unpriced) => [unpriced && !x ? "\u2013" : "$" + Number(x).toFixed(4), "num"];
+function card(label, value) {
+  const div = document.createElement("div"); div.className = "card";
+  const b = document.createElement("b"); b.textContent = value;
+  div.append(b, document.createTextNode(label)); return div;
+}
+function render(s) {
+  const u = s.usage, today = u.today.by_model;
+  $("meta").textContent = "version " + s.version + " \u00b7 up " +
+    Math.round(s.uptime_seconds) + " s \u00b7 " + s.requests.total + " requests \u00b7 " +
+    s.active_streams + " streams open \u00b7 " + (s.config_file || "no config file");
+  const sum = (f) => today.reduce((a, m) => a + (m[f] || 0), 0);
+  $("totals").replaceChildren(
+    card("answers today", sum("requests").toLocaleString("en-US")),
+    card("tokens in today", (sum("input_tokens") + sum("cache_read_input_tokens") +
+                             sum("cache_creation_input_tokens")).toLocaleString("en-US")),
+    card("tokens out today", sum("output_tokens").toLocaleString("en-US")),
+    card("cost today", "$" + sum("cost_usd").toFixed(4)));
+  fill($("providers"), ["provider", "type", "enabled", "circuit", "failures", "last error",
+                        "models"],
+       s.providers.map((p) => [p.name, p.type, p.enabled ? "yes" : "no",
+                               [p.circuit.state, p.circuit.state], n(p.circuit.failures),
+                               p.circuit.last_error || "", p.models.join(", ")]));
+  fill($("routes"), ["route", "goes to", "then"],
+       s.routes.map((r) => [r.name, r.provider + "," + r.model, r.fallbacks.join(" \u2192 ")]));
+  fill($("usage"), ["provider", "model", "answers", "tokens in", "cached", "tokens out", "cost"],
+       today.map((m) => [m.provider, m.model, n(m.requests),
+                         n(m.input_tokens + m.cache_read_input_tokens +
+                           m.cache_creation_input_tokens),
+                         n(m.cache_read_input_tokens), n(m.output_tokens),
+                         money(m.cost_usd, m.unpriced_requests)]));
+  fill($("requests"), ["time", "route", "provider", "model", "status", "latency", "tokens in",
+                       "tokens out", "cost"],
+       u.recent_requests.map((r) => [new Date(r.time * 1000).toLocaleTimeString(), r.route,
+                                     r.provider, r.model, [r.status, "s" + String(r.status)[0]],
+                                     [r.latency_ms.toFixed(0) + " ms", "num"],
+                                     n(r.input_tokens), n(r.output_tokens),
+                                     money(r.cost_usd, r.cost_usd === null)]));
+}
+async function refresh() {
+  const key = sessionStorage.getItem("ccproxy-key");
+  const answer = await fetch("/status", {headers: key ? {"x-api-key": key} : {}});
+  if (answer.status === 401) { $("login").hidden = false; $("meta").textContent =
+                               "the proxy asks for its key"; return; }
+  $("login").hidden = true;
+  if (!answer.ok) { $("meta").textContent = "/status answered " + answer.status; return; }
+  render(await answer.json());
+}
+$("login").addEventListener("submit", (event) => {
+  event.preventDefault(); sessionStorage.setItem("ccproxy-key", $("key").value); refresh(); });
+refresh().catch((e) => { $("meta").textContent = "cannot reach the proxy: " + e; });
+setInterval(() => refresh().catch(() => {}), 5000);
+</script></body></html>
+"""
 
 
 async def handle_health(app: ProxyApp, request: Request, conn) -> Response:
@@ -3179,6 +3314,9 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
         "upstream": {"calls_open": len(app.upstream.calls), "threads": app.upstream.threads,
                      "threads_busy": app.upstream.threads_busy},
+        "routes": [{"name": r.name, "provider": r.provider, "model": r.model,
+                    "fallbacks": ["%s,%s" % target for target in r.fallbacks]}
+                   for r in app.config.routes.values()],
         "usage": app.usage.view(),
     })
 
@@ -3204,6 +3342,8 @@ async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
 
 
 MAX_SESSIONS = 200                  # sessions whose usage is kept, most recent first
+RECENT_REQUESTS = 50                # requests the status page lists
+MAX_SAVED_MODELS = 1000             # provider and model pairs a usage file may hold
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
                 "cache_creation_input_tokens")
@@ -3217,17 +3357,25 @@ def session_id(headers) -> str | None:
 
 
 class UsageLedger:
-    """Tokens and cost of every answer: per provider and model since start, and per Claude
-    Code session (the most recent MAX_SESSIONS, with the provider and model that answered
-    last). No message content."""
+    """Tokens and cost of every answer: per provider and model in all (since start, or since
+    the usage file began) and today, per Claude Code session (the most recent MAX_SESSIONS,
+    with the provider and model that answered last), and the last RECENT_REQUESTS requests.
+    No message content."""
 
     def __init__(self):
         self.models = {}                                # (provider, model) -> totals
+        self.day, self.today = local_day(), {}          # (provider, model) -> totals, today
         self.sessions = collections.OrderedDict()       # session id -> totals, latest last
+        self.recent = collections.deque(maxlen=RECENT_REQUESTS)
+        self.changed = False                            # since the usage file was written
 
     def add(self, record: dict, session: str | None, cost: float | None) -> None:
         """Count one answer's usage (and its cost, None when no price is known)."""
-        places = [self.models.setdefault((record["provider"], record["model"]), new_totals())]
+        key = (record["provider"], record["model"])
+        if self.day != local_day():
+            self.day, self.today = local_day(), {}
+        places = [self.models.setdefault(key, new_totals()),
+                  self.today.setdefault(key, new_totals())]
         if session is not None:
             entry = self.sessions.pop(session, None) or new_totals()
             self.sessions[session] = entry
@@ -3238,13 +3386,70 @@ class UsageLedger:
                 self.sessions.popitem(last=False)
         for totals in places:
             add_usage(totals, record["usage"], cost)
+        self.changed = True
+
+    def note_request(self, record: dict, status: int, cost: float | None) -> None:
+        """One routed request for the recent list: what happened, never what was said."""
+        usage = record.get("usage") or {}
+        self.recent.append({
+            "time": round(time.time(), 3), "route": record.get("route"),
+            "provider": record["provider"], "model": record["model"], "status": status,
+            "latency_ms": round((time.monotonic() - record["started"]) * 1000, 1),
+            "input_tokens": sum(usage.get(f) or 0 for f in USAGE_FIELDS if f != "output_tokens"),
+            "output_tokens": usage.get("output_tokens") or 0,
+            "cost_usd": None if cost is None else round(cost, 6)})
 
     def view(self) -> dict:
-        """Usage per provider and model, and the sessions, most recent first, for /status."""
-        return {"by_model": [dict(totals, provider=provider, model=model) for (provider, model),
-                             totals in sorted(self.models.items())],
+        """Usage per provider and model (in all and today), the sessions and the recent
+        requests, most recent first, for /status."""
+        return {"by_model": totals_list(self.models),
+                "today": {"date": self.day, "by_model": totals_list(
+                    self.today if self.day == local_day() else {})},
                 "sessions": [dict(totals, session_id=name)
-                             for name, totals in reversed(self.sessions.items())]}
+                             for name, totals in reversed(self.sessions.items())],
+                "recent_requests": list(reversed(self.recent))}
+
+    def saved(self) -> str:
+        """What the usage file holds: the totals and the sessions (no recent requests)."""
+        self.changed = False
+        return json.dumps({"version": 1, "day": self.day, "models": totals_list(self.models),
+                           "today": totals_list(self.today),
+                           "sessions": [dict(t, session_id=n) for n, t in self.sessions.items()]})
+
+    def restore(self, content: dict) -> None:
+        """Take back what saved() wrote (entries that do not fit are skipped)."""
+        for name, place in (("models", self.models), ("today", self.today)):
+            if name == "today" and content.get("day") != self.day:
+                continue
+            for entry in list_of(content.get(name))[:MAX_SAVED_MODELS]:
+                totals = restored_totals(entry)
+                if totals is not None:
+                    place[(str(entry.get("provider")), str(entry.get("model")))] = totals
+        for entry in list_of(content.get("sessions"))[-MAX_SESSIONS:]:
+            totals = restored_totals(entry)
+            if totals is not None and SESSION_ID_RE.match(str(entry.get("session_id"))):
+                self.sessions[entry["session_id"]] = dict(totals, **{
+                    k: entry.get(k) for k in ("provider", "model", "route", "last_seen")})
+
+
+def local_day() -> str:
+    return time.strftime("%Y-%m-%d")
+
+
+def totals_list(totals_by_model: dict) -> list:
+    return [dict(totals, provider=provider, model=model)
+            for (provider, model), totals in sorted(totals_by_model.items())]
+
+
+def restored_totals(entry) -> dict | None:
+    """The counters of a saved entry, or None when they are not all counts."""
+    totals = new_totals()
+    for name in totals:
+        value = dict_of(entry).get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            return None
+        totals[name] = value
+    return totals
 
 
 def new_totals() -> dict:
@@ -3301,6 +3506,7 @@ class Metrics:
         lines += metric_header("ccproxy_tokens_total", "counter", "Tokens in and out.")
         lines += ["ccproxy_tokens_total{%s} %d" % (labels(provider=p, direction=d), n)
                   for (p, d), n in sorted(self.tokens.items())]
+        lines += usage_metrics(app.usage)
         lines += metric_header("ccproxy_active_streams", "gauge", "Streams being relayed now.")
         lines.append("ccproxy_active_streams %d" % app.active_streams)
         lines += metric_header("ccproxy_circuit_state", "gauge",
@@ -3311,6 +3517,28 @@ class Metrics:
                                "Times a request moved on to the next provider.")
         lines.append("ccproxy_failovers_total %d" % app.failover.count)
         return "\n".join(lines) + "\n"
+
+
+USAGE_METRIC_TYPES = (("input_tokens", "input"), ("output_tokens", "output"),
+                      ("cache_read_input_tokens", "cache_read"),
+                      ("cache_creation_input_tokens", "cache_write"))
+
+
+def usage_metrics(usage: UsageLedger) -> list:
+    """Usage and cost per provider and model (the same counters /status and the status page
+    show), as Prometheus counters."""
+    lines = metric_header("ccproxy_usage_tokens_total", "counter",
+                          "Tokens of the answers, by provider, model and type.")
+    lines += ["ccproxy_usage_tokens_total{%s} %d" % (labels(provider=p, model=m, type=kind),
+                                                     totals[field])
+              for (p, m), totals in sorted(usage.models.items())
+              for field, kind in USAGE_METRIC_TYPES]
+    lines += metric_header("ccproxy_usage_cost_dollars_total", "counter",
+                           "Cost of the answers at the configured prices, in US dollars.")
+    lines += ["ccproxy_usage_cost_dollars_total{%s} %.6f" % (labels(provider=p, model=m),
+                                                            totals["cost_usd"])
+              for (p, m), totals in sorted(usage.models.items())]
+    return lines
 
 
 class Histogram:
@@ -8123,6 +8351,40 @@ def watch_config_file(app: ProxyApp) -> None:
     loop.call_later(CONFIG_WATCH_SECONDS, check)
 
 
+USAGE_SAVE_SECONDS = 30.0            # the usage file is written this often, when changed
+
+
+def keep_usage(app: ProxyApp) -> None:
+    """With usage_file set: take back the usage it holds, then write it every little while
+    when it has changed (and at stop), so counters outlive a restart."""
+    path = app.config.usage_file
+    if not path:
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            app.usage.restore(dict_of(json.load(handle)))
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.warning("usage_file %s could not be read; counting from zero: %s", path, exc)
+    loop = asyncio.get_running_loop()
+
+    def save_now():
+        save_usage(app)
+        loop.call_later(USAGE_SAVE_SECONDS, save_now)
+
+    loop.call_later(USAGE_SAVE_SECONDS, save_now)
+
+
+def save_usage(app: ProxyApp) -> None:
+    """Write the usage file (atomically, 0600) when there is news for it."""
+    if app.config.usage_file and app.usage.changed:
+        try:
+            write_private_file(app.config.usage_file, app.usage.saved())
+        except OSError as exc:
+            log.warning("usage_file %s could not be written: %s", app.config.usage_file, exc)
+
+
 def watch_sessions(server: ProxyServer) -> None:
     """Stop the server once no `code` session is alive (checked every few seconds), so a
     proxy that `code` started does not outlive its sessions, even crashed ones."""
@@ -8542,7 +8804,7 @@ def build_code_parser(name: str) -> argparse.ArgumentParser:
     """The help of `code`: its own flags; every other argument goes to claude."""
     parser = argparse.ArgumentParser(
         prog=name + " code", usage="%s code [--config FILE] [--host H] [--port P] "
-                                   "[--subagent-model PROVIDER,MODEL] "
+                                   "[--subagent-model PROVIDER,MODEL] [--statusline] "
                                    "[claude arguments…] [-- claude arguments…]" % name,
         description="Start the proxy if it is not running, then run Claude Code ('claude', or "
                     "$CLAUDE_PATH) through it. Arguments not listed here go to claude unchanged; "
@@ -8555,6 +8817,9 @@ def build_code_parser(name: str) -> argparse.ArgumentParser:
     parser.add_argument("--subagent-model", metavar="PROVIDER,MODEL",
                         help="the model Claude Code's subagents use (CLAUDE_CODE_SUBAGENT_MODEL); "
                              "without it they follow routes.subagent")
+    parser.add_argument("--statusline", action="store_true",
+                        help="show ccproxy's status line in this session (passed to claude as "
+                             "--settings; your settings files are not changed)")
     return parser
 
 
@@ -9040,15 +9305,24 @@ def cmd_code(argv) -> int:
         return 1
     extra = {"CLAUDE_CODE_SUBAGENT_MODEL": own["--subagent-model"]} \
         if own["--subagent-model"] else {}
+    if own["statusline"]:
+        claude_arguments = ["--settings", json.dumps({"statusLine": {
+            "type": "command", "command": statusline_command()}})] + claude_arguments
     return run_code_session(claude, claude_arguments, config, extra)
 
 
+def statusline_command() -> str:
+    """The command for Claude Code's statusLine setting: this file's `status --statusline`."""
+    return "%s %s status --statusline" % tuple(
+        shlex.quote(part) for part in (sys.executable, os.path.abspath(__file__)))
+
+
 def split_code_arguments(argv):
-    """(code's own options, claude's arguments): --config/--host/--port, --subagent-model
-    and --help are code's; `--` hands everything after it to claude; anything else goes to
-    claude too."""
+    """(code's own options, claude's arguments): --config/--host/--port, --subagent-model,
+    --statusline and --help are code's; `--` hands everything after it to claude; anything
+    else goes to claude too."""
     own, passed, index = {"--config": None, "--host": None, "--port": None,
-                          "--subagent-model": None, "help": False}, [], 0
+                          "--subagent-model": None, "help": False, "statusline": False}, [], 0
     while index < len(argv):
         argument = argv[index]
         name, equals, value = argument.partition("=")
@@ -9057,6 +9331,8 @@ def split_code_arguments(argv):
             break
         if argument in ("-h", "--help"):
             own["help"] = True
+        elif argument == "--statusline":
+            own["statusline"] = True
         elif name in own:
             if not equals:
                 if index + 1 >= len(argv):

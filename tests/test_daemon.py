@@ -271,7 +271,8 @@ import json, os, sys, time, urllib.request
 record = {{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in (
     "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "API_TIMEOUT_MS", "DISABLE_TELEMETRY",
     "DISABLE_COST_WARNINGS", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "NO_PROXY",
-    "ANTHROPIC_API_KEY", "CLAUDE_CODE_USE_BEDROCK")}}}}
+    "ANTHROPIC_API_KEY", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_SUBAGENT_MODEL",
+    "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY")}}}}
 with urllib.request.urlopen(os.environ["ANTHROPIC_BASE_URL"] + "/health") as response:
     record["health"] = response.status
 with open(os.environ["RECORD_FILE"], "a") as handle:
@@ -527,3 +528,21 @@ def test_the_launchd_agent_starts_with_its_environment_variables(tmp_path, upstr
     assert list(agent["EnvironmentVariables"]) == ["OPENAI_API_KEY"]
     status, stderr = run_recipe(argv, env, tmp_path, port)
     assert status == 0 and "listening on http://127.0.0.1:%d" % port in stderr
+
+
+def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
+        home, claude_stand_in, tmp_path):
+    h = home()
+    result = h.run("code", "--statusline", "--subagent-model", "openai,gpt-5-mini", "-p", "hi",
+                   CLAUDE_PATH=str(claude_stand_in), RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    assert result.returncode == 0, result.stderr
+    (seen,) = records(tmp_path)
+    assert seen["argv"][0] == "--settings" and seen["argv"][2:] == ["-p", "hi"]
+    command = json.loads(seen["argv"][1])["statusLine"]["command"]
+    assert command.endswith("ccproxy.py status --statusline")
+    line = subprocess.run(command, shell=True, input='{"session_id": "s"}', capture_output=True,
+                          text=True, env=h.env(), timeout=30)
+    assert line.stdout == "ccproxy: down\n"              # the session's proxy has stopped
+    assert seen["env"]["CLAUDE_CODE_SUBAGENT_MODEL"] == "openai,gpt-5-mini"
+    assert seen["env"]["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
+    assert not (tmp_path / "home" / ".claude").exists()       # no settings file was written

@@ -4,6 +4,8 @@ overflow; the /model picker's ids and route aliases."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -377,3 +379,35 @@ def test_the_status_line_command_says_down_when_nothing_runs(tmp_path):
                             input='{"session_id": "s"}', capture_output=True, text=True,
                             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=30)
     assert (result.returncode, result.stdout) == (0, "ccproxy: down\n")
+
+
+# --- usage kept across a restart ----------------------------------------------------------------
+
+def test_usage_survives_a_restart_in_the_usage_file(start_proxy, upstream, tmp_path):
+    upstream.script = lambda r: json_reply(with_usage(anthropic_message(), input_tokens=10,
+                                                      output_tokens=5))
+    usage_file = tmp_path / "state" / "usage.json"
+    config = {"usage_file": str(usage_file),
+              "providers": [anthropic_provider(upstream, models=[PRICED])]}
+    first = start_proxy(config)
+    ask(first)
+    first.stop()
+    assert stat.S_IMODE(os.stat(usage_file).st_mode) == 0o600
+    saved = json.loads(usage_file.read_text())
+    assert "hi" not in usage_file.read_text() and saved["sessions"][0]["session_id"] == SESSION
+    second = start_proxy(config)
+    ask(second)
+    usage = get(second, "/status")[1]["usage"]
+    assert usage["by_model"][0]["requests"] == 2 and usage["today"]["by_model"][0][
+        "output_tokens"] == 10
+    assert get(second, "/sessions/" + SESSION)[1]["requests"] == 2
+
+
+def test_an_unreadable_usage_file_starts_from_zero_with_a_warning(start_proxy, upstream,
+                                                                 tmp_path, ccproxy_log):
+    usage_file = tmp_path / "usage.json"
+    usage_file.write_text("{not json")
+    proxy = start_proxy({"usage_file": str(usage_file),
+                         "providers": [anthropic_provider(upstream)]})
+    assert get(proxy, "/status")[1]["usage"]["by_model"] == []
+    assert any("usage_file %s could not be read" % usage_file in m for m in ccproxy_log)

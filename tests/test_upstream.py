@@ -291,13 +291,19 @@ def test_a_burst_of_streams_leaves_no_worker_thread_behind(start_proxy, upstream
     monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 0.2)
     upstream.script = lambda r: stream_reply(anthropic_stream_events(["x"] * 50))
     proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
-    threads = [threading.Thread(target=lambda: sdk(proxy).messages.create(
-        model="m", max_tokens=5, stream=True, messages=[{"role": "user", "content": "hi"}]
-    ).response.read()) for _ in range(20)]
+    texts = []
+
+    def stream():
+        client = sdk(proxy)
+        with client.messages.stream(model="m", max_tokens=5, messages=[
+                {"role": "user", "content": "hi"}]) as events:
+            texts.append("".join(events.text_stream))
+    threads = [threading.Thread(target=stream) for _ in range(20)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
+    assert texts == ["x" * 50] * 20
     upstream_state = lambda: proxy.server.app.upstream     # noqa: E731
     assert wait_until(lambda: upstream_state().threads == 0, seconds=5)
     assert len(upstream.requests) == 20

@@ -1,0 +1,124 @@
+"""Watching it: the status page in a real headless Chromium after traffic through two
+providers, and the same usage and cost in /status, /metrics and the status line."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import urllib.request
+
+import pytest
+
+import ccproxy
+from helpers import anthropic_message, anthropic_provider, json_reply, sdk
+
+SESSION = "5d0c1f7a-2b9e-4f0d-8a51-7c3e9b2d4a60"
+PRICE = {"input": 3, "output": 15, "cache_read": 0.3}
+
+
+def browser() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or \
+        shutil.which("google-chrome")
+    if found is None:
+        pytest.skip("no headless Chromium here (Debian: apt-get install chromium)")
+    return found
+
+
+def render(url: str, *extra) -> str:
+    """The page's DOM once its script has run (a virtual 3 s), from headless Chromium."""
+    output = list(extra) or ["--dump-dom"]
+    result = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu",
+                             "--virtual-time-budget=3000", *output, url],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def openai_reply(request):
+    return json_reply({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-5",
+                       "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                           "role": "assistant", "content": "ok"}}],
+                       "usage": {"prompt_tokens": 1200, "completion_tokens": 30,
+                                 "prompt_tokens_details": {"cached_tokens": 1000}}})
+
+
+@pytest.fixture
+def busy_proxy(start_proxy, upstream, second_upstream):
+    """A proxy that has answered through two providers (with prices), and one refusal."""
+    upstream.script = lambda r: json_reply(dict(anthropic_message(), usage={
+        "input_tokens": 100, "output_tokens": 20}))
+    second_upstream.script = openai_reply
+    proxy = start_proxy({
+        "providers": [anthropic_provider(upstream, models=[
+                          {"name": "claude-sonnet-4-5", "price": PRICE}]),
+                      {"name": "openai", "api_key": "sk-openai-0123456789",
+                       "api_base_url": second_upstream.url + "/v1",
+                       "models": [{"name": "gpt-5", "price": {"input": 1.25, "output": 10,
+                                                              "cache_read": 0.5}}]}],
+        "routes": {"default": "anthropic,claude-sonnet-4-5",
+                   "background": {"provider": "openai", "model": "gpt-5",
+                                  "fallbacks": ["anthropic,claude-sonnet-4-5"]}},
+        "performance": {"metrics_enabled": True}})
+    client = sdk(proxy)
+    for model in ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-haiku-4-5"):
+        client.messages.create(model=model, max_tokens=5, messages=[
+            {"role": "user", "content": "hi"}], extra_headers={
+                "x-claude-code-session-id": SESSION})
+    return proxy
+
+
+def test_the_status_page_shows_providers_routes_requests_and_todays_cost(busy_proxy,
+                                                                         tmp_path):
+    dom = render(busy_proxy.url + "/")
+    assert "<h1>ccproxy</h1>" in dom and "version %s" % ccproxy.__version__ in dom
+    rows = re.findall(r"<tr>(.*?)</tr>", dom)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows]
+    assert ["anthropic", "anthropic", "yes", "disabled", "0", ""] == [
+        c for c in cells if c[:1] == ["anthropic"] and len(c) == 7][0][:6]
+    assert ["background", "openai,gpt-5", "anthropic,claude-sonnet-4-5"] in cells
+    usage = {tuple(c[:2]): c[2:] for c in cells if len(c) == 7 and c[0] in ("anthropic", "openai")
+             and c[1] in ("claude-sonnet-4-5", "gpt-5")}
+    assert usage[("openai", "gpt-5")] == ["2", "2,400", "2,000", "60", "$0.0021"]
+    assert usage[("anthropic", "claude-sonnet-4-5")] == ["1", "100", "0", "20", "$0.0006"]
+    requests = [c for c in cells if len(c) == 9]
+    assert len(requests) == 3 and requests[0][1:5] == ["background", "openai", "gpt-5",
+                                                        "200"]
+    assert "<b>$0.0027</b>cost today" in dom                  # today's total cost card
+    assert "sk-openai-0123456789" not in dom and "Hello" not in dom   # no key, no content
+    for width in (1280, 390):
+        shot = tmp_path / ("status-%d.png" % width)
+        render(busy_proxy.url + "/", "--screenshot=%s" % shot,
+               "--window-size=%d,1100" % width, "--hide-scrollbars")
+        assert shot.stat().st_size > 10000
+
+
+def test_the_page_asks_for_the_key_of_a_proxy_that_has_one(start_proxy, upstream):
+    proxy = start_proxy({"apikey": "team-key-0123456789",
+                         "providers": [anthropic_provider(upstream)]})
+    dom = render(proxy.url + "/")
+    assert re.search(r'<form id="login">', dom)               # shown, no longer hidden
+    assert "the proxy asks for its key" in dom and "<td>anthropic</td>" not in dom
+
+
+def test_status_metrics_and_the_status_line_agree_with_the_page(busy_proxy):
+    status = json.loads(urllib.request.urlopen(busy_proxy.url + "/status").read())
+    today = {(m["provider"], m["model"]): m for m in status["usage"]["today"]["by_model"]}
+    assert today[("openai", "gpt-5")]["cost_usd"] == pytest.approx(
+        (200 * 1.25 + 30 * 10 + 1000 * 0.5) * 2 / 1e6)
+    metrics = urllib.request.urlopen(busy_proxy.url + "/metrics").read().decode()
+    assert 'ccproxy_usage_tokens_total{provider="openai",model="gpt-5",type="cache_read"} ' \
+           '2000' in metrics
+    assert re.search(r'ccproxy_usage_cost_dollars_total\{provider="openai",model="gpt-5"\} '
+                     r'0\.002100', metrics)
+    line = ccproxy.statusline({"session_id": SESSION}, {"url": busy_proxy.url})
+    assert line == "ccproxy: gpt-5 (openai) · 2.5k in (80% cached) · 80 out · $0.00"
+
+
+def test_a_plain_client_still_gets_json_at_the_root(busy_proxy):
+    answer = urllib.request.urlopen(busy_proxy.url + "/")
+    assert json.loads(answer.read()) == {"name": "ccproxy", "status": "ok"}
+    page = urllib.request.urlopen(urllib.request.Request(busy_proxy.url + "/", headers={
+        "accept": "text/html"}))
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'none'" in page.headers["content-security-policy"]
