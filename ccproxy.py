@@ -895,6 +895,14 @@ PRESET_MODEL_LIMITS = {
         "MiniMax-M2.1": (204800, None), "MiniMax-M2": (204800, None),
     },
 }
+# Published prices (US dollars per million tokens) where the provider's own model page gives one
+# rate: developers.openai.com/api/docs/models/gpt-5-codex (GPT-5 and GPT-5-Codex, standard tier),
+# checked 2026-12-05. Not given for DeepSeek (peak and off-peak rates), nor where no page was
+# checked: a model without a price shows tokens only.
+PRESET_MODEL_PRICES = {
+    "openai": {model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
+               for model in ("gpt-5", "gpt-5-codex")},
+}
 MODEL_LIMIT_KEYS = ("name", "context_window", "max_output_tokens")
 MODEL_ENTRY_KEYS = MODEL_LIMIT_KEYS + ("price",)
 # A model's price: US dollars per million tokens of each kind (its usage field beside it).
@@ -1255,7 +1263,7 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
                     count_tokens=fields["count_tokens"],
                     quirks=provider_quirks(fields, preset), model_limits=limits,
-                    prices=fields["prices"])
+                    prices=dict(PRESET_MODEL_PRICES.get(name.lower(), {}), **fields["prices"]))
 
 
 def provider_quirks(fields: dict, preset: dict) -> dict:

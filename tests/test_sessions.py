@@ -411,3 +411,16 @@ def test_an_unreadable_usage_file_starts_from_zero_with_a_warning(start_proxy, u
                          "providers": [anthropic_provider(upstream)]})
     assert get(proxy, "/status")[1]["usage"]["by_model"] == []
     assert any("usage_file %s could not be read" % usage_file in m for m in ccproxy_log)
+
+
+def test_a_preset_model_has_its_published_price_unless_the_config_gives_one():
+    config = ccproxy.build_config({"providers": [
+        {"name": "openai", "api_key": "k", "models": [
+            "gpt-5", {"name": "gpt-5-codex", "price": {"input": 2, "output": 20}}]},
+        {"name": "deepseek", "api_key": "k", "models": ["deepseek-v4-pro"]}]}, "c", {})
+    openai, deepseek = config.providers
+    usage = {"input_tokens": 1_000_000, "output_tokens": 1_000_000,
+             "cache_read_input_tokens": 1_000_000}
+    assert openai.cost("gpt-5", usage) == pytest.approx(1.25 + 10 + 0.125)
+    assert openai.cost("gpt-5-codex", {"input_tokens": 1_000_000}) == pytest.approx(2)
+    assert deepseek.cost("deepseek-v4-pro", usage) is None        # no one rate to default to
