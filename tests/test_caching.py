@@ -46,20 +46,21 @@ def provider(name, **fields):
     return config.providers[0]
 
 
+# translator -> (the function that builds the upstream body, provider, model)
 TRANSLATORS = {
-    "openai": lambda body: ccproxy.openai_request_from_anthropic(body, provider("openai"),
-                                                                 "gpt-5"),
-    "openrouter": lambda body: ccproxy.openai_request_from_anthropic(
-        body, provider("openrouter"), "anthropic/claude-sonnet-4.5"),
-    "deepseek": lambda body: ccproxy.openai_request_from_anthropic(body, provider("deepseek"),
-                                                                   "deepseek-v4-pro"),
-    "mistral": lambda body: ccproxy.openai_request_from_anthropic(body, provider("mistral"),
-                                                                  "mistral-large-latest"),
-    "openai-responses": lambda body: ccproxy.responses_request_from_anthropic(
-        body, provider("openai"), "gpt-5-codex"),
-    "gemini": lambda body: ccproxy.gemini_request_from_anthropic(body, provider("gemini"),
-                                                                 "gemini-2.5-pro"),
+    "openai": (ccproxy.openai_request_from_anthropic, "openai", "gpt-5"),
+    "openrouter": (ccproxy.openai_request_from_anthropic, "openrouter",
+                   "anthropic/claude-sonnet-4.5"),
+    "deepseek": (ccproxy.openai_request_from_anthropic, "deepseek", "deepseek-v4-pro"),
+    "mistral": (ccproxy.openai_request_from_anthropic, "mistral", "mistral-large-latest"),
+    "openai-responses": (ccproxy.responses_request_from_anthropic, "openai", "gpt-5-codex"),
+    "gemini": (ccproxy.gemini_request_from_anthropic, "gemini", "gemini-2.5-pro"),
 }
+
+
+def translated(translator: str, body: dict) -> dict:
+    build, name, model = TRANSLATORS[translator]
+    return build(body, provider(name), model)
 
 
 def prefix_parts(upstream: dict) -> tuple:
@@ -76,7 +77,7 @@ def prefix_parts(upstream: dict) -> tuple:
 def test_each_turn_keeps_the_previous_turns_upstream_prefix(claude_code_requests, version,
                                                             translator):
     first = copy.deepcopy(claude_code_requests[version][0]["json"])
-    bodies = [TRANSLATORS[translator](turn) for turn in session_turns(first, 5)]
+    bodies = [translated(translator, turn) for turn in session_turns(first, 5)]
     for before, after in zip(bodies, bodies[1:]):
         (head_before, items_before), (head_after, items_after) = map(prefix_parts,
                                                                      (before, after))
