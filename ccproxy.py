@@ -3338,7 +3338,7 @@ async def handle_session(app: ProxyApp, request: Request, conn) -> Response:
         raise NotFoundError("no answer recorded for session %s (the most recent %d are kept)"
                             % (name if SESSION_ID_RE.match(name) else "(invalid id)",
                                MAX_SESSIONS))
-    return json_response(dict(session, session_id=name))
+    return json_response(dict(session, session_id=name, today=app.usage.today_totals()))
 
 
 async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
@@ -3395,6 +3395,14 @@ class UsageLedger:
         for totals in places:
             add_usage(totals, record["usage"], cost)
         self.changed = True
+
+    def today_totals(self) -> dict:
+        """Today's totals over every provider and model."""
+        day = new_totals()
+        for totals in (self.today.values() if self.day == local_day() else ()):
+            for name in day:
+                day[name] += totals[name]
+        return day
 
     def note_request(self, record: dict, status: int, cost: float | None) -> None:
         """One routed request for the recent list: what happened, never what was said."""
@@ -9113,8 +9121,9 @@ def read_statusline_input(stream) -> dict:
 
 def statusline(data: dict, record: dict | None) -> str:
     """One short line: the proxy up or down, and for Claude Code's session the model that
-    answered last, its tokens (how many read from the cache) and cost. It runs on every
-    prompt: the config file is read only when the proxy asks for its key."""
+    answered last, its tokens (how many read from the cache) and cost, then today's tokens and
+    cost. It runs on every prompt: the config file is read only when the proxy asks for its
+    key."""
     if record is None:
         return "ccproxy: down"
     session = str(data.get("session_id") or "")
@@ -9130,7 +9139,14 @@ def statusline(data: dict, record: dict | None) -> str:
         return "ccproxy: down"
     if answer[0] != 200 or path == "/health":
         return "ccproxy: up"
-    return "ccproxy: " + session_summary(answer[1])
+    session = answer[1]
+    today = dict_of(session.get("today"))
+    line = "ccproxy: " + session_summary(session)
+    if today.get("requests"):
+        line += " · today %s tokens" % short_count(sum(today.get(f, 0) for f in USAGE_FIELDS))
+        if today["requests"] > today.get("unpriced_requests", 0):
+            line += " $%.2f" % today.get("cost_usd", 0)
+    return line
 
 
 def session_summary(session: dict) -> str:
@@ -9320,9 +9336,10 @@ def cmd_code(argv) -> int:
 
 
 def statusline_command() -> str:
-    """The command for Claude Code's statusLine setting: this file's `status --statusline`."""
-    return "%s %s status --statusline" % tuple(
-        shlex.quote(part) for part in (sys.executable, os.path.abspath(__file__)))
+    """The command for Claude Code's statusLine setting: this file's `status --statusline`,
+    imported from the bytecode cache (it runs on every prompt; a script is compiled each time)."""
+    return "%s -c %s status --statusline" % (shlex.quote(sys.executable), shlex.quote(
+        DETACHED_LAUNCHER % os.path.abspath(__file__)))
 
 
 def split_code_arguments(argv):

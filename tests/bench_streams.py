@@ -14,6 +14,7 @@ shared benchmark helpers. Rows:
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients
   idle RSS          `start --foreground`, from the bytecode cache
+  status line       `status --statusline`, as Claude Code runs it on every prompt
   throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
 
 Machines differ and shared ones drift: compare the ratios, not the absolute figures. Not part
@@ -153,6 +154,29 @@ def throughput_rows(run: Processes, requests: int) -> None:
             "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
 
 
+def statusline_time(run: Processes, home: Path) -> None:
+    """How long `status --statusline` takes (it runs on every prompt), median of 20, beside a
+    Python that does nothing."""
+    environment = dict(os.environ, HOME=str(home))
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.path.insert(0, str(REPO))
+    import ccproxy
+    command = ccproxy.statusline_command()          # what `code --statusline` gives Claude Code
+    times = []
+    for _ in range(20):
+        started = time.perf_counter()
+        line = subprocess.run(command, shell=True, input='{"session_id": "bench"}',
+                              capture_output=True, text=True, env=environment).stdout.strip()
+        times.append(time.perf_counter() - started)
+    bare = []
+    for _ in range(20):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], env=environment)
+        bare.append(time.perf_counter() - started)
+    row("status --statusline (%s)" % line, "python -c pass: %.0f ms" % (sorted(bare)[10] * 1000),
+        "%.0f ms" % (sorted(times)[10] * 1000))
+
+
 def idle_rss(home: Path) -> float:
     """RSS (MB) of a fresh `start --foreground` that has served nothing."""
     run = Processes(home)
@@ -177,6 +201,7 @@ def main() -> None:
         row("idle RSS, start --foreground", "-", "%.1f MB" % idle_rss(home))
         run = Processes(home)
         try:
+            statusline_time(run, home)
             paced(run, options.streams, options.settle)
             cpu_rows(run, requests)
             throughput_rows(run, requests)

@@ -123,7 +123,8 @@ def test_status_and_the_status_line_show_each_sessions_usage(home, upstream):
         assert "  anthropic,claude-sonnet-4-5: 1 answers, 1.0k in (90% cached)" in shown
         assert "  session s-1: " + words in shown
         line = h.run("status", "--statusline", input='{"session_id": "s-1"}')
-        assert (line.returncode, line.stdout) == (0, "ccproxy: " + words + "\n")
+        assert (line.returncode, line.stdout) == (
+            0, "ccproxy: " + words + " · today 3.0k tokens $0.03\n")
     finally:
         h.run("stop")
 
@@ -539,7 +540,7 @@ def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
     (seen,) = records(tmp_path)
     assert seen["argv"][0] == "--settings" and seen["argv"][2:] == ["-p", "hi"]
     command = json.loads(seen["argv"][1])["statusLine"]["command"]
-    assert command.endswith("ccproxy.py status --statusline")
+    assert "ccproxy.py" in command and command.endswith(" status --statusline")
     line = subprocess.run(command, shell=True, input='{"session_id": "s"}', capture_output=True,
                           text=True, env=h.env(), timeout=30)
     assert line.stdout == "ccproxy: down\n"              # the session's proxy has stopped

@@ -354,7 +354,7 @@ def test_the_status_line_shows_the_sessions_model_tokens_and_cost(start_proxy, u
     ask(proxy)
     line = ccproxy.statusline({"session_id": SESSION, "model": {"id": "x"}}, record)
     assert line == "ccproxy: claude-sonnet-4-5 (anthropic) · 10.0k in (90% cached) · 1.5k out" \
-                   " · $0.03"
+                   " · $0.03 · today 11.5k tokens $0.03"
     assert ccproxy.statusline({}, record) == "ccproxy: up"
     assert ccproxy.statusline({"session_id": SESSION}, None) == "ccproxy: down"
 

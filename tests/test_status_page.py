@@ -112,7 +112,8 @@ def test_status_metrics_and_the_status_line_agree_with_the_page(busy_proxy):
     assert re.search(r'ccproxy_usage_cost_dollars_total\{provider="openai",model="gpt-5"\} '
                      r'0\.002100', metrics)
     line = ccproxy.statusline({"session_id": SESSION}, {"url": busy_proxy.url})
-    assert line == "ccproxy: gpt-5 (openai) · 2.5k in (80% cached) · 80 out · $0.00"
+    assert line == "ccproxy: gpt-5 (openai) · 2.5k in (80% cached) · 80 out · $0.00 · " \
+                   "today 2.6k tokens $0.00"
 
 
 def test_a_plain_client_still_gets_json_at_the_root(busy_proxy):
