@@ -470,12 +470,14 @@ DEFAULT_CONFIG = {
     "providers": [],
     "routes": {},
     "security": {"allowed_ips": []},
+    "management": {"read_only": False},
     "performance": {
         "request_timeout": DEFAULT_REQUEST_TIMEOUT_SECONDS,
         "header_timeout": DEFAULT_HEADER_TIMEOUT_SECONDS,
         "keepalive_timeout": DEFAULT_KEEPALIVE_TIMEOUT_SECONDS,
         "body_timeout": DEFAULT_BODY_TIMEOUT_SECONDS,
         "shutdown_timeout": DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+        "drain_delay": 0.0,
         "max_request_body_size": DEFAULT_MAX_BODY_BYTES,
         "max_connections": 0,
         "worker_threads": DEFAULT_WORKER_THREADS,
@@ -567,8 +569,9 @@ def join_key(path: str, key: str) -> str:
     return "%s.%s" % (path, key) if path else key
 
 
-def parse_duration(value) -> float:
-    """Seconds from 30, 2.5, "30s", "5m", "1h30m" or "500ms"; raises ValueError otherwise."""
+def parse_duration(value, zero: bool = False) -> float:
+    """Seconds from 30, 2.5, "30s", "5m", "1h30m" or "500ms" (0 too, with zero); raises
+    ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError("not a duration")
     if isinstance(value, (int, float)):
@@ -582,7 +585,7 @@ def parse_duration(value) -> float:
             if not parts or "".join(n + u for n, u in parts) != text:
                 raise ValueError("not a duration") from None
             seconds = sum(float(n) * DURATION_UNIT_SECONDS[u] for n, u in parts)
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not zero):
         raise ValueError("must be more than zero")
     return seconds
 
@@ -1002,6 +1005,8 @@ class Config:
         self.keepalive_timeout = performance["keepalive_timeout"]
         self.body_timeout = performance["body_timeout"]
         self.shutdown_timeout = performance["shutdown_timeout"]
+        self.drain_delay = performance["drain_delay"]
+        self.read_only = raw["management"]["read_only"]
         self.max_body_bytes = performance["max_request_body_size"]
         self.max_connections = performance["max_connections"] or default_max_connections()
         self.worker_threads = performance["worker_threads"]
@@ -1191,9 +1196,9 @@ def build_performance(checker: ConfigChecker, section) -> dict:
     checker.unknown_keys(section, DEFAULT_CONFIG["performance"], "performance")
     checked = dict(section)
     for key in ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout",
-                "shutdown_timeout", "retry_budget", "circuit_breaker_cooldown"):
+                "shutdown_timeout", "drain_delay", "retry_budget", "circuit_breaker_cooldown"):
         try:
-            checked[key] = parse_duration(section[key])
+            checked[key] = parse_duration(section[key], zero=key == "drain_delay")
         except ValueError as exc:
             checker.fail("performance." + key, "%s (use seconds or \"30s\", \"5m\"): %s"
                          % (exc, json.dumps(section[key])))
@@ -1209,6 +1214,15 @@ def build_performance(checker: ConfigChecker, section) -> dict:
     for key in PERFORMANCE_SWITCHES:
         checker.typed(section, key, "performance", bool, "true or false")
     return checked
+
+
+def check_management(checker: ConfigChecker, section) -> None:
+    """Validate management.*."""
+    if not isinstance(section, dict):
+        checker.fail("management", "must be an object")
+        return
+    checker.unknown_keys(section, DEFAULT_CONFIG["management"], "management")
+    checker.typed(section, "read_only", "management", bool, "true or false")
 
 
 def build_allowed_networks(checker: ConfigChecker, section) -> list:
@@ -1558,6 +1572,7 @@ def build_config(raw: dict, source: str | None, environ=None, flags=None,
     clean_top_level(checker, merged)
     merged["performance"] = build_performance(checker, merged.get("performance"))
     networks = build_allowed_networks(checker, merged.get("security"))
+    check_management(checker, merged.get("management"))
     providers = build_providers(checker, merged.get("providers"))
     routes = build_routes(checker, merged.get("routes"), providers)
     if checker.problems:
@@ -2146,6 +2161,7 @@ class ProxyServer:
         await self.start()
         watch_config_file(self.app)
         keep_usage(self.app)
+        self.app.phase = "ready"
         if on_ready is not None:
             on_ready(self)
         try:
@@ -2157,8 +2173,9 @@ class ProxyServer:
     def stop(self, grace: float | None = None) -> None:
         """Ask the server to stop, letting answers in flight finish for `grace` seconds (default
         performance.shutdown_timeout); safe from any thread and from signal handlers. serve()
-        returns once the server has drained."""
+        returns once the server has drained. /ready answers 503 from now on."""
         self._grace = grace
+        self.app.phase = "draining"
         if self._loop is not None and self._stopping is not None:
             try:
                 self._loop.call_soon_threadsafe(self._stopping.set)
@@ -2188,7 +2205,10 @@ class ProxyServer:
 
     async def _shutdown(self) -> None:
         """Stop accepting, end idle connections, let answers in flight finish within
-        shutdown_timeout, then cut what is left."""
+        shutdown_timeout, then cut what is left. First, for performance.drain_delay, it goes on
+        serving as before, so that a balancer probing /ready has seen the 503 when it stops."""
+        if self._grace is None and self.app.config.drain_delay:
+            await asyncio.sleep(self.app.config.drain_delay)
         self._stop_accepting()
         self.app.draining = True
         for connection in list(self._connections.values()):
@@ -2697,6 +2717,7 @@ class ProxyApp:
         self.status_counts = {}
         self.upstream = Upstream(config.worker_threads)
         self.draining = False         # shutting down: answer in-flight requests, take no more
+        self.phase = "starting"       # then "ready", then "draining" once asked to stop
         self.config_mtime = file_mtime(config.source)
         self.active_streams = 0
         self.metrics = Metrics()
@@ -2717,6 +2738,11 @@ class ProxyApp:
     def change_config_file(self, change) -> Config:
         """Apply change() to a copy of the config file's content, validate it like a config
         file, write it back (atomically, 0600) and put it live for new requests."""
+        managed = managed_elsewhere(self.config)
+        if managed:
+            raise PermissionDeniedError("the configuration is managed outside ccproxy (%s): "
+                                        "change it there and reload (SIGHUP, or the file "
+                                        "watch picks it up)" % managed)
         if self.config.converted_from:
             raise ConflictError("%s is a %s config, converted when read; ccproxy does not rewrite "
                                 "it. Save the converted config that `start --check` prints as "
@@ -2844,6 +2870,18 @@ def malloc_trim_function():
         return ctypes.CDLL(None).malloc_trim
     except (ImportError, OSError, AttributeError):
         return False
+
+
+def managed_elsewhere(config: Config) -> str:
+    """Why the management API may not change this config ("" when it may): read_only is
+    set, or its file (or the file's directory, for the atomic write) is not writable."""
+    if config.read_only:
+        return "management.read_only is true"
+    path = config.source
+    if path and not (os.access(path, os.W_OK) and os.access(os.path.dirname(path) or ".",
+                                                            os.W_OK)):
+        return "%s is not writable by ccproxy" % path
+    return ""
 
 
 def refuse_json_constant(name: str):
@@ -3301,8 +3339,21 @@ setInterval(() => refresh().catch(() => {}), 5000);
 
 
 async def handle_health(app: ProxyApp, request: Request, conn) -> Response:
-    """GET /health: alive, and the version; nothing else."""
+    """GET /health: alive, and the version; nothing else (liveness)."""
     return json_response({"status": "ok", "version": __version__})
+
+
+async def handle_ready(app: ProxyApp, request: Request, conn) -> Response:
+    """GET /ready: 200 while this replica should get traffic; 503 while it starts or drains,
+    or when no enabled provider's circuit lets requests through (readiness)."""
+    if app.phase != "ready":
+        return json_response({"status": app.phase}, 503)
+    settings = app.config.breaker_settings
+    able = [p.name for p in app.config.enabled_providers()
+            if app.failover.breaker(p.name, settings).state in ("closed", "disabled")]
+    if not able:
+        return json_response({"status": "no provider available"}, 503)
+    return json_response({"status": "ready", "providers": able})
 
 
 async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
@@ -3713,11 +3764,12 @@ def entry_index(content: dict, name: str) -> int:
 # 6.5 The endpoint table
 # -----------------------------------------------------------------------------
 
-PUBLIC_PATHS = ("/", "/health")
+PUBLIC_PATHS = ("/", "/health", "/ready")
 
 ENDPOINTS = {
     "/": {"GET": handle_root},
     "/health": {"GET": handle_health},
+    "/ready": {"GET": handle_ready},
     "/status": {"GET": handle_status},
     "/metrics": {"GET": handle_metrics},
     "/providers": {"GET": handle_providers, "POST": handle_provider_create},

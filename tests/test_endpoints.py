@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import threading
+import urllib.error
+import urllib.request
 
 import anthropic
 from hypothesis import given, settings, strategies as st
 import pytest
 
 import ccproxy
-from helpers import anthropic_provider, PROVIDER_KEY, raw_exchange, sdk
+from helpers import (anthropic_provider, json_reply, PROVIDER_KEY, raw_exchange, sdk,
+                     wait_until)
 
 
 def get_json(proxy, path):
@@ -144,3 +148,44 @@ def test_models_lists_provider_comma_model_pairs(start_proxy):
     assert body["data"][0]["type"] == "model" and body["first_id"] == "openai,gpt-4.1"
     models = sdk(proxy).models.list()
     assert [m.id for m in models.data] == ["openai,gpt-4.1", "openai,o4-mini"]
+
+
+# --- readiness, apart from liveness ---------------------------------------------------------------
+
+def get_status(url, path):
+    try:
+        with urllib.request.urlopen(url + path, timeout=5) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_ready_needs_a_provider_whose_circuit_lets_requests_through(start_proxy, upstream):
+    assert get_status(start_proxy({}).url, "/ready") == (503, {"status": "no provider available"})
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "api_error", "message": "down"}}, status=500)
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)], "performance": {
+        "circuit_breaker_enabled": True, "circuit_breaker_threshold": 1,
+        "circuit_breaker_cooldown": "1m"}})
+    assert get_status(proxy.url, "/ready") == (200, {"status": "ready",
+                                                     "providers": ["anthropic"]})
+    with pytest.raises(anthropic.InternalServerError):
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert get_status(proxy.url, "/ready")[0] == 503         # its circuit is open
+    assert get_status(proxy.url, "/health")[0] == 200        # alive all the same
+
+
+def test_a_draining_replica_says_so_at_once_and_serves_until_the_delay_is_over(
+        start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"drain_delay": "1s"}})
+    stopping = threading.Thread(target=proxy.stop)
+    stopping.start()
+    assert wait_until(lambda: get_status(proxy.url, "/ready") == (503, {"status": "draining"}))
+    answer = sdk(proxy).messages.create(model="m", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}])
+    assert answer.content[0].text == "Hello from upstream"   # still served during the delay
+    stopping.join(15)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(proxy.url + "/health", timeout=2)

@@ -222,3 +222,39 @@ def test_sighup_reloads_the_config(tmp_path, upstream):
     finally:
         process.terminate()
         process.wait(10)
+
+
+# --- a replica's config, managed outside ccproxy -------------------------------------------------
+
+NEW_PROVIDER = {"name": "extra", "type": "openai", "api_base_url": "http://127.0.0.1:9/v1",
+                "api_key": "sk-extra-0123456789"}
+
+
+@pytest.mark.parametrize("how", ["read_only", "not writable"])
+def test_changes_are_refused_when_the_config_is_managed_elsewhere(managed, monkeypatch, how):
+    if how == "read_only":
+        managed.path.write_text(managed.path.read_text().replace(
+            '"port": 0,', '"port": 0, "management": {"read_only": true},'))
+        reason = "management.read_only is true"
+    else:                       # a ConfigMap mount (root may write anything: asked of os.access)
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(
+            managed.path) else real_access(path, mode))
+        reason = "%s is not writable by ccproxy" % managed.path
+    proxy = managed()
+    before = managed.path.read_text()
+    for method, path, body in (("POST", "/providers", NEW_PROVIDER),
+                               ("PUT", "/providers/main", dict(NEW_PROVIDER, name="main")),
+                               ("DELETE", "/providers/main", None)):
+        status, answer = call(proxy, method, path, body)
+        assert status == 403, answer
+        assert answer["error"]["message"].startswith(
+            "the configuration is managed outside ccproxy (%s)" % reason)
+    assert managed.path.read_text() == before
+    assert call(proxy, "GET", "/providers")[0] == 200          # reading still works
+
+
+def test_a_bad_management_section_names_its_key():
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"management": {"read_only": "yes"}}, "m.json", {})
+    assert "m.json: management.read_only: must be true or false" in str(caught.value)
