@@ -16,6 +16,7 @@ import urllib.request
 import anthropic
 import pytest
 
+import ccproxy
 from helpers import (REPO, anthropic_message, anthropic_provider, json_reply, open_stream,
                       read_to_end, stream_reply, wait_until)
 
@@ -547,3 +548,27 @@ def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
     assert seen["env"]["CLAUDE_CODE_SUBAGENT_MODEL"] == "openai,gpt-5-mini"
     assert seen["env"]["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
     assert not (tmp_path / "home" / ".claude").exists()       # no settings file was written
+
+
+def test_the_kubernetes_example_passes_the_schema_and_drains_within_its_grace():
+    """contrib/kubernetes.yaml, checked offline against Kubernetes' own schemas
+    (kubernetes-validate), and its config read as ccproxy reads it."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    import yaml
+    documents = [d for d in yaml.safe_load_all((CONTRIB / "kubernetes.yaml").read_text()) if d]
+    for document in documents:
+        kubernetes_validate.validate(document, kubernetes_validate.latest_version(), strict=True)
+    kinds = {d["kind"]: d for d in documents}
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret",
+                             "Service"]
+    secret = kinds["Secret"]["stringData"]
+    config = ccproxy.build_config(json.loads(kinds["ConfigMap"]["data"]["config.json"]),
+                                  "kubernetes.yaml", dict(secret))
+    assert config.read_only and config.host == "0.0.0.0" and config.apikey
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > config.drain_delay + config.shutdown_timeout
+    probes = pod["containers"][0]
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert config.drain_delay > probes["readinessProbe"]["periodSeconds"] * probes[
+        "readinessProbe"]["failureThreshold"]
