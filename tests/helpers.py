@@ -345,3 +345,11 @@ def without_cache_marks(value):
     if isinstance(value, list):
         return [without_cache_marks(v) for v in value]
     return value
+
+
+def answer_of(client, stream: bool, **request):
+    """The message a request gets, asked streamed (assembled from the events) or whole."""
+    if stream:
+        with client.messages.stream(**request) as events:
+            return events.get_final_message()
+    return client.messages.create(**request)

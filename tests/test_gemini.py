@@ -8,7 +8,7 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import CLAUDE_CODE_VERSIONS, json_reply, Reply, sdk, stream_reply
+from helpers import answer_of, CLAUDE_CODE_VERSIONS, json_reply, Reply, sdk, stream_reply
 
 GEMINI_KEY = "AIzaSy-gemini-secret-0123456789"
 
@@ -541,11 +541,7 @@ def test_google_search_grounding_becomes_search_blocks_and_citations(gemini_prox
     upstream.script = lambda r: (Reply(200, pieces=gemini_stream(chunks),
                                        content_type="text/event-stream") if stream
                                  else json_reply(grounded([FOUND])[0]))
-    if stream:
-        with sdk(gemini_proxy).messages.stream(**SEARCH_REQUEST) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk(gemini_proxy).messages.create(**SEARCH_REQUEST)
+    message = answer_of(sdk(gemini_proxy), stream, **SEARCH_REQUEST)
     sent = upstream.requests[0]["json"]
     assert sent["tools"] == [{"googleSearch": {}}] and "toolConfig" not in sent
     text, use, result = message.content

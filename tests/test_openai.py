@@ -10,8 +10,8 @@ import openai
 import pytest
 
 import ccproxy
-from helpers import (CLAUDE_CODE_VERSIONS, json_reply, open_stream, read_to_end, Reply, sdk,
-                     stream_reply)
+from helpers import (answer_of, CLAUDE_CODE_VERSIONS, json_reply, open_stream, read_to_end,
+                     Reply, sdk, stream_reply)
 
 OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
 
@@ -936,11 +936,7 @@ def test_a_web_search_runs_at_the_providers_own_search(start_proxy, upstream, pr
                                                        stream):
     proxy = start_proxy({"providers": [dict(preset_provider(preset, upstream), models=[model])]})
     upstream.script = lambda r: search_answer(stream)
-    if stream:
-        with sdk(proxy).messages.stream(**SEARCH_REQUEST) as events:
-            message = events.get_final_message()
-    else:
-        message = sdk(proxy).messages.create(**SEARCH_REQUEST)
+    message = answer_of(sdk(proxy), stream, **SEARCH_REQUEST)
     sent = upstream.requests[0]["json"]
     if preset == "openai":          # a search model: web_search_options, no tools, no sampling
         assert sent["web_search_options"] == {} and "tools" not in sent

@@ -15,8 +15,8 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import (PROVIDER_KEY, REPO, anthropic_message, anthropic_provider, anthropic_stream_events,
-                     json_reply, sdk, stream_reply)
+from helpers import (PROVIDER_KEY, REPO, anthropic_message, answer_of, anthropic_provider,
+                     anthropic_stream_events, json_reply, sdk, stream_reply)
 
 SESSION = "0b6f1c7e-5a2d-4c61-9a0e-3d2b8f4e7a11"
 KEY_A, KEY_B = "sk-pool-key-aaaaaaaaaaaaaaaaaaaaaaaa", "sk-pool-key-bbbbbbbbbbbbbbbbbbbbbbbb"
@@ -38,14 +38,8 @@ def with_usage(message: dict, **usage) -> dict:
 
 def ask(proxy, model="claude-sonnet-4-5", session=SESSION, stream=False, **options):
     headers = {"x-claude-code-session-id": session} if session else {}
-    client = sdk(proxy)
-    if stream:
-        with client.messages.stream(model=model, max_tokens=20, extra_headers=headers,
-                                    messages=[{"role": "user", "content": "hi"}],
-                                    **options) as events:
-            return events.get_final_message()
-    return client.messages.create(model=model, max_tokens=20, extra_headers=headers,
-                                  messages=[{"role": "user", "content": "hi"}], **options)
+    return answer_of(sdk(proxy), stream, model=model, max_tokens=20, extra_headers=headers,
+                     messages=[{"role": "user", "content": "hi"}], **options)
 
 
 PRICED = {"name": "claude-sonnet-4-5", "price": {"input": 3, "output": 15, "cache_read": 0.3,
@@ -367,8 +361,9 @@ def test_the_status_line_asks_with_the_proxys_key_when_it_has_one(start_proxy, u
     monkeypatch.setenv("TEAM_KEY", "team-key-0123456789")
     proxy = start_proxy({"apikey": "team-key-0123456789",
                          "providers": [anthropic_provider(upstream)]})
-    sdk(proxy, key="team-key-0123456789").messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[
-        {"role": "user", "content": "hi"}], extra_headers={"x-claude-code-session-id": SESSION})
+    sdk(proxy, key="team-key-0123456789").messages.create(
+        model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-claude-code-session-id": SESSION})
     line = ccproxy.statusline({"session_id": SESSION},
                               {"url": proxy.url, "config": str(config)})
     assert line.startswith("ccproxy: claude-sonnet-4-5 (anthropic) · ")
