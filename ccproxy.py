@@ -993,8 +993,7 @@ class Config:
         self.usage_file = raw["usage_file"] and os.path.abspath(os.path.expanduser(
             raw["usage_file"]))
         self.log_bodies = raw["log_bodies"]
-        self.providers = providers
-        self.routes = routes
+        self.providers, self.routes = providers, routes
         self.long_context_threshold = raw["routes"].get(LONG_CONTEXT_THRESHOLD_KEY,
                                                         DEFAULT_LONG_CONTEXT_TOKENS) \
             if isinstance(raw["routes"], dict) else DEFAULT_LONG_CONTEXT_TOKENS
