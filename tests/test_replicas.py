@@ -107,8 +107,17 @@ def cluster(tmp_path):
     finally:
         for process in [balancer, mock] + [r.process for r in replicas]:
             if process is not None and process.poll() is None:
-                process.terminate()              # nginx's master takes its workers along
-                process.wait(10)
+                ended(process)
+
+
+def ended(process) -> None:
+    """Stop a process: SIGTERM first (nginx's master takes its workers along), then SIGKILL."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 def one_turn(port: int, session: str, text: str = STREAM_TEXT) -> tuple:
