@@ -2837,20 +2837,26 @@ class MemoryReturn:
     def __init__(self, app):
         self._app = app
         self._timer = None
+        self._last_activity = 0.0     # loop time of the last request or connection that ended
         self._trim = None             # malloc_trim, once looked up; False where there is none
 
     def after_burst(self) -> None:
         """A request or a connection ended: give memory back once nothing has run for a
-        moment."""
+        moment (one timer, moved on when it fires early, not one per request)."""
         if self._trim is False:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(MEMORY_RETURN_SECONDS,
-                                                            self._give_back)
+        loop = asyncio.get_running_loop()
+        self._last_activity = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(MEMORY_RETURN_SECONDS, self._give_back)
 
     def _give_back(self) -> None:
         self._timer = None
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self._last_activity
+        if quiet < MEMORY_RETURN_SECONDS:
+            self._timer = loop.call_later(MEMORY_RETURN_SECONDS - quiet, self._give_back)
+            return
         if self._app.requests_active or self._app.active_streams:
             return
         if self._trim is None:

@@ -276,7 +276,7 @@ def test_any_header_value_makes_a_well_formed_head(headers):
         shown = line.decode("ascii").split(": ", 1)[1]
         assert line.startswith(name.encode() + b": ")
         assert all(" " <= char <= "~" for char in shown)
-        assert urllib.parse.unquote(shown, errors="surrogatepass") == value or "%" in value
+        assert "%" in value or urllib.parse.unquote(shown, errors="surrogatepass") == value
 
 
 @settings(max_examples=300, deadline=None)
