@@ -9,7 +9,7 @@ Usage (under any file name; also `python3 -m ccproxy` or the installed `ccproxy`
     python3 ccproxy.py start [--foreground] [--host HOST] [--port PORT] [--config FILE]
     python3 ccproxy.py start --check [--probe]   validate the config (and call each provider)
     python3 ccproxy.py stop | status [--json] [--config FILE]
-    python3 ccproxy.py env [--shell SHELL] | version | --version | COMMAND --help
+    python3 ccproxy.py env [--shell SHELL] [--statusline] | version | --version | COMMAND --help
 
 Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and their parts:
     1. Constants
@@ -3394,7 +3394,46 @@ async def handle_session(app: ProxyApp, request: Request, conn) -> Response:
         raise NotFoundError("no answer recorded for session %s (the most recent %d are kept)"
                             % (name if SESSION_ID_RE.match(name) else "(invalid id)",
                                MAX_SESSIONS))
-    return json_response(dict(session, session_id=name, today=app.usage.today_totals()))
+    today = app.usage.today_totals()
+    return json_response(dict(session, session_id=name, today=today,
+                              statusline=statusline_text(session, today)))
+
+
+def statusline_text(session: dict, today: dict) -> str:
+    """The status line Claude Code shows for a session: its last model and totals, then
+    today's tokens and cost (the proxy formats it, so the command that prints it stays tiny)."""
+    line = "ccproxy: " + session_summary(session)
+    if today.get("requests"):
+        line += " · today %s tokens" % short_count(sum(today.get(f, 0) for f in USAGE_FIELDS))
+        if today["requests"] > today.get("unpriced_requests", 0):
+            line += " $%.2f" % today.get("cost_usd", 0)
+    return line
+
+
+def session_summary(session: dict) -> str:
+    """A session's last model and its totals, in a few words."""
+    return "%s (%s) · %s" % (session["model"], session["provider"], usage_words(session))
+
+
+def usage_words(totals: dict) -> str:
+    """Totals of usage in a few words: tokens in (the share read from the cache), out, cost."""
+    cached = totals["cache_read_input_tokens"]
+    total_in = totals["input_tokens"] + cached + totals["cache_creation_input_tokens"]
+    parts = ["%s in" % short_count(total_in)]
+    if total_in:
+        parts[-1] += " (%d%% cached)" % (100 * cached // total_in)
+    parts.append("%s out" % short_count(totals["output_tokens"]))
+    if totals["requests"] > totals["unpriced_requests"]:
+        parts.append("$%.2f" % totals["cost_usd"])
+    return " · ".join(parts)
+
+
+def short_count(number: int) -> str:
+    """1234 as 1.2k, 1234567 as 1.2M."""
+    for size, suffix in ((1e6, "M"), (1e3, "k")):
+        if number >= size:
+            return "%.1f%s" % (number / size, suffix)
+    return str(number)
 
 
 async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
@@ -8846,6 +8885,8 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         epilog='example: eval "$(%s env)"' % name)
     env.add_argument("--shell", choices=sorted(SHELL_RENDERERS),
                      help="shell syntax (default: from $SHELL, PowerShell on Windows)")
+    env.add_argument("--statusline", action="store_true",
+                     help="print instead the statusLine setting for ~/.claude/settings.json")
     add_config_flags(env)
     commands.add_parser("version", help="print the version", description="Print the version.",
                         epilog="example: %s version" % name)
@@ -9120,7 +9161,7 @@ def cmd_stop(args) -> int:
 def cmd_status(args) -> int:
     """Exit 0 when running (with --config: started with that file), 3 when not (LSB)."""
     if args.statusline:
-        print(statusline(read_statusline_input(sys.stdin), read_pidfile()))
+        print_statusline(sys.stdin.buffer.read(STATUSLINE_INPUT_BYTES))
         return 0
     record = running_proxy()
     other = started_with_other_config(record, args.config) if record else None
@@ -9167,69 +9208,72 @@ def print_status(report: dict) -> None:
         print("  (%d sessions in all; status --json lists them)" % len(usage["sessions"]))
 
 
-def read_statusline_input(stream) -> dict:
-    """The JSON Claude Code writes to a status line command's stdin ({} when there is none)."""
-    try:
-        data = json.loads(stream.read(STATUSLINE_INPUT_BYTES) or "{}")
-    except (ValueError, OSError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def statusline(data: dict, record: dict | None) -> str:
-    """One short line: the proxy up or down, and for Claude Code's session the model that
-    answered last, its tokens (how many read from the cache) and cost, then today's tokens and
-    cost. It runs on every prompt: the config file is read only when the proxy asks for its
-    key."""
-    if record is None:
-        return "ccproxy: down"
-    session = str(data.get("session_id") or "")
-    path = "/sessions/" + urllib.parse.quote(session, safe="") if session else "/health"
-    answer = local_get(record["url"], path, timeout=STATUSLINE_TIMEOUT_SECONDS)
-    if answer is not None and answer[0] == 401 and record.get("config"):
+def print_statusline(data: bytes) -> None:
+    """status --statusline: the line; when the proxy asks for a key this shell was not given,
+    the one its config file names (read only then: this runs on every prompt)."""
+    status, line = statusline_client(pidfile_path(), data, STATUSLINE_TIMEOUT_SECONDS)
+    record = read_pidfile()
+    if status == 401 and record is not None and record.get("config"):
         try:
             apikey = load_config(record["config"], os.environ).apikey
         except ConfigError:
-            return "ccproxy: up (its apikey cannot be read here)"
-        answer = local_get(record["url"], path, apikey, STATUSLINE_TIMEOUT_SECONDS)
-    if answer is None:
-        return "ccproxy: down"
-    if answer[0] != 200 or path == "/health":
-        return "ccproxy: up"
-    session = answer[1]
-    today = dict_of(session.get("today"))
-    line = "ccproxy: " + session_summary(session)
-    if today.get("requests"):
-        line += " · today %s tokens" % short_count(sum(today.get(f, 0) for f in USAGE_FIELDS))
-        if today["requests"] > today.get("unpriced_requests", 0):
-            line += " $%.2f" % today.get("cost_usd", 0)
-    return line
+            line = "ccproxy: up (its apikey cannot be read here)"
+        else:
+            line = statusline_client(pidfile_path(), data, STATUSLINE_TIMEOUT_SECONDS, apikey)[1]
+    print(line)
 
 
-def session_summary(session: dict) -> str:
-    """A session's last model and its totals, in a few words."""
-    return "%s (%s) · %s" % (session["model"], session["provider"], usage_words(session))
+def statusline_client(pidfile, data, timeout, apikey=""):
+    """Claude Code's status line: (HTTP status or None, the line the proxy the pidfile names
+    formats for the session in data, the JSON Claude Code writes to the command's stdin).
+    Self-contained with statusline_get, so `code --statusline` runs their own source under
+    `python -I -S` (about 25 ms; importing this file takes 130). The key is apikey, else the
+    one Claude Code was given when its ANTHROPIC_BASE_URL is this proxy."""
+    import json
+    import os
+    try:
+        with open(pidfile, encoding="utf-8") as handle:
+            url = json.load(handle)["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, "ccproxy: down"
+    try:
+        session = json.loads(data or b"{}").get("session_id")
+    except (ValueError, AttributeError):
+        session = None
+    named = isinstance(session, str) and 0 < len(session) <= 128 and all(
+        c.isascii() and (c.isalnum() or c in "._:-") for c in session)
+    if not apikey and os.environ.get("ANTHROPIC_BASE_URL", "").rstrip("/") == url:
+        apikey = os.environ.get("ANTHROPIC_AUTH_TOKEN") or os.environ.get("ANTHROPIC_API_KEY", "")
+    status, body = statusline_get(url, "/sessions/" + session if named else "/health",
+                                  apikey if apikey.isascii() and apikey.isprintable() else "",
+                                  timeout)
+    try:
+        return status, json.loads(body)["statusline"] if status == 200 and named else (
+            "ccproxy: up" if status else "ccproxy: down")
+    except (ValueError, KeyError, TypeError):
+        return status, "ccproxy: up"
 
 
-def usage_words(totals: dict) -> str:
-    """Totals of usage in a few words: tokens in (the share read from the cache), out, cost."""
-    cached = totals["cache_read_input_tokens"]
-    total_in = totals["input_tokens"] + cached + totals["cache_creation_input_tokens"]
-    parts = ["%s in" % short_count(total_in)]
-    if total_in:
-        parts[-1] += " (%d%% cached)" % (100 * cached // total_in)
-    parts.append("%s out" % short_count(totals["output_tokens"]))
-    if totals["requests"] > totals["unpriced_requests"]:
-        parts.append("$%.2f" % totals["cost_usd"])
-    return " · ".join(parts)
-
-
-def short_count(number: int) -> str:
-    """1234 as 1.2k, 1234567 as 1.2M."""
-    for size, suffix in ((1e6, "M"), (1e3, "k")):
-        if number >= size:
-            return "%.1f%s" % (number / size, suffix)
-    return str(number)
+def statusline_get(url, path, apikey, timeout):
+    """(status, body) of a GET to a local proxy over a plain socket, (None, b"") when it does
+    not answer; part of the status line's self-contained client."""
+    import socket
+    host, port = url[len("http://"):].rsplit(":", 1)
+    request = "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (
+        path, host, "x-api-key: %s\r\n" % apikey if apikey else "")
+    answer = b""
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout) as connection:
+            connection.sendall(request.encode())
+            while len(answer) < 1 << 20:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return int(head.split(b" ", 2)[1]), body
+    except (OSError, ValueError, IndexError):
+        return None, b""
 
 
 def status_details(record: dict):
@@ -9251,7 +9295,11 @@ def status_details(record: dict):
 # -----------------------------------------------------------------------------
 
 def cmd_env(args) -> int:
-    """env: print the variables for Claude Code in the user's shell syntax."""
+    """env: print the variables for Claude Code in the user's shell syntax (with --statusline,
+    the status line setting instead)."""
+    if args.statusline:
+        print(json.dumps({"statusLine": {"type": "command", "command": statusline_command()}}))
+        return 0
     config = config_from_args(args.config, {"host": args.host, "port": args.port})
     if config is None:
         return 1
@@ -9393,10 +9441,15 @@ def cmd_code(argv) -> int:
 
 
 def statusline_command() -> str:
-    """The command for Claude Code's statusLine setting: this file's `status --statusline`,
-    imported from the bytecode cache (it runs on every prompt; a script is compiled each time)."""
-    return "%s -c %s status --statusline" % (shlex.quote(sys.executable), shlex.quote(
-        DETACHED_LAUNCHER % os.path.abspath(__file__)))
+    """The command for Claude Code's statusLine setting: the status line's self-contained
+    client, its own source run by a Python that skips site packages (it runs on every prompt),
+    for this user's pidfile."""
+    import inspect                               # only here
+    source = "".join(inspect.getsource(f) for f in (statusline_get, statusline_client))
+    source += ("import sys\nprint(statusline_client(sys.argv[1], sys.stdin.buffer.read(%d),"
+               " %r)[1])" % (STATUSLINE_INPUT_BYTES, STATUSLINE_TIMEOUT_SECONDS))
+    return "%s -I -S -c %s %s" % (shlex.quote(sys.executable), shlex.quote(source),
+                                  shlex.quote(pidfile_path()))
 
 
 def split_code_arguments(argv):

@@ -14,7 +14,8 @@ shared benchmark helpers. Rows:
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients
   idle RSS          `start --foreground`, from the bytecode cache
-  status line       `status --statusline`, as Claude Code runs it on every prompt
+  status line       as Claude Code runs it on every prompt: the command `code
+                    --statusline` installs, and `status --statusline`
   throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
 
 Machines differ and shared ones drift: compare the ratios, not the absolute figures. Not part
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -155,26 +157,37 @@ def throughput_rows(run: Processes, requests: int) -> None:
 
 
 def statusline_time(run: Processes, home: Path) -> None:
-    """How long `status --statusline` takes (it runs on every prompt), median of 20, beside a
-    Python that does nothing."""
+    """How long the status line takes (it runs on every prompt), median of 20, beside a Python
+    that does nothing: the command `code --statusline` installs, and the script form."""
     environment = dict(os.environ, HOME=str(home))
     environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    urllib.request.urlopen(urllib.request.Request(run.proxy_url + "/v1/messages", data=json.dumps(
+        {"model": "mock,mock-model", "max_tokens": 5, "messages": [{"role": "user",
+                                                                     "content": "hi"}]}).encode(),
+        headers={"content-type": "application/json", "x-claude-code-session-id": "bench"})).read()
     sys.path.insert(0, str(REPO))
     import ccproxy
-    command = ccproxy.statusline_command()          # what `code --statusline` gives Claude Code
+    os.environ["HOME"], real_home = str(home), os.environ["HOME"]
+    installed = ccproxy.statusline_command()
+    os.environ["HOME"] = real_home
+    script = "%s %s status --statusline" % (sys.executable, REPO / "ccproxy.py")
+    bare = median_time("%s -c pass" % sys.executable, environment)[0]
+    for name, command in (("code --statusline's command", installed),
+                          ("python3 ccproxy.py status --statusline", script)):
+        seconds, line = median_time(command, environment)
+        row(name, "python -c pass: %.0f ms" % (bare * 1000), "%.0f ms" % (seconds * 1000))
+    print("    " + line)
+
+
+def median_time(command: str, environment: dict) -> tuple:
+    """(median seconds of 20 runs, the last output line) of a shell command given a session."""
     times = []
     for _ in range(20):
         started = time.perf_counter()
         line = subprocess.run(command, shell=True, input='{"session_id": "bench"}',
                               capture_output=True, text=True, env=environment).stdout.strip()
         times.append(time.perf_counter() - started)
-    bare = []
-    for _ in range(20):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], env=environment)
-        bare.append(time.perf_counter() - started)
-    row("status --statusline (%s)" % line, "python -c pass: %.0f ms" % (sorted(bare)[10] * 1000),
-        "%.0f ms" % (sorted(times)[10] * 1000))
+    return sorted(times)[10], line
 
 
 def idle_rss(home: Path) -> float:

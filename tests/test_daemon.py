@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -126,6 +127,10 @@ def test_status_and_the_status_line_show_each_sessions_usage(home, upstream):
         line = h.run("status", "--statusline", input='{"session_id": "s-1"}')
         assert (line.returncode, line.stdout) == (
             0, "ccproxy: " + words + " · today 3.0k tokens $0.03\n")
+        setting = json.loads(h.run("env", "--statusline").stdout)["statusLine"]
+        fast = subprocess.run(setting["command"], shell=True, capture_output=True,
+                              input='{"session_id": "s-1"}', text=True, env=h.env(), timeout=30)
+        assert fast.stdout == line.stdout              # what `code --statusline` installs
     finally:
         h.run("stop")
 
@@ -541,7 +546,7 @@ def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
     (seen,) = records(tmp_path)
     assert seen["argv"][0] == "--settings" and seen["argv"][2:] == ["-p", "hi"]
     command = json.loads(seen["argv"][1])["statusLine"]["command"]
-    assert "ccproxy.py" in command and command.endswith(" status --statusline")
+    assert " -I -S -c " in command and command.endswith(" " + shlex.quote(str(h.pidfile)))
     line = subprocess.run(command, shell=True, input='{"session_id": "s"}', capture_output=True,
                           text=True, env=h.env(), timeout=30)
     assert line.stdout == "ccproxy: down\n"              # the session's proxy has stopped

@@ -339,34 +339,71 @@ def test_provider_key_stays_out_of_the_session_and_status_views(start_proxy, ups
 
 # --- the status line --------------------------------------------------------------------------
 
-def test_the_status_line_shows_the_sessions_model_tokens_and_cost(start_proxy, upstream):
+def statusline(proxy_url, tmp_path, data, apikey=""):
+    """The status line's client, asking the proxy a pidfile names."""
+    pidfile = tmp_path / "ccproxy.pid"
+    pidfile.write_text(json.dumps({"pid": 1, "url": proxy_url}))
+    return ccproxy.statusline_client(str(pidfile), json.dumps(data).encode(), 2.0, apikey)
+
+
+def test_the_status_line_shows_the_sessions_model_tokens_and_cost(start_proxy, upstream,
+                                                                  tmp_path):
     upstream.script = lambda r: json_reply(with_usage(
         anthropic_message(), input_tokens=1000, output_tokens=1500, cache_read_input_tokens=9000))
     proxy = start_proxy({"providers": [anthropic_provider(upstream, models=[PRICED])]})
-    record = {"url": proxy.url}
-    assert ccproxy.statusline({"session_id": SESSION}, record) == "ccproxy: up"   # none yet
+    assert statusline(proxy.url, tmp_path, {"session_id": SESSION}) == (404, "ccproxy: up")
     ask(proxy)
-    line = ccproxy.statusline({"session_id": SESSION, "model": {"id": "x"}}, record)
-    assert line == "ccproxy: claude-sonnet-4-5 (anthropic) · 10.0k in (90% cached) · 1.5k out" \
-                   " · $0.03 · today 11.5k tokens $0.03"
-    assert ccproxy.statusline({}, record) == "ccproxy: up"
-    assert ccproxy.statusline({"session_id": SESSION}, None) == "ccproxy: down"
+    line = "ccproxy: claude-sonnet-4-5 (anthropic) · 10.0k in (90% cached) · 1.5k out" \
+           " · $0.03 · today 11.5k tokens $0.03"
+    assert statusline(proxy.url, tmp_path, {"session_id": SESSION, "model": {"id": "x"}}) == (
+        200, line)
+    assert get(proxy, "/sessions/" + SESSION)[1]["statusline"] == line   # formatted by the proxy
+    assert statusline(proxy.url, tmp_path, {}) == (200, "ccproxy: up")
+    assert statusline(proxy.url, tmp_path, {"session_id": "a b\r\nx-evil: 1"}) == (
+        200, "ccproxy: up")                          # not an id: /health, nothing sent as-is
+    assert ccproxy.statusline_client(str(tmp_path / "none.pid"), b"{}", 2.0) == (
+        None, "ccproxy: down")
+    (tmp_path / "ccproxy.pid").write_text("not json")
+    assert ccproxy.statusline_client(str(tmp_path / "ccproxy.pid"), b"{}", 2.0)[0] is None
+    proxy.stop()
+    assert statusline(proxy.url, tmp_path, {"session_id": SESSION}) == (None, "ccproxy: down")
 
 
-def test_the_status_line_asks_with_the_proxys_key_when_it_has_one(start_proxy, upstream,
-                                                                  tmp_path, monkeypatch):
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({"apikey": "${TEAM_KEY}", "providers": [
-        anthropic_provider(upstream)]}))
-    monkeypatch.setenv("TEAM_KEY", "team-key-0123456789")
+def test_the_status_line_uses_the_key_claude_code_was_given_for_this_proxy_only(
+        start_proxy, upstream, tmp_path, monkeypatch):
     proxy = start_proxy({"apikey": "team-key-0123456789",
                          "providers": [anthropic_provider(upstream)]})
     sdk(proxy, key="team-key-0123456789").messages.create(
         model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
         extra_headers={"x-claude-code-session-id": SESSION})
-    line = ccproxy.statusline({"session_id": SESSION},
-                              {"url": proxy.url, "config": str(config)})
-    assert line.startswith("ccproxy: claude-sonnet-4-5 (anthropic) · ")
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "team-key-0123456789")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "https://api.anthropic.com")
+    assert statusline(proxy.url, tmp_path, {"session_id": SESSION}) == (401, "ccproxy: up")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", proxy.url + "/")
+    status, line = statusline(proxy.url, tmp_path, {"session_id": SESSION})
+    assert status == 200 and line.startswith("ccproxy: claude-sonnet-4-5 (anthropic) · ")
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "team-key\r\nx-evil: 1")   # never a header
+    assert statusline(proxy.url, tmp_path, {"session_id": SESSION}) == (401, "ccproxy: up")
+
+
+def test_the_status_line_reads_the_proxys_key_from_its_config_when_it_must(
+        start_proxy, upstream, tmp_path, monkeypatch):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"apikey": "${TEAM_KEY}", "providers": [
+        anthropic_provider(upstream)]}))
+    monkeypatch.setenv("TEAM_KEY", "team-key-0123456789")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    proxy = start_proxy({"apikey": "team-key-0123456789",
+                         "providers": [anthropic_provider(upstream)]})
+    sdk(proxy, key="team-key-0123456789").messages.create(
+        model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-claude-code-session-id": SESSION})
+    ccproxy.write_private_file(ccproxy.pidfile_path(), json.dumps(
+        {"pid": 1, "url": proxy.url, "config": str(config)}))
+    result = subprocess.run([sys.executable, str(REPO / "ccproxy.py"), "status", "--statusline"],
+                            input=json.dumps({"session_id": SESSION}), capture_output=True,
+                            text=True, env=dict(os.environ), timeout=30)
+    assert result.stdout.startswith("ccproxy: claude-sonnet-4-5 (anthropic) · "), result
 
 
 def test_the_status_line_command_says_down_when_nothing_runs(tmp_path):

@@ -101,7 +101,7 @@ def test_the_page_asks_for_the_key_of_a_proxy_that_has_one(start_proxy, upstream
     assert "the proxy asks for its key" in dom and "<td>anthropic</td>" not in dom
 
 
-def test_status_metrics_and_the_status_line_agree_with_the_page(busy_proxy):
+def test_status_metrics_and_the_status_line_agree_with_the_page(busy_proxy, tmp_path):
     status = json.loads(urllib.request.urlopen(busy_proxy.url + "/status").read())
     today = {(m["provider"], m["model"]): m for m in status["usage"]["today"]["by_model"]}
     assert today[("openai", "gpt-5")]["cost_usd"] == pytest.approx(
@@ -111,7 +111,10 @@ def test_status_metrics_and_the_status_line_agree_with_the_page(busy_proxy):
            '2000' in metrics
     assert re.search(r'ccproxy_usage_cost_dollars_total\{provider="openai",model="gpt-5"\} '
                      r'0\.002100', metrics)
-    line = ccproxy.statusline({"session_id": SESSION}, {"url": busy_proxy.url})
+    pidfile = tmp_path / "ccproxy.pid"
+    pidfile.write_text(json.dumps({"pid": 1, "url": busy_proxy.url}))
+    status, line = ccproxy.statusline_client(str(pidfile), json.dumps(
+        {"session_id": SESSION}).encode(), 2.0)
     assert line == "ccproxy: gpt-5 (openai) · 2.5k in (80% cached) · 80 out · $0.00 · " \
                    "today 2.6k tokens $0.00"
 
