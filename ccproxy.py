@@ -898,13 +898,30 @@ PRESET_MODEL_LIMITS = {
         "MiniMax-M2.1": (204800, None), "MiniMax-M2": (204800, None),
     },
 }
-# Published prices (US dollars per million tokens) where the provider's own model page gives one
-# rate: developers.openai.com/api/docs/models/gpt-5-codex (GPT-5 and GPT-5-Codex, standard tier),
-# checked 2026-12-05. Not given for DeepSeek (peak and off-peak rates), nor where no page was
-# checked: a model without a price shows tokens only.
+# Published prices (US dollars per million tokens) where the provider's own page gives one rate
+# for a model, checked 2026-12-05:
+#   openai: developers.openai.com/api/docs/models/gpt-5-codex (GPT-5 and GPT-5-Codex, standard)
+#   anthropic: platform.claude.com/docs/en/about-claude/pricing (the table of every model) and
+#       .../models/sonnet-5-5/overview, .../models/sonnet-5/overview; cache_write is the 5-minute
+#       rate, the one Claude Code writes unless ENABLE_PROMPT_CACHING_1H is set or it is logged in
+#       as a claude.ai subscriber (seen in 2.1.330). Opus 5.5 and Haiku 5.5 are left out: their
+#       cache rates (and Haiku 5.5's tiers) were not on a page checked; Sonnet 4.5 retired.
+# Not given for DeepSeek (peak and off-peak rates), Gemini and xAI (their pricing pages were not
+# reachable to check; both bill long prompts at a higher rate): a model without a price shows
+# tokens only.
+ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
+    ("claude-fable-5-1",): (10.0, 12.5, 0.25, 50.0), ("claude-fable-5",): (10.0, 12.5, 1.0, 50.0),
+    ("claude-opus-5", "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6", "claude-opus-4-5",
+     "claude-opus-4-5-20251101"): (5.0, 6.25, 0.5, 25.0),
+    ("claude-sonnet-5-5", "claude-sonnet-5"): (2.0, 2.5, 0.2, 10.0),
+    ("claude-sonnet-4-6",): (3.0, 3.75, 0.3, 15.0),
+    ("claude-haiku-4-5", "claude-haiku-4-5-20251001"): (1.0, 1.25, 0.1, 5.0),
+}
 PRESET_MODEL_PRICES = {
     "openai": {model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
                for model in ("gpt-5", "gpt-5-codex")},
+    "anthropic": {model: dict(zip(("input", "cache_write", "cache_read", "output"), rates))
+                  for models, rates in ANTHROPIC_PRICES.items() for model in models},
 }
 MODEL_LIMIT_KEYS = ("name", "context_window", "max_output_tokens")
 MODEL_ENTRY_KEYS = MODEL_LIMIT_KEYS + ("price",)

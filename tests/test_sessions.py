@@ -456,3 +456,18 @@ def test_a_preset_model_has_its_published_price_unless_the_config_gives_one():
     assert openai.cost("gpt-5", usage) == pytest.approx(1.25 + 10 + 0.125)
     assert openai.cost("gpt-5-codex", {"input_tokens": 1_000_000}) == pytest.approx(2)
     assert deepseek.cost("deepseek-v4-pro", usage) is None        # no one rate to default to
+
+
+def test_claude_models_through_the_anthropic_preset_cost_what_the_pricing_page_says(
+        start_proxy, upstream):
+    upstream.script = lambda r: json_reply(with_usage(
+        anthropic_message(model="claude-sonnet-5-5"), input_tokens=1000, output_tokens=2000,
+        cache_read_input_tokens=100_000, cache_creation_input_tokens=4000))
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})   # named "anthropic"
+    ask(proxy, model="claude-sonnet-5-5")
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert session["cost_usd"] == pytest.approx(
+        (1000 * 2.0 + 2000 * 10.0 + 100_000 * 0.2 + 4000 * 2.5) / 1e6)
+    haiku = ccproxy.PRESET_MODEL_PRICES["anthropic"]["claude-haiku-4-5-20251001"]
+    assert haiku == {"input": 1.0, "cache_write": 1.25, "cache_read": 0.1, "output": 5.0}
+    assert "claude-sonnet-4-5" not in ccproxy.PRESET_MODEL_PRICES["anthropic"]     # retired
