@@ -70,6 +70,7 @@ import logging
 import logging.handlers
 import math
 import os
+import queue
 import random
 import re
 import shutil
@@ -1949,6 +1950,8 @@ def carries_no_body(request: Request) -> bool:
 
 def parse_chunk_size(line: bytes) -> int:
     """The size from a chunk-size line (without its CRLF); chunk extensions are ignored."""
+    if CHUNK_SIZE_RE.fullmatch(line):            # the usual line: nothing but the size
+        return int(line, 16)
     size = line.split(b";", 1)[0].strip(b" \t")
     if not CHUNK_SIZE_RE.fullmatch(size):
         raise InvalidRequestError("invalid chunk size line")
@@ -1995,6 +1998,10 @@ class ChunkedDecoder:
                     break
                 line, position = buffer[position:line_end], line_end + 2
                 self._take_line(line)
+                after = position + self._remaining
+                if self._remaining and buffer[after:after + 2] == b"\r\n":   # all of it here
+                    pieces.append(buffer[position:after])
+                    position, self._remaining = after + 2, 0
         self._buffer = buffer[position:]
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -5452,10 +5459,17 @@ class SSEDecoder:
         self._data = []
 
     def feed(self, chunk: bytes) -> list:
+        if chunk.endswith(b"\n\n") and not self._data and not self._event:
+            text = self._held.release(chunk)
+            events = self._plain_events(text)
+            return self._feed_lines(text) if events is None else events
         if b"\n" not in chunk:
             self._held.hold(chunk)
             return []
-        lines = self._held.release(chunk).split(b"\n")
+        return self._feed_lines(self._held.release(chunk))
+
+    def _feed_lines(self, text: bytes) -> list:
+        lines = text.split(b"\n")
         self._held.hold(lines.pop())
         events = []
         for line in lines:
@@ -5473,6 +5487,19 @@ class SSEDecoder:
                     self._data.append(value.decode("utf-8", "replace"))
                 elif field == b"event":
                     self._event = value.decode("utf-8", "replace")
+        return events
+
+    def _plain_events(self, text: bytes) -> list | None:
+        """The events of text made of whole one-line `data: …` events and nothing else (most
+        streams), read with one search per event; None when anything else is there."""
+        events, start, end = [], 0, len(text)
+        while start < end:
+            stop = text.find(b"\n", start)
+            if text[start:start + 6] != b"data: " or text[stop + 1:stop + 2] != b"\n" \
+                    or text[stop - 1:stop] == b"\r":
+                return None
+            events.append(("message", text[start + 6:stop].decode("utf-8", "replace")))
+            start = stop + 2
         return events
 
 
@@ -7704,29 +7731,28 @@ WORKER_IDLE_SECONDS = 5.0             # an idle worker thread ends after this lo
 
 class WorkerPool(concurrent.futures.Executor):
     """Threads for blocking steps, started as work arrives (up to `limit`) and ending after
-    WORKER_IDLE_SECONDS without work, so a burst leaves no threads behind."""
+    WORKER_IDLE_SECONDS without work, so a burst leaves no threads behind. Jobs go through a
+    SimpleQueue: the event loop hands one over without taking a lock a worker may hold (with
+    a Condition, the loop waited on workers swapping the GIL at every hand-over)."""
 
     def __init__(self, limit: int):
         self._limit = limit
-        self._jobs = collections.deque()
-        self._ready = threading.Condition(threading.Lock())
+        self._jobs = queue.SimpleQueue()
+        self._lock = threading.Lock()           # the thread set and idle count, workers' side
         self._threads = set()
-        self._idle = 0                # threads waiting for a job
+        self._idle = 0                          # threads waiting for a job
         self._closed = False
 
     def submit(self, function, *args, **kwargs):
+        if self._closed:
+            raise RuntimeError("the worker pool has shut down")
         future = concurrent.futures.Future()
-        with self._ready:
-            if self._closed:
-                raise RuntimeError("the worker pool has shut down")
-            self._jobs.append((future, function, args, kwargs))
-            if len(self._jobs) > self._idle and len(self._threads) < self._limit:
-                thread = threading.Thread(target=self._work, name="ccproxy-upstream",
-                                          daemon=True)
+        self._jobs.put((future, function, args, kwargs))
+        if self._idle < self._jobs.qsize() and len(self._threads) < self._limit:
+            thread = threading.Thread(target=self._work, name="ccproxy-upstream", daemon=True)
+            with self._lock:
                 self._threads.add(thread)
-                thread.start()
-            else:
-                self._ready.notify()
+            thread.start()
         return future
 
     def _work(self) -> None:
@@ -7742,20 +7768,23 @@ class WorkerPool(concurrent.futures.Executor):
                     future.set_exception(exc)
 
     def _next_job(self):
-        """The next job, or None when the thread should end (idle too long, or shut down)."""
-        with self._ready:
-            while not self._jobs:
-                if self._closed:
-                    break
+        """The next job, or None when the thread should end (idle too long, or shut down). A
+        thread that timed out stops counting as idle, then looks once more before it goes: a
+        job put after that look sees one idle thread fewer, and starts a thread if need be."""
+        while True:
+            with self._lock:
                 self._idle += 1
-                woken = self._ready.wait(WORKER_IDLE_SECONDS)
-                self._idle -= 1
-                if not woken and not self._jobs:
-                    break
-            else:
-                return self._jobs.popleft()
-            self._threads.discard(threading.current_thread())
-            return None
+            try:
+                return self._jobs.get(timeout=WORKER_IDLE_SECONDS)
+            except queue.Empty:
+                pass
+            finally:
+                with self._lock:
+                    self._idle -= 1
+            with self._lock:
+                if self._jobs.empty():
+                    self._threads.discard(threading.current_thread())
+                    return None
 
     @property
     def threads(self) -> int:
@@ -7763,10 +7792,12 @@ class WorkerPool(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, **kwargs) -> None:
         """No new jobs; idle threads end at once, busy ones after their job."""
-        with self._ready:
-            self._closed = True
+        self._closed = True
+        with self._lock:
             threads = list(self._threads)
-            self._ready.notify_all()
+            self._threads.clear()
+        for _ in threads:
+            self._jobs.put(None)
         if wait:
             for thread in threads:
                 if thread is not threading.current_thread():
@@ -8139,6 +8170,8 @@ class SocketReader:
         self._drained = False         # the last receive took everything that had arrived
         self._waiter = None
         self._watching = False
+        self._deadline = 0.0          # when the current wait ends
+        self._timer = None            # one timer, moved on lazily rather than made per read
 
     async def read(self, wait: float) -> bytes | None:
         """The next bytes (b"" at the end), or None when none came within wait seconds."""
@@ -8163,12 +8196,26 @@ class SocketReader:
         if not self._watching:
             self._loop.add_reader(self._fd, self._on_readable)
             self._watching = True
-        timer = self._loop.call_later(wait, settle, future, False)
+        self._deadline = self._loop.time() + wait
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
         try:
             return await future
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _on_deadline(self) -> None:
+        """The timer fired: the wait is over if its deadline has come, else the timer moves on
+        to it (reads since it was set pushed the deadline later)."""
+        self._timer = None
+        if self._waiter is None:
+            return
+        if self._loop.time() >= self._deadline:
+            settle(self._waiter, False)
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
 
     def _on_readable(self) -> None:
         if self._waiter is None:          # nobody waits: stop watching until someone does
@@ -8179,6 +8226,9 @@ class SocketReader:
 
     def close(self) -> None:
         """Stop watching the socket (before it is closed or reused)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._watching:
             self._loop.remove_reader(self._fd)
             self._watching = False

@@ -246,3 +246,38 @@ def test_an_error_answer_before_a_body_is_read_closes_the_connection(start_proxy
     reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
                          b"GET /health HTTP/1.1\r\n\r\n")
     assert reply.count(b"HTTP/1.1 ") == 1 and b"connection: close" in reply.lower()
+
+
+# --- decoders fed whatever a socket read returns -----------------------------------------------
+
+def split_at(data: bytes, cuts) -> list:
+    """data cut at the given positions (sorted, deduplicated)."""
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=8),
+       st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_chunked_bodies_decode_the_same_however_the_reads_fall(chunks, cuts):
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+    decoder = ccproxy.ChunkedDecoder()
+    body = b"".join(decoder.feed(piece) for piece in split_at(wire, cuts))
+    assert (body, decoder.done) == (b"".join(chunks), True)
+
+
+SSE_PIECES = st.sampled_from([b"data: {\"a\":1}\n\n", b"data: x\r\n\r\n", b": comment\n\n",
+                              b"event: error\ndata: y\n\n", b"data: 1\ndata: 2\n\n",
+                              b"data:tight\n\n", b"data: \xc3\xa9\n\n", b"data: [DONE]\n\n"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(SSE_PIECES, min_size=1, max_size=10),
+       st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_event_streams_decode_the_same_however_the_reads_fall(pieces, cuts):
+    stream = b"".join(pieces)
+    one_byte_at_a_time = ccproxy.SSEDecoder()
+    expected = [e for i in range(len(stream)) for e in one_byte_at_a_time.feed(stream[i:i + 1])]
+    decoder = ccproxy.SSEDecoder()
+    assert [e for piece in split_at(stream, cuts) for e in decoder.feed(piece)] == expected
+    assert len(expected) == sum(not p.startswith(b":") for p in pieces)
