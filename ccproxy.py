@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import base64
 import collections
-import concurrent.futures
 import copy
 import difflib
 import errno
@@ -2587,8 +2586,11 @@ class ClientConnection:
                 await stream.aclose()
 
     async def _write_stream(self, stream, chunked: bool, record) -> None:
-        """Write each piece as it comes; a bug mid-stream still ends with an error event."""
+        """Write each piece as it comes; a bug mid-stream still ends with an error event. The
+        writer is drained only when the client has not taken everything yet (or has gone):
+        the usual piece goes out in one send, without a wait."""
         writer = self._writer
+        transport = writer.transport
         self._app.active_streams += 1
         try:
             try:
@@ -2596,7 +2598,8 @@ class ClientConnection:
                     if record is not None and "first_byte" not in record:
                         record["first_byte"] = time.monotonic()
                     writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-                    await writer.drain()
+                    if transport.get_write_buffer_size() or transport.is_closing():
+                        await writer.drain()          # a slow client, or one that has gone
             except (ClientDisconnected, ConnectionError):
                 raise
             except Exception:
@@ -7729,7 +7732,7 @@ UpstreamRequest = collections.namedtuple("UpstreamRequest", "url headers body")
 WORKER_IDLE_SECONDS = 5.0             # an idle worker thread ends after this long
 
 
-class WorkerPool(concurrent.futures.Executor):
+class WorkerPool:
     """Threads for blocking steps, started as work arrives (up to `limit`) and ending after
     WORKER_IDLE_SECONDS without work, so a burst leaves no threads behind. Jobs go through a
     SimpleQueue: the event loop hands one over without taking a lock a worker may hold (with
@@ -7743,29 +7746,22 @@ class WorkerPool(concurrent.futures.Executor):
         self._idle = 0                          # threads waiting for a job
         self._closed = False
 
-    def submit(self, function, *args, **kwargs):
+    def submit(self, job) -> None:
+        """Have a worker thread call job()."""
         if self._closed:
             raise RuntimeError("the worker pool has shut down")
-        future = concurrent.futures.Future()
-        self._jobs.put((future, function, args, kwargs))
+        self._jobs.put(job)
         if self._idle < self._jobs.qsize() and len(self._threads) < self._limit:
             thread = threading.Thread(target=self._work, name="ccproxy-upstream", daemon=True)
             with self._lock:
                 self._threads.add(thread)
             thread.start()
-        return future
 
     def _work(self) -> None:
-        while True:
+        job = self._next_job()
+        while job is not None:
+            job()
             job = self._next_job()
-            if job is None:
-                return
-            future, function, args, kwargs = job
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(function(*args, **kwargs))
-                except BaseException as exc:
-                    future.set_exception(exc)
 
     def _next_job(self):
         """The next job, or None when the thread should end (idle too long, or shut down). A
@@ -7824,17 +7820,28 @@ class Upstream:
         it fails."""
         return UpstreamCall(self, provider, outgoing, timeout, model)
 
-    def run(self, function, *args):
-        """Run a blocking step on a worker thread, counted while it runs; an awaitable."""
-        def counted():
+    def run(self, function, *args) -> asyncio.Future:
+        """Run a blocking step on a worker thread, counted while it runs: a future of its
+        result, settled through the inbox (no concurrent Future and callback chain per step).
+        A step whose future was cancelled before a worker took it is not run."""
+        loop = asyncio.get_running_loop()
+        future, inbox = loop.create_future(), self.inbox(loop)
+
+        def job():
+            if future.cancelled():
+                return
             with self._busy_lock:
                 self._busy += 1
             try:
-                return function(*args)
+                outcome = (function(*args), None)
+            except BaseException as exc:        # handed to whoever awaits the step
+                outcome = (None, exc)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
-        return asyncio.get_running_loop().run_in_executor(self._workers, counted)
+            inbox.post(settle_outcome, (future, outcome))
+        self._workers.submit(job)
+        return future
 
     def inbox(self, loop) -> LoopInbox:
         """The inbox through which worker threads reach the event loop."""
@@ -8238,6 +8245,16 @@ def settle(future, value) -> None:
     """Give a future its result, unless it has one."""
     if not future.done():
         future.set_result(value)
+
+
+def settle_outcome(item) -> None:
+    """(future, (result, exception)) from a worker: settle the future, unless it is done."""
+    future, (result, exception) = item
+    if not future.done():
+        if exception is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exception)
 
 
 def buffered_bytes(file, would_block) -> bytes:

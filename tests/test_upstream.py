@@ -2,6 +2,7 @@
 leaves, silence and refusals as errors, proxy variables, the worker inbox."""
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -274,17 +275,44 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
 def test_worker_threads_grow_with_the_work_up_to_the_limit_and_end_when_idle(monkeypatch):
     monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 0.2)
     pool = ccproxy.WorkerPool(limit=8)
-    release, running = threading.Event(), []
-    jobs = [pool.submit(lambda n: (running.append(n), release.wait(5), n * n)[2], n)
-            for n in range(20)]
+    release, running, results = threading.Event(), [], []
+    for n in range(20):
+        pool.submit(lambda n=n: (running.append(n), release.wait(5), results.append(n * n)))
     assert wait_until(lambda: len(running) == 8)
     assert pool.threads == 8                              # the limit; the rest wait their turn
     release.set()
-    assert [job.result(5) for job in jobs] == [n * n for n in range(20)]
+    assert wait_until(lambda: len(results) == 20)
+    assert sorted(results) == [n * n for n in range(20)]
     assert wait_until(lambda: pool.threads == 0, seconds=5)     # idle threads ended
-    assert pool.submit(lambda: "again").result(5) == "again"   # and start again on demand
+    pool.submit(lambda: results.append("again"))                # and start again on demand
+    assert wait_until(lambda: results[-1] == "again")
     pool.shutdown()
     assert pool.threads == 0
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: None)
+
+
+def test_a_blocking_step_hands_back_its_result_or_its_error_and_is_skipped_once_cancelled():
+    upstream = ccproxy.Upstream(worker_threads=2)
+    ran = []
+
+    async def steps():
+        assert await upstream.run(lambda a, b: a + b, 2, 3) == 5
+        with pytest.raises(ZeroDivisionError):
+            await upstream.run(lambda: 1 / 0)
+        gate = threading.Event()
+        blocker = upstream.run(gate.wait, 5)
+        blocker2 = upstream.run(gate.wait, 5)        # both workers now busy
+        skipped = upstream.run(ran.append, "skipped")
+        skipped.cancel()
+        gate.set()
+        await blocker
+        await blocker2
+        assert await upstream.run(ran.append, "ran") is None
+    asyncio.run(steps())
+    upstream.close("test over")
+    upstream.join()
+    assert ran == ["ran"]
 
 
 def test_a_burst_of_streams_leaves_no_worker_thread_behind(start_proxy, upstream, monkeypatch):
