@@ -127,7 +127,9 @@ UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
 STREAM_QUEUE_CHUNKS = 64                         # chunks a slow client may leave unread per stream
 STREAM_PING_SECONDS = 15.0                       # a ping to the client after this much silence
 UPSTREAM_IDLE_SECONDS = 30.0                     # an idle provider connection is kept this long
-UPSTREAM_IDLE_PER_HOST = 16                      # idle connections kept per provider host
+UPSTREAM_IDLE_WHEN_QUIET = 16                    # idle connections per provider host kept once
+                                                 # the server is quiet; while busy, up to
+UPSTREAM_IDLE_SHARE = 8                          # 1/8 of max_connections in all
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 CONFIG_SEARCH_PATHS = ("./config.json", "~/.ccproxy/config.json", "/etc/ccproxy/config.json",
                        "~/.claude-code-router/config.json")     # the last converted when read
@@ -2741,7 +2743,8 @@ class ProxyApp:
         self.requests_total = 0
         self.requests_active = 0
         self.status_counts = {}
-        self.upstream = Upstream(config.worker_threads)
+        self.upstream = Upstream(config.worker_threads, max(
+            UPSTREAM_IDLE_WHEN_QUIET, config.max_connections // UPSTREAM_IDLE_SHARE))
         self.draining = False         # shutting down: answer in-flight requests, take no more
         self.phase = "starting"       # then "ready", then "draining" once asked to stop
         self.config_mtime = file_mtime(config.source)
@@ -2858,8 +2861,9 @@ MEMORY_RETURN_SECONDS = 2.0           # idle this long after a burst, memory goe
 
 class MemoryReturn:
     """Gives memory back to the system once the server has been idle for a moment after a
-    burst: the C allocator keeps freed memory for reuse, so a thousand streams would otherwise
-    leave their peak behind for good (glibc's malloc_trim; elsewhere nothing to do)."""
+    burst: the idle provider connections a burst left shrink to a few per host, and the C
+    allocator, which keeps freed memory for reuse, is trimmed, so a thousand streams do not
+    leave their peak behind for good (glibc's malloc_trim; elsewhere no trim)."""
 
     def __init__(self, app):
         self._app = app
@@ -2870,8 +2874,6 @@ class MemoryReturn:
     def after_burst(self) -> None:
         """A request or a connection ended: give memory back once nothing has run for a
         moment (one timer, moved on when it fires early, not one per request)."""
-        if self._trim is False:
-            return
         loop = asyncio.get_running_loop()
         self._last_activity = loop.time()
         if self._timer is None:
@@ -2886,6 +2888,7 @@ class MemoryReturn:
             return
         if self._app.requests_active or self._app.active_streams:
             return
+        self._app.upstream.connections.shrink(UPSTREAM_IDLE_WHEN_QUIET)
         if self._trim is None:
             self._trim = malloc_trim_function()
         if self._trim:
@@ -3404,7 +3407,8 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
         "requests": {"total": app.requests_total, "active": app.requests_active,
                      "by_status": {str(k): v for k, v in sorted(app.status_counts.items())}},
         "upstream": {"calls_open": len(app.upstream.calls), "threads": app.upstream.threads,
-                     "threads_busy": app.upstream.threads_busy},
+                     "threads_busy": app.upstream.threads_busy,
+                     "connections_idle": app.upstream.connections.idle},
         "routes": [{"name": r.name, "provider": r.provider, "model": r.model,
                     "fallbacks": ["%s,%s" % target for target in r.fallbacks]}
                    for r in app.config.routes.values()],
@@ -7805,10 +7809,10 @@ class Upstream:
     urllib's blocking calls, the inbox through which they reach the event loop, the opener,
     idle keep-alive connections, and the calls in flight (cut when the server stops)."""
 
-    def __init__(self, worker_threads: int):
+    def __init__(self, worker_threads: int, idle_connections: int = UPSTREAM_IDLE_WHEN_QUIET):
         self._workers = WorkerPool(worker_threads)
         self.opener = build_upstream_opener()
-        self.connections = ConnectionPool()
+        self.connections = ConnectionPool(idle_connections)
         self.calls = set()            # UpstreamCalls whose answer is not yet released
         self._busy = 0
         self._busy_lock = threading.Lock()
@@ -8326,11 +8330,15 @@ class LoopInbox:
 
 class ConnectionPool:
     """Idle keep-alive connections to providers, so that a call does not pay for a new TCP
-    and TLS handshake. A connection comes back only after its answer was read to the end."""
+    and TLS handshake. A connection comes back only after its answer was read to the end.
+    During a burst up to `limit` stay idle in all (the next wave of calls reuses them); once
+    the server is quiet, shrink() keeps a few per host."""
 
-    def __init__(self):
+    def __init__(self, limit: int):
         self._idle = {}               # (connection class, host) -> [(connection, since)]
         self._lock = threading.Lock()
+        self._limit = limit
+        self._count = 0               # idle connections, every host
 
     def take(self, key):
         """An idle connection for key, or None."""
@@ -8338,6 +8346,7 @@ class ConnectionPool:
             entries = self._idle.get(key) or []
             while entries:
                 connection, since = entries.pop()
+                self._count -= 1
                 if time.monotonic() - since < UPSTREAM_IDLE_SECONDS:
                     return connection
                 connection.close()
@@ -8345,15 +8354,32 @@ class ConnectionPool:
 
     def give(self, key, connection) -> None:
         with self._lock:
-            entries = self._idle.setdefault(key, [])
-            if len(entries) < UPSTREAM_IDLE_PER_HOST:
-                entries.append((connection, time.monotonic()))
+            if self._count < self._limit:
+                self._idle.setdefault(key, []).append((connection, time.monotonic()))
+                self._count += 1
                 return
         connection.close()
 
+    @property
+    def idle(self) -> int:
+        """Idle connections kept, every host."""
+        return self._count
+
+    def shrink(self, per_host: int) -> None:
+        """Close all but the per_host most recently used idle connections of each host."""
+        closing = []
+        with self._lock:
+            for entries in self._idle.values():
+                if len(entries) > per_host:
+                    closing += entries[:len(entries) - per_host]
+                    del entries[:len(entries) - per_host]
+            self._count -= len(closing)
+        for connection, _ in closing:
+            connection.close()
+
     def close_all(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, {}
+            idle, self._idle, self._count = self._idle, {}, 0
         for entries in idle.values():
             for connection, _ in entries:
                 connection.close()

@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+import urllib.request
 
 import anthropic
 import pytest
@@ -348,3 +349,28 @@ def test_memory_goes_back_to_the_system_once_the_server_is_idle(start_proxy, ups
                                    messages=[{"role": "user", "content": "hi"}])
     assert wait_until(lambda: trims, seconds=5)               # after the burst
     assert set(trims) == {0}
+
+
+def test_a_burst_keeps_its_provider_connections_for_the_next_wave_until_the_server_is_quiet(
+        start_proxy, upstream, monkeypatch):
+    monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 1.0)
+    monkeypatch.setattr(ccproxy, "UPSTREAM_IDLE_WHEN_QUIET", 2)
+    upstream.script = lambda r: json_reply(anthropic_message(), delay=0.3)   # answers overlap
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+
+    def wave():
+        threads = [threading.Thread(target=lambda: sdk(proxy).messages.create(
+            model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]))
+            for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    wave()
+    status = lambda: json.loads(urllib.request.urlopen(proxy.url + "/status").read())  # noqa
+    assert status()["upstream"]["connections_idle"] > 16      # more than the old fixed 16
+    peers = {r["peer"] for r in upstream.requests}
+    wave()                                                     # the next wave reuses them
+    assert len({r["peer"] for r in upstream.requests}) < 2 * len(peers)
+    pool = proxy.server.app.upstream.connections      # asked directly: a request is activity
+    assert wait_until(lambda: pool.idle == 2, seconds=5)
