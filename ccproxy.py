@@ -2328,6 +2328,45 @@ def serve_in_thread(config, host: str = DEFAULT_HOST, port: int = 0) -> ProxyThr
 # 4.3 Connections: keep-alive, limits, timeouts, streaming
 # -----------------------------------------------------------------------------
 
+class Deadline:
+    """A timeout moved on many times a second, on one timer: set() pushes the deadline later
+    without a new timer (the timer, when it fires early, moves itself on), pause() lets it
+    lapse, clear() stops it for good; callback() runs once the latest deadline has passed."""
+
+    __slots__ = ("_loop", "_callback", "_when", "_timer")
+
+    def __init__(self, loop, callback):
+        self._loop, self._callback = loop, callback
+        self._when = None
+        self._timer = None
+
+    def set(self, seconds: float) -> None:
+        self._when = when = self._loop.time() + seconds
+        if self._timer is None or self._timer.when() > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(when, self._fire)
+
+    def pause(self) -> None:
+        self._when = None
+
+    def clear(self) -> None:
+        self._when = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._when is None:
+            return
+        if self._loop.time() < self._when:
+            self._timer = self._loop.call_at(self._when, self._fire)
+            return
+        self._when = None
+        self._callback()
+
+
 class ClientStreamReader(asyncio.StreamReader):
     """A StreamReader that reports the end of the client's side of the connection.
 
@@ -2354,7 +2393,8 @@ class ClientConnection:
     Lifecycle of a request: read the head (header timeout, 64 KiB limit), find its endpoint,
     admit it (access rules), read the body (size limit, 100-continue), handle it, write the
     answer. Errors before the body is read close the connection, since the unread body would
-    be taken for the next request. Timeouts are one timer re-armed per wait, not a task per read.
+    be taken for the next request. Timeouts are one Deadline moved on per wait, not a task per
+    read.
     """
 
     def __init__(self, app, reader: ClientStreamReader, writer: asyncio.StreamWriter):
@@ -2362,7 +2402,8 @@ class ClientConnection:
         self._reader = reader
         self._writer = writer
         self._peer = parse_peer_address(writer.get_extra_info("peername"))
-        self._timer = None
+        self._deadline = Deadline(asyncio.get_running_loop(), self._expire)
+        self._timeout_error = None    # what a client that runs out of time is told, if anything
         self._body_deadline = 0.0
         self.busy = False             # a request is being served
 
@@ -2385,7 +2426,7 @@ class ClientConnection:
         except (ConnectionError, ClientDisconnected):
             return
         finally:
-            self._disarm()
+            self._deadline.clear()
             self._reader.on_end = None
             self._writer.close()
 
@@ -2395,20 +2436,18 @@ class ClientConnection:
             callback()
         self._reader.on_end = callback
 
-    def _arm(self, seconds: float, error: ProxyError | None) -> None:
-        """Close the connection after seconds, answering error first if there is one."""
-        self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire, error)
+    def _arm(self, seconds: float, error=None) -> None:
+        """Close the connection after seconds, first answering 408 with error() if given (a
+        function, so no error is made for the usual request that is on time)."""
+        self._timeout_error = error
+        self._deadline.set(seconds)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.pause()
 
-    def _expire(self, error: ProxyError | None) -> None:
-        self._timer = None
-        if error is not None:
-            request_id = self._app.next_request_id()
+    def _expire(self) -> None:
+        if self._timeout_error is not None:
+            error, request_id = self._timeout_error(), self._app.next_request_id()
             self._writer.write(self._response_bytes(None, error.response(request_id),
                                                     request_id, False))
         self._writer.close()          # the pending read then ends and run() returns
@@ -2421,8 +2460,8 @@ class ClientConnection:
             first = await self._reader.read(1)
             if not first:
                 return None
-            self._arm(header_timeout, RequestTimeoutError("request head not received within %g s"
-                                                          % header_timeout))
+            self._arm(header_timeout, lambda: RequestTimeoutError(
+                "request head not received within %g s" % header_timeout))
             return first + await self._reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             self._disarm()
@@ -2527,12 +2566,13 @@ class ClientConnection:
         config = self._app.config
         left = self._body_deadline - time.monotonic()
         if left < config.header_timeout:
-            error = RequestTimeoutError("request body not received within %g s "
-                                        "(performance.body_timeout)" % config.body_timeout)
+            error = lambda: RequestTimeoutError(  # noqa: E731
+                "request body not received within %g s (performance.body_timeout)"
+                % config.body_timeout)
         else:
             left = config.header_timeout
-            error = RequestTimeoutError("request body paused for more than %g s "
-                                        "(performance.header_timeout)" % left)
+            error = lambda: RequestTimeoutError(  # noqa: E731
+                "request body paused for more than %g s (performance.header_timeout)" % left)
         self._arm(max(left, 0.0), error)
         try:
             return await awaitable
@@ -2867,25 +2907,17 @@ class MemoryReturn:
 
     def __init__(self, app):
         self._app = app
-        self._timer = None
-        self._last_activity = 0.0     # loop time of the last request or connection that ended
+        self._quiet = None            # a Deadline, made on first use (on the server's loop)
         self._trim = None             # malloc_trim, once looked up; False where there is none
 
     def after_burst(self) -> None:
         """A request or a connection ended: give memory back once nothing has run for a
-        moment (one timer, moved on when it fires early, not one per request)."""
-        loop = asyncio.get_running_loop()
-        self._last_activity = loop.time()
-        if self._timer is None:
-            self._timer = loop.call_later(MEMORY_RETURN_SECONDS, self._give_back)
+        moment."""
+        if self._quiet is None:
+            self._quiet = Deadline(asyncio.get_running_loop(), self._give_back)
+        self._quiet.set(MEMORY_RETURN_SECONDS)
 
     def _give_back(self) -> None:
-        self._timer = None
-        loop = asyncio.get_running_loop()
-        quiet = loop.time() - self._last_activity
-        if quiet < MEMORY_RETURN_SECONDS:
-            self._timer = loop.call_later(MEMORY_RETURN_SECONDS - quiet, self._give_back)
-            return
         if self._app.requests_active or self._app.active_streams:
             return
         self._app.upstream.connections.shrink(UPSTREAM_IDLE_WHEN_QUIET)
@@ -8181,8 +8213,7 @@ class SocketReader:
         self._drained = False         # the last receive took everything that had arrived
         self._waiter = None
         self._watching = False
-        self._deadline = 0.0          # when the current wait ends
-        self._timer = None            # one timer, moved on lazily rather than made per read
+        self._timeout = Deadline(loop, self._on_timeout)
 
     async def read(self, wait: float) -> bytes | None:
         """The next bytes (b"" at the end), or None when none came within wait seconds."""
@@ -8207,26 +8238,15 @@ class SocketReader:
         if not self._watching:
             self._loop.add_reader(self._fd, self._on_readable)
             self._watching = True
-        self._deadline = self._loop.time() + wait
-        if self._timer is None or self._timer.when() > self._deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
+        self._timeout.set(wait)
         try:
             return await future
         finally:
             self._waiter = None
 
-    def _on_deadline(self) -> None:
-        """The timer fired: the wait is over if its deadline has come, else the timer moves on
-        to it (reads since it was set pushed the deadline later)."""
-        self._timer = None
-        if self._waiter is None:
-            return
-        if self._loop.time() >= self._deadline:
+    def _on_timeout(self) -> None:
+        if self._waiter is not None:
             settle(self._waiter, False)
-        else:
-            self._timer = self._loop.call_at(self._deadline, self._on_deadline)
 
     def _on_readable(self) -> None:
         if self._waiter is None:          # nobody waits: stop watching until someone does
@@ -8237,9 +8257,7 @@ class SocketReader:
 
     def close(self) -> None:
         """Stop watching the socket (before it is closed or reused)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timeout.clear()
         if self._watching:
             self._loop.remove_reader(self._fd)
             self._watching = False

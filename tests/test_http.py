@@ -1,6 +1,7 @@
 """HTTP/1.1: the sans-IO head parser and the connection loop over real sockets."""
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 
@@ -281,3 +282,29 @@ def test_event_streams_decode_the_same_however_the_reads_fall(pieces, cuts):
     decoder = ccproxy.SSEDecoder()
     assert [e for piece in split_at(stream, cuts) for e in decoder.feed(piece)] == expected
     assert len(expected) == sum(not p.startswith(b":") for p in pieces)
+
+
+def test_a_deadline_fires_once_after_its_latest_setting_and_never_once_cleared():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        fired = []
+        deadline = ccproxy.Deadline(loop, lambda: fired.append(loop.time()))
+        start = loop.time()
+        deadline.set(0.1)
+        await asyncio.sleep(0.05)
+        deadline.set(0.1)                          # moved later: the same timer moves itself on
+        await asyncio.sleep(0.2)                   # (loop timers run in time order)
+        assert len(fired) == 1 and fired[0] - start >= 0.15
+        deadline.set(0.05)
+        deadline.clear()
+        await asyncio.sleep(0.1)
+        assert len(fired) == 1
+        deadline.set(5.0)
+        deadline.set(0.01)                         # moved earlier: a new timer
+        await asyncio.sleep(0.1)
+        assert len(fired) == 2
+        deadline.set(0.01)
+        deadline.pause()                           # lapses without a call
+        await asyncio.sleep(0.05)
+        assert len(fired) == 2
+    asyncio.run(scenario())
