@@ -4866,6 +4866,17 @@ class UpstreamStream:
 
 
 DECODE_JSON = json.JSONDecoder().decode        # json.loads of a str, without its wrapping
+SCAN_JSON = json.scanner.make_scanner(json.JSONDecoder())     # the C scanner decode() calls
+
+
+def decode_event_json(data: str):
+    """An event's JSON value, straight from the C scanner (decode() adds two regular-expression
+    passes for surrounding whitespace); whitespace or an error goes through decode() itself."""
+    try:
+        value, end = SCAN_JSON(data, 0)
+    except StopIteration:
+        return DECODE_JSON(data)
+    return value if end == len(data) else DECODE_JSON(data)
 
 
 class TranslatedStreamRelay:
@@ -4888,11 +4899,11 @@ class TranslatedStreamRelay:
             return SSE_PING
         out = []
         for event, data in self._decoder.feed(chunk):
-            if data.strip() == "[DONE]":
+            if len(data) < 16 and data.strip() == "[DONE]":
                 self._translator.feed_event(event, None)
                 continue
             try:
-                payload = DECODE_JSON(data)
+                payload = decode_event_json(data)
             except (ValueError, RecursionError):
                 payload = None
             if not isinstance(payload, dict):
@@ -5091,12 +5102,14 @@ class EventEmitter:
             "type": "content_block_start", "index": self.block, "content_block": content_block}))
 
     def text(self, text: str, key="text") -> None:
-        self.open_block(key, {"type": "text", "text": ""})
+        if self.open != key:
+            self.open_block(key, {"type": "text", "text": ""})
         self._out.append(TEXT_DELTA % (self.block, json_text(text)))
         self.output_chars += len(text)
 
     def thinking(self, text: str, key="thinking") -> None:
-        self.open_block(key, {"type": "thinking", "thinking": "", "signature": ""})
+        if self.open != key:
+            self.open_block(key, {"type": "thinking", "thinking": "", "signature": ""})
         if text:
             self._out.append(THINKING_DELTA % (self.block, json_text(text)))
             self.output_chars += len(text)

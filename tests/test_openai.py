@@ -8,6 +8,7 @@ import re
 import anthropic
 import openai
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (answer_of, CLAUDE_CODE_VERSIONS, json_reply, open_stream, read_to_end,
@@ -1101,3 +1102,24 @@ def test_text_only_chunks_take_the_short_way_to_the_same_events(texts):
     assert short[1:] == full[1:]                       # message_start differs by its id only
     assert "".join(p["delta"]["text"] for n, p in short if n == "content_block_delta") == \
         "".join(texts)
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.sampled_from(["", " ", "\n", "x", "}"]),
+       st.sampled_from(["", " ", "\t", "{"]))
+def test_event_data_decodes_exactly_as_json_loads(value, after, before):
+    data = before + json.dumps(value) + after
+    try:
+        expected = ("value", json.loads(data))
+    except ValueError:
+        expected = ("error", None)
+    try:
+        got = ("value", ccproxy.decode_event_json(data))
+    except ValueError:
+        got = ("error", None)
+    assert got == expected
