@@ -931,6 +931,7 @@ MODEL_ENTRY_KEYS = MODEL_LIMIT_KEYS + ("price",)
 PRICED_USAGE_FIELDS = (("input", "input_tokens"), ("output", "output_tokens"),
                        ("cache_read", "cache_read_input_tokens"),
                        ("cache_write", "cache_creation_input_tokens"))
+PROMPT_USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 class Provider:
@@ -953,11 +954,15 @@ class Provider:
         return chosen
 
     def cost(self, model: str, usage: dict) -> float | None:
-        """What the usage cost in US dollars at the model's configured prices; None when a
-        price is not known for a kind of token it used."""
+        """What the usage cost in US dollars at the model's configured prices (its long-prompt
+        rates when the prompt was longer than price.above.tokens); None when a price is not
+        known for a kind of token it used."""
         prices = self.prices.get(model)
         if prices is None:
             return None
+        above = prices.get("above")
+        if above and sum(usage.get(f) or 0 for f in PROMPT_USAGE_FIELDS) > above["tokens"]:
+            prices = dict(prices, **above)
         total = 0.0
         for kind, field in PRICED_USAGE_FIELDS:
             tokens = usage.get(field) or 0
@@ -1433,13 +1438,26 @@ def clean_model_entry(checker: ConfigChecker, model, path: str, preset_limits: d
 
 def model_price(checker: ConfigChecker, price, path: str) -> dict:
     """A model's price ({input, output, cache_read?, cache_write?}: US dollars per million
-    tokens); a kind left out has no known price, so usage of it has no known cost."""
+    tokens; `above` {tokens, and rates}: what a prompt longer than tokens pays instead, where the
+    provider bills long prompts higher); a kind left out has no known price, so usage of it has
+    no known cost."""
     if not isinstance(price, dict):
         checker.fail(path, "must be an object of US dollars per million tokens: "
-                           "{input, output, cache_read, cache_write}")
+                           "{input, output, cache_read, cache_write, above}")
         return {}
     kinds = [kind for kind, _ in PRICED_USAGE_FIELDS]
-    checker.unknown_keys(price, kinds, path)
+    checker.unknown_keys(price, kinds + ["above"], path, refuse=True)    # a typo costs money
+    clean = price_rates(checker, price, kinds, path)
+    for kind in ("input", "output"):
+        if kind not in price:
+            checker.fail(join_key(path, kind), "is required in a price")
+    if "above" in price:
+        clean["above"] = long_prompt_price(checker, price["above"], join_key(path, "above"))
+    return clean
+
+
+def price_rates(checker: ConfigChecker, price: dict, kinds: list, path: str) -> dict:
+    """The rates a price gives, as floats; a rate that is not a sane number is a problem."""
     clean = {}
     for kind in kinds:
         value = price.get(kind)
@@ -1448,10 +1466,21 @@ def model_price(checker: ConfigChecker, price, path: str) -> dict:
             checker.fail(join_key(path, kind), "must be a number of US dollars per million tokens")
         elif kind in price:
             clean[kind] = float(value)
-    for kind in ("input", "output"):
-        if kind not in price:
-            checker.fail(join_key(path, kind), "is required in a price")
     return clean
+
+
+def long_prompt_price(checker: ConfigChecker, above, path: str) -> dict:
+    """price.above: {tokens, and the rates that change}: rates left out stay the base ones."""
+    kinds = [kind for kind, _ in PRICED_USAGE_FIELDS]
+    if not isinstance(above, dict):
+        checker.fail(path, "must be an object: {tokens, input, output, cache_read, cache_write}")
+        return {}
+    checker.unknown_keys(above, kinds + ["tokens"], path, refuse=True)
+    tokens = above.get("tokens")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        checker.fail(join_key(path, "tokens"), "must be a whole number of prompt tokens (a long "
+                                               "prompt has more), e.g. 200000")
+    return dict(price_rates(checker, above, kinds, path), tokens=tokens)
 
 
 def build_providers(checker: ConfigChecker, entries) -> list:

@@ -471,3 +471,33 @@ def test_claude_models_through_the_anthropic_preset_cost_what_the_pricing_page_s
     haiku = ccproxy.PRESET_MODEL_PRICES["anthropic"]["claude-haiku-4-5-20251001"]
     assert haiku == {"input": 1.0, "cache_write": 1.25, "cache_read": 0.1, "output": 5.0}
     assert "claude-sonnet-4-5" not in ccproxy.PRESET_MODEL_PRICES["anthropic"]     # retired
+
+
+def test_a_long_prompt_pays_the_long_prompt_rates_where_a_price_has_them():
+    config = ccproxy.build_config({"providers": [{"name": "gemini", "api_key": "k", "models": [
+        {"name": "gemini-2.5-pro", "price": {
+            "input": 1.25, "output": 10, "cache_read": 0.125,
+            "above": {"tokens": 200_000, "input": 2.5, "output": 15}}}]}]}, "c", {})
+    (gemini,) = config.providers
+    short = {"input_tokens": 100_000, "cache_read_input_tokens": 100_000, "output_tokens": 1000}
+    assert gemini.cost("gemini-2.5-pro", short) == pytest.approx(
+        (100_000 * 1.25 + 100_000 * 0.125 + 1000 * 10) / 1e6)         # 200,000: not above
+    long = dict(short, input_tokens=100_001)
+    assert gemini.cost("gemini-2.5-pro", long) == pytest.approx(
+        (100_001 * 2.5 + 100_000 * 0.125 + 1000 * 15) / 1e6)          # cache_read kept its rate
+
+
+@pytest.mark.parametrize("above, problem", [
+    ({"input": 2}, "models[0].price.above.tokens: must be a whole number"),
+    ({"tokens": 0, "input": 2}, "models[0].price.above.tokens: must be a whole number"),
+    ({"tokens": 1000, "input": "2"}, "models[0].price.above.input: must be a number"),
+    ({"tokens": 1000, "inptu": 2}, "models[0].price.above.inptu"),
+    ([200000], "models[0].price.above: must be an object"),
+    (None, "models[0].price.cache_raed: unknown key (did you mean 'cache_read'?)")])
+def test_a_long_prompt_price_that_makes_no_sense_names_its_key(above, problem):
+    with pytest.raises(ccproxy.ConfigError) as error:
+        price = {"input": 1, "output": 2, "cache_raed": 0.1} if above is None else {
+            "input": 1, "output": 2, "above": above}
+        ccproxy.build_config({"providers": [{"name": "gemini", "api_key": "k", "models": [
+            {"name": "m", "price": price}]}]}, "c", {})
+    assert problem in str(error.value)
