@@ -3510,7 +3510,7 @@ def session_summary(session: dict) -> str:
 def usage_words(totals: dict) -> str:
     """Totals of usage in a few words: tokens in (the share read from the cache), out, cost."""
     cached = totals["cache_read_input_tokens"]
-    total_in = totals["input_tokens"] + cached + totals["cache_creation_input_tokens"]
+    total_in = sum(totals[field] for field in PROMPT_USAGE_FIELDS)
     parts = ["%s in" % short_count(total_in)]
     if total_in:
         parts[-1] += " (%d%% cached)" % (100 * cached // total_in)
@@ -8619,18 +8619,26 @@ def install_signal_handlers(server: ProxyServer) -> None:
             pass
 
 
-def watch_config_file(app: ProxyApp) -> None:
-    """Reload the config when its file changes (checked every few seconds)."""
+def every(seconds: float, action) -> None:
+    """Call action() every `seconds` on the running loop, until it returns False."""
     loop = asyncio.get_running_loop()
 
+    def tick():
+        if action() is not False:
+            loop.call_later(seconds, tick)
+
+    loop.call_later(seconds, tick)
+
+
+def watch_config_file(app: ProxyApp) -> None:
+    """Reload the config when its file changes (checked every few seconds)."""
     def check():
         current = file_mtime(app.config.source)
         if current is not None and current != app.config_mtime:
             app.config_mtime = current
             app.reload_config()
-        loop.call_later(CONFIG_WATCH_SECONDS, check)
 
-    loop.call_later(CONFIG_WATCH_SECONDS, check)
+    every(CONFIG_WATCH_SECONDS, check)
 
 
 USAGE_SAVE_SECONDS = 30.0            # the usage file is written this often, when changed
@@ -8649,13 +8657,7 @@ def keep_usage(app: ProxyApp) -> None:
         pass
     except (OSError, ValueError) as exc:
         log.warning("usage_file %s could not be read; counting from zero: %s", path, exc)
-    loop = asyncio.get_running_loop()
-
-    def save_now():
-        save_usage(app)
-        loop.call_later(USAGE_SAVE_SECONDS, save_now)
-
-    loop.call_later(USAGE_SAVE_SECONDS, save_now)
+    every(USAGE_SAVE_SECONDS, lambda: save_usage(app))
 
 
 def save_usage(app: ProxyApp) -> None:
@@ -8670,16 +8672,14 @@ def save_usage(app: ProxyApp) -> None:
 def watch_sessions(server: ProxyServer) -> None:
     """Stop the server once no `code` session is alive (checked every few seconds), so a
     proxy that `code` started does not outlive its sessions, even crashed ones."""
-    loop = asyncio.get_running_loop()
-
     def check():
         if live_sessions() == 0:
             log.info("no Claude Code session left; stopping")
             server.stop()
-        else:
-            loop.call_later(SESSION_CHECK_SECONDS, check)
+            return False
+        return True
 
-    loop.call_later(SESSION_CHECK_SECONDS, check)
+    every(SESSION_CHECK_SECONDS, check)
 
 
 class SecretMaskingFilter(logging.Filter):
