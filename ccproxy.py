@@ -2662,15 +2662,16 @@ class ClientConnection:
         the usual piece goes out in one send, without a wait."""
         writer = self._writer
         transport = writer.transport
+
+        def write(piece: bytes) -> bool:
+            if record is not None and "first_byte" not in record:
+                record["first_byte"] = time.monotonic()
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            return bool(transport.get_write_buffer_size() or transport.is_closing())
         self._app.active_streams += 1
         try:
             try:
-                async for piece in stream:
-                    if record is not None and "first_byte" not in record:
-                        record["first_byte"] = time.monotonic()
-                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-                    if transport.get_write_buffer_size() or transport.is_closing():
-                        await writer.drain()          # a slow client, or one that has gone
+                await stream.send(write, writer.drain)   # drained for a slow or gone client
             except (ClientDisconnected, ConnectionError):
                 raise
             except Exception:
@@ -4863,21 +4864,23 @@ class UpstreamStream:
 
     def __init__(self, call, chunks, relay, first: bytes = b""):
         self._call, self._chunks, self._relay, self._first = call, chunks, relay, first
-        self._pieces = None
+        self._write = None
 
-    def __aiter__(self):
-        self._pieces = self._generate()
-        return self._pieces
-
-    async def _generate(self):
-        if self._first:
-            yield self._first
+    async def send(self, write, drain) -> None:
+        """Write the stream with write(piece), which returns true when the client is behind:
+        drain() is then awaited. A body read by the event loop pushes its pieces from the
+        loop's callback; one read by a worker thread comes piece by piece."""
+        self._write = write
+        if self._first and write(self._first):
+            await drain()
         error = None
         try:
-            async for chunk in self._chunks:
-                piece = self._relay.feed(chunk)
-                if piece:
-                    yield piece
+            if isinstance(self._chunks, LoopBody):
+                await self._chunks.push(self._consume, drain)
+            else:
+                async for chunk in self._chunks:
+                    if self._consume(chunk):
+                        await drain()
         except ProxyError as failure:
             error = failure
         if error is not None or not self._relay.complete:
@@ -4885,11 +4888,13 @@ class UpstreamStream:
                 "the stream ended before it was complete"), " after its stream began")
         ending = self._relay.finish(error)
         if ending:
-            yield ending
+            write(ending)
+
+    def _consume(self, chunk: bytes) -> bool:
+        piece = self._relay.feed(chunk)
+        return bool(piece) and self._write(piece)
 
     async def aclose(self) -> None:
-        if self._pieces is not None:
-            await self._pieces.aclose()
         await self._chunks.aclose()
         self._call.close_unread()
 
@@ -7963,7 +7968,7 @@ class UpstreamCall:
         self.model = model
         self._upstream = upstream
         self._url = outgoing.url
-        self._timeout = timeout
+        self.timeout = timeout
         self._request = urllib.request.Request(
             outgoing.url, data=outgoing.body, headers=outgoing.headers,
             method="GET" if outgoing.body is None else "POST")
@@ -8069,9 +8074,9 @@ class UpstreamCall:
 
     def _send_blocking(self, stream: bool) -> None:
         try:
-            response = self._upstream.opener.open(self._request, timeout=self._timeout)
+            response = self._upstream.opener.open(self._request, timeout=self.timeout)
         except Exception as exc:
-            raise self._failure(exc) from None
+            raise self.failure(exc) from None
         self._response = response
         self.status = response.status
         if stream and self.status < 400 and (response.headers.get("content-type") or "").startswith(
@@ -8081,15 +8086,17 @@ class UpstreamCall:
             limit = UPSTREAM_ERROR_BODY_BYTES if self.status >= 400 else None
             self.body = response.read(limit)
         except Exception as exc:
-            raise self._failure(exc) from None
+            raise self.failure(exc) from None
         finally:
             self._release(response.isclosed())
 
-    def _failure(self, exc: BaseException) -> Exception:
+    def failure(self, exc: BaseException) -> Exception:
+        """The client's error for a failed socket operation: the reason the call was cut, or
+        the provider's failure."""
         if self._cancelled:
             return OverloadedError(self._cancel_reason) if self._cancel_reason \
                 else ClientDisconnected()
-        return upstream_failure(self.provider, self._url, exc, self._timeout,
+        return upstream_failure(self.provider, self._url, exc, self.timeout,
                                 self._response is not None)
 
     def chunks(self, silence_seconds: float | None = None):
@@ -8100,48 +8107,23 @@ class UpstreamCall:
         reads the socket itself; where it cannot watch sockets (Windows' default loop), a
         worker thread reads it.
         """
+        self._pumping = True
         if self._socket is not None and loop_watches_sockets(asyncio.get_running_loop()):
-            return self._read_by_loop(silence_seconds)
+            return LoopBody(self, SocketReader(asyncio.get_running_loop(), self._socket,
+                                               self._response.fp),
+                            body_decoder(self._response), silence_seconds)
         return self._read_by_thread(silence_seconds)
 
-    async def _read_by_loop(self, silence_seconds: float | None):
-        """The body read from the socket as data arrives, with no thread held: what the
-        response's buffer already has, then each read, de-framed and handed on."""
-        self._pumping = True
-        loop = asyncio.get_running_loop()
-        reader = SocketReader(loop, self._socket, self._response.fp)
-        decoder = body_decoder(self._response)
-        heard = loop.time()
-        try:
-            while not decoder.done:
-                left = self._timeout - (loop.time() - heard)
-                wait = min(left, silence_seconds) if silence_seconds else left
-                data = await reader.read(wait) if left > 0 else None
-                if data is None:
-                    if left <= wait:
-                        raise socket.timeout("silent")
-                    yield b""
-                    continue
-                heard = loop.time()
-                if not data or self._cancelled:
-                    if decoder.expects_more or self._cancelled:
-                        raise http.client.IncompleteRead(b"")
-                    break
-                piece = decoder.feed(data)
-                if piece:
-                    yield piece
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._failure(exc) from None
-        finally:
-            reader.close()
-            if not decoder.done:
-                self.cancel()
-            self._release(decoder.done)
-            self._upstream.calls.discard(self)
+    def body_ended(self, complete: bool) -> None:
+        """The event loop has stopped reading the streamed body: the call is over, and its
+        connection goes back to the pool when the body came whole."""
+        if not complete:
+            self.cancel()
+        self._release(complete)
+        self._upstream.calls.discard(self)
 
     async def _read_by_thread(self, silence_seconds: float | None):
         """The body read by a worker thread, handed over through a bounded queue."""
-        self._pumping = True
         loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
         slots = threading.Semaphore(STREAM_QUEUE_CHUNKS)
@@ -8180,7 +8162,7 @@ class UpstreamCall:
                     break
                 inbox.post(queue.put_nowait, piece)
         except Exception as exc:
-            ending = self._failure(exc)
+            ending = self.failure(exc)
         finally:
             self._release(self._body_complete)
             inbox.post(queue.put_nowait, ending)
@@ -8237,12 +8219,110 @@ def loop_watches_sockets(loop) -> bool:
     return isinstance(loop, asyncio.SelectorEventLoop)
 
 
+class LoopBody:
+    """A streamed answer's body read by the event loop, with no thread held. It is an async
+    iterator of de-framed pieces (b"" after each `silence_seconds` without data), and push()
+    hands each piece on from the loop's callback for a readable socket itself: one receive,
+    its events, one write, and no task woken in between."""
+
+    def __init__(self, call: UpstreamCall, reader, decoder, silence_seconds: float | None):
+        self._call, self._reader, self._decoder = call, reader, decoder
+        self._silence = silence_seconds
+        self._clock = asyncio.get_running_loop().time
+        self._heard = self._clock()
+        self._ended = False           # the body has all come, or the connection ended it
+        self._closed = False
+        self._consume = None
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            while not self._ended:
+                data = await self._reader.read(self._wait())
+                piece = self._silent() if data is None else self._take(data)
+                if piece is not None:
+                    return piece
+        except BaseException as exc:
+            raise self._stopped(exc) from None
+        self.close()
+        raise StopAsyncIteration
+
+    async def push(self, consume, drain) -> None:
+        """Hand each piece to consume(piece) until the body ends, b"" after a silence.
+        consume returns true when the client is behind: drain() is awaited before reading on."""
+        self._consume = consume
+        try:
+            while not self._ended:
+                if await self._reader.push(self._wait(), self._pushed):
+                    behind = not self._ended
+                else:
+                    piece = self._silent()
+                    behind = piece is not None and consume(piece)
+                if behind:
+                    await drain()
+        except BaseException as exc:
+            raise self._stopped(exc) from None
+        self.close()
+
+    def _pushed(self, data: bytes) -> bool:
+        piece = self._take(data)
+        return piece is not None and self._consume(piece) or self._ended
+
+    def _wait(self) -> float:
+        """Seconds to wait for data: until the next silence, or the call's timeout."""
+        left = self._call.timeout - (self._clock() - self._heard)
+        if left <= 0:
+            raise socket.timeout("silent")
+        return min(left, self._silence) if self._silence else left
+
+    def _silent(self) -> bytes | None:
+        """Nothing came while waiting: b"" once a whole silence has passed (None before)."""
+        quiet = self._clock() - self._heard
+        if quiet >= self._call.timeout:
+            raise socket.timeout("silent")
+        return b"" if self._silence and quiet >= self._silence else None
+
+    def _take(self, data: bytes) -> bytes | None:
+        """One receive, de-framed; None when it holds nothing to hand on."""
+        self._heard = self._clock()
+        if not data or self._call.cancelled:
+            if self._decoder.expects_more or self._call.cancelled:
+                raise http.client.IncompleteRead(b"")
+            self._ended = True
+            return None
+        piece = self._decoder.feed(data)
+        self._ended = self._decoder.done
+        return piece or None
+
+    def _stopped(self, exc: BaseException) -> BaseException:
+        """Reading failed or was stopped: the call ends, and the client's error is made (from
+        the call as it was: closing cuts it)."""
+        if isinstance(exc, (OSError, http.client.HTTPException)):
+            exc = self._call.failure(exc)
+        self.close()
+        return exc
+
+    def close(self) -> None:
+        """Stop reading: the call is over (its connection kept when the body came whole)."""
+        if not self._closed:
+            self._closed = True
+            self._reader.close()
+            self._call.body_ended(self._decoder.done)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
 class SocketReader:
     """Reads an upstream socket from the event loop: first what the response's buffered file
     already holds, then each receive as data arrives. The socket stays watched between reads
     (one registration per stream, dropped while nobody waits for it); a plain socket whose
     last receive took all there was is waited on at once, while a TLS socket is read until it
-    would block, so records the TLS layer has buffered are handed on before the loop waits."""
+    would block, so records the TLS layer has buffered are handed on before the loop waits.
+    read() waits for one receive; push() hands every receive to a function, from the loop's
+    callback for a readable socket."""
 
     def __init__(self, loop, sock, buffered_file):
         sock.setblocking(False)
@@ -8256,24 +8336,45 @@ class SocketReader:
         self._waiter = None
         self._watching = False
         self._timeout = Deadline(loop, self._on_timeout)
+        self._taker, self._wait = None, 0.0       # push()'s function and silence
 
     async def read(self, wait: float) -> bytes | None:
         """The next bytes (b"" at the end), or None when none came within wait seconds."""
+        while True:
+            data = self._receive()
+            if data is not None:
+                return data
+            if not await self._readable(wait):
+                return None
+
+    async def push(self, wait: float, take) -> bool:
+        """take(data) for each receive until it returns true (then True); False once nothing
+        has come for wait seconds. Errors, take's too, are raised here."""
+        data = self._receive()
+        while data is not None:
+            if take(data):
+                return True
+            data = self._receive()
+        self._taker, self._wait = take, wait
+        try:
+            return await self._readable(wait)
+        finally:
+            self._taker = None
+
+    def _receive(self) -> bytes | None:
+        """What has arrived (b"" at the end), or None when nothing has yet."""
         if self._buffered:
             data, self._buffered = self._buffered, b""
             return data
-        while True:
-            if not self._drained:
-                try:
-                    data = self._sock.recv(UPSTREAM_READ_BYTES)
-                except self._would_block:
-                    pass
-                else:
-                    self._drained = not self._tls and 0 < len(data) < UPSTREAM_READ_BYTES
-                    return data
+        if self._drained:
             self._drained = False
-            if not await self._readable(wait):
-                return None
+            return None
+        try:
+            data = self._sock.recv(UPSTREAM_READ_BYTES)
+        except self._would_block:
+            return None
+        self._drained = not self._tls and 0 < len(data) < UPSTREAM_READ_BYTES
+        return data
 
     async def _readable(self, wait: float) -> bool:
         self._waiter = future = self._loop.create_future()
@@ -8291,11 +8392,28 @@ class SocketReader:
             settle(self._waiter, False)
 
     def _on_readable(self) -> None:
-        if self._waiter is None:          # nobody waits: stop watching until someone does
+        waiter = self._waiter
+        if waiter is None:                # nobody waits: stop watching until someone does
             self._loop.remove_reader(self._fd)
             self._watching = False
-        else:
-            settle(self._waiter, True)
+        elif self._taker is None:
+            settle(waiter, True)
+        elif not waiter.done():
+            self._push_all(waiter)
+
+    def _push_all(self, waiter) -> None:
+        """Everything that has arrived, to push()'s function, right here in the callback."""
+        try:
+            data = self._receive()
+            while data is not None:
+                if self._taker(data):
+                    waiter.set_result(True)
+                    return
+                data = self._receive()
+        except Exception as exc:
+            waiter.set_exception(exc)
+            return
+        self._timeout.set(self._wait)
 
     def close(self) -> None:
         """Stop watching the socket (before it is closed or reused)."""

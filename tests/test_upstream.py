@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -374,3 +375,48 @@ def test_a_burst_keeps_its_provider_connections_for_the_next_wave_until_the_serv
     assert len({r["peer"] for r in upstream.requests}) < 2 * len(peers)
     pool = proxy.server.app.upstream.connections      # asked directly: a request is activity
     assert wait_until(lambda: pool.idle == 2, seconds=5)
+
+
+def test_a_client_that_stops_reading_holds_the_provider_back_and_loses_nothing(proxy, upstream):
+    """The event loop reads the provider only as fast as the client takes the stream: a client
+    that stops reading fills the socket buffers on the way, the provider's writes wait, and
+    nothing piles up in the proxy; when the client reads on, every piece arrives in order."""
+    pieces = ["%06d%s" % (n, "x" * 8000) for n in range(3000)]         # 24 MB of text
+    written = []
+
+    class CountedPieces(list):
+        def __iter__(self):
+            for piece in list.__iter__(self):
+                written.append(1)
+                yield piece
+    events = CountedPieces(anthropic_stream_events(pieces))
+    upstream.script = lambda r: Reply(200, pieces=events, content_type="text/event-stream")
+    body = json.dumps({"model": "m", "max_tokens": 5, "stream": True,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.port))
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    counts = [-1]
+    while counts[-1] < len(written):            # until the provider's writes stop advancing
+        counts.append(len(written))
+        time.sleep(0.3)
+    assert 0 < len(written) < len(events) // 2
+    received = bytearray()
+    with sock:
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            received += sock.recv(1 << 20)
+    texts = re.findall(rb'"text": ?"(\d{6})x+"', dechunked(bytes(received)))
+    assert [int(text) for text in texts] == list(range(3000))
+
+
+def dechunked(response: bytes) -> bytes:
+    """The body of a chunked HTTP response."""
+    rest = response.split(b"\r\n\r\n", 1)[1]
+    body = bytearray()
+    while True:
+        size, rest = rest.split(b"\r\n", 1)
+        if int(size, 16) == 0:
+            return bytes(body)
+        body += rest[:int(size, 16)]
+        rest = rest[int(size, 16) + 2:]
