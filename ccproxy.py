@@ -2647,39 +2647,44 @@ class ClientConnection:
                 log.exception("%s: the answer could not be written", request_id)
                 response = InternalError().response(request_id)
                 head = self._response_bytes(request, response, request_id, keep_open)
-            self._writer.write(head)
             if response.stream is None:
+                self._writer.write(head)
                 await self._writer.drain()
             else:
-                await self._write_stream(stream, request.version == "HTTP/1.1", request.record)
+                await self._write_stream(stream, head, request.version == "HTTP/1.1",
+                                         request.record)
         finally:
             if stream is not None:
                 await stream.aclose()
 
-    async def _write_stream(self, stream, chunked: bool, record) -> None:
-        """Write each piece as it comes; a bug mid-stream still ends with an error event. The
-        writer is drained only when the client has not taken everything yet (or has gone):
-        the usual piece goes out in one send, without a wait."""
+    async def _write_stream(self, stream, head: bytes, chunked: bool, record) -> None:
+        """Write the head with the first piece, each piece as it comes, and the stream's ending
+        with the end of the chunked body: the usual piece goes out in one send, without a wait
+        (the writer is drained only when the client has not taken everything yet, or has
+        gone). A bug mid-stream still ends with an error event."""
         writer = self._writer
         transport = writer.transport
+        unsent = head
 
-        def write(piece: bytes) -> bool:
-            if record is not None and "first_byte" not in record:
-                record["first_byte"] = time.monotonic()
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        def write(piece: bytes, last: bytes = b"") -> bool:
+            nonlocal unsent
+            data = (b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece) if piece else b""
+            if unsent:
+                if record is not None:
+                    record["first_byte"] = time.monotonic()
+                data, unsent = unsent + data, b""
+            writer.write(data + last if last else data)
             return bool(transport.get_write_buffer_size() or transport.is_closing())
         self._app.active_streams += 1
         try:
             try:
-                await stream.send(write, writer.drain)   # drained for a slow or gone client
+                ending = await stream.send(write, writer.drain)
             except (ClientDisconnected, ConnectionError):
                 raise
             except Exception:
                 log.exception("stream relay failed")
-                piece = InternalError().event()
-                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
-            if chunked:
-                writer.write(b"0\r\n\r\n")
+                ending = InternalError().event()
+            write(ending, b"0\r\n\r\n" if chunked else b"")
             await writer.drain()
         finally:
             self._app.active_streams -= 1
@@ -4866,10 +4871,11 @@ class UpstreamStream:
         self._call, self._chunks, self._relay, self._first = call, chunks, relay, first
         self._write = None
 
-    async def send(self, write, drain) -> None:
+    async def send(self, write, drain) -> bytes:
         """Write the stream with write(piece), which returns true when the client is behind:
         drain() is then awaited. A body read by the event loop pushes its pieces from the
-        loop's callback; one read by a worker thread comes piece by piece."""
+        loop's callback; one read by a worker thread comes piece by piece. Returns the
+        relay's ending, for the caller to write last."""
         self._write = write
         if self._first and write(self._first):
             await drain()
@@ -4886,9 +4892,7 @@ class UpstreamStream:
         if error is not None or not self._relay.complete:
             self._call.log_failure(error or self._relay.broken or UpstreamError(
                 "the stream ended before it was complete"), " after its stream began")
-        ending = self._relay.finish(error)
-        if ending:
-            write(ending)
+        return self._relay.finish(error)
 
     def _consume(self, chunk: bytes) -> bool:
         piece = self._relay.feed(chunk)
