@@ -4917,16 +4917,61 @@ def decode_event_json(data: str):
     return value if end == len(data) else DECODE_JSON(data)
 
 
+SCAN_JSON_STRING = json.decoder.scanstring     # the C one: a JSON string's text and its end
+CONTENT_STRING_RE = re.compile(r'"content"[ \t\n\r]*:[ \t\n\r]*"')
+
+
+class PlainChunkTemplate:
+    """The raw JSON of a stream's text-only chunks, which differ only in their text (the id,
+    model and the rest stay the same from chunk to chunk): learnt from one decoded text-only
+    chunk, it gives the text of a later chunk that has the same JSON around its text, without
+    decoding that chunk. A chunk is taken only when the same JSON is around one whole string
+    token, so it is exactly the learnt chunk with another text."""
+
+    __slots__ = ("_before", "_after")
+
+    def __init__(self):
+        self._before = self._after = None
+
+    def text(self, data: str) -> str | None:
+        """The chunk's text when it has the learnt JSON around it, else None."""
+        before, after = self._before, self._after
+        if before is None or not data.startswith(before) or not data.endswith(after):
+            return None
+        try:
+            text, end = SCAN_JSON_STRING(data, len(before))
+        except ValueError:
+            return None
+        return text if end == len(data) - len(after) else None
+
+    def learn(self, data: str, text: str | None) -> None:
+        """Learn from a decoded chunk whose only text is `text` under its only "content" key
+        (None: the chunk is not one to learn from)."""
+        found = CONTENT_STRING_RE.search(data) if text is not None else None
+        if found is None:
+            return
+        try:
+            value, end = SCAN_JSON_STRING(data, found.end())
+        except ValueError:
+            return
+        if value == text:
+            self._before, self._after = data[:found.end()], data[end:]
+
+
 class TranslatedStreamRelay:
     """Bytes of a provider's event stream in, the client's events out, for every translating
     protocol: SSE decoding and JSON parsing around the protocol's stream translator, which
     takes each (event name, payload); `[DONE]` comes as a None payload. An empty chunk
     (upstream silence) becomes a ping. An event that is not a JSON object breaks the stream:
-    what came before it is sent, then the stream ends with an error event, never as complete."""
+    what came before it is sent, then the stream ends with an error event, never as complete.
+
+    A translator with plain_text(payload) and feed_text(text) has its text-only chunks, most
+    of every stream, told apart by a PlainChunkTemplate and not decoded at all."""
 
     def __init__(self, translator, provider: Provider):
         self._decoder = SSEDecoder()
         self._translator = translator
+        self._plain = PlainChunkTemplate() if hasattr(translator, "plain_text") else None
         self.broken = None
         self.provider = provider
 
@@ -4936,7 +4981,13 @@ class TranslatedStreamRelay:
         if not chunk:
             return SSE_PING
         out = []
+        plain = self._plain
         for event, data in self._decoder.feed(chunk):
+            text = plain.text(data) if plain is not None and event == "message" else None
+            piece = self._translator.feed_text(text) if text is not None else None
+            if piece is not None:
+                out.append(piece)
+                continue
             if len(data) < 16 and data.strip() == "[DONE]":
                 self._translator.feed_event(event, None)
                 continue
@@ -4950,6 +5001,8 @@ class TranslatedStreamRelay:
                                              % self.provider.name)
                 break
             out.append(self._translator.feed_event(event, payload))
+            if plain is not None:
+                plain.learn(data, self._translator.plain_text(payload))
         return b"".join(out)
 
     @property
@@ -6700,10 +6753,9 @@ class OpenAIStreamTranslator:
 
     def feed(self, chunk: dict) -> bytes:
         text = plain_text_delta(chunk)
-        if text is not None and self._emit.started and self._context.search_query is None:
-            if text:
-                self._emit.text(text)
-            return self._emit.take()
+        piece = self.feed_text(text) if text is not None else None
+        if piece is not None:
+            return piece
         if chunk.get("error"):
             raise openai_error(self._context.provider, chunk["error"])
         self._emit.start()
@@ -6714,6 +6766,29 @@ class OpenAIStreamTranslator:
             if isinstance(choice, dict):
                 self._feed_choice(choice)
         return self._emit.take()
+
+    def feed_text(self, text: str) -> bytes | None:
+        """The events of a chunk that carries nothing but text; None when the stream cannot
+        take it the short way (its message has not started, or a web search gathers text)."""
+        if not self._emit.started or self._context.search_query is not None:
+            return None
+        if text:
+            self._emit.text(text)
+        return self._emit.take()
+
+    @staticmethod
+    def plain_text(chunk: dict) -> str | None:
+        """The text of a text-only chunk whose only "content" key is its delta's (every other
+        value a plain one, no logprobs), from which the stream's PlainChunkTemplate learns."""
+        text = plain_text_delta(chunk)
+        if text is None:
+            return None
+        choice = chunk["choices"][0]
+        values = [v for k, v in chunk.items() if k != "choices"] + [
+            choice.get("index"), choice.get("logprobs"), choice["delta"].get("role")]
+        plain = all(value is None or value.__class__ in (str, int, float, bool)
+                    for value in values)
+        return text if plain and choice.get("logprobs") is None else None
 
     def done(self) -> None:
         """The upstream said [DONE]."""

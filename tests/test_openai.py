@@ -1104,6 +1104,100 @@ def test_text_only_chunks_take_the_short_way_to_the_same_events(texts):
         "".join(texts)
 
 
+def sse_data(chunk, compact=True, ascii_only=True) -> bytes:
+    separators = (",", ":") if compact else (", ", ": ")
+    return b"data: %s\n\n" % json.dumps(chunk, separators=separators,
+                                          ensure_ascii=ascii_only).encode()
+
+
+def relay_events(data: bytes, cuts=()):
+    """The events a relay makes of a Chat Completions stream's bytes, fed in pieces."""
+    relay = ccproxy.TranslatedStreamRelay(ccproxy.OpenAIStreamTranslator(context()),
+                                          context().provider)
+    edges = [0] + sorted(set(cut % (len(data) + 1) for cut in cuts)) + [len(data)]
+    out = b"".join(relay.feed(data[a:b]) for a, b in zip(edges, edges[1:]) if b > a)
+    return parse_events(out + relay.finish())
+
+
+def test_text_only_chunks_after_the_first_are_not_decoded_at_all(monkeypatch):
+    """The first text-only chunk (here the opening one) is decoded and its JSON learnt; the
+    stream's other text chunks are read from their raw JSON (the id, model and the rest as
+    learnt), never decoded."""
+    decoded = []
+
+    def counting(data):
+        decoded.append(data)
+        return json.loads(data)
+    monkeypatch.setattr(ccproxy, "decode_event_json", counting)
+    texts = ["w%d \"ö\" \\ \n" % n for n in range(50)]
+    chunks = [text_chunk(""), *[text_chunk(t) for t in texts], dict(text_chunk(""), choices=[
+        {"index": 0, "delta": {}, "finish_reason": "stop"}])]
+    events = relay_events(b"".join(sse_data(c) for c in chunks) + b"data: [DONE]\n\n")
+    assert "".join(p["delta"]["text"] for n, p in events if n == "content_block_delta") == \
+        "".join(texts)
+    assert len(decoded) == 2                  # the opening chunk (learnt from) and the ending
+
+
+def test_the_template_takes_only_the_learnt_json_around_one_whole_string():
+    template = ccproxy.PlainChunkTemplate()
+    learnt = json.dumps(text_chunk("Hel"), separators=(",", ":"))
+    assert template.text(learnt) is None                          # nothing learnt yet
+    template.learn(learnt, "Hel")
+    again = json.dumps(text_chunk('w\u00f6"r\\ld'), separators=(",", ":"))
+    assert template.text(again) == 'w\u00f6"r\\ld'
+    assert template.text(json.dumps(text_chunk("x"))) is None            # other spacing
+    assert template.text(json.dumps(text_chunk("x", id="d"), separators=(",", ":"))) is None
+    assert template.text(learnt.replace('"Hel"', '"a","x":"b"')) is None    # two strings
+    assert template.text(learnt.replace('"Hel"', '"a\x01"')) is None      # not valid JSON
+    assert template.text(learnt.replace('"Hel"', '"a\\q"')) is None      # nor this
+    logprobs = text_chunk("x")
+    logprobs["choices"][0]["logprobs"] = {"content": [{"token": "x"}]}
+    assert ccproxy.OpenAIStreamTranslator.plain_text(logprobs) is None     # not learnt from
+    assert ccproxy.OpenAIStreamTranslator.plain_text(text_chunk("x", provider={"a": 1})) is None
+
+
+OTHER_CHUNKS = st.sampled_from([
+    {"index": 0, "delta": {"reasoning_content": "hmm"}, "finish_reason": None},
+    {"index": 0, "delta": {"content": "lp"}, "logprobs": {"content": [{"token": "lp"}]},
+     "finish_reason": None},
+    {"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                           "function": {"name": "f", "arguments": "{}"}}]},
+     "finish_reason": None}])
+STREAM_CHUNKS = st.lists(st.one_of(
+    st.tuples(st.just("text"), st.text(max_size=6), st.sampled_from(["c", "d"]), st.booleans(),
+              st.booleans()),
+    st.tuples(st.just("other"), OTHER_CHUNKS, st.just("c"), st.booleans(), st.just(True))),
+    max_size=25)
+
+
+@settings(max_examples=150, deadline=None)
+@given(STREAM_CHUNKS, st.lists(st.integers(min_value=0), max_size=4))
+def test_text_read_from_the_template_gives_the_events_of_decoding_every_chunk(items, cuts):
+    """Any mix of text chunks (any text, JSON spacing, changing ids), other chunks, and any
+    cuts between reads: the events are those of decoding every chunk."""
+    chunks, data = [text_chunk("")], [sse_data(text_chunk(""))]
+    for kind, value, chunk_id, compact, ascii_only in items:
+        if kind == "text":
+            chunk = text_chunk(value, id=chunk_id)
+        else:
+            chunk = dict(text_chunk(""), choices=[value])
+        chunks.append(chunk)
+        data.append(sse_data(chunk, compact, ascii_only or not is_utf8(json.dumps(chunk))))
+    ending = dict(text_chunk(""), choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])
+    chunks.append(ending)
+    data.append(sse_data(ending) + b"data: [DONE]\n\n")
+    short, full = relay_events(b"".join(data), cuts), translate(chunks)
+    assert short[1:] == full[1:]                       # message_start differs by its id only
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
