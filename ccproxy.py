@@ -6708,17 +6708,18 @@ def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
     return error_for_status(status, provider.masker.text(message))
 
 
-PLAIN_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "choices",
+PLAIN_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "choices", "usage",
                               "system_fingerprint", "service_tier", "provider", "obfuscation"))
 PLAIN_CHOICE_KEYS = frozenset(("index", "delta", "finish_reason", "logprobs"))
 PLAIN_DELTA_KEYS = frozenset(("content", "role"))
 
 
 def plain_text_delta(chunk: dict) -> str | None:
-    """The text of a chunk that carries nothing but text (most of every stream), else None:
-    the common case, told apart at a glance."""
+    """The text of a chunk that carries nothing but text (most of every stream; its usage, when
+    asked for, null until the last chunk), else None: the common case, told apart at a glance."""
     choices = chunk.get("choices")
-    if choices.__class__ is not list or len(choices) != 1 or not chunk.keys() <= PLAIN_CHUNK_KEYS:
+    if choices.__class__ is not list or len(choices) != 1 or not chunk.keys() <= PLAIN_CHUNK_KEYS \
+            or chunk.get("usage") is not None:
         return None
     choice = choices[0]
     delta = choice.get("delta") if choice.__class__ is dict else None

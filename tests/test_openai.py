@@ -1099,6 +1099,8 @@ def test_text_only_chunks_take_the_short_way_to_the_same_events(texts):
     full = translate([text_chunk(t, x_unknown=None) for t in texts] + ending)
     assert ccproxy.plain_text_delta(text_chunk("x")) == "x"
     assert ccproxy.plain_text_delta(text_chunk("x", x_unknown=None)) is None
+    assert ccproxy.plain_text_delta(text_chunk("x", usage=None)) == "x"     # include_usage
+    assert ccproxy.plain_text_delta(text_chunk("x", usage={"prompt_tokens": 1})) is None
     assert short[1:] == full[1:]                       # message_start differs by its id only
     assert "".join(p["delta"]["text"] for n, p in short if n == "content_block_delta") == \
         "".join(texts)
@@ -1173,12 +1175,12 @@ STREAM_CHUNKS = st.lists(st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(STREAM_CHUNKS, st.lists(st.integers(min_value=0), max_size=4))
 def test_text_read_from_the_template_gives_the_events_of_decoding_every_chunk(items, cuts):
-    """Any mix of text chunks (any text, JSON spacing, changing ids), other chunks, and any
-    cuts between reads: the events are those of decoding every chunk."""
+    """Any mix of text chunks (any text, JSON spacing, changing ids, a null usage), other
+    chunks, and any cuts between reads: the events are those of decoding every chunk."""
     chunks, data = [text_chunk("")], [sse_data(text_chunk(""))]
     for kind, value, chunk_id, compact, ascii_only in items:
         if kind == "text":
-            chunk = text_chunk(value, id=chunk_id)
+            chunk = text_chunk(value, id=chunk_id, **({"usage": None} if chunk_id == "d" else {}))
         else:
             chunk = dict(text_chunk(""), choices=[value])
         chunks.append(chunk)
