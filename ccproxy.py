@@ -7921,10 +7921,12 @@ class WorkerPool:
             thread.start()
 
     def _work(self) -> None:
-        job = self._next_job()
-        while job is not None:
-            job()
+        while True:
             job = self._next_job()
+            if job is None:
+                return
+            job()
+            del job               # a thread waiting for work holds nothing of the job it ran
 
     def _next_job(self):
         """The next job, or None when the thread should end (idle too long, or shut down). A
@@ -8611,6 +8613,9 @@ class ConnectionPool:
         return None
 
     def give(self, key, connection) -> None:
+        """Keep a connection whose answer was read to its end (it forgets its call, and with it
+        the call's request), or close it when enough are idle."""
+        connection.upstream_call = None
         with self._lock:
             if self._count < self._limit:
                 self._idle.setdefault(key, []).append((connection, time.monotonic()))
@@ -8662,10 +8667,10 @@ def open_pooled(handler, req, connection_class, **connection_options):
         if connection is None:
             reuse = False
             connection = connection_class(req.host, timeout=req.timeout, **connection_options)
-            connection.upstream_call = call
         else:
             connection.sock.settimeout(req.timeout)
             call.attach_socket(connection.sock)
+        connection.upstream_call = call
         try:
             connection.request(req.get_method(), req.selector, req.data, headers)
             response = connection.getresponse()

@@ -3,12 +3,14 @@ leaves, silence and refusals as errors, proxy variables, the worker inbox."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import socket
 import threading
 import time
 import urllib.request
+import weakref
 
 import anthropic
 import pytest
@@ -135,6 +137,31 @@ def test_upstream_connections_are_reused(proxy, upstream):
         stream.get_final_message()
     client.messages.create(**request)
     assert len({r["peer"] for r in upstream.requests}) == 1
+
+
+def test_an_idle_pooled_connection_keeps_no_call_nor_its_request(start_proxy, upstream,
+                                                                   monkeypatch):
+    """Once its answer has been read, a call (and its request body, which can be large) is
+    freed, though its connection waits in the pool and its worker thread waits for work."""
+    calls = []
+    original = ccproxy.UpstreamCall.__init__
+
+    def recorded(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls.append(weakref.ref(self))
+    monkeypatch.setattr(ccproxy.UpstreamCall, "__init__", recorded)
+    upstream.script = lambda r: stream_reply() if r["json"].get("stream") else json_reply(
+        anthropic_message())
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    client = sdk(proxy)
+    request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "x" * 100000}])
+    client.messages.create(**request)
+    with client.messages.stream(**request) as stream:
+        stream.get_final_message()
+    assert len({r["peer"] for r in upstream.requests}) == 1       # one connection, pooled
+    assert len(calls) == 2
+    assert wait_until(lambda: gc.collect() is not None and all(c() is None for c in calls),
+                      seconds=2)       # not when a worker thread next takes a job (5 s)
 
 
 def test_a_connection_the_provider_closed_is_replaced_transparently(proxy, upstream):
