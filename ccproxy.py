@@ -8394,6 +8394,7 @@ class LoopBody:
             self._call.body_ended(self._decoder.done)
 
     async def aclose(self) -> None:
+        """close(), for callers that close any stream of pieces the same way."""
         self.close()
 
 
