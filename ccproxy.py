@@ -4873,20 +4873,15 @@ class UpstreamStream:
 
     async def send(self, write, drain) -> bytes:
         """Write the stream with write(piece), which returns true when the client is behind:
-        drain() is then awaited. A body read by the event loop pushes its pieces from the
-        loop's callback; one read by a worker thread comes piece by piece. Returns the
-        relay's ending, for the caller to write last."""
+        drain() is then awaited. The body pushes its pieces through the relay (from the loop's
+        callback when the loop reads it). Returns the relay's ending, for the caller to write
+        last."""
         self._write = write
         if self._first and write(self._first):
             await drain()
         error = None
         try:
-            if isinstance(self._chunks, LoopBody):
-                await self._chunks.push(self._consume, drain)
-            else:
-                async for chunk in self._chunks:
-                    if self._consume(chunk):
-                        await drain()
+            await self._chunks.push(self._consume, drain)
         except ProxyError as failure:
             error = failure
         if error is not None or not self._relay.complete:
@@ -4965,13 +4960,14 @@ class TranslatedStreamRelay:
     (upstream silence) becomes a ping. An event that is not a JSON object breaks the stream:
     what came before it is sent, then the stream ends with an error event, never as complete.
 
-    A translator with plain_text(payload) and feed_text(text) has its text-only chunks, most
-    of every stream, told apart by a PlainChunkTemplate and not decoded at all."""
+    A translator with feed_text(text) and learnable_text (the text of the last chunk it was
+    fed, when a PlainChunkTemplate may learn from that chunk) has its text-only chunks, most of
+    every stream, told apart by the template and not decoded at all."""
 
     def __init__(self, translator, provider: Provider):
         self._decoder = SSEDecoder()
         self._translator = translator
-        self._plain = PlainChunkTemplate() if hasattr(translator, "plain_text") else None
+        self._plain = PlainChunkTemplate() if hasattr(translator, "feed_text") else None
         self.broken = None
         self.provider = provider
 
@@ -5002,7 +4998,7 @@ class TranslatedStreamRelay:
                 break
             out.append(self._translator.feed_event(event, payload))
             if plain is not None:
-                plain.learn(data, self._translator.plain_text(payload))
+                plain.learn(data, self._translator.learnable_text)
         return b"".join(out)
 
     @property
@@ -6730,6 +6726,16 @@ def plain_text_delta(chunk: dict) -> str | None:
     return text if text.__class__ is str else None
 
 
+def learnable_chunk(chunk: dict) -> bool:
+    """Whether a text-only chunk's only "content" key is its delta's (every other value a plain
+    one, no logprobs), so that a PlainChunkTemplate may learn from it."""
+    choice = chunk["choices"][0]
+    values = [v for k, v in chunk.items() if k != "choices"] + [
+        choice.get("index"), choice["delta"].get("role")]
+    return choice.get("logprobs") is None and all(
+        value is None or value.__class__ in (str, int, float, bool) for value in values)
+
+
 class OpenAIStreamTranslator:
     """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
 
@@ -6751,9 +6757,11 @@ class OpenAIStreamTranslator:
         self._text = []               # the answer's text, kept to quote what they cite
         self._done = False
         self._usage = None
+        self.learnable_text = None    # the last chunk's text, when a template may learn it
 
     def feed(self, chunk: dict) -> bytes:
         text = plain_text_delta(chunk)
+        self.learnable_text = text if text is not None and learnable_chunk(chunk) else None
         piece = self.feed_text(text) if text is not None else None
         if piece is not None:
             return piece
@@ -6776,20 +6784,6 @@ class OpenAIStreamTranslator:
         if text:
             self._emit.text(text)
         return self._emit.take()
-
-    @staticmethod
-    def plain_text(chunk: dict) -> str | None:
-        """The text of a text-only chunk whose only "content" key is its delta's (every other
-        value a plain one, no logprobs), from which the stream's PlainChunkTemplate learns."""
-        text = plain_text_delta(chunk)
-        if text is None:
-            return None
-        choice = chunk["choices"][0]
-        values = [v for k, v in chunk.items() if k != "choices"] + [
-            choice.get("index"), choice.get("logprobs"), choice["delta"].get("role")]
-        plain = all(value is None or value.__class__ in (str, int, float, bool)
-                    for value in values)
-        return text if plain and choice.get("logprobs") is None else None
 
     def done(self) -> None:
         """The upstream said [DONE]."""
@@ -8190,11 +8184,11 @@ class UpstreamCall:
         worker thread reads it.
         """
         self._pumping = True
-        if self._socket is not None and loop_watches_sockets(asyncio.get_running_loop()):
-            return LoopBody(self, SocketReader(asyncio.get_running_loop(), self._socket,
-                                               self._response.fp),
+        loop = asyncio.get_running_loop()
+        if self._socket is not None and loop_watches_sockets(loop):
+            return LoopBody(self, SocketReader(loop, self._socket, self._response.fp),
                             body_decoder(self._response), silence_seconds)
-        return self._read_by_thread(silence_seconds)
+        return ThreadBody(self._read_by_thread(silence_seconds))
 
     def body_ended(self, complete: bool) -> None:
         """The event loop has stopped reading the streamed body: the call is over, and its
@@ -8396,6 +8390,30 @@ class LoopBody:
     async def aclose(self) -> None:
         """close(), for callers that close any stream of pieces the same way."""
         self.close()
+
+
+class ThreadBody:
+    """A streamed answer's body read by a worker thread (where the event loop cannot watch
+    sockets): an async generator's pieces, with the same push() as a LoopBody."""
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self._pieces.__anext__()
+
+    async def push(self, consume, drain) -> None:
+        """consume(piece) for each piece; drain() is awaited whenever it returns true."""
+        async for piece in self._pieces:
+            if consume(piece):
+                await drain()
+
+    async def aclose(self) -> None:
+        """Stop reading: the worker thread lets go of the call."""
+        await self._pieces.aclose()
 
 
 class SocketReader:

@@ -1154,8 +1154,9 @@ def test_the_template_takes_only_the_learnt_json_around_one_whole_string():
     assert template.text(learnt.replace('"Hel"', '"a\\q"')) is None      # nor this
     logprobs = text_chunk("x")
     logprobs["choices"][0]["logprobs"] = {"content": [{"token": "x"}]}
-    assert ccproxy.OpenAIStreamTranslator.plain_text(logprobs) is None     # not learnt from
-    assert ccproxy.OpenAIStreamTranslator.plain_text(text_chunk("x", provider={"a": 1})) is None
+    assert ccproxy.learnable_chunk(text_chunk("x"))
+    assert not ccproxy.learnable_chunk(logprobs)                             # not learnt from
+    assert not ccproxy.learnable_chunk(text_chunk("x", provider={"a": 1}))
 
 
 OTHER_CHUNKS = st.sampled_from([
