@@ -11,6 +11,7 @@ shared benchmark helpers. Rows:
   paced streams     --streams concurrent streams of 40 chunks 50 ms apart (2 s each), twice
                     that many in all: stream time p99 and time to first token p99
   memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later
+  stream start      CPU per one-chunk stream, --streams of them started at once, twice
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients
   idle RSS          `start --foreground`, from the bytecode cache
@@ -131,6 +132,17 @@ def paced(run: Processes, streams: int, settle: float) -> None:
         "%d, +%.1f MB" % (after["Threads"], (after["VmRSS"] - idle["VmRSS"]) / 1024))
 
 
+def start_cost(run: Processes, streams: int) -> None:
+    """CPU per stream when `streams` one-chunk streams start at once, twice over: what a burst's
+    time to first token is made of (the last stream waits for the ones started before it)."""
+    shape = dict(stream=1, conc=streams, n=2 * streams, chunks=1, warmup=0)
+    _, mock_cpu = measured(run.mock.pid, lambda: load(run.mock_url, "openai", **shape))
+    _, proxy_cpu = measured(run.proxy.pid, lambda: load(run.proxy_url, "anthropic", **shape))
+    row("CPU per stream started (%d at once)" % streams, "mock %.2f ms" % (
+        mock_cpu / (2 * streams) * 1e3), "%.2f ms" % (proxy_cpu / (2 * streams) * 1e3),
+        "%.1f×" % (proxy_cpu / mock_cpu))
+
+
 def cpu_rows(run: Processes, requests: int) -> None:
     mock, proxy = run.mock.pid, run.proxy.pid
     shape = dict(stream=1, conc=10, n=requests, chunks=200)
@@ -216,6 +228,7 @@ def main() -> None:
         try:
             statusline_time(run, home)
             paced(run, options.streams, options.settle)
+            start_cost(run, options.streams)
             cpu_rows(run, requests)
             throughput_rows(run, requests)
         finally:
