@@ -4914,6 +4914,7 @@ def decode_event_json(data: str):
 
 SCAN_JSON_STRING = json.decoder.scanstring     # the C one: a JSON string's text and its end
 CONTENT_STRING_RE = re.compile(r'"content"[ \t\n\r]*:[ \t\n\r]*"')
+OBFUSCATION_STRING_RE = re.compile(r'"obfuscation"[ \t\n\r]*:[ \t\n\r]*"')
 
 
 class PlainChunkTemplate:
@@ -4921,12 +4922,13 @@ class PlainChunkTemplate:
     model and the rest stay the same from chunk to chunk): learnt from one decoded text-only
     chunk, it gives the text of a later chunk that has the same JSON around its text, without
     decoding that chunk. A chunk is taken only when the same JSON is around one whole string
-    token, so it is exactly the learnt chunk with another text."""
+    token, so it is exactly the learnt chunk with another text; or, where the provider pads each
+    chunk with a random `obfuscation` string after the text (OpenAI), around those two."""
 
-    __slots__ = ("_before", "_after")
+    __slots__ = ("_before", "_between", "_after")
 
     def __init__(self):
-        self._before = self._after = None
+        self._before = self._between = self._after = None
 
     def text(self, data: str) -> str | None:
         """The chunk's text when it has the learnt JSON around it, else None."""
@@ -4935,6 +4937,10 @@ class PlainChunkTemplate:
             return None
         try:
             text, end = SCAN_JSON_STRING(data, len(before))
+            if self._between is not None:
+                if not data.startswith(self._between, end):
+                    return None
+                _, end = SCAN_JSON_STRING(data, end + len(self._between))
         except ValueError:
             return None
         return text if end == len(data) - len(after) else None
@@ -4947,10 +4953,13 @@ class PlainChunkTemplate:
             return
         try:
             value, end = SCAN_JSON_STRING(data, found.end())
+            padding = OBFUSCATION_STRING_RE.search(data, end)
+            after = SCAN_JSON_STRING(data, padding.end())[1] if padding else end
         except ValueError:
             return
         if value == text:
-            self._before, self._after = data[:found.end()], data[end:]
+            self._before, self._after = data[:found.end()], data[after:]
+            self._between = data[end:padding.end()] if padding else None
 
 
 class TranslatedStreamRelay:

@@ -1124,7 +1124,8 @@ def relay_events(data: bytes, cuts=()):
 def test_text_only_chunks_after_the_first_are_not_decoded_at_all(monkeypatch):
     """The first text-only chunk (here the opening one) is decoded and its JSON learnt; the
     stream's other text chunks are read from their raw JSON (the id, model and the rest as
-    learnt), never decoded."""
+    learnt), never decoded; so are chunks padded with a random obfuscation string, once one
+    of them has been learnt."""
     decoded = []
 
     def counting(data):
@@ -1132,12 +1133,13 @@ def test_text_only_chunks_after_the_first_are_not_decoded_at_all(monkeypatch):
         return json.loads(data)
     monkeypatch.setattr(ccproxy, "decode_event_json", counting)
     texts = ["w%d \"ö\" \\ \n" % n for n in range(50)]
-    chunks = [text_chunk(""), *[text_chunk(t) for t in texts], dict(text_chunk(""), choices=[
-        {"index": 0, "delta": {}, "finish_reason": "stop"}])]
+    padded = [text_chunk(t, usage=None, obfuscation="p" * n) for n, t in enumerate(texts)]
+    chunks = [text_chunk(""), *[text_chunk(t) for t in texts], *padded, dict(
+        text_chunk(""), choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}])]
     events = relay_events(b"".join(sse_data(c) for c in chunks) + b"data: [DONE]\n\n")
     assert "".join(p["delta"]["text"] for n, p in events if n == "content_block_delta") == \
-        "".join(texts)
-    assert len(decoded) == 2                  # the opening chunk (learnt from) and the ending
+        "".join(texts) * 2
+    assert len(decoded) == 3        # the opening chunk, the first padded one (learnt), the ending
 
 
 def test_the_template_takes_only_the_learnt_json_around_one_whole_string():
@@ -1154,6 +1156,11 @@ def test_the_template_takes_only_the_learnt_json_around_one_whole_string():
     assert template.text(learnt.replace('"Hel"', '"a\\q"')) is None      # nor this
     logprobs = text_chunk("x")
     logprobs["choices"][0]["logprobs"] = {"content": [{"token": "x"}]}
+    padded = ccproxy.PlainChunkTemplate()                 # OpenAI's obfuscation after the text
+    padded.learn(json.dumps(text_chunk("Hel", obfuscation="k2P")), "Hel")
+    assert padded.text(json.dumps(text_chunk("lo", obfuscation="Zx9q\\"))) == "lo"
+    assert padded.text(json.dumps(text_chunk("lo", obfuscation=7))) is None
+    assert padded.text(json.dumps(text_chunk("lo", obfuscation="a", id="d"))) is None
     assert ccproxy.learnable_chunk(text_chunk("x"))
     assert not ccproxy.learnable_chunk(logprobs)                             # not learnt from
     assert not ccproxy.learnable_chunk(text_chunk("x", provider={"a": 1}))
@@ -1176,12 +1183,14 @@ STREAM_CHUNKS = st.lists(st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(STREAM_CHUNKS, st.lists(st.integers(min_value=0), max_size=4))
 def test_text_read_from_the_template_gives_the_events_of_decoding_every_chunk(items, cuts):
-    """Any mix of text chunks (any text, JSON spacing, changing ids, a null usage), other
-    chunks, and any cuts between reads: the events are those of decoding every chunk."""
+    """Any mix of text chunks (any text, JSON spacing, changing ids, a null usage and an
+    obfuscation string as OpenAI sends them), other chunks, and any cuts between reads: the
+    events are those of decoding every chunk."""
     chunks, data = [text_chunk("")], [sse_data(text_chunk(""))]
     for kind, value, chunk_id, compact, ascii_only in items:
         if kind == "text":
-            chunk = text_chunk(value, id=chunk_id, **({"usage": None} if chunk_id == "d" else {}))
+            padding = {"usage": None, "obfuscation": value[::-1] + "="} if chunk_id == "d" else {}
+            chunk = text_chunk(value, id=chunk_id, **padding)
         else:
             chunk = dict(text_chunk(""), choices=[value])
         chunks.append(chunk)
