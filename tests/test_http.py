@@ -269,7 +269,8 @@ def test_chunked_bodies_decode_the_same_however_the_reads_fall(chunks, cuts):
 
 SSE_PIECES = st.sampled_from([b"data: {\"a\":1}\n\n", b"data: x\r\n\r\n", b": comment\n\n",
                               b"event: error\ndata: y\n\n", b"data: 1\ndata: 2\n\n",
-                              b"data:tight\n\n", b"data: \xc3\xa9\n\n", b"data: [DONE]\n\n"])
+                              b"data:tight\n\n", b"data: \xc3\xa9\n\n", b"data: [DONE]\n\n",
+                              b"data: a\rb\n\n", b"data: \n\n", b"xdata: z\n\n", b"data: w\r\n\n"])
 
 
 @settings(max_examples=300, deadline=None)
@@ -281,7 +282,7 @@ def test_event_streams_decode_the_same_however_the_reads_fall(pieces, cuts):
     expected = [e for i in range(len(stream)) for e in one_byte_at_a_time.feed(stream[i:i + 1])]
     decoder = ccproxy.SSEDecoder()
     assert [e for piece in split_at(stream, cuts) for e in decoder.feed(piece)] == expected
-    assert len(expected) == sum(not p.startswith(b":") for p in pieces)
+    assert len(expected) == sum(not p.startswith((b":", b"x")) for p in pieces)
 
 
 def test_a_deadline_fires_once_after_its_latest_setting_and_never_once_cleared():
