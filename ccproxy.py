@@ -8517,11 +8517,12 @@ class SocketReader:
             data = self._receive()
             while data is not None:
                 if self._taker(data):
-                    waiter.set_result(True)
+                    settle(waiter, True)
                     return
                 data = self._receive()
         except Exception as exc:
-            waiter.set_exception(exc)
+            if not waiter.done():         # (a write that failed may have ended the wait)
+                waiter.set_exception(exc)
             return
         self._timeout.set(self._wait)
 
