@@ -4954,11 +4954,11 @@ class PlainChunkTemplate:
         try:
             value, end = SCAN_JSON_STRING(data, found.end())
             padding = OBFUSCATION_STRING_RE.search(data, end)
-            after = SCAN_JSON_STRING(data, padding.end())[1] if padding else end
+            tail = SCAN_JSON_STRING(data, padding.end())[1] if padding else end
         except ValueError:
             return
         if value == text:
-            self._before, self._after = data[:found.end()], data[after:]
+            self._before, self._after = data[:found.end()], data[tail:]
             self._between = data[end:padding.end()] if padding else None
 
 
