@@ -18,6 +18,9 @@ shared benchmark helpers. Rows:
   status line       as Claude Code runs it on every prompt: the command `code
                     --statusline` installs, and `status --statusline`
   throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
+  peer              where node and npm are: Claude Code Router 2.0.0 (installed into
+                    ~/.cache/ccproxy-bench/ccr, never globally) on the same mock: paced
+                    streams, memory, CPU per chunk, streams/s
 
 Machines differ and shared ones drift: compare the ratios, not the absolute figures. Not part
 of the test suite (nothing here is asserted).
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import py_compile
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -168,6 +172,68 @@ def throughput_rows(run: Processes, requests: int) -> None:
             "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
 
 
+PEER_PACKAGE = "@musistudio/claude-code-router@2.0.0"
+PEER_CACHE = Path.home() / ".cache" / "ccproxy-bench" / "ccr"
+PEER_CLI = PEER_CACHE / "node_modules" / "@musistudio" / "claude-code-router" / "dist" / "cli.js"
+
+
+def start_peer(run: Processes, home: Path):
+    """The peer, Claude Code Router 2.0.0, installed into a cache directory (never globally) and
+    routed to the same mock: (process, url), or None, saying why, where it cannot run."""
+    if not PEER_CLI.exists():
+        if not (shutil.which("npm") and shutil.which("node")):
+            print("peer: not measured (no node and npm here)")
+            return None
+        installed = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix",
+                                    str(PEER_CACHE), PEER_PACKAGE], capture_output=True,
+                                   text=True, timeout=600)
+        if installed.returncode != 0 or not PEER_CLI.exists():
+            print("peer: not measured (npm install failed: %s)" % installed.stderr[-300:])
+            return None
+    peer_home, port = home / "peer", free_port()
+    (peer_home / ".claude-code-router").mkdir(parents=True)
+    (peer_home / ".claude-code-router" / "config.json").write_text(json.dumps({
+        "PORT": port, "HOST": "127.0.0.1", "LOG": False, "Router": {"default": "mock,mock-model"},
+        "Providers": [{"name": "mock", "api_base_url": run.mock_url + "/v1/chat/completions",
+                       "api_key": "sk-bench-0123456789", "models": ["mock-model"]}]}))
+    process = subprocess.Popen(["node", str(PEER_CLI), "start"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=dict(os.environ, HOME=str(peer_home)))
+    url = "http://127.0.0.1:%d" % port
+    wait_healthy(url, 30)
+    return process, url
+
+
+def peer_rows(run: Processes, home: Path, streams: int, requests: int) -> None:
+    """The paced streams, memory and CPU per chunk rows again, through the peer."""
+    started = start_peer(run, home)
+    if started is None:
+        return
+    process, url = started
+    try:
+        row("", "straight to mock", "peer (CCR 2.0.0)", "ratio")
+        time.sleep(1)
+        idle = status_of(process.pid)
+        shape = dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
+        straight, peer = load(run.mock_url, "openai", **shape), load(url, "anthropic", **shape)
+        peak = status_of(process.pid)
+        row("peer: paced streams, stream time p99", "%.2f s" % (straight["p99_ms"] / 1000),
+            "%.2f s" % (peer["p99_ms"] / 1000), "%.2f×" % (peer["p99_ms"] / straight["p99_ms"]))
+        row("peer: paced streams, first token p99", "%.3f s" % (straight["ttft_p99_ms"] / 1000),
+            "%.3f s" % (peer["ttft_p99_ms"] / 1000),
+            "+%.3f s" % ((peer["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+        row("peer: idle RSS, peak RSS", "-", "%.0f MB, %.0f MB" % (
+            idle["VmRSS"] / 1024, peak["VmHWM"] / 1024))
+        shape = dict(stream=1, conc=10, n=requests, chunks=200)
+        _, mock_cpu = measured(run.mock.pid, lambda: load(run.mock_url, "openai", **shape))
+        rate, peer_cpu = measured(process.pid, lambda: load(url, "anthropic", **shape))
+        row("peer: CPU per translated chunk", "mock %.1f µs" % (mock_cpu / requests / 200 * 1e6),
+            "%.1f µs" % (peer_cpu / requests / 200 * 1e6), "%.2f×" % (peer_cpu / mock_cpu))
+        row("peer: 200-chunk streams/s, 10 clients", "-", "%.0f" % rate["rps"])
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
 def statusline_time(run: Processes, home: Path) -> None:
     """How long the status line takes (it runs on every prompt), median of 20, beside a Python
     that does nothing: the command `code --statusline` installs, and the script form."""
@@ -231,6 +297,7 @@ def main() -> None:
             start_cost(run, options.streams)
             cpu_rows(run, requests)
             throughput_rows(run, requests)
+            peer_rows(run, home, options.streams, requests)
         finally:
             run.stop()
 
