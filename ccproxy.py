@@ -32,6 +32,8 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         6.5 The endpoint table
     7. Token estimator
     8. Router and resilience
+        8.1 Routing: what a request needs, and the plan of providers it goes to
+        8.2 Resilience: retries, key pools, circuit breakers, failover
     9. Transformers
         9.1 Shared by every protocol: the client's request and events, the relay
         9.2 Anthropic Messages (pass-through)
@@ -40,6 +42,10 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         9.5 Gemini
         9.6 The protocol registry (a new protocol: a sub-section above, a line here)
     10. Upstream
+        10.1 Worker threads, and the way back to the event loop
+        10.2 A call to a provider: sent, answered, cut
+        10.3 Streamed answers: read by the event loop, or by a thread
+        10.4 Provider connections, kept alive
     11. Daemon
     12. CLI
         12.1 Arguments, and the config a command runs on
@@ -4038,6 +4044,11 @@ def estimate_request_tokens(body: dict) -> int:
 # 8. Router and resilience
 ###############################################################################
 
+
+# -----------------------------------------------------------------------------
+# 8.1 Routing: what a request needs, and the plan of providers it goes to
+# -----------------------------------------------------------------------------
+
 Routing = collections.namedtuple("Routing", "provider model route")
 
 SUBAGENT_TAG_RE = re.compile(r"<CCR-SUBAGENT-MODEL>(.*?)</CCR-SUBAGENT-MODEL>\s*", re.S)
@@ -4350,6 +4361,10 @@ def default_target(config: Config):
         target = Routing(enabled[0], enabled[0].models[0], "first")
     return target
 
+
+# -----------------------------------------------------------------------------
+# 8.2 Resilience: retries, key pools, circuit breakers, failover
+# -----------------------------------------------------------------------------
 
 RETRYABLE_STATUSES = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 
@@ -7894,6 +7909,11 @@ def protocol_for(provider: Provider, model: str) -> Protocol:
 # 10. Upstream
 ###############################################################################
 
+
+# -----------------------------------------------------------------------------
+# 10.1 Worker threads, and the way back to the event loop
+# -----------------------------------------------------------------------------
+
 UpstreamRequest = collections.namedtuple("UpstreamRequest", "url headers body")
 WORKER_IDLE_SECONDS = 5.0             # an idle worker thread ends after this long
 
@@ -7968,6 +7988,57 @@ class WorkerPool:
                     thread.join()
 
 
+class LoopInbox:
+    """Hands items from worker threads to the event loop with at most one wake-up pending.
+
+    Waking the loop writes a byte to its self-pipe; one write per stream chunk from hundreds
+    of streams can fill that pipe, and a full pipe loses signals (a `stop` that never
+    arrives). Here a wake-up is sent only when none is outstanding, and the loop then takes
+    everything that has gathered.
+    """
+
+    def __init__(self, loop):
+        self._loop = loop
+        self._items = collections.deque()
+        self._lock = threading.Lock()
+        self._rung = False
+
+    def post(self, deliver, item) -> None:
+        """Worker thread: have deliver(item) called on the loop."""
+        with self._lock:
+            self._items.append((deliver, item))
+            if self._rung:
+                return
+            self._rung = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver_all)
+        except RuntimeError:          # the loop has closed: nobody is waiting any more
+            pass
+
+    def _deliver_all(self) -> None:
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+            self._rung = False
+        for deliver, item in items:
+            deliver(item)
+
+
+def settle(future, value) -> None:
+    """Give a future its result, unless it has one."""
+    if not future.done():
+        future.set_result(value)
+
+
+def settle_outcome(item) -> None:
+    """(future, (result, exception)) from a worker: settle the future, unless it is done."""
+    future, (result, exception) = item
+    if not future.done():
+        if exception is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exception)
+
+
 class Upstream:
     """Everything that reaches the providers, for one server: the worker threads that run
     urllib's blocking calls, the inbox through which they reach the event loop, the opener,
@@ -8039,12 +8110,17 @@ class Upstream:
         self._workers.shutdown(wait=True)
 
 
+# -----------------------------------------------------------------------------
+# 10.2 A call to a provider: sent, answered, cut
+# -----------------------------------------------------------------------------
+
 class UpstreamCall:
-    """One HTTP call to a provider, run by worker threads and cancellable from the event loop.
+    """One HTTP call to a provider: a worker thread sends it, and the event loop may cut it.
 
     send() sends the request and waits for the answer, body included, unless the answer is an
-    event stream: chunks() then hands it over piece by piece through a bounded queue. cancel()
-    (the client went away) cuts the socket so the worker thread returns at once.
+    event stream: chunks() then gives the body piece by piece as the event loop reads it (a
+    worker thread, where the loop cannot watch sockets). cancel() (the client went away) cuts
+    the socket, so whatever reads it returns at once.
     """
 
     def __init__(self, upstream: Upstream, provider: Provider, outgoing: UpstreamRequest,
@@ -8298,6 +8374,10 @@ def cannot_connect(reason) -> bool:
             or "CERTIFICATE_VERIFY_FAILED" in str(reason))
 
 
+# -----------------------------------------------------------------------------
+# 10.3 Streamed answers: read by the event loop, or by a thread
+# -----------------------------------------------------------------------------
+
 def loop_watches_sockets(loop) -> bool:
     """Whether the event loop can wait for a socket to be readable (selector loops can;
     Windows' default proactor loop cannot)."""
@@ -8534,22 +8614,6 @@ class SocketReader:
             self._watching = False
 
 
-def settle(future, value) -> None:
-    """Give a future its result, unless it has one."""
-    if not future.done():
-        future.set_result(value)
-
-
-def settle_outcome(item) -> None:
-    """(future, (result, exception)) from a worker: settle the future, unless it is done."""
-    future, (result, exception) = item
-    if not future.done():
-        if exception is None:
-            future.set_result(result)
-        else:
-            future.set_exception(exception)
-
-
 def buffered_bytes(file, would_block) -> bytes:
     """What a socket's buffered file holds already (the bytes that came with the answer's
     head), without waiting for more."""
@@ -8582,40 +8646,9 @@ class SilenceWatch:
         self._timer.cancel()
 
 
-class LoopInbox:
-    """Hands items from worker threads to the event loop with at most one wake-up pending.
-
-    Waking the loop writes a byte to its self-pipe; one write per stream chunk from hundreds
-    of streams can fill that pipe, and a full pipe loses signals (a `stop` that never
-    arrives). Here a wake-up is sent only when none is outstanding, and the loop then takes
-    everything that has gathered.
-    """
-
-    def __init__(self, loop):
-        self._loop = loop
-        self._items = collections.deque()
-        self._lock = threading.Lock()
-        self._rung = False
-
-    def post(self, deliver, item) -> None:
-        """Worker thread: have deliver(item) called on the loop."""
-        with self._lock:
-            self._items.append((deliver, item))
-            if self._rung:
-                return
-            self._rung = True
-        try:
-            self._loop.call_soon_threadsafe(self._deliver_all)
-        except RuntimeError:          # the loop has closed: nobody is waiting any more
-            pass
-
-    def _deliver_all(self) -> None:
-        with self._lock:
-            items, self._items = self._items, collections.deque()
-            self._rung = False
-        for deliver, item in items:
-            deliver(item)
-
+# -----------------------------------------------------------------------------
+# 10.4 Provider connections, kept alive
+# -----------------------------------------------------------------------------
 
 class ConnectionPool:
     """Idle keep-alive connections to providers, so that a call does not pay for a new TCP
