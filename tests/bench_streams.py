@@ -1,7 +1,7 @@
 """Benchmark: streams at scale. Each figure beside the same load sent straight to the mock in
 the same run, with the ratio.
 
-    python3 tests/bench_streams.py [--streams 1000] [--settle 30] [--quick]
+    python3 tests/bench_streams.py [--streams 1000] [--settle 30] [--bursts 4] [--quick]
 
 Everything runs on 127.0.0.1: the stdlib OpenAI mock (tests/bench/mock_openai.py) in one
 process, ccproxy (`start --foreground`, translating Anthropic to OpenAI) in another, and the
@@ -10,7 +10,8 @@ shared benchmark helpers. Rows:
 
   paced streams     --streams concurrent streams of 40 chunks 50 ms apart (2 s each), twice
                     that many in all: stream time p99 and time to first token p99
-  memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later
+  memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later,
+                    and again after --bursts of the same paced bursts in a row
   stream start      CPU per one-chunk stream, --streams of them started at once, twice
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients
@@ -114,7 +115,7 @@ def row(name: str, straight: str, proxied: str, ratio: str = "") -> None:
     print("%-44s %16s %16s %14s" % (name, straight, proxied, ratio))
 
 
-def paced(run: Processes, streams: int, settle: float) -> None:
+def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
     pid = run.proxy.pid
     time.sleep(1)
     idle = status_of(pid)
@@ -134,6 +135,13 @@ def paced(run: Processes, streams: int, settle: float) -> None:
     after = status_of(pid)
     row("%g s after the burst: threads, RSS kept" % settle, "-",
         "%d, +%.1f MB" % (after["Threads"], (after["VmRSS"] - idle["VmRSS"]) / 1024))
+    for _ in range(bursts - 1):
+        load(run.proxy_url, "anthropic", **shape)
+        time.sleep(settle)
+    if bursts > 1:
+        after = status_of(pid)
+        row("same after %d bursts in a row" % bursts, "-",
+            "%d, +%.1f MB" % (after["Threads"], (after["VmRSS"] - idle["VmRSS"]) / 1024))
 
 
 def start_cost(run: Processes, streams: int) -> None:
@@ -282,6 +290,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--settle", type=float, default=30.0)
+    parser.add_argument("--bursts", type=int, default=4, help="paced bursts in a row, each "
+                        "followed by --settle s, for the memory a server keeps over time")
     parser.add_argument("--quick", action="store_true", help="fewer requests per row")
     options = parser.parse_args()
     requests = 200 if options.quick else 1000
@@ -293,7 +303,7 @@ def main() -> None:
         run = Processes(home)
         try:
             statusline_time(run, home)
-            paced(run, options.streams, options.settle)
+            paced(run, options.streams, options.settle, options.bursts)
             start_cost(run, options.streams)
             cpu_rows(run, requests)
             throughput_rows(run, requests)
