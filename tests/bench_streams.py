@@ -14,7 +14,8 @@ shared benchmark helpers. Rows:
                     and again after --bursts of the same paced bursts in a row
   stream start      CPU per one-chunk stream, --streams of them started at once, twice
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
-  CPU per request   JSON requests, 10 clients
+  CPU per request   JSON requests, 10 clients; and one after another, a Claude Code-like
+                    session that grows by a turn at every request (60 to 80 turns)
   idle RSS          `start --foreground`, from the bytecode cache
   status line       as Claude Code runs it on every prompt: the command `code
                     --statusline` installs, and `status --statusline`
@@ -92,7 +93,7 @@ class Processes:
         config.write_text(json.dumps({"port": self.proxy_port, "providers": [
             {"name": "mock", "type": "openai", "api_key": "sk-bench-0123456789",
              "api_base_url": "http://127.0.0.1:%d/v1" % self.mock_port,
-             "models": ["mock-model"]}]}))
+             "models": [{"name": "mock-model", "context_window": 400000}]}]}))   # as gpt-5's
         os.chmod(config, 0o600)
         py_compile.compile(str(REPO / "ccproxy.py"))           # the bytecode cache it runs from
         environment = dict(os.environ, HOME=str(home))
@@ -167,6 +168,49 @@ def cpu_rows(run: Processes, requests: int) -> None:
     _, proxy_cpu = measured(proxy, lambda: load(run.proxy_url, "anthropic", stream=0, conc=10,
                                                 n=requests * 4))
     row("CPU per JSON request (10 clients)", "-", "%.2f ms" % (proxy_cpu / requests / 4 * 1e3))
+
+
+def session_body(turns: int) -> bytes:
+    """A Claude Code-like request: a 15 KB system prompt, 12 tools, and `turns` turns that each
+    read a 4 KB file (thinking, text, tool call, its result), the whole conversation sent again
+    at every turn as Claude Code does."""
+    tools = [{"name": "Tool%d" % n, "description": "Does task %d with care. " % n * 20,
+              "input_schema": {"type": "object", "properties": {
+                  "path": {"type": "string", "description": "Where. " * 20}}}}
+             for n in range(12)]
+    messages = [{"role": "user", "content": "Fix the failing test in src/. mock.chunks=5"}]
+    for n in range(turns):
+        messages += [
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "The next file to read is f%d. " % n * 4,
+                 "signature": "ccpx1.mock"},
+                {"type": "text", "text": "Reading src/f%d.py." % n},
+                {"type": "tool_use", "id": "toolu_%03d" % n, "name": "Tool0",
+                 "input": {"path": "src/f%d.py" % n}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_%03d" % n,
+                                          "content": "def f%d(x):  # line\n" % n * 200}]}]
+    return json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 1024, "tools": tools,
+                       "system": [{"type": "text", "text": "You are Claude Code. " * 700}],
+                       "messages": messages}).encode()
+
+
+def session_cost(run: Processes, turns: int = 60, requests: int = 20) -> None:
+    """CPU per request of a growing session, one request after another: what a Claude Code
+    user's turn costs the proxy (and the mock, which reads the translated body)."""
+    def send_all():
+        for turn in range(turns, turns + requests):
+            request = urllib.request.Request(run.proxy_url + "/v1/messages",
+                                             data=session_body(turn), method="POST",
+                                             headers={"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                answer.read()
+    size = len(session_body(turns + requests - 1)) // 1024
+    mock_before = cpu_seconds(run.mock.pid)
+    _, proxy_cpu = measured(run.proxy.pid, send_all)
+    mock_cpu = cpu_seconds(run.mock.pid) - mock_before
+    row("CPU per request, a growing session (%d KB)" % size, "mock %.1f ms" % (
+        mock_cpu / requests * 1e3), "%.1f ms" % (proxy_cpu / requests * 1e3),
+        "%.1f×" % (proxy_cpu / mock_cpu))
 
 
 def throughput_rows(run: Processes, requests: int) -> None:
@@ -306,6 +350,7 @@ def main() -> None:
             paced(run, options.streams, options.settle, options.bursts)
             start_cost(run, options.streams)
             cpu_rows(run, requests)
+            session_cost(run)
             throughput_rows(run, requests)
             peer_rows(run, home, options.streams, requests)
         finally:

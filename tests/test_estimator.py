@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 import ccproxy
@@ -106,3 +109,60 @@ def test_malformed_shapes_do_not_crash_the_estimator():
     odd = {"system": [5, None, {"type": "text"}], "messages": [None, {"content": [1, "x", {}]}],
            "tools": [{"name": "x"}]}
     assert ccproxy.estimate_request_tokens(odd) >= 1
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.text(min_size=ccproxy.ESTIMATE_REMEMBERED_CHARS, max_size=2000))
+def test_a_remembered_estimate_is_the_counted_one(text):
+    counted = ccproxy.count_text_tokens(text)
+    assert ccproxy.estimate_text_tokens(text) == counted
+    assert ccproxy.estimate_text_tokens("".join(list(text))) == counted     # an equal copy
+
+
+def session(turns: int) -> dict:
+    """A conversation of long texts, as Claude Code sends it: all of it again at every turn."""
+    messages = [{"role": "user", "content": "Read the files. " * 40}]
+    for n in range(turns):
+        messages += [
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "Reading file %d, then the next one. " % n * 20},
+                {"type": "tool_use", "id": "t%d" % n, "name": "Read",
+                 "input": {"file_path": "/src/f%d.py" % n}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t%d" % n,
+                                          "content": "def f%d(x):\n    return x\n" % n * 40}]}]
+    return request(messages, system=[{"type": "text", "text": "You are Claude Code. " * 60}])
+
+
+def test_a_conversation_sent_again_counts_only_its_new_texts(monkeypatch):
+    monkeypatch.setattr(ccproxy, "TEXT_ESTIMATES", ccproxy.TextEstimates(100))
+    counted = []
+    count = ccproxy.count_text_tokens
+    monkeypatch.setattr(ccproxy, "count_text_tokens", lambda text: counted.append(text)
+                        or count(text))
+    first = ccproxy.estimate_request_tokens(session(5))
+    long_texts = [t for t in counted if len(t) >= ccproxy.ESTIMATE_REMEMBERED_CHARS]
+    assert len(long_texts) == 12           # system, the first prompt, 5 × (text, result)
+    counted.clear()
+    grown = ccproxy.estimate_request_tokens(session(6))
+    assert [t for t in counted if len(t) >= ccproxy.ESTIMATE_REMEMBERED_CHARS] == [
+        "Reading file 5, then the next one. " * 20, "def f5(x):\n    return x\n" * 40]
+    monkeypatch.setattr(ccproxy, "TEXT_ESTIMATES", ccproxy.TextEstimates(100))
+    assert ccproxy.estimate_request_tokens(session(6)) == grown > first
+
+
+def test_the_estimates_keep_no_text_and_forget_the_least_recent(monkeypatch):
+    estimates = ccproxy.TextEstimates(2)
+    texts = ["%d " % n * 300 for n in range(3)]
+    before = sys.getrefcount(texts[0])
+    estimates.tokens(texts[0])
+    after = sys.getrefcount(texts[0])      # (outside the assert, which holds its operands)
+    assert after == before
+    estimates.tokens(texts[1])
+    estimates.tokens(texts[0])             # used again: the least recent is now texts[1]
+    estimates.tokens(texts[2])
+    assert len(estimates) == 2
+    counted = []
+    monkeypatch.setattr(ccproxy, "count_text_tokens", lambda text: counted.append(text) or 1)
+    for text in (texts[0], texts[2], texts[1]):
+        estimates.tokens(text)
+    assert counted == [texts[1]]
