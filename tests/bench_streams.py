@@ -22,7 +22,7 @@ shared benchmark helpers. Rows:
   throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
   peer              where node and npm are: Claude Code Router 2.0.0 (installed into
                     ~/.cache/ccproxy-bench/ccr, never globally) on the same mock: paced
-                    streams, memory, CPU per chunk, streams/s
+                    streams, memory, CPU per chunk, streams/s, the growing session
 
 Machines differ and shared ones drift: compare the ratios, not the absolute figures. Not part
 of the test suite (nothing here is asserted).
@@ -194,21 +194,22 @@ def session_body(turns: int) -> bytes:
                        "messages": messages}).encode()
 
 
-def session_cost(run: Processes, turns: int = 60, requests: int = 20) -> None:
+def session_cost(url: str, pid: int, mock_pid: int, label: str = "", turns: int = 60,
+                 requests: int = 20) -> None:
     """CPU per request of a growing session, one request after another: what a Claude Code
     user's turn costs the proxy (and the mock, which reads the translated body)."""
     def send_all():
         for turn in range(turns, turns + requests):
-            request = urllib.request.Request(run.proxy_url + "/v1/messages",
-                                             data=session_body(turn), method="POST",
+            request = urllib.request.Request(url + "/v1/messages", data=session_body(turn),
+                                             method="POST",
                                              headers={"content-type": "application/json"})
             with urllib.request.urlopen(request, timeout=60) as answer:
                 answer.read()
     size = len(session_body(turns + requests - 1)) // 1024
-    mock_before = cpu_seconds(run.mock.pid)
-    _, proxy_cpu = measured(run.proxy.pid, send_all)
-    mock_cpu = cpu_seconds(run.mock.pid) - mock_before
-    row("CPU per request, a growing session (%d KB)" % size, "mock %.1f ms" % (
+    mock_before = cpu_seconds(mock_pid)
+    _, proxy_cpu = measured(pid, send_all)
+    mock_cpu = cpu_seconds(mock_pid) - mock_before
+    row("%sCPU per request, a growing session (%d KB)" % (label, size), "mock %.1f ms" % (
         mock_cpu / requests * 1e3), "%.1f ms" % (proxy_cpu / requests * 1e3),
         "%.1f×" % (proxy_cpu / mock_cpu))
 
@@ -281,6 +282,7 @@ def peer_rows(run: Processes, home: Path, streams: int, requests: int) -> None:
         row("peer: CPU per translated chunk", "mock %.1f µs" % (mock_cpu / requests / 200 * 1e6),
             "%.1f µs" % (peer_cpu / requests / 200 * 1e6), "%.2f×" % (peer_cpu / mock_cpu))
         row("peer: 200-chunk streams/s, 10 clients", "-", "%.0f" % rate["rps"])
+        session_cost(url, process.pid, run.mock.pid, "peer: ")
     finally:
         process.terminate()
         process.wait(30)
@@ -350,7 +352,7 @@ def main() -> None:
             paced(run, options.streams, options.settle, options.bursts)
             start_cost(run, options.streams)
             cpu_rows(run, requests)
-            session_cost(run)
+            session_cost(run.proxy_url, run.proxy.pid, run.mock.pid)
             throughput_rows(run, requests)
             peer_rows(run, home, options.streams, requests)
         finally:
