@@ -22,7 +22,8 @@ STREAM_TEXT = "Hi mock.chunks=30 mock.chars=4 mock.delay_ms=100"     # a 3-secon
 QUICK_TEXT = "Hi mock.chunks=2 mock.chars=4 mock.delay_ms=0"
 
 
-def wait_for(url: str, seconds: float = 20) -> None:
+def wait_for(url: str, seconds: float = 20, process=None, log=None) -> None:
+    """Until url answers 200; a process that ended meanwhile fails at once, with its log."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -30,8 +31,13 @@ def wait_for(url: str, seconds: float = 20) -> None:
                 if answer.status == 200:
                     return
         except OSError:
+            if process is not None and process.poll() is not None:
+                break
             time.sleep(0.05)
-    raise AssertionError("no answer from " + url)
+    said = log.read_text()[-2000:] if log is not None and log.exists() else ""
+    ended = "" if process is None or process.poll() is None else (
+        " (it ended with status %s)" % process.returncode)
+    raise AssertionError("no answer from %s within %g s%s %s" % (url, seconds, ended, said))
 
 
 class Replica:
@@ -51,11 +57,12 @@ class Replica:
         self.process = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "ccproxy.py"), "start", "--foreground", "--config",
-             str(self.config)], env=dict(os.environ, HOME=str(self.home)),
-            stderr=subprocess.DEVNULL)
-        wait_for("http://127.0.0.1:%d/ready" % self.port)
+        log = self.home / "stderr.log"
+        with log.open("ab") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, str(REPO / "ccproxy.py"), "start", "--foreground", "--config",
+                 str(self.config)], env=dict(os.environ, HOME=str(self.home)), stderr=stderr)
+        wait_for("http://127.0.0.1:%d/ready" % self.port, process=self.process, log=log)
 
     def restart(self) -> None:
         self.process.send_signal(signal.SIGTERM)
