@@ -3986,7 +3986,7 @@ ESTIMATE_REMEMBERED_TEXTS = 8192  # how many such texts' counts are kept (2 MB a
 
 
 class TextEstimates:
-    """The estimates of recent long texts. Every Claude Code request sends the whole
+    """The estimates of the texts seen last. Every Claude Code request sends the whole
     conversation again with one turn more, and counting a text's characters takes about 90 ns
     each (30 ms for a 340 KB conversation, on the event loop), so only the new texts are
     counted. Keyed by a text's length and hash: the texts themselves are not kept."""
@@ -4019,7 +4019,8 @@ TEXT_ESTIMATES = TextEstimates(ESTIMATE_REMEMBERED_TEXTS)
 
 
 def estimate_text_tokens(text: str) -> int:
-    """Estimated BPE tokens in text (a long text's estimate is remembered)."""
+    """Estimated BPE tokens in text (remembered for a text of ESTIMATE_REMEMBERED_CHARS or
+    more)."""
     if len(text) < ESTIMATE_REMEMBERED_CHARS:
         return count_text_tokens(text)
     return TEXT_ESTIMATES.tokens(text)
