@@ -2366,7 +2366,9 @@ def serve_in_thread(config, host: str = DEFAULT_HOST, port: int = 0) -> ProxyThr
 class Deadline:
     """A timeout moved on many times a second, on one timer: set() pushes the deadline later
     without a new timer (the timer, when it fires early, moves itself on), pause() lets it
-    lapse, clear() stops it for good; callback() runs once the latest deadline has passed."""
+    lapse, clear() ends it for good, forgetting the callback (mostly a bound method of the
+    owner, which then needs no garbage collection to go); callback() runs once the latest
+    deadline has passed."""
 
     __slots__ = ("_loop", "_callback", "_when", "_timer")
 
@@ -2386,14 +2388,14 @@ class Deadline:
         self._when = None
 
     def clear(self) -> None:
-        self._when = None
+        self._when = self._callback = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _fire(self) -> None:
         self._timer = None
-        if self._when is None:
+        if self._when is None or self._callback is None:
             return
         if self._loop.time() < self._when:
             self._timer = self._loop.call_at(self._when, self._fire)
@@ -2967,6 +2969,18 @@ class MemoryReturn:
         if self._trim:
             gc.collect()
             self._trim(0)
+
+
+def tune_garbage_collector() -> None:
+    """For a process that is a server and nothing else (start): what startup made is put out
+    of the cyclic garbage collector's way (gc.freeze), and its full passes come a tenth as
+    often, leaving them to MemoryReturn at each quiet moment. A stream's parts leave no
+    cycles (they are freed as it ends), so a full pass during a burst only walks the live
+    streams: 50-90 ms with a thousand open, a pause every stream waited out."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, old * 10)
 
 
 def malloc_trim_function():
@@ -8176,10 +8190,7 @@ class UpstreamCall:
         self._upstream = upstream
         self._url = outgoing.url
         self.timeout = timeout
-        self._request = urllib.request.Request(
-            outgoing.url, data=outgoing.body, headers=outgoing.headers,
-            method="GET" if outgoing.body is None else "POST")
-        self._request.upstream_call = self
+        self._outgoing = outgoing
         self.connections = upstream.connections
         self._socket = None
         self._response = None
@@ -8280,8 +8291,12 @@ class UpstreamCall:
         return self.status
 
     def _send_blocking(self, stream: bool) -> None:
+        outgoing = self._outgoing
+        request = urllib.request.Request(outgoing.url, data=outgoing.body, headers=outgoing.headers,
+                                         method="GET" if outgoing.body is None else "POST")
+        request.upstream_call = self
         try:
-            response = self._upstream.opener.open(self._request, timeout=self.timeout)
+            response = self._upstream.opener.open(request, timeout=self.timeout)
         except Exception as exc:
             raise self.failure(exc) from None
         self._response = response
@@ -8475,6 +8490,8 @@ class LoopBody:
                     await drain()
         except BaseException as exc:
             raise self._stopped(exc) from None
+        finally:
+            self._consume = None
         self.close()
 
     def _pushed(self, data: bytes) -> bool:
@@ -8864,6 +8881,7 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
         write_private_file(pidfile_path(), json.dumps(pidfile_record(ready, config, started_by)))
         log.info("ccproxy %s listening on %s (pid %d, config: %s)", __version__, ready.url,
                  os.getpid(), config.source or "built-in defaults")
+        tune_garbage_collector()
 
     async def main_task():
         install_signal_handlers(server)

@@ -344,6 +344,62 @@ def test_a_blocking_step_hands_back_its_result_or_its_error_and_is_skipped_once_
     assert ran == ["ran"]
 
 
+def openai_stream_reply(texts):
+    chunks = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-test",
+               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+              for text in texts]
+    chunks[-1]["choices"][0]["finish_reason"] = "stop"
+    return stream_reply([b"data: %s\n\n" % json.dumps(c).encode() for c in chunks]
+                        + [b"data: [DONE]\n\n"])
+
+
+@pytest.mark.parametrize("translated", [False, True])
+def test_a_stream_and_its_connection_are_freed_as_they_end_without_garbage_collection(
+        start_proxy, upstream, monkeypatch, translated):
+    """No part of a stream, nor of the client's connection, is held in a reference cycle: all
+    of it goes the moment it ends, so a thousand streams leave the cyclic garbage collector
+    nothing to do but walk the live ones (a full pass over them pauses every stream)."""
+    monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 60)    # its gc.collect() waits
+    made = []
+    for cls in (ccproxy.UpstreamCall, ccproxy.LoopBody, ccproxy.SocketReader,
+                ccproxy.UpstreamStream, ccproxy.ClientConnection):
+        def recorded(self, *args, __init=cls.__init__, **kwargs):
+            __init(self, *args, **kwargs)
+            made.append(weakref.ref(self))
+        monkeypatch.setattr(cls, "__init__", recorded)
+    if translated:
+        upstream.script = lambda r: openai_stream_reply(["Hel", "lo"])
+        provider = {"name": "openai", "api_base_url": upstream.url + "/v1", "api_key": "sk-x",
+                    "models": ["gpt-test"]}
+    else:
+        upstream.script = lambda r: stream_reply(anthropic_stream_events(["Hel", "lo"]))
+        provider = anthropic_provider(upstream)
+    proxy = start_proxy({"providers": [provider]})
+    gc.collect()
+    gc.disable()
+    try:
+        with sdk(proxy) as client:
+            with client.messages.stream(model="m", max_tokens=5, messages=[
+                    {"role": "user", "content": "hi"}]) as events:
+                assert "".join(events.text_stream) == "Hello"
+        assert len(made) == 5
+        assert wait_until(lambda: all(ref() is None for ref in made), seconds=2), [
+            type(ref()).__name__ for ref in made if ref() is not None]
+    finally:
+        gc.enable()
+
+
+def test_a_server_of_its_own_leaves_full_collections_to_its_quiet_moments(monkeypatch):
+    """start's process: startup's objects frozen out of the collector's way and full passes a
+    tenth as often (MemoryReturn collects whenever the server is quiet)."""
+    thresholds = []
+    monkeypatch.setattr(gc, "set_threshold", lambda *values: thresholds.append(values))
+    monkeypatch.setattr(gc, "freeze", lambda: thresholds.append("frozen"))
+    monkeypatch.setattr(gc, "get_threshold", lambda: (700, 10, 10))
+    ccproxy.tune_garbage_collector()
+    assert thresholds == ["frozen", (700, 10, 100)]
+
+
 def test_a_burst_of_streams_leaves_no_worker_thread_behind(start_proxy, upstream, monkeypatch):
     monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 0.2)
     upstream.script = lambda r: stream_reply(anthropic_stream_events(["x"] * 50))
