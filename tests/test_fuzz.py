@@ -253,3 +253,32 @@ def test_everything_claude_code_sends_is_known_to_every_translation(claude_code_
         for request in claude_code_requests[version]:
             protocol.check_request(request["json"])
     assert caplog.records == []
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats()
+                           | st.text(), lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.text(max_size=6), children, max_size=4),
+                           max_leaves=20)
+
+
+@pytest.mark.parametrize("without_c_encoder", [False, True])
+@given(value=json_values)
+def test_json_made_once_is_what_json_dumps_writes(value, without_c_encoder):
+    """The encoders made once (events, bodies) write exactly what json.dumps does, with the C
+    encoder or, in a Python without it, through json.dumps itself."""
+    make = json.encoder.c_make_encoder
+    try:
+        if without_c_encoder:
+            json.encoder.c_make_encoder = None
+        spaced, compact = ccproxy.json_text_function(), ccproxy.json_text_function((",", ":"))
+    finally:
+        json.encoder.c_make_encoder = make
+    assert spaced(value) == json.dumps(value, ensure_ascii=False)
+    assert compact(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert ccproxy.JSON_TEXT(value) == json.dumps(value, ensure_ascii=False)
+
+
+def test_json_made_once_refuses_what_json_dumps_refuses():
+    for encode in (ccproxy.JSON_TEXT, ccproxy.COMPACT_JSON_TEXT):
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            encode({"a": object()})

@@ -432,13 +432,28 @@ def test_a_stream_line_that_is_not_json_ends_with_an_error_event(start_proxy, up
         pieces = [part("AAA"), b"data: {not json\n\n", part("CCC"),
                   b'data: {"candidates":[{"finishReason":"STOP"}]}\n\n']
         provider = {"name": "p", "type": "gemini", "api_base_url": upstream.url, "api_key": "k"}
-    upstream.script = lambda r: Reply(200, pieces=pieces, content_type="text/event-stream")
+    reply = Reply(200, pieces=pieces, content_type="text/event-stream", pause_before=1)
+    upstream.script = lambda r: reply
     proxy = start_proxy({"providers": [provider]})
     sock, received = open_stream(proxy.port, until=b"AAA")
+    reply.release.set()                 # the bad line comes once the stream has begun
     received = read_to_end(sock, received)
     sock.close()
     assert b"event: error" in received and b"message_stop" not in received
     assert b"not a JSON object" in received and b"CCC" not in received
+
+
+def test_a_stream_that_breaks_before_anything_was_sent_is_an_http_error(start_proxy, upstream):
+    """Text and a line that is not JSON in the provider's first receive: nothing has gone to
+    the client yet, so it gets a status it can retry (and failover its chance), not half an
+    answer."""
+    pieces = [b"".join(openai_sse("AAA")[:1] + [b"data: {not json\n\n"])] + openai_sse("CCC")
+    upstream.script = lambda r: Reply(200, pieces=pieces, content_type="text/event-stream")
+    proxy = start_proxy({"providers": [openai_provider(upstream, name="p")]})
+    answer = post_raw(proxy.port, {"model": "m", "max_tokens": 5, "stream": True,
+                                   "messages": [{"role": "user", "content": "x"}]})
+    assert answer.startswith(b"HTTP/1.1 502 ") and b"not a JSON object" in answer
+    assert b"AAA" not in answer
 
 
 # --- low ------------------------------------------------------------------------------------
