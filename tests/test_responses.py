@@ -309,12 +309,14 @@ def test_a_response_that_fails_before_any_output_is_its_http_error(responses_pro
     assert caught.value.body["error"]["message"] == "oai: slow down"
 
 
-@pytest.mark.parametrize("ending", ["failed", "cut"])
+@pytest.mark.parametrize("ending", ["failed", "cut", "failed with the last text"])
 def test_a_stream_that_fails_or_is_cut_after_text_ends_with_an_error_event(
         responses_proxy, upstream, ending):
-    failure = {"error": {"code": "server_error", "message": "boom"}} if ending == "failed" else {}
+    failure = {"error": {"code": "server_error", "message": "boom"}} if ending != "cut" else {}
     pieces = sse(events_for([message_item("Partial answer")],
                             "failed" if failure else "completed", **failure), cut=ending == "cut")
+    if ending == "failed with the last text":         # " answer" and the failure in one piece
+        pieces = pieces[:3] + [b"".join(pieces[3:])]
     reply = stream_reply(pieces, pause_before=len(pieces) - 1)   # the end waits for the text
     upstream.script = lambda r: reply
     received = b""
@@ -347,25 +349,6 @@ def test_text_that_arrives_with_the_failure_in_one_receive_is_sent_before_the_er
                    if name == "content_block_delta") == "Partial answer"
     assert events[-1][0] == "error" and not relay.complete
     assert events[-1][1]["error"]["message"] == "openai: boom"
-
-
-def test_a_failure_in_the_receive_after_text_keeps_that_text_end_to_end(responses_proxy,
-                                                                         upstream):
-    failure = {"error": {"code": "server_error", "message": "boom"}}
-    pieces = sse(events_for([message_item("Partial answer")], "failed", **failure))
-    reply = stream_reply(pieces[:3] + [b"".join(pieces[3:])], pause_before=3)
-    upstream.script = lambda r: reply
-    received = b""
-    with sdk(responses_proxy).messages.with_streaming_response.create(
-            **dict(REQUEST, stream=True)) as answer:
-        for chunk in answer.iter_bytes():
-            received += chunk
-            if b"text_delta" in received:
-                reply.release.set()
-    events = parse_events(received)
-    assert "".join(p["delta"]["text"] for name, p in events
-                   if name == "content_block_delta") == "Partial answer"
-    assert events[-1][0] == "error" and events[-1][1]["error"]["message"] == "oai: boom"
 
 
 def test_the_stream_keeps_the_anthropic_event_grammar():
