@@ -8212,7 +8212,6 @@ class UpstreamCall:
         self.provider = provider
         self.model = model
         self._upstream = upstream
-        self._url = outgoing.url
         self.timeout = timeout
         self._outgoing = outgoing
         self.connections = upstream.connections
@@ -8342,7 +8341,7 @@ class UpstreamCall:
         if self._cancelled:
             return OverloadedError(self._cancel_reason) if self._cancel_reason \
                 else ClientDisconnected()
-        return upstream_failure(self.provider, self._url, exc, self.timeout,
+        return upstream_failure(self.provider, self._outgoing.url, exc, self.timeout,
                                 self._response is not None)
 
     def chunks(self, silence_seconds: float | None = None):
