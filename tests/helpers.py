@@ -60,7 +60,7 @@ class Reply:
 
     def __init__(self, status=200, body=b"", headers=None, pieces=None, pause_before=None,
                  release=None, cut=False, delay=0.0, content_type="application/json",
-                 close_after=False):
+                 close_after=False, hold_open=False):
         self.status = status
         self.body = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
         self.headers = dict(headers or {})
@@ -71,6 +71,8 @@ class Reply:
         self.cut = cut                  # end the connection without the final chunk
         self.delay = delay              # wait before the response head (or for the peer)
         self.close_after = close_after  # close the connection afterwards, without saying so
+        self.hold_open = hold_open      # after the pieces, wait for release_end before ending
+        self.release_end = threading.Event()
 
 
 def json_reply(body, status=200, **kw):
@@ -185,6 +187,8 @@ class MockUpstream:
                     return
                 handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 handler.wfile.flush()
+            if reply.hold_open and self.pause(handler, reply.release_end):
+                return
             if not reply.cut:
                 handler.wfile.write(b"0\r\n\r\n")
         except OSError:

@@ -351,6 +351,31 @@ def test_text_that_arrives_with_the_failure_in_one_receive_is_sent_before_the_er
     assert events[-1][1]["error"]["message"] == "openai: boom"
 
 
+def test_a_failure_ends_the_stream_at_once_though_the_provider_keeps_the_connection(
+        start_proxy, upstream):
+    """The provider's failure event ends the client's stream when it comes, not when the
+    provider next sends something or falls silent for request_timeout (whose error would then
+    replace the provider's own)."""
+    failure = {"error": {"code": "server_error", "message": "boom"}}
+    pieces = sse(events_for([message_item("Partial answer")], "failed", **failure))
+    reply = stream_reply(pieces, pause_before=3, hold_open=True)    # held after the failure
+    upstream.script = lambda r: reply
+    proxy = start_proxy({"providers": [responses_provider(upstream)],
+                         "performance": {"request_timeout": "1s"}})
+    received = b""
+    try:
+        with sdk(proxy).messages.with_streaming_response.create(
+                **dict(REQUEST, stream=True)) as answer:
+            for chunk in answer.iter_bytes():
+                received += chunk
+                if b"text_delta" in received:
+                    reply.release.set()
+    finally:
+        reply.release_end.set()
+    events = parse_events(received)
+    assert events[-1][0] == "error" and events[-1][1]["error"]["message"] == "oai: boom"
+
+
 def test_the_stream_keeps_the_anthropic_event_grammar():
     import ccproxy
     from test_openai import context
