@@ -4946,8 +4946,7 @@ async def first_piece(chunks, relay, provider: Provider) -> bytes:
         if piece:
             return piece
     if not relay.complete:
-        raise relay.broken or UpstreamError("%s: the stream ended before completion"
-                                            % provider.name)
+        raise UpstreamError("%s: the stream ended before completion" % provider.name)
     return b""
 
 
