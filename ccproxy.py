@@ -8354,9 +8354,18 @@ class UpstreamCall:
         self._pumping = True
         loop = asyncio.get_running_loop()
         if self._socket is not None and loop_watches_sockets(loop):
-            return LoopBody(self, SocketReader(loop, self._socket, self._response.fp),
-                            body_decoder(self._response), silence_seconds)
+            reader = SocketReader(loop, self._socket, self._response.fp)
+            self._drop_buffered_file()
+            return LoopBody(self, reader, body_decoder(self._response), silence_seconds)
         return ThreadBody(self._read_by_thread(silence_seconds))
+
+    def _drop_buffered_file(self) -> None:
+        """The loop reads the socket itself from here on, and the reader has taken what the
+        response's buffered file held: close that file now (the socket stays open), so its
+        8 KB buffer goes at once rather than at the stream's end. The response counts as
+        closed from here; the connection's fate is still decided by _release()."""
+        file, self._response.fp = self._response.fp, None
+        file.close()
 
     def body_ended(self, complete: bool) -> None:
         """The event loop has stopped reading the streamed body: the call is over, and its
@@ -8761,8 +8770,11 @@ class ConnectionPool:
 
     def give(self, key, connection) -> None:
         """Keep a connection whose answer was read to its end (it forgets its call, and with it
-        the call's request), or close it when enough are idle."""
+        the call's request, and its closed answer), or close it when enough are idle."""
         connection.upstream_call = None
+        # http.client forgets a closed answer at the connection's next request; forgotten now,
+        # an idle connection does not keep the answer's headers (nor pin memory after a burst)
+        connection._HTTPConnection__response = None
         with self._lock:
             if self._count < self._limit:
                 self._idle.setdefault(key, []).append((connection, time.monotonic()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import http.client
 import json
 import re
 import socket
@@ -271,18 +272,20 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
     """Hundreds of events, each its own write (over TLS its own record), with a pause in the
     middle: the event loop reads what the TLS layer has buffered before waiting again, so
     nothing is lost, duplicated or held back; where the loop cannot watch sockets (Windows),
-    a worker thread reads them instead."""
+    a worker thread reads them instead. Once the loop reads the socket itself, the answer's
+    buffered file (and its 8 KB buffer) is gone, though the stream goes on."""
     monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
     mock = MockUpstream(tls=certificate if tls else None)
     pieces = ["p%03d " % n for n in range(300)]
     release = threading.Event()
     events = anthropic_stream_events(pieces)
     mock.script = lambda r: stream_reply(events, pause_before=150, release=release)
-    readers = []
+    readers, files = [], []
 
     class RecordedReader(ccproxy.SocketReader):
         def __init__(self, loop, sock, buffered_file):
             readers.append(type(sock).__name__)
+            files.append(weakref.ref(buffered_file))
             super().__init__(loop, sock, buffered_file)
     monkeypatch.setattr(ccproxy, "SocketReader", RecordedReader)
     if by_thread:
@@ -292,9 +295,13 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
         threading.Timer(0.3, release.set).start()
         with sdk(proxy).messages.stream(model="claude-sonnet-4-5", max_tokens=10, messages=[
                 {"role": "user", "content": "hi"}]) as stream:
-            text = "".join(stream.text_stream)
+            texts = stream.text_stream
+            text = next(texts)
+            files_left = [ref() for ref in files if ref() is not None]
+            text += "".join(texts)
         assert text == "".join(pieces)
         assert readers == ([] if by_thread else ["SSLSocket" if tls else "socket"])
+        assert files_left == []
     finally:
         mock.close()
 
@@ -362,7 +369,7 @@ def test_a_stream_and_its_connection_are_freed_as_they_end_without_garbage_colle
     monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 60)    # its gc.collect() waits
     made = []
     for cls in (ccproxy.UpstreamCall, ccproxy.LoopBody, ccproxy.SocketReader,
-                ccproxy.UpstreamStream, ccproxy.ClientConnection):
+                ccproxy.UpstreamStream, ccproxy.ClientConnection, http.client.HTTPResponse):
         def recorded(self, *args, __init=cls.__init__, **kwargs):
             __init(self, *args, **kwargs)
             made.append(weakref.ref(self))
@@ -382,7 +389,7 @@ def test_a_stream_and_its_connection_are_freed_as_they_end_without_garbage_colle
             with client.messages.stream(model="m", max_tokens=5, messages=[
                     {"role": "user", "content": "hi"}]) as events:
                 assert "".join(events.text_stream) == "Hello"
-        assert len(made) == 5
+        assert len(made) == 6           # the answer too, though its connection is pooled
         assert wait_until(lambda: all(ref() is None for ref in made), seconds=2), [
             type(ref()).__name__ for ref in made if ref() is not None]
     finally:
