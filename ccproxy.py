@@ -8773,7 +8773,7 @@ class ConnectionPool:
         the call's request, and its closed answer), or close it when enough are idle."""
         connection.upstream_call = None
         # http.client forgets a closed answer at the connection's next request; forgotten now,
-        # an idle connection does not keep the answer's headers (nor pin memory after a burst)
+        # an idle connection holds no answer and its headers while it waits
         connection._HTTPConnection__response = None
         with self._lock:
             if self._count < self._limit:
