@@ -131,6 +131,7 @@ CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 BODY_READ_SLICE_BYTES = 1024 * 1024
 UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
+UPSTREAM_JOINED_BODY_BYTES = 64 * 1024           # a request body up to this goes with its head
 STREAM_QUEUE_CHUNKS = 64                         # chunks a slow client may leave unread per stream
 STREAM_PING_SECONDS = 15.0                       # a ping to the client after this much silence
 UPSTREAM_IDLE_SECONDS = 30.0                     # an idle provider connection is kept this long
@@ -8914,23 +8915,42 @@ def content_length(headers) -> int | None:
     return length if length >= 0 else None
 
 
-class _TrackedHTTPConnection(http.client.HTTPConnection):
-    """Remembers its socket on the UpstreamCall, so the call can be cut from another thread."""
+class TrackedConnection:
+    """What ccproxy's connections to providers add to http.client's (both classes below): the
+    socket remembered on the UpstreamCall, so the call can be cut from another thread; answers
+    read by HeadFieldsResponse; and a request's head sent with its body in one send, where
+    http.client makes two (the provider then reads one segment, not two), for a body of up to
+    UPSTREAM_JOINED_BODY_BYTES (a larger one would be copied for little gain)."""
+
     upstream_call = None
     response_class = HeadFieldsResponse
+    _head_waits = False               # the next send() is a request's head, its body follows
+    _head = b""
 
     def connect(self):
         super().connect()
         self.upstream_call.attach_socket(self.sock)
 
+    def request(self, method, url, body=None, *args, **kwargs):
+        self._head_waits = isinstance(body, bytes) and 0 < len(body) <= UPSTREAM_JOINED_BODY_BYTES
+        self._head = b""
+        super().request(method, url, body, *args, **kwargs)
 
-class _TrackedHTTPSConnection(http.client.HTTPSConnection):
-    upstream_call = None
-    response_class = HeadFieldsResponse
+    def send(self, data):
+        if self._head_waits:
+            self._head_waits, self._head = False, data
+            return
+        if self._head:
+            data, self._head = self._head + data, b""
+        super().send(data)
 
-    def connect(self):
-        super().connect()
-        self.upstream_call.attach_socket(self.sock)
+
+class _TrackedHTTPConnection(TrackedConnection, http.client.HTTPConnection):
+    pass
+
+
+class _TrackedHTTPSConnection(TrackedConnection, http.client.HTTPSConnection):
+    pass
 
 
 def _tracked_connection_factory(connection_class, request):

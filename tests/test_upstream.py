@@ -591,3 +591,35 @@ def test_any_head_gives_the_fields_http_client_gives(lines, end):
     theirs = http.client.parse_headers(io.BufferedReader(io.BytesIO(raw)))
     assert ours.items() == theirs.items()
     assert type(ours) is type(theirs)
+
+
+class SentBytes:
+    """Stands in for a connected socket: records each sendall()."""
+
+    def __init__(self):
+        self.sends = []
+
+    def sendall(self, data):
+        self.sends.append(bytes(data))
+
+
+def sends_of(connection_class, body, method="POST"):
+    connection = connection_class("provider.example")
+    connection.sock = SentBytes()
+    connection.request(method, "/v1/chat/completions", body,
+                       {"Content-Type": "application/json", "Authorization": "Bearer sk-x"})
+    return connection.sock.sends
+
+
+@pytest.mark.parametrize("body, sends", [
+    (b'{"model": "m", "messages": []}', 1),       # head and body in one send, one segment
+    (b"x" * (ccproxy.UPSTREAM_JOINED_BODY_BYTES + 1), 2),   # too large to copy: as http.client
+    (None, 1),
+])
+def test_a_request_goes_out_as_http_client_would_send_it_small_ones_in_one_send(body, sends):
+    """The provider receives the very bytes http.client sends, and a small request's head and
+    body together (http.client sends them apart: two segments for the provider to read)."""
+    ours = sends_of(ccproxy._TrackedHTTPConnection, body, "GET" if body is None else "POST")
+    theirs = sends_of(http.client.HTTPConnection, body, "GET" if body is None else "POST")
+    assert b"".join(ours) == b"".join(theirs)
+    assert len(ours) == sends
