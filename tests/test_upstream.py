@@ -623,3 +623,65 @@ def test_a_request_goes_out_as_http_client_would_send_it_small_ones_in_one_send(
     theirs = sends_of(http.client.HTTPConnection, body, "GET" if body is None else "POST")
     assert b"".join(ours) == b"".join(theirs)
     assert len(ours) == sends
+
+
+ODD_HEAD_BODY = json.dumps(anthropic_message("odd head")).encode()
+
+
+class BrokenHeadProvider:
+    """A provider that answers every request with a broken head, then closes."""
+
+    def __init__(self, answer: bytes):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self._listener.getsockname()[1]
+        self._answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.settimeout(5)
+                connection.recv(65536)
+                connection.sendall(self._answer)
+
+    def close(self):
+        self._listener.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n{}",          # too many fields
+    b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n{}",         # a line too long
+    b"ICY 200 OK\r\nContent-Length: 2\r\n\r\n{}",                      # not HTTP at all
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Bad: a\x00\x01b\r\n"
+    b" folded\r\nContent-Length: %d\r\n\r\n%s" % (len(ODD_HEAD_BODY), ODD_HEAD_BODY),  # answered
+], ids=["too-many-fields", "line-too-long", "not-http", "odd-fields"])
+def test_a_provider_answer_with_a_broken_head_is_a_502_and_the_proxy_serves_on(
+        start_proxy, upstream, answer):
+    """A head http.client refuses is the client's Anthropic-shaped 502 (a readable one, odd
+    bytes and all, is the provider's answer); either way the proxy goes on serving."""
+    broken = BrokenHeadProvider(answer)
+    upstream.script = lambda r: json_reply(anthropic_message("still here"))
+    try:
+        proxy = start_proxy({"providers": [
+            {"name": "broken", "type": "anthropic", "api_key": PROVIDER_KEY,
+             "api_base_url": broken.url},
+            dict(anthropic_provider(upstream), name="good", type="anthropic")]})
+        client = sdk(proxy)
+        request = dict(max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        if b"X-Bad" in answer:
+            reply = client.messages.with_raw_response.create(model="broken,m", **request)
+            assert reply.status_code == 200
+            assert all(ch >= " " for name, value in reply.headers.items() for ch in value)
+        else:
+            with pytest.raises(anthropic.APIStatusError) as caught:
+                client.messages.create(model="broken,m", **request)
+            assert caught.value.status_code == 502
+            assert caught.value.body["type"] == "error"
+            assert caught.value.body["error"]["type"] == "api_error"
+        assert client.messages.create(model="good,m", **request).content[0].text == "still here"
+    finally:
+        broken.close()
