@@ -5138,10 +5138,17 @@ def count_in(answer: bytes, key: str) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
+def random_id(prefix: str) -> str:
+    """An id in Anthropic's shape: prefix and 24 hex digits, from Python's generator (seeded
+    from the system's) rather than os.urandom, a system call that lets worker threads take
+    the GIL from the event loop at every message. An id is unique, not secret."""
+    return "%s%024x" % (prefix, random.getrandbits(96))
+
+
 def new_message(model: str, content: list, stop_reason: str, usage: dict,
                 stop_sequence: str | None = None) -> dict:
     """A whole assistant message in the Messages API's shape."""
-    return {"id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
+    return {"id": random_id("msg_"), "type": "message", "role": "assistant",
             "model": model, "content": content, "stop_reason": stop_reason,
             "stop_sequence": stop_sequence, "usage": usage}
 
@@ -5284,7 +5291,7 @@ class EventEmitter:
         usage = self._context.estimated_usage(0)
         usage["output_tokens"] = 1
         self._out.append(sse_event("message_start", {"type": "message_start", "message": {
-            "id": "msg_" + os.urandom(12).hex(), "type": "message", "role": "assistant",
+            "id": random_id("msg_"), "type": "message", "role": "assistant",
             "model": self._context.model, "content": [], "stop_reason": None,
             "stop_sequence": None, "usage": usage}}) + SSE_PING)
 
@@ -5440,7 +5447,7 @@ def tool_use_id(call_id) -> str:
     """The tool_use id for an upstream call id: kept when a tool_use id may hold it, else encoded
     reversibly, or a fresh id when there is none."""
     if not isinstance(call_id, str) or not call_id:
-        return "toolu_" + os.urandom(12).hex()
+        return random_id("toolu_")
     if TOOL_USE_ID_RE.match(call_id):
         return call_id
     encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
@@ -5476,7 +5483,7 @@ def search_blocks(query: str, results: list) -> list:
     """The server_tool_use and web_search_tool_result blocks that report a search a provider
     ran; results are (url, title) pairs. Claude Code takes the links it shows from the result
     block."""
-    tool_id = "srvtoolu_" + os.urandom(12).hex()
+    tool_id = random_id("srvtoolu_")
     return [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
              "input": {"query": query}},
             {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": [
@@ -8829,7 +8836,8 @@ def open_pooled(handler, req, connection_class, **connection_options):
             reuse = False
             connection = connection_class(req.host, timeout=req.timeout, **connection_options)
         else:
-            connection.sock.settimeout(req.timeout)
+            if connection.sock.gettimeout() != req.timeout:    # (setting it is a system call
+                connection.sock.settimeout(req.timeout)        # that lets go of the GIL)
             call.attach_socket(connection.sock)
         connection.upstream_call = call
         try:

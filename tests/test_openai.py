@@ -731,8 +731,15 @@ def test_sdk_non_stream_cases(start_proxy, upstream, name, preset):
     message = sdk(proxy).messages.create(**REQUEST)
     assert block_dicts(message) == with_signature(expected, preset)
     assert message.stop_reason == stop_reason
-    assert message.id.startswith("msg_") and message.model == "claude-test-model"
+    assert re.fullmatch("msg_[0-9a-f]{24}", message.id) and message.model == "claude-test-model"
     assert "stream" not in upstream.requests[0]["json"]
+
+
+def test_ids_the_proxy_makes_have_anthropics_shape_and_do_not_repeat():
+    for prefix in ("msg_", "toolu_", "srvtoolu_"):
+        ids = {ccproxy.random_id(prefix) for _ in range(20000)}
+        assert len(ids) == 20000
+        assert all(re.fullmatch(prefix + "[0-9a-f]{24}", made) for made in ids)
 
 
 def test_sdk_non_stream_usage_counts_cache_reads_apart(openai_proxy, upstream):
