@@ -3036,8 +3036,22 @@ def finite_float(text: str) -> float:
     return value
 
 
+JSON_INT_DIGITS = 4300
+
+
+def bounded_int(text: str) -> int:
+    """A JSON integer of at most JSON_INT_DIGITS digits: Python's own limit, on every version,
+    refused in words for the client (Python's message names a Python function)."""
+    digits = len(text) - text.startswith("-")
+    if digits > JSON_INT_DIGITS:
+        raise ValueError("a number has %d digits, more than the %d taken" % (
+            digits, JSON_INT_DIGITS))
+    return int(text)
+
+
 JSON_WHITESPACE_RE = re.compile(r"[ \t\n\r]*")
-JSON_DECODER = json.JSONDecoder(parse_constant=refuse_json_constant, parse_float=finite_float)
+JSON_DECODER = json.JSONDecoder(parse_constant=refuse_json_constant, parse_float=finite_float,
+                                parse_int=bounded_int)
 SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -3050,7 +3064,8 @@ def parse_json_object(text: str):
     skip = JSON_WHITESPACE_RE.match
     position = skip(text).end()
     if text[position:position + 1] != "{":
-        raise ValueError("the top level is not an object")
+        raise ValueError("it begins with a byte order mark (U+FEFF), which JSON does not allow"
+                         if text.startswith("\ufeff") else "the top level is not an object")
     position = skip(text, position + 1).end()
     result, spans = {}, {}
     closing = text[position:position + 1] == "}"
@@ -3109,22 +3124,38 @@ MESSAGE_ROLES = ("user", "assistant", "system")
 
 def check_messages_request(body: dict, for_count: bool = False) -> None:
     """Reject what no provider could accept, naming the field (never forwarded upstream)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequestError("model: Field required (a non-empty string)")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages: Field required (a non-empty list)")
-    for index, message in enumerate(messages):
+    require_field(body, "model", "a non-empty string", lambda v: isinstance(v, str) and v)
+    require_field(body, "messages", "a non-empty list", lambda v: isinstance(v, list) and v)
+    for index, message in enumerate(body["messages"]):
         check_message(message, index)
     if not for_count:
-        max_tokens = body.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise InvalidRequestError("max_tokens: Field required (a positive integer)")
+        require_field(body, "max_tokens", "a positive integer", lambda v: isinstance(v, int)
+                      and not isinstance(v, bool) and v >= 1)
     for key, problem_of in OPTIONAL_FIELD_CHECKS.items():
         problem = problem_of(body[key]) if body.get(key) is not None else None
         if problem:
             raise InvalidRequestError("%s: %s" % (key, problem))
+
+
+def require_field(body: dict, key: str, wanted: str, valid) -> None:
+    """A 400 for a required field that is missing (in the Messages API's words) or is not
+    what valid() accepts (saying what it is instead)."""
+    value = body.get(key)
+    if valid(value):
+        return
+    if value is None:
+        raise InvalidRequestError("%s: Field required (%s)" % (key, wanted))
+    raise InvalidRequestError("%s: must be %s, not %s" % (key, wanted, json_sketch(value)))
+
+
+def json_sketch(value) -> str:
+    """A JSON value as an error names it: a container by its kind, anything else itself (cut
+    short)."""
+    if isinstance(value, (dict, list)):
+        return ("an empty " if not value else "a ") + ("object" if isinstance(value, dict)
+                                                       else "list")
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_message(message, index: int) -> None:
