@@ -107,6 +107,7 @@ log = logging.getLogger("ccproxy")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3456
 MAX_HEADER_BYTES = 64 * 1024
+TLS_HANDSHAKE_RECORD = b"\x16"                   # how a TLS client's first byte looks
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024        # Anthropic's own request size limit
 DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 75.0
@@ -2514,6 +2515,9 @@ class ClientConnection:
             first = await self._reader.read(1)
             if not first:
                 return None
+            if first == TLS_HANDSHAKE_RECORD:
+                await self._refuse_tls()
+                return None
             self._arm(header_timeout, lambda: RequestTimeoutError(
                 "request head not received within %g s" % header_timeout))
             return first + await self._reader.readuntil(b"\r\n\r\n")
@@ -2634,6 +2638,17 @@ class ClientConnection:
             raise ClientDisconnected() from None
         finally:
             self._disarm()
+
+    async def _refuse_tls(self) -> None:
+        """A client began a TLS handshake on this plain-HTTP port (it was given https://): a
+        400 it fails on at once, rather than a wait for the header timeout, and a warning in
+        the log the first time."""
+        if not self._app.tls_refused:
+            self._app.tls_refused = True
+            log.warning("a client at %s began a TLS handshake: ccproxy speaks plain HTTP, so "
+                        "give clients http://, not https://", self._peer)
+        await self._send_error(InvalidRequestError("this port speaks plain HTTP: use http://, "
+                                                   "not https://"))
 
     async def _send_error(self, error: ProxyError) -> None:
         request_id = self._app.next_request_id()
@@ -2847,6 +2862,7 @@ class ProxyApp:
             UPSTREAM_IDLE_WHEN_QUIET, config.max_connections // UPSTREAM_IDLE_SHARE))
         self.draining = False         # shutting down: answer in-flight requests, take no more
         self.phase = "starting"       # then "ready", then "draining" once asked to stop
+        self.tls_refused = False      # a client has spoken TLS to this port (logged once)
         self.config_mtime = file_mtime(config.source)
         self.active_streams = 0
         self.metrics = Metrics()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -207,6 +209,27 @@ def test_slow_header_is_cut_by_the_header_timeout(start_proxy):
         sock.sendall(b"GET /health HTTP/1.1\r\nHost")
         reply = sock.makefile("rb").read()          # returns once the server closes
     assert reply.startswith(b"HTTP/1.1 408")
+
+
+def test_a_tls_client_on_the_plain_http_port_fails_at_once_and_is_named_in_the_log(start_proxy,
+                                                                                  caplog):
+    """A client given https:// for the proxy: its handshake fails on the proxy's plain answer
+    at once (not after the header timeout), the log says what to change, once."""
+    proxy = start_proxy({"performance": {"header_timeout": "60s"}})
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            started = time.monotonic()
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                context.wrap_socket(sock).close()
+            assert time.monotonic() - started < 10
+    warnings = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert len(warnings) == 1 and "give clients http://, not https://" in warnings[0]
+    assert raw_exchange(proxy.port, b"GET /health HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01\x00\x05hello")
+        assert b"use http://, not https://" in sock.makefile("rb").read()
 
 
 def test_idle_keep_alive_connection_is_closed(start_proxy):
