@@ -4014,13 +4014,30 @@ MANAGEMENT_HANDLERS = frozenset((handle_provider_create, handle_provider_replace
                                  handle_provider_delete))
 
 
+OPENAI_CLIENT_PATHS = ("/chat/completions", "/completions", "/responses", "/embeddings")
+CLIENT_API_PATHS = ("/v1/messages", "/v1/messages/count_tokens", "/v1/models")
+
+
+def endpoint_hint(path: str) -> str:
+    """What a client that asked for a path nobody serves should change: the usual cases are a
+    base URL with a path of its own (/v1/v1/messages) and an OpenAI client pointed at ccproxy."""
+    if path.endswith(tuple(api[len("/v1"):] for api in CLIENT_API_PATHS)):
+        return ("the Messages API is at /v1/messages: give clients the proxy's address with no "
+                "path (ANTHROPIC_BASE_URL=http://HOST:PORT)")
+    if path.endswith(OPENAI_CLIENT_PATHS):
+        return ("ccproxy speaks Anthropic's Messages API (/v1/messages) to its clients, and "
+                "OpenAI's API only to providers")
+    return "ccproxy serves clients %s and %s" % (", ".join(CLIENT_API_PATHS[:-1]),
+                                                  CLIENT_API_PATHS[-1])
+
+
 def find_endpoint(request: Request):
     """The handler for the request's path and method; HEAD is served by GET handlers."""
     methods = ENDPOINTS.get(request.path) or next(
         (methods for prefix, methods in PREFIX_ENDPOINTS
          if request.path.startswith(prefix) and len(request.path) > len(prefix)), None)
     if methods is None:
-        raise NotFoundError("no endpoint %s" % request.path)
+        raise NotFoundError("no endpoint %s: %s" % (request.path, endpoint_hint(request.path)))
     handler = methods.get("GET" if request.method == "HEAD" else request.method)
     if handler is None:
         allowed = ", ".join(sorted(set(methods) | ({"HEAD"} if "GET" in methods else set())))

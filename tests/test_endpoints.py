@@ -58,6 +58,25 @@ def test_unknown_path_is_404_not_found_error(proxy):
     assert status == 404 and body["error"]["type"] == "not_found_error"
 
 
+@pytest.mark.parametrize("path, hint", [
+    ("/v1/v1/messages", "give clients the proxy's address with no path"),
+    ("/anthropic/v1/messages/count_tokens", "the Messages API is at /v1/messages"),
+    ("/api/v1/models", "ANTHROPIC_BASE_URL=http://HOST:PORT"),
+    ("/v1/chat/completions", "OpenAI's API only to providers"),
+    ("/openai/v1/responses", "speaks Anthropic's Messages API (/v1/messages) to its clients"),
+    ("/v1/messages/batches", "serves clients /v1/messages, /v1/messages/count_tokens and /v1/models"),
+])
+def test_a_path_nobody_serves_says_what_to_change(proxy, upstream, path, hint):
+    """The usual mistakes: a base URL with a path of its own, an OpenAI client; the rest are
+    told what is served."""
+    reply = raw_exchange(proxy.port, b"POST %s HTTP/1.1\r\nContent-Length: 2\r\n"
+                                     b"Connection: close\r\n\r\n{}" % path.encode())
+    assert reply.startswith(b"HTTP/1.1 404 ")
+    message = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    assert message.startswith("no endpoint %s: " % path) and hint in message
+    assert upstream.requests == []
+
+
 def test_wrong_method_is_405_with_allow(proxy):
     reply = raw_exchange(proxy.port, b"GET /v1/messages HTTP/1.0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 405") and b"allow: POST" in reply
