@@ -488,6 +488,7 @@ DEFAULT_CONFIG = {
     "port": DEFAULT_PORT,
     "apikey": "",
     "admin_key": "",
+    "client_keys": {},
     "log": False,
     "log_file": "~/.ccproxy/ccproxy.log",
     "log_bodies": False,
@@ -1036,6 +1037,7 @@ class Config:
         self.raw, self.source = raw, source
         self.host, self.port = raw["host"], raw["port"]
         self.apikey, self.admin_key = raw["apikey"], raw["admin_key"]
+        self.client_keys = dict(raw["client_keys"])    # name -> key, usage counted by name
         self.log_requests = raw["log"]
         self.log_file = os.path.abspath(os.path.expanduser(raw["log_file"]))
         self.usage_file = raw["usage_file"] and os.path.abspath(os.path.expanduser(
@@ -1074,12 +1076,25 @@ class Config:
     def enabled_providers(self) -> list:
         return [p for p in self.providers if p.enabled]
 
+    @property
+    def client_keys_in_use(self) -> dict:
+        """The keys a client may present, by name ("" for the apikey); empty when none is
+        asked for."""
+        return dict({"": self.apikey} if self.apikey else {}, **self.client_keys)
+
+    def own_client_key(self) -> str:
+        """The key this machine's own clients (code, env, the status line) present: the apikey,
+        or the first of client_keys by name."""
+        return self.apikey or next((self.client_keys[name] for name in sorted(self.client_keys)),
+                                   "")
+
     def provider_named(self, name: str):
         return next((p for p in self.providers if p.name == name), None)
 
     def secrets(self) -> list:
         """Every secret the config holds, for masking logs and messages."""
         found = [key for key in (self.apikey, self.admin_key) if key]
+        found += self.client_keys.values()
         for provider in self.providers:
             found.extend(s for s in provider.secrets() if s)
         return found
@@ -1205,6 +1220,35 @@ def base_url_problem(url) -> str | None:
     return None
 
 
+CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+
+
+def clean_client_keys(checker: ConfigChecker, raw: dict) -> dict:
+    """client_keys: {name: key}, a key for each client (a person, a team) whose usage is
+    counted apart; each key its own, none the apikey's or the admin_key's."""
+    entries = raw.get("client_keys")
+    if not isinstance(entries, dict):
+        checker.fail("client_keys", "must be an object of name: key")
+        return {}
+    taken = {raw[key]: key for key in ("apikey", "admin_key") if raw.get(key)}
+    cleaned = {}
+    for name in entries:
+        path = "client_keys.%s" % name
+        if not CLIENT_NAME_RE.match(name):
+            checker.fail("client_keys", "%s is not a name: letters, digits, '_', '.' and '-', "
+                         "up to 64, starting with a letter or digit" % json.dumps(name))
+            continue
+        key = checker.secret(entries, name, "client_keys")
+        if key is not None and not key:
+            checker.fail(path, "must be a key, not empty")
+        elif key in taken:
+            checker.fail(path, "is the same key as %s: each client needs a key of its own"
+                         % taken[key])
+        elif key:
+            taken[key], cleaned[name] = path, key
+    return cleaned
+
+
 def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
     """Validate host, port, apikey, log and log_file."""
     checker.unknown_keys(raw, DEFAULT_CONFIG, "")
@@ -1214,6 +1258,7 @@ def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
         checker.fail("port", "must be between 0 and 65535, not %d" % port)
     for key in ("apikey", "admin_key"):
         raw[key] = checker.secret(raw, key, "")
+    raw["client_keys"] = clean_client_keys(checker, raw)
     checker.typed(raw, "log", "", bool, "true or false")
     checker.typed(raw, "log_file", "", str, "a file path")
     checker.typed(raw, "usage_file", "", str, "a file path (\"\": usage is not kept)")
@@ -1682,6 +1727,8 @@ def literal_secret_paths(content: dict) -> list:
     def literal(value) -> bool:
         return isinstance(value, str) and bool(value) and not ENV_REFERENCE_RE.fullmatch(value)
     found = [key for key in ("apikey", "admin_key") if literal(content.get(key))]
+    found += ["client_keys.%s" % name for name, key in dict_of(content.get("client_keys")).items()
+              if literal(key)]
     for index, entry in enumerate(content.get("providers") or ()):
         if isinstance(entry, dict):
             found += ["providers[%d].api_key" % index] if literal(entry.get("api_key")) else []
@@ -2545,7 +2592,10 @@ class ClientConnection:
                 request = parse_request_head(head)
                 request.record = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
-                check_access(app.config, self._peer, request, endpoint in MANAGEMENT_HANDLERS)
+                client = check_access(app.config, self._peer, request,
+                                      endpoint in MANAGEMENT_HANDLERS)
+                if client is not None:
+                    request.record["client"] = client
                 app.check_rate(self._peer, request)
                 await self._read_body(request)
                 body_read = True
@@ -2760,38 +2810,50 @@ def client_key(headers: Headers) -> str | None:
     return None
 
 
-def check_access(config: Config, peer, request: Request, management: bool = False) -> None:
-    """Admit the request or raise: allow-list, then the loopback rule or the proxy key.
+def check_access(config: Config, peer, request: Request, management: bool = False):
+    """Admit the request or raise: allow-list, then the loopback rule or the proxy's keys.
+    Returns the client_keys name of the key presented (None for the apikey, or no key).
 
-    With no apikey, only loopback peers are served, whatever address is bound. With one,
-    every request but the public ones (/ and /health) must present it. Management (changing
-    providers) needs more than a client's key: the admin_key, or without one, a loopback peer.
+    With no apikey and no client_keys, only loopback peers are served, whatever address is
+    bound. With them, every request but the public ones (/ and /health) must present one.
+    Management (changing providers) needs more than a client's key: the admin_key, or without
+    one, a loopback peer.
     """
+    accepted = config.client_keys_in_use
     if peer is None:
         raise PermissionDeniedError("cannot determine the client's address")
     if config.allowed_networks and not any(peer in net for net in config.allowed_networks):
         raise PermissionDeniedError("client address %s is not in security.allowed_ips" % peer)
-    if not config.apikey and not peer.is_loopback:
+    if not accepted and not peer.is_loopback:
         raise PermissionDeniedError("ccproxy serves only loopback clients when no apikey is "
                                     "configured; set apikey to accept %s" % peer)
     if management and config.admin_key:
-        check_key(request, config.admin_key, "admin_key")
+        check_key(request, {"": config.admin_key}, "the admin_key")
     elif management and not peer.is_loopback:
         raise PermissionDeniedError("providers can be changed only from this machine unless "
                                     "admin_key is configured")
-    elif config.apikey and request.path not in PUBLIC_PATHS:
-        check_key(request, config.apikey, "apikey")
+    elif accepted and request.path not in PUBLIC_PATHS:
+        return check_key(request, accepted, " or ".join(
+            setting for setting, wanted in (("the apikey", config.apikey),
+                                            ("a key in client_keys", config.client_keys))
+            if wanted))
+    return None
 
 
-def check_key(request: Request, expected: str, setting: str) -> None:
-    """Raise 401 unless the request presents `expected` (compared in constant time)."""
+def check_key(request: Request, keys: dict, setting: str):
+    """The name of the key in keys (name -> key) the request presents, None for the name "";
+    401 when it presents none of them. Every key is compared, each in constant time."""
     presented = client_key(request.headers)
     if presented is None:
-        raise AuthenticationError("missing API key (this needs the %s): send it as x-api-key or "
+        raise AuthenticationError("missing API key (this needs %s): send it as x-api-key or "
                                   "Authorization: Bearer" % setting).made_final()
-    if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"),
-                               expected.encode("utf-8", "surrogateescape")):
-        raise AuthenticationError("invalid API key (this needs the %s)" % setting).made_final()
+    given, found = presented.encode("utf-8", "surrogateescape"), None
+    for name, key in keys.items():
+        if hmac.compare_digest(given, key.encode("utf-8", "surrogateescape")):
+            found = name
+    if found is None:
+        raise AuthenticationError("invalid API key (this needs %s)" % setting).made_final()
+    return found or None
 
 
 class TokenBucket:
@@ -3642,14 +3704,15 @@ def session_id(headers) -> str | None:
 
 
 class UsageLedger:
-    """Tokens and cost of every answer: per provider and model in all (since start, or since
-    the usage file began) and today, per Claude Code session (the most recent MAX_SESSIONS,
-    with the provider and model that answered last), and the last RECENT_REQUESTS requests.
-    No message content."""
+    """Tokens and cost of every answer: per provider and model, and per client key (by its
+    client_keys name), in all (since start, or since the usage file began) and today; per
+    Claude Code session (the most recent MAX_SESSIONS, with the provider and model that
+    answered last); and the last RECENT_REQUESTS requests. No message content."""
 
     def __init__(self):
         self.models = {}                                # (provider, model) -> totals
         self.day, self.today = local_day(), {}          # (provider, model) -> totals, today
+        self.clients, self.clients_today = {}, {}       # client name -> totals, in all, today
         self.sessions = collections.OrderedDict()       # session id -> totals, latest last
         self.recent = collections.deque(maxlen=RECENT_REQUESTS)
         self.changed = False                            # since the usage file was written
@@ -3658,9 +3721,12 @@ class UsageLedger:
         """Count one answer's usage (and its cost, None when no price is known)."""
         key = (record["provider"], record["model"])
         if self.day != local_day():
-            self.day, self.today = local_day(), {}
+            self.day, self.today, self.clients_today = local_day(), {}, {}
         places = [self.models.setdefault(key, new_totals()),
                   self.today.setdefault(key, new_totals())]
+        if record.get("client") is not None:
+            places += [place.setdefault(record["client"], new_totals())
+                       for place in (self.clients, self.clients_today)]
         if session is not None:
             entry = self.sessions.pop(session, None) or new_totals()
             self.sessions[session] = entry
@@ -3693,11 +3759,12 @@ class UsageLedger:
             "cost_usd": None if cost is None else round(cost, 6)})
 
     def view(self) -> dict:
-        """Usage per provider and model (in all and today), the sessions and the recent
-        requests, most recent first, for /status."""
-        return {"by_model": totals_list(self.models),
-                "today": {"date": self.day, "by_model": totals_list(
-                    self.today if self.day == local_day() else {})},
+        """Usage per provider and model and per client (in all and today), the sessions and
+        the recent requests, most recent first, for /status."""
+        today = self.day == local_day()
+        return {"by_model": totals_list(self.models), "by_client": clients_list(self.clients),
+                "today": {"date": self.day, "by_model": totals_list(self.today if today else {}),
+                          "by_client": clients_list(self.clients_today if today else {})},
                 "sessions": [dict(totals, session_id=name)
                              for name, totals in reversed(self.sessions.items())],
                 "recent_requests": list(reversed(self.recent))}
@@ -3707,6 +3774,8 @@ class UsageLedger:
         self.changed = False
         return json.dumps({"version": 1, "day": self.day, "models": totals_list(self.models),
                            "today": totals_list(self.today),
+                           "clients": clients_list(self.clients),
+                           "clients_today": clients_list(self.clients_today),
                            "sessions": [dict(t, session_id=n) for n, t in self.sessions.items()]})
 
     def restore(self, content: dict) -> None:
@@ -3718,6 +3787,12 @@ class UsageLedger:
                 totals = restored_totals(entry)
                 if totals is not None:
                     place[(str(entry.get("provider")), str(entry.get("model")))] = totals
+        for name, place in (("clients", self.clients), ("clients_today", self.clients_today)):
+            for entry in list_of(content.get(name))[:MAX_SAVED_MODELS]:
+                totals = restored_totals(entry)
+                if totals is not None and CLIENT_NAME_RE.match(str(entry.get("client"))) and (
+                        name == "clients" or content.get("day") == self.day):
+                    place[entry["client"]] = totals
         for entry in list_of(content.get("sessions"))[-MAX_SESSIONS:]:
             totals = restored_totals(entry)
             if totals is not None and SESSION_ID_RE.match(str(entry.get("session_id"))):
@@ -3732,6 +3807,10 @@ def local_day() -> str:
 def totals_list(totals_by_model: dict) -> list:
     return [dict(totals, provider=provider, model=model)
             for (provider, model), totals in sorted(totals_by_model.items())]
+
+
+def clients_list(totals_by_client: dict) -> list:
+    return [dict(totals, client=name) for name, totals in sorted(totals_by_client.items())]
 
 
 def restored_totals(entry) -> dict | None:
@@ -3831,6 +3910,21 @@ def usage_metrics(usage: UsageLedger) -> list:
     lines += ["ccproxy_usage_cost_dollars_total{%s} %.6f" % (labels(provider=p, model=m),
                                                             totals["cost_usd"])
               for (p, m), totals in sorted(usage.models.items())]
+    return lines + client_usage_metrics(usage.clients) if usage.clients else lines
+
+
+def client_usage_metrics(clients: dict) -> list:
+    """Usage and cost per client key (by its client_keys name), as Prometheus counters."""
+    lines = metric_header("ccproxy_client_usage_tokens_total", "counter",
+                          "Tokens of the answers, by client key (its client_keys name) and type.")
+    lines += ["ccproxy_client_usage_tokens_total{%s} %d" % (labels(client=name, type=kind),
+                                                            totals[field])
+              for name, totals in sorted(clients.items()) for field, kind in USAGE_METRIC_TYPES]
+    lines += metric_header("ccproxy_client_usage_cost_dollars_total", "counter",
+                           "Cost of the answers by client key, in US dollars.")
+    lines += ["ccproxy_client_usage_cost_dollars_total{%s} %.6f" % (labels(client=name),
+                                                                   totals["cost_usd"])
+              for name, totals in sorted(clients.items())]
     return lines
 
 
@@ -3876,13 +3970,14 @@ def format_request_log(request: Request, status: int) -> str:
     usage = record.get("usage") or {}
     first = record.get("first_byte")
     return ("%s %s %s route=%s provider=%s model=%s stream=%s status=%d in=%s out=%s "
-            "latency_ms=%.1f ttft_ms=%s" % (
+            "latency_ms=%.1f ttft_ms=%s client=%s" % (
                 record["id"], request.method, request.path, record.get("route", "-"),
                 record.get("provider", "-"), record.get("model", "-"),
                 str(record.get("stream", False)).lower(), status,
                 usage.get("input_tokens", "-"), usage.get("output_tokens", "-"),
                 (now - record["started"]) * 1000,
-                "%.1f" % ((first - record["started"]) * 1000) if first else "-"))
+                "%.1f" % ((first - record["started"]) * 1000) if first else "-",
+                record.get("client", "-")))
 
 
 # -----------------------------------------------------------------------------
@@ -9124,9 +9219,9 @@ def startup_warnings(config: Config) -> list:
         loopback_bind = ipaddress.ip_address(config.host).is_loopback
     except ValueError:
         loopback_bind = config.host == "localhost"
-    if not loopback_bind and not config.apikey:
+    if not loopback_bind and not config.client_keys_in_use:
         notes.append("bound to %s without an apikey: only loopback clients will be served; set "
-                     "apikey to accept others" % config.host)
+                     "apikey (or client_keys) to accept others" % config.host)
     return notes
 
 
@@ -9897,6 +9992,9 @@ def print_status(report: dict) -> None:
     for totals in usage["by_model"]:
         print("  %s,%s: %d answers, %s" % (totals["provider"], totals["model"],
                                           totals["requests"], usage_words(totals)))
+    for totals in usage.get("by_client", ()):
+        print("  client %s: %d answers, %s" % (totals["client"], totals["requests"],
+                                              usage_words(totals)))
     for session in usage["sessions"][:STATUS_SESSIONS_SHOWN]:
         print("  session %s: %s" % (session["session_id"], session_summary(session)))
     if len(usage["sessions"]) > STATUS_SESSIONS_SHOWN:
@@ -9910,7 +10008,7 @@ def print_statusline(data: bytes) -> None:
     record = read_pidfile()
     if status == 401 and record is not None and record.get("config"):
         try:
-            apikey = load_config(record["config"], os.environ).apikey
+            apikey = load_config(record["config"], os.environ).own_client_key()
         except ConfigError:
             line = "ccproxy: up (its apikey cannot be read here)"
         else:
@@ -9975,7 +10073,8 @@ def status_details(record: dict):
     """(the running proxy's /status, or {}; why it could not be read, or None). /status needs
     the proxy's apikey, read from its config file in this shell's environment."""
     try:
-        apikey = load_config(record["config"], os.environ).apikey if record.get("config") else ""
+        apikey = load_config(record["config"], os.environ).own_client_key() \
+            if record.get("config") else ""
     except ConfigError as exc:
         return {}, "its config file cannot be read in this shell, so its apikey is unknown: %s" \
             % str(exc).replace("\n", "; ")
@@ -10027,7 +10126,7 @@ def claude_variables(url: str, config: Config, environ) -> dict:
     no_proxy += [h for h in ("127.0.0.1", "localhost", "::1") if h not in no_proxy]
     variables = {
         "ANTHROPIC_BASE_URL": url,
-        "ANTHROPIC_AUTH_TOKEN": config.apikey or "ccproxy",
+        "ANTHROPIC_AUTH_TOKEN": config.own_client_key() or "ccproxy",
         "API_TIMEOUT_MS": str(CLAUDE_API_TIMEOUT_MS),
         "DISABLE_TELEMETRY": "1",
         "DISABLE_COST_WARNINGS": "1",

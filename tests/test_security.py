@@ -135,6 +135,75 @@ def test_with_an_admin_key_management_needs_exactly_it():
     assert decide(raw, "10.0.0.5", "POST", "/v1/messages", "admin-key-0123456789") == 401
 
 
+ALICE, BOB = "sk-client-alice-0123456789abcdef", "sk-client-bob-0123456789abcdef0"
+
+
+def test_each_client_key_is_admitted_remote_too_and_named_and_no_other_key_is():
+    raw = {"client_keys": {"alice": ALICE, "bob": BOB}}
+    config = ccproxy.build_config(raw, "c.json", {})
+    head = b"POST /v1/messages HTTP/1.1\r\nAuthorization: Bearer %s\r\n\r\n" % BOB.encode()
+    assert ccproxy.check_access(config, ccproxy.parse_peer_address(("10.0.0.5", 1)),
+                                ccproxy.parse_request_head(head)) == "bob"
+    for key in (ALICE, BOB):
+        assert decide(raw, "10.0.0.5", "POST", "/v1/messages", key) is None
+    assert decide(raw, "10.0.0.5", "POST", "/v1/messages", "sk-client-alice") == 401
+    assert decide(raw, "10.0.0.5", "POST", "/v1/messages") == 401
+    assert decide(raw, "10.0.0.5", "GET", "/health") is None
+    assert decide(raw, "10.0.0.5", "POST", "/providers", ALICE) == 403    # not management
+    with_apikey = dict(raw, apikey="sk-the-shared-apikey-0123")
+    assert decide(with_apikey, "10.0.0.5", "POST", "/v1/messages", "sk-the-shared-apikey-0123") \
+        is None
+    assert config.masker.text("key %s" % ALICE) == "key %s" % ccproxy.mask_secret(ALICE)
+
+
+def test_a_wrong_or_missing_client_key_is_told_which_keys_are_asked_for(start_proxy, upstream):
+    proxy = start_proxy({"client_keys": {"alice": ALICE},
+                         "providers": [anthropic_provider(upstream)]})
+    for key, problem in (("nope", "invalid API key (this needs a key in client_keys)"),
+                         (None, "missing API key (this needs a key in client_keys)")):
+        head = b"x-api-key: %s\r\n" % key.encode() if key else b""
+        reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\n%sContent-Length: 2"
+                                         b"\r\nConnection: close\r\n\r\n{}" % head)
+        assert reply.startswith(b"HTTP/1.1 401 ") and problem.encode() in reply
+    message = sdk(proxy, ALICE).messages.create(model="m", max_tokens=5, messages=[
+        {"role": "user", "content": "hi"}])
+    assert message.type == "message" and len(upstream.requests) == 1
+    assert ALICE not in json.dumps(upstream.requests[0]["headers"])   # never sent on
+
+
+@pytest.mark.parametrize("client_keys, problem", [
+    ("alice", "client_keys: must be an object of name: key"),
+    ({"al ice": ALICE}, 'client_keys: "al ice" is not a name'),
+    ({"alice": ""}, "client_keys.alice: must be a key, not empty"),
+    ({"alice": 5}, "client_keys.alice: must be a string"),
+    ({"alice": "sk-\nnewline-inside"}, "client_keys.alice: must not contain control characters"),
+    ({"alice": ALICE, "bob": ALICE}, "client_keys.bob: is the same key as client_keys.alice"),
+    ({"alice": "sk-the-shared-apikey-0123"}, "client_keys.alice: is the same key as apikey"),
+    ({"alice": "admin-key-0123456789"}, "client_keys.alice: is the same key as admin_key"),
+])
+def test_client_keys_mistakes_name_the_key_never_its_value(client_keys, problem):
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"apikey": "sk-the-shared-apikey-0123", "client_keys": client_keys,
+                              "admin_key": "admin-key-0123456789"}, "c.json", {})
+    assert problem in str(caught.value)
+    assert ALICE not in str(caught.value) and "shared-apikey" not in str(caught.value)
+
+
+def test_client_keys_come_from_the_environment_and_this_machine_presents_the_first():
+    raw = ccproxy.expand_env_references({"client_keys": {"bob": "${BOB_KEY}", "alice": ALICE}},
+                                        "", "c.json", {"BOB_KEY": BOB})   # as load_config does
+    config = ccproxy.build_config(raw, "c.json", {})
+    assert config.client_keys == {"bob": BOB, "alice": ALICE}
+    assert config.own_client_key() == ALICE                   # the first by name
+    variables = ccproxy.claude_variables("http://127.0.0.1:1", config, {})
+    assert variables["ANTHROPIC_AUTH_TOKEN"] == ALICE
+    assert ccproxy.literal_secret_paths({"client_keys": {"bob": "${BOB_KEY}", "alice": ALICE}}) \
+        == ["client_keys.alice"]
+    both = ccproxy.build_config({"apikey": "sk-the-shared-apikey-0123",
+                                 "client_keys": {"alice": ALICE}}, "c.json", {})
+    assert both.own_client_key() == "sk-the-shared-apikey-0123"
+
+
 @pytest.fixture
 def managed(tmp_path, upstream):
     path = tmp_path / "config.json"

@@ -435,6 +435,49 @@ def test_usage_survives_a_restart_in_the_usage_file(start_proxy, upstream, tmp_p
     assert get(second, "/sessions/" + SESSION)[1]["requests"] == 2
 
 
+ALICE, BOB, SHARED = ("sk-client-alice-0123456789abcdef", "sk-client-bob-0123456789abcdef0",
+                      "sk-the-shared-apikey-0123456")
+
+
+def test_usage_is_counted_per_client_key_everywhere_usage_shows(start_proxy, upstream, tmp_path,
+                                                                capsys):
+    """/status, `status`, /metrics and the usage file: per client_keys name, never the key."""
+    upstream.script = lambda r: json_reply(with_usage(anthropic_message(), input_tokens=10,
+                                                      output_tokens=5))
+    usage_file = tmp_path / "usage.json"
+    config = {"apikey": SHARED, "client_keys": {"alice": ALICE, "bob": BOB},
+              "usage_file": str(usage_file), "performance": {"metrics_enabled": True},
+              "providers": [anthropic_provider(upstream, models=[PRICED])]}
+    proxy = start_proxy(config)
+    for key, times in ((ALICE, 2), (BOB, 1), (SHARED, 1)):
+        for _ in range(times):
+            sdk(proxy, key).messages.create(model="claude-sonnet-4-5", max_tokens=20,
+                                            messages=[{"role": "user", "content": "hi"}])
+    usage = get(proxy, "/status", {"x-api-key": BOB})[1]["usage"]
+    clients = {totals["client"]: totals for totals in usage["by_client"]}
+    assert sorted(clients) == ["alice", "bob"]        # the apikey's answers are no client's
+    assert (clients["alice"]["requests"], clients["alice"]["output_tokens"]) == (2, 10)
+    assert clients["bob"]["cost_usd"] == pytest.approx((10 * 3 + 5 * 15) / 1e6)
+    assert usage["today"]["by_client"] == usage["by_client"] and usage["by_model"][0][
+        "requests"] == 4
+    request = urllib.request.Request(proxy.url + "/metrics", headers={"x-api-key": ALICE})
+    metrics = urllib.request.urlopen(request, timeout=10).read().decode()
+    assert 'ccproxy_client_usage_tokens_total{client="alice",type="output"} 10' in metrics
+    assert 'ccproxy_client_usage_cost_dollars_total{client="bob"} 0.000105' in metrics
+    ccproxy.print_status({"version": "v", "url": proxy.url, "pid": 1, "uptime_seconds": 1,
+                          "started_by": "test", "config": None, "providers": [], "usage": usage})
+    assert "  client alice: 2 answers, " in capsys.readouterr().out
+    proxy.stop()
+    saved = usage_file.read_text()
+    assert [totals["client"] for totals in json.loads(saved)["clients"]] == ["alice", "bob"]
+    assert not any(key in text for key in (ALICE, BOB, SHARED)
+                   for text in (saved, metrics, json.dumps(usage)))
+    again = get(start_proxy(config), "/status", {"x-api-key": SHARED})[1]["usage"]
+    assert {totals["client"]: totals["requests"] for totals in again["by_client"]} == {
+        "alice": 2, "bob": 1}
+    assert again["today"]["by_client"] == again["by_client"]
+
+
 def test_an_unreadable_usage_file_starts_from_zero_with_a_warning(start_proxy, upstream,
                                                                  tmp_path, ccproxy_log):
     usage_file = tmp_path / "usage.json"
