@@ -1038,11 +1038,12 @@ class Config:
         self.host, self.port = raw["host"], raw["port"]
         self.apikey, self.admin_key = raw["apikey"], raw["admin_key"]
         self.client_keys = dict(raw["client_keys"])    # name -> key, usage counted by name
-        self.log_requests = raw["log"]
+        self.client_keys_in_use = dict(                 # what a client may present ("": apikey)
+            {"": self.apikey} if self.apikey else {}, **self.client_keys)
+        self.log_requests, self.log_bodies = raw["log"], raw["log_bodies"]
         self.log_file = os.path.abspath(os.path.expanduser(raw["log_file"]))
         self.usage_file = raw["usage_file"] and os.path.abspath(os.path.expanduser(
             raw["usage_file"]))
-        self.log_bodies = raw["log_bodies"]
         self.providers, self.routes = providers, routes
         self.long_context_threshold = raw["routes"].get(LONG_CONTEXT_THRESHOLD_KEY,
                                                         DEFAULT_LONG_CONTEXT_TOKENS) \
@@ -1075,12 +1076,6 @@ class Config:
 
     def enabled_providers(self) -> list:
         return [p for p in self.providers if p.enabled]
-
-    @property
-    def client_keys_in_use(self) -> dict:
-        """The keys a client may present, by name ("" for the apikey); empty when none is
-        asked for."""
-        return dict({"": self.apikey} if self.apikey else {}, **self.client_keys)
 
     def own_client_key(self) -> str:
         """The key this machine's own clients (code, env, the status line) present: the apikey,
