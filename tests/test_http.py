@@ -212,7 +212,7 @@ def test_slow_header_is_cut_by_the_header_timeout(start_proxy):
 
 
 def test_a_tls_client_on_the_plain_http_port_fails_at_once_and_is_named_in_the_log(start_proxy,
-                                                                                  caplog):
+                                                                                  ccproxy_log):
     """A client given https:// for the proxy: its handshake fails on the proxy's plain answer
     at once (not after the header timeout), the log says what to change, once."""
     proxy = start_proxy({"performance": {"header_timeout": "60s"}})
@@ -224,7 +224,7 @@ def test_a_tls_client_on_the_plain_http_port_fails_at_once_and_is_named_in_the_l
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 context.wrap_socket(sock).close()
             assert time.monotonic() - started < 10
-    warnings = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    warnings = [message for message in ccproxy_log if "TLS handshake" in message]
     assert len(warnings) == 1 and "give clients http://, not https://" in warnings[0]
     assert raw_exchange(proxy.port, b"GET /health HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
