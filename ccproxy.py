@@ -2933,9 +2933,13 @@ class ProxyApp:
         self._request_id_prefix = os.urandom(4).hex()
 
     def check_rate(self, peer, request: Request) -> None:
-        """Refuse with 429 a client over its request rate, when rate limiting is on."""
+        """Refuse with 429 a client over its request rate, when rate limiting is on: a client
+        key's holder by its name (checked already, so no one can make names up, and clients
+        behind one balancer's address are apart), anyone else by address."""
         if self.config.rate_limit is not None and request.path not in PUBLIC_PATHS:
-            self.rate_limiter.check(str(peer), *self.config.rate_limit)
+            client = (request.record or {}).get("client")
+            self.rate_limiter.check("client_keys." + client if client else str(peer),
+                                    *self.config.rate_limit)
 
     def change_config_file(self, change) -> Config:
         """Apply change() to a copy of the config file's content, validate it like a config

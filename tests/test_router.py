@@ -489,6 +489,23 @@ def test_rate_limit_per_client_address_not_per_unchecked_key(start_proxy, upstre
     assert status == 200 and answer["content"][0]["text"] == "Hello from upstream"
 
 
+def test_holders_of_client_keys_are_rate_limited_each_on_their_own_behind_one_address(
+        start_proxy, upstream):
+    """Behind one balancer every client has its address: a checked client key keeps each
+    apart; the shared apikey (or an address without keys) is still one client."""
+    alice, bob, shared = "sk-client-alice-0123456789", "sk-client-bob-0123456789", "sk-shared-0123"
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)], "apikey": shared,
+                         "client_keys": {"alice": alice, "bob": bob},
+                         "performance": {"rate_limit_enabled": True, "rate_limit_rpm": 1,
+                                         "rate_limit_burst": 1}})
+    assert post_from(proxy, "127.0.0.1", alice)[0] == 200
+    assert post_from(proxy, "127.0.0.1", alice)[0] == 429
+    assert post_from(proxy, "127.0.0.1", bob)[0] == 200
+    assert post_from(proxy, "127.0.0.1", shared)[0] == 200
+    assert post_from(proxy, "127.0.0.1", shared)[0] == 429
+    assert post_from(proxy, "127.0.0.1", "made-up")[0] == 401     # no bucket of its own
+
+
 def test_a_full_rate_limiter_forgets_only_the_least_recent_client():
     config = ccproxy.build_config({"performance": {"rate_limit_enabled": True,
                                                    "rate_limit_rpm": 1, "rate_limit_burst": 1}},
