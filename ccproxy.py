@@ -3658,6 +3658,12 @@ def session_summary(session: dict) -> str:
     return "%s (%s) · %s" % (session["model"], session["provider"], usage_words(session))
 
 
+def answers_words(totals: dict) -> str:
+    """How many answers, then their usage_words: a line of `status` after its name."""
+    count = totals["requests"]
+    return "%d answer%s, %s" % (count, "" if count == 1 else "s", usage_words(totals))
+
+
 def usage_words(totals: dict) -> str:
     """Totals of usage in a few words: tokens in (the share read from the cache), out, cost."""
     cached = totals["cache_read_input_tokens"]
@@ -9989,11 +9995,9 @@ def print_status(report: dict) -> None:
             provider["circuit"]["state"], ", ".join(provider["models"]) or "(any model)"))
     usage = report["usage"]
     for totals in usage["by_model"]:
-        print("  %s,%s: %d answers, %s" % (totals["provider"], totals["model"],
-                                          totals["requests"], usage_words(totals)))
+        print("  %s,%s: %s" % (totals["provider"], totals["model"], answers_words(totals)))
     for totals in usage.get("by_client", ()):
-        print("  client %s: %d answers, %s" % (totals["client"], totals["requests"],
-                                              usage_words(totals)))
+        print("  client %s: %s" % (totals["client"], answers_words(totals)))
     for session in usage["sessions"][:STATUS_SESSIONS_SHOWN]:
         print("  session %s: %s" % (session["session_id"], session_summary(session)))
     if len(usage["sessions"]) > STATUS_SESSIONS_SHOWN:

@@ -122,7 +122,7 @@ def test_status_and_the_status_line_show_each_sessions_usage(home, upstream):
             extra_headers={"x-claude-code-session-id": "s-1"})
         shown = h.run("status").stdout
         words = "claude-sonnet-4-5 (anthropic) · 1.0k in (90% cached) · 2.0k out · $0.03"
-        assert "  anthropic,claude-sonnet-4-5: 1 answers, 1.0k in (90% cached)" in shown
+        assert "  anthropic,claude-sonnet-4-5: 1 answer, 1.0k in (90% cached)" in shown
         assert "  session s-1: " + words in shown
         line = h.run("status", "--statusline", input='{"session_id": "s-1"}')
         assert (line.returncode, line.stdout) == (
