@@ -3505,6 +3505,8 @@ form { margin-top: 16px; } input { font: inherit; padding: 6px; width: 260px; }
 <h2>Providers</h2><div class="table"><table id="providers"></table></div>
 <h2>Routes</h2><div class="table"><table id="routes"></table></div>
 <h2>Usage today</h2><div class="table"><table id="usage"></table></div>
+<div id="by-client" hidden><h2>Usage today by client key</h2>
+<div class="table"><table id="clients"></table></div></div>
 <h2>Last requests</h2><div class="table"><table id="requests"></table></div>
 <p class="muted">Refreshes every 5 s. Nothing of what was said is kept or shown.</p>
 </main>
@@ -3535,6 +3537,11 @@ function card(label, value) {
   const b = document.createElement("b"); b.textContent = value;
   div.append(b, document.createTextNode(label)); return div;
 }
+function usageCells(t) {
+  return [n(t.requests),
+          n(t.input_tokens + t.cache_read_input_tokens + t.cache_creation_input_tokens),
+          n(t.cache_read_input_tokens), n(t.output_tokens), money(t.cost_usd, t.unpriced_requests)];
+}
 function render(s) {
   const u = s.usage, today = u.today.by_model;
   $("meta").textContent = "version " + s.version + " \u00b7 up " +
@@ -3554,12 +3561,12 @@ function render(s) {
                                p.circuit.last_error || "", p.models.join(", ")]));
   fill($("routes"), ["route", "goes to", "then"],
        s.routes.map((r) => [r.name, r.provider + "," + r.model, r.fallbacks.join(" \u2192 ")]));
-  fill($("usage"), ["provider", "model", "answers", "tokens in", "cached", "tokens out", "cost"],
-       today.map((m) => [m.provider, m.model, n(m.requests),
-                         n(m.input_tokens + m.cache_read_input_tokens +
-                           m.cache_creation_input_tokens),
-                         n(m.cache_read_input_tokens), n(m.output_tokens),
-                         money(m.cost_usd, m.unpriced_requests)]));
+  const used = ["answers", "tokens in", "cached", "tokens out", "cost"];
+  fill($("usage"), ["provider", "model"].concat(used),
+       today.map((m) => [m.provider, m.model].concat(usageCells(m))));
+  const clients = u.today.by_client || [];
+  $("by-client").hidden = !clients.length;
+  fill($("clients"), ["client"].concat(used), clients.map((c) => [c.client].concat(usageCells(c))));
   fill($("requests"), ["time", "route", "provider", "model", "status", "latency", "tokens in",
                        "tokens out", "cost"],
        u.recent_requests.map((r) => [new Date(r.time * 1000).toLocaleTimeString(), r.route,

@@ -2,10 +2,12 @@
 providers, and the same usage and cost in /status, /metrics and the status line."""
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import shutil
 import subprocess
+import threading
 import urllib.request
 
 import pytest
@@ -85,6 +87,7 @@ def test_the_status_page_shows_providers_routes_requests_and_todays_cost(busy_pr
     assert len(requests) == 3 and requests[0][1:5] == ["background", "openai", "gpt-5",
                                                         "200"]
     assert "<b>$0.0027</b>cost today" in dom                  # today's total cost card
+    assert '<div id="by-client" hidden="">' in dom             # no client_keys, no such table
     assert "sk-openai-0123456789" not in dom and "Hello" not in dom   # no key, no content
     for width in (1280, 390):
         shot = tmp_path / ("status-%d.png" % width)
@@ -99,6 +102,48 @@ def test_the_page_asks_for_the_key_of_a_proxy_that_has_one(start_proxy, upstream
     dom = render(proxy.url + "/")
     assert re.search(r'<form id="login">', dom)               # shown, no longer hidden
     assert "the proxy asks for its key" in dom and "<td>anthropic</td>" not in dom
+
+
+def test_the_page_shows_todays_usage_by_client_key_when_there_are_client_keys(start_proxy,
+                                                                              upstream):
+    """The page as a browser that has been given a key sees it: the page and the /status it
+    read from a proxy with client_keys, served to Chromium from one loopback server (headless
+    Chromium cannot type the key into the page's form)."""
+    upstream.script = lambda r: json_reply(dict(anthropic_message(), usage={
+        "input_tokens": 100, "output_tokens": 20}))
+    keys = {"alice": "sk-client-alice-0123456789", "bob": "sk-client-bob-0123456789"}
+    proxy = start_proxy({"client_keys": keys, "providers": [anthropic_provider(upstream, models=[
+        {"name": "claude-sonnet-4-5", "price": PRICE}])]})
+    for name in ("alice", "alice", "bob"):
+        sdk(proxy, keys[name]).messages.create(model="claude-sonnet-4-5", max_tokens=5,
+                                               messages=[{"role": "user", "content": "hi"}])
+    status = urllib.request.urlopen(urllib.request.Request(
+        proxy.url + "/status", headers={"x-api-key": keys["bob"]})).read()
+    served = {"/": (ccproxy.STATUS_PAGE, "text/html"), "/status": (status, "application/json")}
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body, kind = served[self.path]
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dom = render("http://127.0.0.1:%d/" % server.server_address[1])
+    finally:
+        server.shutdown()
+    assert re.search(r'<div id="by-client">\s*<h2>Usage today by client key</h2>', dom)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", dom)]
+    assert ["alice", "2", "200", "0", "40", "$0.0012"] in cells
+    assert ["bob", "1", "100", "0", "20", "$0.0006"] in cells
+    assert not any(key in dom for key in keys.values())
 
 
 def test_status_metrics_and_the_status_line_agree_with_the_page(busy_proxy, tmp_path):
