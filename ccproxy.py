@@ -1216,31 +1216,35 @@ def base_url_problem(url) -> str | None:
 
 
 CLIENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+CLIENT_KEY_MIN_CHARS = 16
 
 
 def clean_client_keys(checker: ConfigChecker, raw: dict) -> dict:
     """client_keys: {name: key}, a key for each client (a person, a team) whose usage is
-    counted apart; each key its own, none the apikey's or the admin_key's."""
+    counted apart; each key its own, none the apikey's or the admin_key's. A name is shown
+    (in /status, /metrics, the log), so an entry whose name or key is wrong is named by its
+    place: a key written where its name goes must not be shown either."""
     entries = raw.get("client_keys")
     if not isinstance(entries, dict):
         checker.fail("client_keys", "must be an object of name: key")
         return {}
     taken = {raw[key]: key for key in ("apikey", "admin_key") if raw.get(key)}
     cleaned = {}
-    for name in entries:
-        path = "client_keys.%s" % name
+    for number, name in enumerate(entries, 1):
         if not CLIENT_NAME_RE.match(name):
-            checker.fail("client_keys", "%s is not a name: letters, digits, '_', '.' and '-', "
-                         "up to 64, starting with a letter or digit" % json.dumps(name))
+            checker.fail("client_keys", "entry %d: its name must be letters, digits, '_', '.' "
+                         "and '-' (up to 64, the first a letter or digit)" % number)
             continue
         key = checker.secret(entries, name, "client_keys")
-        if key is not None and not key:
-            checker.fail(path, "must be a key, not empty")
+        if key is not None and len(key) < CLIENT_KEY_MIN_CHARS:
+            checker.fail("client_keys", "entry %d: its key has %d characters, fewer than %d (a "
+                         "name and its key swapped? it is {\"name\": \"key\"})" % (
+                             number, len(key), CLIENT_KEY_MIN_CHARS))
         elif key in taken:
-            checker.fail(path, "is the same key as %s: each client needs a key of its own"
-                         % taken[key])
-        elif key:
-            taken[key], cleaned[name] = path, key
+            checker.fail("client_keys.%s" % name, "is the same key as %s: each client needs a "
+                         "key of its own" % taken[key])
+        elif key is not None:
+            taken[key], cleaned[name] = "client_keys.%s" % name, key
     return cleaned
 
 

@@ -173,8 +173,10 @@ def test_a_wrong_or_missing_client_key_is_told_which_keys_are_asked_for(start_pr
 
 @pytest.mark.parametrize("client_keys, problem", [
     ("alice", "client_keys: must be an object of name: key"),
-    ({"al ice": ALICE}, 'client_keys: "al ice" is not a name'),
-    ({"alice": ""}, "client_keys.alice: must be a key, not empty"),
+    ({"bob": BOB, "al ice": ALICE}, "client_keys: entry 2: its name must be letters, digits"),
+    ({"alice": ""}, "client_keys: entry 1: its key has 0 characters, fewer than 16"),
+    ({ALICE: "alice"}, "entry 1: its key has 5 characters, fewer than 16 (a name and its key "
+                       "swapped?"),
     ({"alice": 5}, "client_keys.alice: must be a string"),
     ({"alice": "sk-\nnewline-inside"}, "client_keys.alice: must not contain control characters"),
     ({"alice": ALICE, "bob": ALICE}, "client_keys.bob: is the same key as client_keys.alice"),
