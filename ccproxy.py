@@ -5313,11 +5313,18 @@ def count_in(answer: bytes, key: str) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
+# Ids come from a generator of ccproxy's own, seeded from the system's (and again in a forked
+# child), so that a program that seeds `random` (ccproxy used from Python) cannot repeat them.
+ID_GENERATOR = random.Random()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=ID_GENERATOR.seed)
+
+
 def random_id(prefix: str) -> str:
-    """An id in Anthropic's shape: prefix and 24 hex digits, from Python's generator (seeded
-    from the system's) rather than os.urandom, a system call that lets worker threads take
-    the GIL from the event loop at every message. An id is unique, not secret."""
-    return "%s%024x" % (prefix, random.getrandbits(96))
+    """An id in Anthropic's shape: prefix and 24 hex digits, from ID_GENERATOR rather than
+    os.urandom, a system call that lets worker threads take the GIL from the event loop at
+    every message. An id is unique, not secret."""
+    return "%s%024x" % (prefix, ID_GENERATOR.getrandbits(96))
 
 
 def new_message(model: str, content: list, stop_reason: str, usage: dict,

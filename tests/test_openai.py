@@ -3,6 +3,8 @@ through the proxy against a scripted mock Chat Completions server."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 
 import anthropic
@@ -740,6 +742,23 @@ def test_ids_the_proxy_makes_have_anthropics_shape_and_do_not_repeat():
         ids = {ccproxy.random_id(prefix) for _ in range(20000)}
         assert len(ids) == 20000
         assert all(re.fullmatch(prefix + "[0-9a-f]{24}", made) for made in ids)
+    random.seed(7)                      # a program around ccproxy seeds random: no repeats
+    first = ccproxy.random_id("msg_")
+    random.seed(7)
+    assert ccproxy.random_id("msg_") != first
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_makes_ids_of_its_own():
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:                      # the child: its next id, then out at once
+        os.write(writing, ccproxy.random_id("msg_").encode())
+        os._exit(0)
+    os.close(writing)
+    os.waitpid(child, 0)
+    assert os.read(reading, 100).decode() != ccproxy.random_id("msg_")
+    os.close(reading)
 
 
 def test_sdk_non_stream_usage_counts_cache_reads_apart(openai_proxy, upstream):
