@@ -10031,7 +10031,7 @@ def print_statusline(data: bytes) -> None:
         try:
             apikey = load_config(record["config"], os.environ).own_client_key()
         except ConfigError:
-            line = "ccproxy: up (its apikey cannot be read here)"
+            line = "ccproxy: up (its key cannot be read here)"
         else:
             line = statusline_client(pidfile_path(), data, STATUSLINE_TIMEOUT_SECONDS, apikey)[1]
     print(line)
@@ -10092,12 +10092,13 @@ def statusline_get(url, path, apikey, timeout):
 
 def status_details(record: dict):
     """(the running proxy's /status, or {}; why it could not be read, or None). /status needs
-    the proxy's apikey, read from its config file in this shell's environment."""
+    the proxy's apikey or a client key, read from its config file in this shell's
+    environment."""
     try:
         apikey = load_config(record["config"], os.environ).own_client_key() \
             if record.get("config") else ""
     except ConfigError as exc:
-        return {}, "its config file cannot be read in this shell, so its apikey is unknown: %s" \
+        return {}, "its config file cannot be read in this shell, so its key is unknown: %s" \
             % str(exc).replace("\n", "; ")
     answer = local_get(record["url"], "/status", apikey)
     if answer is None or answer[0] != 200:
