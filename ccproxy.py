@@ -3735,13 +3735,12 @@ class UsageLedger:
 
     def add(self, record: dict, session: str | None, cost: float | None) -> None:
         """Count one answer's usage (and its cost, None when no price is known)."""
-        key = (record["provider"], record["model"])
-        if self.day != local_day():
-            self.day, self.today, self.clients_today = local_day(), {}, {}
-        places = [self.models.setdefault(key, new_totals()),
-                  self.today.setdefault(key, new_totals())]
+        key, day = (record["provider"], record["model"]), local_day()
+        if self.day != day:
+            self.day, self.today, self.clients_today = day, {}, {}
+        places = [totals_in(self.models, key), totals_in(self.today, key)]
         if record.get("client") is not None:
-            places += [place.setdefault(record["client"], new_totals())
+            places += [totals_in(place, record["client"])
                        for place in (self.clients, self.clients_today)]
         if session is not None:
             entry = self.sessions.pop(session, None) or new_totals()
@@ -3837,6 +3836,14 @@ def restored_totals(entry) -> dict | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             return None
         totals[name] = value
+    return totals
+
+
+def totals_in(place: dict, key) -> dict:
+    """The totals place holds for key, new ones made only when it has none."""
+    totals = place.get(key)
+    if totals is None:
+        totals = place[key] = new_totals()
     return totals
 
 
