@@ -2827,31 +2827,35 @@ def check_access(config: Config, peer, request: Request, management: bool = Fals
         raise PermissionDeniedError("ccproxy serves only loopback clients when no apikey is "
                                     "configured; set apikey to accept %s" % peer)
     if management and config.admin_key:
-        check_key(request, {"": config.admin_key}, "the admin_key")
+        check_key(request, {"": config.admin_key}, lambda: "the admin_key")
     elif management and not peer.is_loopback:
         raise PermissionDeniedError("providers can be changed only from this machine unless "
                                     "admin_key is configured")
     elif accepted and request.path not in PUBLIC_PATHS:
-        return check_key(request, accepted, " or ".join(
-            setting for setting, wanted in (("the apikey", config.apikey),
-                                            ("a key in client_keys", config.client_keys))
-            if wanted))
+        return check_key(request, accepted, lambda: client_keys_wanted(config))
     return None
 
 
-def check_key(request: Request, keys: dict, setting: str):
+def client_keys_wanted(config: Config) -> str:
+    """How a 401 names the keys a client may present."""
+    return " or ".join(setting for setting, wanted in (
+        ("the apikey", config.apikey), ("a key in client_keys", config.client_keys)) if wanted)
+
+
+def check_key(request: Request, keys: dict, wanted):
     """The name of the key in keys (name -> key) the request presents, None for the name "";
-    401 when it presents none of them. Every key is compared, each in constant time."""
+    401 when it presents none of them, naming what wanted() says is asked for (worded only
+    then: this runs at every request). Every key is compared, each in constant time."""
     presented = client_key(request.headers)
     if presented is None:
         raise AuthenticationError("missing API key (this needs %s): send it as x-api-key or "
-                                  "Authorization: Bearer" % setting).made_final()
+                                  "Authorization: Bearer" % wanted()).made_final()
     given, found = presented.encode("utf-8", "surrogateescape"), None
     for name, key in keys.items():
         if hmac.compare_digest(given, key.encode("utf-8", "surrogateescape")):
             found = name
     if found is None:
-        raise AuthenticationError("invalid API key (this needs %s)" % setting).made_final()
+        raise AuthenticationError("invalid API key (this needs %s)" % wanted()).made_final()
     return found or None
 
 
