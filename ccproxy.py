@@ -2476,6 +2476,29 @@ class ClientStreamReader(asyncio.StreamReader):
     """
 
     on_end = None
+    _awaiting_head = False        # a request head is being read
+    _tail = b""                   # the last bytes of the head received so far
+
+    def watch_head(self, awaiting: bool) -> None:
+        """While awaiting, fail a request head that ends in a bare LF's empty line at once."""
+        self._awaiting_head, self._tail = awaiting, b""
+
+    def feed_data(self, data):
+        if self._awaiting_head:       # first, so that a read waiting is woken with the error
+            self._refuse_bare_line_feeds(data)
+        super().feed_data(data)
+
+    def _refuse_bare_line_feeds(self, data: bytes) -> None:
+        """Fail the head being read at once when it ends in an empty line made of a bare LF
+        (a hand-typed request through nc): it would otherwise wait for the header timeout.
+        The seam with the bytes before is searched too, and nothing after the head's end."""
+        seam, self._tail = self._tail + data[:3], (self._tail + data[-3:])[-3:]
+        if b"\r\n\r\n" in seam:
+            return
+        head_end = data.find(b"\r\n\r\n")
+        if b"\n\n" in seam or data.find(b"\n\n", 0, len(data) if head_end < 0 else head_end) >= 0:
+            self.set_exception(InvalidRequestError(
+                "request lines must end in CRLF (\\r\\n), not a bare LF (with nc, use nc -C)"))
 
     def feed_eof(self):
         super().feed_eof()
@@ -2548,17 +2571,22 @@ class ClientConnection:
 
     def _expire(self) -> None:
         if self._timeout_error is not None:
-            error, request_id = self._timeout_error(), self._app.next_request_id()
-            self._writer.write(self._response_bytes(None, error.response(request_id),
-                                                    request_id, False))
+            self._answer_last(self._timeout_error())
         self._writer.close()          # the pending read then ends and run() returns
+
+    def _answer_last(self, error: ProxyError) -> None:
+        """Write error as the connection's last answer, without waiting for it to drain."""
+        request_id = self._app.next_request_id()
+        self._writer.write(self._response_bytes(None, error.response(request_id), request_id,
+                                                False))
 
     async def _read_head(self, idle_timeout: float) -> bytes | None:
         """The next request head, or None when the client closed, idled out or was too slow."""
-        header_timeout = self._app.config.header_timeout
+        header_timeout, reader = self._app.config.header_timeout, self._reader
         try:
             self._arm(idle_timeout, None)
-            first = await self._reader.read(1)
+            reader.watch_head(True)
+            first = await reader.read(1)
             if not first:
                 return None
             if first == TLS_HANDSHAKE_RECORD:
@@ -2566,7 +2594,10 @@ class ClientConnection:
                 return None
             self._arm(header_timeout, lambda: RequestTimeoutError(
                 "request head not received within %g s" % header_timeout))
-            return first + await self._reader.readuntil(b"\r\n\r\n")
+            return first + await reader.readuntil(b"\r\n\r\n")
+        except InvalidRequestError as error:     # set on the reader, which drain() would raise
+            self._answer_last(error)
+            return None
         except asyncio.LimitOverrunError:
             self._disarm()
             await self._send_error(HeaderTooLargeError("request header block is larger than %d "
@@ -2575,6 +2606,7 @@ class ClientConnection:
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
         finally:
+            reader.watch_head(False)
             self._disarm()
 
     async def _serve(self, head: bytes) -> bool:

@@ -232,6 +232,31 @@ def test_a_tls_client_on_the_plain_http_port_fails_at_once_and_is_named_in_the_l
         assert b"use http://, not https://" in sock.makefile("rb").read()
 
 
+def test_a_head_of_bare_line_feeds_gets_a_400_at_once_saying_to_use_crlf(start_proxy):
+    """Hand-typed requests (nc sends a bare LF per line): a 400 that says what to change, at
+    once rather than after the header timeout, whether the head comes in one piece or a line
+    at a time; CRLF heads split anywhere, with blank lines in their bodies, are still served."""
+    proxy = start_proxy({"performance": {"header_timeout": "60s"}})
+    lines = [b"GET /health HTTP/1.1\n", b"Host: x\n", b"\n"]
+    for pieces in ([b"".join(lines)], lines, [b"GET /health HTTP/1.1\r\n\n"]):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            for piece in pieces:
+                sock.sendall(piece)
+                time.sleep(0.05)                    # one packet per line, as typed
+            status, body = error_of(sock.makefile("rb").read())
+        assert status == 400 and "must end in CRLF" in body["error"]["message"]
+    head = b"POST /v1/messages/count_tokens HTTP/1.1\r\nContent-Length: %d\r\n\r\n"
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "a"}]},
+                      indent=1).replace("\n", "\n\n").encode()
+    whole = head % len(body) + body
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        for cut in (whole.index(b"\r\n\r\n") + 1, whole.index(b"\r\n\r\n") + 3):
+            sock.sendall(whole[:cut])
+            time.sleep(0.05)
+            sock.sendall(whole[cut:])
+            assert read_response(sock.makefile("rb"))[0] == 200
+
+
 def test_idle_keep_alive_connection_is_closed(start_proxy):
     proxy = start_proxy({"performance": {"keepalive_timeout": "200ms"}})
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
