@@ -785,7 +785,7 @@ PROVIDER_QUIRKS = {
     "reasoning_details": False,  # reasoning_details (signed, encrypted) go back on the next turn
     "stream_usage": True,       # accepts stream_options.include_usage
     "top_k": False,             # accepts top_k
-    "vision": True,             # accepts image parts
+    "vision": True,             # accepts image parts: True, False or the model ids (regex) that do
     "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
     "user_after_tool": True,    # accepts a user message right after tool messages
     "schema_drop_keys": (),     # top-level tool schema keys the server rejects
@@ -822,6 +822,10 @@ ANTHROPIC_COMPAT = {
 #   kimi, moonshot: https://platform.moonshot.ai/docs/guide/agent-support (Bearer key)
 #   glm, zai: https://docs.z.ai/scenario-example/develop-tools/claude (Bearer key)
 # Kimi and GLM publish no table of what they lack: only the common rules apply.
+# DeepSeek's Flash model takes images over its OpenAI-format APIs; deepseek-v4-pro takes none
+# (https://api-docs.deepseek.com/guides/vision and .../quick_start/pricing, checked 2026-12-05:
+# deepseek-v4-flash and deepseek-v4-flash-vision-exp are retired names Flash now answers).
+DEEPSEEK_VISION_MODELS = r"^deepseek-(v4-)?flash"
 DEEPSEEK_ANTHROPIC = {"type": "anthropic", "api_base_url": "https://api.deepseek.com/anthropic",
                       "quirks": {"anthropic_compat": {
                           "drop_betas": True, "thinking_with_calls": True,
@@ -850,7 +854,7 @@ PROVIDER_PRESETS = {
                                                 "effort_scales": GEMINI_EFFORT_SCALES}},
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
-                            "vision": False}},
+                            "vision": DEEPSEEK_VISION_MODELS}},
     "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1",
                    "headers": {"HTTP-Referer": "http://localhost:3456",
                                "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
@@ -889,8 +893,9 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_key
 #           272,000 and output 128,000; gpt-4.1: 1,047,576 / 32,768; gpt-4o: 128,000 / 16,384;
 #           o3, o4-mini: 200,000 / 100,000)
 #   gemini: https://ai.google.dev/gemini-api/docs/models (1,048,576 input / 65,536 output)
-#   deepseek: https://api-docs.deepseek.com/quick_start/pricing (V4: 1M context, 384K output;
-#           deepseek-chat and deepseek-reasoner are V4-Flash's two modes)
+#   deepseek: https://api-docs.deepseek.com/quick_start/pricing (deepseek-flash, which also
+#           answers the retired deepseek-v4-flash, and deepseek-v4-pro: 1M context, 384K
+#           output; deepseek-chat and deepseek-reasoner ended on 2026-07-24)
 #   xai: https://docs.x.ai/developers/models (grok-4.7: 500,000; grok-4, grok-code-fast-1:
 #           256,000; no output limit given)
 #   deepseek-anthropic: as deepseek; minimax: its Anthropic API page (above), no output limit
@@ -910,14 +915,15 @@ PRESET_MODEL_LIMITS = {
         "gemini-2.5-flash": (1048576, 65536), "gemini-2.5-flash-lite": (1048576, 65536),
     },
     "deepseek": {
-        "deepseek-v4-flash": (1000000, 384000), "deepseek-v4-pro": (1000000, 384000),
-        "deepseek-chat": (1000000, 384000), "deepseek-reasoner": (1000000, 384000),
+        "deepseek-flash": (1000000, 384000), "deepseek-v4-pro": (1000000, 384000),
+        "deepseek-v4-flash": (1000000, 384000),
     },
     "xai": {
         "grok-4.7": (500000, None), "grok-4": (256000, None), "grok-code-fast-1": (256000, None),
     },
     "deepseek-anthropic": {
-        "deepseek-v4-flash": (1000000, 384000), "deepseek-v4-pro": (1000000, 384000),
+        "deepseek-flash": (1000000, 384000), "deepseek-v4-pro": (1000000, 384000),
+        "deepseek-v4-flash": (1000000, 384000),
     },
     "minimax": {
         "MiniMax-M3": (1000000, None), "MiniMax-M2.7": (204800, None),
@@ -959,6 +965,14 @@ PRICED_USAGE_FIELDS = (("input", "input_tokens"), ("output", "output_tokens"),
 PROMPT_USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
+def quirk_holds(value, model: str) -> bool:
+    """Whether a quirk given as True, False (or None) or the model ids it holds for (a regex,
+    searched) holds for model."""
+    if isinstance(value, str):
+        return re.search(value, model) is not None
+    return bool(value)
+
+
 class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
@@ -995,6 +1009,13 @@ class Provider:
                 return None
             total += tokens * (prices.get(kind) or 0.0) / 1e6
         return total
+
+    def model_quirks(self, model: str) -> dict:
+        """The quirks, with those given per model (vision, cache_control_models) settled for
+        this model."""
+        quirks = self.quirks
+        return dict(quirks, vision=quirk_holds(quirks["vision"], model),
+                    cache_control=quirk_holds(quirks["cache_control_models"], model))
 
     def context_window(self, model: str) -> int | None:
         """The most input tokens the model takes, when known."""
@@ -6357,11 +6378,8 @@ class OpenAIChatProtocol(Protocol):
 def openai_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
     """The Chat Completions body for a Messages body
     (https://platform.openai.com/docs/api-reference/chat/create)."""
-    quirks = provider.quirks
-    pattern = quirks["reasoning_models"]
-    reasoning_model = bool(pattern and re.match(pattern, model))
-    caching = quirks["cache_control_models"]
-    quirks = dict(quirks, cache_control=bool(caching and re.match(caching, model)))
+    quirks = provider.model_quirks(model)
+    reasoning_model = quirk_holds(quirks["reasoning_models"], model)
     request = {"model": model, "messages": openai_messages_from_anthropic(body, quirks)}
     cap = provider.output_cap(model)
     max_tokens = min(body["max_tokens"], cap) if cap else body["max_tokens"]
@@ -6608,8 +6626,8 @@ def openai_search_style(provider: Provider, model: str) -> str | None:
     openrouter:web_search server tool, https://openrouter.ai/docs/guides/features/server-tools/
     web-search) or "web_search_options" (OpenAI's search models,
     https://platform.openai.com/docs/guides/tools-web-search)."""
-    style, pattern = provider.quirks["search"], provider.quirks["search_models"]
-    if style == "web_search_options" and not (pattern and re.search(pattern, model)):
+    style = provider.quirks["search"]
+    if style == "web_search_options" and not quirk_holds(provider.quirks["search_models"], model):
         return None
     return style
 
@@ -6781,8 +6799,8 @@ def openai_cache_fields(provider: Provider, model: str, request: Request) -> dic
     if session:
         digest = hashlib.sha256(("%s\0%s" % (provider.name, session)).encode()).hexdigest()
         fields["prompt_cache_key"] = "ccpx-" + digest[:40]
-    pattern = quirks["cache_retention_models"]
-    if pattern and re.search(pattern, model) and ONE_HOUR_CACHE_RE.search(request.body):
+    if quirk_holds(quirks["cache_retention_models"], model) and ONE_HOUR_CACHE_RE.search(
+            request.body):
         fields["prompt_cache_retention"] = "24h"
     return fields
 
@@ -7282,7 +7300,7 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
 def responses_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
     """The Responses body for a Messages body: instructions, input items, function tools, the
     output cap, reasoning and output format; nothing stored at the provider."""
-    quirks = provider.quirks
+    quirks = provider.model_quirks(model)
     request = {"model": model, "input": responses_input_from_anthropic(body, quirks),
                "store": False, "include": ["reasoning.encrypted_content"]}
     instructions = text_of_system(body.get("system"))
@@ -7290,8 +7308,7 @@ def responses_request_from_anthropic(body: dict, provider: Provider, model: str)
         request["instructions"] = instructions
     cap = provider.output_cap(model)
     request["max_output_tokens"] = min(body["max_tokens"], cap) if cap else body["max_tokens"]
-    pattern = quirks["reasoning_models"]
-    if not (pattern and re.match(pattern, model)):
+    if not quirk_holds(quirks["reasoning_models"], model):
         request.update((key, body[key]) for key in ("temperature", "top_p") if isinstance(
             body.get(key), (int, float)) and not isinstance(body.get(key), bool))
     if body.get("stream") is True:
@@ -7988,9 +8005,8 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
         config["stopSequences"] = stops[:MAX_GEMINI_STOP_SEQUENCES]
     effort = thinking_effort(body)
     if effort is not None:
-        pattern = provider.quirks["thinking_level_models"]
         level = provider_effort(effort, provider.quirks["effort_scales"], model)
-        if pattern and re.match(pattern, model) and level:
+        if quirk_holds(provider.quirks["thinking_level_models"], model) and level:
             thinking = {"thinkingLevel": level}
         else:
             budget = dict_of(body.get("thinking")).get("budget_tokens")
@@ -8215,8 +8231,8 @@ def protocol_for(provider: Provider, model: str) -> Protocol:
     provider sends the Responses API what it says it should ("api": "responses", or a model
     that responses_models matches)."""
     quirks = provider.quirks
-    if provider.protocol in ("openai", "azure") and (quirks["api"] == "responses" or (
-            quirks["responses_models"] and re.search(quirks["responses_models"], model))):
+    if provider.protocol in ("openai", "azure") and (
+            quirks["api"] == "responses" or quirk_holds(quirks["responses_models"], model)):
         return PROTOCOLS["openai-responses"]
     return PROTOCOLS[provider.protocol]
 

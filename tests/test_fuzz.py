@@ -178,7 +178,7 @@ def test_every_block_type_is_carried_as_readable_content_or_refused_by_name(prov
         return
     assert "ENCRYPTED_NEVER_SENT" not in sent
     readable = re.findall(r"MARK_[A-Z_]+", json.dumps(block))
-    if kind in DROPPED or (kind == "image" and not provider.quirks["vision"]):
+    if kind in DROPPED or (kind == "image" and not provider.model_quirks("model-x")["vision"]):
         return
     assert readable and all(value in sent for value in readable), (kind, sent)
 

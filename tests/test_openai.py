@@ -510,12 +510,31 @@ def test_deepseek_preset():
                                           {"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}],
         "max_tokens": 500000, "thinking": {"type": "enabled", "budget_tokens": 2000}, "top_k": 3}
-    request = mapped(body, "deepseek", model="deepseek-chat")
+    request = mapped(body, "deepseek", model="deepseek-v4-pro")
     assert request["max_tokens"] == 384000                  # the model's published output limit
     assert request["thinking"] == {"type": "enabled"}
-    assert request["messages"][0]["content"] == "see\n[image omitted]"
+    assert request["messages"][0]["content"] == "see\n[image omitted]"     # Pro takes none
     assert request["messages"][1]["reasoning_content"] == "plan"
     assert "top_k" not in request
+
+
+@pytest.mark.parametrize("model", ["deepseek-flash", "deepseek-v4-flash",
+                                   "deepseek-v4-flash-vision-exp"])
+def test_deepseek_flash_takes_images_in_messages_and_tool_results(model):
+    """DeepSeek's Flash model (and the retired names it answers) sees images over the OpenAI
+    format, a screenshot in a tool result included; Pro gets text in their place."""
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": "iVBOR"}}
+    body = {"max_tokens": 50, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "see"}, image]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": [image]}]}]}
+    sent = json.dumps(mapped(body, "deepseek", model=model))
+    assert sent.count("data:image/png;base64,iVBOR") == 2 and "image omitted" not in sent
+    sent = json.dumps(mapped(body, "deepseek", model="deepseek-v4-pro"))
+    assert "iVBOR" not in sent and sent.count("[image omitted]") == 2
 
 
 def test_openrouter_preset():
