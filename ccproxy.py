@@ -1966,6 +1966,11 @@ class Request:
         self.record = None            # what happened to it: route, provider, model, usage
         self.rewritten = set()        # top-level body keys ccproxy changed before forwarding
 
+    def drop_body(self) -> None:
+        """Let go of the body and its decoded text once they are handled: a stream may run
+        for minutes, and a Claude Code body for hundreds of KB."""
+        self.body, self.body_text, self.body_spans = b"", "", {}
+
     @property
     def keep_alive(self) -> bool:
         """HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 only when asked."""
@@ -2652,6 +2657,8 @@ class ClientConnection:
                 await self._read_body(request)
                 body_read = True
                 response = await endpoint(app, request, self)
+                if response.stream is not None:
+                    request.drop_body()
             except ProxyError as error:
                 error.message = app.config.masker.text(error.message)   # any secret, any form
                 response = error.response(request_id)
@@ -8558,6 +8565,7 @@ class UpstreamCall:
         except BaseException:
             self._upstream.calls.discard(self)
             raise
+        self._outgoing = self._outgoing._replace(body=None)     # sent: not kept while it streams
         if self.body is not None:
             self._upstream.calls.discard(self)
         return self.status

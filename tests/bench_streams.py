@@ -12,6 +12,8 @@ shared benchmark helpers. Rows:
                     that many in all: stream time p99 and time to first token p99
   memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later,
                     and again after --bursts of the same paced bursts in a row
+  memory held       what an open stream holds with a 200 KB prompt (Claude Code's size late
+                    in a session): ccproxy serving from a thread of this process, traced
   stream start      CPU per one-chunk stream, --streams of them started at once, twice
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients; and one after another, a Claude Code-like
@@ -30,6 +32,7 @@ of the test suite (nothing here is asserted).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import py_compile
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import urllib.request
 from pathlib import Path
 
@@ -146,6 +150,44 @@ def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
         after = status_of(pid)
         row("same after %d bursts in a row" % bursts, "-",
             "%d, +%.1f MB" % (after["Threads"], (after["VmRSS"] - idle["VmRSS"]) / 1024))
+
+
+def traced_by_ccproxy() -> int:
+    """Bytes of live allocations made by ccproxy's code, on any thread of this process."""
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(True, str(REPO / "ccproxy.py"), all_frames=True)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+def held_per_stream(run: Processes, streams: int = 100, prompt_chars: int = 200000) -> None:
+    """The memory an open stream holds with a large prompt, once every stream is open: ccproxy
+    serving the mock from a thread of this process, its allocations traced (tracemalloc). The
+    RSS rows cannot show it: a burst parses every body at once, and what is freed after stays
+    with the allocator for the requests that follow."""
+    from helpers import RunningProxy
+    import ccproxy
+    config = ccproxy.build_config({"port": 0, "providers": [
+        {"name": "mock", "type": "openai", "api_key": "sk-bench-0123456789",
+         "api_base_url": run.mock_url + "/v1", "models": ["mock-model"]}]}, "bench.json", {})
+    proxy = RunningProxy(config)
+    tracemalloc.start(40)
+    try:
+        before = traced_by_ccproxy()
+        client = subprocess.Popen([sys.executable, str(TOOLS / "loadgen.py"), proxy.url,
+                                   "--stream", "1", "--conc", str(streams), "--n", str(streams),
+                                   "--warmup", "0", "--chunks", "100", "--delay-ms", "50",
+                                   "--prompt-chars", str(prompt_chars)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proxy.server.app.active_streams < streams and client.poll() is None:
+            time.sleep(0.02)
+        held = traced_by_ccproxy() - before
+        client.wait(120)
+    finally:
+        tracemalloc.stop()
+        proxy.stop()
+    row("memory held per open stream, %d KB prompts" % (prompt_chars // 1000), "-",
+        "%.0f KB" % (held / streams / 1024))
 
 
 def start_cost(run: Processes, streams: int) -> None:
@@ -353,6 +395,7 @@ def main() -> None:
         try:
             statusline_time(run, home)
             paced(run, options.streams, options.settle, options.bursts)
+            held_per_stream(run)
             start_cost(run, options.streams)
             cpu_rows(run, requests)
             session_cost(run.proxy_url, run.proxy.pid, run.mock.pid)

@@ -11,6 +11,7 @@ import re
 import socket
 import threading
 import time
+import tracemalloc
 import urllib.request
 import weakref
 
@@ -20,8 +21,8 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     MockUpstream, PROVIDER_KEY,
-                     raw_exchange, Reply, sdk, stream_reply, wait_until)
+                     MockUpstream, open_stream, PROVIDER_KEY, raw_exchange, read_to_end, Reply, sdk,
+                     stream_reply, wait_until)
 
 
 def test_unreachable_upstream_is_a_final_502_naming_the_provider_and_the_key(start_proxy,
@@ -128,6 +129,48 @@ def test_other_clients_are_served_while_a_stream_is_paused(proxy, upstream):
         for _ in iterator:
             pass
     assert quick.content[0].text == "quick"
+
+
+OPENAI_PIECES = [b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+                 b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n',
+                 b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+                 b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n']
+
+
+def traced_by_ccproxy() -> int:
+    """Bytes of live allocations made by ccproxy's code, on any thread."""
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(True, ccproxy.__file__, all_frames=True)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+def test_an_open_stream_keeps_no_copy_of_its_request_body(start_proxy, upstream, kind):
+    """A stream may run for minutes, and a Claude Code body be hundreds of KB: once the answer
+    streams, neither the client's body (its bytes and its text) nor the body sent upstream is
+    held (before, each open stream held three copies)."""
+    entry = anthropic_provider(upstream) if kind == "anthropic" else {
+        "name": "openai", "api_base_url": upstream.url + "/v1", "api_key": PROVIDER_KEY}
+    proxy = start_proxy({"providers": [entry]})
+    pieces = list(anthropic_stream_events()) if kind == "anthropic" else OPENAI_PIECES
+    replies = [stream_reply(pieces, pause_before=len(pieces) - 1) for _ in range(4)]
+    upstream.script = lambda request: replies[len(upstream.requests) - 1]
+    body = json.dumps({"model": "m", "max_tokens": 5, "stream": True, "messages": [
+        {"role": "user", "content": "x" * 400000}]}).encode()
+    tracemalloc.start(40)
+    try:
+        before = traced_by_ccproxy()
+        streams = [open_stream(proxy.port, body=body) for _ in replies]
+        held = traced_by_ccproxy() - before
+    finally:
+        tracemalloc.stop()
+        for reply in replies:
+            reply.release.set()
+    for sock, received in streams:
+        assert b"message_stop" in read_to_end(sock, received)
+    assert len(upstream.requests[0]["body"]) > 400000          # the whole prompt went upstream
+    assert held < 400000, held                                   # not one copy of one body
 
 
 def test_upstream_connections_are_reused(proxy, upstream):
