@@ -8469,7 +8469,8 @@ class UpstreamCall:
         self.model = model
         self._upstream = upstream
         self.timeout = timeout
-        self._outgoing = outgoing
+        self._outgoing = outgoing     # the request to send; None once sent (a body may be MBs)
+        self._url = outgoing.url
         self.connections = upstream.connections
         self._socket = None
         self._response = None
@@ -8565,7 +8566,7 @@ class UpstreamCall:
         except BaseException:
             self._upstream.calls.discard(self)
             raise
-        self._outgoing = self._outgoing._replace(body=None)     # sent: not kept while it streams
+        self._outgoing = None
         if self.body is not None:
             self._upstream.calls.discard(self)
         return self.status
@@ -8598,7 +8599,7 @@ class UpstreamCall:
         if self._cancelled:
             return OverloadedError(self._cancel_reason) if self._cancel_reason \
                 else ClientDisconnected()
-        return upstream_failure(self.provider, self._outgoing.url, exc, self.timeout,
+        return upstream_failure(self.provider, self._url, exc, self.timeout,
                                 self._response is not None)
 
     def chunks(self, silence_seconds: float | None = None):
