@@ -32,7 +32,6 @@ of the test suite (nothing here is asserted).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import py_compile
@@ -152,20 +151,12 @@ def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
             "%d, +%.1f MB" % (after["Threads"], (after["VmRSS"] - idle["VmRSS"]) / 1024))
 
 
-def traced_by_ccproxy() -> int:
-    """Bytes of live allocations made by ccproxy's code, on any thread of this process."""
-    gc.collect()
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(True, str(REPO / "ccproxy.py"), all_frames=True)])
-    return sum(stat.size for stat in snapshot.statistics("filename"))
-
-
 def held_per_stream(run: Processes, streams: int = 100, prompt_chars: int = 200000) -> None:
     """The memory an open stream holds with a large prompt, once every stream is open: ccproxy
     serving the mock from a thread of this process, its allocations traced (tracemalloc). The
     RSS rows cannot show it: a burst parses every body at once, and what is freed after stays
     with the allocator for the requests that follow."""
-    from helpers import RunningProxy
+    from helpers import RunningProxy, traced_by_ccproxy
     import ccproxy
     config = ccproxy.build_config({"port": 0, "providers": [
         {"name": "mock", "type": "openai", "api_key": "sk-bench-0123456789",

@@ -3,6 +3,7 @@ ccproxy, the one SDK client, and raw-socket HTTP. Fixtures built on them live in
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import select
@@ -13,6 +14,7 @@ import ssl
 import sys
 import threading
 import time
+import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -279,6 +281,15 @@ def read_to_end(sock, received=b""):
         if not data:
             return received
         received += data
+
+
+def traced_by_ccproxy() -> int:
+    """Bytes of live allocations made by ccproxy's code, on any thread of this process (while
+    tracemalloc traces, with enough frames to reach ccproxy's)."""
+    gc.collect()
+    snapshot = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(True, ccproxy.__file__, all_frames=True)])
+    return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
 def wait_until(condition, seconds=5.0, interval=0.02):

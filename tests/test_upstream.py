@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 import ccproxy
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
                      MockUpstream, open_stream, PROVIDER_KEY, raw_exchange, read_to_end, Reply, sdk,
-                     stream_reply, wait_until)
+                     stream_reply, traced_by_ccproxy, wait_until)
 
 
 def test_unreachable_upstream_is_a_final_502_naming_the_provider_and_the_key(start_proxy,
@@ -135,14 +135,6 @@ OPENAI_PIECES = [b'data: {"id":"c","object":"chat.completion.chunk","created":1,
                  b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}\n\n',
                  b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
                  b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n']
-
-
-def traced_by_ccproxy() -> int:
-    """Bytes of live allocations made by ccproxy's code, on any thread."""
-    gc.collect()
-    snapshot = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(True, ccproxy.__file__, all_frames=True)])
-    return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
 @pytest.mark.parametrize("kind", ["anthropic", "openai"])
