@@ -768,7 +768,10 @@ def test_ids_the_proxy_makes_have_anthropics_shape_and_do_not_repeat():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_makes_ids_of_its_own():
+    """(The child only writes its id and exits: the fork warning Python 3.12+ gives a process
+    with threads does not apply.)"""
     reading, writing = os.pipe()
     child = os.fork()
     if child == 0:                      # the child: its next id, then out at once
