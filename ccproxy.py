@@ -956,6 +956,17 @@ PRESET_MODEL_PRICES = {
     "anthropic": {model: dict(zip(("input", "cache_write", "cache_read", "output"), rates))
                   for models, rates in ANTHROPIC_PRICES.items() for model in models},
 }
+# Models a preset's provider has retired: model -> (the day it ended, what replaces it). A config
+# naming one is warned about, by key, at startup and by `start --check`; requests are not
+# changed. Sources: DeepSeek's news of 2026-04-24 and pricing page (checked 2026-12-05: only
+# deepseek-flash and deepseek-v4-pro are listed); platform.claude.com's model pages.
+DEEPSEEK_RETIRED = {"deepseek-chat": ("2026-07-24", "deepseek-flash"),
+                    "deepseek-reasoner": ("2026-07-24", "deepseek-flash")}
+RETIRED_MODELS = {
+    "deepseek": DEEPSEEK_RETIRED, "deepseek-anthropic": DEEPSEEK_RETIRED,
+    "anthropic": {"claude-sonnet-4-5": ("2026-11-30", "claude-sonnet-5"),
+                  "claude-sonnet-4-5-20250929": ("2026-11-30", "claude-sonnet-5")},
+}
 MODEL_LIMIT_KEYS = ("name", "context_window", "max_output_tokens")
 MODEL_ENTRY_KEYS = MODEL_LIMIT_KEYS + ("price",)
 # A model's price: US dollars per million tokens of each kind (its usage field beside it).
@@ -1438,6 +1449,7 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
         where = "%s.models[%d]" % (path, index)
         entry = clean_model_entry(checker, model, where, preset_limits)
         if entry is not None:
+            warn_if_retired(checker, fields.get("name"), entry[0], where)
             fields["models"].append(entry[0])
             if entry[1] is not None:
                 fields["model_limits"][entry[0]] = entry[1]
@@ -1658,7 +1670,17 @@ def build_route_target(checker: ConfigChecker, entry: dict, path: str,
     if model and listed and model not in listed:
         checker.warn(path + ".model", "%r is not among %s's models (%s)" % (
             model, provider, ", ".join(listed)))
+    if provider and model:
+        warn_if_retired(checker, provider, model, path + ".model")
     return (provider, model) if provider and model else None
+
+
+def warn_if_retired(checker: ConfigChecker, provider, model: str, path: str) -> None:
+    """A warning at path when the preset's provider has retired the model (its calls fail)."""
+    ended = RETIRED_MODELS.get(str(provider).lower(), {}).get(model)
+    if ended:
+        checker.warn(path, "%s retired %r on %s: its calls fail; use %r" % (
+            provider, model, ended[0], ended[1]))
 
 
 def build_conditions(checker: ConfigChecker, conditions, path: str) -> list:

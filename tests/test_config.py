@@ -341,6 +341,33 @@ def test_a_route_naming_a_model_the_provider_does_not_list_is_warned_about():
         "config.json: routes.default.model: 'gpt-z' is not among a's models (gpt-x, gpt-y)"]
 
 
+def test_a_model_its_provider_retired_is_warned_about_where_it_is_named(tmp_path):
+    """deepseek-chat (ended 2026-07-24) and claude-sonnet-4-5 (2026-11-30): each place the config
+    names one is warned about, with the day and the model to use; current names are not, nor
+    the same name at a provider that is not the preset's."""
+    raw = {"providers": [
+        {"name": "deepseek", "api_key": "k", "models": ["deepseek-flash", "deepseek-v4-pro",
+                                                         "deepseek-chat", "deepseek-reasoner"]},
+        {"name": "anthropic", "api_key": "k"},
+        {"name": "gateway", "type": "openai", "api_base_url": "http://h/v1",
+         "models": ["deepseek-chat"]}],
+        "routes": {"default": "anthropic,claude-sonnet-4-5",
+                   "think": {"provider": "deepseek", "model": "deepseek-v4-pro",
+                             "fallbacks": ["deepseek,deepseek-reasoner"]}}}
+    retired = "retired %r on %s: its calls fail; use %r"
+    assert sorted(build(raw).warnings) == sorted([
+        "config.json: providers[0].models[2]: deepseek " + retired % (
+            "deepseek-chat", "2026-07-24", "deepseek-flash"),
+        "config.json: providers[0].models[3]: deepseek " + retired % (
+            "deepseek-reasoner", "2026-07-24", "deepseek-flash"),
+        "config.json: routes.default.model: anthropic " + retired % (
+            "claude-sonnet-4-5", "2026-11-30", "claude-sonnet-5"),
+        "config.json: routes.think.fallbacks[0].model: deepseek " + retired % (
+            "deepseek-reasoner", "2026-07-24", "deepseek-flash")])
+    result = run_check(tmp_path, json.dumps(raw))
+    assert result.returncode == 0 and "retired 'deepseek-chat' on 2026-07-24" in result.stderr
+
+
 def test_check_names_the_file_in_use_and_each_warning_with_a_near_miss(tmp_path):
     result = run_check(tmp_path, '{"providers": [{"name": "ollama"}], "prot": 1}')
     assert result.returncode == 0

@@ -81,10 +81,10 @@ def test_no_enabled_provider():
 RULES = {
     "providers": [{"name": "anthropic", "api_key": "k", "models": ["claude-listed"]},
                   {"name": "openai", "api_key": "k", "models": ["gpt-main", "gpt-other"]},
-                  {"name": "deepseek", "api_key": "k", "models": ["deepseek-chat"]}],
+                  {"name": "deepseek", "api_key": "k", "models": ["deepseek-flash"]}],
     "routes": {
         "default": {"provider": "openai", "model": "gpt-main",
-                    "fallbacks": ["deepseek,deepseek-chat"]},
+                    "fallbacks": ["deepseek,deepseek-flash"]},
         "background": {"provider": "deepseek", "model": "bg"},
         "think": {"provider": "anthropic", "model": "thinker"},
         "longContext": {"provider": "anthropic", "model": "long"},
@@ -122,15 +122,15 @@ def test_provider_comma_model_goes_exactly_there():
 
 def test_an_explicit_provider_model_is_tried_alone_unless_its_route_lists_fallbacks():
     raw = dict(RULES, routes={"default": {"provider": "openai", "model": "gpt-main"}})
-    assert plan({"model": "deepseek,deepseek-chat"}, (), raw) == [
-        ("deepseek", "deepseek-chat", "explicit")]              # no failover to openai
+    assert plan({"model": "deepseek,deepseek-flash"}, (), raw) == [
+        ("deepseek", "deepseek-flash", "explicit")]              # no failover to openai
     raw = dict(RULES, routes={"default": {"provider": "openai", "model": "gpt-main"},
-                              "cheap": {"provider": "deepseek", "model": "deepseek-chat",
+                              "cheap": {"provider": "deepseek", "model": "deepseek-flash",
                                         "fallbacks": ["openai,gpt-other"],
                                         "conditions": [{"type": "model", "operator": "==",
                                                         "value": "never"}]}})
-    assert plan({"model": "deepseek,deepseek-chat"}, (), raw) == [
-        ("deepseek", "deepseek-chat", "explicit"), ("openai", "gpt-other", "cheap")]
+    assert plan({"model": "deepseek,deepseek-flash"}, (), raw) == [
+        ("deepseek", "deepseek-flash", "explicit"), ("openai", "gpt-other", "cheap")]
 
 
 def test_an_explicit_choice_of_a_provider_that_is_down_names_it_and_nobody_else(start_proxy,
@@ -245,11 +245,11 @@ def test_long_context_route_with_its_own_token_condition():
 
 
 def test_candidates_are_the_route_then_its_fallbacks_then_the_others():
-    assert plan({}) == [("openai", "gpt-main", "default"), ("deepseek", "deepseek-chat", "default"),
+    assert plan({}) == [("openai", "gpt-main", "default"), ("deepseek", "deepseek-flash", "default"),
                         ("anthropic", "claude-listed", "failover")]
     no_failover = dict(RULES, failover=False)
     assert plan({}, raw=no_failover) == [("openai", "gpt-main", "default"),
-                                         ("deepseek", "deepseek-chat", "default")]
+                                         ("deepseek", "deepseek-flash", "default")]
 
 
 @pytest.mark.parametrize("condition, problem", [
