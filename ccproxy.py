@@ -2041,7 +2041,8 @@ def parse_request_head(data: bytes) -> Request:
         raise InvalidRequestError("malformed HTTP request line")
     method, target, major, minor = match.groups()
     if major != b"1":
-        raise InvalidRequestError("unsupported HTTP version %s.%s"
+        raise InvalidRequestError("unsupported HTTP version %s.%s: ccproxy speaks HTTP/1.1 (for "
+                                  "curl, leave out --http2-prior-knowledge)"
                                   % (major.decode(), minor.decode()))
     fields = data[line_end + 2:-2]
     pairs = HEADER_LINE_RE.findall(fields)

@@ -28,6 +28,13 @@ def test_leading_empty_lines_are_ignored_and_trailing_slash_dropped():
     assert parse(b"\r\nGET /health/ HTTP/1.1\r\n\r\n").path == "/health"
 
 
+def test_an_http2_client_is_told_ccproxy_speaks_http_1_1(proxy):
+    """The HTTP/2 connection preface (a client with prior knowledge) gets a 400 that says so."""
+    reply = raw_exchange(proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    status, body = error_of(reply)
+    assert status == 400 and "ccproxy speaks HTTP/1.1" in body["error"]["message"]
+
+
 def test_absolute_form_target_becomes_its_path():
     assert parse(b"GET http://127.0.0.1:3456/status?x=1 HTTP/1.1\r\n\r\n").path == "/status"
 
