@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,10 +72,12 @@ class Replica:
 
 
 def nginx_config(folder, replicas, port: int) -> str:
-    """contrib/nginx.conf inside the few lines a stand-alone nginx needs, on free ports."""
-    example = (REPO / "contrib" / "nginx.conf").read_text().replace("3456", str(port))
-    for number, replica in enumerate(replicas, 1):
-        example = example.replace("346%d" % number, str(replica.port))
+    """contrib/nginx.conf inside the few lines a stand-alone nginx needs, on free ports.
+    Every port is swapped in one pass: a free port may itself contain "3461"."""
+    ports = {"3456": port}
+    ports.update(("346%d" % number, replica.port) for number, replica in enumerate(replicas, 1))
+    example = re.sub(r"(?<=127\.0\.0\.1:)\d+", lambda found: str(ports[found.group()]),
+                     (REPO / "contrib" / "nginx.conf").read_text())
     path = folder / "nginx.conf"
     path.write_text("""daemon off; user root; worker_processes 1; pid %s/nginx.pid;
 error_log %s/error.log;
