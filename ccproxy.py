@@ -800,6 +800,7 @@ PROVIDER_QUIRKS = {
     "anthropic_compat": None,   # for a server that copies Anthropic's API: what it lacks (below)
     "prompt_cache_key": False,  # takes prompt_cache_key (a session's calls share cache routing)
     "cache_retention_models": None,  # model ids (regex) that keep a cache 24 hours when asked
+    "reports_cost": False,      # usage.cost is what the answer cost (note_reported_cost)
 }
 
 # What a server that copies Anthropic's Messages API lacks, as its preset says (each key's
@@ -862,7 +863,7 @@ PROVIDER_PRESETS = {
                               "reasoning_details": True,
                               "cache_control_models": r"^(anthropic|google)/",
                               "effort_scales": ((r"", EFFORTS_TO_XHIGH),),
-                              "search": "web_plugin"}},
+                              "search": "web_plugin", "reports_cost": True}},
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
              "quirks": {"schema_drop_keys": ("$schema",), "reasoning_style": "effort",
                         "effort_scales": ((r"^openai/gpt-oss", EFFORTS_TO_HIGH),)}},
@@ -3108,9 +3109,7 @@ class ProxyApp:
         if request is not None and request.record is not None:
             record = request.record
             if "provider" in record:
-                provider = self.config.provider_named(record["provider"])
-                cost = provider.cost(record["model"], record.get("usage") or {}) \
-                    if provider else None
+                cost = self.cost_of(record)
                 if record.get("usage"):
                     self.usage.add(record, session_id(request.headers), cost)
                 self.usage.note_request(record, status, cost)
@@ -3118,6 +3117,14 @@ class ProxyApp:
                 self.metrics.observe(request.record, status)
             if self.config.log_requests:
                 log.info("%s", format_request_log(request, status))
+
+    def cost_of(self, record: dict) -> float | None:
+        """What an answer cost: as its provider reported it, else at the model's price; None
+        when neither is known."""
+        if "reported_cost" in record:
+            return record["reported_cost"]
+        provider = self.config.provider_named(record["provider"])
+        return provider.cost(record["model"], record.get("usage") or {}) if provider else None
 
     def close(self, reason: str) -> None:
         """End every upstream call (its client gets an error saying why)."""
@@ -6897,6 +6904,7 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
                                                                  bool(calls), stop_sequence)
     usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
         else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
+    note_reported_cost(data.get("usage"), context)
     return new_message(context.model, content, stop_reason, usage, stop_sequence)
 
 
@@ -7007,6 +7015,28 @@ def tool_input_from_arguments(arguments) -> dict:
             return value
     log.warning("tool arguments are not a JSON object; passed as {\"arguments\": …}")
     return {"arguments": arguments}
+
+
+def note_reported_cost(usage, context: TranslationContext) -> None:
+    """Record what an answer cost where its provider reports it in usage, a figure that wins
+    over any price table. OpenRouter (openrouter.ai/docs/use-cases/usage-accounting, checked
+    2026-12-05): cost, in credits, which are US dollars; with the user's own provider key
+    (is_byok) cost is only OpenRouter's fee, and the provider's own charge to that key is
+    cost_details.upstream_inference_cost (without is_byok that figure is already in cost)."""
+    usage = dict_of(usage)
+    cost = usage.get("cost")
+    if context.record is None or not context.provider.quirks["reports_cost"] \
+            or not is_amount(cost):
+        return
+    upstream = dict_of(usage.get("cost_details")).get("upstream_inference_cost")
+    if usage.get("is_byok") is True and is_amount(upstream):
+        cost += upstream
+    context.record["reported_cost"] = float(cost)
+
+
+def is_amount(value) -> bool:
+    """A sum of money from upstream JSON: a finite number, not negative."""
+    return is_number(value) and math.isfinite(value) and value >= 0
 
 
 def anthropic_usage_from_openai(usage) -> dict:
@@ -7207,6 +7237,7 @@ class OpenAIStreamTranslator:
         if results:
             self._emit.search(self._context.search_query or "", results)
         usage = anthropic_usage_from_openai(self._usage) if self._usage else None
+        note_reported_cost(self._usage, self._context)
         reason = "refusal" if self._refused else openai_stop_reason(
             self._finish_reason, bool(self._calls), self._stop_sequence)
         self._emit.stop(reason, usage, self._stop_sequence)

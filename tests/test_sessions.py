@@ -99,6 +99,72 @@ def test_usage_without_a_known_price_has_no_made_up_cost(start_proxy, upstream):
     assert (session["cost_usd"], session["unpriced_requests"]) == (0.0, 1)
 
 
+def openrouter_usage(**extra) -> dict:
+    """OpenRouter's usage, as a real answer carries it (its cost beside the tokens)."""
+    return dict({"prompt_tokens": 1200, "completion_tokens": 300, "total_tokens": 1500,
+                 "prompt_tokens_details": {"cached_tokens": 200, "cache_write_tokens": 0}},
+                **extra)
+
+
+def openrouter_answer(usage: dict, stream: bool):
+    if not stream:
+        return json_reply({"id": "gen-1", "object": "chat.completion", "created": 1,
+                           "model": "z-ai/glm-5", "usage": usage, "choices": [{
+                               "index": 0, "finish_reason": "stop",
+                               "message": {"role": "assistant", "content": "ok"}}]})
+    chunks = [{"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+              {"choices": [], "usage": usage}]
+    return stream_reply([b"data: %s\n\n" % json.dumps(dict(
+        chunk, id="gen-1", object="chat.completion.chunk", created=1, model="z-ai/glm-5")).encode()
+        for chunk in chunks] + [b"data: [DONE]\n\n"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("reported, cost", [
+    ({"cost": 0.00405, "is_byok": False,                       # what a real answer carries:
+      "cost_details": {"upstream_inference_cost": 0.00405}},   # the same figure twice
+     0.00405),
+    ({"cost": 0.0002, "is_byok": True,                         # own provider key: OpenRouter's
+      "cost_details": {"upstream_inference_cost": 0.004}},     # fee plus the provider's charge
+     0.0042),
+    ({"cost": 0}, 0.0)])                                       # a free model costs nothing
+def test_openrouter_answers_cost_what_openrouter_reports(start_proxy, upstream, stream,
+                                                         reported, cost):
+    upstream.script = lambda r: openrouter_answer(openrouter_usage(**reported), stream)
+    priced = {"name": "z-ai/glm-5", "price": {"input": 100, "output": 100, "cache_read": 100}}
+    proxy = start_proxy({"providers": [{"name": "openrouter", "api_key": PROVIDER_KEY,
+                                        "api_base_url": upstream.url, "models": [priced]}]})
+    ask(proxy, model="openrouter,z-ai/glm-5", stream=stream)
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert (session["input_tokens"], session["cache_read_input_tokens"]) == (1000, 200)
+    assert (session["cost_usd"], session["unpriced_requests"]) == (pytest.approx(cost), 0)
+    (model,) = get(proxy, "/status")[1]["usage"]["by_model"]
+    assert model["cost_usd"] == pytest.approx(cost)
+
+
+@pytest.mark.parametrize("reported", [{"cost": -1}, {"cost": "0.5"}, {"cost": True},
+                                      {"cost": float("nan")}, {"cost": None}, {}])
+def test_a_reported_cost_that_is_no_amount_of_money_is_not_believed(start_proxy, upstream,
+                                                                   reported):
+    upstream.script = lambda r: openrouter_answer(openrouter_usage(**reported), False)
+    proxy = start_proxy({"providers": [{"name": "openrouter", "api_key": PROVIDER_KEY,
+                                        "api_base_url": upstream.url}]})
+    ask(proxy, model="openrouter,z-ai/glm-5")
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert (session["cost_usd"], session["unpriced_requests"]) == (0.0, 1)
+
+
+def test_only_a_provider_known_to_report_its_cost_is_believed(start_proxy, upstream):
+    upstream.script = lambda r: openrouter_answer(openrouter_usage(cost=5.0), False)
+    proxy = start_proxy({"providers": [{"name": "gateway", "type": "openai",
+                                        "api_key": PROVIDER_KEY, "api_base_url": upstream.url,
+                                        "models": ["z-ai/glm-5"]}]})
+    ask(proxy, model="gateway,z-ai/glm-5")
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert (session["cost_usd"], session["unpriced_requests"]) == (0.0, 1)
+
+
 def test_sessions_are_bounded_and_odd_session_headers_ignored(start_proxy, upstream):
     ledger = ccproxy.UsageLedger()
     record = {"provider": "p", "model": "m", "usage": {"input_tokens": 1}}
