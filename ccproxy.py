@@ -940,9 +940,11 @@ PRESET_MODEL_LIMITS = {
 #       rate, the one Claude Code writes unless ENABLE_PROMPT_CACHING_1H is set or it is logged in
 #       as a claude.ai subscriber (seen in 2.1.330). Opus 5.5 and Haiku 5.5 are left out: their
 #       cache rates (and Haiku 5.5's tiers) were not on a page checked; Sonnet 4.5 retired.
-# Not given for DeepSeek (peak and off-peak rates), Gemini and xAI (their pricing pages were not
-# reachable to check; both bill long prompts at a higher rate): a model without a price shows
-# tokens only.
+#   groq: console.groq.com/docs/models (its production models) and .../docs/prompt-caching
+#       (cached input at half the input rate, no charge to write)
+# Not given for DeepSeek (peak and off-peak rates), Gemini, xAI and Mistral (their pricing pages
+# were not reachable to check; Gemini and xAI bill long prompts at a higher rate): a model
+# without a price shows tokens only. OpenRouter reports each answer's cost (note_reported_cost).
 ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
     ("claude-fable-5-1",): (10.0, 12.5, 0.25, 50.0), ("claude-fable-5",): (10.0, 12.5, 1.0, 50.0),
     ("claude-opus-5", "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6", "claude-opus-4-5",
@@ -951,11 +953,15 @@ ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
     ("claude-sonnet-4-6",): (3.0, 3.75, 0.3, 15.0),
     ("claude-haiku-4-5", "claude-haiku-4-5-20251001"): (1.0, 1.25, 0.1, 5.0),
 }
+GROQ_PRICES = {"openai/gpt-oss-120b": (0.15, 0.60), "openai/gpt-oss-20b": (0.075, 0.30),  # in, out
+               "llama-3.3-70b-versatile": (0.59, 0.79), "llama-3.1-8b-instant": (0.05, 0.08)}
 PRESET_MODEL_PRICES = {
     "openai": {model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
                for model in ("gpt-5", "gpt-5-codex")},
     "anthropic": {model: dict(zip(("input", "cache_write", "cache_read", "output"), rates))
                   for models, rates in ANTHROPIC_PRICES.items() for model in models},
+    "groq": {model: {"input": rates[0], "cache_read": rates[0] / 2, "output": rates[1]}
+             for model, rates in GROQ_PRICES.items()},
 }
 # Models a preset's provider has retired: model -> (the day it ended, what replaces it). A config
 # naming one is warned about, by key, at startup and by `start --check`; requests are not

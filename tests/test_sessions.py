@@ -582,6 +582,29 @@ def test_claude_models_through_the_anthropic_preset_cost_what_the_pricing_page_s
     assert "claude-sonnet-4-5" not in ccproxy.PRESET_MODEL_PRICES["anthropic"]     # retired
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_groq_models_cost_what_groqs_pages_say_cached_input_at_half(start_proxy, upstream,
+                                                                    stream):
+    usage = {"prompt_tokens": 10_000, "completion_tokens": 500,
+             "prompt_tokens_details": {"cached_tokens": 8000}}
+    if stream:                                   # Groq's stream tells its usage in x_groq
+        chunks = [{"choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]},
+                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                   "x_groq": {"id": "req_1", "usage": usage}}]
+        upstream.script = lambda r: stream_reply([b"data: %s\n\n" % json.dumps(dict(
+            chunk, id="c", object="chat.completion.chunk", created=1,
+            model="openai/gpt-oss-120b")).encode() for chunk in chunks] + [b"data: [DONE]\n\n"])
+    else:
+        upstream.script = lambda r: openrouter_answer(usage, False)
+    proxy = start_proxy({"providers": [{"name": "groq", "api_key": PROVIDER_KEY,
+                                        "api_base_url": upstream.url}]})
+    ask(proxy, model="groq,openai/gpt-oss-120b", stream=stream)
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert session["cost_usd"] == pytest.approx((2000 * 0.15 + 8000 * 0.075 + 500 * 0.60) / 1e6)
+    assert ccproxy.PRESET_MODEL_PRICES["groq"]["llama-3.1-8b-instant"] == {
+        "input": 0.05, "cache_read": 0.025, "output": 0.08}
+
+
 def test_a_long_prompt_pays_the_long_prompt_rates_where_a_price_has_them():
     config = ccproxy.build_config({"providers": [{"name": "gemini", "api_key": "k", "models": [
         {"name": "gemini-2.5-pro", "price": {
