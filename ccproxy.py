@@ -3167,6 +3167,8 @@ class MemoryReturn:
         if self._trim:
             gc.collect()
             self._trim(0)
+        if self._app.upstream.threads:      # the burst's idle workers end a little later: what
+            self._quiet.set(WORKER_IDLE_SECONDS)    # they held goes back once they have
 
 
 def tune_garbage_collector() -> None:
@@ -9696,6 +9698,17 @@ DETACHED_LAUNCHER = (
     "spec.loader.exec_module(module); sys.exit(module.main())")
 
 
+def server_environment() -> dict:
+    """The environment a server process starts in. With glibc, Python's small-object allocator
+    gives way to the C one (PYTHONMALLOC=malloc, unless set): what a burst of streams leaves
+    free then goes back to the system page by page (MemoryReturn), where the small-object
+    allocator keeps each 1 MB arena for as long as any one object in it lives."""
+    environment = dict(os.environ)
+    if malloc_trim_function():
+        environment.setdefault("PYTHONMALLOC", "malloc")
+    return environment
+
+
 def start_detached(config: Config, started_by: str) -> dict | None:
     """Start the proxy in the background and wait until it answers /health; its pidfile
     record, or None after printing why it could not start (what the child wrote to stderr
@@ -9713,7 +9726,8 @@ def start_detached(config: Config, started_by: str) -> dict | None:
         command.append("--watch-sessions")
     log_size = file_size(config.log_file)
     with tempfile.TemporaryFile() as errors:
-        child = subprocess.Popen(command, **dict(detach_options(), stderr=errors))
+        child = subprocess.Popen(command, env=server_environment(),
+                                 **dict(detach_options(), stderr=errors))
         deadline = time.monotonic() + START_WAIT_SECONDS
         while time.monotonic() < deadline and child.poll() is None:
             record = read_pidfile()
@@ -10516,8 +10530,8 @@ def serve_from_bytecode(argv: list) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-c", DETACHED_LAUNCHER % os.path.abspath(
-        __file__)] + argv)
+    os.execve(sys.executable, [sys.executable, "-c", DETACHED_LAUNCHER % os.path.abspath(
+        __file__)] + argv, server_environment())
 
 
 if __name__ == "__main__":

@@ -249,6 +249,8 @@ def test_a_foreground_server_started_as_a_script_runs_from_the_bytecode_cache(tm
         assert command[1] == b"-c" and b"spec_from_file_location" in command[2]
         assert command[3:6] == [b"start", b"--foreground", b"--port"]
         assert post_message_status(proxy.url) == 400          # serving: no provider yet
+        environment = Path("/proc/%d/environ" % proxy.process.pid).read_bytes().split(b"\0")
+        assert (b"PYTHONMALLOC=malloc" in environment) == bool(ccproxy.malloc_trim_function())
     finally:
         status, output = proxy.stop()
     assert status == 0 and "ccproxy stopped" in output

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import anthropic
 import pytest
@@ -108,6 +109,23 @@ def test_start_status_stop_round_trip(home):
     assert after.returncode == 3 and "not running" in after.stdout
     assert json.loads(h.run("status", "--json").stdout) == {"running": False}
     assert h.run("stop").stdout.strip() == "ccproxy is not running"
+
+
+@pytest.mark.skipif(not ccproxy.malloc_trim_function(), reason="glibc's malloc_trim only")
+def test_the_background_server_runs_on_the_c_allocator_unless_told_otherwise(home,
+                                                                           monkeypatch):
+    """With glibc, what a burst leaves free goes back page by page only from the C allocator
+    (Python's keeps a 1 MB arena while any object in it lives)."""
+    h = home()
+    assert h.run("start").returncode == 0
+    environment = Path("/proc/%d/environ" % h.record()["pid"]).read_bytes().split(b"\0")
+    assert b"PYTHONMALLOC=malloc" in environment
+    h.run("stop")
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")          # the user's own choice stands
+    assert ccproxy.server_environment()["PYTHONMALLOC"] == "pymalloc"
+    monkeypatch.delenv("PYTHONMALLOC")
+    monkeypatch.setattr(ccproxy, "malloc_trim_function", lambda: False)
+    assert "PYTHONMALLOC" not in ccproxy.server_environment()  # no trim: nothing to gain
 
 
 def test_status_and_the_status_line_show_each_sessions_usage(home, upstream):

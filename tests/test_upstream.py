@@ -479,6 +479,27 @@ def test_memory_goes_back_to_the_system_once_the_server_is_idle(start_proxy, ups
     assert set(trims) == {0}
 
 
+def test_memory_goes_back_again_once_the_bursts_worker_threads_have_ended(start_proxy,
+                                                                           upstream,
+                                                                           monkeypatch):
+    """The first quiet moment comes before the burst's idle workers end (each holds its
+    thread's memory till then): memory goes back once more when they have."""
+    threads_at_trim = []
+    monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 0.2)
+    monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(ccproxy, "malloc_trim_function", lambda: lambda pad: (
+        threads_at_trim.append(proxy.server.app.upstream.threads)))
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    sdk(proxy).messages.create(model="m", max_tokens=5, messages=[{"role": "user",
+                                                                   "content": "hi"}])
+    assert wait_until(lambda: threads_at_trim, seconds=5)
+    assert threads_at_trim[0] > 0                        # a worker was still waiting for work
+    assert wait_until(lambda: threads_at_trim[-1] == 0, seconds=5)
+    count = len(threads_at_trim)
+    time.sleep(1.5)                                      # and nothing more once all is back
+    assert len(threads_at_trim) == count
+
+
 def test_a_burst_keeps_its_provider_connections_for_the_next_wave_until_the_server_is_quiet(
         start_proxy, upstream, monkeypatch):
     monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 1.0)
