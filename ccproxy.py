@@ -3142,9 +3142,10 @@ MEMORY_RETURN_SECONDS = 2.0           # idle this long after a burst, memory goe
 
 class MemoryReturn:
     """Gives memory back to the system once the server has been idle for a moment after a
-    burst: the idle provider connections a burst left shrink to a few per host, and the C
-    allocator, which keeps freed memory for reuse, is trimmed, so a thousand streams do not
-    leave their peak behind for good (glibc's malloc_trim; elsewhere no trim)."""
+    burst, and again once the burst's idle worker threads have ended: the idle provider
+    connections a burst left shrink to a few per host, and the C allocator, which keeps freed
+    memory for reuse, is trimmed, so a thousand streams do not leave their peak behind for
+    good (glibc's malloc_trim, elsewhere no trim; see server_environment)."""
 
     def __init__(self, app):
         self._app = app
