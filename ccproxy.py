@@ -4032,7 +4032,8 @@ def usage_metrics(usage: UsageLedger) -> list:
               for (p, m), totals in sorted(usage.models.items())
               for field, kind in USAGE_METRIC_TYPES]
     lines += metric_header("ccproxy_usage_cost_dollars_total", "counter",
-                           "Cost of the answers at the configured prices, in US dollars.")
+                           "Cost of the answers in US dollars, as the provider reported it "
+                           "(OpenRouter) or at the model's price.")
     lines += ["ccproxy_usage_cost_dollars_total{%s} %.6f" % (labels(provider=p, model=m),
                                                             totals["cost_usd"])
               for (p, m), totals in sorted(usage.models.items())]
