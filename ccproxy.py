@@ -7044,9 +7044,13 @@ def note_reported_cost(usage, context: TranslationContext) -> None:
     context.record["reported_cost"] = float(cost)
 
 
+MAX_REPORTED_COST = 1e6               # US dollars: more than any one answer could cost
+
+
 def is_amount(value) -> bool:
-    """A sum of money from upstream JSON: a finite number, not negative."""
-    return is_number(value) and math.isfinite(value) and value >= 0
+    """A sum of money from upstream JSON one answer could cost: a number, not negative, less
+    than MAX_REPORTED_COST (so that no total can overflow to infinity)."""
+    return is_number(value) and 0 <= value < MAX_REPORTED_COST
 
 
 def anthropic_usage_from_openai(usage) -> dict:

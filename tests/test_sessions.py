@@ -144,7 +144,8 @@ def test_openrouter_answers_cost_what_openrouter_reports(start_proxy, upstream, 
 
 
 @pytest.mark.parametrize("reported", [{"cost": -1}, {"cost": "0.5"}, {"cost": True},
-                                      {"cost": float("nan")}, {"cost": None}, {}])
+                                      {"cost": float("nan")}, {"cost": float("inf")},
+                                      {"cost": 1e300}, {"cost": None}, {}])
 def test_a_reported_cost_that_is_no_amount_of_money_is_not_believed(start_proxy, upstream,
                                                                    reported):
     upstream.script = lambda r: openrouter_answer(openrouter_usage(**reported), False)
