@@ -483,10 +483,10 @@ def test_memory_goes_back_again_once_the_bursts_worker_threads_have_ended(start_
                                                                            upstream,
                                                                            monkeypatch):
     """The first quiet moment comes before the burst's idle workers end (each holds its
-    thread's memory till then): memory goes back once more when they have."""
+    thread's memory till then): memory goes back once more when they have, then no more."""
     threads_at_trim = []
-    monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 0.2)
-    monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 1.0)
+    monkeypatch.setattr(ccproxy, "MEMORY_RETURN_SECONDS", 0.1)
+    monkeypatch.setattr(ccproxy, "WORKER_IDLE_SECONDS", 3.0)
     monkeypatch.setattr(ccproxy, "malloc_trim_function", lambda: lambda pad: (
         threads_at_trim.append(proxy.server.app.upstream.threads)))
     proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
@@ -494,10 +494,8 @@ def test_memory_goes_back_again_once_the_bursts_worker_threads_have_ended(start_
                                                                    "content": "hi"}])
     assert wait_until(lambda: threads_at_trim, seconds=5)
     assert threads_at_trim[0] > 0                        # a worker was still waiting for work
-    assert wait_until(lambda: threads_at_trim[-1] == 0, seconds=5)
-    count = len(threads_at_trim)
-    time.sleep(1.5)                                      # and nothing more once all is back
-    assert len(threads_at_trim) == count
+    assert wait_until(lambda: threads_at_trim[-1] == 0, seconds=15)
+    assert proxy.server.app.memory._quiet._when is None  # and nothing more is planned
 
 
 def test_a_burst_keeps_its_provider_connections_for_the_next_wave_until_the_server_is_quiet(
