@@ -942,9 +942,13 @@ PRESET_MODEL_LIMITS = {
 #       cache rates (and Haiku 5.5's tiers) were not on a page checked; Sonnet 4.5 retired.
 #   groq: console.groq.com/docs/models (its production models) and .../docs/prompt-caching
 #       (cached input at half the input rate, no charge to write)
-# Not given for DeepSeek (peak and off-peak rates), Gemini, xAI and Mistral (their pricing pages
-# were not reachable to check; Gemini and xAI bill long prompts at a higher rate): a model
-# without a price shows tokens only. OpenRouter reports each answer's cost (note_reported_cost).
+#   deepseek, deepseek-anthropic: api-docs.deepseek.com/quick_start/pricing (off-peak rates
+#       half the peak ones; peak 09:00-12:00 and 14:00-18:00 Beijing time, Monday to Friday,
+#       China's public holidays aside; no charge to write the cache: a miss pays the input rate;
+#       the retired deepseek-v4-flash is billed as Flash)
+# Not given for Gemini, xAI and Mistral (their pricing pages were not reachable to check; Gemini
+# and xAI bill long prompts at a higher rate): a model without a price shows tokens only.
+# OpenRouter reports each answer's cost (note_reported_cost).
 ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
     ("claude-fable-5-1",): (10.0, 12.5, 0.25, 50.0), ("claude-fable-5",): (10.0, 12.5, 1.0, 50.0),
     ("claude-opus-5", "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6", "claude-opus-4-5",
@@ -955,6 +959,20 @@ ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
 }
 GROQ_PRICES = {"openai/gpt-oss-120b": (0.15, 0.60), "openai/gpt-oss-20b": (0.075, 0.30),  # in, out
                "llama-3.3-70b-versatile": (0.59, 0.79), "llama-3.1-8b-instant": (0.05, 0.08)}
+DEEPSEEK_PRICES = {"deepseek-flash": (0.15, 0.003, 0.60), "deepseek-v4-flash": (0.15, 0.003, 0.60),
+                   "deepseek-v4-pro": (0.66, 0.022, 1.98)}    # off-peak: input, cache read, output
+DEEPSEEK_PEAK_UTC_HOURS = [(1, 4), (6, 10)]                    # 09-12 and 14-18 in Beijing
+
+
+def deepseek_price(input_rate: float, cache_read: float, output: float) -> dict:
+    """A DeepSeek model's price from its off-peak rates: twice them in peak hours."""
+    rates = {"input": input_rate, "cache_write": input_rate, "cache_read": cache_read,
+             "output": output}
+    peak = {kind: rate * 2 for kind, rate in rates.items()}
+    return dict(rates, peak=dict(peak, utc_hours=DEEPSEEK_PEAK_UTC_HOURS, weekdays_only=True))
+
+
+DEEPSEEK_MODEL_PRICES = {model: deepseek_price(*rates) for model, rates in DEEPSEEK_PRICES.items()}
 PRESET_MODEL_PRICES = {
     "openai": {model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
                for model in ("gpt-5", "gpt-5-codex")},
@@ -962,6 +980,7 @@ PRESET_MODEL_PRICES = {
                   for models, rates in ANTHROPIC_PRICES.items() for model in models},
     "groq": {model: {"input": rates[0], "cache_read": rates[0] / 2, "output": rates[1]}
              for model, rates in GROQ_PRICES.items()},
+    "deepseek": DEEPSEEK_MODEL_PRICES, "deepseek-anthropic": DEEPSEEK_MODEL_PRICES,
 }
 # Models a preset's provider has retired: model -> (the day it ended, what replaces it). A config
 # naming one is warned about, by key, at startup and by `start --check`; requests are not
@@ -981,6 +1000,14 @@ PRICED_USAGE_FIELDS = (("input", "input_tokens"), ("output", "output_tokens"),
                        ("cache_read", "cache_read_input_tokens"),
                        ("cache_write", "cache_creation_input_tokens"))
 PROMPT_USAGE_FIELDS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def in_peak_hours(peak: dict, when: float) -> bool:
+    """Whether the moment `when` (a Unix time) is in a price's peak hours."""
+    moment = time.gmtime(when)
+    if peak["weekdays_only"] and moment.tm_wday >= 5:          # Saturday, Sunday
+        return False
+    return any(start <= moment.tm_hour < end for start, end in peak["utc_hours"])
 
 
 def quirk_holds(value, model: str) -> bool:
@@ -1010,16 +1037,19 @@ class Provider:
         chosen.api_key = key
         return chosen
 
-    def cost(self, model: str, usage: dict) -> float | None:
+    def cost(self, model: str, usage: dict, when: float | None = None) -> float | None:
         """What the usage cost in US dollars at the model's configured prices (its long-prompt
-        rates when the prompt was longer than price.above.tokens); None when a price is not
-        known for a kind of token it used."""
+        rates when the prompt was longer than price.above.tokens, its peak rates when the answer
+        came, at `when` or now, in price.peak's hours); None when a price is not known for a kind
+        of token it used."""
         prices = self.prices.get(model)
         if prices is None:
             return None
-        above = prices.get("above")
+        above, peak = prices.get("above"), prices.get("peak")
         if above and sum(usage.get(f) or 0 for f in PROMPT_USAGE_FIELDS) > above["tokens"]:
             prices = dict(prices, **above)
+        elif peak and in_peak_hours(peak, time.time() if when is None else when):
+            prices = dict(prices, **peak)
         total = 0.0
         for kind, field in PRICED_USAGE_FIELDS:
             tokens = usage.get(field) or 0
@@ -1547,20 +1577,27 @@ def clean_model_entry(checker: ConfigChecker, model, path: str, preset_limits: d
 def model_price(checker: ConfigChecker, price, path: str) -> dict:
     """A model's price ({input, output, cache_read?, cache_write?}: US dollars per million
     tokens; `above` {tokens, and rates}: what a prompt longer than tokens pays instead, where the
-    provider bills long prompts higher); a kind left out has no known price, so usage of it has
-    no known cost."""
+    provider bills long prompts higher; `peak` {utc_hours, weekdays_only?, and rates}: what an
+    answer in those hours pays instead, where the provider bills by the time of day); a kind
+    left out has no known price, so usage of it has no known cost."""
     if not isinstance(price, dict):
         checker.fail(path, "must be an object of US dollars per million tokens: "
-                           "{input, output, cache_read, cache_write, above}")
+                           "{input, output, cache_read, cache_write, above or peak}")
         return {}
     kinds = [kind for kind, _ in PRICED_USAGE_FIELDS]
-    checker.unknown_keys(price, kinds + ["above"], path, refuse=True)    # a typo costs money
+    # an unknown key is refused, not warned about: a typo would mean a wrong cost
+    checker.unknown_keys(price, kinds + ["above", "peak"], path, refuse=True)
     clean = price_rates(checker, price, kinds, path)
     for kind in ("input", "output"):
         if kind not in price:
             checker.fail(join_key(path, kind), "is required in a price")
-    if "above" in price:
+    if "above" in price and "peak" in price:
+        checker.fail(join_key(path, "peak"), "cannot be given with above: a price has long-prompt "
+                                             "rates or peak-hour rates, not both")
+    elif "above" in price:
         clean["above"] = long_prompt_price(checker, price["above"], join_key(path, "above"))
+    elif "peak" in price:
+        clean["peak"] = peak_hours_price(checker, price["peak"], join_key(path, "peak"))
     return clean
 
 
@@ -1589,6 +1626,35 @@ def long_prompt_price(checker: ConfigChecker, above, path: str) -> dict:
         checker.fail(join_key(path, "tokens"), "must be a whole number of prompt tokens (a long "
                                                "prompt has more), e.g. 200000")
     return dict(price_rates(checker, above, kinds, path), tokens=tokens)
+
+
+def peak_hours_price(checker: ConfigChecker, peak, path: str) -> dict:
+    """price.peak: {utc_hours: [[start, end], ...], weekdays_only, and the rates that change}:
+    an answer from start up to end o'clock UTC (Monday to Friday only, with weekdays_only) pays
+    these rates; rates left out stay the base ones."""
+    kinds = [kind for kind, _ in PRICED_USAGE_FIELDS]
+    if not isinstance(peak, dict):
+        checker.fail(path, "must be an object: {utc_hours, weekdays_only, input, output, "
+                           "cache_read, cache_write}")
+        return {}
+    checker.unknown_keys(peak, kinds + ["utc_hours", "weekdays_only"], path, refuse=True)
+    hours = peak.get("utc_hours")
+    if not (isinstance(hours, list) and hours and all(is_hour_span(span) for span in hours)):
+        checker.fail(join_key(path, "utc_hours"), "must be a list of [start, end] hours UTC, "
+                                                  "0 <= start < end <= 24, e.g. [[1, 4], [6, 10]]")
+        hours = []
+    weekdays_only = peak.get("weekdays_only", False)
+    if not isinstance(weekdays_only, bool):
+        checker.fail(join_key(path, "weekdays_only"), "must be true or false")
+    return dict(price_rates(checker, peak, kinds, path), utc_hours=[tuple(s) for s in hours],
+                weekdays_only=weekdays_only is True)
+
+
+def is_hour_span(span) -> bool:
+    """Whether span is [start, end]: whole hours of a day, start before end."""
+    return (isinstance(span, list) and len(span) == 2
+            and all(isinstance(hour, int) and not isinstance(hour, bool) for hour in span)
+            and 0 <= span[0] < span[1] <= 24)
 
 
 def build_providers(checker: ConfigChecker, entries) -> list:

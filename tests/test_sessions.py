@@ -3,11 +3,13 @@ that rotate past rate limits and refused keys; failover on a missing model and o
 overflow; the /model picker's ids and route aliases."""
 from __future__ import annotations
 
+import calendar
 import json
 import os
 import stat
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -559,13 +561,13 @@ def test_a_preset_model_has_its_published_price_unless_the_config_gives_one():
     config = ccproxy.build_config({"providers": [
         {"name": "openai", "api_key": "k", "models": [
             "gpt-5", {"name": "gpt-5-codex", "price": {"input": 2, "output": 20}}]},
-        {"name": "deepseek", "api_key": "k", "models": ["deepseek-v4-pro"]}]}, "c", {})
-    openai, deepseek = config.providers
+        {"name": "mistral", "api_key": "k", "models": ["mistral-large-latest"]}]}, "c", {})
+    openai, mistral = config.providers
     usage = {"input_tokens": 1_000_000, "output_tokens": 1_000_000,
              "cache_read_input_tokens": 1_000_000}
     assert openai.cost("gpt-5", usage) == pytest.approx(1.25 + 10 + 0.125)
     assert openai.cost("gpt-5-codex", {"input_tokens": 1_000_000}) == pytest.approx(2)
-    assert deepseek.cost("deepseek-v4-pro", usage) is None        # no one rate to default to
+    assert mistral.cost("mistral-large-latest", usage) is None    # no page checked: no price
 
 
 def test_claude_models_through_the_anthropic_preset_cost_what_the_pricing_page_says(
@@ -604,6 +606,90 @@ def test_groq_models_cost_what_groqs_pages_say_cached_input_at_half(start_proxy,
     assert session["cost_usd"] == pytest.approx((2000 * 0.15 + 8000 * 0.075 + 500 * 0.60) / 1e6)
     assert ccproxy.PRESET_MODEL_PRICES["groq"]["llama-3.1-8b-instant"] == {
         "input": 0.05, "cache_read": 0.025, "output": 0.08}
+
+
+def utc(*moment) -> float:
+    """The Unix time of a moment in UTC: (year, month, day, hour, minute)."""
+    return float(calendar.timegm(moment + (0,) * (6 - len(moment))))
+
+
+MONDAY = (2026, 12, 7)
+DEEPSEEK_USAGE = {"input_tokens": 1_000_000, "cache_read_input_tokens": 1_000_000,
+                  "cache_creation_input_tokens": 1_000_000, "output_tokens": 1_000_000}
+
+
+@pytest.mark.parametrize("preset", ["deepseek", "deepseek-anthropic"])
+@pytest.mark.parametrize("model, off_peak", [        # input, cache read, cache write, output
+    ("deepseek-flash", 0.15 + 0.003 + 0.15 + 0.60), ("deepseek-v4-pro", 0.66 + 0.022 + 0.66 + 1.98),
+    ("deepseek-v4-flash", 0.15 + 0.003 + 0.15 + 0.60)])                  # retired: billed as Flash
+def test_deepseek_models_cost_twice_the_off_peak_rates_in_deepseeks_peak_hours(preset, model,
+                                                                               off_peak):
+    config = ccproxy.build_config({"providers": [
+        {"name": preset, "api_key": "k", "models": [model]}]}, "c", {})
+    (deepseek,) = config.providers
+    peak = [utc(*MONDAY, 1), utc(*MONDAY, 3, 59), utc(*MONDAY, 6), utc(*MONDAY, 9, 59),
+            utc(2026, 12, 11, 7, 30)]                                  # and a Friday
+    off = [utc(*MONDAY, 0, 59), utc(*MONDAY, 4), utc(*MONDAY, 5, 59), utc(*MONDAY, 10),
+           utc(2026, 12, 5, 2), utc(2026, 12, 6, 7)]                   # a Saturday, a Sunday
+    for when in peak:
+        assert deepseek.cost(model, DEEPSEEK_USAGE, when) == pytest.approx(2 * off_peak), when
+    for when in off:
+        assert deepseek.cost(model, DEEPSEEK_USAGE, when) == pytest.approx(off_peak), when
+
+
+def test_a_deepseek_answer_through_the_proxy_costs_the_rate_of_the_hour_it_came(start_proxy,
+                                                                              upstream):
+    upstream.script = lambda r: openrouter_answer({
+        "prompt_tokens": 10_000, "completion_tokens": 500, "prompt_cache_hit_tokens": 8000,
+        "prompt_cache_miss_tokens": 2000}, False)
+    proxy = start_proxy({"providers": [{"name": "deepseek", "api_key": PROVIDER_KEY,
+                                        "api_base_url": upstream.url}]})
+    before = time.time()
+    ask(proxy, model="deepseek,deepseek-flash")
+    after = time.time()
+    cost = get(proxy, "/sessions/" + SESSION)[1]["cost_usd"]
+    off_peak = (2000 * 0.15 + 8000 * 0.003 + 500 * 0.60) / 1e6
+    rates = {2 if ccproxy.in_peak_hours(ccproxy.DEEPSEEK_MODEL_PRICES["deepseek-flash"]["peak"],
+                                        moment) else 1 for moment in (before, after)}
+    assert cost in [pytest.approx(off_peak * rate) for rate in rates]
+
+
+def test_a_price_can_have_peak_hours_of_its_own():
+    config = ccproxy.build_config({"providers": [{"name": "nightly", "type": "openai",
+                                                  "api_key": "k", "api_base_url": "http://h",
+                                                  "models": [{"name": "m", "price": {
+        "input": 1, "output": 2, "peak": {"utc_hours": [[22, 24], [0, 2]], "output": 4}}}]}]},
+        "c", {})
+    (provider,) = config.providers
+    usage = {"input_tokens": 1_000_000, "output_tokens": 1_000_000}
+    assert provider.cost("m", usage, utc(2026, 12, 5, 23)) == pytest.approx(1 + 4)   # Saturday:
+    assert provider.cost("m", usage, utc(2026, 12, 6, 1, 59)) == pytest.approx(1 + 4)  # every day
+    assert provider.cost("m", usage, utc(2026, 12, 6, 2)) == pytest.approx(1 + 2)
+
+
+@pytest.mark.parametrize("peak, problem", [
+    ({"input": 2}, "models[0].price.peak.utc_hours: must be a list of [start, end] hours UTC"),
+    ({"utc_hours": [], "input": 2}, "models[0].price.peak.utc_hours: must be a list"),
+    ({"utc_hours": [[4, 1]]}, "models[0].price.peak.utc_hours: must be a list"),
+    ({"utc_hours": [[0, 25]]}, "models[0].price.peak.utc_hours: must be a list"),
+    ({"utc_hours": [[1.5, 4]]}, "models[0].price.peak.utc_hours: must be a list"),
+    ({"utc_hours": [1, 4]}, "models[0].price.peak.utc_hours: must be a list"),
+    ({"utc_hours": [[1, 4]], "weekdays_only": "yes"},
+     "models[0].price.peak.weekdays_only: must be true or false"),
+    ({"utc_hours": [[1, 4]], "input": -1}, "models[0].price.peak.input: must be a number"),
+    ({"utc_hours": [[1, 4]], "weekday_only": True}, "models[0].price.peak.weekday_only"),
+    ("01-04", "models[0].price.peak: must be an object"),
+    ({"utc_hours": [[1, 4]], "above": {}}, "models[0].price.peak.above"),
+    (None, "models[0].price.peak: cannot be given with above")])
+def test_a_peak_hours_price_that_makes_no_sense_names_its_key(peak, problem):
+    price = {"input": 1, "output": 2, "peak": peak}
+    if peak is None:
+        price = {"input": 1, "output": 2, "above": {"tokens": 1000, "input": 2},
+                 "peak": {"utc_hours": [[1, 4]], "input": 2}}
+    with pytest.raises(ccproxy.ConfigError) as error:
+        ccproxy.build_config({"providers": [{"name": "gemini", "api_key": "k", "models": [
+            {"name": "m", "price": price}]}]}, "c", {})
+    assert problem in str(error.value)
 
 
 def test_a_long_prompt_pays_the_long_prompt_rates_where_a_price_has_them():
