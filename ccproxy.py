@@ -8406,43 +8406,50 @@ class WorkerPool:
         self._idle = 0                          # threads waiting for a job
         self._closed = False
 
-    def submit(self, job) -> None:
-        """Have a worker thread call job()."""
+    def submit(self, job, hand_over) -> None:
+        """Have a worker thread call job(), then hand_over(what it returned) once the thread
+        counts as idle again: a job submitted in answer (a client's next request, one after
+        another) finds the thread waiting, where it would otherwise start a second one and the
+        two would take turns, each woken cold."""
         if self._closed:
             raise RuntimeError("the worker pool has shut down")
-        self._jobs.put(job)
+        self._jobs.put((job, hand_over))
         if self._idle < self._jobs.qsize() and len(self._threads) < self._limit:
             thread = threading.Thread(target=self._work, name="ccproxy-upstream", daemon=True)
             with self._lock:
                 self._threads.add(thread)
+                self._idle += 1
             thread.start()
 
     def _work(self) -> None:
         while True:
-            job = self._next_job()
-            if job is None:
+            taken = self._next_job()
+            if taken is None:
                 return
-            job()
-            del job               # a thread waiting for work holds nothing of the job it ran
-
-    def _next_job(self):
-        """The next job, or None when the thread should end (idle too long, or shut down). A
-        thread that timed out stops counting as idle, then looks once more before it goes: a
-        job put after that look sees one idle thread fewer, and starts a thread if need be."""
-        while True:
+            job, hand_over = taken
+            result = job()
             with self._lock:
                 self._idle += 1
+            hand_over(result)
+            del taken, job, hand_over, result    # a thread waiting holds nothing of its last job
+
+    def _next_job(self):
+        """The next (job, hand_over), or None when the thread should end (idle too long, or shut
+        down); the thread counts as idle until it has one. A thread that timed out stops
+        counting as idle as it looks once more before it goes: a job put after that look sees
+        one idle thread fewer, and starts a thread if need be."""
+        while True:
             try:
-                return self._jobs.get(timeout=WORKER_IDLE_SECONDS)
+                taken = self._jobs.get(timeout=WORKER_IDLE_SECONDS)
             except queue.Empty:
-                pass
-            finally:
-                with self._lock:
-                    self._idle -= 1
+                taken = None
             with self._lock:
-                if self._jobs.empty():
-                    self._threads.discard(threading.current_thread())
-                    return None
+                self._idle -= 1
+                if taken is not None or self._closed or self._jobs.empty():
+                    if taken is None:
+                        self._threads.discard(threading.current_thread())
+                    return taken
+                self._idle += 1               # a job came after the time-out: wait for it
 
     @property
     def threads(self) -> int:
@@ -8538,23 +8545,28 @@ class Upstream:
         result, settled through the inbox (no concurrent Future and callback chain per step).
         A step whose future was cancelled before a worker took it is not run."""
         loop = asyncio.get_running_loop()
-        future, inbox = loop.create_future(), self.inbox(loop)
+        future = loop.create_future()
+        self.inbox(loop)
 
         def job():
             if future.cancelled():
-                return
+                return None
             with self._busy_lock:
                 self._busy += 1
             try:
-                outcome = (function(*args), None)
+                return future, (function(*args), None)
             except BaseException as exc:        # handed to whoever awaits the step
-                outcome = (None, exc)
+                return future, (None, exc)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
-            inbox.post(settle_outcome, (future, outcome))
-        self._workers.submit(job)
+        self._workers.submit(job, self._hand_over)
         return future
+
+    def _hand_over(self, settlement) -> None:
+        """A worker thread, free again: have the loop settle the step's future."""
+        if settlement is not None:
+            self._inbox.post(settle_outcome, settlement)
 
     def inbox(self, loop) -> LoopInbox:
         """The inbox through which worker threads reach the event loop."""

@@ -350,19 +350,42 @@ def test_worker_threads_grow_with_the_work_up_to_the_limit_and_end_when_idle(mon
     pool = ccproxy.WorkerPool(limit=8)
     release, running, results = threading.Event(), [], []
     for n in range(20):
-        pool.submit(lambda n=n: (running.append(n), release.wait(5), results.append(n * n)))
+        pool.submit(lambda n=n: (running.append(n), release.wait(5), n * n)[2], results.append)
     assert wait_until(lambda: len(running) == 8)
     assert pool.threads == 8                              # the limit; the rest wait their turn
     release.set()
     assert wait_until(lambda: len(results) == 20)
     assert sorted(results) == [n * n for n in range(20)]
     assert wait_until(lambda: pool.threads == 0, seconds=5)     # idle threads ended
-    pool.submit(lambda: results.append("again"))                # and start again on demand
+    pool.submit(lambda: "again", results.append)                # and start again on demand
     assert wait_until(lambda: results[-1] == "again")
     pool.shutdown()
     assert pool.threads == 0
     with pytest.raises(RuntimeError):
-        pool.submit(lambda: None)
+        pool.submit(lambda: None, results.append)
+
+
+def test_a_job_submitted_in_answer_to_the_last_one_finds_its_thread_free():
+    """One request after another (a single client): the thread that ran a job is counted idle
+    before its result is handed over, so the next job, submitted in answer, waits for it
+    rather than starting a second thread that would take turns with the first."""
+    pool = ccproxy.WorkerPool(limit=8)
+    ran_on, done = [], threading.Event()
+
+    def job(n):
+        ran_on.append(threading.current_thread())
+        return n
+
+    def hand_over(n):
+        if n < 5:
+            pool.submit(lambda: job(n + 1), hand_over)
+        else:
+            done.set()
+    pool.submit(lambda: job(0), hand_over)
+    assert done.wait(5)
+    assert len(ran_on) == 6 and len(set(ran_on)) == 1
+    assert pool.threads == 1
+    pool.shutdown()
 
 
 def test_a_blocking_step_hands_back_its_result_or_its_error_and_is_skipped_once_cancelled():
