@@ -959,8 +959,9 @@ ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
 }
 GROQ_PRICES = {"openai/gpt-oss-120b": (0.15, 0.60), "openai/gpt-oss-20b": (0.075, 0.30),  # in, out
                "llama-3.3-70b-versatile": (0.59, 0.79), "llama-3.1-8b-instant": (0.05, 0.08)}
-DEEPSEEK_PRICES = {"deepseek-flash": (0.15, 0.003, 0.60), "deepseek-v4-flash": (0.15, 0.003, 0.60),
-                   "deepseek-v4-pro": (0.66, 0.022, 1.98)}    # off-peak: input, cache read, output
+DEEPSEEK_PRICES = {"deepseek-flash": (0.15, 0.003, 0.60),      # off-peak: input, cache read,
+                   "deepseek-v4-pro": (0.66, 0.022, 1.98)}    # output
+DEEPSEEK_PRICES["deepseek-v4-flash"] = DEEPSEEK_PRICES["deepseek-flash"]    # retired: as Flash
 DEEPSEEK_PEAK_UTC_HOURS = [(1, 4), (6, 10)]                    # 09-12 and 14-18 in Beijing
 
 
