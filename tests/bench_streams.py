@@ -22,6 +22,9 @@ shared benchmark helpers. Rows:
   status line       as Claude Code runs it on every prompt: the command `code
                     --statusline` installs, and `status --statusline`
   throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
+  bare relay        tests/bench/floor_relay.py, a relay that only relays: with ccproxy's
+                    architecture (a worker thread calls the mock through http.client), and with
+                    the call made by the event loop: paced streams, stream start, JSON request
   peer              where node and npm are: Claude Code Router 2.0.0 (installed into
                     ~/.cache/ccproxy-bench/ccr, never globally) on the same mock: paced
                     streams, memory, CPU per chunk, streams/s, the growing session
@@ -261,6 +264,43 @@ def throughput_rows(run: Processes, requests: int) -> None:
             "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
 
 
+FLOOR_MODES = (("thread", "bare relay (thread)"), ("asyncio", "bare relay (asyncio)"))
+
+
+def floor_rows(run: Processes, streams: int, requests: int) -> None:
+    """The rows issue #11 sets targets for, again through tests/bench/floor_relay.py: a relay that
+    does nothing but relay, with ccproxy's architecture (a worker thread making the upstream call
+    with http.client) and with the upstream call made by the event loop instead. Where ccproxy
+    stands against the least its architecture can spend, and what a different one would give."""
+    row("", "straight to mock", "bare relay", "ratio")
+    paced_shape = dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
+    start_shape = dict(stream=1, conc=streams, n=2 * streams, chunks=1, warmup=0)
+    straight = load(run.mock_url, "openai", **paced_shape)
+    for mode, name in FLOOR_MODES:
+        port = free_port()
+        relay = subprocess.Popen([sys.executable, str(TOOLS / "floor_relay.py"), "--port",
+                                  str(port), "--upstream-port", str(run.mock_port),
+                                  "--upstream", mode], stderr=subprocess.DEVNULL)
+        url = "http://127.0.0.1:%d" % port
+        try:
+            wait_healthy(url)
+            paced_run = load(url, "anthropic", **paced_shape)
+            row("%s: paced stream time p99" % name, "%.2f s" % (straight["p99_ms"] / 1000),
+                "%.2f s" % (paced_run["p99_ms"] / 1000),
+                "%.2f×" % (paced_run["p99_ms"] / straight["p99_ms"]))
+            row("%s: first token p99" % name, "%.3f s" % (straight["ttft_p99_ms"] / 1000),
+                "%.3f s" % (paced_run["ttft_p99_ms"] / 1000),
+                "+%.3f s" % ((paced_run["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+            _, cpu = measured(relay.pid, lambda: load(url, "anthropic", **start_shape))
+            row("%s: CPU per stream started" % name, "-", "%.2f ms" % (cpu / (2 * streams) * 1e3))
+            _, cpu = measured(relay.pid, lambda: load(url, "anthropic", stream=0, conc=10,
+                                                      n=requests * 4))
+            row("%s: CPU per JSON request" % name, "-", "%.2f ms" % (cpu / requests / 4 * 1e3))
+        finally:
+            relay.terminate()
+            relay.wait(30)
+
+
 PEER_PACKAGE = "@musistudio/claude-code-router@2.0.0"
 PEER_CACHE = Path.home() / ".cache" / "ccproxy-bench" / "ccr"
 PEER_CLI = PEER_CACHE / "node_modules" / "@musistudio" / "claude-code-router" / "dist" / "cli.js"
@@ -391,6 +431,7 @@ def main() -> None:
             cpu_rows(run, requests)
             session_cost(run.proxy_url, run.proxy.pid, run.mock.pid)
             throughput_rows(run, requests)
+            floor_rows(run, options.streams, requests)
             peer_rows(run, home, options.streams, requests)
         finally:
             run.stop()
