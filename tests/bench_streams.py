@@ -291,11 +291,14 @@ def floor_rows(run: Processes, streams: int, requests: int) -> None:
             row("%s: first token p99" % name, "%.3f s" % (straight["ttft_p99_ms"] / 1000),
                 "%.3f s" % (paced_run["ttft_p99_ms"] / 1000),
                 "+%.3f s" % ((paced_run["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
-            _, cpu = measured(relay.pid, lambda: load(url, "anthropic", **start_shape))
+            started, cpu = measured(relay.pid, lambda: load(url, "anthropic", **start_shape))
             row("%s: CPU per stream started" % name, "-", "%.2f ms" % (cpu / (2 * streams) * 1e3))
-            _, cpu = measured(relay.pid, lambda: load(url, "anthropic", stream=0, conc=10,
-                                                      n=requests * 4))
+            answered, cpu = measured(relay.pid, lambda: load(url, "anthropic", stream=0, conc=10,
+                                                             n=requests * 4))
             row("%s: CPU per JSON request" % name, "-", "%.2f ms" % (cpu / requests / 4 * 1e3))
+            errors = sum(result["errors"] for result in (paced_run, started, answered))
+            if errors:
+                row("%s: errors" % name, "-", str(errors))
         finally:
             relay.terminate()
             relay.wait(30)

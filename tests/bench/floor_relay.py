@@ -42,7 +42,8 @@ CLOSING = (b'event: content_block_stop\ndata: {"type":"content_block_stop","inde
 MESSAGE = ('{"id":"msg_floor","type":"message","role":"assistant","model":"%s","content":'
            '[{"type":"text","text":"%s"}],"stop_reason":"end_turn","stop_sequence":null,'
            '"usage":{"input_tokens":1,"output_tokens":1}}')
-HEALTH = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
+HEALTH = (b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n'
+          b'{"ok":true}')
 
 
 def chunk(data: bytes) -> bytes:
