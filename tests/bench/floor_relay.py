@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A bare Anthropic-to-OpenAI relay: the least a proxy of ccproxy's shape can spend, for benchmarks.
+"""A bare Anthropic-to-OpenAI relay, for benchmarks: what an architecture costs without the work.
 
     python3 floor_relay.py --port PORT --upstream-port MOCK_PORT [--upstream thread|asyncio]
 
@@ -110,7 +110,10 @@ class Upstream:
             if pending.endswith(STREAM_END):
                 break
             await writer.drain()
-            pending = pending[cut:] + await self.read_more()
+            more = await self.read_more()
+            if not more:
+                raise ConnectionError("the mock closed the stream before its end")
+            pending = pending[cut:] + more
         self.stream_ended()
         writer.write(chunk(CLOSING) + b"0\r\n\r\n")
 
