@@ -24,7 +24,9 @@ shared benchmark helpers. Rows:
   throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
   bare relay        tests/bench/floor_relay.py, a relay that only relays: with ccproxy's
                     architecture (a worker thread calls the mock through http.client), and with
-                    the call made by the event loop: paced streams, stream start, JSON request
+                    the call made by the event loop, then that with 0.1 and 0.3 ms of CPU spent
+                    on every request, as a proxy's own work: paced streams, stream start
+                    (CPU on the event loop and on the worker threads apart), JSON request
   peer              where node and npm are: Claude Code Router 2.0.0 (installed into
                     ~/.cache/ccproxy-bench/ccr, never globally) on the same mock: paced
                     streams, memory, CPU per chunk, streams/s, the growing session
@@ -63,8 +65,10 @@ def status_of(pid: int) -> dict:
     return fields
 
 
-def cpu_seconds(pid: int) -> float:
-    parts = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU seconds a process has spent (its threads that have ended too), or one thread."""
+    path = "/proc/%d/stat" % pid if thread is None else "/proc/%d/task/%d/stat" % (pid, thread)
+    parts = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -122,11 +126,16 @@ def row(name: str, straight: str, proxied: str, ratio: str = "") -> None:
     print("%-44s %16s %16s %14s" % (name, straight, proxied, ratio))
 
 
+def paced_shape(streams: int) -> dict:
+    """The paced load: `streams` clients, each twice a stream of 40 chunks 50 ms apart."""
+    return dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
+
+
 def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
     pid = run.proxy.pid
     time.sleep(1)
     idle = status_of(pid)
-    shape = dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
+    shape = paced_shape(streams)
     straight = load(run.mock_url, "openai", **shape)
     proxied = load(run.proxy_url, "anthropic", **shape)
     peak = status_of(pid)
@@ -184,15 +193,30 @@ def held_per_stream(run: Processes, streams: int = 100, prompt_chars: int = 2000
         "%.0f KB" % (held / streams / 1024))
 
 
+def start_shape(streams: int) -> dict:
+    """The burst of starts: `streams` clients, each twice a one-chunk stream, no warm-up."""
+    return dict(stream=1, conc=streams, n=2 * streams, chunks=1, warmup=0)
+
+
 def start_cost(run: Processes, streams: int) -> None:
     """CPU per stream when `streams` one-chunk streams start at once, twice over: what a burst's
     time to first token is made of (the last stream waits for the ones started before it)."""
-    shape = dict(stream=1, conc=streams, n=2 * streams, chunks=1, warmup=0)
+    shape = start_shape(streams)
     _, mock_cpu = measured(run.mock.pid, lambda: load(run.mock_url, "openai", **shape))
-    _, proxy_cpu = measured(run.proxy.pid, lambda: load(run.proxy_url, "anthropic", **shape))
+    _, proxy_cpu, loop_cpu = started_on_loop(run.proxy.pid, lambda: load(run.proxy_url,
+                                                                         "anthropic", **shape))
     row("CPU per stream started (%d at once)" % streams, "mock %.2f ms" % (
         mock_cpu / (2 * streams) * 1e3), "%.2f ms" % (proxy_cpu / (2 * streams) * 1e3),
         "%.1f×" % (proxy_cpu / mock_cpu))
+    row("  of which on the event loop", "-", "%.2f ms" % (loop_cpu / (2 * streams) * 1e3))
+
+
+def started_on_loop(pid: int, run) -> tuple:
+    """(run()'s result, CPU seconds the process spent during it, the share of its main thread,
+    the event loop; the rest is the worker threads')."""
+    before = cpu_seconds(pid, pid)
+    outcome, cpu = measured(pid, run)
+    return outcome, cpu, cpu_seconds(pid, pid) - before
 
 
 def cpu_rows(run: Processes, requests: int) -> None:
@@ -264,44 +288,54 @@ def throughput_rows(run: Processes, requests: int) -> None:
             "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
 
 
-FLOOR_MODES = (("thread", "bare relay (thread)"), ("asyncio", "bare relay (asyncio)"))
+FLOOR_MODES = (("thread", 0.0, "bare relay (thread)"), ("asyncio", 0.0, "bare relay (asyncio)"),
+               ("asyncio", 0.1, "asyncio +0.1 ms work"), ("asyncio", 0.3, "asyncio +0.3 ms work"))
 
 
 def floor_rows(run: Processes, streams: int, requests: int) -> None:
     """The rows issue #11 sets targets for, again through tests/bench/floor_relay.py: a relay that
     does nothing but relay, with ccproxy's architecture (a worker thread making the upstream call
-    with http.client) and with the upstream call made by the event loop instead. Where ccproxy
-    stands against the least its architecture can spend, and what a different one would give."""
+    with http.client) and with the upstream call made by the event loop instead; then the latter
+    spending some CPU of its own on every request, as a proxy's checks, routing and translation
+    would. Where ccproxy stands against the least its architecture can spend, what a different
+    one would give, and how much work of its own each target leaves a proxy."""
     row("", "straight to mock", "bare relay", "ratio")
-    paced_shape = dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
-    start_shape = dict(stream=1, conc=streams, n=2 * streams, chunks=1, warmup=0)
-    straight = load(run.mock_url, "openai", **paced_shape)
-    for mode, name in FLOOR_MODES:
+    straight = load(run.mock_url, "openai", **paced_shape(streams))
+    for mode, work_ms, name in FLOOR_MODES:
         port = free_port()
         relay = subprocess.Popen([sys.executable, str(TOOLS / "floor_relay.py"), "--port",
                                   str(port), "--upstream-port", str(run.mock_port),
-                                  "--upstream", mode], stderr=subprocess.DEVNULL)
-        url = "http://127.0.0.1:%d" % port
+                                  "--upstream", mode, "--work-ms", str(work_ms)],
+                                 stderr=subprocess.DEVNULL)
         try:
-            wait_healthy(url)
-            paced_run = load(url, "anthropic", **paced_shape)
-            row("%s: paced stream time p99" % name, "%.2f s" % (straight["p99_ms"] / 1000),
-                "%.2f s" % (paced_run["p99_ms"] / 1000),
-                "%.2f×" % (paced_run["p99_ms"] / straight["p99_ms"]))
-            row("%s: first token p99" % name, "%.3f s" % (straight["ttft_p99_ms"] / 1000),
-                "%.3f s" % (paced_run["ttft_p99_ms"] / 1000),
-                "+%.3f s" % ((paced_run["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
-            started, cpu = measured(relay.pid, lambda: load(url, "anthropic", **start_shape))
-            row("%s: CPU per stream started" % name, "-", "%.2f ms" % (cpu / (2 * streams) * 1e3))
-            answered, cpu = measured(relay.pid, lambda: load(url, "anthropic", stream=0, conc=10,
-                                                             n=requests * 4))
-            row("%s: CPU per JSON request" % name, "-", "%.2f ms" % (cpu / requests / 4 * 1e3))
-            errors = sum(result["errors"] for result in (paced_run, started, answered))
-            if errors:
-                row("%s: errors" % name, "-", str(errors))
+            relay_rows("http://127.0.0.1:%d" % port, relay.pid, name, straight, streams,
+                       requests)
         finally:
             relay.terminate()
             relay.wait(30)
+
+
+def relay_rows(url: str, pid: int, name: str, straight: dict, streams: int,
+               requests: int) -> None:
+    """One bare relay's rows: paced streams, stream start, JSON request."""
+    wait_healthy(url)
+    paced_run = load(url, "anthropic", **paced_shape(streams))
+    row("%s: paced stream time p99" % name, "%.2f s" % (straight["p99_ms"] / 1000),
+        "%.2f s" % (paced_run["p99_ms"] / 1000),
+        "%.2f×" % (paced_run["p99_ms"] / straight["p99_ms"]))
+    row("%s: first token p99" % name, "%.3f s" % (straight["ttft_p99_ms"] / 1000),
+        "%.3f s" % (paced_run["ttft_p99_ms"] / 1000),
+        "+%.3f s" % ((paced_run["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+    started, cpu, loop_cpu = started_on_loop(pid, lambda: load(url, "anthropic",
+                                                               **start_shape(streams)))
+    row("%s: CPU per stream started" % name, "-", "%.2f ms" % (cpu / (2 * streams) * 1e3))
+    row("  of which on the event loop", "-", "%.2f ms" % (loop_cpu / (2 * streams) * 1e3))
+    answered, cpu = measured(pid, lambda: load(url, "anthropic", stream=0, conc=10,
+                                               n=requests * 4))
+    row("%s: CPU per JSON request" % name, "-", "%.2f ms" % (cpu / requests / 4 * 1e3))
+    errors = sum(result["errors"] for result in (paced_run, started, answered))
+    if errors:
+        row("%s: errors" % name, "-", str(errors))
 
 
 PEER_PACKAGE = "@musistudio/claude-code-router@2.0.0"
@@ -345,7 +379,7 @@ def peer_rows(run: Processes, home: Path, streams: int, requests: int) -> None:
         row("", "straight to mock", "peer (CCR 2.0.0)", "ratio")
         time.sleep(1)
         idle = status_of(process.pid)
-        shape = dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
+        shape = paced_shape(streams)
         straight, peer = load(run.mock_url, "openai", **shape), load(url, "anthropic", **shape)
         peak = status_of(process.pid)
         row("peer: paced streams, stream time p99", "%.2f s" % (straight["p99_ms"] / 1000),

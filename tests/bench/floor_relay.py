@@ -2,6 +2,7 @@
 """A bare Anthropic-to-OpenAI relay, for benchmarks: what an architecture costs without the work.
 
     python3 floor_relay.py --port PORT --upstream-port MOCK_PORT [--upstream thread|asyncio]
+                           [--work-ms MS]
 
 It answers POST /v1/messages (JSON or a stream) by calling the OpenAI mock (mock_openai.py) and
 GET /health, and does nothing else: no checks, no routing, no errors, no usage or records, the
@@ -16,6 +17,9 @@ what its architecture does:
                       event loop once the thread has its head
   --upstream asyncio  the same relay with the upstream call made by the event loop itself
                       (asyncio streams, hand-written HTTP/1.1): no worker thread, no urllib
+  --work-ms MS        CPU spent on the event loop for every request before its upstream call,
+                      standing in for a proxy's own work (checks, routing, translation): what
+                      the targets leave a proxy to spend
 
 Only for the mock: it trusts every byte it is sent. Loopback only; never expose it.
 """
@@ -25,6 +29,7 @@ import concurrent.futures
 import http.client
 import json
 import re
+import time
 
 CONTENT = re.compile(rb'"content":"((?:[^"\\]|\\.)+)"')      # the mock's text deltas
 STREAM_END = b"\r\n0\r\n\r\n"                                   # the last chunk of a chunked body
@@ -60,8 +65,8 @@ def openai_body(request: dict) -> bytes:
 class Relay:
     """One server: the mock's address, and how upstream calls are made."""
 
-    def __init__(self, upstream_port: int, mode: str):
-        self.upstream_port, self.mode = upstream_port, mode
+    def __init__(self, upstream_port: int, mode: str, work_seconds: float = 0.0):
+        self.upstream_port, self.mode, self.work_seconds = upstream_port, mode, work_seconds
         self.workers = concurrent.futures.ThreadPoolExecutor(1024)
 
     async def serve(self, reader, writer) -> None:
@@ -92,6 +97,9 @@ class Upstream:
         self.streams = None                      # (reader, writer) in asyncio mode
 
     async def answer(self, request: dict, writer) -> None:
+        work_until = time.thread_time() + self.relay.work_seconds
+        while time.thread_time() < work_until:
+            pass
         model = request["model"].encode()
         if not request.get("stream"):
             texts = CONTENT.findall(await self.call(openai_body(request), stream=False))
@@ -172,8 +180,9 @@ async def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-port", type=int, required=True)
     parser.add_argument("--upstream", choices=("thread", "asyncio"), default="thread")
+    parser.add_argument("--work-ms", type=float, default=0.0)
     options = parser.parse_args()
-    relay = Relay(options.upstream_port, options.upstream)
+    relay = Relay(options.upstream_port, options.upstream, options.work_ms / 1000)
     server = await asyncio.start_server(relay.serve, "127.0.0.1", options.port, backlog=4096)
     await server.serve_forever()
 
