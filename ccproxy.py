@@ -83,6 +83,7 @@ import shutil
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -9233,8 +9234,7 @@ def open_pooled(handler, req, connection_class, **connection_options):
             reuse = False
             connection = connection_class(req.host, timeout=req.timeout, **connection_options)
         else:
-            if connection.sock.gettimeout() != req.timeout:    # (setting it is a system call
-                connection.sock.settimeout(req.timeout)        # that lets go of the GIL)
+            wait_at_most(connection.sock, req.timeout)
             call.attach_socket(connection.sock)
         connection.upstream_call = call
         try:
@@ -9320,6 +9320,70 @@ def content_length(headers) -> int | None:
     return length if length >= 0 else None
 
 
+KERNEL_TIMES_SOCKETS = sys.platform.startswith("linux")   # SO_RCVTIMEO takes a C timeval
+
+
+class KernelTimedSocket(socket.socket):
+    """A plain connection's socket that a worker thread uses blocking, each receive and send
+    timed out by the kernel (SO_RCVTIMEO, SO_SNDTIMEO) rather than by Python: Python waits in
+    poll() before every receive and send on a socket with a time-out, two more system calls
+    per call to a provider, at each of which the worker lets go of the GIL and must take it
+    back from the event loop. An operation the kernel timed out fails with EAGAIN, raised here
+    as the socket.timeout Python would have raised. (Over TLS a timed-out read looks like the
+    connection's end, so TLS sockets keep Python's time-outs.)"""
+
+    __slots__ = ("kernel_timeout",)
+
+    def wait_at_most(self, seconds: float) -> None:
+        """Blocking, a receive or send failing after `seconds` without progress."""
+        if self.gettimeout() is not None:
+            self.settimeout(None)
+        if getattr(self, "kernel_timeout", None) != seconds:
+            whole, fraction = divmod(seconds, 1.0)
+            timeval = struct.pack("ll", int(whole), int(fraction * 1e6))
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+            self.kernel_timeout = seconds
+
+    def recv_into(self, *args):
+        try:
+            return super().recv_into(*args)
+        except BlockingIOError:
+            raise self._timed_out() from None
+
+    def sendall(self, *args):
+        try:
+            return super().sendall(*args)
+        except BlockingIOError:
+            raise self._timed_out() from None
+
+    def _timed_out(self) -> OSError:
+        """What an EAGAIN means: a time-out on a blocking socket, else "not yet" (the event
+        loop reads this socket without blocking once a stream's head has come)."""
+        if self.gettimeout() is None:
+            return socket.timeout("timed out")
+        return BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+def kernel_timed_connection(address, timeout, source_address=None) -> KernelTimedSocket:
+    """socket.create_connection (connecting within `timeout`), as a KernelTimedSocket."""
+    connected = socket.create_connection(address, timeout, source_address)
+    sock = KernelTimedSocket(connected.family, connected.type, connected.proto,
+                             connected.detach())
+    sock.settimeout(None)         # (its descriptor is non-blocking still, from Python's time-out)
+    sock.wait_at_most(timeout)
+    return sock
+
+
+def wait_at_most(sock, seconds: float) -> None:
+    """Have a pooled connection's socket time out after `seconds` again (the event loop may
+    have made it non-blocking; setting a time-out is a system call, so only when it changed)."""
+    if isinstance(sock, KernelTimedSocket):
+        sock.wait_at_most(seconds)
+    elif sock.gettimeout() != seconds:
+        sock.settimeout(seconds)
+
+
 class TrackedConnection:
     """What ccproxy's connections to providers add to http.client's (both classes below): the
     socket remembered on the UpstreamCall, so the call can be cut from another thread; answers
@@ -9351,7 +9415,10 @@ class TrackedConnection:
 
 
 class _TrackedHTTPConnection(TrackedConnection, http.client.HTTPConnection):
-    pass
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if KERNEL_TIMES_SOCKETS:
+            self._create_connection = kernel_timed_connection
 
 
 class _TrackedHTTPSConnection(TrackedConnection, http.client.HTTPSConnection):

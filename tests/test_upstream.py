@@ -9,6 +9,7 @@ import io
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 import tracemalloc
@@ -70,6 +71,186 @@ def test_upstream_silent_mid_stream_ends_with_timeout_error_event(start_proxy, u
             for _ in s:
                 pass
     assert "sent nothing for 0.3 s" in str(caught.value)
+
+
+# --- time-outs: kept by the kernel on plain sockets (Linux), by Python over TLS ---------------
+
+class RawProvider:
+    """A provider on 127.0.0.1 that hands each connection to answer(connection, request bytes),
+    over TLS when given a certificate: for what MockUpstream cannot script (an answer that
+    trickles in, a request never read). With read_request false the request is left unread,
+    and the socket takes in little (a small receive buffer)."""
+
+    def __init__(self, answer, tls=None, read_request=True):
+        self._answer, self._read_request = answer, read_request
+        self._listener = socket.socket()
+        if not read_request:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._context = None
+        if tls is not None:
+            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._context.load_cert_chain(*tls)
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http",
+                                          self._listener.getsockname()[1])
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection):
+        try:
+            if self._context is not None:
+                connection = self._context.wrap_socket(connection, server_side=True)
+            request = read_request(connection) if self._read_request else b""
+            self._answer(connection, request)
+        except OSError:
+            pass
+        finally:
+            connection.close()
+
+    def close(self):
+        self._listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def read_request(connection) -> bytes:
+    """A request's head and its Content-Length body, read from a provider's connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head
+
+
+def message_in_pieces(pieces: int):
+    """An Anthropic message's JSON answer: its head, and its body cut in `pieces` parts."""
+    body = json.dumps(anthropic_message("trickled")).encode()
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % (
+        len(body))
+    step = -(-len(body) // pieces)
+    return head, [body[n:n + step] for n in range(0, len(body), step)]
+
+
+@pytest.fixture
+def kernel_timed(monkeypatch):
+    """How many provider connections were made with the kernel keeping their time-outs."""
+    made = []
+
+    def counted(*args):
+        made.append(args)
+        return original(*args)
+    original = ccproxy.kernel_timed_connection
+    monkeypatch.setattr(ccproxy, "kernel_timed_connection", counted)
+    return made
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_an_answer_that_trickles_in_slower_than_the_time_out_in_all_arrives_whole(
+        start_proxy, certificate, monkeypatch, kernel_timed, tls):
+    """request_timeout is the longest silence, not the longest answer: a body whose pieces
+    come 0.15 s apart takes 0.9 s, three time-outs, and arrives whole, over a plain socket
+    (timed by the kernel on Linux) as over TLS (timed by Python)."""
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+    head, pieces = message_in_pieces(6)
+
+    def trickle(connection, request):
+        connection.sendall(head)
+        for piece in pieces:
+            time.sleep(0.15)
+            connection.sendall(piece)
+        time.sleep(1)
+    provider = RawProvider(trickle, tls=certificate if tls else None)
+    try:
+        proxy = start_proxy({"providers": [anthropic_provider(provider)],
+                             "performance": {"request_timeout": "300ms"}})
+        started = time.monotonic()
+        message = sdk(proxy).messages.create(
+            model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        assert message.content[0].text == "trickled"
+        assert time.monotonic() - started >= 0.9
+    finally:
+        provider.close()
+    assert len(kernel_timed) == (0 if tls or not ccproxy.KERNEL_TIMES_SOCKETS else 1)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_an_answer_that_stops_halfway_is_a_timeout_after_one_silence(
+        start_proxy, certificate, monkeypatch, kernel_timed, tls):
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+    head, pieces = message_in_pieces(2)
+
+    def stop_halfway(connection, request):
+        connection.sendall(head + pieces[0])
+        time.sleep(3)
+    provider = RawProvider(stop_halfway, tls=certificate if tls else None)
+    try:
+        proxy = start_proxy({"providers": [anthropic_provider(provider)],
+                             "performance": {"request_timeout": "300ms"}})
+        started = time.monotonic()
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            sdk(proxy).messages.create(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        waited = time.monotonic() - started
+    finally:
+        provider.close()
+    assert caught.value.status_code == 504
+    assert caught.value.body["error"]["type"] == "timeout_error"
+    assert "the provider sent nothing for 0.3 s" in caught.value.body["error"]["message"]
+    assert 0.3 <= waited < 2.5
+    assert len(kernel_timed) == (0 if tls or not ccproxy.KERNEL_TIMES_SOCKETS else 1)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_provider_that_stops_reading_the_request_is_a_timeout(
+        start_proxy, certificate, monkeypatch, kernel_timed, tls):
+    """A request of 16 MB to a provider that reads none of it: the send stalls once the
+    sockets' buffers are full, and fails after one silence instead of waiting for ever."""
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+    provider = RawProvider(lambda connection, request: time.sleep(5),
+                           tls=certificate if tls else None, read_request=False)
+    try:
+        proxy = start_proxy({"providers": [anthropic_provider(provider)],
+                             "performance": {"request_timeout": "300ms"}})
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            sdk(proxy, timeout=20).messages.create(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "x" * (16 << 20)}])
+    finally:
+        provider.close()
+    assert caught.value.status_code == 504
+    assert caught.value.body["error"]["type"] == "timeout_error"
+    assert len(kernel_timed) == (0 if tls or not ccproxy.KERNEL_TIMES_SOCKETS else 1)
+
+
+def test_a_connection_kept_from_a_stream_waits_for_its_next_answer_again(start_proxy, upstream):
+    """The event loop made the socket non-blocking to read the stream; the next call on the
+    kept connection waits for its answer again (0.4 s, within the time-out), rather than
+    failing at once and going round on a new connection."""
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "performance": {"request_timeout": "2s"}})
+    replies = iter([stream_reply(), json_reply(anthropic_message("second"), delay=0.4)])
+    upstream.script = lambda r: next(replies)
+    client = sdk(proxy)
+    with client.messages.stream(model="m", max_tokens=5,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+        assert stream.get_final_message().content[0].text == "Hello!"
+    message = client.messages.create(model="m", max_tokens=5,
+                                     messages=[{"role": "user", "content": "again"}])
+    assert message.content[0].text == "second"
+    assert len(upstream.requests) == 2
+    assert upstream.requests[0]["peer"] == upstream.requests[1]["peer"]
 
 
 def open_stream_and_vanish(proxy):
@@ -337,7 +518,8 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
             files_left = [ref() for ref in files if ref() is not None]
             text += "".join(texts)
         assert text == "".join(pieces)
-        assert readers == ([] if by_thread else ["SSLSocket" if tls else "socket"])
+        plain = "KernelTimedSocket" if ccproxy.KERNEL_TIMES_SOCKETS else "socket"
+        assert readers == ([] if by_thread else ["SSLSocket" if tls else plain])
         assert files_left == []
     finally:
         mock.close()
