@@ -397,8 +397,9 @@ def test_a_cut_call_does_not_leave_a_broken_connection_in_the_pool(proxy, upstre
     open_stream_and_vanish(proxy)
     assert upstream.peer_closed.wait(2)
     upstream.script = lambda r: json_reply(anthropic_message("after"))
-    assert sdk(proxy).messages.create(
-        model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}]).content[0].text == "after"
+    message = sdk(proxy).messages.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert message.content[0].text == "after"
 
 
 def test_worker_threads_wake_the_loop_at_most_once_per_batch():
