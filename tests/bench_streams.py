@@ -22,6 +22,9 @@ shared benchmark helpers. Rows:
   status line       as Claude Code runs it on every prompt: the command `code
                     --statusline` installs, and `status --statusline`
   throughput        JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients
+  round's start     this build beside the one issue #11's round began with (git show 9bb152e),
+                    both serving the mock, measured in turns: CPU per JSON request (its target
+                    is relative) and throughput at 1, 10 and 50 clients (which may not fall)
   bare relay        tests/bench/floor_relay.py, a relay that only relays: with ccproxy's
                     architecture (a worker thread calls the mock through http.client), and with
                     the call made by the event loop, then that with 0.1 and 0.3 ms of CPU spent
@@ -99,27 +102,34 @@ class Processes:
         self.mock = subprocess.Popen([sys.executable, str(TOOLS / "mock_openai.py"), "--port",
                                       str(self.mock_port)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        config = home / "config.json"
-        config.write_text(json.dumps({"port": self.proxy_port, "providers": [
-            {"name": "mock", "type": "openai", "api_key": "sk-bench-0123456789",
-             "api_base_url": "http://127.0.0.1:%d/v1" % self.mock_port,
-             "models": [{"name": "mock-model", "context_window": 400000}]}]}))   # as gpt-5's
-        os.chmod(config, 0o600)
-        py_compile.compile(str(REPO / "ccproxy.py"))           # the bytecode cache it runs from
-        environment = dict(os.environ, HOME=str(home))
-        environment.pop("PYTHONDONTWRITEBYTECODE", None)
-        self.proxy = subprocess.Popen([sys.executable, str(REPO / "ccproxy.py"), "start",
-                                       "--foreground", "--config", str(config)],
-                                      stderr=subprocess.DEVNULL, env=environment)
         self.mock_url = "http://127.0.0.1:%d" % self.mock_port
         self.proxy_url = "http://127.0.0.1:%d" % self.proxy_port
-        wait_healthy(self.proxy_url)
+        self.proxy = start_ccproxy(home, REPO / "ccproxy.py", self.proxy_port, self.mock_port,
+                                   [{"name": "mock-model", "context_window": 400000}])  # gpt-5's
         wait_healthy(self.mock_url)
 
     def stop(self) -> None:
         for process in (self.proxy, self.mock):
             process.terminate()
             process.wait(30)
+
+
+def start_ccproxy(home: Path, source: Path, port: int, mock_port: int, models: list):
+    """`start --foreground` of the ccproxy.py at `source` (from its bytecode cache, as a server
+    `start` makes runs), HOME at `home`, serving `models` of the mock: the process, answering."""
+    config = home / "config.json"
+    config.write_text(json.dumps({"port": port, "providers": [
+        {"name": "mock", "type": "openai", "api_key": "sk-bench-0123456789",
+         "api_base_url": "http://127.0.0.1:%d/v1" % mock_port, "models": models}]}))
+    os.chmod(config, 0o600)
+    py_compile.compile(str(source))
+    environment = dict(os.environ, HOME=str(home))
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    process = subprocess.Popen([sys.executable, str(source), "start", "--foreground",
+                                "--config", str(config)], stderr=subprocess.DEVNULL,
+                               env=environment)
+    wait_healthy("http://127.0.0.1:%d" % port)
+    return process
 
 
 def row(name: str, straight: str, proxied: str, ratio: str = "") -> None:
@@ -338,6 +348,67 @@ def relay_rows(url: str, pid: int, name: str, straight: dict, streams: int,
         row("%s: errors" % name, "-", str(errors))
 
 
+ROUND_START = "9bb152e"     # the build issue #11's round began with (JSON request: 0.38 ms)
+
+
+def round_start_rows(run: Processes, home: Path, requests: int, rounds: int = 8) -> None:
+    """This build beside the one issue #11's round began with, both serving the mock at once and
+    measured in turns (each names the model without a window, as that build requires): CPU per
+    JSON request, whose target is relative (0.38 -> 0.30 ms then: 21% less), and the throughput
+    that may not fall. Needs git and the repository's history."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", ROUND_START + ":ccproxy.py"],
+                            capture_output=True, text=True) if shutil.which("git") else None
+    if source is None or source.returncode != 0:
+        print("round's first build: not measured (%s)" % (
+            "no git here" if source is None else source.stderr.strip()))
+        return
+    builds = []
+    for name, text in (("first", source.stdout), ("this", None)):
+        folder, port = home / ("build-" + name), free_port()
+        folder.mkdir()
+        path = folder / "ccproxy.py"
+        path.write_text(text if text is not None else (REPO / "ccproxy.py").read_text())
+        builds.append((start_ccproxy(folder, path, port, run.mock_port, ["mock-model"]),
+                       "http://127.0.0.1:%d" % port))
+    try:
+        row("", "first (%s)" % ROUND_START, "this build", "change")
+        json_cpu_in_turns(builds, rounds)
+        throughput_in_turns(builds, requests)
+    finally:
+        for process, _ in builds:
+            process.terminate()
+            process.wait(30)
+
+
+def json_cpu_in_turns(builds: list, rounds: int, requests: int = 1500) -> None:
+    """CPU per JSON request at 10 clients, each build's median over `rounds` turns."""
+    for _, url in builds:
+        load(url, "anthropic", stream=0, conc=10, n=requests)             # warmed up
+    spent = [[] for _ in builds]
+    for _ in range(rounds):
+        for (process, url), cpu in zip(builds, spent):
+            cpu.append(measured(process.pid, lambda: load(url, "anthropic", stream=0, conc=10,
+                                                           n=requests))[1] / requests)
+    medians = [sorted(cpu)[len(cpu) // 2] for cpu in spent]
+    row("CPU per JSON request, median of %d turns" % rounds, "%.2f ms" % (medians[0] * 1e3),
+        "%.2f ms" % (medians[1] * 1e3), "%+.0f%%" % (100 * (medians[1] / medians[0] - 1)))
+
+
+def throughput_in_turns(builds: list, requests: int) -> None:
+    """JSON requests/s and 200-chunk streams/s at 1, 10 and 50 clients, the better of two turns
+    each (the machine drifts between turns more than between the builds)."""
+    for clients in (1, 10, 50):
+        for what, shape in (("JSON req/s", dict(stream=0, n=requests * 4)),
+                            ("200-chunk streams/s", dict(stream=1, n=requests, chunks=200))):
+            best = [0.0 for _ in builds]
+            for _ in range(2):
+                for index, (_, url) in enumerate(builds):
+                    rate = load(url, "anthropic", conc=clients, **shape)["rps"]
+                    best[index] = max(best[index], rate)
+            row("%s, %d clients" % (what, clients), "%.0f" % best[0], "%.0f" % best[1],
+                "%+.0f%%" % (100 * (best[1] / best[0] - 1)))
+
+
 PEER_PACKAGE = "@musistudio/claude-code-router@2.0.0"
 PEER_CACHE = Path.home() / ".cache" / "ccproxy-bench" / "ccr"
 PEER_CLI = PEER_CACHE / "node_modules" / "@musistudio" / "claude-code-router" / "dist" / "cli.js"
@@ -468,6 +539,7 @@ def main() -> None:
             cpu_rows(run, requests)
             session_cost(run.proxy_url, run.proxy.pid, run.mock.pid)
             throughput_rows(run, requests)
+            round_start_rows(run, home, requests)
             floor_rows(run, options.streams, requests)
             peer_rows(run, home, options.streams, requests)
         finally:
