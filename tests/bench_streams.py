@@ -414,8 +414,7 @@ def throughput_in_turns(builds: list, requests: int) -> None:
                     rate = load(url, "anthropic", conc=clients, **shape)["rps"]
                     best[index] = max(best[index], rate)
             row("%s, %d client%s" % (what, clients, "s" * (clients > 1)), "%.0f" % best[0],
-                "%.0f" % best[1],
-                "%+.0f%%" % (100 * (best[1] / best[0] - 1)))
+                "%.0f" % best[1], "%+.0f%%" % (100 * (best[1] / best[0] - 1)))
 
 
 PEER_PACKAGE = "@musistudio/claude-code-router@2.0.0"
