@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -200,6 +201,66 @@ class MockUpstream:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class RawProvider:
+    """A provider on 127.0.0.1 that hands each connection to answer(connection, request head),
+    over TLS when given a certificate: for what MockUpstream cannot script (an answer that
+    trickles in, a broken head, a request never read). With read_request false the request is
+    left unread, and the socket takes in little (a small receive buffer)."""
+
+    def __init__(self, answer, tls=None, read_request=True):
+        self._answer, self._read_request = answer, read_request
+        self._listener = socket.socket()
+        if not read_request:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._context = None
+        if tls is not None:
+            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._context.load_cert_chain(*tls)
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http",
+                                          self._listener.getsockname()[1])
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection):
+        try:
+            if self._context is not None:
+                connection = self._context.wrap_socket(connection, server_side=True)
+            request = read_request(connection) if self._read_request else b""
+            self._answer(connection, request)
+        except OSError:
+            pass
+        finally:
+            connection.close()
+
+    def close(self):
+        self._listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def read_request(connection) -> bytes:
+    """A request's head and its Content-Length body, read from a provider's connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return head
 
 
 def dead_url():

@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 
@@ -20,8 +19,8 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     open_stream, raw_exchange, read_to_end, Reply, REPO, RunningProxy, sdk,
-                     stream_reply, wait_until)
+                     open_stream, raw_exchange, RawProvider, read_to_end, Reply, REPO,
+                     RunningProxy, sdk, stream_reply, wait_until)
 
 KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
 
@@ -582,28 +581,14 @@ def test_a_200_that_is_not_an_anthropic_answer_fails_over(start_proxy, upstream,
 
 
 def test_a_cut_close_delimited_answer_is_a_502_not_a_200(start_proxy):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(5)
-
-    def serve():
-        connection, _ = listener.accept()
-        request = b""
-        while b"\r\n\r\n" not in request:
-            request += connection.recv(65536)
-        head, _, body = request.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
-        while len(body) < length:
-            body += connection.recv(65536)
-        connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                           b"connection: close\r\n\r\n" + json.dumps(anthropic_message()).encode()[:40])
-        connection.close()
-    threading.Thread(target=serve, daemon=True).start()
+    cut = RawProvider(lambda connection, request: connection.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+        + json.dumps(anthropic_message()).encode()[:40]))
     proxy = start_proxy({"providers": [{"name": "a", "type": "anthropic",
-                                        "api_base_url": "http://127.0.0.1:%d" % listener.getsockname()[1]}]})
+                                        "api_base_url": cut.url}]})
     with pytest.raises(anthropic.APIStatusError) as caught:
         ask(proxy)
-    listener.close()
+    cut.close()
     assert caught.value.status_code == 502
     assert "not an Anthropic message" in caught.value.body["error"]["message"]
 

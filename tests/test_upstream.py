@@ -9,7 +9,6 @@ import io
 import json
 import re
 import socket
-import ssl
 import threading
 import time
 import tracemalloc
@@ -22,8 +21,8 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     MockUpstream, open_stream, PROVIDER_KEY, raw_exchange, read_to_end, Reply, sdk,
-                     stream_reply, traced_by_ccproxy, wait_until)
+                     MockUpstream, open_stream, PROVIDER_KEY, raw_exchange, RawProvider,
+                     read_to_end, Reply, sdk, stream_reply, traced_by_ccproxy, wait_until)
 
 
 def test_unreachable_upstream_is_a_final_502_naming_the_provider_and_the_key(start_proxy,
@@ -75,66 +74,6 @@ def test_upstream_silent_mid_stream_ends_with_timeout_error_event(start_proxy, u
 
 # --- time-outs: kept by the kernel on plain sockets (Linux), by Python over TLS ---------------
 
-class RawProvider:
-    """A provider on 127.0.0.1 that hands each connection to answer(connection, request bytes),
-    over TLS when given a certificate: for what MockUpstream cannot script (an answer that
-    trickles in, a request never read). With read_request false the request is left unread,
-    and the socket takes in little (a small receive buffer)."""
-
-    def __init__(self, answer, tls=None, read_request=True):
-        self._answer, self._read_request = answer, read_request
-        self._listener = socket.socket()
-        if not read_request:
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(8)
-        self._context = None
-        if tls is not None:
-            self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            self._context.load_cert_chain(*tls)
-        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http",
-                                          self._listener.getsockname()[1])
-        self.connections = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections.append(connection)
-            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
-
-    def _serve(self, connection):
-        try:
-            if self._context is not None:
-                connection = self._context.wrap_socket(connection, server_side=True)
-            request = read_request(connection) if self._read_request else b""
-            self._answer(connection, request)
-        except OSError:
-            pass
-        finally:
-            connection.close()
-
-    def close(self):
-        self._listener.close()
-        for connection in self.connections:
-            connection.close()
-
-
-def read_request(connection) -> bytes:
-    """A request's head and its Content-Length body, read from a provider's connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += connection.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-    while len(body) < length:
-        body += connection.recv(65536)
-    return head
-
-
 def message_in_pieces(pieces: int):
     """An Anthropic message's JSON answer: its head, and its body cut in `pieces` parts."""
     body = json.dumps(anthropic_message("trickled")).encode()
@@ -145,25 +84,40 @@ def message_in_pieces(pieces: int):
 
 
 @pytest.fixture
-def kernel_timed(monkeypatch):
-    """How many provider connections were made with the kernel keeping their time-outs."""
-    made = []
+def timed_proxy(start_proxy, certificate, monkeypatch):
+    """timed_proxy(answer, tls, **options) -> (proxy, kernel_timed): ccproxy with a
+    request_timeout of 0.3 s before a RawProvider running answer (over TLS when tls), and the
+    connections made with the kernel keeping their time-outs (a list, filled as they are)."""
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+    kernel_timed, providers = [], []
+    original = ccproxy.kernel_timed_connection
 
     def counted(*args):
-        made.append(args)
+        kernel_timed.append(args)
         return original(*args)
-    original = ccproxy.kernel_timed_connection
     monkeypatch.setattr(ccproxy, "kernel_timed_connection", counted)
-    return made
+
+    def start(answer, tls, **options):
+        providers.append(RawProvider(answer, tls=certificate if tls else None, **options))
+        return start_proxy({"providers": [anthropic_provider(providers[-1])],
+                            "performance": {"request_timeout": "300ms"}}), kernel_timed
+    yield start
+    for provider in providers:
+        provider.close()
+
+
+def kernel_timed_for(tls: bool) -> int:
+    """Connections one call makes with the kernel keeping their time-outs: plain ones, on
+    Linux."""
+    return 0 if tls or not ccproxy.KERNEL_TIMES_SOCKETS else 1
 
 
 @pytest.mark.parametrize("tls", [False, True])
 def test_an_answer_that_trickles_in_slower_than_the_time_out_in_all_arrives_whole(
-        start_proxy, certificate, monkeypatch, kernel_timed, tls):
+        timed_proxy, tls):
     """request_timeout is the longest silence, not the longest answer: a body whose pieces
     come 0.15 s apart takes 0.9 s, three time-outs, and arrives whole, over a plain socket
     (timed by the kernel on Linux) as over TLS (timed by Python)."""
-    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
     head, pieces = message_in_pieces(6)
 
     def trickle(connection, request):
@@ -172,66 +126,46 @@ def test_an_answer_that_trickles_in_slower_than_the_time_out_in_all_arrives_whol
             time.sleep(0.15)
             connection.sendall(piece)
         time.sleep(1)
-    provider = RawProvider(trickle, tls=certificate if tls else None)
-    try:
-        proxy = start_proxy({"providers": [anthropic_provider(provider)],
-                             "performance": {"request_timeout": "300ms"}})
-        started = time.monotonic()
-        message = sdk(proxy).messages.create(
-            model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-        assert message.content[0].text == "trickled"
-        assert time.monotonic() - started >= 0.9
-    finally:
-        provider.close()
-    assert len(kernel_timed) == (0 if tls or not ccproxy.KERNEL_TIMES_SOCKETS else 1)
+    proxy, kernel_timed = timed_proxy(trickle, tls)
+    started = time.monotonic()
+    message = sdk(proxy).messages.create(model="m", max_tokens=5,
+                                         messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "trickled"
+    assert time.monotonic() - started >= 0.9
+    assert len(kernel_timed) == kernel_timed_for(tls)
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_an_answer_that_stops_halfway_is_a_timeout_after_one_silence(
-        start_proxy, certificate, monkeypatch, kernel_timed, tls):
-    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+def test_an_answer_that_stops_halfway_is_a_timeout_after_one_silence(timed_proxy, tls):
     head, pieces = message_in_pieces(2)
 
     def stop_halfway(connection, request):
         connection.sendall(head + pieces[0])
         time.sleep(3)
-    provider = RawProvider(stop_halfway, tls=certificate if tls else None)
-    try:
-        proxy = start_proxy({"providers": [anthropic_provider(provider)],
-                             "performance": {"request_timeout": "300ms"}})
-        started = time.monotonic()
-        with pytest.raises(anthropic.APIStatusError) as caught:
-            sdk(proxy).messages.create(
-                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
-        waited = time.monotonic() - started
-    finally:
-        provider.close()
+    proxy, kernel_timed = timed_proxy(stop_halfway, tls)
+    started = time.monotonic()
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert 0.3 <= time.monotonic() - started < 2.5
     assert caught.value.status_code == 504
     assert caught.value.body["error"]["type"] == "timeout_error"
     assert "the provider sent nothing for 0.3 s" in caught.value.body["error"]["message"]
-    assert 0.3 <= waited < 2.5
-    assert len(kernel_timed) == (0 if tls or not ccproxy.KERNEL_TIMES_SOCKETS else 1)
+    assert len(kernel_timed) == kernel_timed_for(tls)
 
 
 @pytest.mark.parametrize("tls", [False, True])
-def test_a_provider_that_stops_reading_the_request_is_a_timeout(
-        start_proxy, certificate, monkeypatch, kernel_timed, tls):
+def test_a_provider_that_stops_reading_the_request_is_a_timeout(timed_proxy, tls):
     """A request of 16 MB to a provider that reads none of it: the send stalls once the
     sockets' buffers are full, and fails after one silence instead of waiting for ever."""
-    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
-    provider = RawProvider(lambda connection, request: time.sleep(5),
-                           tls=certificate if tls else None, read_request=False)
-    try:
-        proxy = start_proxy({"providers": [anthropic_provider(provider)],
-                             "performance": {"request_timeout": "300ms"}})
-        with pytest.raises(anthropic.APIStatusError) as caught:
-            sdk(proxy, timeout=20).messages.create(
-                model="m", max_tokens=5, messages=[{"role": "user", "content": "x" * (16 << 20)}])
-    finally:
-        provider.close()
+    proxy, kernel_timed = timed_proxy(lambda connection, request: time.sleep(5), tls,
+                                      read_request=False)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(proxy, timeout=20).messages.create(
+            model="m", max_tokens=5, messages=[{"role": "user", "content": "x" * (16 << 20)}])
     assert caught.value.status_code == 504
     assert caught.value.body["error"]["type"] == "timeout_error"
-    assert len(kernel_timed) == (0 if tls or not ccproxy.KERNEL_TIMES_SOCKETS else 1)
+    assert len(kernel_timed) == kernel_timed_for(tls)
 
 
 def test_a_connection_kept_from_a_stream_waits_for_its_next_answer_again(start_proxy, upstream):
@@ -888,30 +822,6 @@ def test_a_request_goes_out_as_http_client_would_send_it_small_ones_in_one_send(
 ODD_HEAD_BODY = json.dumps(anthropic_message("odd head")).encode()
 
 
-class BrokenHeadProvider:
-    """A provider that answers every request with a broken head, then closes."""
-
-    def __init__(self, answer: bytes):
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = "http://127.0.0.1:%d" % self._listener.getsockname()[1]
-        self._answer = answer
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.settimeout(5)
-                connection.recv(65536)
-                connection.sendall(self._answer)
-
-    def close(self):
-        self._listener.close()
-
-
 @pytest.mark.parametrize("answer", [
     b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"\r\n{}",          # too many fields
     b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n{}",         # a line too long
@@ -923,7 +833,7 @@ def test_a_provider_answer_with_a_broken_head_is_a_502_and_the_proxy_serves_on(
         start_proxy, upstream, answer):
     """A head http.client refuses is the client's Anthropic-shaped 502 (a readable one, odd
     bytes and all, is the provider's answer); either way the proxy goes on serving."""
-    broken = BrokenHeadProvider(answer)
+    broken = RawProvider(lambda connection, request: connection.sendall(answer))
     upstream.script = lambda r: json_reply(anthropic_message("still here"))
     try:
         proxy = start_proxy({"providers": [
