@@ -294,7 +294,7 @@ def throughput_rows(run: Processes, requests: int) -> None:
         stream_rate = load(run.proxy_url, "anthropic", stream=1, conc=clients, n=requests,
                            chunks=200)
         straight = load(run.mock_url, "openai", stream=1, conc=clients, n=requests, chunks=200)
-        row("%d clients: JSON req/s, 200-chunk streams/s" % clients,
+        row("%d client%s: JSON req/s, 200-chunk streams/s" % (clients, "s" * (clients > 1)),
             "%.0f streams/s" % straight["rps"],
             "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
 
