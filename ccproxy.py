@@ -9234,7 +9234,7 @@ def open_pooled(handler, req, connection_class, **connection_options):
             reuse = False
             connection = connection_class(req.host, timeout=req.timeout, **connection_options)
         else:
-            wait_at_most(connection.sock, req.timeout)
+            set_upstream_timeout(connection.sock, req.timeout)
             call.attach_socket(connection.sock)
         connection.upstream_call = call
         try:
@@ -9375,7 +9375,7 @@ def kernel_timed_connection(address, timeout, source_address=None) -> KernelTime
     return sock
 
 
-def wait_at_most(sock, seconds: float) -> None:
+def set_upstream_timeout(sock, seconds: float) -> None:
     """Have a pooled connection's socket time out after `seconds` again (the event loop may
     have made it non-blocking; setting a time-out is a system call, so only when it changed)."""
     if isinstance(sock, KernelTimedSocket):
