@@ -45,7 +45,7 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         10.1 Worker threads, and the way back to the event loop
         10.2 A call to a provider: sent, answered, cut
         10.3 Streamed answers: read by the event loop, or by a thread
-        10.4 Provider connections, kept alive, and their answers' heads
+        10.4 Provider connections: kept alive, timed out, and their answers' heads
     11. Daemon
     12. CLI
         12.1 Arguments, and the config a command runs on
@@ -9148,7 +9148,7 @@ class SilenceWatch:
 
 
 # -----------------------------------------------------------------------------
-# 10.4 Provider connections, kept alive, and their answers' heads
+# 10.4 Provider connections: kept alive, timed out, and their answers' heads
 # -----------------------------------------------------------------------------
 
 class ConnectionPool:
