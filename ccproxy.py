@@ -545,6 +545,7 @@ JSONC_BARE_KEY_RE = re.compile(r'"(?:\\.|[^"\\])*"|([{,]\s*)([A-Za-z_$][\w$]*)(\
 ENV_REFERENCE_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_DURATION_SECONDS = 30 * 86400     # longer is a slip (and past what a socket's time-out takes)
 
 
 def parse_jsonc(text: str, source: str):
@@ -598,8 +599,8 @@ def join_key(path: str, key: str) -> str:
 
 
 def parse_duration(value, zero: bool = False) -> float:
-    """Seconds from 30, 2.5, "30s", "5m", "1h30m" or "500ms" (0 too, with zero); raises
-    ValueError otherwise."""
+    """Seconds from 30, 2.5, "30s", "5m", "1h30m" or "500ms" (0 too, with zero), up to 30
+    days; raises ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError("not a duration")
     if isinstance(value, (int, float)):
@@ -613,8 +614,12 @@ def parse_duration(value, zero: bool = False) -> float:
             if not parts or "".join(n + u for n, u in parts) != text:
                 raise ValueError("not a duration") from None
             seconds = sum(float(n) * DURATION_UNIT_SECONDS[u] for n, u in parts)
+    if seconds != seconds:                              # "nan"
+        raise ValueError("not a duration")
     if seconds < 0 or (seconds == 0 and not zero):
         raise ValueError("must be more than zero")
+    if seconds > MAX_DURATION_SECONDS:                  # "inf" too
+        raise ValueError("must be 30 days or less")
     return seconds
 
 

@@ -140,6 +140,13 @@ def test_presets_fill_base_url_and_protocol():
     ({"port": "3456"}, 'config.json: port: must be a port number, not "3456"'),
     ({"log": "yes"}, "config.json: log: must be true or false"),
     ({"performance": {"request_timeout": "soon"}}, "config.json: performance.request_timeout: "),
+    ({"performance": {"request_timeout": "nan"}},
+     'config.json: performance.request_timeout: not a duration (use seconds or "30s", "5m"): '
+     '"nan"'),
+    ({"performance": {"request_timeout": "inf"}},
+     "config.json: performance.request_timeout: must be 30 days or less"),
+    ({"performance": {"keepalive_timeout": 1e12}},
+     "config.json: performance.keepalive_timeout: must be 30 days or less"),
     ({"performance": {"max_request_body_size": 0}},
      "config.json: performance.max_request_body_size: must be a positive integer"),
     ({"security": {"allowed_ips": ["10.0.0.0/33"]}},
