@@ -9343,9 +9343,8 @@ class KernelTimedSocket(socket.socket):
         """Blocking, a receive or send failing after `seconds` without progress."""
         if self.gettimeout() is not None:
             self.settimeout(None)
-        if getattr(self, "kernel_timeout", None) != seconds:
-            whole, fraction = divmod(seconds, 1.0)
-            timeval = struct.pack("ll", int(whole), int(fraction * 1e6))
+        if getattr(self, "kernel_timeout", None) != seconds:   # in µs, never 0 (no limit)
+            timeval = struct.pack("ll", *divmod(max(1, round(seconds * 1e6)), 1000000))
             self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
             self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             self.kernel_timeout = seconds

@@ -9,6 +9,7 @@ import io
 import json
 import re
 import socket
+import struct
 import threading
 import time
 import tracemalloc
@@ -166,6 +167,27 @@ def test_a_provider_that_stops_reading_the_request_is_a_timeout(timed_proxy, tls
     assert caught.value.status_code == 504
     assert caught.value.body["error"]["type"] == "timeout_error"
     assert len(kernel_timed) == kernel_timed_for(tls)
+
+
+@pytest.mark.skipif(not ccproxy.KERNEL_TIMES_SOCKETS, reason="the kernel keeps time-outs on Linux")
+@pytest.mark.parametrize("seconds, least, most", [(0.3, 0.3, 0.3), (2.5, 2.5, 2.5),
+                                                  (1e-9, 1e-6, 0.011)])
+def test_a_kernel_timed_socket_times_out_as_python_would(seconds, least, most):
+    """The kernel's time-out is the one asked for (the kernel rounds it up to its clock's tick),
+    never zero, which would mean no limit at all; a receive that waited that long is the
+    socket.timeout Python would have raised."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sock = ccproxy.kernel_timed_connection(listener.getsockname(), 5)
+        sock.wait_at_most(seconds)
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+        whole, micro = struct.unpack("ll", raw)
+        assert least <= whole + micro / 1e6 <= most
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16) == raw
+        assert sock.gettimeout() is None
+        if seconds < 1:
+            with pytest.raises(socket.timeout):
+                sock.recv_into(bytearray(10))
+        sock.close()
 
 
 def test_a_connection_kept_from_a_stream_waits_for_its_next_answer_again(start_proxy, upstream):
