@@ -619,7 +619,7 @@ def parse_duration(value, zero: bool = False) -> float:
     if seconds < 0 or (seconds == 0 and not zero):
         raise ValueError("must be more than zero")
     if seconds > MAX_DURATION_SECONDS:                  # "inf" too
-        raise ValueError("must be 30 days or less")
+        raise ValueError("must be %d days or less" % (MAX_DURATION_SECONDS // 86400))
     return seconds
 
 
