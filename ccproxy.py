@@ -7694,10 +7694,11 @@ class ResponsesStreamTranslator:
 
     def feed_event(self, event: str, payload: dict | None) -> bytes:
         kind = (payload or {}).get("type") or event
-        handler = RESPONSES_EVENT_HANDLERS.get(kind)
+        handler = RESPONSES_EVENT_HANDLERS.get(kind) if isinstance(kind, str) else None
         if payload is not None and handler is not None:
             self._emit.start()
-            getattr(self, handler)(payload, ("item", payload.get("output_index")))
+            index = payload.get("output_index")
+            getattr(self, handler)(payload, ("item", index if isinstance(index, int) else None))
         return self._emit.take()
 
     @property

@@ -76,13 +76,17 @@ chunk_like = st.recursive(st.none() | st.booleans() | st.integers() | st.text(ma
                           | st.dictionaries(chunk_keys, children, max_size=4), max_leaves=12)
 
 
+def translation_context():
+    config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
+    return ccproxy.TranslationContext(config.providers[0], request, {"model": "m"},
+                                      ccproxy.openai_tool_name)
+
+
 @settings(max_examples=600, deadline=None)
 @given(st.lists(chunk_like, max_size=6))
 def test_stream_translators_survive_any_chunks(chunks):
-    config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
-    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
-    context = ccproxy.TranslationContext(config.providers[0], request, {"model": "m"},
-                                         ccproxy.openai_tool_name)
+    context = translation_context()
     for translator in (ccproxy.OpenAIStreamTranslator(context),
                        ccproxy.GeminiStreamTranslator(context)):
         try:
@@ -94,14 +98,41 @@ def test_stream_translators_survive_any_chunks(chunks):
             pass
 
 
+responses_keys = st.sampled_from(["type", "output_index", "item", "response", "delta", "id",
+                                  "summary_index", "call_id", "name", "arguments", "status",
+                                  "output", "usage", "error", "summary", "encrypted_content",
+                                  "content", "text", "input_tokens", "incomplete_details"])
+responses_like = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                              lambda children: st.lists(children, max_size=3)
+                              | st.dictionaries(responses_keys, children, max_size=4),
+                              max_leaves=12)
+responses_events = st.fixed_dictionaries(
+    {"type": st.sampled_from(sorted(ccproxy.RESPONSES_EVENT_HANDLERS)) | responses_like},
+    optional={key: responses_like for key in ("output_index", "item", "response", "delta",
+                                              "summary_index")})
+
+
 @settings(max_examples=600, deadline=None)
-@given(chunk_like)
+@given(st.lists(st.tuples(st.sampled_from(["", "error", "message"]), responses_events | st.none()),
+                max_size=6))
+def test_the_responses_stream_translator_survives_any_events(events):
+    """Any event a Responses stream may hold, of any shape, is translated or refused with a
+    provider error; none is a bug in ccproxy."""
+    translator = ccproxy.ResponsesStreamTranslator(translation_context())
+    try:
+        for event, payload in events:
+            translator.feed_event(event, payload)
+        translator.finish()
+    except ccproxy.ProxyError:
+        pass
+
+
+@settings(max_examples=600, deadline=None)
+@given(chunk_like | responses_like)
 def test_whole_answers_of_any_shape_translate_or_fail_cleanly(answer):
-    config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
-    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
-    context = ccproxy.TranslationContext(config.providers[0], request, {"model": "m"},
-                                         ccproxy.openai_tool_name)
-    for protocol in (ccproxy.PROTOCOLS["openai"], ccproxy.PROTOCOLS["gemini"]):
+    context = translation_context()
+    for protocol in (ccproxy.PROTOCOLS["openai"], ccproxy.PROTOCOLS["openai-responses"],
+                     ccproxy.PROTOCOLS["gemini"]):
         try:
             message = protocol.message(answer, context)
         except ccproxy.ProxyError:
