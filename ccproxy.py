@@ -1424,7 +1424,7 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
     checker.unknown_keys(entry, PROVIDER_KEYS, path, refuse=bool(preset))
     fields = dict(PROVIDER_DEFAULTS, **dict(preset, **entry))
     protocol = fields["type"]
-    if protocol not in PROTOCOLS:
+    if not isinstance(protocol, str) or protocol not in PROTOCOLS:
         checker.fail(path + ".type", "must be one of %s for a provider not named like a preset (%s)"
                      % (", ".join(PROTOCOLS), ", ".join(PROVIDER_PRESETS)))
         return None
@@ -1722,8 +1722,12 @@ def build_route(checker: ConfigChecker, name: str, entry, providers: dict) -> Ro
     if not conditions and name not in SCENARIOS and name != "default":
         checker.warn(path, "not a scenario route (%s, default) and without conditions: no "
                            "request will use it" % ", ".join(SCENARIOS))
-    fallbacks = []
-    for index, fallback in enumerate(entry.get("fallbacks") or []):
+    fallbacks, given = [], entry.get("fallbacks") or []
+    if not isinstance(given, list):
+        checker.fail(path + ".fallbacks", 'must be a list of {"provider", "model"} or '
+                                          '"provider,model"')
+        given = []
+    for index, fallback in enumerate(given):
         where = "%s.fallbacks[%d]" % (path, index)
         fallback = route_entry(fallback)
         if not isinstance(fallback, dict):
@@ -1775,9 +1779,9 @@ def build_conditions(checker: ConfigChecker, conditions, path: str) -> list:
             checker.fail(where, "must be an object with type, operator and value")
             continue
         kind, operator = condition.get("type"), condition.get("operator", "==")
-        if kind not in CONDITIONS:
+        if not isinstance(kind, str) or kind not in CONDITIONS:
             checker.fail(where + ".type", "must be one of " + ", ".join(CONDITIONS))
-        elif operator not in COMPARISONS:
+        elif not isinstance(operator, str) or operator not in COMPARISONS:
             checker.fail(where + ".operator", "must be one of " + " ".join(COMPARISONS))
         elif kind == "header" and not isinstance(condition.get("header"), str):
             checker.fail(where + ".header", "must name the request header to test")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import REPO, dead_url, json_reply
@@ -481,3 +482,84 @@ def test_probe_without_a_model_list_sends_each_routed_model_the_smallest_request
     sent = [r["json"] for r in upstream.requests if r["method"] == "POST"]
     assert [(b["model"], b["max_tokens"], b["messages"]) for b in sent] == [
         (m, 16, [{"role": "user", "content": "ping"}]) for m in ("real", "fake")]
+
+
+# --- any value in any place: taken, or refused naming the file and the key ----------------------
+
+EVERY_SETTING = {
+    "host": "127.0.0.1", "port": 3456, "apikey": "client-key-0123456789abc",
+    "admin_key": "admin-key-0123456789abcdef", "client_keys": {"alice": "alice-key-0123456789abc"},
+    "log": False, "log_file": "/tmp/ccproxy.log", "log_bodies": False, "usage_file": "",
+    "failover": {"other_providers": True, "missing_model": False, "context_overflow": True},
+    "providers": [
+        {"name": "anthropic", "api_key": "k", "enabled": True, "headers": {"X-Team": "a"},
+         "max_tokens": 100, "count_tokens": True,
+         "models": ["claude-sonnet-5", {"name": "m2", "context_window": 100000,
+                                        "max_output_tokens": 1000,
+                                        "price": {"input": 1, "output": 2, "cache_read": 0.1,
+                                                  "cache_write": 1.25}}]},
+        {"name": "openai", "api_keys": ["a", "b"], "api": "responses",
+         "responses_models": "codex", "models": ["gpt-5"]},
+        {"name": "az", "type": "azure", "api_base_url": "https://r.openai.azure.com",
+         "api_key": "k", "deployments": {"gpt-4.1": "d"}, "api_version": "2025-04-01-preview"},
+        {"name": "gem", "type": "gemini", "api_base_url": "https://g.example/v1beta",
+         "api_key": "k", "models": ["gemini-2.5-pro"]}],
+    "routes": {
+        "default": {"provider": "anthropic", "model": "claude-sonnet-5",
+                    "fallbacks": ["openai,gpt-5", {"provider": "gem", "model": "gemini-2.5-pro"}]},
+        "background": "openai,gpt-5", "longContext": "gem,gemini-2.5-pro",
+        "longContextThreshold": 60000,
+        "reviews": {"provider": "az", "model": "gpt-4.1", "conditions": [
+            {"type": "header", "header": "x-task", "operator": "==", "value": "review"},
+            {"type": "model", "operator": "matches", "value": "^c"}]}},
+    "security": {"allowed_ips": ["127.0.0.1/32"]},
+    "management": {"read_only": True},
+    "performance": {"request_timeout": "10m", "drain_delay": "1s", "max_connections": 100,
+                    "worker_threads": 64, "max_retries": 1, "circuit_breaker_enabled": True,
+                    "rate_limit_rpm": 60, "metrics_enabled": True},
+}
+
+
+def setting_paths(value, path=()):
+    """The path of every value in a config: dict keys and list indexes."""
+    if path:
+        yield path
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        yield from setting_paths(item, path + (key,))
+
+
+any_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats()
+                         | st.text(max_size=6), lambda inner: st.lists(inner, max_size=2)
+                         | st.dictionaries(st.text(max_size=6), inner, max_size=2), max_leaves=4)
+
+
+def holds(place, key) -> bool:
+    """Whether place (a dict or list, as the changes so far left it) has key."""
+    if isinstance(place, list):
+        return isinstance(key, int) and key < len(place)
+    return isinstance(place, dict) and key in place
+
+
+def test_every_setting_of_the_fuzzed_config_is_valid_as_written():
+    assert build(EVERY_SETTING).warnings == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(setting_paths(EVERY_SETTING))), any_value),
+                min_size=1, max_size=3))
+def test_any_value_in_any_place_is_taken_or_refused_naming_the_file(changes):
+    """A wrong type anywhere (a list for a provider's type, a number for its fallbacks) is a
+    config error that names the file, never a crash."""
+    raw = json.loads(json.dumps(EVERY_SETTING))
+    for path, value in changes:
+        place = raw
+        for key in path[:-1]:
+            place = place[key] if holds(place, key) else None
+        if holds(place, path[-1]):
+            place[path[-1]] = value
+    try:
+        build(raw)
+    except ccproxy.ConfigError as error:
+        assert str(error).startswith("config.json: ")
