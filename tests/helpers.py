@@ -58,6 +58,55 @@ def anthropic_stream_events(pieces=("Hel", "lo", "!"), model="claude-upstream"):
     return events
 
 
+# What each kind of block may carry in its deltas.
+DELTAS_OF_BLOCK = {"text": ("text_delta", "citations_delta"),
+                   "thinking": ("thinking_delta", "signature_delta"),
+                   "tool_use": ("input_json_delta",), "server_tool_use": ("input_json_delta",)}
+STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal",
+                "model_context_window_exceeded")
+
+
+def parse_events(data: bytes):
+    """(event, payload) pairs of an Anthropic SSE body, checking each frame's shape."""
+    events = []
+    for frame in data.decode().split("\n\n"):
+        if not frame:
+            continue
+        lines = frame.split("\n")
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), frame
+        name, payload = lines[0][7:], json.loads(lines[1][6:])
+        assert payload["type"] == name
+        events.append((name, payload))
+    return events
+
+
+def check_grammar(events, finished=True):
+    """The Anthropic event order: message_start, blocks one at a time (each with deltas of its
+    kind), message_delta, message_stop; not finished: the same up to an error event instead."""
+    names = [name for name, _ in events if name != "ping"]
+    assert names[0] == "message_start"
+    if finished:
+        assert names[-2:] == ["message_delta", "message_stop"]
+        assert [p for n, p in events if n == "message_delta"][-1]["delta"]["stop_reason"] \
+            in STOP_REASONS
+    else:
+        assert names[-1] == "error" and "message_stop" not in names
+    open_index, next_index, kinds = None, 0, {}
+    for name, payload in events[1:]:
+        if name == "content_block_start":
+            assert open_index is None and payload["index"] == next_index
+            kinds[next_index] = payload["content_block"]["type"]
+            open_index, next_index = payload["index"], next_index + 1
+        elif name == "content_block_delta":
+            assert payload["index"] == open_index
+            assert payload["delta"]["type"] in DELTAS_OF_BLOCK.get(kinds[open_index],
+                                                                   (payload["delta"]["type"],))
+        elif name == "content_block_stop":
+            assert payload["index"] == open_index
+            open_index = None
+    assert open_index is None or not finished
+
+
 class Reply:
     """A scripted answer: status, headers, and body given whole or as timed pieces."""
 

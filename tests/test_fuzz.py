@@ -1,7 +1,9 @@
 """Bad input never crashes a translator: any body that passes validation either translates to
-JSON or is refused with a 400 saying why."""
+JSON or is refused with a 400 saying why, and any answer a provider gives, of any shape, reaches
+the client through the running proxy as a well-formed message, event stream or error."""
 from __future__ import annotations
 
+import http.client
 import json
 import re
 
@@ -10,6 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
+from helpers import (check_grammar, MockUpstream, parse_events, Reply, RunningProxy,
+                     STOP_REASONS)
 
 anything = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                         lambda children: st.lists(children, max_size=3)
@@ -313,3 +317,110 @@ def test_json_made_once_refuses_what_json_dumps_refuses():
     for encode in (ccproxy.JSON_TEXT, ccproxy.COMPACT_JSON_TEXT):
         with pytest.raises(TypeError, match="not JSON serializable"):
             encode({"a": object()})
+
+
+# --- provider answers of any shape, through the running proxy -------------------------------------
+
+TEXT_AND_CALL = {
+    "chat": [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+             {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},
+             {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1",
+                                                                 "function": {"name": "Read",
+                                                                              "arguments": "{"}}]}}]},
+             {"choices": [{"index": 0, "delta": {"tool_calls": [
+                 {"index": 0, "function": {"arguments": "}"}}]}}]},
+             {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+             {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}],
+    "responses": [
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {"type": "reasoning", "id": "rs_1", "summary": []}},
+        {"type": "response.reasoning_summary_text.delta", "output_index": 0, "delta": "hm"},
+        {"type": "response.output_item.done", "output_index": 0,
+         "item": {"type": "reasoning", "id": "rs_1", "encrypted_content": "e"}},
+        {"type": "response.output_text.delta", "output_index": 1, "delta": "Hi"},
+        {"type": "response.output_item.added", "output_index": 2,
+         "item": {"type": "function_call", "call_id": "call_1", "name": "Read"}},
+        {"type": "response.function_call_arguments.delta", "output_index": 2, "delta": "{}"},
+        {"type": "response.completed", "response": {"status": "completed", "output": [],
+                                                    "usage": {"input_tokens": 5}}}],
+    "gemini": [{"candidates": [{"content": {"parts": [{"text": "hm", "thought": True}]}}]},
+               {"candidates": [{"content": {"parts": [{"text": "Hi"}]}}]},
+               {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Read",
+                                                                        "args": {}}}]},
+                                "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}}],
+}
+WHOLE_ANSWERS = {
+    "chat": {"choices": [{"message": {"content": "Hi", "tool_calls": [
+        {"id": "call_1", "function": {"name": "Read", "arguments": "{}"}}]},
+        "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
+    "responses": {"status": "completed", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "Hi"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "Read", "arguments": "{}"}],
+        "usage": {"input_tokens": 5, "output_tokens": 2}},
+    "gemini": TEXT_AND_CALL["gemini"][2],
+}
+SSE_ODDITIES = [b"data: {bad json\n\n", b": a comment\n\n", b"data: [DONE]\n\n", b"data: 1\n\n",
+                b"event: error\n", b"\n\n\n", b"data: \xff\xfe\n\n"]
+
+
+@pytest.fixture(scope="module")
+def answering_proxy():
+    """A proxy in front of one mock that answers as each test example scripts it, for a Chat
+    Completions, a Responses and a Gemini provider."""
+    upstream = MockUpstream()
+    config = ccproxy.build_config({"port": 0, "failover": False, "providers": [
+        {"name": "chat", "type": "openai", "api_base_url": upstream.url + "/v1", "api_key": "k"},
+        {"name": "responses", "type": "openai", "api": "responses",
+         "api_base_url": upstream.url + "/v1", "api_key": "k"},
+        {"name": "gemini", "api_base_url": upstream.url + "/v1beta", "api_key": "k"}]},
+        "c.json", {})
+    proxy = RunningProxy(config)
+    yield proxy, upstream
+    proxy.stop()
+    upstream.close()
+
+
+def any_answer(data, protocol: str, stream: bool) -> Reply:
+    """The provider's answer: its usual events or whole answer, with any of them replaced by
+    any other value, SSE oddities between, and the stream cut short or not."""
+    shaped = chunk_like | responses_events | responses_like
+    if not stream:
+        answer = data.draw(st.sampled_from([WHOLE_ANSWERS[protocol]]) | shaped)
+        return Reply(200, json.dumps(answer).encode())
+    events = data.draw(st.lists(st.sampled_from(TEXT_AND_CALL[protocol]) | shaped, max_size=8))
+    pieces = [b"data: %s\n\n" % json.dumps(event).encode() for event in events]
+    for oddity in data.draw(st.lists(st.sampled_from(SSE_ODDITIES), max_size=2)):
+        pieces.insert(data.draw(st.integers(0, len(pieces))), oddity)
+    return Reply(200, pieces=pieces, content_type="text/event-stream", cut=data.draw(st.booleans()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(protocol=st.sampled_from(sorted(TEXT_AND_CALL)), stream=st.booleans(), data=st.data())
+def test_provider_answers_of_any_shape_reach_the_client_well_formed(answering_proxy, protocol,
+                                                                   stream, data):
+    """Whatever a provider answers, the client gets an Anthropic message, an event stream in
+    the Anthropic order (ended by an error event when the answer broke off), or an error; none
+    is a bug in ccproxy."""
+    proxy, upstream = answering_proxy
+    reply = any_answer(data, protocol, stream)
+    upstream.script = lambda request: reply
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    connection.request("POST", "/v1/messages", json.dumps({
+        "model": protocol + ",m", "max_tokens": 50, "stream": stream,
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "hi"}]}))
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    assert b"internal error in ccproxy" not in body
+    if response.status != 200:
+        error = json.loads(body)
+        assert error["type"] == "error" and isinstance(error["error"]["message"], str)
+    elif stream:
+        events = parse_events(body)
+        check_grammar(events, finished=events[-1][0] != "error")
+    else:
+        message = json.loads(body)
+        assert message["type"] == "message" and message["stop_reason"] in STOP_REASONS
+        assert all(isinstance(block["type"], str) for block in message["content"])

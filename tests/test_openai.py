@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
-from helpers import (answer_of, CLAUDE_CODE_VERSIONS, json_reply, open_stream, read_to_end,
-                     Reply, sdk, stream_reply)
+from helpers import (answer_of, check_grammar, CLAUDE_CODE_VERSIONS, json_reply, open_stream,
+                     parse_events, read_to_end, Reply, sdk, stream_reply)
 
 OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
 
@@ -107,37 +107,6 @@ EXPECTED_CONTENT = {
     "empty_deltas": [{"type": "text", "text": "x"}],
     "usage_on_finish_chunk": [{"type": "text", "text": "x"}],
 }
-
-
-def parse_events(data: bytes):
-    """(event, payload) pairs of an Anthropic SSE body, checking each frame's shape."""
-    events = []
-    for frame in data.decode().split("\n\n"):
-        if not frame:
-            continue
-        lines = frame.split("\n")
-        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), frame
-        name, payload = lines[0][7:], json.loads(lines[1][6:])
-        assert payload["type"] == name
-        events.append((name, payload))
-    return events
-
-
-def check_grammar(events):
-    """The Anthropic event order: message_start, blocks one at a time, message_delta, stop."""
-    names = [name for name, _ in events if name != "ping"]
-    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
-    open_index, next_index = None, 0
-    for name, payload in events[1:-2]:
-        if name == "content_block_start":
-            assert open_index is None and payload["index"] == next_index
-            open_index, next_index = payload["index"], next_index + 1
-        elif name == "content_block_delta":
-            assert payload["index"] == open_index
-        elif name == "content_block_stop":
-            assert payload["index"] == open_index
-            open_index = None
-    assert open_index is None
 
 
 def context(tools=(), model="claude-x", provider_name="openai"):

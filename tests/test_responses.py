@@ -11,8 +11,7 @@ import openai
 import pydantic
 import pytest
 
-from helpers import json_reply, sdk, stream_reply
-from test_openai import check_grammar, parse_events
+from helpers import check_grammar, json_reply, parse_events, sdk, stream_reply
 
 KEY = "sk-resp-0123456789abcdef"
 STREAM_EVENT = pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent)
