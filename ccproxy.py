@@ -406,11 +406,28 @@ def mask_secret(secret: str) -> str:
 
 def secret_forms(secret: str) -> set:
     """Every way a secret may be written into a message: as is, escaped the way repr() and JSON
-    escape it (a key with a stray newline shows up as `sk-…\\n`), and URL-encoded."""
+    escape it (a key with a stray newline shows up as `sk-…\\n`), URL-encoded, and base64."""
     forms = {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1],
              repr(secret.encode("utf-8", "surrogatepass"))[2:-1],
              urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret, safe="")}
+    forms.update(base64_forms(secret.encode("utf-8", "surrogatepass")))
     return {form for form in forms if form}
+
+
+def base64_forms(secret: bytes) -> set:
+    """What any base64 text (standard or URL-safe) that holds the secret always reads, at each
+    of the three places in a 3-byte group it may start (`Basic base64("user:" + key)` holds a
+    key after five bytes): the characters that encode its bits and no others'."""
+    forms = set()
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + secret).decode()
+        start, end = -(-8 * offset // 6), 8 * (offset + len(secret)) // 6
+        if end - start >= 16:                     # shorter could be anything's base64
+            forms.update((encoded[start:end], encoded[start:end].translate(BASE64_URL_SAFE)))
+    return forms
+
+
+BASE64_URL_SAFE = str.maketrans("+/", "-_")
 
 
 class SecretMasker:
@@ -6180,7 +6197,7 @@ class AnthropicProtocol(Protocol):
 
     def stream_relay(self, context):
         marked = context.provider.quirks["anthropic_compat"] is not None
-        return AnthropicStreamRelay(context.provider.name, context.record,
+        return AnthropicStreamRelay(context.provider, context.record,
                                     context.model if marked else None)
 
     def error(self, call) -> ProxyError:
@@ -6377,13 +6394,14 @@ class AnthropicStreamRelay:
     feed() returns the complete events in a chunk and keeps a trailing partial event for the
     next chunk, so a stream cut mid-event never leaves half an event before the error event
     that finish() adds when the stream ended without message_stop or error. Upstream silence
-    (an empty chunk) becomes a ping between events.
+    (an empty chunk) becomes a ping between events. Events that speak of an error have the
+    provider's secrets masked (a provider may echo the key it was given).
     """
 
     broken = None                     # never: bytes pass as they are
 
-    def __init__(self, provider_name: str, record=None, client_model: str | None = None):
-        self._provider_name = provider_name
+    def __init__(self, provider: Provider, record=None, client_model: str | None = None):
+        self._provider = provider
         self._held = HeldBytes()
         self._terminated = False
         self._record = record
@@ -6405,9 +6423,11 @@ class AnthropicStreamRelay:
             self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
         if complete and self._record is not None:
             note_anthropic_usage(complete, self._record)
+        if b"error" in complete:
+            complete = self._provider.masker.data(complete)
         if self._client_model is not None and (b'"signature' in complete
                                                or b'"message_start"' in complete):
-            complete = marked_events(complete, self._provider_name, self._client_model)
+            complete = marked_events(complete, self._provider.name, self._client_model)
         return complete
 
     @property
@@ -6418,7 +6438,7 @@ class AnthropicStreamRelay:
         if self._terminated:
             return b""
         if error is None:
-            error = UpstreamError("%s: the stream ended before message_stop" % self._provider_name)
+            error = UpstreamError("%s: the stream ended before message_stop" % self._provider.name)
         return error.event()
 
 

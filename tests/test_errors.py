@@ -2,6 +2,7 @@
 secrets masked in every form, wherever a message goes."""
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import sys
@@ -11,7 +12,7 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import PROVIDER_KEY, Reply, json_reply, raw_exchange, sdk
+from helpers import PROVIDER_KEY, Reply, json_reply, raw_exchange, sdk, sse
 
 KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
 
@@ -90,15 +91,33 @@ def test_provider_key_echoed_in_a_foreign_error_is_masked(proxy, upstream):
     assert caught.value.body["error"]["message"] == "anthropic: HTTP 500: oops key=sk-a…6789"
 
 
+def test_provider_key_echoed_in_an_anthropic_stream_error_event_is_masked(proxy, upstream):
+    """An Anthropic-protocol stream passes as it came, but for the secrets in an error event."""
+    error = {"type": "error", "error": {"type": "overloaded_error",
+                                        "message": "key %s is overloaded" % PROVIDER_KEY}}
+    upstream.script = lambda r: Reply(200, pieces=[sse("error", error)],
+                                      content_type="text/event-stream")
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}]) as stream:
+            stream.until_done()
+    assert "key sk-a…6789 is overloaded" in str(caught.value.body)
+    assert PROVIDER_KEY not in str(caught.value.body)
+
+
 def test_every_form_of_a_secret_is_masked():
     masker = ccproxy.SecretMasker([KEY, "sk-with-newline-0123456789\n"])
     forms = [KEY, json.dumps(KEY)[1:-1], urllib.parse.quote(KEY, safe=""),
              urllib.parse.quote_plus(KEY), repr(KEY.encode())[2:-1],
              repr("sk-with-newline-0123456789\n")[1:-1],
              repr(b"Bearer sk-with-newline-0123456789\n")]
+    forms += [base64.b64encode(prefix + KEY.encode()).decode()     # as in Basic user:key
+              for prefix in (b"", b"u:", b"user:", b"a-longer-user:")]
+    forms.append(base64.urlsafe_b64encode(b"x" + KEY.encode()).decode())
     for form in forms:
         masked = masker.text("error: %s (end)" % form)
         assert "0123456789" not in masked and masked.startswith("error: ") and "(end)" in masked
+        assert "…" in masked or "****" in masked
     assert masker.data(b"plain text") == b"plain text"
 
 

@@ -612,7 +612,9 @@ def test_an_endless_event_is_cut_at_the_limit(start_proxy, upstream, after_first
 
 
 def test_held_bytes_join_once_however_many_pieces():
-    relay = ccproxy.AnthropicStreamRelay("p")
+    config = ccproxy.build_config({"providers": [{"name": "p", "type": "anthropic",
+                                                  "api_base_url": "http://127.0.0.1:9"}]}, "c", {})
+    relay = ccproxy.AnthropicStreamRelay(config.providers[0])
     for _ in range(1000):
         assert relay.feed(b"y" * 100) == b""
     out = relay.feed(b"\n\nevent: message_stop\ndata: {}\n\n")
