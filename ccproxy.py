@@ -92,6 +92,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 
 __version__ = "0.1.0"
 __all__ = ["serve_in_thread", "ProxyThread", "ProxyServer", "Config", "ConfigError",
@@ -1556,8 +1557,10 @@ def clean_openai_fields(checker: ConfigChecker, fields: dict, path: str) -> None
     if fields["api"] not in (None, "chat", "responses"):
         checker.fail(path + ".api", 'must be "chat" or "responses"')
     pattern = fields["responses_models"]
-    if pattern is not None and not (isinstance(pattern, str) and valid_regex(pattern)):
+    if pattern is not None and not isinstance(pattern, str):
         checker.fail(path + ".responses_models", "must be a regular expression")
+    elif pattern is not None:
+        check_regex(checker, pattern, path + ".responses_models")
     deployments = checker.typed(fields, "deployments", path, dict,
                                 "an object of model: deployment name")
     for model, name in (deployments or {}).items():
@@ -1802,20 +1805,35 @@ def build_conditions(checker: ConfigChecker, conditions, path: str) -> list:
             checker.fail(where + ".operator", "must be one of " + " ".join(COMPARISONS))
         elif kind == "header" and not isinstance(condition.get("header"), str):
             checker.fail(where + ".header", "must name the request header to test")
-        elif operator == "matches" and not valid_regex(condition.get("value")):
-            checker.fail(where + ".value", "not a valid regular expression")
-        else:
+        elif operator != "matches" or check_regex(checker, condition.get("value"),
+                                                  where + ".value"):
             checked.append(dict(condition, operator=operator))
     return checked
 
 
-def valid_regex(value) -> bool:
-    """Whether value compiles as a regular expression."""
-    try:
-        re.compile(str(value))
-    except re.error:
-        return False
-    return True
+def check_regex(checker: ConfigChecker, value, path: str) -> bool:
+    """Whether a config value is a regular expression Python takes (a problem naming path when
+    not); one that a later Python will read differently is taken, with a warning."""
+    error, warning = regex_problems(str(value))
+    if error:
+        checker.fail(path, "not a valid regular expression: %s" % error)
+    elif warning:
+        checker.warn(path, "%s: a later Python will read it differently (in a set, escape [ as "
+                           "\\[; Python has no [:alpha:] classes)" % warning)
+    return error is None
+
+
+def regex_problems(pattern: str) -> tuple:
+    """(why Python refuses pattern: a \\p{…} class, a possessive, a repeat too large; the
+    warning it gives for what a later Python will read differently, such as a nested set), each
+    None when there is none. Nothing is printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as exc:
+            return str(exc), None
+    return None, (str(caught[0].message) if caught else None)
 
 
 def build_config(raw: dict, source: str | None, environ=None, flags=None,
@@ -6813,7 +6831,7 @@ def openai_schema(node):
         return node
     cleaned = {}
     for key, value in node.items():
-        if key == "pattern" and isinstance(value, str) and not python_regex(value):
+        if key == "pattern" and isinstance(value, str) and regex_problems(value)[0]:
             log.debug("a tool schema pattern OpenAI cannot compile was left out: %r", value[:80])
             continue
         if key in SCHEMA_MAP_KEYWORDS and isinstance(value, dict):
@@ -6824,15 +6842,6 @@ def openai_schema(node):
             value = openai_schema(value)
         cleaned[key] = value
     return cleaned
-
-
-def python_regex(pattern: str) -> bool:
-    """Whether pattern compiles as a Python regular expression (no \\p{…}, no possessives)."""
-    try:
-        re.compile(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return False
-    return True
 
 
 def openai_tool_name(name: str) -> str:

@@ -312,11 +312,17 @@ def read_request(connection) -> bytes:
     return head
 
 
+HELD_PORTS = []          # sockets bound and never listening: connections to them are refused
+
+
 def dead_url():
-    """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return "http://127.0.0.1:%d" % probe.getsockname()[1]
+    """An http URL on 127.0.0.1 where nothing listens (connections are refused). Its port stays
+    bound, not listening, so no server that starts meanwhile (a test run beside this one) can
+    take it."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    HELD_PORTS.append(probe)
+    return "http://127.0.0.1:%d" % probe.getsockname()[1]
 
 
 class RunningProxy:

@@ -452,7 +452,8 @@ def test_azure_settings_are_checked_naming_the_key():
             "responses_models": "("}]}, "config.json", {})
     assert str(caught.value).splitlines() == [
         'config.json: providers[0].api: must be "chat" or "responses"',
-        "config.json: providers[0].responses_models: must be a regular expression",
+        "config.json: providers[0].responses_models: not a valid regular expression: missing ), "
+        "unterminated subpattern at position 0",
         "config.json: providers[0].deployments.gpt-4.1: must be a deployment name",
         'config.json: providers[0].api_version: must be "v1" or a date like '
         '"2025-04-01-preview"']

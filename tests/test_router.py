@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import warnings
 
 import anthropic
 import pytest
@@ -257,6 +258,8 @@ def test_candidates_are_the_route_then_its_fallbacks_then_the_others():
     ({"type": "model", "operator": "~", "value": 1}, "conditions[0].operator: must be one of"),
     ({"type": "model", "operator": "matches", "value": "("},
      "conditions[0].value: not a valid regular expression"),
+    ({"type": "model", "operator": "matches", "value": "a{99999999999}"},
+     "conditions[0].value: not a valid regular expression: the repetition number is too large"),
     ({"type": "header", "operator": "==", "value": "x"}, "conditions[0].header"),
 ])
 def test_bad_conditions_name_the_key(condition, problem):
@@ -264,6 +267,18 @@ def test_bad_conditions_name_the_key(condition, problem):
            "routes": {"r": {"provider": "openai", "model": "m", "conditions": [condition]}}}
     with pytest.raises(ccproxy.ConfigError, match=r"config\.json: routes\.r\." + re.escape(problem)):
         ccproxy.build_config(raw, "config.json", {})
+
+
+def test_a_pattern_a_later_python_reads_differently_is_a_warning_naming_the_key():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # nothing printed: it is in the warnings
+        config = ccproxy.build_config({"providers": RULES["providers"], "routes": {"r": {
+            "provider": "openai", "model": "gpt-main", "conditions": [
+                {"type": "model", "operator": "matches", "value": "[[:alpha:]]"}]}}},
+            "config.json", {})
+    assert config.warnings == ["config.json: routes.r.conditions[0].value: Possible nested set "
+                               "at position 1: a later Python will read it differently (in a "
+                               "set, escape [ as \\[; Python has no [:alpha:] classes)"]
 
 
 # One request per condition type that makes that condition hold (and not the default).
