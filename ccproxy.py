@@ -3471,6 +3471,9 @@ def check_message(message, index: int) -> None:
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise InvalidRequestError("messages[%d].content[%d]: must be an object with a type"
                                       % (index, position))
+        if block["type"] == "text" and not isinstance(block.get("text"), str):
+            raise InvalidRequestError("messages[%d].content[%d].text: must be a string"
+                                      % (index, position))
 
 
 def is_number(value) -> bool:

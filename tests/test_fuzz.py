@@ -50,6 +50,9 @@ def providers():
 
 
 PROVIDERS = providers()
+TRANSLATIONS = [(provider, ccproxy.gemini_request_from_anthropic if provider.protocol == "gemini"
+                 else ccproxy.openai_request_from_anthropic) for provider in PROVIDERS]
+TRANSLATIONS.append((PROVIDERS[0], ccproxy.responses_request_from_anthropic))
 
 
 @settings(max_examples=400, deadline=None)
@@ -59,9 +62,7 @@ def test_translators_give_json_or_a_400(body):
         ccproxy.check_messages_request(body)
     except ccproxy.InvalidRequestError:
         return
-    for provider in PROVIDERS:
-        translate = ccproxy.gemini_request_from_anthropic if provider.protocol == "gemini" \
-            else ccproxy.openai_request_from_anthropic
+    for provider, translate in TRANSLATIONS:
         try:
             json.dumps(translate(json.loads(json.dumps(body)), provider, "model-x"))
         except ccproxy.InvalidRequestError:

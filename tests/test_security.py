@@ -551,6 +551,8 @@ def test_a_stream_that_breaks_before_anything_was_sent_is_an_http_error(start_pr
      b'"messages":[{"role":"user","content":"x"}]}', "thinking: budget_tokens must be"),
     (b'{"model":"m","max_tokens":5,"metadata":"me","messages":[{"role":"user","content":"x"}]}',
      "metadata: must be an object"),
+    (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":[{"type":"text",'
+     b'"text":["x"]}]}]}', "messages[0].content[0].text: must be a string"),
 ])
 def test_bad_field_values_are_a_400_naming_them_before_any_provider(start_proxy, upstream, body,
                                                                     problem):
