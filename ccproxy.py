@@ -3424,7 +3424,7 @@ def check_messages_request(body: dict, for_count: bool = False) -> None:
     require_field(body, "messages", "a non-empty list", lambda v: isinstance(v, list) and v)
     for index, message in enumerate(body["messages"]):
         check_message(message, index)
-    if not for_count:
+    if not for_count or body.get("max_tokens") is not None:      # a count needs none
         require_field(body, "max_tokens", "a positive integer", lambda v: isinstance(v, int)
                       and not isinstance(v, bool) and v >= 1)
     for key, problem_of in OPTIONAL_FIELD_CHECKS.items():

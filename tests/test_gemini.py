@@ -500,6 +500,16 @@ def test_count_tokens_asks_gemini_count_tokens(gemini_proxy, upstream):
     assert sent["headers"]["x-goog-api-key"] == GEMINI_KEY
 
 
+@pytest.mark.parametrize("max_tokens", [{"n": 1}, "300", 0])
+def test_a_count_with_a_max_tokens_that_is_no_count_is_a_400_naming_it(gemini_proxy, upstream,
+                                                                       max_tokens):
+    with pytest.raises(anthropic.BadRequestError, match="max_tokens: must be a positive integer"):
+        sdk(gemini_proxy).messages.count_tokens(
+            model="claude-x", messages=[{"role": "user", "content": "hello"}],
+            extra_body={"max_tokens": max_tokens})
+    assert upstream.requests == []
+
+
 def test_count_tokens_falls_back_when_gemini_fails(gemini_proxy, upstream):
     upstream.script = lambda r: json_reply(google_error(400, "INVALID_ARGUMENT", "nope"), 400)
     count = sdk(gemini_proxy).messages.count_tokens(
