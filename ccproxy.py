@@ -7734,7 +7734,7 @@ class ResponsesStreamTranslator:
         if payload is not None and handler is not None:
             self._emit.start()
             index = payload.get("output_index")
-            getattr(self, handler)(payload, ("item", index if isinstance(index, int) else None))
+            getattr(self, handler)(payload, index if isinstance(index, int) else None)
         return self._emit.take()
 
     @property
@@ -7750,48 +7750,48 @@ class ResponsesStreamTranslator:
                         anthropic_usage_from_responses(usage) if usage else None)
         return self._emit.take()
 
-    def _item_added(self, payload: dict, key) -> None:
+    def _item_added(self, payload: dict, index) -> None:
         item = dict_of(payload.get("item"))
         if item.get("type") == "reasoning":
-            self._emit.thinking("", key)
-            self._emit.signature = lambda index=key[1]: responses_reasoning_signature(
+            self._emit.thinking("", ("thinking", index))
+            self._emit.signature = lambda: responses_reasoning_signature(
                 self._reasoning.get(index) or item)
         elif item.get("type") == "function_call":
-            self._emit.open_tool(key, tool_use_id(item.get("call_id")),
+            self._emit.open_tool(("tool", index), tool_use_id(item.get("call_id")),
                                  self._context.tool_name(item.get("name")))
 
-    def _item_done(self, payload: dict, key) -> None:
+    def _item_done(self, payload: dict, index) -> None:
         item = dict_of(payload.get("item"))
         if item.get("type") == "reasoning":
-            self._reasoning[key[1]] = item
+            self._reasoning[index] = item
         elif item.get("type") == "function_call":
             self._made_calls = True
-            if key[1] not in self._streamed:          # arguments only in the finished item
-                self._item_added(payload, key)
+            if index not in self._streamed:           # arguments only in the finished item
+                self._item_added(payload, index)
                 self._emit.tool_arguments(str(item.get("arguments") or ""))
 
-    def _thinking(self, payload: dict, key) -> None:
+    def _thinking(self, payload: dict, index) -> None:
         part = payload.get("summary_index", 0)
-        separator = "\n\n" if self._summaries.get(key[1], part) != part else ""
-        self._summaries[key[1]] = part
-        self._emit.thinking(separator + str(payload.get("delta") or ""), key)
+        separator = "\n\n" if self._summaries.get(index, part) != part else ""
+        self._summaries[index] = part
+        self._emit.thinking(separator + str(payload.get("delta") or ""), ("thinking", index))
 
-    def _text(self, payload: dict, key) -> None:
-        self._emit.text(str(payload.get("delta") or ""), key)
+    def _text(self, payload: dict, index) -> None:
+        self._emit.text(str(payload.get("delta") or ""), ("text", index))
 
-    def _refusal(self, payload: dict, key) -> None:
+    def _refusal(self, payload: dict, index) -> None:
         self._refused = True
-        self._text(payload, key)
+        self._text(payload, index)
 
-    def _arguments(self, payload: dict, key) -> None:
-        if self._emit.open == key:
-            self._streamed.add(key[1])
+    def _arguments(self, payload: dict, index) -> None:
+        if self._emit.open == ("tool", index):
+            self._streamed.add(index)
             self._emit.tool_arguments(str(payload.get("delta") or ""))
 
-    def _finished(self, payload: dict, key) -> None:
+    def _finished(self, payload: dict, index) -> None:
         self._response = dict_of(payload.get("response"))
 
-    def _failed(self, payload: dict, key) -> None:
+    def _failed(self, payload: dict, index) -> None:
         raise responses_error(self._context.provider, dict_of(payload.get("response")).get(
             "error") if payload.get("type") == "response.failed" else payload)
 

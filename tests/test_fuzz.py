@@ -88,19 +88,28 @@ def translation_context():
                                       ccproxy.openai_tool_name)
 
 
+def check_translated(translator, events) -> None:
+    """What a stream translator makes of (event, payload) pairs, ended as the relay ends a
+    stream (finish(), or finish(error) once the provider's error stopped the feeding), is in
+    the Anthropic order, or is only the error that the client gets as an HTTP error."""
+    out, error = b"", None
+    for event, payload in events:
+        try:
+            out += translator.feed_event(event, payload)
+        except ccproxy.ProxyError as failure:
+            error = failure
+            break
+    made = parse_events(out + translator.finish(error))
+    if [name for name, _ in made] != ["error"]:
+        check_grammar(made, finished=made[-1][0] != "error")
+
+
 @settings(max_examples=600, deadline=None)
 @given(st.lists(chunk_like, max_size=6))
 def test_stream_translators_survive_any_chunks(chunks):
-    context = translation_context()
-    for translator in (ccproxy.OpenAIStreamTranslator(context),
-                       ccproxy.GeminiStreamTranslator(context)):
-        try:
-            for chunk in chunks:
-                if isinstance(chunk, dict):
-                    translator.feed(chunk)
-            translator.finish()
-        except ccproxy.ProxyError:
-            pass
+    for translator in (ccproxy.OpenAIStreamTranslator(translation_context()),
+                       ccproxy.GeminiStreamTranslator(translation_context())):
+        check_translated(translator, [("", chunk) for chunk in chunks if isinstance(chunk, dict)])
 
 
 responses_keys = st.sampled_from(["type", "output_index", "item", "response", "delta", "id",
@@ -121,15 +130,9 @@ responses_events = st.fixed_dictionaries(
 @given(st.lists(st.tuples(st.sampled_from(["", "error", "message"]), responses_events | st.none()),
                 max_size=6))
 def test_the_responses_stream_translator_survives_any_events(events):
-    """Any event a Responses stream may hold, of any shape, is translated or refused with a
-    provider error; none is a bug in ccproxy."""
-    translator = ccproxy.ResponsesStreamTranslator(translation_context())
-    try:
-        for event, payload in events:
-            translator.feed_event(event, payload)
-        translator.finish()
-    except ccproxy.ProxyError:
-        pass
+    """Any event a Responses stream may hold, of any shape, is translated in the Anthropic
+    order or refused with a provider error; none is a bug in ccproxy."""
+    check_translated(ccproxy.ResponsesStreamTranslator(translation_context()), events)
 
 
 @settings(max_examples=600, deadline=None)
