@@ -6052,6 +6052,11 @@ def dict_of(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def str_of(value) -> str:
+    """value when it is a string, else an empty one."""
+    return value if isinstance(value, str) else ""
+
+
 def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int, cache_write: int,
                     thinking_tokens: int = 0) -> dict:
     """Usage as the Messages API reports it: input apart from cache reads and writes, and the
@@ -7400,7 +7405,8 @@ class OpenAIStreamTranslator:
             self._stop_sequence = matched_stop_sequence(choice)
 
     def _feed_call(self, call: dict, position: int) -> None:
-        key = ("call", call.get("index", call.get("id") or position))
+        index = call.get("index", call.get("id") or position)
+        key = ("call", index if isinstance(index, (int, str)) else position)
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments")
         if isinstance(arguments, dict):
@@ -7661,8 +7667,8 @@ def anthropic_message_from_responses(data, context) -> dict:
             content.append({"type": "thinking", "thinking": reasoning_text(item),
                             "signature": responses_reasoning_signature(item)})
         elif kind == "message":
-            for part in list_of(item.get("content")):
-                text = dict_of(part).get("text") or dict_of(part).get("refusal")
+            for part in map(dict_of, list_of(item.get("content"))):
+                text = part.get("text") or part.get("refusal")
                 refused = refused or part.get("type") == "refusal"
                 if isinstance(text, str) and text:
                     content.append({"type": "text", "text": text})
@@ -7685,7 +7691,7 @@ def responses_stop_reason(response: dict, made_calls: bool, refused: bool) -> st
     """end_turn, tool_use, max_tokens (incomplete at max_output_tokens) or refusal."""
     if response.get("status") == "incomplete":
         reason = dict_of(response.get("incomplete_details")).get("reason")
-        return RESPONSES_STOP_REASONS.get(reason, "max_tokens")
+        return RESPONSES_STOP_REASONS.get(str_of(reason), "max_tokens")
     if refused:
         return "refusal"
     return "tool_use" if made_calls else "end_turn"
@@ -7709,7 +7715,7 @@ def responses_error(provider: Provider, error) -> ProxyError:
     a refused prompt 400, anything else 502 (the provider failed)."""
     error = dict_of(error) or {"message": "the response failed without saying why"}
     status = {"rate_limit_exceeded": 429, "invalid_prompt": 400, "server_error": 502}.get(
-        error.get("code"), 502)
+        str_of(error.get("code")), 502)
     return openai_error(provider, error, status)
 
 
@@ -8300,7 +8306,7 @@ class GeminiStreamTranslator:
 
     def _feed_part(self, part: dict) -> None:
         text = part.get("text")
-        signature = part.get("thoughtSignature")
+        signature = str_of(part.get("thoughtSignature"))
         if part.get("thought") and not isinstance(part.get("functionCall"), dict):
             self._emit.thinking(text if isinstance(text, str) else "")
             if signature:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import anthropic
 import pytest
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -105,6 +106,45 @@ def check_grammar(events, finished=True):
             assert payload["index"] == open_index
             open_index = None
     assert open_index is None or not finished
+
+
+# --- JSON of any shape: a known-good value with values anywhere in it replaced -----------------
+
+ANY_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats()
+                        | st.text(max_size=6), lambda inner: st.lists(inner, max_size=2)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=2), max_leaves=4)
+
+
+def json_paths(value, path=()):
+    """The path of every value inside a JSON value: object keys and list indexes."""
+    if path:
+        yield path
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        yield from json_paths(item, path + (key,))
+
+
+def holds(place, key) -> bool:
+    """Whether place (a dict or list, as the changes so far left it) has key."""
+    if isinstance(place, list):
+        return isinstance(key, int) and key < len(place)
+    return isinstance(place, dict) and key in place
+
+
+def changed_anywhere(data, value, most=3):
+    """A copy of a JSON value with up to `most` values anywhere in it (drawn from hypothesis
+    data) replaced by any JSON value: the shapes a provider or a user gets almost right."""
+    value = json.loads(json.dumps(value))
+    paths = list(json_paths(value))
+    for path, new in data.draw(st.lists(st.tuples(st.sampled_from(paths), ANY_JSON),
+                                        min_size=1, max_size=most)) if paths else ():
+        place = value
+        for key in path[:-1]:
+            place = place[key] if holds(place, key) else None
+        if holds(place, path[-1]):
+            place[path[-1]] = new
+    return value
 
 
 class Reply:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
-from helpers import (check_grammar, MockUpstream, parse_events, Reply, RunningProxy,
-                     STOP_REASONS)
+from helpers import (changed_anywhere, check_grammar, MockUpstream, parse_events, Reply,
+                     RunningProxy, STOP_REASONS)
 
 anything = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                         lambda children: st.lists(children, max_size=3)
@@ -81,10 +81,16 @@ chunk_like = st.recursive(st.none() | st.booleans() | st.integers() | st.text(ma
                           | st.dictionaries(chunk_keys, children, max_size=4), max_leaves=12)
 
 
-def translation_context():
+def translation_context(search=False):
+    """What a translator knows of its request: a plain one, or Claude Code's web search."""
     config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
     request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
-    return ccproxy.TranslationContext(config.providers[0], request, {"model": "m"},
+    body = {"model": "m", "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+            "messages": [{"role": "user", "content": "hi"}]}
+    if search:
+        body.update(tools=[{"type": "web_search_20250305", "name": "web_search"}], messages=[
+            {"role": "user", "content": "Perform a web search for the query: ccproxy"}])
+    return ccproxy.TranslationContext(config.providers[0], request, body,
                                       ccproxy.openai_tool_name)
 
 
@@ -102,6 +108,116 @@ def check_translated(translator, events) -> None:
     made = parse_events(out + translator.finish(error))
     if [name for name, _ in made] != ["error"]:
         check_grammar(made, finished=made[-1][0] != "error")
+
+
+STREAM_SEEDS = {
+    "chat": [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+             {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},
+             {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1",
+                                                                 "function": {"name": "Read",
+                                                                              "arguments": "{"}}]}}]},
+             {"choices": [{"index": 0, "delta": {"tool_calls": [
+                 {"index": 0, "function": {"arguments": "}"}}]}}]},
+             {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+             {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}],
+    "responses": [
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {"type": "reasoning", "id": "rs_1", "summary": []}},
+        {"type": "response.reasoning_summary_text.delta", "output_index": 0, "delta": "hm"},
+        {"type": "response.output_item.done", "output_index": 0,
+         "item": {"type": "reasoning", "id": "rs_1", "encrypted_content": "e"}},
+        {"type": "response.output_text.delta", "output_index": 1, "delta": "Hi"},
+        {"type": "response.output_item.added", "output_index": 2,
+         "item": {"type": "function_call", "call_id": "call_1", "name": "Read"}},
+        {"type": "response.function_call_arguments.delta", "output_index": 2, "delta": "{}"},
+        {"type": "response.completed", "response": {"status": "completed", "output": [],
+                                                    "usage": {"input_tokens": 5}}}],
+    "gemini": [{"candidates": [{"content": {"parts": [{"text": "hm", "thought": True}]}}]},
+               {"candidates": [{"content": {"parts": [{"text": "Hi"}]}}]},
+               {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Read",
+                                                                        "args": {}}}]},
+                                "finishReason": "STOP"}],
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}}],
+}
+WHOLE_SEEDS = {
+    "chat": {"choices": [{"message": {"content": "Hi", "tool_calls": [
+        {"id": "call_1", "function": {"name": "Read", "arguments": "{}"}}]},
+        "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
+    "responses": {"status": "completed", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "Hi"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "Read", "arguments": "{}"}],
+        "usage": {"input_tokens": 5, "output_tokens": 2}},
+    "gemini": STREAM_SEEDS["gemini"][2],
+}
+# What else each protocol's answers hold: refusals, answers cut at the limit, failures and
+# errors, search grounding, a blocked prompt, a malformed call, usage details, citations.
+STREAM_SEEDS["chat"] += [
+    {"choices": [{"index": 0, "delta": {"refusal": "no"}, "finish_reason": "content_filter"}]},
+    {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "length"}],
+     "usage": {"prompt_tokens": 5, "completion_tokens": 2,
+               "prompt_tokens_details": {"cached_tokens": 1},
+               "completion_tokens_details": {"reasoning_tokens": 1}}},
+    {"error": {"message": "overloaded", "code": 529}}]
+STREAM_SEEDS["responses"] += [
+    {"type": "response.refusal.delta", "output_index": 3, "delta": "no"},
+    {"type": "response.output_item.done", "output_index": 2, "item": {
+        "type": "function_call", "call_id": "call_2", "name": "Read", "arguments": "{}"}},
+    {"type": "response.incomplete", "response": {
+        "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}},
+    {"type": "response.failed", "response": {"error": {"code": "server_error", "message": "x"}}},
+    {"type": "error", "code": "rate_limit_exceeded", "message": "slow down"}]
+STREAM_SEEDS["gemini"] += [
+    {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Read", "args": {}},
+                                            "thoughtSignature": "sig"}]},
+                     "finishReason": "STOP", "groundingMetadata": {
+                         "webSearchQueries": ["q"],
+                         "groundingChunks": [{"web": {"uri": "https://x", "title": "t"}}],
+                         "groundingSupports": [{"segment": {"endIndex": 2, "text": "Hi"},
+                                                "groundingChunkIndices": [0]}]}}]},
+    {"promptFeedback": {"blockReason": "SAFETY"}},
+    {"candidates": [{"finishReason": "MALFORMED_FUNCTION_CALL"}]},
+    {"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "slow", "details": [
+        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "3s"}]}}]
+WHOLE_SEEDS = {protocol: [answer] for protocol, answer in WHOLE_SEEDS.items()}
+WHOLE_SEEDS["chat"].append({"choices": [{"message": {
+    "content": "Hi", "reasoning_content": "r", "refusal": "no"}, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2,
+              "prompt_tokens_details": {"cached_tokens": 1}}})
+WHOLE_SEEDS["responses"].append({
+    "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"},
+    "output": [{"type": "reasoning", "id": "rs_1", "encrypted_content": "e",
+                "summary": [{"type": "summary_text", "text": "x"}]},
+               {"type": "message", "content": [
+                   {"type": "output_text", "text": "Hi", "annotations": [
+                       {"type": "url_citation", "url": "https://x", "title": "t"}]},
+                   {"type": "refusal", "refusal": "no"}]}]})
+WHOLE_SEEDS["gemini"].append({
+    "candidates": [{"content": {"parts": [{"text": "a", "thought": True, "thoughtSignature": "s"},
+                                          {"text": "b"}]},
+                    "finishReason": "MAX_TOKENS"}],
+    "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2,
+                      "cachedContentTokenCount": 1, "thoughtsTokenCount": 1}})
+PROTOCOL_OF = {"chat": ccproxy.PROTOCOLS["openai"],
+               "responses": ccproxy.PROTOCOLS["openai-responses"],
+               "gemini": ccproxy.PROTOCOLS["gemini"]}
+
+
+@settings(max_examples=400, deadline=None)
+@given(protocol=st.sampled_from(sorted(STREAM_SEEDS)), search=st.booleans(), data=st.data())
+def test_streams_a_provider_gets_almost_right_translate_in_order_or_fail_cleanly(protocol, search,
+                                                                                data):
+    """Each protocol's usual events, with any value in them replaced by any other."""
+    events = data.draw(st.lists(st.sampled_from(STREAM_SEEDS[protocol]), min_size=1, max_size=9))
+    check_translated(PROTOCOL_OF[protocol].stream_translator(translation_context(search)),
+                     [("", event) for event in changed_anywhere(data, events)
+                      if isinstance(event, dict)])
+
+
+@settings(max_examples=400, deadline=None)
+@given(protocol=st.sampled_from(sorted(WHOLE_SEEDS)), search=st.booleans(), data=st.data())
+def test_answers_a_provider_gets_almost_right_translate_or_fail_cleanly(protocol, search, data):
+    answer = changed_anywhere(data, data.draw(st.sampled_from(WHOLE_SEEDS[protocol])))
+    check_whole(PROTOCOL_OF[protocol], answer, translation_context(search))
 
 
 @settings(max_examples=600, deadline=None)
@@ -138,15 +254,37 @@ def test_the_responses_stream_translator_survives_any_events(events):
 @settings(max_examples=600, deadline=None)
 @given(chunk_like | responses_like)
 def test_whole_answers_of_any_shape_translate_or_fail_cleanly(answer):
-    context = translation_context()
-    for protocol in (ccproxy.PROTOCOLS["openai"], ccproxy.PROTOCOLS["openai-responses"],
-                     ccproxy.PROTOCOLS["gemini"]):
-        try:
-            message = protocol.message(answer, context)
-        except ccproxy.ProxyError:
-            continue
-        json.dumps(message)
-        ccproxy.events_from_message(message, context)
+    for protocol in PROTOCOL_OF.values():
+        check_whole(protocol, answer, translation_context())
+
+
+def check_whole(protocol, answer, context) -> None:
+    """A provider's whole answer is a well-formed message, and streams as one, or it is refused
+    with a provider error."""
+    try:
+        message = protocol.message(answer, context)
+    except ccproxy.ProxyError:
+        return
+    check_message(json.loads(json.dumps(message)))
+    check_grammar(parse_events(ccproxy.events_from_message(message, context)))
+
+
+# What each kind of block must hold, and of what type.
+BLOCK_FIELDS = {"text": {"text": str}, "thinking": {"thinking": str, "signature": str},
+                "redacted_thinking": {"data": str},
+                "tool_use": {"id": str, "name": str, "input": dict},
+                "server_tool_use": {"id": str, "name": str, "input": dict}}
+
+
+def check_message(message: dict) -> None:
+    """A whole Anthropic message as the SDKs parse one."""
+    assert message["type"] == "message" and message["role"] == "assistant"
+    assert message["stop_reason"] in STOP_REASONS
+    assert all(isinstance(message["usage"][name], int)
+               for name in ("input_tokens", "output_tokens"))
+    for block in message["content"]:
+        for field, kind in BLOCK_FIELDS.get(block["type"], {}).items():
+            assert isinstance(block[field], kind), block
 
 
 # --- every content block type, through every translator -----------------------------------------
@@ -325,45 +463,6 @@ def test_json_made_once_refuses_what_json_dumps_refuses():
 
 # --- provider answers of any shape, through the running proxy -------------------------------------
 
-TEXT_AND_CALL = {
-    "chat": [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
-             {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},
-             {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1",
-                                                                 "function": {"name": "Read",
-                                                                              "arguments": "{"}}]}}]},
-             {"choices": [{"index": 0, "delta": {"tool_calls": [
-                 {"index": 0, "function": {"arguments": "}"}}]}}]},
-             {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-             {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}}],
-    "responses": [
-        {"type": "response.output_item.added", "output_index": 0,
-         "item": {"type": "reasoning", "id": "rs_1", "summary": []}},
-        {"type": "response.reasoning_summary_text.delta", "output_index": 0, "delta": "hm"},
-        {"type": "response.output_item.done", "output_index": 0,
-         "item": {"type": "reasoning", "id": "rs_1", "encrypted_content": "e"}},
-        {"type": "response.output_text.delta", "output_index": 1, "delta": "Hi"},
-        {"type": "response.output_item.added", "output_index": 2,
-         "item": {"type": "function_call", "call_id": "call_1", "name": "Read"}},
-        {"type": "response.function_call_arguments.delta", "output_index": 2, "delta": "{}"},
-        {"type": "response.completed", "response": {"status": "completed", "output": [],
-                                                    "usage": {"input_tokens": 5}}}],
-    "gemini": [{"candidates": [{"content": {"parts": [{"text": "hm", "thought": True}]}}]},
-               {"candidates": [{"content": {"parts": [{"text": "Hi"}]}}]},
-               {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Read",
-                                                                        "args": {}}}]},
-                                "finishReason": "STOP"}],
-                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}}],
-}
-WHOLE_ANSWERS = {
-    "chat": {"choices": [{"message": {"content": "Hi", "tool_calls": [
-        {"id": "call_1", "function": {"name": "Read", "arguments": "{}"}}]},
-        "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}},
-    "responses": {"status": "completed", "output": [
-        {"type": "message", "content": [{"type": "output_text", "text": "Hi"}]},
-        {"type": "function_call", "call_id": "call_1", "name": "Read", "arguments": "{}"}],
-        "usage": {"input_tokens": 5, "output_tokens": 2}},
-    "gemini": TEXT_AND_CALL["gemini"][2],
-}
 SSE_ODDITIES = [b"data: {bad json\n\n", b": a comment\n\n", b"data: [DONE]\n\n", b"data: 1\n\n",
                 b"event: error\n", b"\n\n\n", b"data: \xff\xfe\n\n"]
 
@@ -390,9 +489,9 @@ def any_answer(data, protocol: str, stream: bool) -> Reply:
     any other value, SSE oddities between, and the stream cut short or not."""
     shaped = chunk_like | responses_events | responses_like
     if not stream:
-        answer = data.draw(st.sampled_from([WHOLE_ANSWERS[protocol]]) | shaped)
+        answer = data.draw(st.sampled_from([WHOLE_SEEDS[protocol]]) | shaped)
         return Reply(200, json.dumps(answer).encode())
-    events = data.draw(st.lists(st.sampled_from(TEXT_AND_CALL[protocol]) | shaped, max_size=8))
+    events = data.draw(st.lists(st.sampled_from(STREAM_SEEDS[protocol]) | shaped, max_size=8))
     pieces = [b"data: %s\n\n" % json.dumps(event).encode() for event in events]
     for oddity in data.draw(st.lists(st.sampled_from(SSE_ODDITIES), max_size=2)):
         pieces.insert(data.draw(st.integers(0, len(pieces))), oddity)
@@ -400,7 +499,7 @@ def any_answer(data, protocol: str, stream: bool) -> Reply:
 
 
 @settings(max_examples=200, deadline=None)
-@given(protocol=st.sampled_from(sorted(TEXT_AND_CALL)), stream=st.booleans(), data=st.data())
+@given(protocol=st.sampled_from(sorted(STREAM_SEEDS)), stream=st.booleans(), data=st.data())
 def test_provider_answers_of_any_shape_reach_the_client_well_formed(answering_proxy, protocol,
                                                                    stream, data):
     """Whatever a provider answers, the client gets an Anthropic message, an event stream in
@@ -425,6 +524,4 @@ def test_provider_answers_of_any_shape_reach_the_client_well_formed(answering_pr
         events = parse_events(body)
         check_grammar(events, finished=events[-1][0] != "error")
     else:
-        message = json.loads(body)
-        assert message["type"] == "message" and message["stop_reason"] in STOP_REASONS
-        assert all(isinstance(block["type"], str) for block in message["content"])
+        check_message(json.loads(body))
