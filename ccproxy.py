@@ -8048,7 +8048,7 @@ def gemini_tools_from_anthropic(tools) -> list:
 def gemini_function_declaration(tool: dict) -> dict:
     """One Anthropic tool as a functionDeclaration; no parameters when it takes none."""
     schema = tool.get("input_schema") if isinstance(tool.get("input_schema"), dict) else {}
-    definitions = dict(schema.get("definitions") or {}, **(schema.get("$defs") or {}))
+    definitions = dict(dict_of(schema.get("definitions")), **dict_of(schema.get("$defs")))
     declaration = {"name": gemini_tool_name(str(tool["name"]))}
     if tool.get("description"):
         declaration["description"] = tool["description"]
@@ -8076,7 +8076,7 @@ def gemini_schema(node, definitions: dict, depth: int = 0) -> dict:
         return {"type": "STRING"}
     if "$ref" in node:
         target = definitions.get(str(node["$ref"]).rsplit("/", 1)[-1])
-        if target is None or depth >= MAX_SCHEMA_REF_DEPTH:
+        if not isinstance(target, dict) or depth >= MAX_SCHEMA_REF_DEPTH:
             return {"type": "OBJECT", "description": "JSON object"}
         return gemini_schema(dict(target, **{k: v for k, v in node.items() if k != "$ref"}),
                              definitions, depth + 1)
@@ -8131,7 +8131,8 @@ def gemini_schema_children(node: dict, cleaned: dict, definitions: dict, depth: 
         if properties:
             cleaned["properties"] = {name: gemini_schema(value, definitions, depth)
                                      for name, value in properties.items()}
-            required = [r for r in list_of(node.get("required")) if r in properties]
+            required = [name for name in list_of(node.get("required"))
+                        if isinstance(name, str) and name in properties]
             if required:
                 cleaned["required"] = required
         elif "description" not in cleaned:

@@ -58,6 +58,12 @@ TRANSLATIONS.append((PROVIDERS[0], ccproxy.responses_request_from_anthropic))
 @settings(max_examples=400, deadline=None)
 @given(bodies)
 def test_translators_give_json_or_a_400(body):
+    check_translations(body)
+
+
+def check_translations(body: dict) -> None:
+    """A body the door lets in translates to JSON for every protocol, or is refused with a
+    400 saying why."""
     try:
         ccproxy.check_messages_request(body)
     except ccproxy.InvalidRequestError:
@@ -67,6 +73,57 @@ def test_translators_give_json_or_a_400(body):
             json.dumps(translate(json.loads(json.dumps(body)), provider, "model-x"))
         except ccproxy.InvalidRequestError:
             pass
+
+
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": "iVBORw0KGgo="}}
+# A request with one of everything a client sends: every block type in both roles, cache
+# marks, citations, server tool blocks, a tool schema with $defs, a pattern and anyOf.
+EVERYTHING_REQUEST = {
+    "model": "m", "max_tokens": 100, "stream": True, "temperature": 0.5, "top_p": 0.9,
+    "top_k": 5, "stop_sequences": ["X"], "tool_choice": {"type": "auto"},
+    "thinking": {"type": "enabled", "budget_tokens": 50}, "output_config": {"effort": "high"},
+    "metadata": {"user_id": "user_abc_account__session_123e4567-e89b-12d3-a456-426614174000"},
+    "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
+    "messages": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}}, IMAGE,
+            {"type": "document", "title": "d", "citations": {"enabled": True},
+             "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+            {"type": "search_result", "source": "https://s", "title": "T",
+             "content": [{"type": "text", "text": "r"}]}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "t", "signature": "s"},
+            {"type": "redacted_thinking", "data": "xx"},
+            {"type": "text", "text": "ok", "citations": [
+                {"type": "web_search_result_location", "url": "https://x", "title": "t",
+                 "encrypted_index": "e", "cited_text": "c"}]},
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+             "input": {"query": "q"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": [
+                {"type": "web_search_result", "url": "https://x", "title": "t",
+                 "encrypted_content": "e"}]},
+            {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"a": 1}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1",
+             "content": [{"type": "text", "text": "out"}, IMAGE]},
+            {"type": "text", "text": "next"}]}],
+    "tools": [{"name": "Read", "description": "read", "input_schema": {
+        "type": "object", "required": ["a"], "additionalProperties": False,
+        "properties": {"a": {"type": "integer"}, "b": {"$ref": "#/$defs/B"},
+                       "c": {"type": "string", "pattern": "^\\p{L}"}},
+        "$defs": {"B": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}},
+        {"name": "mcp__server__do", "input_schema": {"type": "object"},
+         "cache_control": {"type": "ephemeral"}}],
+}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_requests_a_client_gets_almost_right_translate_or_get_a_400(data):
+    """Any value anywhere in a request with one of everything replaced by any other: a tool
+    schema from an MCP server, say, with a $defs entry that is a list."""
+    check_translations(changed_anywhere(data, EVERYTHING_REQUEST, most=4))
 
 
 chunk_keys = st.sampled_from(["choices", "delta", "usage", "error", "candidates", "content",
