@@ -170,9 +170,8 @@ def check_translated(translator, events) -> None:
 STREAM_SEEDS = {
     "chat": [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
              {"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},
-             {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1",
-                                                                 "function": {"name": "Read",
-                                                                              "arguments": "{"}}]}}]},
+             {"choices": [{"index": 0, "delta": {"tool_calls": [
+                 {"index": 0, "id": "call_1", "function": {"name": "Read", "arguments": "{"}}]}}]},
              {"choices": [{"index": 0, "delta": {"tool_calls": [
                  {"index": 0, "function": {"arguments": "}"}}]}}]},
              {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
