@@ -4023,12 +4023,12 @@ class UsageLedger:
         for name, place in (("clients", self.clients), ("clients_today", self.clients_today)):
             for entry in list_of(content.get(name))[:MAX_SAVED_MODELS]:
                 totals = restored_totals(entry)
-                if totals is not None and CLIENT_NAME_RE.match(str(entry.get("client"))) and (
+                if totals is not None and CLIENT_NAME_RE.match(str_of(entry.get("client"))) and (
                         name == "clients" or content.get("day") == self.day):
                     place[entry["client"]] = totals
         for entry in list_of(content.get("sessions"))[-MAX_SESSIONS:]:
             totals = restored_totals(entry)
-            if totals is not None and SESSION_ID_RE.match(str(entry.get("session_id"))):
+            if totals is not None and SESSION_ID_RE.match(str_of(entry.get("session_id"))):
                 self.sessions[entry["session_id"]] = dict(totals, **{
                     k: entry.get(k) for k in ("provider", "model", "route", "last_seen")})
 
@@ -4047,11 +4047,13 @@ def clients_list(totals_by_client: dict) -> list:
 
 
 def restored_totals(entry) -> dict | None:
-    """The counters of a saved entry, or None when they are not all counts."""
+    """The counters of a saved entry, or None when they are not all counts (a finite number, 0
+    or more)."""
     totals = new_totals()
     for name in totals:
         value = dict_of(entry).get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 <= value < math.inf):
             return None
         totals[name] = value
     return totals

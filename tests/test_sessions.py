@@ -557,6 +557,30 @@ def test_an_unreadable_usage_file_starts_from_zero_with_a_warning(start_proxy, u
     assert any("usage_file %s could not be read" % usage_file in m for m in ccproxy_log)
 
 
+def test_entries_of_a_usage_file_that_are_not_counts_or_names_are_left_out(start_proxy, upstream,
+                                                                           tmp_path):
+    """A usage file edited by hand or cut short: an endless or negative counter, a client or
+    session that is not a name, are skipped, and /status stays JSON a browser can read."""
+    counts = {"requests": 1, "cost_usd": 0.5, "unpriced_requests": 0, "input_tokens": 10,
+              "output_tokens": 5, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+    usage_file = tmp_path / "usage.json"
+    usage_file.write_text(json.dumps({"version": 1, "day": "2000-01-01", "models": [
+        dict(counts, provider="p", model="kept"), dict(counts, provider="p", model="endless",
+                                                       cost_usd=float("inf")),
+        dict(counts, provider="p", model="nan", input_tokens=float("nan")),
+        dict(counts, provider="p", model="negative", requests=-1)],
+        "clients": [dict(counts, client="alice"), dict(counts, client=True),
+                    dict(counts, client=7)],
+        "sessions": [dict(counts, session_id="s-1"), dict(counts, session_id=12345)]}))
+    proxy = start_proxy({"usage_file": str(usage_file),
+                         "providers": [anthropic_provider(upstream)]})
+    with urllib.request.urlopen(proxy.url + "/status", timeout=10) as answer:
+        usage = json.loads(answer.read(), parse_constant=pytest.fail)["usage"]
+    assert [totals["model"] for totals in usage["by_model"]] == ["kept"]
+    assert [totals["client"] for totals in usage["by_client"]] == ["alice"]
+    assert [totals["session_id"] for totals in usage["sessions"]] == ["s-1"]
+
+
 def test_a_preset_model_has_its_published_price_unless_the_config_gives_one():
     config = ccproxy.build_config({"providers": [
         {"name": "openai", "api_key": "k", "models": [
