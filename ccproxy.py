@@ -9743,7 +9743,9 @@ def read_pidfile() -> dict | None:
             record = json.load(handle)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
+    valid = isinstance(record, dict) and type(record.get("pid")) is int and record["pid"] > 0 \
+        and isinstance(record.get("url"), str)
+    return record if valid else None
 
 
 def remove_pidfile(pid: int) -> None:
@@ -9815,13 +9817,14 @@ def process_is_ccproxy(pid: int) -> bool:
 def local_get(url: str, path: str, apikey: str = "", timeout: float = 2.0):
     """GET a path of a local ccproxy, never through a user's HTTP proxy; (status, JSON) or None."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url + path, headers={"x-api-key": apikey} if apikey else {})
     try:
+        request = urllib.request.Request(url + path,
+                                         headers={"x-api-key": apikey} if apikey else {})
         with opener.open(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, None
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):    # one: a port that is no number
         return None
 
 
@@ -9968,8 +9971,8 @@ def text_since(path: str, offset: int) -> str:
 def stop_proxy(record: dict, report=None) -> str:
     """SIGTERM, wait for the drain, then kill; says how it ended. report, when given, hears
     what it waits for, every few seconds."""
-    pid = record["pid"]
-    grace = float(record.get("shutdown_timeout") or DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
+    pid, grace = record["pid"], record.get("shutdown_timeout")
+    grace = grace if is_number(grace) and grace > 0 else DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     if report is not None:
         report("ccproxy (pid %d): stopping; open requests may finish within %g s "
                "(performance.shutdown_timeout)" % (pid, grace))
@@ -10391,7 +10394,7 @@ def statusline_client(pidfile, data, timeout, apikey=""):
     import os
     try:
         with open(pidfile, encoding="utf-8") as handle:
-            url = json.load(handle)["url"]
+            url = str(json.load(handle)["url"])
     except (OSError, ValueError, KeyError, TypeError):
         return None, "ccproxy: down"
     try:
@@ -10416,11 +10419,11 @@ def statusline_get(url, path, apikey, timeout):
     """(status, body) of a GET to a local proxy over a plain socket, (None, b"") when it does
     not answer; part of the status line's self-contained client."""
     import socket
-    host, port = url[len("http://"):].rsplit(":", 1)
-    request = "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (
-        path, host, "x-api-key: %s\r\n" % apikey if apikey else "")
     answer = b""
     try:
+        host, port = url[len("http://"):].rsplit(":", 1)
+        request = "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n%s\r\n" % (
+            path, host, "x-api-key: %s\r\n" % apikey if apikey else "")
         with socket.create_connection((host.strip("[]"), int(port)), timeout) as connection:
             connection.sendall(request.encode())
             while len(answer) < 1 << 20:

@@ -81,7 +81,7 @@ def home(tmp_path, upstream):
     yield make
     for each in made:
         record = each.record()
-        if record:
+        if record and type(record.get("pid")) is int and record["pid"] > 1:    # never -1 or 1
             try:
                 os.kill(record["pid"], signal.SIGKILL)
             except OSError:
@@ -209,6 +209,24 @@ def test_stale_pidfile_is_detected_and_replaced(home):
         h.run("stop")
     finally:
         sleeper.kill()
+
+
+@pytest.mark.parametrize("content", [
+    "", "[]", '{"pid": true, "url": "http://127.0.0.1:9"}', '{"pid": -1, "url": "http://x:1"}',
+    '{"pid": 1, "url": 5}', '{"pid": 1, "url": "http://127.0.0.1:notaport"}',
+    '{"pid": 1, "url": ["http://127.0.0.1:9"]}', '{"pid": 1, "url": "http://[::1"}'])
+def test_a_pidfile_of_any_shape_reads_as_not_running(home, content):
+    """A pidfile edited by hand or cut short, even one naming a live process (pid 1), is a
+    proxy that is not running to every command that reads it."""
+    h = home()
+    h.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    for args, code, said in ((["status"], 3, "ccproxy is not running"),
+                             (["stop"], 0, "ccproxy is not running"),
+                             (["status", "--statusline"], 0, "ccproxy: down")):
+        h.pidfile.write_text(content)
+        result = h.run(*args, input="{}")
+        h.pidfile.unlink(missing_ok=True)
+        assert (result.returncode, result.stdout.strip(), result.stderr) == (code, said, "")
 
 
 def test_port_in_use_is_a_clear_error(home):
