@@ -3924,7 +3924,8 @@ async def handle_metrics(app: ProxyApp, request: Request, conn) -> Response:
 
 MAX_SESSIONS = 200                  # sessions whose usage is kept, most recent first
 RECENT_REQUESTS = 50                # requests the status page lists
-MAX_SAVED_MODELS = 1000             # provider and model pairs a usage file may hold
+MAX_MODELS = 1000                   # provider and model pairs counted apart (and saved)
+OTHER_MODELS = "(other models)"     # where the answers of any pair past those are counted
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens",
                 "cache_creation_input_tokens")
@@ -3954,6 +3955,8 @@ class UsageLedger:
     def add(self, record: dict, session: str | None, cost: float | None) -> None:
         """Count one answer's usage (and its cost, None when no price is known)."""
         key, day = (record["provider"], record["model"]), local_day()
+        if key not in self.models and len(self.models) >= MAX_MODELS:
+            key = (record["provider"], OTHER_MODELS)      # a client naming models without end
         if self.day != day:
             self.day, self.today, self.clients_today = day, {}, {}
         places = [totals_in(self.models, key), totals_in(self.today, key)]
@@ -4016,12 +4019,12 @@ class UsageLedger:
         for name, place in (("models", self.models), ("today", self.today)):
             if name == "today" and content.get("day") != self.day:
                 continue
-            for entry in list_of(content.get(name))[:MAX_SAVED_MODELS]:
+            for entry in list_of(content.get(name))[:MAX_MODELS]:
                 totals = restored_totals(entry)
                 if totals is not None:
                     place[(str(entry.get("provider")), str(entry.get("model")))] = totals
         for name, place in (("clients", self.clients), ("clients_today", self.clients_today)):
-            for entry in list_of(content.get(name))[:MAX_SAVED_MODELS]:
+            for entry in list_of(content.get(name))[:MAX_MODELS]:
                 totals = restored_totals(entry)
                 if totals is not None and CLIENT_NAME_RE.match(str_of(entry.get("client"))) and (
                         name == "clients" or content.get("day") == self.day):

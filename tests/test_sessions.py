@@ -581,6 +581,20 @@ def test_entries_of_a_usage_file_that_are_not_counts_or_names_are_left_out(start
     assert [totals["session_id"] for totals in usage["sessions"]] == ["s-1"]
 
 
+def test_past_a_thousand_models_the_answers_of_new_ones_are_counted_together():
+    """A client that names a new model at every request (a server that answers any name)
+    cannot make the counters, /metrics and the usage file grow without end."""
+    ledger = ccproxy.UsageLedger()
+    for number in range(ccproxy.MAX_MODELS + 5):
+        ledger.add({"provider": "llama", "model": "m%d" % number, "usage": {"output_tokens": 2}},
+                   None, None)
+    ledger.add({"provider": "llama", "model": "m7", "usage": {"output_tokens": 2}}, None, None)
+    by_model = {totals["model"]: totals for totals in ledger.view()["by_model"]}
+    assert len(by_model) == ccproxy.MAX_MODELS + 1 and by_model["m7"]["requests"] == 2
+    assert by_model[ccproxy.OTHER_MODELS]["output_tokens"] == 10
+    assert ledger.today_totals()["requests"] == ccproxy.MAX_MODELS + 6
+
+
 def test_a_preset_model_has_its_published_price_unless_the_config_gives_one():
     config = ccproxy.build_config({"providers": [
         {"name": "openai", "api_key": "k", "models": [
