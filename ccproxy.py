@@ -5158,6 +5158,10 @@ def every_failure(failures: list) -> ProxyError:
 # 9.1 Shared by every protocol: the client's request and events, the relay
 # -----------------------------------------------------------------------------
 
+MAX_UNKNOWN_NAMES_LOGGED = 200     # per protocol and process: a client making up names at
+MAX_LOGGED_NAME_CHARS = 100        # every request fills neither memory nor the log
+
+
 class Protocol:
     """One provider protocol as the endpoints use it: a subclass per protocol (9.2 on), one
     object of each in PROTOCOLS (9.6), which config validation and dispatch both read.
@@ -5183,10 +5187,11 @@ class Protocol:
             if action == "refused":
                 raise InvalidRequestError("%s %r cannot be sent to a %s provider: %s"
                                           % (kind, name, self.name, why))
-            if action == "unknown" and (kind, name) not in self._warned:
+            if action == "unknown" and (kind, name) not in self._warned \
+                    and len(self._warned) < MAX_UNKNOWN_NAMES_LOGGED:
                 self._warned.add((kind, name))
                 log.warning("%s translation: the %s %r is new to ccproxy and was not translated",
-                            self.name, kind, name)
+                            self.name, kind, name[:MAX_LOGGED_NAME_CHARS])
 
     def upstream_tool_name(self, name: str) -> str:
         """The name a client's tool has at this provider."""

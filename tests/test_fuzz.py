@@ -470,6 +470,19 @@ def test_an_unknown_field_block_or_tool_field_is_logged_once_by_name(caplog):
     assert "VALUE-NEVER-LOGGED" not in caplog.text
 
 
+def test_a_client_making_up_names_fills_neither_memory_nor_the_log(caplog):
+    protocol = ccproxy.OpenAIChatProtocol()
+    long_name = "x" * 10_000
+    with caplog.at_level("WARNING", logger="ccproxy"):
+        protocol.check_request({long_name: 1})
+        for number in range(ccproxy.MAX_UNKNOWN_NAMES_LOGGED + 50):
+            protocol.check_request({"made_up_%d" % number: 1})
+    assert len(caplog.records) == ccproxy.MAX_UNKNOWN_NAMES_LOGGED
+    assert len(protocol._warned) == ccproxy.MAX_UNKNOWN_NAMES_LOGGED
+    assert "'%s'" % ("x" * ccproxy.MAX_LOGGED_NAME_CHARS) in caplog.records[0].getMessage()
+    assert len(caplog.records[0].getMessage()) < 200
+
+
 def test_what_a_translation_cannot_carry_is_refused_naming_it():
     with pytest.raises(ccproxy.InvalidRequestError, match="field 'mcp_servers' cannot be sent "
                                                           "to a gemini provider: Anthropic's MCP"):
