@@ -3182,7 +3182,8 @@ class ProxyApp:
         try:
             config = load_config(self.config.source, self.config.environ, self.config.flags)
         except ConfigError as exc:
-            log.error("configuration not reloaded, the running one stays:\n%s", exc)
+            for problem in str(exc).splitlines():
+                log.error("configuration not reloaded, the running one stays: %s", problem)
             return False
         if (config.host, config.port) != (self.config.host, self.config.port):
             log.warning("host and port changes apply at the next start")
@@ -9665,9 +9666,10 @@ def watch_sessions(server: ProxyServer) -> None:
     every(SESSION_CHECK_SECONDS, check)
 
 
-class SecretMaskingFilter(logging.Filter):
-    """Masks every secret of the running configuration (as it is now: providers added live
-    included) in log records, their tracebacks too, whatever code logged them."""
+class SafeLogFilter(logging.Filter):
+    """Makes each log record safe to write, whatever code logged it: every secret of the
+    running configuration (as it is now: providers added live included) masked, its traceback
+    too, and the control characters of its line escaped (see printable_log_line)."""
 
     def __init__(self, current_masker):
         super().__init__()
@@ -9675,13 +9677,23 @@ class SecretMaskingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         masker = self._current_masker()
-        record.msg, record.args = masker.text(record.getMessage()), ()
+        record.msg, record.args = printable_log_line(masker.text(record.getMessage())), ()
         if record.exc_info:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
         if record.exc_text:
             record.exc_text = masker.text(record.exc_text)
         return True
+
+
+LOG_UNSAFE_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable_log_line(line: str) -> str:
+    """A log line with its control characters written as escapes: a line break or a terminal
+    escape that a client put in a model name or a path neither forges a line nor colours one
+    (a traceback, logged apart, keeps its lines)."""
+    return LOG_UNSAFE_CHARACTER_RE.sub(lambda found: "\\x%02x" % ord(found.group()), line)
 
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
@@ -9705,7 +9717,7 @@ def configure_logging(config: Config, detached: bool, current_masker) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s ccproxy %(levelname)s %(message)s"))
-    handler.addFilter(SecretMaskingFilter(current_masker))
+    handler.addFilter(SafeLogFilter(current_masker))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False

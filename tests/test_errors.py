@@ -145,9 +145,22 @@ def test_logged_tracebacks_are_masked_too():
         record = logging.LogRecord("ccproxy", logging.ERROR, __file__, 1, "failed: %s", (KEY,),
                                    sys.exc_info())
     masker = ccproxy.SecretMasker([KEY])
-    assert ccproxy.SecretMaskingFilter(lambda: masker).filter(record)
+    assert ccproxy.SafeLogFilter(lambda: masker).filter(record)
     text = record.getMessage() + record.exc_text
     assert "0123456789xyz" not in text and "Invalid header value" in text
+
+
+def test_a_client_value_with_control_characters_cannot_forge_or_colour_a_log_line():
+    """A model name with a line break, a carriage return or a terminal escape is written into
+    the log with those as escapes; a traceback keeps its lines."""
+    try:
+        raise ValueError("one\ntwo")
+    except ValueError:
+        record = logging.LogRecord("ccproxy", logging.WARNING, __file__, 1, "%s model=%s", (
+            "req_1", "m\nFORGED status=200\r\x1b[31m\x9b"), sys.exc_info())
+    assert ccproxy.SafeLogFilter(lambda: ccproxy.SecretMasker()).filter(record)
+    assert record.getMessage() == "req_1 model=m\\x0aFORGED status=200\\x0d\\x1b[31m\\x9b"
+    assert record.exc_text.endswith("ValueError: one\ntwo")
 
 
 def test_error_responses_carry_a_request_id(proxy):
