@@ -5406,8 +5406,19 @@ class UpstreamStream:
         self._call.close_unread()
 
 
-DECODE_JSON = json.JSONDecoder().decode        # json.loads of a str, without its wrapping
-SCAN_JSON = json.scanner.make_scanner(json.JSONDecoder())     # the C scanner decode() calls
+def finite_or_null(text: str) -> float | None:
+    """A provider's JSON number as a float; None for one too large to be finite (1e999)."""
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+# A provider's JSON is read as JavaScript writes a number that JSON cannot hold: NaN, Infinity
+# and 1e999 become null, so no answer the client gets is unreadable JSON (Python's parser takes
+# them, and its writer would write them back).
+PROVIDER_JSON_NUMBERS = {"parse_constant": lambda name: None, "parse_float": finite_or_null}
+PROVIDER_JSON = json.JSONDecoder(**PROVIDER_JSON_NUMBERS)
+DECODE_JSON = PROVIDER_JSON.decode             # json.loads of a str, without its wrapping
+SCAN_JSON = json.scanner.make_scanner(PROVIDER_JSON)          # the C scanner decode() calls
 
 
 def decode_event_json(data: str):
@@ -5535,7 +5546,7 @@ class TranslatedStreamRelay:
 def parse_upstream_json(call):
     """The provider's answer body as JSON, or a 502 quoting it."""
     try:
-        return json.loads(call.body)
+        return json.loads(call.body, **PROVIDER_JSON_NUMBERS)
     except (ValueError, RecursionError):
         raise UpstreamError("%s: the answer is not JSON: %s" % (
             call.provider.name, upstream_error_message(call.body))) from None

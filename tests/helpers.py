@@ -67,6 +67,15 @@ STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_tu
                 "model_context_window_exceeded")
 
 
+def not_json(name):
+    raise AssertionError("%s is not JSON: a JavaScript client cannot read it" % name)
+
+
+def strict_json(text):
+    """JSON as a JavaScript client reads it: NaN and Infinity refused (Python takes them)."""
+    return json.loads(text, parse_constant=not_json)
+
+
 def parse_events(data: bytes):
     """(event, payload) pairs of an Anthropic SSE body, checking each frame's shape."""
     events = []
@@ -75,7 +84,7 @@ def parse_events(data: bytes):
             continue
         lines = frame.split("\n")
         assert lines[0].startswith("event: ") and lines[1].startswith("data: "), frame
-        name, payload = lines[0][7:], json.loads(lines[1][6:])
+        name, payload = lines[0][7:], strict_json(lines[1][6:])
         assert payload["type"] == name
         events.append((name, payload))
     return events
@@ -138,7 +147,7 @@ def changed_anywhere(data, value, most=3):
     value = json.loads(json.dumps(value))
     paths = list(json_paths(value))
     for path, new in data.draw(st.lists(st.tuples(st.sampled_from(paths), ANY_JSON),
-                                        min_size=1, max_size=most)) if paths else ():
+                                        max_size=most)) if paths else ():
         place = value
         for key in path[:-1]:
             place = place[key] if holds(place, key) else None

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (changed_anywhere, check_grammar, MockUpstream, parse_events, Reply,
-                     RunningProxy, STOP_REASONS)
+                     RunningProxy, STOP_REASONS, strict_json)
 
 anything = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                         lambda children: st.lists(children, max_size=3)
@@ -157,8 +157,8 @@ def check_translated(translator, events) -> None:
     the Anthropic order, or is only the error that the client gets as an HTTP error."""
     out, error = b"", None
     for event, payload in events:
-        try:
-            out += translator.feed_event(event, payload)
+        try:            # as the relay gives it: decoded by ccproxy (NaN in Python's JSON: null)
+            out += translator.feed_event(event, ccproxy.decode_event_json(json.dumps(payload)))
         except ccproxy.ProxyError as failure:
             error = failure
             break
@@ -318,7 +318,8 @@ def check_whole(protocol, answer, context) -> None:
     """A provider's whole answer is a well-formed message, and streams as one, or it is refused
     with a provider error."""
     try:
-        message = protocol.message(answer, context)
+        message = protocol.message(json.loads(json.dumps(answer), **ccproxy.PROVIDER_JSON_NUMBERS),
+                                   context)
     except ccproxy.ProxyError:
         return
     check_message(json.loads(json.dumps(message)))
@@ -555,13 +556,15 @@ def answering_proxy():
 
 def any_answer(data, protocol: str, stream: bool) -> Reply:
     """The provider's answer: its usual events or whole answer, with any of them replaced by
-    any other value, SSE oddities between, and the stream cut short or not."""
+    any other value and values anywhere in them changed (NaN and Infinity among them, which
+    Python's JSON writes), SSE oddities between, and the stream cut short or not."""
     shaped = chunk_like | responses_events | responses_like
     if not stream:
-        answer = data.draw(st.sampled_from([WHOLE_SEEDS[protocol]]) | shaped)
-        return Reply(200, json.dumps(answer).encode())
+        answer = data.draw(st.sampled_from(WHOLE_SEEDS[protocol]) | shaped)
+        return Reply(200, json.dumps(changed_anywhere(data, answer)).encode())
     events = data.draw(st.lists(st.sampled_from(STREAM_SEEDS[protocol]) | shaped, max_size=8))
-    pieces = [b"data: %s\n\n" % json.dumps(event).encode() for event in events]
+    pieces = [b"data: %s\n\n" % json.dumps(event).encode()
+              for event in changed_anywhere(data, events)]
     for oddity in data.draw(st.lists(st.sampled_from(SSE_ODDITIES), max_size=2)):
         pieces.insert(data.draw(st.integers(0, len(pieces))), oddity)
     return Reply(200, pieces=pieces, content_type="text/event-stream", cut=data.draw(st.booleans()))
@@ -587,10 +590,10 @@ def test_provider_answers_of_any_shape_reach_the_client_well_formed(answering_pr
     connection.close()
     assert b"internal error in ccproxy" not in body
     if response.status != 200:
-        error = json.loads(body)
+        error = strict_json(body)
         assert error["type"] == "error" and isinstance(error["error"]["message"], str)
     elif stream:
         events = parse_events(body)
         check_grammar(events, finished=events[-1][0] != "error")
     else:
-        check_message(json.loads(body))
+        check_message(strict_json(body))

@@ -3,6 +3,7 @@ SDK through the proxy against a scripted mock Gemini server."""
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import anthropic
 import pytest
@@ -298,6 +299,24 @@ def answer(parts, finish="STOP", usage=USAGE):
 
 def gemini_stream(chunks):
     return [b"data: %s\r\n\r\n" % json.dumps(c).encode() for c in chunks]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_numbers_json_cannot_hold_reach_the_client_as_null(gemini_proxy, upstream, stream):
+    """NaN, Infinity and 1e999 (a provider's Python JSON writer makes the first two) arrive as
+    JavaScript writes them, null, so the client (Claude Code is JavaScript) can read the answer."""
+    body = json.dumps(answer([{"functionCall": {"name": "get_weather", "args": {
+        "city": "Rome", "nan": float("nan"), "big": float("inf")}}}], "STOP"))
+    body = body.replace('"big": Infinity', '"big": Infinity, "huge": 1e999')
+    upstream.script = lambda r: (Reply(200, pieces=[b"data: %s\r\n\r\n" % body.encode()],
+                                       content_type="text/event-stream") if stream
+                                 else Reply(200, body.encode()))
+    with urllib.request.urlopen(urllib.request.Request(
+            gemini_proxy.url + "/v1/messages", json.dumps(dict(REQUEST, stream=stream)).encode(),
+            {"content-type": "application/json"}), timeout=10) as response:
+        text = response.read().decode().replace('\\"', '"')    # a stream's tool input is a string
+    assert "NaN" not in text and "Infinity" not in text
+    assert '"nan": null' in text and '"huge": null' in text
 
 
 SCENARIOS = {
