@@ -6412,7 +6412,7 @@ def check_anthropic_answer(call) -> dict:
     """The answer of a 200, parsed; a 502 unless it is an Anthropic message (or a count): a
     gateway's HTML page, an empty body or an answer cut short is not passed on as a success."""
     try:
-        answer = json.loads(call.body)
+        answer = json.loads(call.body, **PROVIDER_JSON_NUMBERS)
     except (ValueError, RecursionError):
         answer = None
     if not isinstance(answer, dict) or answer.get("type") != "message":
@@ -6499,7 +6499,7 @@ def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:
         if not found or not (b'"signature' in payload or b'"message_start"' in payload):
             continue
         try:
-            parsed = json.loads(payload)
+            parsed = json.loads(payload, **PROVIDER_JSON_NUMBERS)
         except (ValueError, RecursionError):
             continue
         if not isinstance(parsed, dict):

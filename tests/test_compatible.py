@@ -8,7 +8,7 @@ import json
 import pytest
 
 import ccproxy
-from helpers import json_reply, sdk, sse, stream_reply
+from helpers import json_reply, raw_exchange, sdk, sse, stream_reply
 
 KEY = "sk-compat-0123456789abcdef"
 # preset: (how it wants the key, block types it refuses anywhere, fields it refuses, betas too)
@@ -174,6 +174,23 @@ def test_a_servers_own_thinking_goes_back_to_it_and_to_nobody_else(start_proxy, 
         back = mock.requests[-1]["json"]["messages"][1]["content"]
         assert back == ([dict(thinking, signature="SIG-deepseek-anthropic")]
                         if target == "deepseek-anthropic" else [])
+
+
+def test_a_compatible_servers_nan_reaches_the_client_as_null(start_proxy, upstream):
+    """A compatible server's whole answer, which ccproxy writes anew (its signatures marked,
+    the model the client asked for), is JSON a JavaScript client reads: NaN and Infinity as
+    null. (Its streams pass as they come, but for the events ccproxy marks.)"""
+    upstream.script = lambda r: anthropic_answer([
+        {"type": "thinking", "thinking": "t", "signature": "S"},
+        {"type": "tool_use", "id": "toolu_1", "name": "f",
+         "input": {"x": float("nan"), "y": float("inf")}}], "tool_use", False)
+    proxy = compat_proxy(start_proxy, upstream, "kimi")
+    body = json.dumps({"model": "kimi,m", "max_tokens": 50,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    received = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n"
+                                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert b"NaN" not in received and b"Infinity" not in received
+    assert b'"input":{"x":null,"y":null}' in received.replace(b" ", b"")
 
 
 def test_anthropic_itself_gets_no_thinking_a_compatible_server_made(start_proxy, upstream):
