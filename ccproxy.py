@@ -2448,7 +2448,17 @@ class ProxyServer:
             self.app.memory.after_burst()
 
     async def serve(self, on_ready=None) -> None:
-        """Start, call on_ready(self), and serve until stop() is called."""
+        """Start, call on_ready(self), and serve until stop() is called. Meanwhile the records
+        of the `ccproxy` logger, wherever they go (the CLI's log, or an embedding program's
+        handlers), have this server's secrets masked and control characters escaped."""
+        safe_log = SafeLogFilter(lambda: self.app.config.masker)
+        log.addFilter(safe_log)
+        try:
+            await self._serve(on_ready)
+        finally:
+            log.removeFilter(safe_log)
+
+    async def _serve(self, on_ready) -> None:
         await self.start()
         watch_config_file(self.app)
         keep_usage(self.app)

@@ -3,6 +3,7 @@ nothing else in that program disturbed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import REPO, anthropic_provider, json_reply, stream_reply, wait_until
+from helpers import PROVIDER_KEY, REPO, anthropic_provider, json_reply, stream_reply, wait_until
 
 SIDE_EFFECTS = r'''
 import asyncio, json, logging, os, signal, sys, threading
@@ -39,7 +40,7 @@ with llm_proxy.serve_in_thread({"providers": [{"name": "p", "type": "anthropic",
 after_serving = state()
 logger = logging.getLogger("ccproxy")
 print(json.dumps({"before": before, "import": after_import, "served": after_serving,
-                  "url": serving, "logger_handlers": len(logger.handlers),
+                  "url": serving, "logger_handlers": len(logger.handlers) + len(logger.filters),
                   "module": llm_proxy.__name__,
                   "undocumented": [n for n in llm_proxy.__all__ if n != "__version__"
                                    and not getattr(llm_proxy, n).__doc__]}))
@@ -107,6 +108,27 @@ def test_two_proxies_in_one_process_share_nothing(upstream, second_upstream):
     finally:
         first.close()
         second.close()
+
+
+def test_an_embedding_programs_log_gets_records_masked_and_escaped(upstream):
+    """While a proxy serves, the `ccproxy` logger's records reach the program's own handlers
+    with every proxy's keys masked and control characters escaped; after, as they were."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("ccproxy")
+    logger.addHandler(handler)
+    try:
+        with ccproxy.serve_in_thread({"providers": [anthropic_provider(upstream)]}), \
+                ccproxy.serve_in_thread({"providers": [anthropic_provider(
+                    upstream, name="other", type="anthropic",
+                    api_key="sk-the-other-key-0123456789")]}):
+            logger.warning("keys %s and %s, model %s", PROVIDER_KEY,
+                           "sk-the-other-key-0123456789", "m\nFORGED")
+        assert logger.filters == []
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["keys sk-a…6789 and sk-t…6789, model m\\x0aFORGED"]
 
 
 def test_a_bad_config_or_a_busy_port_raises_in_the_callers_thread(tmp_path):
