@@ -64,6 +64,7 @@ import copy
 import difflib
 import email.parser
 import errno
+import functools
 import gc
 import hashlib
 import hmac
@@ -1823,6 +1824,7 @@ def check_regex(checker: ConfigChecker, value, path: str) -> bool:
     return error is None
 
 
+@functools.lru_cache(maxsize=1024)     # a client's tool schemas come with every request
 def regex_problems(pattern: str) -> tuple:
     """(why Python refuses pattern: a \\p{…} class, a possessive, a repeat too large; the
     warning it gives for what a later Python will read differently, such as a nested set), each
