@@ -1,5 +1,6 @@
 """Test helpers shared by every test file: scripted mock upstreams on 127.0.0.1, an in-process
-ccproxy, the one SDK client, and raw-socket HTTP. Fixtures built on them live in conftest.py."""
+ccproxy, the one SDK client, raw-socket HTTP, the Anthropic event order a client reads, and
+JSON changed anywhere for hypothesis. Fixtures built on them live in conftest.py."""
 from __future__ import annotations
 
 import asyncio
