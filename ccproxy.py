@@ -5230,7 +5230,7 @@ class Protocol:
 
     def listed_models(self, answer) -> list:
         """The model names in the provider's answer to models_request() (parsed JSON)."""
-        return [entry.get("id") for entry in list_of(dict_of(answer).get("data"))
+        return [str_of(entry.get("id")) for entry in list_of(dict_of(answer).get("data"))
                 if isinstance(entry, dict)]
 
     def can_search(self, provider: Provider, model: str) -> bool:

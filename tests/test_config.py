@@ -428,6 +428,15 @@ def test_probe_reports_each_provider_and_exits_0_when_routed_ones_work(tmp_path,
     assert upstream.requests[0]["headers"]["authorization"] == "Bearer sk-probe-0123456789"
 
 
+def test_a_model_list_of_any_shape_is_read_for_the_names_it_holds(tmp_path, upstream):
+    upstream.script = lambda r: json_reply({"data": [{"id": ["m1"]}, {"id": {"m": 1}}, "m1",
+                                                     {"id": "m2"}]})
+    result, rows = probed(tmp_path, [openai_entry("odd", upstream.url)],
+                          {"default": "odd,m1", "think": "odd,m2"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"odd +yes +accepted +\d+ ms +m1 not listed; m2 ok", rows["odd"])
+
+
 def test_probe_names_what_fails_and_exits_1(tmp_path, upstream, second_upstream):
     upstream.script = lambda r: json_reply({"data": [{"id": "m1"}]})
     second_upstream.script = lambda r: json_reply(
