@@ -588,6 +588,23 @@ def parse_jsonc(text: str, source: str):
         return json.loads(text)
     except ValueError as exc:
         raise ConfigError("%s: not valid JSON: %s" % (source, exc)) from None
+    except RecursionError:
+        raise ConfigError(TOO_DEEP % source) from None
+
+
+MAX_CONFIG_DEPTH = 32
+TOO_DEEP = "%%s: nested more than %d levels deep; a config needs a few" % MAX_CONFIG_DEPTH
+
+
+def nesting_depth(value) -> int:
+    """How many levels a parsed JSON value has, counted level by level (not by recursion,
+    which a deep one would exhaust)."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node)]
+    return depth
 
 
 def expand_env_references(value, path: str, source: str, environ):
@@ -1876,6 +1893,8 @@ def config_from_file_content(content: dict, path: str | None, environ, flags,
     """A Config from a config file's parsed content, remembering how it was made so that it
     can be rebuilt (reload) and written back (provider management). ${VAR} references come
     from environ; so do the CCPROXY_* settings, unless settings is false (an embedded proxy)."""
+    if nesting_depth(content) > MAX_CONFIG_DEPTH:
+        raise ConfigError(TOO_DEEP % (path or label))
     config = build_config(expand_env_references(content, "", path or label, environ), path,
                           environ if settings else {}, flags, label)
     config.file_content, config.environ, config.flags = content, environ, flags

@@ -234,6 +234,19 @@ def run_check(tmp_path, text, *flags):
                           env=env, timeout=60)
 
 
+@pytest.mark.parametrize("depth", [40, 600, 100_000])
+def test_a_config_nested_without_end_is_refused_naming_the_file(tmp_path, depth):
+    """Past the parser's own limit (100,000 levels) or under it (600: deeper than the checks
+    that read a config could go), the same clear error, never a RecursionError."""
+    result = run_check(tmp_path, '{"routes": %s1%s}' % ('{"a":' * depth, "}" * depth))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "config.json: nested more than 32 levels deep" in result.stderr
+    nested = json.loads('{"a":' * depth + "1" + "}" * depth) if depth < 1000 else None
+    if nested is not None:
+        with pytest.raises(ccproxy.ConfigError, match="^config: nested more than 32 levels"):
+            ccproxy.serve_in_thread({"routes": {"x": nested}})
+
+
 def test_check_accepts_a_good_config(tmp_path):
     result = run_check(tmp_path, '{"providers": [{"name": "ollama"}], "bogus": 1} // ok')
     assert result.returncode == 0
