@@ -6110,6 +6110,16 @@ def str_of(value) -> str:
     return value if isinstance(value, str) else ""
 
 
+def converted_schema(tool: dict, convert, *args):
+    """convert(*args): a tool's input schema in a provider's dialect; a 400 naming the tool
+    when the schema nests too deeply for the conversion (hundreds of levels: none real)."""
+    try:
+        return convert(*args)
+    except RecursionError:
+        raise InvalidRequestError("tools: the input_schema of %r nests too deeply to translate"
+                                  % str(tool.get("name"))[:80]) from None
+
+
 def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int, cache_write: int,
                     thinking_tokens: int = 0) -> dict:
     """Usage as the Messages API reports it: input apart from cache reads and writes, and the
@@ -6865,8 +6875,8 @@ def openai_tools_from_anthropic(tools, quirks: dict) -> list:
                 log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
                          tool.get("type"))
             continue
-        parameters = openai_schema(tool.get("input_schema") or {"type": "object",
-                                                                 "properties": {}})
+        parameters = converted_schema(tool, openai_schema, tool.get("input_schema") or {
+            "type": "object", "properties": {}})
         dropped = quirks["schema_drop_keys"]
         if dropped and isinstance(parameters, dict):
             parameters = {k: v for k, v in parameters.items() if k not in dropped}
@@ -8105,7 +8115,7 @@ def gemini_function_declaration(tool: dict) -> dict:
     declaration = {"name": gemini_tool_name(str(tool["name"]))}
     if tool.get("description"):
         declaration["description"] = tool["description"]
-    parameters = gemini_schema(schema, definitions)
+    parameters = converted_schema(tool, gemini_schema, schema, definitions)
     if parameters.get("properties"):
         declaration["parameters"] = parameters
     return declaration

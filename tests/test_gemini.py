@@ -3,6 +3,7 @@ SDK through the proxy against a scripted mock Gemini server."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 
 import anthropic
@@ -299,6 +300,27 @@ def answer(parts, finish="STOP", usage=USAGE):
 
 def gemini_stream(chunks):
     return [b"data: %s\r\n\r\n" % json.dumps(c).encode() for c in chunks]
+
+
+@pytest.mark.parametrize("depth", [480, 700])
+def test_a_tool_schema_nested_hundreds_deep_is_translated_or_a_400_never_a_500(
+        gemini_proxy, upstream, depth):
+    """Hundreds of levels (no real schema has them): translated where this Python's recursion
+    reaches that deep, else a 400 naming the tool, or, where even reading the request would go
+    too deep, a 400 saying so; never a 500."""
+    upstream.script = lambda r: json_reply(answer([{"text": "ok"}], "STOP"))
+    schema = '{"type": "object", "properties": {"a": ' * depth + '{"type": "string"}' \
+        + "}}" * depth
+    body = json.dumps(dict(REQUEST, tools=[{"name": "deep", "input_schema": "SCHEMA"}]))
+    request = urllib.request.Request(gemini_proxy.url + "/v1/messages",
+                                     body.replace('"SCHEMA"', schema).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["content"][0]["text"] == "ok"
+    except urllib.error.HTTPError as error:
+        message = json.loads(error.read())["error"]["message"]
+        assert error.code == 400 and upstream.requests == []
+        assert "input_schema of 'deep' nests too deeply" in message or "recursion" in message
 
 
 @pytest.mark.parametrize("stream", [False, True])
