@@ -432,13 +432,18 @@ def base64_forms(secret: bytes) -> set:
 BASE64_URL_SAFE = str.maketrans("+/", "-_")
 
 
+# A shorter "secret" is a placeholder (`ollama`, `EMPTY`) or a flag (`1`, `true`): sought in
+# text, it would mask every word that holds it. It is still never shown where it is a value.
+MIN_SEARCHED_SECRET_CHARS = 8
+
+
 class SecretMasker:
     """Replaces every form of every secret it knows by the secret's masked form, in one pass."""
 
     def __init__(self, secrets=()):
         masked = {}
         for secret in secrets:
-            if secret:
+            if len(secret) >= MIN_SEARCHED_SECRET_CHARS:
                 masked.update((form, mask_secret(secret)) for form in secret_forms(secret))
         self._masked = masked
         forms = sorted(masked, key=len, reverse=True)       # longest first: no partial hits
@@ -1120,8 +1125,11 @@ class Provider:
         return min(caps) if caps else None
 
     def secrets(self) -> list:
-        """Values that must never be shown: the key and every extra header value."""
-        return list(self.api_keys) + list(self.headers.values())
+        """Values that must never be shown: the keys and every header value the user gave (a
+        preset's own headers, in this file for all to read, are none)."""
+        preset = PROVIDER_PRESETS.get(self.name.lower(), {}).get("headers", {})
+        return list(self.api_keys) + [value for name, value in self.headers.items()
+                                      if preset.get(name) != value]
 
     def public_view(self) -> dict:
         """What /status and /providers show: everything, with secrets masked."""

@@ -138,6 +138,23 @@ def test_an_upstream_that_echoes_the_key_in_any_form_never_shows_it(start_proxy,
     assert "rejected" in status["providers"][0]["circuit"]["last_error"]
 
 
+def test_placeholders_flags_and_a_presets_own_headers_leave_the_text_alone():
+    """`ollama` or `EMPTY` for a key, `1` or `true` for a header, OpenRouter's own referer and
+    title: sought in text they would mask the provider's name, `stream=true`, digits and this
+    very file's name in every line. A real key or header secret is still masked."""
+    config = ccproxy.build_config({"providers": [
+        {"name": "ollama", "api_key": "ollama"},
+        {"name": "openrouter", "api_key": KEY,
+         "headers": {"X-Flag": "1", "X-Mode": "true", "X-Token": "tok-secret-0123456789"}}]},
+        "c.json", {})
+    line = ("req_1 provider=ollama stream=true status=201 python3 ccproxy.py status "
+            "http://localhost:3456")
+    assert config.masker.text(line) == line
+    assert config.masker.text("%s and tok-secret-0123456789" % KEY) == "sk-p…9xyz and tok-…6789"
+    shown = config.providers[1].public_view()["headers"]
+    assert shown["X-Flag"] == "****" and shown["X-Token"] == "tok-…6789"
+
+
 def test_logged_tracebacks_are_masked_too():
     try:
         raise ValueError("Invalid header value b'Bearer %s\\n'" % KEY)
