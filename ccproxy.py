@@ -158,6 +158,8 @@ STATUSLINE_TIMEOUT_SECONDS = 0.5                 # `status --statusline` waits t
 STATUSLINE_INPUT_BYTES = 1024 * 1024
 STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout before a kill
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
+START_LOCK_QUIET_SECONDS = 1.0                   # then `code` and `start` say what they wait for
+START_LOCK_WAIT_SECONDS = 120.0                  # at most this long for another start or stop
 CONFIG_WATCH_SECONDS = 2.0                       # how often the config file's mtime is checked
 CLAUDE_API_TIMEOUT_MS = 3000000                  # Claude Code's own request timeout, 50 minutes
 CLAUDE_MIN_COMPACT_WINDOW = 100000               # Claude Code reads a smaller window as this
@@ -9598,10 +9600,12 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
                  os.getpid(), config.source or "built-in defaults")
         tune_garbage_collector()
 
+    stop_lock = StartLock()       # held from a decision to stop for want of sessions
+
     async def main_task():
         install_signal_handlers(server)
         if watch_code_sessions:
-            watch_sessions(server)
+            watch_sessions(server, stop_lock)
         await server.serve(on_ready)
 
     try:
@@ -9613,6 +9617,7 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
         pass
     finally:
         remove_pidfile(os.getpid())
+        stop_lock.release()
     log.info("ccproxy stopped")
     return 0
 
@@ -9713,14 +9718,18 @@ def save_usage(app: ProxyApp) -> None:
             log.warning("usage_file %s could not be written: %s", app.config.usage_file, exc)
 
 
-def watch_sessions(server: ProxyServer) -> None:
+def watch_sessions(server: ProxyServer, lock: StartLock) -> None:
     """Stop the server once no `code` session is alive (checked every few seconds), so a
-    proxy that `code` started does not outlive its sessions, even crashed ones."""
+    proxy that `code` started does not outlive its sessions, even crashed ones. The check is
+    made under the start lock, which a decision to stop keeps (the caller lets it go once the
+    server has ended): a session that begins meanwhile waits, then starts a proxy of its own
+    rather than joining this one as it goes."""
     def check():
-        if live_sessions() == 0:
+        if lock.acquire(0) and live_sessions() == 0:
             log.info("no Claude Code session left; stopping")
             server.stop()
             return False
+        lock.release()
         return True
 
     every(SESSION_CHECK_SECONDS, check)
@@ -9836,6 +9845,76 @@ def remove_pidfile(pid: int) -> None:
             os.remove(pidfile_path())
         except OSError:
             pass
+
+
+class StartLock:
+    """~/.ccproxy/start.lock: held while a command decides to start the background proxy or to
+    stop it, and by a proxy that `code` started from the moment it decides to stop on its own
+    until it has ended. `code` sessions that begin or end together then share one proxy, where
+    each started its own and all but one found the port taken. A lock of the open file
+    (flock; a byte lock on Windows), so the system lets it go when its holder dies."""
+
+    def __init__(self):
+        self._descriptor = None
+
+    def __enter__(self) -> "StartLock":
+        if not self.acquire(START_LOCK_QUIET_SECONDS):
+            print("ccproxy: waiting for another ccproxy to finish starting or stopping",
+                  file=sys.stderr)
+            if not self.acquire(START_LOCK_WAIT_SECONDS):
+                print("ccproxy: going on without %s, held for %g s by another process" % (
+                    self.path(), START_LOCK_WAIT_SECONDS), file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    @staticmethod
+    def path() -> str:
+        return os.path.join(ccproxy_home(), "start.lock")
+
+    def acquire(self, seconds: float) -> bool:
+        """Take the lock, trying for up to `seconds`; False when another process held it all
+        that time. Where no lock can be kept (a home that cannot be written, where the command
+        then fails saying why; a file system without locks), it counts as taken."""
+        try:
+            ensure_private_directory(ccproxy_home())
+            descriptor = os.open(self.path(), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return True
+        deadline = time.monotonic() + seconds
+        while not lock_open_file(descriptor):
+            if time.monotonic() >= deadline:
+                os.close(descriptor)
+                return False
+            time.sleep(STOP_POLL_SECONDS)
+        self._descriptor = descriptor
+        return True
+
+    def release(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+LOCK_HELD_ERRNOS = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES,
+                    getattr(errno, "EDEADLOCK", errno.EDEADLK))
+
+
+def lock_open_file(descriptor: int) -> bool:
+    """Lock an open file for this process alone, without waiting: False when another process
+    holds it (True when locked, or when the file system keeps no locks)."""
+    try:
+        try:
+            import fcntl             # Unix
+        except ImportError:
+            import msvcrt            # Windows
+            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno not in LOCK_HELD_ERRNOS
+    return True
 
 
 def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict:
@@ -10245,23 +10324,32 @@ def cmd_start(args) -> int:
         return 1
     if args.check:
         return check_config(config, args.probe)
-    running = running_proxy()
-    if running is not None:
-        other = started_with_other_config(running, args.config)
-        if other:
-            print("ccproxy: %s; stop it first (%s stop)" % (other, command_name()),
-                  file=sys.stderr)
-            return 1
-        print("ccproxy is already running at %s (pid %d)" % (running["url"], running["pid"]))
-        return 1 if args.foreground else 0
     if args.foreground:
+        running = running_proxy()
+        if running is not None:
+            return told_running(running, args.config, True)
         return run_foreground(config, args.detached, args.started_by, args.watch_sessions)
-    record = start_detached(config, "start")
+    with StartLock():
+        running = running_proxy()
+        record = start_detached(config, "start") if running is None else None
+    if running is not None:
+        return told_running(running, args.config, False)
     if record is None:
         return 1
     print("ccproxy %s started at %s (pid %d); log: %s" % (
         __version__, record["url"], record["pid"], config.log_file))
     return 0
+
+
+def told_running(running: dict, config_path: str | None, foreground: bool) -> int:
+    """start's exit status when a proxy already runs, having said so (and, when it runs
+    another config than the one asked for, how to change that)."""
+    other = started_with_other_config(running, config_path)
+    if other:
+        print("ccproxy: %s; stop it first (%s stop)" % (other, command_name()), file=sys.stderr)
+        return 1
+    print("ccproxy is already running at %s (pid %d)" % (running["url"], running["pid"]))
+    return 1 if foreground else 0
 
 
 def check_config(config: Config, probe: bool) -> int:
@@ -10740,7 +10828,8 @@ def run_code_session(claude: str, arguments: list, config: Config, extra: dict) 
     write_private_file(lease, "")
     record = None
     try:
-        record = running_proxy() or start_detached(config, "code")
+        with StartLock():
+            record = running_proxy() or start_detached(config, "code")
         if record is None:
             return 1
         environment = {k: v for k, v in os.environ.items() if k not in CLAUDE_UNSET_VARIABLES}
@@ -10749,9 +10838,10 @@ def run_code_session(claude: str, arguments: list, config: Config, extra: dict) 
         return run_claude([claude] + arguments, environment)
     finally:
         os.remove(lease)
-        if record is not None and record.get("started_by") == "code" and live_sessions() == 0:
-            if running_proxy() is not None:
-                stop_proxy(record)
+        if record is not None and record.get("started_by") == "code":
+            with StartLock():
+                if live_sessions() == 0 and running_proxy() is not None:
+                    stop_proxy(record)
 
 
 def run_claude(command: list, environment: dict) -> int:

@@ -418,6 +418,71 @@ def test_a_crashed_session_does_not_keep_the_proxy_alive(home, claude_stand_in, 
     assert wait_until(lambda: not h.pidfile.exists(), 5)
 
 
+def held_sessions(h, tmp_path, claude_stand_in, count, hold):
+    """count `code` sessions started at once, each holding until the hold file goes."""
+    common = dict(CLAUDE_PATH=str(claude_stand_in), RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    return [subprocess.Popen([sys.executable, SCRIPT, "code"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=h.env(HOLD_FILE=str(hold), **common)) for _ in range(count)]
+
+
+def test_sessions_that_begin_together_share_one_proxy(home, claude_stand_in, tmp_path):
+    h = home()
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    sessions = held_sessions(h, tmp_path, claude_stand_in, 6, hold)
+    assert wait_until(lambda: any(s.poll() is not None for s in sessions) or (
+        (tmp_path / "claude.jsonl").exists() and len(records(tmp_path)) == 6), 60)
+    assert [s.poll() for s in sessions] == [None] * 6     # none found the port taken
+    assert {(r["env"]["ANTHROPIC_BASE_URL"], r["health"]) for r in records(tmp_path)} == {
+        (h.url, 200)}
+    hold.unlink()
+    for session in sessions:
+        _, errors = session.communicate(timeout=30)
+        assert session.returncode == 0, errors
+        assert "could not start" not in errors
+    assert wait_until(lambda: not h.pidfile.exists(), 10) and not h.healthy()
+
+
+def test_a_session_that_begins_as_the_proxy_stops_starts_its_own(home, claude_stand_in,
+                                                                    tmp_path):
+    h = home(performance={"drain_delay": 4})     # it answers /health 4 s into its stop
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    (first,) = held_sessions(h, tmp_path, claude_stand_in, 1, hold)
+    assert wait_until(lambda: (tmp_path / "claude.jsonl").exists(), 20)
+    old = h.record()["pid"]
+    os.kill(first.pid, signal.SIGKILL)              # it dies: the proxy decides to stop
+    first.wait()
+    log = h.path / ".ccproxy" / "ccproxy.log"
+    assert wait_until(lambda: "no Claude Code session left" in log.read_text(), 15)
+    assert h.healthy()                              # still answering while it drains
+    (second,) = held_sessions(h, tmp_path, claude_stand_in, 1, hold)
+    assert wait_until(lambda: len(records(tmp_path)) == 2 or second.poll() is not None, 30)
+    assert second.poll() is None and records(tmp_path)[1]["health"] == 200
+    assert h.record()["pid"] != old and h.healthy()
+    hold.unlink()
+    _, errors = second.communicate(timeout=30)
+    assert second.returncode == 0 and "waiting for another ccproxy to finish starting or " \
+        "stopping" in errors
+    assert wait_until(lambda: not h.pidfile.exists(), 10)
+
+
+def test_the_start_lock_is_one_processs_at_a_time_and_never_stops_a_command(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    other = [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import ccproxy; "
+             "print(ccproxy.StartLock().acquire(0.2))" % str(REPO)]
+    holder = ccproxy.StartLock()
+    assert holder.acquire(0)
+    assert subprocess.run(other, capture_output=True, text=True).stdout.strip() == "False"
+    holder.release()
+    assert subprocess.run(other, capture_output=True, text=True).stdout.strip() == "True"
+    shutil.rmtree(str(tmp_path / ".ccproxy"))
+    (tmp_path / ".ccproxy").write_text("")        # no lock can be kept: the command goes on
+    assert ccproxy.StartLock().acquire(0)
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_env_output_evaluates_in_each_shell(home, shell):
     if shutil.which(shell) is None:
