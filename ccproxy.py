@@ -10035,7 +10035,9 @@ def port_problem(host: str, port: int) -> str | None:
             probe.bind((host, port))
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-            return "port %d on %s is already in use" % (port, host)
+            return ("port %d on %s is already in use (another program, or another user's "
+                    "ccproxy, listens there): choose another with --port or the config's "
+                    "`port`" % (port, host))
         return "cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)
     return None
 
@@ -10349,7 +10351,18 @@ def told_running(running: dict, config_path: str | None, foreground: bool) -> in
         print("ccproxy: %s; stop it first (%s stop)" % (other, command_name()), file=sys.stderr)
         return 1
     print("ccproxy is already running at %s (pid %d)" % (running["url"], running["pid"]))
+    note_other_version(running)
     return 1 if foreground else 0
+
+
+def note_other_version(running: dict) -> None:
+    """Say so when the running proxy is another version than this file (one replaced by a newer
+    copy while it ran), and how to run this one."""
+    if running.get("version") != __version__:
+        print("ccproxy: the proxy running at %s is version %s, this file is %s; `%s stop` ends "
+              "it, and the next start runs this one" % (running["url"], running.get("version"),
+                                                        __version__, command_name()),
+              file=sys.stderr)
 
 
 def check_config(config: Config, probe: bool) -> int:
@@ -10832,6 +10845,7 @@ def run_code_session(claude: str, arguments: list, config: Config, extra: dict) 
             record = running_proxy() or start_detached(config, "code")
         if record is None:
             return 1
+        note_other_version(record)
         environment = {k: v for k, v in os.environ.items() if k not in CLAUDE_UNSET_VARIABLES}
         environment.update(claude_variables(record["url"], config_of(record, config), os.environ))
         environment.update(extra)

@@ -192,6 +192,26 @@ def test_starting_twice_says_it_is_running(home):
     h.run("stop")
 
 
+def test_start_and_code_say_when_the_running_proxy_is_another_version(home, claude_stand_in,
+                                                                       tmp_path):
+    h = home()
+    assert h.run("start").returncode == 0
+    record = h.record()
+    h.pidfile.write_text(json.dumps(dict(record, version="0.0.9")))    # as an older copy wrote
+    said = "the proxy running at %s is version 0.0.9, this file is %s; `" % (
+        h.url, ccproxy.__version__)
+    started = h.run("start")
+    assert started.returncode == 0 and said in started.stderr and "stop` ends it" in \
+        started.stderr
+    session = h.run("code", CLAUDE_PATH=str(claude_stand_in),
+                    RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    assert session.returncode == 0 and said in session.stderr
+    h.pidfile.write_text(json.dumps(record))
+    again = h.run("start")
+    assert again.returncode == 0 and "version" not in again.stderr
+    assert h.run("stop").returncode == 0
+
+
 def test_stale_pidfile_is_detected_and_replaced(home):
     h = home()
     sleeper = subprocess.Popen(["sleep", "30"])           # a live pid that is not ccproxy
@@ -237,6 +257,7 @@ def test_port_in_use_is_a_clear_error(home):
         result = h.run("start")
     assert result.returncode == 1
     assert "port %d on 127.0.0.1 is already in use" % h.port in result.stderr
+    assert "choose another with --port or the config's `port`" in result.stderr
 
 
 def test_stop_lets_an_active_stream_finish_and_says_what_it_waits_for(home, upstream):
