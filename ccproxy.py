@@ -10776,6 +10776,12 @@ def cmd_code(argv) -> int:
     config = config_from_args(own["--config"], {"host": own["--host"], "port": port})
     if config is None:
         return 1
+    running = running_proxy()
+    other = started_with_other_config(running, own["--config"]) if running else None
+    if other:
+        print("ccproxy: %s; stop it first (%s stop), or leave out --config to use it" % (
+            other, command_name()), file=sys.stderr)
+        return 1
     extra = {"CLAUDE_CODE_SUBAGENT_MODEL": own["--subagent-model"]} \
         if own["--subagent-model"] else {}
     if own["statusline"]:

@@ -306,7 +306,8 @@ def test_a_background_start_that_fails_says_why_on_the_terminal(home):
                                   "exists\n" % (h.config / "ccproxy.log"))
 
 
-def test_status_stop_and_start_with_config_mind_which_file_the_proxy_runs(home, tmp_path):
+def test_status_stop_start_and_code_with_config_mind_which_file_the_proxy_runs(
+        home, tmp_path, claude_stand_in):
     h = home()
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"port": free_port()}))
@@ -318,6 +319,12 @@ def test_status_stop_and_start_with_config_mind_which_file_the_proxy_runs(home, 
     start = h.run("start", "--config", str(other))
     assert start.returncode == 1 and "was started with %s, not %s; stop it first" % (
         h.config, other) in start.stderr
+    claude = dict(CLAUDE_PATH=str(claude_stand_in), RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    session = h.run("code", "--config", str(other), **claude)     # not on another provider
+    assert session.returncode == 1 and "was started with %s, not %s; stop it first" % (
+        h.config, other) in session.stderr and "leave out --config" in session.stderr
+    assert not (tmp_path / "claude.jsonl").exists()
+    assert h.run("code", "--config", str(h.config), **claude).returncode == 0
     assert "left running" in h.run("stop", "--config", str(other)).stdout and h.healthy()
     assert "stopped" in h.run("stop", "--config", str(h.config)).stdout and not h.healthy()
 
