@@ -10865,12 +10865,14 @@ def run_code_session(claude: str, arguments: list, config: Config, extra: dict) 
 
 
 def run_claude(command: list, environment: dict) -> int:
-    """Run claude in the foreground; Ctrl-C is claude's to handle, not ours."""
+    """Run claude in the foreground; Ctrl-C is claude's to handle, not ours. Its exit status,
+    as a shell gives it: 128 + the signal's number when a signal ended it."""
     previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
-        return subprocess.call(command, env=environment)
+        status = subprocess.call(command, env=environment)
     finally:
         signal.signal(signal.SIGINT, previous)
+    return 128 - status if status < 0 else status
 
 
 # -----------------------------------------------------------------------------

@@ -350,6 +350,8 @@ with open(os.environ["RECORD_FILE"], "a") as handle:
     handle.write(json.dumps(record) + "\n")
 while os.path.exists(os.environ.get("HOLD_FILE", "/nonexistent")):
     time.sleep(0.05)
+if os.environ.get("KILLED_BY"):
+    os.kill(os.getpid(), int(os.environ["KILLED_BY"]))
 sys.exit(int(os.environ.get("EXIT_CODE", "0")))
 """
 
@@ -386,6 +388,14 @@ def test_code_runs_claude_through_a_proxy_it_starts_and_stops(home, claude_stand
     assert env["NO_PROXY"].split(",")[:2] == ["corp.example", "127.0.0.1"]
     assert env["ANTHROPIC_API_KEY"] is None and env["CLAUDE_CODE_USE_BEDROCK"] is None
     assert not h.pidfile.exists() and not h.healthy()
+
+
+def test_code_exits_as_a_shell_would_when_a_signal_ends_claude(home, claude_stand_in,
+                                                               tmp_path):
+    h = home()
+    result = h.run("code", CLAUDE_PATH=str(claude_stand_in), KILLED_BY=str(int(signal.SIGTERM)),
+                   RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr       # 143, not 255
 
 
 def test_code_passes_everything_after_double_dash(home, claude_stand_in, tmp_path):
