@@ -10006,14 +10006,15 @@ def sessions_dir() -> str:
 
 
 def live_sessions() -> int:
-    """How many `code` sessions are alive; leases of sessions that died are removed."""
+    """How many `code` sessions are alive; leases of sessions that died are removed (as is one
+    whose pid another program has since been given, after a crash and a reboot)."""
     try:
         names = os.listdir(sessions_dir())
     except OSError:
         return 0
     alive = 0
     for name in names:
-        if name.isdigit() and process_alive(int(name)):
+        if name.isdigit() and process_alive(int(name)) and process_is_ccproxy(int(name)):
             alive += 1
         else:
             try:

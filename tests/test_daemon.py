@@ -521,6 +521,22 @@ def test_the_start_lock_is_one_processs_at_a_time_and_never_stops_a_command(tmp_
     assert ccproxy.StartLock().acquire(0)
 
 
+def test_a_lease_whose_pid_another_program_has_now_is_not_a_session(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    other = subprocess.Popen(["sleep", "30"])           # a crashed session's pid, given anew
+    session = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                SCRIPT, "code"])         # what a session's command line holds
+    try:
+        for process in (other, session):
+            ccproxy.write_private_file(os.path.join(ccproxy.sessions_dir(), str(process.pid)), "")
+        assert ccproxy.live_sessions() == 1
+        assert os.listdir(ccproxy.sessions_dir()) == [str(session.pid)]
+    finally:
+        for process in (other, session):
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_env_output_evaluates_in_each_shell(home, shell):
     if shutil.which(shell) is None:
