@@ -160,7 +160,7 @@ STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout befor
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
 START_LOCK_QUIET_SECONDS = 1.0                   # then `code` and `start` say what they wait for
 START_LOCK_WAIT_SECONDS = 120.0                  # at most this long for another start or stop
-CONFIG_WATCH_SECONDS = 2.0                       # how often the config file's mtime is checked
+CONFIG_WATCH_SECONDS = 2.0                       # how often the config file is checked for edits
 CLAUDE_API_TIMEOUT_MS = 3000000                  # Claude Code's own request timeout, 50 minutes
 CLAUDE_MIN_COMPACT_WINDOW = 100000               # Claude Code reads a smaller window as this
 CLAUDE_DEFAULT_MAX_OUTPUT_TOKENS = 64000         # the least max_tokens Claude Code 2.1 sends
@@ -782,12 +782,15 @@ def apply_flags(raw: dict, flags: dict, origins: dict) -> dict:
     return raw
 
 
-def file_mtime(path: str | None) -> float | None:
-    """A file's modification time, or None when there is no such file."""
+def file_signature(path: str | None) -> tuple | None:
+    """What tells a file's versions apart (modification time and size: a file system that
+    keeps the time to the second or two may give an edit the time of the write before it), or
+    None when there is no such file."""
     try:
-        return os.stat(path).st_mtime if path else None
+        stat = os.stat(path) if path else None
     except OSError:
         return None
+    return (stat.st_mtime_ns, stat.st_size) if stat else None
 
 
 # -----------------------------------------------------------------------------
@@ -3171,7 +3174,7 @@ class ProxyApp:
         self.draining = False         # shutting down: answer in-flight requests, take no more
         self.phase = "starting"       # then "ready", then "draining" once asked to stop
         self.tls_refused = False      # a client has spoken TLS to this port (logged once)
-        self.config_mtime = file_mtime(config.source)
+        self.config_signature = file_signature(config.source)
         self.active_streams = 0
         self.metrics = Metrics()
         self.failover = Failover()
@@ -3236,7 +3239,7 @@ class ProxyApp:
     def swap_config(self, config: Config) -> None:
         """New requests use config; requests in flight keep the providers they started with."""
         self.config = config
-        self.config_mtime = file_mtime(config.source)
+        self.config_signature = file_signature(config.source)
         self.key_pools = {}
 
     def key_pool(self, provider: Provider) -> KeyPool | None:
@@ -9682,9 +9685,9 @@ def every(seconds: float, action) -> None:
 def watch_config_file(app: ProxyApp) -> None:
     """Reload the config when its file changes (checked every few seconds)."""
     def check():
-        current = file_mtime(app.config.source)
-        if current is not None and current != app.config_mtime:
-            app.config_mtime = current
+        current = file_signature(app.config.source)
+        if current is not None and current != app.config_signature:
+            app.config_signature = current
             app.reload_config()
 
     every(CONFIG_WATCH_SECONDS, check)

@@ -194,8 +194,11 @@ def test_an_edited_file_is_reloaded_and_a_broken_one_refused(managed, second_ups
     assert wait_until(lambda: call(proxy, "get", "/providers/fresh")[0] == 200, 10)
     managed.path.write_text("{ broken")
     os.utime(managed.path, (2, 2))
-    assert wait_until(lambda: proxy.server.app.config_mtime == 2, 10)
+    assert wait_until(lambda: proxy.server.app.config_signature == (2 * 10**9, 8), 10)
     assert call(proxy, "get", "/providers/fresh")[0] == 200   # the running config stayed
+    managed.path.write_text(text)           # the edit finished within the same (coarse) time
+    os.utime(managed.path, (2, 2))
+    assert wait_until(lambda: call(proxy, "get", "/providers/fresh")[0] == 404, 10)
 
 
 def test_sighup_reloads_the_config(tmp_path, upstream):
