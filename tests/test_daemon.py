@@ -527,6 +527,7 @@ def test_a_lease_whose_pid_another_program_has_now_is_not_a_session(tmp_path, mo
     session = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
                                 SCRIPT, "code"])         # what a session's command line holds
     try:
+        assert wait_until(lambda: ccproxy.process_is_ccproxy(session.pid), 10)    # exec'd
         for process in (other, session):
             ccproxy.write_private_file(os.path.join(ccproxy.sessions_dir(), str(process.pid)), "")
         assert ccproxy.live_sessions() == 1
