@@ -10780,11 +10780,7 @@ def cmd_code(argv) -> int:
     config = config_from_args(own["--config"], {"host": own["--host"], "port": port})
     if config is None:
         return 1
-    running = running_proxy()
-    other = started_with_other_config(running, own["--config"]) if running else None
-    if other:
-        print("ccproxy: %s; stop it first (%s stop), or leave out --config to use it" % (
-            other, command_name()), file=sys.stderr)
+    if conflicts_with_running_proxy(own):
         return 1
     extra = {"CLAUDE_CODE_SUBAGENT_MODEL": own["--subagent-model"]} \
         if own["--subagent-model"] else {}
@@ -10792,6 +10788,28 @@ def cmd_code(argv) -> int:
         claude_arguments = ["--settings", json.dumps({"statusLine": {
             "type": "command", "command": statusline_command()}})] + claude_arguments
     return run_code_session(claude, claude_arguments, config, extra)
+
+
+def conflicts_with_running_proxy(own: dict) -> bool:
+    """Whether the running proxy was started with another config file than --config names
+    (said: the session would reach providers that file does not name). One that listens
+    elsewhere than --host or --port say is used as it is, with a note."""
+    running = running_proxy()
+    if running is None:
+        return False
+    other = started_with_other_config(running, own["--config"])
+    if other:
+        print("ccproxy: %s; stop it first (%s stop), or leave out --config to use it" % (
+            other, command_name()), file=sys.stderr)
+        return True
+    moved = ["%s %s" % (flag, own[flag]) for flag, now in (
+        ("--host", running.get("host")), ("--port", str(running.get("port"))))
+        if own[flag] is not None and own[flag] != now]
+    if moved:
+        print("ccproxy: using the proxy running at %s; %s take effect once it is stopped "
+              "(%s stop)" % (running["url"], " and ".join(moved), command_name()),
+              file=sys.stderr)
+    return False
 
 
 def statusline_command() -> str:

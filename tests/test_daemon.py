@@ -325,6 +325,9 @@ def test_status_stop_start_and_code_with_config_mind_which_file_the_proxy_runs(
         h.config, other) in session.stderr and "leave out --config" in session.stderr
     assert not (tmp_path / "claude.jsonl").exists()
     assert h.run("code", "--config", str(h.config), **claude).returncode == 0
+    elsewhere = h.run("code", "--port", str(free_port()), **claude)
+    assert elsewhere.returncode == 0 and "using the proxy running at %s; --port " % h.url in \
+        elsewhere.stderr and records(tmp_path)[-1]["env"]["ANTHROPIC_BASE_URL"] == h.url
     assert "left running" in h.run("stop", "--config", str(other)).stdout and h.healthy()
     assert "stopped" in h.run("stop", "--config", str(h.config)).stdout and not h.healthy()
 
