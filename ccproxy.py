@@ -3798,7 +3798,8 @@ function fill(table, head, rows) {
                       td.className = "muted"; td.textContent = "none yet"; }
 }
 const n = (x) => [Number(x || 0).toLocaleString("en-US"), "num"];
-const money = (x, unpriced) => [unpriced && !x ? "\u2013" : "$" + Number(x).toFixed(4), "num"];
+const dollars = (x) => "$" + Number(x).toFixed(x > 0.5 ? 2 : 4);     // as dollars() does
+const money = (x, unpriced) => [unpriced && !x ? "\u2013" : dollars(x), "num"];
 function card(label, value) {
   const div = document.createElement("div"); div.className = "card";
   const b = document.createElement("b"); b.textContent = value;
@@ -3820,7 +3821,7 @@ function render(s) {
     card("tokens in today", (sum("input_tokens") + sum("cache_read_input_tokens") +
                              sum("cache_creation_input_tokens")).toLocaleString("en-US")),
     card("tokens out today", sum("output_tokens").toLocaleString("en-US")),
-    card("cost today", "$" + sum("cost_usd").toFixed(4)));
+    card("cost today", dollars(sum("cost_usd"))));
   fill($("providers"), ["provider", "type", "enabled", "circuit", "failures", "last error",
                         "models"],
        s.providers.map((p) => [p.name, p.type, p.enabled ? "yes" : "no",
@@ -3923,7 +3924,7 @@ def statusline_text(session: dict, today: dict) -> str:
     if today.get("requests"):
         line += " · today %s tokens" % short_count(sum(today.get(f, 0) for f in USAGE_FIELDS))
         if today["requests"] > today.get("unpriced_requests", 0):
-            line += " $%.2f" % today.get("cost_usd", 0)
+            line += " " + dollars(today.get("cost_usd", 0))
     return line
 
 
@@ -3947,8 +3948,14 @@ def usage_words(totals: dict) -> str:
         parts[-1] += " (%d%% cached)" % (100 * cached // total_in)
     parts.append("%s out" % short_count(totals["output_tokens"]))
     if totals["requests"] > totals["unpriced_requests"]:
-        parts.append("$%.2f" % totals["cost_usd"])
+        parts.append(dollars(totals["cost_usd"]))
     return " · ".join(parts)
+
+
+def dollars(cost: float) -> str:
+    """A cost as Claude Code writes one: cents above half a dollar, else four decimals, so that
+    a session's first cents show (the status page writes them the same way)."""
+    return "$%.2f" % cost if cost > 0.5 else "$%.4f" % cost
 
 
 def short_count(number: int) -> str:

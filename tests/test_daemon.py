@@ -139,12 +139,12 @@ def test_status_and_the_status_line_show_each_sessions_usage(home, upstream):
             model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-claude-code-session-id": "s-1"})
         shown = h.run("status").stdout
-        words = "claude-sonnet-4-5 (anthropic) · 1.0k in (90% cached) · 2.0k out · $0.03"
+        words = "claude-sonnet-4-5 (anthropic) · 1.0k in (90% cached) · 2.0k out · $0.0306"
         assert "  anthropic,claude-sonnet-4-5: 1 answer, 1.0k in (90% cached)" in shown
         assert "  session s-1: " + words in shown
         line = h.run("status", "--statusline", input='{"session_id": "s-1"}')
         assert (line.returncode, line.stdout) == (
-            0, "ccproxy: " + words + " · today 3.0k tokens $0.03\n")
+            0, "ccproxy: " + words + " · today 3.0k tokens $0.0306\n")
         setting = json.loads(h.run("env", "--statusline").stdout)["statusLine"]
         fast = subprocess.run(setting["command"], shell=True, capture_output=True,
                               input='{"session_id": "s-1"}', text=True, env=h.env(), timeout=30)

@@ -423,7 +423,7 @@ def test_the_status_line_shows_the_sessions_model_tokens_and_cost(start_proxy, u
     assert statusline(proxy.url, tmp_path, {"session_id": SESSION}) == (404, "ccproxy: up")
     ask(proxy)
     line = "ccproxy: claude-sonnet-4-5 (anthropic) · 10.0k in (90% cached) · 1.5k out" \
-           " · $0.03 · today 11.5k tokens $0.03"
+           " · $0.0282 · today 11.5k tokens $0.0282"
     assert statusline(proxy.url, tmp_path, {"session_id": SESSION, "model": {"id": "x"}}) == (
         200, line)
     assert get(proxy, "/sessions/" + SESSION)[1]["statusline"] == line   # formatted by the proxy

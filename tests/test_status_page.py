@@ -160,8 +160,26 @@ def test_status_metrics_and_the_status_line_agree_with_the_page(busy_proxy, tmp_
     pidfile.write_text(json.dumps({"pid": 1, "url": busy_proxy.url}))
     status, line = ccproxy.statusline_client(str(pidfile), json.dumps(
         {"session_id": SESSION}).encode(), 2.0)
-    assert line == "ccproxy: gpt-5 (openai) · 2.5k in (80% cached) · 80 out · $0.00 · " \
-                   "today 2.6k tokens $0.00"
+    assert line == "ccproxy: gpt-5 (openai) · 2.5k in (80% cached) · 80 out · $0.0027 · " \
+                   "today 2.6k tokens $0.0027"
+
+
+def test_a_cost_past_half_a_dollar_shows_in_cents_on_the_page_and_the_status_line(
+        start_proxy, upstream, tmp_path):
+    upstream.script = lambda r: json_reply(dict(anthropic_message(), usage={
+        "input_tokens": 1000, "output_tokens": 0}))
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=[
+        {"name": "claude-sonnet-4-5", "price": {"input": 1234, "output": 0}}])]})
+    sdk(proxy).messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[
+        {"role": "user", "content": "hi"}], extra_headers={"x-claude-code-session-id": SESSION})
+    assert "<b>$1.23</b>cost today" in render(proxy.url + "/")      # not $1.2340
+    pidfile = tmp_path / "ccproxy.pid"
+    pidfile.write_text(json.dumps({"pid": 1, "url": proxy.url}))
+    line = ccproxy.statusline_client(str(pidfile), json.dumps({"session_id": SESSION}).encode(),
+                                     2.0)[1]
+    assert line.endswith("· 0 out · $1.23 · today 1.0k tokens $1.23")
+    assert [ccproxy.dollars(cost) for cost in (0, 0.00271, 0.5, 0.51, 12.3)] == [
+        "$0.0000", "$0.0027", "$0.5000", "$0.51", "$12.30"]
 
 
 def test_a_plain_client_still_gets_json_at_the_root(busy_proxy):
