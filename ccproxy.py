@@ -156,6 +156,8 @@ STOP_REPORT_SECONDS = 2.0                        # `stop` says it is still waiti
 STATUS_SESSIONS_SHOWN = 5                        # `status` lists this many recent sessions
 STATUSLINE_TIMEOUT_SECONDS = 0.5                 # `status --statusline` waits this long
 STATUSLINE_INPUT_BYTES = 1024 * 1024
+STATUSLINE_REMOTE_TIMEOUT_SECONDS = 2.0          # the same, for a team's proxy across a network
+STATUSLINE_MAX_CHARS = 200                       # of a line a team's proxy sends
 STOP_MARGIN_SECONDS = 5.0                        # beyond shutdown_timeout before a kill
 SESSION_CHECK_SECONDS = 2.0                      # how often a proxy `code` started checks leases
 START_LOCK_QUIET_SECONDS = 1.0                   # then `code` and `start` say what they wait for
@@ -10563,9 +10565,14 @@ def print_status(report: dict) -> None:
 
 def print_statusline(data: bytes) -> None:
     """status --statusline: the line; when the proxy asks for a key this shell was not given,
-    the one its config file names (read only then: this runs on every prompt)."""
-    status, line = statusline_client(pidfile_path(), data, STATUSLINE_TIMEOUT_SECONDS)
+    the one its config file names (read only then: this runs on every prompt). With no proxy
+    of this user's running, the one Claude Code's ANTHROPIC_BASE_URL names (a team's)."""
     record = read_pidfile()
+    base_url = os.environ.get("ANTHROPIC_BASE_URL", "")
+    if record is None and base_url.startswith(("http://", "https://")):
+        print(remote_statusline(base_url.rstrip("/"), data))
+        return
+    status, line = statusline_client(pidfile_path(), data, STATUSLINE_TIMEOUT_SECONDS)
     if status == 401 and record is not None and record.get("config"):
         try:
             apikey = load_config(record["config"], os.environ).own_client_key()
@@ -10574,6 +10581,42 @@ def print_statusline(data: bytes) -> None:
         else:
             line = statusline_client(pidfile_path(), data, STATUSLINE_TIMEOUT_SECONDS, apikey)[1]
     print(line)
+
+
+def remote_statusline(base_url: str, data: bytes) -> str:
+    """The status line from the ccproxy at base_url, asked with the key Claude Code was given
+    (it sends it there anyway): the session's line, `ccproxy: up` before its first answer or
+    when the key is refused (said so), or `ccproxy: down`. What comes back is shown printable
+    only and cut short: it crossed a network."""
+    session = statusline_session(data)
+    key = os.environ.get("ANTHROPIC_AUTH_TOKEN") or os.environ.get("ANTHROPIC_API_KEY", "")
+    request = urllib.request.Request(base_url + ("/sessions/" + session if session else "/health"),
+                                     headers={"x-api-key": key} if key.isascii() and
+                                     key.isprintable() and key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=STATUSLINE_REMOTE_TIMEOUT_SECONDS) as answer:
+            line = dict_of(json.loads(answer.read(STATUSLINE_INPUT_BYTES))).get("statusline")
+    except urllib.error.HTTPError as error:
+        return "ccproxy: up (the key Claude Code has is refused)" if error.code in (401, 403) \
+            else "ccproxy: up"
+    except (OSError, ValueError, http.client.HTTPException):
+        return "ccproxy: down"
+    if not isinstance(line, str):
+        return "ccproxy: up"
+    return "".join(c for c in line if c.isprintable())[:STATUSLINE_MAX_CHARS]
+
+
+def statusline_session(data):
+    """The session id in the JSON Claude Code writes to a status line command's stdin, when it
+    is one a URL path may carry, else None; part of the status line's self-contained client."""
+    import json
+    try:
+        session = json.loads(data or b"{}").get("session_id")
+    except (ValueError, AttributeError):
+        return None
+    named = isinstance(session, str) and 0 < len(session) <= 128 and all(
+        c.isascii() and (c.isalnum() or c in "._:-") for c in session)
+    return session if named else None
 
 
 def statusline_client(pidfile, data, timeout, apikey=""):
@@ -10589,19 +10632,14 @@ def statusline_client(pidfile, data, timeout, apikey=""):
             url = str(json.load(handle)["url"])
     except (OSError, ValueError, KeyError, TypeError):
         return None, "ccproxy: down"
-    try:
-        session = json.loads(data or b"{}").get("session_id")
-    except (ValueError, AttributeError):
-        session = None
-    named = isinstance(session, str) and 0 < len(session) <= 128 and all(
-        c.isascii() and (c.isalnum() or c in "._:-") for c in session)
+    session = statusline_session(data)
     if not apikey and os.environ.get("ANTHROPIC_BASE_URL", "").rstrip("/") == url:
         apikey = os.environ.get("ANTHROPIC_AUTH_TOKEN") or os.environ.get("ANTHROPIC_API_KEY", "")
-    status, body = statusline_get(url, "/sessions/" + session if named else "/health",
+    status, body = statusline_get(url, "/sessions/" + session if session else "/health",
                                   apikey if apikey.isascii() and apikey.isprintable() else "",
                                   timeout)
     try:
-        return status, json.loads(body)["statusline"] if status == 200 and named else (
+        return status, json.loads(body)["statusline"] if status == 200 and session else (
             "ccproxy: up" if status else "ccproxy: down")
     except (ValueError, KeyError, TypeError):
         return status, "ccproxy: up"
@@ -10824,7 +10862,8 @@ def statusline_command() -> str:
     client, its own source run by a Python that skips site packages (it runs on every prompt),
     for this user's pidfile."""
     import inspect                               # only here
-    source = "".join(inspect.getsource(f) for f in (statusline_get, statusline_client))
+    source = "".join(inspect.getsource(f) for f in (statusline_get, statusline_session,
+                                                     statusline_client))
     source += ("import sys\nprint(statusline_client(sys.argv[1], sys.stdin.buffer.read(%d),"
                " %r)[1])" % (STATUSLINE_INPUT_BYTES, STATUSLINE_TIMEOUT_SECONDS))
     return "%s -I -S -c %s %s" % (shlex.quote(sys.executable), shlex.quote(source),

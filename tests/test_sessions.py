@@ -17,8 +17,9 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import (PROVIDER_KEY, REPO, anthropic_message, answer_of, anthropic_provider,
-                     anthropic_stream_events, json_reply, sdk, stream_reply)
+from helpers import (PROVIDER_KEY, REPO, MockUpstream, anthropic_message, answer_of,
+                     anthropic_provider, anthropic_stream_events, dead_url, json_reply, sdk,
+                     stream_reply)
 
 SESSION = "0b6f1c7e-5a2d-4c61-9a0e-3d2b8f4e7a11"
 KEY_A, KEY_B = "sk-pool-key-aaaaaaaaaaaaaaaaaaaaaaaa", "sk-pool-key-bbbbbbbbbbbbbbbbbbbbbbbb"
@@ -480,6 +481,37 @@ def test_the_status_line_command_says_down_when_nothing_runs(tmp_path):
                             input='{"session_id": "s"}', capture_output=True, text=True,
                             env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}, timeout=30)
     assert (result.returncode, result.stdout) == (0, "ccproxy: down\n")
+
+
+def test_with_no_proxy_of_its_own_the_status_line_asks_the_one_claude_code_uses(
+        start_proxy, upstream, tmp_path, monkeypatch, capsys):
+    proxy = start_proxy({"client_keys": {"alice": "alice-key-0123456789"},
+                         "providers": [anthropic_provider(upstream, models=[PRICED])]})
+    sdk(proxy, key="alice-key-0123456789").messages.create(
+        model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-claude-code-session-id": SESSION})
+    monkeypatch.setenv("HOME", str(tmp_path))              # no pidfile: a team's proxy only
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", proxy.url + "/")
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "alice-key-0123456789")
+
+    def line(data) -> str:
+        ccproxy.print_statusline(json.dumps(data).encode())
+        return capsys.readouterr().out
+
+    assert line({"session_id": SESSION}).startswith("ccproxy: claude-sonnet-4-5 (anthropic) · ")
+    assert line({"session_id": "a-session-with-no-answer-yet"}) == "ccproxy: up\n"
+    monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", "not-a-key-of-this-proxy")
+    assert line({"session_id": SESSION}) == "ccproxy: up (the key Claude Code has is refused)\n"
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", dead_url())
+    assert line({"session_id": SESSION}) == "ccproxy: down\n"
+    hostile = MockUpstream()                                # what crossed a network is shown
+    hostile.script = lambda r: json_reply({"statusline": "\x1b]0;owned\x07ccproxy: " + "x" * 999})
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", hostile.url)
+    try:
+        shown = line({"session_id": SESSION})
+    finally:
+        hostile.close()
+    assert shown == ("]0;ownedccproxy: " + "x" * 999)[:200] + "\n"
 
 
 # --- usage kept across a restart ----------------------------------------------------------------
