@@ -10916,7 +10916,7 @@ def run_code_session(claude: str, arguments: list, config: Config, extra: dict) 
     record = None
     try:
         with StartLock():
-            record = running_proxy() or start_detached(config, "code")
+            record = running_proxy() or start_for_code(config)
         if record is None:
             return 1
         note_other_version(record)
@@ -10930,6 +10930,25 @@ def run_code_session(claude: str, arguments: list, config: Config, extra: dict) 
             with StartLock():
                 if live_sessions() == 0 and running_proxy() is not None:
                     stop_proxy(record)
+
+
+FIRST_CONFIG_EXAMPLE = (  # the Quick start's
+    '{"providers": [{"name": "openai", "api_key": "${OPENAI_API_KEY}", '
+    '"models": ["gpt-4.1"]}]}')
+
+
+def start_for_code(config: Config) -> dict | None:
+    """Start the proxy for a `code` session, unless its config gives it nowhere to send
+    Claude Code's requests (every one would fail): then say how to give it one."""
+    if config.enabled_providers():
+        return start_detached(config, "code")
+    print("ccproxy: no provider is %s (config: %s), so Claude Code's requests would have "
+          "nowhere to go; write one into ~/.ccproxy/config.json, e.g.\n  %s\nthen check it "
+          "with: %s start --check --probe" % (
+              "enabled" if config.providers else "configured",
+              config.source or "none found", FIRST_CONFIG_EXAMPLE, command_name()),
+          file=sys.stderr)
+    return None
 
 
 def run_claude(command: list, environment: dict) -> int:

@@ -401,6 +401,22 @@ def test_code_exits_as_a_shell_would_when_a_signal_ends_claude(home, claude_stan
     assert result.returncode == 128 + signal.SIGTERM, result.stderr       # 143, not 255
 
 
+@pytest.mark.parametrize("providers, word", [([], "configured"), (
+    [{"name": "openai", "api_key": "sk-0123456789abcdef", "enabled": False}], "enabled")])
+def test_code_with_nowhere_to_send_requests_says_how_to_give_it_a_provider(
+        home, claude_stand_in, tmp_path, providers, word):
+    h = home(providers=providers)
+    result = h.run("code", CLAUDE_PATH=str(claude_stand_in),
+                   RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    assert result.returncode == 1 and not (tmp_path / "claude.jsonl").exists()
+    assert "ccproxy: no provider is %s (config: %s), so Claude Code's requests would have " \
+        "nowhere to go; write one into ~/.ccproxy/config.json, e.g.\n  {\"providers\"" % (
+            word, h.config) in result.stderr and "start --check --probe" in result.stderr
+    assert not h.healthy() and h.record() is None             # nothing was started
+    assert '"providers": [{"name": "openai", "api_key": "${OPENAI_API_KEY}", "models": ' \
+        '["gpt-4.1"]}]' in (REPO / "README.md").read_text()   # the Quick start's, word for word
+
+
 def test_code_passes_everything_after_double_dash(home, claude_stand_in, tmp_path):
     h = home()
     result = h.run("code", "--", "--help", "--port", "1", CLAUDE_PATH=str(claude_stand_in),
