@@ -9603,7 +9603,7 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
         print("ccproxy: cannot write the log file %s (log_file): %s" % (
             config.log_file, exc.strerror or exc), file=sys.stderr)
         return 1
-    for note in startup_warnings(config):
+    for note in config.warnings + serving_warnings(config):
         log.warning("%s", note)
 
     def on_ready(ready: ProxyServer) -> None:
@@ -9651,9 +9651,10 @@ def raise_file_limit() -> None:
             pass
 
 
-def startup_warnings(config: Config) -> list:
-    """What the operator should know before the first request."""
-    notes = list(config.warnings)
+def serving_warnings(config: Config) -> list:
+    """What the operator should know before the first request, beyond the config's own
+    warnings: what the server will refuse to do as configured."""
+    notes = []
     if not config.providers:
         notes.append("no provider configured: /v1/messages will answer 400 until one is added")
     try:
@@ -10353,6 +10354,8 @@ def cmd_start(args) -> int:
         return 1
     print("ccproxy %s started at %s (pid %d); log: %s" % (
         __version__, record["url"], record["pid"], config.log_file))
+    for note in serving_warnings(config):
+        print("ccproxy: warning: %s" % note, file=sys.stderr)
     return 0
 
 

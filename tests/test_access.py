@@ -124,8 +124,8 @@ def test_ipv6_loopback_client_is_served(start_proxy):
 
 
 def test_startup_warns_about_a_public_bind_without_key():
-    notes = ccproxy.startup_warnings(ccproxy.build_config({"host": "0.0.0.0"}, "c", {}))
+    notes = ccproxy.serving_warnings(ccproxy.build_config({"host": "0.0.0.0"}, "c", {}))
     assert any("without an apikey" in note for note in notes)
-    quiet = ccproxy.startup_warnings(ccproxy.build_config(
+    quiet = ccproxy.serving_warnings(ccproxy.build_config(
         {"providers": [{"name": "anthropic", "api_key": "k"}]}, "c", {}))
     assert quiet == []

@@ -109,6 +109,18 @@ def test_start_status_stop_round_trip(home):
     assert after.returncode == 3 and "not running" in after.stdout
     assert json.loads(h.run("status", "--json").stdout) == {"running": False}
     assert h.run("stop").stdout.strip() == "ccproxy is not running"
+    assert "will answer 400" not in started.stderr and "bound to" not in started.stderr
+
+
+def test_a_background_start_says_on_the_terminal_what_it_will_refuse(home):
+    h = home(providers=[], host="0.0.0.0")
+    started = h.run("start")
+    assert started.returncode == 0 and h.healthy()
+    assert "ccproxy: warning: no provider configured: /v1/messages will answer 400 until one " \
+        "is added" in started.stderr
+    assert "ccproxy: warning: bound to 0.0.0.0 without an apikey: only loopback clients will " \
+        "be served" in started.stderr
+    assert h.run("stop").returncode == 0
 
 
 @pytest.mark.skipif(not ccproxy.malloc_trim_function(), reason="glibc's malloc_trim only")
