@@ -10391,8 +10391,13 @@ def check_config(config: Config, probe: bool) -> int:
         verdict = sys.stderr
     print("configuration OK: %s (%d providers)" % (config.source or "built-in defaults",
                                                    len(config.providers)), file=verdict)
+    for note in serving_warnings(config):
+        print("ccproxy: warning: %s" % note, file=sys.stderr)
     if not probe:
         return 0
+    if not config.enabled_providers():
+        print("nothing to probe: no provider is enabled", file=sys.stderr)
+        return 1
     rows = asyncio.run(probe_providers(config))
     print(render_table(("provider", "reachable", "key", "latency", "models"),
                        [row[:5] for row in rows]), file=verdict)
