@@ -10594,19 +10594,19 @@ def print_statusline(data: bytes) -> None:
 def remote_statusline(base_url: str, data: bytes) -> str:
     """The status line from the ccproxy at base_url, asked with the key Claude Code was given
     (it sends it there anyway): the session's line, `ccproxy: up` before its first answer or
-    when the key is refused (said so), or `ccproxy: down`. What comes back is shown printable
-    only and cut short: it crossed a network."""
+    when the key is refused (said so), or `ccproxy: down` (also when what fronts it answers
+    5xx). What comes back is shown printable only and cut short: it crossed a network."""
     session = statusline_session(data)
     key = os.environ.get("ANTHROPIC_AUTH_TOKEN") or os.environ.get("ANTHROPIC_API_KEY", "")
+    sendable = key and key.isascii() and key.isprintable()
     request = urllib.request.Request(base_url + ("/sessions/" + session if session else "/health"),
-                                     headers={"x-api-key": key} if key.isascii() and
-                                     key.isprintable() and key else {})
+                                     headers={"x-api-key": key} if sendable else {})
     try:
         with urllib.request.urlopen(request, timeout=STATUSLINE_REMOTE_TIMEOUT_SECONDS) as answer:
             line = dict_of(json.loads(answer.read(STATUSLINE_INPUT_BYTES))).get("statusline")
     except urllib.error.HTTPError as error:
-        return "ccproxy: up (the key Claude Code has is refused)" if error.code in (401, 403) \
-            else "ccproxy: up"
+        return "ccproxy: down" if error.code >= 500 else "ccproxy: up" if error.code not in (
+            401, 403) else "ccproxy: up (the key Claude Code has is refused)"
     except (OSError, ValueError, http.client.HTTPException):
         return "ccproxy: down"
     if not isinstance(line, str):

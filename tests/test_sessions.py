@@ -504,6 +504,13 @@ def test_with_no_proxy_of_its_own_the_status_line_asks_the_one_claude_code_uses(
     assert line({"session_id": SESSION}) == "ccproxy: up (the key Claude Code has is refused)\n"
     monkeypatch.setenv("ANTHROPIC_BASE_URL", dead_url())
     assert line({"session_id": SESSION}) == "ccproxy: down\n"
+    fronted = MockUpstream()                 # what fronts the proxy says its backend is down
+    fronted.script = lambda r: json_reply({"message": "bad gateway"}, status=502)
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fronted.url)
+    try:
+        assert line({"session_id": SESSION}) == "ccproxy: down\n"
+    finally:
+        fronted.close()
     hostile = MockUpstream()                                # what crossed a network is shown
     hostile.script = lambda r: json_reply({"statusline": "\x1b]0;owned\x07ccproxy: " + "x" * 999})
     monkeypatch.setenv("ANTHROPIC_BASE_URL", hostile.url)
