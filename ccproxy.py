@@ -2561,7 +2561,7 @@ class ProxyServer:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=5)
         await asyncio.gather(*self._accepting, return_exceptions=True)
-        save_usage(self.app)
+        stop_keeping_usage(self.app)
 
 
 class ProxyThread:
@@ -3177,6 +3177,7 @@ class ProxyApp:
         self.phase = "starting"       # then "ready", then "draining" once asked to stop
         self.tls_refused = False      # a client has spoken TLS to this port (logged once)
         self.config_signature = file_signature(config.source)
+        self.usage_kept = None        # (usage_file, its lock) while this server keeps it
         self.active_streams = 0
         self.metrics = Metrics()
         self.failover = Failover()
@@ -3233,6 +3234,8 @@ class ProxyApp:
             return False
         if (config.host, config.port) != (self.config.host, self.config.port):
             log.warning("host and port changes apply at the next start")
+        if config.usage_file != self.config.usage_file:
+            log.warning("a usage_file change applies at the next start")
         self.swap_config(config)
         log.info("configuration reloaded from %s (%d providers)", config.source or "defaults",
                  len(config.providers))
@@ -9708,10 +9711,18 @@ USAGE_SAVE_SECONDS = 30.0            # the usage file is written this often, whe
 
 def keep_usage(app: ProxyApp) -> None:
     """With usage_file set: take back the usage it holds, then write it every little while
-    when it has changed (and at stop), so counters outlive a restart."""
+    when it has changed (and at stop), so counters outlive a restart. The file is the first
+    copy's that keeps it (a lock beside it): another that names it warns and counts in memory
+    only, where each would have overwritten the other's counts."""
     path = app.config.usage_file
     if not path:
         return
+    lock = FileLock(path + ".lock")
+    if not lock.acquire(0):
+        log.warning("usage_file %s is kept by another ccproxy; this one counts in memory only "
+                    "(give each copy its own file)", path)
+        return
+    app.usage_kept = (path, lock)
     try:
         with open(path, encoding="utf-8") as handle:
             app.usage.restore(dict_of(json.load(handle)))
@@ -9723,12 +9734,21 @@ def keep_usage(app: ProxyApp) -> None:
 
 
 def save_usage(app: ProxyApp) -> None:
-    """Write the usage file (atomically, 0600) when there is news for it."""
-    if app.config.usage_file and app.usage.changed:
+    """Write the usage file this server keeps (atomically, 0600) when there is news for it."""
+    if app.usage_kept is not None and app.usage.changed:
+        path = app.usage_kept[0]
         try:
-            write_private_file(app.config.usage_file, app.usage.saved())
+            write_private_file(path, app.usage.saved())
         except OSError as exc:
-            log.warning("usage_file %s could not be written: %s", app.config.usage_file, exc)
+            log.warning("usage_file %s could not be written: %s", path, exc)
+
+
+def stop_keeping_usage(app: ProxyApp) -> None:
+    """The server's last save of its usage file, and the file let go to another copy."""
+    save_usage(app)
+    if app.usage_kept is not None:
+        app.usage_kept[1].release()
+        app.usage_kept = None
 
 
 def watch_sessions(server: ProxyServer, lock: StartLock) -> None:
@@ -9860,39 +9880,21 @@ def remove_pidfile(pid: int) -> None:
             pass
 
 
-class StartLock:
-    """~/.ccproxy/start.lock: held while a command decides to start the background proxy or to
-    stop it, and by a proxy that `code` started from the moment it decides to stop on its own
-    until it has ended. `code` sessions that begin or end together then share one proxy, where
-    each started its own and all but one found the port taken. A lock of the open file
-    (flock; a byte lock on Windows), so the system lets it go when its holder dies."""
+class FileLock:
+    """A lock of an open file at path, for one process at a time: the system lets it go when
+    its holder dies (flock; a byte lock on Windows)."""
 
-    def __init__(self):
+    def __init__(self, path: str):
+        self.path = path
         self._descriptor = None
-
-    def __enter__(self) -> "StartLock":
-        if not self.acquire(START_LOCK_QUIET_SECONDS):
-            print("ccproxy: waiting for another ccproxy to finish starting or stopping",
-                  file=sys.stderr)
-            if not self.acquire(START_LOCK_WAIT_SECONDS):
-                print("ccproxy: going on without %s, held for %g s by another process" % (
-                    self.path(), START_LOCK_WAIT_SECONDS), file=sys.stderr)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.release()
-
-    @staticmethod
-    def path() -> str:
-        return os.path.join(ccproxy_home(), "start.lock")
 
     def acquire(self, seconds: float) -> bool:
         """Take the lock, trying for up to `seconds`; False when another process held it all
-        that time. Where no lock can be kept (a home that cannot be written, where the command
-        then fails saying why; a file system without locks), it counts as taken."""
+        that time. Where no lock can be kept (a folder that cannot be written, where what the
+        lock guards then fails saying why; a file system without locks), it counts as taken."""
         try:
-            ensure_private_directory(ccproxy_home())
-            descriptor = os.open(self.path(), os.O_RDWR | os.O_CREAT, 0o600)
+            ensure_private_directory(os.path.dirname(self.path))
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
             return True
         deadline = time.monotonic() + seconds
@@ -9908,6 +9910,28 @@ class StartLock:
         if self._descriptor is not None:
             os.close(self._descriptor)
             self._descriptor = None
+
+
+class StartLock(FileLock):
+    """~/.ccproxy/start.lock: held while a command decides to start the background proxy or to
+    stop it, and by a proxy that `code` started from the moment it decides to stop on its own
+    until it has ended. `code` sessions that begin or end together then share one proxy, where
+    each started its own and all but one found the port taken."""
+
+    def __init__(self):
+        super().__init__(os.path.join(ccproxy_home(), "start.lock"))
+
+    def __enter__(self) -> "StartLock":
+        if not self.acquire(START_LOCK_QUIET_SECONDS):
+            print("ccproxy: waiting for another ccproxy to finish starting or stopping",
+                  file=sys.stderr)
+            if not self.acquire(START_LOCK_WAIT_SECONDS):
+                print("ccproxy: going on without %s, held for %g s by another process" % (
+                    self.path, START_LOCK_WAIT_SECONDS), file=sys.stderr)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
 
 
 LOCK_HELD_ERRNOS = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES,

@@ -17,9 +17,9 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import (PROVIDER_KEY, REPO, MockUpstream, anthropic_message, answer_of,
-                     anthropic_provider, anthropic_stream_events, dead_url, json_reply, sdk,
-                     stream_reply)
+from helpers import (PROVIDER_KEY, REPO, MockUpstream, RunningProxy, anthropic_message,
+                     anthropic_provider, anthropic_stream_events, answer_of, dead_url,
+                     json_reply, sdk, stream_reply)
 
 SESSION = "0b6f1c7e-5a2d-4c61-9a0e-3d2b8f4e7a11"
 KEY_A, KEY_B = "sk-pool-key-aaaaaaaaaaaaaaaaaaaaaaaa", "sk-pool-key-bbbbbbbbbbbbbbbbbbbbbbbb"
@@ -541,6 +541,45 @@ def test_usage_survives_a_restart_in_the_usage_file(start_proxy, upstream, tmp_p
     assert usage["by_model"][0]["requests"] == 2 and usage["today"]["by_model"][0][
         "output_tokens"] == 10
     assert get(second, "/sessions/" + SESSION)[1]["requests"] == 2
+
+
+def test_a_usage_file_another_copy_keeps_is_left_to_it_with_a_warning(start_proxy, upstream,
+                                                                       tmp_path, ccproxy_log):
+    upstream.script = lambda r: json_reply(with_usage(anthropic_message(), input_tokens=10,
+                                                      output_tokens=5))
+    usage_file = tmp_path / "usage.json"
+    config = {"usage_file": str(usage_file),
+              "providers": [anthropic_provider(upstream, models=[PRICED])]}
+    first, second = start_proxy(config), start_proxy(config)
+    warning = ("usage_file %s is kept by another ccproxy; this one counts in memory only (give "
+               "each copy its own file)" % usage_file)
+    assert [m for m in ccproxy_log if m.startswith("usage_file")] == [warning]
+    ask(first)
+    for _ in range(3):
+        ask(second, session="another-session")
+    second.stop()
+    first.stop()                                 # the last to stop, its counts would win
+    saved = json.loads(usage_file.read_text())
+    assert [s["session_id"] for s in saved["sessions"]] == [SESSION]
+    third = start_proxy(config)                  # let go at stop: the next copy keeps it
+    assert get(third, "/sessions/" + SESSION)[1]["requests"] == 1
+    assert [m for m in ccproxy_log if m.startswith("usage_file")] == [warning]
+
+
+def test_a_usage_file_changed_by_a_reload_applies_at_the_next_start(upstream, tmp_path,
+                                                                     ccproxy_log):
+    config_file, kept, other = (tmp_path / name for name in ("c.json", "kept", "other"))
+    config_file.write_text(json.dumps({"port": 0, "usage_file": str(kept),
+                                       "providers": [anthropic_provider(upstream)]}))
+    proxy = RunningProxy(ccproxy.load_config(str(config_file), {}))
+    try:
+        config_file.write_text(config_file.read_text().replace(str(kept), str(other)))
+        assert proxy.server.app.reload_config()
+        ask(proxy)
+    finally:
+        proxy.stop()
+    assert kept.exists() and not other.exists()
+    assert "a usage_file change applies at the next start" in ccproxy_log
 
 
 ALICE, BOB, SHARED = ("sk-client-alice-0123456789abcdef", "sk-client-bob-0123456789abcdef0",
