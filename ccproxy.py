@@ -10736,7 +10736,32 @@ def cmd_env(args) -> int:
     shell = args.shell or default_shell(os.environ)
     print(render_environment(claude_variables(url, config, os.environ), CLAUDE_UNSET_VARIABLES,
                              shell))
+    for path, names in overriding_settings_files():
+        print("ccproxy: warning: %s sets %s, which Claude Code applies over this environment: "
+              "remove it there, or run Claude Code with `%s code`, which overrides it" % (
+                  path, ", ".join(names), command_name()), file=sys.stderr)
     return 0
+
+
+def overriding_settings_files() -> list:
+    """(settings file, the routing variables its env sets) for each of Claude Code's settings
+    files here (the user's, this project's) that would send it elsewhere than `env` says."""
+    found, read = [], set()
+    for path in (os.path.join("~", ".claude", "settings.json"),
+                 os.path.join(".claude", "settings.json"),
+                 os.path.join(".claude", "settings.local.json")):
+        real = os.path.realpath(os.path.expanduser(path))
+        try:
+            with open(real, encoding="utf-8") as handle:
+                env = dict_of(dict_of(json.load(handle)).get("env"))
+        except (OSError, ValueError):
+            continue
+        names = [name for name in CLAUDE_ROUTING_VARIABLES + CLAUDE_UNSET_VARIABLES
+                 if env.get(name)]
+        if names and real not in read:
+            found.append((path, names))
+        read.add(real)
+    return found
 
 
 CLAUDE_INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
@@ -10746,6 +10771,11 @@ CLAUDE_UNSET_VARIABLES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX",
                           "CLAUDE_CODE_USE_FOUNDRY", "CLAUDE_CODE_USE_ANTHROPIC_AWS",
                           "CLAUDE_CODE_USE_ANTHROPIC_GOOGLE_CLOUD", "CLAUDE_CODE_USE_MANTLE",
                           "ANTHROPIC_API_KEY")
+# Claude Code applies the env of its settings files (~/.claude/settings.json, a project's
+# .claude/settings.json and settings.local.json) over its own environment, and a --settings
+# flag over those (seen in 2.1.197 and 2.1.332): `code` passes these in --settings too, and
+# the variables above as empty, so no settings file can send the session elsewhere.
+CLAUDE_ROUTING_VARIABLES = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN")
 # The /model picker's Opus, Sonnet and Haiku entries: the route each stands for.
 PICKER_ROUTES = (("OPUS", "think"), ("SONNET", "default"), ("HAIKU", "background"))
 
@@ -10859,12 +10889,11 @@ def cmd_code(argv) -> int:
         return 1
     if conflicts_with_running_proxy(own):
         return 1
-    extra = {"CLAUDE_CODE_SUBAGENT_MODEL": own["--subagent-model"]} \
-        if own["--subagent-model"] else {}
+    session = {"env": {"CLAUDE_CODE_SUBAGENT_MODEL": own["--subagent-model"]}
+               if own["--subagent-model"] else {}}
     if own["statusline"]:
-        claude_arguments = ["--settings", json.dumps({"statusLine": {
-            "type": "command", "command": statusline_command()}})] + claude_arguments
-    return run_code_session(claude, claude_arguments, config, extra)
+        session["statusLine"] = {"type": "command", "command": statusline_command()}
+    return run_code_session(claude, claude_arguments, config, session)
 
 
 def conflicts_with_running_proxy(own: dict) -> bool:
@@ -10932,6 +10961,39 @@ def split_code_arguments(argv):
     return own, passed
 
 
+def with_settings(arguments: list, ours: dict) -> list:
+    """claude's arguments with one --settings that carries ours: claude reads only the last
+    --settings, so one the user gave is merged with ours (our env over theirs). One that cannot
+    be read is left as it is, for claude to say why."""
+    theirs, rest, index = {}, [], 0
+    while index < len(arguments):
+        name, equals, value = arguments[index].partition("=")
+        if name == "--settings" and (equals or index + 1 < len(arguments)):
+            if not equals:
+                index, value = index + 1, arguments[index + 1]
+            try:
+                theirs = read_settings_value(value)
+            except (OSError, ValueError):
+                return arguments
+        else:
+            rest.append(arguments[index])
+        index += 1
+    merged = dict(theirs, **ours)
+    merged["env"] = dict(dict_of(theirs.get("env")), **ours["env"])
+    return ["--settings", json.dumps(merged)] + rest
+
+
+def read_settings_value(value: str) -> dict:
+    """What claude's --settings names: JSON given in place, or a JSON file."""
+    if not value.lstrip().startswith("{"):
+        with open(value, encoding="utf-8") as handle:
+            value = handle.read()
+    settings = json.loads(value)
+    if not isinstance(settings, dict):
+        raise ValueError("not a JSON object")
+    return settings
+
+
 def find_claude(environ) -> str | None:
     """The claude executable: $CLAUDE_PATH, else `claude` on PATH."""
     named = environ.get("CLAUDE_PATH")
@@ -10940,9 +11002,9 @@ def find_claude(environ) -> str | None:
     return shutil.which("claude")
 
 
-def run_code_session(claude: str, arguments: list, config: Config, extra: dict) -> int:
-    """Hold a session lease while claude runs (with the proxy's variables and extra); stop a
-    proxy `code` started when the last session ends."""
+def run_code_session(claude: str, arguments: list, config: Config, session: dict) -> int:
+    """Hold a session lease while claude runs, with the proxy's variables and the session's
+    settings (its env among them); stop a proxy `code` started when the last session ends."""
     lease = os.path.join(sessions_dir(), str(os.getpid()))
     write_private_file(lease, "")
     record = None
@@ -10954,8 +11016,11 @@ def run_code_session(claude: str, arguments: list, config: Config, extra: dict) 
         note_other_version(record)
         environment = {k: v for k, v in os.environ.items() if k not in CLAUDE_UNSET_VARIABLES}
         environment.update(claude_variables(record["url"], config_of(record, config), os.environ))
-        environment.update(extra)
-        return run_claude([claude] + arguments, environment)
+        environment.update(session["env"])
+        routing = dict({name: "" for name in CLAUDE_UNSET_VARIABLES}, **{
+            name: environment[name] for name in CLAUDE_ROUTING_VARIABLES})
+        settings = dict(session, env=dict(routing, **session["env"]))
+        return run_claude([claude] + with_settings(arguments, settings), environment)
     finally:
         os.remove(lease)
         if record is not None and record.get("started_by") == "code":

@@ -38,14 +38,19 @@ def openai_answer(message: dict, stream: bool, finish: str):
 FINAL_TEXT = "Done: out.txt now holds hi."
 
 
-def run_code(version, tmp_path, providers, prompt, tools, routes=None, **environment):
+def run_code(version, tmp_path, providers, prompt, tools, routes=None, settings=None,
+             **environment):
     """`ccproxy.py code -p prompt` with the real Claude Code of that version, in a fresh home and
-    working directory, the providers configured: (the finished process, its JSON output, the
-    working directory)."""
+    working directory, the providers configured (and settings, when given, in the user's and
+    the project's settings files): (the finished process, its JSON output, the working
+    directory)."""
     claude = installed_claude(version)
     home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
+    for folder in (home, work):
+        folder.mkdir()
+        if settings is not None:
+            (folder / ".claude").mkdir()
+            (folder / ".claude" / "settings.json").write_text(json.dumps(settings))
     config = home / "config.json"
     config.write_text(json.dumps({"port": 0, "providers": providers, "routes": routes or {}}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
@@ -83,9 +88,11 @@ def scripted_model(request):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstream):
     upstream.script = scripted_model
+    elsewhere = {"env": {"ANTHROPIC_BASE_URL": dead_url(), "ANTHROPIC_API_KEY": "sk-ant-mine",
+                         "CLAUDE_CODE_USE_BEDROCK": "1"}}    # settings files that would win
     result, output, work = run_code(
         version, tmp_path, [openai_provider(upstream.url)],
-        "Create a file out.txt containing hi, using the Bash tool.", "Bash",
+        "Create a file out.txt containing hi, using the Bash tool.", "Bash", settings=elsewhere,
         CLAUDE_CODE_MAX_RETRIES="0")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
     assert output["is_error"] is False and output["result"] == FINAL_TEXT

@@ -393,7 +393,11 @@ def test_code_runs_claude_through_a_proxy_it_starts_and_stops(home, claude_stand
                    NO_PROXY="corp.example")
     assert result.returncode == 7, result.stderr
     (seen,) = records(tmp_path)
-    assert seen["argv"] == ["-p", "fix the tests", "--model", "openai,gpt-4.1"]
+    assert seen["argv"][0] == "--settings"
+    assert seen["argv"][2:] == ["-p", "fix the tests", "--model", "openai,gpt-4.1"]
+    assert json.loads(seen["argv"][1]) == {"env": dict(            # over any settings file's
+        {name: "" for name in ccproxy.CLAUDE_UNSET_VARIABLES},
+        ANTHROPIC_BASE_URL=h.url, ANTHROPIC_AUTH_TOKEN="proxy-key")}
     assert seen["health"] == 200
     env = seen["env"]
     assert env["ANTHROPIC_BASE_URL"] == h.url and env["ANTHROPIC_AUTH_TOKEN"] == "proxy-key"
@@ -434,7 +438,7 @@ def test_code_passes_everything_after_double_dash(home, claude_stand_in, tmp_pat
     result = h.run("code", "--", "--help", "--port", "1", CLAUDE_PATH=str(claude_stand_in),
                    RECORD_FILE=str(tmp_path / "claude.jsonl"))
     assert result.returncode == 0, result.stderr
-    assert records(tmp_path)[0]["argv"] == ["--help", "--port", "1"]
+    assert records(tmp_path)[0]["argv"][2:] == ["--help", "--port", "1"]
     assert records(tmp_path)[0]["env"]["ANTHROPIC_AUTH_TOKEN"] == "ccproxy"
 
 
@@ -595,6 +599,29 @@ def test_env_syntax_for_each_shell(home, shell, expected):
     assert "ANTHROPIC_BASE_URL" in output and "API_TIMEOUT_MS" in output
 
 
+def test_env_warns_of_claude_settings_files_that_would_send_it_elsewhere(home):
+    h = home()
+    for folder in (h.path / ".claude", h.path / "project" / ".claude"):
+        folder.mkdir(parents=True)
+    (h.path / ".claude" / "settings.json").write_text(json.dumps({"env": {
+        "ANTHROPIC_BASE_URL": "http://127.0.0.1:1", "DISABLE_TELEMETRY": "1"}}))
+    (h.path / "project" / ".claude" / "settings.local.json").write_text(json.dumps({"env": {
+        "CLAUDE_CODE_USE_BEDROCK": "1", "ANTHROPIC_API_KEY": ""}}))
+    result = subprocess.run([sys.executable, SCRIPT, "env"], capture_output=True, text=True,
+                            env=h.env(), cwd=str(h.path / "project"), timeout=30)
+    warnings = [line for line in result.stderr.splitlines() if "Claude Code applies" in line]
+    assert warnings == [
+        "ccproxy: warning: %s sets %s, which Claude Code applies over this environment: remove "
+        "it there, or run Claude Code with `python3 %s code`, which overrides it" % (path, names,
+                                                                                   SCRIPT)
+        for path, names in ((os.path.join("~", ".claude", "settings.json"),
+                             "ANTHROPIC_BASE_URL"),
+                            (os.path.join(".claude", "settings.local.json"),
+                             "CLAUDE_CODE_USE_BEDROCK"))]
+    home_run = h.run("env")                     # in the home folder: one file, one warning
+    assert home_run.stderr.count("sets ANTHROPIC_BASE_URL") == 1
+
+
 def test_env_shell_defaults_to_shell_variable(home):
     h = home()
     assert "set -gx ANTHROPIC_BASE_URL" in h.run("env", SHELL="/usr/bin/fish").stdout
@@ -732,7 +759,9 @@ def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
     assert result.returncode == 0, result.stderr
     (seen,) = records(tmp_path)
     assert seen["argv"][0] == "--settings" and seen["argv"][2:] == ["-p", "hi"]
-    command = json.loads(seen["argv"][1])["statusLine"]["command"]
+    settings = json.loads(seen["argv"][1])
+    assert settings["env"]["CLAUDE_CODE_SUBAGENT_MODEL"] == "openai,gpt-5-mini"
+    command = settings["statusLine"]["command"]
     assert " -I -S -c " in command and command.endswith(" " + shlex.quote(str(h.pidfile)))
     line = subprocess.run(command, shell=True, input='{"session_id": "s"}', capture_output=True,
                           text=True, env=h.env(), timeout=30)
@@ -740,6 +769,24 @@ def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
     assert seen["env"]["CLAUDE_CODE_SUBAGENT_MODEL"] == "openai,gpt-5-mini"
     assert seen["env"]["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
     assert not (tmp_path / "home" / ".claude").exists()       # no settings file was written
+
+
+def test_code_merges_the_users_own_settings_flag_with_its_own(home, claude_stand_in, tmp_path):
+    h = home()
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"model": "opus", "env": {"MY_FLAG": "1",
+                                                         "ANTHROPIC_BASE_URL": "http://x"}}))
+    claude = dict(CLAUDE_PATH=str(claude_stand_in), RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    for given in (["--settings", str(mine)], ["--settings=" + mine.read_text()]):
+        assert h.run("code", "--statusline", *given, "-p", "hi", **claude).returncode == 0
+        argv = records(tmp_path)[-1]["argv"]
+        assert argv[0] == "--settings" and argv[2:] == ["-p", "hi"]    # one: claude reads one
+        settings = json.loads(argv[1])
+        assert settings["model"] == "opus" and settings["env"]["MY_FLAG"] == "1"
+        assert settings["env"]["ANTHROPIC_BASE_URL"] == h.url and "statusLine" in settings
+    unreadable = h.run("code", "--settings", str(tmp_path / "nowhere.json"), "-p", "hi", **claude)
+    assert records(tmp_path)[-1]["argv"] == ["--settings", str(tmp_path / "nowhere.json"), "-p",
+                                             "hi"] and unreadable.returncode == 0  # claude says
 
 
 def test_the_kubernetes_example_passes_the_schema_and_drains_within_its_grace():
