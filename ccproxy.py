@@ -3046,15 +3046,14 @@ def parse_peer_address(peername):
     return address
 
 
-def client_key(headers: Headers) -> str | None:
-    """The key the client presented, from x-api-key or Authorization: Bearer."""
-    key = headers.get("x-api-key")
-    if key:
-        return key
+def client_keys_presented(headers: Headers) -> list:
+    """The keys the client presented: x-api-key, then Authorization: Bearer. Claude Code sends
+    both when its settings have an apiKeyHelper (the helper's key as x-api-key, the proxy's
+    as the token): either may be the one asked for."""
+    keys = [headers.get("x-api-key") or ""]
     scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return None
+    keys.append(token.strip() if scheme.lower() == "bearer" else "")
+    return [key for key in keys if key]
 
 
 def check_access(config: Config, peer, request: Request, management: bool = False):
@@ -3094,14 +3093,16 @@ def check_key(request: Request, keys: dict, wanted):
     """The name of the key in keys (name -> key) the request presents, None for the name "";
     401 when it presents none of them, naming what wanted() says is asked for (worded only
     then: this runs at every request). Every key is compared, each in constant time."""
-    presented = client_key(request.headers)
-    if presented is None:
+    presented = client_keys_presented(request.headers)
+    if not presented:
         raise AuthenticationError("missing API key (this needs %s): send it as x-api-key or "
                                   "Authorization: Bearer" % wanted()).made_final()
-    given, found = presented.encode("utf-8", "surrogateescape"), None
-    for name, key in keys.items():
-        if hmac.compare_digest(given, key.encode("utf-8", "surrogateescape")):
-            found = name
+    found = None
+    for given in presented:
+        given = given.encode("utf-8", "surrogateescape")
+        for name, key in keys.items():
+            if hmac.compare_digest(given, key.encode("utf-8", "surrogateescape")) and found is None:
+                found = name
     if found is None:
         raise AuthenticationError("invalid API key (this needs %s)" % wanted()).made_final()
     return found or None

@@ -55,6 +55,27 @@ def test_with_a_key_every_peer_must_present_it(peer):
     assert decide(peer, raw, [("authorization", "bearer  proxy-secret")]) is None
 
 
+def test_a_client_presenting_two_keys_is_admitted_by_either():
+    """Claude Code with an apiKeyHelper in its settings sends the helper's key as x-api-key and
+    the proxy's as a Bearer token (seen with 2.1.197 and 2.1.332)."""
+    raw = {"apikey": "proxy-secret", "client_keys": {"alice": "alice-key-0123456789"}}
+    peer = ("10.0.0.1", 1)
+    config = ccproxy.build_config(raw, "config.json", {})
+
+    def client(x_api_key, token):
+        request = ccproxy.parse_request_head(
+            b"POST /v1/messages HTTP/1.1\r\nx-api-key: %s\r\nAuthorization: Bearer %s\r\n\r\n"
+            % (x_api_key.encode(), token.encode()))
+        return ccproxy.check_access(config, ccproxy.parse_peer_address(peer), request)
+
+    assert client("sk-ant-from-a-helper", "alice-key-0123456789") == "alice"
+    assert client("alice-key-0123456789", "wrong") == "alice"
+    assert client("sk-ant-from-a-helper", "proxy-secret") is None
+    assert client("proxy-secret", "alice-key-0123456789") is None     # the first one counts
+    with pytest.raises(ccproxy.AuthenticationError, match="invalid API key"):
+        client("sk-ant-from-a-helper", "wrong")
+
+
 def test_health_and_root_need_no_key():
     raw = {"apikey": "proxy-secret"}
     assert decide(("10.0.0.1", 1), raw, path="/health") is None

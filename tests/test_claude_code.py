@@ -39,11 +39,11 @@ FINAL_TEXT = "Done: out.txt now holds hi."
 
 
 def run_code(version, tmp_path, providers, prompt, tools, routes=None, settings=None,
-             **environment):
+             apikey="", **environment):
     """`ccproxy.py code -p prompt` with the real Claude Code of that version, in a fresh home and
     working directory, the providers configured (and settings, when given, in the user's and
-    the project's settings files): (the finished process, its JSON output, the working
-    directory)."""
+    the project's settings files; the proxy's apikey, when given): (the finished process, its
+    JSON output, the working directory)."""
     claude = installed_claude(version)
     home, work = tmp_path / "home", tmp_path / "work"
     for folder in (home, work):
@@ -52,7 +52,8 @@ def run_code(version, tmp_path, providers, prompt, tools, routes=None, settings=
             (folder / ".claude").mkdir()
             (folder / ".claude" / "settings.json").write_text(json.dumps(settings))
     config = home / "config.json"
-    config.write_text(json.dumps({"port": 0, "providers": providers, "routes": routes or {}}))
+    config.write_text(json.dumps({"port": 0, "providers": providers, "routes": routes or {},
+                                  "apikey": apikey}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CCPROXY_", "ANTHROPIC_"))}
     env.update(HOME=str(home), CCPROXY_CONFIG=str(config), CLAUDE_PATH=str(claude),
                DISABLE_AUTOUPDATER="1", **environment)
@@ -89,11 +90,12 @@ def scripted_model(request):
 def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstream):
     upstream.script = scripted_model
     elsewhere = {"env": {"ANTHROPIC_BASE_URL": dead_url(), "ANTHROPIC_API_KEY": "sk-ant-mine",
-                         "CLAUDE_CODE_USE_BEDROCK": "1"}}    # settings files that would win
+                         "CLAUDE_CODE_USE_BEDROCK": "1"},   # settings files that would win,
+                 "apiKeyHelper": "echo sk-ant-from-a-helper"}      # and a second key
     result, output, work = run_code(
         version, tmp_path, [openai_provider(upstream.url)],
         "Create a file out.txt containing hi, using the Bash tool.", "Bash", settings=elsewhere,
-        CLAUDE_CODE_MAX_RETRIES="0")
+        apikey="proxy-key-0123456789", CLAUDE_CODE_MAX_RETRIES="0")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
     assert output["is_error"] is False and output["result"] == FINAL_TEXT
     assert (work / "out.txt").read_text().strip() == "hi"          # the tool really ran
