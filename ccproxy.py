@@ -10746,9 +10746,11 @@ def cmd_env(args) -> int:
 
 def overriding_settings_files() -> list:
     """(settings file, the routing variables its env sets) for each of Claude Code's settings
-    files here (the user's, this project's) that would send it elsewhere than `env` says."""
+    files here (the user's, in $CLAUDE_CONFIG_DIR when set; this project's) that would send it
+    elsewhere than `env` says."""
     found, read = [], set()
-    for path in (os.path.join("~", ".claude", "settings.json"),
+    user_folder = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join("~", ".claude")
+    for path in (os.path.join(user_folder, "settings.json"),
                  os.path.join(".claude", "settings.json"),
                  os.path.join(".claude", "settings.local.json")):
         real = os.path.realpath(os.path.expanduser(path))

@@ -620,6 +620,12 @@ def test_env_warns_of_claude_settings_files_that_would_send_it_elsewhere(home):
                              "CLAUDE_CODE_USE_BEDROCK"))]
     home_run = h.run("env")                     # in the home folder: one file, one warning
     assert home_run.stderr.count("sets ANTHROPIC_BASE_URL") == 1
+    (h.path / "elsewhere").mkdir()
+    (h.path / "elsewhere" / "settings.json").write_text(json.dumps({"env": {
+        "ANTHROPIC_AUTH_TOKEN": "sk-mine"}}))
+    moved = h.run("env", CLAUDE_CONFIG_DIR=str(h.path / "elsewhere"))   # Claude Code's own
+    assert "%s sets ANTHROPIC_AUTH_TOKEN" % (h.path / "elsewhere" / "settings.json") in \
+        moved.stderr and "sets ANTHROPIC_BASE_URL" not in moved.stderr
 
 
 def test_env_shell_defaults_to_shell_variable(home):
