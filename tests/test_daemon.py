@@ -623,7 +623,9 @@ def test_env_warns_of_claude_settings_files_that_would_send_it_elsewhere(home):
     (h.path / "elsewhere").mkdir()
     (h.path / "elsewhere" / "settings.json").write_text(json.dumps({"env": {
         "ANTHROPIC_AUTH_TOKEN": "sk-mine"}}))
-    moved = h.run("env", CLAUDE_CONFIG_DIR=str(h.path / "elsewhere"))   # Claude Code's own
+    moved = subprocess.run([sys.executable, SCRIPT, "env"], capture_output=True, text=True,
+                           env=h.env(CLAUDE_CONFIG_DIR=str(h.path / "elsewhere")),
+                           cwd=str(h.path / "project"), timeout=30)     # Claude Code's own
     assert "%s sets ANTHROPIC_AUTH_TOKEN" % (h.path / "elsewhere" / "settings.json") in \
         moved.stderr and "sets ANTHROPIC_BASE_URL" not in moved.stderr
 
