@@ -10964,10 +10964,10 @@ def split_code_arguments(argv):
     return own, passed
 
 
-def with_settings(arguments: list, ours: dict) -> list:
-    """claude's arguments with one --settings that carries ours: claude reads only the last
-    --settings, so one the user gave is merged with ours (our env over theirs). One that cannot
-    be read is left as it is, for claude to say why."""
+def merged_settings(arguments: list, ours: dict) -> tuple:
+    """(the settings for claude's one --settings, claude's other arguments): claude reads only
+    the last --settings, so one the user gave is merged with ours (our env over theirs); (None,
+    arguments) when theirs cannot be read, for claude to say why."""
     theirs, rest, index = {}, [], 0
     while index < len(arguments):
         name, equals, value = arguments[index].partition("=")
@@ -10977,13 +10977,27 @@ def with_settings(arguments: list, ours: dict) -> list:
             try:
                 theirs = read_settings_value(value)
             except (OSError, ValueError):
-                return arguments
+                return None, arguments
         else:
             rest.append(arguments[index])
         index += 1
     merged = dict(theirs, **ours)
     merged["env"] = dict(dict_of(theirs.get("env")), **ours["env"])
-    return ["--settings", json.dumps(merged)] + rest
+    return merged, rest
+
+
+def run_claude_with_settings(command: list, settings: dict | None, environment: dict) -> int:
+    """Run claude with settings in a private file (0600, in ~/.ccproxy/claude-settings) named
+    by --settings and removed when claude ends: a path on its command line, not the JSON,
+    which `ps` shows every user of the machine (the proxy's key is in it)."""
+    if settings is None:
+        return run_claude(command, environment)
+    path = os.path.join(ccproxy_home(), "claude-settings", "%d.json" % os.getpid())
+    write_private_file(path, json.dumps(settings))
+    try:
+        return run_claude(command[:1] + ["--settings", path] + command[1:], environment)
+    finally:
+        os.remove(path)
 
 
 def read_settings_value(value: str) -> dict:
@@ -11022,8 +11036,9 @@ def run_code_session(claude: str, arguments: list, config: Config, session: dict
         environment.update(session["env"])
         routing = dict({name: "" for name in CLAUDE_UNSET_VARIABLES}, **{
             name: environment[name] for name in CLAUDE_ROUTING_VARIABLES})
-        settings = dict(session, env=dict(routing, **session["env"]))
-        return run_claude([claude] + with_settings(arguments, settings), environment)
+        settings, rest = merged_settings(arguments, dict(session, env=dict(
+            routing, **session["env"])))
+        return run_claude_with_settings([claude] + rest, settings, environment)
     finally:
         os.remove(lease)
         if record is not None and record.get("started_by") == "code":

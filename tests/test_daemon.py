@@ -361,6 +361,10 @@ record = {{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in (
     "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY")}}}}
 with urllib.request.urlopen(os.environ["ANTHROPIC_BASE_URL"] + "/health") as response:
     record["health"] = response.status
+if sys.argv[1:2] == ["--settings"] and os.path.isfile(sys.argv[2]):
+    record["settings_mode"] = oct(os.stat(sys.argv[2]).st_mode & 0o777)
+    with open(sys.argv[2]) as handle:
+        record["settings"] = json.load(handle)
 with open(os.environ["RECORD_FILE"], "a") as handle:
     handle.write(json.dumps(record) + "\n")
 while os.path.exists(os.environ.get("HOLD_FILE", "/nonexistent")):
@@ -395,9 +399,11 @@ def test_code_runs_claude_through_a_proxy_it_starts_and_stops(home, claude_stand
     (seen,) = records(tmp_path)
     assert seen["argv"][0] == "--settings"
     assert seen["argv"][2:] == ["-p", "fix the tests", "--model", "openai,gpt-4.1"]
-    assert json.loads(seen["argv"][1]) == {"env": dict(            # over any settings file's
+    assert seen["settings"] == {"env": dict(                        # over any settings file's
         {name: "" for name in ccproxy.CLAUDE_UNSET_VARIABLES},
         ANTHROPIC_BASE_URL=h.url, ANTHROPIC_AUTH_TOKEN="proxy-key")}
+    assert seen["settings_mode"] == "0o600" and not os.path.exists(seen["argv"][1])
+    assert "proxy-key" not in " ".join(seen["argv"])         # `ps` shows argv to every user
     assert seen["health"] == 200
     env = seen["env"]
     assert env["ANTHROPIC_BASE_URL"] == h.url and env["ANTHROPIC_AUTH_TOKEN"] == "proxy-key"
@@ -767,7 +773,7 @@ def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
     assert result.returncode == 0, result.stderr
     (seen,) = records(tmp_path)
     assert seen["argv"][0] == "--settings" and seen["argv"][2:] == ["-p", "hi"]
-    settings = json.loads(seen["argv"][1])
+    settings = seen["settings"]
     assert settings["env"]["CLAUDE_CODE_SUBAGENT_MODEL"] == "openai,gpt-5-mini"
     command = settings["statusLine"]["command"]
     assert " -I -S -c " in command and command.endswith(" " + shlex.quote(str(h.pidfile)))
@@ -789,7 +795,7 @@ def test_code_merges_the_users_own_settings_flag_with_its_own(home, claude_stand
         assert h.run("code", "--statusline", *given, "-p", "hi", **claude).returncode == 0
         argv = records(tmp_path)[-1]["argv"]
         assert argv[0] == "--settings" and argv[2:] == ["-p", "hi"]    # one: claude reads one
-        settings = json.loads(argv[1])
+        settings = records(tmp_path)[-1]["settings"]
         assert settings["model"] == "opus" and settings["env"]["MY_FLAG"] == "1"
         assert settings["env"]["ANTHROPIC_BASE_URL"] == h.url and "statusLine" in settings
     unreadable = h.run("code", "--settings", str(tmp_path / "nowhere.json"), "-p", "hi", **claude)
