@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -102,6 +103,32 @@ def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstrea
     sent = [r["json"] for r in upstream.requests if r["json"]]
     assert any(m.get("role") == "tool" and "tool_call_id" in m for b in sent for m in b["messages"])
     assert not (tmp_path / "home" / ".ccproxy" / "ccproxy.pid").exists()   # code stopped its proxy
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_team_member_with_the_readmes_settings_reaches_the_teams_proxy(version, tmp_path,
+                                                                         start_proxy, upstream):
+    upstream.script = scripted_model
+    proxy = start_proxy({"client_keys": {"alice": "alice-key-0123456789abcdef"},
+                         "providers": [openai_provider(upstream.url)]})
+    text = (REPO / "README.md").read_text()
+    snippet = text.split("**A team's proxy, from each member's machine.**")[1].split(
+        "```json\n")[1].split("```")[0]
+    settings = json.loads(snippet.replace("https://llm.example.com", proxy.url).replace(
+        "your key from client_keys", "alice-key-0123456789abcdef"))
+    home = tmp_path / "home"
+    (home / ".claude").mkdir(parents=True)
+    (home / ".claude" / "settings.json").write_text(json.dumps(settings))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE"))}
+    env.update(HOME=str(home), DISABLE_AUTOUPDATER="1", CLAUDE_CODE_MAX_RETRIES="0")
+    result = subprocess.run([str(installed_claude(version)), "-p", "Create a file out.txt "
+                             "containing hi, using the Bash tool.", "--output-format", "json",
+                             "--allowedTools", "Bash"], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["result"] == FINAL_TEXT, result
+    usage = json.loads(urllib.request.urlopen(urllib.request.Request(
+        proxy.url + "/status", headers={"x-api-key": "alice-key-0123456789abcdef"})).read())
+    assert [c["client"] for c in usage["usage"]["by_client"]] == ["alice"]
 
 
 # --- the Responses API: a Responses-only model runs the tool, its reasoning carried across -----
