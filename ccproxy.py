@@ -10630,8 +10630,10 @@ def remote_statusline(base_url: str, data: bytes) -> str:
         with urllib.request.urlopen(request, timeout=STATUSLINE_REMOTE_TIMEOUT_SECONDS) as answer:
             line = dict_of(json.loads(answer.read(STATUSLINE_INPUT_BYTES))).get("statusline")
     except urllib.error.HTTPError as error:
-        return "ccproxy: down" if error.code >= 500 else "ccproxy: up" if error.code not in (
-            401, 403) else "ccproxy: up (the key Claude Code has is refused)"
+        if error.code >= 500:
+            return "ccproxy: down"
+        refused = error.code in (401, 403)
+        return "ccproxy: up (the key Claude Code has is refused)" if refused else "ccproxy: up"
     except (OSError, ValueError, http.client.HTTPException):
         return "ccproxy: down"
     if not isinstance(line, str):
