@@ -11025,7 +11025,12 @@ def run_code_session(claude: str, arguments: list, config: Config, session: dict
     """Hold a session lease while claude runs, with the proxy's variables and the session's
     settings (its env among them); stop a proxy `code` started when the last session ends."""
     lease = os.path.join(sessions_dir(), str(os.getpid()))
-    write_private_file(lease, "")
+    try:
+        write_private_file(lease, "")
+    except OSError as exc:
+        print("ccproxy: cannot write %s: %s; `code` keeps its sessions in %s, which must be "
+              "writable" % (lease, exc.strerror or exc, ccproxy_home()), file=sys.stderr)
+        return 1
     record = None
     try:
         with StartLock():

@@ -439,6 +439,17 @@ def test_code_with_nowhere_to_send_requests_says_how_to_give_it_a_provider(
         '["gpt-4.1"]}]' in (REPO / "README.md").read_text()   # the Quick start's, word for word
 
 
+def test_code_in_a_home_it_cannot_write_says_so(home, claude_stand_in, tmp_path):
+    h = home()
+    (h.path / ".ccproxy").write_text("")            # where its folder should be: no folder
+    result = h.run("code", CLAUDE_PATH=str(claude_stand_in),
+                   RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "ccproxy: cannot write %s%s" % (h.path / ".ccproxy" / "sessions", os.sep) in \
+        result.stderr and "which must be writable" in result.stderr
+    assert not (tmp_path / "claude.jsonl").exists()
+
+
 def test_code_passes_everything_after_double_dash(home, claude_stand_in, tmp_path):
     h = home()
     result = h.run("code", "--", "--help", "--port", "1", CLAUDE_PATH=str(claude_stand_in),
