@@ -9611,7 +9611,7 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
         log.warning("%s", note)
 
     def on_ready(ready: ProxyServer) -> None:
-        write_private_file(pidfile_path(), json.dumps(pidfile_record(ready, config, started_by)))
+        write_pidfile(pidfile_record(ready, config, started_by))
         log.info("ccproxy %s listening on %s (pid %d, config: %s)", __version__, ready.url,
                  os.getpid(), config.source or "built-in defaults")
         tune_garbage_collector()
@@ -9953,6 +9953,16 @@ def lock_open_file(descriptor: int) -> bool:
     except OSError as exc:
         return exc.errno not in LOCK_HELD_ERRNOS
     return True
+
+
+def write_pidfile(record: dict) -> None:
+    """Write the pidfile; where the home cannot be written (systemd's ProtectHome=, a read-only
+    file system), say so and serve on: status, stop and code will not find this proxy."""
+    try:
+        write_private_file(pidfile_path(), json.dumps(record))
+    except OSError as exc:
+        log.warning("cannot write the pidfile %s: %s; serving without it (status, stop and code "
+                    "will not find this proxy)", pidfile_path(), exc.strerror or exc)
 
 
 def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict:

@@ -450,6 +450,20 @@ def test_code_in_a_home_it_cannot_write_says_so(home, claude_stand_in, tmp_path)
     assert not (tmp_path / "claude.jsonl").exists()
 
 
+def test_a_foreground_server_whose_home_cannot_be_written_serves_without_a_pidfile(home):
+    h = home()
+    (h.path / ".ccproxy").write_text("")            # where its folder should be: no folder
+    server = subprocess.Popen([sys.executable, SCRIPT, "start", "--foreground"], env=h.env(),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(h.healthy, 20)             # not "cannot listen on …"
+    finally:
+        server.terminate()
+        _, said = server.communicate(timeout=30)
+    assert "cannot write the pidfile %s: " % h.pidfile in said and "serving without it" in said
+    assert "cannot listen" not in said and server.returncode == 0
+
+
 def test_code_passes_everything_after_double_dash(home, claude_stand_in, tmp_path):
     h = home()
     result = h.run("code", "--", "--help", "--port", "1", CLAUDE_PATH=str(claude_stand_in),
