@@ -109,7 +109,7 @@ def test_a_ccr_config_serves_requests_through_its_providers(tmp_path, upstream):
         "Providers": [{"name": "mine", "api_base_url": upstream.url + "/v1/chat/completions",
                        "api_key": "sk-mine-0123456789", "models": ["m1"]}],
         "Router": {"default": "mine,m1"}}))
-    proxy = RunningProxy(ccproxy.load_config(str(path), {}))
+    proxy = RunningProxy(ccproxy.load_config(str(path), {}, {"port": 0}))   # not 3456: in use
     try:
         message = sdk(proxy).messages.create(model="claude-sonnet-4-5", max_tokens=10,
                                              messages=[{"role": "user", "content": "hi"}])
