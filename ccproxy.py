@@ -10049,7 +10049,8 @@ def running_proxy() -> dict | None:
 
 
 def sessions_dir() -> str:
-    """~/.ccproxy/sessions: one lease file per running `code` session."""
+    """~/.ccproxy/sessions: one lease file per running `code` session (holding the settings it
+    gives claude)."""
     return os.path.join(ccproxy_home(), "sessions")
 
 
@@ -10061,8 +10062,8 @@ def live_sessions() -> int:
     except OSError:
         return 0
     alive = 0
-    for name in names:
-        if name.isdigit() and process_alive(int(name)) and process_is_ccproxy(int(name)):
+    for name in filter(str.isdigit, names):   # not a lease being written (its .tmp file)
+        if process_alive(int(name)) and process_is_ccproxy(int(name)):
             alive += 1
         else:
             try:
@@ -10998,18 +10999,15 @@ def merged_settings(arguments: list, ours: dict) -> tuple:
     return merged, rest
 
 
-def run_claude_with_settings(command: list, settings: dict | None, environment: dict) -> int:
-    """Run claude with settings in a private file (0600, in ~/.ccproxy/claude-settings) named
-    by --settings and removed when claude ends: a path on its command line, not the JSON,
-    which `ps` shows every user of the machine (the proxy's key is in it)."""
-    if settings is None:
-        return run_claude(command, environment)
-    path = os.path.join(ccproxy_home(), "claude-settings", "%d.json" % os.getpid())
-    write_private_file(path, json.dumps(settings))
-    try:
-        return run_claude(command[:1] + ["--settings", path] + command[1:], environment)
-    finally:
-        os.remove(path)
+def run_claude_with_settings(command: list, settings: dict | None, lease: str,
+                             environment: dict) -> int:
+    """Run claude with settings kept in the session's lease (0600, removed when the session
+    ends, or by the next look at the leases after a crash) and named by --settings: a path on
+    its command line, not the JSON, which `ps` shows every user (the proxy's key is in it)."""
+    if settings is not None:
+        write_private_file(lease, json.dumps(settings))
+        command = command[:1] + ["--settings", lease] + command[1:]
+    return run_claude(command, environment)
 
 
 def read_settings_value(value: str) -> dict:
@@ -11055,7 +11053,7 @@ def run_code_session(claude: str, arguments: list, config: Config, session: dict
             name: environment[name] for name in CLAUDE_ROUTING_VARIABLES})
         settings, rest = merged_settings(arguments, dict(session, env=dict(
             routing, **session["env"])))
-        return run_claude_with_settings([claude] + rest, settings, environment)
+        return run_claude_with_settings([claude] + rest, settings, lease, environment)
     finally:
         os.remove(lease)
         if record is not None and record.get("started_by") == "code":

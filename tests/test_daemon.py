@@ -520,6 +520,7 @@ def test_a_crashed_session_does_not_keep_the_proxy_alive(home, claude_stand_in, 
     session.wait()
     assert wait_until(lambda: not h.healthy(), 15)
     assert wait_until(lambda: not h.pidfile.exists(), 5)
+    assert os.listdir(str(h.path / ".ccproxy" / "sessions")) == []   # its settings are gone
 
 
 def held_sessions(h, tmp_path, claude_stand_in, count, hold):
@@ -596,8 +597,10 @@ def test_a_lease_whose_pid_another_program_has_now_is_not_a_session(tmp_path, mo
         assert wait_until(lambda: ccproxy.process_is_ccproxy(session.pid), 10)    # exec'd
         for process in (other, session):
             ccproxy.write_private_file(os.path.join(ccproxy.sessions_dir(), str(process.pid)), "")
+        being_written = "%d.%d.tmp" % (session.pid, session.pid)     # another session's write
+        (tmp_path / ".ccproxy" / "sessions" / being_written).write_text("{")
         assert ccproxy.live_sessions() == 1
-        assert os.listdir(ccproxy.sessions_dir()) == [str(session.pid)]
+        assert set(os.listdir(ccproxy.sessions_dir())) == {being_written, str(session.pid)}
     finally:
         for process in (other, session):
             process.kill()
