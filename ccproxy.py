@@ -10551,6 +10551,11 @@ def cmd_stop(args) -> int:
     if other:
         print("ccproxy: %s; left running" % other)
         return 0
+    sessions = live_sessions()
+    if sessions:
+        print("ccproxy: %d Claude Code session%s of `code` use%s it: their requests fail until "
+              "a proxy runs at %s again" % (sessions, "s" if sessions > 1 else "",
+                                            "" if sessions > 1 else "s", record["url"]))
     ended = stop_proxy(record, lambda line: print(line, flush=True))
     print("ccproxy (pid %d) %s" % (record["pid"], ended))
     return 0

@@ -508,6 +508,22 @@ def test_sessions_share_one_proxy_that_stops_with_the_last(home, claude_stand_in
     assert wait_until(lambda: not h.pidfile.exists(), 10)
 
 
+def test_stop_says_which_code_sessions_lose_the_proxy(home, claude_stand_in, tmp_path):
+    h = home()
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    sessions = held_sessions(h, tmp_path, claude_stand_in, 2, hold)
+    assert wait_until(lambda: (tmp_path / "claude.jsonl").exists() and
+                      len(records(tmp_path)) == 2, 30)
+    stopped = h.run("stop")
+    assert "ccproxy: 2 Claude Code sessions of `code` use it: their requests fail until a " \
+        "proxy runs at %s again" % h.url in stopped.stdout and "stopped" in stopped.stdout
+    hold.unlink()
+    for session in sessions:
+        assert session.wait(30) == 0
+    assert "Claude Code session" not in h.run("stop").stdout
+
+
 def test_a_crashed_session_does_not_keep_the_proxy_alive(home, claude_stand_in, tmp_path):
     h = home()
     hold = tmp_path / "hold"
