@@ -10914,7 +10914,7 @@ def cmd_code(argv) -> int:
                if own["--subagent-model"] else {}}
     if own["statusline"]:
         session["statusLine"] = {"type": "command", "command": statusline_command()}
-    return run_code_session(claude, claude_arguments, config, session)
+    return run_code_session(claude, claude_arguments, config, session, own["--settings"])
 
 
 def conflicts_with_running_proxy(own: dict) -> bool:
@@ -10954,10 +10954,12 @@ def statusline_command() -> str:
 
 def split_code_arguments(argv):
     """(code's own options, claude's arguments): --config/--host/--port, --subagent-model,
-    --statusline and --help are code's; `--` hands everything after it to claude; anything
-    else goes to claude too."""
+    --statusline and --help are code's, as is claude's --settings (merged with code's own:
+    claude reads only the last); `--` hands everything after it to claude; anything else goes
+    to claude too."""
     own, passed, index = {"--config": None, "--host": None, "--port": None,
-                          "--subagent-model": None, "help": False, "statusline": False}, [], 0
+                          "--subagent-model": None, "--settings": None, "help": False,
+                          "statusline": False}, [], 0
     while index < len(argv):
         argument = argv[index]
         name, equals, value = argument.partition("=")
@@ -10982,26 +10984,16 @@ def split_code_arguments(argv):
     return own, passed
 
 
-def merged_settings(arguments: list, ours: dict) -> tuple:
-    """(the settings for claude's one --settings, claude's other arguments): claude reads only
-    the last --settings, so one the user gave is merged with ours (our env over theirs); (None,
-    arguments) when theirs cannot be read, for claude to say why."""
-    theirs, rest, index = {}, [], 0
-    while index < len(arguments):
-        name, equals, value = arguments[index].partition("=")
-        if name == "--settings" and (equals or index + 1 < len(arguments)):
-            if not equals:
-                index, value = index + 1, arguments[index + 1]
-            try:
-                theirs = read_settings_value(value)
-            except (OSError, ValueError):
-                return None, arguments
-        else:
-            rest.append(arguments[index])
-        index += 1
+def merged_settings(given: str | None, ours: dict) -> dict | None:
+    """The settings for claude's one --settings: ours over those the user gave (claude reads
+    only the last --settings), our env over theirs; None when theirs cannot be read."""
+    try:
+        theirs = read_settings_value(given) if given is not None else {}
+    except (OSError, ValueError):
+        return None
     merged = dict(theirs, **ours)
     merged["env"] = dict(dict_of(theirs.get("env")), **ours["env"])
-    return merged, rest
+    return merged
 
 
 def run_claude_with_settings(command: list, settings: dict | None, lease: str,
@@ -11034,9 +11026,11 @@ def find_claude(environ) -> str | None:
     return shutil.which("claude")
 
 
-def run_code_session(claude: str, arguments: list, config: Config, session: dict) -> int:
+def run_code_session(claude: str, arguments: list, config: Config, session: dict,
+                     given_settings: str | None = None) -> int:
     """Hold a session lease while claude runs, with the proxy's variables and the session's
-    settings (its env among them); stop a proxy `code` started when the last session ends."""
+    settings (its env among them; merged with the --settings given); stop a proxy `code`
+    started when the last session ends."""
     lease = os.path.join(sessions_dir(), str(os.getpid()))
     try:
         write_private_file(lease, "")
@@ -11056,9 +11050,11 @@ def run_code_session(claude: str, arguments: list, config: Config, session: dict
         environment.update(session["env"])
         routing = dict({name: "" for name in CLAUDE_UNSET_VARIABLES}, **{
             name: environment[name] for name in CLAUDE_ROUTING_VARIABLES})
-        settings, rest = merged_settings(arguments, dict(session, env=dict(
-            routing, **session["env"])))
-        return run_claude_with_settings([claude] + rest, settings, lease, environment)
+        settings = merged_settings(given_settings, dict(session, env=dict(routing,
+                                                                          **session["env"])))
+        if settings is None:          # theirs cannot be read: passed on, for claude to say why
+            arguments = ["--settings", given_settings] + arguments
+        return run_claude_with_settings([claude] + arguments, settings, lease, environment)
     finally:
         os.remove(lease)
         if record is not None and record.get("started_by") == "code":
