@@ -10759,6 +10759,7 @@ def cmd_env(args) -> int:
         print("ccproxy: warning: %s sets %s, which Claude Code applies over this environment: "
               "remove it there, or run Claude Code with `%s code`, which overrides it" % (
                   path, ", ".join(names), command_name()), file=sys.stderr)
+    told_of_managed_settings(url, config_of(record, config) if record else config, "warning: ")
     return 0
 
 
@@ -10772,11 +10773,7 @@ def overriding_settings_files() -> list:
                  os.path.join(".claude", "settings.json"),
                  os.path.join(".claude", "settings.local.json")):
         real = os.path.realpath(os.path.expanduser(path))
-        try:
-            with open(real, encoding="utf-8") as handle:
-                env = dict_of(dict_of(json.load(handle)).get("env"))
-        except (OSError, ValueError):
-            continue
+        env = settings_env(real)
         names = [name for name in CLAUDE_ROUTING_VARIABLES + CLAUDE_UNSET_VARIABLES
                  if env.get(name)]
         if names and real not in read:
@@ -10785,18 +10782,77 @@ def overriding_settings_files() -> list:
     return found
 
 
+def settings_env(path: str) -> dict:
+    """The env of one of Claude Code's settings files; empty when there is none to read."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return dict_of(dict_of(json.load(handle)).get("env"))
+    except (OSError, ValueError):
+        return {}
+
+
+def managed_settings_files() -> list:
+    """Claude Code's managed settings files on this machine: managed-settings.json and the
+    .json files of managed-settings.d, in its folder for the platform."""
+    drop_ins = os.path.join(CLAUDE_MANAGED_FOLDER, "managed-settings.d")
+    try:
+        names = sorted(name for name in os.listdir(drop_ins) if name.endswith(".json"))
+    except OSError:
+        names = []
+    return ([os.path.join(CLAUDE_MANAGED_FOLDER, "managed-settings.json")]
+            + [os.path.join(drop_ins, name) for name in names])
+
+
+def managed_settings_conflicts(url: str, config: Config) -> list:
+    """(managed settings file, the variables in its env that take Claude Code away from the
+    proxy at url): another ANTHROPIC_BASE_URL, a provider switch, or a token the proxy does
+    not accept. An administrator's managed settings outrank --settings, so `code` cannot
+    override them (ANTHROPIC_API_KEY there is harmless: the proxy's token still goes too)."""
+    keys = {key for key in [config.apikey] + list(config.client_keys.values()) if key}
+    found = []
+    for path in managed_settings_files():
+        env = {name: str(value).strip() for name, value in settings_env(path).items()}
+        names = [name for name in CLAUDE_PROVIDER_SWITCHES
+                 if env.get(name, "").lower() in ("1", "true", "yes", "on")]
+        if env.get("ANTHROPIC_BASE_URL", url).rstrip("/") != url.rstrip("/"):
+            names.insert(0, "ANTHROPIC_BASE_URL")
+        if keys and "ANTHROPIC_AUTH_TOKEN" in env and env["ANTHROPIC_AUTH_TOKEN"] not in keys:
+            names.append("ANTHROPIC_AUTH_TOKEN")
+        if names:
+            found.append((path, names))
+    return found
+
+
+def told_of_managed_settings(url: str, config: Config, lead: str) -> bool:
+    """Say so for each managed settings file that takes Claude Code away from the proxy at url
+    (lead: "warning: ", or "" for a refusal); whether there was one."""
+    conflicts = managed_settings_conflicts(url, config)
+    for path, names in conflicts:
+        print("ccproxy: %s%s, Claude Code's managed settings, sets %s: an administrator's "
+              "settings outrank the environment and every other settings file, so Claude Code "
+              "would not use this proxy at %s, or would be refused by it; ask whoever manages "
+              "this machine" % (lead, path, ", ".join(names), url), file=sys.stderr)
+    return bool(conflicts)
+
+
 CLAUDE_INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
 # Variables that would make Claude Code bypass ANTHROPIC_BASE_URL (and skip model discovery:
 # 2.1.197 and 2.1.330 ask /v1/models only of a "firstParty" setup) or use another key.
-CLAUDE_UNSET_VARIABLES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX",
-                          "CLAUDE_CODE_USE_FOUNDRY", "CLAUDE_CODE_USE_ANTHROPIC_AWS",
-                          "CLAUDE_CODE_USE_ANTHROPIC_GOOGLE_CLOUD", "CLAUDE_CODE_USE_MANTLE",
-                          "ANTHROPIC_API_KEY")
+CLAUDE_PROVIDER_SWITCHES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX",
+                            "CLAUDE_CODE_USE_FOUNDRY", "CLAUDE_CODE_USE_ANTHROPIC_AWS",
+                            "CLAUDE_CODE_USE_ANTHROPIC_GOOGLE_CLOUD", "CLAUDE_CODE_USE_MANTLE")
+CLAUDE_UNSET_VARIABLES = CLAUDE_PROVIDER_SWITCHES + ("ANTHROPIC_API_KEY",)
 # Claude Code applies the env of its settings files (~/.claude/settings.json, a project's
 # .claude/settings.json and settings.local.json) over its own environment, and a --settings
 # flag over those (seen in 2.1.197 and 2.1.332): `code` passes these in --settings too, and
 # the variables above as empty, so no settings file can send the session elsewhere.
 CLAUDE_ROUTING_VARIABLES = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN")
+# Managed settings, an administrator's (in managed-settings.json or managed-settings.d/*.json
+# here), outrank even --settings (seen in 2.1.197 and 2.1.332): `code` refuses a session they
+# would send elsewhere, and `env` warns.
+CLAUDE_MANAGED_FOLDER = {"darwin": "/Library/Application Support/ClaudeCode",
+                         "win32": "C:\\Program Files\\ClaudeCode"}.get(sys.platform,
+                                                                      "/etc/claude-code")
 # The /model picker's Opus, Sonnet and Haiku entries: the route each stands for.
 PICKER_ROUTES = (("OPUS", "think"), ("SONNET", "default"), ("HAIKU", "background"))
 
@@ -10908,7 +10964,10 @@ def cmd_code(argv) -> int:
     config = config_from_args(own["--config"], {"host": own["--host"], "port": port})
     if config is None:
         return 1
-    if conflicts_with_running_proxy(own):
+    running = running_proxy()
+    if conflicts_with_running_proxy(own, running) or told_of_managed_settings(
+            running["url"] if running else client_url(config.host, config.port),
+            config_of(running, config) if running else config, ""):
         return 1
     session = {"env": {"CLAUDE_CODE_SUBAGENT_MODEL": own["--subagent-model"]}
                if own["--subagent-model"] else {}}
@@ -10917,11 +10976,10 @@ def cmd_code(argv) -> int:
     return run_code_session(claude, claude_arguments, config, session, own["--settings"])
 
 
-def conflicts_with_running_proxy(own: dict) -> bool:
+def conflicts_with_running_proxy(own: dict, running: dict | None) -> bool:
     """Whether the running proxy was started with another config file than --config names
     (said: the session would reach providers that file does not name). One that listens
     elsewhere than --host or --port say is used as it is, with a note."""
-    running = running_proxy()
     if running is None:
         return False
     other = started_with_other_config(running, own["--config"])

@@ -847,6 +847,59 @@ def test_code_merges_the_users_own_settings_flag_with_its_own(home, claude_stand
                                              "hi"] and unreadable.returncode == 0  # claude says
 
 
+MANAGED_RUNNER = """import sys
+sys.path.insert(0, {repo!r})
+import ccproxy
+ccproxy.CLAUDE_MANAGED_FOLDER = {folder!r}     # /etc/claude-code, which a test must not write
+sys.exit(ccproxy.main())
+"""
+
+
+def test_code_refuses_a_session_claudes_managed_settings_would_send_elsewhere(
+        home, claude_stand_in, tmp_path):
+    """Measured with 2.1.197 and 2.1.332: the env of /etc/claude-code/managed-settings.json or
+    managed-settings.d/*.json outranks --settings, so `code` cannot make such a session use
+    the proxy: it says why and runs nothing."""
+    h = home(apikey="proxy-key")
+    folder = tmp_path / "managed"
+    (folder / "managed-settings.d").mkdir(parents=True)
+    runner = tmp_path / "runner.py"
+    runner.write_text(MANAGED_RUNNER.format(repo=str(REPO), folder=str(folder)))
+    claude = dict(CLAUDE_PATH=str(claude_stand_in), RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    drop_in = folder / "managed-settings.d" / "50-gateway.json"
+
+    def managed(env, path=folder / "managed-settings.json"):
+        path.write_text(json.dumps({"env": env, "permissions": {}}))
+
+    managed({"ANTHROPIC_BASE_URL": h.url + "/", "ANTHROPIC_API_KEY": "sk-ant-theirs",
+             "CLAUDE_CODE_USE_BEDROCK": "0", "ANTHROPIC_AUTH_TOKEN": "proxy-key"})  # all harmless
+    (folder / "managed-settings.d" / "notes.txt").write_text("CLAUDE_CODE_USE_VERTEX=1")
+    assert h.run("code", "-p", "hi", script=runner, **claude).returncode == 0
+    assert len(records(tmp_path)) == 1 and h.record() is None          # its proxy stopped
+    managed({"ANTHROPIC_BASE_URL": "https://gateway.corp.example"}, drop_in)
+    managed({"CLAUDE_CODE_USE_VERTEX": " True ", "ANTHROPIC_AUTH_TOKEN": "sk-corp"})
+    refused = h.run("code", "-p", "hi", script=runner, **claude)
+    assert refused.returncode == 1 and len(records(tmp_path)) == 1     # claude was not run
+    assert h.record() is None                                          # nor a proxy started
+    assert [line for line in refused.stderr.splitlines() if "managed" in line] == [
+        "ccproxy: %s, Claude Code's managed settings, sets %s: an administrator's settings "
+        "outrank the environment and every other settings file, so Claude Code would not use "
+        "this proxy at %s, or would be refused by it; ask whoever manages this machine" % (
+            path, names, h.url) for path, names in (
+                (folder / "managed-settings.json",
+                 "CLAUDE_CODE_USE_VERTEX, ANTHROPIC_AUTH_TOKEN"),
+                (drop_in, "ANTHROPIC_BASE_URL"))]
+    warned = h.run("env", script=runner)
+    assert warned.returncode == 0 and "export ANTHROPIC_BASE_URL" in warned.stdout
+    assert warned.stderr.count("Claude Code's managed settings") == 2 and str(drop_in) in \
+        warned.stderr and "ccproxy: warning: %s" % drop_in in warned.stderr
+    assert h.run("start").returncode == 0               # a running proxy's own key is asked
+    managed({"ANTHROPIC_AUTH_TOKEN": "sk-corp"})
+    drop_in.unlink()
+    assert "sets ANTHROPIC_AUTH_TOKEN" in h.run("code", "-p", "hi", script=runner,
+                                                **claude).stderr
+
+
 def test_the_kubernetes_example_passes_the_schema_and_drains_within_its_grace():
     """contrib/kubernetes.yaml, checked offline against Kubernetes' own schemas
     (kubernetes-validate), and its config read as ccproxy reads it."""
