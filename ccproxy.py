@@ -120,6 +120,7 @@ DEFAULT_WORKER_THREADS = 1024                    # one per upstream call in flig
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0          # in-flight answers may finish this long on stop
 DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext route applies
 WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be this much too high
+LOADED_WINDOWS_EVERY_SECONDS = 10.0              # Ollama's /api/ps is asked at most this often
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
 RETRY_CAP_SECONDS = 8.0
 MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
@@ -855,6 +856,7 @@ PROVIDER_QUIRKS = {
     "prompt_cache_key": False,  # takes prompt_cache_key (a session's calls share cache routing)
     "cache_retention_models": None,  # model ids (regex) that keep a cache 24 hours when asked
     "reports_cost": False,      # usage.cost is what the answer cost (note_reported_cost)
+    "loaded_windows": False,    # /api/ps says each loaded model's context length (Ollama's)
 }
 
 # What a server that copies Anthropic's Messages API lacks, as its preset says (each key's
@@ -927,8 +929,12 @@ PROVIDER_PRESETS = {
             "quirks": {"reasoning_style": "effort", "effort_scales": (
                 (r"^grok-4\.7", EFFORTS_TO_XHIGH),
                 (r"^grok-3-mini", {"low": "low", "high": "high"}))}},
+    # Ollama cuts a prompt longer than the context length it runs a model with, without an
+    # error (the oldest messages, then the prompt's middle): docs.ollama.com/context-length,
+    # its server/prompt.go and llm/llama_server.go, and issues 3839 and 14259 (checked
+    # 2026-12-06). GET /api/ps lists each loaded model with that context_length.
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
-               "quirks": {"top_k": True}},
+               "quirks": {"top_k": True, "loaded_windows": True}},
     "deepseek-anthropic": DEEPSEEK_ANTHROPIC,
     "kimi": KIMI, "moonshot": KIMI,
     "glm": GLM, "zai": GLM,
@@ -1076,15 +1082,17 @@ def quirk_holds(value, model: str) -> bool:
 class Provider:
     """One configured provider, with preset defaults filled in and validated."""
 
-    __slots__ = ("name", "protocol", "base_url", "api_keys", "models", "enabled", "headers",
-                 "max_tokens", "count_tokens", "quirks", "model_limits", "prices", "api_key",
-                 "masker")
+    CONFIGURED = ("name", "protocol", "base_url", "api_keys", "models", "enabled", "headers",
+                  "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
+    __slots__ = CONFIGURED + ("api_key", "masker", "loaded_windows", "windows_asked")
 
     def __init__(self, **fields):
-        for key in self.__slots__[:-2]:
+        for key in self.CONFIGURED:
             setattr(self, key, fields[key])
         self.api_key = self.api_keys[0] if self.api_keys else ""    # the one a call uses
         self.masker = SecretMasker(self.secrets())
+        self.loaded_windows = {}      # model -> the context length the server runs it with
+        self.windows_asked = -math.inf    # when the server was last asked for them
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -1121,8 +1129,14 @@ class Provider:
                     cache_control=quirk_holds(quirks["cache_control_models"], model))
 
     def context_window(self, model: str) -> int | None:
-        """The most input tokens the model takes, when known."""
-        return self.model_limits.get(model, (None, None))[0]
+        """The most input tokens the model takes, when known: configured (or from the
+        preset), else the context length the server runs the model with, when it says."""
+        return self.model_limits.get(model, (None, None))[0] or self.loaded_windows.get(model)
+
+    def window_is_loaded(self, model: str) -> bool:
+        """Whether the model's window is the one the server runs it with (Ollama's, which cuts
+        a longer prompt without saying so), not a configured one."""
+        return not self.model_limits.get(model, (None, None))[0] and model in self.loaded_windows
 
     def output_cap(self, model: str) -> int | None:
         """The most output tokens a request may ask of the model: the smaller of the provider's
@@ -3186,9 +3200,22 @@ class ProxyApp:
         self.key_pools = {}           # provider name -> KeyPool, for providers with api_keys
         self.usage = UsageLedger()
         self.memory = MemoryReturn(self)
+        self.background = set()       # tasks of the server's own (kept: asyncio holds weakly)
         self._inbox = None
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
+
+    def ask_loaded_windows(self) -> None:
+        """Have each enabled provider that runs models with a context length of its own
+        (Ollama) say them, at most every LOADED_WINDOWS_EVERY_SECONDS, in the background."""
+        now = time.monotonic()
+        for provider in self.config.enabled_providers():
+            if provider.quirks["loaded_windows"] \
+                    and now - provider.windows_asked >= LOADED_WINDOWS_EVERY_SECONDS:
+                provider.windows_asked = now
+                task = asyncio.ensure_future(ask_loaded_windows(self.upstream, provider))
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
 
     def check_rate(self, peer, request: Request) -> None:
         """Refuse with 429 a client over its request rate, when rate limiting is on: a client
@@ -3262,6 +3289,8 @@ class ProxyApp:
         circuit = self.failover.breaker(provider.name, self.config.breaker_settings).public_view()
         circuit["last_error"] = self.config.masker.text(circuit["last_error"])
         view = dict(provider.public_view(), circuit=circuit)
+        if provider.loaded_windows:
+            view["loaded_windows"] = dict(provider.loaded_windows)
         pool = self.key_pool(provider)
         if pool is not None:
             view["api_keys"] = pool.view()
@@ -3610,6 +3639,7 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     subagent_choice = take_subagent_tag(body)
     if subagent_choice:
         request.rewritten.add("system")
+    app.ask_loaded_windows()
     plan = plan_route(app.config, body, request.headers, subagent_choice)
     if request.record is not None:
         request.record["stream"] = body.get("stream") is True
@@ -4814,9 +4844,12 @@ def able_plan(config: Config, facts: RequestFacts, plan: list) -> list:
 def window_fits(routing: Routing, tokens: int) -> bool:
     """Whether the request's estimated tokens fit the model's known window, allowing for the
     estimate being up to WINDOW_ESTIMATE_MARGIN too high (the provider itself refuses the
-    rare request that is over it by less)."""
-    window = routing.provider.context_window(routing.model)
-    return window is None or tokens <= window * (1 + WINDOW_ESTIMATE_MARGIN)
+    rare request that is over it by less); with no allowance for the window a server runs a
+    model with, which it does not refuse but cuts."""
+    provider, model = routing.provider, routing.model
+    window = provider.context_window(model)
+    margin = 0 if provider.window_is_loaded(model) else WINDOW_ESTIMATE_MARGIN
+    return window is None or tokens <= window * (1 + margin)
 
 
 def can_search(routing: Routing) -> bool:
@@ -4841,8 +4874,37 @@ def narrowed(config: Config, plan: list, able, route_name: str) -> list:
 def refuse_overflow(routing: Routing, tokens: int):
     """Raise Anthropic's own 400 for a prompt over the window, which Claude Code answers by
     compacting the conversation."""
-    raise InvalidRequestError(prompt_too_long(tokens, routing.provider.context_window(
-        routing.model)) + " (%s,%s; estimated)" % (routing.provider.name, routing.model))
+    provider, model = routing.provider, routing.model
+    raise InvalidRequestError(prompt_too_long(tokens, provider.context_window(model)) + (
+        " (%s,%s; estimated%s)" % (provider.name, model, "; the context length Ollama runs it "
+                                   "with: give it more with OLLAMA_CONTEXT_LENGTH, e.g. 65536"
+                                   if provider.window_is_loaded(model) else "")))
+
+
+async def ask_loaded_windows(upstream, provider: Provider) -> None:
+    """Learn from Ollama's GET /api/ps the context length each loaded model runs with; a model
+    no longer listed (unloaded, or the server restarted) is forgotten, as it will load with
+    whatever context length is set then. No answer leaves what was known."""
+    url = re.sub(r"/v1$", "", provider.base_url) + "/api/ps"
+    outgoing = UpstreamRequest(url, openai_request_headers(provider), None)
+    try:
+        status, answer = await probe_call(upstream, provider, outgoing)
+        models = list_of(dict_of(json.loads(answer)).get("models")) if status == 200 else None
+    except (RuntimeError, ValueError, RecursionError):     # stopping; not JSON
+        status, models = 0, None
+    if models is None:
+        log.debug("%s: no list of loaded models at %s (HTTP %d)", provider.name, url, status)
+        return
+    windows = {}
+    for entry in map(dict_of, models):
+        for name in (entry.get("name"), entry.get("model")):
+            if count_of(entry.get("context_length")) and isinstance(name, str):
+                windows[name] = windows[re.sub(r":latest$", "", name)] = entry["context_length"]
+    if windows != provider.loaded_windows:
+        log.info("%s: the context lengths of its loaded models: %s", provider.name,
+                 ", ".join("%s %d" % item for item in sorted(windows.items())) or "none")
+    provider.loaded_windows.clear()
+    provider.loaded_windows.update(windows)
 
 
 def prompt_too_long(tokens: int, window: int) -> str:

@@ -649,6 +649,12 @@ def preset_provider(preset, upstream, **extra):
     return entry
 
 
+def chat_request(upstream):
+    """The request for the answer (the ollama preset also asks /api/ps for its windows)."""
+    (sent,) = [r for r in upstream.requests if r["path"] != "/api/ps"]
+    return sent
+
+
 def with_signature(blocks, preset):
     """Expected blocks with the thinking signature ccproxy gives this provider."""
     return [dict(b, signature="ccpx1." + preset) if b["type"] == "thinking" else b for b in blocks]
@@ -679,7 +685,7 @@ def test_sdk_stream_scenarios(start_proxy, upstream, name, preset):
         final = stream.get_final_message()
     assert block_dicts(final) == with_signature(EXPECTED_CONTENT[name], preset)
     assert final.model == "claude-test-model"
-    sent = upstream.requests[0]
+    sent = chat_request(upstream)
     assert sent["path"] == "/v1/chat/completions"
     assert sent["headers"]["authorization"] == "Bearer " + OPENAI_KEY
     assert sent["json"]["stream"] is True and sent["json"]["model"] == "gpt-test"
@@ -730,7 +736,7 @@ def test_sdk_non_stream_cases(start_proxy, upstream, name, preset):
     assert block_dicts(message) == with_signature(expected, preset)
     assert message.stop_reason == stop_reason
     assert re.fullmatch("msg_[0-9a-f]{24}", message.id) and message.model == "claude-test-model"
-    assert "stream" not in upstream.requests[0]["json"]
+    assert "stream" not in chat_request(upstream)["json"]
 
 
 def test_ids_the_proxy_makes_have_anthropics_shape_and_do_not_repeat():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import re
 import warnings
@@ -11,7 +12,7 @@ import pytest
 
 import ccproxy
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, dead_url,
-                     json_reply, Reply, sdk, stream_reply)
+                     json_reply, Reply, sdk, stream_reply, wait_until)
 
 
 def status_of(proxy):
@@ -657,6 +658,83 @@ def test_an_overflow_is_answered_without_calling_the_provider(start_proxy, upstr
     assert re.match(r"prompt is too long: \d+ tokens > 500 maximum", caught.value.body["error"][
         "message"])
     assert upstream.requests == []
+
+
+# --- Ollama: the window it runs a model with, from /api/ps ------------------------------------
+
+def ollama_model(loaded):
+    """An Ollama server: /api/ps lists `loaded` (with odd entries), chat answers "ok"."""
+    def answer(request):
+        if request["path"] == "/api/ps":
+            return json_reply({"models": ["junk", {"name": ["x"], "context_length": 5},
+                                          {"name": "other", "context_length": "big"}] + [
+                {"name": name, "model": name, "context_length": window}
+                for name, window in loaded.items()]})
+        return json_reply({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 12, "completion_tokens": 1}})
+    return answer
+
+
+def chat_calls(upstream):
+    return [r for r in upstream.requests if r["path"].endswith("/chat/completions")]
+
+
+def test_ollamas_loaded_context_length_is_the_window(start_proxy, upstream, monkeypatch):
+    """Ollama cuts a prompt longer than the context length it runs a model with, without an
+    error: the length its /api/ps gives becomes the model's window (no allowance for the
+    estimate: a prompt over it is cut, not refused), so the client gets the 400 Claude Code
+    compacts on, and nothing is cut."""
+    loaded = {"qwen3-coder:latest": 4096}
+    upstream.script = ollama_model(loaded)
+    proxy = start_proxy({"providers": [{"name": "ollama", "api_base_url": upstream.url + "/v1",
+                                        "models": ["qwen3-coder", "big-window"]},
+                                       {"name": "ollama-two", "type": "openai", "api_key": "k",
+                                        "api_base_url": upstream.url + "/v1",
+                                        "models": ["other"]}], "failover": False})
+    client = sdk(proxy)
+
+    def ask(words, model="qwen3-coder"):
+        return client.messages.create(model=model, max_tokens=5, messages=[
+            {"role": "user", "content": "word " * words}])
+
+    assert ask(10).content[0].text == "ok"
+    assert wait_until(lambda: proxy.server.app.config.providers[0].loaded_windows, 5)
+    shown = sdk(proxy).get("/providers/ollama", cast_to=object)["loaded_windows"]
+    assert shown == {"qwen3-coder:latest": 4096, "qwen3-coder": 4096}
+    over = next(words for words in itertools.count(3000, 10) if ccproxy.estimate_request_tokens(
+        {"messages": [{"role": "user", "content": "word " * words}]}) > 4096 * 1.04)
+    for words in (6000, over):              # the latter within a configured window's allowance
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            ask(words)
+        assert re.match(r"prompt is too long: \d+ tokens > 4096 maximum \(ollama,qwen3-coder; "
+                        r"estimated; the context length Ollama runs it with: give it more with "
+                        r"OLLAMA_CONTEXT_LENGTH, e.g. 65536\)$",
+                        caught.value.body["error"]["message"])
+    assert len(chat_calls(upstream)) == 1
+    assert ask(6000, "big-window").content[0].text == "ok"      # a model not loaded: unknown
+    assert [r["path"] for r in upstream.requests].count("/api/ps") == 1   # asked once in 10 s
+    monkeypatch.setattr(ccproxy, "LOADED_WINDOWS_EVERY_SECONDS", 0.0)
+    loaded.clear()                          # Ollama restarted: the model will load anew
+    with pytest.raises(anthropic.BadRequestError):
+        ask(6000)                           # planned before the new answer came
+    assert wait_until(lambda: not proxy.server.app.config.providers[0].loaded_windows, 5)
+    assert ask(6000).content[0].text == "ok"
+    assert all("authorization" not in r["headers"] for r in upstream.requests
+               if r["path"] == "/api/ps")        # only Ollama is asked, not ollama-two (key k)
+
+
+def test_a_configured_window_wins_over_ollamas_loaded_one(start_proxy, upstream):
+    upstream.script = ollama_model({"qwen3-coder": 4096})
+    proxy = start_proxy({"providers": [{"name": "ollama", "api_base_url": upstream.url + "/v1",
+                                        "models": [{"name": "qwen3-coder",
+                                                    "context_window": 100000}]}]})
+    provider = proxy.server.app.config.providers[0]
+    sdk(proxy).messages.create(model="qwen3-coder", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
+    assert wait_until(lambda: provider.loaded_windows, 5)
+    answer = sdk(proxy).messages.create(model="qwen3-coder", max_tokens=5, messages=[
+        {"role": "user", "content": "word " * 6000}])
+    assert answer.content[0].text == "ok" and provider.context_window("qwen3-coder") == 100000
 
 
 @pytest.mark.parametrize("kind", ["anthropic", "openai", "gemini"])
