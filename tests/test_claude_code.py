@@ -340,6 +340,45 @@ def test_real_claude_code_hears_why_a_small_ollama_context_cannot_take_it(versio
     assert output["is_error"] is True and output["result"].startswith("Prompt is too long"), output
 
 
+LONG_OUTPUT = "python3 -c \"print('word ' * 5800)\""     # about 6,500 tokens, under Bash's cut
+
+
+def growing_session(request):
+    """Ollama with a 30,000-token context: each turn runs a command with a long output, until
+    Claude Code has compacted; its compaction gets a summary, the session then finishes."""
+    if request["path"] == "/api/ps":
+        return json_reply({"models": [{"name": "gpt-test:latest", "model": "gpt-test:latest",
+                                       "context_length": 30000}]})
+    body = request["json"] or {}
+    stream = body.get("stream") is True
+    texts = json.dumps(body.get("messages", []))
+    if "CRITICAL: Respond with TEXT ONLY" in texts:
+        return openai_answer({"content": SUMMARY}, stream, "stop")
+    turn = sum(1 for m in body.get("messages", ()) if m.get("role") == "tool")
+    if SUMMARY in texts or turn >= 6:
+        return openai_answer({"content": FINAL_TEXT}, stream, "stop")
+    call = {"id": "call_%d" % turn, "type": "function", "function": {
+        "name": "Bash", "arguments": json.dumps({"command": LONG_OUTPUT,
+                                                 "description": "Print a long text"})}}
+    return openai_answer({"content": None, "tool_calls": [call]}, stream, "tool_calls")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_compacts_a_session_growing_past_ollamas_context(version, tmp_path,
+                                                                          upstream):
+    """No turn that Ollama would cut reaches it: the session is refused as too long, compacts
+    (its compaction retried with fewer turns until it fits), and finishes."""
+    upstream.script = growing_session
+    result, output, _ = run_code(version, tmp_path, [{
+        "name": "ollama", "api_base_url": upstream.url + "/v1", "models": ["gpt-test"]}],
+        "Print the long text until you are told to stop.", "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+    chats = [r["json"] for r in upstream.requests if r["path"].endswith("/chat/completions")]
+    turns = [sum(1 for m in c["messages"] if m.get("role") == "tool") for c in chats]
+    assert max(turns) <= 2, turns      # 12k-19k of Claude Code's own + 3 outputs: over 30,000
+    assert any("CRITICAL: Respond with TEXT ONLY" in json.dumps(c) for c in chats), turns
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+
+
 # --- subagents on their own route; the /model picker fed by gateway discovery -------------------
 
 SUBAGENT_ANSWER = "The helper says hi."
