@@ -136,6 +136,8 @@ CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 BODY_READ_SLICE_BYTES = 1024 * 1024
 UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 64 * 1024 * 1024              # a whole answer, read at most this far
+ANSWER_SLICE_BYTES = 64 * 1024                   # one read of an answer of no stated length
 UPSTREAM_JOINED_BODY_BYTES = 64 * 1024           # a request body up to this goes with its head
 STREAM_QUEUE_CHUNKS = 64                         # chunks a slow client may leave unread per stream
 STREAM_PING_SECONDS = 15.0                       # a ping to the client after this much silence
@@ -8934,12 +8936,16 @@ class UpstreamCall:
                 "text/event-stream"):
             return
         try:
-            limit = UPSTREAM_ERROR_BODY_BYTES if self.status >= 400 else None
-            self.body = response.read(limit)
+            self.body = response.read(UPSTREAM_ERROR_BODY_BYTES) if self.status >= 400 \
+                else read_whole(response, MAX_ANSWER_BYTES)
         except Exception as exc:
             raise self.failure(exc) from None
         finally:
             self._release(response.isclosed())
+        if self.body is None:
+            raise UpstreamError("%s answered with more than %d MiB, more than any answer of a "
+                                "model; check that its api_base_url is its API" % (
+                                    self.provider.name, MAX_ANSWER_BYTES >> 20))
 
     def failure(self, exc: BaseException) -> Exception:
         """The client's error for a failed socket operation: the reason the call was cut, or
@@ -9045,6 +9051,23 @@ class UpstreamCall:
             self._body_complete = decoder.done
             if piece:
                 yield piece
+
+
+def read_whole(response, limit: int) -> bytes | None:
+    """An answer's body, read to its end; None, as soon as it is known to be over limit bytes
+    (a base URL that serves something else, a server that never ends), before it fills the
+    memory. A body of no stated length is read in slices: http.client's read(n) on Python
+    3.8 makes an n-byte buffer first."""
+    if response.length is not None:
+        return response.read() if response.length <= limit else None
+    parts, total = [], 0
+    while total <= limit:
+        part = response.read(ANSWER_SLICE_BYTES)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        total += len(part)
+    return None
 
 
 def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: float,

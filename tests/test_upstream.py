@@ -877,3 +877,44 @@ def test_a_provider_answer_with_a_broken_head_is_a_502_and_the_proxy_serves_on(
         assert client.messages.create(model="good,m", **request).content[0].text == "still here"
     finally:
         broken.close()
+
+
+def endless_answer(framing):
+    """A provider whose answer has no end, as a misdirected base URL may serve: a stated length
+    of 3 GB, chunks that never stop, or a body until the connection closes."""
+    def answer(connection, request):
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        head += {"length": b"Content-Length: 3000000000\r\n",
+                 "chunked": b"Transfer-Encoding: chunked\r\n", "close": b""}[framing]
+        piece = b"x" * 65536
+        try:
+            connection.sendall(head + b"\r\n")
+            while True:
+                connection.sendall(b"10000\r\n%s\r\n" % piece if framing == "chunked" else piece)
+        except OSError:         # ccproxy stopped reading and closed the connection
+            pass
+    return answer
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_an_answer_larger_than_any_model_gives_is_cut_off_with_a_502(start_proxy, upstream,
+                                                                     monkeypatch, framing):
+    monkeypatch.setattr(ccproxy, "MAX_ANSWER_BYTES", 1 << 20)
+    endless = RawProvider(endless_answer(framing))
+    upstream.script = lambda r: json_reply(anthropic_message("x" * 900000))   # under it: whole
+    try:
+        proxy = start_proxy({"providers": [
+            {"name": "endless", "type": "anthropic", "api_key": PROVIDER_KEY,
+             "api_base_url": endless.url},
+            dict(anthropic_provider(upstream), name="good", type="anthropic")],
+            "failover": False})
+        client = sdk(proxy)
+        request = dict(max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            client.messages.create(model="endless,m", **request)
+        assert caught.value.status_code == 502 and caught.value.body["error"]["message"] == (
+            "endless answered with more than 1 MiB, more than any answer of a model; check that "
+            "its api_base_url is its API")
+        assert len(client.messages.create(model="good,m", **request).content[0].text) == 900000
+    finally:
+        endless.close()
