@@ -934,7 +934,8 @@ PROVIDER_PRESETS = {
     # Ollama cuts a prompt longer than the context length it runs a model with, without an
     # error (the oldest messages, then the prompt's middle): docs.ollama.com/context-length,
     # its server/prompt.go and llm/llama_server.go, and issues 3839 and 14259 (checked
-    # 2026-12-06). GET /api/ps lists each loaded model with that context_length.
+    # 2026-12-06). GET /api/ps lists each loaded model with that context_length (its
+    # docs/openapi.yaml; since July 2025); POST /api/generate {"model"} loads a model.
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
                "quirks": {"top_k": True, "loaded_windows": True}},
     "deepseek-anthropic": DEEPSEEK_ANTHROPIC,
@@ -1086,7 +1087,8 @@ class Provider:
 
     CONFIGURED = ("name", "protocol", "base_url", "api_keys", "models", "enabled", "headers",
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
-    __slots__ = CONFIGURED + ("api_key", "masker", "loaded_windows", "windows_asked")
+    __slots__ = CONFIGURED + ("api_key", "masker", "loaded_windows", "windows_asked",
+                              "loads_tried")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
@@ -1095,6 +1097,7 @@ class Provider:
         self.masker = SecretMasker(self.secrets())
         self.loaded_windows = {}      # model -> the context length the server runs it with
         self.windows_asked = -math.inf    # when the server was last asked for them
+        self.loads_tried = {}         # model -> when the server was asked to load it
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -3219,6 +3222,23 @@ class ProxyApp:
                 self.background.add(task)
                 task.add_done_callback(self.background.discard)
 
+    async def load_for_window(self, routing: Routing) -> bool:
+        """Before the first request to an Ollama model that is not loaded, have Ollama load it
+        and say its context length: otherwise that request would go before the window is
+        known. Whether the window is known now; tried once a LOADED_WINDOWS_EVERY_SECONDS, and
+        waited for up to PROBE_TIMEOUT_SECONDS (a slower load goes on in Ollama)."""
+        provider, model = routing.provider, routing.model
+        if not provider.quirks["loaded_windows"] or provider.context_window(model) \
+                or time.monotonic() - provider.loads_tried.get(model, -math.inf) \
+                < LOADED_WINDOWS_EVERY_SECONDS:
+            return False
+        provider.loads_tried[model] = time.monotonic()
+        await probe_call(self.upstream, provider, UpstreamRequest(
+            ollama_url(provider, "/api/generate"), openai_request_headers(provider),
+            json_bytes({"model": model})))
+        await ask_loaded_windows(self.upstream, provider)
+        return provider.context_window(model) is not None
+
     def check_rate(self, peer, request: Request) -> None:
         """Refuse with 429 a client over its request rate, when rate limiting is on: a client
         key's holder by its name (checked already, so no one can make names up, and clients
@@ -3643,6 +3663,8 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
         request.rewritten.add("system")
     app.ask_loaded_windows()
     plan = plan_route(app.config, body, request.headers, subagent_choice)
+    if await app.load_for_window(plan[0]):
+        plan = plan_route(app.config, body, request.headers, subagent_choice)
     if request.record is not None:
         request.record["stream"] = body.get("stream") is True
         if app.config.log_bodies:
@@ -4883,11 +4905,16 @@ def refuse_overflow(routing: Routing, tokens: int):
                                    if provider.window_is_loaded(model) else "")))
 
 
+def ollama_url(provider: Provider, path: str) -> str:
+    """The URL of one of Ollama's own endpoints, beside its OpenAI-compatible /v1."""
+    return re.sub(r"/v1$", "", provider.base_url) + path
+
+
 async def ask_loaded_windows(upstream, provider: Provider) -> None:
     """Learn from Ollama's GET /api/ps the context length each loaded model runs with; a model
     no longer listed (unloaded, or the server restarted) is forgotten, as it will load with
     whatever context length is set then. No answer leaves what was known."""
-    url = re.sub(r"/v1$", "", provider.base_url) + "/api/ps"
+    url = ollama_url(provider, "/api/ps")
     outgoing = UpstreamRequest(url, openai_request_headers(provider), None)
     try:
         status, answer = await probe_call(upstream, provider, outgoing)

@@ -315,8 +315,8 @@ def test_real_claude_code_compacts_when_the_provider_overflows(version, tmp_path
 
 
 def small_ollama(request):
-    """An Ollama server running gpt-test with a 4,096-token context (its /api/ps says so), which
-    would cut Claude Code's prompts without a word; chat as scripted_model."""
+    """An Ollama server running gpt-test with a 4,096-token context (its /api/ps says so, once
+    the model is loaded), which would cut Claude Code's prompts without a word."""
     if request["path"] == "/api/ps":
         return json_reply({"models": [{"name": "gpt-test:latest", "model": "gpt-test:latest",
                                        "context_length": 4096}]})
@@ -326,18 +326,19 @@ def small_ollama(request):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_real_claude_code_hears_why_a_small_ollama_context_cannot_take_it(version, tmp_path,
                                                                           upstream):
-    """The first request reaches Ollama before its context length is known (the model loads
-    with it); from then on no prompt over it is sent to be cut: Claude Code gets the 400 it
-    compacts on (the context cannot take even a compacted session), and ends saying why."""
+    """The model is loaded before the first request, so that its context length is known: no
+    prompt over it reaches Ollama to be cut; Claude Code gets the 400 it compacts on, cannot
+    make its own prompt fit, and ends saying so, with the limit."""
     upstream.script = small_ollama
     result, output, _ = run_code(version, tmp_path, [{
         "name": "ollama", "api_base_url": upstream.url + "/v1", "models": ["gpt-test"]}],
         "Create a file out.txt containing hi, using the Bash tool.", "Bash",
         CLAUDE_CODE_MAX_RETRIES="0")
-    chats = [r["json"] for r in upstream.requests if r["path"].endswith("/chat/completions")]
-    assert any(r["path"] == "/api/ps" for r in upstream.requests)
-    assert len(chats) == 1 and chats[0]["tools"], (result.stdout[-2000:], result.stderr[-2000:])
-    assert output["is_error"] is True and output["result"].startswith("Prompt is too long"), output
+    paths = [r["path"] for r in upstream.requests]
+    assert "/api/generate" in paths and "/api/ps" in paths
+    assert "/v1/chat/completions" not in paths, (result.stdout[-2000:], result.stderr[-2000:])
+    assert output["is_error"] is True and output["result"].startswith("Prompt is too long")
+    assert "(limit 4096)" in output["result"], output
 
 
 LONG_OUTPUT = "python3 -c \"print('word ' * 5800)\""     # about 6,500 tokens, under Bash's cut

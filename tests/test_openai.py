@@ -650,8 +650,9 @@ def preset_provider(preset, upstream, **extra):
 
 
 def chat_request(upstream):
-    """The request for the answer (the ollama preset also asks /api/ps for its windows)."""
-    (sent,) = [r for r in upstream.requests if r["path"] != "/api/ps"]
+    """The request for the answer (the ollama preset also has Ollama load the model and say
+    its context length: /api/generate, /api/ps)."""
+    (sent,) = [r for r in upstream.requests if not r["path"].startswith("/api/")]
     return sent
 
 

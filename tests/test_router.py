@@ -683,7 +683,8 @@ def test_ollamas_loaded_context_length_is_the_window(start_proxy, upstream, monk
     """Ollama cuts a prompt longer than the context length it runs a model with, without an
     error: the length its /api/ps gives becomes the model's window (no allowance for the
     estimate: a prompt over it is cut, not refused), so the client gets the 400 Claude Code
-    compacts on, and nothing is cut."""
+    compacts on, and nothing is cut. A model not loaded yet is loaded first, so that even the
+    first request is checked."""
     loaded = {"qwen3-coder:latest": 4096}
     upstream.script = ollama_model(loaded)
     proxy = start_proxy({"providers": [{"name": "ollama", "api_base_url": upstream.url + "/v1",
@@ -692,15 +693,12 @@ def test_ollamas_loaded_context_length_is_the_window(start_proxy, upstream, monk
                                         "api_base_url": upstream.url + "/v1",
                                         "models": ["other"]}], "failover": False})
     client = sdk(proxy)
+    paths = lambda: [r["path"] for r in upstream.requests]     # noqa: E731
 
     def ask(words, model="qwen3-coder"):
         return client.messages.create(model=model, max_tokens=5, messages=[
             {"role": "user", "content": "word " * words}])
 
-    assert ask(10).content[0].text == "ok"
-    assert wait_until(lambda: proxy.server.app.config.providers[0].loaded_windows, 5)
-    shown = sdk(proxy).get("/providers/ollama", cast_to=object)["loaded_windows"]
-    assert shown == {"qwen3-coder:latest": 4096, "qwen3-coder": 4096}
     over = next(words for words in itertools.count(3000, 10) if ccproxy.estimate_request_tokens(
         {"messages": [{"role": "user", "content": "word " * words}]}) > 4096 * 1.04)
     for words in (6000, over):              # the latter within a configured window's allowance
@@ -710,9 +708,17 @@ def test_ollamas_loaded_context_length_is_the_window(start_proxy, upstream, monk
                         r"estimated; the context length Ollama runs it with: give it more with "
                         r"OLLAMA_CONTEXT_LENGTH, e.g. 65536\)$",
                         caught.value.body["error"]["message"])
-    assert len(chat_calls(upstream)) == 1
-    assert ask(6000, "big-window").content[0].text == "ok"      # a model not loaded: unknown
-    assert [r["path"] for r in upstream.requests].count("/api/ps") == 1   # asked once in 10 s
+    load = upstream.requests[paths().index("/api/generate")]
+    assert load["json"] == {"model": "qwen3-coder"} and chat_calls(upstream) == []
+    shown = sdk(proxy).get("/providers/ollama", cast_to=object)["loaded_windows"]
+    assert shown == {"qwen3-coder:latest": 4096, "qwen3-coder": 4096}
+    assert ask(10).content[0].text == "ok"
+    asked = paths().count("/api/ps")
+    assert ask(6000, "big-window").content[0].text == "ok"      # loaded, not listed: unknown
+    assert paths().count("/api/generate") == 2 and paths().count("/api/ps") == asked + 1
+    with pytest.raises(anthropic.BadRequestError):
+        ask(6000)
+    assert paths().count("/api/ps") == asked + 1                  # asked at most once in 10 s
     monkeypatch.setattr(ccproxy, "LOADED_WINDOWS_EVERY_SECONDS", 0.0)
     loaded.clear()                          # Ollama restarted: the model will load anew
     with pytest.raises(anthropic.BadRequestError):
@@ -720,7 +726,7 @@ def test_ollamas_loaded_context_length_is_the_window(start_proxy, upstream, monk
     assert wait_until(lambda: not proxy.server.app.config.providers[0].loaded_windows, 5)
     assert ask(6000).content[0].text == "ok"
     assert all("authorization" not in r["headers"] for r in upstream.requests
-               if r["path"] == "/api/ps")        # only Ollama is asked, not ollama-two (key k)
+               if r["path"].startswith("/api/"))    # only Ollama is asked, not ollama-two (k)
 
 
 def test_a_configured_window_wins_over_ollamas_loaded_one(start_proxy, upstream):
