@@ -5447,14 +5447,19 @@ class TranslationContext:
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
 
-# Words of a provider's 400 that mean the prompt is over the model's window, and that a
-# max_tokens=1 probe could not be answered (reasoning models need more room).
+# Words of a provider's 400 that mean the prompt is over the model's window (OpenAI's, vLLM's
+# "maximum model length", llama.cpp's and LM Studio's "context size", Groq's "reduce the
+# length of the messages"), and that a max_tokens=1 probe could not be answered (reasoning
+# models need more room).
 CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
                                  r"prompt is too long|context window|input tokens? exceeds? |"
-                                 r"exceeds the maximum number of tokens", re.I)
+                                 r"exceeds the maximum number of tokens|maximum model length|"
+                                 r"context size|reduce the length of the messages", re.I)
 MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
-OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length)\D{0,40}?(\d[\d,]*)",
-                               re.I)
+OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length|context size)"
+                               r"\D{0,40}?(\d[\d,]*)", re.I)
+# llama.cpp's server (and LM Studio) answer 500 when an answer fills the context as it is made.
+CONTEXT_FULL_RE = re.compile(r"context size has been exceeded", re.I)
 
 
 def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
@@ -5468,6 +5473,8 @@ def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool
         usage = dict(context.estimated_usage(0), output_tokens=0)
         return message_response(new_message(context.model, [], "max_tokens", usage), context,
                                 stream)
+    if error.status >= 500 and CONTEXT_FULL_RE.search(error.message):
+        error = InvalidRequestError(error.message)     # a retry would fill it again
     if error.status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message) \
             and not error.message.startswith("prompt is too long"):
         error.message = overflow_message(error.message)

@@ -841,9 +841,13 @@ def test_an_answer_without_choices_is_a_502(openai_proxy, upstream):
     assert caught.value.status_code == 502 and "no choices" in caught.value.body["error"]["message"]
 
 
-def test_context_overflow_says_prompt_is_too_long(openai_proxy, upstream):
-    upstream.script = lambda r: json_reply(openai_error_body(
-        "This model's maximum context length is 128000 tokens.", "context_length_exceeded"), 400)
+@pytest.mark.parametrize("wording", [
+    "This model's maximum context length is 128000 tokens.",
+    "the request exceeds the available context size, try increasing it",     # llama.cpp, older
+    "Please reduce the length of the messages or completion.",                # Groq
+])
+def test_context_overflow_says_prompt_is_too_long(openai_proxy, upstream, wording):
+    upstream.script = lambda r: json_reply(openai_error_body(wording), 400)   # no code to go by
     with pytest.raises(anthropic.BadRequestError) as caught:
         sdk(openai_proxy).messages.create(**REQUEST)
     assert caught.value.body["error"]["message"].startswith("prompt is too long: ")
@@ -854,15 +858,32 @@ def test_context_overflow_says_prompt_is_too_long(openai_proxy, upstream):
      "tokens (139000 in the messages, 1000 in the completion).", "140000 tokens > 131072"),
     ("Input tokens exceed the configured limit of 272,000 tokens. Your messages resulted in "
      "297,006 tokens.", "297006 tokens > 272000"),
+    ("request (4476 tokens) exceeds the available context size (4096 tokens)",   # llama.cpp
+     "4476 tokens > 4096"),
+    ("The decoder prompt (length 9254) is longer than the maximum model length of 4096. Make "
+     "sure that `max_model_len` is no smaller than the number of text tokens.",  # vLLM
+     "9254 tokens > 4096"),
 ])
 def test_a_providers_overflow_carries_its_numbers_in_anthropics_form(openai_proxy, upstream,
                                                                      wording, numbers):
-    upstream.script = lambda r: json_reply(openai_error_body(wording, "context_length_exceeded"),
-                                           400)
+    upstream.script = lambda r: json_reply(openai_error_body(wording), 400)
     with pytest.raises(anthropic.BadRequestError) as caught:
         sdk(openai_proxy).messages.create(**REQUEST)
     message = caught.value.body["error"]["message"]
     assert message.startswith("prompt is too long: %s maximum (openai: HTTP 400: " % numbers)
+
+
+def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
+                                                                            upstream):
+    """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
+    failure a retry mends, but a prompt too long for the room, which Claude Code compacts."""
+    upstream.script = lambda r: json_reply({"error": {
+        "code": 500, "message": "Context size has been exceeded.", "type": "server_error"}}, 500)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(openai_proxy).with_options(max_retries=0).messages.create(**REQUEST)
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert caught.value.body["error"]["message"].startswith("prompt is too long: ")
+    assert len(upstream.requests) == 1                     # not retried
 
 
 def test_max_tokens_probe_of_a_reasoning_model_is_answered(openai_proxy, upstream):
