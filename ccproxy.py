@@ -10717,9 +10717,12 @@ def print_status(report: dict) -> None:
     if "providers_problem" in report:
         print("  providers not shown: %s" % report["providers_problem"])
     for provider in report["providers"]:
+        windows = provider.get("loaded_windows") or {}
+        models = ["%s (context %s)" % (model, windows[model]) if model in windows else model
+                  for model in provider["models"]]
         print("  %-12s %-9s %-8s circuit %-9s %s" % (
             provider["name"], provider["type"], "enabled" if provider["enabled"] else "disabled",
-            provider["circuit"]["state"], ", ".join(provider["models"]) or "(any model)"))
+            provider["circuit"]["state"], ", ".join(models) or "(any model)"))
     usage = report["usage"]
     for totals in usage["by_model"]:
         print("  %s,%s: %s" % (totals["provider"], totals["model"], answers_words(totals)))

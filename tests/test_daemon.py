@@ -165,6 +165,24 @@ def test_status_and_the_status_line_show_each_sessions_usage(home, upstream):
         h.run("stop")
 
 
+def test_status_shows_the_context_length_ollama_runs_a_model_with(home, upstream):
+    upstream.script = lambda r: json_reply({"models": [{
+        "name": "qwen3-coder:latest", "model": "qwen3-coder:latest", "context_length": 32768}]}
+        if r["path"] == "/api/ps" else {"choices": [{"message": {"content": "ok"},
+                                                     "finish_reason": "stop"}]})
+    h = home(providers=[{"name": "ollama", "api_base_url": upstream.url + "/v1",
+                         "models": ["qwen3-coder", "gemma4"]}])
+    assert h.run("start").returncode == 0
+    try:
+        anthropic.Anthropic(base_url=h.url, api_key="c", max_retries=0).messages.create(
+            model="qwen3-coder", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        shown = h.run("status").stdout
+        assert re.search(r"  ollama +openai +enabled +circuit \w+ +qwen3-coder \(context "
+                         r"32768\), gemma4\n", shown), shown
+    finally:
+        h.run("stop")
+
+
 def test_status_says_why_it_cannot_show_providers(home):
     h = home(apikey="${PROXY_KEY}")
     assert h.run("start", PROXY_KEY="proxy-key-0123").returncode == 0
