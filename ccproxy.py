@@ -3215,7 +3215,7 @@ class ProxyApp:
         (Ollama) say them, at most every LOADED_WINDOWS_EVERY_SECONDS, in the background."""
         now = time.monotonic()
         for provider in self.config.enabled_providers():
-            if provider.quirks["loaded_windows"] \
+            if runs_models_itself(provider) \
                     and now - provider.windows_asked >= LOADED_WINDOWS_EVERY_SECONDS:
                 provider.windows_asked = now
                 task = asyncio.ensure_future(ask_loaded_windows(self.upstream, provider))
@@ -3228,7 +3228,7 @@ class ProxyApp:
         known. Whether the window is known now; tried once a LOADED_WINDOWS_EVERY_SECONDS, and
         waited for up to PROBE_TIMEOUT_SECONDS (a slower load goes on in Ollama)."""
         provider, model = routing.provider, routing.model
-        if not provider.quirks["loaded_windows"] or provider.context_window(model) \
+        if not runs_models_itself(provider) or provider.context_window(model) \
                 or time.monotonic() - provider.loads_tried.get(model, -math.inf) \
                 < LOADED_WINDOWS_EVERY_SECONDS:
             return False
@@ -4903,6 +4903,13 @@ def refuse_overflow(routing: Routing, tokens: int):
         " (%s,%s; estimated%s)" % (provider.name, model, "; the context length Ollama runs it "
                                    "with: give it more with OLLAMA_CONTEXT_LENGTH, e.g. 65536"
                                    if provider.window_is_loaded(model) else "")))
+
+
+def runs_models_itself(provider: Provider) -> bool:
+    """Whether the provider is an Ollama server that runs its models with a context length of
+    its own: not Ollama's cloud (ollama.com), which runs each at its full length."""
+    return bool(provider.quirks["loaded_windows"]) and urllib.parse.urlsplit(
+        provider.base_url).hostname != "ollama.com"
 
 
 def ollama_url(provider: Provider, path: str) -> str:

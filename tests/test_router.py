@@ -729,6 +729,18 @@ def test_ollamas_loaded_context_length_is_the_window(start_proxy, upstream, monk
                if r["path"].startswith("/api/"))    # only Ollama is asked, not ollama-two (k)
 
 
+def test_only_an_ollama_server_of_ones_own_is_asked_for_its_context_lengths():
+    def provider(**entry):
+        return ccproxy.build_config({"providers": [dict({"name": "ollama"}, **entry)]},
+                                    "c.json", {}).providers[0]
+    assert ccproxy.runs_models_itself(provider())
+    assert ccproxy.runs_models_itself(provider(api_base_url="http://gpu-box.lan:11434/v1"))
+    assert not ccproxy.runs_models_itself(provider(api_base_url="https://ollama.com/v1",
+                                                   api_key="k"))     # its cloud: full length
+    assert not ccproxy.runs_models_itself(provider(name="local", type="openai",
+                                                   api_base_url="http://127.0.0.1:11434/v1"))
+
+
 def test_a_configured_window_wins_over_ollamas_loaded_one(start_proxy, upstream):
     upstream.script = ollama_model({"qwen3-coder": 4096})
     proxy = start_proxy({"providers": [{"name": "ollama", "api_base_url": upstream.url + "/v1",
