@@ -3210,7 +3210,7 @@ class ProxyApp:
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
 
-    def ask_loaded_windows(self) -> None:
+    def refresh_loaded_windows(self) -> None:
         """Have each enabled provider that runs models with a context length of its own
         (Ollama) say them, at most every LOADED_WINDOWS_EVERY_SECONDS, in the background."""
         now = time.monotonic()
@@ -3221,23 +3221,6 @@ class ProxyApp:
                 task = asyncio.ensure_future(ask_loaded_windows(self.upstream, provider))
                 self.background.add(task)
                 task.add_done_callback(self.background.discard)
-
-    async def load_for_window(self, routing: Routing) -> bool:
-        """Before the first request to an Ollama model that is not loaded, have Ollama load it
-        and say its context length: otherwise that request would go before the window is
-        known. Whether the window is known now; tried once a LOADED_WINDOWS_EVERY_SECONDS, and
-        waited for up to PROBE_TIMEOUT_SECONDS (a slower load goes on in Ollama)."""
-        provider, model = routing.provider, routing.model
-        if not runs_models_itself(provider) or provider.context_window(model) \
-                or time.monotonic() - provider.loads_tried.get(model, -math.inf) \
-                < LOADED_WINDOWS_EVERY_SECONDS:
-            return False
-        provider.loads_tried[model] = time.monotonic()
-        await probe_call(self.upstream, provider, UpstreamRequest(
-            ollama_url(provider, "/api/generate"), openai_request_headers(provider),
-            json_bytes({"model": model})))
-        await ask_loaded_windows(self.upstream, provider)
-        return provider.context_window(model) is not None
 
     def check_rate(self, peer, request: Request) -> None:
         """Refuse with 429 a client over its request rate, when rate limiting is on: a client
@@ -3661,9 +3644,9 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     subagent_choice = take_subagent_tag(body)
     if subagent_choice:
         request.rewritten.add("system")
-    app.ask_loaded_windows()
+    app.refresh_loaded_windows()
     plan = plan_route(app.config, body, request.headers, subagent_choice)
-    if await app.load_for_window(plan[0]):
+    if await load_for_window(app.upstream, plan[0]):
         plan = plan_route(app.config, body, request.headers, subagent_choice)
     if request.record is not None:
         request.record["stream"] = body.get("stream") is True
@@ -4941,6 +4924,24 @@ async def ask_loaded_windows(upstream, provider: Provider) -> None:
                  ", ".join("%s %d" % item for item in sorted(windows.items())) or "none")
     provider.loaded_windows.clear()
     provider.loaded_windows.update(windows)
+
+
+async def load_for_window(upstream, routing: Routing) -> bool:
+    """Before the first request to an Ollama model that is not loaded, have Ollama load it and
+    say its context length: otherwise that request would go before the window is known.
+    Whether the window is known now; tried once a LOADED_WINDOWS_EVERY_SECONDS, and waited for
+    up to PROBE_TIMEOUT_SECONDS (a slower load goes on in Ollama)."""
+    provider, model = routing.provider, routing.model
+    if not runs_models_itself(provider) or provider.context_window(model) \
+            or time.monotonic() - provider.loads_tried.get(model, -math.inf) \
+            < LOADED_WINDOWS_EVERY_SECONDS:
+        return False
+    provider.loads_tried[model] = time.monotonic()
+    await probe_call(upstream, provider, UpstreamRequest(
+        ollama_url(provider, "/api/generate"), openai_request_headers(provider),
+        json_bytes({"model": model})))
+    await ask_loaded_windows(upstream, provider)
+    return provider.context_window(model) is not None
 
 
 def prompt_too_long(tokens: int, window: int) -> str:
