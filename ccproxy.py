@@ -121,6 +121,7 @@ DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0          # in-flight answers may finish 
 DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext route applies
 WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be this much too high
 LOADED_WINDOWS_EVERY_SECONDS = 10.0              # Ollama's /api/ps is asked at most this often
+OLLAMA_CODING_CONTEXT = 64000                    # what Ollama advises for coding tools
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
 RETRY_CAP_SECONDS = 8.0
 MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
@@ -10615,11 +10616,28 @@ async def probe_provider(upstream: Upstream, provider: Provider, models) -> Prob
     if status != 200:
         known = {model: await probe_model(upstream, provider, model) for model in models or ()}
     else:
-        names = listed_names(protocol, listed)
-        known = {model: "ok" if model in names else "not listed" for model in models or ()}
-    shown = "; ".join("%s %s" % item for item in known.items()) or "(none routed here)"
+        names = listed_names(protocol, listed)     # Ollama lists "qwen3-coder:latest"
+        known = {model: "ok" if {model, model + ":latest"} & names else "not listed"
+                 for model in models or ()}
+    notes = [await ollama_context_note(upstream, provider, model) if verdict == "ok" else ""
+             for model, verdict in known.items()]
+    shown = "; ".join("%s %s%s" % (model, verdict, note) for (model, verdict), note in zip(
+        known.items(), notes)) or "(none routed here)"
     return ProbeRow(provider.name, "yes", "accepted", latency, shown,
                     any(verdict != "ok" for verdict in known.values()), routed)
+
+
+async def ollama_context_note(upstream: Upstream, provider: Provider, model: str) -> str:
+    """For a model of an Ollama server: the context length it runs the model with, loading it
+    to find out, and whether that is the 64k Ollama advises for coding tools."""
+    await load_for_window(upstream, Routing(provider, model, "probe"))
+    window = provider.loaded_windows.get(model)
+    if window is None:
+        return ""
+    if window >= OLLAMA_CODING_CONTEXT:
+        return " (context %d)" % window
+    return (" (context %d: too small for Claude Code, whose own prompt is 12-19k tokens; Ollama "
+            "advises 64k or more: set OLLAMA_CONTEXT_LENGTH=65536)" % window)
 
 
 def listed_names(protocol: Protocol, answer: bytes) -> set:

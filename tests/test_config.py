@@ -498,6 +498,33 @@ def test_probe_lists_gemini_and_anthropic_models_their_way(tmp_path, upstream, s
         "claude-x ok")
 
 
+def test_probe_finds_ollamas_tagged_models_and_says_the_context_it_runs_them_with(tmp_path,
+                                                                                 upstream):
+    """Ollama lists "qwen3-coder:latest" for "qwen3-coder"; it loads each routed model to say
+    its context length, and whether Claude Code can work in it (the exit status is not
+    changed by that: a small model may serve small requests)."""
+    def ollama(request):
+        if request["path"] == "/api/ps":
+            return json_reply({"models": [
+                {"name": "qwen3-coder:latest", "model": "qwen3-coder:latest",
+                 "context_length": 4096},
+                {"name": "big:32b", "model": "big:32b", "context_length": 131072}]})
+        if request["path"] == "/api/generate":
+            return json_reply({"model": request["json"]["model"], "response": "", "done": True})
+        return json_reply({"object": "list", "data": [{"id": "qwen3-coder:latest"},
+                                                      {"id": "big:32b"}]})
+    upstream.script = ollama
+    result, rows = probed(tmp_path, [{"name": "ollama", "api_base_url": upstream.url + "/v1"}],
+                          {"default": "ollama,qwen3-coder", "think": "ollama,big:32b"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.fullmatch(r"ollama +yes +accepted +\d+ ms +qwen3-coder ok \(context 4096: too "
+                        r"small for Claude Code, whose own prompt is 12-19k tokens; Ollama "
+                        r"advises 64k or more: set OLLAMA_CONTEXT_LENGTH=65536\); big:32b ok "
+                        r"\(context 131072\)", rows["ollama"]), rows
+    loads = [r["json"]["model"] for r in upstream.requests if r["path"] == "/api/generate"]
+    assert loads == ["qwen3-coder"]          # big:32b was listed as loaded by then
+
+
 def test_probe_without_a_model_list_sends_each_routed_model_the_smallest_request(tmp_path,
                                                                                  upstream):
     def script(request):
