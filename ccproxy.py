@@ -1088,14 +1088,18 @@ class Provider:
 
     CONFIGURED = ("name", "protocol", "base_url", "api_keys", "models", "enabled", "headers",
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
-    __slots__ = CONFIGURED + ("api_key", "masker", "loaded_windows", "windows_asked",
-                              "loads_tried")
+    __slots__ = CONFIGURED + ("api_key", "masker", "runs_models_itself", "loaded_windows",
+                              "windows_asked", "loads_tried")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
             setattr(self, key, fields[key])
         self.api_key = self.api_keys[0] if self.api_keys else ""    # the one a call uses
         self.masker = SecretMasker(self.secrets())
+        # An Ollama server of one's own runs each model with a context length of its own (its
+        # cloud, ollama.com, runs each at its full length): it is asked for them.
+        self.runs_models_itself = bool(self.quirks["loaded_windows"]) and urllib.parse.urlsplit(
+            self.base_url).hostname != "ollama.com"
         self.loaded_windows = {}      # model -> the context length the server runs it with
         self.windows_asked = -math.inf    # when the server was last asked for them
         self.loads_tried = {}         # model -> when the server was asked to load it
@@ -3215,8 +3219,8 @@ class ProxyApp:
         """Have each enabled provider that runs models with a context length of its own
         (Ollama) say them, at most every LOADED_WINDOWS_EVERY_SECONDS, in the background."""
         now = time.monotonic()
-        for provider in self.config.enabled_providers():
-            if runs_models_itself(provider) \
+        for provider in self.config.providers:
+            if provider.runs_models_itself and provider.enabled \
                     and now - provider.windows_asked >= LOADED_WINDOWS_EVERY_SECONDS:
                 provider.windows_asked = now
                 task = asyncio.ensure_future(ask_loaded_windows(self.upstream, provider))
@@ -3647,7 +3651,7 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
         request.rewritten.add("system")
     app.refresh_loaded_windows()
     plan = plan_route(app.config, body, request.headers, subagent_choice)
-    if await load_for_window(app.upstream, plan[0]):
+    if plan[0].provider.runs_models_itself and await load_for_window(app.upstream, plan[0]):
         plan = plan_route(app.config, body, request.headers, subagent_choice)
     if request.record is not None:
         request.record["stream"] = body.get("stream") is True
@@ -4889,13 +4893,6 @@ def refuse_overflow(routing: Routing, tokens: int):
                                    if provider.window_is_loaded(model) else "")))
 
 
-def runs_models_itself(provider: Provider) -> bool:
-    """Whether the provider is an Ollama server that runs its models with a context length of
-    its own: not Ollama's cloud (ollama.com), which runs each at its full length."""
-    return bool(provider.quirks["loaded_windows"]) and urllib.parse.urlsplit(
-        provider.base_url).hostname != "ollama.com"
-
-
 def ollama_url(provider: Provider, path: str) -> str:
     """The URL of one of Ollama's own endpoints, beside its OpenAI-compatible /v1."""
     return re.sub(r"/v1$", "", provider.base_url) + path
@@ -4933,7 +4930,7 @@ async def load_for_window(upstream, routing: Routing) -> bool:
     Whether the window is known now; tried once a LOADED_WINDOWS_EVERY_SECONDS, and waited for
     up to PROBE_TIMEOUT_SECONDS (a slower load goes on in Ollama)."""
     provider, model = routing.provider, routing.model
-    if not runs_models_itself(provider) or provider.context_window(model) \
+    if not provider.runs_models_itself or provider.context_window(model) \
             or time.monotonic() - provider.loads_tried.get(model, -math.inf) \
             < LOADED_WINDOWS_EVERY_SECONDS:
         return False

@@ -733,12 +733,12 @@ def test_only_an_ollama_server_of_ones_own_is_asked_for_its_context_lengths():
     def provider(**entry):
         return ccproxy.build_config({"providers": [dict({"name": "ollama"}, **entry)]},
                                     "c.json", {}).providers[0]
-    assert ccproxy.runs_models_itself(provider())
-    assert ccproxy.runs_models_itself(provider(api_base_url="http://gpu-box.lan:11434/v1"))
-    assert not ccproxy.runs_models_itself(provider(api_base_url="https://ollama.com/v1",
-                                                   api_key="k"))     # its cloud: full length
-    assert not ccproxy.runs_models_itself(provider(name="local", type="openai",
-                                                   api_base_url="http://127.0.0.1:11434/v1"))
+    assert provider().runs_models_itself
+    assert provider(api_base_url="http://gpu-box.lan:11434/v1").runs_models_itself
+    assert not provider(api_base_url="https://ollama.com/v1",
+                        api_key="k").runs_models_itself              # its cloud: full length
+    assert not provider(name="local", type="openai",
+                        api_base_url="http://127.0.0.1:11434/v1").runs_models_itself
 
 
 def test_a_configured_window_wins_over_ollamas_loaded_one(start_proxy, upstream):
