@@ -122,6 +122,7 @@ DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext r
 WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be this much too high
 LOADED_WINDOWS_EVERY_SECONDS = 10.0              # Ollama's /api/ps is asked at most this often
 OLLAMA_CODING_CONTEXT = 64000                    # what Ollama advises for coding tools
+MAX_LOADS_REMEMBERED = 256                       # models asked to load, per Ollama provider
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
 RETRY_CAP_SECONDS = 8.0
 MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
@@ -4928,12 +4929,16 @@ async def load_for_window(upstream, routing: Routing) -> bool:
     """Before the first request to an Ollama model that is not loaded, have Ollama load it and
     say its context length: otherwise that request would go before the window is known.
     Whether the window is known now; tried once a LOADED_WINDOWS_EVERY_SECONDS, and waited for
-    up to PROBE_TIMEOUT_SECONDS (a slower load goes on in Ollama)."""
+    up to PROBE_TIMEOUT_SECONDS (a slower load goes on in Ollama). Only a model the provider's
+    `models` list, when it has one, is loaded: a client's made-up names load nothing."""
     provider, model = routing.provider, routing.model
     if not provider.runs_models_itself or provider.context_window(model) \
+            or (provider.models and model not in provider.models) \
             or time.monotonic() - provider.loads_tried.get(model, -math.inf) \
             < LOADED_WINDOWS_EVERY_SECONDS:
         return False
+    if len(provider.loads_tried) >= MAX_LOADS_REMEMBERED:
+        provider.loads_tried.clear()
     provider.loads_tried[model] = time.monotonic()
     await probe_call(upstream, provider, UpstreamRequest(
         ollama_url(provider, "/api/generate"), openai_request_headers(provider),

@@ -1,6 +1,7 @@
 """Minimal routing: a listed model, routes.default, the first enabled provider."""
 from __future__ import annotations
 
+import asyncio
 import http.client
 import itertools
 import json
@@ -716,6 +717,8 @@ def test_ollamas_loaded_context_length_is_the_window(start_proxy, upstream, monk
     asked = paths().count("/api/ps")
     assert ask(6000, "big-window").content[0].text == "ok"      # loaded, not listed: unknown
     assert paths().count("/api/generate") == 2 and paths().count("/api/ps") == asked + 1
+    assert ask(10, "ollama,made-up").content[0].text == "ok"     # not in models: not loaded
+    assert paths().count("/api/generate") == 2
     with pytest.raises(anthropic.BadRequestError):
         ask(6000)
     assert paths().count("/api/ps") == asked + 1                  # asked at most once in 10 s
@@ -739,6 +742,27 @@ def test_only_an_ollama_server_of_ones_own_is_asked_for_its_context_lengths():
                         api_key="k").runs_models_itself              # its cloud: full length
     assert not provider(name="local", type="openai",
                         api_base_url="http://127.0.0.1:11434/v1").runs_models_itself
+
+
+def test_an_ollama_provider_without_a_models_list_remembers_a_bounded_number_of_loads(
+        upstream, monkeypatch):
+    monkeypatch.setattr(ccproxy, "MAX_LOADS_REMEMBERED", 2)
+    upstream.script = lambda r: json_reply({"models": []})
+    provider = ccproxy.build_config({"providers": [{"name": "ollama", "api_base_url":
+                                                    upstream.url + "/v1"}]}, "c.json", {}
+                                    ).providers[0]
+
+    async def load_each(names):
+        calls = ccproxy.Upstream(2)
+        try:
+            for name in names:
+                await ccproxy.load_for_window(calls, ccproxy.Routing(provider, name, "t"))
+        finally:
+            calls.close("done")
+    asyncio.run(load_each(["a", "b", "c"]))
+    assert list(provider.loads_tried) == ["c"]
+    assert [r["json"]["model"] for r in upstream.requests if r["path"] == "/api/generate"] == [
+        "a", "b", "c"]
 
 
 def test_a_configured_window_wins_over_ollamas_loaded_one(start_proxy, upstream):
