@@ -123,6 +123,8 @@ WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be thi
 LOADED_WINDOWS_EVERY_SECONDS = 10.0              # Ollama's /api/ps is asked at most this often
 OLLAMA_CODING_CONTEXT = 64000                    # what Ollama advises for coding tools
 MAX_LOADS_REMEMBERED = 256                       # models asked to load, per Ollama provider
+OFFLOADED_BODY_BYTES = 1024 * 1024               # a request this large is read, checked, routed
+                                                 # and translated on a worker thread
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
 RETRY_CAP_SECONDS = 8.0
 MAX_RATE_BUCKETS = 10000                         # clients tracked by the rate limiter
@@ -3216,6 +3218,15 @@ class ProxyApp:
         self._request_ids = itertools.count(1)
         self._request_id_prefix = os.urandom(4).hex()
 
+    async def off_the_loop(self, request: Request, function, *args):
+        """function(*args), on a worker thread when the request's body is large: the event
+        loop serves everyone else meanwhile (taking its turn at each of Python's thread
+        switches) instead of stopping for as long as a large request takes to read, check, route
+        and translate. A small one is done here, quicker than a thread's round trip."""
+        if len(request.body or b"") < OFFLOADED_BODY_BYTES:
+            return function(*args)
+        return await self.upstream.run(function, *args)
+
     def refresh_loaded_windows(self) -> None:
         """Have each enabled provider that runs models with a context length of its own
         (Ollama) say them, at most every LOADED_WINDOWS_EVERY_SECONDS, in the background."""
@@ -3645,13 +3656,13 @@ OPTIONAL_FIELD_CHECKS = {
 async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
     """POST /v1/messages: validate, plan the route, then try each candidate until one
     answers (failover), relaying its answer."""
-    body = parse_json_body(request)
-    check_messages_request(body)
+    body = await app.off_the_loop(request, checked_messages_body, request)
     subagent_choice = take_subagent_tag(body)
     if subagent_choice:
         request.rewritten.add("system")
     app.refresh_loaded_windows()
-    plan = plan_route(app.config, body, request.headers, subagent_choice)
+    plan = await app.off_the_loop(request, plan_route, app.config, body, request.headers,
+                                  subagent_choice)
     if plan[0].provider.runs_models_itself and await load_for_window(app.upstream, plan[0]):
         plan = plan_route(app.config, body, request.headers, subagent_choice)
     if request.record is not None:
@@ -3660,6 +3671,13 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
             log.info("%s body: %s", request.record["id"], request.body_text)
     return await app.failover.run(plan, lambda routing: send_to(app, request, conn, body,
                                                                 routing), app.config)
+
+
+def checked_messages_body(request: Request, for_count: bool = False) -> dict:
+    """The request's Messages body, parsed and checked (a 400 naming what is wrong)."""
+    body = parse_json_body(request)
+    check_messages_request(body, for_count=for_count)
+    return body
 
 
 async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
@@ -3692,8 +3710,9 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
     provider, model, _ = routing
     protocol = protocol_for(provider, model)
     protocol.check_request(body)
-    call = app.upstream.call(provider, protocol.messages_request(provider, model, request, body),
-                             app.config.request_timeout, model)
+    outgoing = await app.off_the_loop(request, protocol.messages_request, provider, model,
+                                      request, body)
+    call = app.upstream.call(provider, outgoing, app.config.request_timeout, model)
     try:
         return await relay_call(protocol, call, conn, request, body)
     except ProxyError as error:
@@ -3705,14 +3724,14 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
     """POST /v1/messages/count_tokens: ask the routed provider when it can count (Anthropic's
     count_tokens, Gemini's countTokens), else, or when that fails, the estimator answers."""
-    body = parse_json_body(request)
-    check_messages_request(body, for_count=True)
-    routed = route_request(app.config, body, required=False)
+    body = await app.off_the_loop(request, checked_messages_body, request, True)
+    routed = await app.off_the_loop(request, route_request, app.config, body, False)
     count = None
     if routed is not None and routed.provider.count_tokens:
         count = await count_at_provider(app, routed, request, body, conn)
-    return json_response({"input_tokens": estimate_request_tokens(body) if count is None
-                          else count})
+    if count is None:
+        count = await app.off_the_loop(request, estimate_request_tokens, body)
+    return json_response({"input_tokens": count})
 
 
 async def count_at_provider(app: ProxyApp, routing: Routing, request: Request, body: dict,

@@ -222,3 +222,38 @@ def test_a_draining_replica_says_so_at_once_and_serves_until_the_delay_is_over(
     stopping.join(15)
     with pytest.raises(OSError):
         urllib.request.urlopen(proxy.url + "/health", timeout=2)
+
+
+def test_a_large_request_is_read_routed_and_translated_off_the_event_loop(start_proxy, upstream,
+                                                                           monkeypatch):
+    """A request of OFFLOADED_BODY_BYTES or more is parsed, checked, routed and translated on a
+    worker thread, so the event loop goes on serving everyone else; a small one is done on the
+    loop. Its errors come back as they would have from the loop."""
+    steps = []
+    for name in ("check_messages_request", "plan_route", "estimate_request_tokens"):
+        original = getattr(ccproxy, name)
+        monkeypatch.setattr(ccproxy, name, lambda *a, __f=original, __n=name, **k: (
+            steps.append((__n, threading.current_thread().name)), __f(*a, **k))[1])
+    messages_request = ccproxy.AnthropicProtocol.messages_request
+    monkeypatch.setattr(ccproxy.AnthropicProtocol, "messages_request", lambda self, *a: (
+        steps.append(("messages_request", threading.current_thread().name)),
+        messages_request(self, *a))[1])
+    upstream.script = lambda r: json_reply({"id": "m", "type": "message", "role": "assistant",
+                                            "model": "m", "content": [], "usage": {},
+                                            "stop_reason": "end_turn"})
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    client = sdk(proxy)
+    loop_thread = proxy.thread.name
+    large = "x " * ccproxy.OFFLOADED_BODY_BYTES
+    for text, where in (("hi", loop_thread), (large, "ccproxy-upstream")):
+        steps.clear()
+        client.messages.create(model="m", max_tokens=5, messages=[{"role": "user",
+                                                                     "content": text}])
+        client.messages.count_tokens(model="m", messages=[{"role": "user", "content": text}])
+        assert {name for name, _ in steps} == {"check_messages_request", "plan_route",
+                                               "messages_request", "estimate_request_tokens"}
+        assert {thread for _, thread in steps} == {where}, steps
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="m", max_tokens=5, extra_body={"temperature": 5},
+                               messages=[{"role": "user", "content": large}])
+    assert caught.value.body["error"]["message"].startswith("temperature: ")
