@@ -3894,7 +3894,9 @@ function render(s) {
                         "models"],
        s.providers.map((p) => [p.name, p.type, p.enabled ? "yes" : "no",
                                [p.circuit.state, p.circuit.state], n(p.circuit.failures),
-                               p.circuit.last_error || "", p.models.join(", ")]));
+                               p.circuit.last_error || "", p.models.map((m) =>
+                                 m in (p.loaded_windows || {}) ? m + " (context " +
+                                 p.loaded_windows[m] + ")" : m).join(", ")]));
   fill($("routes"), ["route", "goes to", "then"],
        s.routes.map((r) => [r.name, r.provider + "," + r.model, r.fallbacks.join(" \u2192 ")]));
   const used = ["answers", "tokens in", "cached", "tokens out", "cost"];

@@ -104,6 +104,19 @@ def test_the_page_asks_for_the_key_of_a_proxy_that_has_one(start_proxy, upstream
     assert "the proxy asks for its key" in dom and "<td>anthropic</td>" not in dom
 
 
+def test_the_page_shows_the_context_length_ollama_runs_a_model_with(start_proxy, upstream):
+    upstream.script = lambda r: json_reply(
+        {"models": [{"name": "qwen3-coder:latest", "context_length": 32768}]}
+        if r["path"] == "/api/ps" else {"choices": [{"message": {"content": "ok"},
+                                                     "finish_reason": "stop"}]})
+    proxy = start_proxy({"providers": [{"name": "ollama", "api_base_url": upstream.url + "/v1",
+                                        "models": ["qwen3-coder", "gemma4"]}]})
+    sdk(proxy).messages.create(model="qwen3-coder", max_tokens=5,
+                               messages=[{"role": "user", "content": "hi"}])
+    dom = render(proxy.url + "/")
+    assert "<td>qwen3-coder (context 32768), gemma4</td>" in dom
+
+
 def test_the_page_shows_todays_usage_by_client_key_when_there_are_client_keys(start_proxy,
                                                                               upstream):
     """The page as a browser that has been given a key sees it: the page and the /status it
