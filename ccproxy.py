@@ -10657,10 +10657,17 @@ async def ollama_context_note(upstream: Upstream, provider: Provider, model: str
     window = provider.loaded_windows.get(model)
     if window is None:
         return ""
+    advice = small_context_advice(window)
+    return " (context %d%s)" % (window, ": " + advice if advice else "")
+
+
+def small_context_advice(window: int) -> str:
+    """What to do about a context length Ollama runs a model with, when it is under the 64k
+    Ollama advises for coding tools; "" when it is not."""
     if window >= OLLAMA_CODING_CONTEXT:
-        return " (context %d)" % window
-    return (" (context %d: too small for Claude Code, whose own prompt is 12-19k tokens; Ollama "
-            "advises 64k or more: set OLLAMA_CONTEXT_LENGTH=65536)" % window)
+        return ""
+    return ("too small for Claude Code, whose own prompt is 12-19k tokens; Ollama advises 64k "
+            "or more: set OLLAMA_CONTEXT_LENGTH=65536")
 
 
 def listed_names(protocol: Protocol, answer: bytes) -> set:
@@ -11275,7 +11282,9 @@ def run_code_session(claude: str, arguments: list, config: Config, session: dict
             return 1
         note_other_version(record)
         environment = {k: v for k, v in os.environ.items() if k not in CLAUDE_UNSET_VARIABLES}
-        environment.update(claude_variables(record["url"], config_of(record, config), os.environ))
+        session_config = config_of(record, config)
+        learn_ollama_window(session_config)
+        environment.update(claude_variables(record["url"], session_config, os.environ))
         environment.update(session["env"])
         routing = dict({name: "" for name in CLAUDE_UNSET_VARIABLES}, **{
             name: environment[name] for name in CLAUDE_ROUTING_VARIABLES})
@@ -11290,6 +11299,25 @@ def run_code_session(claude: str, arguments: list, config: Config, session: dict
             with StartLock():
                 if live_sessions() == 0 and running_proxy() is not None:
                     stop_proxy(record)
+
+
+def learn_ollama_window(config: Config) -> None:
+    """When the default route goes to an Ollama server: have it load the model and say the
+    context length it runs it with, before Claude Code starts, so that Claude Code is told a
+    window of 100,000 or more, and the user is warned of one too small for Claude Code."""
+    target = default_target(config)
+    if target is None or not target.provider.runs_models_itself:
+        return
+    upstream = Upstream(1)
+    try:
+        asyncio.run(load_for_window(upstream, target))
+    finally:
+        upstream.close("the look is over")
+    window = target.provider.loaded_windows.get(target.model)
+    advice = small_context_advice(window) if window else ""
+    if advice:
+        print("ccproxy: warning: %s runs %s with a %d-token context: %s" % (
+            target.provider.name, target.model, window, advice), file=sys.stderr)
 
 
 FIRST_CONFIG_EXAMPLE = (  # the Quick start's

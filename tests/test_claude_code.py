@@ -339,6 +339,8 @@ def test_real_claude_code_hears_why_a_small_ollama_context_cannot_take_it(versio
     assert "/v1/chat/completions" not in paths, (result.stdout[-2000:], result.stderr[-2000:])
     assert output["is_error"] is True and output["result"].startswith("Prompt is too long")
     assert "(limit 4096)" in output["result"], output
+    assert "ollama runs gpt-test with a 4096-token context: too small for Claude Code" in \
+        result.stderr                           # `code` said so before Claude Code started
 
 
 LONG_OUTPUT = "python3 -c \"print('word ' * 5800)\""     # about 6,500 tokens, under Bash's cut

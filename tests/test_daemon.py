@@ -376,7 +376,7 @@ record = {{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in (
     "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "API_TIMEOUT_MS", "DISABLE_TELEMETRY",
     "DISABLE_COST_WARNINGS", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "NO_PROXY",
     "ANTHROPIC_API_KEY", "CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_SUBAGENT_MODEL",
-    "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY")}}}}
+    "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY", "CLAUDE_CODE_AUTO_COMPACT_WINDOW")}}}}
 with urllib.request.urlopen(os.environ["ANTHROPIC_BASE_URL"] + "/health") as response:
     record["health"] = response.status
 if sys.argv[1:2] == ["--settings"] and os.path.isfile(sys.argv[2]):
@@ -845,6 +845,30 @@ def test_code_can_add_the_status_line_and_a_subagent_model_for_the_session(
     assert seen["env"]["CLAUDE_CODE_SUBAGENT_MODEL"] == "openai,gpt-5-mini"
     assert seen["env"]["CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"] == "1"
     assert not (tmp_path / "home" / ".claude").exists()       # no settings file was written
+
+
+@pytest.mark.parametrize("context, window, warned", [(131072, "131072", False),
+                                                     (4096, None, True)])
+def test_code_learns_the_context_ollama_runs_the_default_model_with(home, claude_stand_in,
+                                                                    tmp_path, upstream, context,
+                                                                    window, warned):
+    """Before Claude Code starts on an Ollama model, Ollama loads it and says its context
+    length: Claude Code is told a window of 100,000 or more, and the user is warned of one too
+    small for Claude Code's own prompt."""
+    upstream.script = lambda r: json_reply({"models": [
+        {"name": "qwen3-coder:latest", "context_length": context}]} if r["path"] == "/api/ps"
+        else {"done": True})
+    h = home(providers=[{"name": "ollama", "api_base_url": upstream.url + "/v1",
+                         "models": ["qwen3-coder"]}])
+    result = h.run("code", "-p", "hi", CLAUDE_PATH=str(claude_stand_in),
+                   RECORD_FILE=str(tmp_path / "claude.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert records(tmp_path)[-1]["env"]["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == window
+    assert [r["json"] for r in upstream.requests if r["path"] == "/api/generate"] == [
+        {"model": "qwen3-coder"}]
+    assert ("ccproxy: warning: ollama runs qwen3-coder with a 4096-token context: too small for "
+            "Claude Code, whose own prompt is 12-19k tokens; Ollama advises 64k or more: set "
+            "OLLAMA_CONTEXT_LENGTH=65536" in result.stderr) is warned
 
 
 def test_code_merges_the_users_own_settings_flag_with_its_own(home, claude_stand_in, tmp_path):
