@@ -765,6 +765,25 @@ def test_an_ollama_provider_without_a_models_list_remembers_a_bounded_number_of_
         "a", "b", "c"]
 
 
+def test_ollamas_anthropic_endpoint_is_held_to_the_same_context_length(start_proxy, upstream):
+    """Ollama's own advice for Claude Code is its Anthropic endpoint (base URL with no /v1):
+    the same cut, the same window learnt from /api/ps."""
+    upstream.script = lambda r: json_reply({"models": [
+        {"name": "qwen3-coder:latest", "context_length": 4096}]} if r["path"] == "/api/ps"
+        else anthropic_message("ok"))
+    proxy = start_proxy({"providers": [{"name": "ollama", "type": "anthropic",
+                                        "api_base_url": upstream.url,
+                                        "models": ["qwen3-coder"]}]})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(model="qwen3-coder", max_tokens=5, messages=[
+            {"role": "user", "content": "word " * 6000}])
+    assert caught.value.body["error"]["message"].startswith("prompt is too long: ")
+    assert {r["path"] for r in upstream.requests} == {"/api/generate", "/api/ps"}
+    answer = sdk(proxy).messages.create(model="qwen3-coder", max_tokens=5, messages=[
+        {"role": "user", "content": "hi"}])
+    assert answer.content[0].text == "ok" and upstream.requests[-1]["path"] == "/v1/messages"
+
+
 def test_a_configured_window_wins_over_ollamas_loaded_one(start_proxy, upstream):
     upstream.script = ollama_model({"qwen3-coder": 4096})
     proxy = start_proxy({"providers": [{"name": "ollama", "api_base_url": upstream.url + "/v1",
