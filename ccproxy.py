@@ -5878,6 +5878,74 @@ def json_text(text: str) -> bytes:
         return json.dumps(text).encode()
 
 
+JSON_TOKEN_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]|[^"{}\[\],]+')
+JSON_CLOSERS = {"{": "}", "[": "]"}
+ARGUMENTS_TAIL = " \t\r\n,}]"     # what may end a tool's arguments: held back until their end
+
+
+def repaired_json_object(text: str, keep: int = 0):
+    """(text, value) of the JSON object a model meant where its text is none: a comma before a
+    closing bracket or the end dropped, a closing bracket that closes nothing open dropped, one
+    that skips an open one preceded by it, missing ones added, nothing after the object. The
+    first keep characters (already sent) must stay; None when that cannot mend it (a string cut
+    short, a value missing)."""
+    out, stack, comma, position, whole = [], [], None, 0, False
+    for match in JSON_TOKEN_RE.finditer(text):
+        token = match.group()
+        if match.start() != position:
+            return None
+        position = match.end()
+        if whole and not token.isspace():
+            if text[match.start():].strip(ARGUMENTS_TAIL):
+                return None
+            break
+        if token in ("}", "]"):
+            if comma is not None:
+                out[comma] = ""
+            if token not in [JSON_CLOSERS[opener] for opener in stack]:
+                continue
+            while JSON_CLOSERS[stack[-1]] != token:
+                out.append(JSON_CLOSERS[stack.pop()])
+            stack.pop()
+            whole = not stack
+        elif token in ("{", "["):
+            stack.append(token)
+        comma = len(out) if token == "," else comma if token.isspace() else None
+        out.append(token)
+    else:
+        if position != len(text):
+            return None
+        if comma is not None:
+            out[comma] = ""
+    mended = "".join(out + [JSON_CLOSERS[opener] for opener in reversed(stack)])
+    return json_object_of(mended) if mended.startswith(text[:keep]) else None
+
+
+def json_object_of(text: str):
+    """(text, value) when text is a JSON object, else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return (text, value) if isinstance(value, dict) else None
+
+
+def arguments_ending(text: str, held: str, provider: Provider) -> str:
+    """What ends a tool's streamed arguments (text, whose tail held was held back): the tail as
+    it came when the whole is JSON or cannot be mended, else the tail that mends it."""
+    try:
+        json.loads(text)
+        return held
+    except ValueError:
+        pass
+    mended = repaired_json_object(text, len(text) - len(held))
+    if mended is None:
+        return held
+    log.info("%s: a tool call's arguments did not end as JSON; their end was mended",
+             provider.name)
+    return mended[0][len(text) - len(held):]
+
+
 class EventEmitter:
     """Writes the client's event stream (the Messages API's) for every translating protocol.
 
@@ -5895,6 +5963,8 @@ class EventEmitter:
         self._open_type = None        # the type of the open block
         self.signature = thinking_signature(context.provider.name)   # or a callable giving it
         self.output_chars = 0
+        self._arguments = []          # the open tool block's input JSON, as it came
+        self._held = ""               # its end, held back until the block ends
 
     def take(self) -> bytes:
         """The events written since the last take()."""
@@ -5957,11 +6027,20 @@ class EventEmitter:
         self.close()
 
     def tool_arguments(self, fragment: str) -> None:
-        """A piece of the open tool block's input JSON."""
-        self._out.append(INPUT_JSON_DELTA % (self.block, json_text(fragment)))
+        """A piece of the open tool block's input JSON. Closing brackets and commas at its end
+        wait for the next piece or the block's end, where a model's mistakes there are mended:
+        Anthropic's input JSON always parses."""
+        self._arguments.append(fragment)
+        pending = self._held + fragment
+        sent = pending.rstrip(ARGUMENTS_TAIL)
+        self._held = pending[len(sent):]
+        if sent:
+            self._out.append(INPUT_JSON_DELTA % (self.block, json_text(sent)))
         self.output_chars += len(fragment)
 
-    def close(self) -> None:
+    def close(self, mend: bool = True) -> None:
+        """End the open block; a tool block's input is mended unless mend is false (an answer
+        cut at max_tokens, whose input stays as cut)."""
         if self.open is None:
             return
         if self._open_type == "thinking":
@@ -5970,13 +6049,23 @@ class EventEmitter:
                 "type": "content_block_delta", "index": self.block,
                 "delta": {"type": "signature_delta", "signature": signature}}))
             self.signature = thinking_signature(self._context.provider.name)
+        elif self._arguments:
+            self._end_arguments(mend)
         self._out.append(BLOCK_STOP % self.block)
         self.open = None
+
+    def _end_arguments(self, mend: bool) -> None:
+        text, ending = "".join(self._arguments), self._held
+        self._arguments, self._held = [], ""
+        if mend:
+            ending = arguments_ending(text, ending, self._context.provider)
+        if ending:
+            self._out.append(INPUT_JSON_DELTA % (self.block, json_text(ending)))
 
     def stop(self, stop_reason: str, usage: dict | None, stop_sequence: str | None = None) -> None:
         """Close the open block and end the message."""
         self.start()
-        self.close()
+        self.close(mend=stop_reason != "max_tokens")
         usage = usage or self._context.estimated_usage(self.output_chars)
         if self._context.record is not None:
             self._context.record["usage"] = usage
@@ -7235,7 +7324,8 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     if isinstance(refusal, str) and refusal:
         content.append({"type": "text", "text": refusal})
     calls = openai_calls(message)
-    content += [anthropic_tool_use(call, context) for call in calls]
+    whole = choice.get("finish_reason") != "length"        # cut calls are not mended
+    content += [anthropic_tool_use(call, context, whole) for call in calls]
     results, citations = openai_search_results(message.get("annotations"), text)
     text_blocks = [block for block in content if block["type"] == "text"]
     if citations and text_blocks:
@@ -7312,12 +7402,12 @@ def content_chunks(content: list, wants_thinking: bool) -> list:
     return found
 
 
-def anthropic_tool_use(call: dict, context) -> dict:
+def anthropic_tool_use(call: dict, context, mend: bool = True) -> dict:
     """A tool_use block from an OpenAI tool call."""
     function = call.get("function") if isinstance(call.get("function"), dict) else {}
     return {"type": "tool_use", "id": tool_use_id(call.get("id")),
             "name": context.tool_name(function.get("name")),
-            "input": tool_input_from_arguments(function.get("arguments"))}
+            "input": tool_input_from_arguments(function.get("arguments"), mend)}
 
 
 def openai_search_results(annotations, text) -> tuple:
@@ -7340,22 +7430,22 @@ def openai_search_results(annotations, text) -> tuple:
     return results, citations
 
 
-def tool_input_from_arguments(arguments) -> dict:
+def tool_input_from_arguments(arguments, mend: bool = True) -> dict:
     """A tool_use input object from OpenAI arguments, whatever shape they came in (a JSON
-    string, a string inside a string, an object, a trailing comma)."""
+    string, a string inside a string, an object, JSON to mend unless mend is false: see
+    repaired_json_object)."""
     if isinstance(arguments, dict):
         return arguments
     if not isinstance(arguments, str) or not arguments.strip():
         return {}
-    for candidate in (arguments, re.sub(r",\s*([}\]])", r"\1", arguments), arguments + "}"):
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
-        if isinstance(value, str):
-            return tool_input_from_arguments(value)
-        if isinstance(value, dict):
-            return value
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        value = (mend and repaired_json_object(arguments) or (None, None))[1]
+    if isinstance(value, str):
+        return tool_input_from_arguments(value, mend)
+    if isinstance(value, dict):
+        return value
     log.warning("tool arguments are not a JSON object; passed as {\"arguments\": …}")
     return {"arguments": arguments}
 
@@ -7440,8 +7530,9 @@ def merge_reasoning_details(kept: list, pieces: list) -> list:
 def openai_stop_reason(finish_reason, made_calls: bool, stop_sequence=None) -> str:
     """The stop_reason of a finish_reason: tool_use whenever calls were made (some servers say
     "stop" after calls), stop_sequence when the server named the stop string that matched,
-    refusal for a content filter, end_turn for anything unknown."""
-    if made_calls:
+    refusal for a content filter, end_turn for anything unknown; max_tokens for an answer cut
+    short, calls or not (Claude Code runs a cut call whose input parses)."""
+    if made_calls and finish_reason != "length":
         return "tool_use"
     if stop_sequence is not None:
         return "stop_sequence"
@@ -7577,16 +7668,16 @@ class OpenAIStreamTranslator:
             return ending
         results, citations = openai_search_results(self._annotations, "".join(self._text))
         self._emit.cite(citations)
-        self._emit.close()
+        reason = "refusal" if self._refused else openai_stop_reason(
+            self._finish_reason, bool(self._calls), self._stop_sequence)
+        self._emit.close(mend=reason != "max_tokens")
         for key in list(self._calls):
             if not self._calls[key]["sent"]:
-                self._send_whole_call(key)
+                self._send_whole_call(key, mend=reason != "max_tokens")
         if results:
             self._emit.search(self._context.search_query or "", results)
         usage = anthropic_usage_from_openai(self._usage) if self._usage else None
         note_reported_cost(self._usage, self._context)
-        reason = "refusal" if self._refused else openai_stop_reason(
-            self._finish_reason, bool(self._calls), self._stop_sequence)
         self._emit.stop(reason, usage, self._stop_sequence)
         return self._emit.take()
 
@@ -7667,9 +7758,9 @@ class OpenAIStreamTranslator:
         if state["arguments"]:
             self._emit.tool_arguments("".join(state["arguments"]))
 
-    def _send_whole_call(self, key) -> None:
+    def _send_whole_call(self, key, mend: bool) -> None:
         self._start_call(key)
-        self._emit.close()
+        self._emit.close(mend)
 
 
 # -----------------------------------------------------------------------------
@@ -7893,7 +7984,7 @@ def anthropic_message_from_responses(data, context) -> dict:
                     content.append({"type": "text", "text": text})
         elif kind == "function_call":
             content.append(anthropic_tool_use({"id": item.get("call_id"), "function": item},
-                                              context))
+                                              context, data.get("status") != "incomplete"))
     reason = responses_stop_reason(data, any(b["type"] == "tool_use" for b in content), refused)
     usage = anthropic_usage_from_responses(data.get("usage")) if data.get("usage") else \
         context.estimated_usage(sum(len(json.dumps(block)) for block in content))

@@ -19,18 +19,25 @@ from test_responses import call_item, events_for, message_item, reasoning_item, 
 
 def openai_answer(message: dict, stream: bool, finish: str):
     """A Chat Completions answer, streamed as chunks or whole."""
-    usage = {"prompt_tokens": 900, "completion_tokens": 20, "total_tokens": 920}
     if not stream:
         return json_reply({"id": "c1", "object": "chat.completion", "created": 1, "model": "m",
                            "choices": [{"index": 0, "message": dict(message, role="assistant"),
-                                        "finish_reason": finish}], "usage": usage})
+                                        "finish_reason": finish}],
+                           "usage": {"prompt_tokens": 900, "completion_tokens": 20,
+                                     "total_tokens": 920}})
     delta = dict(message)
     if "tool_calls" in delta:
         delta["tool_calls"] = [dict(call, index=i) for i, call in enumerate(delta["tool_calls"])]
-    chunks = [{"choices": [{"index": 0, "delta": dict(delta, role="assistant"),
-                            "finish_reason": None}]},
-              {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
-              {"choices": [], "usage": usage}]
+    return openai_stream([dict(delta, role="assistant")], finish)
+
+
+def openai_stream(deltas: list, finish: str):
+    """A Chat Completions stream: a chunk for each delta, then the finish and the usage."""
+    usage = {"prompt_tokens": 900, "completion_tokens": 20, "total_tokens": 920}
+    chunks = [{"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+              for delta in deltas] + [
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
+        {"choices": [], "usage": usage}]
     pieces = [b"data: %s\n\n" % json.dumps(dict(c, id="c1", object="chat.completion.chunk",
                                                   created=1, model="m")).encode() for c in chunks]
     return Reply(200, pieces=pieces + [b"data: [DONE]\n\n"], content_type="text/event-stream")
@@ -103,6 +110,39 @@ def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstrea
     sent = [r["json"] for r in upstream.requests if r["json"]]
     assert any(m.get("role") == "tool" and "tool_call_id" in m for b in sent for m in b["messages"])
     assert not (tmp_path / "home" / ".ccproxy" / "ccproxy.pid").exists()   # code stopped its proxy
+
+
+def sloppy_model(request):
+    """scripted_model, but the Bash call's arguments stream in pieces and end with a comma
+    before the closing brace, as some servers of open models send them."""
+    body = request["json"] or {}
+    names = [t["function"]["name"] for t in body.get("tools") or ()]
+    if body.get("stream") is not True or "Bash" not in names or \
+            any(m.get("role") == "tool" for m in body.get("messages", ())):
+        return scripted_model(request)
+    pieces = ['{"command": "echo hi > out.txt",', ' "description": "Write out.txt",', "}"]
+    calls = [{"index": 0, "id": "call_1", "type": "function",
+              "function": {"name": "Bash", "arguments": pieces[0]}}] + [
+        {"index": 0, "function": {"arguments": piece}} for piece in pieces[1:]]
+    return openai_stream([{"role": "assistant", "tool_calls": [call]} for call in calls],
+                         "tool_calls")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_a_tool_whose_arguments_end_with_a_stray_comma(version, tmp_path,
+                                                                            upstream):
+    """Without mending, Claude Code answers the call with an InputValidationError, and the
+    model must try again."""
+    upstream.script = sloppy_model
+    result, output, work = run_code(
+        version, tmp_path, [openai_provider(upstream.url)],
+        "Create a file out.txt containing hi, using the Bash tool.", "Bash",
+        CLAUDE_CODE_MAX_RETRIES="0")
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    assert (work / "out.txt").read_text().strip() == "hi"
+    results = [m["content"] for r in upstream.requests if r["json"]
+               for m in r["json"]["messages"] if m.get("role") == "tool"]
+    assert results and not any("InputValidationError" in json.dumps(c) for c in results)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -290,6 +290,78 @@ def test_text_after_a_tool_call_opens_a_new_text_block():
     assert [b["type"] for b in content_of(events)] == ["tool_use", "text"]
 
 
+def arguments_of(events):
+    """The input JSON of the first tool block, as the client gets it."""
+    return "".join(p["delta"]["partial_json"] for n, p in events if n == "content_block_delta"
+                   and p["delta"]["type"] == "input_json_delta")
+
+
+MENDED = [  # fragments a model streamed, the input it meant
+    (['{"command": "ls",', ' "description": "List",}'], {"command": "ls", "description": "List"}),
+    (['{"command": "ls"'], {"command": "ls"}),
+    (['{"edits": [{"a": 1}, {"b": 2,},', "]"], {"edits": [{"a": 1}, {"b": 2}]}),
+    (['{"command": "ls"}', "}"], {"command": "ls"}),
+    (['{"code": "x = [1, ]",', ' "n": [1,', " 2}"], {"code": "x = [1, ]", "n": [1, 2]}),
+]
+
+
+@pytest.mark.parametrize("fragments, meant", MENDED)
+def test_streamed_arguments_that_end_badly_are_mended(fragments, meant):
+    """Claude Code answers input that does not parse with an InputValidationError and a turn
+    lost; Anthropic's input JSON always parses. A model's mistakes at the end are mended, while
+    the rest still streams as it comes."""
+    translator = ccproxy.OpenAIStreamTranslator(context())
+    first = parse_events(translator.feed(chunk(call_fragment(0, "c1", "Bash", fragments[0]))))
+    assert arguments_of(first) and fragments[0].startswith(arguments_of(first))   # live
+    rest = b"".join(translator.feed(chunk(call_fragment(0, arguments=f))) for f in fragments[1:])
+    events = first + parse_events(rest + translator.feed(chunk({}, "tool_calls")) +
+                                  translator.finish())
+    check_grammar(events)
+    assert json.loads(arguments_of(events)) == meant
+    assert content_of(events)[0]["input"] == meant
+
+
+@pytest.mark.parametrize("fragments", [['{"command": "ls"}'], ['{"command": "ls', 'x'],
+                                       ['{"a": tru'], ['{"a": 1}{"a": 2}']])
+def test_arguments_that_are_whole_or_cannot_be_mended_pass_as_they_came(fragments):
+    events = translate([chunk(call_fragment(0, "c1", "Bash", fragments[0]))] +
+                       [chunk(call_fragment(0, arguments=f)) for f in fragments[1:]] +
+                       [chunk({}, "tool_calls")])
+    check_grammar(events)
+    assert arguments_of(events) == "".join(fragments)
+
+
+def test_arguments_cut_at_max_tokens_stay_as_cut():
+    """Cut by the token limit, the input is unfinished, not mistaken: a Write whose content was
+    cut must not run as if whole."""
+    events = translate([chunk(call_fragment(0, "c1", "Write", '{"file_path": "a.py"')),
+                        chunk(call_fragment(0, arguments=', "content": "x = 1"')),
+                        chunk({}, "length")])
+    assert arguments_of(events) == '{"file_path": "a.py", "content": "x = 1"'
+    assert [p for n, p in events if n == "message_delta"][0]["delta"]["stop_reason"] \
+        == "max_tokens"
+
+
+@pytest.mark.parametrize("arguments, meant", [
+    ('{"code": "x = [1, ]", "n": 1,}', {"code": "x = [1, ]", "n": 1}),   # a string kept as it is
+    ('{"a": {"b": [1', {"a": {"b": [1]}}),
+    ('"{\\"a\\": 1,}"', {"a": 1}),
+    ('{"a": 1', {"a": 1}),
+    ("not json", {"arguments": "not json"}),
+])
+def test_whole_arguments_are_mended_the_same_way(arguments, meant):
+    assert ccproxy.tool_input_from_arguments(arguments) == meant
+
+
+def test_a_whole_answer_cut_at_max_tokens_keeps_its_call_unmended():
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "Write", "arguments": '{"file_path": "a.py"'}}
+    message = ccproxy.anthropic_message_from_openai(
+        completion({"content": None, "tool_calls": [call]}, "length"), context())
+    assert message["stop_reason"] == "max_tokens"
+    assert message["content"][0]["input"] == {"arguments": '{"file_path": "a.py"'}
+
+
 def test_sse_decoder_handles_crlf_comments_split_lines_and_multiline_data():
     decoder = ccproxy.SSEDecoder()
     assert decoder.feed(b": OPENROUTER PROCESSING\r\n\r\ndata: {\"a\"") == []

@@ -300,6 +300,29 @@ def test_a_streamed_incomplete_answer_stops_at_max_tokens(responses_proxy, upstr
     assert stream_of(responses_proxy).stop_reason == "max_tokens"
 
 
+def streamed_arguments(proxy) -> tuple:
+    """(the input JSON of the first tool block as the client got it, the stop reason)."""
+    with sdk(proxy).messages.stream(**REQUEST) as stream:
+        pieces = [event.delta.partial_json for event in stream
+                  if event.type == "content_block_delta" and event.delta.type == "input_json_delta"]
+        return "".join(pieces), stream.get_final_message().stop_reason
+
+
+def test_streamed_arguments_that_end_badly_are_mended_unless_cut(responses_proxy, upstream):
+    bad = call_item("call_1", "get_weather", '{"city": "Oslo",}')
+    upstream.script = lambda r: stream_reply(sse(events_for([bad])))
+    assert streamed_arguments(responses_proxy) == ('{"city": "Oslo"}', "tool_use")
+    cut = call_item("call_1", "get_weather", '{"city": "Oslo"')
+    upstream.script = lambda r: stream_reply(sse(events_for(
+        [cut], "incomplete", incomplete_details={"reason": "max_output_tokens"})))
+    assert streamed_arguments(responses_proxy) == ('{"city": "Oslo"', "max_tokens")
+    upstream.script = lambda r: json_reply(response(
+        [cut], "incomplete", incomplete_details={"reason": "max_output_tokens"}))
+    message = sdk(responses_proxy).messages.create(**REQUEST)
+    assert message.stop_reason == "max_tokens"
+    assert blocks_of(message)[0]["input"] == {"arguments": '{"city": "Oslo"'}
+
+
 def test_a_response_that_fails_before_any_output_is_its_http_error(responses_proxy, upstream):
     upstream.script = lambda r: stream_reply(sse(events_for(
         [], "failed", error={"code": "rate_limit_exceeded", "message": "slow down"})))
