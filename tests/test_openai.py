@@ -1354,3 +1354,27 @@ def test_event_data_decodes_exactly_as_json_loads(value, after, before):
     except ValueError:
         got = ("error", None)
     assert got == expected
+
+
+JSON_OBJECTS = st.dictionaries(st.text(alphabet='ab",]}{[\\ ', max_size=4), JSON_VALUES,
+                               max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_OBJECTS, st.sampled_from(["", ",", " ,", "}", ",}", "]", "no }"]),
+       st.lists(st.integers(min_value=1), max_size=4), st.booleans())
+def test_any_object_streamed_in_any_pieces_arrives_as_meant(value, mistake, cuts, spaced):
+    """Any object (its strings full of brackets, commas and quotes), in any pieces, whole or
+    with a mistake at its end: the client's input JSON is the object, and all but its end went
+    out as it came."""
+    text = json.dumps(value, separators=None if spaced else (",", ":"))
+    sent = {",": text[:-1] + ",}", " ,": text[:-1] + " ,}", "no }": text[:-1]}.get(
+        mistake, text + mistake)
+    bounds = sorted({cut % len(sent) for cut in cuts} - {0}) + [len(sent)]
+    pieces = [sent[a:b] for a, b in zip([0] + bounds, bounds)]
+    events = translate([chunk(call_fragment(0, "c1", "f", pieces[0]))] +
+                       [chunk(call_fragment(0, arguments=p)) for p in pieces[1:]] +
+                       [chunk({}, "tool_calls")])
+    arguments = arguments_of(events)
+    assert json.loads(arguments) == value
+    assert arguments.rstrip(" ,}]") == sent.rstrip(" ,}]")
