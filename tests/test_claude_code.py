@@ -2,11 +2,14 @@
 `ccproxy.py code` against a mock OpenAI upstream that makes it run a tool."""
 from __future__ import annotations
 
+import base64
 import json
 import os
+import struct
 import subprocess
 import sys
 import urllib.request
+import zlib
 
 import pytest
 
@@ -47,11 +50,11 @@ FINAL_TEXT = "Done: out.txt now holds hi."
 
 
 def run_code(version, tmp_path, providers, prompt, tools, routes=None, settings=None,
-             apikey="", **environment):
+             apikey="", files=None, **environment):
     """`ccproxy.py code -p prompt` with the real Claude Code of that version, in a fresh home and
     working directory, the providers configured (and settings, when given, in the user's and
-    the project's settings files; the proxy's apikey, when given): (the finished process, its
-    JSON output, the working directory)."""
+    the project's settings files; the proxy's apikey, when given; files, {name: bytes}, in the
+    working directory): (the finished process, its JSON output, the working directory)."""
     claude = installed_claude(version)
     home, work = tmp_path / "home", tmp_path / "work"
     for folder in (home, work):
@@ -59,6 +62,8 @@ def run_code(version, tmp_path, providers, prompt, tools, routes=None, settings=
         if settings is not None:
             (folder / ".claude").mkdir()
             (folder / ".claude" / "settings.json").write_text(json.dumps(settings))
+    for name, data in (files or {}).items():
+        (work / name).write_bytes(data)
     config = home / "config.json"
     config.write_text(json.dumps({"port": 0, "providers": providers, "routes": routes or {},
                                   "apikey": apikey}))
@@ -206,6 +211,108 @@ def test_real_claude_code_runs_a_tool_on_a_responses_only_model(version, tmp_pat
     assert followed and all(r["json"]["stream"] for r in upstream.requests)
     carried = [item for item in followed[0] if item.get("type") == "reasoning"]
     assert carried == [reasoning_item(("Bash can write it.",), "ENC-CC", "rs_cc")]
+
+
+# --- a file worked on through each translation: Write, Read, Edit, Glob, Grep, an image -------
+
+def png_pixel() -> bytes:
+    """A PNG of one green pixel."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\x00\xff\x00")) + chunk(b"IEND", b""))
+
+
+NOTES = "# Notes\nünïcödé ✓ line\n\ttabbed \"quote\"\n"
+
+
+def file_steps(work) -> list:
+    """The calls a model makes, one a turn, to work on notes.md."""
+    notes = str(work / "notes.md")
+    return [("Write", {"file_path": notes, "content": NOTES}),
+            ("Read", {"file_path": notes}),
+            ("Edit", {"file_path": notes, "old_string": "ünïcödé ✓ line",
+                      "new_string": "edited \\ line"}),
+            ("Glob", {"pattern": "*.md"}),
+            ("Grep", {"pattern": "edited", "path": str(work), "output_mode": "content"}),
+            ("Read", {"file_path": str(work / "pixel.png")})]
+
+
+FILE_PROTOCOLS = {   # how each protocol's request names its tools and counts the calls run
+    "openai": (lambda body: [t["function"]["name"] for t in body.get("tools") or ()],
+               lambda body: sum(m.get("role") == "tool" for m in body.get("messages", ()))),
+    "responses": (lambda body: [t.get("name") for t in body.get("tools") or ()],
+                  lambda body: sum(i.get("type") == "function_call_output"
+                                   for i in body.get("input", ()))),
+    "gemini": (lambda body: [d["name"] for t in body.get("tools") or ()
+                             for d in t.get("functionDeclarations", ())],
+               lambda body: sum("functionResponse" in part for c in body.get("contents", ())
+                                for part in c["parts"])),
+}
+
+
+def protocol_answer(protocol, stream, text=None, call=None):
+    """Text, or one call (id, name, arguments), as that protocol's provider answers."""
+    if protocol == "gemini":
+        return gemini_answer([{"text": text}] if call is None else
+                             [{"functionCall": {"name": call[1], "args": call[2]}}], stream)
+    if protocol == "responses":
+        return responses_answer([message_item(text)] if call is None else
+                                [call_item(call[0], call[1], json.dumps(call[2]))], stream)
+    if call is None:
+        return openai_answer({"content": text}, stream, "stop")
+    return openai_answer({"content": None, "tool_calls": [{"id": call[0], "type": "function",
+                          "function": {"name": call[1], "arguments": json.dumps(call[2])}}]},
+                         stream, "tool_calls")
+
+
+def protocol_provider(protocol, upstream_url):
+    if protocol == "gemini":
+        return {"name": "gemini", "api_base_url": upstream_url + "/v1beta",
+                "api_key": "g-key-0123456789", "models": ["gemini-2.5-pro"]}
+    return openai_provider(upstream_url,
+                           models=["gpt-5-codex" if protocol == "responses" else "gpt-test"])
+
+
+def file_worker(work, protocol):
+    """A model that makes the file_steps' calls in that protocol, then says ALL DONE."""
+    names_of, calls_run = FILE_PROTOCOLS[protocol]
+
+    def script(request):
+        body = request["json"] or {}
+        stream = body.get("stream") is True or "streamGenerateContent" in request["path"]
+        done, steps = calls_run(body), file_steps(work)
+        if "Write" not in names_of(body):
+            return protocol_answer(protocol, stream, "ok")
+        if done == len(steps):
+            return protocol_answer(protocol, stream, "ALL DONE")
+        return protocol_answer(protocol, stream, call=("call_%d" % done,) + steps[done])
+    return script
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("protocol", sorted(FILE_PROTOCOLS))
+def test_real_claude_code_works_on_a_file_through_each_translation(version, protocol, tmp_path,
+                                                                   upstream):
+    """Claude Code's file tools, run for real: each call arrives whole, each result (unicode,
+    tabs, backslashes, an image) reaches the model in its provider's own form."""
+    upstream.script = file_worker(tmp_path / "work", protocol)
+    provider = protocol_provider(protocol, upstream.url)
+    result, output, work = run_code(
+        version, tmp_path, [provider], "Work on notes.md.", "Write,Read,Edit,Glob,Grep",
+        files={"pixel.png": png_pixel()}, CLAUDE_CODE_MAX_RETRIES="0")
+    assert output and output["result"] == "ALL DONE", (result.stdout[-2000:], result.stderr[-2000:])
+    assert (work / "notes.md").read_text() == NOTES.replace("ünïcödé ✓ line", "edited \\ line")
+    calls_run = FILE_PROTOCOLS[protocol][1]
+    last = json.dumps(max((r["json"] or {} for r in upstream.requests), key=calls_run),
+                      ensure_ascii=False)
+    image = {"openai": '"image_url": {"url": "data:image/png;base64,%s"}',
+             "responses": '"image_url": "data:image/png;base64,%s"',
+             "gemini": '"inlineData": {"mimeType": "image/png", "data": "%s"}'}[protocol]
+    for seen in ("2\\tünïcödé ✓ line", "notes.md:2:edited \\\\ line",
+                 image % base64.b64encode(png_pixel()).decode()):
+        assert seen in last, seen
 
 
 # --- Anthropic-compatible servers and Azure: the same tool-using session on each --------------
