@@ -5486,10 +5486,23 @@ class TranslationContext:
 CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
                                  r"prompt is too long|context window|input tokens? exceeds? |"
                                  r"exceeds the maximum number of tokens|maximum model length|"
-                                 r"context size|reduce the length of the messages", re.I)
+                                 r"context size|reduce the length of the messages|"
+                                 r"`max_new_tokens` must be", re.I)
 MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
-OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length|context size)"
+OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length|context size|must be <=)"
                                r"\D{0,40}?(\d[\d,]*)", re.I)
+# How such a 400 splits what was asked, where it says: OpenAI's and vLLM's "(1000 in the
+# messages, 32000 in the completion)", OpenRouter's "(1000 of text input, 200 of tool input,
+# 32000 in the output)", vLLM's newer "is too large: 32000. … your request has 1000 input
+# tokens", and text-generation-inference's "Given: 1000 `inputs` tokens and 32000
+# `max_new_tokens`" (Together, Hugging Face).
+INPUT_PART_RE = re.compile(r"(\d[\d,]*) (?:in the messages|of \w+ input|`inputs` tokens)|"
+                           r"request has (\d[\d,]*) input tokens", re.I)
+OUTPUT_PART_RE = re.compile(r"(\d[\d,]*) (?:in the completion|in the output|`max_new_tokens`)|"
+                            r"is too large: (\d[\d,]*)", re.I)
+# Claude Code answers Anthropic's "input length and `max_tokens` exceed context limit" by asking
+# again with max_tokens = window - input - 1,000, when that is at least 3,000 (2.1.197, 2.1.332).
+OUTPUT_ROOM_CLAUDE_CODE_TAKES = 4000
 # llama.cpp's server (and LM Studio) answer 500 when an answer fills the context as it is made.
 CONTEXT_FULL_RE = re.compile(r"context size has been exceeded", re.I)
 
@@ -5515,10 +5528,19 @@ def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool
 
 def overflow_message(message: str) -> str:
     """A provider's context-overflow message in Anthropic's words, with its numbers where it
-    gives them ("maximum context length is 131072 tokens … requested 140000 tokens")."""
+    gives them ("maximum context length is 131072 tokens … requested 140000 tokens"). When the
+    input fits with room to answer and max_tokens is what overflows, Anthropic's words for
+    that, on which Claude Code lowers max_tokens and asks again: compacting would not help."""
     limit = OVERFLOW_LIMIT_RE.search(message)
     numbers = [int(number.replace(",", "")) for number in re.findall(r"\d[\d,]*", message)]
     window = int(limit.group(1).replace(",", "")) if limit else 0
+    inputs, output = (sum(int((a or b).replace(",", "")) for a, b in pattern.findall(message))
+                      for pattern in (INPUT_PART_RE, OUTPUT_PART_RE))
+    if window and output and inputs + output > window \
+            and window - inputs >= OUTPUT_ROOM_CLAUDE_CODE_TAKES:
+        return ("input length and `max_tokens` exceed context limit: %d + %d > %d, decrease "
+                "input length or `max_tokens` and try again (%s)" % (inputs, output, window,
+                                                                     message))
     if window and max(numbers) > window:
         return "%s (%s)" % (prompt_too_long(max(numbers), window), message)
     return "prompt is too long: " + message

@@ -461,6 +461,42 @@ def test_real_claude_code_compacts_when_the_provider_overflows(version, tmp_path
     assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
 
 
+ROOM = 10000      # what the window leaves the answer, past each request's own input
+
+
+def narrow_model(request):
+    """scripted_model on a server whose window leaves ROOM tokens past the input (counted as
+    a quarter of the body's bytes), refusing a larger max_tokens in OpenAI's and vLLM's words."""
+    body = request["json"] or {}
+    inputs, wanted = len(request["body"]) // 4, body.get("max_tokens") or 0
+    if wanted > ROOM:
+        return json_reply({"error": {"message": (
+            "This model's maximum context length is %d tokens. However, you requested %d tokens "
+            "(%d in the messages, %d in the completion). Please reduce the length of the "
+            "messages or completion." % (inputs + ROOM, inputs + wanted, inputs, wanted)),
+            "type": "BadRequestError", "param": None, "code": 400}}, 400)
+    return scripted_model(request)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_lowers_max_tokens_when_a_narrow_window_says_so(version, tmp_path,
+                                                                         upstream):
+    """Refused with the provider's words reworded as Anthropic's, Claude Code asks again at
+    once with max_tokens = window - input - 1,000: no compaction, no error. (It does so as one
+    of its retries: with CLAUDE_CODE_MAX_RETRIES=0 it reports the prompt as too long.)"""
+    upstream.script = narrow_model
+    result, output, work = run_code(version, tmp_path, [openai_provider(upstream.url)],
+                                    "Create a file out.txt containing hi, using the Bash tool.",
+                                    "Bash", CLAUDE_CODE_MAX_RETRIES="2")
+    assert output and output["is_error"] is False and output["result"] == FINAL_TEXT, (
+        result.stdout[-2000:], result.stderr[-2000:])
+    assert (work / "out.txt").read_text().strip() == "hi"
+    asked = [r["json"]["max_tokens"] for r in upstream.requests if r["json"]]
+    assert ROOM - 1000 in asked and max(asked) > ROOM               # refused, then lowered
+    assert not any("CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])
+                   for r in upstream.requests)                       # no compaction
+
+
 def small_ollama(request):
     """An Ollama server running gpt-test with a 4,096-token context (its /api/ps says so, once
     the model is loaded), which would cut Claude Code's prompts without a word."""

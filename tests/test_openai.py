@@ -945,6 +945,40 @@ def test_a_providers_overflow_carries_its_numbers_in_anthropics_form(openai_prox
     assert message.startswith("prompt is too long: %s maximum (openai: HTTP 400: " % numbers)
 
 
+@pytest.mark.parametrize("wording, numbers", [
+    ("This model's maximum context length is 32768 tokens. However, you requested 47000 tokens "
+     "(15000 in the messages, 32000 in the completion). Please reduce the length of the "
+     "messages or completion.", "15000 + 32000 > 32768"),                     # OpenAI, vLLM
+    ("'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum context "
+     "length is 32768 tokens and your request has 15000 input tokens (32000 > 32768 - 15000).",
+     "15000 + 32000 > 32768"),                                               # vLLM, newer
+    ("This endpoint's maximum context length is 131072 tokens. However, you requested about "
+     "170000 tokens (100000 of text input, 6000 of tool input, 64000 in the output). Please "
+     "reduce the length of either one", "106000 + 64000 > 131072"),          # OpenRouter
+    ("Input validation error: `inputs` tokens + `max_new_tokens` must be <= 32769. Given: 1000 "
+     "`inputs` tokens and 32000 `max_new_tokens`", "1000 + 32000 > 32769"),  # TGI (Together)
+])
+def test_an_overflow_by_max_tokens_says_so_in_anthropics_words(openai_proxy, upstream, wording,
+                                                              numbers):
+    """Claude Code answers these words by asking again with max_tokens lowered to fit;
+    compacting, which "prompt is too long" asks for, would not help a prompt that fits."""
+    upstream.script = lambda r: json_reply(openai_error_body(wording), 400)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    assert caught.value.body["error"]["message"].startswith(
+        "input length and `max_tokens` exceed context limit: %s, decrease input length or "
+        "`max_tokens` and try again (openai: HTTP 400: " % numbers)
+
+
+def test_an_overflow_leaving_no_room_to_answer_is_a_prompt_too_long():
+    """With under 4,000 tokens left for the answer, Claude Code would not ask again: it must
+    compact."""
+    message = ccproxy.overflow_message(
+        "This model's maximum context length is 32768 tokens. However, you requested 62000 "
+        "tokens (30000 in the messages, 32000 in the completion).")
+    assert message.startswith("prompt is too long: 62000 tokens > 32768 maximum (")
+
+
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
                                                                             upstream):
     """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
