@@ -5479,18 +5479,23 @@ class TranslationContext:
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
 
-# Words of a provider's 400 that mean the prompt is over the model's window (OpenAI's, vLLM's
+# Words of a provider's 400 that mean the prompt is over the model's window: OpenAI's, vLLM's
 # "maximum model length", llama.cpp's and LM Studio's "context size", Groq's "reduce the
-# length of the messages"), and that a max_tokens=1 probe could not be answered (reasoning
-# models need more room).
-CONTEXT_OVERFLOW_RE = re.compile(r"maximum context length|context[ _]length|too many tokens|"
-                                 r"prompt is too long|context window|input tokens? exceeds? |"
-                                 r"exceeds the maximum number of tokens|maximum model length|"
-                                 r"context size|reduce the length of the messages|"
-                                 r"`max_new_tokens` must be", re.I)
+# length of the messages", and the rest of those Claude Code 2.1.332 itself reads as one (its
+# binary's list: LiteLLM's ContextWindowExceededError, Qwen's "range of input length", Kimi's
+# "exceeded model token limit", Bedrock's "input is too long for requested model", …).
+CONTEXT_OVERFLOW_RE = re.compile("|".join((
+    r"maximum context length", r"context[ _]length", r"too many tokens", r"prompt is too long",
+    r"context ?window", r"input tokens? exceeds? ", r"exceeds the maximum number of tokens",
+    r"maximum model length", r"context size", r"reduce the length of the messages",
+    r"`max_new_tokens` must be", r"input is too long for requested model",
+    r"exceeded model token limit", r"input token length too long", r"maximum context limit",
+    r"maximum prompt length", r"prompt exceeds max length", r"more than max tokens allowed",
+    r"range of input length should be", r"but model only supports up to",
+    r"context exceeds your deployment")), re.I)
 MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
-OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length|context size|must be <=)"
-                               r"\D{0,40}?(\d[\d,]*)", re.I)
+OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length|context size|must be <=|"
+                               r"up to|should be \[1,)\D{0,40}?(\d[\d,]*)", re.I)
 # How such a 400 splits what was asked, where it says: OpenAI's and vLLM's "(1000 in the
 # messages, 32000 in the completion)", OpenRouter's "(1000 of text input, 200 of tool input,
 # 32000 in the output)", vLLM's newer "is too large: 32000. … your request has 1000 input

@@ -917,6 +917,16 @@ def test_an_answer_without_choices_is_a_502(openai_proxy, upstream):
     "This model's maximum context length is 128000 tokens.",
     "the request exceeds the available context size, try increasing it",     # llama.cpp, older
     "Please reduce the length of the messages or completion.",                # Groq
+    # the rest of what Claude Code 2.1.332 reads as an overflow (the list in its binary)
+    "litellm.ContextWindowExceededError: litellm.BadRequestError: too long",
+    "Range of input length should be [1, 129024]",                            # Qwen
+    "Invalid request: Your request exceeded model token limit: 131072",       # Kimi
+    "Input is too long for requested model.",                                 # Bedrock
+    "Input token length too long", "This model's maximum context limit is 8192",
+    "The maximum prompt length is 8192", "prompt exceeds max length",
+    "tokens in request more than max tokens allowed",
+    "Requested 200000 tokens but model only supports up to 131072",
+    "The context exceeds your deployment's limit",
 ])
 def test_context_overflow_says_prompt_is_too_long(openai_proxy, upstream, wording):
     upstream.script = lambda r: json_reply(openai_error_body(wording), 400)   # no code to go by
