@@ -5510,15 +5510,26 @@ OUTPUT_PART_RE = re.compile(r"(\d[\d,]*) (?:in the completion|in the output|`max
 OUTPUT_ROOM_CLAUDE_CODE_TAKES = 4000
 # llama.cpp's server (and LM Studio) answer 500 when an answer fills the context as it is made.
 CONTEXT_FULL_RE = re.compile(r"context size has been exceeded", re.I)
+# Words of a provider's refusal of a request's images, whatever its status: vLLM's "At most 0
+# image(s) may be provided in one prompt" (a model without vision, or fewer images allowed),
+# llama.cpp's "image input is not supported" (a 500), OpenRouter's "No endpoints found that
+# support image input" (a 404), OpenAI's "image_url is only supported by certain models".
+IMAGES_REFUSED_RE = re.compile(r"image\(s\) may be provided|image input is not supported|"
+                               r"support image input|image_url is only supported|"
+                               r"does not support images?\b|vision is not supported", re.I)
 
 
 def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
     """Raise a translated provider's error, reworded where Claude Code needs Anthropic's words
-    ("prompt is too long", which it answers by compacting); but a reasoning model's refusal of
-    Claude Code's max_tokens=1 availability probe is answered as Anthropic would answer the
-    probe: an empty message that stopped at max_tokens."""
+    ("prompt is too long", which it answers by compacting; "Could not process image", on which
+    it takes the image out and asks again); but a reasoning model's refusal of Claude Code's
+    max_tokens=1 availability probe is answered as Anthropic would answer the probe: an empty
+    message that stopped at max_tokens."""
     if isinstance(error, RelayedError):
         raise error
+    if IMAGES_REFUSED_RE.search(error.message):           # a retry would be refused again
+        raise InvalidRequestError("Could not process image: %s refused the request's images "
+                                  "(%s)" % (context.provider.name, error.message))
     if context.probe and error.status == 400 and MAX_TOKENS_PROBE_RE.search(error.message):
         usage = dict(context.estimated_usage(0), output_tokens=0)
         return message_response(new_message(context.model, [], "max_tokens", usage), context,

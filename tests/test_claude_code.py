@@ -315,6 +315,41 @@ def test_real_claude_code_works_on_a_file_through_each_translation(version, prot
         assert seen in last, seen
 
 
+def text_only_model(work):
+    """A vLLM serving a model without vision: any image is refused in vLLM's words. It has
+    Claude Code read pixel.png, then answers once the result is back."""
+    def script(request):
+        body = request["json"] or {}
+        stream = body.get("stream") is True
+        if b"image_url" in request["body"]:
+            return json_reply({"error": {
+                "message": "At most 0 image(s) may be provided in one prompt.",
+                "type": "BadRequestError", "param": None, "code": 400}}, 400)
+        if any(m.get("role") == "tool" for m in body.get("messages", ())):
+            return openai_answer({"content": "ALL DONE"}, stream, "stop")
+        if "Read" not in [t["function"]["name"] for t in body.get("tools") or ()]:
+            return openai_answer({"content": "ok"}, stream, "stop")
+        return protocol_answer("openai", stream, call=(
+            "call_1", "Read", {"file_path": str(work / "pixel.png")}))
+    return script
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_goes_on_when_a_model_without_vision_refuses_an_image(version,
+                                                                             tmp_path,
+                                                                             upstream):
+    """Refused in vLLM's words, every later request would carry the image again and fail: the
+    session would be over. In Anthropic's, Claude Code takes the image out and goes on."""
+    upstream.script = text_only_model(tmp_path / "work")
+    result, output, _ = run_code(version, tmp_path, [openai_provider(upstream.url)],
+                                 "Look at pixel.png.", "Read", files={"pixel.png": png_pixel()},
+                                 CLAUDE_CODE_MAX_RETRIES="0")
+    assert output and output["result"] == "ALL DONE", (result.stdout[-2000:],
+                                                       result.stderr[-2000:])
+    last = json.dumps(upstream.requests[-1]["json"])
+    assert "image_url" not in last and "Image removed" in last
+
+
 # --- Anthropic-compatible servers and Azure: the same tool-using session on each --------------
 
 def compatible_model(preset):

@@ -989,6 +989,28 @@ def test_an_overflow_leaving_no_room_to_answer_is_a_prompt_too_long():
     assert message.startswith("prompt is too long: 62000 tokens > 32768 maximum (")
 
 
+@pytest.mark.parametrize("status, wording", [
+    (400, "At most 0 image(s) may be provided in one prompt."),                # vLLM
+    (500, "image input is not supported - hint: if this is unexpected, you may need to provide "
+          "the mmproj"),                                                        # llama.cpp
+    (404, "No endpoints found that support image input"),                      # OpenRouter
+    (400, "Invalid content type. image_url is only supported by certain models."),   # OpenAI
+])
+def test_a_refusal_of_images_is_anthropics_could_not_process_image(start_proxy, upstream,
+                                                                  status, wording):
+    """Claude Code answers these words by taking the image out and asking again: a model
+    without vision must not end the session (see test_claude_code.py)."""
+    proxy = start_proxy({"providers": [preset_provider("openai", upstream)],
+                         "performance": {"max_retries": 2}})
+    upstream.script = lambda r: json_reply(openai_error_body(wording), status)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(**REQUEST)
+    assert caught.value.body["error"]["message"] == (
+        "Could not process image: openai refused the request's images (openai: HTTP %d: %s)" % (
+            status, wording))
+    assert len(upstream.requests) == 1                    # not retried: it would be refused again
+
+
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
                                                                             upstream):
     """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
