@@ -831,7 +831,7 @@ OPENAI_RESPONSES_MODELS = (r"^(o\d+-pro|o\d+(-mini)?-deep-research|computer-use|
 # automatic from 1,024 tokens; prompt_cache_key groups a session's calls; prompt_cache_retention
 # "24h" (extended caching) on the gpt-5 family and gpt-4.1, in both APIs.
 OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
-                 "effort_scales": OPENAI_EFFORT_SCALES,
+                 "effort_scales": OPENAI_EFFORT_SCALES, "system_anywhere": True,
                  "responses_models": OPENAI_RESPONSES_MODELS, "prompt_cache_key": True,
                  "cache_retention_models": r"^(gpt-5|gpt-4\.1)"}
 GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
@@ -849,6 +849,7 @@ PROVIDER_QUIRKS = {
     "vision": True,             # accepts image parts: True, False or the model ids (regex) that do
     "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
     "user_after_tool": True,    # accepts a user message right after tool messages
+    "system_anywhere": False,   # accepts system messages after the first (see fold_system)
     "schema_drop_keys": (),     # top-level tool schema keys the server rejects
     "thinking_level_models": None,  # Gemini model ids (regex) that take thinkingLevel
     "effort_scales": (),        # (model regex, {effort: the provider's value}) for the first match
@@ -6958,7 +6959,29 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
         else:
             messages.extend(openai_user_turn(blocks, open_calls, quirks, where) + deferred)
             open_calls, deferred = [], []
-    return merge_adjacent_user_messages(messages + deferred, quirks.get("cache_control"))
+    messages += deferred
+    if not quirks["system_anywhere"]:
+        messages = fold_system(messages, quirks.get("cache_control"))
+    return merge_adjacent_user_messages(messages, quirks.get("cache_control"))
+
+
+def fold_system(messages: list, keep_parts: bool) -> list:
+    """Each system message after the first joins the message before it (the user's, a tool's,
+    the first system message), or after an assistant's becomes the user's. For a server that
+    takes a system message only first, as many chat templates and Mistral's validator do
+    ("Unexpected role 'system' after role 'assistant'", and the last message must be the
+    user's or a tool's), where Claude Code sends one at the end of every request."""
+    folded = messages[:1]
+    for message in messages[1:]:
+        previous = folded[-1]
+        if message["role"] != "system":
+            folded.append(message)
+        elif previous["role"] == "assistant":
+            folded.append(dict(message, role="user"))
+        else:
+            previous["content"] = joined_content(previous["content"], message["content"],
+                                                 keep_parts)
+    return folded
 
 
 def openai_system_content(system, quirks: dict):
@@ -7128,13 +7151,18 @@ def merge_adjacent_user_messages(messages: list, keep_parts: bool = False) -> li
     for message in messages:
         previous = merged[-1] if merged else None
         if previous is not None and previous["role"] == message["role"] == "user":
-            parts = [{"type": "text", "text": c} if isinstance(c, str) else c
-                     for c in (previous["content"], message["content"])]
-            flat = [p for c in parts for p in (c if isinstance(c, list) else [c])]
-            previous["content"] = openai_content(flat, keep_parts)
+            previous["content"] = joined_content(previous["content"], message["content"],
+                                                 keep_parts)
         else:
             merged.append(message)
     return merged
+
+
+def joined_content(first, second, keep_parts: bool):
+    """Two messages' contents (strings or parts) as one message's."""
+    parts = [{"type": "text", "text": c} if isinstance(c, str) else c for c in (first, second)]
+    return openai_content([p for c in parts for p in (c if isinstance(c, list) else [c])],
+                          keep_parts)
 
 
 def openai_search_style(provider: Provider, model: str) -> str | None:

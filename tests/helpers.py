@@ -177,6 +177,26 @@ class Reply:
         self.release_end = threading.Event()
 
 
+# What may follow each role in a Chat Completions conversation, as Mistral's validator
+# (mistral_common's MistralRequestValidator) checks; a user message after tool messages too,
+# which its API refused until 2026 (issue 17761 of BerriAI/litellm, code 3230).
+MISTRAL_NEXT_ROLES = {"system": {"user", "assistant", "system"},
+                      "user": {"assistant", "system", "user"},
+                      "assistant": {"assistant", "user", "tool"}, "tool": {"assistant", "tool"}}
+
+
+def mistral_order_problem(messages) -> str | None:
+    """Mistral's words for what is wrong with the order of these messages, or None: a role
+    after one it may not follow; a last message that is neither the user's nor a tool's."""
+    roles = [m.get("role") for m in messages]
+    for before, role in zip(roles, roles[1:]):
+        if role not in MISTRAL_NEXT_ROLES.get(before, ()):
+            return "Unexpected role '%s' after role '%s'" % (role, before)
+    if roles and roles[-1] not in ("user", "tool"):
+        return "Expected last role User or Tool for serving but got %s" % roles[-1]
+    return None
+
+
 def json_reply(body, status=200, **kw):
     return Reply(status, body, **kw)
 

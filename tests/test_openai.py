@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
-from helpers import (answer_of, check_grammar, CLAUDE_CODE_VERSIONS, json_reply, open_stream,
-                     parse_events, read_to_end, Reply, sdk, stream_reply)
+from helpers import (answer_of, check_grammar, CLAUDE_CODE_VERSIONS, json_reply,
+                     mistral_order_problem, open_stream, parse_events, read_to_end, Reply, sdk,
+                     stream_reply)
 
 OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
 
@@ -692,6 +693,47 @@ def test_every_claude_code_tool_schema_compiles_for_openai(claude_code_requests,
         if "input_schema" in tool and not any(ccproxy.regex_problems(p)[0] for p in all_patterns(
                 tool["input_schema"])):
             assert kept[ccproxy.openai_tool_name(tool["name"])] == tool["input_schema"]
+
+
+@pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
+@pytest.mark.parametrize("name", ["mistral", "openrouter", "groq", "my-vllm"])
+def test_claude_code_system_messages_join_the_conversation_where_only_one_first_is_taken(
+        claude_code_requests, version, name):
+    """Claude Code ends every request with a system message; Mistral refuses one anywhere but
+    first, as do many chat templates. Each joins the message before it, word for word."""
+    body = claude_code_requests[version][0]["json"]
+    assert body["messages"][-1]["role"] == "system"
+    request = ccproxy.openai_request_from_anthropic(body, provider(name), "m")
+    assert [m["role"] for m in request["messages"]][:2] == ["system", "user"]
+    assert "system" not in [m["role"] for m in request["messages"][1:]]
+    assert mistral_order_problem(request["messages"]) is None
+    last = body["messages"][-1]["content"]
+    text = last if isinstance(last, str) else last[0]["text"]
+    assert request["messages"][-1]["content"].endswith(text)
+
+
+def test_system_messages_stay_in_place_where_any_is_taken():
+    body = {"model": "x", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "# Environment"}]}
+    assert [m["role"] for m in mapped(body)["messages"]] == ["user", "system"]     # openai
+
+
+def test_a_system_message_joins_a_tool_result_or_follows_an_assistant_as_the_users():
+    body = {"model": "x", "max_tokens": 10, "system": "main", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f",
+                                           "input": {}}]},
+        {"role": "system", "content": "between"},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                      "content": "ok"}]},
+        {"role": "system", "content": "after the result"},
+        {"role": "assistant", "content": "done"},
+        {"role": "system", "content": "after the answer"}]}
+    messages = mapped(body, name="mistral")["messages"]
+    assert [(m["role"], m.get("content")) for m in messages if m["role"] != "assistant"] == [
+        ("system", "main"), ("user", "hi"), ("tool", "ok\nbetween\nafter the result"),
+        ("user", "after the answer")]
+    assert mistral_order_problem(messages) is None
 
 
 @pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
