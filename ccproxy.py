@@ -5518,19 +5518,26 @@ CONTEXT_FULL_RE = re.compile(r"context size has been exceeded", re.I)
 IMAGES_REFUSED_RE = re.compile(r"image\(s\) may be provided|image input is not supported|"
                                r"support image input|image_url is only supported|"
                                r"does not support images?\b|vision is not supported", re.I)
+# And of its PDFs: vLLM's "Unknown part type: file", and others' "does not support PDF".
+PDFS_REFUSED_RE = re.compile(r"part type: file\b|does not support (?:pdfs?|files?)\b|"
+                             r"(?:pdf|file) input is not supported", re.I)
+# Anthropic's words for each, on which Claude Code takes such blocks out and asks again.
+MEDIA_REFUSALS = ((IMAGES_REFUSED_RE, "Could not process image", "images"),
+                  (PDFS_REFUSED_RE, "Could not process PDF", "PDFs"))
 
 
 def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
     """Raise a translated provider's error, reworded where Claude Code needs Anthropic's words
-    ("prompt is too long", which it answers by compacting; "Could not process image", on which
-    it takes the image out and asks again); but a reasoning model's refusal of Claude Code's
+    ("prompt is too long", which it answers by compacting; "Could not process image" or "PDF",
+    on which it takes those out and asks again); but a reasoning model's refusal of Claude Code's
     max_tokens=1 availability probe is answered as Anthropic would answer the probe: an empty
     message that stopped at max_tokens."""
     if isinstance(error, RelayedError):
         raise error
-    if IMAGES_REFUSED_RE.search(error.message):           # a retry would be refused again
-        raise InvalidRequestError("Could not process image: %s refused the request's images "
-                                  "(%s)" % (context.provider.name, error.message))
+    for words, anthropics, what in MEDIA_REFUSALS:        # a retry would be refused again
+        if words.search(error.message):
+            raise InvalidRequestError("%s: %s refused the request's %s (%s)" % (
+                anthropics, context.provider.name, what, error.message))
     if context.probe and error.status == 400 and MAX_TOKENS_PROBE_RE.search(error.message):
         usage = dict(context.estimated_usage(0), output_tokens=0)
         return message_response(new_message(context.model, [], "max_tokens", usage), context,
@@ -6306,9 +6313,9 @@ def system_text_blocks(system) -> list:
 def tool_result_text(block: dict) -> str:
     """A tool_result's content as text: strings and text blocks joined, never their JSON; a
     tool_reference (what Claude Code's tool search returns) as the name of the tool it loaded;
-    a search result or document as its readable text; images are sent apart."""
+    a search result or document as its readable text; images and PDFs are sent apart."""
     content = block.get("content")
-    texts = []
+    texts, media = [], tool_result_media(block)
     for item in content if isinstance(content, list) else [content]:
         if isinstance(item, str):
             texts.append(item)
@@ -6316,11 +6323,11 @@ def tool_result_text(block: dict) -> str:
             texts.append(str(item.get("text", "")))
         elif isinstance(item, dict) and item.get("type") == "tool_reference":
             texts.append("[tool loaded: %s]" % item.get("tool_name"))
-        elif isinstance(item, dict) and item.get("type") not in ("image", None):
+        elif isinstance(item, dict) and item.get("type") is not None and item not in media:
             texts.append("[%s]\n%s" % (item["type"], "\n".join(
                 t for t in nested_texts(item) if t))[:MAX_SERVER_BLOCK_CHARS])
     text = "\n".join(t for t in texts if t)
-    return text or ("[image attached below]" if tool_result_images(block) else "")
+    return text or ("[%s attached below]" % media[0]["type"] if media else "")
 
 
 def offered_tools(body: dict) -> list:
@@ -6339,10 +6346,13 @@ def offered_tools(body: dict) -> list:
             or tool.get("name") in loaded]
 
 
-def tool_result_images(block: dict) -> list:
-    """The image blocks inside a tool_result."""
+def tool_result_media(block: dict) -> list:
+    """The blocks inside a tool_result that go apart from its text: images, and PDFs (Claude
+    Code's Read puts a PDF's document block there, from 2.1.330 on)."""
     content = block.get("content")
-    return [item for item in content if isinstance(item, dict) and item.get("type") == "image"] \
+    return [item for item in content if isinstance(item, dict) and (
+        item.get("type") == "image" or item.get("type") == "document"
+        and dict_of(item.get("source")).get("type") == "base64")] \
         if isinstance(content, list) else []
 
 
@@ -7045,7 +7055,7 @@ def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list
         if block.get("type") != "tool_result":
             continue
         call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
-        text, images = tool_result_text_and_images(block, quirks, "%s[%d]" % (where, position))
+        text, media = tool_result_text_and_media(block, quirks, "%s[%d]" % (where, position))
         if call_id in open_calls and call_id not in answered:
             answered.add(call_id)
             tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": [
@@ -7053,7 +7063,7 @@ def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list
         else:
             extra_parts.append({"type": "text", "text": "[tool result %s]\n%s"
                                 % (block.get("tool_use_id"), text)})
-        extra_parts.extend(images)
+        extra_parts.extend(media)
     tool_messages += missing_tool_results([c for c in open_calls if c not in answered])
     parts = extra_parts + openai_user_parts(
         [b for b in blocks if b.get("type") != "tool_result"], quirks, where)
@@ -7128,14 +7138,15 @@ def openai_content(parts: list, keep_parts: bool = False):
     return parts
 
 
-def tool_result_text_and_images(block: dict, quirks: dict, where: str):
-    """A tool_result's text (an error result marked "Error: ") and its images as parts (a tool
-    message cannot hold images, so they follow in a user message)."""
+def tool_result_text_and_media(block: dict, quirks: dict, where: str):
+    """A tool_result's text (an error result marked "Error: ") and its images and PDFs as
+    parts (a tool message cannot hold them, so they follow in a user message)."""
     text = tool_result_text(block)
-    images = [openai_image_part(item, where) if quirks["vision"]
-              else {"type": "text", "text": "[image omitted]"}
-              for item in tool_result_images(block)]
-    return ("Error: " + text if block.get("is_error") else text), images
+    media = [openai_document_part(item) if item["type"] == "document"
+             else openai_image_part(item, where) if quirks["vision"]
+             else {"type": "text", "text": "[image omitted]"}
+             for item in tool_result_media(block)]
+    return ("Error: " + text if block.get("is_error") else text), media
 
 
 def missing_tool_results(call_ids) -> list:
@@ -7997,9 +8008,9 @@ def responses_user_items(blocks, open_calls: list, quirks: dict, where: str) -> 
         if block.get("type") != "tool_result":
             continue
         call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
-        text, images = tool_result_text_and_images(block, quirks, "%s[%d]" % (where, position))
+        text, media = tool_result_text_and_media(block, quirks, "%s[%d]" % (where, position))
         output = [{"type": "input_text", "text": text}] + [
-            responses_part(image) for image in images] if images else text
+            responses_part(part) for part in media] if media else text
         if call_id in open_calls and call_id not in answered:
             answered.add(call_id)
             items.append({"type": "function_call_output", "call_id": call_id, "output": output})
@@ -8364,7 +8375,7 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
             continue
         inside = "%s[%d]" % (where, position)
         text = tool_result_text(block)
-        images = [gemini_inline_part(b, inside) for b in tool_result_images(block)]
+        images = [gemini_inline_part(b, inside) for b in tool_result_media(block)]
         key = str(block.get("tool_use_id", ""))
         if any(call_id == key for call_id, _ in calls) and key not in results:
             results[key] = ({"error": text} if block.get("is_error") else {"output": text}, images)

@@ -224,6 +224,23 @@ def png_pixel() -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00\x00\xff\x00")) + chunk(b"IEND", b""))
 
 
+def pdf_page() -> bytes:
+    """A PDF of one page that says one line."""
+    text = b"BT /F1 18 Tf 20 100 Td (Hello from the PDF) Tj ET"
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+               b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 300 144] /Contents 4 0 R "
+               b"/Resources << /Font << /F1 5 0 R >> >> >>",
+               b"<< /Length %d >>\nstream\n%s\nendstream" % (len(text), text),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    table = b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"xref\n0 %d\n0000000000 65535 f \n%strailer\n<< /Size %d /Root 1 0 R >>\n" \
+        b"startxref\n%d\n%%%%EOF\n" % (len(objects) + 1, table, len(objects) + 1, len(out))
+
+
 NOTES = "# Notes\nünïcödé ✓ line\n\ttabbed \"quote\"\n"
 
 
@@ -236,7 +253,8 @@ def file_steps(work) -> list:
                       "new_string": "edited \\ line"}),
             ("Glob", {"pattern": "*.md"}),
             ("Grep", {"pattern": "edited", "path": str(work), "output_mode": "content"}),
-            ("Read", {"file_path": str(work / "pixel.png")})]
+            ("Read", {"file_path": str(work / "pixel.png")}),
+            ("Read", {"file_path": str(work / "page.pdf")})]
 
 
 FILE_PROTOCOLS = {   # how each protocol's request names its tools and counts the calls run
@@ -296,22 +314,27 @@ def file_worker(work, protocol):
 def test_real_claude_code_works_on_a_file_through_each_translation(version, protocol, tmp_path,
                                                                    upstream):
     """Claude Code's file tools, run for real: each call arrives whole, each result (unicode,
-    tabs, backslashes, an image) reaches the model in its provider's own form."""
+    tabs, backslashes, an image, a PDF) reaches the model in its provider's own form."""
     upstream.script = file_worker(tmp_path / "work", protocol)
     provider = protocol_provider(protocol, upstream.url)
     result, output, work = run_code(
         version, tmp_path, [provider], "Work on notes.md.", "Write,Read,Edit,Glob,Grep",
-        files={"pixel.png": png_pixel()}, CLAUDE_CODE_MAX_RETRIES="0")
+        files={"pixel.png": png_pixel(), "page.pdf": pdf_page()}, CLAUDE_CODE_MAX_RETRIES="0")
     assert output and output["result"] == "ALL DONE", (result.stdout[-2000:], result.stderr[-2000:])
     assert (work / "notes.md").read_text() == NOTES.replace("ünïcödé ✓ line", "edited \\ line")
     calls_run = FILE_PROTOCOLS[protocol][1]
     last = json.dumps(max((r["json"] or {} for r in upstream.requests), key=calls_run),
                       ensure_ascii=False)
-    image = {"openai": '"image_url": {"url": "data:image/png;base64,%s"}',
-             "responses": '"image_url": "data:image/png;base64,%s"',
-             "gemini": '"inlineData": {"mimeType": "image/png", "data": "%s"}'}[protocol]
+    image, pdf = {
+        "openai": ('"image_url": {"url": "data:image/png;base64,%s"}',
+                   '"file_data": "data:application/pdf;base64,%s"'),
+        "responses": ('"image_url": "data:image/png;base64,%s"',
+                      '"file_data": "data:application/pdf;base64,%s"'),
+        "gemini": ('"inlineData": {"mimeType": "image/png", "data": "%s"}',
+                   '"inlineData": {"mimeType": "application/pdf", "data": "%s"}')}[protocol]
     for seen in ("2\\tünïcödé ✓ line", "notes.md:2:edited \\\\ line",
-                 image % base64.b64encode(png_pixel()).decode()):
+                 image % base64.b64encode(png_pixel()).decode(),
+                 pdf % base64.b64encode(pdf_page()).decode()):
         assert seen in last, seen
 
 
@@ -337,7 +360,7 @@ def test_real_claude_code_works_on_a_file_through_mistral(version, tmp_path, ups
                 "api_key": "mistral-key-0123456789", "models": ["devstral-latest"]}
     result, output, work = run_code(
         version, tmp_path, [provider], "Work on notes.md.", "Write,Read,Edit,Glob,Grep",
-        files={"pixel.png": png_pixel()}, CLAUDE_CODE_MAX_RETRIES="0")
+        files={"pixel.png": png_pixel(), "page.pdf": pdf_page()}, CLAUDE_CODE_MAX_RETRIES="0")
     assert output and output["result"] == "ALL DONE", (result.stdout[-2000:], result.stderr[-2000:])
     assert (work / "notes.md").read_text() == NOTES.replace("ünïcödé ✓ line", "edited \\ line")
 

@@ -1053,6 +1053,34 @@ def test_a_refusal_of_images_is_anthropics_could_not_process_image(start_proxy, 
     assert len(upstream.requests) == 1                    # not retried: it would be refused again
 
 
+def test_a_refusal_of_pdfs_is_anthropics_could_not_process_pdf(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(openai_error_body("Unknown part type: file"), 400)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    assert caught.value.body["error"]["message"] == (
+        "Could not process PDF: openai refused the request's PDFs (openai: HTTP 400: Unknown "
+        "part type: file)")
+
+
+def test_a_pdf_in_a_tool_result_follows_it_and_a_text_document_stays_in_it():
+    """Claude Code's Read puts a PDF's document block in the tool result (from 2.1.330)."""
+    pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                          "data": "JVBERi0x"}}
+    notes = {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                            "data": "plain words"}}
+    body = {"model": "x", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "read them"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Read",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "text", "text": "PDF file read"}, pdf, notes]}]}]}
+    messages = mapped(body)["messages"]
+    assert messages[-2] == {"role": "tool", "tool_call_id": "t1",
+                            "content": "PDF file read\n[document]\nplain words"}
+    assert messages[-1] == {"role": "user", "content": [{"type": "file", "file": {
+        "filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"}}]}
+
+
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
                                                                             upstream):
     """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
