@@ -847,6 +847,7 @@ PROVIDER_QUIRKS = {
     "stream_usage": True,       # accepts stream_options.include_usage
     "top_k": False,             # accepts top_k
     "vision": True,             # accepts image parts: True, False or the model ids (regex) that do
+    "files": True,              # accepts file parts (PDFs)
     "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
     "user_after_tool": True,    # accepts a user message right after tool messages
     "system_anywhere": False,   # accepts system messages after the first (see fold_system)
@@ -940,9 +941,11 @@ PROVIDER_PRESETS = {
     # error (the oldest messages, then the prompt's middle): docs.ollama.com/context-length,
     # its server/prompt.go and llm/llama_server.go, and issues 3839 and 14259 (checked
     # 2026-12-06). GET /api/ps lists each loaded model with that context_length (its
-    # docs/openapi.yaml; since July 2025); POST /api/generate {"model"} loads a model.
+    # docs/openapi.yaml; since July 2025); POST /api/generate {"model"} loads a model. Its
+    # OpenAI-compatible API takes text, image_url and input_audio parts, and answers any other
+    # "invalid message format" (openai/openai.go).
     "ollama": {"type": "openai", "api_base_url": "http://localhost:11434/v1", "key_optional": True,
-               "quirks": {"top_k": True, "loaded_windows": True}},
+               "quirks": {"top_k": True, "loaded_windows": True, "files": False}},
     "deepseek-anthropic": DEEPSEEK_ANTHROPIC,
     "kimi": KIMI, "moonshot": KIMI,
     "glm": GLM, "zai": GLM,
@@ -6710,7 +6713,7 @@ def block_as_text(block: dict, provider_name: str) -> str:
     if readable is not None:
         return readable
     if block.get("type") == "document":
-        return openai_document_part(block).get("text") or "[document omitted]"
+        return document_text(block) or "[document omitted]"
     return "[%s omitted: %s takes none]" % (str(block.get("type")).replace("_", " "),
                                             provider_name)
 
@@ -7091,7 +7094,7 @@ def openai_user_parts(blocks, quirks: dict, where: str) -> list:
             parts.append(openai_image_part(block, "%s[%d]" % (where, position)) if quirks["vision"]
                          else {"type": "text", "text": "[image omitted]"})
         elif kind == "document":
-            parts.append(openai_document_part(block))
+            parts.append(openai_document_part(block, quirks))
         elif kind in SERVER_BLOCK_TYPES and server_block_text(block) is not None:
             parts.append({"type": "text", "text": server_block_text(block)})
         elif kind not in ("thinking", "redacted_thinking"):
@@ -7114,19 +7117,30 @@ def openai_image_part(block: dict, where: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def openai_document_part(block: dict) -> dict:
-    """A document block as a file part (a base64 PDF) or as its text."""
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
-    if source.get("type") == "base64":
+def openai_document_part(block: dict, quirks: dict) -> dict:
+    """A document block as its text, or as a file part (a base64 PDF, where the server takes
+    one)."""
+    source = dict_of(block.get("source"))
+    text = document_text(block)
+    if text is not None:
+        return {"type": "text", "text": text}
+    if source.get("type") == "base64" and quirks["files"]:
         data = "data:%s;base64,%s" % (source.get("media_type", "application/pdf"),
                                       source.get("data", ""))
         return {"type": "file", "file": {"filename": "document.pdf", "file_data": data}}
+    return {"type": "text", "text": "[PDF omitted]" if source.get("type") == "base64" else
+            "[document omitted: %s source]" % source.get("type")}
+
+
+def document_text(block: dict) -> str | None:
+    """A document's own text (a text or content source), else None."""
+    source = dict_of(block.get("source"))
     if source.get("type") == "text":
-        return {"type": "text", "text": str(source.get("data", ""))}
+        return str(source.get("data", ""))
     if source.get("type") == "content":
-        texts = [b.get("text", "") for b in source.get("content") or () if isinstance(b, dict)]
-        return {"type": "text", "text": "\n".join(texts)}
-    return {"type": "text", "text": "[document omitted: %s source]" % source.get("type")}
+        return "\n".join(str(b.get("text", "")) for b in list_of(source.get("content"))
+                         if isinstance(b, dict))
+    return None
 
 
 def openai_content(parts: list, keep_parts: bool = False):
@@ -7142,7 +7156,7 @@ def tool_result_text_and_media(block: dict, quirks: dict, where: str):
     """A tool_result's text (an error result marked "Error: ") and its images and PDFs as
     parts (a tool message cannot hold them, so they follow in a user message)."""
     text = tool_result_text(block)
-    media = [openai_document_part(item) if item["type"] == "document"
+    media = [openai_document_part(item, quirks) if item["type"] == "document"
              else openai_image_part(item, where) if quirks["vision"]
              else {"type": "text", "text": "[image omitted]"}
              for item in tool_result_media(block)]

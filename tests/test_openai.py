@@ -1079,6 +1079,9 @@ def test_a_pdf_in_a_tool_result_follows_it_and_a_text_document_stays_in_it():
                             "content": "PDF file read\n[document]\nplain words"}
     assert messages[-1] == {"role": "user", "content": [{"type": "file", "file": {
         "filename": "document.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"}}]}
+    # Ollama's OpenAI-compatible API answers a file part "invalid message format"
+    assert mapped(body, name="ollama")["messages"][-1] == {"role": "user",
+                                                           "content": "[PDF omitted]"}
 
 
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
