@@ -845,6 +845,7 @@ PROVIDER_QUIRKS = {
     "reasoning_replay": False,  # thinking goes back as reasoning_content on tool-call turns
     "reasoning_details": False,  # reasoning_details (signed, encrypted) go back on the next turn
     "stream_usage": True,       # accepts stream_options.include_usage
+    "user_field": True,         # accepts `user` (metadata.user_id)
     "top_k": False,             # accepts top_k
     "vision": True,             # accepts image parts: True, False or the model ids (regex) that do
     "files": True,              # accepts file parts (PDFs)
@@ -931,8 +932,12 @@ PROVIDER_PRESETS = {
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
              "quirks": {"schema_drop_keys": ("$schema",), "reasoning_style": "effort",
                         "effort_scales": ((r"^openai/gpt-oss", EFFORTS_TO_HIGH),)}},
+    # Mistral refuses any field its API does not name (422 "Extra inputs are not permitted"),
+    # `user` and `stream_options` among them; its streams end with their usage unasked: the
+    # request models of its SDK, github.com/mistralai/client-python docs/models (2026-06-30).
     "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
-                "quirks": {"tool_id_style": "alnum9", "user_after_tool": False}},
+                "quirks": {"tool_id_style": "alnum9", "user_after_tool": False,
+                           "stream_usage": False, "user_field": False}},
     "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1",
             "quirks": {"reasoning_style": "effort", "effort_scales": (
                 (r"^grok-4\.7", EFFORTS_TO_XHIGH),
@@ -6937,7 +6942,8 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
             t["function"]["name"] for t in tools if t["type"] == "function"}))
     if search_model:
         request["web_search_options"] = {}
-    request.update(openai_user_field(body.get("metadata")))
+    if quirks["user_field"]:
+        request.update(openai_user_field(body.get("metadata")))
     request.update(openai_reasoning_fields(body, quirks, model))
     request.update(openai_response_format(body))
     return request

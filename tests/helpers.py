@@ -185,6 +185,28 @@ MISTRAL_NEXT_ROLES = {"system": {"user", "assistant", "system"},
                       "assistant": {"assistant", "user", "tool"}, "tool": {"assistant", "tool"}}
 
 
+# The fields Mistral's API names (github.com/mistralai/client-python, docs/models, 2026-06-30):
+# it answers any other 422 "Extra inputs are not permitted".
+MISTRAL_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "stream", "stop",
+                  "random_seed", "metadata", "response_format", "tools", "tool_choice",
+                  "presence_penalty", "frequency_penalty", "n", "prediction",
+                  "parallel_tool_calls", "reasoning_effort", "prompt_mode", "guardrails",
+                  "prompt_cache_key", "safe_prompt"}
+MISTRAL_MESSAGE_FIELDS = {"system": {"role", "content"}, "user": {"role", "content"},
+                          "assistant": {"role", "content", "tool_calls", "prefix"},
+                          "tool": {"role", "content", "tool_call_id", "name"}}
+
+
+def mistral_problem(body) -> str | None:
+    """What Mistral's API would refuse in this Chat Completions body, in its words, or None."""
+    extra = sorted(set(body) - MISTRAL_FIELDS) + [
+        "messages.%d.%s" % (index, key) for index, message in enumerate(body.get("messages", ()))
+        for key in sorted(set(message) - MISTRAL_MESSAGE_FIELDS.get(message.get("role"), set()))]
+    if extra:
+        return "Extra inputs are not permitted: body.%s" % extra[0]
+    return mistral_order_problem(body.get("messages", ()))
+
+
 def mistral_order_problem(messages) -> str | None:
     """Mistral's words for what is wrong with the order of these messages, or None: a role
     after one it may not follow; a last message that is neither the user's nor a tool's."""

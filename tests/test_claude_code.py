@@ -15,7 +15,7 @@ import pytest
 
 import claude_code_canary
 from helpers import (CLAUDE_CODE_VERSIONS as VERSIONS, REPO, Reply, dead_url, installed_claude,
-                     json_reply, mistral_order_problem, stream_reply)
+                     json_reply, mistral_problem, stream_reply)
 from test_compatible import KEY as COMPATIBLE_KEY, RULES as COMPATIBLE_RULES, anthropic_answer, \
     problems_of
 from test_responses import call_item, events_for, message_item, reasoning_item, response, sse
@@ -338,24 +338,26 @@ def test_real_claude_code_works_on_a_file_through_each_translation(version, prot
         assert seen in last, seen
 
 
-def strict_order_worker(work):
-    """file_worker on a server that checks the order of messages as Mistral's does."""
+def mistral_worker(work):
+    """file_worker on a server that checks requests as Mistral's does: the fields it names,
+    the order of messages."""
     worker = file_worker(work, "openai")
 
     def script(request):
-        problem = mistral_order_problem((request["json"] or {}).get("messages", ()))
+        problem = mistral_problem(request["json"] or {})
         if problem:
             return json_reply({"object": "error", "message": problem,
-                               "type": "invalid_request_message_order", "code": "3230"}, 400)
+                               "type": "invalid_request_error", "code": "3230"}, 422)
         return worker(request)
     return script
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_real_claude_code_works_on_a_file_through_mistral(version, tmp_path, upstream):
-    """Mistral takes a system message only first, and no user message right after a tool's:
-    every request Claude Code sends ends with a system message."""
-    upstream.script = strict_order_worker(tmp_path / "work")
+    """Mistral takes no field it does not name (`user`, `stream_options`), a system message
+    only first, and no user message right after a tool's: every request Claude Code sends
+    has metadata.user_id and ends with a system message."""
+    upstream.script = mistral_worker(tmp_path / "work")
     provider = {"name": "mistral", "api_base_url": upstream.url + "/v1",
                 "api_key": "mistral-key-0123456789", "models": ["devstral-latest"]}
     result, output, work = run_code(

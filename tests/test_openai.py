@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (answer_of, check_grammar, CLAUDE_CODE_VERSIONS, json_reply,
-                     mistral_order_problem, open_stream, parse_events, read_to_end, Reply, sdk,
-                     stream_reply)
+                     mistral_order_problem, mistral_problem, open_stream, parse_events,
+                     read_to_end, Reply, sdk, stream_reply)
 
 OPENAI_KEY = "sk-openai-secret-0123456789abcdef"
 
@@ -707,6 +707,9 @@ def test_claude_code_system_messages_join_the_conversation_where_only_one_first_
     assert [m["role"] for m in request["messages"]][:2] == ["system", "user"]
     assert "system" not in [m["role"] for m in request["messages"][1:]]
     assert mistral_order_problem(request["messages"]) is None
+    if name == "mistral":                                  # and no field Mistral does not name
+        assert mistral_problem(ccproxy.openai_request_from_anthropic(
+            dict(body, stream=True), provider(name), "m")) is None
     last = body["messages"][-1]["content"]
     text = last if isinstance(last, str) else last[0]["text"]
     assert request["messages"][-1]["content"].endswith(text)
