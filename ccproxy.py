@@ -122,7 +122,7 @@ DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext r
 WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be this much too high
 LOADED_WINDOWS_EVERY_SECONDS = 10.0              # Ollama's /api/ps is asked at most this often
 OLLAMA_CODING_CONTEXT = 64000                    # what Ollama advises for coding tools
-MAX_LOADS_REMEMBERED = 256                       # models asked to load, per Ollama provider
+MAX_MODELS_REMEMBERED = 256     # models asked to load or whose output limit was learned, each
 OFFLOADED_BODY_BYTES = 1024 * 1024               # a request this large is read, checked, routed
                                                  # and translated on a worker thread
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
@@ -1101,7 +1101,7 @@ class Provider:
     CONFIGURED = ("name", "protocol", "base_url", "api_keys", "models", "enabled", "headers",
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
     __slots__ = CONFIGURED + ("api_key", "masker", "runs_models_itself", "loaded_windows",
-                              "windows_asked", "loads_tried")
+                              "windows_asked", "loads_tried", "learned_output_limits")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
@@ -1115,6 +1115,7 @@ class Provider:
         self.loaded_windows = {}      # model -> the context length the server runs it with
         self.windows_asked = -math.inf    # when the server was last asked for them
         self.loads_tried = {}         # model -> when the server was asked to load it
+        self.learned_output_limits = {}   # model -> the most output tokens it said it allows
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -1161,10 +1162,11 @@ class Provider:
         return not self.model_limits.get(model, (None, None))[0] and model in self.loaded_windows
 
     def output_cap(self, model: str) -> int | None:
-        """The most output tokens a request may ask of the model: the smaller of the provider's
-        max_tokens and the model's own limit, when either is known."""
-        caps = [cap for cap in (self.max_tokens, self.model_limits.get(model, (None, None))[1])
-                if cap]
+        """The most output tokens a request may ask of the model: the smallest of the
+        provider's max_tokens, the model's own limit and what the provider said it allows,
+        when any is known."""
+        caps = [cap for cap in (self.max_tokens, self.model_limits.get(model, (None, None))[1],
+                                self.learned_output_limits.get(model)) if cap]
         return min(caps) if caps else None
 
     def secrets(self) -> list:
@@ -3322,6 +3324,8 @@ class ProxyApp:
         view = dict(provider.public_view(), circuit=circuit)
         if provider.loaded_windows:
             view["loaded_windows"] = dict(provider.loaded_windows)
+        if provider.learned_output_limits:
+            view["learned_output_limits"] = dict(provider.learned_output_limits)
         pool = self.key_pool(provider)
         if pool is not None:
             view["api_keys"] = pool.view()
@@ -3725,6 +3729,8 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
     try:
         return await relay_call(protocol, call, conn, request, body)
     except ProxyError as error:
+        if learns_output_limit(error, provider, model, body):
+            return await call_with_key(app, request, conn, body, routing)
         error = diagnosed(error, routing, app.config)
         call.log_failure(error)
         raise error from None
@@ -4967,7 +4973,7 @@ async def load_for_window(upstream, routing: Routing) -> bool:
             or time.monotonic() - provider.loads_tried.get(model, -math.inf) \
             < LOADED_WINDOWS_EVERY_SECONDS:
         return False
-    if len(provider.loads_tried) >= MAX_LOADS_REMEMBERED:
+    if len(provider.loads_tried) >= MAX_MODELS_REMEMBERED:
         provider.loads_tried.clear()
     provider.loads_tried[model] = time.monotonic()
     await probe_call(upstream, provider, UpstreamRequest(
@@ -5280,6 +5286,36 @@ def moves_on(failure: ProxyError, plan: list, position: int, config: Config) -> 
 MISSING_MODEL_RE = re.compile(r"model\b.{0,120}?\b(not[ _]found|does not exist|not exist|no such|"
                               r"not available)|\b(unknown|invalid) model|not a valid model",
                               re.I | re.S)
+
+
+# A provider's refusal of max_tokens above a model's output limit, with the limit: Groq's
+# "max_completion_tokens must be less than or equal to 40960" (and "`max_tokens` … `16384`",
+# "max_tokens for `m` … 8000"), OpenAI's "This model supports at most 16384 completion tokens",
+# DeepSeek's "the valid range of max_tokens is [1, 8192]", Anthropic's "max_tokens: 64000 >
+# 32000, which is the maximum allowed number of output tokens".
+OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? must be less than "
+                             r"or equal to `?(\d+)|supports at most (\d+) completion tokens|"
+                             r"range of max_tokens is \[1, (\d+)\]|max_tokens: \d+ > (\d+), "
+                             r"which is the maximum allowed number of output tokens", re.I)
+
+
+def learns_output_limit(error: ProxyError, provider: Provider, model: str, body: dict) -> bool:
+    """Whether a provider's 400 says the model's output limit, below what was asked of it:
+    remembered for the model (max_tokens above it is lowered from then on, as for a limit in
+    the config), so that the request may be sent again at once. Claude Code asks for 32,000
+    to 128,000 output tokens, more than many models allow (Groq's most of all)."""
+    found = OUTPUT_LIMIT_RE.search(error.message) if error.status == 400 else None
+    limit = int(next(group for group in found.groups() if group)) if found else 0
+    asked = min(body["max_tokens"], provider.output_cap(model) or body["max_tokens"])
+    if not 0 < limit < asked:
+        return False
+    if len(provider.learned_output_limits) >= MAX_MODELS_REMEMBERED:
+        provider.learned_output_limits.clear()
+    provider.learned_output_limits[model] = limit
+    log.info("%s: %s answers at most %d output tokens, it says; max_tokens is lowered to that "
+             "from now on (give it max_output_tokens in models to say so)", provider.name,
+             model, limit)
+    return True
 
 
 def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError:

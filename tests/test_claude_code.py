@@ -584,6 +584,35 @@ def test_real_claude_code_lowers_max_tokens_when_a_narrow_window_says_so(version
                    for r in upstream.requests)                       # no compaction
 
 
+def groq_model(request):
+    """scripted_model on Groq, whose models allow fewer output tokens than Claude Code asks for,
+    refused in Groq's words."""
+    asked = (request["json"] or {}).get("max_tokens") or 0
+    if asked > 40960:
+        return json_reply({"error": {"message": "max_tokens must be less than or equal to "
+                                     "40960, the maximum value for max_tokens is less than the "
+                                     "context_window for this model",
+                                     "type": "invalid_request_error", "param": "max_tokens"}}, 400)
+    return scripted_model(request)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_on_a_groq_model_that_allows_fewer_output_tokens(version,
+                                                                               tmp_path,
+                                                                               upstream):
+    """Every request of the session was refused: the model's limit, said once, is kept."""
+    upstream.script = groq_model
+    provider = {"name": "groq", "api_base_url": upstream.url + "/v1",
+                "api_key": "gsk-test-key-0123456789", "models": ["openai/gpt-oss-120b"]}
+    result, output, work = run_code(version, tmp_path, [provider],
+                                    "Create a file out.txt containing hi, using the Bash tool.",
+                                    "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+    assert output and output["is_error"] is False and output["result"] == FINAL_TEXT, (
+        result.stdout[-2000:], result.stderr[-2000:])
+    asked = [r["json"]["max_tokens"] for r in upstream.requests if r["json"]]
+    assert asked[0] > 40960 and asked[1:] == [40960] * (len(asked) - 1)
+
+
 def small_ollama(request):
     """An Ollama server running gpt-test with a 4,096-token context (its /api/ps says so, once
     the model is loaded), which would cut Claude Code's prompts without a word."""

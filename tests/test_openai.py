@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import urllib.request
 import warnings
 
 import anthropic
@@ -1086,6 +1087,48 @@ def test_a_pdf_in_a_tool_result_follows_it_and_a_text_document_stays_in_it():
     # Ollama's OpenAI-compatible API answers a file part "invalid message format"
     assert mapped(body, name="ollama")["messages"][-1] == {"role": "user",
                                                            "content": "[PDF omitted]"}
+
+
+@pytest.mark.parametrize("preset, limit, wording", [
+    ("groq", 40960, "max_completion_tokens must be less than or equal to 40960, the maximum "
+                    "value for max_completion_tokens is less than the context_window for this "
+                    "model"),
+    ("groq", 16384, "`max_tokens` must be less than or equal to `16384`, the maximum value for "
+                    "`max_tokens` is less than the `context_window` for this model"),
+    ("groq", 8000, "max_tokens for `llama-3.1-8b-instant` must be less than or equal to 8000"),
+    ("openai", 16384, "max_tokens is too large: 64000. This model supports at most 16384 "
+                      "completion tokens, whereas you provided 64000."),
+    ("deepseek", 8192, "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]"),
+])
+def test_an_output_limit_a_provider_states_is_learned_and_the_request_sent_again(
+        start_proxy, upstream, preset, limit, wording):
+    """Claude Code asks for 32,000 to 128,000 output tokens, and every request of a session
+    was refused where the model allows fewer and its limit was not in the config."""
+    proxy = start_proxy({"providers": [preset_provider(preset, upstream)]})
+
+    def provider(request):
+        asked = request["json"].get("max_tokens") or request["json"].get("max_completion_tokens")
+        if asked > limit:
+            return json_reply(openai_error_body(wording), 400)
+        return json_reply(completion({"content": "fits"}))
+    upstream.script = provider
+    for turn in range(2):
+        assert block_dicts(sdk(proxy).messages.create(
+            **dict(REQUEST, max_tokens=64000), timeout=30)) == [{"type": "text", "text": "fits"}]
+    asked = [r["json"].get("max_tokens") or r["json"].get("max_completion_tokens")
+             for r in upstream.requests if r["json"]]
+    assert asked == [64000, limit, limit]            # refused once, then lowered, also later
+    view = json.loads(urllib.request.urlopen(proxy.url + "/providers").read())
+    assert view["providers"][0]["learned_output_limits"] == {"gpt-test": limit}
+
+
+def test_an_output_limit_stated_again_is_not_asked_again(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(openai_error_body(
+        "max_tokens is too large: 64000. This model supports at most 16384 completion tokens"),
+        400)
+    with pytest.raises(anthropic.BadRequestError):
+        sdk(openai_proxy).messages.create(**dict(REQUEST, max_tokens=64000), timeout=30)
+    assert len([r for r in upstream.requests if r["json"]]) == 2     # once lowered, no more
 
 
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,

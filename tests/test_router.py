@@ -746,7 +746,7 @@ def test_only_an_ollama_server_of_ones_own_is_asked_for_its_context_lengths():
 
 def test_an_ollama_provider_without_a_models_list_remembers_a_bounded_number_of_loads(
         upstream, monkeypatch):
-    monkeypatch.setattr(ccproxy, "MAX_LOADS_REMEMBERED", 2)
+    monkeypatch.setattr(ccproxy, "MAX_MODELS_REMEMBERED", 2)
     upstream.script = lambda r: json_reply({"models": []})
     provider = ccproxy.build_config({"providers": [{"name": "ollama", "api_base_url":
                                                     upstream.url + "/v1"}]}, "c.json", {}
