@@ -122,7 +122,8 @@ DEFAULT_LONG_CONTEXT_TOKENS = 60000              # above this, the longContext r
 WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be this much too high
 LOADED_WINDOWS_EVERY_SECONDS = 10.0              # Ollama's /api/ps is asked at most this often
 OLLAMA_CODING_CONTEXT = 64000                    # what Ollama advises for coding tools
-MAX_MODELS_REMEMBERED = 256     # models asked to load or whose output limit was learned, each
+MAX_MODELS_REMEMBERED = 256                      # per provider: models asked to load (Ollama),
+                                                 # and models whose output limit it stated
 OFFLOADED_BODY_BYTES = 1024 * 1024               # a request this large is read, checked, routed
                                                  # and translated on a worker thread
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
