@@ -5319,10 +5319,34 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
     return True
 
 
+# A provider's refusal of a request larger than the plan allows in a minute, whose numbers
+# say no wait can serve it: Groq's 413 and OpenAI's 429 "… on tokens per minute (TPM): Limit
+# 6000, Requested 12328". Claude Code's own prompt is 12-19k tokens, over many free plans.
+TOKENS_PER_MINUTE_RE = re.compile(r"tokens per min(?:ute)? \(TPM\): Limit (\d+), Requested "
+                                  r"(\d+)", re.I)
+
+
+def over_the_plan(error: ProxyError, routing: Routing) -> ProxyError | None:
+    """A provider's refusal of a request larger than its plan takes in a minute, as a final 429
+    that says so (Claude Code shows a 413's message as its own "Request too large (max 32MB)",
+    and retries a 429 in vain); None for any other error."""
+    found = TOKENS_PER_MINUTE_RE.search(error.message) if error.status in (413, 429) else None
+    if found is None or int(found.group(2)) <= int(found.group(1)):
+        return None
+    return error_for_status(429, "%s takes %s tokens a minute for %s on this plan, and this "
+                            "request alone is %s: no wait serves it; a larger plan, or another "
+                            "provider in routes, does (%s)" % (
+                                routing.provider.name, found.group(1), routing.model,
+                                found.group(2), error.message)).made_final()
+
+
 def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError:
     """A provider's failure that is a configuration problem (its key refused, no such model,
-    nothing serving at its address) as a final error that names the provider, the cause and
-    the config key to fix; any other error as it is."""
+    nothing serving at its address, a plan too small for the request) as a final error that
+    names the provider, the cause and what to fix; any other error as it is."""
+    plan = over_the_plan(error, routing)
+    if plan is not None:
+        return plan
     provider = routing.provider
     index = next((number for number, known in enumerate(config.providers)
                   if known.name == provider.name), 0)

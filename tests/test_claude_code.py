@@ -613,6 +613,25 @@ def test_real_claude_code_runs_on_a_groq_model_that_allows_fewer_output_tokens(v
     assert asked[0] > 40960 and asked[1:] == [40960] * (len(asked) - 1)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_says_why_a_free_groq_plan_cannot_take_its_prompt(version, tmp_path,
+                                                                          upstream):
+    """Groq's 413 was shown as Claude Code's own "Request too large (max 32MB)"."""
+    upstream.script = lambda request: json_reply({"error": {
+        "message": "Request too large for model `llama-3.3-70b-versatile` in organization "
+                   "`org_1` service tier `on_demand` on tokens per minute (TPM): Limit 12000, "
+                   "Requested 19500, please reduce your message size and try again.",
+        "type": "tokens", "code": "rate_limit_exceeded"}}, 413)
+    provider = {"name": "groq", "api_base_url": upstream.url + "/v1",
+                "api_key": "gsk-test-key-0123456789", "models": ["llama-3.3-70b-versatile"]}
+    result, output, _ = run_code(version, tmp_path, [provider], "hello", "Bash")
+    assert output["is_error"] is True and "32MB" not in output["result"], output
+    assert "groq takes 12000 tokens a minute for llama-3.3-70b-versatile on this plan, and " \
+           "this request alone is 19500" in output["result"]
+    assert len(upstream.requests) == 1                        # neither ccproxy nor Claude Code
+                                                              # sent it again
+
+
 def small_ollama(request):
     """An Ollama server running gpt-test with a 4,096-token context (its /api/ps says so, once
     the model is loaded), which would cut Claude Code's prompts without a word."""

@@ -1131,6 +1131,47 @@ def test_an_output_limit_stated_again_is_not_asked_again(openai_proxy, upstream)
     assert len([r for r in upstream.requests if r["json"]]) == 2     # once lowered, no more
 
 
+GROQ_TPM = ("Request too large for model `llama-3.3-70b-versatile` in organization `org_1` "
+            "service tier `on_demand` on tokens per minute (TPM): Limit 12000, Requested 14137, "
+            "please reduce your message size and try again.")
+
+
+@pytest.mark.parametrize("status, wording", [
+    (413, GROQ_TPM),
+    (429, "Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 342389. "
+          "The input or output tokens must be reduced in order to run successfully."),
+])
+def test_a_request_larger_than_the_plan_takes_a_minute_is_a_final_429(start_proxy, upstream,
+                                                                     status, wording):
+    """No wait serves it: not retried, shown at once (Claude Code shows a 413 as its own
+    "Request too large (max 32MB)")."""
+    proxy = start_proxy({"providers": [preset_provider("groq", upstream)],
+                         "performance": {"max_retries": 2}})
+    upstream.script = lambda r: json_reply({"error": {
+        "message": wording, "type": "tokens", "code": "rate_limit_exceeded"}}, status)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        sdk(proxy).messages.create(**REQUEST)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.body["error"]["message"].startswith(
+        "groq takes %s tokens a minute for gpt-test on this plan, and this request alone is %s: "
+        % re.search(r"Limit (\d+), Requested (\d+)", wording).groups())
+    assert len(upstream.requests) == 1
+
+
+def test_a_request_larger_than_the_plan_takes_goes_to_the_next_provider(start_proxy, upstream):
+    proxy = start_proxy({"providers": [
+        preset_provider("groq", upstream, models=["small"]),
+        preset_provider("openai", upstream, models=["large"])],
+        "routes": {"default": {"provider": "groq", "model": "small",
+                               "fallbacks": ["openai,large"]}}})
+    upstream.script = lambda r: json_reply({"error": {"message": GROQ_TPM, "type": "tokens"}},
+                                           413) if r["json"]["model"] == "small" \
+        else json_reply(completion({"content": "served"}))
+    message = sdk(proxy).messages.create(**REQUEST)
+    assert block_dicts(message) == [{"type": "text", "text": "served"}]
+    assert [r["json"]["model"] for r in upstream.requests] == ["small", "large"]
+
+
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
                                                                             upstream):
     """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
