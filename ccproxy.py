@@ -247,7 +247,8 @@ class ProxyError(Exception):
     # x-should-retry: false, which Claude Code and Anthropic's SDKs obey instead of retrying
     # for minutes; failover still moves on, since another provider may serve.
     final = False
-    kind = ""                 # a failure failover treats apart: "missing_model"
+    kind = ""                 # a failure treated apart: "missing_model" (failover), "over_plan"
+                              # (a key pool does not rest the key)
 
     def __init__(self, message: str, headers=()):
         super().__init__(message)
@@ -5104,7 +5105,7 @@ class KeyPool:
             log.warning("%s: key %s refused (HTTP %d); set aside until the config is reloaded",
                         provider_name, mask_secret(key), error.status)
             return True
-        if error.status not in (402, 403, 429):
+        if error.status not in (402, 403, 429) or error.kind == "over_plan":
             self.strikes.pop(key, None)
             return False
         strikes = self.strikes[key] = self.strikes.get(key, 0) + 1
@@ -5333,11 +5334,13 @@ def over_the_plan(error: ProxyError, routing: Routing) -> ProxyError | None:
     found = TOKENS_PER_MINUTE_RE.search(error.message) if error.status in (413, 429) else None
     if found is None or int(found.group(2)) <= int(found.group(1)):
         return None
-    return error_for_status(429, "%s takes %s tokens a minute for %s on this plan, and this "
-                            "request alone is %s: no wait serves it; a larger plan, or another "
-                            "provider in routes, does (%s)" % (
-                                routing.provider.name, found.group(1), routing.model,
-                                found.group(2), error.message)).made_final()
+    error = error_for_status(429, "%s takes %s tokens a minute for %s on this plan, and this "
+                             "request alone is %s: no wait serves it; a larger plan, or another "
+                             "provider in routes, does (%s)" % (
+                                 routing.provider.name, found.group(1), routing.model,
+                                 found.group(2), error.message)).made_final()
+    error.kind = "over_plan"          # the key is not rate-limited: it is not rested
+    return error
 
 
 def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError:

@@ -247,6 +247,20 @@ def test_a_refused_key_is_set_aside_and_every_key_out_fails_over(start_proxy, up
     assert states == ["refused", "resting"]
 
 
+def test_a_request_too_large_for_the_plan_rests_no_key(start_proxy, upstream):
+    """Groq's 413 for a request over the plan's tokens a minute: the key is not rate-limited,
+    and a smaller request (Claude Code's background calls) must still find it ready."""
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": "Request too large for model `m` on tokens "
+        "per minute (TPM): Limit 6000, Requested 12328"}}, status=413)
+    proxy = start_proxy({"providers": [pool_provider(upstream)]})
+    with pytest.raises(anthropic.RateLimitError):
+        ask(proxy)
+    assert len(upstream.requests) == 1
+    (view,) = get(proxy, "/status")[1]["providers"]
+    assert [k["state"] for k in view["api_keys"]] == ["ready", "ready"]
+
+
 def test_a_pool_whose_every_key_was_refused_says_so(start_proxy, upstream):
     upstream.script = keyed_script({KEY_A: (401, {}), KEY_B: (403, {})})
     proxy = start_proxy({"providers": [pool_provider(upstream)], "failover": False})
