@@ -3733,6 +3733,9 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
     except ProxyError as error:
         if learns_output_limit(error, provider, model, body):
             return await call_with_key(app, request, conn, body, routing)
+        affordable = affordable_body(error, provider, body)
+        if affordable is not None:
+            return await call_with_key(app, request, conn, affordable, routing)
         error = diagnosed(error, routing, app.config)
         call.log_failure(error)
         raise error from None
@@ -5301,6 +5304,27 @@ OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? mus
                              r"which is the maximum allowed number of output tokens", re.I)
 
 
+# OpenRouter's 402 for a max_tokens the account's credits cannot cover, whatever the answer
+# would cost: "This request requires more credits, or fewer max_tokens. You requested up to
+# 64000 tokens, but can only afford 2666".
+AFFORDABLE_RE = re.compile(r"requested up to (\d+) tokens, but can only afford (\d+)", re.I)
+LEAST_OUTPUT_WORTH_ASKING = 1024    # below this, the 402 itself goes to the client
+
+
+def affordable_body(error: ProxyError, provider: Provider, body: dict) -> dict | None:
+    """The request with max_tokens lowered to what the provider says the account's credits
+    cover, when that is less than asked and still worth an answer (Claude Code asks for 32,000
+    to 128,000 output tokens, and a low balance refused every request); else None."""
+    found = AFFORDABLE_RE.search(error.message) if error.status == 402 else None
+    affordable = int(found.group(2)) if found else 0
+    if not LEAST_OUTPUT_WORTH_ASKING <= affordable < body["max_tokens"]:
+        return None
+    log.warning("%s: the account's credits cover %d output tokens, not the %d asked; sent again "
+                "with max_tokens %d (add credits to lift it)", provider.name, affordable,
+                body["max_tokens"], affordable)
+    return dict(body, max_tokens=affordable)
+
+
 def learns_output_limit(error: ProxyError, provider: Provider, model: str, body: dict) -> bool:
     """Whether a provider's 400 says the model's output limit, below what was asked of it:
     remembered for the model (max_tokens above it is lowered from then on, as for a limit in
@@ -5325,20 +5349,28 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
 # 6000, Requested 12328". Claude Code's own prompt is 12-19k tokens, over many free plans.
 TOKENS_PER_MINUTE_RE = re.compile(r"tokens per min(?:ute)? \(TPM\): Limit (\d+), Requested "
                                   r"(\d+)", re.I)
+# OpenRouter's 429 once an account's free-model requests of the day are spent ("Rate limit
+# exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day").
+FREE_MODELS_DAY_RE = re.compile(r"free-models-per-day", re.I)
 
 
 def over_the_plan(error: ProxyError, routing: Routing) -> ProxyError | None:
-    """A provider's refusal of a request larger than its plan takes in a minute, as a final 429
-    that says so (Claude Code shows a 413's message as its own "Request too large (max 32MB)",
-    and retries a 429 in vain); None for any other error."""
+    """A provider's refusal that no wait within a session mends (a request larger than the
+    plan takes in a minute; free-model requests of the day spent), as a final 429 that says so:
+    Claude Code shows a 413's message as its own "Request too large (max 32MB)", and retries
+    a 429 in vain for minutes. None for any other error."""
     found = TOKENS_PER_MINUTE_RE.search(error.message) if error.status in (413, 429) else None
-    if found is None or int(found.group(2)) <= int(found.group(1)):
+    if found and int(found.group(2)) > int(found.group(1)):
+        why = "%s takes %s tokens a minute for %s on this plan, and this request alone is %s: " \
+              "no wait serves it" % (routing.provider.name, found.group(1), routing.model,
+                                     found.group(2))
+    elif error.status == 429 and FREE_MODELS_DAY_RE.search(error.message):
+        why = "%s's requests of the day for free models are spent: no retry today serves " \
+              "them" % routing.provider.name
+    else:
         return None
-    error = error_for_status(429, "%s takes %s tokens a minute for %s on this plan, and this "
-                             "request alone is %s: no wait serves it; a larger plan, or another "
-                             "provider in routes, does (%s)" % (
-                                 routing.provider.name, found.group(1), routing.model,
-                                 found.group(2), error.message)).made_final()
+    error = error_for_status(429, "%s; a larger plan, or another provider in routes, does (%s)"
+                             % (why, error.message)).made_final()
     error.kind = "over_plan"          # the key is not rate-limited: it is not rested
     return error
 

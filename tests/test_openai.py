@@ -1172,6 +1172,46 @@ def test_a_request_larger_than_the_plan_takes_goes_to_the_next_provider(start_pr
     assert [r["json"]["model"] for r in upstream.requests] == ["small", "large"]
 
 
+def test_free_model_requests_of_the_day_spent_are_a_final_429(start_proxy, upstream):
+    proxy = start_proxy({"providers": [preset_provider("openrouter", upstream)],
+                         "performance": {"max_retries": 2}})
+    upstream.script = lambda r: json_reply({"error": {
+        "message": "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free "
+                   "model requests per day", "code": 429}}, 429)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        sdk(proxy).messages.create(**REQUEST)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.body["error"]["message"].startswith(
+        "openrouter's requests of the day for free models are spent: no retry today serves them")
+    assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("affordable, served", [(2666, True), (0, False)])
+def test_a_max_tokens_the_credits_cannot_cover_is_lowered_to_what_they_can(
+        start_proxy, upstream, affordable, served):
+    """OpenRouter refuses a request whose max_tokens the balance cannot cover, whatever the
+    answer would cost: with a low balance, every Claude Code request was a 402."""
+    proxy = start_proxy({"providers": [preset_provider("openrouter", upstream)]})
+
+    def provider(request):
+        asked = request["json"]["max_tokens"]
+        if asked > affordable:
+            return json_reply({"error": {"code": 402, "message": (
+                "This request requires more credits, or fewer max_tokens. You requested up to "
+                "%d tokens, but can only afford %d. To increase, visit "
+                "https://openrouter.ai/settings/credits" % (asked, affordable))}}, 402)
+        return json_reply(completion({"content": "cheap"}))
+    upstream.script = provider
+    if served:
+        message = sdk(proxy).messages.create(**dict(REQUEST, max_tokens=32000), timeout=30)
+        assert block_dicts(message) == [{"type": "text", "text": "cheap"}]
+        assert [r["json"]["max_tokens"] for r in upstream.requests] == [32000, 2666]
+    else:
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            sdk(proxy).messages.create(**dict(REQUEST, max_tokens=32000), timeout=30)
+        assert caught.value.status_code == 402 and len(upstream.requests) == 1
+
+
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
                                                                             upstream):
     """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
