@@ -5375,10 +5375,38 @@ def over_the_plan(error: ProxyError, routing: Routing) -> ProxyError | None:
     return error
 
 
+# A server's refusal of a request's tools, and how to give them: Ollama's "<model> does not
+# support tools" (server/images.go), vLLM's "\"auto\" tool choice requires
+# --enable-auto-tool-choice and --tool-call-parser to be set", llama.cpp's 500 "tools param
+# requires --jinja flag", OpenRouter's 404 "No endpoints found that support tool use".
+TOOLS_REFUSALS = (
+    (re.compile(r"does not support tools", re.I), "pick a model that has them (`ollama show "
+     "MODEL` lists its capabilities) and set it in %s"),
+    (re.compile(r"requires --enable-auto-tool-choice", re.I), "start vLLM with "
+     "--enable-auto-tool-choice and the --tool-call-parser of the model (or pick another in %s)"),
+    (re.compile(r"requires --jinja", re.I), "start llama-server with --jinja (or pick another "
+     "model in %s)"),
+    (re.compile(r"endpoints found that support tool use", re.I), "pick a model that has them "
+     "and set it in %s"))
+
+
+def tools_refused(error: ProxyError, routing: Routing, setting: str) -> ProxyError | None:
+    """A server's refusal of the request's tools as a final 400 saying how to give them (a
+    retry cannot; llama.cpp's is a 500 and OpenRouter's a 404, which read as an outage and a
+    wrong address); None for any other error."""
+    for words, fix in TOOLS_REFUSALS:
+        if words.search(error.message):
+            return InvalidRequestError("%s gives %s no tools, which Claude Code needs for all it "
+                                       "does: %s (%s)" % (routing.provider.name, routing.model,
+                                                          fix % setting,
+                                                          error.message)).made_final()
+    return None
+
+
 def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError:
     """A provider's failure that is a configuration problem (its key refused, no such model,
-    nothing serving at its address, a plan too small for the request) as a final error that
-    names the provider, the cause and what to fix; any other error as it is."""
+    nothing serving at its address, no tools, a plan too small for the request) as a final
+    error that names the provider, the cause and what to fix; any other error as it is."""
     plan = over_the_plan(error, routing)
     if plan is not None:
         return plan
@@ -5386,6 +5414,9 @@ def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError
     index = next((number for number, known in enumerate(config.providers)
                   if known.name == provider.name), 0)
     place = " in %s" % config.source if config.source else ""
+    refused = tools_refused(error, routing, model_setting(config, routing, index) + place)
+    if refused is not None:
+        return refused
     if error.status in (401, 403):
         fix = "%s refused its API key; fix providers[%d].api_key%s" % (provider.name, index, place)
     elif (error.status == 404 and "model" in error.message.lower()) or (

@@ -1212,6 +1212,29 @@ def test_a_max_tokens_the_credits_cannot_cover_is_lowered_to_what_they_can(
         assert caught.value.status_code == 402 and len(upstream.requests) == 1
 
 
+@pytest.mark.parametrize("status, wording, fix", [
+    (400, "registry.ollama.ai/library/gemma3:latest does not support tools",
+     "pick a model that has them (`ollama show MODEL` lists its capabilities)"),
+    (400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+     "start vLLM with --enable-auto-tool-choice and the --tool-call-parser of the model"),
+    (500, "tools param requires --jinja flag", "start llama-server with --jinja"),
+    (404, "No endpoints found that support tool use", "pick a model that has them"),
+])
+def test_a_server_that_gives_the_model_no_tools_says_how_to(start_proxy, upstream, status,
+                                                           wording, fix):
+    """Claude Code needs tools for all it does; llama.cpp's 500 read as an outage (retried,
+    and counted by the circuit breaker), OpenRouter's 404 as a wrong address."""
+    proxy = start_proxy({"providers": [preset_provider("openai", upstream)],
+                         "performance": {"max_retries": 2}})
+    upstream.script = lambda r: json_reply(openai_error_body(wording), status)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(**REQUEST)
+    assert caught.value.body["error"]["message"].startswith(
+        "openai gives gpt-test no tools, which Claude Code needs for all it does: " + fix)
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert len(upstream.requests) == 1
+
+
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
                                                                             upstream):
     """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
