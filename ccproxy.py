@@ -10957,12 +10957,31 @@ async def probe_provider(upstream: Upstream, provider: Provider, models) -> Prob
         names = listed_names(protocol, listed)     # Ollama lists "qwen3-coder:latest"
         known = {model: "ok" if {model, model + ":latest"} & names else "not listed"
                  for model in models or ()}
+    if provider.runs_models_itself:
+        known = {model: await ollama_tools_verdict(upstream, provider, model)
+                 if verdict == "ok" else verdict for model, verdict in known.items()}
     notes = [await ollama_context_note(upstream, provider, model) if verdict == "ok" else ""
              for model, verdict in known.items()]
     shown = "; ".join("%s %s%s" % (model, verdict, note) for (model, verdict), note in zip(
         known.items(), notes)) or "(none routed here)"
     return ProbeRow(provider.name, "yes", "accepted", latency, shown,
                     any(verdict != "ok" for verdict in known.values()), routed)
+
+
+async def ollama_tools_verdict(upstream: Upstream, provider: Provider, model: str) -> str:
+    """"ok", or that a model of an Ollama server has no tools, by the capabilities its POST
+    /api/show lists (docs/openapi.yaml): Ollama would refuse every request of Claude Code,
+    which needs them for all it does."""
+    status, answer = await probe_call(upstream, provider, UpstreamRequest(
+        ollama_url(provider, "/api/show"), openai_request_headers(provider),
+        json_bytes({"model": model})))
+    try:
+        capabilities = dict_of(json.loads(answer)).get("capabilities") if status == 200 else None
+    except (TypeError, ValueError, RecursionError):       # no answer; not JSON
+        capabilities = None
+    if isinstance(capabilities, list) and "tools" not in capabilities:
+        return "has no tools, which Claude Code needs (pick a model whose `ollama show` lists them)"
+    return "ok"
 
 
 async def ollama_context_note(upstream: Upstream, provider: Provider, model: str) -> str:

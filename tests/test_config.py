@@ -525,6 +525,29 @@ def test_probe_finds_ollamas_tagged_models_and_says_the_context_it_runs_them_wit
     assert loads == ["qwen3-coder"]          # big:32b was listed as loaded by then
 
 
+def test_probe_says_which_ollama_model_has_no_tools(tmp_path, upstream):
+    """Ollama refuses every request with tools to a model without them, and Claude Code sends
+    tools in every request: the capabilities POST /api/show lists say so beforehand."""
+    def ollama(request):
+        if request["path"] == "/api/show":
+            tools = ["tools"] if request["json"]["model"] == "coder" else []
+            return json_reply({"capabilities": ["completion"] + tools})
+        if request["path"] == "/api/ps":
+            return json_reply({"models": []})
+        if request["path"] == "/api/generate":
+            return json_reply({"model": request["json"]["model"], "response": "", "done": True})
+        return json_reply({"object": "list", "data": [{"id": "coder:latest"},
+                                                      {"id": "gemma3:latest"}]})
+    upstream.script = ollama
+    result, rows = probed(tmp_path, [{"name": "ollama", "api_base_url": upstream.url + "/v1"}],
+                          {"default": "ollama,coder", "background": "ollama,gemma3"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert rows["ollama"].endswith("coder ok; gemma3 has no tools, which Claude Code needs "
+                                   "(pick a model whose `ollama show` lists them)"), rows
+    assert sorted(r["json"]["model"] for r in upstream.requests if r["path"] == "/api/show") \
+        == ["coder", "gemma3"]
+
+
 def test_probe_without_a_model_list_sends_each_routed_model_the_smallest_request(tmp_path,
                                                                                  upstream):
     def script(request):
