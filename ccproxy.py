@@ -574,7 +574,7 @@ ENV_SETTINGS = (
     ("CCPROXY_ADMIN_KEY", "admin_key", "text"),
     ("CCPROXY_LOG_FILE", "log_file", "text"),
 )
-PROVIDER_KEY_ENV_RE = re.compile(r"^CCPROXY_PROVIDERS_(\d+)_API_KEY$")
+PROVIDER_KEY_ENV_RE = re.compile(r"^CCPROXY_PROVIDERS_(\d{1,9})_API_KEY$")
 
 JSONC_TOKEN_RE = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*[\s\S]*?(?:\*/|$)')
 JSONC_TRAILING_COMMA_RE = re.compile(r'"(?:\\.|[^"\\])*"|,(?=\s*[}\]])')
@@ -5293,21 +5293,33 @@ MISSING_MODEL_RE = re.compile(r"model\b.{0,120}?\b(not[ _]found|does not exist|n
                               re.I | re.S)
 
 
+# A count of tokens in a provider's words, as read from its error messages ("32768", "32,768"):
+# at most 15 digits, not part of a longer run (Python 3.11 refuses int() of 4,300 digits).
+TOKEN_COUNT = r"(?<![\d,])(?:\d{1,3}(?:,\d{3}){1,4}|\d{1,15})(?!,?\d)"
+
+
+def token_count(text: str) -> int:
+    """A TOKEN_COUNT's number."""
+    return int(text.replace(",", ""))
+
+
 # A provider's refusal of max_tokens above a model's output limit, with the limit: Groq's
 # "max_completion_tokens must be less than or equal to 40960" (and "`max_tokens` … `16384`",
 # "max_tokens for `m` … 8000"), OpenAI's "This model supports at most 16384 completion tokens",
 # DeepSeek's "the valid range of max_tokens is [1, 8192]", Anthropic's "max_tokens: 64000 >
 # 32000, which is the maximum allowed number of output tokens".
 OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? must be less than "
-                             r"or equal to `?(\d+)|supports at most (\d+) completion tokens|"
-                             r"range of max_tokens is \[1, (\d+)\]|max_tokens: \d+ > (\d+), "
-                             r"which is the maximum allowed number of output tokens", re.I)
+                             r"or equal to `?(%s)|supports at most (%s) completion tokens|"
+                             r"range of max_tokens is \[1, (%s)\]|max_tokens: \d+ > (%s), "
+                             r"which is the maximum allowed number of output tokens"
+                             % ((TOKEN_COUNT,) * 4), re.I)
 
 
 # OpenRouter's 402 for a max_tokens the account's credits cannot cover, whatever the answer
 # would cost: "This request requires more credits, or fewer max_tokens. You requested up to
 # 64000 tokens, but can only afford 2666".
-AFFORDABLE_RE = re.compile(r"requested up to (\d+) tokens, but can only afford (\d+)", re.I)
+AFFORDABLE_RE = re.compile(r"requested up to (%s) tokens, but can only afford (%s)"
+                           % (TOKEN_COUNT, TOKEN_COUNT), re.I)
 LEAST_OUTPUT_WORTH_ASKING = 1024    # below this, the 402 itself goes to the client
 
 
@@ -5316,7 +5328,7 @@ def affordable_body(error: ProxyError, provider: Provider, body: dict) -> dict |
     cover, when that is less than asked and still worth an answer (Claude Code asks for 32,000
     to 128,000 output tokens, and a low balance refused every request); else None."""
     found = AFFORDABLE_RE.search(error.message) if error.status == 402 else None
-    affordable = int(found.group(2)) if found else 0
+    affordable = token_count(found.group(2)) if found else 0
     if not LEAST_OUTPUT_WORTH_ASKING <= affordable < body["max_tokens"]:
         return None
     log.warning("%s: the account's credits cover %d output tokens, not the %d asked; sent again "
@@ -5331,7 +5343,7 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
     the config), so that the request may be sent again at once. Claude Code asks for 32,000
     to 128,000 output tokens, more than many models allow (Groq's most of all)."""
     found = OUTPUT_LIMIT_RE.search(error.message) if error.status == 400 else None
-    limit = int(next(group for group in found.groups() if group)) if found else 0
+    limit = token_count(next(group for group in found.groups() if group)) if found else 0
     asked = min(body["max_tokens"], provider.output_cap(model) or body["max_tokens"])
     if not 0 < limit < asked:
         return False
@@ -5347,8 +5359,8 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
 # A provider's refusal of a request larger than the plan allows in a minute, whose numbers
 # say no wait can serve it: Groq's 413 and OpenAI's 429 "… on tokens per minute (TPM): Limit
 # 6000, Requested 12328". Claude Code's own prompt is 12-19k tokens, over many free plans.
-TOKENS_PER_MINUTE_RE = re.compile(r"tokens per min(?:ute)? \(TPM\): Limit (\d+), Requested "
-                                  r"(\d+)", re.I)
+TOKENS_PER_MINUTE_RE = re.compile(r"tokens per min(?:ute)? \(TPM\): Limit (%s), Requested "
+                                  r"(%s)" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
 # OpenRouter's 429 once an account's free-model requests of the day are spent ("Rate limit
 # exceeded: free-models-per-day. Add 10 credits to unlock 1000 free model requests per day").
 FREE_MODELS_DAY_RE = re.compile(r"free-models-per-day", re.I)
@@ -5360,7 +5372,7 @@ def over_the_plan(error: ProxyError, routing: Routing) -> ProxyError | None:
     Claude Code shows a 413's message as its own "Request too large (max 32MB)", and retries
     a 429 in vain for minutes. None for any other error."""
     found = TOKENS_PER_MINUTE_RE.search(error.message) if error.status in (413, 429) else None
-    if found and int(found.group(2)) > int(found.group(1)):
+    if found and token_count(found.group(2)) > token_count(found.group(1)):
         why = "%s takes %s tokens a minute for %s on this plan, and this request alone is %s: " \
               "no wait serves it" % (routing.provider.name, found.group(1), routing.model,
                                      found.group(2))
@@ -5631,16 +5643,16 @@ CONTEXT_OVERFLOW_RE = re.compile("|".join((
     r"context exceeds your deployment")), re.I)
 MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens", re.I)
 OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length|context size|must be <=|"
-                               r"up to|should be \[1,)\D{0,40}?(\d[\d,]*)", re.I)
+                               r"up to|should be \[1,)\D{0,40}?(%s)" % TOKEN_COUNT, re.I)
 # How such a 400 splits what was asked, where it says: OpenAI's and vLLM's "(1000 in the
 # messages, 32000 in the completion)", OpenRouter's "(1000 of text input, 200 of tool input,
 # 32000 in the output)", vLLM's newer "is too large: 32000. … your request has 1000 input
 # tokens", and text-generation-inference's "Given: 1000 `inputs` tokens and 32000
 # `max_new_tokens`" (Together, Hugging Face).
-INPUT_PART_RE = re.compile(r"(\d[\d,]*) (?:in the messages|of \w+ input|`inputs` tokens)|"
-                           r"request has (\d[\d,]*) input tokens", re.I)
-OUTPUT_PART_RE = re.compile(r"(\d[\d,]*) (?:in the completion|in the output|`max_new_tokens`)|"
-                            r"is too large: (\d[\d,]*)", re.I)
+INPUT_PART_RE = re.compile(r"(%s) (?:in the messages|of \w+ input|`inputs` tokens)|"
+                           r"request has (%s) input tokens" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
+OUTPUT_PART_RE = re.compile(r"(%s) (?:in the completion|in the output|`max_new_tokens`)|"
+                            r"is too large: (%s)" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
 # Claude Code answers Anthropic's "input length and `max_tokens` exceed context limit" by asking
 # again with max_tokens = window - input - 1,000, when that is at least 3,000 (2.1.197, 2.1.332).
 OUTPUT_ROOM_CLAUDE_CODE_TAKES = 4000
@@ -5691,9 +5703,9 @@ def overflow_message(message: str) -> str:
     input fits with room to answer and max_tokens is what overflows, Anthropic's words for
     that, on which Claude Code lowers max_tokens and asks again: compacting would not help."""
     limit = OVERFLOW_LIMIT_RE.search(message)
-    numbers = [int(number.replace(",", "")) for number in re.findall(r"\d[\d,]*", message)]
-    window = int(limit.group(1).replace(",", "")) if limit else 0
-    inputs, output = (sum(int((a or b).replace(",", "")) for a, b in pattern.findall(message))
+    numbers = [token_count(number) for number in re.findall(TOKEN_COUNT, message)]
+    window = token_count(limit.group(1)) if limit else 0
+    inputs, output = (sum(token_count(a or b) for a, b in pattern.findall(message))
                       for pattern in (INPUT_PART_RE, OUTPUT_PART_RE))
     if window and output and inputs + output > window \
             and window - inputs >= OUTPUT_ROOM_CLAUDE_CODE_TAKES:

@@ -597,3 +597,33 @@ def test_provider_answers_of_any_shape_reach_the_client_well_formed(answering_pr
         check_grammar(events, finished=events[-1][0] != "error")
     else:
         check_message(strict_json(body))
+
+
+# --- a provider's error words: whatever numbers they hold, read without fail ----------------------
+
+ERROR_WORDS = ["maximum context length is ", " tokens. However, you requested ", " tokens (",
+               " in the messages, ", " in the completion)", "must be less than or equal to ",
+               "supports at most ", " completion tokens", "valid range of max_tokens is [1, ",
+               "on tokens per minute (TPM): Limit ", ", Requested ", "You requested up to ",
+               " tokens, but can only afford ", "is too large: ", "request has ",
+               " input tokens", "Given: ", " `inputs` tokens and ", " `max_new_tokens`",
+               "context size (", "free-models-per-day", "`max_new_tokens` must be <= ", ","]
+error_numbers = st.one_of(st.integers(0, 10 ** 7).map(str), st.integers(0, 10 ** 7).map(
+    "{:,}".format), st.integers(1, 6000).map(lambda n: "9" * n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(ERROR_WORDS), error_numbers), max_size=12),
+       st.sampled_from([400, 402, 413, 429, 500]), st.integers(1, 200000))
+def test_a_providers_error_words_are_read_without_fail(parts, status, max_tokens):
+    """Numbers of any size in a provider's error (Python 3.11 refuses int() of over 4,300
+    digits) never turn its error into ccproxy's own 500: every rewording reads them or lets
+    them be."""
+    message = "".join(parts)
+    provider = ccproxy.build_config({"providers": [{"name": "groq", "api_key": "k"}]}, "c",
+                                    {}).providers[0]
+    error = ccproxy.error_for_status(status, message)
+    ccproxy.overflow_message(message)
+    ccproxy.learns_output_limit(error, provider, "m", {"max_tokens": max_tokens})
+    ccproxy.affordable_body(error, provider, {"max_tokens": max_tokens})
+    ccproxy.over_the_plan(error, ccproxy.Routing(provider, "m", "default"))

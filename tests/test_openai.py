@@ -1235,6 +1235,16 @@ def test_a_server_that_gives_the_model_no_tools_says_how_to(start_proxy, upstrea
     assert len(upstream.requests) == 1
 
 
+def test_an_overflow_with_a_number_too_long_to_read_is_still_the_providers_400(openai_proxy,
+                                                                                upstream):
+    """Python 3.11 refuses int() of over 4,300 digits: such a number made ccproxy's own 500."""
+    upstream.script = lambda r: json_reply(openai_error_body(
+        "This model's maximum context length is %s tokens." % ("9" * 5000)), 400)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(openai_proxy).messages.create(**REQUEST)
+    assert caught.value.body["error"]["message"].startswith("prompt is too long: ")
+
+
 def test_a_context_filled_while_answering_is_an_overflow_not_a_server_error(openai_proxy,
                                                                             upstream):
     """llama.cpp's server (and LM Studio) answer 500 when the answer fills the context: not a
