@@ -282,13 +282,15 @@ class ProxyError(Exception):
         return b"event: error\ndata: " + self.body() + b"\n\n"
 
     def retry_after(self) -> float | None:
-        """Seconds from the error's retry-after header, if it has one."""
+        """Seconds from the error's retry-after header, if it has one that is a number (a day
+        at most: "inf" or "nan" from a provider would rest a key for good)."""
         for name, value in self.headers:
             if name == "retry-after":
                 try:
-                    return max(float(value), 0.0)
+                    seconds = float(value)
                 except ValueError:
                     return None
+                return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else None
         return None
 
 

@@ -232,6 +232,17 @@ def test_a_rate_limited_key_rests_while_the_next_key_serves(start_proxy, upstrea
     assert KEY_A not in logged and KEY_B not in json.dumps(view)
 
 
+@pytest.mark.parametrize("retry_after", ["inf", "nan", "1e300"])
+def test_a_retry_after_that_is_no_number_of_seconds_rests_a_key_a_while_not_for_good(
+        start_proxy, upstream, retry_after):
+    upstream.script = keyed_script({KEY_A: (429, {"retry-after": retry_after})})
+    proxy = start_proxy({"providers": [pool_provider(upstream)]})
+    assert ask(proxy).content[0].text == "served by bbbb"
+    (view,) = get(proxy, "/status")[1]["providers"]
+    assert view["api_keys"][0]["state"] == "resting"
+    assert 0 < view["api_keys"][0]["ready_in_seconds"] <= 86400
+
+
 def test_a_refused_key_is_set_aside_and_every_key_out_fails_over(start_proxy, upstream,
                                                                   second_upstream, ccproxy_log):
     upstream.script = keyed_script({KEY_A: (401, {}), KEY_B: (429, {"retry-after": "60"})})
