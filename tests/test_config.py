@@ -498,22 +498,28 @@ def test_probe_lists_gemini_and_anthropic_models_their_way(tmp_path, upstream, s
         "claude-x ok")
 
 
+def ollama_server(models: dict, capabilities=None):
+    """A mock Ollama server that lists `models` (name -> the context length /api/ps says it
+    runs the model with once loaded, None for not loaded), loads them on POST /api/generate,
+    and says their capabilities on POST /api/show when given."""
+    def script(request):
+        if request["path"] == "/api/ps":
+            return json_reply({"models": [{"name": name, "model": name, "context_length": length}
+                                          for name, length in models.items() if length]})
+        if request["path"] == "/api/generate":
+            return json_reply({"model": request["json"]["model"], "response": "", "done": True})
+        if request["path"] == "/api/show" and capabilities is not None:
+            return json_reply({"capabilities": capabilities[request["json"]["model"]]})
+        return json_reply({"object": "list", "data": [{"id": name} for name in models]})
+    return script
+
+
 def test_probe_finds_ollamas_tagged_models_and_says_the_context_it_runs_them_with(tmp_path,
                                                                                  upstream):
     """Ollama lists "qwen3-coder:latest" for "qwen3-coder"; it loads each routed model to say
     its context length, and whether Claude Code can work in it (the exit status is not
     changed by that: a small model may serve small requests)."""
-    def ollama(request):
-        if request["path"] == "/api/ps":
-            return json_reply({"models": [
-                {"name": "qwen3-coder:latest", "model": "qwen3-coder:latest",
-                 "context_length": 4096},
-                {"name": "big:32b", "model": "big:32b", "context_length": 131072}]})
-        if request["path"] == "/api/generate":
-            return json_reply({"model": request["json"]["model"], "response": "", "done": True})
-        return json_reply({"object": "list", "data": [{"id": "qwen3-coder:latest"},
-                                                      {"id": "big:32b"}]})
-    upstream.script = ollama
+    upstream.script = ollama_server({"qwen3-coder:latest": 4096, "big:32b": 131072})
     result, rows = probed(tmp_path, [{"name": "ollama", "api_base_url": upstream.url + "/v1"}],
                           {"default": "ollama,qwen3-coder", "think": "ollama,big:32b"})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -528,17 +534,8 @@ def test_probe_finds_ollamas_tagged_models_and_says_the_context_it_runs_them_wit
 def test_probe_says_which_ollama_model_has_no_tools(tmp_path, upstream):
     """Ollama refuses every request with tools to a model without them, and Claude Code sends
     tools in every request: the capabilities POST /api/show lists say so beforehand."""
-    def ollama(request):
-        if request["path"] == "/api/show":
-            tools = ["tools"] if request["json"]["model"] == "coder" else []
-            return json_reply({"capabilities": ["completion"] + tools})
-        if request["path"] == "/api/ps":
-            return json_reply({"models": []})
-        if request["path"] == "/api/generate":
-            return json_reply({"model": request["json"]["model"], "response": "", "done": True})
-        return json_reply({"object": "list", "data": [{"id": "coder:latest"},
-                                                      {"id": "gemma3:latest"}]})
-    upstream.script = ollama
+    upstream.script = ollama_server({"coder:latest": None, "gemma3:latest": None},
+                                    {"coder": ["completion", "tools"], "gemma3": ["completion"]})
     result, rows = probed(tmp_path, [{"name": "ollama", "api_base_url": upstream.url + "/v1"}],
                           {"default": "ollama,coder", "background": "ollama,gemma3"})
     assert result.returncode == 1, result.stdout + result.stderr
