@@ -853,6 +853,7 @@ PROVIDER_QUIRKS = {
     "top_k": False,             # accepts top_k
     "vision": True,             # accepts image parts: True, False or the model ids (regex) that do
     "files": True,              # accepts file parts (PDFs)
+    "json_schema": True,        # accepts a json_schema response_format (else: json_object)
     "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
     "user_after_tool": True,    # accepts a user message right after tool messages
     "system_anywhere": False,   # accepts system messages after the first (see fold_system)
@@ -896,6 +897,8 @@ ANTHROPIC_COMPAT = {
 # (https://api-docs.deepseek.com/guides/vision and .../quick_start/pricing, checked 2026-12-05:
 # deepseek-v4-flash and deepseek-v4-flash-vision-exp are retired names Flash now answers).
 DEEPSEEK_VISION_MODELS = r"^deepseek-(v4-)?flash"
+# Its response_format takes json_object only, and then wants "json" in the prompt
+# (https://api-docs.deepseek.com/guides/json_mode, checked 2026-12-06).
 DEEPSEEK_ANTHROPIC = {"type": "anthropic", "api_base_url": "https://api.deepseek.com/anthropic",
                       "quirks": {"anthropic_compat": {
                           "drop_betas": True, "thinking_with_calls": True,
@@ -924,7 +927,7 @@ PROVIDER_PRESETS = {
                                                 "effort_scales": GEMINI_EFFORT_SCALES}},
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
-                            "vision": DEEPSEEK_VISION_MODELS}},
+                            "vision": DEEPSEEK_VISION_MODELS, "json_schema": False}},
     "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1",
                    "headers": {"HTTP-Referer": "http://localhost:3456",
                                "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
@@ -7087,6 +7090,8 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
         request.update(openai_user_field(body.get("metadata")))
     request.update(openai_reasoning_fields(body, quirks, model))
     request.update(openai_response_format(body))
+    if "response_format" in request and not quirks["json_schema"]:
+        json_mode_instead(request)
     return request
 
 
@@ -7480,7 +7485,8 @@ def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
 
 
 def openai_response_format(body: dict) -> dict:
-    """A JSON-schema output format (output_config.format) as response_format."""
+    """A JSON-schema output format (output_config.format: Claude Code's session titles,
+    --json-schema) as response_format."""
     config = body.get("output_config")
     output_format = body.get("output_format") or (config.get("format") if isinstance(config, dict)
                                                   else None)
@@ -7488,6 +7494,19 @@ def openai_response_format(body: dict) -> dict:
         return {}
     return {"response_format": {"type": "json_schema", "json_schema": {
         "name": "structured_output", "schema": output_format.get("schema") or {}, "strict": True}}}
+
+
+def json_mode_instead(request: dict) -> None:
+    """For a server that takes JSON mode only (DeepSeek, which then wants "json" said): JSON
+    mode, with the schema said at the end of the system message."""
+    said = "Answer with one JSON object that follows this JSON schema: " + JSON_TEXT(
+        request["response_format"]["json_schema"]["schema"])
+    messages = request["messages"]
+    if messages and messages[0]["role"] == "system":
+        messages[0]["content"] = joined_content(messages[0]["content"], said, False)
+    else:
+        messages.insert(0, {"role": "system", "content": said})
+    request["response_format"] = {"type": "json_object"}
 
 
 ONE_HOUR_CACHE_RE = re.compile(rb'"ttl"\s*:\s*"1h"')

@@ -716,6 +716,35 @@ def test_claude_code_system_messages_join_the_conversation_where_only_one_first_
     assert request["messages"][-1]["content"].endswith(text)
 
 
+TITLE_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}},
+                "required": ["title"], "additionalProperties": False}
+
+
+def test_a_json_schema_output_format_is_the_servers_response_format():
+    """Claude Code asks for its session titles (and `--json-schema` answers) so."""
+    body = {"model": "x", "max_tokens": 10, "system": "Name the session.",
+            "messages": [{"role": "user", "content": "hi"}],
+            "output_config": {"format": {"type": "json_schema", "schema": TITLE_SCHEMA}}}
+    request = mapped(body)
+    assert request["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "structured_output", "schema": TITLE_SCHEMA, "strict": True}}
+    assert request["messages"][0] == {"role": "system", "content": "Name the session."}
+
+
+def test_deepseek_which_takes_json_mode_only_gets_it_with_the_schema_said():
+    """DeepSeek takes response_format json_object only, and wants "json" in the prompt."""
+    body = {"model": "x", "max_tokens": 10, "system": "Name the session.",
+            "messages": [{"role": "user", "content": "hi"}],
+            "output_config": {"format": {"type": "json_schema", "schema": TITLE_SCHEMA}}}
+    request = mapped(body, name="deepseek", model="deepseek-flash")
+    assert request["response_format"] == {"type": "json_object"}
+    assert request["messages"][0] == {"role": "system", "content": (
+        "Name the session.\nAnswer with one JSON object that follows this JSON schema: "
+        + json.dumps(TITLE_SCHEMA))}
+    del body["system"]
+    assert mapped(body, name="deepseek", model="deepseek-flash")["messages"][0]["role"] == "system"
+
+
 def test_system_messages_stay_in_place_where_any_is_taken():
     body = {"model": "x", "max_tokens": 10, "messages": [
         {"role": "user", "content": "hi"}, {"role": "system", "content": "# Environment"}]}
