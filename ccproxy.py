@@ -3736,11 +3736,9 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
     try:
         return await relay_call(protocol, call, conn, request, body)
     except ProxyError as error:
-        if learns_output_limit(error, provider, model, body):
-            return await call_with_key(app, request, conn, body, routing)
-        affordable = affordable_body(error, provider, body)
-        if affordable is not None:
-            return await call_with_key(app, request, conn, affordable, routing)
+        again = body_to_send_again(error, provider, model, body)
+        if again is not None:
+            return await call_with_key(app, request, conn, again, routing)
         error = diagnosed(error, routing, app.config)
         call.log_failure(error)
         raise error from None
@@ -5318,6 +5316,15 @@ OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? mus
                              r"range of max_tokens is \[1, (%s)\]|max_tokens: \d+ > (%s), "
                              r"which is the maximum allowed number of output tokens"
                              % ((TOKEN_COUNT,) * 4), re.I)
+
+
+def body_to_send_again(error: ProxyError, provider: Provider, model: str,
+                       body: dict) -> dict | None:
+    """The request to send again at once after a provider's refusal that says how much output
+    it allows (the model's limit, now learned; what the credits cover); None after any other."""
+    if learns_output_limit(error, provider, model, body):
+        return body
+    return affordable_body(error, provider, body)
 
 
 # OpenRouter's 402 for a max_tokens the account's credits cannot cover, whatever the answer
