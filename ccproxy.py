@@ -10086,6 +10086,26 @@ class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
         return open_pooled(self, req, _TrackedHTTPSConnection, context=self._context)
 
 
+def names_loopback(host: str) -> bool:
+    """Whether a host name or address (no brackets, no port) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
+class _ProxyHandlerPassingLoopback(urllib.request.ProxyHandler):
+    """urllib's ProxyHandler for HTTP(S)_PROXY and NO_PROXY, but a provider on this machine
+    (Ollama, LM Studio, vLLM on localhost) is called directly: a proxy elsewhere reaches its
+    own loopback, not this machine's, and a corporate proxy set for everything made every
+    local model fail (Go's HTTP client decides the same)."""
+
+    def proxy_open(self, req, proxy, scheme):
+        if names_loopback(urllib.parse.urlsplit(req.full_url).hostname or ""):
+            return None
+        return super().proxy_open(req, proxy, scheme)
+
+
 def build_upstream_opener():
     """A urllib opener that honours HTTPS_PROXY/NO_PROXY and lets calls be cut mid-flight.
 
@@ -10093,7 +10113,8 @@ def build_upstream_opener():
     status comes back as a response like any other), nothing for file: or ftp: URLs.
     """
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), _TrackedHTTPHandler(), _TrackedHTTPSHandler()):
+    for handler in (_ProxyHandlerPassingLoopback(), _TrackedHTTPHandler(),
+                    _TrackedHTTPSHandler()):
         opener.add_handler(handler)
     return opener
 
@@ -10167,11 +10188,7 @@ def serving_warnings(config: Config) -> list:
     notes = []
     if not config.providers:
         notes.append("no provider configured: /v1/messages will answer 400 until one is added")
-    try:
-        loopback_bind = ipaddress.ip_address(config.host).is_loopback
-    except ValueError:
-        loopback_bind = config.host == "localhost"
-    if not loopback_bind and not config.client_keys_in_use:
+    if not names_loopback(config.host) and not config.client_keys_in_use:
         notes.append("bound to %s without an apikey: only loopback clients will be served; set "
                      "apikey (or client_keys) to accept others" % config.host)
     return notes

@@ -394,21 +394,49 @@ def post_without_client_proxy(proxy):
     return int(head.split()[1]), json.loads(payload)
 
 
-def test_http_proxy_variable_is_honoured(start_proxy, upstream, forward_proxy, monkeypatch):
+# A provider elsewhere, by a name never resolved: through a proxy, only the proxy is called.
+FAR_PROVIDER = {"name": "far", "type": "anthropic", "api_key": PROVIDER_KEY,
+                "api_base_url": "http://models.example.invalid:8080"}
+
+
+def test_http_proxy_variable_is_honoured(start_proxy, forward_proxy, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
-    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    forward_proxy.script = lambda request: json_reply(anthropic_message("Hello through it"))
+    proxy = start_proxy({"providers": [FAR_PROVIDER]})
     status, message = post_without_client_proxy(proxy)
-    assert status == 200 and message["content"][0]["text"] == "Hello from upstream"
-    assert forward_proxy.requests[0]["path"] == upstream.url + "/v1/messages"
-    assert upstream.requests == []
+    assert status == 200 and message["content"][0]["text"] == "Hello through it"
+    assert forward_proxy.requests[0]["path"] == "http://models.example.invalid:8080/v1/messages"
 
 
-def test_no_proxy_variable_bypasses_the_proxy(start_proxy, upstream, forward_proxy, monkeypatch):
+def test_no_proxy_variable_bypasses_the_proxy(start_proxy, forward_proxy, monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
-    assert post_without_client_proxy(proxy)[0] == 200
+    monkeypatch.setenv("NO_PROXY", "example.invalid")
+    proxy = start_proxy({"providers": [FAR_PROVIDER]})
+    status, error = post_without_client_proxy(proxy)
+    assert forward_proxy.requests == []
+    assert status == 502 and "cannot reach http://models.example.invalid:8080" in (
+        error["error"]["message"])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_provider_on_this_machine_is_never_called_through_a_proxy(
+        start_proxy, upstream, forward_proxy, monkeypatch, host):
+    """A corporate HTTP_PROXY set for everything must not take local Ollama away: the proxy
+    would reach its own loopback, not this machine's."""
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    provider = dict(anthropic_provider(upstream),
+                    api_base_url=upstream.url.replace("127.0.0.1", host))
+    status, message = post_without_client_proxy(start_proxy({"providers": [provider]}))
+    assert status == 200 and message["content"][0]["text"] == "Hello from upstream"
     assert forward_proxy.requests == [] and len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("localhost", True),
+    ("LOCALHOST.", True), ("10.0.0.1", False), ("::2", False), ("localhost.example", False),
+    ("", False), ("0.0.0.0", False)])
+def test_which_hosts_are_this_machines_loopback(host, loopback):
+    assert ccproxy.names_loopback(host) is loopback
 
 
 def test_https_proxy_variable_tunnels_https_providers(start_proxy, forward_proxy, monkeypatch):
