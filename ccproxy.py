@@ -3091,6 +3091,14 @@ def parse_peer_address(peername):
     return address
 
 
+def names_loopback(host: str) -> bool:
+    """Whether a host name or address (no brackets, no port) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().rstrip(".") == "localhost"
+
+
 def client_keys_presented(headers: Headers) -> list:
     """The keys the client presented: x-api-key, then Authorization: Bearer. Claude Code sends
     both when its settings have an apiKeyHelper (the helper's key as x-api-key, the proxy's
@@ -3113,6 +3121,9 @@ def check_access(config: Config, peer, request: Request, management: bool = Fals
     accepted = config.client_keys_in_use
     if peer is None:
         raise PermissionDeniedError("cannot determine the client's address")
+    refuse_other_web_pages(request.headers)
+    if not accepted:
+        refuse_other_host_names(config, request.headers)
     if config.allowed_networks and not any(peer in net for net in config.allowed_networks):
         raise PermissionDeniedError("client address %s is not in security.allowed_ips" % peer)
     if not accepted and not peer.is_loopback:
@@ -3126,6 +3137,36 @@ def check_access(config: Config, peer, request: Request, management: bool = Fals
     elif accepted and request.path not in PUBLIC_PATHS:
         return check_key(request, accepted, lambda: client_keys_wanted(config))
     return None
+
+
+def refuse_other_web_pages(headers: Headers) -> None:
+    """Raise for a request a web page made a browser send to ccproxy from another origin: the
+    page could spend the user's credits, or read and change ccproxy, with no key to guess
+    (a plain-text POST needs no CORS preflight). Browsers say so in Origin and Sec-Fetch-Site;
+    other clients send neither. ccproxy's own status page is the same origin."""
+    origin, site = headers.get("origin"), headers.get("sec-fetch-site", "")
+    if site.lower() in ("cross-site", "same-site") or origin is not None and (
+            urllib.parse.urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+        raise PermissionDeniedError("ccproxy does not answer requests a web page sends from "
+                                    "another origin (%s): only its own status page may use it "
+                                    "from a browser" % (origin or "sec-fetch-site: " + site))
+
+
+def refuse_other_host_names(config: Config, headers: Headers) -> None:
+    """Without client keys, raise for a request addressed to a name that is not this machine:
+    a web page whose name the attacker points at 127.0.0.1 (DNS rebinding) is same-origin to
+    the browser, so it could read ccproxy's answers and change its providers; and a reverse
+    proxy passing its public name would serve everyone with no key."""
+    host = headers.get("host")
+    try:
+        name = urllib.parse.urlsplit("//" + host).hostname or "" if host is not None else None
+    except ValueError:
+        name = ""
+    if name is not None and not names_loopback(name) and name != config.host.lower():
+        raise PermissionDeniedError(
+            "the request is addressed to %s, not to this machine: without apikey or client_keys "
+            "ccproxy answers only requests to localhost or a loopback address (a guard against "
+            "DNS rebinding); set apikey to serve other names" % host[:200])
 
 
 def client_keys_wanted(config: Config) -> str:
@@ -10084,14 +10125,6 @@ class _TrackedHTTPHandler(urllib.request.HTTPHandler):
 class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req):
         return open_pooled(self, req, _TrackedHTTPSConnection, context=self._context)
-
-
-def names_loopback(host: str) -> bool:
-    """Whether a host name or address (no brackets, no port) is this machine's loopback."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower().rstrip(".") == "localhost"
 
 
 class _ProxyHandlerPassingLoopback(urllib.request.ProxyHandler):

@@ -99,7 +99,7 @@ def timed_requests(port: int, path: bytes, stream: bool, count: int, model: str 
     """Median microseconds per request on one keep-alive connection."""
     body = json.dumps({"model": model, "max_tokens": 5, "stream": stream,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
-    request = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+    request = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" \
               b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body)
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -576,3 +576,22 @@ def answer_of(client, stream: bool, **request):
         with client.messages.stream(**request) as events:
             return events.get_final_message()
     return client.messages.create(**request)
+
+
+def browser() -> str:
+    """The headless Chromium the browser tests drive; the test skips, saying why, without it."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or \
+        shutil.which("google-chrome")
+    if found is None:
+        pytest.skip("no headless Chromium here (Debian: apt-get install chromium)")
+    return found
+
+
+def render(url: str, *extra) -> str:
+    """The page's DOM once its script has run (a virtual 3 s), from headless Chromium."""
+    output = list(extra) or ["--dump-dom"]
+    result = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu",
+                             "--virtual-time-budget=3000", *output, url],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout

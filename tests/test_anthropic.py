@@ -50,8 +50,9 @@ def test_unchanged_body_is_forwarded_byte_for_byte(start_proxy, upstream):
     proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"])]})
     body = b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":"caf\\u00e9"}]}'
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         reply = sock.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 200")
     assert upstream.requests[0]["body"] == body

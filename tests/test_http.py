@@ -114,7 +114,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(proxy):
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         stream = sock.makefile("rb")
         for path in (b"/health", b"/status", b"/health"):
-            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % path)
             status, headers, body = read_response(stream)
             assert status == 200 and json.loads(body)["version"] == ccproxy.__version__
             assert "connection" not in headers
@@ -244,7 +244,7 @@ def test_a_head_of_bare_line_feeds_gets_a_400_at_once_saying_to_use_crlf(start_p
     once rather than after the header timeout, whether the head comes in one piece or a line
     at a time; CRLF heads split anywhere, with blank lines in their bodies, are still served."""
     proxy = start_proxy({"performance": {"header_timeout": "60s"}})
-    lines = [b"GET /health HTTP/1.1\n", b"Host: x\n", b"\n"]
+    lines = [b"GET /health HTTP/1.1\n", b"Host: 127.0.0.1\n", b"\n"]
     for pieces in ([b"".join(lines)], lines, [b"GET /health HTTP/1.1\r\n\n"]):
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
             for piece in pieces:

@@ -2,6 +2,7 @@
 hypothesis fuzzing of everything that ends up in a header line."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -19,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     open_stream, raw_exchange, RawProvider, read_to_end, Reply, REPO,
+                     open_stream, raw_exchange, RawProvider, read_to_end, render, Reply, REPO,
                      RunningProxy, sdk, stream_reply, wait_until)
 
 KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
@@ -271,7 +273,8 @@ def test_a_client_key_cannot_repoint_a_provider(managed, second_upstream):
 
 def post_raw(port, body: dict) -> bytes:
     data = json.dumps(body).encode()
-    return raw_exchange(port, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    return raw_exchange(port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Connection: close\r\n"
                               b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
 
 
@@ -524,6 +527,119 @@ def test_a_stream_that_breaks_before_anything_was_sent_is_an_http_error(start_pr
                                    "messages": [{"role": "user", "content": "x"}]})
     assert answer.startswith(b"HTTP/1.1 502 ") and b"not a JSON object" in answer
     assert b"AAA" not in answer
+
+
+# --- 9. web pages: requests from other origins, DNS rebinding --------------------------------
+
+A_MESSAGE = json.dumps({"model": "m", "max_tokens": 5,
+                        "messages": [{"role": "user", "content": "spend"}]}).encode()
+
+
+def browser_post(port, path="/v1/messages", body=A_MESSAGE, **headers) -> tuple:
+    """What a browser sends for a page's plain-text POST, which needs no CORS preflight: the
+    status and the error message of the answer."""
+    lines = b"".join(b"%s: %s\r\n" % (name.replace("_", "-").encode(), value.encode())
+                     for name, value in headers.items())
+    reply = raw_exchange(port, b"POST %s HTTP/1.1\r\n%sContent-Type: text/plain;charset=UTF-8"
+                               b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                         % (path.encode(), lines, len(body), body))
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload).get("error", {}).get("message", "")
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"},
+    {"Origin": "https://evil.example"},                       # a browser without Sec-Fetch
+    {"Origin": "null"},                                       # a sandboxed frame, a file: page
+    {"Origin": "http://localhost:5173", "Sec-Fetch-Site": "same-site"},  # another local app
+    {"Sec-Fetch-Site": "cross-site"},
+])
+def test_a_web_page_of_another_origin_cannot_spend_the_users_credits(start_proxy, upstream,
+                                                                      headers):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    status, message = browser_post(proxy.port, Host="127.0.0.1:%d" % proxy.port, **headers)
+    assert status == 403 and "does not answer requests a web page sends from another" in message
+    assert upstream.requests == []
+
+
+def test_its_own_status_page_and_clients_that_are_no_browser_are_served(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    here = "127.0.0.1:%d" % proxy.port
+    assert browser_post(proxy.port, Host=here, Origin="http://" + here,
+                        Sec_Fetch_Site="same-origin")[0] == 200
+    assert browser_post(proxy.port, Host=here)[0] == 200
+    assert len(upstream.requests) == 2
+
+
+def test_a_real_browser_on_another_local_page_reaches_no_provider(start_proxy, upstream):
+    """Headless Chromium opens a page of another origin on this machine, whose script posts
+    a message to ccproxy as plain text (no preflight) and then tells its own server."""
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    page = ("<script>fetch('http://127.0.0.1:%d/v1/messages', {method: 'POST', mode: 'no-cors',"
+            " headers: {'content-type': 'text/plain'}, body: '%s'}).finally(() => "
+            "fetch('/answered'))</script>" % (proxy.port, A_MESSAGE.decode())).encode()
+    answered = threading.Event()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            answered.set() if self.path == "/answered" else None
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        render("http://localhost:%d/" % server.server_address[1])
+        assert answered.wait(30)
+    finally:
+        server.shutdown()
+    assert upstream.requests == []
+    assert get(proxy, "/status")["requests"]["by_status"] == {"403": 1}
+
+
+@pytest.mark.parametrize("path, method", [("/providers", "GET"), ("/status", "GET"),
+                                          ("/v1/messages", "POST"), ("/providers", "POST")])
+def test_a_name_pointed_at_this_machine_by_dns_rebinding_is_refused(request, tmp_path, path,
+                                                                    method):
+    """The page of a name the attacker re-points at 127.0.0.1 is same-origin to the browser:
+    it sends no other Origin, and could read ccproxy's answers and change its providers."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"port": 0, "providers": [
+        {"name": "main", "type": "anthropic", "api_base_url": "http://127.0.0.1:9"}]}))
+    proxy = RunningProxy(ccproxy.load_config(str(config), {}))
+    request.addfinalizer(proxy.stop)
+    provider = json.dumps({"name": "theirs", "type": "openai",
+                           "api_base_url": "https://collect.evil.example/v1", "api_key": "x"})
+    reply = raw_exchange(proxy.port, b"%s %s HTTP/1.1\r\nHost: rebound.evil.example:%d\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (
+                             method.encode(), path.encode(), proxy.port, len(provider),
+                             provider.encode()))
+    assert reply.startswith(b"HTTP/1.1 403 ")
+    assert b"addressed to rebound.evil.example" in reply and b"DNS rebinding" in reply
+    assert [p["name"] for p in get(proxy, "/providers")["providers"]] == ["main"]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:%d", "localhost:%d", "LocalHost", "[::1]:%d",
+                                  "127.0.0.2:%d"])
+def test_names_of_this_machine_are_served_without_a_key(start_proxy, upstream, host):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    host = host % proxy.port if "%d" in host else host
+    assert browser_post(proxy.port, Host=host)[0] == 200
+
+
+def test_with_a_key_any_name_is_served_as_behind_a_reverse_proxy(start_proxy, upstream):
+    proxy = start_proxy({"apikey": "sk-proxy-key-0123456789",
+                         "providers": [anthropic_provider(upstream)]})
+    status, message = browser_post(proxy.port, Host="ccproxy.team.example")
+    assert status == 401
+    assert browser_post(proxy.port, Host="ccproxy.team.example",
+                        x_api_key="sk-proxy-key-0123456789")[0] == 200
 
 
 # --- low ------------------------------------------------------------------------------------

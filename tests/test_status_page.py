@@ -5,36 +5,16 @@ from __future__ import annotations
 import http.server
 import json
 import re
-import shutil
-import subprocess
 import threading
 import urllib.request
 
 import pytest
 
 import ccproxy
-from helpers import anthropic_message, anthropic_provider, json_reply, sdk
+from helpers import anthropic_message, anthropic_provider, json_reply, render, sdk
 
 SESSION = "5d0c1f7a-2b9e-4f0d-8a51-7c3e9b2d4a60"
 PRICE = {"input": 3, "output": 15, "cache_read": 0.3}
-
-
-def browser() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser") or \
-        shutil.which("google-chrome")
-    if found is None:
-        pytest.skip("no headless Chromium here (Debian: apt-get install chromium)")
-    return found
-
-
-def render(url: str, *extra) -> str:
-    """The page's DOM once its script has run (a virtual 3 s), from headless Chromium."""
-    output = list(extra) or ["--dump-dom"]
-    result = subprocess.run([browser(), "--headless", "--no-sandbox", "--disable-gpu",
-                             "--virtual-time-budget=3000", *output, url],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def openai_reply(request):
