@@ -3863,9 +3863,10 @@ async def handle_root(app: ProxyApp, request: Request, conn) -> Response:
 
 
 # The status page: one file, no external assets; its script fills it from /status every 5 s,
-# with textContent only (a provider's error text is never markup).
+# with textContent only (a provider's error text is never markup). No page may frame it (its
+# key form under another page's disguise).
 STATUS_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                      "connect-src 'self'")
+                      "connect-src 'self'; frame-ancestors 'none'")
 STATUS_PAGE = br"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -181,4 +181,5 @@ def test_a_plain_client_still_gets_json_at_the_root(busy_proxy):
     page = urllib.request.urlopen(urllib.request.Request(busy_proxy.url + "/", headers={
         "accept": "text/html"}))
     assert page.headers["content-type"] == "text/html; charset=utf-8"
-    assert "default-src 'none'" in page.headers["content-security-policy"]
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
