@@ -2785,6 +2785,9 @@ class ClientConnection:
         self._reader = reader
         self._writer = writer
         self._peer = parse_peer_address(writer.get_extra_info("peername"))
+        self._peer_user = loopback_peer_user(
+            writer.get_extra_info("sockname"), writer.get_extra_info("peername")) if (
+            self._peer is not None and self._peer.is_loopback) else None
         self._deadline = Deadline(asyncio.get_running_loop(), self._expire)
         self._timeout_error = None    # makes what a client out of time is told, if anything
         self._body_deadline = 0.0
@@ -2883,7 +2886,7 @@ class ClientConnection:
                 request.record = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
                 client = check_access(app.config, self._peer, request,
-                                      endpoint in MANAGEMENT_HANDLERS)
+                                      endpoint in MANAGEMENT_HANDLERS, self._peer_user)
                 if client is not None:
                     request.record["client"] = client
                 app.check_rate(self._peer, request)
@@ -3099,6 +3102,46 @@ def names_loopback(host: str) -> bool:
         return host.lower().rstrip(".") == "localhost"
 
 
+# Linux's socket table, asked as `ss` asks it: one socket by its addresses (sock_diag).
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST = 4, 20, 1
+INET_DIAG_NO_COOKIE = 0xFFFFFFFF
+INET_DIAG_UID_OFFSET = 80          # netlink header (16), inet_diag_msg's uid after 64 bytes
+
+
+def loopback_peer_user(sockname, peername) -> int | None:
+    """The user id of the program at the other end of a loopback TCP connection, from Linux's
+    socket table (about 8 µs); None on other systems, or when the kernel does not say."""
+    if not hasattr(socket, "AF_NETLINK") or not sockname or not peername:
+        return None
+    unmapped = [address[7:] if address.startswith("::ffff:") and "." in address else address
+                for address in (peername[0], sockname[0])]
+    family = socket.AF_INET6 if ":" in unmapped[0] else socket.AF_INET
+    try:
+        client, server = (socket.inet_pton(family, address) for address in unmapped)
+        request = struct.pack("=BBBBL", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + (
+            struct.pack("!HH16s16s", peername[1], sockname[1], client, server)) + (
+            struct.pack("=LLL", 0, INET_DIAG_NO_COOKIE, INET_DIAG_NO_COOKIE))
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as table:
+            table.settimeout(1)
+            table.send(struct.pack("=LHHLL", 16 + len(request), SOCK_DIAG_BY_FAMILY,
+                                   NLM_F_REQUEST, 1, 0) + request)
+            answer = table.recv(8192)
+    except (OSError, ValueError):
+        return None
+    if len(answer) < INET_DIAG_UID_OFFSET + 4 or answer[4:6] != struct.pack(
+            "=H", SOCK_DIAG_BY_FAMILY):
+        return None
+    return struct.unpack_from("=L", answer, INET_DIAG_UID_OFFSET)[0]
+
+
+def another_users_program(config: Config, peer_user: int | None) -> bool:
+    """Whether a loopback client of a proxy without client keys runs as another user of this
+    machine (not ccproxy's user, not root): on a shared machine, everyone else's programs
+    could otherwise spend the user's credits and change where their prompts go."""
+    own = os.geteuid() if hasattr(os, "geteuid") else None
+    return not config.client_keys_in_use and peer_user not in (None, 0, own)
+
+
 def client_keys_presented(headers: Headers) -> list:
     """The keys the client presented: x-api-key, then Authorization: Bearer. Claude Code sends
     both when its settings have an apiKeyHelper (the helper's key as x-api-key, the proxy's
@@ -3109,7 +3152,8 @@ def client_keys_presented(headers: Headers) -> list:
     return [key for key in keys if key]
 
 
-def check_access(config: Config, peer, request: Request, management: bool = False):
+def check_access(config: Config, peer, request: Request, management: bool = False,
+                 peer_user: int | None = None):
     """Admit the request or raise: allow-list, then the loopback rule or the proxy's keys.
     Returns the client_keys name of the key presented (None for the apikey, or no key).
 
@@ -3129,6 +3173,11 @@ def check_access(config: Config, peer, request: Request, management: bool = Fals
     if not accepted and not peer.is_loopback:
         raise PermissionDeniedError("ccproxy serves only loopback clients when no apikey is "
                                     "configured; set apikey to accept %s" % peer)
+    if another_users_program(config, peer_user):
+        raise PermissionDeniedError(
+            "without an apikey ccproxy serves only the programs of the user it runs as (and "
+            "root); this client runs as user %d: set apikey (or client_keys) to serve the other "
+            "users of this machine" % peer_user)
     if management and config.admin_key:
         check_key(request, {"": config.admin_key}, lambda: "the admin_key")
     elif management and not peer.is_loopback:

@@ -642,6 +642,96 @@ def test_with_a_key_any_name_is_served_as_behind_a_reverse_proxy(start_proxy, up
                         x_api_key="sk-proxy-key-0123456789")[0] == 200
 
 
+# --- 10. the other users of a shared machine -----------------------------------------------
+
+LINUX_ROOT = sys.platform.startswith("linux") and hasattr(os, "fork") and os.geteuid() == 0
+
+
+def exchange_as(user: int, port: int, request: bytes) -> bytes:
+    """What ccproxy answers a request a program of another user of this machine sends (a child
+    process that becomes that user: the interpreter's own folder may be closed to it)."""
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:                                   # only system calls until _exit
+        try:
+            os.setgid(user)
+            os.setuid(user)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(request)
+                while True:
+                    piece = sock.recv(65536)
+                    if not piece:
+                        break
+                    os.write(writing, piece)
+        finally:
+            os._exit(0)
+    os.close(writing)
+    answer = b""
+    while True:
+        piece = os.read(reading, 65536)
+        if not piece:
+            break
+        answer += piece
+    os.close(reading)
+    os.waitpid(child, 0)
+    return answer
+
+
+def message_request(path=b"/v1/messages", body=A_MESSAGE, key=b"") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n%sContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (path, b"x-api-key: %s\r\n" % key if key else b"", len(body), body))
+
+
+@pytest.mark.skipif(not LINUX_ROOT, reason="needs Linux, and root to act as another user")
+@pytest.mark.parametrize("path, body", [
+    pytest.param(b"/v1/messages", A_MESSAGE, id="a message"),
+    pytest.param(b"/providers", json.dumps({"name": "theirs", "type": "openai", "api_key": "x",
+                                            "api_base_url": "https://collect.evil.example/v1"}
+                                           ).encode(), id="a provider of theirs")])
+def test_another_user_of_the_machine_is_refused_without_a_key(tmp_path, upstream, path, body):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"port": 0, "providers": [anthropic_provider(upstream)]}))
+    proxy = RunningProxy(ccproxy.load_config(str(config), {}))
+    try:
+        answer = exchange_as(65534, proxy.port, message_request(path, body))
+        assert answer.startswith(b"HTTP/1.1 403 ")
+        assert b"this client runs as user 65534: set apikey" in answer
+        assert upstream.requests == [] and "theirs" not in config.read_text()
+        assert exchange_as(0, proxy.port, message_request()).startswith(b"HTTP/1.1 200 ")
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.skipif(not LINUX_ROOT, reason="needs Linux, and root to act as another user")
+def test_with_a_key_another_user_of_the_machine_is_served(start_proxy, upstream):
+    proxy = start_proxy({"apikey": "sk-proxy-key-0123456789",
+                         "providers": [anthropic_provider(upstream)]})
+    answer = exchange_as(65534, proxy.port, message_request(key=b"sk-proxy-key-0123456789"))
+    assert answer.startswith(b"HTTP/1.1 200 ") and len(upstream.requests) == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's socket table")
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
+                                          (socket.AF_INET6, "::")])
+def test_the_user_at_the_other_end_of_a_loopback_connection(family, host):
+    try:
+        server = socket.socket(family)
+        server.bind((host, 0))
+    except OSError:
+        pytest.skip("no %s here" % host)
+    with server:
+        server.listen()
+        client_host = "127.0.0.1" if host == "::" else host          # an IPv4-mapped peer
+        with socket.create_connection((client_host, server.getsockname()[1])) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                assert ccproxy.loopback_peer_user(accepted.getsockname(),
+                                                  accepted.getpeername()) == os.geteuid()
+                assert ccproxy.loopback_peer_user(accepted.getsockname(),
+                                                  client.getsockname()[:1] + (1,)) is None
+
+
 # --- low ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, problem", [
