@@ -3142,6 +3142,13 @@ def another_users_program(config: Config, peer_user: int | None) -> bool:
     return not config.client_keys_in_use and peer_user not in (None, 0, own)
 
 
+def host_name(host: str) -> str:
+    """The name or address in a Host header: no brackets, no port."""
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def client_keys_presented(headers: Headers) -> list:
     """The keys the client presented: x-api-key, then Authorization: Bearer. Claude Code sends
     both when its settings have an apiKeyHelper (the helper's key as x-api-key, the proxy's
@@ -3194,11 +3201,19 @@ def refuse_other_web_pages(headers: Headers) -> None:
     (a plain-text POST needs no CORS preflight). Browsers say so in Origin and Sec-Fetch-Site;
     other clients send neither. ccproxy's own status page is the same origin."""
     origin, site = headers.get("origin"), headers.get("sec-fetch-site", "")
-    if site.lower() in ("cross-site", "same-site") or origin is not None and (
-            urllib.parse.urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+    if site.lower() in ("cross-site", "same-site") or origin is not None and not same_origin(
+            origin, headers.get("host")):
         raise PermissionDeniedError("ccproxy does not answer requests a web page sends from "
                                     "another origin (%s): only its own status page may use it "
                                     "from a browser" % (origin or "sec-fetch-site: " + site))
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """Whether an Origin header names the address the request was sent to (its Host)."""
+    try:
+        return bool(host) and urllib.parse.urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:                                   # "http://[": no URL at all
+        return False
 
 
 def refuse_other_host_names(config: Config, headers: Headers) -> None:
@@ -3207,11 +3222,8 @@ def refuse_other_host_names(config: Config, headers: Headers) -> None:
     the browser, so it could read ccproxy's answers and change its providers; and a reverse
     proxy passing its public name would serve everyone with no key."""
     host = headers.get("host")
-    try:
-        name = urllib.parse.urlsplit("//" + host).hostname or "" if host is not None else None
-    except ValueError:
-        name = ""
-    if name is not None and not names_loopback(name) and name != config.host.lower():
+    name = host_name(host) if host is not None else None
+    if name is not None and not names_loopback(name) and name.lower() != config.host.lower():
         raise PermissionDeniedError(
             "the request is addressed to %s, not to this machine: without apikey or client_keys "
             "ccproxy answers only requests to localhost or a loopback address (a guard against "

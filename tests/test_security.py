@@ -625,6 +625,34 @@ def test_a_name_pointed_at_this_machine_by_dns_rebinding_is_refused(request, tmp
     assert [p["name"] for p in get(proxy, "/providers")["providers"]] == ["main"]
 
 
+HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FF), max_size=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(host=st.one_of(st.none(), HEADER_TEXT, st.sampled_from(
+           ["127.0.0.1:1", "[::1]:2", "localhost", "evil@127.0.0.1", "[::1", "127.0.0.1/x"])),
+       origin=st.one_of(st.none(), HEADER_TEXT, st.sampled_from(
+           ["http://127.0.0.1:1", "http://[", "https://[::1]:2", "null", ""])),
+       site=st.one_of(st.none(), st.sampled_from(["same-origin", "none", "cross-site"])),
+       keys=st.booleans())
+def test_any_host_origin_or_fetch_site_is_admitted_or_a_403_never_a_crash(host, origin, site,
+                                                                           keys):
+    config = ccproxy.build_config({"apikey": "sk-proxy-key-0123456789"} if keys else {}, "c", {})
+    sent = {"host": host, "origin": origin, "sec-fetch-site": site,
+            "x-api-key": "sk-proxy-key-0123456789"}
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers(
+        [(name, value) for name, value in sent.items() if value is not None]))
+    try:
+        ccproxy.check_access(config, ccproxy.parse_peer_address(("127.0.0.1", 1)), request)
+    except ccproxy.PermissionDeniedError:
+        return
+    assert site != "cross-site"
+    assert origin is None or host and origin.lower() in ("http://" + host.lower(),
+                                                         "https://" + host.lower())
+    assert keys or host is None or ccproxy.names_loopback(ccproxy.host_name(host))
+    assert keys or host is None or "@" not in host and "/" not in host
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1:%d", "localhost:%d", "LocalHost", "[::1]:%d",
                                   "127.0.0.2:%d"])
 def test_names_of_this_machine_are_served_without_a_key(start_proxy, upstream, host):
