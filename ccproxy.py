@@ -5788,6 +5788,23 @@ MEDIA_REFUSALS = ((IMAGES_REFUSED_RE, "Could not process image", "images"),
                   (PDFS_REFUSED_RE, "Could not process PDF", "PDFs"))
 
 
+# Groq's refusal of a tool call its own model wrote wrongly ("Failed to call a function. Please
+# adjust your prompt", code tool_use_failed): a 400 to a whole request, an error event in a
+# stream. The request was sound and that answer was not; asked again, it usually succeeds.
+UNREADABLE_CALL_RE = re.compile(r"Failed to call a function\. Please adjust your prompt", re.I)
+
+
+def unreadable_call(error: ProxyError, provider: Provider) -> ProxyError:
+    """A provider's refusal of its model's own malformed tool call as a failure worth asking
+    again (a 502: retried, then the next candidate, then Claude Code's own retries); any other
+    error as it is."""
+    if not UNREADABLE_CALL_RE.search(error.message):
+        return error
+    return UpstreamError("%s: the model wrote a tool call that %s could not read "
+                         "(tool_use_failed); the same request usually succeeds when asked "
+                         "again: %s" % (provider.name, provider.name, error.message))
+
+
 def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool) -> Response:
     """Raise a translated provider's error, reworded where Claude Code needs Anthropic's words
     ("prompt is too long", which it answers by compacting; "Could not process image" or "PDF",
@@ -5796,6 +5813,7 @@ def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool
     message that stopped at max_tokens."""
     if isinstance(error, RelayedError):
         raise error
+    error = unreadable_call(error, context.provider)
     for words, anthropics, what in MEDIA_REFUSALS:        # a retry would be refused again
         if words.search(error.message):
             raise InvalidRequestError("%s: %s refused the request's %s (%s)" % (
@@ -7926,7 +7944,7 @@ def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
     if isinstance(code, int) and 400 <= code < 600:
         status = CLIENT_STATUS_BY_UPSTREAM_STATUS.get(code, 500 if code >= 500 else 400)
     message = "%s: %s" % (provider.name, error.get("message") or json.dumps(error))
-    return error_for_status(status, provider.masker.text(message))
+    return unreadable_call(error_for_status(status, provider.masker.text(message)), provider)
 
 
 PLAIN_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "choices", "usage",

@@ -1201,6 +1201,61 @@ def test_a_request_larger_than_the_plan_takes_goes_to_the_next_provider(start_pr
     assert [r["json"]["model"] for r in upstream.requests] == ["small", "large"]
 
 
+# Groq's refusal of a tool call its model wrote wrongly: a 400 to a whole request, an error
+# event in a stream (as public reports show them).
+GROQ_CALL_FAILED = {"message": "Failed to call a function. Please adjust your prompt. See "
+                               "'failed_generation' for more details.",
+                    "type": "invalid_request_error", "code": "tool_use_failed",
+                    "failed_generation": "<function=Bash>{\"command\": \"ls\"}</function>"}
+
+
+def groq_refusing_first_call(stream):
+    """A Groq that refuses the model's first tool call, and answers the request asked again."""
+    def answer(request):
+        if len(upstream_calls) == 0:
+            upstream_calls.append(request)
+            if stream:
+                return stream_reply([b"event: error\ndata: %s\n\n" % json.dumps(
+                    {"error": dict(GROQ_CALL_FAILED, status_code=400)}).encode()])
+            return json_reply({"error": GROQ_CALL_FAILED}, 400)
+        upstream_calls.append(request)
+        if stream:
+            return stream_reply(sse_pieces([chunk({"content": "listed"}, "stop")]))
+        return json_reply(completion({"content": "listed"}))
+    upstream_calls = []
+    return answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_groq_could_not_read_is_asked_again(start_proxy, upstream, stream):
+    """The request was sound and the model's answer was not: asking again usually works, so it
+    is retried like a server's failure, whether streamed or not (Claude Code falls back to a
+    whole request when a stream fails, and a 400 there ended the turn)."""
+    proxy = start_proxy({"providers": [preset_provider("groq", upstream)],
+                         "performance": {"max_retries": 2}})
+    upstream.script = groq_refusing_first_call(stream)
+    message = answer_of(sdk(proxy), stream, **REQUEST)
+    assert block_dicts(message) == [{"type": "text", "text": "listed"}]
+    assert len(upstream.requests) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_groq_never_reads_is_a_retryable_502_that_says_why(start_proxy, upstream,
+                                                                        stream):
+    proxy = start_proxy({"providers": [preset_provider("groq", upstream)],
+                         "performance": {"max_retries": 0}})
+    upstream.script = lambda r: stream_reply([b"event: error\ndata: %s\n\n" % json.dumps(
+        {"error": dict(GROQ_CALL_FAILED, status_code=400)}).encode()]) if stream else json_reply(
+        {"error": GROQ_CALL_FAILED}, 400)
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        answer_of(sdk(proxy), stream, **REQUEST)
+    assert caught.value.status_code == 502
+    assert caught.value.body["error"]["type"] == "api_error"
+    assert caught.value.body["error"]["message"].startswith(
+        "groq: the model wrote a tool call that groq could not read (tool_use_failed); the same "
+        "request usually succeeds when asked again: ")
+
+
 def test_free_model_requests_of_the_day_spent_are_a_final_429(start_proxy, upstream):
     proxy = start_proxy({"providers": [preset_provider("openrouter", upstream)],
                          "performance": {"max_retries": 2}})
