@@ -3095,11 +3095,13 @@ def parse_peer_address(peername):
 
 
 def names_loopback(host: str) -> bool:
-    """Whether a host name or address (no brackets, no port) is this machine's loopback."""
+    """Whether a host name or address (no brackets, no port) is this machine's loopback:
+    a loopback address, localhost, or a name under it (RFC 6761; browsers never ask DNS)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host.lower().rstrip(".") == "localhost"
+        name = host.lower().rstrip(".")
+        return name == "localhost" or name.endswith(".localhost")
 
 
 # Linux's socket table, asked as `ss` asks it: one socket by its addresses (sock_diag).

@@ -654,7 +654,7 @@ def test_any_host_origin_or_fetch_site_is_admitted_or_a_403_never_a_crash(host, 
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:%d", "localhost:%d", "LocalHost", "[::1]:%d",
-                                  "127.0.0.2:%d"])
+                                  "127.0.0.2:%d", "ccproxy.localhost"])
 def test_names_of_this_machine_are_served_without_a_key(start_proxy, upstream, host):
     proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
     host = host % proxy.port if "%d" in host else host

@@ -433,7 +433,8 @@ def test_a_provider_on_this_machine_is_never_called_through_a_proxy(
 
 @pytest.mark.parametrize("host, loopback", [
     ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("localhost", True),
-    ("LOCALHOST.", True), ("10.0.0.1", False), ("::2", False), ("localhost.example", False),
+    ("LOCALHOST.", True), ("ccproxy.localhost", True), ("10.0.0.1", False), ("::2", False),
+    ("localhost.example", False), ("evil-localhost", False),
     ("", False), ("0.0.0.0", False)])
 def test_which_hosts_are_this_machines_loopback(host, loopback):
     assert ccproxy.names_loopback(host) is loopback
