@@ -4,6 +4,7 @@ JSON changed anywhere for hypothesis. Fixtures built on them live in conftest.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -595,3 +596,29 @@ def render(url: str, *extra) -> str:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
+
+
+@contextlib.contextmanager
+def page_server(pages: dict, visits: list = None):
+    """A loopback web server for the browser tests, serving path -> (body, content type) and
+    appending each path asked for to visits; yields its port."""
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            (visits if visits is not None else []).append(self.path)
+            body, kind = pages.get(self.path, (b"", "text/plain"))
+            self.send_response(200)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,7 +2,6 @@
 hypothesis fuzzing of everything that ends up in a header line."""
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
@@ -11,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 
@@ -21,8 +19,8 @@ from hypothesis import given, settings, strategies as st
 
 import ccproxy
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     open_stream, raw_exchange, RawProvider, read_to_end, render, Reply, REPO,
-                     RunningProxy, sdk, stream_reply, wait_until)
+                     open_stream, page_server, raw_exchange, RawProvider, read_to_end, render,
+                     Reply, REPO, RunningProxy, sdk, stream_reply, wait_until)
 
 KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
 
@@ -578,27 +576,10 @@ def test_a_real_browser_on_another_local_page_reaches_no_provider(start_proxy, u
     page = ("<script>fetch('http://127.0.0.1:%d/v1/messages', {method: 'POST', mode: 'no-cors',"
             " headers: {'content-type': 'text/plain'}, body: '%s'}).finally(() => "
             "fetch('/answered'))</script>" % (proxy.port, A_MESSAGE.decode())).encode()
-    answered = threading.Event()
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            answered.set() if self.path == "/answered" else None
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        render("http://localhost:%d/" % server.server_address[1])
-        assert answered.wait(30)
-    finally:
-        server.shutdown()
+    visits = []
+    with page_server({"/": (page, "text/html")}, visits) as port:
+        render("http://localhost:%d/" % port)
+        assert wait_until(lambda: "/answered" in visits, 30)
     assert upstream.requests == []
     assert get(proxy, "/status")["requests"]["by_status"] == {"403": 1}
 

@@ -2,16 +2,14 @@
 providers, and the same usage and cost in /status, /metrics and the status line."""
 from __future__ import annotations
 
-import http.server
 import json
 import re
-import threading
 import urllib.request
 
 import pytest
 
 import ccproxy
-from helpers import anthropic_message, anthropic_provider, json_reply, render, sdk
+from helpers import anthropic_message, anthropic_provider, json_reply, page_server, render, sdk
 
 SESSION = "5d0c1f7a-2b9e-4f0d-8a51-7c3e9b2d4a60"
 PRICE = {"input": 3, "output": 15, "cache_read": 0.3}
@@ -113,25 +111,8 @@ def test_the_page_shows_todays_usage_by_client_key_when_there_are_client_keys(st
     status = urllib.request.urlopen(urllib.request.Request(
         proxy.url + "/status", headers={"x-api-key": keys["bob"]})).read()
     served = {"/": (ccproxy.STATUS_PAGE, "text/html"), "/status": (status, "application/json")}
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body, kind = served[self.path]
-            self.send_response(200)
-            self.send_header("content-type", kind)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        dom = render("http://127.0.0.1:%d/" % server.server_address[1])
-    finally:
-        server.shutdown()
+    with page_server(served) as port:
+        dom = render("http://127.0.0.1:%d/" % port)
     assert re.search(r'<div id="by-client">\s*<h2>Usage today by client key</h2>', dom)
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", dom)]
     assert ["alice", "2", "200", "0", "40", "$0.0012"] in cells
