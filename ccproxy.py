@@ -2785,13 +2785,22 @@ class ClientConnection:
         self._reader = reader
         self._writer = writer
         self._peer = parse_peer_address(writer.get_extra_info("peername"))
-        self._peer_user = loopback_peer_user(
-            writer.get_extra_info("sockname"), writer.get_extra_info("peername")) if (
-            self._peer is not None and self._peer.is_loopback) else None
+        self._peer_user_found = None      # (user id or None), once asked
         self._deadline = Deadline(asyncio.get_running_loop(), self._expire)
         self._timeout_error = None    # makes what a client out of time is told, if anything
         self._body_deadline = 0.0
         self.busy = False             # a request is being served
+
+    def _peer_user(self) -> int | None:
+        """The user a loopback client runs as, when that decides access (no client keys) and
+        the system says: asked of the kernel once per connection, and only then."""
+        if self._app.config.client_keys_in_use or self._peer is None \
+                or not self._peer.is_loopback:
+            return None
+        if self._peer_user_found is None:
+            self._peer_user_found = (loopback_peer_user(
+                self._writer.get_extra_info("sockname"), self._writer.get_extra_info("peername")),)
+        return self._peer_user_found[0]
 
     def close_if_idle(self) -> None:
         """End a connection that waits for its next request (used when draining)."""
@@ -2886,7 +2895,7 @@ class ClientConnection:
                 request.record = {"id": request_id, "started": started}
                 endpoint = find_endpoint(request)
                 client = check_access(app.config, self._peer, request,
-                                      endpoint in MANAGEMENT_HANDLERS, self._peer_user)
+                                      endpoint in MANAGEMENT_HANDLERS, self._peer_user())
                 if client is not None:
                     request.record["client"] = client
                 app.check_rate(self._peer, request)
@@ -3163,11 +3172,14 @@ def client_keys_presented(headers: Headers) -> list:
 
 def check_access(config: Config, peer, request: Request, management: bool = False,
                  peer_user: int | None = None):
-    """Admit the request or raise: allow-list, then the loopback rule or the proxy's keys.
-    Returns the client_keys name of the key presented (None for the apikey, or no key).
+    """Admit the request or raise: web pages, allow-list, then the loopback rule or the
+    proxy's keys. Returns the client_keys name of the key presented (None for the apikey, or
+    no key).
 
-    With no apikey and no client_keys, only loopback peers are served, whatever address is
-    bound. With them, every request but the public ones (/ and /health) must present one.
+    A browser's request for a page of another origin is never served. With no apikey and no
+    client_keys, only loopback peers are served, whatever address is bound: requests addressed
+    to this machine, from programs of ccproxy's own user (peer_user, where the system says).
+    With them, every request but the public ones (/ and /health) must present one.
     Management (changing providers) needs more than a client's key: the admin_key, or without
     one, a loopback peer.
     """
