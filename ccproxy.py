@@ -820,6 +820,9 @@ def file_signature(path: str | None) -> tuple | None:
 #   grok-4.7 low to xhigh, grok-3-mini low and high. Gemini thinkingLevel,
 #   https://ai.google.dev/gemini-api/docs/thinking: low and high on Gemini 3 Pro, with medium on
 #   Gemini 3 Flash; Gemini 2.5 takes a thinkingBudget instead (GEMINI_BUDGET_BY_EFFORT).
+#   Mistral reasoning_effort, https://docs.mistral.ai/capabilities/reasoning/ (checked
+#   2026-12-06): "high" (thinks, and says so) or "none", on mistral-small-latest (Small 4,
+#   mistral-small-2603) and mistral-medium-3-5; "high" is its advice for agents and code.
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 EFFORTS_TO_HIGH = {"low": "low", "medium": "medium", "high": "high"}
 EFFORTS_TO_XHIGH = dict(EFFORTS_TO_HIGH, xhigh="xhigh")
@@ -840,6 +843,9 @@ OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort
                  "cache_retention_models": r"^(gpt-5|gpt-4\.1)"}
 GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
                         (r"^gemini-3", {"low": "low", "high": "high"}))
+# Mistral's models think or not: any effort asked for is its "high".
+MISTRAL_EFFORT_SCALES = ((r"^(mistral-small-(latest|26\d\d)|mistral-medium-3-5)$",
+                          {"low": "high"}),)
 
 
 # What a provider's server accepts; a preset overrides what its server does otherwise.
@@ -944,7 +950,8 @@ PROVIDER_PRESETS = {
     # request models of its SDK, github.com/mistralai/client-python docs/models (2026-06-30).
     "mistral": {"type": "openai", "api_base_url": "https://api.mistral.ai/v1",
                 "quirks": {"tool_id_style": "alnum9", "user_after_tool": False,
-                           "stream_usage": False, "user_field": False}},
+                           "stream_usage": False, "user_field": False,
+                           "reasoning_style": "effort", "effort_scales": MISTRAL_EFFORT_SCALES}},
     "xai": {"type": "openai", "api_base_url": "https://api.x.ai/v1",
             "quirks": {"reasoning_style": "effort", "effort_scales": (
                 (r"^grok-4\.7", EFFORTS_TO_XHIGH),

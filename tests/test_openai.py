@@ -537,6 +537,11 @@ def test_thinking_maps_to_reasoning_effort(thinking, effort):
     ("xai", "grok-4.7", "xhigh", {"reasoning_effort": "xhigh"}),
     ("xai", "grok-3-mini", "medium", {"reasoning_effort": "low"}),
     ("deepseek", "deepseek-chat", "xhigh", {"thinking": {"type": "enabled"}}),
+    ("mistral", "mistral-small-latest", "low", {"reasoning_effort": "high"}),
+    ("mistral", "mistral-small-2603", "max", {"reasoning_effort": "high"}),
+    ("mistral", "mistral-medium-3-5", "medium", {"reasoning_effort": "high"}),
+    ("mistral", "mistral-small-2506", "high", {}),        # Small 3.2: no reasoning_effort
+    ("mistral", "mistral-large-latest", "high", {}),
 ])
 def test_effort_is_mapped_onto_each_providers_own_scale(preset, model, asked, sent):
     request = mapped({"messages": [{"role": "user", "content": "x"}],
@@ -1525,6 +1530,30 @@ def test_mistral_thinking_chunks_become_thinking_when_asked_for():
         {"type": "text", "text": "Yes."}]}), thinking_context)
     assert [(b["type"], b.get("thinking") or b.get("text")) for b in whole["content"]] == [
         ("thinking", "Hm."), ("text", "Yes.")]
+
+
+def test_mistral_small_4_is_asked_to_think_and_its_thinking_comes_back(start_proxy, upstream):
+    """Claude Code asks for adaptive thinking at an effort: Mistral Small 4 takes it as
+    reasoning_effort "high" (a field its API names: the strict mock would refuse another), and
+    its thinking chunks reach the client as a thinking block."""
+    proxy = start_proxy({"providers": [preset_provider("mistral", upstream,
+                                                       models=["mistral-small-latest"])]})
+
+    def answer(request):
+        problem = mistral_problem(request["json"])
+        if problem:
+            return json_reply({"detail": problem}, 422)
+        return stream_reply(sse_pieces([
+            chunk({"role": "assistant", "content": [{"type": "thinking", "thinking": [
+                {"type": "text", "text": "Two and two."}]}]}),
+            chunk({"content": [{"type": "text", "text": "Four."}]}), chunk({}, "stop")]))
+    upstream.script = answer
+    message = answer_of(sdk(proxy), True, **dict(
+        REQUEST, model="mistral-small-latest", max_tokens=4000,
+        thinking={"type": "adaptive"}, extra_body={"output_config": {"effort": "medium"}}))
+    assert upstream.requests[0]["json"]["reasoning_effort"] == "high"
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None))
+            for b in message.content] == [("thinking", "Two and two."), ("text", "Four.")]
 
 
 # --- reasoning that must come back: OpenRouter's reasoning_details ------------------------------
