@@ -11148,8 +11148,9 @@ async def probe_provider(upstream: Upstream, provider: Provider, models) -> Prob
         names = listed_names(protocol, listed)     # Ollama lists "qwen3-coder:latest"
         known = {model: "ok" if {model, model + ":latest"} & names else "not listed"
                  for model in models or ()}
-    if provider.runs_models_itself:
-        known = {model: await ollama_tools_verdict(upstream, provider, model)
+    tools_verdict = tools_check(provider)
+    if tools_verdict is not None:
+        known = {model: await tools_verdict(upstream, provider, model)
                  if verdict == "ok" else verdict for model, verdict in known.items()}
     notes = [await ollama_context_note(upstream, provider, model) if verdict == "ok" else ""
              for model, verdict in known.items()]
@@ -11157,6 +11158,53 @@ async def probe_provider(upstream: Upstream, provider: Provider, models) -> Prob
         known.items(), notes)) or "(none routed here)"
     return ProbeRow(provider.name, "yes", "accepted", latency, shown,
                     any(verdict != "ok" for verdict in known.values()), routed)
+
+
+def tools_check(provider: Provider):
+    """How the probe finds out whether a provider's models can use Claude Code's tools: an
+    Ollama server says so of each model; a server of no preset (vLLM, llama.cpp, LM Studio)
+    is asked to call one; a provider with a preset parses its models' calls (None)."""
+    if provider.runs_models_itself:
+        return ollama_tools_verdict
+    if provider.name.lower() not in PROVIDER_PRESETS and provider.protocol == "openai" \
+            and not provider.quirks["azure"] and not provider.quirks["api"]:
+        return tool_call_verdict
+    return None
+
+
+# How open models write a tool call as text when their server does not parse it (vLLM without
+# the model's --tool-call-parser, llama.cpp without --jinja): Hermes' and Qwen's <tool_call>,
+# Qwen3-Coder's <function=…>, Mistral's [TOOL_CALLS], Llama's <|python_tag|>, DeepSeek's own.
+TEXT_TOOL_CALL_RE = re.compile(r"<tool_call>|<function=|\[TOOL_CALLS\]|<\|python_tag\|>|"
+                               "<\uff5ctool\u2581calls\u2581begin\uff5c>")
+PROBE_TOOL_REQUEST = {"max_tokens": 512, "tools": [{
+    "name": "current_time", "description": "Tells the current time.",
+    "input_schema": {"type": "object", "properties": {}}}], "messages": [{
+        "role": "user", "content": "What time is it? Call current_time to find out."}]}
+
+
+async def tool_call_verdict(upstream: Upstream, provider: Provider, model: str) -> str:
+    """"ok", or what keeps a model of a server of no preset from calling Claude Code's tools,
+    from one request that asks it to call one: the server refuses tools, or gives the call
+    back as text (it does not parse the model's calls: Claude Code would only show them)."""
+    status, answer = await probe_messages(upstream, provider, dict(PROBE_TOOL_REQUEST,
+                                                                   model=model))
+    if isinstance(answer, ProxyError) or status >= 400:
+        words = answer.message if isinstance(answer, ProxyError) else upstream_error_message(
+            answer or b"")
+        fix = next((fix for refusal, fix in TOOLS_REFUSALS if refusal.search(words)), None)
+        return "gives it no tools: " + fix % "routes" if fix else "ok"
+    try:
+        message = dict_of(list_of(dict_of(json.loads(answer)).get("choices"))[0]).get("message")
+    except (ValueError, RecursionError, IndexError):
+        return "ok"
+    text = dict_of(message).get("content")
+    if not dict_of(message).get("tool_calls") and isinstance(text, str) \
+            and TEXT_TOOL_CALL_RE.search(text):
+        return ("writes its tool calls as text, which Claude Code would only show: the server "
+                "does not parse them (vLLM: --enable-auto-tool-choice and the model's "
+                "--tool-call-parser; llama-server: --jinja)")
+    return "ok"
 
 
 async def ollama_tools_verdict(upstream: Upstream, provider: Provider, model: str) -> str:
@@ -11212,14 +11260,21 @@ async def probe_call(upstream: Upstream, provider: Provider, outgoing: UpstreamR
         return 0, error
 
 
+async def probe_messages(upstream: Upstream, provider: Provider, body: dict):
+    """(status, body) of one Messages request to a provider, in its protocol; (0, the
+    ProxyError) when it got no answer."""
+    request = Request("POST", "/v1/messages", "HTTP/1.1", Headers())
+    request.body = json_bytes(body)
+    body = parse_json_body(request)
+    outgoing = protocol_for(provider, body["model"]).messages_request(provider, body["model"],
+                                                                      request, body)
+    return await probe_call(upstream, provider, outgoing)
+
+
 async def probe_model(upstream: Upstream, provider: Provider, model: str) -> str:
     """"ok", or what is wrong, from the smallest Messages request to one model."""
-    request = Request("POST", "/v1/messages", "HTTP/1.1", Headers())
-    request.body = json_bytes({"model": model, "max_tokens": 16,
-                               "messages": [{"role": "user", "content": "ping"}]})
-    body = parse_json_body(request)
-    outgoing = protocol_for(provider, model).messages_request(provider, model, request, body)
-    status, answer = await probe_call(upstream, provider, outgoing)
+    status, answer = await probe_messages(upstream, provider, {
+        "model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "ping"}]})
     if isinstance(answer, ProxyError):
         return answer.message
     message = upstream_error_message(answer or b"") if status >= 400 else ""

@@ -442,14 +442,66 @@ def openai_entry(name, url, **fields):
                  "api_key": "sk-probe-0123456789"}, **fields)
 
 
+def calling_server(answers: dict):
+    """An OpenAI-compatible server of no preset that lists answers' models, and answers a
+    request to each as answers[model] says: "calls" (a parsed tool call), "writes" (a call
+    written as text, as Qwen3-Coder's is under vLLM without its parser), or a Reply."""
+    def script(request):
+        if request["method"] == "GET":
+            return json_reply({"object": "list", "data": [{"id": name} for name in answers]})
+        answer = answers[request["json"]["model"]]
+        if not isinstance(answer, str):
+            return answer
+        message = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "current_time",
+                                                          "arguments": "{}"}}]}
+        if answer == "writes":
+            message = {"role": "assistant", "content": "<tool_call>\n<function=current_time>\n"
+                                                       "</function>\n</tool_call>"}
+        return json_reply({"id": "c", "choices": [{"index": 0, "message": message,
+                                                   "finish_reason": "stop"}]})
+    return script
+
+
 def test_probe_reports_each_provider_and_exits_0_when_routed_ones_work(tmp_path, upstream):
-    upstream.script = lambda r: json_reply({"object": "list", "data": [{"id": "m1"}, {"id": "m2"}]})
+    upstream.script = calling_server({"m1": "calls", "m2": "calls"})
     result, rows = probed(tmp_path, [openai_entry("ok", upstream.url)],
                           {"default": "ok,m1", "think": "ok,m2"})
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"ok +yes +accepted +\d+ ms +m1 ok; m2 ok", rows["ok"])
-    assert [(r["method"], r["path"]) for r in upstream.requests] == [("GET", "/v1/models")]
+    assert [(r["method"], r["path"]) for r in upstream.requests] == [
+        ("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/chat/completions")]
     assert upstream.requests[0]["headers"]["authorization"] == "Bearer sk-probe-0123456789"
+
+
+def test_probe_asks_a_server_of_no_preset_to_call_a_tool(tmp_path, upstream):
+    """vLLM with the wrong --tool-call-parser, or llama.cpp without --jinja, hands the model's
+    call back as text: Claude Code would show it and do nothing, the session's requests all
+    answered 200. The probe asks each routed model to call a tool, and says so beforehand."""
+    upstream.script = calling_server({
+        "parsed": "calls", "qwen3-coder": "writes",
+        "no-jinja": json_reply({"error": {"message": "tools param requires --jinja flag"}}, 500)})
+    result, rows = probed(tmp_path, [openai_entry("local", upstream.url)], {
+        "default": "local,parsed", "think": "local,qwen3-coder", "background": "local,no-jinja"})
+    assert result.returncode == 1
+    assert rows["local"].endswith(
+        "parsed ok; qwen3-coder writes its tool calls as text, which Claude Code would only show: "
+        "the server does not parse them (vLLM: --enable-auto-tool-choice and the model's "
+        "--tool-call-parser; llama-server: --jinja); no-jinja gives it no tools: start "
+        "llama-server with --jinja (or pick another model in routes)"), rows
+    asked = [r["json"] for r in upstream.requests if r["method"] == "POST"]
+    assert [b["tools"][0]["function"]["name"] for b in asked] == ["current_time"] * 3
+    assert "tool_choice" not in asked[0] or asked[0]["tool_choice"] == "auto"
+
+
+def test_probe_asks_no_model_of_a_preset_to_call_a_tool(tmp_path, upstream):
+    upstream.script = calling_server({"llama-3.3-70b-versatile": "writes"})
+    groq = {k: v for k, v in openai_entry("groq", upstream.url).items() if k != "type"}
+    result, rows = probed(tmp_path, [groq],
+                          {"default": "groq,llama-3.3-70b-versatile"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["method"] for r in upstream.requests] == ["GET"]
 
 
 def test_a_model_list_of_any_shape_is_read_for_the_names_it_holds(tmp_path, upstream):
@@ -560,8 +612,9 @@ def test_probe_without_a_model_list_sends_each_routed_model_the_smallest_request
     assert result.returncode == 1
     assert re.search(r"real ok; fake missing \(HTTP 404: model 'fake' not found\)$", rows["p"])
     sent = [r["json"] for r in upstream.requests if r["method"] == "POST"]
-    assert [(b["model"], b["max_tokens"], b["messages"]) for b in sent] == [
+    assert [(b["model"], b["max_tokens"], b["messages"]) for b in sent[:2]] == [
         (m, 16, [{"role": "user", "content": "ping"}]) for m in ("real", "fake")]
+    assert [(b["model"], "tools" in b) for b in sent[2:]] == [("real", True)]  # asked to call
 
 
 # --- any value in any place: taken, or refused naming the file and the key ----------------------
