@@ -877,6 +877,7 @@ PROVIDER_QUIRKS = {
     "cache_retention_models": None,  # model ids (regex) that keep a cache 24 hours when asked
     "reports_cost": False,      # usage.cost is what the answer cost (note_reported_cost)
     "loaded_windows": False,    # /api/ps says each loaded model's context length (Ollama's)
+    "thought_signatures": False,    # calls carry Gemini's thought signature (its OpenAI API)
 }
 
 # What a server that copies Anthropic's Messages API lacks, as its preset says (each key's
@@ -1559,6 +1560,9 @@ def provider_quirks(fields: dict, preset: dict) -> dict:
     if fields["type"] == "azure":
         quirks.update(OPENAI_QUIRKS, azure={"api_version": fields["api_version"],
                                             "deployments": fields["deployments"]})
+    if fields["type"] == "openai" and (urllib.parse.urlsplit(fields["api_base_url"]).hostname
+                                       or "").endswith(".googleapis.com"):
+        quirks["thought_signatures"] = True       # Gemini's OpenAI-compatible API
     if fields["api"] is not None:
         quirks["api"] = fields["api"]
     if fields["responses_models"] is not None:
@@ -6432,6 +6436,21 @@ def thinking_signature(provider_name: str) -> str:
     return PROXY_SIGNATURE_PREFIX + provider_name
 
 
+# A Gemini model's thought signature for a call rides to the client on an empty thinking block
+# before the call, and back: in Gemini's own API and in its OpenAI-compatible one. A turn's
+# first call without one gets Google's documented placeholder
+# (https://ai.google.dev/gemini-api/docs/thought-signatures).
+GEMINI_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "gemini."
+GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"
+
+
+def gemini_signature_of(signature) -> str | None:
+    """The Gemini thought signature a thinking block's signature carries, or None."""
+    if isinstance(signature, str) and signature.startswith(GEMINI_SIGNATURE_PREFIX):
+        return signature[len(GEMINI_SIGNATURE_PREFIX):]
+    return None
+
+
 TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
@@ -7319,7 +7338,7 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
     """An assistant turn: text joined, tool_use as tool_calls, thinking dropped (another
     provider's signed or redacted thinking means nothing here) or replayed, server tools'
     blocks as the text of what they asked and found."""
-    texts, calls, thoughts, details = [], [], [], []
+    texts, calls, thoughts, details, signature = [], [], [], [], None
     for position, block in enumerate(blocks):
         kind = block.get("type")
         readable = server_block_text(block) if kind in SERVER_BLOCK_TYPES else None
@@ -7331,14 +7350,12 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
         elif kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
             texts.append(block["text"])
         elif kind == "tool_use":
-            arguments = COMPACT_JSON_TEXT(block.get("input") or {})
-            calls.append({"id": openai_tool_id(str(block.get("id", "")), quirks["tool_id_style"]),
-                          "type": "function",
-                          "function": {"name": openai_tool_name(str(block.get("name", ""))),
-                                       "arguments": arguments}})
+            calls.append(openai_tool_call(block, quirks, signature, first=not calls))
+            signature = None
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
             thoughts.append(block["thinking"])
             details += reasoning_details_of(block.get("signature"))
+            signature = gemini_signature_of(block.get("signature")) or signature
     if not texts and not calls:
         return None
     message = {"role": "assistant", "content": "\n".join(texts) or None}
@@ -7349,6 +7366,19 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
         if quirks["reasoning_replay"]:
             message["reasoning_content"] = "".join(thoughts)
     return message
+
+
+def openai_tool_call(block: dict, quirks: dict, signature: str | None, first: bool) -> dict:
+    """A tool_use block as a tool call; to Gemini's OpenAI-compatible API, with the thought
+    signature it came with, and a turn's first call with one in any case."""
+    call = {"id": openai_tool_id(str(block.get("id", "")), quirks["tool_id_style"]),
+            "type": "function",
+            "function": {"name": openai_tool_name(str(block.get("name", ""))),
+                         "arguments": COMPACT_JSON_TEXT(block.get("input") or {})}}
+    if quirks["thought_signatures"] and (signature or first):
+        call["extra_content"] = {"google": {
+            "thought_signature": signature or GEMINI_SKIP_SIGNATURE}}
+    return call
 
 
 def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list:
@@ -7731,7 +7761,12 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
         content.append({"type": "text", "text": refusal})
     calls = openai_calls(message)
     whole = choice.get("finish_reason") != "length"        # cut calls are not mended
-    content += [anthropic_tool_use(call, context, whole) for call in calls]
+    for call in calls:
+        signature = google_signature(call)
+        if signature:                       # Gemini's OpenAI-compatible API: it must come back
+            content.append({"type": "thinking", "thinking": "",
+                            "signature": GEMINI_SIGNATURE_PREFIX + signature})
+        content.append(anthropic_tool_use(call, context, whole))
     results, citations = openai_search_results(message.get("annotations"), text)
     text_blocks = [block for block in content if block["type"] == "text"]
     if citations and text_blocks:
@@ -7745,6 +7780,12 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
         else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
     note_reported_cost(data.get("usage"), context)
     return new_message(context.model, content, stop_reason, usage, stop_sequence)
+
+
+def google_signature(call: dict) -> str:
+    """The thought signature Gemini's OpenAI-compatible API gives a tool call, or ""."""
+    return str_of(dict_of(dict_of(call.get("extra_content")).get("google")).get(
+        "thought_signature"))
 
 
 def openai_choice(data, provider: Provider) -> dict:
@@ -8129,8 +8170,10 @@ class OpenAIStreamTranslator:
             arguments = JSON_TEXT(arguments)
         state = self._calls.get(key)
         if state is None:
-            state = self._calls[key] = {"id": None, "name": None, "arguments": [], "sent": False}
+            state = self._calls[key] = {"id": None, "name": None, "arguments": [], "sent": False,
+                                        "signature": ""}
         state["id"] = state["id"] or call.get("id")
+        state["signature"] = state["signature"] or google_signature(call)
         state["name"] = state["name"] or function.get("name") or None
         if isinstance(arguments, str) and arguments:
             if self._emit.open == key:
@@ -8159,6 +8202,9 @@ class OpenAIStreamTranslator:
     def _start_call(self, key) -> None:
         state = self._calls[key]
         state["sent"] = True
+        if state["signature"]:              # Gemini's OpenAI-compatible API: it must come back
+            self._emit.thinking("")
+            self._emit.signature = GEMINI_SIGNATURE_PREFIX + state["signature"]
         self._emit.open_tool(key, tool_use_id(state["id"]),
                              self._context.tool_name(state["name"] or "unknown_tool"))
         if state["arguments"]:
@@ -8539,8 +8585,6 @@ RESPONSES_EVENT_HANDLERS = {
 # 9.5 Gemini
 # -----------------------------------------------------------------------------
 
-GEMINI_SIGNATURE_PREFIX = PROXY_SIGNATURE_PREFIX + "gemini."
-GEMINI_SKIP_SIGNATURE = "skip_thought_signature_validator"   # Google's documented placeholder
 GEMINI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.:-]{0,63}$")
 GEMINI_SCHEMA_KEYS = ("description", "title", "nullable", "minimum", "maximum", "minItems",
                       "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
@@ -8675,9 +8719,7 @@ def gemini_model_parts(blocks, calls: list, where: str) -> list:
         if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
             parts.append({"text": block["text"]})
         elif kind == "thinking":
-            mark = str(block.get("signature", ""))
-            if mark.startswith(GEMINI_SIGNATURE_PREFIX):
-                signature = mark[len(GEMINI_SIGNATURE_PREFIX):]
+            signature = gemini_signature_of(block.get("signature")) or signature
         elif kind == "tool_use":
             name = gemini_tool_name(str(block.get("name", "")))
             part = {"functionCall": {"name": name, "args": block.get("input") or {}}}

@@ -1556,6 +1556,92 @@ def test_mistral_small_4_is_asked_to_think_and_its_thinking_comes_back(start_pro
             for b in message.content] == [("thinking", "Two and two."), ("text", "Four.")]
 
 
+# --- Gemini's OpenAI-compatible API: thought signatures on tool calls ---------------------------
+# Gemini 3 refuses a history whose calls lack the signature it gave them ("Function call is
+# missing a thought_signature in functionCall parts"), the error peers' users report most with
+# Gemini; its OpenAI-compatible API carries it as extra_content.google.thought_signature.
+
+GEMINI_OPENAI_URL = "http://generativelanguage.googleapis.com/v1beta/openai"
+CALL_HISTORY = [{"role": "user", "content": "list"}]
+CALLED = {"id": "call_1", "type": "function", "function": {"name": "Bash",
+                                                           "arguments": '{"command":"ls"}'}}
+
+
+def gemini_openai(stream):
+    """A Gemini behind its OpenAI-compatible API: a signed call to the first request, and to
+    the next a 400 unless the call comes back with its signature (Gemini 3's rule)."""
+    def answer(request):
+        calls = [c for m in request["json"]["messages"] for c in m.get("tool_calls", ())]
+        if calls and calls[0].get("extra_content") != {"google": {"thought_signature": "SIG-1"}}:
+            return json_reply([{"error": {"code": 400, "status": "INVALID_ARGUMENT", "message":
+                                          "Function call is missing a thought_signature in "
+                                          "functionCall parts."}}], 400)
+        if calls:
+            reply = {"content": "listed"}
+        else:
+            reply = {"content": None, "tool_calls": [dict(
+                CALLED, index=0, extra_content={"google": {"thought_signature": "SIG-1"}})]}
+        if stream:
+            return stream_reply(sse_pieces([chunk(dict(reply, role="assistant"),
+                                                  "tool_calls" if not calls else "stop")]))
+        return json_reply(completion(reply, "tool_calls" if not calls else "stop"))
+    return answer
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_gemini_openai_thought_signatures_go_to_the_client_and_back(start_proxy, upstream,
+                                                                    monkeypatch, stream):
+    """Reached through a forward proxy on this machine (by name, never resolved), so that the
+    provider is Google's host; the SDK itself goes straight to ccproxy."""
+    monkeypatch.setenv("HTTP_PROXY", upstream.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    proxy = start_proxy({"providers": [{"name": "gem", "type": "openai", "api_key": "g-0123456789",
+                                        "api_base_url": GEMINI_OPENAI_URL}]})
+    upstream.script = gemini_openai(stream)
+    tools = [{"name": "Bash", "input_schema": {"type": "object"}}]
+    first = answer_of(sdk(proxy), stream, model="gemini-3-pro", max_tokens=500, tools=tools,
+                      messages=CALL_HISTORY)
+    blocks = [block.model_dump(exclude_none=True) for block in first.content]
+    assert [b["type"] for b in blocks] == ["thinking", "tool_use"]
+    assert blocks[0]["signature"] == "ccpx1.gemini.SIG-1" and blocks[0]["thinking"] == ""
+    history = CALL_HISTORY + [
+        {"role": "assistant", "content": blocks},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": blocks[1]["id"],
+                                      "content": "a.txt"}]}]
+    second = answer_of(sdk(proxy), stream, model="gemini-3-pro", max_tokens=500, tools=tools,
+                       messages=history)
+    assert block_dicts(second) == [{"type": "text", "text": "listed"}]
+    assert upstream.requests[0]["path"] == GEMINI_OPENAI_URL + "/chat/completions"
+
+
+def test_a_call_made_elsewhere_goes_to_gemini_openai_with_googles_placeholder():
+    body = {"messages": CALL_HISTORY + [
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {"command": "pwd"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "a"},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "/"}]}]}
+    calls = mapped(body, "gem", api_base_url=GEMINI_OPENAI_URL)["messages"][1]["tool_calls"]
+    assert [c.get("extra_content") for c in calls] == [
+        {"google": {"thought_signature": "skip_thought_signature_validator"}}, None]
+
+
+def test_no_other_openai_compatible_server_gets_a_thought_signature():
+    body = {"messages": CALL_HISTORY + [
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "", "signature": "ccpx1.gemini.SIG-1"},
+            {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": "a"}]}]}
+    for name in ("openai", "mistral", "my-vllm"):
+        call = mapped(body, name)["messages"][1]["tool_calls"][0]
+        assert "extra_content" not in call and not mistral_problem(mapped(body, "mistral"))
+    assert ccproxy.build_config({"providers": [{
+        "name": "v", "type": "openai", "api_base_url": "http://127.0.0.1:8000/v1"}]}, "c",
+        {}).providers[0].quirks["thought_signatures"] is False
+
+
 # --- reasoning that must come back: OpenRouter's reasoning_details ------------------------------
 
 DETAILS = [{"type": "reasoning.text", "text": "Check the weather tool.", "signature": "sig-abc",
