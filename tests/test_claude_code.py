@@ -117,6 +117,46 @@ def test_real_claude_code_runs_a_tool_through_ccproxy(version, tmp_path, upstrea
     assert not (tmp_path / "home" / ".ccproxy" / "ccproxy.pid").exists()   # code stopped its proxy
 
 
+def gemini_openai_model(request):
+    """scripted_model as Gemini 3 behind its OpenAI-compatible API: its call carries a thought
+    signature, and a later request whose call lacks it is refused as Gemini refuses it."""
+    body = request["json"] or {}
+    messages = body.get("messages", ())
+    calls = [call for message in messages for call in message.get("tool_calls", ())]
+    if calls and calls[0].get("extra_content") != {"google": {"thought_signature": "SIG-bash"}}:
+        return json_reply([{"error": {"code": 400, "status": "INVALID_ARGUMENT", "message":
+                                      "Function call is missing a thought_signature in "
+                                      "functionCall parts."}}], 400)
+    if calls or "Bash" not in [t["function"]["name"] for t in body.get("tools") or ()]:
+        return scripted_model(request)
+    call = {"id": "call_1", "type": "function", "extra_content": {"google": {
+        "thought_signature": "SIG-bash"}}, "function": {"name": "Bash", "arguments": json.dumps(
+            {"command": "echo hi > out.txt", "description": "Write out.txt"})}}
+    return openai_answer({"content": None, "tool_calls": [call]}, body.get("stream") is True,
+                         "tool_calls")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_keeps_geminis_thought_signatures_through_its_openai_api(
+        version, tmp_path, upstream):
+    """Google's host, reached through a forward proxy on this machine (by name, never
+    resolved): Claude Code sends the signature's thinking block back unchanged, and the call
+    goes back to Gemini with its signature."""
+    upstream.script = gemini_openai_model
+    provider = openai_provider("http://generativelanguage.googleapis.com/v1beta",
+                               api_base_url="http://generativelanguage.googleapis.com/v1beta"
+                                            "/openai", models=["gemini-3-pro"])
+    result, output, work = run_code(
+        version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash "
+        "tool.", "Bash", CLAUDE_CODE_MAX_RETRIES="0", HTTP_PROXY=upstream.url)
+    assert output and output["result"] == FINAL_TEXT, (result.stdout[-2000:],
+                                                       result.stderr[-2000:])
+    assert (work / "out.txt").read_text().strip() == "hi"
+    assert any(r["path"].startswith("http://generativelanguage.googleapis.com/") and
+               r["json"] and any(m.get("role") == "tool" for m in r["json"]["messages"])
+               for r in upstream.requests)
+
+
 def sloppy_model(request):
     """scripted_model, but the Bash call's arguments stream in pieces and end with a comma
     before the closing brace, as some servers of open models send them."""
