@@ -3460,6 +3460,8 @@ class ProxyApp:
             view["loaded_windows"] = dict(provider.loaded_windows)
         if provider.learned_output_limits:
             view["learned_output_limits"] = dict(provider.learned_output_limits)
+        if provider.quirks["reasoning_replay"]:
+            view["reasoning_replay"] = True
         pool = self.key_pool(provider)
         if pool is not None:
             view["api_keys"] = pool.view()
@@ -5450,7 +5452,8 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
                        body: dict) -> dict | None:
     """The request to send again at once after a provider's refusal that says how much output
     it allows (the model's limit, now learned; what the credits cover); None after any other."""
-    if learns_output_limit(error, provider, model, body):
+    if learns_output_limit(error, provider, model, body) or learns_reasoning_replay(error,
+                                                                                   provider):
         return body
     return affordable_body(error, provider, body)
 
@@ -5493,6 +5496,29 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
     log.info("%s: %s answers at most %d output tokens, it says; max_tokens is lowered to that "
              "from now on (give it max_output_tokens in models to say so)", provider.name,
              model, limit)
+    return True
+
+
+# A thinking model's refusal of a history whose tool-call turns lack the reasoning it gave them
+# (Kimi's "thinking is enabled but reasoning_content is missing in assistant tool call message
+# at index 8", from Moonshot and the hosts that serve Kimi; DeepSeek's "Missing
+# `reasoning_content` field in the assistant message" and "The `reasoning_content` in the
+# thinking mode must be passed back to the API").
+REASONING_MISSING_RE = re.compile(r"reasoning_content\W{0,3} (?:is missing|field in the "
+                                  r"assistant|in the thinking mode must be passed back)", re.I)
+
+
+def learns_reasoning_replay(error: ProxyError, provider: Provider) -> bool:
+    """Whether a Chat Completions provider's 400 says that its model's reasoning must come back
+    on tool-call turns, which its preset (or having none) did not say: remembered for the
+    provider (as the deepseek preset says it), so that the request may be sent again at once.
+    Claude Code sends each turn's thinking back; it was dropped, and each such turn refused."""
+    if error.status != 400 or provider.protocol != "openai" or provider.quirks[
+            "reasoning_replay"] or not REASONING_MISSING_RE.search(error.message):
+        return False
+    provider.quirks["reasoning_replay"] = True
+    log.info("%s wants its models' reasoning back on tool-call turns, it says; it is sent from "
+             "now on", provider.name)
     return True
 
 

@@ -1156,6 +1156,48 @@ def test_an_output_limit_a_provider_states_is_learned_and_the_request_sent_again
     assert view["providers"][0]["learned_output_limits"] == {"gpt-test": limit}
 
 
+THOUGHT_CALL_HISTORY = [
+    {"role": "user", "content": "list"},
+    {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "ls shows the files.", "signature": "ccpx1.kimi"},
+        {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                  "content": "a.txt"}]}]
+
+
+@pytest.mark.parametrize("wording", [
+    "thinking is enabled but reasoning_content is missing in assistant tool call message at "
+    "index 1",                                                  # Kimi, and hosts serving it
+    "Missing `reasoning_content` field in the assistant message at message index 1. For more "
+    "information, please refer to https://api-docs.deepseek.com/guides/thinking_mode#tool-calls",
+    "The `reasoning_content` in the thinking mode must be passed back to the API."])
+def test_reasoning_a_server_wants_back_is_learned_and_the_request_sent_again(
+        start_proxy, upstream, wording):
+    """A thinking model behind a server of no preset (Kimi on Moonshot's OpenAI-compatible API,
+    or on a host that serves it) refuses a history whose tool-call turns lack its reasoning:
+    Claude Code's session ended at its second turn."""
+    proxy = start_proxy({"providers": [preset_provider("custom", upstream,
+                                                       name="kimi-openai")]})
+
+    def kimi(request):
+        turns = [m for m in request["json"]["messages"] if m.get("tool_calls")]
+        if any("reasoning_content" not in m for m in turns):
+            return json_reply({"error": {"message": wording, "type": "invalid_request_error"}},
+                              400)
+        return json_reply(completion({"content": "one file"}))
+    upstream.script = kimi
+    for turn in range(2):
+        message = sdk(proxy).messages.create(**dict(REQUEST, messages=THOUGHT_CALL_HISTORY,
+                                                    thinking={"type": "adaptive"}))
+        assert block_dicts(message) == [{"type": "text", "text": "one file"}]
+    sent = [r["json"] for r in upstream.requests]
+    assert len(sent) == 3                     # refused once, then sent with it, also later
+    assert [m.get("reasoning_content") for m in sent[2]["messages"] if m.get("tool_calls")] \
+        == ["ls shows the files."]
+    view = json.loads(urllib.request.urlopen(proxy.url + "/providers").read())
+    assert view["providers"][0]["reasoning_replay"] is True
+
+
 def test_an_output_limit_stated_again_is_not_asked_again(openai_proxy, upstream):
     upstream.script = lambda r: json_reply(openai_error_body(
         "max_tokens is too large: 64000. This model supports at most 16384 completion tokens"),
