@@ -1553,7 +1553,8 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
 
 def provider_quirks(fields: dict, preset: dict) -> dict:
     """What the provider's server accepts: the defaults, its preset's (an Azure resource has
-    OpenAI's), then what its entry says of the Responses API and Azure."""
+    OpenAI's; Gemini's OpenAI-compatible API, found by its host, wants thought signatures
+    back), then what its entry says of the Responses API and Azure."""
     quirks = dict(PROVIDER_QUIRKS, **preset.get("quirks", {}))
     if quirks["anthropic_compat"] is not None:
         quirks["anthropic_compat"] = dict(ANTHROPIC_COMPAT, **quirks["anthropic_compat"])
