@@ -1116,7 +1116,8 @@ class Provider:
     CONFIGURED = ("name", "protocol", "base_url", "api_keys", "models", "enabled", "headers",
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
     __slots__ = CONFIGURED + ("api_key", "masker", "runs_models_itself", "loaded_windows",
-                              "windows_asked", "loads_tried", "learned_output_limits")
+                              "windows_asked", "loads_tried", "learned_output_limits",
+                              "refused_fields")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
@@ -1131,6 +1132,7 @@ class Provider:
         self.windows_asked = -math.inf    # when the server was last asked for them
         self.loads_tried = {}         # model -> when the server was asked to load it
         self.learned_output_limits = {}   # model -> the most output tokens it said it allows
+        self.refused_fields = {}      # model -> the request fields the server said it refuses
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -3463,6 +3465,9 @@ class ProxyApp:
             view["learned_output_limits"] = dict(provider.learned_output_limits)
         if provider.quirks["reasoning_replay"]:
             view["reasoning_replay"] = True
+        if provider.refused_fields:
+            view["refused_fields"] = {model: sorted(names)
+                                      for model, names in provider.refused_fields.items()}
         pool = self.key_pool(provider)
         if pool is not None:
             view["api_keys"] = pool.view()
@@ -5453,8 +5458,8 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
                        body: dict) -> dict | None:
     """The request to send again at once after a provider's refusal that says how much output
     it allows (the model's limit, now learned; what the credits cover); None after any other."""
-    if learns_output_limit(error, provider, model, body) or learns_reasoning_replay(error,
-                                                                                   provider):
+    if learns_output_limit(error, provider, model, body) or learns_reasoning_replay(
+            error, provider) or learns_refused_field(error, provider, model):
         return body
     return affordable_body(error, provider, body)
 
@@ -5498,6 +5503,54 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
              "from now on (give it max_output_tokens in models to say so)", provider.name,
              model, limit)
     return True
+
+
+# A server's refusal of a request field it does not take, and the field: OpenAI's
+# "Unrecognized request argument supplied: x", "Unknown parameter: 'x'" and "Unsupported
+# parameter: 'x' is not supported with this model" (max_tokens on its reasoning models, which
+# want max_completion_tokens), pydantic servers' "Extra inputs are not permitted" at
+# ["body", "x"] (Mistral's, FastAPI's), and "property 'x' is unsupported".
+REFUSED_FIELD_RE = re.compile(
+    r"(?:Unrecognized request argument supplied|Unknown parameter|Unsupported parameter):? "
+    r"'?(\w+)'?|extra_forbidden\W[^}]*?\"loc\"\s*:\s*\[\s*\"body\"\s*,\s*\"(\w+)\"|"
+    r"\"loc\"\s*:\s*\[\s*\"body\"\s*,\s*\"(\w+)\"\s*\][^}]*?Extra inputs are not permitted|"
+    r"Extra inputs are not permitted:? body\.(\w+)|property '(\w+)' is unsupported", re.I)
+# The fields a Chat Completions request is whole without: one a server refuses is left out.
+FIELDS_A_REQUEST_DOES_WITHOUT = frozenset((
+    "user", "stream_options", "parallel_tool_calls", "prompt_cache_key",
+    "prompt_cache_retention", "reasoning_effort", "reasoning", "thinking", "top_k", "top_p",
+    "temperature", "metadata", "service_tier", "store", "seed", "web_search_options"))
+
+
+def learns_refused_field(error: ProxyError, provider: Provider, model: str) -> bool:
+    """Whether a Chat Completions provider's 400 (or 422) names a field of the request that
+    the server does not take and the request does without (or max_tokens, which it wants as
+    max_completion_tokens): remembered for the model, so that the request may go again at once
+    without it. Servers that refuse every field they do not name refused every request."""
+    found = REFUSED_FIELD_RE.search(error.message) if error.status == 400 and \
+        provider.protocol == "openai" else None
+    name = next((group for group in found.groups() if group), "") if found else ""
+    refused = provider.refused_fields.get(model, ())
+    if name not in FIELDS_A_REQUEST_DOES_WITHOUT | {"max_tokens"} or name in refused:
+        return False
+    if len(provider.refused_fields) >= MAX_MODELS_REMEMBERED:
+        provider.refused_fields.clear()
+    provider.refused_fields[model] = set(refused) | {name}
+    log.info("%s refuses %s for %s, it says; it is left out from now on", provider.name,
+             "max_tokens (max_completion_tokens is sent)" if name == "max_tokens" else name,
+             model)
+    return True
+
+
+def without_refused_fields(request: dict, refused) -> dict:
+    """A Chat Completions request less the fields its server refuses (learned), max_tokens
+    sent as max_completion_tokens where the server wants that instead."""
+    for name in refused:
+        if name == "max_tokens" and name in request:
+            request["max_completion_tokens"] = request.pop(name)
+        elif name != "max_tokens":
+            request.pop(name, None)
+    return request
 
 
 # A thinking model's refusal of a history whose tool-call turns lack the reasoning it gave them
@@ -7287,7 +7340,7 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     request.update(openai_response_format(body))
     if "response_format" in request and not quirks["json_schema"]:
         json_mode_instead(request)
-    return request
+    return without_refused_fields(request, provider.refused_fields.get(model, ()))
 
 
 def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:

@@ -1198,6 +1198,55 @@ def test_reasoning_a_server_wants_back_is_learned_and_the_request_sent_again(
     assert view["providers"][0]["reasoning_replay"] is True
 
 
+@pytest.mark.parametrize("field, status, wording", [
+    ("user", 400, "Unrecognized request argument supplied: user"),
+    ("user", 400, "Unknown parameter: 'user'."),
+    ("user", 422, {"object": "error", "message": {"detail": [{
+        "type": "extra_forbidden", "loc": ["body", "user"], "msg": "Extra inputs are not "
+        "permitted", "input": "u"}]}, "type": "invalid_request_message_error"}),   # Mistral's
+    ("stream_options", 422, {"detail": [{"loc": ["body", "stream_options"], "msg": "Extra "
+                                         "inputs are not permitted", "type": "extra_forbidden"}]}),
+    ("temperature", 400, "Unsupported parameter: 'temperature' is not supported with this "
+                         "model."),
+    ("user", 400, "property 'user' is unsupported"),
+    ("max_tokens", 400, "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                        "Use 'max_completion_tokens' instead."),
+])
+def test_a_field_a_server_refuses_is_learned_and_left_out(start_proxy, upstream, field, status,
+                                                          wording):
+    """A strict server refuses any field it does not name, at every request (the mistral
+    preset says which; a server of no preset could not): the first refusal is learned for the
+    model, and the request goes again at once without the field."""
+    proxy = start_proxy({"providers": [preset_provider("custom", upstream)]})
+
+    def strict(request):
+        if field in request["json"]:
+            body = wording if isinstance(wording, dict) else openai_error_body(wording)
+            return json_reply(body, status)
+        return stream_reply(sse_pieces([chunk({"content": "fine"}, "stop")])) \
+            if request["json"].get("stream") else json_reply(completion({"content": "fine"}))
+    upstream.script = strict
+    request = dict(REQUEST, extra_body={"temperature": 0.5, "metadata": {"user_id": "u"}})
+    for stream in (True, False):
+        assert block_dicts(answer_of(sdk(proxy), stream, **request)) == [
+            {"type": "text", "text": "fine"}]
+    sent = [r["json"] for r in upstream.requests]
+    assert field in sent[0] and all(field not in body for body in sent[1:]) and len(sent) == 3
+    if field == "max_tokens":
+        assert sent[1]["max_completion_tokens"] == REQUEST["max_tokens"]
+    view = json.loads(urllib.request.urlopen(proxy.url + "/providers").read())
+    assert view["providers"][0]["refused_fields"] == {"gpt-test": [field]}
+
+
+def test_a_field_a_request_cannot_do_without_is_not_left_out(start_proxy, upstream):
+    proxy = start_proxy({"providers": [preset_provider("custom", upstream)]})
+    upstream.script = lambda r: json_reply(openai_error_body(
+        "Unrecognized request argument supplied: messages"), 400)
+    with pytest.raises(anthropic.BadRequestError):
+        sdk(proxy).messages.create(**REQUEST)
+    assert len(upstream.requests) == 1
+
+
 def test_an_output_limit_stated_again_is_not_asked_again(openai_proxy, upstream):
     upstream.script = lambda r: json_reply(openai_error_body(
         "max_tokens is too large: 64000. This model supports at most 16384 completion tokens"),
