@@ -14,8 +14,8 @@ import zlib
 import pytest
 
 import claude_code_canary
-from helpers import (CLAUDE_CODE_VERSIONS as VERSIONS, REPO, Reply, dead_url, installed_claude,
-                     json_reply, mistral_problem, stream_reply)
+from helpers import (CLAUDE_CODE_VERSIONS as VERSIONS, MISTRAL_FIELDS, REPO, Reply, dead_url,
+                     installed_claude, json_reply, mistral_problem, stream_reply)
 from test_compatible import KEY as COMPATIBLE_KEY, RULES as COMPATIBLE_RULES, anthropic_answer, \
     problems_of
 from test_responses import call_item, events_for, message_item, reasoning_item, response, sse
@@ -155,6 +155,33 @@ def test_real_claude_code_keeps_geminis_thought_signatures_through_its_openai_ap
     assert any(r["path"].startswith("http://generativelanguage.googleapis.com/") and
                r["json"] and any(m.get("role") == "tool" for m in r["json"]["messages"])
                for r in upstream.requests)
+
+
+def strict_model(request):
+    """scripted_model behind a server that refuses, as pydantic does, any field it does not
+    name (Mistral's list of them), one at a time."""
+    extra = sorted(set(request["json"] or {}) - MISTRAL_FIELDS)
+    if extra:
+        return json_reply({"detail": [{"type": "extra_forbidden", "loc": ["body", extra[0]],
+                                       "msg": "Extra inputs are not permitted"}]}, 422)
+    return scripted_model(request)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_on_a_server_that_refuses_fields_it_does_not_name(
+        version, tmp_path, upstream):
+    """A server of no preset: every field it refuses is learned from its first refusal."""
+    upstream.script = strict_model
+    result, output, work = run_code(
+        version, tmp_path, [openai_provider(upstream.url, name="strict", type="openai")],
+        "Create a file out.txt containing hi, using the Bash tool.", "Bash",
+        CLAUDE_CODE_MAX_RETRIES="0")
+    assert output and output["result"] == FINAL_TEXT, (result.stdout[-2000:],
+                                                       result.stderr[-2000:])
+    assert (work / "out.txt").read_text().strip() == "hi"
+    refused = [r for r in upstream.requests if r["json"] and set(r["json"]) - MISTRAL_FIELDS]
+    assert sorted({f for r in refused for f in set(r["json"]) - MISTRAL_FIELDS}) == [
+        "stream_options", "user"] and len(refused) <= 4
 
 
 def sloppy_model(request):
