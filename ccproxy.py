@@ -5456,8 +5456,9 @@ OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? mus
 
 def body_to_send_again(error: ProxyError, provider: Provider, model: str,
                        body: dict) -> dict | None:
-    """The request to send again at once after a provider's refusal that says how much output
-    it allows (the model's limit, now learned; what the credits cover); None after any other."""
+    """The request to send again at once after a provider's refusal that says what it wants
+    instead, now learned or known: fewer output tokens (the model's limit; what the credits
+    cover), its reasoning back, no field it does not take. None after any other refusal."""
     if learns_output_limit(error, provider, model, body) or learns_reasoning_replay(
             error, provider) or learns_refused_field(error, provider, model):
         return body
