@@ -5523,16 +5523,42 @@ FIELDS_A_REQUEST_DOES_WITHOUT = frozenset((
     "temperature", "metadata", "service_tier", "store", "seed", "web_search_options"))
 
 
+# The same in a server's copy of Anthropic's words ("context_management: Extra inputs are not
+# permitted", "tools.0.custom.defer_loading: …"): gateways in front of Vertex AI, Bedrock or
+# LiteLLM refuse the fields of Claude Code that are newer than they are, at every request.
+MESSAGES_REFUSED_FIELD_RE = re.compile(r"\b(tools\.\d+\.(?:custom\.)?)?([a-z_]+): Extra inputs "
+                                       r"are not permitted")
+# The fields (and tools' fields) a Messages request is whole without.
+MESSAGES_FIELDS_A_REQUEST_DOES_WITHOUT = frozenset((
+    "context_management", "output_config", "thinking", "metadata", "service_tier", "container",
+    "top_k", "top_p", "temperature", "stop_sequences", "speed", "inference_geo", "diagnostics",
+    "user_profile_id", "workspace_id", "tools.defer_loading", "tools.cache_control",
+    "tools.strict", "tools.input_examples", "tools.eager_input_streaming"))
+
+
+def refused_field(error: ProxyError, provider: Provider) -> str:
+    """The field a provider's 400 (or 422) says its server does not take, when the request
+    does without it ("tools.x" for a tools' field; max_tokens, which a Chat Completions server
+    may want as max_completion_tokens); "" for any other error, and from Anthropic itself."""
+    if error.status != 400:
+        return ""
+    if provider.protocol == "openai":
+        found = REFUSED_FIELD_RE.search(error.message)
+        name = next((group for group in found.groups() if group), "") if found else ""
+        return name if name in FIELDS_A_REQUEST_DOES_WITHOUT | {"max_tokens"} else ""
+    found = MESSAGES_REFUSED_FIELD_RE.search(error.message) if provider.protocol == "anthropic" \
+        and urllib.parse.urlsplit(provider.base_url).hostname != "api.anthropic.com" else None
+    name = ("tools." if found.group(1) else "") + found.group(2) if found else ""
+    return name if name in MESSAGES_FIELDS_A_REQUEST_DOES_WITHOUT else ""
+
+
 def learns_refused_field(error: ProxyError, provider: Provider, model: str) -> bool:
-    """Whether a Chat Completions provider's 400 (or 422) names a field of the request that
-    the server does not take and the request does without (or max_tokens, which it wants as
-    max_completion_tokens): remembered for the model, so that the request may go again at once
-    without it. Servers that refuse every field they do not name refused every request."""
-    found = REFUSED_FIELD_RE.search(error.message) if error.status == 400 and \
-        provider.protocol == "openai" else None
-    name = next((group for group in found.groups() if group), "") if found else ""
-    refused = provider.refused_fields.get(model, ())
-    if name not in FIELDS_A_REQUEST_DOES_WITHOUT | {"max_tokens"} or name in refused:
+    """Whether a provider's 400 (or 422) names a field of the request that its server does not
+    take and the request does without: remembered for the model, so that the request may go
+    again at once without it. Servers that refuse every field they do not name refused every
+    request."""
+    name, refused = refused_field(error, provider), provider.refused_fields.get(model, ())
+    if not name or name in refused:
         return False
     if len(provider.refused_fields) >= MAX_MODELS_REMEMBERED:
         provider.refused_fields.clear()
@@ -7022,7 +7048,7 @@ def anthropic_request_headers(provider: Provider, request: Request | None = None
 def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
                    counting: bool = False) -> bytes:
     """The client's body with the routed model, max_tokens within the provider's cap (unless
-    counting), and what a compatible server lacks taken out.
+    counting), and what a compatible server lacks, or said it refuses, taken out.
 
     Only the changed values are re-encoded, spliced into the client's own text; with nothing
     to change, the client's bytes go on as they came.
@@ -7038,7 +7064,13 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     cap = None if counting else provider.output_cap(model)
     if cap is not None and body.get("max_tokens", 0) > cap:
         changes["max_tokens"] = cap
-    dropped = [key for key in (compat or ANTHROPIC_COMPAT)["drop_fields"] if key in body]
+    refused = provider.refused_fields.get(model, ())
+    tool_fields = {name[len("tools."):] for name in refused if name.startswith("tools.")}
+    if tool_fields and isinstance(body.get("tools"), list):
+        changes["tools"] = [{key: value for key, value in tool.items() if key not in tool_fields}
+                            if isinstance(tool, dict) else tool for tool in body["tools"]]
+    dropped = [key for key in tuple((compat or ANTHROPIC_COMPAT)["drop_fields"]) + tuple(refused)
+               if key in body]
     if dropped:
         return json_bytes({key: changes.get(key, value) for key, value in body.items()
                            if key not in dropped})

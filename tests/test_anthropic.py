@@ -7,6 +7,8 @@ import socket
 import anthropic
 import pytest
 
+import ccproxy
+
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
                      PROVIDER_KEY, Reply, sdk, sse, stream_reply, CLAUDE_CODE_VERSIONS)
 
@@ -242,3 +244,55 @@ def test_provider_request_id_is_relayed_once(proxy, upstream):
         model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     assert raw.headers.get_list("request-id") == ["req_up_1"]
 
+
+
+# --- a gateway that refuses Claude Code's newer fields --------------------------------------
+# Gateways in front of Vertex AI, Bedrock or LiteLLM answer Claude Code's context_management
+# and its tools' defer_loading with "…: Extra inputs are not permitted", at every request.
+
+GATEWAY_FIELDS = {"model", "messages", "max_tokens", "system", "tools", "stream", "metadata",
+                  "tool_choice", "thinking", "temperature"}
+
+
+def gateway(request):
+    """An Anthropic-compatible gateway that names, as Anthropic does, the first field it
+    does not take."""
+    body = request["json"]
+    refused = sorted(set(body) - GATEWAY_FIELDS) + [
+        "tools.%d.custom.defer_loading" % n for n, tool in enumerate(body.get("tools", ()))
+        if "defer_loading" in tool]
+    if refused:
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": "%s: Extra inputs are not permitted" % refused[0]}}, 400)
+    return json_reply(anthropic_message())
+
+
+def test_fields_a_gateway_refuses_are_learned_and_left_out(start_proxy, upstream):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, name="gw",
+                                                          type="anthropic")]})
+    upstream.script = gateway
+    request = dict(model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}],
+                   tools=[{"name": "Read", "input_schema": {"type": "object"}},
+                          {"name": "Later", "input_schema": {"type": "object"},
+                           "defer_loading": True}],
+                   extra_body={"context_management": {"edits": [
+                       {"type": "clear_thinking_20251015", "keep": "all"}]}})
+    for turn in range(2):
+        assert sdk(proxy).messages.create(**request).content[0].text == "Hello from upstream"
+    sent = [r["json"] for r in upstream.requests]
+    assert len(sent) == 4                           # two refusals, then served, also later
+    assert "context_management" not in sent[-1]
+    assert [sorted(tool) for tool in sent[-1]["tools"]] == [["input_schema", "name"]] * 2
+    view = sdk(proxy).get("/providers", cast_to=object)
+    assert view["providers"][0]["refused_fields"] == {
+        "m": ["context_management", "tools.defer_loading"]}
+
+
+def test_anthropic_itself_is_sent_what_the_client_sent_whatever_it_refuses():
+    config = ccproxy.build_config({"providers": [{"name": "anthropic", "api_key": "k"}]}, "c",
+                                  {})
+    error = ccproxy.RelayedError(400, json.dumps({"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "context_management: Extra inputs are not permitted"}}).encode())
+    assert ccproxy.refused_field(error, config.providers[0]) == ""
