@@ -184,6 +184,44 @@ def test_real_claude_code_runs_on_a_server_that_refuses_fields_it_does_not_name(
         "stream_options", "user"] and len(refused) <= 4
 
 
+# What a gateway in front of Vertex AI or Bedrock takes of the Messages API: not
+# context_management, nor a tool's defer_loading.
+GATEWAY_FIELDS = {"model", "messages", "max_tokens", "system", "tools", "stream", "metadata",
+                  "tool_choice", "thinking", "temperature", "output_config"}
+
+
+def strict_gateway(request):
+    """An Anthropic-compatible gateway that names, in Anthropic's words, the first field it
+    does not take; else a short answer."""
+    body = request["json"] or {}
+    refused = sorted(set(body) - GATEWAY_FIELDS) + [
+        "tools.%d.custom.defer_loading" % n for n, tool in enumerate(body.get("tools", ()))
+        if "defer_loading" in tool]
+    if refused:
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": "%s: Extra inputs are not permitted" % refused[0]}}, 400)
+    return anthropic_answer([{"type": "text", "text": FINAL_TEXT}], "end_turn",
+                            body.get("stream") is True)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_through_a_gateway_that_refuses_its_newer_fields(
+        version, tmp_path, upstream):
+    """2.1.197 shows the 400 and stops; 2.1.330 sends the request again with other thinking
+    and tool settings, a few times. Learned by ccproxy, one refusal a field is all."""
+    upstream.script = strict_gateway
+    gateway = {"name": "gateway", "type": "anthropic", "api_base_url": upstream.url,
+               "api_key": "gw-key-0123456789"}
+    result, output, work = run_code(version, tmp_path, [gateway], "Say hi.", "Bash",
+                                    CLAUDE_CODE_MAX_RETRIES="0")
+    assert output and output["result"] == FINAL_TEXT, (result.stdout[-2000:],
+                                                       result.stderr[-2000:])
+    refused = [r for r in upstream.requests if r["json"] and b"not permitted" in (
+        strict_gateway(r).body or b"")]
+    assert refused, "the gateway refused nothing: this Claude Code sends no such field"
+
+
 def sloppy_model(request):
     """scripted_model, but the Bash call's arguments stream in pieces and end with a comma
     before the closing brace, as some servers of open models send them."""
