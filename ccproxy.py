@@ -5526,14 +5526,15 @@ FIELDS_A_REQUEST_DOES_WITHOUT = frozenset((
 # The same in a server's copy of Anthropic's words ("context_management: Extra inputs are not
 # permitted", "tools.0.custom.defer_loading: …"): gateways in front of Vertex AI, Bedrock or
 # LiteLLM refuse the fields of Claude Code that are newer than they are, at every request.
-MESSAGES_REFUSED_FIELD_RE = re.compile(r"\b(tools\.\d+\.(?:custom\.)?)?([a-z_]+): Extra inputs "
-                                       r"are not permitted")
+MESSAGES_REFUSED_FIELD_RE = re.compile(r"\b(tools\.\d+\.(?:custom\.)?|thinking\.|output_config\.)?"
+                                       r"([a-z_]+): Extra inputs are not permitted")
 # The fields (and tools' fields) a Messages request is whole without.
 MESSAGES_FIELDS_A_REQUEST_DOES_WITHOUT = frozenset((
     "context_management", "output_config", "thinking", "metadata", "service_tier", "container",
     "top_k", "top_p", "temperature", "stop_sequences", "speed", "inference_geo", "diagnostics",
     "user_profile_id", "workspace_id", "tools.defer_loading", "tools.cache_control",
-    "tools.strict", "tools.input_examples", "tools.eager_input_streaming"))
+    "tools.strict", "tools.input_examples", "tools.eager_input_streaming", "thinking.display",
+    "output_config.effort"))
 
 
 def refused_field(error: ProxyError, provider: Provider) -> str:
@@ -5548,7 +5549,8 @@ def refused_field(error: ProxyError, provider: Provider) -> str:
         return name if name in FIELDS_A_REQUEST_DOES_WITHOUT | {"max_tokens"} else ""
     found = MESSAGES_REFUSED_FIELD_RE.search(error.message) if provider.protocol == "anthropic" \
         and urllib.parse.urlsplit(provider.base_url).hostname != "api.anthropic.com" else None
-    name = ("tools." if found.group(1) else "") + found.group(2) if found else ""
+    outer = (found.group(1) or "").split(".")[0] if found else ""
+    name = (outer + "." if outer else "") + found.group(2) if found else ""
     return name if name in MESSAGES_FIELDS_A_REQUEST_DOES_WITHOUT else ""
 
 
@@ -7065,10 +7067,7 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if cap is not None and body.get("max_tokens", 0) > cap:
         changes["max_tokens"] = cap
     refused = provider.refused_fields.get(model, ())
-    tool_fields = {name[len("tools."):] for name in refused if name.startswith("tools.")}
-    if tool_fields and isinstance(body.get("tools"), list):
-        changes["tools"] = [{key: value for key, value in tool.items() if key not in tool_fields}
-                            if isinstance(tool, dict) else tool for tool in body["tools"]]
+    changes.update(without_refused_inner_fields(body, refused))
     dropped = [key for key in tuple((compat or ANTHROPIC_COMPAT)["drop_fields"]) + tuple(refused)
                if key in body]
     if dropped:
@@ -7077,6 +7076,25 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if not changes:
         return request.body
     return splice_json_values(request.body_text, request.body_spans, changes)
+
+
+def without_refused_inner_fields(body: dict, refused) -> dict:
+    """The fields of a Messages body that hold a field its server refuses ("tools.x": each
+    tool's x; "thinking.display"), without it."""
+    inner = collections.defaultdict(set)
+    for name in refused:
+        outer, _, key = name.partition(".")
+        if key:
+            inner[outer].add(key)
+    changes = {}
+    for outer, keys in inner.items():
+        value = body.get(outer)
+        if outer == "tools" and isinstance(value, list):
+            changes[outer] = [{k: v for k, v in tool.items() if k not in keys}
+                              if isinstance(tool, dict) else tool for tool in value]
+        elif isinstance(value, dict):
+            changes[outer] = {k: v for k, v in value.items() if k not in keys}
+    return changes
 
 
 def anthropic_messages_for(body: dict, provider: Provider):

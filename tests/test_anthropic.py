@@ -260,7 +260,8 @@ def gateway(request):
     body = request["json"]
     refused = sorted(set(body) - GATEWAY_FIELDS) + [
         "tools.%d.custom.defer_loading" % n for n, tool in enumerate(body.get("tools", ()))
-        if "defer_loading" in tool]
+        if "defer_loading" in tool] + [
+        "thinking.display" for _ in range("display" in body.get("thinking", {}))]
     if refused:
         return json_reply({"type": "error", "error": {
             "type": "invalid_request_error",
@@ -276,17 +277,19 @@ def test_fields_a_gateway_refuses_are_learned_and_left_out(start_proxy, upstream
                    tools=[{"name": "Read", "input_schema": {"type": "object"}},
                           {"name": "Later", "input_schema": {"type": "object"},
                            "defer_loading": True}],
+                   thinking={"type": "adaptive"},
                    extra_body={"context_management": {"edits": [
-                       {"type": "clear_thinking_20251015", "keep": "all"}]}})
+                       {"type": "clear_thinking_20251015", "keep": "all"}]},
+                               "thinking": {"type": "adaptive", "display": "omitted"}})
     for turn in range(2):
         assert sdk(proxy).messages.create(**request).content[0].text == "Hello from upstream"
     sent = [r["json"] for r in upstream.requests]
-    assert len(sent) == 4                           # two refusals, then served, also later
-    assert "context_management" not in sent[-1]
+    assert len(sent) == 5                           # three refusals, then served, also later
+    assert "context_management" not in sent[-1] and sent[-1]["thinking"] == {"type": "adaptive"}
     assert [sorted(tool) for tool in sent[-1]["tools"]] == [["input_schema", "name"]] * 2
     view = sdk(proxy).get("/providers", cast_to=object)
     assert view["providers"][0]["refused_fields"] == {
-        "m": ["context_management", "tools.defer_loading"]}
+        "m": ["context_management", "thinking.display", "tools.defer_loading"]}
 
 
 def test_anthropic_itself_is_sent_what_the_client_sent_whatever_it_refuses():
