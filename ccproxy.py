@@ -5571,17 +5571,6 @@ def learns_refused_field(error: ProxyError, provider: Provider, model: str) -> b
     return True
 
 
-def without_refused_fields(request: dict, refused) -> dict:
-    """A Chat Completions request less the fields its server refuses (learned), max_tokens
-    sent as max_completion_tokens where the server wants that instead."""
-    for name in refused:
-        if name == "max_tokens" and name in request:
-            request["max_completion_tokens"] = request.pop(name)
-        elif name != "max_tokens":
-            request.pop(name, None)
-    return request
-
-
 # A thinking model's refusal of a history whose tool-call turns lack the reasoning it gave them
 # (Kimi's "thinking is enabled but reasoning_content is missing in assistant tool call message
 # at index 8", from Moonshot and the hosts that serve Kimi; DeepSeek's "Missing
@@ -7392,6 +7381,17 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
     if "response_format" in request and not quirks["json_schema"]:
         json_mode_instead(request)
     return without_refused_fields(request, provider.refused_fields.get(model, ()))
+
+
+def without_refused_fields(request: dict, refused) -> dict:
+    """A Chat Completions request less the fields its server refuses (learned), max_tokens
+    sent as max_completion_tokens where the server wants that instead."""
+    for name in refused:
+        if name == "max_tokens" and name in request:
+            request["max_completion_tokens"] = request.pop(name)
+        elif name != "max_tokens":
+            request.pop(name, None)
+    return request
 
 
 def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
