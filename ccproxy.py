@@ -1117,7 +1117,7 @@ class Provider:
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
     __slots__ = CONFIGURED + ("api_key", "masker", "runs_models_itself", "loaded_windows",
                               "windows_asked", "loads_tried", "learned_output_limits",
-                              "refused_fields")
+                              "refused_fields", "refused_betas")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
@@ -1133,6 +1133,7 @@ class Provider:
         self.loads_tried = {}         # model -> when the server was asked to load it
         self.learned_output_limits = {}   # model -> the most output tokens it said it allows
         self.refused_fields = {}      # model -> the request fields the server said it refuses
+        self.refused_betas = frozenset()  # the anthropic-beta values the server said it refuses
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -3468,6 +3469,8 @@ class ProxyApp:
         if provider.refused_fields:
             view["refused_fields"] = {model: sorted(names)
                                       for model, names in provider.refused_fields.items()}
+        if provider.refused_betas:
+            view["refused_betas"] = sorted(provider.refused_betas)
         pool = self.key_pool(provider)
         if pool is not None:
             view["api_keys"] = pool.view()
@@ -5458,9 +5461,10 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
                        body: dict) -> dict | None:
     """The request to send again at once after a provider's refusal that says what it wants
     instead, now learned or known: fewer output tokens (the model's limit; what the credits
-    cover), its reasoning back, no field it does not take. None after any other refusal."""
+    cover), its reasoning back, no field or beta it does not take. None after any other."""
     if learns_output_limit(error, provider, model, body) or learns_reasoning_replay(
-            error, provider) or learns_refused_field(error, provider, model):
+            error, provider) or learns_refused_field(error, provider, model) or \
+            learns_refused_betas(error, provider):
         return body
     return affordable_body(error, provider, body)
 
@@ -5568,6 +5572,30 @@ def learns_refused_field(error: ProxyError, provider: Provider, model: str) -> b
     log.info("%s refuses %s for %s, it says; it is left out from now on", provider.name,
              "max_tokens (max_completion_tokens is sent)" if name == "max_tokens" else name,
              model)
+    return True
+
+
+# An Anthropic-compatible server's refusal of betas the client asked for, Vertex AI's above all
+# (and gateways in front of it): "Unexpected value(s) `effort-2025-11-24`,
+# `web-search-2025-03-05` for the `anthropic-beta` header. … try again without the header".
+BETAS_REFUSED_RE = re.compile(r"Unexpected value\(s\) ((?:`[^`]{1,100}`,? ?){1,50}) for the "
+                              r"`anthropic-beta` header")
+
+
+def learns_refused_betas(error: ProxyError, provider: Provider) -> bool:
+    """Whether an Anthropic-compatible server's 400 (not Anthropic's) names anthropic-beta
+    values it refuses, not yet known: remembered for the provider and left out of the header
+    from then on, so that the request may go again at once. Claude Code sends a dozen betas,
+    newer than such servers, and each of its requests was refused."""
+    found = BETAS_REFUSED_RE.search(error.message) if error.status == 400 and \
+        provider.protocol == "anthropic" and urllib.parse.urlsplit(
+            provider.base_url).hostname != "api.anthropic.com" else None
+    betas = frozenset(re.findall(r"`([^`]+)`", found.group(1))) if found else frozenset()
+    if betas <= provider.refused_betas:
+        return False
+    provider.refused_betas = provider.refused_betas | betas
+    log.info("%s refuses the betas %s, it says; they are left out from now on",
+             provider.name, ", ".join(sorted(betas)))
     return True
 
 
@@ -7020,12 +7048,16 @@ def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
 
 def anthropic_request_headers(provider: Provider, request: Request | None = None) -> dict:
     """The provider's key (as its preset says), the client's anthropic-* headers (unless the
-    server ignores the betas) and the provider's extra headers."""
+    server ignores the betas; less those it said it refuses) and the provider's extra
+    headers."""
     headers = {"content-type": "application/json", "user-agent": USER_AGENT,
                "anthropic-version": DEFAULT_ANTHROPIC_VERSION}
     compat = provider.quirks["anthropic_compat"] or ANTHROPIC_COMPAT
     for name in ANTHROPIC_FORWARDED_HEADERS if request is not None else ():
         value = request.headers.get(name)
+        if value and name == "anthropic-beta" and provider.refused_betas:
+            value = ",".join(beta for beta in value.split(",")
+                             if beta.strip() not in provider.refused_betas)
         if value and not (name == "anthropic-beta" and compat["drop_betas"]):
             headers[name] = header_safe(value)
     if provider.api_key and compat["auth"] == "bearer":

@@ -299,3 +299,42 @@ def test_anthropic_itself_is_sent_what_the_client_sent_whatever_it_refuses():
         "type": "invalid_request_error",
         "message": "context_management: Extra inputs are not permitted"}}).encode())
     assert ccproxy.refused_field(error, config.providers[0]) == ""
+
+
+def vertex_like(request):
+    """A gateway in front of Vertex AI: it refuses, in Vertex's words, each beta it lacks."""
+    betas = [b.strip() for b in request["headers"].get("anthropic-beta", "").split(",") if b]
+    refused = [b for b in betas if b != "interleaved-thinking-2025-05-14"]
+    if refused:
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Unexpected value(s) %s for the "
+            "`anthropic-beta` header. Please consult our documentation at docs.anthropic.com or "
+            "try again without the header." % ", ".join("`%s`" % b for b in refused)}}, 400)
+    return json_reply(anthropic_message())
+
+
+def test_betas_a_gateway_refuses_are_learned_and_left_out(start_proxy, upstream):
+    """Claude Code sends a dozen betas, newer than Vertex AI's; every request was refused."""
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, name="vertex-gw",
+                                                          type="anthropic")]})
+    upstream.script = vertex_like
+    betas = "context-1m-2025-08-07,effort-2025-11-24,interleaved-thinking-2025-05-14"
+    for turn in range(2):
+        assert sdk(proxy).messages.create(
+            model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"anthropic-beta": betas}).content[0].text == "Hello from upstream"
+    sent = [r["headers"].get("anthropic-beta") for r in upstream.requests]
+    assert sent == [betas, "interleaved-thinking-2025-05-14", "interleaved-thinking-2025-05-14"]
+    view = sdk(proxy).get("/providers", cast_to=object)
+    assert view["providers"][0]["refused_betas"] == ["context-1m-2025-08-07",
+                                                     "effort-2025-11-24"]
+
+
+def test_anthropic_itself_is_sent_the_betas_the_client_sent_whatever_it_refuses():
+    config = ccproxy.build_config({"providers": [{"name": "anthropic", "api_key": "k"}]}, "c",
+                                  {})
+    error = ccproxy.RelayedError(400, json.dumps({"type": "error", "error": {
+        "type": "invalid_request_error", "message": "Unexpected value(s) `effort-2025-11-24` "
+        "for the `anthropic-beta` header."}}).encode())
+    assert ccproxy.learns_refused_betas(error, config.providers[0]) is False
+    assert config.providers[0].refused_betas == frozenset()

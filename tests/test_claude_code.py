@@ -191,8 +191,15 @@ GATEWAY_FIELDS = {"model", "messages", "max_tokens", "system", "tools", "stream"
 
 
 def strict_gateway(request):
-    """An Anthropic-compatible gateway that names, in Anthropic's words, the first field it
-    does not take; else a short answer."""
+    """An Anthropic-compatible gateway that refuses, in Vertex AI's words, every beta, and
+    names, in Anthropic's, the first field it does not take; else a short answer."""
+    betas = request["headers"].get("anthropic-beta")
+    if betas:
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Unexpected value(s) %s for the "
+            "`anthropic-beta` header. Please consult our documentation at docs.anthropic.com "
+            "or try again without the header." % ", ".join(
+                "`%s`" % beta.strip() for beta in betas.split(","))}}, 400)
     body = request["json"] or {}
     refused = sorted(set(body) - GATEWAY_FIELDS) + [
         "tools.%d.custom.defer_loading" % n for n, tool in enumerate(body.get("tools", ()))
@@ -208,8 +215,9 @@ def strict_gateway(request):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_real_claude_code_runs_through_a_gateway_that_refuses_its_newer_fields(
         version, tmp_path, upstream):
-    """2.1.197 shows the 400 and stops; 2.1.330 sends the request again with other thinking
-    and tool settings, a few times. Learned by ccproxy, one refusal a field is all."""
+    """Its betas (as Vertex AI refuses them) and its context_management: 2.1.197 shows the
+    400 and stops; 2.1.330 sends the request again with other thinking and tool settings, a
+    few times, and still sends the betas. Learned by ccproxy, one refusal each is all."""
     upstream.script = strict_gateway
     gateway = {"name": "gateway", "type": "anthropic", "api_base_url": upstream.url,
                "api_key": "gw-key-0123456789"}
