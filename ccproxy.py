@@ -5511,13 +5511,15 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
 
 
 # A server's refusal of a request field it does not take, and the field: OpenAI's
-# "Unrecognized request argument supplied: x", "Unknown parameter: 'x'" and "Unsupported
+# "Unrecognized request argument supplied: x", "Unknown parameter: 'x'", "Unsupported
 # parameter: 'x' is not supported with this model" (max_tokens on its reasoning models, which
-# want max_completion_tokens), pydantic servers' "Extra inputs are not permitted" at
-# ["body", "x"] (Mistral's, FastAPI's), and "property 'x' is unsupported".
+# want max_completion_tokens) and "Unsupported value: 'temperature' does not support 0.2 with
+# this model", pydantic servers' "Extra inputs are not permitted" at ["body", "x"] (Mistral's,
+# FastAPI's), and "property 'x' is unsupported".
 REFUSED_FIELD_RE = re.compile(
     r"(?:Unrecognized request argument supplied|Unknown parameter|Unsupported parameter):? "
-    r"'?(\w+)'?|extra_forbidden\W[^}]*?\"loc\"\s*:\s*\[\s*\"body\"\s*,\s*\"(\w+)\"|"
+    r"'?(\w+)'?|Unsupported value: '(\w+)' does not support|"
+    r"extra_forbidden\W[^}]*?\"loc\"\s*:\s*\[\s*\"body\"\s*,\s*\"(\w+)\"|"
     r"\"loc\"\s*:\s*\[\s*\"body\"\s*,\s*\"(\w+)\"\s*\][^}]*?Extra inputs are not permitted|"
     r"Extra inputs are not permitted:? body\.(\w+)|property '(\w+)' is unsupported", re.I)
 # The fields a Chat Completions request is whole without: one a server refuses is left out.

@@ -1208,6 +1208,8 @@ def test_reasoning_a_server_wants_back_is_learned_and_the_request_sent_again(
                                          "inputs are not permitted", "type": "extra_forbidden"}]}),
     ("temperature", 400, "Unsupported parameter: 'temperature' is not supported with this "
                          "model."),
+    ("temperature", 400, "Unsupported value: 'temperature' does not support 0.5 with this "
+                         "model. Only the default (1) value is supported."),
     ("user", 400, "property 'user' is unsupported"),
     ("max_tokens", 400, "Unsupported parameter: 'max_tokens' is not supported with this model. "
                         "Use 'max_completion_tokens' instead."),
