@@ -7090,7 +7090,8 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if cap is not None and body.get("max_tokens", 0) > cap:
         changes["max_tokens"] = cap
     refused = provider.refused_fields.get(model, ())
-    changes.update(without_refused_inner_fields(body, refused))
+    if refused:
+        changes.update(without_refused_inner_fields(body, refused))
     dropped = [key for key in tuple((compat or ANTHROPIC_COMPAT)["drop_fields"]) + tuple(refused)
                if key in body]
     if dropped:
