@@ -5580,6 +5580,7 @@ def learns_refused_field(error: ProxyError, provider: Provider, model: str) -> b
 # An Anthropic-compatible server's refusal of betas the client asked for, Vertex AI's above all
 # (and gateways in front of it): "Unexpected value(s) `effort-2025-11-24`,
 # `web-search-2025-03-05` for the `anthropic-beta` header. … try again without the header".
+MAX_BETAS_REMEMBERED = 64     # Claude Code sends a dozen; a provider naming more starts afresh
 BETAS_REFUSED_RE = re.compile(r"Unexpected value\(s\) ((?:`[^`]{1,100}`,? ?){1,50}) for the "
                               r"`anthropic-beta` header")
 
@@ -5595,7 +5596,8 @@ def learns_refused_betas(error: ProxyError, provider: Provider) -> bool:
     betas = frozenset(re.findall(r"`([^`]+)`", found.group(1))) if found else frozenset()
     if betas <= provider.refused_betas:
         return False
-    provider.refused_betas = provider.refused_betas | betas
+    kept = provider.refused_betas if len(provider.refused_betas) < MAX_BETAS_REMEMBERED else ()
+    provider.refused_betas = frozenset(kept) | betas
     log.info("%s refuses the betas %s, it says; they are left out from now on",
              provider.name, ", ".join(sorted(betas)))
     return True

@@ -338,3 +338,16 @@ def test_anthropic_itself_is_sent_the_betas_the_client_sent_whatever_it_refuses(
         "for the `anthropic-beta` header."}}).encode())
     assert ccproxy.learns_refused_betas(error, config.providers[0]) is False
     assert config.providers[0].refused_betas == frozenset()
+
+
+def test_a_provider_naming_endless_betas_fills_no_memory():
+    config = ccproxy.build_config({"providers": [{"name": "gw", "type": "anthropic",
+                                                  "api_base_url": "http://127.0.0.1:9"}]}, "c", {})
+    provider = config.providers[0]
+    for n in range(200):
+        error = ccproxy.RelayedError(400, json.dumps({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Unexpected value(s) %s for the "
+            "`anthropic-beta` header." % ", ".join("`b-%d-%d`" % (n, i) for i in range(50))}}
+            ).encode())
+        assert ccproxy.learns_refused_betas(error, provider)
+    assert len(provider.refused_betas) <= ccproxy.MAX_BETAS_REMEMBERED + 50
