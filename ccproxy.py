@@ -18,6 +18,10 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         3.1 Reading: JSONC, ${VAR}, durations, layers
         3.2 The configuration: providers, routes, limits
         3.3 Validation: every problem, with its file and key
+            3.3.1 Values, and the top level: client keys, performance, access
+            3.3.2 Providers: presets, keys, models, prices
+            3.3.3 Routes: targets, conditions, patterns
+            3.3.4 A config built and loaded, and keys other users could read
         3.4 A Claude Code Router config, converted when read
     4. HTTP/1.1
         4.1 Messages: parsing requests, writing responses (sans-IO)
@@ -36,8 +40,17 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         8.2 Resilience: retries, key pools, circuit breakers, failover
     9. Transformers
         9.1 Shared by every protocol: the client's request and events, the relay
+            9.1.1 Protocols, a provider's call, and what a translation knows
+            9.1.2 The client's request: what each translation reads, maps and leaves out
+            9.1.3 A provider's refusals, in the words Claude Code acts on
+            9.1.4 Streams: the provider's events read, translated and relayed
+            9.1.5 The client's answer: messages, events, tool arguments, signatures
         9.2 Anthropic Messages (pass-through)
         9.3 OpenAI Chat Completions
+            9.3.1 The request, and the conversation as messages
+            9.3.2 The request's tools, effort, formats, caching and address
+            9.3.3 The answer: text, reasoning, calls, usage, stop reason, errors
+            9.3.4 The stream
         9.4 OpenAI Responses
         9.5 Gemini
         9.6 The protocol registry (a new protocol: a sub-section above, a line here)
@@ -47,6 +60,9 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
         10.3 Streamed answers: read by the event loop, or by a thread
         10.4 Provider connections: kept alive, timed out, and their answers' heads
     11. Daemon
+        11.1 The server in the foreground: signals, the config watched, usage kept
+        11.2 Logs, and the files in ~/.ccproxy: pidfile and locks
+        11.3 The background server: found, started, stopped
     12. CLI
         12.1 Arguments, and the config a command runs on
         12.2 start, and what --check --probe finds
@@ -979,8 +995,8 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_key
 
 
 # Published limits of each preset's well-known models: model -> (context window: the most input
-# tokens it takes, the most output tokens it writes); None where the page gives none. Checked
-# 2026-12-05 on the providers' model pages:
+# tokens it takes, the most output tokens it writes); None where the page gives none. Checked on
+# the providers' model pages on 2026-12-05:
 #   openai: https://platform.openai.com/docs/models (gpt-5: 400,000 in all, of which input at most
 #           272,000 and output 128,000; gpt-4.1: 1,047,576 / 32,768; gpt-4o: 128,000 / 16,384;
 #           o3, o4-mini: 200,000 / 100,000)
@@ -1368,6 +1384,9 @@ class ConfigChecker:
         return value if self.plain(join_key(path, key), value) else None
 
 
+# 3.3.1 Values, and the top level: client keys, performance, access
+# .............................................................................
+
 def control_character_problem(text: str) -> str | None:
     """Why text may not go into a header or a name: its first control character, by code and
     position only (the text may be a secret)."""
@@ -1515,6 +1534,9 @@ def build_allowed_networks(checker: ConfigChecker, section) -> list:
                          "not an IP address or CIDR: %s" % json.dumps(entry))
     return networks
 
+
+# 3.3.2 Providers: presets, keys, models, prices
+# .............................................................................
 
 def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") -> Provider | None:
     """Validate one providers[i] entry (or one at path) and fill in its preset."""
@@ -1794,6 +1816,9 @@ def build_providers(checker: ConfigChecker, entries) -> list:
     return providers
 
 
+# 3.3.3 Routes: targets, conditions, patterns
+# .............................................................................
+
 def build_routes(checker: ConfigChecker, section, providers: list) -> dict:
     """Validate routes: each {provider, model} (or "provider,model") naming a configured
     provider, with optional conditions and fallbacks; longContextThreshold is a number."""
@@ -1929,6 +1954,9 @@ def regex_problems(pattern: str) -> tuple:
             return str(exc), None
     return None, (str(caught[0].message) if caught else None)
 
+
+# 3.3.4 A config built and loaded, and keys other users could read
+# .............................................................................
 
 def build_config(raw: dict, source: str | None, environ=None, flags=None,
                  label: str | None = None) -> Config:
@@ -3930,8 +3958,8 @@ async def handle_models(app: ProxyApp, request: Request, conn) -> Response:
                           "last_id": models[-1]["id"] if models else None})
 
 
-# Claude Code's model discovery (CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1; 2.1.330 asks,
-# 2.1.197 does not) keeps only ids with "claude" or "anthropic" in them, in any case: other ids
+# Claude Code's model discovery (CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1; asked by 2.1.330,
+# not by 2.1.197) keeps only ids with "claude" or "anthropic" in them, in any case: other ids
 # are listed to it with this prefix, which routing takes off again.
 CLAUDE_CODE_AGENTS = ("claude-code/", "claude-cli/")
 PICKER_ID_PREFIX = "claude-via-ccproxy/"
@@ -5448,8 +5476,8 @@ def token_count(text: str) -> int:
 # A provider's refusal of max_tokens above a model's output limit, with the limit: Groq's
 # "max_completion_tokens must be less than or equal to 40960" (and "`max_tokens` … `16384`",
 # "max_tokens for `m` … 8000"), OpenAI's "This model supports at most 16384 completion tokens",
-# DeepSeek's "the valid range of max_tokens is [1, 8192]", Anthropic's "max_tokens: 64000 >
-# 32000, which is the maximum allowed number of output tokens".
+# DeepSeek's "the valid range of max_tokens is [1, 8192]", Anthropic's
+# "max_tokens: 64000 > 32000, which is the maximum allowed number of output tokens".
 OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? must be less than "
                              r"or equal to `?(%s)|supports at most (%s) completion tokens|"
                              r"range of max_tokens is \[1, (%s)\]|max_tokens: \d+ > (%s), "
@@ -5470,8 +5498,8 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
 
 
 # OpenRouter's 402 for a max_tokens the account's credits cannot cover, whatever the answer
-# would cost: "This request requires more credits, or fewer max_tokens. You requested up to
-# 64000 tokens, but can only afford 2666".
+# would cost: "This request requires more credits, or fewer max_tokens. You requested up
+# to 64000 tokens, but can only afford 2666".
 AFFORDABLE_RE = re.compile(r"requested up to (%s) tokens, but can only afford (%s)"
                            % (TOKEN_COUNT, TOKEN_COUNT), re.I)
 LEAST_OUTPUT_WORTH_ASKING = 1024    # below this, the 402 itself goes to the client
@@ -5627,8 +5655,8 @@ def learns_reasoning_replay(error: ProxyError, provider: Provider) -> bool:
 
 
 # A provider's refusal of a request larger than the plan allows in a minute, whose numbers
-# say no wait can serve it: Groq's 413 and OpenAI's 429 "… on tokens per minute (TPM): Limit
-# 6000, Requested 12328". Claude Code's own prompt is 12-19k tokens, over many free plans.
+# say no wait can serve it: Groq's 413 and OpenAI's 429 "… on tokens per minute (TPM):
+# Limit 6000, Requested 12328". Claude Code's own prompt is 12-19k tokens, over many free plans.
 TOKENS_PER_MINUTE_RE = re.compile(r"tokens per min(?:ute)? \(TPM\): Limit (%s), Requested "
                                   r"(%s)" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
 # OpenRouter's 429 once an account's free-model requests of the day are spent ("Rate limit
@@ -5756,6 +5784,9 @@ def every_failure(failures: list) -> ProxyError:
 # -----------------------------------------------------------------------------
 # 9.1 Shared by every protocol: the client's request and events, the relay
 # -----------------------------------------------------------------------------
+
+# 9.1.1 Protocols, a provider's call, and what a translation knows
+# .............................................................................
 
 MAX_UNKNOWN_NAMES_LOGGED = 200     # per protocol and process: a client making up names at
 MAX_LOGGED_NAME_CHARS = 100        # every request fills neither memory nor the log
@@ -5897,6 +5928,295 @@ class TranslationContext:
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
 
+# 9.1.2 The client's request: what each translation reads, maps and leaves out
+# .............................................................................
+
+TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
+ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
+# Server tools' blocks: Anthropic runs these tools itself; no other provider has them.
+SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                      "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
+                      "search_result", "container_upload")
+ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
+
+
+def request_parts(body: dict):
+    """(kind, name) of every field, content block type and tool field of a request."""
+    yield from (("field", key) for key in body)
+    for message in list_of(body.get("messages")):
+        for block in list_of(dict_of(message).get("content")):
+            if isinstance(dict_of(block).get("type"), str):
+                yield "block", block["type"]
+    for tool in list_of(body.get("tools")):
+        yield from (("tool field", key) for key in dict_of(tool))
+
+
+def coverage(mapped=(), dropped=None, refused=None) -> dict:
+    """A translation's table for one kind of request part: name -> (action, why)."""
+    table = {name: ("mapped", "") for name in mapped}
+    table.update((name, ("dropped", why)) for name, why in (dropped or {}).items())
+    table.update((name, ("refused", why)) for name, why in (refused or {}).items())
+    return table
+
+
+# What every translating protocol does with a Messages request, beyond its own differences.
+ANTHROPIC_ONLY = "an Anthropic account or service setting, with no meaning elsewhere"
+CACHE_MARKS_WHY = ("the provider caches prompt prefixes its own way (OpenRouter's Anthropic and "
+                   "Gemini models keep the marks on text parts)")
+TRANSLATED_FIELDS = coverage(
+    mapped=("model", "messages", "max_tokens", "system", "stream", "tools", "tool_choice",
+            "thinking", "temperature", "top_p", "top_k", "stop_sequences", "output_config",
+            "output_format", "metadata"),
+    dropped={"context_management": "Anthropic edits the context on its side; the conversation "
+                                   "goes on as the client holds it",
+             "cache_control": CACHE_MARKS_WHY,
+             "service_tier": ANTHROPIC_ONLY, "container": ANTHROPIC_ONLY,
+             "diagnostics": ANTHROPIC_ONLY, "inference_geo": ANTHROPIC_ONLY,
+             "speed": ANTHROPIC_ONLY, "user_profile_id": ANTHROPIC_ONLY,
+             "workspace_id": ANTHROPIC_ONLY},
+    refused={"mcp_servers": "Anthropic's MCP connector runs those tools on Anthropic's side"})
+TRANSLATED_BLOCKS = coverage(
+    mapped=("text", "image", "document", "tool_use", "tool_result", "tool_reference", "thinking",
+            "search_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+            "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"),
+    dropped={"redacted_thinking": "another provider's encrypted thinking means nothing here"},
+    refused={"container_upload": "files uploaded to Anthropic's containers are not readable"})
+TRANSLATED_TOOL_FIELDS = coverage(
+    mapped=("name", "description", "input_schema", "type", "defer_loading", "max_uses"),
+    dropped={"cache_control": CACHE_MARKS_WHY,
+             "strict": "schemas go as they are; strict decoding is Anthropic's",
+             "input_examples": "no equivalent; the description and schema keep the tool's use",
+             "eager_input_streaming": "arguments stream as the provider sends them",
+             "allowed_domains": "no equivalent at the providers that search (logged)",
+             "blocked_domains": "no equivalent at the providers that search (logged)",
+             "user_location": "no equivalent at the providers that search"})
+TRANSLATED_REQUEST = {"field": TRANSLATED_FIELDS, "block": TRANSLATED_BLOCKS,
+                      "tool field": TRANSLATED_TOOL_FIELDS}
+
+
+def tool_use_id(call_id) -> str:
+    """The tool_use id for an upstream call id: kept when a tool_use id may hold it, else encoded
+    reversibly, or a fresh id when there is none."""
+    if not isinstance(call_id, str) or not call_id:
+        return random_id("toolu_")
+    if TOOL_USE_ID_RE.match(call_id):
+        return call_id
+    encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+    return ENCODED_TOOL_ID_PREFIX + encoded
+
+
+WEB_SEARCH_QUERY_RE = re.compile(r"Perform a web search for the query: (.+)", re.S)
+MAX_SERVER_BLOCK_CHARS = 20000           # the most of a server tool's output kept as text
+
+
+def web_search_tool(body: dict) -> dict | None:
+    """The web_search server tool of a request (Claude Code's WebSearch sends it), if any."""
+    return next((tool for tool in body.get("tools") or () if isinstance(tool, dict)
+                 and str(tool.get("type", "")).startswith("web_search")), None)
+
+
+def web_search_query(body: dict) -> str:
+    """What a search request asks to search for: Claude Code's "Perform a web search for the
+    query: …", else the last user text."""
+    for message in reversed(body.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        texts = [content] if isinstance(content, str) else [
+            b.get("text") for b in list_of(content) if isinstance(b, dict)
+            and isinstance(b.get("text"), str)]
+        if message.get("role") == "user" and texts:
+            text = "\n".join(texts).strip()
+            match = WEB_SEARCH_QUERY_RE.search(text)
+            return (match.group(1) if match else text).strip()[:500]
+    return ""
+
+
+def search_blocks(query: str, results: list) -> list:
+    """The server_tool_use and web_search_tool_result blocks that report a search a provider
+    ran; results are (url, title) pairs. Claude Code takes the links it shows from the result
+    block."""
+    tool_id = random_id("srvtoolu_")
+    return [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
+             "input": {"query": query}},
+            {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": [
+                {"type": "web_search_result", "url": url, "title": title, "page_age": None,
+                 "encrypted_content": ""} for url, title in results]}]
+
+
+def search_citation(url: str, title: str, cited_text: str) -> dict:
+    """A citation of a search result, as Anthropic attaches them to text."""
+    return {"type": "web_search_result_location", "url": url, "title": title,
+            "encrypted_index": "", "cited_text": cited_text}
+
+
+def server_block_text(block: dict) -> str | None:
+    """A block of a server tool Anthropic ran (web search, fetch, code execution, MCP) as text
+    another provider's model can read: what was asked and what came back. Encrypted content
+    is never passed on. None for a block with nothing readable (a container upload)."""
+    kind = block.get("type")
+    if kind in ("server_tool_use", "mcp_tool_use"):
+        arguments = dict_of(block.get("input"))
+        if block.get("name") == "web_search" and "query" in arguments:
+            return "[web search: %s]" % arguments["query"]
+        return "[%s %s: %s]" % (kind.replace("_", " "), block.get("name"),
+                                JSON_TEXT(arguments))
+    if kind == "web_search_tool_result":
+        return web_search_result_text(block.get("content"))
+    if kind == "container_upload":
+        return None
+    texts = [text for text in nested_texts(block) if text]
+    return ("[%s]\n%s" % (kind.replace("_", " "), "\n".join(texts)))[:MAX_SERVER_BLOCK_CHARS]
+
+
+def web_search_result_text(content) -> str:
+    """A web_search_tool_result's results as numbered lines of title and URL."""
+    if isinstance(content, dict):
+        return "[web search failed: %s]" % content.get("error_code", "unknown error")
+    lines = ["%d. %s %s" % (number, item.get("title") or "", item.get("url") or "")
+             for number, item in enumerate((i for i in list_of(content) if isinstance(i, dict)),
+                                           1)]
+    return "[web search results]\n" + ("\n".join(lines) or "(no results)")
+
+
+def nested_texts(value) -> list:
+    """Every readable string inside a server tool's block: text, stdout, stderr, URLs, titles,
+    a fetched document's text; never encrypted content or base64 data."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [text for item in value for text in nested_texts(item)]
+    if not isinstance(value, dict) or value.get("type") == "base64":
+        return []
+    return [text for key, item in value.items() if key in READABLE_BLOCK_KEYS
+            for text in nested_texts(item)]
+
+
+READABLE_BLOCK_KEYS = ("text", "title", "url", "source", "stdout", "stderr", "content", "data",
+                       "retrieved_at", "error_code")
+
+
+def text_of_system(system) -> str:
+    """The system prompt as one string: text blocks joined by blank lines, without Claude
+    Code's billing-header block (meaningless elsewhere)."""
+    if isinstance(system, str):
+        return system.strip() and system
+    return "\n\n".join(b["text"] for b in system_text_blocks(system))
+
+
+def system_text_blocks(system) -> list:
+    """The system prompt's text blocks, without Claude Code's billing-header block."""
+    return [b for b in system or () if isinstance(b, dict) and b.get("type") == "text"
+            and isinstance(b.get("text"), str) and b["text"].strip()
+            and not b["text"].startswith(BILLING_HEADER_PREFIX)]
+
+
+def tool_result_text(block: dict) -> str:
+    """A tool_result's content as text: strings and text blocks joined, never their JSON; a
+    tool_reference (what Claude Code's tool search returns) as the name of the tool it loaded;
+    a search result or document as its readable text; images and PDFs are sent apart."""
+    content = block.get("content")
+    texts, media = [], tool_result_media(block)
+    for item in content if isinstance(content, list) else [content]:
+        if isinstance(item, str):
+            texts.append(item)
+        elif isinstance(item, dict) and item.get("type") == "text":
+            texts.append(str(item.get("text", "")))
+        elif isinstance(item, dict) and item.get("type") == "tool_reference":
+            texts.append("[tool loaded: %s]" % item.get("tool_name"))
+        elif isinstance(item, dict) and item.get("type") is not None and item not in media:
+            texts.append("[%s]\n%s" % (item["type"], "\n".join(
+                t for t in nested_texts(item) if t))[:MAX_SERVER_BLOCK_CHARS])
+    text = "\n".join(t for t in texts if t)
+    return text or ("[%s attached below]" % media[0]["type"] if media else "")
+
+
+def offered_tools(body: dict) -> list:
+    """The request's tools a translating provider should see: a tool marked defer_loading only
+    once a tool_reference in the conversation has named it (Claude Code's tool search loads
+    tools that way; sent from the start, every deferred tool would cost tokens on every turn)."""
+    tools = [tool for tool in list_of(body.get("tools")) if isinstance(tool, dict)]
+    if not any(tool.get("defer_loading") is True for tool in tools):
+        return tools
+    loaded = {dict_of(item).get("tool_name") for message in list_of(body.get("messages"))
+              for block in list_of(dict_of(message).get("content"))
+              if dict_of(block).get("type") == "tool_result"
+              for item in list_of(dict_of(block).get("content"))
+              if dict_of(item).get("type") == "tool_reference"}
+    return [tool for tool in tools if tool.get("defer_loading") is not True
+            or tool.get("name") in loaded]
+
+
+def tool_result_media(block: dict) -> list:
+    """The blocks inside a tool_result that go apart from its text: images, and PDFs (Claude
+    Code's Read puts a PDF's document block there, from 2.1.330 on)."""
+    content = block.get("content")
+    return [item for item in content if isinstance(item, dict) and (
+        item.get("type") == "image" or item.get("type") == "document"
+        and dict_of(item.get("source")).get("type") == "base64")] \
+        if isinstance(content, list) else []
+
+
+def thinking_effort(body: dict) -> str | None:
+    """The effort a request asks to think with (one of EFFORTS), None when it asks for no
+    thinking: output_config.effort with adaptive thinking (Anthropic's default there is high),
+    or a level from thinking.budget_tokens."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict):
+        return None
+    if thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        budget = budget if isinstance(budget, int) else 8192
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high" \
+            if budget < 32768 else "xhigh"
+    if thinking.get("type") == "adaptive":
+        effort = dict_of(body.get("output_config")).get("effort")
+        return effort if effort in EFFORTS else "high"
+    return None
+
+
+def provider_effort(effort: str, scales, model: str) -> str | None:
+    """The provider's own level for an effort, on the scale of the first pattern that matches
+    the model: the highest it has at or below the effort asked for (never a silent medium).
+    None when the model has no scale."""
+    scale = next((levels for pattern, levels in scales if re.search(pattern, model)), None)
+    if not scale:
+        return None
+    rank = EFFORTS.index(effort)
+    below = [level for level in scale if EFFORTS.index(level) <= rank]
+    chosen = below[-1] if below else next(iter(scale))
+    if chosen != effort:
+        log.debug("%s has no %s effort; asking for %s", model, effort, scale[chosen])
+    return scale[chosen]
+
+
+def list_of(value) -> list:
+    """value when it is a list, else an empty one: JSON from outside may have any shape."""
+    return value if isinstance(value, list) else []
+
+
+def dict_of(value) -> dict:
+    """value when it is an object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def str_of(value) -> str:
+    """value when it is a string, else an empty one."""
+    return value if isinstance(value, str) else ""
+
+
+def converted_schema(tool: dict, convert, *args):
+    """convert(*args): a tool's input schema in a provider's dialect; a 400 naming the tool
+    when the schema nests too deeply for the conversion (hundreds of levels: none real)."""
+    try:
+        return convert(*args)
+    except RecursionError:
+        raise InvalidRequestError("tools: the input_schema of %r nests too deeply to translate"
+                                  % str(tool.get("name"))[:80]) from None
+
+
+# 9.1.3 A provider's refusals, in the words Claude Code acts on
+# .............................................................................
+
 # Words of a provider's 400 that mean the prompt is over the model's window: OpenAI's, vLLM's
 # "maximum model length", llama.cpp's and LM Studio's "context size", Groq's "reduce the
 # length of the messages", and the rest of those Claude Code 2.1.332 itself reads as one (its
@@ -5915,8 +6235,8 @@ MAX_TOKENS_PROBE_RE = re.compile(r"max_tokens|output limit|max_completion_tokens
 OVERFLOW_LIMIT_RE = re.compile(r"(?:maximum|limit|allowed|context length|context size|must be <=|"
                                r"up to|should be \[1,)\D{0,40}?(%s)" % TOKEN_COUNT, re.I)
 # How such a 400 splits what was asked, where it says: OpenAI's and vLLM's "(1000 in the
-# messages, 32000 in the completion)", OpenRouter's "(1000 of text input, 200 of tool input,
-# 32000 in the output)", vLLM's newer "is too large: 32000. … your request has 1000 input
+# messages, 32000 in the completion)", OpenRouter's "(1000 of text input, 200 of tool
+# input, 32000 in the output)", vLLM's newer "is too large: 32000. … your request has 1000 input
 # tokens", and text-generation-inference's "Given: 1000 `inputs` tokens and 32000
 # `max_new_tokens`" (Together, Hugging Face).
 INPUT_PART_RE = re.compile(r"(%s) (?:in the messages|of \w+ input|`inputs` tokens)|"
@@ -6004,6 +6324,9 @@ def overflow_message(message: str) -> str:
         return "%s (%s)" % (prompt_too_long(max(numbers), window), message)
     return "prompt is too long: " + message
 
+
+# 9.1.4 Streams: the provider's events read, translated and relayed
+# .............................................................................
 
 async def stream_response(call, relay) -> Response:
     """The client's event stream, opened once the relay has its first events."""
@@ -6228,6 +6551,109 @@ def count_in(answer: bytes, key: str) -> int | None:
         return None
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
+
+SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
+
+
+def sse_event(name: str, payload: dict) -> bytes:
+    """One event of the client's stream: `event: <name>` and its JSON `data:` line."""
+    data = JSON_TEXT(payload).encode()
+    return b"event: %s\ndata: %s\n\n" % (name.encode(), data)
+
+
+def sse_complete_length(data: bytes) -> int:
+    """How many leading bytes of data form complete SSE events (LF or CRLF line endings)."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class HeldBytes:
+    """The unfinished end of an event stream, kept as pieces so that a long line costs linear
+    time, and refused (502) beyond MAX_SSE_LINE_BYTES."""
+
+    def __init__(self):
+        self._parts = []
+        self._size = 0
+
+    def hold(self, data: bytes) -> None:
+        if data:
+            self._parts.append(data)
+            self._size += len(data)
+            if self._size > MAX_SSE_LINE_BYTES:
+                raise UpstreamError("the provider sent an event-stream event longer than %d bytes"
+                                    % MAX_SSE_LINE_BYTES)
+
+    def release(self, data: bytes) -> bytes:
+        """What was held, followed by data; nothing is held afterwards."""
+        if not self._parts:
+            return data
+        self._parts.append(data)
+        joined = b"".join(self._parts)
+        self._parts, self._size = [], 0
+        return joined
+
+    def tail(self, length: int) -> bytes:
+        """The last `length` bytes held (every piece holds at least one)."""
+        return b"".join(self._parts[-length:])[-length:] if self._parts else b""
+
+
+PLAIN_DATA_EVENT_RE = re.compile(rb"data: ([^\n]*)\n\n")     # 8 bytes besides the data
+
+
+class SSEDecoder:
+    """Sans-IO server-sent events parser: feed() bytes, get the (event, data) of each complete
+    event. LF or CRLF line endings, comments (`: …`), multi-line `data:` joined with "\\n"."""
+
+    def __init__(self):
+        self._held = HeldBytes()
+        self._event = ""
+        self._data = []
+
+    def feed(self, chunk: bytes) -> list:
+        if chunk.endswith(b"\n\n") and not self._data and not self._event:
+            text = self._held.release(chunk)
+            events = self._plain_events(text)
+            return self._feed_lines(text) if events is None else events
+        if b"\n" not in chunk:
+            self._held.hold(chunk)
+            return []
+        return self._feed_lines(self._held.release(chunk))
+
+    def _feed_lines(self, text: bytes) -> list:
+        lines = text.split(b"\n")
+        self._held.hold(lines.pop())
+        events = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event or "message", "\n".join(self._data)))
+                self._event, self._data = "", []
+            elif line[:1] != b":":
+                field, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if field == b"data":
+                    self._data.append(value.decode("utf-8", "replace"))
+                elif field == b"event":
+                    self._event = value.decode("utf-8", "replace")
+        return events
+
+    @staticmethod
+    def _plain_events(text: bytes) -> list | None:
+        """The events of text made of whole one-line `data: …` events and nothing else (most
+        streams), found by one regular-expression pass; None when anything else is there (the
+        events found then do not cover the text) or a CR is."""
+        found = PLAIN_DATA_EVENT_RE.findall(text)
+        if sum(map(len, found)) + 8 * len(found) != len(text) or b"\r" in text:
+            return None
+        return [("message", data.decode("utf-8", "replace")) for data in found]
+
+
+# 9.1.5 The client's answer: messages, events, tool arguments, signatures
+# .............................................................................
 
 # Ids come from a generator of ccproxy's own, seeded from the system's (and again in a forked
 # child), so that a program that seeds `random` (ccproxy used from Python) cannot repeat them.
@@ -6581,289 +7007,6 @@ def gemini_signature_of(signature) -> str | None:
     return None
 
 
-TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
-ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
-BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
-# Server tools' blocks: Anthropic runs these tools itself; no other provider has them.
-SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-                      "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
-                      "search_result", "container_upload")
-ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
-
-
-def request_parts(body: dict):
-    """(kind, name) of every field, content block type and tool field of a request."""
-    yield from (("field", key) for key in body)
-    for message in list_of(body.get("messages")):
-        for block in list_of(dict_of(message).get("content")):
-            if isinstance(dict_of(block).get("type"), str):
-                yield "block", block["type"]
-    for tool in list_of(body.get("tools")):
-        yield from (("tool field", key) for key in dict_of(tool))
-
-
-def coverage(mapped=(), dropped=None, refused=None) -> dict:
-    """A translation's table for one kind of request part: name -> (action, why)."""
-    table = {name: ("mapped", "") for name in mapped}
-    table.update((name, ("dropped", why)) for name, why in (dropped or {}).items())
-    table.update((name, ("refused", why)) for name, why in (refused or {}).items())
-    return table
-
-
-# What every translating protocol does with a Messages request, beyond its own differences.
-ANTHROPIC_ONLY = "an Anthropic account or service setting, with no meaning elsewhere"
-CACHE_MARKS_WHY = ("the provider caches prompt prefixes its own way (OpenRouter's Anthropic and "
-                   "Gemini models keep the marks on text parts)")
-TRANSLATED_FIELDS = coverage(
-    mapped=("model", "messages", "max_tokens", "system", "stream", "tools", "tool_choice",
-            "thinking", "temperature", "top_p", "top_k", "stop_sequences", "output_config",
-            "output_format", "metadata"),
-    dropped={"context_management": "Anthropic edits the context on its side; the conversation "
-                                   "goes on as the client holds it",
-             "cache_control": CACHE_MARKS_WHY,
-             "service_tier": ANTHROPIC_ONLY, "container": ANTHROPIC_ONLY,
-             "diagnostics": ANTHROPIC_ONLY, "inference_geo": ANTHROPIC_ONLY,
-             "speed": ANTHROPIC_ONLY, "user_profile_id": ANTHROPIC_ONLY,
-             "workspace_id": ANTHROPIC_ONLY},
-    refused={"mcp_servers": "Anthropic's MCP connector runs those tools on Anthropic's side"})
-TRANSLATED_BLOCKS = coverage(
-    mapped=("text", "image", "document", "tool_use", "tool_result", "tool_reference", "thinking",
-            "search_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-            "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result"),
-    dropped={"redacted_thinking": "another provider's encrypted thinking means nothing here"},
-    refused={"container_upload": "files uploaded to Anthropic's containers are not readable"})
-TRANSLATED_TOOL_FIELDS = coverage(
-    mapped=("name", "description", "input_schema", "type", "defer_loading", "max_uses"),
-    dropped={"cache_control": CACHE_MARKS_WHY,
-             "strict": "schemas go as they are; strict decoding is Anthropic's",
-             "input_examples": "no equivalent; the description and schema keep the tool's use",
-             "eager_input_streaming": "arguments stream as the provider sends them",
-             "allowed_domains": "no equivalent at the providers that search (logged)",
-             "blocked_domains": "no equivalent at the providers that search (logged)",
-             "user_location": "no equivalent at the providers that search"})
-TRANSLATED_REQUEST = {"field": TRANSLATED_FIELDS, "block": TRANSLATED_BLOCKS,
-                      "tool field": TRANSLATED_TOOL_FIELDS}
-
-
-def tool_use_id(call_id) -> str:
-    """The tool_use id for an upstream call id: kept when a tool_use id may hold it, else encoded
-    reversibly, or a fresh id when there is none."""
-    if not isinstance(call_id, str) or not call_id:
-        return random_id("toolu_")
-    if TOOL_USE_ID_RE.match(call_id):
-        return call_id
-    encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
-    return ENCODED_TOOL_ID_PREFIX + encoded
-
-
-WEB_SEARCH_QUERY_RE = re.compile(r"Perform a web search for the query: (.+)", re.S)
-MAX_SERVER_BLOCK_CHARS = 20000           # the most of a server tool's output kept as text
-
-
-def web_search_tool(body: dict) -> dict | None:
-    """The web_search server tool of a request (Claude Code's WebSearch sends it), if any."""
-    return next((tool for tool in body.get("tools") or () if isinstance(tool, dict)
-                 and str(tool.get("type", "")).startswith("web_search")), None)
-
-
-def web_search_query(body: dict) -> str:
-    """What a search request asks to search for: Claude Code's "Perform a web search for the
-    query: …", else the last user text."""
-    for message in reversed(body.get("messages") or ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        texts = [content] if isinstance(content, str) else [
-            b.get("text") for b in list_of(content) if isinstance(b, dict)
-            and isinstance(b.get("text"), str)]
-        if message.get("role") == "user" and texts:
-            text = "\n".join(texts).strip()
-            match = WEB_SEARCH_QUERY_RE.search(text)
-            return (match.group(1) if match else text).strip()[:500]
-    return ""
-
-
-def search_blocks(query: str, results: list) -> list:
-    """The server_tool_use and web_search_tool_result blocks that report a search a provider
-    ran; results are (url, title) pairs. Claude Code takes the links it shows from the result
-    block."""
-    tool_id = random_id("srvtoolu_")
-    return [{"type": "server_tool_use", "id": tool_id, "name": "web_search",
-             "input": {"query": query}},
-            {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": [
-                {"type": "web_search_result", "url": url, "title": title, "page_age": None,
-                 "encrypted_content": ""} for url, title in results]}]
-
-
-def search_citation(url: str, title: str, cited_text: str) -> dict:
-    """A citation of a search result, as Anthropic attaches them to text."""
-    return {"type": "web_search_result_location", "url": url, "title": title,
-            "encrypted_index": "", "cited_text": cited_text}
-
-
-def server_block_text(block: dict) -> str | None:
-    """A block of a server tool Anthropic ran (web search, fetch, code execution, MCP) as text
-    another provider's model can read: what was asked and what came back. Encrypted content
-    is never passed on. None for a block with nothing readable (a container upload)."""
-    kind = block.get("type")
-    if kind in ("server_tool_use", "mcp_tool_use"):
-        arguments = dict_of(block.get("input"))
-        if block.get("name") == "web_search" and "query" in arguments:
-            return "[web search: %s]" % arguments["query"]
-        return "[%s %s: %s]" % (kind.replace("_", " "), block.get("name"),
-                                JSON_TEXT(arguments))
-    if kind == "web_search_tool_result":
-        return web_search_result_text(block.get("content"))
-    if kind == "container_upload":
-        return None
-    texts = [text for text in nested_texts(block) if text]
-    return ("[%s]\n%s" % (kind.replace("_", " "), "\n".join(texts)))[:MAX_SERVER_BLOCK_CHARS]
-
-
-def web_search_result_text(content) -> str:
-    """A web_search_tool_result's results as numbered lines of title and URL."""
-    if isinstance(content, dict):
-        return "[web search failed: %s]" % content.get("error_code", "unknown error")
-    lines = ["%d. %s %s" % (number, item.get("title") or "", item.get("url") or "")
-             for number, item in enumerate((i for i in list_of(content) if isinstance(i, dict)),
-                                           1)]
-    return "[web search results]\n" + ("\n".join(lines) or "(no results)")
-
-
-def nested_texts(value) -> list:
-    """Every readable string inside a server tool's block: text, stdout, stderr, URLs, titles,
-    a fetched document's text; never encrypted content or base64 data."""
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [text for item in value for text in nested_texts(item)]
-    if not isinstance(value, dict) or value.get("type") == "base64":
-        return []
-    return [text for key, item in value.items() if key in READABLE_BLOCK_KEYS
-            for text in nested_texts(item)]
-
-
-READABLE_BLOCK_KEYS = ("text", "title", "url", "source", "stdout", "stderr", "content", "data",
-                       "retrieved_at", "error_code")
-
-
-def text_of_system(system) -> str:
-    """The system prompt as one string: text blocks joined by blank lines, without Claude
-    Code's billing-header block (meaningless elsewhere)."""
-    if isinstance(system, str):
-        return system.strip() and system
-    return "\n\n".join(b["text"] for b in system_text_blocks(system))
-
-
-def system_text_blocks(system) -> list:
-    """The system prompt's text blocks, without Claude Code's billing-header block."""
-    return [b for b in system or () if isinstance(b, dict) and b.get("type") == "text"
-            and isinstance(b.get("text"), str) and b["text"].strip()
-            and not b["text"].startswith(BILLING_HEADER_PREFIX)]
-
-
-def tool_result_text(block: dict) -> str:
-    """A tool_result's content as text: strings and text blocks joined, never their JSON; a
-    tool_reference (what Claude Code's tool search returns) as the name of the tool it loaded;
-    a search result or document as its readable text; images and PDFs are sent apart."""
-    content = block.get("content")
-    texts, media = [], tool_result_media(block)
-    for item in content if isinstance(content, list) else [content]:
-        if isinstance(item, str):
-            texts.append(item)
-        elif isinstance(item, dict) and item.get("type") == "text":
-            texts.append(str(item.get("text", "")))
-        elif isinstance(item, dict) and item.get("type") == "tool_reference":
-            texts.append("[tool loaded: %s]" % item.get("tool_name"))
-        elif isinstance(item, dict) and item.get("type") is not None and item not in media:
-            texts.append("[%s]\n%s" % (item["type"], "\n".join(
-                t for t in nested_texts(item) if t))[:MAX_SERVER_BLOCK_CHARS])
-    text = "\n".join(t for t in texts if t)
-    return text or ("[%s attached below]" % media[0]["type"] if media else "")
-
-
-def offered_tools(body: dict) -> list:
-    """The request's tools a translating provider should see: a tool marked defer_loading only
-    once a tool_reference in the conversation has named it (Claude Code's tool search loads
-    tools that way; sent from the start, every deferred tool would cost tokens on every turn)."""
-    tools = [tool for tool in list_of(body.get("tools")) if isinstance(tool, dict)]
-    if not any(tool.get("defer_loading") is True for tool in tools):
-        return tools
-    loaded = {dict_of(item).get("tool_name") for message in list_of(body.get("messages"))
-              for block in list_of(dict_of(message).get("content"))
-              if dict_of(block).get("type") == "tool_result"
-              for item in list_of(dict_of(block).get("content"))
-              if dict_of(item).get("type") == "tool_reference"}
-    return [tool for tool in tools if tool.get("defer_loading") is not True
-            or tool.get("name") in loaded]
-
-
-def tool_result_media(block: dict) -> list:
-    """The blocks inside a tool_result that go apart from its text: images, and PDFs (Claude
-    Code's Read puts a PDF's document block there, from 2.1.330 on)."""
-    content = block.get("content")
-    return [item for item in content if isinstance(item, dict) and (
-        item.get("type") == "image" or item.get("type") == "document"
-        and dict_of(item.get("source")).get("type") == "base64")] \
-        if isinstance(content, list) else []
-
-
-def thinking_effort(body: dict) -> str | None:
-    """The effort a request asks to think with (one of EFFORTS), None when it asks for no
-    thinking: output_config.effort with adaptive thinking (Anthropic's default there is high),
-    or a level from thinking.budget_tokens."""
-    thinking = body.get("thinking")
-    if not isinstance(thinking, dict):
-        return None
-    if thinking.get("type") == "enabled":
-        budget = thinking.get("budget_tokens")
-        budget = budget if isinstance(budget, int) else 8192
-        return "low" if budget < 4096 else "medium" if budget < 16384 else "high" \
-            if budget < 32768 else "xhigh"
-    if thinking.get("type") == "adaptive":
-        effort = dict_of(body.get("output_config")).get("effort")
-        return effort if effort in EFFORTS else "high"
-    return None
-
-
-def provider_effort(effort: str, scales, model: str) -> str | None:
-    """The provider's own level for an effort, on the scale of the first pattern that matches
-    the model: the highest it has at or below the effort asked for (never a silent medium).
-    None when the model has no scale."""
-    scale = next((levels for pattern, levels in scales if re.search(pattern, model)), None)
-    if not scale:
-        return None
-    rank = EFFORTS.index(effort)
-    below = [level for level in scale if EFFORTS.index(level) <= rank]
-    chosen = below[-1] if below else next(iter(scale))
-    if chosen != effort:
-        log.debug("%s has no %s effort; asking for %s", model, effort, scale[chosen])
-    return scale[chosen]
-
-
-def list_of(value) -> list:
-    """value when it is a list, else an empty one: JSON from outside may have any shape."""
-    return value if isinstance(value, list) else []
-
-
-def dict_of(value) -> dict:
-    """value when it is an object, else an empty one."""
-    return value if isinstance(value, dict) else {}
-
-
-def str_of(value) -> str:
-    """value when it is a string, else an empty one."""
-    return value if isinstance(value, str) else ""
-
-
-def converted_schema(tool: dict, convert, *args):
-    """convert(*args): a tool's input schema in a provider's dialect; a 400 naming the tool
-    when the schema nests too deeply for the conversion (hundreds of levels: none real)."""
-    try:
-        return convert(*args)
-    except RecursionError:
-        raise InvalidRequestError("tools: the input_schema of %r nests too deeply to translate"
-                                  % str(tool.get("name"))[:80]) from None
-
-
 def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int, cache_write: int,
                     thinking_tokens: int = 0) -> dict:
     """Usage as the Messages API reports it: input apart from cache reads and writes, and the
@@ -6878,106 +7021,6 @@ def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int, cach
 def count_of(value) -> int:
     """A token count from upstream JSON: an integer, else 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-SSE_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
-MAX_SSE_LINE_BYTES = 16 * 1024 * 1024
-
-
-def sse_event(name: str, payload: dict) -> bytes:
-    """One event of the client's stream: `event: <name>` and its JSON `data:` line."""
-    data = JSON_TEXT(payload).encode()
-    return b"event: %s\ndata: %s\n\n" % (name.encode(), data)
-
-
-def sse_complete_length(data: bytes) -> int:
-    """How many leading bytes of data form complete SSE events (LF or CRLF line endings)."""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-class HeldBytes:
-    """The unfinished end of an event stream, kept as pieces so that a long line costs linear
-    time, and refused (502) beyond MAX_SSE_LINE_BYTES."""
-
-    def __init__(self):
-        self._parts = []
-        self._size = 0
-
-    def hold(self, data: bytes) -> None:
-        if data:
-            self._parts.append(data)
-            self._size += len(data)
-            if self._size > MAX_SSE_LINE_BYTES:
-                raise UpstreamError("the provider sent an event-stream event longer than %d bytes"
-                                    % MAX_SSE_LINE_BYTES)
-
-    def release(self, data: bytes) -> bytes:
-        """What was held, followed by data; nothing is held afterwards."""
-        if not self._parts:
-            return data
-        self._parts.append(data)
-        joined = b"".join(self._parts)
-        self._parts, self._size = [], 0
-        return joined
-
-    def tail(self, length: int) -> bytes:
-        """The last `length` bytes held (every piece holds at least one)."""
-        return b"".join(self._parts[-length:])[-length:] if self._parts else b""
-
-
-PLAIN_DATA_EVENT_RE = re.compile(rb"data: ([^\n]*)\n\n")     # 8 bytes besides the data
-
-
-class SSEDecoder:
-    """Sans-IO server-sent events parser: feed() bytes, get the (event, data) of each complete
-    event. LF or CRLF line endings, comments (`: …`), multi-line `data:` joined with "\\n"."""
-
-    def __init__(self):
-        self._held = HeldBytes()
-        self._event = ""
-        self._data = []
-
-    def feed(self, chunk: bytes) -> list:
-        if chunk.endswith(b"\n\n") and not self._data and not self._event:
-            text = self._held.release(chunk)
-            events = self._plain_events(text)
-            return self._feed_lines(text) if events is None else events
-        if b"\n" not in chunk:
-            self._held.hold(chunk)
-            return []
-        return self._feed_lines(self._held.release(chunk))
-
-    def _feed_lines(self, text: bytes) -> list:
-        lines = text.split(b"\n")
-        self._held.hold(lines.pop())
-        events = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if self._data:
-                    events.append((self._event or "message", "\n".join(self._data)))
-                self._event, self._data = "", []
-            elif line[:1] != b":":
-                field, _, value = line.partition(b":")
-                if value[:1] == b" ":
-                    value = value[1:]
-                if field == b"data":
-                    self._data.append(value.decode("utf-8", "replace"))
-                elif field == b"event":
-                    self._event = value.decode("utf-8", "replace")
-        return events
-
-    @staticmethod
-    def _plain_events(text: bytes) -> list | None:
-        """The events of text made of whole one-line `data: …` events and nothing else (most
-        streams), found by one regular-expression pass; None when anything else is there (the
-        events found then do not cover the text) or a CR is."""
-        found = PLAIN_DATA_EVENT_RE.findall(text)
-        if sum(map(len, found)) + 8 * len(found) != len(text) or b"\r" in text:
-            return None
-        return [("message", data.decode("utf-8", "replace")) for data in found]
 
 
 # -----------------------------------------------------------------------------
@@ -7379,6 +7422,9 @@ class OpenAIChatProtocol(Protocol):
         return OpenAIStreamTranslator(context)
 
 
+# 9.3.1 The request, and the conversation as messages
+# .............................................................................
+
 def openai_request_from_anthropic(body: dict, provider: Provider, model: str) -> dict:
     """The Chat Completions body for a Messages body
     (https://platform.openai.com/docs/api-reference/chat/create)."""
@@ -7689,6 +7735,9 @@ def joined_content(first, second, keep_parts: bool):
                           keep_parts)
 
 
+# 9.3.2 The request's tools, effort, formats, caching and address
+# .............................................................................
+
 def openai_search_style(provider: Provider, model: str) -> str | None:
     """How the provider searches the web for this model, if it can: "web_plugin" (OpenRouter's
     openrouter:web_search server tool, https://openrouter.ai/docs/guides/features/server-tools/
@@ -7917,6 +7966,9 @@ def openai_request_headers(provider: Provider) -> dict:
     headers.update(provider.headers)
     return headers
 
+
+# 9.3.3 The answer: text, reasoning, calls, usage, stop reason, errors
+# .............................................................................
 
 def anthropic_message_from_openai(data: dict, context) -> dict:
     """An Anthropic message from a Chat Completions answer: reasoning as thinking, text,
@@ -8176,6 +8228,9 @@ def openai_error(provider: Provider, error, status: int = 502) -> ProxyError:
     message = "%s: %s" % (provider.name, error.get("message") or json.dumps(error))
     return unreadable_call(error_for_status(status, provider.masker.text(message)), provider)
 
+
+# 9.3.4 The stream
+# .............................................................................
 
 PLAIN_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "choices", "usage",
                               "system_fingerprint", "service_tier", "provider", "obfuscation"))
@@ -8763,8 +8818,8 @@ GEMINI_FORMATS = {"STRING": ("enum", "date-time"), "NUMBER": ("float", "double")
                   "INTEGER": ("int32", "int64")}
 MAX_SCHEMA_REF_DEPTH = 8
 MAX_GEMINI_STOP_SEQUENCES = 5
-# Gemini 2.5's thinkingBudget for an effort asked without a budget (-1: the model decides;
-# 24,576 is the most 2.5 Flash takes, https://ai.google.dev/gemini-api/docs/thinking).
+# Gemini 2.5's thinkingBudget for an effort asked without a budget (-1: the model decides; the
+# most 2.5 Flash takes is 24,576, https://ai.google.dev/gemini-api/docs/thinking).
 GEMINI_BUDGET_BY_EFFORT = {"low": 1024, "medium": 8192, "high": -1, "xhigh": 24576,
                            "max": 24576}
 GEMINI_REFUSALS = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
@@ -10468,6 +10523,11 @@ def build_upstream_opener():
 # 11. Daemon
 ###############################################################################
 
+
+# -----------------------------------------------------------------------------
+# 11.1 The server in the foreground: signals, the config watched, usage kept
+# -----------------------------------------------------------------------------
+
 def run_foreground(config: Config, detached: bool = False, started_by: str = "foreground",
                    watch_code_sessions: bool = False) -> int:
     """Serve in this process until SIGINT/SIGTERM, with a pidfile; the exit status."""
@@ -10635,6 +10695,10 @@ def watch_sessions(server: ProxyServer, lock: StartLock) -> None:
 
     every(SESSION_CHECK_SECONDS, check)
 
+
+# -----------------------------------------------------------------------------
+# 11.2 Logs, and the files in ~/.ccproxy: pidfile and locks
+# -----------------------------------------------------------------------------
 
 class SafeLogFilter(logging.Filter):
     """Makes each log record safe to write, whatever code logged it: every secret of the
@@ -10839,6 +10903,10 @@ def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict
             "version": __version__, "started_at": time.time(), "config": config.source,
             "started_by": started_by, "shutdown_timeout": config.shutdown_timeout}
 
+
+# -----------------------------------------------------------------------------
+# 11.3 The background server: found, started, stopped
+# -----------------------------------------------------------------------------
 
 def client_url(host: str, port: int) -> str:
     """The URL a client on this machine uses: a wildcard bind is reached on loopback."""
@@ -11804,8 +11872,8 @@ def told_of_managed_settings(url: str, config: Config, lead: str) -> bool:
 
 
 CLAUDE_INSTALL_HINT = "npm install -g @anthropic-ai/claude-code"
-# Variables that would make Claude Code bypass ANTHROPIC_BASE_URL (and skip model discovery:
-# 2.1.197 and 2.1.330 ask /v1/models only of a "firstParty" setup) or use another key.
+# Variables that would make Claude Code bypass ANTHROPIC_BASE_URL (and skip model discovery,
+# which 2.1.197 and 2.1.330 ask of a "firstParty" setup only) or use another key.
 CLAUDE_PROVIDER_SWITCHES = ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX",
                             "CLAUDE_CODE_USE_FOUNDRY", "CLAUDE_CODE_USE_ANTHROPIC_AWS",
                             "CLAUDE_CODE_USE_ANTHROPIC_GOOGLE_CLOUD", "CLAUDE_CODE_USE_MANTLE")
