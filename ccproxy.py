@@ -6728,7 +6728,7 @@ def message_from_events(data: bytes) -> dict:
         elif kind == "message_delta":
             message.update(event["delta"], usage=event["usage"])
     for index, text in partial.items():
-        blocks[index]["input"] = json.loads(text) if text else {}
+        blocks[index]["input"] = tool_input_from_arguments(text, mend=False)
     return message
 
 
@@ -6829,10 +6829,11 @@ def repaired_json_object(text: str, keep: int = 0):
 
 
 def json_object_of(text: str):
-    """(text, value) when text is a JSON object, else None."""
+    """(text, value) when text is a JSON object, else None (nested past what Python reads, as
+    a model repeating `[` until its output limit writes, included)."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return (text, value) if isinstance(value, dict) else None
 
@@ -6843,7 +6844,7 @@ def arguments_ending(text: str, held: str, provider: Provider) -> str:
     try:
         json.loads(text)
         return held
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     mended = repaired_json_object(text, len(text) - len(held))
     if mended is None:
@@ -8107,7 +8108,7 @@ def tool_input_from_arguments(arguments, mend: bool = True) -> dict:
         return {}
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         value = (mend and repaired_json_object(arguments) or (None, None))[1]
     if isinstance(value, str):
         return tool_input_from_arguments(value, mend)
@@ -8418,7 +8419,7 @@ class OpenAIStreamTranslator:
             return True
         try:
             json.loads("".join(self._calls[self._emit.open]["arguments"]))
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return True
 
@@ -8580,7 +8581,7 @@ def responses_reasoning_item(block: dict) -> dict | None:
     try:
         kept = json.loads(base64.urlsafe_b64decode(
             signature[len(RESPONSES_SIGNATURE_PREFIX):] + "==").decode())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(kept, dict) or not isinstance(kept.get("id"), str):
         return None
@@ -10650,15 +10651,44 @@ def keep_usage(app: ProxyApp) -> None:
         log.warning("usage_file %s is kept by another ccproxy; this one counts in memory only "
                     "(give each copy its own file)", path)
         return
+    if not restore_usage(app, path):
+        lock.release()
+        return
     app.usage_kept = (path, lock)
+    every(USAGE_SAVE_SECONDS, lambda: save_usage(app))
+
+
+def restore_usage(app: ProxyApp, path: str) -> bool:
+    """Take back the usage a usage file holds; False when the file is there but must be left
+    as it is (it cannot be read, nor moved aside): this server then counts in memory only."""
     try:
         with open(path, encoding="utf-8") as handle:
             app.usage.restore(dict_of(json.load(handle)))
     except FileNotFoundError:
         pass
-    except (OSError, ValueError) as exc:
-        log.warning("usage_file %s could not be read; counting from zero: %s", path, exc)
-    every(USAGE_SAVE_SECONDS, lambda: save_usage(app))
+    except (ValueError, RecursionError) as exc:
+        return set_aside_unreadable(path, exc)
+    except OSError as exc:
+        log.warning("usage_file %s could not be read; this ccproxy counts in memory only and "
+                    "leaves the file as it is: %s", path, exc)
+        return False
+    return True
+
+
+def set_aside_unreadable(path: str, problem: Exception) -> bool:
+    """Move a usage file that is not the JSON ccproxy writes (cut short by a full disk, edited
+    by hand) to <path>.unreadable, so that counting from zero overwrites nothing; False, the
+    file left alone, when it cannot be moved."""
+    problem = "nested too deeply" if isinstance(problem, RecursionError) else problem
+    try:
+        os.replace(path, path + ".unreadable")
+    except OSError as exc:
+        log.warning("usage_file %s could not be read (%s) nor moved aside (%s); this ccproxy "
+                    "counts in memory only and leaves the file as it is", path, problem, exc)
+        return False
+    log.warning("usage_file %s could not be read (%s); it is kept as %s.unreadable, and the "
+                "counters start from zero", path, problem, path)
+    return True
 
 
 def save_usage(app: ProxyApp) -> None:
@@ -10795,7 +10825,7 @@ def read_pidfile() -> dict | None:
     try:
         with open(pidfile_path(), encoding="utf-8") as handle:
             record = json.load(handle)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     valid = isinstance(record, dict) and type(record.get("pid")) is int and record["pid"] > 0 \
         and isinstance(record.get("url"), str)
@@ -11699,7 +11729,7 @@ def statusline_session(data):
     import json
     try:
         session = json.loads(data or b"{}").get("session_id")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     named = isinstance(session, str) and 0 < len(session) <= 128 and all(
         c.isascii() and (c.isalnum() or c in "._:-") for c in session)
@@ -11717,7 +11747,7 @@ def statusline_client(pidfile, data, timeout, apikey=""):
     try:
         with open(pidfile, encoding="utf-8") as handle:
             url = str(json.load(handle)["url"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None, "ccproxy: down"
     session = statusline_session(data)
     if not apikey and os.environ.get("ANTHROPIC_BASE_URL", "").rstrip("/") == url:
@@ -11823,7 +11853,7 @@ def settings_env(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
             return dict_of(dict_of(json.load(handle)).get("env"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -12083,7 +12113,7 @@ def merged_settings(given: str | None, ours: dict) -> dict | None:
     only the last --settings), our env over theirs; None when theirs cannot be read."""
     try:
         theirs = read_settings_value(given) if given is not None else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     merged = dict(theirs, **ours)
     merged["env"] = dict(dict_of(theirs.get("env")), **ours["env"])

@@ -264,7 +264,8 @@ def test_stale_pidfile_is_detected_and_replaced(home):
 @pytest.mark.parametrize("content", [
     "", "[]", '{"pid": true, "url": "http://127.0.0.1:9"}', '{"pid": -1, "url": "http://x:1"}',
     '{"pid": 1, "url": 5}', '{"pid": 1, "url": "http://127.0.0.1:notaport"}',
-    '{"pid": 1, "url": ["http://127.0.0.1:9"]}', '{"pid": 1, "url": "http://[::1"}'])
+    '{"pid": 1, "url": ["http://127.0.0.1:9"]}', '{"pid": 1, "url": "http://[::1"}',
+    pytest.param("[" * 100000, id="nested too deeply")])
 def test_a_pidfile_of_any_shape_reads_as_not_running(home, content):
     """A pidfile edited by hand or cut short, even one naming a live process (pid 1), is a
     proxy that is not running to every command that reads it."""

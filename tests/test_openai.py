@@ -364,6 +364,38 @@ def test_a_whole_answer_cut_at_max_tokens_keeps_its_call_unmended():
     assert message["content"][0]["input"] == {"arguments": '{"file_path": "a.py"'}
 
 
+RUNAWAY_ARGUMENTS = "[" * 50000      # a model repeating a bracket until its output limit
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_arguments_nested_past_what_python_reads_pass_as_they_came(openai_proxy, upstream,
+                                                                   stream):
+    """A small model stuck repeating `[` writes arguments that json.loads cannot read without
+    running out of stack (RecursionError, not ValueError): they pass as they came, like other
+    arguments that cannot be mended, instead of a 500 or a stream ending in an error."""
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "Bash", "arguments": RUNAWAY_ARGUMENTS}}
+    upstream.script = lambda r: stream_reply(sse_pieces([
+        chunk(call_fragment(0, "c1", "Bash", RUNAWAY_ARGUMENTS)), chunk({}, "tool_calls")])) \
+        if stream else json_reply(completion({"content": None, "tool_calls": [call]}, "tool_calls"))
+    raw = urllib.request.urlopen(urllib.request.Request(
+        openai_proxy.url + "/v1/messages", json.dumps(dict(REQUEST, stream=stream)).encode(),
+        {"content-type": "application/json"}), timeout=30).read()
+    if stream:
+        events = parse_events(raw)
+        check_grammar(events)
+        assert arguments_of(events) == RUNAWAY_ARGUMENTS
+    else:
+        assert json.loads(raw)["content"][0]["input"] == {"arguments": RUNAWAY_ARGUMENTS}
+
+
+def test_arguments_nested_too_deeply_are_no_object_to_mend():
+    assert ccproxy.json_object_of(RUNAWAY_ARGUMENTS) is None
+    assert ccproxy.repaired_json_object('{"a": ' + RUNAWAY_ARGUMENTS) is None
+    assert ccproxy.tool_input_from_arguments(RUNAWAY_ARGUMENTS) == {
+        "arguments": RUNAWAY_ARGUMENTS}
+
+
 def test_sse_decoder_handles_crlf_comments_split_lines_and_multiline_data():
     decoder = ccproxy.SSEDecoder()
     assert decoder.feed(b": OPENROUTER PROCESSING\r\n\r\ndata: {\"a\"") == []

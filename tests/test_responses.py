@@ -5,6 +5,7 @@ against the official openai SDK's types."""
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import anthropic
 import openai
@@ -321,6 +322,26 @@ def test_streamed_arguments_that_end_badly_are_mended_unless_cut(responses_proxy
     message = sdk(responses_proxy).messages.create(**REQUEST)
     assert message.stop_reason == "max_tokens"
     assert blocks_of(message)[0]["input"] == {"arguments": '{"city": "Oslo"'}
+
+
+def test_arguments_nested_past_what_python_reads_pass_as_they_came(responses_proxy, upstream):
+    """A model repeating `[` to its output limit: arguments json.loads cannot read without
+    running out of stack pass as they came, whole and streamed, never a 500 or an error event."""
+    runaway = call_item("call_1", "get_weather", "[" * 50000)
+    upstream.script = lambda r: stream_reply(sse(events_for([runaway])))
+    events = parse_events(raw_answer(responses_proxy, stream=True))  # the SDK cannot read it
+    check_grammar(events)
+    assert "".join(p["delta"]["partial_json"] for n, p in events if n == "content_block_delta"
+                   and p["delta"]["type"] == "input_json_delta") == "[" * 50000
+    upstream.script = lambda r: json_reply(response([runaway]))
+    message = sdk(responses_proxy).messages.create(**REQUEST)
+    assert blocks_of(message)[0]["input"] == {"arguments": "[" * 50000}
+
+
+def raw_answer(proxy, **request) -> bytes:
+    return urllib.request.urlopen(urllib.request.Request(
+        proxy.url + "/v1/messages", json.dumps(dict(REQUEST, **request)).encode(),
+        {"content-type": "application/json"}), timeout=30).read()
 
 
 def test_a_response_that_fails_before_any_output_is_its_http_error(responses_proxy, upstream):

@@ -508,6 +508,21 @@ def test_the_status_line_command_says_down_when_nothing_runs(tmp_path):
     assert (result.returncode, result.stdout) == (0, "ccproxy: down\n")
 
 
+@pytest.mark.parametrize("data", [b"", b"not json", b"[]", b'{"session_id": 5}',
+                                  b'{"session_id": "a/b"}',
+                                  pytest.param(b"[" * 100000, id="nested too deeply")])
+def test_stdin_a_status_line_cannot_use_names_no_session(data):
+    assert ccproxy.statusline_session(data) is None
+
+
+def test_claude_settings_nested_too_deeply_read_as_unreadable(tmp_path):
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"env": ' + "[" * 100000)
+    assert ccproxy.settings_env(str(settings)) == {}
+    assert ccproxy.merged_settings(str(settings), {"env": {}}) is None
+    assert ccproxy.merged_settings('{"env": ' + "[" * 100000, {"env": {}}) is None
+
+
 def test_with_no_proxy_of_its_own_the_status_line_asks_the_one_claude_code_uses(
         start_proxy, upstream, tmp_path, monkeypatch, capsys):
     proxy = start_proxy({"client_keys": {"alice": "alice-key-0123456789"},
@@ -589,6 +604,46 @@ def test_a_usage_file_another_copy_keeps_is_left_to_it_with_a_warning(start_prox
     third = start_proxy(config)                  # let go at stop: the next copy keeps it
     assert get(third, "/sessions/" + SESSION)[1]["requests"] == 1
     assert [m for m in ccproxy_log if m.startswith("usage_file")] == [warning]
+
+
+@pytest.mark.parametrize("content", [b'{"models": [{"provider": "anthropic", "requests"',
+                                     b"[" * 100000, b"\xff\xfe{}"],
+                         ids=["cut short", "nested too deeply", "not UTF-8"])
+def test_an_unreadable_usage_file_is_kept_aside_not_overwritten(start_proxy, upstream, tmp_path,
+                                                                ccproxy_log, content):
+    """A file cut short by a full disk (or edited by hand) still holds counts someone may
+    want: it is moved to <file>.unreadable, byte for byte, and counting starts from zero."""
+    upstream.script = lambda r: json_reply(with_usage(anthropic_message(), input_tokens=10,
+                                                      output_tokens=5))
+    usage_file = tmp_path / "usage.json"
+    usage_file.write_bytes(content)
+    proxy = start_proxy({"usage_file": str(usage_file),
+                         "providers": [anthropic_provider(upstream, models=[PRICED])]})
+    ask(proxy)
+    proxy.stop()
+    assert (tmp_path / "usage.json.unreadable").read_bytes() == content
+    assert json.loads(usage_file.read_text())["sessions"][0]["requests"] == 1
+    warnings = [m for m in ccproxy_log if m.startswith("usage_file")]
+    assert len(warnings) == 1 and warnings[0].startswith("usage_file %s could not be read ("
+                                                         % usage_file)
+    assert warnings[0].endswith("it is kept as %s.unreadable, and the counters start from zero"
+                                % usage_file)
+
+
+def test_a_usage_file_that_cannot_be_opened_is_left_as_it_is(start_proxy, upstream, tmp_path,
+                                                             ccproxy_log):
+    upstream.script = lambda r: json_reply(anthropic_message())
+    usage_file = tmp_path / "usage.json"
+    usage_file.mkdir()                     # unreadable as a file, even for root
+    proxy = start_proxy({"usage_file": str(usage_file),
+                         "providers": [anthropic_provider(upstream, models=[PRICED])]})
+    ask(proxy)
+    assert get(proxy, "/sessions/" + SESSION)[1]["requests"] == 1     # counted in memory
+    proxy.stop()
+    assert usage_file.is_dir() and not (tmp_path / "usage.json.unreadable").exists()
+    assert [m.split(":")[0] for m in ccproxy_log if m.startswith("usage_file")] == [
+        "usage_file %s could not be read; this ccproxy counts in memory only and leaves the "
+        "file as it is" % usage_file]
 
 
 def test_a_usage_file_changed_by_a_reload_applies_at_the_next_start(upstream, tmp_path,
