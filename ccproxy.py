@@ -5543,9 +5543,11 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
 # parameter: 'x' is not supported with this model" (max_tokens on its reasoning models, which
 # want max_completion_tokens) and "Unsupported value: 'temperature' does not support 0.2 with
 # this model", pydantic servers' "Extra inputs are not permitted" at ["body", "x"] (Mistral's,
-# FastAPI's), and "property 'x' is unsupported".
+# FastAPI's), "property 'x' is unsupported", and xAI's "Argument not supported on this model:
+# stop" and "Model grok-4.6 does not support parameter stop" (its reasoning models).
 REFUSED_FIELD_RE = re.compile(
-    r"(?:Unrecognized request argument supplied|Unknown parameter|Unsupported parameter):? "
+    r"(?:Unrecognized request argument supplied|Unknown parameter|Unsupported parameter|"
+    r"Argument not supported on this model|does not support parameter):? "
     r"'?(\w+)'?|Unsupported value: '(\w+)' does not support|"
     r"extra_forbidden\W[^}]*?\"loc\"\s*:\s*\[\s*\"body\"\s*,\s*\"(\w+)\"|"
     r"\"loc\"\s*:\s*\[\s*\"body\"\s*,\s*\"(\w+)\"\s*\][^}]*?Extra inputs are not permitted|"
@@ -5554,7 +5556,8 @@ REFUSED_FIELD_RE = re.compile(
 FIELDS_A_REQUEST_DOES_WITHOUT = frozenset((
     "user", "stream_options", "parallel_tool_calls", "prompt_cache_key",
     "prompt_cache_retention", "reasoning_effort", "reasoning", "thinking", "top_k", "top_p",
-    "temperature", "metadata", "service_tier", "store", "seed", "web_search_options"))
+    "temperature", "metadata", "service_tier", "store", "seed", "web_search_options",
+    "stop"))                         # (ccproxy keeps the stop sequences itself)
 
 
 # The same in a server's copy of Anthropic's words ("context_management: Extra inputs are not
@@ -5869,7 +5872,7 @@ class Protocol:
 
     def stream_relay(self, context: TranslationContext):
         """The relay of the provider's event stream (feed, finish, complete, broken)."""
-        return TranslatedStreamRelay(self.stream_translator(context), context.provider)
+        return TranslatedStreamRelay(self.stream_translator(context), context)
 
     def error(self, call) -> ProxyError:
         """The client's error for the provider's error status."""
@@ -5915,6 +5918,8 @@ class TranslationContext:
         self.probe = body.get("max_tokens") == 1
         self.search_query = web_search_query(body) if web_search_tool(body) else None
         self.wants_thinking = thinking_effort(body) is not None
+        stops = [s for s in list_of(body.get("stop_sequences")) if isinstance(s, str) and s]
+        self.stops = StopSequences(stops) if stops else None
 
     def tool_name(self, name) -> str:
         """The client's name for a tool the provider named (a name the provider could not take
@@ -6355,6 +6360,11 @@ async def first_piece(chunks, relay, provider: Provider) -> bytes:
     return b""
 
 
+class AnswerEnded(Exception):
+    """Raised to stop reading a provider's stream once the client's answer is over (it met
+    one of the request's stop sequences): not a failure."""
+
+
 class UpstreamStream:
     """A streamed answer for the client: `first`, then each upstream chunk through the relay,
     then the relay's ending (an error event when the stream failed).
@@ -6377,7 +6387,10 @@ class UpstreamStream:
             await drain()
         error = None
         try:
-            await self._chunks.push(self._consume, drain)
+            if not self._relay.ended:
+                await self._chunks.push(self._consume, drain)
+        except AnswerEnded:
+            pass                        # the provider's call is closed unread, which stops it
         except ProxyError as failure:
             error = failure
         if error is not None or not self._relay.complete:
@@ -6390,6 +6403,8 @@ class UpstreamStream:
         behind = bool(piece) and self._write(piece)
         if self._relay.broken is not None:       # what came before the break is written
             raise self._relay.broken
+        if self._relay.ended:
+            raise AnswerEnded
         return behind
 
     async def aclose(self) -> None:
@@ -6485,12 +6500,13 @@ class TranslatedStreamRelay:
     fed, when a PlainChunkTemplate may learn from that chunk) has its text-only chunks, most of
     every stream, told apart by the template and not decoded at all."""
 
-    def __init__(self, translator, provider: Provider):
+    def __init__(self, translator, context: TranslationContext):
         self._decoder = SSEDecoder()
         self._translator = translator
         self._plain = PlainChunkTemplate() if hasattr(translator, "feed_text") else None
+        self._stops = context.stops
         self.broken = None
-        self.provider = provider
+        self.provider = context.provider
 
     def feed(self, chunk: bytes) -> bytes:
         if self.broken is not None:
@@ -6527,11 +6543,16 @@ class TranslatedStreamRelay:
         return b"".join(out)
 
     @property
+    def ended(self) -> bool:
+        """Whether the client's answer is over before the provider's (a stop sequence came)."""
+        return self._stops is not None and self._stops.matched is not None
+
+    @property
     def complete(self) -> bool:
-        return self._translator.complete and self.broken is None
+        return (self._translator.complete or self.ended) and self.broken is None
 
     def finish(self, error: ProxyError | None = None) -> bytes:
-        return self._translator.finish(error or self.broken)
+        return b"" if self.ended else self._translator.finish(error or self.broken)
 
 
 def parse_upstream_json(call):
@@ -6682,6 +6703,8 @@ def message_response(message: dict, context: TranslationContext, stream: bool) -
     provider may answer at once what was asked as a stream)."""
     if context.record is not None:
         context.record["usage"] = message["usage"]
+    if context.stops is not None:
+        message = cut_at_stop_sequence(message, context.stops.stops)
     if not stream:
         return json_response(message)
     return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
@@ -6854,6 +6877,57 @@ def arguments_ending(text: str, held: str, provider: Provider) -> str:
     return mended[0][len(text) - len(held):]
 
 
+class StopSequences:
+    """A request's stop sequences, kept by ccproxy itself: a provider may take none (the
+    Responses API, OpenAI's and xAI's reasoning models) or fewer than asked (4 for Chat
+    Completions, 5 for Gemini). The answer's text ends before the first one that appears in
+    it, as Anthropic's does; the end of each piece of text that could begin one is held back
+    until the next piece says whether it does."""
+
+    def __init__(self, stops: list):
+        self.stops = stops
+        self.held = ""                # the end of the text so far, which may begin one
+        self.matched = None           # the stop sequence the answer met, once it has
+
+    def text(self, text: str) -> str:
+        """The text that may be sent now, up to the stop sequence when it met one."""
+        pending = self.held + text
+        found = first_stop_sequence(pending, self.stops)
+        if found is not None:
+            self.held, self.matched = "", found[1]
+            return pending[:found[0]]
+        longest = min(len(pending), max(map(len, self.stops)) - 1)
+        kept = next((size for size in range(longest, 0, -1)
+                     if any(stop.startswith(pending[-size:]) for stop in self.stops)), 0)
+        self.held = pending[len(pending) - kept:]
+        return pending[:len(pending) - kept]
+
+    def take_held(self) -> str:
+        """The text held back, at the end of its block: it began no stop sequence."""
+        held, self.held = self.held, ""
+        return held
+
+
+def first_stop_sequence(text: str, stops: list) -> tuple | None:
+    """(where, stop) of the stop sequence that appears first in text, or None."""
+    found = [(text.find(stop), position, stop) for position, stop in enumerate(stops)]
+    found = [match for match in found if match[0] >= 0]
+    return (min(found)[0], min(found)[2]) if found else None
+
+
+def cut_at_stop_sequence(message: dict, stops: list) -> dict:
+    """A whole answer as it would have ended at the first of the request's stop sequences in
+    its text: that text block cut before it, and nothing after it."""
+    for index, block in enumerate(message["content"]):
+        found = first_stop_sequence(block["text"], stops) if block["type"] == "text" else None
+        if found is not None:
+            block["text"] = block["text"][:found[0]]
+            message["content"] = message["content"][:index + bool(block["text"])]
+            message.update(stop_reason="stop_sequence", stop_sequence=found[1])
+            break
+    return message
+
+
 class EventEmitter:
     """Writes the client's event stream (the Messages API's) for every translating protocol.
 
@@ -6873,9 +6947,15 @@ class EventEmitter:
         self.output_chars = 0
         self._arguments = []          # the open tool block's input JSON, as it came
         self._held = ""               # its end, held back until the block ends
+        self._stops = context.stops   # the request's stop sequences, or None
+        self._ending = None           # the events up to the end a stop sequence made
 
     def take(self) -> bytes:
-        """The events written since the last take()."""
+        """The events written since the last take(); once a stop sequence has ended the
+        answer, none after that end."""
+        if self._ending is not None:
+            out, self._ending, self._out = self._ending, b"", []
+            return out
         out, self._out = self._out, []
         return b"".join(out)
 
@@ -6904,6 +6984,15 @@ class EventEmitter:
     def text(self, text: str, key="text") -> None:
         if self.open != key:
             self.open_block(key, {"type": "text", "text": ""})
+        if self._stops is None:
+            self._send_text(text)
+        elif self._ending is None:
+            self._send_text(self._stops.text(text))
+            if self._stops.matched is not None:
+                self.stop("stop_sequence", None, self._stops.matched)
+                self._ending, self._out = b"".join(self._out), []
+
+    def _send_text(self, text: str) -> None:
         self._out.append(TEXT_DELTA % (self.block, json_text(text)))
         self.output_chars += len(text)
 
@@ -6959,6 +7048,8 @@ class EventEmitter:
             self.signature = thinking_signature(self._context.provider.name)
         elif self._arguments:
             self._end_arguments(mend)
+        elif self._open_type == "text" and self._stops is not None and self._stops.held:
+            self._send_text(self._stops.take_held())
         self._out.append(BLOCK_STOP % self.block)
         self.open = None
 
@@ -7303,6 +7394,7 @@ class AnthropicStreamRelay:
     """
 
     broken = None                     # never: bytes pass as they are
+    ended = False                     # never before the provider's end
 
     def __init__(self, provider: Provider, record=None, client_model: str | None = None):
         self._provider = provider
@@ -7443,8 +7535,8 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
         if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
             request[key] = body[key]
     stops = body.get("stop_sequences")
-    if isinstance(stops, list) and stops:
-        request["stop"] = stops[:MAX_OPENAI_STOP_SEQUENCES]
+    if isinstance(stops, list) and stops and not reasoning_model:     # they refuse it
+        request["stop"] = stops[:MAX_OPENAI_STOP_SEQUENCES]   # ccproxy keeps them all itself
     if body.get("stream") is True:
         request["stream"] = True
         if quirks["stream_usage"]:

@@ -410,6 +410,19 @@ def test_sdk_scenarios(gemini_proxy, upstream, name, stream):
     assert sent["headers"]["x-goog-api-key"] == GEMINI_KEY
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_stop_sequences_past_the_five_gemini_takes_are_kept_by_ccproxy(gemini_proxy, upstream,
+                                                                       stream):
+    stops = ["S1", "S2", "S3", "S4", "S5", "S6"]
+    chunks = [answer([{"text": "one two S"}], None), answer([{"text": "6 three"}], "STOP")]
+    upstream.script = lambda r: stream_reply(gemini_stream(chunks)) if stream \
+        else json_reply(answer([{"text": "one two S6 three"}], "STOP"))
+    message = answer_of(sdk(gemini_proxy), stream, **dict(REQUEST, stop_sequences=stops))
+    assert upstream.requests[0]["json"]["generationConfig"]["stopSequences"] == stops[:5]
+    assert (blocks_of(message), message.stop_reason, message.stop_sequence) == (
+        [{"type": "text", "text": "one two "}], "stop_sequence", "S6")
+
+
 def test_sdk_usage_counts_cache_and_thoughts(gemini_proxy, upstream):
     upstream.script = lambda r: json_reply(answer([{"text": "x"}]))
     usage = sdk(gemini_proxy).messages.create(**REQUEST).usage

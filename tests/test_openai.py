@@ -1544,6 +1544,88 @@ def test_config_headers_and_cap_reach_the_provider(start_proxy, upstream):
     assert sent["json"]["max_tokens"] == 50
 
 
+# --- stop sequences, kept by ccproxy where the provider cannot ------------------------------------
+
+@pytest.mark.parametrize("stops, pieces, sent, matched", [
+    (["</block>"], ["Answer: <block>yes</bl", "ock>\nand more"], "Answer: <block>yes", "</block>"),
+    (["</block>"], ["x", "</b", "lock>", "<", "/block>"], "x", "</block>"),
+    (["</block>"], ["a <", "b", "</block"], "a <b</block", None),   # held back, then sent
+    (["STOP", "END"], ["STOP here", " or END"], "", "STOP"),
+    (["STOP", "END"], ["one END two STOP"], "one ", "END"),    # the first to appear
+    (["ab", "b"], ["xa", "b"], "x", "ab"),
+])
+def test_stop_sequences_are_found_across_the_pieces_of_text(stops, pieces, sent, matched):
+    watch, out = ccproxy.StopSequences(stops), ""
+    for piece in pieces:
+        out += watch.text(piece)
+        if watch.matched:
+            break
+    assert (out + watch.take_held(), watch.matched) == (sent, matched)
+
+
+CLASSIFIER = dict(REQUEST, model="o4-mini", stop_sequences=["</block>"],
+                  messages=[{"role": "user", "content": "Allowed? Answer <block>yes|no</block>"}])
+
+
+@pytest.mark.parametrize("first", ["<block>no</bl", "<block>no</block> because"])
+def test_a_reasoning_model_is_sent_no_stop_and_its_stream_ends_at_the_stop_sequence(
+        start_proxy, upstream, first):
+    """Claude Code's auto-mode classifier asks with stop_sequences ["</block>"]; OpenAI's
+    reasoning models refuse `stop` ("Unsupported parameter: 'stop'"). ccproxy sends none, ends
+    the answer itself before the sequence, as Anthropic does, and closes the provider's stream,
+    which stops its generation."""
+    proxy = start_proxy({"providers": [preset_provider("openai", upstream, models=["o4-mini"])]})
+    upstream.script = lambda r: stream_reply(sse_pieces([
+        chunk({"role": "assistant", "content": first}), chunk({"content": "ock> because"}),
+        chunk({"content": " it deletes files"}), chunk({}, "stop")]), pause_before=2)
+    with sdk(proxy).messages.stream(**CLASSIFIER) as stream:
+        final = stream.get_final_message()
+    assert "stop" not in chat_request(upstream)["json"]
+    assert [b.text for b in final.content] == ["<block>no"]
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "</block>")
+    assert upstream.peer_closed.wait(5)          # before the provider's third chunk
+
+
+def test_a_whole_answer_ends_at_the_stop_sequence_and_drops_what_follows(start_proxy, upstream):
+    proxy = start_proxy({"providers": [preset_provider("openai", upstream, models=["o4-mini"])]})
+    call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    upstream.script = lambda r: json_reply(completion(
+        {"content": "<block>yes</block> and then", "tool_calls": [call]}, "tool_calls"))
+    message = sdk(proxy).messages.create(**CLASSIFIER)
+    assert [b.model_dump(exclude_none=True) for b in message.content] == [
+        {"type": "text", "text": "<block>yes"}]
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "</block>")
+
+
+def test_stop_sequences_past_the_four_chat_completions_takes_are_kept_too(start_proxy, upstream):
+    proxy = start_proxy({"providers": [preset_provider("openai", upstream)]})
+    stops = ["S1", "S2", "S3", "S4", "S5", "S6"]
+    upstream.script = lambda r: stream_reply(sse_pieces([
+        chunk({"role": "assistant", "content": "one two S"}), chunk({"content": "6 three"}),
+        chunk({}, "stop")]))
+    with sdk(proxy).messages.stream(**dict(REQUEST, stop_sequences=stops)) as stream:
+        final = stream.get_final_message()
+    assert chat_request(upstream)["json"]["stop"] == stops[:4]
+    assert ([b.text for b in final.content], final.stop_sequence) == (["one two "], "S6")
+
+
+@pytest.mark.parametrize("wording", [
+    "Argument not supported on this model: stop",
+    "Model grok-4.6 does not support parameter stop."])
+def test_a_server_that_refuses_stop_is_learned_and_ccproxy_keeps_the_sequences(
+        start_proxy, upstream, wording):
+    """xAI's reasoning models refuse `stop` in these words."""
+    proxy = start_proxy({"providers": [preset_provider("xai", upstream)]})
+    upstream.script = lambda r: json_reply(
+        {"code": "Client specified an invalid argument", "error": wording}, status=400) \
+        if "stop" in r["json"] else json_reply(completion({"content": "<block>no</block>."}))
+    for _ in range(2):
+        message = sdk(proxy).messages.create(**dict(CLASSIFIER, model="gpt-test"))
+        assert ([b.text for b in message.content], message.stop_reason) == (
+            ["<block>no"], "stop_sequence")
+    assert ["stop" in r["json"] for r in upstream.requests] == [True, False, False]
+
+
 # --- web search: OpenAI's search models and OpenRouter's web search ----------------------------
 
 SEARCH_REQUEST = dict(model="claude-test-model", max_tokens=300, extra_body={"temperature": 0.5},
@@ -1863,8 +1945,9 @@ def sse_data(chunk, compact=True, ascii_only=True) -> bytes:
 
 def relay_events(data: bytes, cuts=()):
     """The events a relay makes of a Chat Completions stream's bytes, fed in pieces."""
-    relay = ccproxy.TranslatedStreamRelay(ccproxy.OpenAIStreamTranslator(context()),
-                                          context().provider)
+    translation = context()
+    relay = ccproxy.TranslatedStreamRelay(ccproxy.OpenAIStreamTranslator(translation),
+                                          translation)
     edges = [0] + sorted(set(cut % (len(data) + 1) for cut in cuts)) + [len(data)]
     out = b"".join(relay.feed(data[a:b]) for a, b in zip(edges, edges[1:]) if b > a)
     return parse_events(out + relay.finish())

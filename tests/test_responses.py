@@ -344,6 +344,25 @@ def raw_answer(proxy, **request) -> bytes:
         {"content-type": "application/json"}), timeout=30).read()
 
 
+def test_stop_sequences_the_responses_api_has_no_field_for_are_kept_by_ccproxy(
+        responses_proxy, upstream):
+    """The Responses API takes no stop sequences: ccproxy ends the answer before the first,
+    streamed (closing the provider's stream) and whole, as Anthropic would."""
+    request = dict(REQUEST, stop_sequences=["</block>"])
+    upstream.script = lambda r: stream_reply(sse(events_for([message_item(
+        "<block>yes</block> and more")])), pause_before=4)
+    with sdk(responses_proxy).messages.stream(**request) as stream:
+        final = stream.get_final_message()
+    assert "stop" not in sent_body(upstream) and upstream.peer_closed.wait(5)
+    assert ([b.text for b in final.content], final.stop_reason, final.stop_sequence) == (
+        ["<block>yes"], "stop_sequence", "</block>")
+    upstream.script = lambda r: json_reply(response([message_item("<block>yes</block> more"),
+                                                     call_item("call_1", "get_weather", "{}")]))
+    message = sdk(responses_proxy).messages.create(**request)
+    assert ([b.text for b in message.content], message.stop_sequence) == (
+        ["<block>yes"], "</block>")
+
+
 def test_a_response_that_fails_before_any_output_is_its_http_error(responses_proxy, upstream):
     upstream.script = lambda r: stream_reply(sse(events_for(
         [], "failed", error={"code": "rate_limit_exceeded", "message": "slow down"})))
@@ -384,7 +403,7 @@ def test_text_that_arrives_with_the_failure_in_one_receive_is_sent_before_the_er
     pieces = sse(events_for([message_item("Partial answer")], "failed", **failure))
     translation = context()
     relay = ccproxy.TranslatedStreamRelay(ccproxy.ResponsesStreamTranslator(translation),
-                                          translation.provider)
+                                          translation)
     sent = relay.feed(b"".join(pieces[:3]))                       # "Partial"
     sent += relay.feed(b"".join(pieces[3:]))                      # " answer", then the failure
     events = parse_events(sent + relay.finish())
