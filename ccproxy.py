@@ -6209,14 +6209,30 @@ def str_of(value) -> str:
     return value if isinstance(value, str) else ""
 
 
-def converted_schema(tool: dict, convert, *args):
-    """convert(*args): a tool's input schema in a provider's dialect; a 400 naming the tool
-    when the schema nests too deeply for the conversion (hundreds of levels: none real)."""
+def converted_schema(what: str, convert, *args):
+    """convert(*args): a schema of the request (what names it) in a provider's dialect; a 400
+    naming it when it nests too deeply for the conversion (hundreds of levels: none real)."""
     try:
         return convert(*args)
     except RecursionError:
-        raise InvalidRequestError("tools: the input_schema of %r nests too deeply to translate"
-                                  % str(tool.get("name"))[:80]) from None
+        raise InvalidRequestError("%s nests too deeply to translate" % what) from None
+
+
+def tool_schema_name(tool: dict) -> str:
+    """How an error names a tool's input schema."""
+    return "tools: the input_schema of %r" % str(tool.get("name"))[:80]
+
+
+def requested_output_schema(body: dict) -> dict | None:
+    """The JSON schema the answer must follow (output_config.format, or the older
+    output_format, of type json_schema: Claude Code's session titles, `claude -p
+    --json-schema`), or None."""
+    config = body.get("output_config")
+    output_format = body.get("output_format") or (config.get("format") if isinstance(config, dict)
+                                                  else None)
+    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
+        return None
+    return output_format.get("schema") if isinstance(output_format.get("schema"), dict) else {}
 
 
 # 9.1.3 A provider's refusals, in the words Claude Code acts on
@@ -7852,7 +7868,8 @@ def openai_tools_from_anthropic(tools, quirks: dict) -> list:
                 log.info("tool %r (%s) has no OpenAI equivalent; not sent", tool.get("name"),
                          tool.get("type"))
             continue
-        parameters = converted_schema(tool, openai_schema, tool.get("input_schema") or {
+        parameters = converted_schema(tool_schema_name(tool), openai_schema, tool.get(
+            "input_schema") or {
             "type": "object", "properties": {}})
         dropped = quirks["schema_drop_keys"]
         if dropped and isinstance(parameters, dict):
@@ -7974,15 +7991,12 @@ def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
 
 
 def openai_response_format(body: dict) -> dict:
-    """A JSON-schema output format (output_config.format: Claude Code's session titles,
-    --json-schema) as response_format."""
-    config = body.get("output_config")
-    output_format = body.get("output_format") or (config.get("format") if isinstance(config, dict)
-                                                  else None)
-    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
+    """A JSON-schema output format as response_format."""
+    schema = requested_output_schema(body)
+    if schema is None:
         return {}
     return {"response_format": {"type": "json_schema", "json_schema": {
-        "name": "structured_output", "schema": output_format.get("schema") or {}, "strict": True}}}
+        "name": "structured_output", "schema": schema, "strict": True}}}
 
 
 def json_mode_instead(request: dict) -> None:
@@ -9126,7 +9140,7 @@ def gemini_function_declaration(tool: dict) -> dict:
     declaration = {"name": gemini_tool_name(str(tool["name"]))}
     if tool.get("description"):
         declaration["description"] = tool["description"]
-    parameters = converted_schema(tool, gemini_schema, schema, definitions)
+    parameters = converted_schema(tool_schema_name(tool), gemini_schema, schema, definitions)
     if parameters.get("properties"):
         declaration["parameters"] = parameters
     return declaration
@@ -9258,8 +9272,8 @@ def gemini_tool_config(choice, declared: set) -> dict:
 
 
 def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict:
-    """generationConfig: output cap, sampling, stop sequences (at most 5), thinking
-    (thinkingLevel for Gemini 3, thinkingBudget before)."""
+    """generationConfig: output cap, sampling, stop sequences (at most 5), a JSON output
+    format, thinking (thinkingLevel for Gemini 3, thinkingBudget before)."""
     cap = provider.output_cap(model)
     config = {"maxOutputTokens": min(body["max_tokens"], cap) if cap else body["max_tokens"]}
     for source, target in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
@@ -9269,6 +9283,7 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
     stops = body.get("stop_sequences")
     if isinstance(stops, list) and stops:
         config["stopSequences"] = stops[:MAX_GEMINI_STOP_SEQUENCES]
+    config.update(gemini_response_format(body))
     effort = thinking_effort(body)
     if effort is not None:
         level = provider_effort(effort, provider.quirks["effort_scales"], model)
@@ -9280,6 +9295,17 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
                         else GEMINI_BUDGET_BY_EFFORT[effort]}
         config["thinkingConfig"] = dict(thinking, includeThoughts=True)
     return config
+
+
+def gemini_response_format(body: dict) -> dict:
+    """A JSON-schema output format as JSON output with a responseSchema in Gemini's subset
+    (https://ai.google.dev/gemini-api/docs/structured-output)."""
+    schema = requested_output_schema(body)
+    if schema is None:
+        return {}
+    definitions = dict(dict_of(schema.get("definitions")), **dict_of(schema.get("$defs")))
+    return {"responseMimeType": "application/json", "responseSchema": converted_schema(
+        "output_config.format: the schema", gemini_schema, schema, definitions)}
 
 
 def gemini_endpoint_url(base_url: str, model: str, stream: bool) -> str:

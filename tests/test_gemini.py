@@ -248,6 +248,33 @@ def test_effort_maps_to_thinking_level_or_budget(model, effort, expected):
     assert config["thinkingConfig"] == dict(expected, includeThoughts=True)
 
 
+TITLE_SCHEMA = {"type": "object", "properties": {"title": {"type": ["string", "null"]}},
+                "required": ["title"], "additionalProperties": False}
+
+
+def test_a_json_schema_output_format_is_json_output_with_a_response_schema():
+    """Claude Code asks for its session titles (and `claude -p --json-schema` for the answer)
+    as JSON of a schema: Gemini gets JSON output and the schema in its own subset."""
+    config = mapped({"messages": [{"role": "user", "content": "x"}], "output_config": {
+        "format": {"type": "json_schema", "schema": TITLE_SCHEMA}}})["generationConfig"]
+    assert config["responseMimeType"] == "application/json"
+    assert config["responseSchema"] == {
+        "type": "OBJECT", "properties": {"title": {"type": "STRING", "nullable": True}},
+        "required": ["title"]}
+    assert "responseSchema" not in mapped({"messages": [{"role": "user", "content": "x"}]})[
+        "generationConfig"]
+
+
+def test_an_output_schema_nested_too_deeply_is_a_400_naming_it():
+    schema = {"type": "string"}
+    for _ in range(3000):
+        schema = {"type": "object", "properties": {"a": schema}}
+    with pytest.raises(ccproxy.InvalidRequestError, match="output_config.format: the schema "
+                                                          "nests too deeply"):
+        mapped({"messages": [{"role": "user", "content": "x"}],
+                "output_config": {"format": {"type": "json_schema", "schema": schema}}})
+
+
 def test_url_images_are_refused_with_a_reason():
     with pytest.raises(ccproxy.InvalidRequestError, match=r"messages\[0\].content\[0\].*inline"):
         mapped({"messages": [{"role": "user", "content": [
