@@ -5815,6 +5815,7 @@ class Protocol:
         and never by value, each request field, block type or tool field it does not know."""
         if self.coverage is None:
             return
+        check_stop_sequences(body.get("stop_sequences"), self.name)
         for kind, name in request_parts(body):
             action, why = self.coverage[kind].get(name, ("unknown", ""))
             if action == "refused":
@@ -6904,6 +6905,8 @@ class StopSequences:
         self.stops = stops
         self.held = ""                # the end of the text so far, which may begin one
         self.matched = None           # the stop sequence the answer met, once it has
+        self._beginnings = {stop[:size] for stop in stops for size in range(1, len(stop))}
+        self._longest = max(map(len, stops)) - 1
 
     def text(self, text: str) -> str:
         """The text that may be sent now, up to the stop sequence when it met one."""
@@ -6912,9 +6915,8 @@ class StopSequences:
         if found is not None:
             self.held, self.matched = "", found[1]
             return pending[:found[0]]
-        longest = min(len(pending), max(map(len, self.stops)) - 1)
-        kept = next((size for size in range(longest, 0, -1)
-                     if any(stop.startswith(pending[-size:]) for stop in self.stops)), 0)
+        kept = next((size for size in range(min(len(pending), self._longest), 0, -1)
+                     if pending[-size:] in self._beginnings), 0)
         self.held = pending[len(pending) - kept:]
         return pending[:len(pending) - kept]
 
@@ -6922,6 +6924,22 @@ class StopSequences:
         """The text held back, at the end of its block: it began no stop sequence."""
         held, self.held = self.held, ""
         return held
+
+
+MAX_KEPT_STOP_SEQUENCES = 32           # what ccproxy keeps itself, each at most
+MAX_KEPT_STOP_SEQUENCE_CHARS = 200     # this long: every streamed piece of text is searched
+
+
+def check_stop_sequences(stops, protocol: str) -> None:
+    """A 400 for more stop sequences, or longer ones, than a translation keeps."""
+    if not isinstance(stops, list):
+        return
+    if len(stops) > MAX_KEPT_STOP_SEQUENCES or any(
+            len(stop) > MAX_KEPT_STOP_SEQUENCE_CHARS for stop in stops):
+        raise InvalidRequestError(
+            "stop_sequences: at most %d, of at most %d characters each, when translated for "
+            "%s (ccproxy keeps them itself, searching every piece of the answer's text)"
+            % (MAX_KEPT_STOP_SEQUENCES, MAX_KEPT_STOP_SEQUENCE_CHARS, protocol))
 
 
 def first_stop_sequence(text: str, stops: list) -> tuple | None:

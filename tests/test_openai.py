@@ -1609,6 +1609,17 @@ def test_stop_sequences_past_the_four_chat_completions_takes_are_kept_too(start_
     assert ([b.text for b in final.content], final.stop_sequence) == (["one two "], "S6")
 
 
+@pytest.mark.parametrize("stops", [["S%d" % n for n in range(33)], ["x" * 201]])
+def test_more_stop_sequences_than_ccproxy_keeps_are_a_400_before_any_call(openai_proxy, upstream,
+                                                                          stops):
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(openai_proxy).messages.create(**dict(REQUEST, stop_sequences=stops))
+    assert caught.value.body["error"]["message"] == (
+        "stop_sequences: at most 32, of at most 200 characters each, when translated for "
+        "openai (ccproxy keeps them itself, searching every piece of the answer's text)")
+    assert upstream.requests == []
+
+
 @pytest.mark.parametrize("wording", [
     "Argument not supported on this model: stop",
     "Model grok-4.6 does not support parameter stop."])
