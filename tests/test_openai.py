@@ -1567,13 +1567,16 @@ CLASSIFIER = dict(REQUEST, model="o4-mini", stop_sequences=["</block>"],
                   messages=[{"role": "user", "content": "Allowed? Answer <block>yes|no</block>"}])
 
 
+@pytest.mark.parametrize("by_thread", [False, True], ids=["loop reads", "thread reads"])
 @pytest.mark.parametrize("first", ["<block>no</bl", "<block>no</block> because"])
 def test_a_reasoning_model_is_sent_no_stop_and_its_stream_ends_at_the_stop_sequence(
-        start_proxy, upstream, first):
+        start_proxy, upstream, first, by_thread, monkeypatch):
     """Claude Code's auto-mode classifier asks with stop_sequences ["</block>"]; OpenAI's
     reasoning models refuse `stop` ("Unsupported parameter: 'stop'"). ccproxy sends none, ends
     the answer itself before the sequence, as Anthropic does, and closes the provider's stream,
     which stops its generation."""
+    if by_thread:                  # as on Windows' default loop, which cannot watch sockets
+        monkeypatch.setattr(ccproxy, "loop_watches_sockets", lambda loop: False)
     proxy = start_proxy({"providers": [preset_provider("openai", upstream, models=["o4-mini"])]})
     upstream.script = lambda r: stream_reply(sse_pieces([
         chunk({"role": "assistant", "content": first}), chunk({"content": "ock> because"}),
