@@ -844,6 +844,18 @@ EFFORTS_TO_HIGH = {"low": "low", "medium": "medium", "high": "high"}
 EFFORTS_TO_XHIGH = dict(EFFORTS_TO_HIGH, xhigh="xhigh")
 OPENAI_EFFORT_SCALES = ((r"^gpt-5\.(?:[2-9]|1-codex-max)", EFFORTS_TO_XHIGH),
                         (r"^(o\d|gpt-5)", EFFORTS_TO_HIGH))
+# The least reasoning each asks for, sent when a request turns thinking off (Claude Code's side
+# requests do, with a few dozen output tokens, which a model reasoning at its default, medium,
+# can spend before it writes a word): "none" (no reasoning) for gpt-5.1, gpt-5.2, gpt-5.4-mini
+# and -nano and gpt-5.5, "minimal" for the first gpt-5 models (before gpt-5.1 none is refused),
+# "low" for the o-series. Checked 2026-12-06 in Azure's copy of OpenAI's reasoning_effort
+# (learn.microsoft.com/en-us/javascript/api/@azure/ai-projects/reasoningeffort) and OpenAI's
+# own 400, which lists what gpt-5.1 takes ("'none', 'low', 'medium', and 'high'"); other gpt-5.x,
+# codex and pro models keep their default.
+OPENAI_THINKING_OFF = (
+    (r"^gpt-5\.(?:[125]|4-(?:mini|nano))(?:-mini|-nano)?(?:-\d{4}-\d\d-\d\d)?$", "none"),
+    (r"^gpt-5(?:-mini|-nano)?(?:-\d{4}-\d\d-\d\d)?$", "minimal"),
+    (r"^o\d(?:-mini)?(?:-\d{4}-\d\d-\d\d)?$", "low"))
 # The models OpenAI serves only on the Responses API: the Responses-only entries of the
 # official SDK's ResponsesModel (openai-python 3.63, types/shared/responses_model.py) and the
 # codex family (platform.openai.com/docs/models, checked 2026-12-05).
@@ -854,7 +866,8 @@ OPENAI_RESPONSES_MODELS = (r"^(o\d+-pro|o\d+(-mini)?-deep-research|computer-use|
 # automatic from 1,024 tokens; prompt_cache_key groups a session's calls; prompt_cache_retention
 # "24h" (extended caching) on the gpt-5 family and gpt-4.1, in both APIs.
 OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
-                 "effort_scales": OPENAI_EFFORT_SCALES, "system_anywhere": True,
+                 "effort_scales": OPENAI_EFFORT_SCALES, "thinking_off": OPENAI_THINKING_OFF,
+                 "system_anywhere": True,
                  "responses_models": OPENAI_RESPONSES_MODELS, "prompt_cache_key": True,
                  "cache_retention_models": r"^(gpt-5|gpt-4\.1)"}
 GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
@@ -882,6 +895,7 @@ PROVIDER_QUIRKS = {
     "schema_drop_keys": (),     # top-level tool schema keys the server rejects
     "thinking_level_models": None,  # Gemini model ids (regex) that take thinkingLevel
     "effort_scales": (),        # (model regex, {effort: the provider's value}) for the first match
+    "thinking_off": (),         # (model regex, the value for no thinking) for the first match
     "search": None,             # how it searches the web: "web_search_options", "web_plugin"
     "search_models": None,      # model ids (regex) that can search with web_search_options
     "cache_control_models": None,   # model ids (regex) whose text parts keep cache_control
@@ -6180,6 +6194,15 @@ def thinking_effort(body: dict) -> str | None:
     return None
 
 
+def thinking_off_level(body: dict, quirks: dict, model: str) -> str | None:
+    """The provider's value for the least reasoning the model does, when the request turns
+    thinking off (`{"type": "disabled"}`); None otherwise, or where the model has none."""
+    if dict_of(body.get("thinking")).get("type") != "disabled":
+        return None
+    return next((level for pattern, level in quirks["thinking_off"]
+                 if re.search(pattern, model)), None)
+
+
 def provider_effort(effort: str, scales, model: str) -> str | None:
     """The provider's own level for an effort, on the scale of the first pattern that matches
     the model: the highest it has at or below the effort asked for (never a silent medium).
@@ -7997,6 +8020,9 @@ def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
     when one was given, else the effort)."""
     effort = thinking_effort(body)
     style = quirks["reasoning_style"]
+    if effort is None and style == "effort":
+        off = thinking_off_level(body, quirks, model)
+        return {"reasoning_effort": off} if off else {}
     if effort is None or style is None:
         return {}
     if style == "deepseek":
@@ -8635,7 +8661,10 @@ def responses_request_from_anthropic(body: dict, provider: Provider, model: str)
 def responses_reasoning(body: dict, quirks: dict, model: str) -> dict:
     """reasoning: the effort on the model's scale, with a summary to show as thinking."""
     effort = thinking_effort(body)
-    level = provider_effort(effort, quirks["effort_scales"], model) if effort else None
+    if effort is None:
+        off = thinking_off_level(body, quirks, model)
+        return {"reasoning": {"effort": off}} if off else {}
+    level = provider_effort(effort, quirks["effort_scales"], model)
     return {"reasoning": {"effort": level, "summary": "auto"}} if level else {}
 
 

@@ -550,7 +550,7 @@ def test_openai_reasoning_models_take_max_completion_tokens_and_no_sampling(mode
     ({"type": "enabled", "budget_tokens": 10000}, "medium"),
     ({"type": "enabled", "budget_tokens": 31999}, "high"),
     ({"type": "enabled", "budget_tokens": 64000}, "high"),     # xhigh: o4-mini stops at high
-    ({"type": "adaptive"}, "high"), ({"type": "disabled"}, None)])
+    ({"type": "adaptive"}, "high"), ({"type": "disabled"}, "low")])    # the least o4-mini does
 def test_thinking_maps_to_reasoning_effort(thinking, effort):
     request = mapped({"messages": [{"role": "user", "content": "x"}], "thinking": thinking},
                      model="o4-mini")
@@ -579,6 +579,31 @@ def test_effort_is_mapped_onto_each_providers_own_scale(preset, model, asked, se
     request = mapped({"messages": [{"role": "user", "content": "x"}],
                       "thinking": {"type": "adaptive"}, "output_config": {"effort": asked}},
                      preset, model=model)
+    fields = {k: request[k] for k in ("reasoning_effort", "reasoning", "thinking") if k in request}
+    assert fields == sent
+
+
+@pytest.mark.parametrize("preset, model, thinking, sent", [
+    ("openai", "gpt-5", {"type": "disabled"}, {"reasoning_effort": "minimal"}),
+    ("openai", "gpt-5-mini-2025-08-07", {"type": "disabled"}, {"reasoning_effort": "minimal"}),
+    ("openai", "gpt-5.1", {"type": "disabled"}, {"reasoning_effort": "none"}),
+    ("openai", "gpt-5.4-nano", {"type": "disabled"}, {"reasoning_effort": "none"}),
+    ("openai", "o4-mini", {"type": "disabled"}, {"reasoning_effort": "low"}),
+    ("openai", "gpt-5-codex", {"type": "disabled"}, {}),      # its default: none is unknown
+    ("openai", "gpt-5.3", {"type": "disabled"}, {}),
+    ("openai", "gpt-4.1", {"type": "disabled"}, {}),          # no reasoning to turn off
+    ("openai", "gpt-5", None, {}),                            # not asked: the model decides
+    ("xai", "grok-4.7", {"type": "disabled"}, {}),
+])
+def test_thinking_turned_off_asks_for_the_least_reasoning_the_model_does(preset, model,
+                                                                        thinking, sent):
+    """Claude Code's side requests (titles, auto mode's checks) turn thinking off and allow a
+    few dozen output tokens, which a reasoning model at its default effort can spend before it
+    writes a word."""
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 64}
+    if thinking:
+        body["thinking"] = thinking
+    request = mapped(body, preset, model=model)
     fields = {k: request[k] for k in ("reasoning_effort", "reasoning", "thinking") if k in request}
     assert fields == sent
 

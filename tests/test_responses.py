@@ -344,6 +344,15 @@ def raw_answer(proxy, **request) -> bytes:
         {"content-type": "application/json"}), timeout=30).read()
 
 
+def test_thinking_turned_off_is_the_least_reasoning_and_no_summary(start_proxy, upstream):
+    proxy = start_proxy({"providers": [{"name": "openai", "api_base_url": upstream.url + "/v1",
+                                        "api_key": KEY, "api": "responses",
+                                        "models": ["gpt-5.1"]}]})
+    upstream.script = lambda r: json_reply(response([message_item("Oslo")]))
+    sdk(proxy).messages.create(**dict(REQUEST, thinking={"type": "disabled"}))
+    assert sent_body(upstream)["reasoning"] == {"effort": "none"}
+
+
 def test_stop_sequences_the_responses_api_has_no_field_for_are_kept_by_ccproxy(
         responses_proxy, upstream):
     """The Responses API takes no stop sequences: ccproxy ends the answer before the first,
