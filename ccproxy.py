@@ -872,6 +872,12 @@ OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort
                  "cache_retention_models": r"^(gpt-5|gpt-4\.1)"}
 GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
                         (r"^gemini-3", {"low": "low", "high": "high"}))
+# The least thinking each does, for a request that turns thinking off (checked 2026-12-06,
+# ai.google.dev/gemini-api/docs/thinking): 2.5 Flash and Flash-Lite none (a budget of 0), 2.5 Pro
+# its smallest budget, 128; Gemini 3 cannot stop thinking, and "low" is the least level Pro and
+# Flash both take (Flash also takes "minimal").
+GEMINI_THINKING_OFF = ((r"^gemini-3", "low"), (r"^gemini-2\.5-flash", 0),
+                       (r"^gemini-2\.5-pro", 128))
 # Mistral's models think or not: any effort asked for is its "high".
 MISTRAL_EFFORT_SCALES = ((r"^(mistral-small-(latest|26\d\d)|mistral-medium-3-5)$",
                           {"low": "high"}),)
@@ -961,7 +967,8 @@ PROVIDER_PRESETS = {
                               search_models=r"search")},
     "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
                "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3",
-                                                "effort_scales": GEMINI_EFFORT_SCALES}},
+                                                "effort_scales": GEMINI_EFFORT_SCALES,
+                                                "thinking_off": GEMINI_THINKING_OFF}},
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
                             "vision": DEEPSEEK_VISION_MODELS, "json_schema": False}},
@@ -6194,7 +6201,7 @@ def thinking_effort(body: dict) -> str | None:
     return None
 
 
-def thinking_off_level(body: dict, quirks: dict, model: str) -> str | None:
+def thinking_off_level(body: dict, quirks: dict, model: str) -> str | int | None:
     """The provider's value for the least reasoning the model does, when the request turns
     thinking off (`{"type": "disabled"}`); None otherwise, or where the model has none."""
     if dict_of(body.get("thinking")).get("type") != "disabled":
@@ -9331,6 +9338,10 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
     if isinstance(stops, list) and stops:
         config["stopSequences"] = stops[:MAX_GEMINI_STOP_SEQUENCES]
     config.update(gemini_response_format(body))
+    off = thinking_off_level(body, provider.quirks, model)
+    if off is not None:
+        config["thinkingConfig"] = {"thinkingBudget": off} if isinstance(off, int) else {
+            "thinkingLevel": off}
     effort = thinking_effort(body)
     if effort is not None:
         level = provider_effort(effort, provider.quirks["effort_scales"], model)

@@ -227,10 +227,18 @@ def test_web_search_becomes_google_search_beside_any_functions():
      {"thinkingLevel": "low", "includeThoughts": True}),
     ("gemini-3-pro-preview", {"type": "enabled", "budget_tokens": 20000},
      {"thinkingLevel": "high", "includeThoughts": True}),
-    ("gemini-2.5-pro", {"type": "disabled"}, None)])
+    ("gemini-2.5-pro", None, None),                  # not asked: the model decides
+    # turned off (Claude Code's side requests, with a few dozen output tokens): the least
+    ("gemini-2.5-pro", {"type": "disabled"}, {"thinkingBudget": 128}),     # Pro cannot stop
+    ("gemini-2.5-flash", {"type": "disabled"}, {"thinkingBudget": 0}),
+    ("gemini-2.5-flash-lite", {"type": "disabled"}, {"thinkingBudget": 0}),
+    ("gemini-3-pro-preview", {"type": "disabled"}, {"thinkingLevel": "low"}),
+    ("gemini-3-flash", {"type": "disabled"}, {"thinkingLevel": "low"})])
 def test_thinking_config(model, thinking, expected):
-    config = mapped({"messages": [{"role": "user", "content": "x"}], "thinking": thinking},
-                    model=model)["generationConfig"]
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    if thinking:
+        body["thinking"] = thinking
+    config = mapped(body, model=model)["generationConfig"]
     assert config.get("thinkingConfig") == expected
 
 
