@@ -940,7 +940,10 @@ ANTHROPIC_COMPAT = {
 # (https://api-docs.deepseek.com/guides/vision and .../quick_start/pricing, checked 2026-12-05:
 # deepseek-v4-flash and deepseek-v4-flash-vision-exp are retired names Flash now answers).
 DEEPSEEK_VISION_MODELS = r"^deepseek-(v4-)?flash"
-# Its response_format takes json_object only, and then wants "json" in the prompt
+# DeepSeek thinks, at high effort, unless told not to, and maps any effort asked to its own
+# (low; medium, high and xhigh as high; max): https://api-docs.deepseek.com/guides/thinking_mode
+# (checked 2026-12-06). Its response_format takes json_object only, and then wants "json" in
+# the prompt
 # (https://api-docs.deepseek.com/guides/json_mode, checked 2026-12-06).
 DEEPSEEK_ANTHROPIC = {"type": "anthropic", "api_base_url": "https://api.deepseek.com/anthropic",
                       "quirks": {"anthropic_compat": {
@@ -8023,17 +8026,19 @@ def openai_user_field(metadata) -> dict:
 
 def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
     """The provider's own way of asking for reasoning, per its preset: reasoning_effort on the
-    model's scale (OpenAI, Groq, xAI), thinking (DeepSeek), reasoning (OpenRouter: the budget
-    when one was given, else the effort)."""
+    model's scale (OpenAI, Groq, xAI), thinking and the effort as asked (DeepSeek, which maps
+    each to its own and thinks unless told not to), reasoning (OpenRouter: the budget when one
+    was given, else the effort)."""
     effort = thinking_effort(body)
     style = quirks["reasoning_style"]
+    if style == "deepseek":
+        return {"thinking": {"type": "enabled"}, "reasoning_effort": effort} if effort else {
+            "thinking": {"type": "disabled"}}
     if effort is None and style == "effort":
         off = thinking_off_level(body, quirks, model)
         return {"reasoning_effort": off} if off else {}
     if effort is None or style is None:
         return {}
-    if style == "deepseek":
-        return {"thinking": {"type": "enabled"}}
     level = provider_effort(effort, quirks["effort_scales"], model)
     if style == "effort":
         return {"reasoning_effort": level} if level else {}

@@ -568,7 +568,8 @@ def test_thinking_maps_to_reasoning_effort(thinking, effort):
     ("groq", "llama-3.3-70b-versatile", "high", {}),             # no effort scale: none sent
     ("xai", "grok-4.7", "xhigh", {"reasoning_effort": "xhigh"}),
     ("xai", "grok-3-mini", "medium", {"reasoning_effort": "low"}),
-    ("deepseek", "deepseek-chat", "xhigh", {"thinking": {"type": "enabled"}}),
+    ("deepseek", "deepseek-flash", "xhigh", {"thinking": {"type": "enabled"},   # it maps
+                                             "reasoning_effort": "xhigh"}),  # each itself
     ("mistral", "mistral-small-latest", "low", {"reasoning_effort": "high"}),
     ("mistral", "mistral-small-2603", "max", {"reasoning_effort": "high"}),
     ("mistral", "mistral-medium-3-5", "medium", {"reasoning_effort": "high"}),
@@ -608,6 +609,17 @@ def test_thinking_turned_off_asks_for_the_least_reasoning_the_model_does(preset,
     assert fields == sent
 
 
+@pytest.mark.parametrize("thinking", [None, {"type": "disabled"}])
+def test_deepseek_is_told_not_to_think_when_the_request_does_not_ask(thinking):
+    """DeepSeek thinks at high effort unless told not to (api-docs.deepseek.com/guides/
+    thinking_mode); Anthropic's models think only when asked."""
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 64}
+    if thinking:
+        body["thinking"] = thinking
+    request = mapped(body, "deepseek", model="deepseek-flash")
+    assert request["thinking"] == {"type": "disabled"} and "reasoning_effort" not in request
+
+
 def test_deepseek_preset():
     body = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "see"},
@@ -618,7 +630,7 @@ def test_deepseek_preset():
         "max_tokens": 500000, "thinking": {"type": "enabled", "budget_tokens": 2000}, "top_k": 3}
     request = mapped(body, "deepseek", model="deepseek-v4-pro")
     assert request["max_tokens"] == 384000                  # the model's published output limit
-    assert request["thinking"] == {"type": "enabled"}
+    assert (request["thinking"], request["reasoning_effort"]) == ({"type": "enabled"}, "low")
     assert request["messages"][0]["content"] == "see\n[image omitted]"     # Pro takes none
     assert request["messages"][1]["reasoning_content"] == "plan"
     assert "top_k" not in request
