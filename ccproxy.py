@@ -985,7 +985,8 @@ PROVIDER_PRESETS = {
                               "search": "web_plugin", "reports_cost": True}},
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
              "quirks": {"schema_drop_keys": ("$schema",), "reasoning_style": "effort",
-                        "effort_scales": ((r"^openai/gpt-oss", EFFORTS_TO_HIGH),)}},
+                        "effort_scales": ((r"^openai/gpt-oss", EFFORTS_TO_HIGH),),
+                        "thinking_off": ((r"^openai/gpt-oss", "low"),)}},
     # Mistral refuses any field its API does not name (422 "Extra inputs are not permitted"),
     # `user` and `stream_options` among them; its streams end with their usage unasked: the
     # request models of its SDK, github.com/mistralai/client-python docs/models (2026-06-30).

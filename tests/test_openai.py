@@ -595,6 +595,7 @@ def test_effort_is_mapped_onto_each_providers_own_scale(preset, model, asked, se
     ("openai", "gpt-4.1", {"type": "disabled"}, {}),          # no reasoning to turn off
     ("openai", "gpt-5", None, {}),                            # not asked: the model decides
     ("xai", "grok-4.7", {"type": "disabled"}, {}),
+    ("groq", "openai/gpt-oss-120b", {"type": "disabled"}, {"reasoning_effort": "low"}),
 ])
 def test_thinking_turned_off_asks_for_the_least_reasoning_the_model_does(preset, model,
                                                                         thinking, sent):
