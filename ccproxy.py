@@ -975,6 +975,8 @@ PROVIDER_PRESETS = {
     "deepseek": {"type": "openai", "api_base_url": "https://api.deepseek.com",
                  "quirks": {"reasoning_style": "deepseek", "reasoning_replay": True,
                             "vision": DEEPSEEK_VISION_MODELS, "json_schema": False}},
+    # OpenRouter takes reasoning.effort from "none" to "xhigh" for any model, mapped to its own
+    # (openrouter.ai/docs/use-cases/reasoning-tokens, checked 2026-12-06).
     "openrouter": {"type": "openai", "api_base_url": "https://openrouter.ai/api/v1",
                    "headers": {"HTTP-Referer": "http://localhost:3456",
                                "X-OpenRouter-Title": "ccproxy.py", "X-Title": "ccproxy.py"},
@@ -982,6 +984,7 @@ PROVIDER_PRESETS = {
                               "reasoning_details": True,
                               "cache_control_models": r"^(anthropic|google)/",
                               "effort_scales": ((r"", EFFORTS_TO_XHIGH),),
+                              "thinking_off": ((r"", "none"),),
                               "search": "web_plugin", "reports_cost": True}},
     "groq": {"type": "openai", "api_base_url": "https://api.groq.com/openai/v1",
              "quirks": {"schema_drop_keys": ("$schema",), "reasoning_style": "effort",
@@ -8035,10 +8038,12 @@ def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
     if style == "deepseek":
         return {"thinking": {"type": "enabled"}, "reasoning_effort": effort} if effort else {
             "thinking": {"type": "disabled"}}
-    if effort is None and style == "effort":
+    if effort is None:
         off = thinking_off_level(body, quirks, model)
-        return {"reasoning_effort": off} if off else {}
-    if effort is None or style is None:
+        if not off:
+            return {}
+        return {"reasoning_effort": off} if style == "effort" else {"reasoning": {"effort": off}}
+    if style is None:
         return {}
     level = provider_effort(effort, quirks["effort_scales"], model)
     if style == "effort":

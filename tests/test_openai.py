@@ -596,6 +596,7 @@ def test_effort_is_mapped_onto_each_providers_own_scale(preset, model, asked, se
     ("openai", "gpt-5", None, {}),                            # not asked: the model decides
     ("xai", "grok-4.7", {"type": "disabled"}, {}),
     ("groq", "openai/gpt-oss-120b", {"type": "disabled"}, {"reasoning_effort": "low"}),
+    ("openrouter", "z-ai/glm-4.5-air", {"type": "disabled"}, {"reasoning": {"effort": "none"}}),
 ])
 def test_thinking_turned_off_asks_for_the_least_reasoning_the_model_does(preset, model,
                                                                         thinking, sent):
