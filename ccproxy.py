@@ -6980,10 +6980,11 @@ def check_stop_sequences(stops, protocol: str) -> None:
 
 
 def first_stop_sequence(text: str, stops: list) -> tuple | None:
-    """(where, stop) of the stop sequence that appears first in text, or None."""
-    found = [(text.find(stop), position, stop) for position, stop in enumerate(stops)]
-    found = [match for match in found if match[0] >= 0]
-    return (min(found)[0], min(found)[2]) if found else None
+    """(where, stop) of the stop sequence a model writing text would meet first: the one that
+    ends first (of two that end together, the longer), or None."""
+    found = [(where + len(stop), where, stop) for where, stop in
+             ((text.find(stop), stop) for stop in stops) if where >= 0]
+    return min(found)[1:] if found else None
 
 
 def cut_at_stop_sequence(message: dict, stops: list) -> dict:

@@ -1591,7 +1591,9 @@ def test_config_headers_and_cap_reach_the_provider(start_proxy, upstream):
     (["</block>"], ["a <", "b", "</block"], "a <b</block", None),   # held back, then sent
     (["STOP", "END"], ["STOP here", " or END"], "", "STOP"),
     (["STOP", "END"], ["one END two STOP"], "one ", "END"),    # the first to appear
-    (["ab", "b"], ["xa", "b"], "x", "ab"),
+    (["ab", "b"], ["xa", "b"], "x", "ab"),                     # ending together: the longer
+    (["abc", "b"], ["abc"], "a", "b"),                          # the first to end
+    (["ab", "a"], ["a", "b"], "", "a"),
 ])
 def test_stop_sequences_are_found_across_the_pieces_of_text(stops, pieces, sent, matched):
     watch, out = ccproxy.StopSequences(stops), ""
@@ -1600,6 +1602,25 @@ def test_stop_sequences_are_found_across_the_pieces_of_text(stops, pieces, sent,
         if watch.matched:
             break
     assert (out + watch.take_held(), watch.matched) == (sent, matched)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("ab</>", max_size=6), max_size=8),
+       st.lists(st.text("ab</>", min_size=1, max_size=4), min_size=1, max_size=3))
+def test_stop_sequences_end_any_text_where_the_whole_text_would(pieces, stops):
+    """However a text comes in pieces, what is sent is the whole text cut before the stop
+    sequence a model writing it would meet first (the one that ends first; of two that end
+    together, the longer), or all of it."""
+    watch, out = ccproxy.StopSequences(stops), ""
+    for piece in pieces:
+        out += watch.text(piece)
+        if watch.matched:
+            break
+    out += "" if watch.matched else watch.take_held()
+    whole = "".join(pieces)
+    found = min(((whole.find(s) + len(s), whole.find(s), s) for s in stops if s in whole),
+                default=None)
+    assert (out, watch.matched) == ((whole[:found[1]], found[2]) if found else (whole, None))
 
 
 CLASSIFIER = dict(REQUEST, model="o4-mini", stop_sequences=["</block>"],
