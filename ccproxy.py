@@ -6934,9 +6934,9 @@ def arguments_ending(text: str, held: str, provider: Provider) -> str:
 class StopSequences:
     """A request's stop sequences, kept by ccproxy itself: a provider may take none (the
     Responses API, OpenAI's and xAI's reasoning models) or fewer than asked (4 for Chat
-    Completions, 5 for Gemini). The answer's text ends before the first one that appears in
-    it, as Anthropic's does; the end of each piece of text that could begin one is held back
-    until the next piece says whether it does."""
+    Completions, 5 for Gemini). The answer's text ends before the first one it meets, as
+    Anthropic's does; the end of each piece of text that could begin one is held back until
+    the next piece says whether it does."""
 
     def __init__(self, stops: list):
         self.stops = stops
