@@ -9339,7 +9339,7 @@ def gemini_tool_config(choice, declared: set) -> dict:
 
 def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict:
     """generationConfig: output cap, sampling, stop sequences (at most 5), a JSON output
-    format, thinking (thinkingLevel for Gemini 3, thinkingBudget before)."""
+    format, thinking."""
     cap = provider.output_cap(model)
     config = {"maxOutputTokens": min(body["max_tokens"], cap) if cap else body["max_tokens"]}
     for source, target in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
@@ -9350,21 +9350,28 @@ def gemini_generation_config(body: dict, provider: Provider, model: str) -> dict
     if isinstance(stops, list) and stops:
         config["stopSequences"] = stops[:MAX_GEMINI_STOP_SEQUENCES]
     config.update(gemini_response_format(body))
+    config.update(gemini_thinking_config(body, provider, model))
+    return config
+
+
+def gemini_thinking_config(body: dict, provider: Provider, model: str) -> dict:
+    """thinkingConfig: the effort asked, with the thoughts (thinkingLevel for Gemini 3,
+    thinkingBudget before); the least the model does when thinking is turned off."""
     off = thinking_off_level(body, provider.quirks, model)
     if off is not None:
-        config["thinkingConfig"] = {"thinkingBudget": off} if isinstance(off, int) else {
-            "thinkingLevel": off}
+        return {"thinkingConfig": {"thinkingBudget": off} if isinstance(off, int) else {
+            "thinkingLevel": off}}
     effort = thinking_effort(body)
-    if effort is not None:
-        level = provider_effort(effort, provider.quirks["effort_scales"], model)
-        if quirk_holds(provider.quirks["thinking_level_models"], model) and level:
-            thinking = {"thinkingLevel": level}
-        else:
-            budget = dict_of(body.get("thinking")).get("budget_tokens")
-            thinking = {"thinkingBudget": budget if isinstance(budget, int)
-                        else GEMINI_BUDGET_BY_EFFORT[effort]}
-        config["thinkingConfig"] = dict(thinking, includeThoughts=True)
-    return config
+    if effort is None:
+        return {}
+    level = provider_effort(effort, provider.quirks["effort_scales"], model)
+    if quirk_holds(provider.quirks["thinking_level_models"], model) and level:
+        thinking = {"thinkingLevel": level}
+    else:
+        budget = dict_of(body.get("thinking")).get("budget_tokens")
+        thinking = {"thinkingBudget": budget if isinstance(budget, int)
+                    else GEMINI_BUDGET_BY_EFFORT[effort]}
+    return {"thinkingConfig": dict(thinking, includeThoughts=True)}
 
 
 def gemini_response_format(body: dict) -> dict:
