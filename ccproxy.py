@@ -8033,7 +8033,7 @@ def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
     """The provider's own way of asking for reasoning, per its preset: reasoning_effort on the
     model's scale (OpenAI, Groq, xAI), thinking and the effort as asked (DeepSeek, which maps
     each to its own and thinks unless told not to), reasoning (OpenRouter: the budget when one
-    was given, else the effort)."""
+    was given, else the effort); with thinking turned off, the least the model does."""
     effort = thinking_effort(body)
     style = quirks["reasoning_style"]
     if style == "deepseek":
