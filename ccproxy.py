@@ -925,6 +925,7 @@ ANTHROPIC_COMPAT = {
     "drop_fields": (),          # request fields it rejects or ignores
     "no_blocks": (),            # block types it takes nowhere (tool results included): as text
     "thinking_with_calls": False,   # in thinking mode, tool calls want a thinking block first
+    "thinks_unasked": False,    # thinks when a request does not say: told not to instead
 }
 # Anthropic-compatible endpoints, from each provider's own page (checked 2026-12-05):
 #   deepseek-anthropic: https://api-docs.deepseek.com/guides/anthropic_api (x-api-key; ignores
@@ -940,14 +941,15 @@ ANTHROPIC_COMPAT = {
 # (https://api-docs.deepseek.com/guides/vision and .../quick_start/pricing, checked 2026-12-05:
 # deepseek-v4-flash and deepseek-v4-flash-vision-exp are retired names Flash now answers).
 DEEPSEEK_VISION_MODELS = r"^deepseek-(v4-)?flash"
-# DeepSeek thinks, at high effort, unless told not to, and maps any effort asked to its own
-# (low; medium, high and xhigh as high; max): https://api-docs.deepseek.com/guides/thinking_mode
-# (checked 2026-12-06). Its response_format takes json_object only, and then wants "json" in
-# the prompt
+# DeepSeek thinks, at high effort, unless told not to (in both its APIs), and maps any effort
+# asked to its own (low; medium, high and xhigh as high; max):
+# https://api-docs.deepseek.com/guides/thinking_mode (checked 2026-12-06). Its response_format
+# takes json_object only, and then wants "json" in the prompt
 # (https://api-docs.deepseek.com/guides/json_mode, checked 2026-12-06).
 DEEPSEEK_ANTHROPIC = {"type": "anthropic", "api_base_url": "https://api.deepseek.com/anthropic",
                       "quirks": {"anthropic_compat": {
                           "drop_betas": True, "thinking_with_calls": True,
+                          "thinks_unasked": True,
                           "drop_fields": ("container", "mcp_servers", "service_tier", "top_k"),
                           "no_blocks": ("image", "document", "search_result",
                                         "redacted_thinking")}}}
@@ -7303,9 +7305,11 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
         changes.update(without_refused_inner_fields(body, refused))
     dropped = [key for key in tuple((compat or ANTHROPIC_COMPAT)["drop_fields"]) + tuple(refused)
                if key in body]
-    if dropped:
-        return json_bytes({key: changes.get(key, value) for key, value in body.items()
-                           if key not in dropped})
+    added = {"thinking": {"type": "disabled"}} if compat and compat["thinks_unasked"] \
+        and "thinking" not in body else {}    # Anthropic's models think only when asked
+    if dropped or added:
+        return json_bytes(dict({key: changes.get(key, value) for key, value in body.items()
+                                if key not in dropped}, **added))
     if not changes:
         return request.body
     return splice_json_values(request.body_text, request.body_spans, changes)

@@ -228,6 +228,23 @@ def test_deepseek_in_thinking_mode_gets_a_thinking_block_before_tool_calls(start
         {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}]
 
 
+@pytest.mark.parametrize("thinking, sent", [
+    (None, {"type": "disabled"}),                # Anthropic's models think only when asked
+    ({"type": "disabled"}, {"type": "disabled"}),
+    ({"type": "adaptive"}, {"type": "adaptive"})])
+def test_deepseek_is_told_not_to_think_when_a_request_does_not_say(start_proxy, upstream,
+                                                                    thinking, sent):
+    """DeepSeek's Anthropic API thinks unless told not to (api-docs.deepseek.com/guides/
+    thinking_mode), and then wants its thinking before every turn of tool calls."""
+    upstream.script = strict_server("deepseek-anthropic")
+    proxy = compat_proxy(start_proxy, upstream, "deepseek-anthropic")
+    request = dict(model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    if thinking:
+        request["thinking"] = thinking
+    sdk(proxy).messages.create(**request)
+    assert upstream.requests[0]["json"]["thinking"] == sent
+
+
 def test_a_generic_anthropic_server_gets_the_request_as_it_came(start_proxy, upstream):
     upstream.script = lambda r: answer("gateway", False, "SIG")
     proxy = start_proxy({"providers": [{"name": "gateway", "type": "anthropic", "api_key": KEY,
