@@ -57,7 +57,7 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
     10. Upstream
         10.1 Worker threads, and the way back to the event loop
         10.2 A call to a provider: sent, answered, cut
-        10.3 Streamed answers: read by the event loop, or by a thread
+        10.3 Answers read by the event loop, or by a thread
         10.4 Provider connections: kept alive, timed out, and their answers' heads
     11. Daemon
         11.1 The server in the foreground: signals, the config watched, usage kept
@@ -86,6 +86,7 @@ import hashlib
 import hmac
 import http
 import http.client
+import io
 import ipaddress
 import itertools
 import json
@@ -9833,12 +9834,15 @@ class Upstream:
 # -----------------------------------------------------------------------------
 
 class UpstreamCall:
-    """One HTTP call to a provider: a worker thread sends it, and the event loop may cut it.
+    """One HTTP call to a provider: a worker thread sends it through urllib, the event loop
+    reads the answer, and the loop may cut it.
 
     send() sends the request and waits for the answer, body included, unless the answer is an
-    event stream: chunks() then gives the body piece by piece as the event loop reads it (a
-    worker thread, where the loop cannot watch sockets). cancel() (the client went away) cuts
-    the socket, so whatever reads it returns at once.
+    event stream: chunks() then gives the body piece by piece as the event loop reads it.
+    Where the loop cannot watch sockets (Windows' default loop), and through an HTTPS proxy's
+    tunnel, the worker thread reads the answer's head and whole bodies, and another worker a
+    stream. cancel() (the client went away) cuts the socket, so whatever reads it returns at
+    once.
     """
 
     def __init__(self, upstream: Upstream, provider: Provider, outgoing: UpstreamRequest,
@@ -9851,6 +9855,7 @@ class UpstreamCall:
         self._url = outgoing.url
         self.connections = upstream.connections
         self._socket = None
+        self._reader = None           # the event loop's SocketReader, once it reads the answer
         self._response = None
         self._cancelled = False
         self._finished = False        # the answer was read to its end, or released
@@ -9888,8 +9893,14 @@ class UpstreamCall:
         if self._pumping or self._finished or self._response is None:
             return
         self.cancel()
+        self._stop_reading()
         self._release(False)
         self._upstream.calls.discard(self)
+
+    def _stop_reading(self) -> None:
+        """The event loop stops watching the socket (before it is closed or pooled)."""
+        if self._reader is not None:
+            self._reader.close()
 
     def _release(self, complete: bool) -> None:
         """Close the response (from its worker thread, or from the loop when no worker reads
@@ -9935,12 +9946,12 @@ class UpstreamCall:
     async def send(self, stream: bool = False) -> int:
         """Send the request and return the answer's status once its head has arrived.
 
-        The body is read in the same worker job into `body`, unless stream is true and the
-        answer is a successful event stream: then `body` is None and chunks() delivers it.
+        The body is read into `body`, unless stream is true and the answer is a successful
+        event stream: then `body` is None and chunks() delivers it.
         """
         self._upstream.calls.add(self)
         try:
-            await self._upstream.run(self._send_blocking, stream)
+            await self._send_and_read(stream)
         except BaseException:
             self._upstream.calls.discard(self)
             raise
@@ -9949,20 +9960,58 @@ class UpstreamCall:
             self._upstream.calls.discard(self)
         return self.status
 
-    def _send_blocking(self, stream: bool) -> None:
+    async def _send_and_read(self, stream: bool) -> None:
+        """A worker thread sends the request; the event loop reads the answer where it can
+        (a worker thread that waited for it would take the GIL from the loop at every receive,
+        which a burst of calls pays for in time to first token). A pooled connection that the
+        provider has closed meanwhile shows only as the answer's absence: the request is then
+        sent again on a fresh connection."""
+        loop = asyncio.get_running_loop()
+        read_by_loop = loop_watches_sockets(loop)
+        for reuse in (True, False):
+            sent = await self._upstream.run(self._send_blocking, stream, read_by_loop, reuse)
+            if sent is None:                  # a worker thread has read the answer
+                return
+            if await self._read_head(loop, sent):
+                break
+        if not self._streams(stream):
+            self.body = await self._read_body(self._upstream_body_limit())
+            self._check_body()
+
+    def _send_blocking(self, stream: bool, read_by_loop: bool, reuse: bool):
+        """Worker thread: send the request through urllib. Where the event loop reads the
+        answer, what was sent (a SentRequest); otherwise the answer is read here, its body too
+        unless it is a stream, and None."""
         outgoing = self._outgoing
         request = urllib.request.Request(outgoing.url, data=outgoing.body, headers=outgoing.headers,
                                          method="GET" if outgoing.body is None else "POST")
         request.upstream_call = self
+        request.answer_read_by_loop, request.reuse_connection = read_by_loop, reuse
         try:
-            response = self._upstream.opener.open(request, timeout=self.timeout)
+            answer = self._upstream.opener.open(request, timeout=self.timeout)
         except Exception as exc:
             raise self.failure(exc) from None
-        self._response = response
-        self.status = response.status
-        if stream and self.status < 400 and (response.headers.get("content-type") or "").startswith(
-                "text/event-stream"):
-            return
+        if isinstance(answer, SentRequest):
+            return answer
+        self._response = answer
+        self.status = answer.status
+        if not self._streams(stream):
+            self._read_body_blocking(answer)
+        return None
+
+    def _streams(self, stream: bool) -> bool:
+        """Whether the answer's body is a stream for chunks(): asked for, and a successful
+        event stream."""
+        return stream and self.status < 400 and (
+            self._response.headers.get("content-type") or "").startswith("text/event-stream")
+
+    def _upstream_body_limit(self) -> int:
+        """How much of the body is read: an error's first UPSTREAM_ERROR_BODY_BYTES, or a whole
+        answer of up to MAX_ANSWER_BYTES."""
+        return UPSTREAM_ERROR_BODY_BYTES if self.status >= 400 else MAX_ANSWER_BYTES
+
+    def _read_body_blocking(self, response) -> None:
+        """Worker thread: the body, read to its end (an error's, only its beginning)."""
         try:
             self.body = response.read(UPSTREAM_ERROR_BODY_BYTES) if self.status >= 400 \
                 else read_whole(response, MAX_ANSWER_BYTES)
@@ -9970,10 +10019,52 @@ class UpstreamCall:
             raise self.failure(exc) from None
         finally:
             self._release(response.isclosed())
+        self._check_body()
+
+    def _check_body(self) -> None:
         if self.body is None:
             raise UpstreamError("%s answered with more than %d MiB, more than any answer of a "
                                 "model; check that its api_base_url is its API" % (
                                     self.provider.name, MAX_ANSWER_BYTES >> 20))
+
+    async def _read_head(self, loop, sent) -> bool:
+        """The event loop reads the answer's head from the socket the request went out on:
+        True once it has come, False when a reused connection turned out closed before any of
+        it (the request is to be sent again). Other failures raise the client's error."""
+        self._reader = SocketReader(loop, sent.connection.sock)
+        try:
+            received = await read_answer_head(self._reader, self.timeout, self.provider.name)
+            response = answer_from_head(received, sent)
+        except BaseException as exc:
+            self._stop_reading()
+            sent.connection.close()
+            if sent.reused and not self._cancelled and isinstance(exc, STALE_CONNECTION_ERRORS):
+                return False
+            if isinstance(exc, (OSError, http.client.HTTPException)):
+                raise self.failure(exc) from None
+            raise
+        self._reader.unread(response.rest)
+        self._response, self.status = response, response.status
+        return True
+
+    async def _read_body(self, limit: int) -> bytes | None:
+        """The event loop reads the answer's body: at most `limit` bytes of an error, or a
+        whole answer, None as soon as it is known to be longer than limit."""
+        body = LoopBody(self, self._reader, body_decoder(self._response), None)
+        whole = self.status < 400
+        if whole and (self._response.length or 0) > limit:
+            body.close()
+            return None
+        parts, total = [], 0
+        try:
+            async for piece in body:
+                parts.append(piece)
+                total += len(piece)
+                if total > limit or total == limit and not whole:
+                    break
+        finally:
+            body.close()
+        return None if whole and total > limit else b"".join(parts)[:limit]
 
     def failure(self, exc: BaseException) -> Exception:
         """The client's error for a failed socket operation: the reason the call was cut, or
@@ -9981,8 +10072,8 @@ class UpstreamCall:
         if self._cancelled:
             return OverloadedError(self._cancel_reason) if self._cancel_reason \
                 else ClientDisconnected()
-        return upstream_failure(self.provider, self._url, exc, self.timeout,
-                                self._response is not None)
+        answered = self._response is not None or isinstance(exc, http.client.IncompleteRead)
+        return upstream_failure(self.provider, self._url, exc, self.timeout, answered)
 
     def chunks(self, silence_seconds: float | None = None):
         """The streamed body as it arrives (an async iterator); failures raise ProxyError.
@@ -9994,10 +10085,11 @@ class UpstreamCall:
         """
         self._pumping = True
         loop = asyncio.get_running_loop()
-        if self._socket is not None and loop_watches_sockets(loop):
-            reader = SocketReader(loop, self._socket, self._response.fp)
+        if self._reader is None and self._socket is not None and loop_watches_sockets(loop):
+            self._reader = SocketReader(loop, self._socket, self._response.fp)
             self._drop_buffered_file()
-            return LoopBody(self, reader, body_decoder(self._response), silence_seconds)
+        if self._reader is not None:
+            return LoopBody(self, self._reader, body_decoder(self._response), silence_seconds)
         return ThreadBody(self._read_by_thread(silence_seconds))
 
     def _drop_buffered_file(self) -> None:
@@ -10125,7 +10217,7 @@ def cannot_connect(reason) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# 10.3 Streamed answers: read by the event loop, or by a thread
+# 10.3 Answers read by the event loop, or by a thread
 # -----------------------------------------------------------------------------
 
 def loop_watches_sockets(loop) -> bool:
@@ -10134,8 +10226,70 @@ def loop_watches_sockets(loop) -> bool:
     return isinstance(loop, asyncio.SelectorEventLoop)
 
 
+HEAD_END_RE = re.compile(rb"\n\r?\n")              # where http.client's reading of a head ends
+CONTINUE_HEAD_RE = re.compile(rb"\S+ +100\b")       # 100 Continue, which http.client skips
+MAX_ANSWER_HEAD_BYTES = 1024 * 1024
+
+
+async def read_answer_head(reader, wait: float, provider_name: str) -> bytes:
+    """An answer's head, and whatever came with it, read by the event loop from a SocketReader
+    (past a 100 Continue, as http.client reads it); each wait for more bytes lasts at most
+    `wait` seconds. A connection that ends or breaks before the head is whole fails as it
+    would in http.client: RemoteDisconnected before any byte, IncompleteRead after some."""
+    received, searched = b"", 0
+    while True:
+        end = HEAD_END_RE.search(received, max(0, searched - 2))
+        if end is not None and not CONTINUE_HEAD_RE.match(received):
+            return received
+        if end is not None:
+            received, searched = received[end.end():], 0
+            continue
+        if len(received) > MAX_ANSWER_HEAD_BYTES:
+            raise UpstreamError("%s answered with a head of more than %d MiB, more than any "
+                                "API's; check that its api_base_url is its API" % (
+                                    provider_name, MAX_ANSWER_HEAD_BYTES >> 20))
+        searched = len(received)
+        try:
+            more = await reader.read(wait)
+        except ConnectionError:
+            if received:
+                raise http.client.IncompleteRead(received) from None
+            raise
+        if more is None:
+            raise socket.timeout("timed out")
+        if not more:
+            raise http.client.IncompleteRead(received) if received else \
+                http.client.RemoteDisconnected("Remote end closed connection without response")
+        received += more
+
+
+class ReceivedBytes:
+    """Bytes received, in the shape http.client's response reads an answer from (a socket's
+    makefile())."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def makefile(self, mode: str):
+        return io.BytesIO(self._data)
+
+
+def answer_from_head(received: bytes, sent: SentRequest) -> http.client.HTTPResponse:
+    """The answer whose head the event loop has received for a SentRequest, as http.client's
+    getresponse() would have made it; `rest` holds what came after the head. The connection
+    counts as answered (http.client's state for a request whose answer it read), so it can
+    take another request once the body is read."""
+    response = HeadFieldsResponse(ReceivedBytes(received), method=sent.method)
+    response.begin()
+    file, response.fp = response.fp, None
+    response.rest = file.read()
+    response.pooled = (sent.key, sent.connection)
+    sent.connection._HTTPConnection__state = http.client._CS_IDLE
+    return response
+
+
 class LoopBody:
-    """A streamed answer's body read by the event loop, with no thread held. It is an async
+    """An answer's body read by the event loop, with no thread held. It is an async
     iterator of de-framed pieces (b"" after each `silence_seconds` without data), and push()
     hands each piece on from the loop's callback for a readable socket itself: one receive,
     its events, one write, and no task woken in between."""
@@ -10145,7 +10299,7 @@ class LoopBody:
         self._silence = silence_seconds
         self._clock = asyncio.get_running_loop().time
         self._heard = self._clock()
-        self._ended = False           # the body has all come, or the connection ended it
+        self._ended = decoder.done    # the body has all come, or the connection ended it
         self._closed = False
         self._consume = None
 
@@ -10266,14 +10420,15 @@ class SocketReader:
     read() waits for one receive; push() hands every receive to a function, from the loop's
     callback for a readable socket."""
 
-    def __init__(self, loop, sock, buffered_file):
+    def __init__(self, loop, sock, buffered_file=None):
         sock.setblocking(False)
         self._loop, self._sock, self._fd = loop, sock, sock.fileno()
         ssl_module = sys.modules.get("ssl")
         self._tls = ssl_module is not None and isinstance(sock, ssl_module.SSLSocket)
         self._would_block = (BlockingIOError, InterruptedError) + (
             (ssl_module.SSLWantReadError, ssl_module.SSLWantWriteError) if self._tls else ())
-        self._buffered = buffered_bytes(buffered_file, self._would_block)
+        self._buffered = b"" if buffered_file is None else buffered_bytes(buffered_file,
+                                                                          self._would_block)
         self._drained = False         # the last receive took everything that had arrived
         self._waiter = None
         self._watching = False
@@ -10302,6 +10457,10 @@ class SocketReader:
             return await self._readable(wait)
         finally:
             self._taker = None
+
+    def unread(self, data: bytes) -> None:
+        """Have data (what came after an answer's head) read before the socket is."""
+        self._buffered = data + self._buffered
 
     def _receive(self) -> bytes | None:
         """What has arrived (b"" at the end), or None when nothing has yet."""
@@ -10465,11 +10624,17 @@ class ConnectionPool:
                 connection.close()
 
 
+SentRequest = collections.namedtuple("SentRequest", "key connection reused method")
+
+
 def open_pooled(handler, req, connection_class, **connection_options):
-    """urllib's do_open for a provider call, on a pooled connection when one is idle.
+    """urllib's do_open for a provider call, on a pooled connection when one is idle (unless
+    req.reuse_connection is false): the answer, its head read; or, when the event loop reads
+    it (req.answer_read_by_loop), the request sent, as a SentRequest.
 
     A pooled connection the provider has meanwhile closed fails at once; the request is then
-    sent again on a fresh connection. Calls through an HTTPS proxy tunnel are not pooled.
+    sent again on a fresh connection (by the caller, when it is the loop that finds out).
+    Calls through an HTTPS proxy tunnel are not pooled, and their answers' heads read here.
     """
     call = req.upstream_call
     if getattr(req, "_tunnel_host", None):          # set by urllib's ProxyHandler
@@ -10479,7 +10644,7 @@ def open_pooled(handler, req, connection_class, **connection_options):
     headers = dict(req.unredirected_hdrs)
     headers.update((k, v) for k, v in req.headers.items() if k not in headers)
     headers = {name.title(): value for name, value in headers.items()}
-    for reuse in (True, False):
+    for reuse in (True, False) if req.reuse_connection else (False,):
         connection = call.connections.take(key) if reuse else None
         if connection is None:
             reuse = False
@@ -10490,6 +10655,8 @@ def open_pooled(handler, req, connection_class, **connection_options):
         connection.upstream_call = call
         try:
             connection.request(req.get_method(), req.selector, req.data, headers)
+            if req.answer_read_by_loop:
+                return SentRequest(key, connection, reuse, req.get_method())
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()

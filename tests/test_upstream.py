@@ -348,6 +348,117 @@ def test_a_connection_the_provider_closed_is_replaced_transparently(proxy, upstr
     assert len({r["peer"] for r in upstream.requests}) == 3
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_no_worker_thread_waits_while_a_provider_thinks_before_answering(start_proxy, upstream,
+                                                                         stream):
+    """A reasoning model may take a minute before the first byte of its answer. A worker thread
+    sends the request through urllib and is free again; the event loop waits for the answer, so
+    slow calls in flight hold no thread each (nor take the GIL from the loop to read)."""
+    release = threading.Event()
+    reply = (lambda: stream_reply(anthropic_stream_events(["thought"]))) if stream else (
+        lambda: json_reply(anthropic_message("thought")))
+    upstream.script = lambda r: (release.wait(10), reply())[1]
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)]})
+    texts = []
+
+    def ask():
+        request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        if stream:
+            with sdk(proxy).messages.stream(**request) as events:
+                texts.append("".join(events.text_stream))
+        else:
+            texts.append(sdk(proxy).messages.create(**request).content[0].text)
+    askers = [threading.Thread(target=ask) for _ in range(3)]
+    for asker in askers:
+        asker.start()
+    try:
+        assert wait_until(lambda: len(upstream.requests) == 3)
+        upstream_state = proxy.server.app.upstream
+        assert wait_until(lambda: upstream_state.threads_busy == 0, seconds=2)
+        assert len(upstream_state.calls) == 3
+    finally:
+        release.set()
+        for asker in askers:
+            asker.join(10)
+    assert texts == ["thought"] * 3
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+HEAD_BODY = json.dumps(anthropic_message("whole")).encode()
+
+
+def byte_by_byte(answer: bytes):
+    def send(connection, request):
+        for byte in answer[:120]:
+            connection.sendall(bytes([byte]))
+            time.sleep(0.002)
+        connection.sendall(answer[120:])
+    return send
+
+
+def sent(*parts, pause=0.05):
+    """A provider's answer: each part sent, with a pause between."""
+    def send(connection, request):
+        for index, part in enumerate(parts):
+            if index:
+                time.sleep(pause)
+            connection.sendall(part)
+    return send
+
+
+@pytest.mark.parametrize("send, status", [
+    (byte_by_byte(HEAD % len(HEAD_BODY) + HEAD_BODY), 200),
+    (sent((HEAD % len(HEAD_BODY)).replace(b"\r\n", b"\n") + HEAD_BODY), 200),
+    (sent(b"HTTP/1.1 100 Continue\r\nX: 1\r\n\r\n", HEAD % len(HEAD_BODY) + HEAD_BODY), 200),
+    (sent(b"HTTP/1.1 100 Continue\r\n\r\n", b"", pause=2), 504),
+    (sent(b"HTTP/1.1 200 OK\r\nContent-Le"), 502),
+], ids=["byte-by-byte", "lf-only", "100-continue-first", "only-100-continue", "cut-short"])
+def test_an_answer_head_arriving_in_any_pieces_is_read_whole_by_the_event_loop(start_proxy,
+                                                                              send, status):
+    """The event loop reads an answer's head as http.client would: in however many pieces it
+    comes, with bare LF line ends, past a 100 Continue (one that is all there is, then silence,
+    is a time-out); a connection that ends within the head is a 502 that says so."""
+    provider = RawProvider(send)
+    try:
+        proxy = start_proxy({"providers": [{"name": "raw", "type": "anthropic",
+                                            "api_key": PROVIDER_KEY,
+                                            "api_base_url": provider.url}],
+                             "performance": {"request_timeout": 1}, "failover": False})
+        request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        client = sdk(proxy).with_options(max_retries=0)
+        if status == 200:
+            assert client.messages.create(**request).content[0].text == "whole"
+            return
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            client.messages.create(**request)
+        assert caught.value.status_code == status
+        assert caught.value.body["error"]["message"] == {
+            504: "raw: the provider sent nothing for 1 s (performance.request_timeout)",
+            502: "raw: the connection broke while the answer was arriving: IncompleteRead(27 "
+                 "bytes read)"}[status]
+    finally:
+        provider.close()
+
+
+def test_an_answer_head_of_more_than_a_mebibyte_is_a_502(start_proxy):
+    """A head that never ends (a misdirected base URL) is read no further than 1 MiB."""
+    field = b"X-Filler: " + b"y" * 60000 + b"\r\n"
+    provider = RawProvider(sent(b"HTTP/1.1 200 OK\r\n", *[field] * 40, pause=0))
+    try:
+        proxy = start_proxy({"providers": [{"name": "raw", "type": "anthropic",
+                                            "api_key": PROVIDER_KEY,
+                                            "api_base_url": provider.url}], "failover": False})
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            sdk(proxy).with_options(max_retries=0).messages.create(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        assert caught.value.body["error"]["message"] == (
+            "raw answered with a head of more than 1 MiB, more than any API's; check that its "
+            "api_base_url is its API")
+    finally:
+        provider.close()
+
+
 def test_a_cut_call_does_not_leave_a_broken_connection_in_the_pool(proxy, upstream):
     upstream.script = lambda r: stream_reply(pause_before=3)
     open_stream_and_vanish(proxy)
@@ -476,8 +587,8 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
     """Hundreds of events, each its own write (over TLS its own record), with a pause in the
     middle: the event loop reads what the TLS layer has buffered before waiting again, so
     nothing is lost, duplicated or held back; where the loop cannot watch sockets (Windows),
-    a worker thread reads them instead. Once the loop reads the socket itself, the answer's
-    buffered file (and its 8 KB buffer) is gone, though the stream goes on."""
+    a worker thread reads them instead. The loop reads the answer from its head on, so no
+    buffered file (with its 8 KB buffer) is made for it."""
     monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
     mock = MockUpstream(tls=certificate if tls else None)
     pieces = ["p%03d " % n for n in range(300)]
@@ -487,9 +598,10 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
     readers, files = [], []
 
     class RecordedReader(ccproxy.SocketReader):
-        def __init__(self, loop, sock, buffered_file):
+        def __init__(self, loop, sock, buffered_file=None):
             readers.append(type(sock).__name__)
-            files.append(weakref.ref(buffered_file))
+            if buffered_file is not None:
+                files.append(weakref.ref(buffered_file))
             super().__init__(loop, sock, buffered_file)
     monkeypatch.setattr(ccproxy, "SocketReader", RecordedReader)
     if by_thread:
@@ -506,7 +618,7 @@ def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
         assert text == "".join(pieces)
         plain = "KernelTimedSocket" if ccproxy.KERNEL_TIMES_SOCKETS else "socket"
         assert readers == ([] if by_thread else ["SSLSocket" if tls else plain])
-        assert files_left == []
+        assert files == files_left == []
     finally:
         mock.close()
 
