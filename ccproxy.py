@@ -3177,9 +3177,12 @@ def parse_peer_address(peername):
     return address
 
 
+@functools.lru_cache(maxsize=64)
 def names_loopback(host: str) -> bool:
     """Whether a host name or address (no brackets, no port) is this machine's loopback:
-    a loopback address, localhost, or a name under it (RFC 6761; browsers never ask DNS)."""
+    a loopback address, localhost, or a name under it (RFC 6761; browsers never ask DNS).
+    Asked of every request's Host, so the few answers are remembered (parsing an address
+    took a twentieth of what the event loop spends to start a stream)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
