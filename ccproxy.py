@@ -9978,7 +9978,7 @@ class UpstreamCall:
             if await self._read_head(loop, sent):
                 break
         if not self._streams(stream):
-            self.body = await self._read_body(self._upstream_body_limit())
+            self.body = await self._read_body()
             self._check_body()
 
     def _send_blocking(self, stream: bool, read_by_loop: bool, reuse: bool):
@@ -10007,11 +10007,6 @@ class UpstreamCall:
         event stream."""
         return stream and self.status < 400 and (
             self._response.headers.get("content-type") or "").startswith("text/event-stream")
-
-    def _upstream_body_limit(self) -> int:
-        """How much of the body is read: an error's first UPSTREAM_ERROR_BODY_BYTES, or a whole
-        answer of up to MAX_ANSWER_BYTES."""
-        return UPSTREAM_ERROR_BODY_BYTES if self.status >= 400 else MAX_ANSWER_BYTES
 
     def _read_body_blocking(self, response) -> None:
         """Worker thread: the body, read to its end (an error's, only its beginning)."""
@@ -10050,11 +10045,12 @@ class UpstreamCall:
         self._response, self.status = response, response.status
         return True
 
-    async def _read_body(self, limit: int) -> bytes | None:
-        """The event loop reads the answer's body: at most `limit` bytes of an error, or a
-        whole answer, None as soon as it is known to be longer than limit."""
+    async def _read_body(self) -> bytes | None:
+        """The event loop reads the answer's body: an error's first UPSTREAM_ERROR_BODY_BYTES,
+        or a whole answer, None as soon as it is known to be over MAX_ANSWER_BYTES."""
         body = LoopBody(self, self._reader, body_decoder(self._response), None)
         whole = self.status < 400
+        limit = MAX_ANSWER_BYTES if whole else UPSTREAM_ERROR_BODY_BYTES
         if whole and (self._response.length or 0) > limit:
             body.close()
             return None

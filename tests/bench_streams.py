@@ -27,7 +27,9 @@ shared benchmark helpers. Rows:
                     translated chunk (targets set against that build) and throughput at 1, 10
                     and 50 clients (which may not fall)
   bare relay        tests/bench/floor_relay.py, a relay that only relays: with ccproxy's
-                    architecture (a worker thread calls the mock through http.client), and with
+                    architecture (a worker thread sends to the mock through http.client, the
+                    event loop reads the answer), with the one before it (the thread also waits
+                    for the answer's head), and with
                     the call made by the event loop, then that with 0.1 and 0.3 ms of CPU spent
                     on every request, as a proxy's own work: paced streams, stream start
                     (CPU on the event loop and on the worker threads apart), JSON request
@@ -299,7 +301,9 @@ def throughput_rows(run: Processes, requests: int) -> None:
             "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
 
 
-FLOOR_MODES = (("thread", 0.0, "bare relay (thread)"), ("asyncio", 0.0, "bare relay (asyncio)"),
+FLOOR_MODES = (("thread", 0.0, "bare relay (thread)"),
+               ("thread-head", 0.0, "bare relay (thread reads head)"),
+               ("asyncio", 0.0, "bare relay (asyncio)"),
                ("asyncio", 0.1, "asyncio +0.1 ms work"), ("asyncio", 0.3, "asyncio +0.3 ms work"))
 
 

@@ -1038,6 +1038,41 @@ def endless_answer(framing):
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_an_endless_error_is_read_no_further_than_its_beginning(start_proxy, upstream, framing):
+    """A provider's error status with a body that never ends: its first 64 KB are enough for
+    the client's error, and the proxy serves on."""
+    def answer(connection, request):
+        endless_answer(framing)(_ErrorStatus(connection), request)
+    endless = RawProvider(answer)
+    upstream.script = lambda r: json_reply(anthropic_message("still here"))
+    try:
+        proxy = start_proxy({"providers": [
+            {"name": "endless", "type": "anthropic", "api_key": PROVIDER_KEY,
+             "api_base_url": endless.url},
+            dict(anthropic_provider(upstream), name="good", type="anthropic")],
+            "failover": False})
+        client = sdk(proxy).with_options(max_retries=0)
+        request = dict(max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            client.messages.create(model="endless,m", **request)
+        assert caught.value.status_code == 500 and caught.value.body["type"] == "error"
+        assert "xxxx" in caught.value.body["error"]["message"]
+        assert client.messages.create(model="good,m", **request).content[0].text == "still here"
+    finally:
+        endless.close()
+
+
+class _ErrorStatus:
+    """A connection whose answer's status line says 500 Internal Server Error."""
+
+    def __init__(self, connection):
+        self._connection = connection
+
+    def sendall(self, data):
+        self._connection.sendall(data.replace(b"HTTP/1.1 200 OK", b"HTTP/1.1 500 Oops", 1))
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
 def test_an_answer_larger_than_any_model_gives_is_cut_off_with_a_502(start_proxy, upstream,
                                                                      monkeypatch, framing):
     monkeypatch.setattr(ccproxy, "MAX_ANSWER_BYTES", 1 << 20)

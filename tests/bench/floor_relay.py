@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A bare Anthropic-to-OpenAI relay, for benchmarks: what an architecture costs without the work.
 
-    python3 floor_relay.py --port PORT --upstream-port MOCK_PORT [--upstream thread|asyncio]
-                           [--work-ms MS]
+    python3 floor_relay.py --port PORT --upstream-port MOCK_PORT
+                           [--upstream thread|thread-head|asyncio] [--work-ms MS]
 
 It answers POST /v1/messages (JSON or a stream) by calling the OpenAI mock (mock_openai.py) and
 GET /health, and does nothing else: no checks, no routing, no errors, no usage or records, the
@@ -10,11 +10,13 @@ answer's text the only thing it translates (a stream's opening and closing event
 What is left is the shape itself, so a benchmark can tell what a proxy's own work costs from
 what its architecture does:
 
-  --upstream thread   ccproxy's design: an asyncio-streams server, and a worker thread that makes
-                      the upstream call with http.client (urllib's HTTP layer, here without
+  --upstream thread   ccproxy's design: an asyncio-streams server, and a worker thread that sends
+                      the upstream request with http.client (urllib's HTTP layer, here without
                       urllib's handlers above it), keep-alive, one connection per client
-                      connection; a JSON answer is read by the thread, a stream's body by the
-                      event loop once the thread has its head
+                      connection; the event loop reads the answer, head and body
+  --upstream thread-head
+                      ccproxy's design until 2026-12-06: the worker thread also waits for the
+                      answer's head, and reads a JSON answer's body; the loop reads a stream's
   --upstream asyncio  the same relay with the upstream call made by the event loop itself
                       (asyncio streams, hand-written HTTP/1.1): no worker thread, no urllib
   --work-ms MS        CPU spent on the event loop for every request before its upstream call,
@@ -129,8 +131,35 @@ class Upstream:
         """Send the request: the JSON answer's body, or what has come of the stream's body."""
         if self.relay.mode == "asyncio":
             return await self.call_from_loop(body, stream)
-        return await self.loop.run_in_executor(self.relay.workers, self.call_blocking, body,
-                                               stream)
+        if self.relay.mode == "thread-head":
+            return await self.loop.run_in_executor(self.relay.workers, self.call_blocking, body,
+                                                   stream)
+        await self.loop.run_in_executor(self.relay.workers, self.send_blocking, body)
+        return await self.answer_from_loop(stream)
+
+    def send_blocking(self, body: bytes) -> None:
+        """Worker thread: send the request (then the event loop reads the answer)."""
+        if self.connection.sock is not None:
+            self.connection.sock.settimeout(60)          # blocking again, for the send
+        self.connection.request("POST", "/v1/chat/completions", body,
+                                {"Content-Type": "application/json",
+                                 "Authorization": "Bearer sk-floor"})
+        self.connection.sock.setblocking(False)
+        self.connection._HTTPConnection__state = http.client._CS_IDLE   # answered by the loop
+
+    async def answer_from_loop(self, stream: bool) -> bytes:
+        """The event loop reads the answer from the socket the worker sent on: a JSON answer's
+        body, or what has come of the stream's body after its head."""
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await self.loop.sock_recv(self.connection.sock, 65536)
+        head, _, rest = received.partition(b"\r\n\r\n")
+        if stream:
+            return rest
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        while len(rest) < length:
+            rest += await self.loop.sock_recv(self.connection.sock, 65536)
+        return rest
 
     def call_blocking(self, body: bytes, stream: bool) -> bytes:
         """Worker thread: send, read the head; the whole body of a JSON answer, and of a stream
@@ -153,7 +182,7 @@ class Upstream:
         return await self.loop.sock_recv(self.connection.sock, 65536)
 
     def stream_ended(self) -> None:
-        if self.relay.mode == "thread":
+        if self.relay.mode == "thread-head":
             self.connection.sock.settimeout(60)          # blocking again, for the next call
 
     async def call_from_loop(self, body: bytes, stream: bool) -> bytes:
@@ -179,7 +208,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-port", type=int, required=True)
-    parser.add_argument("--upstream", choices=("thread", "asyncio"), default="thread")
+    parser.add_argument("--upstream", choices=("thread", "thread-head", "asyncio"),
+                        default="thread")
     parser.add_argument("--work-ms", type=float, default=0.0)
     options = parser.parse_args()
     relay = Relay(options.upstream_port, options.upstream, options.work_ms / 1000)
