@@ -10234,14 +10234,16 @@ async def read_answer_head(reader, wait: float, provider_name: str) -> bytes:
     """An answer's head, and whatever came with it, read by the event loop from a SocketReader
     (past a 100 Continue, as http.client reads it); each wait for more bytes lasts at most
     `wait` seconds. A connection that ends or breaks before the head is whole fails as it
-    would in http.client: RemoteDisconnected before any byte, IncompleteRead after some."""
-    received, searched = b"", 0
+    would in http.client: RemoteDisconnected before any byte, IncompleteRead after some. A
+    head trickling in a byte at a time costs no more than one arriving whole."""
+    received, searched = bytearray(), 0
     while True:
         end = HEAD_END_RE.search(received, max(0, searched - 2))
         if end is not None and not CONTINUE_HEAD_RE.match(received):
-            return received
+            return bytes(received)
         if end is not None:
-            received, searched = received[end.end():], 0
+            del received[:end.end()]
+            searched = 0
             continue
         if len(received) > MAX_ANSWER_HEAD_BYTES:
             raise UpstreamError("%s answered with a head of more than %d MiB, more than any "
@@ -10252,12 +10254,12 @@ async def read_answer_head(reader, wait: float, provider_name: str) -> bytes:
             more = await reader.read(wait)
         except ConnectionError:
             if received:
-                raise http.client.IncompleteRead(received) from None
+                raise http.client.IncompleteRead(bytes(received)) from None
             raise
         if more is None:
             raise socket.timeout("timed out")
         if not more:
-            raise http.client.IncompleteRead(received) if received else \
+            raise http.client.IncompleteRead(bytes(received)) if received else \
                 http.client.RemoteDisconnected("Remote end closed connection without response")
         received += more
 
