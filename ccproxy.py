@@ -5953,6 +5953,7 @@ class TranslationContext:
         self.probe = body.get("max_tokens") == 1
         self.search_query = web_search_query(body) if web_search_tool(body) else None
         self.wants_thinking = thinking_effort(body) is not None
+        self.thinking_omitted = dict_of(body.get("thinking")).get("display") == "omitted"
         stops = [s for s in list_of(body.get("stop_sequences")) if isinstance(s, str) and s]
         self.stops = StopSequences(stops) if stops else None
 
@@ -6765,6 +6766,7 @@ def message_response(message: dict, context: TranslationContext, stream: bool) -
         context.record["usage"] = message["usage"]
     if context.stops is not None:
         message = cut_at_stop_sequence(message, context.stops.stops)
+    message = omitted_thinking(message, context)
     if not stream:
         return json_response(message)
     return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
@@ -7022,6 +7024,7 @@ class EventEmitter:
         self.open = None              # the key of the open block, None when none is open
         self._open_type = None        # the type of the open block
         self.signature = thinking_signature(context.provider.name)   # or a callable giving it
+        self._thoughts = [] if context.thinking_omitted else None   # thinking kept from view
         self.output_chars = 0
         self._arguments = []          # the open tool block's input JSON, as it came
         self._held = ""               # its end, held back until the block ends
@@ -7075,11 +7078,15 @@ class EventEmitter:
         self.output_chars += len(text)
 
     def thinking(self, text: str, key="thinking") -> None:
+        """Thinking text, as deltas of a thinking block; when the request asked for it omitted,
+        only its signature at the block's end carries it (see omitted_thinking)."""
         if self.open != key:
             self.open_block(key, {"type": "thinking", "thinking": "", "signature": ""})
-        if text:
+        if text and self._thoughts is not None:
+            self._thoughts.append(text)
+        elif text:
             self._out.append(THINKING_DELTA % (self.block, json_text(text)))
-            self.output_chars += len(text)
+        self.output_chars += len(text)
 
     def open_tool(self, key, tool_id: str, name: str) -> None:
         self.open_block(key, {"type": "tool_use", "id": tool_id, "name": name, "input": {}})
@@ -7120,6 +7127,9 @@ class EventEmitter:
             return
         if self._open_type == "thinking":
             signature = self.signature() if callable(self.signature) else self.signature
+            if self._thoughts is not None:
+                signature = signature_keeping(signature, "".join(self._thoughts))
+                self._thoughts = []
             self._out.append(sse_event("content_block_delta", {
                 "type": "content_block_delta", "index": self.block,
                 "delta": {"type": "signature_delta", "signature": signature}}))
@@ -7160,6 +7170,47 @@ PROXY_SIGNATURE_MARK = b'"ccpx1.'
 def thinking_signature(provider_name: str) -> str:
     """The signature of a thinking block ccproxy made: recognisable when it comes back."""
     return PROXY_SIGNATURE_PREFIX + provider_name
+
+
+# Thinking the client asked to have omitted (thinking.display "omitted", which Claude Code sends
+# from 2.1.332 on) comes as Anthropic's does: an empty thinking block whose signature carries
+# the thinking, so that a provider that wants its reasoning back (DeepSeek's reasoning_content
+# in a turn with tool calls) still gets it. Signatures that carry a provider's reasoning
+# already (OpenRouter's details, the Responses API's items, Gemini's) stay as they are.
+THINKING_TEXT_PREFIX = PROXY_SIGNATURE_PREFIX + "text."
+
+
+def signature_keeping(signature: str, thinking: str) -> str:
+    """The signature of a thinking block ccproxy made, carrying its text when nothing else of
+    the signature does."""
+    if not thinking or signature.startswith((REASONING_DETAILS_PREFIX, RESPONSES_SIGNATURE_PREFIX,
+                                             GEMINI_SIGNATURE_PREFIX)):
+        return signature
+    return THINKING_TEXT_PREFIX + base64.urlsafe_b64encode(thinking.encode()).decode()
+
+
+def thinking_text_of(block: dict) -> str:
+    """A thinking block's text: its own, or, when it came omitted, what its signature carries."""
+    signature = block.get("signature")
+    if block["thinking"] or not isinstance(signature, str) or not signature.startswith(
+            THINKING_TEXT_PREFIX):
+        return block["thinking"]
+    try:
+        return base64.urlsafe_b64decode(signature[len(THINKING_TEXT_PREFIX):]).decode()
+    except ValueError:                  # (binascii.Error and UnicodeDecodeError are ValueErrors)
+        return ""
+
+
+def omitted_thinking(message: dict, context: TranslationContext) -> dict:
+    """A whole answer as the client asked for it when it wants thinking omitted: each thinking
+    block ccproxy made emptied, its text in its signature."""
+    if not context.thinking_omitted:
+        return message
+    content = [dict(block, thinking="", signature=signature_keeping(
+        str(block.get("signature") or thinking_signature(context.provider.name)),
+        block["thinking"])) if block.get("type") == "thinking" and isinstance(
+        block.get("thinking"), str) else block for block in message["content"]]
+    return dict(message, content=content)
 
 
 # A Gemini model's thought signature for a call rides to the client on an empty thinking block
@@ -7740,7 +7791,7 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
             calls.append(openai_tool_call(block, quirks, signature, first=not calls))
             signature = None
         elif kind == "thinking" and isinstance(block.get("thinking"), str):
-            thoughts.append(block["thinking"])
+            thoughts.append(thinking_text_of(block))
             details += reasoning_details_of(block.get("signature"))
             signature = gemini_signature_of(block.get("signature")) or signature
     if not texts and not calls:

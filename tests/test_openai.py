@@ -2159,3 +2159,80 @@ def test_any_object_streamed_in_any_pieces_arrives_as_meant(value, mistake, cuts
     arguments = arguments_of(events)
     assert json.loads(arguments) == value
     assert arguments.rstrip(" ,}]") == sent.rstrip(" ,}]")
+
+
+# --- thinking the client asked to have omitted (Claude Code 2.1.332 asks at every request) ------
+
+OMITTED = dict(REQUEST, thinking={"type": "adaptive"},
+               extra_body={"thinking": {"type": "adaptive", "display": "omitted"}})
+
+
+def reasoning_then_call(stream: bool):
+    """DeepSeek's answer: its reasoning, then a tool call."""
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"location": "Oslo"}'}}
+    if not stream:
+        return json_reply(completion({"reasoning_content": "Oslo needs the tool.",
+                                      "tool_calls": [call]}, "tool_calls"))
+    return stream_reply(sse_pieces([
+        chunk({"role": "assistant", "reasoning_content": "Oslo needs "}),
+        chunk({"reasoning_content": "the tool."}), chunk({"tool_calls": [dict(call, index=0)]}),
+        chunk({}, "tool_calls")]))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_asked_omitted_comes_empty_and_its_text_goes_back_in_the_signature(
+        start_proxy, upstream, stream):
+    """thinking.display "omitted" gets what Anthropic sends: thinking blocks without their text
+    (no thinking_delta in a stream), the signature carrying it; DeepSeek, which refuses a
+    tool-call turn without its reasoning, still gets it back at the next turn."""
+    proxy = start_proxy({"providers": [preset_provider("deepseek", upstream)]})
+    upstream.script = lambda r: reasoning_then_call(stream)
+    if stream:
+        with sdk(proxy).messages.stream(**OMITTED) as events:
+            deltas = [event.delta.type for event in events
+                      if event.type == "content_block_delta"]
+            first = events.get_final_message()
+        assert "thinking_delta" not in deltas and deltas[0] == "signature_delta"
+    else:
+        first = sdk(proxy).messages.create(**OMITTED)
+    content = [b.model_dump(exclude_none=True) for b in first.content]
+    thinking, call = content
+    assert thinking["type"] == "thinking" and thinking["thinking"] == ""
+    assert thinking["signature"].startswith("ccpx1.text.")
+    upstream.script = lambda r: json_reply(completion({"content": "It is 4°C."}))
+    sdk(proxy).messages.create(**dict(OMITTED, messages=OMITTED["messages"] + [
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                      "content": "4°C"}]}]))
+    assistant = [m for m in upstream.requests[-1]["json"]["messages"] if m["role"] == "assistant"]
+    assert assistant[0]["reasoning_content"] == "Oslo needs the tool."
+
+
+def test_thinking_not_asked_omitted_comes_whole(start_proxy, upstream):
+    proxy = start_proxy({"providers": [preset_provider("deepseek", upstream)]})
+    upstream.script = lambda r: reasoning_then_call(False)
+    message = sdk(proxy).messages.create(**dict(REQUEST, thinking={"type": "adaptive"}))
+    assert message.content[0].thinking == "Oslo needs the tool."
+    assert message.content[0].signature == "ccpx1.deepseek"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_omitted_thinking_whose_signature_carries_the_reasoning_keeps_that_signature(
+        start_proxy, upstream, stream):
+    """OpenRouter's reasoning_details ride on the signature already: only the text goes."""
+    proxy = start_proxy({"providers": [preset_provider("openrouter", upstream)]})
+    upstream.script = lambda r: openrouter_reply(stream)
+    if stream:
+        with sdk(proxy).messages.stream(**OMITTED) as events:
+            first = events.get_final_message()
+    else:
+        first = sdk(proxy).messages.create(**OMITTED)
+    assert first.content[0].thinking == "" and first.content[0].signature.startswith("ccpx1.rd.")
+    upstream.script = lambda r: json_reply(completion({"content": "It is 4°C."}))
+    sdk(proxy).messages.create(**dict(OMITTED, messages=OMITTED["messages"] + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first.content[1].id,
+                                      "content": "4°C"}]}]))
+    assistant = [m for m in upstream.requests[-1]["json"]["messages"] if m["role"] == "assistant"]
+    assert assistant[0]["reasoning_details"] == DETAILS

@@ -295,6 +295,25 @@ def test_reasoning_then_a_call_then_the_next_turn_carries_the_reasoning_back(res
         {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"}]
 
 
+def test_reasoning_asked_omitted_comes_empty_and_still_goes_back_whole(responses_proxy,
+                                                                        upstream):
+    """thinking.display "omitted" (Claude Code 2.1.332): the summary is not shown, and the
+    reasoning item, carried by the signature, goes back as it came."""
+    first = [reasoning_item(("Oslo first.", "Then answer.")), call_item(
+        "call_1", "get_weather", '{"city":"Oslo"}', 1)]
+    upstream.script = lambda r: stream_reply(sse(events_for(first)))
+    omitted = {"extra_body": {"thinking": {"type": "adaptive", "display": "omitted"}}}
+    turn = stream_of(responses_proxy, **omitted)
+    thinking = blocks_of(turn)[0]
+    assert thinking["thinking"] == "" and thinking["signature"].startswith("ccpx1.resp.")
+    upstream.script = lambda r: stream_reply(sse(events_for([message_item("Sunny.")])))
+    stream_of(responses_proxy, messages=REQUEST["messages"] + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in turn.content]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1",
+                                      "content": "Sunny"}]}], **omitted)
+    assert sent_body(upstream, 1)["input"][1] == reasoning_item(("Oslo first.", "Then answer."))
+
+
 def test_a_streamed_incomplete_answer_stops_at_max_tokens(responses_proxy, upstream):
     upstream.script = lambda r: stream_reply(sse(events_for(
         [message_item("Half")], "incomplete", incomplete_details={"reason": "max_output_tokens"})))
