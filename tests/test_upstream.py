@@ -1037,10 +1037,16 @@ def endless_answer(framing):
     return answer
 
 
+@pytest.mark.parametrize("by_thread", [False, True], ids=["loop reads", "thread reads"])
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
-def test_an_endless_error_is_read_no_further_than_its_beginning(start_proxy, upstream, framing):
+def test_an_endless_error_is_read_no_further_than_its_beginning(start_proxy, upstream, framing,
+                                                                by_thread, monkeypatch):
     """A provider's error status with a body that never ends: its first 64 KB are enough for
-    the client's error, and the proxy serves on."""
+    the client's error, and the proxy serves on; so too where a worker thread reads answers
+    (Windows' default loop cannot watch sockets)."""
+    if by_thread:
+        monkeypatch.setattr(ccproxy, "loop_watches_sockets", lambda loop: False)
+
     def answer(connection, request):
         endless_answer(framing)(_ErrorStatus(connection), request)
     endless = RawProvider(answer)
@@ -1072,10 +1078,14 @@ class _ErrorStatus:
         self._connection.sendall(data.replace(b"HTTP/1.1 200 OK", b"HTTP/1.1 500 Oops", 1))
 
 
+@pytest.mark.parametrize("by_thread", [False, True], ids=["loop reads", "thread reads"])
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
 def test_an_answer_larger_than_any_model_gives_is_cut_off_with_a_502(start_proxy, upstream,
-                                                                     monkeypatch, framing):
+                                                                     monkeypatch, framing,
+                                                                     by_thread):
     monkeypatch.setattr(ccproxy, "MAX_ANSWER_BYTES", 1 << 20)
+    if by_thread:
+        monkeypatch.setattr(ccproxy, "loop_watches_sockets", lambda loop: False)
     endless = RawProvider(endless_answer(framing))
     upstream.script = lambda r: json_reply(anthropic_message("x" * 900000))   # under it: whole
     try:
