@@ -1037,6 +1037,14 @@ def endless_answer(framing):
     return answer
 
 
+def endless_beside_good(endless, upstream) -> dict:
+    """A config of two providers, `endless` (a RawProvider) and `good`, and no failover."""
+    return {"providers": [{"name": "endless", "type": "anthropic", "api_key": PROVIDER_KEY,
+                           "api_base_url": endless.url},
+                          dict(anthropic_provider(upstream), name="good", type="anthropic")],
+            "failover": False}
+
+
 @pytest.mark.parametrize("by_thread", [False, True], ids=["loop reads", "thread reads"])
 @pytest.mark.parametrize("framing", ["length", "chunked", "close"])
 def test_an_endless_error_is_read_no_further_than_its_beginning(start_proxy, upstream, framing,
@@ -1052,11 +1060,7 @@ def test_an_endless_error_is_read_no_further_than_its_beginning(start_proxy, ups
     endless = RawProvider(answer)
     upstream.script = lambda r: json_reply(anthropic_message("still here"))
     try:
-        proxy = start_proxy({"providers": [
-            {"name": "endless", "type": "anthropic", "api_key": PROVIDER_KEY,
-             "api_base_url": endless.url},
-            dict(anthropic_provider(upstream), name="good", type="anthropic")],
-            "failover": False})
+        proxy = start_proxy(endless_beside_good(endless, upstream))
         client = sdk(proxy).with_options(max_retries=0)
         request = dict(max_tokens=5, messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(anthropic.APIStatusError) as caught:
@@ -1089,11 +1093,7 @@ def test_an_answer_larger_than_any_model_gives_is_cut_off_with_a_502(start_proxy
     endless = RawProvider(endless_answer(framing))
     upstream.script = lambda r: json_reply(anthropic_message("x" * 900000))   # under it: whole
     try:
-        proxy = start_proxy({"providers": [
-            {"name": "endless", "type": "anthropic", "api_key": PROVIDER_KEY,
-             "api_base_url": endless.url},
-            dict(anthropic_provider(upstream), name="good", type="anthropic")],
-            "failover": False})
+        proxy = start_proxy(endless_beside_good(endless, upstream))
         client = sdk(proxy)
         request = dict(max_tokens=5, messages=[{"role": "user", "content": "hi"}])
         with pytest.raises(anthropic.APIStatusError) as caught:
