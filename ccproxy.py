@@ -127,6 +127,7 @@ log = logging.getLogger("ccproxy")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3456
 MAX_HEADER_BYTES = 64 * 1024
+MAX_CHUNK_LINE_BYTES = 4096                      # a chunk's size line, or a trailer line
 TLS_HANDSHAKE_RECORD = b"\x16"                   # how a TLS client's first byte looks
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024        # Anthropic's own request size limit
 DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
@@ -2386,7 +2387,9 @@ class ChunkedDecoder:
 
     Used on upstream answers, read whatever a socket read returns, so several events that
     arrived together are handed on together. `done` turns true after the last chunk and
-    its trailer; bytes after that are ignored.
+    its trailer; bytes after that are ignored. A size or trailer line may run to
+    MAX_CHUNK_LINE_BYTES: one that arrives a byte at a time is searched again at every byte,
+    which that bound keeps to milliseconds (at 64 KB it held the event loop for 1.4 s).
     """
 
     def __init__(self):
@@ -2415,8 +2418,8 @@ class ChunkedDecoder:
                 self._after_data = False
             else:
                 line_end = buffer.find(b"\r\n", position)
-                if line_end < 0:
-                    if end - position > MAX_HEADER_BYTES:
+                if line_end < 0 or line_end - position > MAX_CHUNK_LINE_BYTES:
+                    if end - position > MAX_CHUNK_LINE_BYTES:
                         raise InvalidRequestError("chunk line too long")
                     break
                 line, position = buffer[position:line_end], line_end + 2
@@ -10122,6 +10125,8 @@ class UpstreamCall:
         if self._cancelled:
             return OverloadedError(self._cancel_reason) if self._cancel_reason \
                 else ClientDisconnected()
+        if isinstance(exc, ProxyError):             # the provider's, said already
+            return exc
         answered = self._response is not None or isinstance(exc, http.client.IncompleteRead)
         return upstream_failure(self.provider, self._url, exc, self.timeout, answered)
 
@@ -10217,7 +10222,7 @@ class UpstreamCall:
                 if decoder.expects_more:
                     raise http.client.IncompleteRead(b"")
                 return
-            piece = decoder.feed(data)
+            piece = unframed(decoder, data, self.provider)
             self._body_complete = decoder.done
             if piece:
                 yield piece
@@ -10269,6 +10274,16 @@ def cannot_connect(reason) -> bool:
 # -----------------------------------------------------------------------------
 # 10.3 Answers read by the event loop, or by a thread
 # -----------------------------------------------------------------------------
+
+def unframed(decoder, data: bytes, provider: Provider) -> bytes:
+    """decoder.feed(data): what an answer's body holds of data, read by the event loop or a
+    thread. Broken framing is the provider's failure (a 502), not the client's request's."""
+    try:
+        return decoder.feed(data)
+    except InvalidRequestError as exc:
+        raise UpstreamError("%s: the chunked framing of its answer is broken: %s" % (
+            provider.name, exc)) from None
+
 
 def loop_watches_sockets(loop) -> bool:
     """Whether the event loop can wait for a socket to be readable (selector loops can;
@@ -10415,7 +10430,7 @@ class LoopBody:
                 raise http.client.IncompleteRead(b"")
             self._ended = True
             return None
-        piece = self._decoder.feed(data)
+        piece = unframed(self._decoder, data, self._call.provider)
         self._ended = self._decoder.done
         return piece or None
 

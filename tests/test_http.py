@@ -95,6 +95,20 @@ def test_chunk_size_lines():
             ccproxy.parse_chunk_size(bad)
 
 
+@pytest.mark.parametrize("pieces", [1, 4097], ids=["whole", "byte-by-byte"])
+def test_a_chunk_line_past_4_kb_is_refused_however_it_arrives(pieces):
+    """A chunk's size line (or a trailer line) may run to 4 KB of extensions; a longer one is
+    refused, whole or a byte at a time. One that trickles in is searched again at every byte:
+    the bound keeps that linear enough (at 64 KB it held the event loop for over a second)."""
+    fine = ccproxy.ChunkedDecoder()
+    assert fine.feed(b"2;" + b"x" * 4000 + b"\r\nab\r\n0\r\n\r\n") == b"ab" and fine.done
+    line = b"2;" + b"x" * 4200 + b"\r\nab\r\n"
+    decoder = ccproxy.ChunkedDecoder()
+    with pytest.raises(ccproxy.InvalidRequestError, match="chunk line too long"):
+        for start in range(0, len(line), len(line) // pieces or 1):
+            decoder.feed(line[start:start + (len(line) // pieces or 1)])
+
+
 def read_response(sock_file):
     """One response from a socket file: (status, headers dict, body)."""
     status_line = sock_file.readline()

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
-from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     MockUpstream, open_stream, PROVIDER_KEY, raw_exchange, RawProvider,
+from helpers import (answer_of, anthropic_message, anthropic_provider, anthropic_stream_events,
+                     json_reply, MockUpstream, open_stream, PROVIDER_KEY, raw_exchange, RawProvider,
                      read_to_end, Reply, sdk, stream_reply, traced_by_ccproxy, wait_until)
 
 
@@ -1035,6 +1035,36 @@ def endless_answer(framing):
         except OSError:         # ccproxy stopped reading and closed the connection
             pass
     return answer
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"zz\r\n", "invalid chunk size line"),
+    (b"5;" + b"x" * 5000 + b"\r\nhello\r\n0\r\n\r\n", "chunk line too long")],
+    ids=["bad-size", "long-extension"])
+@pytest.mark.parametrize("stream, by_thread", [(False, False), (True, False), (True, True)],
+                         ids=["whole", "stream", "stream read by a thread"])
+def test_a_provider_answer_whose_chunks_are_broken_is_the_providers_502(
+        start_proxy, monkeypatch, body, problem, stream, by_thread):
+    """Broken chunked framing in a provider's answer is its failure, a 502 naming it, not the
+    client's 400 (the decoder is the one client request bodies go through)."""
+    if by_thread:
+        monkeypatch.setattr(ccproxy, "loop_watches_sockets", lambda loop: False)
+    kind = b"text/event-stream" if stream else b"application/json"
+    provider = RawProvider(sent(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: "
+                                b"chunked\r\n\r\n%s" % (kind, body)))
+    try:
+        proxy = start_proxy({"providers": [{"name": "raw", "type": "anthropic",
+                                            "api_key": PROVIDER_KEY,
+                                            "api_base_url": provider.url}], "failover": False})
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            answer_of(sdk(proxy).with_options(max_retries=0), stream, model="m", max_tokens=5,
+                      messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        assert caught.value.body["error"] == {
+            "type": "api_error",
+            "message": "raw: the chunked framing of its answer is broken: " + problem}
+    finally:
+        provider.close()
 
 
 def endless_beside_good(endless, upstream) -> dict:
