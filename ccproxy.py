@@ -10253,6 +10253,11 @@ def upstream_failure(provider: Provider, url: str, exc: BaseException, timeout: 
         return UpstreamTimeoutError("%s: the provider sent nothing for %g s "
                                     "(performance.request_timeout)" % (provider.name, timeout))
     detail = str(reason) or type(reason).__name__
+    if isinstance(reason, http.client.HTTPException) and not isinstance(
+            reason, (http.client.IncompleteRead, ConnectionError)):
+        message = "%s: answered with what HTTP/1.1 cannot read (%s: %s); check its api_base_url" \
+            % (provider.name, type(reason).__name__, detail[:200])
+        return UpstreamError(provider.masker.text(message))
     if answered:
         message = "%s: the connection broke while the answer was arriving: %s" % (
             provider.name, detail)

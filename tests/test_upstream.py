@@ -1015,6 +1015,8 @@ def test_a_provider_answer_with_a_broken_head_is_a_502_and_the_proxy_serves_on(
             assert caught.value.status_code == 502
             assert caught.value.body["type"] == "error"
             assert caught.value.body["error"]["type"] == "api_error"
+            assert caught.value.body["error"]["message"].startswith(
+                "broken: answered with what HTTP/1.1 cannot read (")
         assert client.messages.create(model="good,m", **request).content[0].text == "still here"
     finally:
         broken.close()
