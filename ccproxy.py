@@ -7209,11 +7209,17 @@ def omitted_thinking(message: dict, context: TranslationContext) -> dict:
     block ccproxy made emptied, its text in its signature."""
     if not context.thinking_omitted:
         return message
-    content = [dict(block, thinking="", signature=signature_keeping(
-        str(block.get("signature") or thinking_signature(context.provider.name)),
-        block["thinking"])) if block.get("type") == "thinking" and isinstance(
-        block.get("thinking"), str) else block for block in message["content"]]
-    return dict(message, content=content)
+    made = thinking_signature(context.provider.name)
+    return dict(message, content=[emptied_thinking(block, made) for block in message["content"]])
+
+
+def emptied_thinking(block: dict, made_signature: str) -> dict:
+    """A thinking block without its text, its signature carrying it (any other block as it
+    is)."""
+    if block.get("type") != "thinking" or not isinstance(block.get("thinking"), str):
+        return block
+    signature = str(block.get("signature") or made_signature)
+    return dict(block, thinking="", signature=signature_keeping(signature, block["thinking"]))
 
 
 # A Gemini model's thought signature for a call rides to the client on an empty thinking block
