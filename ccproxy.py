@@ -2306,7 +2306,8 @@ def parse_request_head(data: bytes) -> Request:
     """Parse a request head (request line and header lines, CRLF-separated) into a Request.
 
     Leading empty lines are ignored (RFC 9112 §2.2); obsolete line folding, a space before
-    the colon, bytes that cannot be in a header, and versions other than HTTP/1.x are errors.
+    the colon, bytes that cannot be in a header, and versions other than HTTP/1.x are errors;
+    a later HTTP/1 than 1.1 is read as 1.1, the highest this server speaks (RFC 9110 §2.5).
     The header block is split by one regular expression rather than line by line.
     """
     data = data.lstrip(b"\r\n")
@@ -2330,7 +2331,7 @@ def parse_request_head(data: bytes) -> Request:
         target_text = "/" + target_text.split("/", 3)[3] if target_text.count("/") >= 3 else "/"
     if not target_text.startswith("/"):
         raise InvalidRequestError("request target must be a path")
-    version = "HTTP/1.%s" % minor.decode()
+    version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"     # HTTP/1.9 is read as 1.1
     return Request(method.decode("ascii"), target_text, version, Headers(items))
 
 
@@ -2990,7 +2991,8 @@ class ClientConnection:
                 log.exception("%s: internal error", request_id)
                 response = InternalError().response(request_id)
             body_read = body_read or (request is not None and carries_no_body(request))
-            keep_open = body_read and request.keep_alive and not app.draining
+            keep_open = body_read and request.keep_alive and not app.draining and (
+                response.stream is None or request.version == "HTTP/1.1")  # else close-delimited
             await self._write_response(request, response, request_id, keep_open)
         finally:
             app.requests_active -= 1

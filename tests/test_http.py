@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
-from helpers import raw_exchange
+from helpers import raw_exchange, read_to_end, stream_reply
 
 parse = ccproxy.parse_request_head
 
@@ -150,6 +150,36 @@ def test_connection_close_is_honoured(proxy):
 def test_http10_closes_unless_keep_alive(proxy):
     reply = raw_exchange(proxy.port, b"GET /health HTTP/1.0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200")
+
+
+def test_a_stream_to_an_http10_client_ends_with_its_connection_even_if_kept_alive(proxy,
+                                                                                   upstream):
+    """HTTP/1.0 has no chunked bodies: a stream's end is the connection's, so the connection
+    closes after it even when the client asked to keep it (it had waited for the idle
+    time-out, never knowing the answer was over)."""
+    upstream.script = lambda request: stream_reply()
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nConnection: keep-alive\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = read_to_end(sock)            # a socket.timeout here: the connection stayed open
+    head, _, events = reply.partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower() and b"transfer-encoding" not in head.lower()
+    assert events.endswith(b'event: message_stop\ndata: {"type": "message_stop"}\n\n')
+
+
+def test_a_later_http_1_is_read_as_http_1_1(proxy, upstream):
+    """HTTP/1.9 is answered as HTTP/1.1 is (RFC 9110 §2.5): kept alive, its stream chunked."""
+    upstream.script = lambda request: stream_reply()
+    assert parse(b"GET / HTTP/1.9\r\n\r\n").version == "HTTP/1.1"
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.9\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body) + b"GET /health HTTP/1.9\r\nConnection: close\r\n\r\n")
+        reply = read_to_end(sock)
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower() and b"connection:" not in head.lower()
+    assert b"message_stop" in rest and b"\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n" in rest
 
 
 def test_head_has_headers_but_no_body(proxy):
