@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import ssl
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import ccproxy
-from helpers import raw_exchange, read_to_end, stream_reply
+from helpers import (anthropic_message, anthropic_provider, json_reply, MockUpstream, raw_exchange,
+                     read_to_end, RunningProxy, stream_reply)
 
 parse = ccproxy.parse_request_head
 
@@ -412,3 +414,95 @@ def test_a_deadline_fires_once_after_its_latest_setting_and_never_once_cleared()
         await asyncio.sleep(0.05)
         assert len(fired) == 2 and not errors
     asyncio.run(scenario())
+
+
+# --- any request, framed so the client can tell where each answer ends ------------------------
+
+def framed_answers(data: bytes, first_is_head: bool) -> list:
+    """The answers in what a connection received until it closed, each as (status, head,
+    body): interim 100s skipped; a body framed by content-length, chunked, or (only the last,
+    which must say connection: close) by the close itself. Raises AssertionError otherwise."""
+    answers = []
+    while data:
+        head, separator, data = data.partition(b"\r\n\r\n")
+        assert separator and head.startswith(b"HTTP/1.1 "), head[:80]
+        status, fields = int(head.split()[1]), head.lower()
+        if status == 100:
+            continue
+        length = re.search(rb"\r\ncontent-length: (\d+)", fields)
+        if first_is_head and not answers:
+            body = b""
+        elif length:
+            body, data = data[:int(length.group(1))], data[int(length.group(1)):]
+        elif b"\r\ntransfer-encoding: chunked" in fields:
+            body, data = unchunked(data)
+        else:
+            assert b"\r\nconnection: close" in fields, "an answer the client cannot see end"
+            body, data = data, b""
+        answers.append((status, fields, body))
+    return answers
+
+
+def unchunked(data: bytes) -> tuple:
+    body = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        body, data = body + data[:size], data[size + 2:]
+        if size == 0:
+            return body, data
+
+
+@pytest.fixture(scope="module")
+def framing_proxy():
+    upstream = MockUpstream()
+    upstream.script = lambda request: stream_reply() if (request["json"] or {}).get("stream") \
+        else json_reply(anthropic_message())
+    config = ccproxy.build_config({"port": 0, "providers": [anthropic_provider(upstream)]},
+                                  "c.json", {})
+    proxy = RunningProxy(config)
+    yield proxy
+    proxy.stop()
+    upstream.close()
+
+
+@settings(max_examples=300, deadline=None)
+@example(method="POST", path="/v1/messages", version="HTTP/1.0",       # a stream HTTP/1.0 cannot
+         connection="Connection: keep-alive\r\n", expect=False,       # frame: it once stayed
+         framing="length", stream=True, body_end=None)                  # open after its end
+@given(method=st.sampled_from(["POST", "POST", "POST", "GET", "HEAD", "PUT"]),
+       path=st.sampled_from(["/v1/messages", "/v1/messages", "/v1/messages/count_tokens",
+                             "/health", "/", "/x"]),
+       version=st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/1.2"]),
+       connection=st.sampled_from(["", "Connection: close\r\n", "Connection: keep-alive\r\n"]),
+       expect=st.booleans(), framing=st.sampled_from(["length", "chunked", "none", "short"]),
+       stream=st.booleans(), body_end=st.none() | st.integers(0, 100))
+def test_every_answer_is_framed_so_the_client_sees_it_end(framing_proxy, method, path, version,
+                                                          connection, expect, framing, stream,
+                                                          body_end):
+    """Whatever a client sends, then a request that asks to close: each answer ends where its
+    client can see (its length, its chunks, or the connection's close announced), every
+    error is Anthropic's JSON, none a 500, and the connection closes, never left hanging."""
+    body = json.dumps({"model": "m", "max_tokens": 5, "stream": stream,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    body = body[:body_end]                        # (all of it when body_end is None)
+    head = "%s %s %s\r\n%s%s" % (method, path, version, connection,
+                                 "Expect: 100-continue\r\n" if expect else "")
+    if framing == "chunked":
+        head, body = head + "Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (
+            len(body), body) if body else b"0\r\n\r\n"
+    elif framing in ("length", "short"):
+        head += "Content-Length: %d\r\n" % max(len(body) - (framing == "short"), 0)
+    then = b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", framing_proxy.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body + then)
+        received = read_to_end(sock)              # a socket.timeout: left hanging
+    answers = framed_answers(received, method == "HEAD")
+    assert answers and all(status != 500 for status, _, _ in answers)
+    for status, fields, answer in answers:
+        if status >= 400 and answer:
+            error = json.loads(answer)
+            assert error["type"] == "error" and error["error"]["message"]
+    framed_exactly = framing in ("length", "chunked") or not body    # else the rest is junk
+    if framed_exactly and b"\r\nconnection: close" not in answers[0][1]:
+        assert answers[-1][0] == 200 and b'"status"' in answers[-1][2]   # /health came too
