@@ -7292,7 +7292,8 @@ class AnthropicProtocol(Protocol):
 
     def answer(self, call, context, stream: bool) -> Response:
         """The provider's own answer, unchanged (but for the mark on a compatible server's
-        thinking signatures), once it is known to be a message."""
+        thinking signatures), once it is known to be a message: a 200, the Messages API's one
+        success (another 2xx, a 204 with its body, would reach no client)."""
         answer = check_anthropic_answer(call)
         if context.record is not None:
             note_anthropic_usage(call.body, context.record)
@@ -7300,7 +7301,7 @@ class AnthropicProtocol(Protocol):
         if call.provider.quirks["anthropic_compat"] is not None:
             marked_signatures(answer.get("content"), call.provider.name)
             body = json_bytes(dict(answer, model=context.model))
-        return Response(call.status, body, call.relayed_headers(),
+        return Response(200, body, call.relayed_headers(),
                         content_type=call.header("content-type") or "application/json")
 
     def stream_relay(self, context):
@@ -7498,15 +7499,15 @@ def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
 
 
 def check_anthropic_answer(call) -> dict:
-    """The answer of a 200, parsed; a 502 unless it is an Anthropic message (or a count): a
-    gateway's HTML page, an empty body or an answer cut short is not passed on as a success."""
+    """The answer of a 2xx, parsed; a 502 unless it is an Anthropic message: a gateway's HTML
+    page, an empty body or an answer cut short is not passed on as a success."""
     try:
         answer = json.loads(call.body, **PROVIDER_JSON_NUMBERS)
     except (ValueError, RecursionError):
         answer = None
     if not isinstance(answer, dict) or answer.get("type") != "message":
-        raise UpstreamError("%s: answered HTTP 200 with something that is not an Anthropic "
-                            "message: %s" % (call.provider.name,
+        raise UpstreamError("%s: answered HTTP %d with something that is not an Anthropic "
+                            "message: %s" % (call.provider.name, call.status,
                                              call.provider.masker.text(
                                                  upstream_error_message(call.body)[:200])))
     return answer

@@ -797,6 +797,26 @@ def test_a_200_that_is_not_an_anthropic_answer_fails_over(start_proxy, upstream,
     assert raw.parse().content[0].text == "Hello from upstream"
 
 
+@pytest.mark.parametrize("status", [201, 203])
+def test_a_message_under_another_success_status_reaches_the_client_as_a_200(proxy, upstream,
+                                                                             status):
+    """The Messages API succeeds with 200 only: a provider's 201 or 203 with a message is
+    answered as one (a 204 passed on with its body would have reached no client)."""
+    upstream.script = lambda r: json_reply(anthropic_message(), status=status)
+    raw = sdk(proxy).messages.with_raw_response.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert raw.status_code == 200 and raw.parse().content[0].text == "Hello from upstream"
+
+
+def test_a_204_is_no_answer(proxy, upstream):
+    upstream.script = lambda r: Reply(204, b"")
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        ask(proxy)
+    assert caught.value.status_code == 502
+    assert "answered HTTP 204 with something that is not an Anthropic message" in \
+        caught.value.body["error"]["message"]
+
+
 def test_a_cut_close_delimited_answer_is_a_502_not_a_200(start_proxy):
     cut = RawProvider(lambda connection, request: connection.sendall(
         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
