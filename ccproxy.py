@@ -7533,16 +7533,18 @@ class AnthropicStreamRelay:
     next chunk, so a stream cut mid-event never leaves half an event before the error event
     that finish() adds when the stream ended without message_stop or error. Upstream silence
     (an empty chunk) becomes a ping between events. Events that speak of an error have the
-    provider's secrets masked (a provider may echo the key it was given).
+    provider's secrets masked (a provider may echo the key it was given). An event whose data
+    is not a JSON object (which a client's SDK cannot read) breaks the stream, as it does a
+    translated one: the events before it are relayed, never it.
     """
 
-    broken = None                     # never: bytes pass as they are
     ended = False                     # never before the provider's end
 
     def __init__(self, provider: Provider, record=None, client_model: str | None = None):
         self._provider = provider
         self._held = HeldBytes()
         self._terminated = False
+        self.broken = None
         self._record = record
         # A compatible server's stream: its thinking signatures are marked, and the message is
         # of the model the client asked for (Claude Code drops thinking from another model).
@@ -7558,6 +7560,11 @@ class AnthropicStreamRelay:
             return b""
         complete = self._held.release(chunk[:end])
         self._held.hold(chunk[end:])
+        unreadable = first_unreadable_event(complete)
+        if unreadable is not None:
+            complete = complete[:unreadable]
+            self.broken = UpstreamError("%s: the stream held an event that is not a JSON object; "
+                                        "text of the answer was lost" % self._provider.name)
         if not self._terminated:
             self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
         if complete and self._record is not None:
@@ -7571,14 +7578,44 @@ class AnthropicStreamRelay:
 
     @property
     def complete(self) -> bool:
-        return self._terminated
+        return self._terminated and self.broken is None
 
     def finish(self, error: ProxyError | None = None) -> bytes:
-        if self._terminated:
+        if self.complete:
             return b""
         if error is None:
-            error = UpstreamError("%s: the stream ended before message_stop" % self._provider.name)
+            error = self.broken or UpstreamError("%s: the stream ended before message_stop"
+                                                 % self._provider.name)
         return error.event()
+
+
+SSE_EVENT_END_RE = re.compile(rb"\r?\n\r?\n")
+SSE_DATA_RE = re.compile(rb"^data: ?([^\r\n]*)", re.M)
+
+
+def first_unreadable_event(events: bytes) -> int | None:
+    """Where the first of these whole events whose data is not a JSON object begins, if one
+    is (an event without data, a comment, is readable). A read of one event with one data
+    line, most of every stream, is checked without splitting it into events."""
+    if events.count(b"data:") == 1:
+        found = SSE_DATA_RE.search(events)
+        if found is None or json_object_text(found.group(1)):
+            return None
+    start = 0
+    for end in SSE_EVENT_END_RE.finditer(events):
+        data = SSE_DATA_RE.findall(events, start, end.start())
+        if data and not json_object_text(b"\n".join(data)):
+            return start
+        start = end.end()
+    return None
+
+
+def json_object_text(data: bytes) -> bool:
+    """Whether data is the UTF-8 text of a JSON object."""
+    try:
+        return isinstance(decode_event_json(data.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
 
 
 def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:

@@ -132,6 +132,52 @@ def test_upstream_error_event_is_relayed_without_an_extra_one(proxy, upstream):
     assert error.body == upstream_error
 
 
+def test_an_event_that_is_not_json_is_never_relayed(proxy, upstream):
+    """An event a client's SDK cannot read (its data not a JSON object) breaks the stream: the
+    SDK gets the text before it, then the proxy's error, not a parse failure of its own."""
+    reply = stream_reply(anthropic_stream_events()[:3] + [
+        b'event: content_block_delta\ndata: {"type": "content_block_delta", "ind\n\n']
+        + anthropic_stream_events()[3:], pause_before=3)     # "Hel" is relayed before it comes
+    upstream.script = lambda r: reply
+    texts = []
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                        messages=[{"role": "user", "content": "hi"}]) as stream:
+            for event in stream:
+                if event.type == "text":
+                    texts.append(event.text)
+                    reply.release.set()
+    assert texts == ["Hel"]
+    assert caught.value.body["error"] == {"type": "api_error", "message": "anthropic: the stream held an "
+                                   "event that is not a JSON object; text of the answer was lost"}
+
+
+def test_a_first_event_that_is_not_json_is_a_502_and_fails_over(start_proxy, upstream,
+                                                                 second_upstream):
+    upstream.script = lambda r: stream_reply([b"data: <html>busy</html>\n\n"]
+                                             + anthropic_stream_events())
+    second_upstream.script = lambda r: stream_reply()
+    proxy = start_proxy({"providers": [
+        anthropic_provider(upstream, name="first", type="anthropic"),
+        anthropic_provider(second_upstream, name="second", type="anthropic")]})
+    with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+        assert stream.get_final_message().content[0].text == "Hello!"
+    assert len(upstream.requests) == len(second_upstream.requests) == 1
+
+
+def test_events_of_several_data_lines_and_comments_are_relayed_as_they_came(proxy, upstream):
+    """Whatever is readable passes unchanged: a JSON object over two data lines (joined with a
+    line break, as SSE does), CRLF line ends, comments."""
+    events = anthropic_stream_events()
+    split = events[2].replace(b'"delta": ', b'"delta":\ndata: ')
+    crlf = events[3].replace(b"\n", b"\r\n")
+    upstream.script = lambda r: stream_reply(events[:2] + [b": keep-alive\n\n", split, crlf]
+                                             + events[4:])
+    error, texts = stream_and_collect(proxy)
+    assert error is None and texts == ["Hel", "lo", "!"]
+
+
 def test_raw_stream_after_cut_has_no_partial_event(proxy, upstream):
     events = anthropic_stream_events()[:3] + [b"event: content_block_delta\ndata: {\"ty"]
     upstream.script = lambda r: stream_reply(events, cut=True)
