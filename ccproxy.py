@@ -7595,13 +7595,18 @@ SSE_DATA_RE = re.compile(rb"^data: ?([^\r\n]*)", re.M)
 
 def first_unreadable_event(events: bytes) -> int | None:
     """Where the first of these whole events whose data is not a JSON object begins, if one
-    is (an event without data, a comment, is readable). A read of one event with one data
-    line, most of every stream, is checked without splitting it into events."""
-    if events.count(b"data:") == 1:
-        found = SSE_DATA_RE.search(events)
-        if found is None or json_object_text(found.group(1)):
-            return None
-    start = 0
+    is (an event without data, a comment, is readable). Events of one data line each, every
+    event of Anthropic's streams, are checked line by line without being split apart."""
+    previous = None                   # the end of the last data line checked
+    for data in SSE_DATA_RE.finditer(events):
+        if previous is not None and not SSE_EVENT_END_RE.search(events, previous, data.start()):
+            break                     # a second data line of the same event
+        if not json_object_text(data.group(1)):
+            break
+        previous = data.end()
+    else:
+        return None
+    start = 0                         # else event by event, to find where the culprit begins
     for end in SSE_EVENT_END_RE.finditer(events):
         data = SSE_DATA_RE.findall(events, start, end.start())
         if data and not json_object_text(b"\n".join(data)):

@@ -140,7 +140,7 @@ def tool_search_saving() -> None:
     """What deferring tools saves: the first request of a real Claude Code 2.1.330 run with
     ENABLE_TOOL_SEARCH=true, translated for an OpenAI provider, with and without the deferred
     tools (ccproxy's estimate of the upstream input tokens)."""
-    sys.path.insert(0, str(REPO / "tests"))
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]          # (no install needed)
     import ccproxy
     from helpers import capture_claude_code
     with tempfile.TemporaryDirectory() as folder:
