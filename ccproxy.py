@@ -7260,6 +7260,7 @@ def count_of(value) -> int:
 # -----------------------------------------------------------------------------
 
 SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
+SSE_EVENT_NAME_RE = re.compile(rb"^event: ?([^\r\n]*)", re.M)
 
 
 class AnthropicProtocol(Protocol):
@@ -7301,6 +7302,8 @@ class AnthropicProtocol(Protocol):
         if call.provider.quirks["anthropic_compat"] is not None:
             marked_signatures(answer.get("content"), call.provider.name)
             body = json_bytes(dict(answer, model=context.model))
+        elif b"NaN" in body or b"Infinity" in body:     # not JSON: written as null
+            body = json_bytes(answer)
         return Response(200, body, call.relayed_headers(),
                         content_type=call.header("content-type") or "application/json")
 
@@ -7565,8 +7568,11 @@ class AnthropicStreamRelay:
             complete = complete[:unreadable]
             self.broken = UpstreamError("%s: the stream held an event that is not a JSON object; "
                                         "text of the answer was lost" % self._provider.name)
+        if b"NaN" in complete or b"Infinity" in complete:
+            complete = SSE_DATA_RE.sub(data_line_without_constants, complete)
         if not self._terminated:
-            self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None
+            self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None \
+                and ends_the_stream(complete)
         if complete and self._record is not None:
             note_anthropic_usage(complete, self._record)
         if b"error" in complete:
@@ -7613,6 +7619,25 @@ def first_unreadable_event(events: bytes) -> int | None:
             return start
         start = end.end()
     return None
+
+
+def ends_the_stream(events: bytes) -> bool:
+    """Whether these whole events hold message_stop or error as a client reads them: a frame's
+    last event field names it, and a frame without data is no event at all."""
+    for frame in SSE_EVENT_END_RE.split(events):
+        names = SSE_EVENT_NAME_RE.findall(frame)
+        if names and names[-1] in (b"message_stop", b"error") and SSE_DATA_RE.search(frame):
+            return True
+    return False
+
+
+def data_line_without_constants(line: re.Match) -> bytes:
+    """A data line of one JSON object, its NaN and Infinity (which Python's JSON writes and a
+    JavaScript client cannot read) written as null, as a translated stream has them."""
+    data = line.group(1)
+    if not (b"NaN" in data or b"Infinity" in data) or not json_object_text(data):
+        return line.group(0)
+    return b"data: " + json_bytes(decode_event_json(data.decode("utf-8")))
 
 
 def json_object_text(data: bytes) -> bool:

@@ -10,7 +10,8 @@ import pytest
 import ccproxy
 
 from helpers import (anthropic_message, anthropic_provider, anthropic_stream_events, json_reply,
-                     PROVIDER_KEY, Reply, sdk, sse, stream_reply, CLAUDE_CODE_VERSIONS)
+                     PROVIDER_KEY, Reply, sdk, sse, stream_reply, strict_json,
+                     CLAUDE_CODE_VERSIONS)
 
 
 def test_non_stream_answer_reaches_the_sdk_unchanged(proxy, upstream):
@@ -124,6 +125,18 @@ def test_stream_ending_without_message_stop_ends_with_an_error_event(proxy, upst
     assert error.body["error"]["message"] == "anthropic: the stream ended before message_stop"
 
 
+@pytest.mark.parametrize("frame", [b"event: error\n", b"event: message_stop\n\n"])
+def test_an_ending_only_in_name_does_not_end_the_stream(proxy, upstream, frame):
+    """A frame's last event field names it, and a frame without data is no event: neither
+    `event: error` overridden by a later event line nor a message_stop without data ends the
+    stream, which otherwise stopped, cut short, with no error event."""
+    events = anthropic_stream_events()
+    upstream.script = lambda r: stream_reply(events[:3] + [frame] + events[3:5])
+    error, texts = stream_and_collect(proxy)
+    assert texts == ["Hel", "lo", "!"]
+    assert error.body["error"]["message"] == "anthropic: the stream ended before message_stop"
+
+
 def test_upstream_error_event_is_relayed_without_an_extra_one(proxy, upstream):
     upstream_error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
     upstream.script = lambda r: stream_reply(anthropic_stream_events()[:3]
@@ -176,6 +189,27 @@ def test_events_of_several_data_lines_and_comments_are_relayed_as_they_came(prox
                                              + events[4:])
     error, texts = stream_and_collect(proxy)
     assert error is None and texts == ["Hel", "lo", "!"]
+
+
+def test_nan_and_infinity_reach_the_client_as_null(proxy, upstream):
+    """NaN and Infinity, which a server writing JSON with Python's defaults sends and a
+    JavaScript client (Claude Code) cannot parse, come as null, streamed or whole; text that
+    merely says NaN is left alone."""
+    events = anthropic_stream_events(pieces=("NaN is not a number",))
+    events[-2] = events[-2].replace(b'"output_tokens": 5', b'"output_tokens": 5, "cost": NaN')
+    upstream.script = lambda r: stream_reply(events)
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        streamed = sock.makefile("rb").read().split(b"\r\n\r\n", 1)[1]
+    payloads = [strict_json(line[6:]) for line in streamed.split(b"\n") if line[:6] == b"data: "]
+    assert payloads[-2]["usage"] == {"output_tokens": 5, "cost": None}
+    assert payloads[2]["delta"]["text"] == "NaN is not a number"
+    upstream.script = lambda r: json_reply(json.dumps(dict(anthropic_message(), score=1.0))
+                                           .replace("1.0", "Infinity").encode())
+    whole = sdk(proxy).messages.with_raw_response.create(
+        model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert strict_json(whole.http_response.content)["score"] is None
 
 
 def test_raw_stream_after_cut_has_no_partial_event(proxy, upstream):

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ccproxy
-from helpers import (changed_anywhere, check_grammar, MockUpstream, parse_events, Reply,
-                     RunningProxy, STOP_REASONS, strict_json)
+from helpers import (anthropic_stream_events, changed_anywhere, check_grammar, MockUpstream,
+                     parse_events, Reply, RunningProxy, STOP_REASONS, strict_json)
 
 anything = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                         lambda children: st.lists(children, max_size=3)
@@ -540,9 +540,10 @@ SSE_ODDITIES = [b"data: {bad json\n\n", b": a comment\n\n", b"data: [DONE]\n\n",
 @pytest.fixture(scope="module")
 def answering_proxy():
     """A proxy in front of one mock that answers as each test example scripts it, for a Chat
-    Completions, a Responses and a Gemini provider."""
+    Completions, a Responses, a Gemini and an Anthropic provider."""
     upstream = MockUpstream()
     config = ccproxy.build_config({"port": 0, "failover": False, "providers": [
+        {"name": "anthropic", "api_base_url": upstream.url, "api_key": "k"},
         {"name": "chat", "type": "openai", "api_base_url": upstream.url + "/v1", "api_key": "k"},
         {"name": "responses", "type": "openai", "api": "responses",
          "api_base_url": upstream.url + "/v1", "api_key": "k"},
@@ -597,6 +598,54 @@ def test_provider_answers_of_any_shape_reach_the_client_well_formed(answering_pr
         check_grammar(events, finished=events[-1][0] != "error")
     else:
         check_message(strict_json(body))
+
+
+ANTHROPIC_EVENTS = parse_events(b"".join(anthropic_stream_events()))
+
+
+def client_events(body: bytes) -> list:
+    """(event name, data) of each event of a stream as a client's SDK reads it (comments and
+    events without data skipped), each event's data parsed as JSON."""
+    events = []
+    for frame in re.split(rb"\r?\n\r?\n", body)[:-1]:
+        fields = [line.rstrip(b"\r").partition(b":")[::2] for line in frame.split(b"\n")]
+        data = [value[1:] if value[:1] == b" " else value for name, value in fields
+                if name == b"data"]
+        names = [value.strip() for name, value in fields if name == b"event"]
+        if data:
+            events.append(((names or [b"message"])[-1].decode(),
+                           strict_json(b"\n".join(data).decode())))
+    return events
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_a_pass_through_stream_of_any_shape_reaches_the_client_readable(answering_proxy, data):
+    """Whatever an Anthropic-compatible server streams, every event its client gets carries a
+    JSON object (an SDK parses each one), and the stream ends with message_stop, or with an
+    error event when the provider's did not end so."""
+    proxy, upstream = answering_proxy
+    payloads = changed_anywhere(data, [payload for _, payload in ANTHROPIC_EVENTS])
+    pieces = [b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(payload).encode())
+              for (name, _), payload in zip(ANTHROPIC_EVENTS, payloads)]
+    for oddity in data.draw(st.lists(st.sampled_from(SSE_ODDITIES), max_size=2)):
+        pieces.insert(data.draw(st.integers(0, len(pieces))), oddity)
+    pieces = pieces[:data.draw(st.integers(1, len(pieces)))]
+    reply = Reply(200, pieces=pieces, content_type="text/event-stream", cut=data.draw(st.booleans()))
+    upstream.script = lambda request: reply
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    connection.request("POST", "/v1/messages", json.dumps({
+        "model": "anthropic,m", "max_tokens": 50, "stream": True,
+        "messages": [{"role": "user", "content": "hi"}]}))
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    if response.status != 200:
+        assert strict_json(body)["type"] == "error" and response.status == 502
+        return
+    events = client_events(body)
+    assert all(isinstance(payload, dict) for _, payload in events)
+    assert events and events[-1][0] in ("message_stop", "error")
 
 
 # --- a provider's error words: whatever numbers they hold, read without fail ----------------------
