@@ -7260,7 +7260,6 @@ def count_of(value) -> int:
 # -----------------------------------------------------------------------------
 
 SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
-SSE_EVENT_NAME_RE = re.compile(rb"^event: ?([^\r\n]*)", re.M)
 
 
 class AnthropicProtocol(Protocol):
@@ -7302,7 +7301,7 @@ class AnthropicProtocol(Protocol):
         if call.provider.quirks["anthropic_compat"] is not None:
             marked_signatures(answer.get("content"), call.provider.name)
             body = json_bytes(dict(answer, model=context.model))
-        elif b"NaN" in body or b"Infinity" in body:     # not JSON: written as null
+        elif may_hold_json_constants(body):              # written as null
             body = json_bytes(answer)
         return Response(200, body, call.relayed_headers(),
                         content_type=call.header("content-type") or "application/json")
@@ -7561,15 +7560,8 @@ class AnthropicStreamRelay:
         if end <= 0:
             self._held.hold(chunk)
             return b""
-        complete = self._held.release(chunk[:end])
+        complete = self._readable(self._held.release(chunk[:end]))
         self._held.hold(chunk[end:])
-        unreadable = first_unreadable_event(complete)
-        if unreadable is not None:
-            complete = complete[:unreadable]
-            self.broken = UpstreamError("%s: the stream held an event that is not a JSON object; "
-                                        "text of the answer was lost" % self._provider.name)
-        if b"NaN" in complete or b"Infinity" in complete:
-            complete = SSE_DATA_RE.sub(data_line_without_constants, complete)
         if not self._terminated:
             self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None \
                 and ends_the_stream(complete)
@@ -7581,6 +7573,18 @@ class AnthropicStreamRelay:
                                                or b'"message_start"' in complete):
             complete = marked_events(complete, self._provider.name, self._client_model)
         return complete
+
+    def _readable(self, events: bytes) -> bytes:
+        """The events a client can read: those before the first whose data is not a JSON
+        object (which breaks the stream), with NaN and Infinity written as null."""
+        unreadable = first_unreadable_event(events)
+        if unreadable is not None:
+            events = events[:unreadable]
+            self.broken = UpstreamError("%s: the stream held an event that is not a JSON object; "
+                                        "text of the answer was lost" % self._provider.name)
+        if may_hold_json_constants(events):
+            events = SSE_DATA_RE.sub(data_line_without_constants, events)
+        return events
 
     @property
     def complete(self) -> bool:
@@ -7596,6 +7600,7 @@ class AnthropicStreamRelay:
 
 
 SSE_EVENT_END_RE = re.compile(rb"\r?\n\r?\n")
+SSE_EVENT_NAME_RE = re.compile(rb"^event: ?([^\r\n]*)", re.M)
 SSE_DATA_RE = re.compile(rb"^data: ?([^\r\n]*)", re.M)
 
 
@@ -7635,9 +7640,14 @@ def data_line_without_constants(line: re.Match) -> bytes:
     """A data line of one JSON object, its NaN and Infinity (which Python's JSON writes and a
     JavaScript client cannot read) written as null, as a translated stream has them."""
     data = line.group(1)
-    if not (b"NaN" in data or b"Infinity" in data) or not json_object_text(data):
+    if not may_hold_json_constants(data) or not json_object_text(data):
         return line.group(0)
     return b"data: " + json_bytes(decode_event_json(data.decode("utf-8")))
+
+
+def may_hold_json_constants(data: bytes) -> bool:
+    """Whether JSON text may hold NaN or Infinity (Python's JSON writes them; JSON has not)."""
+    return b"NaN" in data or b"Infinity" in data
 
 
 def json_object_text(data: bytes) -> bool:
