@@ -2346,10 +2346,13 @@ def header_block_problem(fields: bytes) -> str:
 
 
 def parse_body_framing(headers: Headers) -> int:
-    """The body length from Content-Length, CHUNKED, or 0; rejects ambiguous framing."""
-    codings = [c.strip().lower() for v in headers.get_all("transfer-encoding")
-               for c in v.split(",") if c.strip()]
-    lengths = {part.strip() for v in headers.get_all("content-length") for part in v.split(",")}
+    """The body length from Content-Length, CHUNKED, or 0; rejects ambiguous framing. Only
+    spaces and tabs around a value are dropped (RFC 9110 §5.6.3): `chunked` followed by a
+    vertical tab is no `chunked`, which a proxy in front may have read otherwise."""
+    codings = [c.strip(" \t").lower() for v in headers.get_all("transfer-encoding")
+               for c in v.split(",") if c.strip(" \t")]
+    lengths = {part.strip(" \t") for v in headers.get_all("content-length")
+               for part in v.split(",")}
     if codings:
         if lengths:
             raise InvalidRequestError("both Content-Length and Transfer-Encoding are set")
@@ -2370,7 +2373,7 @@ def parse_body_framing(headers: Headers) -> int:
 def carries_no_body(request: Request) -> bool:
     """Whether the request came without a body, so an early answer leaves nothing unread."""
     return not request.headers.get_all("transfer-encoding") and \
-        request.headers.get("content-length", "0").strip() == "0"
+        request.headers.get("content-length", "0").strip(" \t") == "0"
 
 
 def parse_chunk_size(line: bytes) -> int:

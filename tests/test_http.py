@@ -72,6 +72,8 @@ def test_parser_raises_only_invalid_request_on_any_bytes(data):
     ([("content-length", "12")], 12),
     ([("content-length", "12, 12")], 12),
     ([("transfer-encoding", "chunked")], ccproxy.CHUNKED),
+    ([("transfer-encoding", "\tChunked ")], ccproxy.CHUNKED),
+    ([("content-length", " 12\t")], 12),
 ])
 def test_body_framing(headers, expected):
     assert ccproxy.parse_body_framing(ccproxy.Headers(headers)) == expected
@@ -83,6 +85,8 @@ def test_body_framing(headers, expected):
     [("content-length", "-1")],
     [("content-length", "1e3")],
     [("transfer-encoding", "gzip, chunked")],
+    [("transfer-encoding", "chunked\x0b")],      # only spaces and tabs are trimmed: a proxy in
+    [("content-length", "12\x0c")],              # front may have framed these otherwise
 ])
 def test_ambiguous_framing_is_rejected(headers):
     with pytest.raises(ccproxy.InvalidRequestError):
