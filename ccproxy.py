@@ -7519,16 +7519,25 @@ def check_anthropic_answer(call) -> dict:
 
 
 def anthropic_error(call) -> ProxyError:
-    """An upstream error: an Anthropic-shaped body passes unchanged with its status; any other
-    body (an HTML gateway page, a bare message) is mapped to one."""
-    try:
-        shaped = json.loads(call.body).get("type") == "error"
-    except (ValueError, AttributeError, RecursionError):
-        shaped = False
+    """An upstream error: an Anthropic-shaped body passes unchanged with its status (an error
+    status); any other body (an HTML gateway page, a bare message, an error without its type
+    and message, NaN in it) is mapped to one."""
     headers = call.relayed_headers()
-    if shaped:
+    if 400 <= call.status <= 599 and anthropic_error_shaped(call.body):
         return RelayedError(call.status, call.provider.masker.data(call.body), headers)
     return error_from_upstream(call.provider, call.status, call.body, headers)
+
+
+def anthropic_error_shaped(body: bytes) -> bool:
+    """Whether body is an Anthropic error as clients read one: strict JSON, its error's type
+    and message strings."""
+    try:
+        error = json.loads(body, parse_constant=refuse_json_constant)
+    except (ValueError, RecursionError):
+        return False
+    inner = error.get("error") if isinstance(error, dict) else None
+    return error.get("type") == "error" and isinstance(inner, dict) and all(
+        isinstance(inner.get(field), str) for field in ("type", "message"))
 
 
 class AnthropicStreamRelay:

@@ -237,6 +237,26 @@ def test_upstream_error_keeps_status_and_body(proxy, upstream):
     assert caught.value.response.headers["retry-after"] == "7"
 
 
+@pytest.mark.parametrize("status, body", [
+    (429, b'{"type": "error", "error": "slow down"}'),
+    (429, b'{"type": "error"}'),
+    (429, b'{"type": "error", "error": {"type": 5, "message": null}}'),
+    (429, b'{"type": "error", "error": {"type": "rate_limit_error", "message": "x"}, "n": NaN}'),
+    (999, b'{"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}'),
+])
+def test_an_error_only_partly_anthropic_is_answered_as_one(proxy, upstream, status, body):
+    """A provider's error body passes unchanged only when a client can read it as Anthropic's
+    (strict JSON, a type and a message) under an error status; any other is mapped."""
+    upstream.script = lambda r: Reply(status, body)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": "hi"}])
+    error = strict_json(caught.value.response.content)
+    assert caught.value.status_code == (429 if status == 429 else 500)
+    assert error["type"] == "error" and isinstance(error["error"]["type"], str)
+    assert error["error"]["message"].startswith("anthropic: HTTP %d: " % status)
+
+
 def test_upstream_error_in_a_stream_request_keeps_status(proxy, upstream):
     error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
     upstream.script = lambda r: json_reply(error, status=529)
