@@ -10395,20 +10395,20 @@ def loop_watches_sockets(loop) -> bool:
 
 
 HEAD_END_RE = re.compile(rb"\n\r?\n")              # where http.client's reading of a head ends
-CONTINUE_HEAD_RE = re.compile(rb"\S+ +100\b")       # 100 Continue, which http.client skips
+INTERIM_HEAD_RE = re.compile(rb"\S+ +1(?!01\b)\d\d\b")    # 100 Continue, 103 Early Hints, …
 MAX_ANSWER_HEAD_BYTES = 1024 * 1024
 
 
 async def read_answer_head(reader, wait: float, provider_name: str) -> bytes:
     """An answer's head, and whatever came with it, read by the event loop from a SocketReader
-    (past a 100 Continue, as http.client reads it); each wait for more bytes lasts at most
+    (past any interim 1xx answer, a 100 Continue or a 103 Early Hints); each wait for more bytes lasts at most
     `wait` seconds. A connection that ends or breaks before the head is whole fails as it
     would in http.client: RemoteDisconnected before any byte, IncompleteRead after some. A
     head trickling in a byte at a time costs no more than one arriving whole."""
     received, searched = bytearray(), 0
     while True:
         end = HEAD_END_RE.search(received, max(0, searched - 2))
-        if end is not None and not CONTINUE_HEAD_RE.match(received):
+        if end is not None and not INTERIM_HEAD_RE.match(received):
             return bytes(received)
         if end is not None:
             del received[:end.end()]
@@ -10872,13 +10872,14 @@ class HeadFieldsResponse(http.client.HTTPResponse):
     """http.client's answer, its head's fields read by read_head_fields. begin() works out
     what http.client's does (the same from Python 3.8 to 3.13): a 100 Continue skipped, the
     version, the body's framing (chunked, a length, or until the connection closes), whether
-    the connection closes after it."""
+    the connection closes after it. Any other interim answer (103 Early Hints) is skipped too,
+    as RFC 9110 §15.2 asks of a client; http.client takes it for the answer."""
 
     def begin(self):
         if self.headers is not None:
             return
         version, status, reason = self._read_status()
-        while status == http.client.CONTINUE:
+        while 100 <= status < 200 and status != http.client.SWITCHING_PROTOCOLS:
             read_head_fields(self.fp)
             version, status, reason = self._read_status()
         if version not in ("HTTP/1.0", "HTTP/0.9") and not version.startswith("HTTP/1."):

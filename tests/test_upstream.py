@@ -412,12 +412,16 @@ def sent(*parts, pause=0.05):
     (sent(b"HTTP/1.1 100 Continue\r\nX: 1\r\n\r\n", HEAD % len(HEAD_BODY) + HEAD_BODY), 200),
     (sent(b"HTTP/1.1 100 Continue\r\n\r\n", b"", pause=2), 504),
     (sent(b"HTTP/1.1 200 OK\r\nContent-Le"), 502),
-], ids=["byte-by-byte", "lf-only", "100-continue-first", "only-100-continue", "cut-short"])
+    (sent(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+          b"HTTP/1.1 100 Continue\r\n\r\n", HEAD % len(HEAD_BODY) + HEAD_BODY), 200),
+], ids=["byte-by-byte", "lf-only", "100-continue-first", "only-100-continue", "cut-short",
+        "early-hints-first"])
 def test_an_answer_head_arriving_in_any_pieces_is_read_whole_by_the_event_loop(start_proxy,
                                                                               send, status):
     """The event loop reads an answer's head as http.client would: in however many pieces it
     comes, with bare LF line ends, past a 100 Continue (one that is all there is, then silence,
-    is a time-out); a connection that ends within the head is a 502 that says so."""
+    is a time-out) and any other interim answer (103 Early Hints, which http.client takes for
+    the answer); a connection that ends within the head is a 502 that says so."""
     provider = RawProvider(send)
     try:
         proxy = start_proxy({"providers": [{"name": "raw", "type": "anthropic",
@@ -926,6 +930,20 @@ def test_an_answer_head_is_read_as_http_client_reads_it(raw, method):
     http.client's, for every shape of answer, and so are its refusals."""
     expected = answer_as_read(http.client.HTTPResponse, raw, method)
     assert answer_as_read(ccproxy.HeadFieldsResponse, raw, method) == expected
+
+
+def test_an_interim_answer_is_skipped_where_http_client_takes_it_for_the_answer():
+    """The one place ccproxy reads a head otherwise than http.client: a 1xx other than 100
+    (103 Early Hints) is skipped as RFC 9110 asks, where http.client ends there; a 101 is
+    the answer (to an upgrade ccproxy never asks for)."""
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+    whole = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    assert answer_as_read(http.client.HTTPResponse, hints + whole, "POST")[0]["status"] == 103
+    ours = answer_as_read(ccproxy.HeadFieldsResponse, hints + whole, "POST")
+    assert ours == answer_as_read(http.client.HTTPResponse, whole, "POST")
+    switching = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    assert answer_as_read(ccproxy.HeadFieldsResponse, switching + whole, "POST")[0][
+        "status"] == 101
 
 
 FIELD_NAMES = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e,
