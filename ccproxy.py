@@ -2370,6 +2370,17 @@ def parse_body_framing(headers: Headers) -> int:
     return int(length)
 
 
+def keeps_connection(request: Request | None, response: Response, body_read: bool,
+                     draining: bool) -> bool:
+    """Whether the connection may carry another request after this answer: the request was
+    read whole (or came without a body) and did not ask to close, the server is not stopping,
+    and the answer has an end its client can see (HTTP/1.0 has no chunks: a stream to it ends
+    with the connection)."""
+    body_read = body_read or (request is not None and carries_no_body(request))
+    return body_read and request.keep_alive and not draining and (
+        response.stream is None or request.version == "HTTP/1.1")
+
+
 def carries_no_body(request: Request) -> bool:
     """Whether the request came without a body, so an early answer leaves nothing unread."""
     return not request.headers.get_all("transfer-encoding") and \
@@ -2993,9 +3004,7 @@ class ClientConnection:
             except Exception:
                 log.exception("%s: internal error", request_id)
                 response = InternalError().response(request_id)
-            body_read = body_read or (request is not None and carries_no_body(request))
-            keep_open = body_read and request.keep_alive and not app.draining and (
-                response.stream is None or request.version == "HTTP/1.1")  # else close-delimited
+            keep_open = keeps_connection(request, response, body_read, app.draining)
             await self._write_response(request, response, request_id, keep_open)
         finally:
             app.requests_active -= 1
@@ -10401,10 +10410,10 @@ MAX_ANSWER_HEAD_BYTES = 1024 * 1024
 
 async def read_answer_head(reader, wait: float, provider_name: str) -> bytes:
     """An answer's head, and whatever came with it, read by the event loop from a SocketReader
-    (past any interim 1xx answer, a 100 Continue or a 103 Early Hints); each wait for more bytes lasts at most
-    `wait` seconds. A connection that ends or breaks before the head is whole fails as it
-    would in http.client: RemoteDisconnected before any byte, IncompleteRead after some. A
-    head trickling in a byte at a time costs no more than one arriving whole."""
+    (past any interim answer, a 100 Continue or a 103 Early Hints); each wait for more bytes
+    lasts at most `wait` seconds. A connection that ends or breaks before the head is whole
+    fails as it would in http.client: RemoteDisconnected before any byte, IncompleteRead after
+    some. A head trickling in a byte at a time costs no more than one arriving whole."""
     received, searched = bytearray(), 0
     while True:
         end = HEAD_END_RE.search(received, max(0, searched - 2))

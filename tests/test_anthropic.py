@@ -161,8 +161,9 @@ def test_an_event_that_is_not_json_is_never_relayed(proxy, upstream):
                     texts.append(event.text)
                     reply.release.set()
     assert texts == ["Hel"]
-    assert caught.value.body["error"] == {"type": "api_error", "message": "anthropic: the stream held an "
-                                   "event that is not a JSON object; text of the answer was lost"}
+    assert caught.value.body["error"] == {
+        "type": "api_error", "message": "anthropic: the stream held an event that is not a JSON "
+                                        "object; text of the answer was lost"}
 
 
 def test_a_first_event_that_is_not_json_is_a_502_and_fails_over(start_proxy, upstream,
@@ -200,7 +201,8 @@ def test_nan_and_infinity_reach_the_client_as_null(proxy, upstream):
     upstream.script = lambda r: stream_reply(events)
     body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
         streamed = sock.makefile("rb").read().split(b"\r\n\r\n", 1)[1]
     payloads = [strict_json(line[6:]) for line in streamed.split(b"\n") if line[:6] == b"data: "]
     assert payloads[-2]["usage"] == {"output_tokens": 5, "cost": None}

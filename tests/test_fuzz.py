@@ -631,7 +631,8 @@ def test_a_pass_through_stream_of_any_shape_reaches_the_client_readable(answerin
     for oddity in data.draw(st.lists(st.sampled_from(SSE_ODDITIES), max_size=2)):
         pieces.insert(data.draw(st.integers(0, len(pieces))), oddity)
     pieces = pieces[:data.draw(st.integers(1, len(pieces)))]
-    reply = Reply(200, pieces=pieces, content_type="text/event-stream", cut=data.draw(st.booleans()))
+    reply = Reply(200, pieces=pieces, content_type="text/event-stream",
+                  cut=data.draw(st.booleans()))
     upstream.script = lambda request: reply
     connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
     connection.request("POST", "/v1/messages", json.dumps({
