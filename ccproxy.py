@@ -4443,7 +4443,7 @@ def add_usage(totals: dict, usage: dict, cost: float | None) -> None:
     totals["requests"] += 1
     for field in USAGE_FIELDS:
         value = usage.get(field)
-        totals[field] += value if isinstance(value, int) and value > 0 else 0
+        totals[field] += count_of(value)
     if cost is None:
         totals["unpriced_requests"] += 1
     else:
@@ -6496,10 +6496,18 @@ def finite_or_null(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# A provider's JSON is read as JavaScript writes a number that JSON cannot hold: NaN, Infinity
-# and 1e999 become null, so no answer the client gets is unreadable JSON (Python's parser takes
-# them, and its writer would write them back).
-PROVIDER_JSON_NUMBERS = {"parse_constant": lambda name: None, "parse_float": finite_or_null}
+def int_or_null(text: str) -> int | None:
+    """A provider's JSON integer; None for one of over 4,300 digits, which Python refuses to
+    read (and JavaScript reads as Infinity)."""
+    return int(text) if len(text) - text.startswith("-") <= JSON_INT_DIGITS else None
+
+
+# A provider's JSON is read as JavaScript writes a number that JSON cannot hold: NaN, Infinity,
+# 1e999 and an integer of 5,000 digits become null, so no answer the client gets is unreadable
+# JSON (Python's parser takes the first three, and its writer would write them back), and none
+# fails to be read.
+PROVIDER_JSON_NUMBERS = {"parse_constant": lambda name: None, "parse_float": finite_or_null,
+                         "parse_int": int_or_null}
 PROVIDER_JSON = json.JSONDecoder(**PROVIDER_JSON_NUMBERS)
 DECODE_JSON = PROVIDER_JSON.decode             # json.loads of a str, without its wrapping
 SCAN_JSON = json.scanner.make_scanner(PROVIDER_JSON)          # the C scanner decode() calls
@@ -7262,9 +7270,15 @@ def anthropic_usage(input_tokens: int, output_tokens: int, cache_read: int, cach
     return usage
 
 
+MAX_TOKEN_COUNT = 10 ** 9      # a hundred times the largest window: past it, a provider's bug
+
+
 def count_of(value) -> int:
-    """A token count from upstream JSON: an integer, else 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A token count from upstream JSON: an integer up to MAX_TOKEN_COUNT, else 0 (a float, a
+    string, a negative, or an unsigned counter that went below zero: 18446744073709551615),
+    which would otherwise fill the client's context meter and the usage counters for good."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and \
+        0 < value <= MAX_TOKEN_COUNT else 0
 
 
 # -----------------------------------------------------------------------------
@@ -7313,7 +7327,7 @@ class AnthropicProtocol(Protocol):
         if call.provider.quirks["anthropic_compat"] is not None:
             marked_signatures(answer.get("content"), call.provider.name)
             body = json_bytes(dict(answer, model=context.model))
-        elif may_hold_json_constants(body):              # written as null
+        elif may_hold_unreadable_numbers(body):          # written as null
             body = json_bytes(answer)
         return Response(200, body, call.relayed_headers(),
                         content_type=call.header("content-type") or "application/json")
@@ -7597,14 +7611,14 @@ class AnthropicStreamRelay:
 
     def _readable(self, events: bytes) -> bytes:
         """The events a client can read: those before the first whose data is not a JSON
-        object (which breaks the stream), with NaN and Infinity written as null."""
+        object (which breaks the stream), with numbers no client can read written as null."""
         unreadable = first_unreadable_event(events)
         if unreadable is not None:
             events = events[:unreadable]
             self.broken = UpstreamError("%s: the stream held an event that is not a JSON object; "
                                         "text of the answer was lost" % self._provider.name)
-        if may_hold_json_constants(events):
-            events = SSE_DATA_RE.sub(data_line_without_constants, events)
+        if may_hold_unreadable_numbers(events):
+            events = SSE_DATA_RE.sub(data_line_readable, events)
         return events
 
     @property
@@ -7657,18 +7671,24 @@ def ends_the_stream(events: bytes) -> bool:
     return False
 
 
-def data_line_without_constants(line: re.Match) -> bytes:
-    """A data line of one JSON object, its NaN and Infinity (which Python's JSON writes and a
-    JavaScript client cannot read) written as null, as a translated stream has them."""
+def data_line_readable(line: re.Match) -> bytes:
+    """A data line of one JSON object, its NaN, Infinity (which Python's JSON writes and a
+    JavaScript client cannot read) and integers of over 4,300 digits (which a Python client
+    cannot) written as null, as a translated stream has them."""
     data = line.group(1)
-    if not may_hold_json_constants(data) or not json_object_text(data):
+    if not may_hold_unreadable_numbers(data) or not json_object_text(data):
         return line.group(0)
     return b"data: " + json_bytes(decode_event_json(data.decode("utf-8")))
 
 
-def may_hold_json_constants(data: bytes) -> bool:
-    """Whether JSON text may hold NaN or Infinity (Python's JSON writes them; JSON has not)."""
-    return b"NaN" in data or b"Infinity" in data
+LONG_INTEGER_RE = re.compile(rb"\d{%d}" % (JSON_INT_DIGITS + 1))
+
+
+def may_hold_unreadable_numbers(data: bytes) -> bool:
+    """Whether JSON text may hold NaN or Infinity (Python's JSON writes them; JSON has not),
+    or an integer of over 4,300 digits (which Python's JSON cannot read)."""
+    return b"NaN" in data or b"Infinity" in data or (
+        len(data) > JSON_INT_DIGITS and LONG_INTEGER_RE.search(data) is not None)
 
 
 def json_object_text(data: bytes) -> bool:
@@ -7702,7 +7722,7 @@ def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:
 
 
 USAGE_FIELD_RE = re.compile(rb'"(input_tokens|output_tokens|cache_read_input_tokens|'
-                            rb'cache_creation_input_tokens)"\s*:\s*(\d+)')
+                            rb'cache_creation_input_tokens)"\s*:\s*(\d{1,12})(?!\d)')
 
 
 def note_anthropic_usage(data: bytes, record: dict) -> None:
@@ -7711,7 +7731,7 @@ def note_anthropic_usage(data: bytes, record: dict) -> None:
         return
     usage = record.setdefault("usage", {})
     for name, value in USAGE_FIELD_RE.findall(data):
-        usage[name.decode()] = int(value)
+        usage[name.decode()] = count_of(int(value))
 
 
 # -----------------------------------------------------------------------------

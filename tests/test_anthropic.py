@@ -214,6 +214,27 @@ def test_nan_and_infinity_reach_the_client_as_null(proxy, upstream):
     assert strict_json(whole.http_response.content)["score"] is None
 
 
+def test_numbers_no_client_can_read_come_as_null_and_counts_none_could_be_go_uncounted(
+        proxy, upstream):
+    """An integer of 5,000 digits, which Python's JSON refuses to read, comes as null (the
+    Anthropic SDK for Python failed on the event); a count of 2**64 - 1 passes to the client
+    as sent but is not added to the usage counters."""
+    events = anthropic_stream_events()
+    events[-2] = events[-2].replace(b'"output_tokens": 5', b'"output_tokens": 5, "n": '
+                                    + b"9" * 5000)
+    upstream.script = lambda r: stream_reply(events)
+    with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+        assert stream.get_final_message().content[0].text == "Hello!"
+    huge = json.dumps(anthropic_message()).replace('"output_tokens": 5',
+                                                   '"output_tokens": %d' % (2 ** 64 - 1))
+    upstream.script = lambda r: json_reply(huge.encode())
+    assert sdk(proxy).messages.create(model="m", max_tokens=5, messages=[
+        {"role": "user", "content": "hi"}]).usage.output_tokens == 2 ** 64 - 1
+    totals = sdk(proxy).get("/status", cast_to=object)["usage"]["by_model"][0]
+    assert totals["output_tokens"] == 5 and totals["requests"] == 2
+
+
 def test_raw_stream_after_cut_has_no_partial_event(proxy, upstream):
     events = anthropic_stream_events()[:3] + [b"event: content_block_delta\ndata: {\"ty"]
     upstream.script = lambda r: stream_reply(events, cut=True)

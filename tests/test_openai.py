@@ -997,6 +997,21 @@ def test_sdk_non_stream_usage_counts_cache_reads_apart(openai_proxy, upstream):
     assert (usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens) == (20, 7, 100)
 
 
+def test_a_count_no_model_could_give_is_no_count(openai_proxy, upstream):
+    """A count over a billion tokens (an unsigned counter gone below zero, say) or an integer
+    of 5,000 digits, which Python cannot read, fills neither the client's context meter nor
+    the usage counters: it counts as none, as a negative or a string does."""
+    usage = {"prompt_tokens": 2 ** 64 - 1, "completion_tokens": 7,
+             "prompt_tokens_details": {"cached_tokens": -3}}
+    body = json.dumps(completion({"content": "x"}, usage=usage)).replace(
+        '"completion_tokens": 7', '"completion_tokens": 7, "total_tokens": %s' % ("9" * 5000))
+    upstream.script = lambda r: json_reply(body.encode())
+    answer = sdk(openai_proxy).messages.create(**REQUEST).usage
+    assert (answer.input_tokens, answer.output_tokens, answer.cache_read_input_tokens) == (0, 7, 0)
+    totals = sdk(openai_proxy).get("/status", cast_to=object)["usage"]["by_model"][0]
+    assert (totals["input_tokens"], totals["output_tokens"]) == (0, 7)
+
+
 def test_a_json_answer_to_a_stream_request_is_streamed(openai_proxy, upstream):
     upstream.script = lambda r: json_reply(NON_STREAM_CASES["tools"][0])
     with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
