@@ -7953,12 +7953,13 @@ def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list
     """A user turn: one tool message per answered call first (Chat Completions wants them
     right after the calls), then the turn's other content."""
     answered, tool_messages, extra_parts = set(), [], []
+    awaited = set(open_calls)
     for position, block in enumerate(blocks):
         if block.get("type") != "tool_result":
             continue
         call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
         text, media = tool_result_text_and_media(block, quirks, "%s[%d]" % (where, position))
-        if call_id in open_calls and call_id not in answered:
+        if call_id in awaited and call_id not in answered:
             answered.add(call_id)
             tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": [
                 cached_text_part(text, block)] if quirks.get("cache_control") else text})
@@ -8964,6 +8965,7 @@ def responses_user_items(blocks, open_calls: list, quirks: dict, where: str) -> 
     """A user turn: a function_call_output per answered call (images in it too), then the
     turn's other content as one user message."""
     items, answered, parts = [], set(), []
+    awaited = set(open_calls)
     for position, block in enumerate(blocks):
         if block.get("type") != "tool_result":
             continue
@@ -8971,7 +8973,7 @@ def responses_user_items(blocks, open_calls: list, quirks: dict, where: str) -> 
         text, media = tool_result_text_and_media(block, quirks, "%s[%d]" % (where, position))
         output = [{"type": "input_text", "text": text}] + [
             responses_part(part) for part in media] if media else text
-        if call_id in open_calls and call_id not in answered:
+        if call_id in awaited and call_id not in answered:
             answered.add(call_id)
             items.append({"type": "function_call_output", "call_id": call_id, "output": output})
         else:
@@ -9326,6 +9328,7 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
     (missing ones filled in: Gemini wants as many responses as calls), then orphan results as
     text, then the rest."""
     results, extra = {}, []
+    called = {call_id for call_id, _ in calls}
     for position, block in enumerate(blocks):
         if block.get("type") != "tool_result":
             continue
@@ -9333,7 +9336,7 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
         text = tool_result_text(block)
         images = [gemini_inline_part(b, inside) for b in tool_result_media(block)]
         key = str(block.get("tool_use_id", ""))
-        if any(call_id == key for call_id, _ in calls) and key not in results:
+        if key in called and key not in results:
             results[key] = ({"error": text} if block.get("is_error") else {"output": text}, images)
         else:
             extra += [{"text": "[tool result %s]\n%s" % (key, text)}] + images

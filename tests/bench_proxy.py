@@ -1,5 +1,6 @@
 """Benchmark: the latency ccproxy adds, per JSON request and per streamed event, against the
-same mock upstream reached directly in the same run; plus start-to-healthy time and memory.
+same mock upstream reached directly in the same run; plus start-to-healthy time and memory, and
+how translating a turn grows with its tool calls.
 
     python3 tests/bench_proxy.py [--requests 500]
 
@@ -157,10 +158,39 @@ def tool_search_saving() -> None:
               100.0 * (sizes[0] - sizes[1]) / sizes[0]))
 
 
+def translation_scaling() -> None:
+    """How translating a turn grows with its tool calls (each answered in the next turn): as
+    the calls do, for each protocol (a turn of 4,000 took 0.17 s to Chat Completions and 0.37 s
+    to Gemini, 8,000 four times that, while each result was looked for among all the calls)."""
+    sys.path.insert(0, str(REPO))
+    import ccproxy
+    providers = ccproxy.build_config({"providers": [
+        {"name": "openai", "api_key": "k"}, {"name": "gemini", "api_key": "k"},
+        {"name": "responses", "type": "openai", "api": "responses", "api_key": "k",
+         "api_base_url": "https://example.invalid/v1"}]}, "bench", {}).providers
+    for calls in (2000, 4000, 8000):
+        raw = json.dumps({"model": "m", "max_tokens": 100, "messages": [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t%d" % n,
+                                               "name": "Read", "input": {}} for n in range(calls)]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t%d" % n,
+                                          "content": "ok"} for n in range(calls)]}]}).encode()
+        request = ccproxy.parse_request_head(b"POST /v1/messages HTTP/1.1\r\n\r\n")
+        request.body = raw
+        row = []
+        for provider in providers:
+            body = ccproxy.checked_messages_body(request)
+            started = time.perf_counter()
+            ccproxy.protocol_for(provider, "m").messages_request(provider, "m", request, body)
+            row.append("%s %.0f ms" % (provider.name, (time.perf_counter() - started) * 1000))
+        print("translating a turn of %d tool calls (%d KB): %s" % (calls, len(raw) // 1024,
+                                                                   ", ".join(row)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=500)
     count = parser.parse_args().requests
+    translation_scaling()
     if shutil.which("npm"):
         tool_search_saving()
     with tempfile.TemporaryDirectory() as home:
