@@ -7285,9 +7285,6 @@ def count_of(value) -> int:
 # 9.2 Anthropic Messages (pass-through)
 # -----------------------------------------------------------------------------
 
-SSE_TERMINAL_EVENT_RE = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
-
-
 class AnthropicProtocol(Protocol):
     """Anthropic's Messages API, and any server that speaks it: a pass-through."""
 
@@ -7598,7 +7595,7 @@ class AnthropicStreamRelay:
         complete = self._readable(self._held.release(chunk[:end]))
         self._held.hold(chunk[end:])
         if not self._terminated:
-            self._terminated = SSE_TERMINAL_EVENT_RE.search(complete) is not None \
+            self._terminated = (b"message_stop" in complete or b"error" in complete) \
                 and ends_the_stream(complete)
         if complete and self._record is not None:
             note_anthropic_usage(complete, self._record)
@@ -7611,7 +7608,8 @@ class AnthropicStreamRelay:
 
     def _readable(self, events: bytes) -> bytes:
         """The events a client can read: those before the first whose data is not a JSON
-        object (which breaks the stream), with numbers no client can read written as null."""
+        object (which breaks the stream), with numbers no client can read written as null, and
+        no frame that names an event without data."""
         unreadable = first_unreadable_event(events)
         if unreadable is not None:
             events = events[:unreadable]
@@ -7619,6 +7617,8 @@ class AnthropicStreamRelay:
                                         "text of the answer was lost" % self._provider.name)
         if may_hold_unreadable_numbers(events):
             events = SSE_DATA_RE.sub(data_line_readable, events)
+        if events.count(b"event:") > events.count(b"data:"):
+            events = without_dataless_events(events)
         return events
 
     @property
@@ -7645,8 +7645,9 @@ def first_unreadable_event(events: bytes) -> int | None:
     event of Anthropic's streams, are checked line by line without being split apart."""
     previous = None                   # the end of the last data line checked
     for data in SSE_DATA_RE.finditer(events):
-        if previous is not None and not SSE_EVENT_END_RE.search(events, previous, data.start()):
-            break                     # a second data line of the same event
+        if previous is not None and events.find(b"\n\n", previous, data.start()) < 0 and \
+                events.find(b"\n\r\n", previous, data.start()) < 0:
+            break                     # no blank line since: a second data line of one event
         if not json_object_text(data.group(1)):
             break
         previous = data.end()
@@ -7659,6 +7660,19 @@ def first_unreadable_event(events: bytes) -> int | None:
             return start
         start = end.end()
     return None
+
+
+def without_dataless_events(events: bytes) -> bytes:
+    """The events but any frame that names an event and carries no data: no event at all to
+    SSE, which some clients (the Anthropic SDK for Python 3.8) read as one with empty data,
+    and fail on."""
+    kept, start = [], 0
+    for end in SSE_EVENT_END_RE.finditer(events):
+        frame = events[start:end.end()]
+        if SSE_DATA_RE.search(frame) or not SSE_EVENT_NAME_RE.search(frame):
+            kept.append(frame)
+        start = end.end()
+    return b"".join(kept) + events[start:]
 
 
 def ends_the_stream(events: bytes) -> bool:
@@ -7688,7 +7702,8 @@ def may_hold_unreadable_numbers(data: bytes) -> bool:
     """Whether JSON text may hold NaN or Infinity (Python's JSON writes them; JSON has not),
     or an integer of over 4,300 digits (which Python's JSON cannot read)."""
     return b"NaN" in data or b"Infinity" in data or (
-        len(data) > JSON_INT_DIGITS and LONG_INTEGER_RE.search(data) is not None)
+        len(data) > JSON_INT_DIGITS and max(map(len, data.split(b"\n"))) > JSON_INT_DIGITS
+        and LONG_INTEGER_RE.search(data) is not None)
 
 
 def json_object_text(data: bytes) -> bool:

@@ -137,6 +137,19 @@ def test_an_ending_only_in_name_does_not_end_the_stream(proxy, upstream, frame):
     assert error.body["error"]["message"] == "anthropic: the stream ended before message_stop"
 
 
+def test_a_frame_naming_an_event_without_data_is_not_relayed(proxy, upstream):
+    """No event to SSE, but the Anthropic SDK for Python 3.8 read one with empty data and
+    failed on it; the rest passes as it came."""
+    events = anthropic_stream_events()
+    upstream.script = lambda r: stream_reply(events[:3] + [b"event: ping\n\n"] + events[3:])
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        streamed = sock.makefile("rb").read().split(b"\r\n\r\n", 1)[1]
+    assert streamed == b"".join(events)
+
+
 def test_upstream_error_event_is_relayed_without_an_extra_one(proxy, upstream):
     upstream_error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
     upstream.script = lambda r: stream_reply(anthropic_stream_events()[:3]
