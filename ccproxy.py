@@ -6503,9 +6503,9 @@ def int_or_null(text: str) -> int | None:
 
 
 # A provider's JSON is read as JavaScript writes a number that JSON cannot hold: NaN, Infinity,
-# 1e999 and an integer of 5,000 digits become null, so no answer the client gets is unreadable
-# JSON (Python's parser takes the first three, and its writer would write them back), and none
-# fails to be read.
+# a float too large (1e999) and an integer of 5,000 digits become null, so no answer the client
+# gets is unreadable JSON (Python's parser takes the first three, and its writer would write them
+# back), and none fails to be read.
 PROVIDER_JSON_NUMBERS = {"parse_constant": lambda name: None, "parse_float": finite_or_null,
                          "parse_int": int_or_null}
 PROVIDER_JSON = json.JSONDecoder(**PROVIDER_JSON_NUMBERS)
