@@ -7641,7 +7641,8 @@ SSE_DATA_RE = re.compile(rb"^data: ?([^\r\n]*)", re.M)
 
 def first_unreadable_event(events: bytes) -> int | None:
     """Where the first of these whole events whose data is not a JSON object begins, if one
-    is (an event without data, a comment, is readable). Events of one data line each, every
+    is. Only a named event is read by a client's SDK: one without a name (`data: [DONE]`, which
+    some gateways add), without data, or a comment passes. Events of one data line each, every
     event of Anthropic's streams, are checked line by line without being split apart."""
     previous = None                   # the end of the last data line checked
     for data in SSE_DATA_RE.finditer(events):
@@ -7656,7 +7657,8 @@ def first_unreadable_event(events: bytes) -> int | None:
     start = 0                         # else event by event, to find where the culprit begins
     for end in SSE_EVENT_END_RE.finditer(events):
         data = SSE_DATA_RE.findall(events, start, end.start())
-        if data and not json_object_text(b"\n".join(data)):
+        if data and SSE_EVENT_NAME_RE.search(events, start, end.start()) \
+                and not json_object_text(b"\n".join(data)):
             return start
         start = end.end()
     return None

@@ -181,8 +181,8 @@ def test_an_event_that_is_not_json_is_never_relayed(proxy, upstream):
 
 def test_a_first_event_that_is_not_json_is_a_502_and_fails_over(start_proxy, upstream,
                                                                  second_upstream):
-    upstream.script = lambda r: stream_reply([b"data: <html>busy</html>\n\n"]
-                                             + anthropic_stream_events())
+    upstream.script = lambda r: stream_reply([b"event: message_start\ndata: <html>busy</html>"
+                                              b"\n\n"] + anthropic_stream_events())
     second_upstream.script = lambda r: stream_reply()
     proxy = start_proxy({"providers": [
         anthropic_provider(upstream, name="first", type="anthropic"),
@@ -195,12 +195,13 @@ def test_a_first_event_that_is_not_json_is_a_502_and_fails_over(start_proxy, ups
 
 def test_events_of_several_data_lines_and_comments_are_relayed_as_they_came(proxy, upstream):
     """Whatever is readable passes unchanged: a JSON object over two data lines (joined with a
-    line break, as SSE does), CRLF line ends, comments."""
+    line break, as SSE does), CRLF line ends, comments, and an event without a name, which the
+    SDKs skip (`data: [DONE]`, which some gateways add)."""
     events = anthropic_stream_events()
     split = events[2].replace(b'"delta": ', b'"delta":\ndata: ')
     crlf = events[3].replace(b"\n", b"\r\n")
     upstream.script = lambda r: stream_reply(events[:2] + [b": keep-alive\n\n", split, crlf]
-                                             + events[4:])
+                                             + events[4:] + [b"data: [DONE]\n\n"])
     error, texts = stream_and_collect(proxy)
     assert error is None and texts == ["Hel", "lo", "!"]
 

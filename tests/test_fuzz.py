@@ -604,17 +604,16 @@ ANTHROPIC_EVENTS = parse_events(b"".join(anthropic_stream_events()))
 
 
 def client_events(body: bytes) -> list:
-    """(event name, data) of each event of a stream as a client's SDK reads it (comments and
-    events without data skipped), each event's data parsed as JSON."""
+    """(event name, data) of each event of a stream as a client's SDK reads it (comments, and
+    events without data or without a name, skipped), each event's data parsed as JSON."""
     events = []
     for frame in re.split(rb"\r?\n\r?\n", body)[:-1]:
         fields = [line.rstrip(b"\r").partition(b":")[::2] for line in frame.split(b"\n")]
         data = [value[1:] if value[:1] == b" " else value for name, value in fields
                 if name == b"data"]
         names = [value.strip() for name, value in fields if name == b"event"]
-        if data:
-            events.append(((names or [b"message"])[-1].decode(),
-                           strict_json(b"\n".join(data).decode())))
+        if data and names:
+            events.append((names[-1].decode(), strict_json(b"\n".join(data).decode())))
     return events
 
 
