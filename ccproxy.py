@@ -7966,25 +7966,41 @@ def openai_tool_call(block: dict, quirks: dict, signature: str | None, first: bo
     return call
 
 
-def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list:
-    """A user turn: one tool message per answered call first (Chat Completions wants them
-    right after the calls), then the turn's other content."""
-    answered, tool_messages, extra_parts = set(), [], []
-    awaited = set(open_calls)
+def matched_tool_results(blocks, open_calls: list, quirks: dict, where: str) -> tuple:
+    """(each tool_result of a user turn as (the open call it answers, or None, the block, its
+    text, its images and documents), the open calls none answers). The first result for an
+    open call answers it; another, or one for no open call, answers none."""
+    matched, answered, awaited = [], set(), set(open_calls)
     for position, block in enumerate(blocks):
         if block.get("type") != "tool_result":
             continue
         call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
         text, media = tool_result_text_and_media(block, quirks, "%s[%d]" % (where, position))
-        if call_id in awaited and call_id not in answered:
+        answers = call_id in awaited and call_id not in answered
+        if answers:
             answered.add(call_id)
+        matched.append((call_id if answers else None, block, text, media))
+    return matched, [call_id for call_id in open_calls if call_id not in answered]
+
+
+def unanswering_result_text(block: dict, text: str) -> str:
+    """A tool result that answers no open call, as text of the user's turn."""
+    return "[tool result %s]\n%s" % (block.get("tool_use_id"), text)
+
+
+def openai_user_turn(blocks, open_calls: list, quirks: dict, where: str) -> list:
+    """A user turn: one tool message per answered call first (Chat Completions wants them
+    right after the calls), then the turn's other content."""
+    results, unanswered = matched_tool_results(blocks, open_calls, quirks, where)
+    tool_messages, extra_parts = [], []
+    for call_id, block, text, media in results:
+        if call_id is not None:
             tool_messages.append({"role": "tool", "tool_call_id": call_id, "content": [
                 cached_text_part(text, block)] if quirks.get("cache_control") else text})
         else:
-            extra_parts.append({"type": "text", "text": "[tool result %s]\n%s"
-                                % (block.get("tool_use_id"), text)})
+            extra_parts.append({"type": "text", "text": unanswering_result_text(block, text)})
         extra_parts.extend(media)
-    tool_messages += missing_tool_results([c for c in open_calls if c not in answered])
+    tool_messages += missing_tool_results(unanswered)
     parts = extra_parts + openai_user_parts(
         [b for b in blocks if b.get("type") != "tool_result"], quirks, where)
     result = tool_messages
@@ -8981,22 +8997,16 @@ def responses_reasoning_signature(item: dict) -> str:
 def responses_user_items(blocks, open_calls: list, quirks: dict, where: str) -> list:
     """A user turn: a function_call_output per answered call (images in it too), then the
     turn's other content as one user message."""
-    items, answered, parts = [], set(), []
-    awaited = set(open_calls)
-    for position, block in enumerate(blocks):
-        if block.get("type") != "tool_result":
-            continue
-        call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
-        text, media = tool_result_text_and_media(block, quirks, "%s[%d]" % (where, position))
-        output = [{"type": "input_text", "text": text}] + [
-            responses_part(part) for part in media] if media else text
-        if call_id in awaited and call_id not in answered:
-            answered.add(call_id)
+    results, unanswered = matched_tool_results(blocks, open_calls, quirks, where)
+    items, parts = [], []
+    for call_id, block, text, media in results:
+        if call_id is not None:
+            output = [{"type": "input_text", "text": text}] + [
+                responses_part(part) for part in media] if media else text
             items.append({"type": "function_call_output", "call_id": call_id, "output": output})
         else:
-            parts.append({"type": "input_text", "text": "[tool result %s]\n%s" % (
-                block.get("tool_use_id"), text)})
-    items += responses_missing_outputs([c for c in open_calls if c not in answered])
+            parts.append({"type": "input_text", "text": unanswering_result_text(block, text)})
+    items += responses_missing_outputs(unanswered)
     parts += [responses_part(part) for part in openai_user_parts(
         [b for b in blocks if b.get("type") != "tool_result"], quirks, where)]
     if parts or not items:
