@@ -668,8 +668,9 @@ def expand_env_references(value, path: str, source: str, environ):
 
 
 def join_key(path: str, key: str) -> str:
-    """A dotted key path: join_key("performance", "port") is "performance.port"."""
-    return "%s.%s" % (path, key) if path else key
+    """A key path: join_key("performance", "port") is "performance.port", and
+    join_key("api_keys", "[1]") is "api_keys[1]"."""
+    return "%s%s%s" % (path, "" if key.startswith("[") else ".", key) if path else key
 
 
 def parse_duration(value, zero: bool = False) -> float:
@@ -1360,6 +1361,9 @@ PERFORMANCE_SWITCHES = ("metrics_enabled", "rate_limit_enabled", "circuit_breake
 # Never echoed in a message.
 SECRET_KEYS = ("apikey", "admin_key", "api_key", "api_keys", "headers")
 CONTROL_CHARACTER_RE = re.compile(r"[\x00-\x1f\x7f]")
+NOT_PRINTABLE_ASCII_RE = re.compile(r"[^\x20-\x7e]")
+# $NAME (a shell's) or %NAME% (Windows'), written where ccproxy reads ${NAME}.
+SHELL_VARIABLE_RE = re.compile(r"(?:\$([A-Za-z_]\w*)|%([A-Za-z_]\w*)%)\Z")
 HTTP_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
@@ -1408,12 +1412,15 @@ class ConfigChecker:
 
     def secret(self, section: dict, key: str, path: str) -> str | None:
         """A key or header value: a string, surrounding whitespace (a pasted newline) removed,
-        with no control character inside."""
+        then refused for what secret_problem() finds."""
         value = self.typed(section, key, path, str, "a string")
         if value is None:
             return None
         value = value.strip()
-        return value if self.plain(join_key(path, key), value) else None
+        problem = secret_problem(value)
+        if problem:
+            self.fail(join_key(path, key), problem)
+        return None if problem else value
 
 
 # 3.3.1 Values, and the top level: client keys, performance, access
@@ -1427,6 +1434,22 @@ def control_character_problem(text: str) -> str | None:
         return None
     return "must not contain control characters (U+%04X at position %d)" % (
         ord(match.group()), match.start())
+
+
+def secret_problem(text: str) -> str | None:
+    """Why text cannot be a key or a header value, by position only (it may be a secret): a
+    control character; any other character outside printable ASCII, which HTTP cannot send
+    (a space of zero width or a typographic dash, pasted from a web page); or a shell's
+    variable, which ccproxy does not read."""
+    match = NOT_PRINTABLE_ASCII_RE.search(text)
+    if match is not None and CONTROL_CHARACTER_RE.match(match.group()) is None:
+        return ("must be printable ASCII (U+%04X at position %d is not: pasted from a web "
+                "page?)" % (ord(match.group()), match.start()))
+    variable = SHELL_VARIABLE_RE.match(text)
+    if variable is not None:
+        return "is the name of a variable: write ${%s} for ccproxy to read it from the " \
+            "environment" % (variable.group(1) or variable.group(2))
+    return control_character_problem(text)
 
 
 def base_url_problem(url) -> str | None:
@@ -1681,17 +1704,28 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
     clean_openai_fields(checker, fields, path)
 
 
+def provider_key(checker: ConfigChecker, section: dict, key: str, path: str) -> str | None:
+    """One of a provider's keys, as checker.secret() takes it, without a scheme before it
+    (ccproxy writes the one the provider's API asks for)."""
+    value = checker.secret(section, key, path)
+    if value and value[:7].lower() == "bearer ":
+        checker.fail(join_key(path, key), "starts with \"Bearer \": give the key alone "
+                     "(ccproxy adds what the provider's API asks for)")
+        return None
+    return value
+
+
 def provider_keys(checker: ConfigChecker, fields: dict, path: str) -> list:
     """The provider's keys: api_key alone, or the api_keys pool (not both), each cleaned."""
     if fields["api_keys"] is None:
-        key = checker.secret(fields, "api_key", path)
+        key = provider_key(checker, fields, "api_key", path)
         return [key] if key else []
     if fields["api_key"]:
         checker.fail(path + ".api_keys", "give api_key or api_keys, not both")
     pool = checker.typed(fields, "api_keys", path, list, "a list of keys") or []
-    keys = [checker.secret({"[%d]" % n: key}, "[%d]" % n, path + ".api_keys")
+    keys = [provider_key(checker, {"[%d]" % n: key}, "[%d]" % n, path + ".api_keys")
             for n, key in enumerate(pool)]
-    if not pool or not all(keys):
+    if not pool or "" in keys:
         checker.fail(path + ".api_keys", "must be a list of non-empty keys")
     elif len(set(keys)) < len(keys):
         checker.fail(path + ".api_keys", "lists one key twice")
@@ -2562,8 +2596,9 @@ class ProxyServer:
 
     @property
     def url(self) -> str:
-        host, port = self.app.listen_address
-        return "http://%s:%d" % ("[%s]" % host if ":" in host else host, port)
+        """The URL a client on this machine uses, the port really bound (loopback for a
+        wildcard host)."""
+        return client_url(*self.app.listen_address)
 
     async def start(self) -> None:
         """Bind and listen; raises OSError when the address cannot be bound."""
@@ -11140,8 +11175,8 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
 
     def on_ready(ready: ProxyServer) -> None:
         write_pidfile(pidfile_record(ready, config, started_by))
-        log.info("ccproxy %s listening on %s (pid %d, config: %s)", __version__, ready.url,
-                 os.getpid(), config.source or "built-in defaults")
+        log.info("ccproxy %s listening on %s (pid %d, config: %s)", __version__,
+                 listening_on(ready), os.getpid(), config.source or "built-in defaults")
         tune_garbage_collector()
 
     stop_lock = StartLock()       # held from a decision to stop for want of sessions
@@ -11191,7 +11226,7 @@ def serving_warnings(config: Config) -> list:
         notes.append("no provider configured: /v1/messages will answer 400 until one is added")
     if not names_loopback(config.host) and not config.client_keys_in_use:
         notes.append("bound to %s without an apikey: only loopback clients will be served; set "
-                     "apikey (or client_keys) to accept others" % config.host)
+                     "apikey (or client_keys) to accept others" % bound_address(config.host))
     return notes
 
 
@@ -11533,6 +11568,24 @@ def pidfile_record(server: ProxyServer, config: Config, started_by: str) -> dict
 # -----------------------------------------------------------------------------
 # 11.3 The background server: found, started, stopped
 # -----------------------------------------------------------------------------
+
+WILDCARD_HOSTS = {"": "every address, IPv4 and IPv6", "0.0.0.0": "every IPv4 address",
+                  "::": "every IPv6 address"}
+
+
+def bound_address(host: str) -> str:
+    """host as an operator reads it: a wildcard said in words."""
+    return "%s (%s)" % (host or '""', WILDCARD_HOSTS[host]) if host in WILDCARD_HOSTS else host
+
+
+def listening_on(server) -> str:
+    """Where the server listens, for its first log line: its URL, and for a wildcard host the
+    addresses it covers and the URL this machine's clients use."""
+    host, port = server.app.listen_address
+    if host not in WILDCARD_HOSTS:
+        return server.url
+    return "port %d of %s; on this machine %s" % (port, bound_address(host), server.url)
+
 
 def client_url(host: str, port: int) -> str:
     """The URL a client on this machine uses: a wildcard bind is reached on loopback."""

@@ -622,3 +622,13 @@ def page_server(pages: dict, visits: list = None):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def ipv6_loopback_available() -> bool:
+    """Whether this machine can bind ::1 (some containers have no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

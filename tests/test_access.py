@@ -1,13 +1,12 @@
 """Access: the loopback rule, the proxy key, the allow-list; peers of every address family."""
 from __future__ import annotations
 
-import socket
 
 import anthropic
 import pytest
 
 import ccproxy
-from helpers import anthropic_provider, raw_exchange
+from helpers import anthropic_provider, ipv6_loopback_available, raw_exchange
 
 
 def decide(peername, raw=None, headers=(), path="/v1/messages"):
@@ -125,15 +124,6 @@ def test_refused_peer_over_the_wire_gets_403(start_proxy):
     proxy = start_proxy({"security": {"allowed_ips": ["127.0.0.99/32"]}})
     reply = raw_exchange(proxy.port, b"GET /status HTTP/1.0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 403") and b'"permission_error"' in reply
-
-
-def ipv6_loopback_available():
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not ipv6_loopback_available(), reason="this machine has no IPv6 loopback")

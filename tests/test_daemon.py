@@ -19,8 +19,8 @@ import anthropic
 import pytest
 
 import ccproxy
-from helpers import (REPO, anthropic_message, anthropic_provider, json_reply, open_stream,
-                      read_to_end, stream_reply, wait_until)
+from helpers import (REPO, anthropic_message, anthropic_provider, ipv6_loopback_available,
+                      json_reply, open_stream, read_to_end, stream_reply, wait_until)
 
 SCRIPT = str(REPO / "ccproxy.py")
 
@@ -118,8 +118,8 @@ def test_a_background_start_says_on_the_terminal_what_it_will_refuse(home):
     assert started.returncode == 0 and h.healthy()
     assert "ccproxy: warning: no provider configured: /v1/messages will answer 400 until one " \
         "is added" in started.stderr
-    assert "ccproxy: warning: bound to 0.0.0.0 without an apikey: only loopback clients will " \
-        "be served" in started.stderr
+    assert "ccproxy: warning: bound to 0.0.0.0 (every IPv4 address) without an apikey: only " \
+        "loopback clients will be served" in started.stderr
     assert h.run("stop").returncode == 0
 
 
@@ -197,6 +197,26 @@ def test_status_says_why_it_cannot_show_providers(home):
         assert "providers not shown" not in shown and re.search(r"anthropic +anthropic", shown)
     finally:
         h.run("stop")
+
+
+def test_a_wildcard_host_is_said_in_words_and_reached_on_loopback(home):
+    """host "" binds every address of both families; its log line and URL had read
+    "http://:PORT", a URL no client can use, and the warning "bound to  without"."""
+    h = home(host="")
+    assert h.run("start").returncode == 0
+    try:
+        port = json.loads((h.path / ".ccproxy" / "ccproxy.pid").read_text())["port"]
+        assert urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=5).status == 200
+        if ipv6_loopback_available():
+            assert urllib.request.urlopen("http://[::1]:%d/health" % port, timeout=5).status == 200
+    finally:
+        h.run("stop")
+    text = (h.path / ".ccproxy" / "ccproxy.log").read_text()
+    assert 'listening on port %d of "" (every address, IPv4 and IPv6); on this machine ' \
+        "http://127.0.0.1:%d " % (port, port) in text
+    assert 'bound to "" (every address, IPv4 and IPv6) without an apikey' in text
+    with ccproxy.serve_in_thread({}, host="0.0.0.0") as proxy:
+        assert proxy.url == "http://127.0.0.1:%d" % proxy.app.listen_address[1]
 
 
 def test_detached_proxy_logs_to_its_log_file(home):

@@ -89,6 +89,42 @@ def test_control_characters_are_refused_naming_the_key_never_its_value(field, va
     assert "sk-abc" not in message and "Injected" not in message
 
 
+@pytest.mark.parametrize("field, value, key_path, problem", [
+    ("api_key", "sk-abc-0123456789\u200b", "providers[0].api_key",
+     "must be printable ASCII (U+200B at position 17 is not: pasted from a web page?)"),
+    ("api_key", "sk-abc\u20140123456789", "providers[0].api_key", "U+2014 at position 6"),
+    ("api_key", "sk-ab\u00e9-0123456789", "providers[0].api_key", "U+00E9 at position 5"),
+    ("api_keys", ["sk-abc-0123456789", "Bearer sk-abc-9876543210"], "providers[0].api_keys[1]",
+     'starts with "Bearer ": give the key alone'),
+    ("api_key", "bearer sk-abc-0123456789", "providers[0].api_key", 'starts with "Bearer "'),
+    ("api_key", "$OPENAI_API_KEY", "providers[0].api_key",
+     "is the name of a variable: write ${OPENAI_API_KEY} for ccproxy to read it"),
+    ("api_key", "%OPENAI_API_KEY%", "providers[0].api_key", "write ${OPENAI_API_KEY}"),
+    ("headers", {"X-Team": "sk-abc\u00a0team"}, "providers[0].headers.X-Team", "U+00A0"),
+])
+def test_a_key_http_cannot_send_is_refused_saying_why(field, value, key_path, problem):
+    """A key with a character HTTP cannot send had passed the check, and every request then
+    failed with a 502 'cannot reach' the provider; one HTTP can send but the provider cannot
+    read ("Bearer sk-...", "$OPENAI_API_KEY") failed as a refused key. Each is refused at load,
+    naming the key path, never its value."""
+    provider = {"name": "p", "type": "openai", "api_base_url": "http://127.0.0.1:9/v1"}
+    provider[field] = value
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"providers": [provider]}, "config.json", {})
+    message = str(caught.value)
+    assert "config.json: %s: %s" % (key_path, problem) in message or (
+        "config.json: %s:" % key_path in message and problem in message)
+    assert "sk-abc" not in message
+
+
+def test_a_key_with_spaces_inside_is_still_a_key_for_clients():
+    """Client keys may be pass phrases: only what HTTP cannot send is refused there."""
+    config = ccproxy.build_config({"apikey": "correct horse battery staple"}, "c.json", {})
+    assert config.apikey == "correct horse battery staple"
+    with pytest.raises(ccproxy.ConfigError, match="c.json: admin_key: must be printable ASCII"):
+        ccproxy.build_config({"admin_key": "admin-key-0123456789\u200b"}, "c.json", {})
+
+
 def test_the_proxy_keys_are_stripped_and_checked_too():
     config = ccproxy.build_config({"apikey": " client-key\n", "admin_key": "\tadmin-key "},
                                   "c.json", {})
