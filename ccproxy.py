@@ -1469,6 +1469,9 @@ def base_url_problem(url) -> str | None:
         parts.port
     except ValueError:
         return "has an invalid port: %s" % json.dumps(url)
+    if not parts.path.isascii():
+        return "must be ASCII in its path (HTTP sends no other): percent-encode %s" % \
+            json.dumps(parts.path, ensure_ascii=False)
     return None
 
 

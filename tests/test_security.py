@@ -117,6 +117,17 @@ def test_a_key_http_cannot_send_is_refused_saying_why(field, value, key_path, pr
     assert "sk-abc" not in message
 
 
+def test_a_key_http_cannot_send_is_refused_through_the_management_api_too(managed):
+    proxy, path = managed
+    before = path.read_text()
+    status, error = manage(proxy, "post", "/providers", {
+        "name": "x", "type": "anthropic", "api_base_url": "http://127.0.0.1:9",
+        "api_key": "sk-abc-0123456789\u200b"})
+    assert status == 400 and "provider.api_key: must be printable ASCII (U+200B at position " \
+        "17" in error["error"]["message"]
+    assert path.read_text() == before and "sk-abc" not in json.dumps(error)
+
+
 def test_a_key_with_spaces_inside_is_still_a_key_for_clients():
     """Client keys may be pass phrases: only what HTTP cannot send is refused there."""
     config = ccproxy.build_config({"apikey": "correct horse battery staple"}, "c.json", {})
@@ -284,6 +295,7 @@ def test_env_references_from_a_client_are_refused_never_expanded(managed, second
     ("http://user:pw@127.0.0.1:9", "must not hold a user name or password"),
     ("http://127.0.0.1:99999", "has an invalid port"),
     ("http://127.0.0.1:9/a b", "must not contain spaces"),
+    ("http://127.0.0.1:9/v1\u00e9", "must be ASCII in its path"),
 ])
 def test_base_urls_are_plain_origins_with_a_path(managed, url, problem):
     proxy, _ = managed
