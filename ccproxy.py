@@ -717,7 +717,8 @@ def find_config_file(explicit: str | None, environ, notes: list) -> str | None:
     if named:
         path = os.path.expanduser(named)
         if not os.path.isfile(path):
-            raise ConfigError("%s: config file not found" % named)
+            raise ConfigError("%s: %s" % (named, "a directory, not a config file"
+                                          if os.path.isdir(path) else "config file not found"))
         return os.path.abspath(path)        # written back later, whatever the working directory
     found, skipped = None, None
     for candidate in CONFIG_SEARCH_PATHS:
@@ -1673,7 +1674,9 @@ def provider_name(checker: ConfigChecker, entry: dict, path: str) -> str | None:
 def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> None:
     """The type and shape of each provider field, preset defaults included; the key and the
     header values are stripped of surrounding whitespace in fields."""
-    problem = base_url_problem(fields["api_base_url"])
+    problem = base_url_problem(fields["api_base_url"]) if fields["api_base_url"] is not None \
+        else "missing: give the provider's API address, or name the provider after a preset " \
+             "(%s) for its own" % ", ".join(sorted(PROVIDER_PRESETS))
     if problem:
         checker.fail(path + ".api_base_url", problem)
     fields["api_keys"] = provider_keys(checker, fields, path)

@@ -216,6 +216,19 @@ def test_file_search_order(tmp_path, monkeypatch):
 def test_named_config_that_does_not_exist_is_an_error(tmp_path):
     with pytest.raises(ccproxy.ConfigError, match="missing.json: config file not found"):
         ccproxy.load_config(str(tmp_path / "missing.json"), environ={})
+    with pytest.raises(ccproxy.ConfigError, match=": a directory, not a config file"):
+        ccproxy.load_config(str(tmp_path), environ={})
+
+
+def test_a_provider_that_is_no_preset_needs_its_address_and_is_told_so():
+    """It had read 'api_base_url: not an http(s) URL: null'."""
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.build_config({"providers": [{"name": "work", "type": "openai", "api_key": "k"}]},
+                             "c.json", {})
+    assert "c.json: providers[0].api_base_url: missing: give the provider's API address, or " \
+        "name the provider after a preset (anthropic, deepseek," in str(caught.value)
+    named = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c.json", {})
+    assert named.providers[0].base_url == "https://api.openai.com/v1"
 
 
 def test_load_config_expands_env_in_the_file(tmp_path):
