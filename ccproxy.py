@@ -3530,6 +3530,7 @@ class ProxyApp:
                                 "it. Save the converted config that `start --check` prints as "
                                 "the config file, then change providers" % (
                                     self.config.source, self.config.converted_from))
+        self.take_edits_on_disk()
         content = json.loads(json.dumps(self.config.file_content))
         change(content)
         path = self.config.source or os.path.join(ccproxy_home(), "config.json")
@@ -3542,6 +3543,22 @@ class ProxyApp:
         write_private_file(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         self.swap_config(config)
         return config
+
+    def take_edits_on_disk(self) -> None:
+        """Load the config file again when it was edited since it was read (the file watch
+        has not seen it yet), so that a change made through the API keeps the edit instead of
+        writing over it; an edit that left the file invalid is refused (409)."""
+        current = file_signature(self.config.source)
+        if current is None or current == self.config_signature:
+            return
+        try:
+            config = load_config(self.config.source, self.config.environ, self.config.flags)
+        except ConfigError as exc:
+            raise ConflictError("the config file was edited and is not valid now; fix it, then "
+                                "make the change: %s" % exc) from None
+        self.swap_config(config)
+        log.info("configuration reloaded from %s before a change through the management API",
+                 config.source)
 
     def reload_config(self) -> bool:
         """Read the config file again; an invalid one is refused and the old one stays."""

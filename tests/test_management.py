@@ -94,6 +94,26 @@ def test_create_get_replace_delete_round_trip_survives_a_restart(managed, second
     assert [p["name"] for p in json.loads(managed.path.read_text())["providers"]] == ["main"]
 
 
+def test_a_change_keeps_an_edit_of_the_file_the_watch_has_not_seen_yet(managed, second_upstream):
+    """The file watch looks every two seconds: a change through the API in between had
+    written the file from the config in memory, and the edit was lost without a word."""
+    proxy = managed()
+    managed.path.write_text(managed.path.read_text().replace('"routes": {', '"routes": {'
+        '"background": {"provider": "main", "model": "claude-main"}, '))
+    status, _ = call(proxy, "post", "/providers", dict(NEW, api_base_url=second_upstream.url))
+    written = json.loads(managed.path.read_text())
+    assert status == 200 and [p["name"] for p in written["providers"]] == ["main", "second"]
+    assert written["routes"]["background"] == {"provider": "main", "model": "claude-main"}
+
+    managed.path.write_text(managed.path.read_text().replace('"routes"', '"routes": 5, "x"'))
+    before = managed.path.read_text()
+    status, error = call(proxy, "delete", "/providers/second")
+    assert status == 409 and error["error"]["message"].startswith(
+        "the config file was edited and is not valid now; fix it, then make the change: ")
+    assert managed.path.read_text() == before
+    assert call(proxy, "get", "/providers/second")[0] == 200       # the running config stays
+
+
 @pytest.mark.parametrize("body, problem", [
     ({"name": "x", "type": "anthropic", "api_base_url": "ftp://nope"},
      "request body: provider.api_base_url: not an http(s) URL"),
