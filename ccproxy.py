@@ -11213,7 +11213,7 @@ def run_foreground(config: Config, detached: bool = False, started_by: str = "fo
     try:
         asyncio.run(main_task())
     except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+        log.error("%s", listen_problem(config.host, config.port, exc))
         return 1
     except KeyboardInterrupt:
         pass
@@ -11721,12 +11721,22 @@ def port_problem(host: str, port: int) -> str | None:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-            return ("port %d on %s is already in use (another program, or another user's "
-                    "ccproxy, listens there): choose another with --port or the config's "
-                    "`port`" % (port, host))
-        return "cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc)
+        return listen_problem(host, port, exc)
     return None
+
+
+def listen_problem(host: str, port: int, exc: OSError) -> str:
+    """What to do about a failure to listen on host:port."""
+    if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+        return ("port %d on %s is already in use (another program, or another user's "
+                "ccproxy, listens there): choose another with --port or the config's "
+                "`port`" % (port, host))
+    if exc.errno in (errno.EACCES, getattr(errno, "WSAEACCES", -1)):
+        return ("port %d on %s is not this user's to take (ports under 1024 need privileges "
+                "on most systems): choose one from 1024 up with --port or the config's "
+                "`port`" % (port, host))
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return "cannot listen on %s:%d: %s" % (host, port, reason)
 
 
 def detach_options() -> dict:
