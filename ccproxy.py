@@ -2596,8 +2596,9 @@ class ProxyServer:
         self._open_connections = 0
         self._pause_logged_at = -PAUSE_LOG_SECONDS
         self._loop = None
-        self._stopping = None
+        self._stopping = self._cut = None
         self._grace = None            # seconds in-flight answers get on stop (None: the config's)
+        self._stop_asked = False      # a second stop() cuts what is in flight
         self._connections = {}        # task -> ClientConnection
 
     @property
@@ -2610,7 +2611,7 @@ class ProxyServer:
         """Bind and listen; raises OSError when the address cannot be bound."""
         config = self.app.config
         self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+        self._stopping, self._cut = asyncio.Event(), asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._listeners = open_listeners(config.host, config.port)
@@ -2688,12 +2689,16 @@ class ProxyServer:
     def stop(self, grace: float | None = None) -> None:
         """Ask the server to stop, letting answers in flight finish for `grace` seconds (default
         performance.shutdown_timeout); safe from any thread and from signal handlers. serve()
-        returns once the server has drained. /ready answers 503 from now on."""
-        self._grace = grace
+        returns once the server has drained. /ready answers 503 from now on. Asked again
+        (a second Ctrl-C), it cuts what is still in flight at once."""
+        again = self._stop_asked
+        if not again:
+            self._grace = grace
         self.app.phase = "draining"
         if self._loop is not None and self._stopping is not None:
+            self._stop_asked = True
             try:
-                self._loop.call_soon_threadsafe(self._stopping.set)
+                self._loop.call_soon_threadsafe((self._cut if again else self._stopping).set)
             except RuntimeError:          # the loop has already ended: nothing to stop
                 pass
 
@@ -2723,14 +2728,18 @@ class ProxyServer:
         shutdown_timeout, then cut what is left. First, for performance.drain_delay, it goes on
         serving as before, so that a balancer probing /ready has seen the 503 when it stops."""
         if self._grace is None and self.app.config.drain_delay:
-            await asyncio.sleep(self.app.config.drain_delay)
+            await self._unless_cut(asyncio.sleep(self.app.config.drain_delay),
+                                   self.app.config.drain_delay)
         self._stop_accepting()
         self.app.draining = True
         for connection in list(self._connections.values()):
             connection.close_if_idle()
         if self._connections:
-            await asyncio.wait(list(self._connections), timeout=self.app.config.shutdown_timeout
-                               if self._grace is None else self._grace)
+            grace = self.app.config.shutdown_timeout if self._grace is None else self._grace
+            log.info("stopping: %d open connection%s may finish within %g s; stop again "
+                     "(Ctrl-C) to cut them now", len(self._connections),
+                     "s" if len(self._connections) > 1 else "", grace)
+            await self._unless_cut(asyncio.wait(list(self._connections)), grace)
         self.app.close("ccproxy is shutting down; the answer was cut")
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=STOP_MARGIN_SECONDS / 2)
@@ -2740,6 +2749,19 @@ class ProxyServer:
             await asyncio.wait(list(self._connections), timeout=5)
         await asyncio.gather(*self._accepting, return_exceptions=True)
         stop_keeping_usage(self.app)
+
+
+    async def _unless_cut(self, waiting, seconds: float) -> None:
+        """Await waiting for at most seconds, or until stop() is asked again."""
+        waiting, cut = asyncio.ensure_future(waiting), asyncio.ensure_future(self._cut.wait())
+        try:
+            await asyncio.wait([waiting, cut], timeout=seconds,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            cut.cancel()
+        if self._cut.is_set():
+            log.info("stopping now: what was still in flight is cut")
 
 
 class ProxyThread:

@@ -339,6 +339,29 @@ def test_stop_lets_an_active_stream_finish_and_says_what_it_waits_for(home, upst
     assert not h.pidfile.exists()
 
 
+def test_a_second_ctrl_c_cuts_what_the_first_lets_finish(home, upstream):
+    """A foreground proxy stopped with a stream in flight had waited out shutdown_timeout in
+    silence, a second Ctrl-C doing nothing: the terminal looked hung for half a minute."""
+    h = home(performance={"shutdown_timeout": "20s"})
+    reply = stream_reply(pause_before=3)
+    upstream.script = lambda r: reply
+    assert h.run("start").returncode == 0
+    pid, log_file = h.record()["pid"], h.path / ".ccproxy" / "ccproxy.log"
+    sock, received = open_stream(h.port)
+    os.kill(pid, signal.SIGINT)
+    assert wait_until(lambda: "stopping: 1 open connection may finish within 20 s; stop again "
+                      "(Ctrl-C) to cut them now" in log_file.read_text(), 10)
+    assert ccproxy.process_alive(pid)                       # the first lets the stream go on
+    os.kill(pid, signal.SIGINT)
+    received = read_to_end(sock, received)
+    sock.close()
+    assert wait_until(lambda: not ccproxy.process_alive(pid), 10)
+    assert received.rstrip().endswith(b'"message": "ccproxy is shutting down; the answer was '
+                                      b'cut"}}') and b"message_stop" not in received
+    assert "stopping now: what was still in flight is cut" in log_file.read_text()
+    reply.release.set()
+
+
 def test_vendored_under_another_name_every_command_works(home, tmp_path):
     copy = tmp_path / "tools" / "llm_gateway.py"          # no "ccproxy" in its name or folder
     copy.parent.mkdir()
