@@ -12523,8 +12523,14 @@ def cmd_env(args) -> int:
               file=sys.stderr)
     url = record["url"] if record else client_url(config.host, config.port)
     shell = args.shell or default_shell(os.environ)
-    print(render_environment(claude_variables(url, config, os.environ), CLAUDE_UNSET_VARIABLES,
-                             shell))
+    variables = claude_variables(url, config, os.environ)
+    unquotable = [name for name, value in variables.items()
+                  if shell == "cmd" and CMD_UNQUOTABLE_RE.search(value)]
+    if unquotable:
+        print("ccproxy: %s holds a character cmd cannot set as it is written (\", %% or !): use "
+              "--shell powershell" % ", ".join(unquotable), file=sys.stderr)
+        return 2
+    print(render_environment(variables, CLAUDE_UNSET_VARIABLES, shell))
     for path, names in overriding_settings_files():
         print("ccproxy: warning: %s sets %s, which Claude Code applies over this environment: "
               "remove it there, or run Claude Code with `%s code`, which overrides it" % (
@@ -12692,6 +12698,9 @@ SHELL_RENDERERS = {
                    lambda k: "Remove-Item Env:%s -ErrorAction SilentlyContinue" % k),
     "cmd": (lambda k, v: 'set "%s=%s"' % (k, v), lambda k: "set %s=" % k),
 }
+
+
+CMD_UNQUOTABLE_RE = re.compile(r'["%!]')   # cmd ends a quote at ", expands %NAME% and !NAME!
 
 
 def shell_quote(value: str) -> str:

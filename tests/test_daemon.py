@@ -717,6 +717,18 @@ def test_env_syntax_for_each_shell(home, shell, expected):
     assert "ANTHROPIC_BASE_URL" in output and "API_TIMEOUT_MS" in output
 
 
+@pytest.mark.parametrize("key", ['a"b & calc & "-0123', "abc%PATH%-0123", "abc!x!-0123"])
+def test_env_for_cmd_refuses_a_value_cmd_would_change_or_run(home, key):
+    """cmd ends set "K=..." at a quote (the rest runs as commands) and expands %NAME% (and
+    !NAME!) inside it: such a key had been written as it is, wrong or worse."""
+    h = home(apikey=key)
+    result = h.run("env", "--shell", "cmd")
+    assert result.returncode == 2 and "set " not in result.stdout
+    assert "ccproxy: ANTHROPIC_AUTH_TOKEN holds a character cmd cannot set as it is written " \
+        '(", % or !): use --shell powershell' in result.stderr
+    assert key.replace("'", "''") in h.run("env", "--shell", "powershell").stdout
+
+
 def test_env_warns_of_claude_settings_files_that_would_send_it_elsewhere(home):
     h = home()
     for folder in (h.path / ".claude", h.path / "project" / ".claude"):
