@@ -5150,6 +5150,14 @@ def take_subagent_tag(body: dict) -> str | None:
     return None
 
 
+def no_provider_problem(config: Config) -> str:
+    """What to do when no provider is enabled: add one, or enable one."""
+    where = config.source or "a config file (see --help)"
+    if config.providers:
+        return "every provider in %s is disabled (\"enabled\": false); enable one" % where
+    return "ccproxy has no enabled provider; add one to %s" % where
+
+
 def plan_route(config: Config, body: dict, headers: Headers, subagent_choice=None) -> list:
     """Every (provider, model, route) to try, best first.
 
@@ -5174,8 +5182,7 @@ def plan_route(config: Config, body: dict, headers: Headers, subagent_choice=Non
         first = enabled[0]
         plan = [Routing(first, first.models[0] if first.models else requested, "first")]
     if not plan:
-        raise InvalidRequestError("ccproxy has no enabled provider; add one to %s"
-                                  % (config.source or "a config file (see --help)"))
+        raise InvalidRequestError(no_provider_problem(config))
     if config.failover["other_providers"]:
         tried = {routing.provider.name for routing in plan}
         plan += [Routing(p, p.models[0] if p.models else requested, "failover")
@@ -11269,6 +11276,9 @@ def serving_warnings(config: Config) -> list:
     notes = []
     if not config.providers:
         notes.append("no provider configured: /v1/messages will answer 400 until one is added")
+    elif not config.enabled_providers():
+        notes.append("every provider is disabled: /v1/messages will answer 400 until one is "
+                     "enabled")
     if not names_loopback(config.host) and not config.client_keys_in_use:
         notes.append("bound to %s without an apikey: only loopback clients will be served; set "
                      "apikey (or client_keys) to accept others" % bound_address(config.host))

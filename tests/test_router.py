@@ -74,7 +74,8 @@ def test_route_names():
 
 def test_no_enabled_provider():
     config = ccproxy.build_config({"providers": [dict(PROVIDERS[2])]}, "config.json", {})
-    with pytest.raises(ccproxy.InvalidRequestError, match="no enabled provider"):
+    with pytest.raises(ccproxy.InvalidRequestError, match="every provider in config.json is "
+                       'disabled \\("enabled": false\\); enable one'):    # not "add one"
         ccproxy.route_request(config, {"model": "x"})
     assert ccproxy.route_request(config, {"model": "x"}, required=False) is None
 
