@@ -1540,6 +1540,33 @@ def failover_switches(value) -> dict:
     return dict(FAILOVER_DEFAULTS, **value)
 
 
+PERFORMANCE_DURATIONS = ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout",
+                         "shutdown_timeout", "drain_delay", "retry_budget",
+                         "circuit_breaker_cooldown")
+MILLISECONDS_LIKELY = 100000      # a bare number of seconds this large was meant in milliseconds
+
+
+def performance_durations(checker: ConfigChecker, section: dict) -> dict:
+    """performance.*'s durations in seconds; a bare number of over a day may have been meant in
+    milliseconds (as Claude Code's API_TIMEOUT_MS is), and the warning or error asks."""
+    durations = {}
+    for key in PERFORMANCE_DURATIONS:
+        raw, path = section[key], "performance." + key
+        bare = re.fullmatch(r"\d+(\.\d*)?", str(raw)) is not None
+        hint = "; was it meant in milliseconds?" if bare and float(raw) >= MILLISECONDS_LIKELY \
+            else ""
+        try:
+            durations[key] = parse_duration(raw, zero=key == "drain_delay")
+        except ValueError as exc:
+            checker.fail(path, "%s (use seconds or \"30s\", \"5m\"): %s%s" % (
+                exc, json.dumps(raw), hint))
+            continue
+        if hint:
+            checker.warn(path, "%s is %.1f days: durations are in seconds (or \"10m\", \"30s\")%s"
+                         % (json.dumps(raw), durations[key] / 86400, hint))
+    return durations
+
+
 def build_performance(checker: ConfigChecker, section) -> dict:
     """Validate performance.*; durations become seconds."""
     if not isinstance(section, dict):
@@ -1547,13 +1574,7 @@ def build_performance(checker: ConfigChecker, section) -> dict:
         return dict(DEFAULT_CONFIG["performance"])
     checker.unknown_keys(section, DEFAULT_CONFIG["performance"], "performance")
     checked = dict(section)
-    for key in ("request_timeout", "header_timeout", "keepalive_timeout", "body_timeout",
-                "shutdown_timeout", "drain_delay", "retry_budget", "circuit_breaker_cooldown"):
-        try:
-            checked[key] = parse_duration(section[key], zero=key == "drain_delay")
-        except ValueError as exc:
-            checker.fail("performance." + key, "%s (use seconds or \"30s\", \"5m\"): %s"
-                         % (exc, json.dumps(section[key])))
+    checked.update(performance_durations(checker, section))
     for key in ("max_request_body_size", "worker_threads", "rate_limit_rpm", "rate_limit_burst",
                 "circuit_breaker_threshold"):
         value = checker.typed(section, key, "performance", int, "a positive integer")

@@ -148,6 +148,9 @@ def test_presets_fill_base_url_and_protocol():
      "config.json: performance.request_timeout: must be 30 days or less"),
     ({"performance": {"keepalive_timeout": 1e12}},
      "config.json: performance.keepalive_timeout: must be 30 days or less"),
+    ({"performance": {"request_timeout": 3000000}},       # Claude Code's API_TIMEOUT_MS, copied
+     'config.json: performance.request_timeout: must be 30 days or less (use seconds or "30s", '
+     '"5m"): 3000000; was it meant in milliseconds?'),
     ({"performance": {"max_request_body_size": 0}},
      "config.json: performance.max_request_body_size: must be a positive integer"),
     ({"security": {"allowed_ips": ["10.0.0.0/33"]}},
@@ -160,6 +163,14 @@ def test_validation_names_file_and_key(raw, message):
     with pytest.raises(ccproxy.ConfigError) as caught:
         build(raw)
     assert message in str(caught.value)
+
+
+def test_a_duration_that_looks_like_milliseconds_warns():
+    config = build({"performance": {"request_timeout": "600000", "shutdown_timeout": 99999}})
+    assert config.warnings == [
+        'config.json: performance.request_timeout: "600000" is 6.9 days: durations are in seconds '
+        '(or "10m", "30s"); was it meant in milliseconds?']
+    assert config.request_timeout == 600000
 
 
 def test_validation_reports_every_problem_at_once():
