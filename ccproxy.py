@@ -157,6 +157,7 @@ MAX_FILE_LIMIT = 65536                           # the server raises its descrip
 LATENCY_BUCKETS_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 BODY_READ_SLICE_BYTES = 1024 * 1024
+LINGER_SECONDS = 2.0                             # an early answer: the rest of its request dropped
 UPSTREAM_READ_BYTES = 64 * 1024
 UPSTREAM_ERROR_BODY_BYTES = 64 * 1024
 MAX_ANSWER_BYTES = 64 * 1024 * 1024              # a whole answer, read at most this far
@@ -2965,6 +2966,7 @@ class ClientConnection:
         self._deadline = Deadline(asyncio.get_running_loop(), self._expire)
         self._timeout_error = None    # makes what a client out of time is told, if anything
         self._body_deadline = 0.0
+        self._request_left_unread = False   # answered before its body was read
         self.busy = False             # a request is being served
 
     def _peer_user(self) -> int | None:
@@ -2992,6 +2994,8 @@ class ClientConnection:
                     return
                 keep_open = await self._serve(head)
                 if not keep_open:
+                    if self._request_left_unread:
+                        await self._linger()
                     return
                 idle_timeout = self._app.config.keepalive_timeout
         except (ConnectionError, ClientDisconnected):
@@ -3000,6 +3004,24 @@ class ClientConnection:
             self._deadline.clear()
             self._reader.on_end = None
             self._writer.close()
+
+    async def _linger(self) -> None:
+        """After an answer given before the request was read whole: end the answer (a FIN),
+        then read and drop what the client still sends, for LINGER_SECONDS at most. Closed
+        with bytes unread, the connection would be reset, and a reset can take the answer out
+        of the client's buffers before it is read (Node's fetch then says ECONNRESET, not
+        413)."""
+        try:
+            await self._writer.drain()
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
+            self._arm(LINGER_SECONDS)
+            while await self._reader.read(BODY_READ_SLICE_BYTES):
+                pass
+        except (ConnectionError, ProxyError):
+            pass
+        finally:
+            self._disarm()
 
     def cancel_on_disconnect(self, callback) -> None:
         """Call callback() if the client closes its connection before its answer is done."""
@@ -3049,6 +3071,7 @@ class ClientConnection:
             self._disarm()
             await self._send_error(HeaderTooLargeError("request header block is larger than %d "
                                                        "bytes" % MAX_HEADER_BYTES))
+            await self._linger()
             return None
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
@@ -3089,6 +3112,8 @@ class ClientConnection:
                 log.exception("%s: internal error", request_id)
                 response = InternalError().response(request_id)
             keep_open = keeps_connection(request, response, body_read, app.draining)
+            self._request_left_unread = not body_read and (
+                request is None or not carries_no_body(request))
             await self._write_response(request, response, request_id, keep_open)
         finally:
             app.requests_active -= 1

@@ -354,6 +354,41 @@ def test_an_error_answer_before_a_body_is_read_closes_the_connection(start_proxy
     assert reply.count(b"HTTP/1.1 ") == 1 and b"connection: close" in reply.lower()
 
 
+@pytest.mark.parametrize("config, extra_head", [
+    ({"performance": {"max_request_body_size": 1000}}, b""),               # 413
+    ({"apikey": "the-proxy-key-0123456789"}, b"x-api-key: wrong\r\n"),      # 401
+])
+def test_an_early_answer_reaches_a_client_still_sending_its_body(start_proxy, config, extra_head):
+    """An answer given before the body is read had been followed by a close with the body
+    unread: the kernel then resets the connection, and the reset took the answer with it (0 of
+    10 here; Node's fetch, as Claude Code's, said 'write ECONNRESET', never 413). Now the rest
+    of the request is read and dropped before the close."""
+    proxy = start_proxy(config)
+    body = b"x" * 4000000
+    for _ in range(3):
+        reply = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Content-Length: %d\r\n%s\r\n%s" % (len(body), extra_head, body))
+        assert error_of(reply)[0] in (401, 413) and b"connection: close" in reply.lower()
+
+
+def test_the_rest_of_an_early_answered_request_is_read_for_a_while_only(start_proxy):
+    """The answer ends (the client reads its end at once) while the client goes on sending;
+    the connection is closed LINGER_SECONDS later, however much is still to come."""
+    proxy = start_proxy({"performance": {"max_request_body_size": 1000}})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 99999999\r\n\r\nxx")
+        reply = b""
+        while not reply.endswith(b"}"):
+            reply += sock.recv(65536)
+        assert error_of(reply)[0] == 413 and sock.recv(65536) == b""      # the answer's end
+        answered = time.monotonic()
+        with pytest.raises(OSError):
+            while time.monotonic() - answered < 8:
+                sock.sendall(b"x" * 1000)
+                time.sleep(0.05)
+    assert ccproxy.LINGER_SECONDS <= time.monotonic() - answered < ccproxy.LINGER_SECONDS + 3
+
+
 # --- decoders fed whatever a socket read returns -----------------------------------------------
 
 def split_at(data: bytes, cuts) -> list:
