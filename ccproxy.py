@@ -10646,6 +10646,7 @@ def answer_from_head(received: bytes, sent: SentRequest) -> http.client.HTTPResp
     file, response.fp = response.fp, None
     response.rest = file.read()
     response.pooled = (sent.key, sent.connection)
+    response.will_close = response.will_close or not sent.whole
     sent.connection._HTTPConnection__state = http.client._CS_IDLE
     return response
 
@@ -10986,7 +10987,8 @@ class ConnectionPool:
                 connection.close()
 
 
-SentRequest = collections.namedtuple("SentRequest", "key connection reused method")
+# whole: the request went out whole (else the provider cut it short, maybe answering first).
+SentRequest = collections.namedtuple("SentRequest", "key connection reused method whole")
 
 
 def open_pooled(handler, req, connection_class, **connection_options):
@@ -11016,17 +11018,32 @@ def open_pooled(handler, req, connection_class, **connection_options):
             call.attach_socket(connection.sock)
         connection.upstream_call = call
         try:
-            connection.request(req.get_method(), req.selector, req.data, headers)
+            whole = send_request(connection, req, headers, reuse)
             if req.answer_read_by_loop:
-                return SentRequest(key, connection, reuse, req.get_method())
+                return SentRequest(key, connection, reuse, req.get_method(), whole)
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             connection.close()
             if reuse and isinstance(exc, STALE_CONNECTION_ERRORS) and not call.cancelled:
                 continue
             raise urllib.error.URLError(exc) from None
+        response.will_close = response.will_close or not whole
         response.pooled = (key, connection)
         return response
+
+
+def send_request(connection, req, headers: dict, reused: bool) -> bool:
+    """Send req: True when it went out whole. False when the provider cut a fresh connection
+    short while it went out: it may have answered first (a 413 for a body too large), and the
+    answer is then read as any other. A pooled connection cut short had been closed meanwhile:
+    that raises, and the request goes again on a fresh one."""
+    try:
+        connection.request(req.get_method(), req.selector, req.data, headers)
+    except (BrokenPipeError, ConnectionResetError):
+        if reused:
+            raise
+        return False
+    return True
 
 
 STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError,

@@ -444,6 +444,37 @@ def test_an_answer_head_arriving_in_any_pieces_is_read_whole_by_the_event_loop(s
         provider.close()
 
 
+TOO_LARGE = (b'{"type":"error","error":{"type":"request_too_large","message":"Request exceeds '
+             b'the maximum allowed number of bytes."}}')
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+@pytest.mark.parametrize("reader", ["loop", "thread"])
+def test_an_answer_given_before_the_request_was_taken_whole_is_relayed(start_proxy, monkeypatch,
+                                                                       kind, reader):
+    """A provider that answers a request too large for it at once (a 413) and closes had made
+    the rest of the send fail ('Broken pipe', 'Connection reset'): the client got a 502 saying
+    the provider could not be reached, and failover moved on. The answer is read instead."""
+    if reader == "thread":
+        monkeypatch.setattr(ccproxy, "loop_watches_sockets", lambda loop: False)
+    provider = RawProvider(sent(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: "
+                                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                                    len(TOO_LARGE), TOO_LARGE)), read_request=False)
+    try:
+        proxy = start_proxy({"providers": [{"name": "raw", "type": kind, "api_key": PROVIDER_KEY,
+                                            "api_base_url": provider.url + "/v1",
+                                            "models": ["m"]}], "failover": False})
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            sdk(proxy).with_options(max_retries=0).messages.create(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "x" * 4000000}])
+        assert caught.value.status_code == 413
+        assert caught.value.body["error"]["type"] == "request_too_large"
+        assert "Request exceeds the maximum allowed number of bytes." in \
+            caught.value.body["error"]["message"]
+    finally:
+        provider.close()
+
+
 def test_an_answer_head_of_more_than_a_mebibyte_is_a_502(start_proxy):
     """A head that never ends (a misdirected base URL) is read no further than 1 MiB."""
     field = b"X-Filler: " + b"y" * 60000 + b"\r\n"
