@@ -3588,6 +3588,7 @@ class ProxyApp:
     def change_config_file(self, change) -> Config:
         """Apply change() to a copy of the config file's content, validate it like a config
         file, write it back (atomically, 0600) and put it live for new requests."""
+        self.take_edits_on_disk()
         managed = managed_elsewhere(self.config)
         if managed:
             raise PermissionDeniedError("the configuration is managed outside ccproxy (%s): "
@@ -3598,7 +3599,6 @@ class ProxyApp:
                                 "it. Save the converted config that `start --check` prints as "
                                 "the config file, then change providers" % (
                                     self.config.source, self.config.converted_from))
-        self.take_edits_on_disk()
         content = json.loads(json.dumps(self.config.file_content))
         change(content)
         path = self.config.source or os.path.join(ccproxy_home(), "config.json")

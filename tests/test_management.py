@@ -113,6 +113,14 @@ def test_a_change_keeps_an_edit_of_the_file_the_watch_has_not_seen_yet(managed, 
     assert managed.path.read_text() == before
     assert call(proxy, "get", "/providers/second")[0] == 200       # the running config stays
 
+    router = json.dumps({"Providers": [{"name": "mine", "api_base_url": second_upstream.url +
+                                        "/v1/chat/completions", "api_key": "sk-mine-0123456789",
+                                        "models": ["m1"]}], "Router": {"default": "mine,m1"}})
+    managed.path.write_text(router)           # now Claude Code Router's, which is never rewritten
+    status, error = call(proxy, "delete", "/providers/second")
+    assert status == 409 and "is a Claude Code Router config, converted when read" in \
+        error["error"]["message"] and managed.path.read_text() == router
+
 
 @pytest.mark.parametrize("body, problem", [
     ({"name": "x", "type": "anthropic", "api_base_url": "ftp://nope"},
