@@ -11768,16 +11768,35 @@ def local_get(url: str, path: str, apikey: str = "", timeout: float = 2.0):
 
 
 def running_proxy() -> dict | None:
-    """The pidfile record of a live ccproxy, or None; a stale pidfile is removed."""
+    """The pidfile record of a live ccproxy, or None; a stale pidfile is removed. A ccproxy
+    that holds its port but does not answer /health in time (a loop held up, a process
+    stopped) is still running: its record says "answering": False, and is kept, so that
+    `stop` can still end it."""
     record = read_pidfile()
     if record is None:
         return None
     pid = record["pid"]
-    answer = local_get(record.get("url", ""), "/health") if process_alive(pid) else None
-    if answer is not None and answer[0] == 200 and process_is_ccproxy(pid):
-        return record
+    if process_alive(pid) and process_is_ccproxy(pid):
+        answer = local_get(record.get("url", ""), "/health")
+        if answer is not None and answer[0] == 200:
+            return record
+        if accepts_connections(record.get("url", "")):
+            return dict(record, answering=False)
     remove_pidfile(pid)
     return None
+
+
+NOT_ANSWERING = "it does not answer /health (busy, or its process stopped?)"
+
+
+def accepts_connections(url: str) -> bool:
+    """Whether something listens at the URL's host and port."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port), timeout=1):
+            return True
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def sessions_dir() -> str:
@@ -12144,7 +12163,9 @@ def told_running(running: dict, config_path: str | None, foreground: bool) -> in
     if other:
         print("ccproxy: %s; stop it first (%s stop)" % (other, command_name()), file=sys.stderr)
         return 1
-    print("ccproxy is already running at %s (pid %d)" % (running["url"], running["pid"]))
+    print("ccproxy is already running at %s (pid %d)%s" % (
+        running["url"], running["pid"], ", but " + NOT_ANSWERING
+        if running.get("answering") is False else ""))
     note_other_version(running)
     return 1 if foreground else 0
 
@@ -12412,7 +12433,8 @@ def cmd_status(args) -> int:
         print(json.dumps({"running": False}) if args.json else "ccproxy is not running%s" % (
             " with %s: %s" % (args.config, other) if other else ""))
         return 3
-    details, problem = status_details(record)
+    details, problem = status_details(record) if record.get("answering") is not False \
+        else ({}, NOT_ANSWERING)
     report = {"running": True, "pid": record["pid"], "url": record["url"],
               "version": record.get("version"), "started_by": record.get("started_by"),
               "config": record.get("config"),

@@ -360,6 +360,27 @@ def test_a_second_ctrl_c_cuts_what_the_first_lets_finish(home, upstream):
     reply.release.set()
 
 
+def test_a_proxy_that_does_not_answer_for_a_while_keeps_its_pidfile(home):
+    """`status` had taken a proxy that did not answer /health within 2 s (stopped here; a loop
+    held up would do) for a dead one and removed its pidfile: `stop` then said it was not
+    running, and the proxy went on holding its port with nothing left to stop it."""
+    h = home()
+    assert h.run("start").returncode == 0
+    pid = h.record()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status = h.run("status")
+        started = h.run("start")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status.returncode == 0 and "providers not shown: it does not answer /health (busy, " \
+        "or its process stopped?)" in status.stdout
+    assert started.returncode == 0 and "ccproxy is already running at %s (pid %d), but it does " \
+        "not answer /health" % (h.url, pid) in started.stdout
+    assert h.pidfile.exists()
+    assert "ccproxy (pid %d) stopped" % pid in h.run("stop").stdout and not h.healthy()
+
+
 def test_vendored_under_another_name_every_command_works(home, tmp_path):
     copy = tmp_path / "tools" / "llm_gateway.py"          # no "ccproxy" in its name or folder
     copy.parent.mkdir()
