@@ -3112,8 +3112,7 @@ class ClientConnection:
                 log.exception("%s: internal error", request_id)
                 response = InternalError().response(request_id)
             keep_open = keeps_connection(request, response, body_read, app.draining)
-            self._request_left_unread = not body_read and (
-                request is None or not carries_no_body(request))
+            self._request_left_unread = not (body_read or request and carries_no_body(request))
             await self._write_response(request, response, request_id, keep_open)
         finally:
             app.requests_active -= 1
