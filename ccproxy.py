@@ -5925,6 +5925,11 @@ def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError
     elif error.status == 404:        # a 502, as Claude Code hides a 404's words behind its own
         return UpstreamError("%s has nothing at that address; check providers[%d].api_base_url%s "
                              "(%s)" % (provider.name, index, place, error.message)).made_final()
+    elif error.final and isinstance(error, UpstreamError) and \
+            "CERTIFICATE_VERIFY_FAILED" in error.message:
+        fix = "%s's TLS certificate does not verify: where a proxy inspects TLS (or the server " \
+              "has a certificate of its own), set SSL_CERT_FILE to the CA bundle that signs " \
+              "it, then restart ccproxy" % provider.name
     elif error.final and isinstance(error, UpstreamError):
         fix = "%s cannot be reached; check providers[%d].api_base_url%s and that its server " \
               "runs" % (provider.name, index, place)

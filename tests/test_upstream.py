@@ -615,6 +615,33 @@ def certificate(tmp_path_factory):
     return str(cert), str(key)
 
 
+def test_a_certificate_that_does_not_verify_says_how_to_trust_it(start_proxy, certificate,
+                                                                 monkeypatch):
+    """A provider behind a proxy that inspects TLS (or with a certificate of its own) had been
+    said to be out of reach, with advice to check its address; the advice is SSL_CERT_FILE,
+    which the Python ccproxy runs on reads."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    mock = MockUpstream(tls=certificate)
+    try:
+        proxy = start_proxy({"providers": [dict(anthropic_provider(mock), name="corp",
+                                                type="anthropic")],
+                             "failover": False})
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            sdk(proxy).with_options(max_retries=0).messages.create(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        assert caught.value.body["error"]["message"].startswith(
+            "corp's TLS certificate does not verify: where a proxy inspects TLS (or the server "
+            "has a certificate of its own), set SSL_CERT_FILE to the CA bundle that signs it, "
+            "then restart ccproxy (")
+        monkeypatch.setenv("SSL_CERT_FILE", certificate[0])             # as the advice says
+        trusting = start_proxy({"providers": [anthropic_provider(mock)]})
+        assert sdk(trusting).messages.create(model="m", max_tokens=5, messages=[
+            {"role": "user", "content": "hi"}]).content[0].text == "Hello from upstream"
+    finally:
+        mock.close()
+
+
 @pytest.mark.parametrize("tls", [False, True])
 @pytest.mark.parametrize("by_thread", [False, True])
 def test_a_stream_of_many_small_pieces_arrives_whole_over_plain_and_tls_sockets(
