@@ -2598,7 +2598,7 @@ def open_listeners(host: str, port: int) -> list:
         for listener in listeners:
             listener.close()
         raise OSError(exc.errno, "cannot listen on %s: %s" % (address[:2], exc.strerror or exc)) \
-            from None
+            from exc
     return listeners
 
 
@@ -2771,7 +2771,6 @@ class ProxyServer:
             await asyncio.wait(list(self._connections), timeout=5)
         await asyncio.gather(*self._accepting, return_exceptions=True)
         stop_keeping_usage(self.app)
-
 
     async def _unless_cut(self, waiting, seconds: float) -> None:
         """Await waiting for at most seconds, or until stop() is asked again."""
@@ -11853,8 +11852,8 @@ def listen_problem(host: str, port: int, exc: OSError) -> str:
         return ("port %d on %s is not this user's to take (ports under 1024 need privileges "
                 "on most systems): choose one from 1024 up with --port or the config's "
                 "`port`" % (port, host))
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return "cannot listen on %s:%d: %s" % (host, port, reason)
+    cause = exc.__cause__ or exc                  # what open_listeners() met, when it says
+    return "cannot listen on %s:%d: %s" % (host, port, cause.strerror or cause)
 
 
 def detach_options() -> dict:

@@ -311,6 +311,10 @@ def test_port_in_use_is_a_clear_error(home):
     assert "port %d on 127.0.0.1 is already in use" % h.port in result.stderr
     assert "choose another with --port or the config's `port`" in result.stderr
     refused = ccproxy.listen_problem("127.0.0.1", 80, OSError(errno.EACCES, "Permission denied"))
+    wrapped = OSError(-2, "cannot listen on ('x.invalid', 1): Name or service not known")
+    wrapped.__cause__ = socket.gaierror(-2, "Name or service not known")   # as open_listeners
+    assert ccproxy.listen_problem("x.invalid", 1, wrapped) == \
+        "cannot listen on x.invalid:1: Name or service not known"          # not "Unknown error"
     assert refused == "port 80 on 127.0.0.1 is not this user's to take (ports under 1024 need " \
         "privileges on most systems): choose one from 1024 up with --port or the config's `port`"
 
