@@ -7459,9 +7459,14 @@ class AnthropicProtocol(Protocol):
         body = call.body
         if call.provider.quirks["anthropic_compat"] is not None:
             marked_signatures(answer.get("content"), call.provider.name)
-            body = json_bytes(dict(answer, model=context.model))
+            answer = dict(answer, model=context.model)
+            body = json_bytes(answer)
         elif may_hold_unreadable_numbers(body):          # written as null
             body = json_bytes(answer)
+        if stream:                  # asked as a stream, answered whole: a server that ignores it
+            return Response(200, events_of_whole_answer(answer, call, context), [(
+                "cache-control", "no-cache")] + call.relayed_headers(),
+                content_type="text/event-stream")
         return Response(200, body, call.relayed_headers(),
                         content_type=call.header("content-type") or "application/json")
 
@@ -7657,6 +7662,32 @@ def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
         last = end
     pieces.append(text[last:])
     return "".join(pieces).encode()
+
+
+STREAMED_BLOCK_FIELDS = {"text": ("text", str), "thinking": ("thinking", str),
+                         "tool_use": ("input", dict), "server_tool_use": ("input", dict)}
+
+
+def events_of_whole_answer(answer: dict, call, context) -> bytes:
+    """The events of a message an Anthropic-protocol server answered whole to a request for a
+    stream (some ignore `stream`), as a client that asked for a stream reads it; a 502 when
+    its blocks are not what a stream can carry."""
+    content = answer.get("content")
+    if not isinstance(content, list) or not all(map(streamable_block, content)):
+        raise UpstreamError("%s: answered a request for a stream with a whole message whose "
+                            "content is not blocks a stream can carry" % call.provider.name)
+    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+    message = dict(answer, usage=usage, stop_reason=str_of(answer.get("stop_reason")) or None)
+    return events_from_message(message, context)
+
+
+def streamable_block(block) -> bool:
+    """Whether a content block has the type and the field events_from_message() reads."""
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        return False
+    field, kind = STREAMED_BLOCK_FIELDS.get(block["type"], ("type", str))
+    return isinstance(block.get(field), kind) and isinstance(block.get("citations") or [], list) \
+        and isinstance(block.get("signature") or "", str)
 
 
 def check_anthropic_answer(call) -> dict:

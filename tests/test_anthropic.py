@@ -249,6 +249,38 @@ def test_numbers_no_client_can_read_come_as_null_and_counts_none_could_be_go_unc
     assert totals["output_tokens"] == 5 and totals["requests"] == 2
 
 
+def test_a_whole_message_answered_to_a_stream_request_is_streamed(proxy, upstream):
+    """A server of the Anthropic protocol that ignores `stream` answers with the message whole,
+    as JSON; the client asked for a stream, and its SDK could not read one (the Python SDK's
+    stream failed on an assertion). The message is streamed, block by block."""
+    message = dict(anthropic_message("Let me look."), stop_reason="tool_use", content=[
+        {"type": "thinking", "thinking": "a file", "signature": "sig-1"},
+        {"type": "text", "text": "Let me look."},
+        {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a.py"}}])
+    upstream.script = lambda r: json_reply(message)
+    with sdk(proxy).messages.stream(model="m", max_tokens=50, messages=[
+            {"role": "user", "content": "hi"}]) as stream:
+        final = stream.get_final_message()
+    assert [block.type for block in final.content] == ["thinking", "text", "tool_use"]
+    assert final.content[0].signature == "sig-1" and final.content[1].text == "Let me look."
+    assert final.content[2].input == {"path": "a.py"} and final.stop_reason == "tool_use"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (12, 5)
+    assert upstream.requests[0]["json"]["stream"] is True
+
+
+@pytest.mark.parametrize("content", [None, "text", [{"type": "text", "text": 5}],
+                                     [{"type": "tool_use", "id": "t", "name": "x", "input": []}]])
+def test_a_whole_message_no_stream_can_carry_is_a_502(proxy, upstream, content):
+    upstream.script = lambda r: json_reply(dict(anthropic_message(), content=content))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(proxy).with_options(max_retries=0).messages.stream(
+                model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}]) as stream:
+            stream.get_final_message()
+    assert caught.value.status_code == 502 and caught.value.body["error"]["message"] == (
+        "anthropic: answered a request for a stream with a whole message whose content is not "
+        "blocks a stream can carry")
+
+
 def test_raw_stream_after_cut_has_no_partial_event(proxy, upstream):
     events = anthropic_stream_events()[:3] + [b"event: content_block_delta\ndata: {\"ty"]
     upstream.script = lambda r: stream_reply(events, cut=True)
