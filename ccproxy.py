@@ -6082,9 +6082,27 @@ async def relay_call(protocol: Protocol, call, conn, request: Request, body: dic
         location = call.header("location")
         raise UpstreamError("%s: answered HTTP %d%s; check its api_base_url" % (
             call.provider.name, status, " (a redirect to %s)" % location if location else ""))
+    if call.body is not None and not stream and call.answers_with_events():
+        return json_response(message_of_event_stream(call, protocol.stream_relay(context)))
     if call.body is not None:
         return protocol.answer(call, context, stream)
     return await stream_response(call, protocol.stream_relay(context))
+
+
+def message_of_event_stream(call, relay) -> dict:
+    """The message a provider streamed in answer to a request for a whole one (a server that
+    streams whatever it is asked): its events read as a stream's are, then gathered."""
+    events = relay.feed(call.body) + relay.finish(None)
+    if relay.broken is not None:
+        raise relay.broken
+    try:
+        message = message_from_events(events) if relay.complete else None
+    except (ValueError, LookupError, TypeError, AttributeError):       # a server's own events
+        message = None
+    if not isinstance(message, dict) or message.get("stop_reason") is None:
+        raise UpstreamError("%s: answered a request for a whole answer with an event stream "
+                            "that does not hold a whole message" % call.provider.name)
+    return message
 
 
 async def call_provider(call, conn, stream: bool = False) -> int:
@@ -10380,11 +10398,14 @@ class UpstreamCall:
             self._read_body_blocking(answer)
         return None
 
+    def answers_with_events(self) -> bool:
+        """Whether the answer is an event stream (asked for or not)."""
+        return (self.header("content-type") or "").startswith("text/event-stream")
+
     def _streams(self, stream: bool) -> bool:
         """Whether the answer's body is a stream for chunks(): asked for, and a successful
         event stream."""
-        return stream and self.status < 400 and (
-            self._response.headers.get("content-type") or "").startswith("text/event-stream")
+        return stream and self.status < 400 and self.answers_with_events()
 
     def _read_body_blocking(self, response) -> None:
         """Worker thread: the body, read to its end (an error's, only its beginning)."""

@@ -268,6 +268,21 @@ def test_a_whole_message_answered_to_a_stream_request_is_streamed(proxy, upstrea
     assert upstream.requests[0]["json"]["stream"] is True
 
 
+def test_an_event_stream_answered_to_a_request_for_a_whole_answer_is_read_whole(proxy,
+                                                                               upstream):
+    """The other way round: a server that streams whatever it is asked had made a request for
+    a whole answer a 502; the message its events describe is answered."""
+    upstream.script = lambda r: stream_reply(anthropic_stream_events(("Hel", "lo")))
+    message = sdk(proxy).messages.create(model="m", max_tokens=50, messages=[
+        {"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello" and message.stop_reason == "end_turn"
+    upstream.script = lambda r: stream_reply(anthropic_stream_events(("Hel", "lo"))[:3])
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(proxy).with_options(max_retries=0).messages.create(model="m", max_tokens=50, messages=[
+            {"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+
+
 @pytest.mark.parametrize("content", [None, "text", [{"type": "text", "text": 5}],
                                      [{"type": "tool_use", "id": "t", "name": "x", "input": []}]])
 def test_a_whole_message_no_stream_can_carry_is_a_502(proxy, upstream, content):

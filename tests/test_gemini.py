@@ -358,6 +358,20 @@ def test_a_tool_schema_nested_hundreds_deep_is_translated_or_a_400_never_a_500(
         assert "input_schema of 'deep' nests too deeply" in message or "recursion" in message
 
 
+def test_an_event_stream_answered_to_a_request_for_a_whole_answer_is_read_whole(gemini_proxy,
+                                                                               upstream):
+    """A gateway in front of Gemini that streams whatever it is asked: the whole answer the
+    client asked for is gathered from the events (it had been a 502, "not JSON")."""
+    upstream.script = lambda r: Reply(200, pieces=gemini_stream([
+        answer([{"text": "Sunny"}], None, None),
+        answer([{"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}], "STOP")]),
+        content_type="text/event-stream")
+    message = sdk(gemini_proxy).messages.create(**REQUEST)
+    assert [block.type for block in message.content] == ["text", "tool_use"]
+    assert message.content[1].input == {"city": "Rome"} and message.stop_reason == "tool_use"
+    assert message.usage.output_tokens == 100                       # candidates and thoughts
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_numbers_json_cannot_hold_reach_the_client_as_null(gemini_proxy, upstream, stream):
     """NaN, Infinity and 1e999 (a provider's Python JSON writer makes the first two) arrive as

@@ -355,6 +355,25 @@ def test_whole_arguments_are_mended_the_same_way(arguments, meant):
     assert ccproxy.tool_input_from_arguments(arguments) == meant
 
 
+def test_an_event_stream_answered_to_a_request_for_a_whole_answer_is_read_whole(openai_proxy,
+                                                                               upstream):
+    """A server that streams whatever it is asked had made every request for a whole answer a
+    502 ("the answer is not JSON"): its events are translated as a stream's, then gathered."""
+    events = sse_pieces([chunk({"role": "assistant", "content": "Let me check."}),
+                         chunk(call_fragment(0, "call_a", "get_weather", '{"location": "Oslo"}')),
+                         chunk({}, "tool_calls"), chunk(no_choices=True, usage=USAGE)])
+    upstream.script = lambda r: Reply(200, pieces=events, content_type="text/event-stream")
+    message = sdk(openai_proxy).messages.create(**REQUEST)
+    assert upstream.requests[0]["json"].get("stream") in (None, False)
+    assert [block.type for block in message.content] == ["text", "tool_use"]
+    assert message.content[1].input == {"location": "Oslo"}
+    assert message.stop_reason == "tool_use" and message.usage.output_tokens == 7
+    upstream.script = lambda r: Reply(200, pieces=events[:1], content_type="text/event-stream")
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        sdk(openai_proxy).with_options(max_retries=0).messages.create(**REQUEST)
+    assert caught.value.status_code == 502
+
+
 def test_a_whole_answer_cut_at_max_tokens_keeps_its_call_unmended():
     call = {"id": "c1", "type": "function",
             "function": {"name": "Write", "arguments": '{"file_path": "a.py"'}}
