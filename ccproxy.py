@@ -6092,7 +6092,7 @@ async def relay_call(protocol: Protocol, call, conn, request: Request, body: dic
 def message_of_event_stream(call, relay) -> dict:
     """The message a provider streamed in answer to a request for a whole one (a server that
     streams whatever it is asked): its events read as a stream's are, then gathered."""
-    events = relay.feed(call.body) + relay.finish(None)
+    events = relay.feed(without_bom(call.body)) + relay.finish(None)
     if relay.broken is not None:
         raise relay.broken
     try:
@@ -6580,8 +6580,15 @@ async def stream_response(call, relay) -> Response:
 
 async def first_piece(chunks, relay, provider: Provider) -> bytes:
     """Read the stream until the relay has something to send. A failure before that raises,
-    so the client still gets it as an HTTP status, and failover can try another provider."""
+    so the client still gets it as an HTTP status, and failover can try another provider. A
+    byte order mark the stream begins with is dropped, as the SSE standard asks."""
+    start = b""                    # the stream's first bytes, until told apart from a BOM
     async for chunk in chunks:
+        if start is not None and chunk:
+            start += chunk
+            if len(start) < len(UTF8_BOM) and UTF8_BOM.startswith(start):
+                continue
+            chunk, start = without_bom(start), None
         piece = relay.feed(chunk) if chunk else b""
         if relay.broken is not None:          # nothing was sent yet: the client gets a status
             raise relay.broken
@@ -6590,6 +6597,14 @@ async def first_piece(chunks, relay, provider: Provider) -> bytes:
     if not relay.complete:
         raise UpstreamError("%s: the stream ended before completion" % provider.name)
     return b""
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def without_bom(data: bytes) -> bytes:
+    """data without the byte order mark an event stream may begin with."""
+    return data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data
 
 
 class AnswerEnded(Exception):

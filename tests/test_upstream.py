@@ -475,6 +475,42 @@ def test_an_answer_given_before_the_request_was_taken_whole_is_relayed(start_pro
         provider.close()
 
 
+BOM_STREAMS = {
+    "openai": b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":'
+              b'0,"delta":{"role":"assistant","content":"streamed"},"finish_reason":"stop"}]}\n\n'
+              b'data: [DONE]\n\n',
+    "gemini": b'data: {"candidates":[{"content":{"parts":[{"text":"streamed"}],"role":"model"},'
+              b'"finishReason":"STOP"}]}\n\n',
+    "anthropic": b"".join(anthropic_stream_events(("streamed",))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BOM_STREAMS))
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_event_stream_that_begins_with_a_byte_order_mark_is_read(start_proxy, kind, stream):
+    """The SSE standard lets a stream begin with a BOM, to be ignored. Its first event had been
+    lost with it: an empty answer that ended cleanly (Chat Completions), a 502 (Gemini), an
+    event the client's SDK failed on (the pass-through). It may come split across reads."""
+    events = b"\xef\xbb\xbf" + BOM_STREAMS[kind]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n"
+    provider = RawProvider(sent(head % len(events) + events[:1], events[1:2], events[2:]))
+    try:
+        proxy = start_proxy({"providers": [{"name": "raw", "type": kind, "api_key": PROVIDER_KEY,
+                                            "api_base_url": provider.url + {
+                                                "openai": "/v1", "gemini": "/v1beta"}.get(kind, ""),
+                                            "models": ["m"]}], "failover": False})
+        request = dict(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+        client = sdk(proxy).with_options(max_retries=0)
+        if stream:
+            with client.messages.stream(**request) as answer:
+                message = answer.get_final_message()
+        else:
+            message = client.messages.create(**request)
+        assert [block.text for block in message.content] == ["streamed"]
+    finally:
+        provider.close()
+
+
 def test_an_answer_head_of_more_than_a_mebibyte_is_a_502(start_proxy):
     """A head that never ends (a misdirected base URL) is read no further than 1 MiB."""
     field = b"X-Filler: " + b"y" * 60000 + b"\r\n"
