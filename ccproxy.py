@@ -79,6 +79,7 @@ import collections
 import copy
 import difflib
 import email.parser
+import email.utils
 import errno
 import functools
 import gc
@@ -301,16 +302,26 @@ class ProxyError(Exception):
         return b"event: error\ndata: " + self.body() + b"\n\n"
 
     def retry_after(self) -> float | None:
-        """Seconds from the error's retry-after header, if it has one that is a number (a day
-        at most: "inf" or "nan" from a provider would rest a key for good)."""
+        """Seconds from the error's retry-after header, if it has one: a number of seconds or
+        an HTTP date (RFC 9110 allows both); a day at most ("inf" or "nan" from a provider
+        would rest a key for good)."""
         for name, value in self.headers:
             if name == "retry-after":
-                try:
-                    seconds = float(value)
-                except ValueError:
-                    return None
+                seconds = seconds_of_retry_after(value)
                 return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else None
         return None
+
+
+def seconds_of_retry_after(value: str) -> float:
+    """A Retry-After value in seconds from now; NaN when it is neither seconds nor a date."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return math.nan
 
 
 class InvalidRequestError(ProxyError):

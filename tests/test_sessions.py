@@ -4,6 +4,7 @@ overflow; the /model picker's ids and route aliases."""
 from __future__ import annotations
 
 import calendar
+import email.utils
 import json
 import os
 import stat
@@ -241,6 +242,17 @@ def test_a_retry_after_that_is_no_number_of_seconds_rests_a_key_a_while_not_for_
     (view,) = get(proxy, "/status")[1]["providers"]
     assert view["api_keys"][0]["state"] == "resting"
     assert 0 < view["api_keys"][0]["ready_in_seconds"] <= 86400
+
+
+def test_a_retry_after_given_as_a_date_rests_a_key_until_then(start_proxy, upstream):
+    """RFC 9110 lets Retry-After be an HTTP date; it had been taken for no value at all."""
+    when = email.utils.formatdate(time.time() + 300, usegmt=True)
+    upstream.script = keyed_script({KEY_A: (429, {"retry-after": when})})
+    proxy = start_proxy({"providers": [pool_provider(upstream)]})
+    assert ask(proxy).content[0].text == "served by bbbb"
+    (view,) = get(proxy, "/status")[1]["providers"]
+    assert view["api_keys"][0]["state"] == "resting"
+    assert 280 < view["api_keys"][0]["ready_in_seconds"] <= 300
 
 
 def test_a_refused_key_is_set_aside_and_every_key_out_fails_over(start_proxy, upstream,
