@@ -7720,7 +7720,9 @@ def events_of_whole_answer(answer: dict, call, context) -> bytes:
     if not isinstance(content, list) or not all(map(streamable_block, content)):
         raise UpstreamError("%s: answered a request for a stream with a whole message whose "
                             "content is not blocks a stream can carry" % call.provider.name)
-    usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+    usage = answer.get("usage")
+    usage = dict(usage, **{field: count_of(usage.get(field)) for field in USAGE_FIELDS}) \
+        if isinstance(usage, dict) else None                          # counts as ccproxy takes them
     message = dict(answer, usage=usage, stop_reason=str_of(answer.get("stop_reason")) or None)
     return events_from_message(message, context)
 

@@ -268,6 +268,19 @@ def test_a_whole_message_answered_to_a_stream_request_is_streamed(proxy, upstrea
     assert upstream.requests[0]["json"]["stream"] is True
 
 
+def test_a_whole_message_streamed_keeps_only_counts_a_client_can_read(proxy, upstream):
+    """Its usage goes into the events as the client reads counts, and into the usage counters
+    (a string or an absurd count had reached the cost, which failed on it after the answer)."""
+    upstream.script = lambda r: json_reply(dict(anthropic_message("ok"), usage={
+        "input_tokens": "12", "output_tokens": 2 ** 64 - 1, "service_tier": "standard"}))
+    with sdk(proxy).messages.stream(model="m", max_tokens=50, messages=[
+            {"role": "user", "content": "hi"}]) as stream:
+        usage = stream.get_final_message().usage
+    assert (usage.input_tokens, usage.output_tokens) == (0, 0)
+    (counted,) = sdk(proxy).get("/status", cast_to=object)["usage"]["by_model"]
+    assert counted["requests"] == 1 and counted["output_tokens"] == 0
+
+
 def test_an_event_stream_answered_to_a_request_for_a_whole_answer_is_read_whole(proxy,
                                                                                upstream):
     """The other way round: a server that streams whatever it is asked had made a request for
