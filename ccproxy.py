@@ -12246,16 +12246,17 @@ def told_running(running: dict, config_path: str | None, foreground: bool) -> in
     if other:
         print("ccproxy: %s; stop it first (%s stop)" % (other, command_name()), file=sys.stderr)
         return 1
-    print("ccproxy is already running at %s (pid %d)%s" % (
-        running["url"], running["pid"], ", but " + NOT_ANSWERING
-        if running.get("answering") is False else ""))
-    note_other_version(running)
+    print("ccproxy is already running at %s (pid %d)" % (running["url"], running["pid"]))
+    note_running_proxy(running)
     return 1 if foreground else 0
 
 
-def note_other_version(running: dict) -> None:
-    """Say so when the running proxy is another version than this file (one replaced by a newer
-    copy while it ran), and how to run this one."""
+def note_running_proxy(running: dict) -> None:
+    """Say so when the running proxy does not answer, or is another version than this file (one
+    replaced by a newer copy while it ran), and how to end it."""
+    if running.get("answering") is False:
+        print("ccproxy: the proxy running at %s (pid %d): %s; `%s stop` ends it" % (
+            running["url"], running["pid"], NOT_ANSWERING, command_name()), file=sys.stderr)
     if running.get("version") != __version__:
         print("ccproxy: the proxy running at %s is version %s, this file is %s; `%s stop` ends "
               "it, and the next start runs this one" % (running["url"], running.get("version"),
@@ -13059,7 +13060,7 @@ def run_code_session(claude: str, arguments: list, config: Config, session: dict
             record = running_proxy() or start_for_code(config)
         if record is None:
             return 1
-        note_other_version(record)
+        note_running_proxy(record)
         environment = {k: v for k, v in os.environ.items() if k not in CLAUDE_UNSET_VARIABLES}
         session_config = config_of(record, config)
         learn_ollama_window(session_config)

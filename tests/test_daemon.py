@@ -379,8 +379,10 @@ def test_a_proxy_that_does_not_answer_for_a_while_keeps_its_pidfile(home):
         os.kill(pid, signal.SIGCONT)
     assert status.returncode == 0 and "providers not shown: it does not answer /health (busy, " \
         "or its process stopped?)" in status.stdout
-    assert started.returncode == 0 and "ccproxy is already running at %s (pid %d), but it does " \
-        "not answer /health" % (h.url, pid) in started.stdout
+    assert started.returncode == 0 and "ccproxy is already running at %s (pid %d)" % (
+        h.url, pid) in started.stdout and "ccproxy: the proxy running at %s (pid %d): it does " \
+        "not answer /health (busy, or its process stopped?); `python3 %s stop` ends it" % (
+            h.url, pid, SCRIPT) in started.stderr
     assert h.pidfile.exists()
     assert "ccproxy (pid %d) stopped" % pid in h.run("stop").stdout and not h.healthy()
 
