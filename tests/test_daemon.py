@@ -332,7 +332,7 @@ def test_stop_lets_an_active_stream_finish_and_says_what_it_waits_for(home, upst
     assert said == ["ccproxy (pid %d): stopping; open requests may finish within 20 s "
                     "(performance.shutdown_timeout)\n" % pid,
                     "  still finishing open requests; 22 s before it is killed\n"]
-    assert not accepts_connections(h.port)                          # draining: no new clients
+    assert not ccproxy.accepts_connections(h.url)                   # draining: no new clients
     reply.release.set()
     received = read_to_end(sock, received)
     sock.close()
@@ -435,14 +435,6 @@ def test_status_stop_start_and_code_with_config_mind_which_file_the_proxy_runs(
         elsewhere.stderr and records(tmp_path)[-1]["env"]["ANTHROPIC_BASE_URL"] == h.url
     assert "left running" in h.run("stop", "--config", str(other)).stdout and h.healthy()
     assert "stopped" in h.run("stop", "--config", str(h.config)).stdout and not h.healthy()
-
-
-def accepts_connections(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 STAND_IN_CLAUDE = r"""#!{python}
