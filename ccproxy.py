@@ -718,7 +718,15 @@ def parse_bool(text: str) -> bool:
         raise ValueError("not a boolean (true/false)") from None
 
 
-ENV_VALUE_PARSERS = {"text": str, "bool": parse_bool, "lenient bool": parse_bool, "port": int}
+def parse_port_text(text: str) -> int:
+    """A port number written out, as an environment variable holds it."""
+    if not (text.isascii() and text.strip().isdigit()):
+        raise ValueError("not a port number")
+    return int(text)
+
+
+ENV_VALUE_PARSERS = {"text": str, "bool": parse_bool, "lenient bool": parse_bool,
+                     "port": parse_port_text}
 
 
 def find_config_file(explicit: str | None, environ, notes: list) -> str | None:

@@ -108,8 +108,10 @@ def test_provider_key_env_for_a_missing_provider_warns():
 
 
 def test_bad_env_value_names_the_variable():
-    with pytest.raises(ccproxy.ConfigError, match="CCPROXY_PORT: .*'abc'"):
-        build({}, {"CCPROXY_PORT": "abc"})
+    for text in ("abc", "-1", "1e3", ""):     # it had said "invalid literal for int() with base 10"
+        with pytest.raises(ccproxy.ConfigError) as caught:
+            build({}, {"CCPROXY_PORT": text})
+        assert str(caught.value) == "CCPROXY_PORT: not a port number: %r" % text
     with pytest.raises(ccproxy.ConfigError, match="CCPROXY_LOG: not a boolean"):
         build({}, {"CCPROXY_LOG": "maybe"})
 
