@@ -1529,10 +1529,42 @@ def clean_client_keys(checker: ConfigChecker, raw: dict) -> dict:
     return cleaned
 
 
+HOST_NAME_RE = re.compile(r"(?!-)[\w-]{1,63}(?:\.(?!-)[\w-]{1,63})*\.?\Z", re.ASCII)
+
+
+def host_problem(host: str) -> str | None:
+    """Why host cannot be listened on: a URL, brackets or a port written with it, or no
+    address or host name at all; None when it is one."""
+    if "://" in host:
+        return "must be an address or a host name, not a URL: %s" % json.dumps(
+            urllib.parse.urlsplit(host).hostname or host)
+    if host.startswith("[") and host.endswith("]"):
+        return "write the address without brackets: %s" % json.dumps(host[1:-1])
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        if host.count(":") > 1:                 # IPv6 with a zone (fe80::1%eth0) on 3.8
+            return None
+    if host.count(":") == 1:
+        return "must not hold a port (set `port`): %s" % json.dumps(host.split(":")[0])
+    try:
+        ascii_name = host.encode("idna").decode("ascii")     # a name in another script too
+    except UnicodeError:
+        ascii_name = ""
+    if not HOST_NAME_RE.match(ascii_name):
+        return "must be an address (127.0.0.1, ::1, 0.0.0.0) or a host name, not %s" % \
+            json.dumps(host)
+    return None
+
+
 def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
     """Validate host, port, apikey, log and log_file."""
     checker.unknown_keys(raw, DEFAULT_CONFIG, "")
-    checker.typed(raw, "host", "", str, "a host name or address")
+    host = checker.typed(raw, "host", "", str, "a host name or address")
+    problem = host_problem(host) if host else None
+    if problem:
+        checker.fail("host", problem)
     port = checker.typed(raw, "port", "", int, "a port number")
     if port is not None and not 0 <= port <= 65535:
         checker.fail("port", "must be between 0 and 65535, not %d" % port)

@@ -175,6 +175,25 @@ def test_a_duration_that_looks_like_milliseconds_warns():
     assert config.request_timeout == 600000
 
 
+@pytest.mark.parametrize("host, problem", [
+    ("http://0.0.0.0", 'must be an address or a host name, not a URL: "0.0.0.0"'),
+    ("0.0.0.0:3456", 'must not hold a port (set `port`): "0.0.0.0"'),
+    ("[::1]", 'write the address without brackets: "::1"'),
+    ("my host", 'must be an address (127.0.0.1, ::1, 0.0.0.0) or a host name, not "my host"'),
+])
+def test_a_host_that_cannot_be_listened_on_is_said_at_check(host, problem):
+    """Such a host had passed `start --check`, and `start` failed on it."""
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        build({"host": host})
+    assert str(caught.value) == "config.json: host: " + problem
+
+
+@pytest.mark.parametrize("host", ["", "0.0.0.0", "::", "::1", "127.0.0.1", "localhost",
+                                  "ccproxy.internal", "my_service", "fe80::1%eth0"])
+def test_every_host_that_can_be_listened_on_passes(host):
+    assert build({"host": host}).host == host
+
+
 def test_validation_reports_every_problem_at_once():
     with pytest.raises(ccproxy.ConfigError) as caught:
         build({"port": -1, "log": 3})
