@@ -1490,9 +1490,10 @@ def base_url_problem(url) -> str | None:
         parts.port
     except ValueError:
         return "has an invalid port: %s" % json.dumps(url)
-    if not parts.path.isascii():
-        return "must be ASCII in its path (HTTP sends no other): percent-encode %s" % \
-            json.dumps(parts.path, ensure_ascii=False)
+    outside = NOT_PRINTABLE_ASCII_RE.search(parts.path)
+    if outside is not None:          # said by position: a gateway's path may hold a token
+        return "must be ASCII in its path (HTTP sends no other): percent-encode U+%04X at " \
+            "position %d of the path" % (ord(outside.group()), outside.start())
     return None
 
 
