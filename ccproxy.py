@@ -8924,6 +8924,7 @@ class OpenAIStreamTranslator:
         self._context = context
         self._emit = EventEmitter(context)
         self._calls = {}              # call key -> {"id", "name", "arguments": [...], "sent"}
+        self._latest_at = {}          # index -> key of the last call begun there, if reused
         self._finish_reason = None
         self._stop_sequence = None    # the stop string that ended the answer, when told
         self._refused = False
@@ -9031,9 +9032,21 @@ class OpenAIStreamTranslator:
             self._finish_reason = choice["finish_reason"]
             self._stop_sequence = matched_stop_sequence(choice)
 
-    def _feed_call(self, call: dict, position: int) -> None:
+    def _call_key(self, call: dict, position: int):
+        """The key of the call a tool_calls delta continues or begins: its index (else its id,
+        else its place in the delta), unless the call at that index has another id. Ollama,
+        SGLang and vLLM builds send every parallel call at index 0 (ollama/ollama#15457), each
+        with its own id; read by index alone, the second call's arguments joined the first's."""
         index = call.get("index", call.get("id") or position)
-        key = ("call", index if isinstance(index, (int, str)) else position)
+        index = index if isinstance(index, (int, str)) else position
+        key = self._latest_at.get(index, ("call", index))
+        known, given = self._calls[key]["id"] if key in self._calls else None, call.get("id")
+        if known and given and isinstance(given, str) and given != known:
+            key = self._latest_at[index] = ("call", index, given)
+        return key
+
+    def _feed_call(self, call: dict, position: int) -> None:
+        key = self._call_key(call, position)
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         arguments = function.get("arguments")
         if isinstance(arguments, dict):

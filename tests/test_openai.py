@@ -201,6 +201,20 @@ def test_parallel_calls_whose_headers_come_first_keep_every_argument():
         ("Read", {"path": "a.py"}), ("Grep", {"q": "x"})]
 
 
+def test_parallel_calls_a_server_sends_all_at_index_0_stay_apart():
+    # Ollama (ollama/ollama#15457), SGLang and vLLM builds: each call has its own id, all index 0
+    chunks = [chunk(call_fragment(0, "call_a", "Read", '{"path":')),
+              chunk(call_fragment(0, arguments='"a.py"}')),
+              chunk(call_fragment(0, "call_b", "Grep", '{"q"')),
+              chunk({"tool_calls": [{"index": 0, "id": "call_b", "function": {"arguments": ':"x"}'}}]}),
+              chunk(call_fragment(0, "call_c", "Read", '{"path":"b.py"}')), chunk({}, "tool_calls")]
+    events = translate(chunks)
+    check_grammar(events)
+    assert [(b["id"], b["name"], b["input"]) for b in content_of(events)] == [
+        ("call_a", "Read", {"path": "a.py"}), ("call_b", "Grep", {"q": "x"}),
+        ("call_c", "Read", {"path": "b.py"})]
+
+
 def test_a_streamed_refusal_is_text_with_stop_reason_refusal():
     events = translate([chunk({"role": "assistant", "refusal": "I can't "}),
                         chunk({"refusal": "help with that."}), chunk({}, "stop")])
