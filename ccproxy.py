@@ -75,6 +75,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import codecs
 import collections
 import copy
 import difflib
@@ -771,14 +772,26 @@ def not_a_router_config(path: str) -> str | None:
 def read_config_file(path: str) -> dict:
     """Read and parse one config file (${VAR} references left as written)."""
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as handle:
+            text = config_text(handle.read(), path)
+    except OSError as exc:
         raise ConfigError("%s: cannot read: %s" % (path, exc)) from None
     raw = parse_jsonc(text, path)
     if not isinstance(raw, dict):
         raise ConfigError("%s: the top level must be a JSON object" % path)
     return raw
+
+
+def config_text(data: bytes, path: str) -> str:
+    """A config file's text: UTF-8, with or without a byte order mark, or UTF-16 with one
+    (what Windows PowerShell 5's `>` and `Out-File` write); anything else is refused, saying
+    where it stops being UTF-8."""
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: cannot read: not UTF-8 text (byte 0x%02x at offset %d); save it "
+                          "as UTF-8" % (path, data[exc.start], exc.start)) from None
 
 
 def merge_config(base: dict, override: dict) -> dict:

@@ -33,6 +33,23 @@ def test_jsonc_syntax_error_names_file_and_original_line():
         ccproxy.parse_jsonc('{\n /* two\n */ "a": }', "c.json")
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be"])
+def test_a_config_file_saved_as_windows_tools_save_it_is_read(tmp_path, encoding):
+    # Notepad writes UTF-8 with a byte order mark; Windows PowerShell 5's `>` writes UTF-16 LE
+    path = tmp_path / "config.json"
+    text = '{"host": "127.0.0.1", // the café\r\n "providers": []}'
+    path.write_bytes((("\ufeff" if encoding == "utf-16-be" else "") + text).encode(encoding))
+    assert ccproxy.read_config_file(str(path)) == {"host": "127.0.0.1", "providers": []}
+
+
+def test_a_config_file_in_another_encoding_says_where_and_what_to_do(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes('{"providers": [], "x": "café"}'.encode("latin-1"))
+    with pytest.raises(ccproxy.ConfigError, match=r"config\.json: cannot read: not UTF-8 text "
+                       r"\(byte 0xe9 at offset 27\); save it as UTF-8"):
+        ccproxy.read_config_file(str(path))
+
+
 def test_a_config_in_the_originals_documented_shape_parses():
     text = (REPO / "tests" / "data" / "original-shape.jsonc").read_text()
     config = build(ccproxy.parse_jsonc(text, "original.json"))
