@@ -9045,22 +9045,24 @@ class OpenAIStreamTranslator:
             self._finish_reason = choice["finish_reason"]
             self._stop_sequence = matched_stop_sequence(choice)
 
-    def _call_key(self, call: dict, position: int):
+    def _call_key(self, call: dict, function: dict, position: int):
         """The key of the call a tool_calls delta continues or begins: its index (else its id,
-        else its place in the delta), unless the call at that index has another id. Ollama,
-        SGLang and vLLM builds send every parallel call at index 0 (ollama/ollama#15457), each
-        with its own id; read by index alone, the second call's arguments joined the first's."""
+        else its place in the delta), unless it begins a call (a name) with another id than the
+        call at that index. Ollama, SGLang and vLLM builds send every parallel call at index 0
+        (ollama/ollama#15457), each with its own id: read by index alone, the second call's
+        arguments joined the first's. A fragment with another id and no name goes on with the
+        call (Poolside's API gives a call's later fragments an id of their own)."""
         index = call.get("index", call.get("id") or position)
         index = index if isinstance(index, (int, str)) else position
         key = self._latest_at.get(index, ("call", index))
         known, given = self._calls[key]["id"] if key in self._calls else None, call.get("id")
-        if known and given and isinstance(given, str) and given != known:
+        if known and given and function.get("name") and isinstance(given, str) and given != known:
             key = self._latest_at[index] = ("call", index, given)
         return key
 
     def _feed_call(self, call: dict, position: int) -> None:
-        key = self._call_key(call, position)
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        key = self._call_key(call, function, position)
         arguments = function.get("arguments")
         if isinstance(arguments, dict):
             arguments = JSON_TEXT(arguments)

@@ -202,11 +202,12 @@ def test_parallel_calls_whose_headers_come_first_keep_every_argument():
 
 
 def test_parallel_calls_a_server_sends_all_at_index_0_stay_apart():
-    # Ollama (ollama/ollama#15457), SGLang and vLLM builds: each call has its own id, all index 0
+    # Ollama (ollama/ollama#15457), SGLang and vLLM builds: each call has its own id, all index 0;
+    # a later fragment may have an id of its own (Poolside's API), but never a name
     chunks = [chunk(call_fragment(0, "call_a", "Read", '{"path":')),
               chunk(call_fragment(0, arguments='"a.py"}')),
               chunk(call_fragment(0, "call_b", "Grep", '{"q"')),
-              chunk({"tool_calls": [{"index": 0, "id": "call_b", "function": {"arguments": ':"x"}'}}]}),
+              chunk({"tool_calls": [{"index": 0, "id": "call_b2", "function": {"arguments": ':"x"}'}}]}),
               chunk(call_fragment(0, "call_c", "Read", '{"path":"b.py"}')), chunk({}, "tool_calls")]
     events = translate(chunks)
     check_grammar(events)
