@@ -7129,6 +7129,7 @@ def json_text(text: str) -> bytes:
         return json.dumps(text).encode()
 
 
+JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 JSON_TOKEN_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]|[^"{}\[\],]+')
 JSON_CLOSERS = {"{": "}", "[": "]"}
 ARGUMENTS_TAIL = " \t\r\n,}]"     # what may end a tool's arguments: held back until their end
@@ -7170,6 +7171,75 @@ def repaired_json_object(text: str, keep: int = 0):
             out[comma] = ""
     mended = "".join(out + [JSON_CLOSERS[opener] for opener in reversed(stack)])
     return json_object_of(mended) if mended.startswith(text[:keep]) else None
+
+
+def fresh_arguments(call: dict, fragment: str) -> str:
+    """What is new in a fragment of a streamed tool call's arguments, after those the call has
+    (call["arguments"], call["chars"] long): all of it, but where a server sends again what it
+    sent. Some send the arguments so far in every fragment (DeepSeek at Baidu Qianfan): what
+    follows them is new. Some send the whole arguments again at the end, after them in full or
+    short of their last brace (vLLM's parser for GLM models): nothing is. Joined, either is no
+    JSON, and Claude Code refuses the call; a fragment that would make JSON joined is never
+    taken for either (but by a call already seen to be cumulative)."""
+    if len(fragment) <= call["chars"] and not fragment.lstrip().startswith("{"):
+        return fragment               # the common case, decided without joining anything
+    sent = "".join(call["arguments"])
+    cumulative = len(fragment) > len(sent) and fragment.startswith(sent)
+    if not (cumulative and call.get("cumulative")) and json_object_prefix(sent + fragment):
+        return fragment
+    if cumulative:
+        call["cumulative"] = True
+        return fragment[len(sent):]
+    again = json_object_of(fragment) if fragment.lstrip().startswith("{") else None
+    before = again and (json_object_of(sent) or repaired_json_object(sent))
+    return "" if before and before[1] == again[1] else fragment
+
+
+JSON_PREFIX_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[{}\[\],:]|[^\s"{}\[\],:]+|\s+')
+
+
+def json_object_prefix(text: str) -> bool:
+    """Whether text begins a JSON object (or is one): no token where JSON has none. Numbers
+    and literals are taken as any run of other characters, a string cut short as a string."""
+    stack, expect = [], "value"       # what may come: a value, a key, a colon, the next (a comma
+    for match in JSON_PREFIX_TOKEN_RE.finditer(text):      # or a close); "or close" after `{[`
+        token = match.group()
+        if token.isspace():
+            continue
+        if token in ("{", "[") and expect.startswith("value") and (stack or token == "{"):
+            stack.append(token)
+            expect = "key or close" if token == "{" else "value or close"
+        elif token in ("}", "]") and stack and JSON_CLOSERS[stack[-1]] == token and (
+                expect == "next" or expect.endswith("close")):
+            stack.pop()
+            expect = "next" if stack else "end"
+        elif token == "," and expect == "next":
+            expect = "key" if stack[-1] == "{" else "value"
+        elif token == ":" and expect == "colon":
+            expect = "value"
+        elif token[0] == '"' and expect.startswith("key"):
+            expect = "colon"
+        elif token[0] not in '{}[],:' and expect.startswith("value") and stack:
+            expect = "next"
+        else:
+            return False
+    return True
+
+
+def repeated_json_object(text: str):
+    """(text, value) of the object when text is one JSON object written twice or more (a
+    server that sends a call's arguments again: `{"a":1}{"a": 1}`), else None."""
+    copies, position, text = [], 0, text.strip()
+    try:
+        while position < len(text):
+            value, end = JSON_DECODER.raw_decode(text, position)
+            copies.append((text[position:end], value))
+            position = len(text) - len(text[end:].lstrip())
+    except (ValueError, RecursionError):
+        return None
+    same = len(copies) > 1 and isinstance(copies[0][1], dict) and all(
+        value == copies[0][1] for _, value in copies)
+    return copies[0] if same else None
 
 
 def json_object_of(text: str):
@@ -8768,7 +8838,8 @@ def tool_input_from_arguments(arguments, mend: bool = True) -> dict:
     try:
         value = json.loads(arguments)
     except (ValueError, RecursionError):
-        value = (mend and repaired_json_object(arguments) or (None, None))[1]
+        value = (mend and (repaired_json_object(arguments) or repeated_json_object(arguments))
+                 or (None, None))[1]
     if isinstance(value, str):
         return tool_input_from_arguments(value, mend)
     if isinstance(value, dict):
@@ -9069,7 +9140,9 @@ class OpenAIStreamTranslator:
         state = self._calls.get(key)
         if state is None:
             state = self._calls[key] = {"id": None, "name": None, "arguments": [], "sent": False,
-                                        "signature": ""}
+                                        "signature": "", "chars": 0}
+        if isinstance(arguments, str) and state["chars"]:
+            arguments = fresh_arguments(state, arguments)
         state["id"] = state["id"] or call.get("id")
         state["signature"] = state["signature"] or google_signature(call)
         state["name"] = state["name"] or function.get("name") or None
@@ -9077,12 +9150,14 @@ class OpenAIStreamTranslator:
             if self._emit.open == key:
                 self._emit.tool_arguments(arguments)
                 state["arguments"].append(arguments)
+                state["chars"] += len(arguments)
                 return
             if state["sent"]:
                 log.warning("%s: arguments for a finished tool call were dropped",
                             self._context.provider.name)
                 return
             state["arguments"].append(arguments)
+            state["chars"] += len(arguments)
         if not state["sent"] and state["name"] and self._may_start_call():
             self._start_call(key)
 

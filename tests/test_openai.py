@@ -338,6 +338,25 @@ def test_streamed_arguments_that_end_badly_are_mended(fragments, meant):
     assert content_of(events)[0]["input"] == meant
 
 
+RESENT = [  # fragments a server streamed, sending again what it had sent; the input meant
+    (['{"command"', '{"command": "l', '{"command": "ls"}'], {"command": "ls"}),  # Baidu Qianfan
+    (['{"', '{"a"', '{"a":', '{"a": [', '{"a": [1', '{"a": [1]}'], {"a": [1]}),
+    (['{"command":', ' "ls"', '{"command": "ls"}'], {"command": "ls"}),  # vLLM's GLM parser
+    (['{"command": "ls"}', '{"command":"ls"}'], {"command": "ls"}),
+    (['{"a":', '{"a": 1}', "}"], {"a": {"a": 1}}),       # an object inside is no resend
+    (['{"a": [', '{"a": []}', "]}"], {"a": [{"a": []}]}),
+]
+
+
+@pytest.mark.parametrize("fragments, meant", RESENT)
+def test_arguments_a_server_sends_again_are_sent_once(fragments, meant):
+    events = translate([chunk(call_fragment(0, "c1", "Bash", fragments[0]))] +
+                       [chunk(call_fragment(0, arguments=f)) for f in fragments[1:]] +
+                       [chunk({}, "tool_calls")])
+    check_grammar(events)
+    assert json.loads(arguments_of(events)) == meant == content_of(events)[0]["input"]
+
+
 @pytest.mark.parametrize("fragments", [['{"command": "ls"}'], ['{"command": "ls', 'x'],
                                        ['{"a": tru'], ['{"a": 1}{"a": 2}']])
 def test_arguments_that_are_whole_or_cannot_be_mended_pass_as_they_came(fragments):
@@ -364,6 +383,7 @@ def test_arguments_cut_at_max_tokens_stay_as_cut():
     ('{"a": {"b": [1', {"a": {"b": [1]}}),
     ('"{\\"a\\": 1,}"', {"a": 1}),
     ('{"a": 1', {"a": 1}),
+    ('{"a": 1}{"a":1}\n{"a": 1}', {"a": 1}),                 # the same object again and again
     ("not json", {"arguments": "not json"}),
 ])
 def test_whole_arguments_are_mended_the_same_way(arguments, meant):
@@ -2208,6 +2228,36 @@ def test_any_object_streamed_in_any_pieces_arrives_as_meant(value, mistake, cuts
     arguments = arguments_of(events)
     assert json.loads(arguments) == value
     assert arguments.rstrip(" ,}]") == sent.rstrip(" ,}]")
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_OBJECTS, st.lists(st.integers(min_value=1), max_size=4), st.booleans(),
+       st.sampled_from(["pieces", "cumulative", "whole again", "whole again after all but }"]))
+def test_any_object_sent_again_in_any_way_arrives_once(value, cuts, spaced, way):
+    """Any object in any pieces, as a server sends it: piece by piece; each piece being all so
+    far (cumulative, from the model's first token on); the pieces then the whole again, after
+    all of it or all but its last brace. The client's input JSON is the object, once."""
+    text = json.dumps(value, separators=None if spaced else (",", ":"))
+    bounds = sorted({cut % len(text) for cut in cuts} - {0}) + [len(text)]
+    pieces = [text[a:b] for a, b in zip([0] + bounds, bounds)]
+    if way == "cumulative":
+        pieces = [text[:b] for b in sorted({min(2, len(text))} | set(bounds))]
+    elif way.startswith("whole again"):
+        pieces = ([p for p in pieces if p] if way == "whole again" else
+                  [p for p in (pieces[:-1] + [pieces[-1][:-1]]) if p]) + [json.dumps(value)]
+    events = translate([chunk(call_fragment(0, "c1", "f", pieces[0]))] +
+                       [chunk(call_fragment(0, arguments=p)) for p in pieces[1:]] +
+                       [chunk({}, "tool_calls")])
+    assert json.loads(arguments_of(events)) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_OBJECTS)
+def test_a_json_object_prefix_is_told_from_text_json_cannot_go_on_from(value):
+    text = json.dumps(value)
+    assert all(ccproxy.json_object_prefix(text[:end]) for end in range(len(text) + 1))
+    assert not ccproxy.json_object_prefix(text + text[:1])
+    assert not ccproxy.json_object_prefix(text[:-1] + "]" if text != "{}" else "{]")
 
 
 # --- thinking the client asked to have omitted (Claude Code 2.1.332 asks at every request) ------
