@@ -7178,9 +7178,10 @@ def fresh_arguments(call: dict, fragment: str) -> str:
     (call["arguments"], call["chars"] long): all of it, but where a server sends again what it
     sent. Some send the arguments so far in every fragment (DeepSeek at Baidu Qianfan): what
     follows them is new. Some send the whole arguments again at the end, after them in full or
-    short of their last brace (vLLM's parser for GLM models): nothing is. Joined, either is no
-    JSON, and Claude Code refuses the call; a fragment that would make JSON joined is never
-    taken for either (but by a call already seen to be cumulative)."""
+    short of their last brace (vLLM's parser for GLM models), or double-encoded (a LiteLLM
+    proxy): nothing is. Joined, either is no JSON, and Claude Code refuses the call; a fragment
+    that would make JSON joined is never taken for either (but by a call already seen to be
+    cumulative)."""
     if len(fragment) <= call["chars"] and not fragment.lstrip().startswith("{"):
         return fragment               # the common case, decided without joining anything
     sent = "".join(call["arguments"])
@@ -7190,9 +7191,22 @@ def fresh_arguments(call: dict, fragment: str) -> str:
     if cumulative:
         call["cumulative"] = True
         return fragment[len(sent):]
-    again = json_object_of(fragment) if fragment.lstrip().startswith("{") else None
+    again = arguments_object(fragment)
     before = again and (json_object_of(sent) or repaired_json_object(sent))
     return "" if before and before[1] == again[1] else fragment
+
+
+def arguments_object(text: str):
+    """(text, value) of the object a call's arguments are, written out or as a JSON string that
+    holds it (double-encoded, as the summary chunk a LiteLLM proxy adds at a stream's end, BerriAI
+    /litellm#20480), else None."""
+    if text.lstrip().startswith("{"):
+        return json_object_of(text)
+    try:
+        inner = json.loads(text) if text.lstrip().startswith('"') else None
+    except (ValueError, RecursionError):
+        return None
+    return json_object_of(inner) if isinstance(inner, str) else None
 
 
 JSON_PREFIX_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[{}\[\],:]|[^\s"{}\[\],:]+|\s+')

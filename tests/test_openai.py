@@ -343,6 +343,7 @@ RESENT = [  # fragments a server streamed, sending again what it had sent; the i
     (['{"', '{"a"', '{"a":', '{"a": [', '{"a": [1', '{"a": [1]}'], {"a": [1]}),
     (['{"command":', ' "ls"', '{"command": "ls"}'], {"command": "ls"}),  # vLLM's GLM parser
     (['{"command": "ls"}', '{"command":"ls"}'], {"command": "ls"}),
+    (['{"command": "ls"}', json.dumps('{"command": "ls"}')], {"command": "ls"}),  # LiteLLM
     (['{"a":', '{"a": 1}', "}"], {"a": {"a": 1}}),       # an object inside is no resend
     (['{"a": [', '{"a": []}', "]}"], {"a": [{"a": []}]}),
 ]
@@ -2232,16 +2233,20 @@ def test_any_object_streamed_in_any_pieces_arrives_as_meant(value, mistake, cuts
 
 @settings(max_examples=300, deadline=None)
 @given(JSON_OBJECTS, st.lists(st.integers(min_value=1), max_size=4), st.booleans(),
-       st.sampled_from(["pieces", "cumulative", "whole again", "whole again after all but }"]))
+       st.sampled_from(["pieces", "cumulative", "whole again", "whole again after all but }",
+                        "whole again, double-encoded"]))
 def test_any_object_sent_again_in_any_way_arrives_once(value, cuts, spaced, way):
     """Any object in any pieces, as a server sends it: piece by piece; each piece being all so
     far (cumulative, from the model's first token on); the pieces then the whole again, after
-    all of it or all but its last brace. The client's input JSON is the object, once."""
+    all of it or all but its last brace, or double-encoded after all of it. The client's input
+    JSON is the object, once."""
     text = json.dumps(value, separators=None if spaced else (",", ":"))
     bounds = sorted({cut % len(text) for cut in cuts} - {0}) + [len(text)]
     pieces = [text[a:b] for a, b in zip([0] + bounds, bounds)]
     if way == "cumulative":
         pieces = [text[:b] for b in sorted({min(2, len(text))} | set(bounds))]
+    elif way.endswith("double-encoded"):
+        pieces = pieces + [json.dumps(json.dumps(value))]
     elif way.startswith("whole again"):
         pieces = ([p for p in pieces if p] if way == "whole again" else
                   [p for p in (pieces[:-1] + [pieces[-1][:-1]]) if p]) + [json.dumps(value)]
