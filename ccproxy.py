@@ -9477,6 +9477,7 @@ class ResponsesStreamTranslator:
         self._reasoning = {}          # output index -> the finished reasoning item
         self._summaries = {}          # output index -> the summary part being streamed
         self._streamed = set()        # output indexes of calls whose arguments streamed
+        self._texts = set()           # output indexes of messages whose text streamed
         self._made_calls = False
         self._refused = False
         self._response = None         # the final response (completed or incomplete)
@@ -9522,6 +9523,17 @@ class ResponsesStreamTranslator:
             if index not in self._streamed:           # arguments only in the finished item
                 self._item_added(payload, index)
                 self._emit.tool_arguments(str(item.get("arguments") or ""))
+        elif item.get("type") == "message" and index not in self._texts:
+            self._message_done(item, index)
+
+    def _message_done(self, item: dict, index) -> None:
+        """A message whose text came only in the finished item (a server that streams no
+        deltas): its text and refusal parts, as they would have streamed."""
+        for part in map(dict_of, list_of(item.get("content"))):
+            kind, text = part.get("type"), part.get("text", part.get("refusal"))
+            if kind in ("output_text", "refusal") and isinstance(text, str) and text:
+                self._refused = self._refused or kind == "refusal"
+                self._emit.text(text, ("text", index))
 
     def _thinking(self, payload: dict, index) -> None:
         part = payload.get("summary_index", 0)
@@ -9530,6 +9542,7 @@ class ResponsesStreamTranslator:
         self._emit.thinking(separator + str(payload.get("delta") or ""), ("thinking", index))
 
     def _text(self, payload: dict, index) -> None:
+        self._texts.add(index)
         self._emit.text(str(payload.get("delta") or ""), ("text", index))
 
     def _refusal(self, payload: dict, index) -> None:

@@ -263,6 +263,20 @@ def test_a_streamed_text_answer(responses_proxy, upstream):
     assert sent_body(upstream) == expected_body()
 
 
+def test_text_and_arguments_only_in_the_finished_items_are_not_lost(responses_proxy, upstream):
+    """A server that streams no deltas, only each finished item: its text had come out as an
+    empty answer, ended cleanly."""
+    items = [message_item("Sunny in Oslo.", 0), call_item("call_0", "get_weather",
+                                                           '{"city":"Oslo"}', 1)]
+    events = [event for event in events_for(items) if not event["type"].endswith(".delta")]
+    upstream.script = lambda r: stream_reply(sse(events))
+    final = stream_of(responses_proxy)
+    assert blocks_of(final) == [{"type": "text", "text": "Sunny in Oslo."}, {
+        "type": "tool_use", "id": "call_0", "name": "get_weather", "input": {"city": "Oslo"}}]
+    upstream.script = lambda r: stream_reply(sse(events_for(items)))      # streamed: once
+    assert blocks_of(stream_of(responses_proxy))[0] == {"type": "text", "text": "Sunny in Oslo."}
+
+
 @pytest.mark.parametrize("calls", [1, 2])
 def test_streamed_calls_one_or_parallel(responses_proxy, upstream, calls):
     items = [call_item("call_%d" % n, "get_weather", '{"city":"C%d"}' % n, n)
