@@ -8767,7 +8767,8 @@ def openai_choice(data, provider: Provider) -> dict:
 
 def openai_thinking_and_text(message: dict, context) -> tuple:
     """(the thinking and text blocks of a Chat Completions message, its text): reasoning
-    (with OpenRouter's reasoning_details on the signature), Mistral's chunks, the content."""
+    (with OpenRouter's reasoning_details on the signature), Mistral's chunks, the content (what
+    opens it as <think>…</think> as thinking: see ThinkTags)."""
     content = []
     reasoning = message.get("reasoning_content") or message.get("reasoning")
     details = [d for d in list_of(message.get("reasoning_details")) if isinstance(d, dict)]
@@ -8781,6 +8782,12 @@ def openai_thinking_and_text(message: dict, context) -> tuple:
         content += [{"type": "thinking", "thinking": t, "signature": thinking_signature(
             context.provider.name)} for kind, t in chunks if kind == "thinking"]
         text = "".join(t for kind, t in chunks if kind == "text")
+    if isinstance(text, str) and text.lstrip().startswith(THINK_OPEN):
+        tags = ThinkTags()
+        pieces = tags.split(text) + tags.flush()
+        content += [{"type": "thinking", "thinking": piece, "signature": thinking_signature(
+            context.provider.name)} for kind, piece in pieces if kind == "thinking"]
+        text = "".join(piece for kind, piece in pieces if kind == "text")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
     return content, text
@@ -9009,6 +9016,62 @@ def learnable_chunk(chunk: dict) -> bool:
         value is None or value.__class__ in (str, int, float, bool) for value in values)
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+class ThinkTags:
+    """Reasoning a server leaves in the answer's text, as `<think>…</think>` at its start
+    (Ollama and vLLM serving Qwen3 or DeepSeek-R1 without a reasoning parser): the text as it
+    streams in, split into ("thinking" or "text", piece), the tags and the whitespace around
+    them dropped. Text that does not open with the tag is text as it came; `passing` once
+    there is nothing more to split."""
+
+    def __init__(self):
+        self._state = "start"         # start, thinking, answer (its leading space dropped), text
+        self._held = ""
+        self._thought = False         # whether thinking has been given (its leading space gone)
+
+    @property
+    def passing(self) -> bool:
+        return self._state == "text"
+
+    def split(self, text: str) -> list:
+        held, self._held = self._held + text, ""
+        if self._state == "start":
+            opening = held.lstrip()
+            if THINK_OPEN.startswith(opening):          # "", "<", "<th", …: not yet told
+                self._held = held
+                return []
+            if not opening.startswith(THINK_OPEN):
+                self._state = "text"
+                return [("text", held)]
+            self._state, held = "thinking", opening[len(THINK_OPEN):]
+        if self._state == "thinking":
+            return self._thinking(held)
+        answer = held.lstrip() if self._state == "answer" else held
+        self._state = "text" if answer else "answer"
+        return [("text", answer)] if answer else []
+
+    def _thinking(self, held: str) -> list:
+        held = held if self._thought else held.lstrip()
+        end = held.find(THINK_CLOSE)
+        if end < 0:                   # held back: what may begin the tag, and space before it
+            keep = next((n for n in range(len(THINK_CLOSE) - 1, 0, -1)
+                         if held.endswith(THINK_CLOSE[:n])), 0)
+            thought = held[:len(held) - keep].rstrip()
+            self._held, self._thought = held[len(thought):], self._thought or bool(thought)
+            return [("thinking", thought)] if thought else []
+        self._state = "answer"
+        pieces = [("thinking", held[:end].rstrip())] if held[:end].strip() else []
+        return pieces + self.split(held[end + len(THINK_CLOSE):])
+
+    def flush(self) -> list:
+        """What is held at the answer's end (or before its first tool call)."""
+        held, self._held = self._held, ""
+        return [("thinking" if self._state == "thinking" else "text", held)] if held.strip() \
+            else []
+
+
 class OpenAIStreamTranslator:
     """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
 
@@ -9032,6 +9095,7 @@ class OpenAIStreamTranslator:
         self._done = False
         self._usage = None
         self.learnable_text = None    # the last chunk's text, when a template may learn it
+        self._think = ThinkTags()     # until the answer's text is seen to open otherwise
 
     def feed(self, chunk: dict) -> bytes:
         text = plain_text_delta(chunk)
@@ -9055,7 +9119,9 @@ class OpenAIStreamTranslator:
         take it the short way (its message has not started, or a web search gathers text)."""
         if not self._emit.started or self._context.search_query is not None:
             return None
-        if text:
+        if self._think is not None:
+            self._content(text)
+        elif text:
             self._emit.text(text)
         return self._emit.take()
 
@@ -9082,6 +9148,8 @@ class OpenAIStreamTranslator:
         ending = failed_ending(error, self.complete, self._context.provider)
         if ending is not None:
             return ending
+        if self._think is not None:
+            self._pieces(self._think.flush())
         results, citations = openai_search_results(self._annotations, "".join(self._text))
         self._emit.cite(citations)
         reason = "refusal" if self._refused else openai_stop_reason(
@@ -9112,14 +9180,14 @@ class OpenAIStreamTranslator:
             for kind, text in content_chunks(content, self._context.wants_thinking):
                 (self._emit.thinking if kind == "thinking" else self._emit.text)(text)
         elif isinstance(content, str) and content:
-            self._emit.text(content)
-            if self._context.search_query is not None:
-                self._text.append(content)
+            self._content(content)
         self._annotations += list_of(delta.get("annotations"))
         refusal = delta.get("refusal")
         if isinstance(refusal, str) and refusal:
             self._refused = True
             self._emit.text(refusal)
+        if delta.get("tool_calls") and self._think is not None:
+            self._pieces(self._think.flush())
         for position, call in enumerate(list_of(delta.get("tool_calls"))):
             if isinstance(call, dict):
                 self._feed_call(call, position)
@@ -9129,6 +9197,24 @@ class OpenAIStreamTranslator:
         if choice.get("finish_reason"):
             self._finish_reason = choice["finish_reason"]
             self._stop_sequence = matched_stop_sequence(choice)
+
+    def _content(self, content: str) -> None:
+        """The answer's text, what opens it as <think>…</think> as thinking (see ThinkTags)."""
+        if self._think is None:
+            self._pieces((("text", content),))
+            return
+        self._pieces(self._think.split(content))
+        if self._think.passing:
+            self._think = None
+
+    def _pieces(self, pieces) -> None:
+        for kind, piece in pieces:
+            if kind == "thinking":
+                self._emit.thinking(piece)
+                continue
+            self._emit.text(piece)
+            if self._context.search_query is not None:
+                self._text.append(piece)
 
     def _call_key(self, call: dict, function: dict, position: int):
         """The key of the call a tool_calls delta continues or begins: its index (else its id,

@@ -223,6 +223,47 @@ def test_a_streamed_refusal_is_text_with_stop_reason_refusal():
     assert [p for n, p in events if n == "message_delta"][0]["delta"]["stop_reason"] == "refusal"
 
 
+THOUGHTS = st.text("ab \n<>/thik", max_size=12).filter(lambda t: "</think>" not in t)
+
+
+@settings(max_examples=300, deadline=None)
+@given(THOUGHTS, st.text("ab \n<>/thik", max_size=12), st.sampled_from(["", " ", "\n"]),
+       st.sampled_from(["", "\n", "\n\n"]), st.lists(st.integers(min_value=1), max_size=5))
+def test_reasoning_left_in_think_tags_at_the_start_becomes_thinking(thought, answer, before,
+                                                                    after, cuts):
+    """Ollama and vLLM serving Qwen3 or DeepSeek-R1 without a reasoning parser write the
+    reasoning into the text as <think>…</think>; Claude Code showed the tags and sent them back
+    as text at every turn. In any pieces: thinking, then the answer, neither with the tags or
+    the space around them; text that does not open with the tag stays as it came."""
+    text = before + "<think>\n" + thought + "\n</think>" + after + answer
+    bounds = sorted({cut % len(text) for cut in cuts} - {0}) + [len(text)]
+    events = translate([chunk({"role": "assistant", "content": ""})] + [
+        chunk({"content": text[a:b]}) for a, b in zip([0] + bounds, bounds)] +
+        [chunk({}, "stop")])
+    check_grammar(events)
+    expected = ([{"type": "thinking", "thinking": thought.strip()}] if thought.strip() else []) \
+        + ([{"type": "text", "text": answer.lstrip()}] if answer.strip() else [])
+    assert [{k: v for k, v in b.items() if k != "signature"} for b in content_of(events)] \
+        == expected
+    plain = translate([chunk({"content": "So " + answer + "<think>x</think>"}),
+                       chunk({}, "stop")])
+    assert content_of(plain) == [{"type": "text", "text": "So " + answer + "<think>x</think>"}]
+
+
+def test_think_tags_in_a_whole_answer_and_before_a_tool_call(openai_proxy, upstream):
+    upstream.script = lambda r: json_reply(completion({
+        "content": "<think>\nOkay, the user said hello.\n</think>\n\nHello! How can I help?"}))
+    message = sdk(openai_proxy).messages.create(**REQUEST)
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None))
+            for b in message.content] == [("thinking", "Okay, the user said hello."),
+                                          ("text", "Hello! How can I help?")]
+    events = translate([chunk({"content": "<think>\nNeeds the tool.\n</think>\n\n"}),
+                        chunk(call_fragment(0, "c1", "Bash", '{"command": "ls"}')),
+                        chunk({}, "tool_calls")])
+    check_grammar(events)
+    assert [b["type"] for b in content_of(events)] == ["thinking", "tool_use"]
+
+
 def test_the_stop_string_a_server_names_becomes_stop_sequence(openai_proxy, upstream):
     final = chunk({}, "stop")
     final["choices"][0]["stop_reason"] = "END"          # vLLM and SGLang say which one matched
