@@ -6283,6 +6283,16 @@ def tool_use_id(call_id) -> str:
     return ENCODED_TOOL_ID_PREFIX + encoded
 
 
+def own_tool_id(tool_id: str, taken: set) -> str:
+    """tool_id, or a fresh one when an earlier call of the same answer has it (taken, which it
+    joins): Xinference gives every call of an answer one id, LocalAI sends a call twice, and
+    Claude Code paired the results of both with one call."""
+    if tool_id in taken:
+        tool_id = random_id("toolu_")
+    taken.add(tool_id)
+    return tool_id
+
+
 WEB_SEARCH_QUERY_RE = re.compile(r"Perform a web search for the query: (.+)", re.S)
 MAX_SERVER_BLOCK_CHARS = 20000           # the most of a server tool's output kept as text
 
@@ -7026,6 +7036,10 @@ def message_response(message: dict, context: TranslationContext, stream: bool) -
     if context.stops is not None:
         message = cut_at_stop_sequence(message, context.stops.stops)
     message = omitted_thinking(message, context)
+    taken = set()
+    for block in message["content"]:
+        if block.get("type") == "tool_use":
+            block["id"] = own_tool_id(block["id"], taken)
     if not stream:
         return json_response(message)
     return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
@@ -7373,6 +7387,7 @@ class EventEmitter:
         self._held = ""               # its end, held back until the block ends
         self._stops = context.stops   # the request's stop sequences, or None
         self._ending = None           # the events up to the end a stop sequence made
+        self._tool_ids = set()        # the ids of the answer's tool_use blocks
 
     def take(self) -> bytes:
         """The events written since the last take(); once a stop sequence has ended the
@@ -7432,7 +7447,9 @@ class EventEmitter:
         self.output_chars += len(text)
 
     def open_tool(self, key, tool_id: str, name: str) -> None:
-        self.open_block(key, {"type": "tool_use", "id": tool_id, "name": name, "input": {}})
+        """Open a tool_use block, with an id no other block of the answer has."""
+        self.open_block(key, {"type": "tool_use", "id": own_tool_id(tool_id, self._tool_ids),
+                              "name": name, "input": {}})
 
     def cite(self, citations: list) -> None:
         """Citations of the open text block (what the provider says supports its text)."""

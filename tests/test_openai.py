@@ -216,6 +216,19 @@ def test_parallel_calls_a_server_sends_all_at_index_0_stay_apart():
         ("call_c", "Read", {"path": "b.py"})]
 
 
+def test_calls_a_server_gives_one_id_get_ids_of_their_own(openai_proxy, upstream):
+    # Xinference gives every call of an answer one id (xorbitsai/inference#4237)
+    calls = [{"id": "call_x", "type": "function", "function": {"name": name, "arguments": "{}"}}
+             for name in ("Read", "Grep")]
+    upstream.script = lambda r: json_reply(completion({"tool_calls": calls}, "tool_calls"))
+    whole = [block.id for block in sdk(openai_proxy).messages.create(**REQUEST).content]
+    events = translate([chunk({"tool_calls": [dict(call, index=n) for n, call in
+                                              enumerate(calls)]}), chunk({}, "tool_calls")])
+    streamed = [block["id"] for block in content_of(events)]
+    for ids in (whole, streamed):
+        assert ids[0] == "call_x" and ids[1].startswith("toolu_") and len(set(ids)) == 2
+
+
 def test_a_streamed_refusal_is_text_with_stop_reason_refusal():
     events = translate([chunk({"role": "assistant", "refusal": "I can't "}),
                         chunk({"refusal": "help with that."}), chunk({}, "stop")])
