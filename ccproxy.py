@@ -7196,8 +7196,11 @@ def fresh_arguments(call: dict, fragment: str) -> str:
     proxy): nothing is. Joined, either is no JSON, and Claude Code refuses the call; a fragment
     that would make JSON joined is never taken for either (but by a call already seen to be
     cumulative)."""
-    if len(fragment) <= call["chars"] and not fragment.lstrip().startswith("{"):
-        return fragment               # the common case, decided without joining anything
+    # Most fragments are told without joining anything; the rest are at least half as long as
+    # what is joined, so that no server can make the work grow with the square of its answer.
+    if len(fragment) * 2 < call["chars"] or (
+            len(fragment) <= call["chars"] and not fragment.lstrip().startswith("{")):
+        return fragment
     sent = "".join(call["arguments"])
     cumulative = len(fragment) > len(sent) and fragment.startswith(sent)
     if not (cumulative and call.get("cumulative")) and json_object_prefix(sent + fragment):

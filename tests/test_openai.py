@@ -412,6 +412,19 @@ def test_arguments_a_server_sends_again_are_sent_once(fragments, meant):
     assert json.loads(arguments_of(events)) == meant == content_of(events)[0]["input"]
 
 
+def test_fragments_that_could_be_sent_again_cost_no_more_than_their_length(monkeypatch):
+    """A server sending a long call in fragments that each open a brace: each is checked
+    against the arguments so far only while it is at least half as long as them."""
+    joined = []
+    monkeypatch.setattr(ccproxy, "json_object_prefix",
+                        lambda text: joined.append(len(text)) or True)
+    events = translate([chunk(call_fragment(0, "c1", "Write", '{"content": "'))] +
+                       [chunk(call_fragment(0, arguments="{x")) for _ in range(2000)] +
+                       [chunk(call_fragment(0, arguments='"}')), chunk({}, "tool_calls")])
+    assert json.loads(arguments_of(events)) == {"content": "{x" * 2000}
+    assert sum(joined) < 200
+
+
 @pytest.mark.parametrize("fragments", [['{"command": "ls"}'], ['{"command": "ls', 'x'],
                                        ['{"a": tru'], ['{"a": 1}{"a": 2}']])
 def test_arguments_that_are_whole_or_cannot_be_mended_pass_as_they_came(fragments):
