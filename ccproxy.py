@@ -9283,11 +9283,17 @@ class OpenAIStreamTranslator:
 
     def _may_start_call(self) -> bool:
         """A new call may open now unless the open call's arguments are not yet a whole JSON
-        value: incomplete, or not begun (their fragments may still come, interleaved)."""
+        value: incomplete, or not begun (their fragments may still come, interleaved). They are
+        read only when they end as an object (or a string holding one) may: a long call left
+        open while another's fragments come is not read again at every fragment."""
         if self._emit.open not in self._calls:
             return True
+        arguments = self._calls[self._emit.open]["arguments"]
+        if not next((piece.rstrip() for piece in reversed(arguments) if piece.strip()),
+                    "").endswith(("}", '"')):
+            return False
         try:
-            json.loads("".join(self._calls[self._emit.open]["arguments"]))
+            json.loads("".join(arguments))
         except (ValueError, RecursionError):
             return False
         return True

@@ -425,6 +425,23 @@ def test_fragments_that_could_be_sent_again_cost_no_more_than_their_length(monke
     assert sum(joined) < 200
 
 
+def test_a_long_call_left_open_is_not_read_again_at_every_fragment_of_another(monkeypatch):
+    """Another call's fragments coming while a long one is open: the open call's arguments
+    had been joined and read at every one (2.4 s of the event loop for 2,000 behind 1 MB)."""
+    translator = ccproxy.OpenAIStreamTranslator(context())
+    pieces = [translator.feed(chunk(call_fragment(0, "c1", "Write", '{"content": "' + "x" * 10**5))),
+              translator.feed(chunk(call_fragment(1, "c2", "Read", "")))]
+    read, loads = [], json.loads
+    monkeypatch.setattr(ccproxy.json, "loads", lambda text, *a, **k: read.append(len(text))
+                        or loads(text, *a, **k))
+    pieces += [translator.feed(chunk(call_fragment(1, arguments=p))) for p in ('{"path":', '"a"}')]
+    monkeypatch.undo()
+    assert sum(read) < 1000
+    events = parse_events(b"".join(pieces) + translator.feed(chunk(call_fragment(0, arguments='"}')))
+                          + translator.feed(chunk({}, "tool_calls")) + translator.finish())
+    assert [b["input"] for b in content_of(events)] == [{"content": "x" * 100000}, {"path": "a"}]
+
+
 @pytest.mark.parametrize("fragments", [['{"command": "ls"}'], ['{"command": "ls', 'x'],
                                        ['{"a": tru'], ['{"a": 1}{"a": 2}']])
 def test_arguments_that_are_whole_or_cannot_be_mended_pass_as_they_came(fragments):
