@@ -207,7 +207,8 @@ def test_parallel_calls_a_server_sends_all_at_index_0_stay_apart():
     chunks = [chunk(call_fragment(0, "call_a", "Read", '{"path":')),
               chunk(call_fragment(0, arguments='"a.py"}')),
               chunk(call_fragment(0, "call_b", "Grep", '{"q"')),
-              chunk({"tool_calls": [{"index": 0, "id": "call_b2", "function": {"arguments": ':"x"}'}}]}),
+              chunk({"tool_calls": [{"index": 0, "id": "call_b2",
+                                     "function": {"arguments": ':"x"}'}}]}),
               chunk(call_fragment(0, "call_c", "Read", '{"path":"b.py"}')), chunk({}, "tool_calls")]
     events = translate(chunks)
     check_grammar(events)
@@ -429,7 +430,8 @@ def test_a_long_call_left_open_is_not_read_again_at_every_fragment_of_another(mo
     """Another call's fragments coming while a long one is open: the open call's arguments
     had been joined and read at every one (2.4 s of the event loop for 2,000 behind 1 MB)."""
     translator = ccproxy.OpenAIStreamTranslator(context())
-    pieces = [translator.feed(chunk(call_fragment(0, "c1", "Write", '{"content": "' + "x" * 10**5))),
+    opening = '{"content": "' + "x" * 10**5
+    pieces = [translator.feed(chunk(call_fragment(0, "c1", "Write", opening))),
               translator.feed(chunk(call_fragment(1, "c2", "Read", "")))]
     read, loads = [], json.loads
     monkeypatch.setattr(ccproxy.json, "loads", lambda text, *a, **k: read.append(len(text))
@@ -437,8 +439,9 @@ def test_a_long_call_left_open_is_not_read_again_at_every_fragment_of_another(mo
     pieces += [translator.feed(chunk(call_fragment(1, arguments=p))) for p in ('{"path":', '"a"}')]
     monkeypatch.undo()
     assert sum(read) < 1000
-    events = parse_events(b"".join(pieces) + translator.feed(chunk(call_fragment(0, arguments='"}')))
-                          + translator.feed(chunk({}, "tool_calls")) + translator.finish())
+    pieces += [translator.feed(chunk(call_fragment(0, arguments='"}'))),
+               translator.feed(chunk({}, "tool_calls")), translator.finish()]
+    events = parse_events(b"".join(pieces))
     assert [b["input"] for b in content_of(events)] == [{"content": "x" * 100000}, {"path": "a"}]
 
 
