@@ -6285,8 +6285,8 @@ def tool_use_id(call_id) -> str:
 
 def own_tool_id(tool_id: str, taken: set) -> str:
     """tool_id, or a fresh one when an earlier call of the same answer has it (taken, which it
-    joins): Xinference gives every call of an answer one id, LocalAI sends a call twice, and
-    Claude Code paired the results of both with one call."""
+    joins): Xinference gives every call of an answer one id (xorbitsai/inference#4237), and
+    Claude Code paired the results of all with one call."""
     if tool_id in taken:
         tool_id = random_id("toolu_")
     taken.add(tool_id)
@@ -7143,7 +7143,6 @@ def json_text(text: str) -> bytes:
         return json.dumps(text).encode()
 
 
-JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 JSON_TOKEN_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],]|[^"{}\[\],]+')
 JSON_CLOSERS = {"{": "}", "[": "]"}
 ARGUMENTS_TAIL = " \t\r\n,}]"     # what may end a tool's arguments: held back until their end
@@ -7232,8 +7231,10 @@ JSON_PREFIX_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[{}\[\],:]|[^\s"
 def json_object_prefix(text: str) -> bool:
     """Whether text begins a JSON object (or is one): no token where JSON has none. Numbers
     and literals are taken as any run of other characters, a string cut short as a string."""
-    stack, expect = [], "value"       # what may come: a value, a key, a colon, the next (a comma
-    for match in JSON_PREFIX_TOKEN_RE.finditer(text):      # or a close); "or close" after `{[`
+    # What may come: a value, a key, a colon, the next (a comma or a close), the end; a value
+    # or a key "or close" just after `[` or `{`.
+    stack, expect = [], "value"
+    for match in JSON_PREFIX_TOKEN_RE.finditer(text):
         token = match.group()
         if token.isspace():
             continue
@@ -9088,8 +9089,9 @@ class ThinkTags:
     def flush(self) -> list:
         """What is held at the answer's end (or before its first tool call)."""
         held, self._held = self._held, ""
-        return [("thinking" if self._state == "thinking" else "text", held)] if held.strip() \
-            else []
+        if not held.strip():
+            return []
+        return [("thinking" if self._state == "thinking" else "text", held)]
 
 
 class OpenAIStreamTranslator:
