@@ -304,6 +304,43 @@ def test_real_claude_code_runs_a_tool_whose_arguments_end_with_a_stray_comma(ver
     assert results and not any("InputValidationError" in json.dumps(c) for c in results)
 
 
+def ollama_like_model(request):
+    """As Ollama streams Qwen3 through its OpenAI API: the reasoning in the text as
+    <think>…</think>, and parallel calls each with its own id, all at index 0."""
+    body = request["json"] or {}
+    if body.get("stream") is not True or not body.get("tools"):
+        return scripted_model(request)
+    if any(m.get("role") == "tool" for m in body.get("messages", ())):
+        return openai_stream([{"role": "assistant", "content": "<think>\nBoth are written."},
+                              {"content": "\n</think>\n\n" + FINAL_TEXT}], "stop")
+    calls = [{"index": 0, "id": "call_%s" % name, "type": "function", "function": {
+        "name": "Bash", "arguments": json.dumps({"command": "echo hi > %s.txt" % name,
+                                                 "description": "Write %s.txt" % name})}}
+             for name in ("a", "b")]
+    return openai_stream([{"role": "assistant", "content": "<think>\nTwo files, "},
+                          {"content": "two calls.\n</think>\n\n"}] +
+                         [{"tool_calls": [call]} for call in calls], "tool_calls")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_both_calls_of_a_server_that_sends_them_at_one_index(
+        version, tmp_path, upstream):
+    """Read by index alone, the second call had joined the first (one Bash run, with input
+    that did not parse); the reasoning had reached Claude Code as text, tags and all."""
+    upstream.script = ollama_like_model
+    result, output, work = run_code(
+        version, tmp_path, [openai_provider(upstream.url)],
+        "Create a.txt and b.txt, each containing hi, with two Bash calls at once.", "Bash",
+        CLAUDE_CODE_MAX_RETRIES="0")
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    assert (work / "a.txt").read_text().strip() == (work / "b.txt").read_text().strip() == "hi"
+    turn = [r["json"] for r in upstream.requests if r["json"] and any(
+        m.get("role") == "tool" for m in r["json"]["messages"])][0]["messages"]
+    assert sorted(m["tool_call_id"] for m in turn if m.get("role") == "tool") == [
+        "call_a", "call_b"]
+    assert "<think>" not in json.dumps(turn)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_team_member_with_the_readmes_settings_reaches_the_teams_proxy(version, tmp_path,
                                                                          start_proxy, upstream):
