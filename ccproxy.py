@@ -7941,7 +7941,9 @@ class AnthropicStreamRelay:
     (an empty chunk) becomes a ping between events. Events that speak of an error have the
     provider's secrets masked (a provider may echo the key it was given). An event whose data
     is not a JSON object (which a client's SDK cannot read) breaks the stream, as it does a
-    translated one: the events before it are relayed, never it.
+    translated one: the events before it are relayed, never it. What comes before the first
+    named event (a comment, `data: [DONE]`, junk) is dropped, as no client reads it: until
+    then the answer has not begun, and a stream that ends there may still fail over.
     """
 
     ended = False                     # never before the provider's end
@@ -7949,6 +7951,7 @@ class AnthropicStreamRelay:
     def __init__(self, provider: Provider, record=None, client_model: str | None = None):
         self._provider = provider
         self._held = HeldBytes()
+        self._begun = False           # whether a named event has come
         self._terminated = False
         self.broken = None
         self._record = record
@@ -7966,6 +7969,10 @@ class AnthropicStreamRelay:
             return b""
         complete = self._readable(self._held.release(chunk[:end]))
         self._held.hold(chunk[end:])
+        if not self._begun:
+            if not SSE_EVENT_NAME_RE.search(complete):
+                return b""
+            self._begun = True
         if not self._terminated:
             self._terminated = (b"message_stop" in complete or b"error" in complete) \
                 and ends_the_stream(complete)

@@ -193,6 +193,22 @@ def test_a_first_event_that_is_not_json_is_a_502_and_fails_over(start_proxy, ups
     assert len(upstream.requests) == len(second_upstream.requests) == 1
 
 
+def test_a_stream_that_ends_before_its_first_named_event_fails_over(start_proxy, upstream,
+                                                                    second_upstream):
+    """A comment, `data: [DONE]` or junk without an event name, then the end: nothing a client
+    reads had come, yet the stream had begun (a 200 ending in an error event), and the next
+    provider was never asked."""
+    upstream.script = lambda r: stream_reply([b": hello\n\n", b'data: {"x": \n\n'])
+    second_upstream.script = lambda r: stream_reply()
+    proxy = start_proxy({"providers": [
+        anthropic_provider(upstream, name="first", type="anthropic"),
+        anthropic_provider(second_upstream, name="second", type="anthropic")]})
+    with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+        assert stream.get_final_message().content[0].text == "Hello!"
+    assert len(upstream.requests) == len(second_upstream.requests) == 1
+
+
 def test_events_of_several_data_lines_and_comments_are_relayed_as_they_came(proxy, upstream):
     """Whatever is readable passes unchanged: a JSON object over two data lines (joined with a
     line break, as SSE does), CRLF line ends, comments, and an event without a name, which the
