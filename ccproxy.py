@@ -9841,7 +9841,8 @@ def gemini_model_parts(blocks, calls: list, where: str) -> list:
             signature = gemini_signature_of(block.get("signature")) or signature
         elif kind == "tool_use":
             name = gemini_tool_name(str(block.get("name", "")))
-            part = {"functionCall": {"name": name, "args": block.get("input") or {}}}
+            part = {"functionCall": dict({"name": name, "args": block.get("input") or {}},
+                                         **gemini_call_id(block.get("id")))}
             if signature or first_call:
                 part["thoughtSignature"] = signature or GEMINI_SKIP_SIGNATURE
             parts.append(part)
@@ -9876,7 +9877,8 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
     for call_id, name in calls:
         response, images = results.get(
             call_id, ({"error": "no result: the call was interrupted"}, []))
-        parts.append({"functionResponse": {"name": name, "response": response}})
+        parts.append({"functionResponse": dict({"name": name, "response": response},
+                                               **gemini_call_id(call_id))})
         extra += images
     for position, block in enumerate(blocks):
         kind = block.get("type")
@@ -9934,6 +9936,27 @@ def gemini_function_declaration(tool: dict) -> dict:
     if parameters.get("properties"):
         declaration["parameters"] = parameters
     return declaration
+
+
+# The id Gemini's Developer API gives a functionCall "must be sent back in the associated
+# FunctionResponse" (firebase.google.com/docs/reference/js/ai.functioncall, checked 2026-12-07):
+# it rides to the client in the tool_use id, marked as Gemini's, and back in both.
+GEMINI_CALL_ID_PREFIX = "gemini_"
+
+
+def gemini_tool_use_id(call_id) -> str:
+    """The tool_use id for a functionCall's id: Gemini's, marked; a fresh one when it has none."""
+    if isinstance(call_id, str) and TOOL_USE_ID_RE.match(call_id):
+        return GEMINI_CALL_ID_PREFIX + call_id
+    return tool_use_id(call_id)
+
+
+def gemini_call_id(tool_id) -> dict:
+    """{"id": Gemini's id} for a tool_use id that carries one, else {}: the field of the
+    functionCall and functionResponse a tool_use and its result become."""
+    if isinstance(tool_id, str) and tool_id.startswith(GEMINI_CALL_ID_PREFIX):
+        return {"id": tool_id[len(GEMINI_CALL_ID_PREFIX):]}
+    return {}
 
 
 def gemini_tool_name(name: str) -> str:
@@ -10219,7 +10242,7 @@ class GeminiStreamTranslator:
                 self._emit.signature = GEMINI_SIGNATURE_PREFIX + signature
             call = part["functionCall"]
             self._calls += 1
-            self._emit.open_tool(("call", self._calls), tool_use_id(call.get("id")),
+            self._emit.open_tool(("call", self._calls), gemini_tool_use_id(call.get("id")),
                                  self._context.tool_name(call.get("name")))
             self._emit.tool_arguments(JSON_TEXT(dict_of(call.get("args"))))
             self._emit.close()

@@ -513,6 +513,34 @@ def test_thought_signature_survives_a_two_turn_tool_conversation(gemini_proxy, u
         {"functionResponse": {"name": "get_time", "response": {"output": "noon"}}}]
 
 
+def test_the_ids_gemini_gives_its_calls_go_back_with_them_and_their_results(gemini_proxy,
+                                                                            upstream):
+    """Gemini's Developer API names each call (it "must be sent back in the associated
+    FunctionResponse"); two calls of one tool are told apart by it, not by their order."""
+    first = answer([{"functionCall": {"name": "get_weather", "args": {"city": c}, "id": i}}
+                    for c, i in (("Rome", "call_41"), ("Oslo", "call_42"))])
+    replies = [first, answer([{"text": "Warm and cold."}])]
+    upstream.script = lambda r: json_reply(replies.pop(0))
+    client = sdk(gemini_proxy)
+    turn = client.messages.create(**REQUEST)
+    calls = [b for b in turn.content if b.type == "tool_use"]
+    assert [c.id for c in calls] == ["gemini_call_41", "gemini_call_42"]
+    history = REQUEST["messages"] + [
+        {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in turn.content]
+         + [{"type": "tool_use", "id": "toolu_9", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": calls[1].id, "content": "cold"},
+            {"type": "tool_result", "tool_use_id": calls[0].id, "content": "warm"},
+            {"type": "tool_result", "tool_use_id": "toolu_9", "content": "?"}]}]
+    client.messages.create(**dict(REQUEST, messages=history))
+    model_turn, results = upstream.requests[1]["json"]["contents"][1:3]
+    assert [p["functionCall"].get("id") for p in model_turn["parts"]] == [
+        "call_41", "call_42", None]
+    assert [(p["functionResponse"].get("id"), p["functionResponse"]["response"])
+            for p in results["parts"]] == [("call_41", {"output": "warm"}),
+                                           ("call_42", {"output": "cold"}), (None, {"output": "?"})]
+
+
 def google_error(code, status, message, details=()):
     return {"error": {"code": code, "message": message, "status": status, "details": list(details)}}
 
