@@ -80,6 +80,16 @@ def run_code(version, tmp_path, providers, prompt, tools, routes=None, settings=
     return result, output, work
 
 
+def bash_task(version, tmp_path, upstream, model, prompt):
+    """run_code with one OpenAI provider answering as model does, Bash allowed, no retries:
+    the working directory, once the task has ended well with FINAL_TEXT."""
+    upstream.script = model
+    result, output, work = run_code(version, tmp_path, [openai_provider(upstream.url)], prompt,
+                                    "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    return work
+
+
 def openai_provider(upstream_url, **fields):
     return dict({"name": "openai", "api_base_url": upstream_url + "/v1",
                  "api_key": "sk-test-key-123456789", "models": ["gpt-test"]}, **fields)
@@ -292,12 +302,8 @@ def test_real_claude_code_runs_a_tool_whose_arguments_end_with_a_stray_comma(ver
                                                                             upstream):
     """Without mending, Claude Code answers the call with an InputValidationError, and the
     model must try again."""
-    upstream.script = sloppy_model
-    result, output, work = run_code(
-        version, tmp_path, [openai_provider(upstream.url)],
-        "Create a file out.txt containing hi, using the Bash tool.", "Bash",
-        CLAUDE_CODE_MAX_RETRIES="0")
-    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    work = bash_task(version, tmp_path, upstream, sloppy_model,
+                     "Create a file out.txt containing hi, using the Bash tool.")
     assert (work / "out.txt").read_text().strip() == "hi"
     results = [m["content"] for r in upstream.requests if r["json"]
                for m in r["json"]["messages"] if m.get("role") == "tool"]
@@ -327,12 +333,8 @@ def test_real_claude_code_runs_both_calls_of_a_server_that_sends_them_at_one_ind
         version, tmp_path, upstream):
     """Read by index alone, the second call had joined the first (one Bash run, with input
     that did not parse); the reasoning had reached Claude Code as text, tags and all."""
-    upstream.script = ollama_like_model
-    result, output, work = run_code(
-        version, tmp_path, [openai_provider(upstream.url)],
-        "Create a.txt and b.txt, each containing hi, with two Bash calls at once.", "Bash",
-        CLAUDE_CODE_MAX_RETRIES="0")
-    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    work = bash_task(version, tmp_path, upstream, ollama_like_model,
+                     "Create a.txt and b.txt, each containing hi, with two Bash calls at once.")
     assert (work / "a.txt").read_text().strip() == (work / "b.txt").read_text().strip() == "hi"
     turn = [r["json"] for r in upstream.requests if r["json"] and any(
         m.get("role") == "tool" for m in r["json"]["messages"])][0]["messages"]
