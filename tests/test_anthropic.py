@@ -179,26 +179,16 @@ def test_an_event_that_is_not_json_is_never_relayed(proxy, upstream):
                                         "object; text of the answer was lost"}
 
 
-def test_a_first_event_that_is_not_json_is_a_502_and_fails_over(start_proxy, upstream,
-                                                                 second_upstream):
-    upstream.script = lambda r: stream_reply([b"event: message_start\ndata: <html>busy</html>"
-                                              b"\n\n"] + anthropic_stream_events())
-    second_upstream.script = lambda r: stream_reply()
-    proxy = start_proxy({"providers": [
-        anthropic_provider(upstream, name="first", type="anthropic"),
-        anthropic_provider(second_upstream, name="second", type="anthropic")]})
-    with sdk(proxy).messages.stream(model="m", max_tokens=5,
-                                    messages=[{"role": "user", "content": "hi"}]) as stream:
-        assert stream.get_final_message().content[0].text == "Hello!"
-    assert len(upstream.requests) == len(second_upstream.requests) == 1
-
-
-def test_a_stream_that_ends_before_its_first_named_event_fails_over(start_proxy, upstream,
-                                                                    second_upstream):
-    """A comment, `data: [DONE]` or junk without an event name, then the end: nothing a client
-    reads had come, yet the stream had begun (a 200 ending in an error event), and the next
-    provider was never asked."""
-    upstream.script = lambda r: stream_reply([b": hello\n\n", b'data: {"x": \n\n'])
+@pytest.mark.parametrize("events", [
+    [b"event: message_start\ndata: <html>busy</html>\n\n"] + anthropic_stream_events(),
+    [b": hello\n\n", b'data: {"x": \n\n'],
+], ids=["a first event that is not JSON", "nothing named before the end"])
+def test_a_stream_that_fails_before_a_client_read_anything_is_a_502_and_fails_over(
+        start_proxy, upstream, second_upstream, events):
+    """Nothing a client reads came before the failure. A comment, `data: [DONE]` or junk
+    without an event name, then the end, had begun the answer (a 200 ending in an error event),
+    and the next provider was never asked."""
+    upstream.script = lambda r: stream_reply(events)
     second_upstream.script = lambda r: stream_reply()
     proxy = start_proxy({"providers": [
         anthropic_provider(upstream, name="first", type="anthropic"),
