@@ -215,6 +215,10 @@ ERROR_TYPE_BY_STATUS = {
     529: "overloaded_error",
 }
 
+# An Anthropic error type -> its status, for an error that came without one (an error event).
+STATUS_BY_ERROR_TYPE = {kind: status for status, kind in ERROR_TYPE_BY_STATUS.items()
+                        if status in (400, 401, 402, 403, 404, 413, 429, 500, 504, 529)}
+
 # Upstream status -> the status the client sees: the Messages API's own statuses; a gateway's
 # "503 unavailable" as Anthropic's 529 (overloaded, which clients retry); 422 as 400.
 CLIENT_STATUS_BY_UPSTREAM_STATUS = {
@@ -7970,7 +7974,7 @@ class AnthropicStreamRelay:
         complete = self._readable(self._held.release(chunk[:end]))
         self._held.hold(chunk[end:])
         if not self._begun:
-            if not SSE_EVENT_NAME_RE.search(complete):
+            if not self._begins(complete):
                 return b""
             self._begun = True
         if not self._terminated:
@@ -7984,6 +7988,26 @@ class AnthropicStreamRelay:
                                                or b'"message_start"' in complete):
             complete = marked_events(complete, self._provider.name, self._client_model)
         return complete
+
+    def _begins(self, events: bytes) -> bool:
+        """Whether these events begin the answer: a named event has come. An error event before
+        any other is the provider's failure before the answer began (self.broken, with the
+        status of its type), so that failover may try the next provider."""
+        name = SSE_EVENT_NAME_RE.search(events)
+        if name is None:
+            return False
+        if name.group(1).strip() != b"error":
+            return True
+        data = SSE_DATA_RE.search(events, name.end())
+        body = data.group(1) if data else b""
+        if anthropic_error_shaped(body):
+            kind = json.loads(body)["error"]["type"]
+            self.broken = RelayedError(STATUS_BY_ERROR_TYPE.get(kind, 502),
+                                       self._provider.masker.data(body))
+        else:
+            self.broken = UpstreamError("%s: the stream began with an error event: %s" % (
+                self._provider.name, self._provider.masker.text(body.decode("utf-8", "replace"))))
+        return False
 
     def _readable(self, events: bytes) -> bytes:
         """The events a client can read: those before the first whose data is not a JSON

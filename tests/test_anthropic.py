@@ -179,15 +179,21 @@ def test_an_event_that_is_not_json_is_never_relayed(proxy, upstream):
                                         "object; text of the answer was lost"}
 
 
+OVERLOADED_EVENT = (b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+                    b'"message": "Overloaded"}}\n\n')
+
+
 @pytest.mark.parametrize("events", [
     [b"event: message_start\ndata: <html>busy</html>\n\n"] + anthropic_stream_events(),
     [b": hello\n\n", b'data: {"x": \n\n'],
-], ids=["a first event that is not JSON", "nothing named before the end"])
-def test_a_stream_that_fails_before_a_client_read_anything_is_a_502_and_fails_over(
+    [b": hello\n\n", OVERLOADED_EVENT],
+], ids=["a first event that is not JSON", "nothing named before the end", "an error first"])
+def test_a_stream_that_fails_before_a_client_read_anything_fails_over(
         start_proxy, upstream, second_upstream, events):
     """Nothing a client reads came before the failure. A comment, `data: [DONE]` or junk
-    without an event name, then the end, had begun the answer (a 200 ending in an error event),
-    and the next provider was never asked."""
+    without an event name, then the end, or an error event (as Anthropic's API sends one after
+    its 200), had begun the answer (a 200 ending in an error event), and the next provider was
+    never asked."""
     upstream.script = lambda r: stream_reply(events)
     second_upstream.script = lambda r: stream_reply()
     proxy = start_proxy({"providers": [
@@ -197,6 +203,16 @@ def test_a_stream_that_fails_before_a_client_read_anything_is_a_502_and_fails_ov
                                     messages=[{"role": "user", "content": "hi"}]) as stream:
         assert stream.get_final_message().content[0].text == "Hello!"
     assert len(upstream.requests) == len(second_upstream.requests) == 1
+
+
+def test_an_error_event_before_the_answer_began_is_its_status_and_body(proxy, upstream):
+    upstream.script = lambda r: stream_reply([OVERLOADED_EVENT])
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(proxy).with_options(max_retries=0).messages.stream(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as stream:
+            stream.get_final_message()
+    assert caught.value.status_code == 529
+    assert caught.value.body["error"] == {"type": "overloaded_error", "message": "Overloaded"}
 
 
 def test_events_of_several_data_lines_and_comments_are_relayed_as_they_came(proxy, upstream):
