@@ -8006,7 +8006,7 @@ class AnthropicStreamRelay:
                                        self._provider.masker.data(body))
         else:
             self.broken = UpstreamError("%s: the stream began with an error event: %s" % (
-                self._provider.name, self._provider.masker.text(body.decode("utf-8", "replace"))))
+                self._provider.name, self._provider.masker.text(upstream_error_message(body))))
         return False
 
     def _readable(self, events: bytes) -> bytes:

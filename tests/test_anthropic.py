@@ -213,6 +213,16 @@ def test_an_error_event_before_the_answer_began_is_its_status_and_body(proxy, up
             stream.get_final_message()
     assert caught.value.status_code == 529
     assert caught.value.body["error"] == {"type": "overloaded_error", "message": "Overloaded"}
+    odd = b'event: error\ndata: {"error": "boom with %s"}\n\n' % PROVIDER_KEY.encode()
+    upstream.script = lambda r: stream_reply([odd])        # not Anthropic's shape: its message
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        with sdk(proxy).with_options(max_retries=0).messages.stream(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as stream:
+            stream.get_final_message()
+    assert caught.value.status_code == 502
+    assert caught.value.body["error"]["message"].startswith(
+        "anthropic: the stream began with an error event: boom with ")
+    assert PROVIDER_KEY not in json.dumps(caught.value.body)
 
 
 def test_events_of_several_data_lines_and_comments_are_relayed_as_they_came(proxy, upstream):
