@@ -1576,9 +1576,8 @@ def host_problem(host: str) -> str | None:
     return None
 
 
-def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
-    """Validate host, port, apikey, log and log_file."""
-    checker.unknown_keys(raw, DEFAULT_CONFIG, "")
+def check_listen_address(checker: ConfigChecker, raw: dict) -> None:
+    """Validate host and port (of a config, or given to serve_in_thread)."""
     host = checker.typed(raw, "host", "", str, "a host name or address")
     problem = host_problem(host) if host else None
     if problem:
@@ -1586,6 +1585,12 @@ def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
     port = checker.typed(raw, "port", "", int, "a port number")
     if port is not None and not 0 <= port <= 65535:
         checker.fail("port", "must be between 0 and 65535, not %d" % port)
+
+
+def clean_top_level(checker: ConfigChecker, raw: dict) -> None:
+    """Validate host, port, apikey, log and log_file."""
+    checker.unknown_keys(raw, DEFAULT_CONFIG, "")
+    check_listen_address(checker, raw)
     for key in ("apikey", "admin_key"):
         raw[key] = checker.secret(raw, key, "")
     raw["client_keys"] = clean_client_keys(checker, raw)
@@ -2912,6 +2917,10 @@ def serve_in_thread(config, host: str = DEFAULT_HOST, port: int = 0) -> ProxyThr
     caller's thread otherwise, leaving nothing running. No signal handler, log handler, pidfile
     or file of its own; the CCPROXY_* environment settings are the CLI's, not applied here."""
     flags = {"host": host, "port": port}
+    checker = ConfigChecker("serve_in_thread()", {})
+    check_listen_address(checker, flags)
+    if checker.problems:
+        raise ConfigError("\n".join(checker.problems))
     if isinstance(config, Config):
         built = copy.copy(config)
         built.host, built.port = host, port

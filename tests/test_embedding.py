@@ -149,6 +149,20 @@ def test_a_bad_config_or_a_busy_port_raises_in_the_callers_thread(tmp_path):
     assert threading.active_count() == threads
 
 
+@pytest.mark.parametrize("listen, problem", [
+    ({"port": 70000}, "port: must be between 0 and 65535, not 70000"),   # not 70000 - 65536
+    ({"port": "8080"}, 'port: must be a port number, not "8080"'),
+    ({"host": None}, "host: must be a host name or address, not null"),  # not every interface
+    ({"host": "a b"}, "host: must be an address"),
+])
+def test_a_bad_host_or_port_is_named_as_the_callers_argument(listen, problem):
+    built = ccproxy.build_config({}, None)
+    for config in ({}, built):
+        with pytest.raises(ccproxy.ConfigError, match="^" + re.escape(
+                "serve_in_thread(): " + problem)):
+            ccproxy.serve_in_thread(config, **listen)
+
+
 def test_close_during_a_stream_ends_it_with_an_error_event(upstream):
     upstream.script = lambda r: stream_reply(pause_before=3)
     proxy = ccproxy.serve_in_thread({"providers": [anthropic_provider(upstream)]})
