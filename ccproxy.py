@@ -663,12 +663,23 @@ def nesting_depth(value) -> int:
 
 
 def expand_env_references(value, path: str, source: str, environ):
-    """Replace ${VAR} (or ${VAR:-default}) in every string of a parsed config."""
+    """Replace ${VAR} (or ${VAR:-default}) in every string of a parsed config; one error names
+    every variable that is not set."""
+    unset = []
+    expanded = expanded_references(value, path, environ, unset)
+    if unset:
+        raise ConfigError("\n".join("%s: %s: environment variable %s is not set" % (
+            source, where, name) for where, name in unset))
+    return expanded
+
+
+def expanded_references(value, path: str, environ, unset: list):
+    """value with its ${VAR} references replaced; (path, VAR) of each one not set, to unset."""
     if isinstance(value, dict):
-        return {k: expand_env_references(v, join_key(path, k), source, environ)
+        return {k: expanded_references(v, join_key(path, k), environ, unset)
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env_references(v, "%s[%d]" % (path, i), source, environ)
+        return [expanded_references(v, "%s[%d]" % (path, i), environ, unset)
                 for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
@@ -677,9 +688,9 @@ def expand_env_references(value, path: str, source: str, environ):
         name, default = match.group(1), match.group(2)
         if name in environ:
             return environ[name]
-        if default is not None:
-            return default
-        raise ConfigError("%s: %s: environment variable %s is not set" % (source, path, name))
+        if default is None:
+            unset.append((path, name))
+        return default or ""
 
     return ENV_REFERENCE_RE.sub(substitute, value)
 
@@ -1987,13 +1998,15 @@ def build_providers(checker: ConfigChecker, entries) -> list:
 # 3.3.3 Routes: targets, conditions, patterns
 # .............................................................................
 
-def build_routes(checker: ConfigChecker, section, providers: list) -> dict:
+def build_routes(checker: ConfigChecker, section, providers: list, declared=()) -> dict:
     """Validate routes: each {provider, model} (or "provider,model") naming a configured
-    provider, with optional conditions and fallbacks; longContextThreshold is a number."""
+    provider, with optional conditions and fallbacks; longContextThreshold is a number.
+    `declared` names the providers the file has, those with problems (not in providers) too."""
     if not isinstance(section, dict):
         checker.fail("routes", "must be an object of route name: {provider, model}")
         return {}
-    by_name = {p.name: p for p in providers}
+    by_name = dict.fromkeys(declared, None)          # a provider with problems: None
+    by_name.update((p.name, p) for p in providers)
     routes = {}
     for name, entry in section.items():
         path = "routes." + name
@@ -2053,8 +2066,9 @@ def build_route_target(checker: ConfigChecker, entry: dict, path: str,
     model = checker.typed(entry, "model", path, str, "a model name")
     if model is not None and not checker.plain(path + ".model", model):
         return None
-    if provider is not None and provider not in providers:
-        checker.fail(path + ".provider", "no provider named %r" % provider)
+    if provider is not None and providers.get(provider) is None:
+        checker.fail(path + ".provider", "no provider named %r" % provider if provider not in
+                     providers else "provider %r has the problems shown for it" % provider)
         return None
     listed = providers[provider].models if provider else ()
     if model and listed and model not in listed:
@@ -2141,7 +2155,9 @@ def build_config(raw: dict, source: str | None, environ=None, flags=None,
     networks = build_allowed_networks(checker, merged.get("security"))
     check_management(checker, merged.get("management"))
     providers = build_providers(checker, merged.get("providers"))
-    routes = build_routes(checker, merged.get("routes"), providers)
+    routes = build_routes(checker, merged.get("routes"), providers,
+                          [entry.get("name") for entry in list_of(merged.get("providers"))
+                           if isinstance(entry, dict) and isinstance(entry.get("name"), str)])
     if checker.problems:
         raise ConfigError("\n".join(checker.problems))
     return Config(merged, source, providers, routes, networks, env_warnings + checker.warnings)

@@ -78,6 +78,17 @@ def test_missing_env_reference_names_the_key():
         ccproxy.expand_env_references({"providers": [{"api_key": "${NOPE}"}]}, "", "c.json", {})
 
 
+def test_every_missing_env_reference_is_named_at_once():
+    raw = {"apikey": "${TEAM}", "providers": [{"api_key": "${A}", "api_base_url": "${U:-}"},
+                                               {"api_key": "${B}"}]}
+    with pytest.raises(ccproxy.ConfigError) as caught:
+        ccproxy.expand_env_references(raw, "", "c.json", {})
+    assert str(caught.value).splitlines() == [
+        "c.json: apikey: environment variable TEAM is not set",
+        "c.json: providers[0].api_key: environment variable A is not set",
+        "c.json: providers[1].api_key: environment variable B is not set"]
+
+
 @pytest.mark.parametrize("value, seconds", [(30, 30.0), (2.5, 2.5), ("30s", 30.0), ("5m", 300.0),
                                             ("1h30m", 5400.0), ("500ms", 0.5), ("45", 45.0)])
 def test_durations(value, seconds):
@@ -176,6 +187,9 @@ def test_presets_fill_base_url_and_protocol():
      'config.json: security.allowed_ips[0]: not an IP address or CIDR: "10.0.0.0/33"'),
     ({"routes": {"default": {"provider": "nobody", "model": "m"}}},
      "config.json: routes.default.provider: no provider named 'nobody'"),
+    ({"providers": [{"name": "openai", "api_key": "$OPENAI_API_KEY"}],   # there, with problems
+      "routes": {"default": "openai,gpt-5"}},
+     "config.json: routes.default.provider: provider 'openai' has the problems shown for it"),
     ({"providers": {"name": "openai"}}, "config.json: providers: must be a list"),
 ])
 def test_validation_names_file_and_key(raw, message):
