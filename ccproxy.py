@@ -5992,6 +5992,17 @@ def tools_refused(error: ProxyError, routing: Routing, setting: str) -> ProxyErr
     return None
 
 
+def nothing_there(provider: Provider) -> str:
+    """What a 404 naming no model means: the address is not the API's; most often an
+    OpenAI-compatible server's (vLLM, llama.cpp, LM Studio) without the /v1 its API is under."""
+    parts = urllib.parse.urlsplit(provider.base_url)
+    if provider.protocol in ("openai", "openai-responses") and parts.path in ("", "/") and \
+            not provider.quirks["azure"]:
+        return "nothing at that address: its API is most often under /v1, try %s://%s/v1" % (
+            parts.scheme, parts.netloc)
+    return "nothing at that address"
+
+
 def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError:
     """A provider's failure that is a configuration problem (its key refused, no such model,
     nothing serving at its address, no tools, a plan too small for the request) as a final
@@ -6016,8 +6027,8 @@ def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError
         error.kind = "missing_model"
         return error
     elif error.status == 404:        # a 502, as Claude Code hides a 404's words behind its own
-        return UpstreamError("%s has nothing at that address; check providers[%d].api_base_url%s "
-                             "(%s)" % (provider.name, index, place, error.message)).made_final()
+        return UpstreamError("%s has %s; check providers[%d].api_base_url%s (%s)" % (
+            provider.name, nothing_there(provider), index, place, error.message)).made_final()
     elif error.final and isinstance(error, UpstreamError) and \
             "CERTIFICATE_VERIFY_FAILED" in error.message:
         fix = "%s's TLS certificate does not verify: where a proxy inspects TLS (or the server " \
@@ -12636,8 +12647,9 @@ def check_config(config: Config, probe: bool) -> int:
     if config.converted_from:         # stdout is the converted config alone, ready to save
         print(json.dumps(config.file_content, indent=2, ensure_ascii=False))
         verdict = sys.stderr
-    print("configuration OK: %s (%d providers)" % (config.source or "built-in defaults",
-                                                   len(config.providers)), file=verdict)
+    print("configuration OK: %s (%d provider%s)" % (
+        config.source or "built-in defaults", len(config.providers),
+        "" if len(config.providers) == 1 else "s"), file=verdict)
     for note in serving_warnings(config):
         print("ccproxy: warning: %s" % note, file=sys.stderr)
     if not probe:
@@ -12832,8 +12844,11 @@ async def probe_model(upstream: Upstream, provider: Provider, model: str) -> str
     if isinstance(answer, ProxyError):
         return answer.message
     message = upstream_error_message(answer or b"") if status >= 400 else ""
-    if status == 404 or (status == 400 and MISSING_MODEL_RE.search(message)):
+    if (status == 404 and "model" in message.lower()) or (
+            status == 400 and MISSING_MODEL_RE.search(message)):
         return "missing (HTTP %d: %s)" % (status, message)
+    if status == 404:
+        return "%s (HTTP 404: %s): check api_base_url" % (nothing_there(provider), message)
     return "ok" if status < 500 and status not in (401, 403) else "HTTP %d: %s" % (status, message)
 
 

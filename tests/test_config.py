@@ -696,6 +696,18 @@ def test_probe_without_a_model_list_sends_each_routed_model_the_smallest_request
     assert [(b["model"], "tools" in b) for b in sent[2:]] == [("real", True)]  # asked to call
 
 
+def test_probe_says_a_server_without_its_v1_has_nothing_at_that_address(tmp_path, upstream):
+    """vLLM, llama.cpp and LM Studio serve their API under /v1: a base URL without it is
+    answered 404 everywhere, which is no missing model."""
+    upstream.script = lambda request: json_reply({"detail": "Not Found"}, 404)
+    result, rows = probed(tmp_path, [dict(openai_entry("bare", upstream.url),
+                                          api_base_url=upstream.url)], {"default": "bare,qwen"})
+    assert result.returncode == 1
+    assert rows["bare"].endswith(
+        "qwen nothing at that address: its API is most often under /v1, try %s/v1 (HTTP 404: "
+        "Not Found): check api_base_url" % upstream.url)
+
+
 # --- any value in any place: taken, or refused naming the file and the key ----------------------
 
 EVERY_SETTING = {

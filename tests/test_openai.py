@@ -1199,6 +1199,17 @@ def test_upstream_errors_are_mapped(openai_proxy, upstream, status, error_class,
         assert caught.value.response.headers["retry-after"] == "3"
 
 
+def test_a_404_at_a_base_url_without_v1_says_to_try_it(start_proxy, upstream):
+    upstream.script = lambda r: json_reply({"detail": "Not Found"}, 404)
+    proxy = start_proxy({"providers": [{"name": "vllm", "type": "openai",
+                                       "api_base_url": upstream.url + "/"}]})
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        sdk(proxy).messages.create(**REQUEST)
+    assert caught.value.body["error"]["message"].startswith(
+        "vllm has nothing at that address: its API is most often under /v1, try %s/v1; check "
+        "providers[0].api_base_url" % upstream.url)
+
+
 def test_html_error_page_is_mapped(openai_proxy, upstream):
     upstream.script = lambda r: Reply(502, b"<html><h1>502 Bad Gateway</h1></html>",
                                       content_type="text/html")
