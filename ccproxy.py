@@ -13048,18 +13048,22 @@ def statusline_get(url, path, apikey, timeout):
 
 def status_details(record: dict):
     """(the running proxy's /status, or {}; why it could not be read, or None). /status needs
-    the proxy's apikey or a client key, read from its config file in this shell's
-    environment."""
+    the proxy's apikey or a client key, read from its config file in this shell's environment;
+    a proxy with no key answers without, whether that file loads here or not (an edit may have
+    broken it since the proxy read it)."""
+    apikey, unloaded = "", None
     try:
         apikey = load_config(record["config"], os.environ).own_client_key() \
             if record.get("config") else ""
     except ConfigError as exc:
-        return {}, "its config file cannot be read in this shell, so its key is unknown: %s" \
-            % str(exc).replace("\n", "; ")
+        unloaded = str(exc).replace("\n", "; ")
     answer = local_get(record["url"], "/status", apikey)
-    if answer is None or answer[0] != 200:
-        return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer")
-    return answer[1], None
+    if answer is not None and answer[0] == 200:
+        return answer[1], None
+    if unloaded is not None:
+        return {}, "its config file does not load in this shell, so its key is unknown: %s" % (
+            unloaded)
+    return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer")
 
 
 # -----------------------------------------------------------------------------

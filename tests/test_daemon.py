@@ -190,12 +190,24 @@ def test_status_says_why_it_cannot_show_providers(home):
     try:
         status = h.run("status")                       # PROXY_KEY is not set in this shell
         assert status.returncode == 0
-        assert "providers not shown: its config file cannot be read in this shell" in status.stdout
+        assert "providers not shown: its config file does not load in this shell" in status.stdout
         assert "environment variable PROXY_KEY is not set" in status.stdout
         report = json.loads(h.run("status", "--json").stdout)
         assert report["providers"] == [] and "PROXY_KEY" in report["providers_problem"]
         shown = h.run("status", PROXY_KEY="proxy-key-0123").stdout
         assert "providers not shown" not in shown and re.search(r"anthropic +anthropic", shown)
+    finally:
+        h.run("stop")
+
+
+def test_status_shows_a_keyless_proxy_whose_config_file_an_edit_broke(home):
+    h = home()
+    assert h.run("start").returncode == 0
+    try:
+        h.config.write_text(h.config.read_text() + "}")       # the running config stays
+        shown = h.run("status")
+        assert shown.returncode == 0 and "providers not shown" not in shown.stdout
+        assert re.search(r"anthropic +anthropic", shown.stdout), shown.stdout
     finally:
         h.run("stop")
 
