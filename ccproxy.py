@@ -12896,8 +12896,8 @@ def cmd_status(args) -> int:
         print(json.dumps({"running": False}) if args.json else "ccproxy is not running%s" % (
             " with %s: %s" % (args.config, other) if other else ""))
         return 3
-    details, problem = status_details(record) if record.get("answering") is not False \
-        else ({}, NOT_ANSWERING)
+    details, problem, unloaded = status_details(record) \
+        if record.get("answering") is not False else ({}, NOT_ANSWERING, None)
     report = {"running": True, "pid": record["pid"], "url": record["url"],
               "version": record.get("version"), "started_by": record.get("started_by"),
               "config": record.get("config"),
@@ -12907,6 +12907,8 @@ def cmd_status(args) -> int:
               "usage": details.get("usage", {"by_model": [], "sessions": []})}
     if problem:
         report["providers_problem"] = problem
+    if unloaded:
+        report["config_problem"] = unloaded
     if args.json:
         print(json.dumps(report))
     else:
@@ -12920,6 +12922,9 @@ def print_status(report: dict) -> None:
         report["version"], report["url"], report["pid"], report["uptime_seconds"],
         report["started_by"]))
     print("  config: %s" % (report["config"] or "built-in defaults"))
+    if "config_problem" in report:
+        print("  config file does not load in this shell (the proxy keeps what it loaded last "
+              "if it does not load there either): %s" % report["config_problem"])
     if "providers_problem" in report:
         print("  providers not shown: %s" % report["providers_problem"])
     for provider in report["providers"]:
@@ -13047,10 +13052,10 @@ def statusline_get(url, path, apikey, timeout):
 
 
 def status_details(record: dict):
-    """(the running proxy's /status, or {}; why it could not be read, or None). /status needs
-    the proxy's apikey or a client key, read from its config file in this shell's environment;
-    a proxy with no key answers without, whether that file loads here or not (an edit may have
-    broken it since the proxy read it)."""
+    """(the running proxy's /status, or {}; why it could not be read, or None; why its config
+    file does not load in this shell, or None). /status needs the proxy's apikey or a client
+    key, read from that file in this shell's environment; a proxy with no key answers without,
+    whether the file loads here or not (an edit may have broken it since the proxy read it)."""
     apikey, unloaded = "", None
     try:
         apikey = load_config(record["config"], os.environ).own_client_key() \
@@ -13059,11 +13064,11 @@ def status_details(record: dict):
         unloaded = str(exc).replace("\n", "; ")
     answer = local_get(record["url"], "/status", apikey)
     if answer is not None and answer[0] == 200:
-        return answer[1], None
+        return answer[1], None, unloaded
     if unloaded is not None:
-        return {}, "its config file does not load in this shell, so its key is unknown: %s" % (
-            unloaded)
-    return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer")
+        return {}, "its config file does not load in this shell, so its key is unknown", unloaded
+    return {}, "/status %s" % ("answered HTTP %d" % answer[0] if answer else "did not answer"), \
+        None
 
 
 # -----------------------------------------------------------------------------
