@@ -3634,6 +3634,7 @@ class ProxyApp:
         self.phase = "starting"       # then "ready", then "draining" once asked to stop
         self.tls_refused = False      # a client has spoken TLS to this port (logged once)
         self.config_signature = file_signature(config.source)
+        self.config_problem = None    # why the file, edited since, did not load (it still runs)
         self.usage_kept = None        # (usage_file, its lock) while this server keeps it
         self.active_streams = 0
         self.metrics = Metrics()
@@ -3727,6 +3728,7 @@ class ProxyApp:
         except ConfigError as exc:
             for problem in str(exc).splitlines():
                 log.error("configuration not reloaded, the running one stays: %s", problem)
+            self.config_problem = str(exc).replace("\n", "; ")
             return False
         if (config.host, config.port) != (self.config.host, self.config.port):
             log.warning("host and port changes apply at the next start")
@@ -3741,6 +3743,7 @@ class ProxyApp:
         """New requests use config; requests in flight keep the providers they started with."""
         self.config = config
         self.config_signature = file_signature(config.source)
+        self.config_problem = None
         self.key_pools = {}
 
     def key_pool(self, provider: Provider) -> KeyPool | None:
@@ -4293,6 +4296,7 @@ form { margin-top: 16px; } input { font: inherit; padding: 6px; width: 260px; }
 </style></head>
 <body><main>
 <h1>ccproxy</h1><div id="meta">loading&hellip;</div>
+<p id="config-problem" class="open" hidden></p>
 <form id="login" hidden><label>This proxy needs its key:
 <input id="key" type="password" autocomplete="off"></label> <button>Show</button></form>
 <div class="cards" id="totals"></div>
@@ -4342,6 +4346,9 @@ function render(s) {
   $("meta").textContent = "version " + s.version + " \u00b7 up " +
     Math.round(s.uptime_seconds) + " s \u00b7 " + s.requests.total + " requests \u00b7 " +
     s.active_streams + " streams open \u00b7 " + (s.config_file || "no config file");
+  $("config-problem").hidden = !s.config_problem;
+  $("config-problem").textContent = "The config file was edited and does not load; the " +
+    "proxy runs on the config it loaded before: " + (s.config_problem || "");
   const sum = (f) => today.reduce((a, m) => a + (m[f] || 0), 0);
   $("totals").replaceChildren(
     card("answers today", sum("requests").toLocaleString("en-US")),
@@ -4417,6 +4424,7 @@ async def handle_status(app: ProxyApp, request: Request, conn) -> Response:
         "uptime_seconds": round(time.time() - app.started_at, 3),
         "listen": {"host": host, "port": port},
         "config_file": app.config.source,
+        "config_problem": app.config_problem,
         "providers": [app.provider_view(p) for p in app.config.providers],
         "failovers": app.failover.count,
         "active_streams": app.active_streams,
@@ -12907,8 +12915,10 @@ def cmd_status(args) -> int:
               "usage": details.get("usage", {"by_model": [], "sessions": []})}
     if problem:
         report["providers_problem"] = problem
-    if unloaded:
-        report["config_problem"] = unloaded
+    if details.get("config_problem"):
+        report["config_problem"] = details["config_problem"]
+    if unloaded and unloaded != details.get("config_problem"):
+        report["config_problem_here"] = unloaded
     if args.json:
         print(json.dumps(report))
     else:
@@ -12923,8 +12933,10 @@ def print_status(report: dict) -> None:
         report["started_by"]))
     print("  config: %s" % (report["config"] or "built-in defaults"))
     if "config_problem" in report:
-        print("  config file does not load in this shell (the proxy keeps what it loaded last "
-              "if it does not load there either): %s" % report["config_problem"])
+        print("  config file edited and not reloaded (the proxy runs on the config it loaded "
+              "before): %s" % report["config_problem"])
+    if "config_problem_here" in report:
+        print("  config file does not load in this shell: %s" % report["config_problem_here"])
     if "providers_problem" in report:
         print("  providers not shown: %s" % report["providers_problem"])
     for provider in report["providers"]:

@@ -9,7 +9,8 @@ import urllib.request
 import pytest
 
 import ccproxy
-from helpers import anthropic_message, anthropic_provider, json_reply, page_server, render, sdk
+from helpers import (RunningProxy, anthropic_message, anthropic_provider, json_reply,
+                     page_server, render, sdk)
 
 SESSION = "5d0c1f7a-2b9e-4f0d-8a51-7c3e9b2d4a60"
 PRICE = {"input": 3, "output": 15, "cache_read": 0.3}
@@ -154,6 +155,32 @@ def test_a_cost_past_half_a_dollar_shows_in_cents_on_the_page_and_the_status_lin
     assert line.endswith("· 0 out · $1.23 · today 1.0k tokens $1.23")
     assert [ccproxy.dollars(cost) for cost in (0, 0.00271, 0.5, 0.51, 12.3)] == [
         "$0.0000", "$0.0027", "$0.5000", "$0.51", "$12.30"]
+
+
+def test_an_edit_that_breaks_the_config_file_shows_until_it_is_fixed(upstream, tmp_path):
+    """A team server keeps serving on the config it loaded; /status and the page say why the
+    edit was not taken, until the file loads again."""
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"port": 0, "providers": [anthropic_provider(upstream)]}))
+    proxy = RunningProxy(ccproxy.load_config(str(config_file), {}))
+    try:
+        app = proxy.server.app
+        status = lambda: json.loads(urllib.request.urlopen(proxy.url + "/status").read())
+        assert status()["config_problem"] is None
+        config_file.write_text(config_file.read_text().replace('"providers"', '"providers":'))
+        assert app.reload_config() is False
+        problem = status()["config_problem"]
+        assert problem.startswith("%s: not valid JSON" % config_file)
+        dom = render(proxy.url + "/")
+        assert '<p id="config-problem" class="open">The config file was edited and does not ' \
+               'load; the proxy runs on the config it loaded before: %s</p>' % problem in dom
+        assert "<td>anthropic</td>" in dom                     # still serving on the old one
+        config_file.write_text(json.dumps({"port": 0, "providers": [anthropic_provider(
+            upstream)]}))
+        assert app.reload_config() is True and status()["config_problem"] is None
+        assert '<p id="config-problem" class="open" hidden="">' in render(proxy.url + "/")
+    finally:
+        proxy.stop()
 
 
 def test_a_plain_client_still_gets_json_at_the_root(busy_proxy):
