@@ -966,6 +966,7 @@ PROVIDER_QUIRKS = {
     "reports_cost": False,      # usage.cost is what the answer cost (note_reported_cost)
     "loaded_windows": False,    # /api/ps says each loaded model's context length (Ollama's)
     "thought_signatures": False,    # calls carry Gemini's thought signature (its OpenAI API)
+    "text_tool_calls": False,   # tool calls its model writes in the text are read (TextToolCalls)
 }
 
 # What a server that copies Anthropic's Messages API lacks, as its preset says (each key's
@@ -1073,7 +1074,7 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_key
                      "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
                      "api": None, "responses_models": None, "deployments": {},
-                     "api_version": "v1"}
+                     "api_version": "v1", "text_tool_calls": None}
 
 
 # Published limits of each preset's well-known models: model -> (context window: the most input
@@ -1398,7 +1399,7 @@ def default_max_connections() -> int:
 PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "api_keys", "models", "enabled",
                  "headers",
                  "max_tokens", "count_tokens", "api", "responses_models", "deployments",
-                 "api_version")
+                 "api_version", "text_tool_calls")
 ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
 # failover: other_providers after a route's own targets; missing_model: a target without the
@@ -1759,6 +1760,8 @@ def provider_quirks(fields: dict, preset: dict) -> dict:
         quirks["api"] = fields["api"]
     if fields["responses_models"] is not None:
         quirks["responses_models"] = fields["responses_models"]
+    quirks["text_tool_calls"] = fields["text_tool_calls"] if fields["text_tool_calls"] is not None \
+        else not preset and fields["type"] == "openai" and not quirks["thought_signatures"]
     return quirks
 
 
@@ -1814,6 +1817,8 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
         if cap is not None and cap <= 0:
             checker.fail(path + ".max_tokens", "must be a positive integer")
     checker.typed(fields, "count_tokens", path, bool, "true or false")
+    if fields["text_tool_calls"] is not None:
+        checker.typed(fields, "text_tool_calls", path, bool, "true or false")
     clean_openai_fields(checker, fields, path)
 
 
@@ -6232,8 +6237,9 @@ class TranslationContext:
         self.model = body.get("model")
         self.record = request.record
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
+        self._tools = body.get("tools")
         self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
-                            for t in body.get("tools") or () if isinstance(t, dict)}
+                            for t in self._tools or () if isinstance(t, dict)}
         self.probe = body.get("max_tokens") == 1
         self.search_query = web_search_query(body) if web_search_tool(body) else None
         self.wants_thinking = thinking_effort(body) is not None
@@ -6247,6 +6253,13 @@ class TranslationContext:
         if not isinstance(name, str) or not name:
             return "unknown_tool"
         return self._tool_names.get(name, name)
+
+    @property
+    def tool_schemas(self) -> dict:
+        """Each tool's name as the provider knows it -> its input schema's properties."""
+        properties = {str(t.get("name")): dict_of(dict_of(t.get("input_schema")).get(
+            "properties")) for t in list_of(self._tools) if isinstance(t, dict)}
+        return {upstream: properties.get(name, {}) for upstream, name in self._tool_names.items()}
 
     def estimated_usage(self, output_chars: int) -> dict:
         return {"input_tokens": self.input_estimate, "output_tokens": max(output_chars // 4, 1),
@@ -8816,10 +8829,11 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     choice = openai_choice(data, context.provider)
     message = dict_of(choice.get("message"))
     content, text = openai_thinking_and_text(message, context)
+    calls = openai_calls(message)
+    content, text_calls = with_text_calls(content, context) if not calls else (content, False)
     refusal = message.get("refusal")
     if isinstance(refusal, str) and refusal:
         content.append({"type": "text", "text": refusal})
-    calls = openai_calls(message)
     whole = choice.get("finish_reason") != "length"        # cut calls are not mended
     for call in calls:
         signature = google_signature(call)
@@ -8834,12 +8848,30 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
     if results:
         content += search_blocks(context.search_query or "", results)
     stop_sequence = matched_stop_sequence(choice)
-    stop_reason = "refusal" if refusal else openai_stop_reason(choice.get("finish_reason"),
-                                                                 bool(calls), stop_sequence)
+    stop_reason = "refusal" if refusal else openai_stop_reason(
+        choice.get("finish_reason"), bool(calls) or text_calls, stop_sequence)
     usage = anthropic_usage_from_openai(data.get("usage")) if data.get("usage") \
         else context.estimated_usage(sum(len(json.dumps(block)) for block in content))
     note_reported_cost(data.get("usage"), context)
     return new_message(context.model, content, stop_reason, usage, stop_sequence)
+
+
+def with_text_calls(content: list, context) -> tuple:
+    """(the blocks, whether a call was read) with the tool calls the provider left in the
+    text read as tool_use blocks (see TextToolCalls)."""
+    reader = text_tool_calls(context)
+    if reader is None:
+        return content, False
+    blocks = []
+    for block in content:
+        if block["type"] != "text":
+            blocks.append(block)
+            continue
+        for kind, piece in reader.split(block["text"]) + reader.flush():
+            blocks.append({"type": "text", "text": piece} if kind == "text" else {
+                "type": "tool_use", "id": random_id("toolu_"),
+                "name": context.tool_name(piece[0]), "input": piece[1]})
+    return blocks, reader.found
 
 
 def google_signature(call: dict) -> str:
@@ -9169,6 +9201,146 @@ class ThinkTags:
         return [("thinking" if self._state == "thinking" else "text", held)]
 
 
+# Tool calls a server leaves in the text when it does not parse its model's (vLLM or SGLang
+# without --tool-call-parser, or with another model's, vllm-project/vllm#21571, #46863):
+# Hermes' and Qwen's <tool_call>{"name": …, "arguments": {…}}</tool_call>, and Qwen3-Coder's
+# <tool_call><function=NAME><parameter=P>VALUE</parameter>…</function></tool_call>, its outer
+# tags or its closing ones at times left out.
+TEXT_CALL_CLOSERS = {"<tool_call>": "</tool_call>", "<function=": "</function>"}
+TEXT_CALL_HELD_CHARS = 1 << 20        # a call still open past this much was no call: text
+XML_FUNCTION_RE = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|\Z)", re.S)
+XML_PARAMETER_RE = re.compile(
+    r"<parameter=([^>\s]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
+
+
+class TextToolCalls:
+    """The answer's text as it streams in, split into ("text", piece) and ("call", (name,
+    input)): a tool call the server left in the text (TEXT_CALL_CLOSERS) that names a tool of
+    the request and whose input reads as an object becomes a call; everything else, such a
+    call that does not read too, stays text as it came. Text that may begin a call is held
+    until it is seen to be one or not, and space at the end of a piece until what follows
+    it: the space around a call is dropped."""
+
+    def __init__(self, tools: dict):
+        self._tools = tools           # each tool's name as the server knows it -> properties
+        self._held = ""
+        self._after_call = False      # the space after a call is dropped
+        self.found = False            # whether a call was read
+
+    def split(self, text: str) -> list:
+        if not self._held and "<" not in text:
+            given = len(text.rstrip())            # the space at its end waits for what follows
+            self._held = text[given:]
+            return self._text(text[:given])
+        held, self._held, pieces = self._held + text, "", []
+        while held:
+            start, opener = first_text_call(held)
+            if opener is None:
+                given = len(held[:opener_start(held)].rstrip())
+                pieces += self._text(held[:given])
+                self._held = held[given:]
+                break
+            end = held.find(TEXT_CALL_CLOSERS[opener], start)
+            if end < 0:
+                given = len(held[:start].rstrip())
+                pieces += self._text(held[:given])
+                self._held = held[given:]
+                if len(self._held) > TEXT_CALL_HELD_CHARS:
+                    pieces += self._text(self._held)
+                    self._held = ""
+                break
+            end += len(TEXT_CALL_CLOSERS[opener])
+            pieces += self._piece(held[:start], held[start:end])
+            held = held[end:]
+        return pieces
+
+    def flush(self) -> list:
+        """What is held at the answer's end (or before a call the server parsed): a call
+        whose closing tags never came, when it reads as one, else text."""
+        held, self._held = self._held, ""
+        start = first_text_call(held)[0]
+        return self._piece(held[:start], held[start:]) if start >= 0 and not \
+            held[:start].strip() else self._text(held)
+
+    def _piece(self, before: str, call_text: str) -> list:
+        call = self._call(call_text)
+        if call is None:
+            return self._text(before + call_text)
+        pieces = self._text(before.rstrip())
+        self._after_call = self.found = True
+        return pieces + [("call", call)]
+
+    def _text(self, text: str) -> list:
+        if self._after_call:
+            text = text.lstrip()
+            self._after_call = not text
+        return [("text", text)] if text else []
+
+    def _call(self, text: str):
+        """(name, input) of a call written out, or None when it is none."""
+        if text.startswith("<tool_call>"):
+            text = text[len("<tool_call>"):]
+            text = text[:-len("</tool_call>")] if text.endswith("</tool_call>") else text
+            text = text.strip()
+        if text.startswith("<function="):
+            return self._xml_call(text)
+        try:
+            call = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        call = dict_of(call)
+        name, arguments = call.get("name"), call.get("arguments", call.get("parameters", {}))
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except (ValueError, RecursionError):
+            return None
+        return (name, arguments) if isinstance(name, str) and name in self._tools and \
+            isinstance(arguments, dict) else None
+
+    def _xml_call(self, text: str):
+        found = XML_FUNCTION_RE.match(text)
+        if found is None or found.group(1) not in self._tools:
+            return None
+        schema = self._tools[found.group(1)]
+        return found.group(1), {name: xml_parameter_value(value, schema.get(name))
+                                for name, value in XML_PARAMETER_RE.findall(found.group(2))}
+
+
+def first_text_call(text: str) -> tuple:
+    """(where, opener) of the first tool call written out in text, or (-1, None)."""
+    found = [(text.find(opener), opener) for opener in TEXT_CALL_CLOSERS if opener in text]
+    return min(found) if found else (-1, None)
+
+
+def opener_start(text: str) -> int:
+    """Where text's end may begin a call's opening tag (len(text) when it may not)."""
+    start = text.rfind("<")
+    tail = text[start:] if start >= 0 else ""
+    return start if tail and any(o.startswith(tail) for o in TEXT_CALL_CLOSERS) else len(text)
+
+
+def xml_parameter_value(text: str, schema):
+    """A parameter's value as Qwen3-Coder writes it (a newline on each side), as its schema
+    types it: a string as written, anything else read as JSON where it reads."""
+    text = text[1:] if text.startswith("\n") else text
+    text = text[:-1] if text.endswith("\n") else text
+    kinds = dict_of(schema).get("type")
+    if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
+        return text
+    try:
+        return json.loads(text.strip())
+    except (ValueError, RecursionError):
+        return text
+
+
+def text_tool_calls(context: TranslationContext) -> TextToolCalls | None:
+    """A reader of the tool calls the provider may leave in the text, or None when it does not
+    (its quirk) or the request has no tools."""
+    if not context.provider.quirks["text_tool_calls"] or not context.tool_schemas:
+        return None
+    return TextToolCalls(context.tool_schemas)
+
+
 class OpenAIStreamTranslator:
     """Sans-IO: decoded Chat Completions chunks in, Anthropic SSE events (bytes) out.
 
@@ -9193,6 +9365,8 @@ class OpenAIStreamTranslator:
         self._usage = None
         self.learnable_text = None    # the last chunk's text, when a template may learn it
         self._think = ThinkTags()     # until the answer's text is seen to open otherwise
+        self._text_calls = text_tool_calls(context)
+        self._text_call_count = 0
 
     def feed(self, chunk: dict) -> bytes:
         text = plain_text_delta(chunk)
@@ -9216,7 +9390,7 @@ class OpenAIStreamTranslator:
         take it the short way (its message has not started, or a web search gathers text)."""
         if not self._emit.started or self._context.search_query is not None:
             return None
-        if self._think is not None:
+        if self._think is not None or self._text_calls is not None:
             self._content(text)
         elif text:
             self._emit.text(text)
@@ -9245,12 +9419,12 @@ class OpenAIStreamTranslator:
         ending = failed_ending(error, self.complete, self._context.provider)
         if ending is not None:
             return ending
-        if self._think is not None:
-            self._pieces(self._think.flush())
+        self._flush_text()
         results, citations = openai_search_results(self._annotations, "".join(self._text))
         self._emit.cite(citations)
+        made_calls = bool(self._calls) or self._text_call_count > 0
         reason = "refusal" if self._refused else openai_stop_reason(
-            self._finish_reason, bool(self._calls), self._stop_sequence)
+            self._finish_reason, made_calls, self._stop_sequence)
         self._emit.close(mend=reason != "max_tokens")
         for key in list(self._calls):
             if not self._calls[key]["sent"]:
@@ -9283,8 +9457,8 @@ class OpenAIStreamTranslator:
         if isinstance(refusal, str) and refusal:
             self._refused = True
             self._emit.text(refusal)
-        if delta.get("tool_calls") and self._think is not None:
-            self._pieces(self._think.flush())
+        if delta.get("tool_calls"):
+            self._flush_text()
         for position, call in enumerate(list_of(delta.get("tool_calls"))):
             if isinstance(call, dict):
                 self._feed_call(call, position)
@@ -9304,14 +9478,39 @@ class OpenAIStreamTranslator:
         if self._think.passing:
             self._think = None
 
+    def _flush_text(self) -> None:
+        """Text held back to be told apart (thinking, a tool call), given out as what it is:
+        at the answer's end, or before a tool call the server parsed."""
+        if self._think is not None:
+            self._pieces(self._think.flush())
+        if self._text_calls is not None:
+            self._calls_or_text(self._text_calls.flush())
+
     def _pieces(self, pieces) -> None:
         for kind, piece in pieces:
             if kind == "thinking":
                 self._emit.thinking(piece)
+            elif self._text_calls is not None:
+                self._calls_or_text(self._text_calls.split(piece))
+            else:
+                self._answer_text(piece)
+
+    def _answer_text(self, piece: str) -> None:
+        self._emit.text(piece)
+        if self._context.search_query is not None:
+            self._text.append(piece)
+
+    def _calls_or_text(self, pieces) -> None:
+        """Text, and the tool calls the server left in it (see TextToolCalls), as blocks."""
+        for kind, piece in pieces:
+            if kind == "text":
+                self._answer_text(piece)
                 continue
-            self._emit.text(piece)
-            if self._context.search_query is not None:
-                self._text.append(piece)
+            self._text_call_count += 1
+            self._emit.open_tool(("text call", self._text_call_count), random_id("toolu_"),
+                                 self._context.tool_name(piece[0]))
+            self._emit.tool_arguments(JSON_TEXT(piece[1]))
+            self._emit.close()
 
     def _call_key(self, call: dict, function: dict, position: int):
         """The key of the call a tool_calls delta continues or begins: its index (else its id,
@@ -12731,7 +12930,7 @@ async def probe_provider(upstream: Upstream, provider: Provider, models) -> Prob
     shown = "; ".join("%s %s%s" % (model, verdict, note) for (model, verdict), note in zip(
         known.items(), notes)) or "(none routed here)"
     return ProbeRow(provider.name, "yes", "accepted", latency, shown,
-                    any(verdict != "ok" for verdict in known.values()), routed)
+                    any(not verdict.startswith("ok") for verdict in known.values()), routed)
 
 
 def tools_check(provider: Provider):
@@ -12773,12 +12972,26 @@ async def tool_call_verdict(upstream: Upstream, provider: Provider, model: str) 
     except (ValueError, RecursionError, IndexError):
         return "ok"
     text = dict_of(message).get("content")
-    if not dict_of(message).get("tool_calls") and isinstance(text, str) \
-            and TEXT_TOOL_CALL_RE.search(text):
-        return ("writes its tool calls as text, which Claude Code would only show: the server "
-                "does not parse them (vLLM: --enable-auto-tool-choice and the model's "
-                "--tool-call-parser; llama-server: --jinja)")
-    return "ok"
+    if dict_of(message).get("tool_calls") or not isinstance(text, str) \
+            or not TEXT_TOOL_CALL_RE.search(text):
+        return "ok"
+    if provider.quirks["text_tool_calls"] and reads_a_text_call(text):
+        return "ok, though it writes its tool calls as text, which ccproxy reads (" + \
+            TEXT_CALLS_FIX + " has the server parse them)"
+    return ("writes its tool calls as text, which Claude Code would only show: the server "
+            "does not parse them (%s)" % TEXT_CALLS_FIX)
+
+
+TEXT_CALLS_FIX = "vLLM: --enable-auto-tool-choice and the model's --tool-call-parser; " \
+                 "llama-server: --jinja"
+
+
+def reads_a_text_call(text: str) -> bool:
+    """Whether TextToolCalls reads the probe's call in an answer's text."""
+    reader = TextToolCalls({tool["name"]: {} for tool in PROBE_TOOL_REQUEST["tools"]})
+    reader.split(text)
+    reader.flush()
+    return reader.found
 
 
 async def ollama_tools_verdict(upstream: Upstream, provider: Provider, model: str) -> str:

@@ -343,6 +343,40 @@ def test_real_claude_code_runs_both_calls_of_a_server_that_sends_them_at_one_ind
     assert "<think>" not in json.dumps(turn)
 
 
+def unparsed_calls_model(request):
+    """As vLLM streams Qwen3-Coder without its --tool-call-parser: the call in the text, in
+    pieces, the answer finished as "stop"."""
+    body = request["json"] or {}
+    if body.get("stream") is not True or not body.get("tools"):
+        return scripted_model(request)
+    if any(m.get("role") == "tool" for m in body.get("messages", ())):
+        return openai_stream([{"role": "assistant", "content": FINAL_TEXT}], "stop")
+    written = ("I will write it.\n\n<tool_call>\n<function=Bash>\n<parameter=command>\necho hi > "
+               "out.txt\n</parameter>\n<parameter=description>\nWrite out.txt\n</parameter>\n"
+               "</function>\n</tool_call>")
+    return openai_stream([{"role": "assistant", "content": written[:30]}] + [
+        {"content": written[at:at + 7]} for at in range(30, len(written), 7)], "stop")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_a_call_its_server_left_in_the_text(version, tmp_path, upstream):
+    """Before, Claude Code showed the <tool_call> text and ran nothing: the session ended
+    there, every request answered 200."""
+    upstream.script = unparsed_calls_model
+    vllm = openai_provider(upstream.url, name="vllm", type="openai")
+    result, output, work = run_code(version, tmp_path, [vllm], "Create a file out.txt "
+                                    "containing hi, using the Bash tool.", "Bash",
+                                    CLAUDE_CODE_MAX_RETRIES="0")
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    assert (work / "out.txt").read_text().strip() == "hi"
+    turn = [r["json"] for r in upstream.requests if r["json"] and any(
+        m.get("role") == "tool" for m in r["json"]["messages"])][0]["messages"]
+    asked = [m for m in turn if m.get("role") == "assistant" and m.get("tool_calls")][0]
+    assert json.loads(asked["tool_calls"][0]["function"]["arguments"])["command"] == \
+        "echo hi > out.txt"
+    assert "<tool_call>" not in json.dumps(turn)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_team_member_with_the_readmes_settings_reaches_the_teams_proxy(version, tmp_path,
                                                                          start_proxy, upstream):

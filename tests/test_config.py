@@ -537,6 +537,8 @@ def calling_server(answers: dict):
         if answer == "writes":
             message = {"role": "assistant", "content": "<tool_call>\n<function=current_time>\n"
                                                        "</function>\n</tool_call>"}
+        elif answer == "writes its own way":                # Mistral's, which ccproxy cannot read
+            message = {"role": "assistant", "content": "[TOOL_CALLS]current_time[ARGS]{}"}
         return json_reply({"id": "c", "choices": [{"index": 0, "message": message,
                                                    "finish_reason": "stop"}]})
     return script
@@ -559,18 +561,24 @@ def test_probe_asks_a_server_of_no_preset_to_call_a_tool(tmp_path, upstream):
     call back as text: Claude Code would show it and do nothing, the session's requests all
     answered 200. The probe asks each routed model to call a tool, and says so beforehand."""
     upstream.script = calling_server({
-        "parsed": "calls", "qwen3-coder": "writes",
+        "parsed": "calls", "qwen3-coder": "writes", "mistral": "writes its own way",
         "no-jinja": json_reply({"error": {"message": "tools param requires --jinja flag"}}, 500)})
     result, rows = probed(tmp_path, [openai_entry("local", upstream.url)], {
-        "default": "local,parsed", "think": "local,qwen3-coder", "background": "local,no-jinja"})
+        "default": "local,parsed", "think": "local,qwen3-coder", "longContext": "local,mistral",
+        "background": "local,no-jinja"})
     assert result.returncode == 1
+    fix = "vLLM: --enable-auto-tool-choice and the model's --tool-call-parser; llama-server: --jinja"
     assert rows["local"].endswith(
-        "parsed ok; qwen3-coder writes its tool calls as text, which Claude Code would only show: "
-        "the server does not parse them (vLLM: --enable-auto-tool-choice and the model's "
-        "--tool-call-parser; llama-server: --jinja); no-jinja gives it no tools: start "
-        "llama-server with --jinja (or pick another model in routes)"), rows
+        "parsed ok; qwen3-coder ok, though it writes its tool calls as text, which ccproxy reads "
+        "(%s has the server parse them); mistral writes its tool calls as text, which Claude "
+        "Code would only show: the server does not parse them (%s); no-jinja gives it no tools: "
+        "start llama-server with --jinja (or pick another model in routes)" % (fix, fix)), rows
     asked = [r["json"] for r in upstream.requests if r["method"] == "POST"]
-    assert [b["tools"][0]["function"]["name"] for b in asked] == ["current_time"] * 3
+    assert [b["tools"][0]["function"]["name"] for b in asked] == ["current_time"] * 4
+    upstream.script = calling_server({"qwen3-coder": "writes"})
+    result, rows = probed(tmp_path, [openai_entry("local", upstream.url)],
+                          {"default": "local,qwen3-coder"})
+    assert result.returncode == 0 and "ccproxy reads" in rows["local"], rows
     assert "tool_choice" not in asked[0] or asked[0]["tool_choice"] == "auto"
 
 

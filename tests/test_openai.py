@@ -112,8 +112,9 @@ EXPECTED_CONTENT = {
 }
 
 
-def context(tools=(), model="claude-x", provider_name="openai"):
-    config = ccproxy.build_config({"providers": [{"name": provider_name, "api_key": "k"}]}, "c", {})
+def context(tools=(), model="claude-x", provider_name="openai", provider=None):
+    config = ccproxy.build_config({"providers": [provider or {"name": provider_name,
+                                                              "api_key": "k"}]}, "c", {})
     request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
     request.body = b"x" * 400
     return ccproxy.TranslationContext(config.providers[0], request,
@@ -121,8 +122,8 @@ def context(tools=(), model="claude-x", provider_name="openai"):
                                       ccproxy.openai_tool_name)
 
 
-def translate(chunks, done=True):
-    translator = ccproxy.OpenAIStreamTranslator(context())
+def translate(chunks, done=True, **where):
+    translator = ccproxy.OpenAIStreamTranslator(context(**where))
     out = b"".join(translator.feed(c) for c in chunks)
     if done:
         translator.done()
@@ -276,6 +277,104 @@ def test_think_tags_in_a_whole_answer_and_before_a_tool_call(openai_proxy, upstr
                         chunk({}, "tool_calls")])
     check_grammar(events)
     assert [b["type"] for b in content_of(events)] == ["thinking", "tool_use"]
+
+
+# --- tool calls a server of no preset leaves in the text (vLLM, SGLang without its parser) ----
+
+VLLM = {"name": "vllm", "type": "openai", "api_base_url": "http://127.0.0.1:9/v1"}
+CALL_TOOLS = [{"name": "Bash", "input_schema": {"type": "object", "properties": {
+                  "command": {"type": "string"}, "timeout": {"type": "number"}}}},
+              {"name": "Read", "input_schema": {"type": "object", "properties": {
+                  "file_path": {"type": "string"}}}}]
+WRITTEN_CALLS = [   # (as a model writes it, the input Claude Code should get)
+    ('<tool_call>\n{"name": "Bash", "arguments": {"command": "ls -la | wc -l"}}\n</tool_call>',
+     {"command": "ls -la | wc -l"}),                                # Hermes, Qwen2.5, Qwen3
+    ('<tool_call>\n<function=Bash>\n<parameter=command>\nls -la | wc -l\n</parameter>\n'
+     '<parameter=timeout>\n5000\n</parameter>\n</function>\n</tool_call>',
+     {"command": "ls -la | wc -l", "timeout": 5000}),              # Qwen3-Coder
+    ('<tool_call>\n<function=Bash>\n<parameter=command>\nls -la | wc -l\n\n\n</tool_call>',
+     {"command": "ls -la | wc -l"}),                  # its closing tags left out (vLLM#21571)
+    ('<function=Bash>\n<parameter=command>\nls -la | wc -l\n</parameter>\n</function>',
+     {"command": "ls -la | wc -l"}),                                # without the outer tags
+]
+AROUND = st.text("ab \n<>/=", max_size=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(WRITTEN_CALLS), AROUND, AROUND, st.lists(st.integers(min_value=1),
+                                                                 max_size=6))
+def test_a_tool_call_a_server_left_in_the_text_is_a_call(written, before, after, cuts):
+    """vLLM or SGLang without the model's --tool-call-parser (or with another model's) leave
+    the model's calls in the text: Claude Code showed them and ran none. In any pieces, the
+    text around the call stays text (the space next to it dropped) and the call is a call."""
+    call, arguments = written
+    text = before + call + after
+    bounds = sorted({cut % len(text) for cut in cuts} - {0}) + [len(text)]
+    events = translate([chunk({"role": "assistant", "content": ""})] + [
+        chunk({"content": text[a:b]}) for a, b in zip([0] + bounds, bounds)] +
+        [chunk({}, "stop")], provider=VLLM, tools=CALL_TOOLS)
+    check_grammar(events)
+    blocks = [{k: v for k, v in b.items() if k != "id"} for b in content_of(events)]
+    assert blocks == ([{"type": "text", "text": before.rstrip()}] if before.strip() else []) + [
+        {"type": "tool_use", "name": "Bash", "input": arguments}] + (
+        [{"type": "text", "text": after.lstrip()}] if after.strip() else [])
+    assert [p for n, p in events if n == "message_delta"][0]["delta"]["stop_reason"] == \
+        "tool_use"
+
+
+@pytest.mark.parametrize("text", [
+    '<tool_call>{"name": "Write", "arguments": {"path": "x"}}</tool_call>',   # no such tool
+    '<tool_call>{"name": "Bash", "arguments": [1]}</tool_call>',             # no object
+    '<tool_call>{"name": "Bash", "arguments": {"command": </tool_call>',     # no JSON
+    'Write it as <tool_call>{"name": "Bash"',                                # cut short
+])
+def test_what_does_not_read_as_a_call_of_the_request_stays_text(text):
+    events = translate([chunk({"content": text}), chunk({}, "stop")], provider=VLLM,
+                       tools=CALL_TOOLS)
+    assert content_of(events) == [{"type": "text", "text": text}]
+    assert [p for n, p in events if n == "message_delta"][0]["delta"]["stop_reason"] == \
+        "end_turn"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["<tool_call>", "</tool_call>", "<function=Bash>", "</function>",
+                                 "<parameter=command>", "<", "tool", "a", " ", "\n", "{",
+                                 '"name": "Bash"', "}"]), max_size=14),
+       st.lists(st.integers(min_value=1), max_size=6))
+def test_text_with_no_call_that_reads_loses_nothing(parts, cuts):
+    """Held back while it might be a call, in any pieces: all of it comes back as text."""
+    text = "".join(parts)
+    reader = ccproxy.TextToolCalls({"Bash": {"command": {"type": "string"}}})
+    bounds = sorted({cut % max(len(text), 1) for cut in cuts} - {0}) + [len(text)]
+    pieces = [p for a, b in zip([0] + bounds, bounds) for p in reader.split(text[a:b])]
+    pieces += reader.flush()
+    assume(not reader.found)
+    assert "".join(piece for kind, piece in pieces) == text
+
+
+def test_calls_in_the_text_are_read_for_servers_of_no_preset_or_when_asked(start_proxy,
+                                                                          upstream):
+    written = WRITTEN_CALLS[1][0]
+    upstream.script = lambda r: json_reply(completion({"content": "Listing.\n" + written}))
+    ask = dict(REQUEST, tools=CALL_TOOLS)
+    read = [dict(VLLM, api_base_url=upstream.url + "/v1"),
+            {"name": "openai", "api_key": "k", "api_base_url": upstream.url + "/v1",
+             "text_tool_calls": True}]
+    for provider in read:
+        message = sdk(start_proxy({"providers": [provider]})).messages.create(**ask)
+        assert [(b.type, getattr(b, "text", None), getattr(b, "input", None))
+                for b in message.content] == [
+            ("text", "Listing.", None),
+            ("tool_use", None, {"command": "ls -la | wc -l", "timeout": 5000})]
+        assert message.stop_reason == "tool_use" and message.content[1].id.startswith("toolu_")
+    left = [dict(VLLM, api_base_url=upstream.url + "/v1", text_tool_calls=False),
+            {"name": "openai", "api_key": "k", "api_base_url": upstream.url + "/v1"}]
+    for provider in left:
+        message = sdk(start_proxy({"providers": [provider]})).messages.create(**ask)
+        assert [b.type for b in message.content] == ["text"] and message.stop_reason == "end_turn"
+    with pytest.raises(ccproxy.ConfigError, match=r"providers\[0\]\.text_tool_calls: must be "
+                                                  r"true or false"):
+        ccproxy.build_config({"providers": [dict(VLLM, text_tool_calls="yes")]}, "c", {})
 
 
 def test_the_stop_string_a_server_names_becomes_stop_sequence(openai_proxy, upstream):
