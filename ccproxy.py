@@ -9208,6 +9208,7 @@ class ThinkTags:
 # tags or its closing ones at times left out.
 TEXT_CALL_CLOSERS = {"<tool_call>": "</tool_call>", "<function=": "</function>"}
 TEXT_CALL_HELD_CHARS = 1 << 20        # a call still open past this much was no call: text
+TEXT_CALL_SPACE_CHARS = 256           # space held to see whether a call follows, at most
 XML_FUNCTION_RE = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|\Z)", re.S)
 XML_PARAMETER_RE = re.compile(
     r"<parameter=([^>\s]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|\Z)", re.S)
@@ -9219,15 +9220,21 @@ class TextToolCalls:
     the request and whose input reads as an object becomes a call; everything else, such a
     call that does not read too, stays text as it came. Text that may begin a call is held
     until it is seen to be one or not, and space at the end of a piece until what follows
-    it: the space around a call is dropped."""
+    it: the space around a call is dropped. A call being written is kept in pieces and only
+    its newest looked through, so a long one costs no more than its length."""
 
     def __init__(self, tools: dict):
         self._tools = tools           # each tool's name as the server knows it -> properties
-        self._held = ""
+        self._held = ""               # space, or what may begin a call's opening tag
+        self._closer = None           # the closing tag of a call being written, and
+        self._parts, self._size = [], 0     # its pieces so far and their size
+        self._tail = ""               # its last characters, where the closing tag may begin
         self._after_call = False      # the space after a call is dropped
         self.found = False            # whether a call was read
 
     def split(self, text: str) -> list:
+        if self._closer is not None:
+            return self._writing(text)
         if not self._held and "<" not in text:
             given = len(text.rstrip())            # the space at its end waits for what follows
             self._held = text[given:]
@@ -9236,19 +9243,13 @@ class TextToolCalls:
         while held:
             start, opener = first_text_call(held)
             if opener is None:
-                given = len(held[:opener_start(held)].rstrip())
-                pieces += self._text(held[:given])
-                self._held = held[given:]
-                break
+                return pieces + self._hold(held, len(held[:opener_start(held)].rstrip()))
             end = held.find(TEXT_CALL_CLOSERS[opener], start)
             if end < 0:
                 given = len(held[:start].rstrip())
-                pieces += self._text(held[:given])
-                self._held = held[given:]
-                if len(self._held) > TEXT_CALL_HELD_CHARS:
-                    pieces += self._text(self._held)
-                    self._held = ""
-                break
+                self._closer, self._tail = TEXT_CALL_CLOSERS[opener], ""
+                self._parts, self._size = [], 0
+                return pieces + self._text(held[:given]) + self._writing(held[given:])
             end += len(TEXT_CALL_CLOSERS[opener])
             pieces += self._piece(held[:start], held[start:end])
             held = held[end:]
@@ -9258,15 +9259,43 @@ class TextToolCalls:
         """What is held at the answer's end (or before a call the server parsed): a call
         whose closing tags never came, when it reads as one, else text."""
         held, self._held = self._held, ""
-        start = first_text_call(held)[0]
-        return self._piece(held[:start], held[start:]) if start >= 0 and not \
-            held[:start].strip() else self._text(held)
+        if self._closer is not None:
+            self._closer = None
+            return self._piece("", "".join(self._parts))
+        return self._text(held)
+
+    def _hold(self, held: str, given: int) -> list:
+        """held up to given as text, the rest held: space (up to TEXT_CALL_SPACE_CHARS of
+        it), and what may begin a call's opening tag."""
+        pieces, rest = self._text(held[:given]), held[given:]
+        if len(rest) > TEXT_CALL_SPACE_CHARS:
+            pieces += self._text(rest[:len(rest) - len(rest.lstrip())])
+            rest = rest.lstrip()
+        self._held = rest
+        return pieces
+
+    def _writing(self, text: str) -> list:
+        """The next piece of a call being written: held until its closing tag."""
+        window = self._tail + text
+        at = window.find(self._closer)
+        if at < 0:
+            self._parts.append(text)
+            self._size += len(text)
+            self._tail = window[-(len(self._closer) - 1):]
+            if self._size <= TEXT_CALL_HELD_CHARS:
+                return []
+            self._closer = None
+            return self._text("".join(self._parts))
+        end = at - len(self._tail) + len(self._closer)
+        self._closer = None
+        return self._piece("", "".join(self._parts) + text[:end]) + self.split(text[end:])
 
     def _piece(self, before: str, call_text: str) -> list:
-        call = self._call(call_text)
+        written = call_text.lstrip()
+        call = self._read(written)
         if call is None:
             return self._text(before + call_text)
-        pieces = self._text(before.rstrip())
+        pieces = self._text((before + call_text[:len(call_text) - len(written)]).rstrip())
         self._after_call = self.found = True
         return pieces + [("call", call)]
 
@@ -9276,7 +9305,7 @@ class TextToolCalls:
             self._after_call = not text
         return [("text", text)] if text else []
 
-    def _call(self, text: str):
+    def _read(self, text: str):
         """(name, input) of a call written out, or None when it is none."""
         if text.startswith("<tool_call>"):
             text = text[len("<tool_call>"):]

@@ -352,6 +352,23 @@ def test_text_with_no_call_that_reads_loses_nothing(parts, cuts):
     assert "".join(piece for kind, piece in pieces) == text
 
 
+def test_a_long_call_in_small_pieces_is_read_whole_and_one_past_the_limit_is_text(monkeypatch):
+    """A Write of a big file, 5 characters a chunk: each piece is looked through once (only
+    the newest, and the closing tag's length before it); past TEXT_CALL_HELD_CHARS it was no
+    call, and comes back as text, all of it."""
+    content = "".join("line %d </parameter\n" % n for n in range(20000))
+    written = "<tool_call>\n<function=Write>\n<parameter=content>\n%s\n</parameter>\n" \
+              "</function>\n</tool_call>" % content
+    reader = ccproxy.TextToolCalls({"Write": {"content": {"type": "string"}}})
+    pieces = [p for at in range(0, len(written), 5) for p in reader.split(written[at:at + 5])]
+    assert pieces + reader.flush() == [("call", ("Write", {"content": content}))]
+    monkeypatch.setattr(ccproxy, "TEXT_CALL_HELD_CHARS", 1000)
+    reader = ccproxy.TextToolCalls({"Write": {"content": {"type": "string"}}})
+    pieces = [p for at in range(0, len(written), 5) for p in reader.split(written[at:at + 5])]
+    pieces += reader.flush()
+    assert not reader.found and "".join(text for kind, text in pieces) == written
+
+
 def test_calls_in_the_text_are_read_for_servers_of_no_preset_or_when_asked(start_proxy,
                                                                           upstream):
     written = WRITTEN_CALLS[1][0]
