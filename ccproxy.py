@@ -9365,9 +9365,8 @@ def xml_parameter_value(text: str, schema):
 def text_tool_calls(context: TranslationContext) -> TextToolCalls | None:
     """A reader of the tool calls the provider may leave in the text, or None when it does not
     (its quirk) or the request has no tools."""
-    if not context.provider.quirks["text_tool_calls"] or not context.tool_schemas:
-        return None
-    return TextToolCalls(context.tool_schemas)
+    schemas = context.tool_schemas if context.provider.quirks["text_tool_calls"] else None
+    return TextToolCalls(schemas) if schemas else None
 
 
 class OpenAIStreamTranslator:
