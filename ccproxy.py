@@ -13175,9 +13175,10 @@ def print_status(report: dict) -> None:
     print("  config: %s" % (report["config"] or "built-in defaults"))
     if "config_problem" in report:
         print("  config file edited and not reloaded (the proxy runs on the config it loaded "
-              "before): %s" % report["config_problem"])
+              "before): %s" % printable_log_line(report["config_problem"]))
     if "config_problem_here" in report:
-        print("  config file does not load in this shell: %s" % report["config_problem_here"])
+        print("  config file does not load in this shell: %s" % printable_log_line(
+            report["config_problem_here"]))
     if "providers_problem" in report:
         print("  providers not shown: %s" % report["providers_problem"])
     for provider in report["providers"]:
