@@ -352,6 +352,20 @@ def test_text_with_no_call_that_reads_loses_nothing(parts, cuts):
     assert "".join(piece for kind, piece in pieces) == text
 
 
+def test_two_calls_left_in_the_text_after_thinking_are_two_calls():
+    """Qwen3 on vLLM with neither parser: <think> first, then text, then two calls."""
+    text = "<think>\nNeed both.\n</think>\n\nReading.\n" + "\n".join(
+        "<tool_call>\n<function=Read>\n<parameter=file_path>\n/%s\n</parameter>\n</function>\n"
+        "</tool_call>" % name for name in ("a", "b"))
+    events = translate([chunk({"content": text[at:at + 3]}) for at in range(0, len(text), 3)] +
+                       [chunk({}, "stop")], provider=VLLM, tools=CALL_TOOLS)
+    check_grammar(events)
+    assert [(b["type"], b.get("thinking") or b.get("text") or b.get("input"))
+            for b in content_of(events)] == [
+        ("thinking", "Need both."), ("text", "Reading."), ("tool_use", {"file_path": "/a"}),
+        ("tool_use", {"file_path": "/b"})]
+
+
 def test_a_long_call_in_small_pieces_is_read_whole_and_one_past_the_limit_is_text(monkeypatch):
     """A Write of a big file, 5 characters a chunk: each piece is looked through once (only
     the newest, and the closing tag's length before it); past TEXT_CALL_HELD_CHARS it was no
