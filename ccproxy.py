@@ -9220,8 +9220,9 @@ class TextToolCalls:
     the request and whose input reads as an object becomes a call; everything else, such a
     call that does not read too, stays text as it came. Text that may begin a call is held
     until it is seen to be one or not, and space at the end of a piece until what follows
-    it: the space around a call is dropped. A call being written is kept in pieces and only
-    its newest looked through, so a long one costs no more than its length."""
+    it: the space around a call is dropped. A call inside a ``` code block is an example (a
+    model explaining the format), and stays text. A call being written is kept in pieces and
+    only its newest looked through, so a long one costs no more than its length."""
 
     def __init__(self, tools: dict):
         self._tools = tools           # each tool's name as the server knows it -> properties
@@ -9230,6 +9231,8 @@ class TextToolCalls:
         self._parts, self._size = [], 0     # its pieces so far and their size
         self._tail = ""               # its last characters, where the closing tag may begin
         self._after_call = False      # the space after a call is dropped
+        self._fences = 0              # ``` fences in the text given: odd inside a code block
+        self._ticks = ""              # backticks at its end, which a fence may go on from
         self.found = False            # whether a call was read
 
     def split(self, text: str) -> list:
@@ -9292,7 +9295,7 @@ class TextToolCalls:
 
     def _piece(self, before: str, call_text: str) -> list:
         written = call_text.lstrip()
-        call = self._read(written)
+        call = None if self._in_code_block(before) else self._read(written)
         if call is None:
             return self._text(before + call_text)
         pieces = self._text((before + call_text[:len(call_text) - len(written)]).rstrip())
@@ -9303,7 +9306,15 @@ class TextToolCalls:
         if self._after_call:
             text = text.lstrip()
             self._after_call = not text
+        ticks = self._ticks + text
+        self._fences += ticks.count("```")
+        self._ticks = "`" * ((len(ticks) - len(ticks.rstrip("`"))) % 3)
         return [("text", text)] if text else []
+
+    def _in_code_block(self, before: str) -> bool:
+        """Whether what follows the text given and `before` is inside a ``` code block, where
+        a call is an example (a model explaining the format), not a call."""
+        return (self._fences + (self._ticks + before).count("```")) % 2 == 1
 
     def _read(self, text: str):
         """(name, input) of a call written out, or None when it is none."""

@@ -339,7 +339,7 @@ def test_what_does_not_read_as_a_call_of_the_request_stays_text(text):
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.sampled_from(["<tool_call>", "</tool_call>", "<function=Bash>", "</function>",
                                  "<parameter=command>", "<", "tool", "a", " ", "\n", "{",
-                                 '"name": "Bash"', "}"]), max_size=14),
+                                 '"name": "Bash"', "}", "```", "`"]), max_size=14),
        st.lists(st.integers(min_value=1), max_size=6))
 def test_text_with_no_call_that_reads_loses_nothing(parts, cuts):
     """Held back while it might be a call, in any pieces: all of it comes back as text."""
@@ -350,6 +350,20 @@ def test_text_with_no_call_that_reads_loses_nothing(parts, cuts):
     pieces += reader.flush()
     assume(not reader.found)
     assert "".join(piece for kind, piece in pieces) == text
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_a_call_in_a_code_block_is_an_example_and_stays_text(size):
+    """A model explaining the format (this very feature, say) writes a call as an example, in
+    a ``` code block: run, it would be a command nobody asked for."""
+    call = '<tool_call>\n{"name": "Bash", "arguments": {"command": "ls"}}\n</tool_call>'
+    text = "The format:\n```xml\n" + call + "\n```\nNow for real:\n" + call
+    events = translate([chunk({"content": text[at:at + size]}) for at in range(0, len(text),
+                                                                                size)] +
+                       [chunk({}, "stop")], provider=VLLM, tools=CALL_TOOLS)
+    assert [(b["type"], b.get("text") or b.get("input")) for b in content_of(events)] == [
+        ("text", "The format:\n```xml\n" + call + "\n```\nNow for real:"),
+        ("tool_use", {"command": "ls"})]
 
 
 def test_two_calls_left_in_the_text_after_thinking_are_two_calls():
