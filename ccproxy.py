@@ -7880,11 +7880,13 @@ def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
 
 
 def own_thinking(block: dict, provider_name: str, compat) -> dict | None:
-    """A thinking block as the provider may see it: Anthropic, every block but ccproxy's; a
-    compatible server, only its own (its signature unmarked)."""
+    """A thinking block as the provider may see it: Anthropic, every block but ccproxy's and
+    those with no signature, which it refuses; a compatible server, only its own (its
+    signature unmarked)."""
     signature = str(block.get("signature", ""))
     if compat is None:
-        return None if signature.startswith(PROXY_SIGNATURE_PREFIX) else block
+        unsigned = block.get("type") == "thinking" and not signature
+        return None if unsigned or signature.startswith(PROXY_SIGNATURE_PREFIX) else block
     mark = signature_mark(provider_name)
     return dict(block, signature=signature[len(mark):]) if signature.startswith(mark) else None
 
@@ -7910,11 +7912,13 @@ def signature_mark(provider_name: str) -> str:
 
 def marked_signatures(blocks, provider_name: str) -> None:
     """Mark the signatures of the thinking blocks (whole, or a content_block_start's, or a
-    signature_delta) a compatible server sent."""
+    signature_delta) a compatible server sent, an empty or missing one too: unmarked, its
+    thinking would go to Anthropic, which refuses a signature it did not make."""
     for block in list_of(blocks):
-        if isinstance(block, dict) and isinstance(block.get("signature"), str) and (
-                block.get("type") in ("thinking", "signature_delta")) and block["signature"]:
-            block["signature"] = signature_mark(provider_name) + block["signature"]
+        if isinstance(block, dict) and block.get("type") in ("thinking", "signature_delta"):
+            signature = block.get("signature")
+            block["signature"] = signature_mark(provider_name) + (
+                signature if isinstance(signature, str) else "")
 
 
 def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
@@ -8182,7 +8186,8 @@ def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:
     events = data.split(b"\n\n")
     for index, event in enumerate(events):
         head, found, payload = event.partition(b"data: ")
-        if not found or not (b'"signature' in payload or b'"message_start"' in payload):
+        if not found or not (b'"signature' in payload or b'"message_start"' in payload
+                             or b'"content_block_start"' in payload):
             continue
         try:
             parsed = json.loads(payload, **PROVIDER_JSON_NUMBERS)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import ccproxy
-from helpers import json_reply, raw_exchange, sdk, sse, stream_reply
+from helpers import answer_of, json_reply, raw_exchange, sdk, sse, stream_reply
 
 KEY = "sk-compat-0123456789abcdef"
 # preset: (how it wants the key, block types it refuses anywhere, fields it refuses, betas too)
@@ -174,6 +174,35 @@ def test_a_servers_own_thinking_goes_back_to_it_and_to_nobody_else(start_proxy, 
         back = mock.requests[-1]["json"]["messages"][1]["content"]
         assert back == ([dict(thinking, signature="SIG-deepseek-anthropic")]
                         if target == "deepseek-anthropic" else [])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_servers_unsigned_thinking_is_its_own_and_never_reaches_anthropic(
+        start_proxy, upstream, second_upstream, stream):
+    """A server that signs no thinking (an empty signature; none at all): its blocks are
+    marked as its own all the same. Anthropic refuses an unsigned block ("Invalid `signature`
+    in `thinking` block", what users who switch to Claude from another provider meet)."""
+    thinking = {"type": "thinking", "thinking": "Mine."}
+    upstream.script = lambda r: anthropic_answer(
+        [dict(thinking, signature="") if stream else thinking, {"type": "text", "text": "ok"}],
+        "end_turn", stream)
+    second_upstream.script = lambda r: anthropic_answer([{"type": "text", "text": "ok"}],
+                                                        "end_turn", False)
+    proxy = start_proxy({"providers": [
+        {"name": "kimi", "api_key": KEY, "api_base_url": upstream.url},
+        {"name": "anthropic", "api_key": KEY, "api_base_url": second_upstream.url}]})
+    ask = dict(max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    first = answer_of(sdk(proxy), stream, model="kimi,m", **ask).content[0].model_dump()
+    assert first == dict(thinking, signature="ccpx1.as.a2ltaQ.")
+    history = ask["messages"] + [{"role": "assistant", "content": [first, {
+        "type": "thinking", "thinking": "Made elsewhere, unsigned.", "signature": ""}, {
+        "type": "text", "text": "ok"}]}, {"role": "user", "content": "more"}]
+    sdk(proxy).messages.create(model="kimi,m", max_tokens=50, messages=history)
+    assert upstream.requests[-1]["json"]["messages"][1]["content"][0] == dict(thinking,
+                                                                              signature="")
+    sdk(proxy).messages.create(model="anthropic,claude-x", max_tokens=50, messages=history)
+    assert second_upstream.requests[-1]["json"]["messages"][1]["content"] == [
+        {"type": "text", "text": "ok"}]
 
 
 def test_a_compatible_servers_nan_reaches_the_client_as_null(start_proxy, upstream):
