@@ -7835,14 +7835,16 @@ def anthropic_messages_for(body: dict, provider: Provider):
     """The messages as this provider may see them, or None when they need no change. Anthropic
     gets no thinking another provider made through ccproxy (its signature is ccproxy's); a
     compatible server gets its own thinking only (signatures unmarked), the blocks it lacks as
-    text, and, where its thinking mode wants one, an empty thinking block before tool calls."""
+    text, system messages as the user's, and, where its thinking mode wants one, an empty
+    thinking block before tool calls."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
     compat = provider.quirks["anthropic_compat"]
     thinking_on = dict_of(body.get("thinking")).get("type") in ("enabled", "adaptive")
-    changed, cleaned = False, []
-    for message in messages:
+    folded = system_messages_as_users(messages) if compat is not None else messages
+    changed, cleaned = folded is not messages, []
+    for message in folded:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             kept = anthropic_blocks_for(content, provider.name, compat)
@@ -7855,6 +7857,30 @@ def anthropic_messages_for(body: dict, provider: Provider):
                 message = dict(message, content=kept)
         cleaned.append(message)
     return cleaned if changed else None
+
+
+def system_messages_as_users(messages: list) -> list:
+    """The messages with each system message (Claude Code ends every request with one) joined
+    to the user's message before it, or after an assistant's as the user's own: MiniMax's
+    Anthropic API refuses any ("chat content has invalid message role: system"), and the
+    other compatible servers document none. The messages themselves when there is none."""
+    if not any(dict_of(message).get("role") == "system" for message in messages):
+        return messages
+    folded = []
+    for message in messages:
+        if dict_of(message).get("role") != "system":
+            folded.append(message)
+        elif folded and dict_of(folded[-1]).get("role") == "user":
+            folded[-1] = dict(folded[-1], content=content_blocks(folded[-1].get("content")) +
+                              content_blocks(message.get("content")))
+        else:
+            folded.append(dict(message, role="user"))
+    return folded
+
+
+def content_blocks(content) -> list:
+    """A message's content as a list of blocks (a string as one text block)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list_of(content)
 
 
 def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:

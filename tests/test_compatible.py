@@ -48,6 +48,8 @@ def problems_of(preset, request):
         problems.append("anthropic-beta")
     if "ccpx1." in json.dumps(body):
         problems.append("a signature it never made")
+    if any(message["role"] == "system" for message in body["messages"]):   # MiniMax's 2013
+        problems.append("chat content has invalid message role: system")
     return problems
 
 
@@ -124,7 +126,8 @@ CLAUDE_CODE_LIKE = dict(
             {"type": "thinking", "thinking": "x", "signature": "ccpx1.openai"},
             {"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                      "content": [{"type": "text", "text": "here"}, IMAGE]}]}])
+                                      "content": [{"type": "text", "text": "here"}, IMAGE]}]},
+        {"role": "system", "content": "Working directory: /w"}])       # as Claude Code ends
 
 
 @pytest.mark.parametrize("preset", sorted(RULES))
@@ -148,6 +151,8 @@ def test_each_preset_sends_only_what_its_server_takes(start_proxy, upstream, pre
     else:
         assert sent[0]["content"][1] == IMAGE
     assert [b["type"] for b in sent[1]["content"]] == ["tool_use"]        # no foreign thinking
+    assert len(sent) == 3 and sent[2]["content"][-1] == {"type": "text",  # the system message
+                                                         "text": "Working directory: /w"}
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -239,6 +244,30 @@ def test_anthropic_itself_gets_no_thinking_a_compatible_server_made(start_proxy,
     assert upstream.requests[0]["json"]["messages"][1]["content"] == [
         {"type": "thinking", "thinking": "real", "signature": "EqQBAnthropic"},
         {"type": "text", "text": "a"}]
+
+
+def test_system_messages_join_the_users_for_a_compatible_server_and_stay_for_anthropic(
+        start_proxy, upstream, second_upstream):
+    upstream.script = strict_server("minimax")
+    second_upstream.script = lambda r: anthropic_answer([{"type": "text", "text": "ok"}],
+                                                        "end_turn", False)
+    proxy = start_proxy({"providers": [
+        {"name": "minimax", "api_key": KEY, "api_base_url": upstream.url},
+        {"name": "anthropic", "api_key": KEY, "api_base_url": second_upstream.url}]})
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "system", "content": [{"type": "text", "text": "MCP: use it"}]},
+                {"role": "assistant", "content": "hello"},
+                {"role": "system", "content": "Working directory: /w"},
+                {"role": "user", "content": "go on"}]
+    for target in ("minimax,m", "anthropic,c"):
+        sdk(proxy).messages.create(model=target, max_tokens=50, messages=messages)
+    assert upstream.requests[-1]["json"]["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                     {"type": "text", "text": "MCP: use it"}]},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Working directory: /w"},
+        {"role": "user", "content": "go on"}]
+    assert second_upstream.requests[-1]["json"]["messages"] == messages
 
 
 def test_deepseek_in_thinking_mode_gets_a_thinking_block_before_tool_calls(start_proxy,
