@@ -989,7 +989,12 @@ ANTHROPIC_COMPAT = {
 #     and tool calls only, no image or document; top_k and stop_sequences ignored)
 #   kimi, moonshot: https://platform.moonshot.ai/docs/guide/agent-support (Bearer key)
 #   glm, zai: https://docs.z.ai/scenario-example/develop-tools/claude (Bearer key)
-# Kimi and GLM publish no table of what they lack: only the common rules apply.
+# Kimi and GLM publish no table of what they lack. Kimi's own refusals say it: "Input tag
+# 'document' … does not match any of the expected tags: 'image', 'server_tool_use', 'text',
+# 'thinking', 'tool_result', 'tool_use', 'web_search_tool_result'" (MoonshotAI/Kimi-K2.5#27,
+# 2026-03-12), "unsupported content type … tool_reference" (MoonshotAI/Kimi-K2#118,
+# 2026-03-19), and, like DeepSeek, "thinking is enabled but reasoning_content is missing" for a
+# turn of tool calls without its thinking (farion1231/cc-switch#3377, 2026-05-30).
 # DeepSeek's Flash model takes images over its OpenAI-format APIs; deepseek-v4-pro takes none
 # (https://api-docs.deepseek.com/guides/vision and .../quick_start/pricing, checked 2026-12-05:
 # deepseek-v4-flash and deepseek-v4-flash-vision-exp are retired names Flash now answers).
@@ -1007,7 +1012,11 @@ DEEPSEEK_ANTHROPIC = {"type": "anthropic", "api_base_url": "https://api.deepseek
                           "no_blocks": ("image", "document", "search_result",
                                         "redacted_thinking")}}}
 KIMI = {"type": "anthropic", "api_base_url": "https://api.moonshot.ai/anthropic",
-        "quirks": {"anthropic_compat": {"auth": "bearer"}}}
+        "quirks": {"anthropic_compat": {
+            "auth": "bearer", "thinking_with_calls": True,
+            "no_blocks": ("document", "redacted_thinking", "search_result", "tool_reference",
+                          "web_fetch_tool_result", "code_execution_tool_result",
+                          "mcp_tool_use", "mcp_tool_result", "container_upload")}}}
 GLM = {"type": "anthropic", "api_base_url": "https://api.z.ai/api/anthropic",
        "quirks": {"anthropic_compat": {"auth": "bearer"}}}
 MINIMAX = {"type": "anthropic", "api_base_url": "https://api.minimax.io/anthropic",
@@ -6470,7 +6479,7 @@ def tool_result_text(block: dict) -> str:
         elif isinstance(item, dict) and item.get("type") == "text":
             texts.append(str(item.get("text", "")))
         elif isinstance(item, dict) and item.get("type") == "tool_reference":
-            texts.append("[tool loaded: %s]" % item.get("tool_name"))
+            texts.append(tool_reference_text(item))
         elif isinstance(item, dict) and item.get("type") is not None and item not in media:
             texts.append("[%s]\n%s" % (item["type"], "\n".join(
                 t for t in nested_texts(item) if t))[:MAX_SERVER_BLOCK_CHARS])
@@ -7924,8 +7933,15 @@ def block_as_text(block: dict, provider_name: str) -> str:
         return readable
     if block.get("type") == "document":
         return document_text(block) or "[document omitted]"
+    if block.get("type") == "tool_reference":
+        return tool_reference_text(block)
     return "[%s omitted: %s takes none]" % (str(block.get("type")).replace("_", " "),
                                             provider_name)
+
+
+def tool_reference_text(block: dict) -> str:
+    """A tool_reference (what Claude Code's tool search returns) as the tool it loaded."""
+    return "[tool loaded: %s]" % block.get("tool_name")
 
 
 def signature_mark(provider_name: str) -> str:

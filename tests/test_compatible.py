@@ -17,7 +17,9 @@ RULES = {
                                          "redacted_thinking"},
                            {"container", "mcp_servers", "service_tier", "top_k"}, False),
     "minimax": ("x-api-key", {"image", "document"}, {"top_k", "stop_sequences"}, True),
-    "kimi": ("bearer", set(), set(), True),
+    "kimi": ("bearer", {"document", "redacted_thinking", "search_result", "tool_reference",
+                        "web_fetch_tool_result", "code_execution_tool_result", "mcp_tool_use",
+                        "mcp_tool_result", "container_upload"}, set(), True),
     "glm": ("bearer", set(), set(), True),
 }
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
@@ -126,7 +128,8 @@ CLAUDE_CODE_LIKE = dict(
             {"type": "thinking", "thinking": "x", "signature": "ccpx1.openai"},
             {"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                      "content": [{"type": "text", "text": "here"}, IMAGE]}]},
+                                      "content": [{"type": "text", "text": "here"}, IMAGE, {
+                                          "type": "tool_reference", "tool_name": "Grep"}]}]},
         {"role": "system", "content": "Working directory: /w"}])       # as Claude Code ends
 
 
@@ -151,6 +154,9 @@ def test_each_preset_sends_only_what_its_server_takes(start_proxy, upstream, pre
     else:
         assert sent[0]["content"][1] == IMAGE
     assert [b["type"] for b in sent[1]["content"]] == ["tool_use"]        # no foreign thinking
+    if "tool_reference" in refused:                                       # Claude Code's search
+        assert sent[2]["content"][0]["content"][2] == {"type": "text",
+                                                       "text": "[tool loaded: Grep]"}
     assert len(sent) == 3 and sent[2]["content"][-1] == {"type": "text",  # the system message
                                                          "text": "Working directory: /w"}
 
@@ -270,10 +276,11 @@ def test_system_messages_join_the_users_for_a_compatible_server_and_stay_for_ant
     assert second_upstream.requests[-1]["json"]["messages"] == messages
 
 
-def test_deepseek_in_thinking_mode_gets_a_thinking_block_before_tool_calls(start_proxy,
-                                                                           upstream):
-    upstream.script = strict_server("deepseek-anthropic")
-    proxy = compat_proxy(start_proxy, upstream, "deepseek-anthropic")
+@pytest.mark.parametrize("preset", ["deepseek-anthropic", "kimi"])
+def test_deepseek_and_kimi_in_thinking_mode_get_a_thinking_block_before_tool_calls(
+        start_proxy, upstream, preset):
+    upstream.script = strict_server(preset)
+    proxy = compat_proxy(start_proxy, upstream, preset)
     sdk(proxy).messages.create(model="m", max_tokens=5000, thinking={
         "type": "enabled", "budget_tokens": 2000}, messages=[
         {"role": "user", "content": "hi"},
