@@ -7598,7 +7598,6 @@ class EventEmitter:
 
 
 PROXY_SIGNATURE_PREFIX = "ccpx1."          # starts the signature of thinking ccproxy made
-PROXY_SIGNATURE_MARK = b'"ccpx1.'
 
 
 def thinking_signature(provider_name: str) -> str:
@@ -7799,10 +7798,9 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if body.get("model") != model:    # the model is not changed in body: failover needs it
         changes["model"] = model
     compat = provider.quirks["anthropic_compat"]
-    if compat is not None or PROXY_SIGNATURE_MARK in request.body:
-        messages = anthropic_messages_for(body, provider)
-        if messages is not None:
-            changes["messages"] = messages
+    messages = anthropic_messages_for(body, provider)
+    if messages is not None:
+        changes["messages"] = messages
     cap = None if counting else provider.output_cap(model)
     if cap is not None and body.get("max_tokens", 0) > cap:
         changes["max_tokens"] = cap
@@ -7894,7 +7892,10 @@ def content_blocks(content) -> list:
 
 def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
     """A message's blocks for the provider (see anthropic_messages_for); a tool result's
-    content is cleaned the same way."""
+    content is cleaned the same way. A tool call whose input is no object (GLM's API answers
+    one with a list at times) goes with its input inside one, as every Anthropic API wants:
+    sent back as it was, GLM's failed with a 500 at every turn after, compaction too
+    (zai-org/zai-coding-plugins#14)."""
     kept = []
     for block in blocks:
         if not isinstance(block, dict):
@@ -7903,6 +7904,9 @@ def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
         kind = block.get("type")
         if kind in ("thinking", "redacted_thinking"):
             block = own_thinking(block, provider_name, compat)
+        elif kind == "tool_use" and not isinstance(block.get("input"), dict):
+            block = dict(block, input={} if block.get("input") is None else {
+                "input": block["input"]})
         elif compat is not None and kind in compat["no_blocks"]:
             block = {"type": "text", "text": block_as_text(block, provider_name)}
         elif kind == "tool_result" and compat is not None and isinstance(

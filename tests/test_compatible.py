@@ -276,6 +276,29 @@ def test_system_messages_join_the_users_for_a_compatible_server_and_stay_for_ant
     assert second_upstream.requests[-1]["json"]["messages"] == messages
 
 
+def test_a_tool_call_whose_input_is_no_object_goes_back_inside_one(start_proxy, upstream,
+                                                                    second_upstream):
+    """GLM's Anthropic API answers a call with a list for its input at times; sent back as it
+    was, its every answer after was a 500 (compaction too), and Anthropic's a 400."""
+    for mock in (upstream, second_upstream):
+        mock.script = lambda r: anthropic_answer([{"type": "text", "text": "ok"}], "end_turn",
+                                                 False)
+    proxy = start_proxy({"providers": [
+        {"name": "glm", "api_key": KEY, "api_base_url": upstream.url},
+        {"name": "anthropic", "api_key": KEY, "api_base_url": second_upstream.url}]})
+    calls = [{"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": [{"command": "ls"}]},
+             {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {"command": "pwd"}}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": calls},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                     "content": "InputValidationError"},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "content": "/w"}]}]
+    for target, mock in (("glm,m", upstream), ("anthropic,c", second_upstream)):
+        sdk(proxy).messages.create(model=target, max_tokens=50, messages=messages)
+        assert [b["input"] for b in mock.requests[-1]["json"]["messages"][1]["content"]] == [
+            {"input": [{"command": "ls"}]}, {"command": "pwd"}]
+
+
 @pytest.mark.parametrize("preset", ["deepseek-anthropic", "kimi"])
 def test_deepseek_and_kimi_in_thinking_mode_get_a_thinking_block_before_tool_calls(
         start_proxy, upstream, preset):
