@@ -250,6 +250,14 @@ def test_anthropic_itself_gets_no_thinking_a_compatible_server_made(start_proxy,
     assert upstream.requests[0]["json"]["messages"][1]["content"] == [
         {"type": "thinking", "thinking": "real", "signature": "EqQBAnthropic"},
         {"type": "text", "text": "a"}]
+    sdk(proxy).messages.create(model="c", max_tokens=50, messages=[   # no ccproxy mark at all
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "unsigned", "signature": ""},
+            {"type": "text", "text": "a"}]},
+        {"role": "user", "content": "more"}])
+    assert upstream.requests[1]["json"]["messages"][1]["content"] == [
+        {"type": "text", "text": "a"}]
 
 
 def test_system_messages_join_the_users_for_a_compatible_server_and_stay_for_anthropic(
