@@ -1016,7 +1016,10 @@ KIMI = {"type": "anthropic", "api_base_url": "https://api.moonshot.ai/anthropic"
             "auth": "bearer", "thinking_with_calls": True,
             "no_blocks": ("document", "redacted_thinking", "search_result", "tool_reference",
                           "web_fetch_tool_result", "code_execution_tool_result",
-                          "mcp_tool_use", "mcp_tool_result", "container_upload")}}}
+                          "bash_code_execution_tool_result",
+                          "text_editor_code_execution_tool_result", "tool_search_tool_result",
+                          "advisor_tool_result", "mcp_tool_use", "mcp_tool_result",
+                          "container_upload")}}}
 GLM = {"type": "anthropic", "api_base_url": "https://api.z.ai/api/anthropic",
        "quirks": {"anthropic_compat": {"auth": "bearer"}}}
 MINIMAX = {"type": "anthropic", "api_base_url": "https://api.minimax.io/anthropic",
@@ -6281,9 +6284,13 @@ class TranslationContext:
 TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
-# Server tools' blocks: Anthropic runs these tools itself; no other provider has them.
+# Server tools' blocks: Anthropic runs these tools itself; no other provider has them. The
+# advisor's result (Claude Code's /advisor, beta advisor-tool-2026-03-01) among them: a session
+# that had one failed with a 400 at every turn once routed elsewhere.
 SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
-                      "code_execution_tool_result", "mcp_tool_use", "mcp_tool_result",
+                      "code_execution_tool_result", "bash_code_execution_tool_result",
+                      "text_editor_code_execution_tool_result", "tool_search_tool_result",
+                      "advisor_tool_result", "mcp_tool_use", "mcp_tool_result",
                       "search_result", "container_upload")
 ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
 

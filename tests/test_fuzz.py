@@ -379,6 +379,8 @@ ASSISTANT_BLOCKS = {
     "code_execution_tool_result": {"type": "code_execution_tool_result", "tool_use_id": "x",
                                    "content": {"type": "code_execution_result", "return_code": 0,
                                                "stdout": marked("code_execution"), "stderr": ""}},
+    "advisor_tool_result": {"type": "advisor_tool_result", "tool_use_id": "srvtoolu_3",  # /advisor
+                            "content": {"type": "advisor_result", "text": marked("advisor")}},
     "mcp_tool_use": {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "lookup",
                      "server_name": "docs", "input": {"q": marked("mcp_tool_use")}},
     "mcp_tool_result": {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1",
