@@ -991,10 +991,10 @@ ANTHROPIC_COMPAT = {
 #   glm, zai: https://docs.z.ai/scenario-example/develop-tools/claude (Bearer key)
 # Kimi and GLM publish no table of what they lack. Kimi's own refusals say it: "Input tag
 # 'document' … does not match any of the expected tags: 'image', 'server_tool_use', 'text',
-# 'thinking', 'tool_result', 'tool_use', 'web_search_tool_result'" (MoonshotAI/Kimi-K2.5#27,
-# 2026-03-12), "unsupported content type … tool_reference" (MoonshotAI/Kimi-K2#118,
-# 2026-03-19), and, like DeepSeek, "thinking is enabled but reasoning_content is missing" for a
-# turn of tool calls without its thinking (farion1231/cc-switch#3377, 2026-05-30).
+# 'thinking', 'tool_result', 'tool_use', 'web_search_tool_result'" (on 2026-03-12,
+# MoonshotAI/Kimi-K2.5#27), "unsupported content type … tool_reference" (on 2026-03-19,
+# MoonshotAI/Kimi-K2#118), and, like DeepSeek, "thinking is enabled but reasoning_content is
+# missing" for a turn of tool calls without its thinking (farion1231/cc-switch#3377, May 2026).
 # DeepSeek's Flash model takes images over its OpenAI-format APIs; deepseek-v4-pro takes none
 # (https://api-docs.deepseek.com/guides/vision and .../quick_start/pricing, checked 2026-12-05:
 # deepseek-v4-flash and deepseek-v4-flash-vision-exp are retired names Flash now answers).
