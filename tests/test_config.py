@@ -567,7 +567,8 @@ def test_probe_asks_a_server_of_no_preset_to_call_a_tool(tmp_path, upstream):
         "default": "local,parsed", "think": "local,qwen3-coder", "longContext": "local,mistral",
         "background": "local,no-jinja"})
     assert result.returncode == 1
-    fix = "vLLM: --enable-auto-tool-choice and the model's --tool-call-parser; llama-server: --jinja"
+    fix = ("vLLM: --enable-auto-tool-choice and the model's --tool-call-parser; llama-server: "
+           "--jinja")
     assert rows["local"].endswith(
         "parsed ok; qwen3-coder ok, though it writes its tool calls as text, which ccproxy reads "
         "(%s has the server parse them); mistral writes its tool calls as text, which Claude "
