@@ -8099,7 +8099,8 @@ class AnthropicStreamRelay:
         if b"error" in complete:
             complete = self._provider.masker.data(complete)
         if self._client_model is not None and (b'"signature' in complete
-                                               or b'"message_start"' in complete):
+                                               or b'"message_start"' in complete
+                                               or b'"content_block_start"' in complete):
             complete = marked_events(complete, self._provider.name, self._client_model)
         return complete
 

@@ -187,6 +187,25 @@ def test_a_servers_own_thinking_goes_back_to_it_and_to_nobody_else(start_proxy, 
                         if target == "deepseek-anthropic" else [])
 
 
+def unsigned_answer(thinking):
+    """A stream whose thinking block has no signature at all: none at its start, no
+    signature_delta."""
+    message = {"id": "msg_c", "type": "message", "role": "assistant", "model": "served",
+               "content": [], "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": 10, "output_tokens": 3}}
+    return stream_reply([
+        sse("message_start", {"type": "message_start", "message": message}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "thinking", "thinking": ""}}),
+        sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+            "type": "thinking_delta", "thinking": thinking["thinking"]}}),
+        sse("content_block_stop", {"type": "content_block_stop", "index": 0})] +
+        block_events(1, {"type": "text", "text": "ok"}) + [
+        sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 3},
+                              "delta": {"stop_reason": "end_turn", "stop_sequence": None}}),
+        sse("message_stop", {"type": "message_stop"})])
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_servers_unsigned_thinking_is_its_own_and_never_reaches_anthropic(
         start_proxy, upstream, second_upstream, stream):
@@ -194,9 +213,8 @@ def test_a_servers_unsigned_thinking_is_its_own_and_never_reaches_anthropic(
     marked as its own all the same. Anthropic refuses an unsigned block ("Invalid `signature`
     in `thinking` block", what users who switch to Claude from another provider meet)."""
     thinking = {"type": "thinking", "thinking": "Mine."}
-    upstream.script = lambda r: anthropic_answer(
-        [dict(thinking, signature="") if stream else thinking, {"type": "text", "text": "ok"}],
-        "end_turn", stream)
+    upstream.script = lambda r: unsigned_answer(thinking) if stream else anthropic_answer(
+        [thinking, {"type": "text", "text": "ok"}], "end_turn", False)
     second_upstream.script = lambda r: anthropic_answer([{"type": "text", "text": "ok"}],
                                                         "end_turn", False)
     proxy = start_proxy({"providers": [
