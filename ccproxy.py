@@ -6196,6 +6196,11 @@ class Protocol:
         """The client's error for the provider's error status."""
         return error_from_upstream(call.provider, call.status, call.body, call.relayed_headers())
 
+    def rescued_message(self, call, context: TranslationContext) -> dict | None:
+        """The client's message for an error status that holds what the model wrote, or None
+        (the error is the answer)."""
+        return None
+
     def __repr__(self):
         return "<%s protocol>" % self.name
 
@@ -6207,6 +6212,9 @@ async def relay_call(protocol: Protocol, call, conn, request: Request, body: dic
     stream = body.get("stream") is True
     status = await call_provider(call, conn, stream)
     if status >= 400:
+        rescued = protocol.rescued_message(call, context)
+        if rescued is not None:
+            return message_response(rescued, context, stream)
         return answer_to_error(protocol.error(call), context, stream)
     if not 200 <= status < 300:
         location = call.header("location")
@@ -8308,6 +8316,10 @@ class OpenAIChatProtocol(Protocol):
     def message(self, answer, context) -> dict:
         return anthropic_message_from_openai(answer, context)
 
+    def rescued_message(self, call, context) -> dict | None:
+        generation = failed_generation(call.body) if call.status == 400 else None
+        return message_of_generation(generation, context) if generation is not None else None
+
     def stream_translator(self, context):
         return OpenAIStreamTranslator(context)
 
@@ -8923,14 +8935,41 @@ def with_text_calls(content: list, context) -> tuple:
         return content, False
     blocks = []
     for block in content:
-        if block["type"] != "text":
-            blocks.append(block)
-            continue
-        for kind, piece in reader.split(block["text"]) + reader.flush():
-            blocks.append({"type": "text", "text": piece} if kind == "text" else {
-                "type": "tool_use", "id": random_id("toolu_"),
-                "name": context.tool_name(piece[0]), "input": piece[1]})
+        blocks += text_call_blocks(reader, block["text"], context) \
+            if block["type"] == "text" else [block]
     return blocks, reader.found
+
+
+def text_call_blocks(reader: TextToolCalls, text: str, context) -> list:
+    """The text and tool_use blocks of a text the reader splits (see TextToolCalls)."""
+    return [{"type": "text", "text": piece} if kind == "text" else {
+        "type": "tool_use", "id": random_id("toolu_"), "name": context.tool_name(piece[0]),
+        "input": piece[1]} for kind, piece in reader.split(text) + reader.flush()]
+
+
+def failed_generation(body) -> str | None:
+    """What the model wrote when the server could not read it as the tool call it took it for:
+    Groq's 400 `tool_use_failed`, the text as `failed_generation`. Claude Code answers a 400
+    by stopping, its compaction too, where the text was often a fine answer (the summary)."""
+    try:
+        error = dict_of(dict_of(json.loads(body or b"")).get("error"))
+    except (ValueError, RecursionError):
+        return None
+    text = error.get("failed_generation")
+    return text if error.get("code") == "tool_use_failed" and isinstance(text, str) \
+        and text.strip() else None
+
+
+def message_of_generation(text: str, context) -> dict | None:
+    """The client's message for a generation the server refused as a failed tool call: the
+    calls in it that ccproxy reads (see TextToolCalls), the rest as text; or, where it wrote a
+    call ccproxy cannot read either, None: asked again, the model mostly writes it right."""
+    reader = TextToolCalls(context.tool_schemas)
+    content = text_call_blocks(reader, text, context)
+    if not reader.found and TEXT_TOOL_CALL_RE.search(text):
+        return None
+    return new_message(context.model, content, "tool_use" if reader.found else "end_turn",
+                       context.estimated_usage(len(text)))
 
 
 def google_signature(call: dict) -> str:
@@ -9397,12 +9436,20 @@ class TextToolCalls:
             isinstance(arguments, dict) else None
 
     def _xml_call(self, text: str):
+        """Qwen3-Coder's <function=NAME><parameter=P>…, or a function tag around the input's
+        JSON (as Llama models write one to Groq)."""
         found = XML_FUNCTION_RE.match(text)
         if found is None or found.group(1) not in self._tools:
             return None
-        schema = self._tools[found.group(1)]
+        body, schema = found.group(2).strip(), self._tools[found.group(1)]
+        if body.startswith("{"):
+            try:
+                arguments = json.loads(body)
+            except (ValueError, RecursionError):
+                return None
+            return (found.group(1), arguments) if isinstance(arguments, dict) else None
         return found.group(1), {name: xml_parameter_value(value, schema.get(name))
-                                for name, value in XML_PARAMETER_RE.findall(found.group(2))}
+                                for name, value in XML_PARAMETER_RE.findall(body)}
 
 
 def first_text_call(text: str) -> tuple:

@@ -1737,6 +1737,27 @@ def test_a_tool_call_groq_never_reads_is_a_retryable_502_that_says_why(start_pro
         "request usually succeeds when asked again: ")
 
 
+@pytest.mark.parametrize("generation, blocks, stop_reason", [
+    ('<function=get_weather>{"location": "Oslo"}</function>',          # a call of the request
+     [{"type": "tool_use", "name": "get_weather", "input": {"location": "Oslo"}}], "tool_use"),
+    ("<analysis>The user asked for a summary.</analysis>\nSummary: done.",   # no call at all
+     [{"type": "text", "text": "<analysis>The user asked for a summary.</analysis>\nSummary: "
+                               "done."}], "end_turn"),
+])
+def test_what_the_model_wrote_in_a_tool_use_failed_is_the_answer_when_it_reads(
+        start_proxy, upstream, generation, blocks, stop_reason):
+    """Groq took the text for a call and refused it; asked again, the model writes the same:
+    Claude Code's compaction asks for <analysis> and failed at every try (CCR#295). A call
+    ccproxy reads is the call; text with no call in it is the text."""
+    proxy = start_proxy({"providers": [preset_provider("groq", upstream)],
+                         "performance": {"max_retries": 2}})
+    upstream.script = lambda r: json_reply({"error": dict(
+        GROQ_CALL_FAILED, failed_generation=generation)}, 400)
+    message = sdk(proxy).messages.create(**REQUEST)
+    assert [{k: v for k, v in b.items() if k != "id"} for b in block_dicts(message)] == blocks
+    assert message.stop_reason == stop_reason and len(upstream.requests) == 1
+
+
 def test_free_model_requests_of_the_day_spent_are_a_final_429(start_proxy, upstream):
     proxy = start_proxy({"providers": [preset_provider("openrouter", upstream)],
                          "performance": {"max_retries": 2}})
