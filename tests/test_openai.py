@@ -296,6 +296,8 @@ WRITTEN_CALLS = [   # (as a model writes it, the input Claude Code should get)
      {"command": "ls -la | wc -l"}),                  # its closing tags left out (vLLM#21571)
     ('<function=Bash>\n<parameter=command>\nls -la | wc -l\n</parameter>\n</function>',
      {"command": "ls -la | wc -l"}),                                # without the outer tags
+    ('<function=Bash>{"command": "ls -la | wc -l"}</function>',
+     {"command": "ls -la | wc -l"}),                                # the input's JSON (Llama)
 ]
 AROUND = st.text("ab \n<>/=", max_size=10)
 
