@@ -335,9 +335,10 @@ def test_check_says_what_the_server_would_refuse_and_probe_needs_a_provider(tmp_
     assert result.returncode == 0 and "configuration OK" in result.stdout
     assert "ccproxy: warning: no provider configured: /v1/messages will answer 400" in \
         result.stderr and "bound to 0.0.0.0 (every IPv4 address) without an apikey" in result.stderr
+    assert "(0 providers)" in result.stdout
     disabled = run_check(tmp_path, '{"providers": [{"name": "ollama", "enabled": false}]}')
     assert "ccproxy: warning: every provider is disabled: /v1/messages will answer 400 until " \
-        "one is enabled" in disabled.stderr
+        "one is enabled" in disabled.stderr and "(1 provider)\n" in disabled.stdout
     probed = run_check(tmp_path, '{"providers": [{"name": "ollama", "enabled": false}]}',
                        "--probe")
     assert probed.returncode == 1 and "nothing to probe: no provider is enabled" in \
