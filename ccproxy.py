@@ -6580,6 +6580,11 @@ def dict_of(value) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def content_blocks(content) -> list:
+    """A message's content as a list of blocks (a string as one text block)."""
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list_of(content)
+
+
 def str_of(value) -> str:
     """value when it is a string, else an empty one."""
     return value if isinstance(value, str) else ""
@@ -7900,11 +7905,6 @@ def system_messages_as_users(messages: list) -> list:
     return folded
 
 
-def content_blocks(content) -> list:
-    """A message's content as a list of blocks (a string as one text block)."""
-    return [{"type": "text", "text": content}] if isinstance(content, str) else list_of(content)
-
-
 def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
     """A message's blocks for the provider (see anthropic_messages_for); a tool result's
     content is cleaned the same way. A tool call whose input is no object (GLM's API answers
@@ -8390,8 +8390,7 @@ def openai_messages_from_anthropic(body: dict, quirks: dict) -> list:
     deferred = []            # system messages that came between calls and their results
     for index, message in enumerate(body["messages"]):
         where = "messages[%d].content" % index
-        content = message["content"]
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        blocks = content_blocks(message["content"])
         role = message["role"]
         if role == "assistant":
             messages.extend(missing_tool_results(open_calls) + deferred)
@@ -9820,8 +9819,7 @@ def responses_input_from_anthropic(body: dict, quirks: dict) -> list:
     items, open_calls = [], []
     for index, message in enumerate(body["messages"]):
         where = "messages[%d].content" % index
-        content = message["content"]
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        blocks = content_blocks(message["content"])
         if message["role"] == "assistant":
             items += responses_missing_outputs(open_calls)
             turn = responses_assistant_items(blocks, quirks, where)
@@ -10220,8 +10218,7 @@ def gemini_contents_from_anthropic(body: dict):
     contents, system_texts, calls = [], [text_of_system(body.get("system"))], []
     for index, message in enumerate(body["messages"]):
         where = "messages[%d].content" % index
-        content = message["content"]
-        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        blocks = content_blocks(message["content"])
         if message["role"] == "system":
             system_texts.append(text_of_system(blocks))
             continue
