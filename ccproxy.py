@@ -3926,6 +3926,10 @@ JSON_WHITESPACE_RE = re.compile(r"[ \t\n\r]*")
 JSON_DECODER = json.JSONDecoder(parse_constant=refuse_json_constant, parse_float=finite_float,
                                 parse_int=bounded_int)
 SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+# Every escape of a JSON text, read left to right (so an escaped backslash is never taken for
+# the start of another): a surrogate pair, a lone surrogate (six characters), anything else.
+JSON_ESCAPE_RE = re.compile(r"\\(?:u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                            r"|u[dD][89a-fA-F][0-9a-fA-F]{2}|.)", re.S)
 
 
 def parse_json_object(text: str):
@@ -3963,10 +3967,11 @@ def parse_json_object(text: str):
     return result, spans
 
 
-def parse_json_body(request: Request) -> dict:
+def parse_json_body(request: Request, mend_surrogates: bool = False) -> dict:
     """The request body as a JSON object, or a 400 saying what is wrong with it.
 
-    Keeps the decoded text and the spans of its top-level values on the request.
+    Keeps the decoded text and the spans of its top-level values on the request. A lone
+    UTF-16 surrogate escape is a 400, or with mend_surrogates a U+FFFD (mended_surrogates).
     """
     if not request.body:
         raise InvalidRequestError("request body is empty; a JSON object is required")
@@ -3978,6 +3983,8 @@ def parse_json_body(request: Request) -> dict:
     except (ValueError, RecursionError) as exc:
         raise InvalidRequestError("request body is not a valid JSON object: %s" % exc) from None
     if SURROGATE_ESCAPE_RE.search(request.body_text):
+        if mend_surrogates:
+            return mended_surrogates(request, body)
         check_no_lone_surrogate(body)
     return body
 
@@ -3990,6 +3997,31 @@ def check_no_lone_surrogate(body: dict) -> None:
     except UnicodeEncodeError as exc:
         raise InvalidRequestError("request body holds a lone UTF-16 surrogate escape (\\u%04x), "
                                   "which is not a Unicode character" % ord(exc.object[exc.start]))
+
+
+def mended_surrogates(request: Request, body: dict) -> dict:
+    """The body with each lone surrogate escape as U+FFFD, as UTF-8 encoders write one.
+
+    Claude Code cuts long tool output by UTF-16 units, at times through an emoji's pair, and
+    sends the half; Anthropic refuses the body ("no low surrogate in string") and every turn
+    after, since the half stays in the history. Here it is a replacement character instead.
+    """
+    lone = []
+
+    def mend(match):
+        escape = match.group()
+        if len(escape) != 6 or escape[1] != "u":
+            return escape
+        lone.append(escape)
+        return "\\ufffd"
+    text = JSON_ESCAPE_RE.sub(mend, request.body_text)
+    if not lone:
+        return body
+    request.body_text, request.body = text, text.encode("utf-8")
+    body, request.body_spans = parse_json_object(text)
+    log.warning("a request held %d lone UTF-16 surrogate escape%s (half a character, %s): "
+                "sent as U+FFFD", len(lone), "" if len(lone) == 1 else "s", lone[0])
+    return body
 
 
 MESSAGE_ROLES = ("user", "assistant", "system")
@@ -4150,7 +4182,7 @@ async def handle_messages(app: ProxyApp, request: Request, conn) -> Response:
 
 def checked_messages_body(request: Request, for_count: bool = False) -> dict:
     """The request's Messages body, parsed and checked (a 400 naming what is wrong)."""
-    body = parse_json_body(request)
+    body = parse_json_body(request, mend_surrogates=True)
     check_messages_request(body, for_count=for_count)
     return body
 

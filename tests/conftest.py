@@ -21,6 +21,17 @@ def no_proxy_settings(monkeypatch):
         monkeypatch.delenv(name.lower(), raising=False)
 
 
+@pytest.fixture(autouse=True)
+def ccproxy_logger_restored():
+    """A test that runs configure_logging (a foreground start) leaves the ccproxy logger as it
+    found it: its handlers, level and propagation, which caplog in a later test relies on."""
+    logger = logging.getLogger("ccproxy")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.propagate = handlers, propagate
+    logger.setLevel(level)
+
+
 @pytest.fixture
 def ccproxy_log():
     """The messages ccproxy logs during the test (at INFO and above), whatever another test

@@ -61,6 +61,21 @@ def test_unchanged_body_is_forwarded_byte_for_byte(start_proxy, upstream):
     assert upstream.requests[0]["body"] == body
 
 
+def test_a_lone_surrogate_goes_to_anthropic_as_a_replacement_character(start_proxy, upstream):
+    """Anthropic refuses half an emoji ("no low surrogate in string") at every turn after it;
+    only the escape is rewritten, every other byte goes on as it came."""
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"])]})
+    body = (b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":'
+            b'[{"type":"tool_result","tool_use_id":"t","content":"out \\uD83D"}]}]}')
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert upstream.requests[0]["body"] == body.replace(b"\\uD83D", b"\\ufffd")
+
+
 @pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
 def test_claude_code_request_with_query_string_is_relayed(proxy, upstream, claude_code_requests,
                                                           version):

@@ -792,8 +792,6 @@ def test_the_user_at_the_other_end_of_a_loopback_connection(family, host):
 # --- low ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, problem", [
-    (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"\\ud800"}]}',
-     "lone UTF-16 surrogate"),
     (b'{"model":"m","max_tokens":5,"temperature":NaN,"messages":[{"role":"user","content":"x"}]}',
      "NaN is not a JSON value"),
     (b'{"model":"m","max_tokens":5,"top_p":1e999,"messages":[{"role":"user","content":"x"}]}',
@@ -826,6 +824,36 @@ def test_bad_field_values_are_a_400_naming_them_before_any_provider(start_proxy,
     error = json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["type"] == "invalid_request_error" and problem in error["message"]
     assert upstream.requests == []
+
+
+def test_a_lone_surrogate_reaches_a_translating_provider_as_a_replacement_character(
+        start_proxy, upstream, ccproxy_log):
+    """Claude Code cuts a long tool output by UTF-16 units, at times through an emoji, and
+    sends the half; the session's every turn after holds it. It goes on as U+FFFD; a whole
+    pair and an escaped backslash before "ud800" are left as they are."""
+    proxy = start_proxy({"providers": [openai_provider(upstream)]})
+    upstream.script = lambda r: json_reply({"choices": [{"message": {"content": "ok"},
+                                                         "finish_reason": "stop"}]})
+    body = (b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":'
+            b'"cut \\ud83d|\\udE00 \\ud83d\\ude00 \\\\ud800 \\ud800\\ud800"}]}')
+    response = raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n"
+                                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert response.startswith(b"HTTP/1.1 200 ")
+    sent = upstream.requests[0]["json"]["messages"][-1]["content"]
+    assert sent == "cut \ufffd|\ufffd \U0001f600 \\ud800 \ufffd\ufffd"
+    assert any("4 lone UTF-16 surrogate escapes (half a character, \\ud83d): sent as U+FFFD"
+               in message for message in ccproxy_log)
+
+
+def test_a_lone_surrogate_in_a_provider_sent_to_manage_is_still_a_400(start_proxy, upstream):
+    proxy = start_proxy({"providers": [openai_provider(upstream)], "apikey": "client-key",
+                         "admin_key": "admin-key-0123456789"})
+    body = b'{"name":"x\\ud800","type":"openai","api_key":"sk-x-0123456789"}'
+    response = raw_exchange(proxy.port, b"POST /providers HTTP/1.1\r\nConnection: close\r\n"
+                                        b"x-api-key: admin-key-0123456789\r\n"
+                                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert b"lone UTF-16 surrogate escape (\\\\ud800)" in response
 
 
 @pytest.mark.parametrize("reply", [
