@@ -6290,6 +6290,7 @@ class TranslationContext:
         self.record = request.record
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
         self._tools = body.get("tools")
+        self._messages = body.get("messages")
         self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
                             for t in self._tools or () if isinstance(t, dict)}
         self.probe = body.get("max_tokens") == 1
@@ -6305,6 +6306,16 @@ class TranslationContext:
         if not isinstance(name, str) or not name:
             return "unknown_tool"
         return self._tool_names.get(name, name)
+
+    def history_tool_ids(self) -> set:
+        """The ids of the conversation's tool calls, which a call of the answer must not take:
+        a server that numbers its calls from 0 in every answer (or whose model writes the
+        numbers) gives each turn's first call one id, and Anthropic refuses a history whose
+        ids are not unique ("tool_use ids must be unique"), at every turn after."""
+        return {block["id"] for message in list_of(self._messages)
+                if dict_of(message).get("role") == "assistant"
+                for block in list_of(message.get("content"))
+                if dict_of(block).get("type") == "tool_use" and isinstance(block.get("id"), str)}
 
     @property
     def tool_schemas(self) -> dict:
@@ -6401,9 +6412,9 @@ def tool_use_id(call_id) -> str:
 
 
 def own_tool_id(tool_id: str, taken: set) -> str:
-    """tool_id, or a fresh one when an earlier call of the same answer has it (taken, which it
-    joins): Xinference gives every call of an answer one id (xorbitsai/inference#4237), and
-    Claude Code paired the results of all with one call."""
+    """tool_id, or a fresh one when an earlier call of the conversation or of the same answer
+    has it (taken, which it joins): Xinference gives every call of an answer one id
+    (xorbitsai/inference#4237), and Claude Code paired the results of all with one call."""
     if tool_id in taken:
         tool_id = random_id("toolu_")
     taken.add(tool_id)
@@ -7158,9 +7169,10 @@ def message_response(message: dict, context: TranslationContext, stream: bool) -
     if context.stops is not None:
         message = cut_at_stop_sequence(message, context.stops.stops)
     message = omitted_thinking(message, context)
-    taken = set()
+    taken = None
     for block in message["content"]:
         if block.get("type") == "tool_use":
+            taken = context.history_tool_ids() if taken is None else taken
             block["id"] = own_tool_id(block["id"], taken)
     if not stream:
         return json_response(message)
@@ -7513,7 +7525,7 @@ class EventEmitter:
         self._held = ""               # its end, held back until the block ends
         self._stops = context.stops   # the request's stop sequences, or None
         self._ending = None           # the events up to the end a stop sequence made
-        self._tool_ids = set()        # the ids of the answer's tool_use blocks
+        self._tool_ids = None         # the ids of the conversation's and the answer's calls
 
     def take(self) -> bytes:
         """The events written since the last take(); once a stop sequence has ended the
@@ -7574,6 +7586,8 @@ class EventEmitter:
 
     def open_tool(self, key, tool_id: str, name: str) -> None:
         """Open a tool_use block, with an id no other block of the answer has."""
+        if self._tool_ids is None:
+            self._tool_ids = self._context.history_tool_ids()
         self.open_block(key, {"type": "tool_use", "id": own_tool_id(tool_id, self._tool_ids),
                               "name": name, "input": {}})
 

@@ -377,6 +377,39 @@ def test_real_claude_code_runs_a_call_its_server_left_in_the_text(version, tmp_p
     assert "<tool_call>" not in json.dumps(turn)
 
 
+def turn_numbering_model(request):
+    """As Kimi on Fireworks or grok answer: each call named by its place in its answer
+    (`Bash:0`), so every turn's first call has one id. Three Bash calls, then FINAL_TEXT; a
+    client going round in circles is told so after ten requests."""
+    body = request["json"] or {}
+    stream = body.get("stream") is True
+    if not any(t["function"]["name"] == "Bash" for t in body.get("tools") or ()):
+        return openai_answer({"content": "ok"}, stream, "stop")
+    turn_numbering_model.requests = getattr(turn_numbering_model, "requests", 0) + 1
+    done = sum(m.get("role") == "tool" for m in body["messages"])
+    if turn_numbering_model.requests > 10 or done >= 3:
+        text = FINAL_TEXT if done >= 3 else "Going round in circles."
+        return openai_answer({"content": text}, stream, "stop")
+    call = {"id": "Bash:0", "type": "function", "function": {"name": "Bash", "arguments": (
+        json.dumps({"command": "echo %d >> out.txt" % done, "description": "Step"}))}}
+    return openai_answer({"content": None, "tool_calls": [call]}, stream, "tool_calls")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_goes_on_when_its_server_numbers_calls_within_each_answer(
+        version, tmp_path, upstream):
+    """Before, the second turn's call had the first's id: Claude Code took it for the call it
+    had run, sent the same request again, and went round without end."""
+    turn_numbering_model.requests = 0
+    work = bash_task(version, tmp_path, upstream, turn_numbering_model, "Write three lines.")
+    assert (work / "out.txt").read_text().split() == ["0", "1", "2"]
+    last = [r["json"] for r in upstream.requests if r["json"] and r["json"].get("tools")][-1]
+    ids = [call["id"] for m in last["messages"] for call in m.get("tool_calls") or ()]
+    assert len(set(ids)) == 3 and ids[0] == "Bash:0"
+    assert sorted(m["tool_call_id"] for m in last["messages"] if m.get("role") == "tool") == \
+        sorted(ids)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_team_member_with_the_readmes_settings_reaches_the_teams_proxy(version, tmp_path,
                                                                          start_proxy, upstream):

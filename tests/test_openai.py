@@ -231,6 +231,28 @@ def test_calls_a_server_gives_one_id_get_ids_of_their_own(openai_proxy, upstream
         assert ids[0] == "call_x" and ids[1].startswith("toolu_") and len(set(ids)) == 2
 
 
+def test_a_call_with_the_id_of_a_call_before_it_in_the_conversation_gets_one_of_its_own(
+        openai_proxy, upstream):
+    """A server that numbers calls within each answer (grok's call_0, Kimi on Fireworks'
+    Bash:0) gives every turn's first call one id; Claude Code took the second for the first,
+    already run, and asked again without end."""
+    history = dict(REQUEST, messages=REQUEST["messages"] + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_0", "name": "get_time",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_0",
+                                      "content": "noon"}]}])
+    call = {"id": "call_0", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    upstream.script = lambda r: json_reply(completion({"tool_calls": [call]}, "tool_calls"))
+    whole = sdk(openai_proxy).messages.create(**history).content[0].id
+    upstream.script = lambda r: Reply(200, pieces=sse_pieces([
+        chunk({"tool_calls": [dict(call, index=0)]}), chunk({}, "tool_calls")]),
+        content_type="text/event-stream")
+    with sdk(openai_proxy).messages.stream(**history) as stream:
+        streamed = stream.get_final_message().content[0].id
+    assert whole.startswith("toolu_") and streamed.startswith("toolu_") and whole != streamed
+    assert sdk(openai_proxy).messages.create(**REQUEST).content[0].id == "call_0"
+
+
 def test_a_streamed_refusal_is_text_with_stop_reason_refusal():
     events = translate([chunk({"role": "assistant", "refusal": "I can't "}),
                         chunk({"refusal": "help with that."}), chunk({}, "stop")])
