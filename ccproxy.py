@@ -6334,6 +6334,7 @@ class TranslationContext:
 
 TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
+REPEATED_TOOL_ID_PREFIX = "ccpxre_"      # 12 hex digits, then the id of a call it repeats
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
 # Server tools' blocks: Anthropic runs these tools itself; no other provider has them. The
 # advisor's result (Claude Code's /advisor, beta advisor-tool-2026-03-01) among them: a session
@@ -6411,13 +6412,32 @@ def tool_use_id(call_id) -> str:
     return ENCODED_TOOL_ID_PREFIX + encoded
 
 
-def own_tool_id(tool_id: str, taken: set) -> str:
-    """tool_id, or a fresh one when an earlier call of the conversation or of the same answer
-    has it (taken, which it joins): Xinference gives every call of an answer one id
-    (xorbitsai/inference#4237), and Claude Code paired the results of all with one call."""
+def own_tool_id(tool_id: str, taken: set, history: set) -> str:
+    """tool_id, unless a call already has it (it then joins taken, the answer's ids).
+
+    A call with the id of an earlier call of the same answer gets a fresh one: Xinference
+    gives every call of an answer one id (xorbitsai/inference#4237), and Claude Code paired
+    the results of all with one call. A call with the id of a call earlier in the
+    conversation (history) gets one that carries its own: the provider gets back the id it
+    gave, and Claude Code, which takes a repeated id for the call it has run, a new one.
+    """
     if tool_id in taken:
         tool_id = random_id("toolu_")
+    elif tool_id in history:
+        tool_id = "%s%012x%s" % (REPEATED_TOOL_ID_PREFIX, ID_GENERATOR.getrandbits(48),
+                                 base64.urlsafe_b64encode(tool_id.encode()).decode().rstrip("="))
     taken.add(tool_id)
+    return tool_id
+
+
+def first_tool_id(tool_id: str) -> str:
+    """The tool_use id a call was first given, for an id own_tool_id made for its repeat."""
+    if tool_id.startswith(REPEATED_TOOL_ID_PREFIX):
+        try:
+            return base64.urlsafe_b64decode(tool_id[len(REPEATED_TOOL_ID_PREFIX) + 12:]
+                                            + "==").decode()
+        except (ValueError, UnicodeDecodeError):
+            pass
     return tool_id
 
 
@@ -7169,11 +7189,11 @@ def message_response(message: dict, context: TranslationContext, stream: bool) -
     if context.stops is not None:
         message = cut_at_stop_sequence(message, context.stops.stops)
     message = omitted_thinking(message, context)
-    taken = None
-    for block in message["content"]:
-        if block.get("type") == "tool_use":
-            taken = context.history_tool_ids() if taken is None else taken
-            block["id"] = own_tool_id(block["id"], taken)
+    calls = [block for block in message["content"] if block.get("type") == "tool_use"]
+    if calls:
+        taken, history = set(), context.history_tool_ids()
+        for block in calls:
+            block["id"] = own_tool_id(block["id"], taken, history)
     if not stream:
         return json_response(message)
     return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
@@ -7525,7 +7545,8 @@ class EventEmitter:
         self._held = ""               # its end, held back until the block ends
         self._stops = context.stops   # the request's stop sequences, or None
         self._ending = None           # the events up to the end a stop sequence made
-        self._tool_ids = None         # the ids of the conversation's and the answer's calls
+        self._tool_ids = set()        # the ids of the answer's tool_use blocks
+        self._history_ids = None      # and of the conversation's, once a call is made
 
     def take(self) -> bytes:
         """The events written since the last take(); once a stop sequence has ended the
@@ -7586,9 +7607,10 @@ class EventEmitter:
 
     def open_tool(self, key, tool_id: str, name: str) -> None:
         """Open a tool_use block, with an id no other block of the answer has."""
-        if self._tool_ids is None:
-            self._tool_ids = self._context.history_tool_ids()
-        self.open_block(key, {"type": "tool_use", "id": own_tool_id(tool_id, self._tool_ids),
+        if self._history_ids is None:
+            self._history_ids = self._context.history_tool_ids()
+        self.open_block(key, {"type": "tool_use", "id": own_tool_id(tool_id, self._tool_ids,
+                                                                    self._history_ids),
                               "name": name, "input": {}})
 
     def cite(self, citations: list) -> None:
@@ -8776,6 +8798,7 @@ def openai_tool_name(name: str) -> str:
 def openai_tool_id(tool_id: str, style: str | None) -> str:
     """The id an OpenAI-family server gets for an Anthropic tool_use id; the same id always maps
     to the same result, so calls and their results stay paired."""
+    tool_id = first_tool_id(tool_id)
     if tool_id.startswith(ENCODED_TOOL_ID_PREFIX):
         try:
             encoded = tool_id[len(ENCODED_TOOL_ID_PREFIX):] + "=="
@@ -10409,6 +10432,7 @@ def gemini_tool_use_id(call_id) -> str:
 def gemini_call_id(tool_id) -> dict:
     """{"id": Gemini's id} for a tool_use id that carries one, else {}: the field of the
     functionCall and functionResponse a tool_use and its result become."""
+    tool_id = first_tool_id(tool_id) if isinstance(tool_id, str) else tool_id
     if isinstance(tool_id, str) and tool_id.startswith(GEMINI_CALL_ID_PREFIX):
         return {"id": tool_id[len(GEMINI_CALL_ID_PREFIX):]}
     return {}

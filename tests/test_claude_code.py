@@ -399,15 +399,15 @@ def turn_numbering_model(request):
 def test_real_claude_code_goes_on_when_its_server_numbers_calls_within_each_answer(
         version, tmp_path, upstream):
     """Before, the second turn's call had the first's id: Claude Code took it for the call it
-    had run, sent the same request again, and went round without end."""
+    had run, sent the same request again, and went round without end. Now Claude Code sees
+    an id of its own for each call, and the server its own ids."""
     turn_numbering_model.requests = 0
     work = bash_task(version, tmp_path, upstream, turn_numbering_model, "Write three lines.")
     assert (work / "out.txt").read_text().split() == ["0", "1", "2"]
     last = [r["json"] for r in upstream.requests if r["json"] and r["json"].get("tools")][-1]
     ids = [call["id"] for m in last["messages"] for call in m.get("tool_calls") or ()]
-    assert len(set(ids)) == 3 and ids[0] == "Bash:0"
-    assert sorted(m["tool_call_id"] for m in last["messages"] if m.get("role") == "tool") == \
-        sorted(ids)
+    assert ids == ["Bash:0"] * 3                       # the server gets back the ids it gave
+    assert [m["tool_call_id"] for m in last["messages"] if m.get("role") == "tool"] == ids
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -541,6 +541,34 @@ def test_the_ids_gemini_gives_its_calls_go_back_with_them_and_their_results(gemi
                                            ("call_42", {"output": "cold"}), (None, {"output": "?"})]
 
 
+def test_a_gemini_call_id_repeated_in_a_later_turn_goes_back_as_gemini_gave_it(gemini_proxy,
+                                                                            upstream):
+    """Claude Code gets an id of its own for a call whose id an earlier call had; Gemini gets
+    its own id back, with the call and with its result."""
+    upstream.script = lambda r: json_reply(answer([{"functionCall": {
+        "name": "get_time", "args": {}, "id": "call_1"}}]))
+    client = sdk(gemini_proxy)
+    first = client.messages.create(**REQUEST).content[0].id
+    history = REQUEST["messages"] + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": first, "name": "get_time",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first,
+                                      "content": "noon"}]}]
+    second = client.messages.create(**dict(REQUEST, messages=history)).content[0].id
+    assert first == "gemini_call_1" and second.startswith("ccpxre_")
+    upstream.script = lambda r: json_reply(answer([{"text": "Noon twice."}]))
+    client.messages.create(**dict(REQUEST, messages=history + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": second, "name": "get_time",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": second,
+                                      "content": "noon"}]}]))
+    parts = [part for content in upstream.requests[-1]["json"]["contents"]
+             for part in content["parts"]]
+    assert [p["functionCall"]["id"] for p in parts if "functionCall" in p] == ["call_1"] * 2
+    assert [p["functionResponse"]["id"] for p in parts if "functionResponse" in p] == \
+        ["call_1"] * 2
+
+
 def google_error(code, status, message, details=()):
     return {"error": {"code": code, "message": message, "status": status, "details": list(details)}}
 

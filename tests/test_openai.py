@@ -235,7 +235,8 @@ def test_a_call_with_the_id_of_a_call_before_it_in_the_conversation_gets_one_of_
         openai_proxy, upstream):
     """A server that numbers calls within each answer (grok's call_0, Kimi on Fireworks'
     Bash:0) gives every turn's first call one id; Claude Code took the second for the first,
-    already run, and asked again without end."""
+    already run, and asked again without end. Each repeat now has an id of its own, which
+    gives the server back the id it gave."""
     history = dict(REQUEST, messages=REQUEST["messages"] + [
         {"role": "assistant", "content": [{"type": "tool_use", "id": "call_0", "name": "get_time",
                                            "input": {}}]},
@@ -249,8 +250,17 @@ def test_a_call_with_the_id_of_a_call_before_it_in_the_conversation_gets_one_of_
         content_type="text/event-stream")
     with sdk(openai_proxy).messages.stream(**history) as stream:
         streamed = stream.get_final_message().content[0].id
-    assert whole.startswith("toolu_") and streamed.startswith("toolu_") and whole != streamed
+    assert whole.startswith("ccpxre_") and streamed.startswith("ccpxre_") and whole != streamed
     assert sdk(openai_proxy).messages.create(**REQUEST).content[0].id == "call_0"
+    upstream.script = lambda r: json_reply(completion({"content": "noon again"}))
+    sdk(openai_proxy).messages.create(**dict(history, messages=history["messages"] + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": whole, "name": "get_time",
+                                           "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": whole,
+                                      "content": "noon"}]}]))
+    sent = upstream.requests[-1]["json"]["messages"]            # the server's own ids, back
+    assert [m["tool_calls"][0]["id"] for m in sent if m.get("tool_calls")] == ["call_0", "call_0"]
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ["call_0", "call_0"]
 
 
 def test_a_streamed_refusal_is_text_with_stop_reason_refusal():
