@@ -6332,7 +6332,8 @@ class TranslationContext:
 # 9.1.2 The client's request: what each translation reads, maps and leaves out
 # .............................................................................
 
-TOOL_USE_ID_RE = re.compile(r"^[a-zA-Z0-9_-]+$")     # what a tool_use id may hold
+TOOL_USE_ID_RE = re.compile(r"[a-zA-Z0-9_-]+\Z")     # what a tool_use id may hold
+SERVER_TOOL_ID_RE = re.compile(r"srvtoolu_[a-zA-Z0-9_]+\Z")   # and a server_tool_use id
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
 REPEATED_TOOL_ID_PREFIX = "ccpxre_"      # 12 hex digits, then the id of a call it repeats
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
@@ -6345,6 +6346,9 @@ SERVER_BLOCK_TYPES = ("server_tool_use", "web_search_tool_result", "web_fetch_to
                       "advisor_tool_result", "mcp_tool_use", "mcp_tool_result",
                       "search_result", "container_upload")
 ASSISTANT_BLOCK_TYPES = ("text", "tool_use", "thinking", "redacted_thinking") + SERVER_BLOCK_TYPES
+# The blocks that name a server tool's call: its use, and its result (by tool_use_id).
+SERVER_CALL_BLOCK_TYPES = tuple(kind for kind in SERVER_BLOCK_TYPES if kind == "server_tool_use"
+                                or kind.endswith("_tool_result") and not kind.startswith("mcp_"))
 
 
 def request_parts(body: dict):
@@ -7928,7 +7932,8 @@ def without_refused_inner_fields(body: dict, refused) -> dict:
 
 def anthropic_messages_for(body: dict, provider: Provider):
     """The messages as this provider may see them, or None when they need no change. Anthropic
-    gets no thinking another provider made through ccproxy (its signature is ccproxy's); a
+    gets no thinking another provider made through ccproxy (its signature is ccproxy's), and
+    each call's id in the form it takes (ids_anthropic_takes); a
     compatible server gets its own thinking only (signatures unmarked), the blocks it lacks as
     text, system messages as the user's, and, where its thinking mode wants one, an empty
     thinking block before tool calls."""
@@ -7996,9 +8001,35 @@ def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
                 block.get("content"), list):
             block = dict(block, content=anthropic_blocks_for(block["content"], provider_name,
                                                              compat))
+        if compat is None and kind in TOOL_ID_BLOCK_TYPES:
+            block = ids_anthropic_takes(block)
         if block is not None:
             kept.append(block)
     return kept
+
+
+TOOL_ID_BLOCK_TYPES = ("tool_use", "tool_result") + SERVER_CALL_BLOCK_TYPES
+
+
+def ids_anthropic_takes(block: dict) -> dict:
+    """The block with its call's id as Anthropic takes one (a tool_use id of letters, digits,
+    _ and -; a server tool's srvtoolu_ and letters, digits, _), where another server gave
+    another (Kimi's "functions.Bash:0"): Anthropic refused the session's every turn after a
+    switch to it. An id is encoded the same way in a call and its result, so they still pair."""
+    key = "id" if block["type"] in ("tool_use", "server_tool_use") else "tool_use_id"
+    tool_id = block.get(key)
+    if not isinstance(tool_id, str):
+        return block
+    if block["type"] in ("tool_use", "tool_result"):
+        if TOOL_USE_ID_RE.match(tool_id):
+            return block
+        encoded = ENCODED_TOOL_ID_PREFIX + base64.urlsafe_b64encode(
+            tool_id.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+    elif SERVER_TOOL_ID_RE.match(tool_id):
+        return block
+    else:
+        encoded = "srvtoolu_" + tool_id.encode("utf-8", "surrogatepass").hex()
+    return dict(block, **{key: encoded})
 
 
 def own_thinking(block: dict, provider_name: str, compat) -> dict | None:

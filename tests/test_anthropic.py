@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import anthropic
@@ -59,6 +60,37 @@ def test_unchanged_body_is_forwarded_byte_for_byte(start_proxy, upstream):
         reply = sock.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 200")
     assert upstream.requests[0]["body"] == body
+
+
+def test_ids_another_server_gave_its_calls_reach_anthropic_in_the_form_it_takes(start_proxy,
+                                                                                upstream):
+    """Kimi names its calls "functions.Bash:0"; Anthropic refuses any id but letters, digits,
+    _ and - ("tool_use.id: String should match pattern"), and a server tool's but srvtoolu_
+    ones, at every turn after a switch to it. A call and its result stay paired; a compatible
+    server gets the ids as they came."""
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [
+                   {"type": "server_tool_use", "id": "search:1", "name": "web_search",
+                    "input": {"query": "q"}},
+                   {"type": "web_search_tool_result", "tool_use_id": "search:1", "content": []},
+                   {"type": "tool_use", "id": "functions.Bash:0", "name": "Bash", "input": {}},
+                   {"type": "tool_use", "id": "toolu_ok-1", "name": "Bash", "input": {}}]},
+               {"role": "user", "content": [
+                   {"type": "tool_result", "tool_use_id": "functions.Bash:0", "content": "a"},
+                   {"type": "tool_result", "tool_use_id": "toolu_ok-1", "content": "b"}]}]
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"]),
+                                       {"name": "kimi", "api_key": "sk-kimi-0123456789",
+                                        "api_base_url": upstream.url, "models": ["kimi-k2"]}]})
+    for model in ("claude-x", "kimi,kimi-k2"):
+        sdk(proxy).messages.create(model=model, max_tokens=5, messages=history)
+    to_anthropic, to_kimi = (r["json"]["messages"] for r in upstream.requests)
+    uses, results = to_anthropic[1]["content"], to_anthropic[2]["content"]
+    assert uses[0]["id"] == uses[1]["tool_use_id"] and re.fullmatch(r"srvtoolu_[a-z0-9]+",
+                                                                    uses[0]["id"])
+    assert [b["id"] for b in uses[2:]] == [b["tool_use_id"] for b in results]
+    assert re.fullmatch(r"[a-zA-Z0-9_-]+", uses[2]["id"]) and uses[3]["id"] == "toolu_ok-1"
+    assert to_kimi[1]["content"][2]["id"] == "functions.Bash:0"
+    assert to_kimi[2]["content"][0]["tool_use_id"] == "functions.Bash:0"
 
 
 def test_a_lone_surrogate_goes_to_anthropic_as_a_replacement_character(start_proxy, upstream):
