@@ -916,10 +916,13 @@ OPENAI_RESPONSES_MODELS = (r"^(o\d+-pro|o\d+(-mini)?-deep-research|computer-use|
                            r"gpt-rosalind|gpt-[\d.]+-(astra|sol)-|gpt-daybreak)")
 # Prompt caching (https://platform.openai.com/docs/guides/prompt-caching, checked 2026-12-05):
 # automatic from 1,024 tokens; prompt_cache_key groups a session's calls; prompt_cache_retention
-# "24h" (extended caching) on the gpt-5 family and gpt-4.1, in both APIs.
+# "24h" (extended caching) on the gpt-5 family and gpt-4.1, in both APIs. A tool call's id is
+# at most 40 characters ("Invalid 'messages[3].tool_calls[0].id': string too long. Expected a
+# string with maximum length 40", code string_above_max_length: its refusal, quoted in
+# agno-agi/agno#5382 and microsoft/autogen#6377), as Azure's (Portkey-AI/gateway#1062).
 OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
                  "effort_scales": OPENAI_EFFORT_SCALES, "thinking_off": OPENAI_THINKING_OFF,
-                 "system_anywhere": True,
+                 "system_anywhere": True, "tool_id_style": "max40",
                  "responses_models": OPENAI_RESPONSES_MODELS, "prompt_cache_key": True,
                  "cache_retention_models": r"^(gpt-5|gpt-4\.1)"}
 GEMINI_EFFORT_SCALES = ((r"^gemini-3[\w.-]*flash", EFFORTS_TO_HIGH),
@@ -947,7 +950,8 @@ PROVIDER_QUIRKS = {
     "vision": True,             # accepts image parts: True, False or the model ids (regex) that do
     "files": True,              # accepts file parts (PDFs)
     "json_schema": True,        # accepts a json_schema response_format (else: json_object)
-    "tool_id_style": None,      # "alnum9": tool call ids must be 9 letters or digits
+    "tool_id_style": None,      # "alnum9": tool call ids are 9 letters or digits; "max40": at
+                                # most 40 characters
     "user_after_tool": True,    # accepts a user message right after tool messages
     "system_anywhere": False,   # accepts system messages after the first (see fold_system)
     "schema_drop_keys": (),     # top-level tool schema keys the server rejects
@@ -8838,6 +8842,8 @@ def openai_tool_id(tool_id: str, style: str | None) -> str:
             pass
     if style == "alnum9" and not MISTRAL_TOOL_ID_RE.match(tool_id):
         return base62_digest(tool_id, 9)
+    if style == "max40" and len(tool_id) > 40:     # another server's (vLLM's have 46)
+        return "call_" + base62_digest(tool_id, 35)
     return tool_id
 
 

@@ -263,6 +263,25 @@ def test_a_call_with_the_id_of_a_call_before_it_in_the_conversation_gets_one_of_
     assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ["call_0", "call_0"]
 
 
+def test_a_call_id_over_40_characters_reaches_openai_in_40_paired_with_its_result(
+        openai_proxy, upstream):
+    """OpenAI refuses a longer one ("string too long. Expected a string with maximum length
+    40"), at every turn after a session came from a server that gives them (vLLM: 46)."""
+    long_id, short_id = "chatcmpl-tool-" + "0123456789abcdef" * 2, "toolu_01short"
+    messages = REQUEST["messages"] + [
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": tool_id, "name": "get_time", "input": {}}
+            for tool_id in (long_id, short_id)]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_id,
+                                      "content": "noon"} for tool_id in (long_id, short_id)]}]
+    upstream.script = lambda r: json_reply(completion({"content": "ok"}))
+    sdk(openai_proxy).messages.create(**dict(REQUEST, messages=messages))
+    sent = upstream.requests[-1]["json"]["messages"]
+    calls = [call["id"] for m in sent for call in m.get("tool_calls") or ()]
+    assert len(calls[0]) == 40 and calls[0].startswith("call_") and calls[1] == short_id
+    assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == calls
+
+
 def test_a_streamed_refusal_is_text_with_stop_reason_refusal():
     events = translate([chunk({"role": "assistant", "refusal": "I can't "}),
                         chunk({"refusal": "help with that."}), chunk({}, "stop")])
