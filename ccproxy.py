@@ -7936,11 +7936,13 @@ def without_refused_inner_fields(body: dict, refused) -> dict:
 
 def anthropic_messages_for(body: dict, provider: Provider):
     """The messages as this provider may see them, or None when they need no change. Anthropic
-    gets no thinking another provider made through ccproxy (its signature is ccproxy's), and
-    each call's id in the form it takes (ids_anthropic_takes); a
-    compatible server gets its own thinking only (signatures unmarked), the blocks it lacks as
-    text, system messages as the user's, and, where its thinking mode wants one, an empty
-    thinking block before tool calls."""
+    gets no thinking another provider made through ccproxy (its signature is ccproxy's), no
+    text block of only whitespace (which it refuses at every turn after: Claude Code sends
+    some, and other servers write them), and each call's id in the form it takes
+    (ids_anthropic_takes); a compatible server gets its own thinking only (signatures
+    unmarked), the blocks it lacks as text, system messages as the user's, and, where its
+    thinking mode wants one, an empty thinking block before tool calls. A message left with
+    no block is left out for Anthropic, but the last."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return None
@@ -7948,7 +7950,7 @@ def anthropic_messages_for(body: dict, provider: Provider):
     thinking_on = dict_of(body.get("thinking")).get("type") in ("enabled", "adaptive")
     folded = system_messages_as_users(messages) if compat is not None else messages
     changed, cleaned = folded is not messages, []
-    for message in folded:
+    for number, message in enumerate(folded, 1):
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
             kept = anthropic_blocks_for(content, provider.name, compat)
@@ -7958,6 +7960,8 @@ def anthropic_messages_for(body: dict, provider: Provider):
                 kept.insert(0, {"type": "thinking", "thinking": "", "signature": ""})
             if kept != content:
                 changed = True
+                if not kept and compat is None and number < len(folded):
+                    continue            # "all messages must have non-empty content" but the last
                 message = dict(message, content=kept)
         cleaned.append(message)
     return cleaned if changed else None
@@ -7994,6 +7998,8 @@ def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
             kept.append(block)
             continue
         kind = block.get("type")
+        if compat is None and kind == "text" and not str(block.get("text")).strip():
+            continue        # "text content blocks must contain non-whitespace text"
         if kind in ("thinking", "redacted_thinking"):
             block = own_thinking(block, provider_name, compat)
         elif kind == "tool_use" and not isinstance(block.get("input"), dict):

@@ -93,6 +93,36 @@ def test_ids_another_server_gave_its_calls_reach_anthropic_in_the_form_it_takes(
     assert to_kimi[2]["content"][0]["tool_use_id"] == "functions.Bash:0"
 
 
+def test_anthropic_gets_no_blank_text_block_and_no_message_left_empty(start_proxy, upstream):
+    """Anthropic refuses a text block of only whitespace ("text content blocks must contain
+    non-whitespace text") and a message with no block, at every turn after one: Claude Code
+    sends some, other servers write them, and a message of another provider's thinking is
+    left with none once that thinking is taken out. A compatible server gets them as they
+    came."""
+    history = [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                            {"type": "text", "text": ""}]},
+               {"role": "assistant", "content": [
+                   {"type": "text", "text": " \n"},
+                   {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                             "content": "ok"}]},
+               {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm",
+                                                  "signature": "ccpx1.openai"}]},
+               {"role": "user", "content": [{"type": "text", "text": "\t"}]},
+               {"role": "user", "content": [{"type": "text", "text": "and now?"}]}]
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"]),
+                                       {"name": "glm", "api_key": "sk-glm-0123456789",
+                                        "api_base_url": upstream.url, "models": ["glm-5"]}]})
+    for model in ("claude-x", "glm,glm-5"):
+        sdk(proxy).messages.create(model=model, max_tokens=5, messages=history)
+    to_anthropic, to_glm = (r["json"]["messages"] for r in upstream.requests)
+    assert to_anthropic == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [history[1]["content"][1]]},
+        history[2], history[5]]
+    assert to_glm[0] == history[0] and to_glm[1] == history[1]
+
+
 def test_a_lone_surrogate_goes_to_anthropic_as_a_replacement_character(start_proxy, upstream):
     """Anthropic refuses half an emoji ("no low surrogate in string") at every turn after it;
     only the escape is rewritten, every other byte goes on as it came."""
