@@ -50,16 +50,14 @@ def test_model_is_set_to_the_routed_model(start_proxy, upstream):
     assert upstream.requests[0]["json"]["model"] == "claude-routed"
 
 
-def test_unchanged_body_is_forwarded_byte_for_byte(start_proxy, upstream):
-    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"])]})
-    body = b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":"caf\\u00e9"}]}'
-    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                     b"Content-Type: application/json\r\nConnection: close\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        reply = sock.makefile("rb").read()
-    assert reply.startswith(b"HTTP/1.1 200")
-    assert upstream.requests[0]["body"] == body
+def sent_to_anthropic_and_to(start_proxy, upstream, preset, history):
+    """The messages Anthropic and a compatible preset's server each got for one history."""
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"]),
+                                       {"name": preset, "api_key": "sk-compat-0123456789",
+                                        "api_base_url": upstream.url, "models": ["m"]}]})
+    for model in ("claude-x", preset + ",m"):
+        sdk(proxy).messages.create(model=model, max_tokens=5, messages=history)
+    return [r["json"]["messages"] for r in upstream.requests]
 
 
 def test_ids_another_server_gave_its_calls_reach_anthropic_in_the_form_it_takes(start_proxy,
@@ -78,12 +76,7 @@ def test_ids_another_server_gave_its_calls_reach_anthropic_in_the_form_it_takes(
                {"role": "user", "content": [
                    {"type": "tool_result", "tool_use_id": "functions.Bash:0", "content": "a"},
                    {"type": "tool_result", "tool_use_id": "toolu_ok-1", "content": "b"}]}]
-    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"]),
-                                       {"name": "kimi", "api_key": "sk-kimi-0123456789",
-                                        "api_base_url": upstream.url, "models": ["kimi-k2"]}]})
-    for model in ("claude-x", "kimi,kimi-k2"):
-        sdk(proxy).messages.create(model=model, max_tokens=5, messages=history)
-    to_anthropic, to_kimi = (r["json"]["messages"] for r in upstream.requests)
+    to_anthropic, to_kimi = sent_to_anthropic_and_to(start_proxy, upstream, "kimi", history)
     uses, results = to_anthropic[1]["content"], to_anthropic[2]["content"]
     assert uses[0]["id"] == uses[1]["tool_use_id"] and re.fullmatch(r"srvtoolu_[a-z0-9]+",
                                                                     uses[0]["id"])
@@ -110,12 +103,7 @@ def test_anthropic_gets_no_blank_text_block_and_no_message_left_empty(start_prox
                                                   "signature": "ccpx1.openai"}]},
                {"role": "user", "content": [{"type": "text", "text": "\t"}]},
                {"role": "user", "content": [{"type": "text", "text": "and now?"}]}]
-    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"]),
-                                       {"name": "glm", "api_key": "sk-glm-0123456789",
-                                        "api_base_url": upstream.url, "models": ["glm-5"]}]})
-    for model in ("claude-x", "glm,glm-5"):
-        sdk(proxy).messages.create(model=model, max_tokens=5, messages=history)
-    to_anthropic, to_glm = (r["json"]["messages"] for r in upstream.requests)
+    to_anthropic, to_glm = sent_to_anthropic_and_to(start_proxy, upstream, "glm", history)
     assert to_anthropic == [
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
         {"role": "assistant", "content": [history[1]["content"][1]]},
@@ -123,19 +111,25 @@ def test_anthropic_gets_no_blank_text_block_and_no_message_left_empty(start_prox
     assert to_glm[0] == history[0] and to_glm[1] == history[1]
 
 
-def test_a_lone_surrogate_goes_to_anthropic_as_a_replacement_character(start_proxy, upstream):
-    """Anthropic refuses half an emoji ("no low surrogate in string") at every turn after it;
-    only the escape is rewritten, every other byte goes on as it came."""
+@pytest.mark.parametrize("body, forwarded", [
+    (b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":"caf\\u00e9"}]}',
+     None),
+    # Anthropic refuses half an emoji ("no low surrogate in string") at every turn after it:
+    # only the escape is rewritten, every other byte goes on as it came
+    (b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":'
+     b'[{"type":"tool_result","tool_use_id":"t","content":"out \\uD83D"}]}]}',
+     b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":'
+     b'[{"type":"tool_result","tool_use_id":"t","content":"out \\ufffd"}]}]}')],
+    ids=["unchanged", "a lone surrogate"])
+def test_a_body_goes_on_byte_for_byte(start_proxy, upstream, body, forwarded):
     proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"])]})
-    body = (b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":'
-            b'[{"type":"tool_result","tool_use_id":"t","content":"out \\uD83D"}]}]}')
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nConnection: close\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         reply = sock.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 200")
-    assert upstream.requests[0]["body"] == body.replace(b"\\uD83D", b"\\ufffd")
+    assert upstream.requests[0]["body"] == (forwarded or body)
 
 
 @pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
