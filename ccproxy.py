@@ -6438,6 +6438,22 @@ def own_tool_id(tool_id: str, taken: set, history: set) -> str:
     return tool_id
 
 
+class AnswerToolIds:
+    """The ids of an answer's tool calls, each made one no earlier call has (own_tool_id); the
+    conversation's are read once a call comes."""
+
+    def __init__(self, context: TranslationContext):
+        self._context, self._taken, self._history = context, set(), None
+
+    def own(self, tool_id):
+        """The id the client gets for a call the provider named tool_id."""
+        if not isinstance(tool_id, str):
+            return tool_id
+        if self._history is None:
+            self._history = self._context.history_tool_ids()
+        return own_tool_id(tool_id, self._taken, self._history)
+
+
 def first_tool_id(tool_id: str) -> str:
     """The tool_use id a call was first given, for an id own_tool_id made for its repeat."""
     if tool_id.startswith(REPEATED_TOOL_ID_PREFIX):
@@ -7197,11 +7213,7 @@ def message_response(message: dict, context: TranslationContext, stream: bool) -
     if context.stops is not None:
         message = cut_at_stop_sequence(message, context.stops.stops)
     message = omitted_thinking(message, context)
-    calls = [block for block in message["content"] if block.get("type") == "tool_use"]
-    if calls:
-        taken, history = set(), context.history_tool_ids()
-        for block in calls:
-            block["id"] = own_tool_id(block["id"], taken, history)
+    own_ids(message["content"], AnswerToolIds(context))
     if not stream:
         return json_response(message)
     return Response(200, events_from_message(message, context), [("cache-control", "no-cache")],
@@ -7553,8 +7565,7 @@ class EventEmitter:
         self._held = ""               # its end, held back until the block ends
         self._stops = context.stops   # the request's stop sequences, or None
         self._ending = None           # the events up to the end a stop sequence made
-        self._tool_ids = set()        # the ids of the answer's tool_use blocks
-        self._history_ids = None      # and of the conversation's, once a call is made
+        self._tool_ids = AnswerToolIds(context)
 
     def take(self) -> bytes:
         """The events written since the last take(); once a stop sequence has ended the
@@ -7615,10 +7626,7 @@ class EventEmitter:
 
     def open_tool(self, key, tool_id: str, name: str) -> None:
         """Open a tool_use block, with an id no other block of the answer has."""
-        if self._history_ids is None:
-            self._history_ids = self._context.history_tool_ids()
-        self.open_block(key, {"type": "tool_use", "id": own_tool_id(tool_id, self._tool_ids,
-                                                                    self._history_ids),
+        self.open_block(key, {"type": "tool_use", "id": self._tool_ids.own(tool_id),
                               "name": name, "input": {}})
 
     def cite(self, citations: list) -> None:
@@ -7827,6 +7835,7 @@ class AnthropicProtocol(Protocol):
         body = call.body
         if call.provider.quirks["anthropic_compat"] is not None:
             marked_signatures(answer.get("content"), call.provider.name)
+            own_ids(answer.get("content"), AnswerToolIds(context))
             answer = dict(answer, model=context.model)
             body = json_bytes(answer)
         elif may_hold_unreadable_numbers(body):          # written as null
@@ -7841,7 +7850,8 @@ class AnthropicProtocol(Protocol):
     def stream_relay(self, context):
         marked = context.provider.quirks["anthropic_compat"] is not None
         return AnthropicStreamRelay(context.provider, context.record,
-                                    context.model if marked else None)
+                                    context.model if marked else None,
+                                    AnswerToolIds(context) if marked else None)
 
     def error(self, call) -> ProxyError:
         return anthropic_error(call)
@@ -8013,6 +8023,8 @@ def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
                                                              compat))
         if compat is None and kind in TOOL_ID_BLOCK_TYPES:
             block = ids_anthropic_takes(block)
+        elif compat is not None and kind in ("tool_use", "tool_result"):
+            block = first_ids(block)
         if block is not None:
             kept.append(block)
     return kept
@@ -8040,6 +8052,16 @@ def ids_anthropic_takes(block: dict) -> dict:
     else:
         encoded = "srvtoolu_" + tool_id.encode("utf-8", "surrogatepass").hex()
     return dict(block, **{key: encoded})
+
+
+def first_ids(block: dict) -> dict:
+    """A tool_use or tool_result block with the id its server first gave the call (a repeat's
+    own id carries it): a compatible server gets back the ids it gave."""
+    key = "id" if block["type"] == "tool_use" else "tool_use_id"
+    tool_id = block.get(key)
+    if isinstance(tool_id, str) and tool_id.startswith(REPEATED_TOOL_ID_PREFIX):
+        return dict(block, **{key: first_tool_id(tool_id)})
+    return block
 
 
 def own_thinking(block: dict, provider_name: str, compat) -> dict | None:
@@ -8089,6 +8111,13 @@ def marked_signatures(blocks, provider_name: str) -> None:
             signature = block.get("signature")
             block["signature"] = signature_mark(provider_name) + (
                 signature if isinstance(signature, str) else "")
+
+
+def own_ids(blocks, tool_ids: AnswerToolIds) -> None:
+    """Give each tool_use block (whole, or a content_block_start's) an id of its own."""
+    for block in list_of(blocks):
+        if isinstance(block, dict) and block.get("type") == "tool_use":
+            block["id"] = tool_ids.own(block.get("id"))
 
 
 def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
@@ -8183,16 +8212,19 @@ class AnthropicStreamRelay:
 
     ended = False                     # never before the provider's end
 
-    def __init__(self, provider: Provider, record=None, client_model: str | None = None):
+    def __init__(self, provider: Provider, record=None, client_model: str | None = None,
+                 tool_ids: AnswerToolIds | None = None):
         self._provider = provider
         self._held = HeldBytes()
         self._begun = False           # whether a named event has come
         self._terminated = False
         self.broken = None
         self._record = record
-        # A compatible server's stream: its thinking signatures are marked, and the message is
-        # of the model the client asked for (Claude Code drops thinking from another model).
+        # A compatible server's stream: its thinking signatures are marked, the message is of
+        # the model the client asked for (Claude Code drops thinking from another model), and
+        # a call whose id an earlier call had gets one of its own.
         self._client_model = client_model
+        self._tool_ids = tool_ids
 
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
@@ -8218,7 +8250,8 @@ class AnthropicStreamRelay:
         if self._client_model is not None and (b'"signature' in complete
                                                or b'"message_start"' in complete
                                                or b'"content_block_start"' in complete):
-            complete = marked_events(complete, self._provider.name, self._client_model)
+            complete = marked_events(complete, self._provider.name, self._client_model,
+                                     self._tool_ids)
         return complete
 
     def _begins(self, events: bytes) -> bool:
@@ -8351,9 +8384,10 @@ def json_object_text(data: bytes) -> bool:
         return False
 
 
-def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:
+def marked_events(data: bytes, provider_name: str, client_model: str,
+                  tool_ids: AnswerToolIds) -> bytes:
     """Whole events of a compatible server's stream: the signatures of its thinking marked,
-    the message of the model the client asked for."""
+    the message of the model the client asked for, each call with an id of its own."""
     events = data.split(b"\n\n")
     for index, event in enumerate(events):
         head, found, payload = event.partition(b"data: ")
@@ -8368,6 +8402,7 @@ def marked_events(data: bytes, provider_name: str, client_model: str) -> bytes:
             continue
         marked_signatures([dict_of(parsed.get("content_block")), dict_of(parsed.get("delta"))],
                           provider_name)
+        own_ids([parsed.get("content_block")], tool_ids)
         if parsed.get("type") == "message_start":
             dict_of(parsed.get("message"))["model"] = client_model
         events[index] = head + found + json_bytes(parsed)

@@ -325,6 +325,34 @@ def test_a_tool_call_whose_input_is_no_object_goes_back_inside_one(start_proxy, 
             {"input": [{"command": "ls"}]}, {"command": "pwd"}]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_id_kimi_repeats_reaches_claude_code_as_its_own_and_kimi_as_kimis(
+        start_proxy, upstream, stream):
+    """Kimi's model writes its calls' ids, "functions.Bash:0", and may number them from 0 in
+    every answer; Claude Code takes a repeated id for a call it has run and asks again
+    without end. A repeat gets an id of its own, which goes back to Kimi as Kimi gave it."""
+    call = {"type": "tool_use", "id": "functions.Bash:0", "name": "Bash", "input": {}}
+    upstream.script = lambda r: anthropic_answer([call], "tool_use", stream)
+    proxy = compat_proxy(start_proxy, upstream, "kimi")
+    turn = [{"role": "user", "content": "go"}, {"role": "assistant", "content": [call]},
+            {"role": "user", "content": [{"type": "tool_result",
+                                          "tool_use_id": "functions.Bash:0", "content": "a"}]}]
+    if stream:
+        with sdk(proxy).messages.stream(model="kimi,m", max_tokens=50, messages=turn) as events:
+            repeat = events.get_final_message().content[0].id
+    else:
+        repeat = sdk(proxy).messages.create(model="kimi,m", max_tokens=50, messages=turn
+                                            ).content[0].id
+    assert repeat.startswith("ccpxre_")
+    sdk(proxy).messages.create(model="kimi,m", max_tokens=50, messages=turn + [
+        {"role": "assistant", "content": [dict(call, id=repeat)]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": repeat,
+                                      "content": "b"}]}])
+    sent = upstream.requests[-1]["json"]["messages"]
+    assert [sent[3]["content"][0]["id"], sent[4]["content"][0]["tool_use_id"]] == [
+        "functions.Bash:0"] * 2
+
+
 @pytest.mark.parametrize("preset", ["deepseek-anthropic", "kimi"])
 def test_deepseek_and_kimi_in_thinking_mode_get_a_thinking_block_before_tool_calls(
         start_proxy, upstream, preset):
