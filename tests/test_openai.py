@@ -263,6 +263,33 @@ def test_a_call_with_the_id_of_a_call_before_it_in_the_conversation_gets_one_of_
     assert [m["tool_call_id"] for m in sent if m["role"] == "tool"] == ["call_0", "call_0"]
 
 
+CALL_IDS = st.sampled_from(["call_0", "call_1", "Bash:0", "functions.Read:1", "x" * 50, "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(CALL_IDS, min_size=1, max_size=3, unique=True), min_size=1,
+                max_size=6))
+def test_call_ids_are_the_clients_own_and_go_back_as_the_server_gave_them(turns):
+    """Whatever ids a server gives its calls, turn after turn: the client never gets one id
+    for two calls, and the server gets back, for each call, the id it gave."""
+    config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
+    request.body, history, given_to_client = b"{}", [], []
+    for server_ids in turns:
+        context = ccproxy.TranslationContext(config.providers[0], request, {
+            "model": "m", "max_tokens": 5, "messages": list(history)}, ccproxy.openai_tool_name)
+        ids = ccproxy.AnswerToolIds(context)
+        client_ids = [ids.own(ccproxy.tool_use_id(server_id)) for server_id in server_ids]
+        given_to_client += client_ids
+        assert [ccproxy.openai_tool_id(client_id, None) for client_id in client_ids] == \
+            server_ids
+        history += [{"role": "assistant", "content": [
+            {"type": "tool_use", "id": client_id, "name": "f", "input": {}}
+            for client_id in client_ids]}, {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": client_id} for client_id in client_ids]}]
+    assert len(set(given_to_client)) == len(given_to_client)
+
+
 def test_a_call_id_over_40_characters_reaches_openai_in_40_paired_with_its_result(
         openai_proxy, upstream):
     """OpenAI refuses a longer one ("string too long. Expected a string with maximum length
