@@ -6285,6 +6285,19 @@ async def call_provider(call, conn, stream: bool = False) -> int:
     return await call.send(stream)
 
 
+def history_tool_ids(messages) -> frozenset:
+    """The ids of the conversation's tool calls, which a call of the answer must not take:
+    a server that numbers its calls from 0 in every answer (or whose model writes the
+    numbers) gives each turn's first call one id, and Anthropic refuses a history whose
+    ids are not unique ("tool_use ids must be unique"), at every turn after. Read when the
+    request is (an open stream keeps no part of its body)."""
+    return frozenset(block["id"] for message in list_of(messages)
+                     if dict_of(message).get("role") == "assistant"
+                     for block in list_of(message.get("content"))
+                     if dict_of(block).get("type") == "tool_use"
+                     and isinstance(block.get("id"), str))
+
+
 class TranslationContext:
     """What a response translator needs to know about its request."""
 
@@ -6294,7 +6307,7 @@ class TranslationContext:
         self.record = request.record
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
         self._tools = body.get("tools")
-        self._messages = body.get("messages")
+        self.history_ids = history_tool_ids(body.get("messages"))
         self._tool_names = {upstream_tool_name(str(t.get("name"))): str(t.get("name"))
                             for t in self._tools or () if isinstance(t, dict)}
         self.probe = body.get("max_tokens") == 1
@@ -6310,16 +6323,6 @@ class TranslationContext:
         if not isinstance(name, str) or not name:
             return "unknown_tool"
         return self._tool_names.get(name, name)
-
-    def history_tool_ids(self) -> set:
-        """The ids of the conversation's tool calls, which a call of the answer must not take:
-        a server that numbers its calls from 0 in every answer (or whose model writes the
-        numbers) gives each turn's first call one id, and Anthropic refuses a history whose
-        ids are not unique ("tool_use ids must be unique"), at every turn after."""
-        return {block["id"] for message in list_of(self._messages)
-                if dict_of(message).get("role") == "assistant"
-                for block in list_of(message.get("content"))
-                if dict_of(block).get("type") == "tool_use" and isinstance(block.get("id"), str)}
 
     @property
     def tool_schemas(self) -> dict:
@@ -6420,7 +6423,7 @@ def tool_use_id(call_id) -> str:
     return ENCODED_TOOL_ID_PREFIX + encoded
 
 
-def own_tool_id(tool_id: str, taken: set, history: set) -> str:
+def own_tool_id(tool_id: str, taken: set, history) -> str:
     """tool_id, unless a call already has it (it then joins taken, the answer's ids).
 
     A call with the id of an earlier call of the same answer gets a fresh one: Xinference
@@ -6439,19 +6442,15 @@ def own_tool_id(tool_id: str, taken: set, history: set) -> str:
 
 
 class AnswerToolIds:
-    """The ids of an answer's tool calls, each made one no earlier call has (own_tool_id); the
-    conversation's are read once a call comes."""
+    """The ids of an answer's tool calls, each made one no earlier call has (own_tool_id)."""
 
     def __init__(self, context: TranslationContext):
-        self._context, self._taken, self._history = context, set(), None
+        self._taken, self._history = set(), context.history_ids
 
     def own(self, tool_id):
         """The id the client gets for a call the provider named tool_id."""
-        if not isinstance(tool_id, str):
-            return tool_id
-        if self._history is None:
-            self._history = self._context.history_tool_ids()
-        return own_tool_id(tool_id, self._taken, self._history)
+        return own_tool_id(tool_id, self._taken, self._history) \
+            if isinstance(tool_id, str) else tool_id
 
 
 def first_tool_id(tool_id: str) -> str:
