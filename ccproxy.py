@@ -10550,7 +10550,7 @@ def gemini_schema(node, definitions: dict, depth: int = 0) -> dict:
         return gemini_any_of(node, [dict(node, type=t) for t in types], definitions, depth)
     if not types:
         types = ["object"] if "properties" in node else ["array"] if "items" in node else \
-            ["string"] if "enum" in node or "const" in node else []
+            [type_of_values(node)] if "enum" in node or "const" in node else []
     if not types:             # any JSON value: Gemini has no such type, so offer each of them
         any_value = [{"type": t} for t in ("string", "number", "boolean", "object", "array")]
         return gemini_any_of(node, any_value, definitions, depth)
@@ -10563,6 +10563,19 @@ def gemini_schema(node, definitions: dict, depth: int = 0) -> dict:
     if "example" not in cleaned and isinstance(node.get("examples"), list) and node["examples"]:
         cleaned["example"] = node["examples"][0]
     return cleaned
+
+
+VALUE_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number"}
+
+
+def type_of_values(node: dict) -> str:
+    """The JSON type of a typeless schema's enum or const values ({"const": 1} is an integer,
+    not a string): the one they share, "number" for integers and others, else "string"."""
+    values = [node["const"]] if "const" in node else list_of(node.get("enum"))
+    kinds = {VALUE_TYPES.get(type(value), "string") for value in values}
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "number" if kinds == {"integer", "number"} else "string"
 
 
 def gemini_schema_values(node: dict, cleaned: dict) -> None:

@@ -63,6 +63,10 @@ def test_rule_book_schema_example_is_cleaned_exactly():
 
 @pytest.mark.parametrize("schema, expected", [
     ({"const": "x"}, {"type": "STRING", "enum": ["x"]}),
+    ({"const": 1}, {"type": "INTEGER"}),                 # a typeless const or enum: its values'
+    ({"enum": [True, False]}, {"type": "BOOLEAN"}),      # type, which Gemini's enum (strings
+    ({"enum": [1, 2.5]}, {"type": "NUMBER"}),            # only) cannot say
+    ({"enum": [1, "a"]}, {"type": "STRING"}),
     ({"type": "string", "enum": ["a", "", "b"]}, {"type": "STRING", "enum": ["a", "b"]}),
     ({"type": "integer", "enum": [1, 2]}, {"type": "INTEGER"}),
     ({"type": "array"}, {"type": "ARRAY", "items": {"type": "STRING"}}),
