@@ -6419,8 +6419,20 @@ def tool_use_id(call_id) -> str:
         return random_id("toolu_")
     if TOOL_USE_ID_RE.match(call_id):
         return call_id
-    encoded = base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
-    return ENCODED_TOOL_ID_PREFIX + encoded
+    return ENCODED_TOOL_ID_PREFIX + id_text(call_id)
+
+
+def id_text(text: str) -> str:
+    """text in characters a tool_use id may hold (base64url, unpadded); text_of_id reverses it."""
+    return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+
+
+def text_of_id(encoded: str) -> str | None:
+    """The text id_text() made encoded of, or None when it made none."""
+    try:
+        return base64.urlsafe_b64decode(encoded + "==").decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def own_tool_id(tool_id: str, taken: set, history) -> str:
@@ -6436,7 +6448,7 @@ def own_tool_id(tool_id: str, taken: set, history) -> str:
         tool_id = random_id("toolu_")
     elif tool_id in history:
         tool_id = "%s%012x%s" % (REPEATED_TOOL_ID_PREFIX, ID_GENERATOR.getrandbits(48),
-                                 base64.urlsafe_b64encode(tool_id.encode()).decode().rstrip("="))
+                                 id_text(tool_id))
     taken.add(tool_id)
     return tool_id
 
@@ -6456,11 +6468,7 @@ class AnswerToolIds:
 def first_tool_id(tool_id: str) -> str:
     """The tool_use id a call was first given, for an id own_tool_id made for its repeat."""
     if tool_id.startswith(REPEATED_TOOL_ID_PREFIX):
-        try:
-            return base64.urlsafe_b64decode(tool_id[len(REPEATED_TOOL_ID_PREFIX) + 12:]
-                                            + "==").decode()
-        except (ValueError, UnicodeDecodeError):
-            pass
+        return text_of_id(tool_id[len(REPEATED_TOOL_ID_PREFIX) + 12:]) or tool_id
     return tool_id
 
 
@@ -7375,8 +7383,9 @@ def fresh_arguments(call: dict, fragment: str) -> str:
         return fragment
     sent = "".join(call["arguments"])
     cumulative = len(fragment) > len(sent) and fragment.startswith(sent)
-    if not (cumulative and call.get("cumulative")) and json_object_prefix(sent + fragment):
-        return fragment
+    if not (cumulative and call.get("cumulative")) and (
+            json_object_prefix(sent + fragment) or repaired_json_object(sent + fragment)):
+        return fragment         # joined, they make JSON, or what a model meant ({"{": 1 ,})
     if cumulative:
         call["cumulative"] = True
         return fragment[len(sent):]
@@ -8044,8 +8053,7 @@ def ids_anthropic_takes(block: dict) -> dict:
     if block["type"] in ("tool_use", "tool_result"):
         if TOOL_USE_ID_RE.match(tool_id):
             return block
-        encoded = ENCODED_TOOL_ID_PREFIX + base64.urlsafe_b64encode(
-            tool_id.encode("utf-8", "surrogatepass")).decode().rstrip("=")
+        encoded = ENCODED_TOOL_ID_PREFIX + id_text(tool_id)
     elif SERVER_TOOL_ID_RE.match(tool_id):
         return block
     else:
@@ -8097,8 +8105,7 @@ def signature_mark(provider_name: str) -> str:
     """What starts the signature of thinking a compatible server made, as its clients see it:
     the provider's name in base64url, which holds no dot, so no mark is another's prefix (and
     the signature keeps to the characters Claude Code sends back)."""
-    name = base64.urlsafe_b64encode(provider_name.encode()).decode().rstrip("=")
-    return "%sas.%s." % (PROXY_SIGNATURE_PREFIX, name)
+    return "%sas.%s." % (PROXY_SIGNATURE_PREFIX, id_text(provider_name))
 
 
 def marked_signatures(blocks, provider_name: str) -> None:
@@ -8875,11 +8882,7 @@ def openai_tool_id(tool_id: str, style: str | None) -> str:
     to the same result, so calls and their results stay paired."""
     tool_id = first_tool_id(tool_id)
     if tool_id.startswith(ENCODED_TOOL_ID_PREFIX):
-        try:
-            encoded = tool_id[len(ENCODED_TOOL_ID_PREFIX):] + "=="
-            tool_id = base64.urlsafe_b64decode(encoded).decode()
-        except (ValueError, UnicodeDecodeError):
-            pass
+        tool_id = text_of_id(tool_id[len(ENCODED_TOOL_ID_PREFIX):]) or tool_id
     if style == "alnum9" and not MISTRAL_TOOL_ID_RE.match(tool_id):
         return base62_digest(tool_id, 9)
     if style == "max40" and len(tool_id) > 40:     # another server's (vLLM's have 46)

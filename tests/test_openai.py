@@ -12,7 +12,7 @@ import warnings
 import anthropic
 import openai
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 
 import ccproxy
 from helpers import (answer_of, check_grammar, CLAUDE_CODE_VERSIONS, json_reply,
@@ -2557,6 +2557,7 @@ JSON_OBJECTS = st.dictionaries(st.text(alphabet='ab",]}{[\\ ', max_size=4), JSON
 @settings(max_examples=300, deadline=None)
 @given(JSON_OBJECTS, st.sampled_from(["", ",", " ,", "}", ",}", "]", "no }"]),
        st.lists(st.integers(min_value=1), max_size=4), st.booleans())
+@example({"{": []}, " ,", [2], False)        # `{"` then `{":[] ,}`: no cumulative stream
 def test_any_object_streamed_in_any_pieces_arrives_as_meant(value, mistake, cuts, spaced):
     """Any object (its strings full of brackets, commas and quotes), in any pieces, whole or
     with a mistake at its end: the client's input JSON is the object, and all but its end went
