@@ -6343,6 +6343,7 @@ TOOL_USE_ID_RE = re.compile(r"[a-zA-Z0-9_-]+\Z")     # what a tool_use id may ho
 SERVER_TOOL_ID_RE = re.compile(r"srvtoolu_[a-zA-Z0-9_]+\Z")   # and a server_tool_use id
 ENCODED_TOOL_ID_PREFIX = "ccpxid_"       # a provider's call id that a tool_use id could not hold
 REPEATED_TOOL_ID_PREFIX = "ccpxre_"      # 12 hex digits, then the id of a call it repeats
+INTERRUPTED_CALL_RESULT = "[no result: the tool call was interrupted]"   # for a call without one
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header:"      # Claude Code's, not for providers
 # Server tools' blocks: Anthropic runs these tools itself; no other provider has them. The
 # advisor's result (Claude Code's /advisor, beta advisor-tool-2026-03-01) among them: a session
@@ -7982,7 +7983,52 @@ def anthropic_messages_for(body: dict, provider: Provider):
                     continue            # "all messages must have non-empty content" but the last
                 message = dict(message, content=kept)
         cleaned.append(message)
-    return cleaned if changed else None
+    paired = paired_tool_results(cleaned)
+    return paired if changed or paired is not cleaned else None
+
+
+def paired_tool_results(messages: list) -> list:
+    """The messages with a result right after each tool call that has none (one interrupted:
+    Claude Code at times sends such a history, which every Anthropic API refuses at every
+    turn after: "tool_use ids were found without tool_result blocks immediately after"), and
+    a result that answers no call of the message before as text ("unexpected tool_use_id
+    found in tool_result blocks"). The messages themselves when each call has its result."""
+    paired, open_ids = [], []
+    for message in messages:
+        role = dict_of(message).get("role")
+        if role == "user":
+            message = answering_turn(message, open_ids)
+        elif open_ids:
+            paired.append({"role": "user", "content": interrupted_results(open_ids)})
+        paired.append(message)
+        open_ids = [block.get("id") for block in list_of(message.get("content"))
+                    if dict_of(block).get("type") == "tool_use"] if role == "assistant" else []
+    return paired if len(paired) != len(messages) or any(
+        a is not b for a, b in zip(paired, messages)) else messages
+
+
+def answering_turn(message: dict, open_ids: list) -> dict:
+    """A user message with a result for each of the calls before it, first, and the results
+    that answer none of them as text; the message itself when it has just those results."""
+    results = [block for block in list_of(message.get("content"))
+               if dict_of(block).get("type") == "tool_result"]
+    answered = [block.get("tool_use_id") for block in results]
+    missing = [call_id for call_id in open_ids if call_id not in answered]
+    if answered == open_ids or not missing and set(answered) <= set(open_ids):
+        return message
+    blocks = content_blocks(message.get("content"))
+    orphans = [block for block in results if block.get("tool_use_id") not in open_ids]
+    kept = [block for block in results if block.get("tool_use_id") in open_ids]
+    others = [block for block in blocks if dict_of(block).get("type") != "tool_result"]
+    texts = [{"type": "text", "text": unanswering_result_text(block, tool_result_text(block))}
+             for block in orphans]
+    return dict(message, content=kept + interrupted_results(missing) + texts + others)
+
+
+def interrupted_results(call_ids: list) -> list:
+    """A tool_result for each of these calls, which were interrupted before they had one."""
+    return [{"type": "tool_result", "tool_use_id": call_id, "is_error": True,
+             "content": INTERRUPTED_CALL_RESULT} for call_id in call_ids]
 
 
 def system_messages_as_users(messages: list) -> list:
@@ -8780,7 +8826,7 @@ def missing_tool_results(call_ids) -> list:
     """Stand-in results for calls the conversation never answered (Chat Completions refuses a
     call without its result)."""
     return [{"role": "tool", "tool_call_id": call_id,
-             "content": "[no result: the tool call was interrupted]"} for call_id in call_ids]
+             "content": INTERRUPTED_CALL_RESULT} for call_id in call_ids]
 
 
 def merge_adjacent_user_messages(messages: list, keep_parts: bool = False) -> list:
@@ -10077,7 +10123,7 @@ def responses_part(part: dict) -> dict:
 def responses_missing_outputs(call_ids) -> list:
     """Stand-in outputs for calls the conversation never answered (the API wants one each)."""
     return [{"type": "function_call_output", "call_id": call_id,
-             "output": "[no result: the tool call was interrupted]"} for call_id in call_ids]
+             "output": INTERRUPTED_CALL_RESULT} for call_id in call_ids]
 
 
 def anthropic_message_from_responses(data, context) -> dict:

@@ -111,15 +111,41 @@ def test_anthropic_gets_no_blank_text_block_and_no_message_left_empty(start_prox
     assert to_glm[0] == history[0] and to_glm[1] == history[1]
 
 
+def test_a_call_without_its_result_gets_one_and_a_result_without_its_call_is_text(
+        start_proxy, upstream):
+    """Claude Code at times sends a call whose result never came (interrupted), or a result
+    whose call is gone: every Anthropic API refuses such a history ("tool_use ids were found
+    without tool_result blocks immediately after"), at every turn after. Each call gets a
+    result saying it was interrupted, right after it; a result of no call goes as text."""
+    call = {"type": "tool_use", "name": "Bash", "input": {}}
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [dict(call, id="a"), dict(call, id="b")]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a",
+                                             "content": "ok"}, {"type": "text", "text": "on"}]},
+               {"role": "assistant", "content": [dict(call, id="c")]},
+               {"role": "assistant", "content": [{"type": "text", "text": "Stopped."}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "gone",
+                                             "content": "late"}]},
+               {"role": "assistant", "content": [dict(call, id="d")]}]
+    interrupted = {"is_error": True, "content": "[no result: the tool call was interrupted]",
+                   "type": "tool_result"}
+    for sent in sent_to_anthropic_and_to(start_proxy, upstream, "glm", history):
+        assert sent[2]["content"] == [history[2]["content"][0], dict(interrupted,
+                                      tool_use_id="b"), history[2]["content"][1]]
+        assert sent[4] == {"role": "user", "content": [dict(interrupted, tool_use_id="c")]}
+        assert sent[5:] == [history[4], {"role": "user", "content": [
+            {"type": "text", "text": "[tool result gone]\nlate"}]}, history[6]]
+
+
 @pytest.mark.parametrize("body, forwarded", [
     (b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":"caf\\u00e9"}]}',
      None),
     # Anthropic refuses half an emoji ("no low surrogate in string") at every turn after it:
     # only the escape is rewritten, every other byte goes on as it came
     (b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":'
-     b'[{"type":"tool_result","tool_use_id":"t","content":"out \\uD83D"}]}]}',
+     b'[{"type":"text","text":"out \\uD83D"}]}]}',
      b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":'
-     b'[{"type":"tool_result","tool_use_id":"t","content":"out \\ufffd"}]}]}')],
+     b'[{"type":"text","text":"out \\ufffd"}]}]}')],
     ids=["unchanged", "a lone surrogate"])
 def test_a_body_goes_on_byte_for_byte(start_proxy, upstream, body, forwarded):
     proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"])]})
