@@ -7970,21 +7970,39 @@ def anthropic_messages_for(body: dict, provider: Provider):
     folded = system_messages_as_users(messages) if compat is not None else messages
     changed, cleaned = folded is not messages, []
     for number, message in enumerate(folded, 1):
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            kept = anthropic_blocks_for(content, provider.name, compat)
-            if compat and compat["thinking_with_calls"] and thinking_on and any(
-                    b.get("type") == "tool_use" for b in kept) and not any(
-                    b.get("type") == "thinking" for b in kept):
-                kept.insert(0, {"type": "thinking", "thinking": "", "signature": ""})
-            if kept != content:
-                changed = True
-                if not kept and compat is None and number < len(folded):
-                    continue            # "all messages must have non-empty content" but the last
-                message = dict(message, content=kept)
-        cleaned.append(message)
+        fixed = anthropic_message_for(message, provider.name, compat, thinking_on)
+        changed = changed or fixed is not message
+        if compat is None and number < len(folded) and blank_message(fixed):
+            changed = True              # "all messages must have non-empty content" but the last
+            continue
+        cleaned.append(fixed)
     paired = paired_tool_results(cleaned)
     return paired if changed or paired is not cleaned else None
+
+
+def anthropic_message_for(message, provider_name: str, compat, thinking_on: bool):
+    """One message as the provider may see it (see anthropic_messages_for); itself when it
+    needs no change."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    kept = anthropic_blocks_for(content, provider_name, compat)
+    if compat and compat["thinking_with_calls"] and thinking_on and any(
+            b.get("type") == "tool_use" for b in kept) and not any(
+            b.get("type") == "thinking" for b in kept):
+        kept.insert(0, {"type": "thinking", "thinking": "", "signature": ""})
+    return message if kept == content else dict(message, content=kept)
+
+
+def blank(text) -> bool:
+    """Whether a text block's text is empty or only whitespace (read, not copied)."""
+    return isinstance(text, str) and (not text or text.isspace())
+
+
+def blank_message(message) -> bool:
+    """Whether a message holds nothing: no block, or a text of only whitespace."""
+    content = dict_of(message).get("content")
+    return not content if isinstance(content, list) else blank(str_of(content))
 
 
 def paired_tool_results(messages: list) -> list:
@@ -7993,33 +8011,45 @@ def paired_tool_results(messages: list) -> list:
     turn after: "tool_use ids were found without tool_result blocks immediately after"), and
     a result that answers no call of the message before as text ("unexpected tool_use_id
     found in tool_result blocks"). The messages themselves when each call has its result."""
-    paired, open_ids = [], []
+    paired, open_ids, changed = [], [], False
     for message in messages:
-        role = dict_of(message).get("role")
-        if role == "user":
-            message = answering_turn(message, open_ids)
-        elif open_ids:
+        role = message.get("role") if type(message) is dict else None
+        if role == "system":              # Anthropic's API takes one between calls and results
+            paired.append(message)
+            continue
+        blocks = message["content"] if role and type(message.get("content")) is list else ()
+        if role == "user" and [block.get("tool_use_id") for block in blocks if type(
+                block) is dict and block.get("type") == "tool_result"] != open_ids:
+            fixed = answering_turn(message, open_ids)       # a call unanswered, or a result
+            changed, message = changed or fixed is not message, fixed      # of none
+        elif role != "user" and open_ids:
             paired.append({"role": "user", "content": interrupted_results(open_ids)})
+            changed = True
         paired.append(message)
-        open_ids = [block.get("id") for block in list_of(message.get("content"))
-                    if dict_of(block).get("type") == "tool_use"] if role == "assistant" else []
-    return paired if len(paired) != len(messages) or any(
-        a is not b for a, b in zip(paired, messages)) else messages
+        open_ids = [block["id"] for block in blocks if type(block) is dict and block.get(
+            "type") == "tool_use" and type(block.get("id")) is str] if role == "assistant" else []
+    return paired if changed else messages
 
 
 def answering_turn(message: dict, open_ids: list) -> dict:
-    """A user message with a result for each of the calls before it, first, and the results
-    that answer none of them as text; the message itself when it has just those results."""
+    """A user message with one result for each of the calls before it, first, and the results
+    that answer none of them (or one already answered) as text; the message itself when it
+    has just one result for each."""
     results = [block for block in list_of(message.get("content"))
                if dict_of(block).get("type") == "tool_result"]
     answered = [block.get("tool_use_id") for block in results]
-    missing = [call_id for call_id in open_ids if call_id not in answered]
-    if answered == open_ids or not missing and set(answered) <= set(open_ids):
+    if sorted(map(str, answered)) == sorted(map(str, open_ids)):
         return message
-    blocks = content_blocks(message.get("content"))
-    orphans = [block for block in results if block.get("tool_use_id") not in open_ids]
-    kept = [block for block in results if block.get("tool_use_id") in open_ids]
-    others = [block for block in blocks if dict_of(block).get("type") != "tool_result"]
+    kept, orphans, seen = [], [], set()
+    for block in results:
+        call_id = block.get("tool_use_id")
+        answers = isinstance(call_id, str) and call_id in open_ids and call_id not in seen
+        (kept if answers else orphans).append(block)
+        seen.add(call_id if answers else None)
+    missing = [call_id for call_id in open_ids if call_id not in seen]
+    others = [block for block in content_blocks(message.get("content"))
+              if dict_of(block).get("type") != "tool_result" and not (
+                  dict_of(block).get("type") == "text" and blank(block.get("text")))]
     texts = [{"type": "text", "text": unanswering_result_text(block, tool_result_text(block))}
              for block in orphans]
     return dict(message, content=kept + interrupted_results(missing) + texts + others)
@@ -8033,21 +8063,33 @@ def interrupted_results(call_ids: list) -> list:
 
 def system_messages_as_users(messages: list) -> list:
     """The messages with each system message (Claude Code ends every request with one) joined
-    to the user's message before it, or after an assistant's as the user's own: MiniMax's
-    Anthropic API refuses any ("chat content has invalid message role: system"), and the
-    other compatible servers document none. The messages themselves when there is none."""
+    to the user's message before it, to the results after it when it comes between calls and
+    their results, or as the user's own: MiniMax's Anthropic API refuses any ("chat content
+    has invalid message role: system"), and the other compatible servers document none. The
+    messages themselves when there is none."""
     if not any(dict_of(message).get("role") == "system" for message in messages):
         return messages
-    folded = []
+    folded, held = [], []         # held: what came between calls and their results
     for message in messages:
-        if dict_of(message).get("role") != "system":
-            folded.append(message)
-        elif folded and dict_of(folded[-1]).get("role") == "user":
-            folded[-1] = dict(folded[-1], content=content_blocks(folded[-1].get("content")) +
-                              content_blocks(message.get("content")))
-        else:
-            folded.append(dict(message, role="user"))
-    return folded
+        role = dict_of(message).get("role")
+        if role == "system":
+            blocks = content_blocks(message.get("content"))
+            if folded and dict_of(folded[-1]).get("role") == "user":
+                folded[-1] = dict(folded[-1], content=content_blocks(
+                    folded[-1].get("content")) + blocks)
+            elif folded and any(dict_of(block).get("type") == "tool_use"
+                                for block in list_of(dict_of(folded[-1]).get("content"))):
+                held += blocks
+            else:
+                folded.append(dict(message, role="user"))
+            continue
+        if held and role == "user":
+            message = dict(message, content=content_blocks(message.get("content")) + held)
+        elif held:
+            folded.append({"role": "user", "content": held})
+        folded.append(message)
+        held = []
+    return folded + ([{"role": "user", "content": held}] if held else [])
 
 
 def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
@@ -8062,7 +8104,7 @@ def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
             kept.append(block)
             continue
         kind = block.get("type")
-        if compat is None and kind == "text" and not str(block.get("text")).strip():
+        if compat is None and kind == "text" and blank(block.get("text")):
             continue        # "text content blocks must contain non-whitespace text"
         if kind in ("thinking", "redacted_thinking"):
             block = own_thinking(block, provider_name, compat)

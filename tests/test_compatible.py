@@ -302,6 +302,29 @@ def test_system_messages_join_the_users_for_a_compatible_server_and_stay_for_ant
     assert second_upstream.requests[-1]["json"]["messages"] == messages
 
 
+def test_a_system_message_between_calls_and_results_joins_the_results_for_a_compatible_server(
+        start_proxy, upstream, second_upstream):
+    """Claude Code puts one there at times. As the user's own, it came between the calls and
+    their results; Anthropic takes it in place."""
+    upstream.script = strict_server("minimax")
+    second_upstream.script = lambda r: anthropic_answer([{"type": "text", "text": "ok"}],
+                                                        "end_turn", False)
+    proxy = start_proxy({"providers": [
+        {"name": "minimax", "api_key": KEY, "api_base_url": upstream.url},
+        {"name": "anthropic", "api_key": KEY, "api_base_url": second_upstream.url}]})
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                                   "name": "Bash", "input": {}}]},
+                {"role": "system", "content": "Working directory: /w"},
+                {"role": "user", "content": [result]}]
+    for target in ("minimax,m", "anthropic,c"):
+        sdk(proxy).messages.create(model=target, max_tokens=50, messages=messages)
+    assert upstream.requests[-1]["json"]["messages"][2:] == [
+        {"role": "user", "content": [result, {"type": "text", "text": "Working directory: /w"}]}]
+    assert second_upstream.requests[-1]["json"]["messages"] == messages
+
+
 def test_a_tool_call_whose_input_is_no_object_goes_back_inside_one(start_proxy, upstream,
                                                                     second_upstream):
     """GLM's Anthropic API answers a call with a list for its input at times; sent back as it

@@ -455,6 +455,78 @@ def test_deferred_tools_are_sent_once_a_tool_reference_loaded_them(provider):
     assert "[tool loaded: WebSearch]" in sent
 
 
+# --- a history Anthropic takes, whatever a session holds --------------------------------------------
+
+HISTORY_TEXTS = st.sampled_from(["ok", "", " ", "\n\t", "done."])
+HISTORY_IDS = st.sampled_from(["toolu_1", "functions.Bash:0", "call_0", "a b", "ccpxre_x"])
+
+
+@st.composite
+def histories(draw):
+    """A session as Claude Code may send it after other providers and interruptions: blank
+    texts, foreign and unsigned thinking, calls without results, results without calls, ids
+    of any form (each call's id its own)."""
+    messages, ids = [], iter(range(1000))
+    for _ in range(draw(st.integers(1, 7))):
+        role = draw(st.sampled_from(["user", "assistant", "user", "assistant", "system"]))
+        if role == "system":                  # as Claude Code sends one: at times between
+            messages.append({"role": role, "content": "Working directory: /w"})   # calls
+            continue                                                        # and results
+        content = []
+        for _ in range(draw(st.integers(0, 3))):
+            kind = draw(st.sampled_from(["text", "call", "result", "thinking"]))
+            if kind == "text":
+                content.append({"type": "text", "text": draw(HISTORY_TEXTS)})
+            elif kind == "call" and role == "assistant":
+                content.append({"type": "tool_use", "name": "Bash", "input": {},
+                                "id": "%s%d" % (draw(HISTORY_IDS), next(ids)) if draw(
+                                    st.integers(0, 9)) else draw(st.sampled_from([None, 7]))})
+            elif kind == "result" and role == "user":
+                called = [b["id"] for m in messages for b in ccproxy.content_blocks(
+                    m["content"]) if b["type"] == "tool_use"] + ["gone"]
+                content.append({"type": "tool_result", "tool_use_id": draw(st.sampled_from(
+                    called)), "content": draw(HISTORY_TEXTS)})
+            elif kind == "thinking" and role == "assistant":
+                content.append({"type": "thinking", "thinking": "hm", "signature": draw(
+                    st.sampled_from(["", "ccpx1.openai", "EqQBCkYIAxgC"]))})
+        messages.append({"role": role, "content": content or draw(HISTORY_TEXTS)})
+    return messages
+
+
+@settings(max_examples=400, deadline=None)
+@given(histories())
+def test_a_history_reaches_anthropic_as_it_takes_it(messages):
+    """What Anthropic gets holds no blank text, no thinking but its own, no message without
+    content but the last, ids of its form, and each call answered right after it by a result
+    of its own, each result after its call (system messages aside, which it takes between
+    them): the rules on which it refuses a whole session."""
+    anthropic = ccproxy.build_config({"providers": [{"name": "anthropic", "api_key": "k"}]},
+                                     "c", {}).providers[0]
+    sent = ccproxy.anthropic_messages_for({"messages": messages}, anthropic) or messages
+    assert [m for m in sent if m["role"] == "system"] == [
+        m for m in messages if m["role"] == "system"]
+    sent = [m for m in sent if m["role"] != "system"]
+    for number, message in enumerate(sent):
+        blocks = ccproxy.content_blocks(message["content"])
+        assert blocks or number == len(sent) - 1
+        for block in blocks:
+            assert block["type"] != "text" or block["text"].strip() or len(blocks) == 1 \
+                and number == len(sent) - 1 or isinstance(message["content"], str)
+            assert block["type"] != "thinking" or block["signature"] == "EqQBCkYIAxgC"
+            assert block["type"] != "tool_use" or not isinstance(block["id"], str) or \
+                re.fullmatch(r"[a-zA-Z0-9_-]+", block["id"])
+        calls = [b["id"] for b in blocks if b["type"] == "tool_use" and isinstance(b["id"], str)]
+        answered = [b["tool_use_id"] for m in sent[number + 1:number + 2]
+                    for b in ccproxy.content_blocks(m["content"]) if b["type"] == "tool_result"
+                    and m["role"] == "user"]
+        if message["role"] == "assistant" and number < len(sent) - 1:
+            assert sorted(answered) == sorted(calls)
+        if message["role"] == "user":
+            before = sent[number - 1] if number else {"role": "user", "content": []}
+            results = [b["tool_use_id"] for b in blocks if b["type"] == "tool_result"]
+            assert not results or before["role"] == "assistant"
+
+
 # --- nothing unknown is silent ---------------------------------------------------------------------
 
 def test_an_unknown_field_block_or_tool_field_is_logged_once_by_name(caplog):
