@@ -46,6 +46,9 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
             9.1.4 Streams: the provider's events read, translated and relayed
             9.1.5 The client's answer: messages, events, tool arguments, signatures
         9.2 Anthropic Messages (pass-through)
+            9.2.1 The request: its address, headers and body
+            9.2.2 The history as each server takes it: thinking, text, calls and their results
+            9.2.3 The answer: marked for a compatible server, whole or streamed, and errors
         9.3 OpenAI Chat Completions
             9.3.1 The request, and the conversation as messages
             9.3.2 The request's tools, effort, formats, caching and address
@@ -7866,6 +7869,9 @@ class AnthropicProtocol(Protocol):
         return anthropic_error(call)
 
 
+# 9.2.1 The request: its address, headers and body
+# .............................................................................
+
 def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
     """The URL of /v1/{endpoint} from a base given as host, …/v1, or a full …/v1/messages
     URL."""
@@ -7952,6 +7958,20 @@ def without_refused_inner_fields(body: dict, refused) -> dict:
             changes[outer] = {k: v for k, v in value.items() if k not in keys}
     return changes
 
+
+def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
+    """text with the top-level values named in changes replaced by their JSON encoding."""
+    pieces, last = [], 0
+    for key in sorted(changes, key=lambda name: spans[name][0]):
+        start, end = spans[key]
+        pieces += [text[last:start], JSON_TEXT(changes[key])]
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces).encode()
+
+
+# 9.2.2 The history as each server takes it: thinking, text, calls and their results
+# .............................................................................
 
 def anthropic_messages_for(body: dict, provider: Provider):
     """The messages as this provider may see them, or None when they need no change. Anthropic
@@ -8189,6 +8209,9 @@ def tool_reference_text(block: dict) -> str:
     return "[tool loaded: %s]" % block.get("tool_name")
 
 
+# 9.2.3 The answer: marked for a compatible server, whole or streamed, and errors
+# .............................................................................
+
 def signature_mark(provider_name: str) -> str:
     """What starts the signature of thinking a compatible server made, as its clients see it:
     the provider's name in base64url, which holds no dot, so no mark is another's prefix (and
@@ -8212,17 +8235,6 @@ def own_ids(blocks, tool_ids: AnswerToolIds) -> None:
     for block in list_of(blocks):
         if isinstance(block, dict) and block.get("type") == "tool_use":
             block["id"] = tool_ids.own(block.get("id"))
-
-
-def splice_json_values(text: str, spans: dict, changes: dict) -> bytes:
-    """text with the top-level values named in changes replaced by their JSON encoding."""
-    pieces, last = [], 0
-    for key in sorted(changes, key=lambda name: spans[name][0]):
-        start, end = spans[key]
-        pieces += [text[last:start], JSON_TEXT(changes[key])]
-        last = end
-    pieces.append(text[last:])
-    return "".join(pieces).encode()
 
 
 STREAMED_BLOCK_FIELDS = {"text": ("text", str), "thinking": ("thinking", str),
