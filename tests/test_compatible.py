@@ -278,14 +278,20 @@ def test_anthropic_itself_gets_no_thinking_a_compatible_server_made(start_proxy,
         {"type": "text", "text": "a"}]
 
 
-def test_system_messages_join_the_users_for_a_compatible_server_and_stay_for_anthropic(
-        start_proxy, upstream, second_upstream):
+def minimax_and_anthropic(start_proxy, upstream, second_upstream):
+    """A proxy in front of MiniMax (a strict mock, which refuses system messages) and of
+    Anthropic (answering ok)."""
     upstream.script = strict_server("minimax")
     second_upstream.script = lambda r: anthropic_answer([{"type": "text", "text": "ok"}],
                                                         "end_turn", False)
-    proxy = start_proxy({"providers": [
+    return start_proxy({"providers": [
         {"name": "minimax", "api_key": KEY, "api_base_url": upstream.url},
         {"name": "anthropic", "api_key": KEY, "api_base_url": second_upstream.url}]})
+
+
+def test_system_messages_join_the_users_for_a_compatible_server_and_stay_for_anthropic(
+        start_proxy, upstream, second_upstream):
+    proxy = minimax_and_anthropic(start_proxy, upstream, second_upstream)
     messages = [{"role": "user", "content": "hi"},
                 {"role": "system", "content": [{"type": "text", "text": "MCP: use it"}]},
                 {"role": "assistant", "content": "hello"},
@@ -306,12 +312,7 @@ def test_a_system_message_between_calls_and_results_joins_the_results_for_a_comp
         start_proxy, upstream, second_upstream):
     """Claude Code puts one there at times. As the user's own, it came between the calls and
     their results; Anthropic takes it in place."""
-    upstream.script = strict_server("minimax")
-    second_upstream.script = lambda r: anthropic_answer([{"type": "text", "text": "ok"}],
-                                                        "end_turn", False)
-    proxy = start_proxy({"providers": [
-        {"name": "minimax", "api_key": KEY, "api_base_url": upstream.url},
-        {"name": "anthropic", "api_key": KEY, "api_base_url": second_upstream.url}]})
+    proxy = minimax_and_anthropic(start_proxy, upstream, second_upstream)
     result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "ok"}
     messages = [{"role": "user", "content": "hi"},
                 {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",

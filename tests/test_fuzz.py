@@ -455,7 +455,7 @@ def test_deferred_tools_are_sent_once_a_tool_reference_loaded_them(provider):
     assert "[tool loaded: WebSearch]" in sent
 
 
-# --- a history Anthropic takes, whatever a session holds --------------------------------------------
+# --- a history Anthropic takes, whatever a session holds -------------------------------------------
 
 HISTORY_TEXTS = st.sampled_from(["ok", "", " ", "\n\t", "done."])
 HISTORY_IDS = st.sampled_from(["toolu_1", "functions.Bash:0", "call_0", "a b", "ccpxre_x"])
