@@ -7996,7 +7996,7 @@ def anthropic_messages_for(body: dict, provider: Provider):
             changed = True              # "all messages must have non-empty content" but the last
             continue
         cleaned.append(fixed)
-    paired = paired_tool_results(cleaned)
+    paired = paired_tool_results(unique_call_ids(cleaned) if compat is None else cleaned)
     return paired if changed or paired is not cleaned else None
 
 
@@ -8023,6 +8023,59 @@ def blank_message(message) -> bool:
     """Whether a message holds nothing: no block, or a text of only whitespace."""
     content = dict_of(message).get("content")
     return not content if isinstance(content, list) else blank(str_of(content))
+
+
+def unique_call_ids(messages: list) -> list:
+    """The messages with each repeat of an earlier call's id made its own, in the call and in
+    the result that follows it: Anthropic refuses a history whose ids repeat ("tool_use ids
+    must be unique") at every turn after. Claude Code 2.1.19 sent such, and servers that
+    number each answer's calls made them before ccproxy gave repeats ids of their own. The
+    messages themselves when no id repeats."""
+    seen, fixed, renamed, changed = {}, [], {}, False      # seen: each id's calls so far
+    for message in messages:
+        role = message.get("role") if type(message) is dict else None
+        if role == "assistant":
+            message, renamed = renamed_calls(message, seen)
+            changed = changed or bool(renamed)
+        elif role == "user" and renamed:
+            message, renamed = renamed_results(message, renamed), {}
+        fixed.append(message)
+    return fixed if changed else messages
+
+
+def renamed_calls(message: dict, seen: dict) -> tuple:
+    """(an assistant message with each call whose id came before renamed, {the id: the new
+    ids its results take, in order, None for the first when the first call is here too})."""
+    calls = [block["id"] for block in list_of(message.get("content")) if type(block) is dict
+             and block.get("type") == "tool_use" and type(block.get("id")) is str]
+    if seen.keys().isdisjoint(calls) and len(set(calls)) == len(calls):
+        seen.update(dict.fromkeys(calls, 1))        # no repeat: the common case, at a glance
+        return message, {}
+    renamed, blocks, here = {}, [], set()
+    for block in list_of(message.get("content")):
+        call_id = block.get("id") if dict_of(block).get("type") == "tool_use" else None
+        if isinstance(call_id, str) and call_id in seen:
+            new = ENCODED_TOOL_ID_PREFIX + id_text("%s~%d" % (call_id, seen[call_id]))
+            renamed.setdefault(call_id, [None] if call_id in here else []).append(new)
+            block = dict(block, id=new)
+        if isinstance(call_id, str):
+            here.add(call_id)
+            seen[call_id] = seen.get(call_id, 0) + 1
+        blocks.append(block)
+    return (dict(message, content=blocks) if renamed else message), renamed
+
+
+def renamed_results(message: dict, renamed: dict) -> dict:
+    """A user message whose results of renamed calls take their new ids, in order."""
+    waiting, blocks = {call_id: list(ids) for call_id, ids in renamed.items()}, []
+    for block in content_blocks(message.get("content")):
+        call_id = block.get("tool_use_id") if dict_of(block).get("type") == "tool_result" \
+            else None
+        if isinstance(call_id, str) and waiting.get(call_id):
+            new = waiting[call_id].pop(0)
+            block = block if new is None else dict(block, tool_use_id=new)
+        blocks.append(block)
+    return dict(message, content=blocks)
 
 
 def paired_tool_results(messages: list) -> list:

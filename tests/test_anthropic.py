@@ -137,6 +137,30 @@ def test_a_call_without_its_result_gets_one_and_a_result_without_its_call_is_tex
             {"type": "text", "text": "[tool result gone]\nlate"}]}, history[6]]
 
 
+def test_a_call_id_that_repeats_reaches_anthropic_as_its_own_with_its_result(start_proxy,
+                                                                              upstream):
+    """Anthropic refuses a history whose call ids repeat ("tool_use ids must be unique"), at
+    every turn after: Claude Code 2.1.19 sent two calls of one id in a message, and a server
+    that numbers each answer's calls from 0 gave each turn's first call one id. Each repeat
+    gets an id of its own, the same at every turn, and so does the result that answers it."""
+    call = {"type": "tool_use", "name": "Bash", "input": {}, "id": "call_0"}
+    result = {"type": "tool_result", "tool_use_id": "call_0", "content": "ok"}
+    history = [{"role": "user", "content": "go"},
+               {"role": "assistant", "content": [call, call]},
+               {"role": "user", "content": [result, dict(result, content="second")]},
+               {"role": "assistant", "content": [call]},
+               {"role": "user", "content": [dict(result, content="third")]}]
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"])]})
+    for _ in range(2):
+        sdk(proxy).messages.create(model="claude-x", max_tokens=5, messages=history)
+    to_anthropic, again = (r["json"]["messages"] for r in upstream.requests)
+    calls = [b["id"] for m in to_anthropic[1::2] for b in m["content"]]
+    answers = [(b["tool_use_id"], b["content"]) for m in to_anthropic[2::2] for b in m["content"]]
+    assert calls[0] == "call_0" and len(set(calls)) == 3
+    assert answers == list(zip(calls, ["ok", "second", "third"]))
+    assert again == to_anthropic
+
+
 @pytest.mark.parametrize("body, forwarded", [
     (b'{"model":"claude-x","max_tokens":7,  "messages":[{"role":"user","content":"caf\\u00e9"}]}',
      None),

@@ -465,7 +465,7 @@ HISTORY_IDS = st.sampled_from(["toolu_1", "functions.Bash:0", "call_0", "a b", "
 def histories(draw):
     """A session as Claude Code may send it after other providers and interruptions: blank
     texts, foreign and unsigned thinking, calls without results, results without calls, ids
-    of any form (each call's id its own)."""
+    of any form, some repeated."""
     messages, ids = [], iter(range(1000))
     for _ in range(draw(st.integers(1, 7))):
         role = draw(st.sampled_from(["user", "assistant", "user", "assistant", "system"]))
@@ -478,9 +478,11 @@ def histories(draw):
             if kind == "text":
                 content.append({"type": "text", "text": draw(HISTORY_TEXTS)})
             elif kind == "call" and role == "assistant":
+                kind = draw(st.integers(0, 9))        # an id of its own, a repeat, none
                 content.append({"type": "tool_use", "name": "Bash", "input": {},
-                                "id": "%s%d" % (draw(HISTORY_IDS), next(ids)) if draw(
-                                    st.integers(0, 9)) else draw(st.sampled_from([None, 7]))})
+                                "id": "%s%d" % (draw(HISTORY_IDS), next(ids)) if kind > 2
+                                else draw(HISTORY_IDS) if kind else draw(st.sampled_from(
+                                    [None, 7]))})
             elif kind == "result" and role == "user":
                 called = [b["id"] for m in messages for b in ccproxy.content_blocks(
                     m["content"]) if b["type"] == "tool_use"] + ["gone"]
@@ -497,15 +499,18 @@ def histories(draw):
 @given(histories())
 def test_a_history_reaches_anthropic_as_it_takes_it(messages):
     """What Anthropic gets holds no blank text, no thinking but its own, no message without
-    content but the last, ids of its form, and each call answered right after it by a result
-    of its own, each result after its call (system messages aside, which it takes between
-    them): the rules on which it refuses a whole session."""
+    content but the last, ids of its form, no id twice, and each call answered right after it
+    by a result of its own, each result after its call (system messages aside, which it takes
+    between them): the rules on which it refuses a whole session."""
     anthropic = ccproxy.build_config({"providers": [{"name": "anthropic", "api_key": "k"}]},
                                      "c", {}).providers[0]
     sent = ccproxy.anthropic_messages_for({"messages": messages}, anthropic) or messages
     assert [m for m in sent if m["role"] == "system"] == [
         m for m in messages if m["role"] == "system"]
     sent = [m for m in sent if m["role"] != "system"]
+    ids = [b["id"] for m in sent for b in ccproxy.content_blocks(m["content"])
+           if b["type"] == "tool_use" and isinstance(b["id"], str)]
+    assert len(ids) == len(set(ids))
     for number, message in enumerate(sent):
         blocks = ccproxy.content_blocks(message["content"])
         assert blocks or number == len(sent) - 1
