@@ -6576,8 +6576,7 @@ def text_of_system(system) -> str:
 def system_text_blocks(system) -> list:
     """The system prompt's text blocks, without Claude Code's billing-header block."""
     return [b for b in system or () if isinstance(b, dict) and b.get("type") == "text"
-            and isinstance(b.get("text"), str) and b["text"].strip()
-            and not b["text"].startswith(BILLING_HEADER_PREFIX)]
+            and visible_text(b.get("text")) and not b["text"].startswith(BILLING_HEADER_PREFIX)]
 
 
 def tool_result_text(block: dict) -> str:
@@ -6681,6 +6680,11 @@ def dict_of(value) -> dict:
 def content_blocks(content) -> list:
     """A message's content as a list of blocks (a string as one text block)."""
     return [{"type": "text", "text": content}] if isinstance(content, str) else list_of(content)
+
+
+def visible_text(value) -> bool:
+    """Whether value is a string with more than whitespace in it (read, never copied)."""
+    return isinstance(value, str) and value != "" and not value.isspace()
 
 
 def str_of(value) -> str:
@@ -8014,15 +8018,10 @@ def anthropic_message_for(message, provider_name: str, compat, thinking_on: bool
     return message if kept == content else dict(message, content=kept)
 
 
-def blank(text) -> bool:
-    """Whether a text block's text is empty or only whitespace (read, not copied)."""
-    return isinstance(text, str) and (not text or text.isspace())
-
-
 def blank_message(message) -> bool:
     """Whether a message holds nothing: no block, or a text of only whitespace."""
     content = dict_of(message).get("content")
-    return not content if isinstance(content, list) else blank(str_of(content))
+    return not content if isinstance(content, list) else not visible_text(content)
 
 
 def unique_call_ids(messages: list) -> list:
@@ -8122,7 +8121,7 @@ def answering_turn(message: dict, open_ids: list) -> dict:
     missing = [call_id for call_id in open_ids if call_id not in seen]
     others = [block for block in content_blocks(message.get("content"))
               if dict_of(block).get("type") != "tool_result" and not (
-                  dict_of(block).get("type") == "text" and blank(block.get("text")))]
+                  dict_of(block).get("type") == "text" and not visible_text(block.get("text")))]
     texts = [{"type": "text", "text": unanswering_result_text(block, tool_result_text(block))}
              for block in orphans]
     return dict(message, content=kept + interrupted_results(missing) + texts + others)
@@ -8177,7 +8176,7 @@ def anthropic_blocks_for(blocks: list, provider_name: str, compat) -> list:
             kept.append(block)
             continue
         kind = block.get("type")
-        if compat is None and kind == "text" and blank(block.get("text")):
+        if compat is None and kind == "text" and not visible_text(block.get("text")):
             continue        # "text content blocks must contain non-whitespace text"
         if kind in ("thinking", "redacted_thinking"):
             block = own_thinking(block, provider_name, compat)
@@ -8765,7 +8764,7 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
                                       "provider" % (where, position, kind))
         if readable is not None:
             texts.append(readable)
-        elif kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+        elif kind == "text" and visible_text(block.get("text")):
             texts.append(block["text"])
         elif kind == "tool_use":
             calls.append(openai_tool_call(block, quirks, signature, first=not calls))
@@ -8853,7 +8852,7 @@ def openai_user_parts(blocks, quirks: dict, where: str) -> list:
     for position, block in enumerate(blocks):
         kind = block.get("type")
         if kind == "text":
-            if isinstance(block.get("text"), str) and block["text"].strip():
+            if visible_text(block.get("text")):
                 parts.append(cached_text_part(block["text"], block) if quirks.get("cache_control")
                              else {"type": "text", "text": block["text"]})
         elif kind == "image":
@@ -10147,7 +10146,7 @@ def responses_assistant_items(blocks, quirks: dict, where: str) -> list:
         if kind not in ASSISTANT_BLOCK_TYPES or (kind in SERVER_BLOCK_TYPES and readable is None):
             raise InvalidRequestError("%s[%d]: a %r block cannot be sent to the Responses API"
                                       % (where, position, kind))
-        if readable is not None or (kind == "text" and str(block.get("text") or "").strip()):
+        if readable is not None or (kind == "text" and visible_text(block.get("text"))):
             texts.append(readable if readable is not None else block["text"])
             continue
         item = responses_reasoning_item(block) if kind == "thinking" else \
@@ -10546,7 +10545,7 @@ def gemini_model_parts(blocks, calls: list, where: str) -> list:
     parts, signature, first_call = [], None, True
     for position, block in enumerate(blocks):
         kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+        if kind == "text" and visible_text(block.get("text")):
             parts.append({"text": block["text"]})
         elif kind == "thinking":
             signature = gemini_signature_of(block.get("signature")) or signature
@@ -10593,7 +10592,7 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
         extra += images
     for position, block in enumerate(blocks):
         kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str) and block["text"].strip():
+        if kind == "text" and visible_text(block.get("text")):
             extra.append({"text": block["text"]})
         elif kind in ("image", "document"):
             extra.append(gemini_inline_part(block, "%s[%d]" % (where, position)))
