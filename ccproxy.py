@@ -1089,6 +1089,17 @@ PROVIDER_PRESETS = {
     "glm": GLM, "zai": GLM,
     "minimax": MINIMAX,
 }
+# The hosts of those Anthropic-compatible APIs, their China and coding-plan twins too: a
+# "type": "anthropic" provider of any other name whose base URL is on one is taken for that
+# server (not for Anthropic behind a gateway). Kimi For Coding: https://api.kimi.com/coding,
+# Moonshot's China platform: https://api.moonshot.cn/anthropic, Zhipu's:
+# https://open.bigmodel.cn/api/anthropic (docs.bigmodel.cn/cn/guide/develop/claude), MiniMax's:
+# https://api.minimaxi.com/anthropic (platform.minimaxi.com/docs/api-reference/
+# text-anthropic-api); checked 2026-12-07.
+ANTHROPIC_COMPAT_HOSTS = {"api.deepseek.com": DEEPSEEK_ANTHROPIC, "api.moonshot.ai": KIMI,
+                          "api.moonshot.cn": KIMI, "api.kimi.com": KIMI, "api.z.ai": GLM,
+                          "open.bigmodel.cn": GLM, "api.minimax.io": MINIMAX,
+                          "api.minimaxi.com": MINIMAX}
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_keys": None,
                      "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
@@ -1765,15 +1776,18 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
 def provider_quirks(fields: dict, preset: dict) -> dict:
     """What the provider's server accepts: the defaults, its preset's (an Azure resource has
     OpenAI's; Gemini's OpenAI-compatible API, found by its host, wants thought signatures
-    back), then what its entry says of the Responses API and Azure."""
-    quirks = dict(PROVIDER_QUIRKS, **preset.get("quirks", {}))
+    back), then what its entry says of the Responses API and Azure. A provider of no preset's
+    name gets the quirks of the Anthropic-compatible server its base URL points at."""
+    host = (urllib.parse.urlsplit(fields["api_base_url"]).hostname or "").lower()
+    served = preset or (ANTHROPIC_COMPAT_HOSTS.get(host, {}) if fields["type"] == "anthropic"
+                        else {})
+    quirks = dict(PROVIDER_QUIRKS, **served.get("quirks", {}))
     if quirks["anthropic_compat"] is not None:
         quirks["anthropic_compat"] = dict(ANTHROPIC_COMPAT, **quirks["anthropic_compat"])
     if fields["type"] == "azure":
         quirks.update(OPENAI_QUIRKS, azure={"api_version": fields["api_version"],
                                             "deployments": fields["deployments"]})
-    if fields["type"] == "openai" and (urllib.parse.urlsplit(fields["api_base_url"]).hostname
-                                       or "").endswith(".googleapis.com"):
+    if fields["type"] == "openai" and host.endswith(".googleapis.com"):
         quirks["thought_signatures"] = True       # Gemini's OpenAI-compatible API
     if fields["api"] is not None:
         quirks["api"] = fields["api"]
@@ -3790,6 +3804,9 @@ class ProxyApp:
             view["learned_output_limits"] = dict(provider.learned_output_limits)
         if provider.quirks["reasoning_replay"]:
             view["reasoning_replay"] = True
+        compat = provider.quirks["anthropic_compat"]
+        if compat and compat["thinking_with_calls"]:
+            view["thinking_with_calls"] = compat["thinking_with_calls"]
         if provider.refused_fields:
             view["refused_fields"] = {model: sorted(names)
                                       for model, names in provider.refused_fields.items()}
@@ -5182,6 +5199,11 @@ Routing = collections.namedtuple("Routing", "provider model route")
 SUBAGENT_TAG_RE = re.compile(r"<CCR-SUBAGENT-MODEL>(.*?)</CCR-SUBAGENT-MODEL>\s*", re.S)
 
 
+def thinking_asked(body: dict) -> bool:
+    """Whether a Messages request asks for thinking (enabled, or adaptive)."""
+    return dict_of(body.get("thinking")).get("type") in ("enabled", "adaptive")
+
+
 class RequestFacts:
     """What routing rules ask about a request, each worked out once and only when asked."""
 
@@ -5207,8 +5229,7 @@ class RequestFacts:
 
     @property
     def thinking(self) -> bool:
-        thinking = self._body.get("thinking")
-        return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+        return thinking_asked(self._body)
 
     @property
     def tool_names(self) -> list:
@@ -5831,8 +5852,8 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
     instead, now learned or known: fewer output tokens (the model's limit; what the credits
     cover), its reasoning back, no field or beta it does not take. None after any other."""
     if learns_output_limit(error, provider, model, body) or learns_reasoning_replay(
-            error, provider) or learns_refused_field(error, provider, model) or \
-            learns_refused_betas(error, provider):
+            error, provider) or learns_thinking_with_calls(error, provider, body) or \
+            learns_refused_field(error, provider, model) or learns_refused_betas(error, provider):
         return body
     return affordable_body(error, provider, body)
 
@@ -5976,11 +5997,13 @@ def learns_refused_betas(error: ProxyError, provider: Provider) -> bool:
 
 # A thinking model's refusal of a history whose tool-call turns lack the reasoning it gave them
 # (Kimi's "thinking is enabled but reasoning_content is missing in assistant tool call message
-# at index 8", from Moonshot and the hosts that serve Kimi; DeepSeek's "Missing
-# `reasoning_content` field in the assistant message" and "The `reasoning_content` in the
-# thinking mode must be passed back to the API").
-REASONING_MISSING_RE = re.compile(r"reasoning_content\W{0,3} (?:is missing|field in the "
-                                  r"assistant|in the thinking mode must be passed back)", re.I)
+# at index 8", from Moonshot and the hosts that serve Kimi, in both its APIs; DeepSeek's
+# "Missing `reasoning_content` field in the assistant message" and "The `reasoning_content` in
+# the thinking mode must be passed back to the API", and from its Anthropic API "The
+# `content[].thinking` in the thinking mode must be passed back to the API").
+REASONING_MISSING_RE = re.compile(r"(?:reasoning_content|thinking)\W{0,3} (?:is missing|field "
+                                  r"in the assistant|in the thinking mode must be passed back)",
+                                  re.I)
 
 
 def learns_reasoning_replay(error: ProxyError, provider: Provider) -> bool:
@@ -5994,6 +6017,25 @@ def learns_reasoning_replay(error: ProxyError, provider: Provider) -> bool:
     provider.quirks["reasoning_replay"] = True
     log.info("%s wants its models' reasoning back on tool-call turns, it says; it is sent from "
              "now on", provider.name)
+    return True
+
+
+def learns_thinking_with_calls(error: ProxyError, provider: Provider, body: dict) -> bool:
+    """Whether an Anthropic-compatible server's 400 says, in the words above, that a turn of
+    tool calls wants its thinking first, where its preset (or having none) did not say so for
+    such a request: remembered for the provider, for requests in thinking mode, or for all
+    ("always") when this one did not ask for thinking (Kimi For Coding thinks unasked), so
+    that the request may be sent again at once with an empty thinking block before each turn
+    of calls that has none (another provider's turn, or one its model thought nothing in)."""
+    compat = provider.quirks["anthropic_compat"]
+    if error.status != 400 or compat is None or not REASONING_MISSING_RE.search(error.message):
+        return False
+    wanted = True if thinking_asked(body) else "always"
+    if compat["thinking_with_calls"] in (wanted, "always"):
+        return False
+    compat["thinking_with_calls"] = wanted
+    log.info("%s wants a thinking block before each turn of tool calls, it says; an empty one "
+             "is put where there is none from now on", provider.name)
     return True
 
 
@@ -7891,9 +7933,12 @@ def anthropic_endpoint_url(base_url: str, endpoint: str) -> str:
 
 def anthropic_request_headers(provider: Provider, request: Request | None = None) -> dict:
     """The provider's key (as its preset says), the client's anthropic-* headers (unless the
-    server ignores the betas; less those it said it refuses) and the provider's extra
-    headers."""
-    headers = {"content-type": "application/json", "user-agent": USER_AGENT,
+    server ignores the betas; less those it said it refuses) and User-Agent (Kimi For Coding
+    serves only the coding agents it knows by theirs, a 403 to any other), and the
+    provider's extra headers."""
+    agent = request.headers.get("user-agent") if request is not None else None
+    headers = {"content-type": "application/json",
+               "user-agent": header_safe(agent) if agent else USER_AGENT,
                "anthropic-version": DEFAULT_ANTHROPIC_VERSION}
     compat = provider.quirks["anthropic_compat"] or ANTHROPIC_COMPAT
     for name in ANTHROPIC_FORWARDED_HEADERS if request is not None else ():
@@ -7990,7 +8035,7 @@ def anthropic_messages_for(body: dict, provider: Provider):
     if not isinstance(messages, list):
         return None
     compat = provider.quirks["anthropic_compat"]
-    thinking_on = dict_of(body.get("thinking")).get("type") in ("enabled", "adaptive")
+    thinking_on = thinking_asked(body) or (compat or {}).get("thinking_with_calls") == "always"
     folded = system_messages_as_users(messages) if compat is not None else messages
     changed, cleaned = folded is not messages, []
     for number, message in enumerate(folded, 1):

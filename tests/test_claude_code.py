@@ -710,6 +710,9 @@ def test_real_claude_code_runs_a_tool_on_each_compatible_preset_and_azure(versio
     if preset == "azure":
         assert {(r["path"], r["json"]["model"]) for r in upstream.requests} == {
             ("/openai/v1/chat/completions", "prod-test")}
+    else:                       # Claude Code's own User-Agent (Kimi For Coding wants it)
+        assert {r["headers"]["user-agent"].split("/")[0] for r in upstream.requests} == {
+            "claude-cli"}
 
 
 # --- WebSearch: Claude Code's search request, answered by Google Search grounding ------------------

@@ -4,7 +4,9 @@ like Claude Code's still get through; the thinking each server makes goes back t
 from __future__ import annotations
 
 import json
+import urllib.request
 
+import anthropic
 import pytest
 
 import ccproxy
@@ -417,7 +419,6 @@ def test_a_generic_anthropic_server_gets_the_request_as_it_came(start_proxy, ups
                                         "api_base_url": upstream.url + "/llm"}]})
     raw = json.dumps({"model": "m", "max_tokens": 9, "top_k": 3, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "hi"}, IMAGE]}]})
-    import urllib.request
     request = urllib.request.Request(proxy.url + "/v1/messages", data=raw.encode(), headers={
         "content-type": "application/json", "anthropic-beta": "x-2025"})
     urllib.request.urlopen(request, timeout=10).read()
@@ -438,3 +439,103 @@ def test_compatible_presets_cannot_search_and_know_their_limits():
     assert config.provider_named("minimax").context_window("MiniMax-M3") == 1000000
     assert config.provider_named("moonshot").base_url == "https://api.moonshot.ai/anthropic"
     assert config.provider_named("zai").base_url == "https://api.z.ai/api/anthropic"
+
+
+@pytest.mark.parametrize("url, served", [
+    ("https://api.kimi.com/coding", "kimi"), ("https://api.moonshot.cn/anthropic", "kimi"),
+    ("https://open.bigmodel.cn/api/anthropic", "glm"),
+    ("https://api.minimaxi.com/anthropic", "minimax"),
+    ("https://api.deepseek.com/anthropic", "deepseek-anthropic"),
+    ("https://llm.example.com/anthropic", None)])
+def test_a_provider_of_any_name_on_a_compatible_servers_host_is_taken_for_that_server(url,
+                                                                                      served):
+    """Kimi For Coding (a plan of its own, beside Moonshot's API), or GLM in China, under a
+    name of the user's: it gets what that server lacks, not the requests Anthropic takes."""
+    config = ccproxy.build_config({"providers": [
+        {"name": "mine", "type": "anthropic", "api_key": KEY, "api_base_url": url}]},
+        "config.json", {})
+    compat = config.provider_named("mine").quirks["anthropic_compat"]
+    preset = ccproxy.PROVIDER_PRESETS.get(served, {"quirks": {"anthropic_compat": None}})
+    expected = preset["quirks"]["anthropic_compat"]
+    assert compat == (dict(ccproxy.ANTHROPIC_COMPAT, **expected) if served else None)
+    request = {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                        "data": "the spec"}}]}]}
+    sent = ccproxy.anthropic_messages_for(request, config.provider_named("mine"))
+    as_text = served in ("kimi", "minimax", "deepseek-anthropic")
+    assert sent == ([{"role": "user", "content": [{"type": "text", "text": "the spec"}]}]
+                    if as_text else None)
+
+
+def kimi_for_coding(request):
+    """A mock of Kimi For Coding: it thinks whatever a request says, and refuses a history
+    with a turn of tool calls that has no thinking before them."""
+    for index, message in enumerate(request["json"]["messages"]):
+        blocks = message["content"] if isinstance(message["content"], list) else []
+        if any(b["type"] == "tool_use" for b in blocks) and blocks[0]["type"] != "thinking":
+            return json_reply({"type": "error", "error": {
+                "type": "invalid_request_error", "message": "thinking is enabled but "
+                "reasoning_content is missing in assistant tool call message at index %d"
+                % index}}, 400)
+    return answer("glm", request["json"].get("stream") is True, "SIG")
+
+
+CALLED_BEFORE = [{"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": [
+                     {"type": "tool_use", "id": "toolu_1", "name": "ls", "input": {}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                               "content": "a"}]}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_compatible_server_that_wants_thinking_before_calls_says_so_once(start_proxy,
+                                                                           upstream, stream):
+    """A server whose preset does not say it (or one of no preset) refuses a turn of calls
+    without thinking before them, at every turn after the first call: said once, it is
+    remembered, and the request goes again at once with an empty thinking block there."""
+    upstream.script = kimi_for_coding
+    proxy = compat_proxy(start_proxy, upstream, "glm")
+    for turn in range(2):
+        message = answer_of(sdk(proxy), stream, model="m", max_tokens=50,
+                            messages=CALLED_BEFORE)
+        assert message.content[-1].text == "ok"
+    sent = [request["json"]["messages"][1]["content"][0] for request in upstream.requests]
+    assert [block["type"] for block in sent] == ["tool_use", "thinking", "thinking"]
+    assert sent[1] == {"type": "thinking", "thinking": "", "signature": ""}
+    providers = json.loads(urllib.request.urlopen(proxy.url + "/providers", timeout=10).read())
+    assert providers["providers"][0]["thinking_with_calls"] == "always"   # it thinks unasked
+
+
+@pytest.mark.parametrize("words", [
+    "thinking is enabled but reasoning_content is missing in assistant tool call message at "
+    "index 1", "The `content[].thinking` in the thinking mode must be passed back to the API."])
+def test_thinking_asked_for_is_learned_for_requests_that_ask(start_proxy, upstream, words):
+    """Learned from a request in thinking mode, the block goes only where thinking is asked
+    for; a server that refuses the request again has its refusal reach the client."""
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": words}}, 400)
+    proxy = compat_proxy(start_proxy, upstream, "minimax")
+    with pytest.raises(anthropic.BadRequestError, match="passed back|is missing"):
+        sdk(proxy).messages.create(model="m", max_tokens=5000, messages=CALLED_BEFORE,
+                                   thinking={"type": "enabled", "budget_tokens": 2000})
+    assert [r["json"]["messages"][1]["content"][0]["type"] for r in upstream.requests] == [
+        "tool_use", "thinking"]
+    upstream.script = lambda r: answer("minimax", False, "SIG")
+    sdk(proxy).messages.create(model="m", max_tokens=50, messages=CALLED_BEFORE)
+    assert upstream.requests[-1]["json"]["messages"][1]["content"][0]["type"] == "tool_use"
+
+
+def test_anthropic_protocol_servers_get_the_clients_user_agent(start_proxy, upstream):
+    """Kimi For Coding answers only the coding agents it knows by their User-Agent ("Kimi For
+    Coding is currently only available for Coding Agents such as Kimi CLI, Claude Code",
+    a 403 to any other); one the client did not send is ccproxy's."""
+    upstream.script = lambda r: answer("kimi", False, "SIG")
+    proxy = compat_proxy(start_proxy, upstream, "kimi")
+    body = json.dumps({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "hi"}]}).encode()
+    for agent in (b"User-Agent: claude-cli/2.1.332 (external, cli)\r\n",
+                  b"User-Agent: tab\there\r\n", b""):
+        raw_exchange(proxy.port, b"POST /v1/messages HTTP/1.1\r\nConnection: close\r\n%s"
+                     b"Content-Length: %d\r\n\r\n%s" % (agent, len(body), body))
+    assert [r["headers"]["user-agent"] for r in upstream.requests] == [
+        "claude-cli/2.1.332 (external, cli)", "tab%09here", ccproxy.USER_AGENT]
