@@ -8157,19 +8157,26 @@ def answering_turn(message: dict, open_ids: list) -> dict:
     answered = [block.get("tool_use_id") for block in results]
     if sorted(map(str, answered)) == sorted(map(str, open_ids)):
         return message
-    kept, orphans, seen = [], [], set()
-    for block in results:
-        call_id = block.get("tool_use_id")
-        answers = isinstance(call_id, str) and call_id in open_ids and call_id not in seen
-        (kept if answers else orphans).append(block)
-        seen.add(call_id if answers else None)
-    missing = [call_id for call_id in open_ids if call_id not in seen]
+    answers, missing = answered_calls([block.get("tool_use_id") for block in results], open_ids)
+    kept = [block for block, call_id in zip(results, answers) if call_id is not None]
+    orphans = [block for block, call_id in zip(results, answers) if call_id is None]
     others = [block for block in content_blocks(message.get("content"))
               if dict_of(block).get("type") != "tool_result" and not (
                   dict_of(block).get("type") == "text" and not visible_text(block.get("text")))]
     texts = [{"type": "text", "text": unanswering_result_text(block, tool_result_text(block))}
              for block in orphans]
     return dict(message, content=kept + interrupted_results(missing) + texts + others)
+
+
+def answered_calls(result_ids: list, open_ids: list) -> tuple:
+    """(for each tool result, by the call id it names, the open call it answers, or None; the
+    open calls none answers). The first result for an open call answers it; another, or one
+    for no open call, answers none. The one rule of every protocol's history."""
+    awaiting, answers = set(open_ids), []
+    for call_id in result_ids:
+        answers.append(call_id if isinstance(call_id, str) and call_id in awaiting else None)
+        awaiting.discard(answers[-1])
+    return answers, [call_id for call_id in open_ids if call_id in awaiting]
 
 
 def interrupted_results(call_ids: list) -> list:
@@ -8847,17 +8854,12 @@ def matched_tool_results(blocks, open_calls: list, quirks: dict, where: str) -> 
     """(each tool_result of a user turn as (the open call it answers, or None, the block, its
     text, its images and documents), the open calls none answers). The first result for an
     open call answers it; another, or one for no open call, answers none."""
-    matched, answered, awaited = [], set(), set(open_calls)
-    for position, block in enumerate(blocks):
-        if block.get("type") != "tool_result":
-            continue
-        call_id = openai_tool_id(str(block.get("tool_use_id", "")), quirks["tool_id_style"])
-        text, media = tool_result_text_and_media(block, quirks, "%s[%d]" % (where, position))
-        answers = call_id in awaited and call_id not in answered
-        if answers:
-            answered.add(call_id)
-        matched.append((call_id if answers else None, block, text, media))
-    return matched, [call_id for call_id in open_calls if call_id not in answered]
+    results = [(position, block) for position, block in enumerate(blocks)
+               if block.get("type") == "tool_result"]
+    answers, unanswered = answered_calls([openai_tool_id(str(block.get(
+        "tool_use_id", "")), quirks["tool_id_style"]) for _, block in results], open_calls)
+    return [(call_id, block) + tool_result_text_and_media(block, quirks, "%s[%d]" % (
+        where, position)) for (position, block), call_id in zip(results, answers)], unanswered
 
 
 def unanswering_result_text(block: dict, text: str) -> str:
@@ -10615,23 +10617,23 @@ def gemini_user_parts(blocks, calls: list, where: str) -> list:
     """A user turn: one functionResponse per call of the model turn before, in call order
     (missing ones filled in: Gemini wants as many responses as calls), then orphan results as
     text, then the rest."""
+    found = [(position, block) for position, block in enumerate(blocks)
+             if block.get("type") == "tool_result"]
+    answers, _ = answered_calls([str(block.get("tool_use_id", "")) for _, block in found],
+                                [call_id for call_id, _ in calls])
     results, extra = {}, []
-    called = {call_id for call_id, _ in calls}
-    for position, block in enumerate(blocks):
-        if block.get("type") != "tool_result":
-            continue
-        inside = "%s[%d]" % (where, position)
+    for (position, block), call_id in zip(found, answers):
         text = tool_result_text(block)
-        images = [gemini_inline_part(b, inside) for b in tool_result_media(block)]
-        key = str(block.get("tool_use_id", ""))
-        if key in called and key not in results:
-            results[key] = ({"error": text} if block.get("is_error") else {"output": text}, images)
+        images = [gemini_inline_part(b, "%s[%d]" % (where, position))
+                  for b in tool_result_media(block)]
+        if call_id is not None:
+            results[call_id] = ({"error": text} if block.get("is_error") else {"output": text},
+                                images)
         else:
-            extra += [{"text": "[tool result %s]\n%s" % (key, text)}] + images
+            extra += [{"text": unanswering_result_text(block, text)}] + images
     parts = []
     for call_id, name in calls:
-        response, images = results.get(
-            call_id, ({"error": "no result: the call was interrupted"}, []))
+        response, images = results.get(call_id, ({"error": INTERRUPTED_CALL_RESULT}, []))
         parts.append({"functionResponse": dict({"name": name, "response": response},
                                                **gemini_call_id(call_id))})
         extra += images

@@ -196,7 +196,7 @@ def test_errors_missing_results_and_orphans():
             {"type": "tool_result", "tool_use_id": "zzz", "content": "late"}]}]})["contents"]
     assert contents[2]["parts"] == [
         {"functionResponse": {"name": "f", "response": {"error": "boom"}}},
-        {"functionResponse": {"name": "g", "response": {"error": "no result: the call was interrupted"}}},
+        {"functionResponse": {"name": "g", "response": {"error": ccproxy.INTERRUPTED_CALL_RESULT}}},
         {"text": "[tool result zzz]\nlate"}]
 
 
