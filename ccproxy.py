@@ -1002,6 +1002,8 @@ ANTHROPIC_COMPAT = {
 # MoonshotAI/Kimi-K2.5#27), "unsupported content type … tool_reference" (on 2026-03-19,
 # MoonshotAI/Kimi-K2#118), and, like DeepSeek, "thinking is enabled but reasoning_content is
 # missing" for a turn of tool calls without its thinking (farion1231/cc-switch#3377, May 2026).
+# GLM's model reads a tool_reference as no tool found (zai-org/GLM-5#76, June 2026), and its
+# API answered a history holding one "[1210] Invalid API parameter" (farion1231/cc-switch#4989).
 # DeepSeek's Flash model takes images over its OpenAI-format APIs; deepseek-v4-pro takes none
 # (https://api-docs.deepseek.com/guides/vision and .../quick_start/pricing, checked 2026-12-05:
 # deepseek-v4-flash and deepseek-v4-flash-vision-exp are retired names Flash now answers).
@@ -1028,7 +1030,7 @@ KIMI = {"type": "anthropic", "api_base_url": "https://api.moonshot.ai/anthropic"
                           "advisor_tool_result", "mcp_tool_use", "mcp_tool_result",
                           "container_upload")}}}
 GLM = {"type": "anthropic", "api_base_url": "https://api.z.ai/api/anthropic",
-       "quirks": {"anthropic_compat": {"auth": "bearer"}}}
+       "quirks": {"anthropic_compat": {"auth": "bearer", "no_blocks": ("tool_reference",)}}}
 MINIMAX = {"type": "anthropic", "api_base_url": "https://api.minimax.io/anthropic",
            "quirks": {"anthropic_compat": {"drop_fields": ("top_k", "stop_sequences"),
                                            "no_blocks": ("image", "document")}}}
@@ -7977,6 +7979,10 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     refused = provider.refused_fields.get(model, ())
     if refused:
         changes.update(without_refused_inner_fields(body, refused))
+    if compat and "tool_reference" in compat["no_blocks"]:
+        tools = loaded_tools_only(dict(body, tools=changes.get("tools", body.get("tools"))))
+        if tools is not None:
+            changes["tools"] = tools
     dropped = [key for key in tuple((compat or ANTHROPIC_COMPAT)["drop_fields"]) + tuple(refused)
                if key in body]
     added = {"thinking": {"type": "disabled"}} if compat and compat["thinks_unasked"] \
@@ -7987,6 +7993,17 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if not changes:
         return request.body
     return splice_json_values(request.body_text, request.body_spans, changes)
+
+
+def loaded_tools_only(body: dict) -> list | None:
+    """For a compatible server that takes no tool_reference (the text that stands for one
+    loads nothing there), the tools as the translations send them: a deferred tool once a
+    reference has loaded it, unmarked, so that it is there whether or not the server reads
+    defer_loading; None when no tool is deferred."""
+    if not any(dict_of(tool).get("defer_loading") is True for tool in list_of(body.get("tools"))):
+        return None
+    return [{key: value for key, value in tool.items() if key != "defer_loading"}
+            for tool in offered_tools(body)]
 
 
 def without_refused_inner_fields(body: dict, refused) -> dict:

@@ -22,7 +22,7 @@ RULES = {
     "kimi": ("bearer", {"document", "redacted_thinking", "search_result", "tool_reference",
                         "web_fetch_tool_result", "code_execution_tool_result", "mcp_tool_use",
                         "mcp_tool_result", "container_upload"}, set(), True),
-    "glm": ("bearer", set(), set(), True),
+    "glm": ("bearer", {"tool_reference"}, set(), True),
 }
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
 
@@ -539,3 +539,28 @@ def test_anthropic_protocol_servers_get_the_clients_user_agent(start_proxy, upst
                      b"Content-Length: %d\r\n\r\n%s" % (agent, len(body), body))
     assert [r["headers"]["user-agent"] for r in upstream.requests] == [
         "claude-cli/2.1.332 (external, cli)", "tab%09here", ccproxy.USER_AGENT]
+
+
+@pytest.mark.parametrize("preset", ["kimi", "glm", "minimax"])
+def test_a_server_that_takes_no_tool_reference_gets_the_tools_it_loaded(start_proxy, upstream,
+                                                                          preset):
+    """Claude Code's tool search: deferred tools, loaded by a tool_reference in a result. A
+    server that takes none gets the reference as text, so it gets each loaded tool plainly
+    (and no tool still deferred), as the translations send them; one that takes them gets the
+    request as it came."""
+    upstream.script = strict_server(preset)
+    proxy = compat_proxy(start_proxy, upstream, preset)
+    schema = {"type": "object", "properties": {}}
+    tools = [{"name": "Bash", "input_schema": schema},
+             {"name": "Grep", "input_schema": schema, "defer_loading": True},
+             {"name": "WebSearch", "input_schema": schema, "defer_loading": True}]
+    sdk(proxy).messages.create(model="m", max_tokens=50, tools=tools, messages=[
+        {"role": "user", "content": "find it"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1",
+                                           "name": "ToolSearch", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": [{"type": "tool_reference",
+                                                   "tool_name": "Grep"}]}]}])
+    sent = upstream.requests[0]["json"]["tools"]
+    assert sent == (tools if preset == "minimax" else [
+        {"name": "Bash", "input_schema": schema}, {"name": "Grep", "input_schema": schema}])
