@@ -6470,6 +6470,20 @@ def tool_use_id(call_id) -> str:
     return ENCODED_TOOL_ID_PREFIX + id_text(call_id)
 
 
+PLAIN_USER_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")     # OpenAI's `user`: 64 at most
+
+
+def plain_user_id(metadata) -> str | None:
+    """metadata.user_id as a server that takes only letters, digits, _ and - can: as is when it
+    is so, else a stable digest (Claude Code sends JSON there); None when there is none."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str) or not user_id:
+        return None
+    if PLAIN_USER_ID_RE.fullmatch(user_id):
+        return user_id
+    return "u_" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def id_text(text: str) -> str:
     """text in characters a tool_use id may hold (base64url, unpadded); text_of_id reverses it."""
     return base64.urlsafe_b64encode(text.encode("utf-8", "surrogatepass")).decode().rstrip("=")
@@ -7979,6 +7993,8 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     refused = provider.refused_fields.get(model, ())
     if refused:
         changes.update(without_refused_inner_fields(body, refused))
+    if compat:
+        changes.update(plain_metadata(body))
     if compat and "tool_reference" in compat["no_blocks"]:
         tools = loaded_tools_only(dict(body, tools=changes.get("tools", body.get("tools"))))
         if tools is not None:
@@ -7993,6 +8009,18 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if not changes:
         return request.body
     return splice_json_values(request.body_text, request.body_spans, changes)
+
+
+def plain_metadata(body: dict) -> dict:
+    """{"metadata": the request's, its user_id made plain} for a compatible server when it is
+    not plain (plain_user_id): DeepSeek's refuses Claude Code's, JSON, since May 2026 ("Invalid
+    'user_id': string does not match pattern", deepseek-ai/DeepSeek-V3#1277), at every request;
+    {} when it needs no change."""
+    metadata = body.get("metadata")
+    user_id = plain_user_id(metadata)
+    if user_id is None or user_id == metadata["user_id"]:
+        return {}
+    return {"metadata": dict(metadata, user_id=user_id)}
 
 
 def loaded_tools_only(body: dict) -> list | None:
@@ -8659,7 +8687,6 @@ OPENAI_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MISTRAL_TOOL_ID_RE = re.compile(r"^[a-zA-Z0-9]{9}$")
 MAX_OPENAI_STOP_SEQUENCES = 4
 OPENAI_ENDPOINTS = ("chat/completions", "responses")      # a full endpoint URL may end so
-MAX_OPENAI_USER_CHARS = 64
 
 
 class OpenAIChatProtocol(Protocol):
@@ -8730,8 +8757,9 @@ def openai_request_from_anthropic(body: dict, provider: Provider, model: str) ->
             t["function"]["name"] for t in tools if t["type"] == "function"}))
     if search_model:
         request["web_search_options"] = {}
-    if quirks["user_field"]:
-        request.update(openai_user_field(body.get("metadata")))
+    user = plain_user_id(body.get("metadata")) if quirks["user_field"] else None
+    if user:
+        request["user"] = user
     request.update(openai_reasoning_fields(body, quirks, model))
     request.update(openai_response_format(body))
     if "response_format" in request and not quirks["json_schema"]:
@@ -9135,16 +9163,6 @@ def openai_tool_choice(choice, functions: set) -> dict:
         fields["parallel_tool_calls"] = False
     return fields
 
-
-def openai_user_field(metadata) -> dict:
-    """metadata.user_id as `user`: as is when short and plain, else a stable digest (OpenAI
-    limits it to 64 characters)."""
-    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    if not isinstance(user_id, str) or not user_id:
-        return {}
-    if len(user_id) <= MAX_OPENAI_USER_CHARS and re.match(r"^[A-Za-z0-9_-]+$", user_id):
-        return {"user": user_id}
-    return {"user": "u_" + hashlib.sha256(user_id.encode()).hexdigest()[:32]}
 
 
 def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
@@ -10162,7 +10180,7 @@ def responses_request_from_anthropic(body: dict, provider: Provider, model: str)
     response_format = openai_response_format(body).get("response_format")
     if response_format:
         request["text"] = {"format": dict(response_format["json_schema"], type="json_schema")}
-    user = openai_user_field(body.get("metadata")).get("user")
+    user = plain_user_id(body.get("metadata"))
     if user:
         request["safety_identifier"] = user
     return request

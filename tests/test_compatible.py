@@ -4,6 +4,7 @@ like Claude Code's still get through; the thinking each server makes goes back t
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 
 import anthropic
@@ -54,6 +55,10 @@ def problems_of(preset, request):
         problems.append("a signature it never made")
     if any(message["role"] == "system" for message in body["messages"]):   # MiniMax's 2013
         problems.append("chat content has invalid message role: system")
+    user_id = (body.get("metadata") or {}).get("user_id", "u")       # DeepSeek's since May 2026
+    if preset == "deepseek-anthropic" and not re.fullmatch(r"[a-zA-Z0-9_-]+", user_id):
+        problems.append("Invalid 'user_id': string does not match pattern. Expected a string "
+                        "that matches the pattern '^[a-zA-Z0-9_-]+$'.")
     return problems
 
 
@@ -115,11 +120,16 @@ def compat_proxy(start_proxy, upstream, *presets):
                                        "api_base_url": upstream.url} for preset in presets]})
 
 
-# Claude Code's kinds of content that some of these servers refuse: an image in the prompt and
-# in a tool result (a screenshot), a document, a redacted thinking block, another provider's
-# thinking; a beta header; top_k and stop_sequences.
+CLAUDE_CODE_USER_ID = json.dumps({"device_id": "8ca5" * 16, "account_uuid": "",
+                                  "session_id": "7322ccaf-2f7c-4536-9218-3d95db342e72"},
+                                 separators=(",", ":"))
+# Claude Code's user id (2.1.332's shape), which DeepSeek refuses, and its kinds of content
+# that some of these servers refuse: an image in the prompt and in a tool result (a
+# screenshot), a document, a redacted thinking block, another provider's thinking; a beta
+# header; top_k and stop_sequences.
 CLAUDE_CODE_LIKE = dict(
     model="m", max_tokens=100, stop_sequences=["END"], extra_body={"top_k": 5},
+    metadata={"user_id": CLAUDE_CODE_USER_ID},
     extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
     messages=[
         {"role": "user", "content": [{"type": "text", "text": "Look:"}, IMAGE, {
@@ -161,6 +171,18 @@ def test_each_preset_sends_only_what_its_server_takes(start_proxy, upstream, pre
                                                        "text": "[tool loaded: Grep]"}
     assert len(sent) == 3 and sent[2]["content"][-1] == {"type": "text",  # the system message
                                                          "text": "Working directory: /w"}
+    user_id = upstream.requests[0]["json"]["metadata"]["user_id"]
+    assert re.fullmatch(r"u_[0-9a-f]{32}", user_id)         # stable: a digest of Claude Code's
+    assert user_id == ccproxy.plain_user_id({"user_id": CLAUDE_CODE_USER_ID})
+
+
+def test_anthropic_itself_gets_claude_codes_user_id_as_it_came(start_proxy, upstream):
+    upstream.script = lambda r: answer("anthropic", False, "SIG")
+    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": KEY,
+                                        "api_base_url": upstream.url}]})
+    sdk(proxy).messages.create(model="m", max_tokens=9, metadata={
+        "user_id": CLAUDE_CODE_USER_ID}, messages=[{"role": "user", "content": "hi"}])
+    assert upstream.requests[0]["json"]["metadata"] == {"user_id": CLAUDE_CODE_USER_ID}
 
 
 @pytest.mark.parametrize("stream", [False, True])
