@@ -986,12 +986,14 @@ ANTHROPIC_COMPAT = {
     "no_blocks": (),            # block types it takes nowhere (tool results included): as text
     "thinking_with_calls": False,   # in thinking mode, tool calls want a thinking block first
     "thinks_unasked": False,    # thinks when a request does not say: told not to instead
+    "effort_needs_thinking": False,     # refuses output_config.effort with thinking off
 }
 # Anthropic-compatible endpoints, from each provider's own page (checked 2026-12-05):
 #   deepseek-anthropic: https://api-docs.deepseek.com/guides/anthropic_api (x-api-key; ignores
 #     anthropic-beta, container, mcp_servers, service_tier, top_k; no image, document,
 #     search_result or redacted_thinking; in thinking mode its own thinking must come back with
-#     tool calls, and a turn of calls without it is refused)
+#     tool calls, and a turn of calls without it is refused; by its refusals, an effort with
+#     thinking off, and a metadata.user_id of more than [a-zA-Z0-9_-], are refused too)
 #   minimax: https://platform.minimax.io/docs/api-reference/text-anthropic-api (x-api-key; text
 #     and tool calls only, no image or document; top_k and stop_sequences ignored)
 #   kimi, moonshot: https://platform.moonshot.ai/docs/guide/agent-support (Bearer key)
@@ -1016,7 +1018,7 @@ DEEPSEEK_VISION_MODELS = r"^deepseek-(v4-)?flash"
 DEEPSEEK_ANTHROPIC = {"type": "anthropic", "api_base_url": "https://api.deepseek.com/anthropic",
                       "quirks": {"anthropic_compat": {
                           "drop_betas": True, "thinking_with_calls": True,
-                          "thinks_unasked": True,
+                          "thinks_unasked": True, "effort_needs_thinking": True,
                           "drop_fields": ("container", "mcp_servers", "service_tier", "top_k"),
                           "no_blocks": ("image", "document", "search_result",
                                         "redacted_thinking")}}}
@@ -7994,13 +7996,9 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if refused:
         changes.update(without_refused_inner_fields(body, refused))
     if compat:
-        changes.update(plain_metadata(body))
-    if compat and "tool_reference" in compat["no_blocks"]:
-        tools = loaded_tools_only(dict(body, tools=changes.get("tools", body.get("tools"))))
-        if tools is not None:
-            changes["tools"] = tools
+        changes.update(compatible_changes(body, changes, compat))
     dropped = [key for key in tuple((compat or ANTHROPIC_COMPAT)["drop_fields"]) + tuple(refused)
-               if key in body]
+               if key in body] + [key for key, value in changes.items() if value is None]
     added = {"thinking": {"type": "disabled"}} if compat and compat["thinks_unasked"] \
         and "thinking" not in body else {}    # Anthropic's models think only when asked
     if dropped or added:
@@ -8009,6 +8007,31 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
     if not changes:
         return request.body
     return splice_json_values(request.body_text, request.body_spans, changes)
+
+
+def compatible_changes(body: dict, changes: dict, compat: dict) -> dict:
+    """What else a compatible server gets changed (None: left out): its user id made plain;
+    where it takes no tool_reference, the tools as it can load them; where it refuses an
+    effort without thinking, none then."""
+    fields = plain_metadata(body)
+    if "tool_reference" in compat["no_blocks"]:
+        tools = loaded_tools_only(dict(body, tools=changes.get("tools", body.get("tools"))))
+        if tools is not None:
+            fields["tools"] = tools
+    if compat["effort_needs_thinking"] and not thinking_asked(body):
+        fields.update(without_effort(changes.get("output_config", body.get("output_config"))))
+    return fields
+
+
+def without_effort(output_config) -> dict:
+    """{"output_config": without its effort, or None when nothing else is left}; {} when it
+    has none. DeepSeek refuses an effort with thinking off ("thinking options type cannot be
+    disabled when reasoning_effort is set", deepseek-ai/DeepSeek-V3#1397): Claude Code
+    2.1.166 on sends one so to its subagents when CLAUDE_CODE_EFFORT_LEVEL is set."""
+    if not isinstance(output_config, dict) or "effort" not in output_config:
+        return {}
+    rest = {key: value for key, value in output_config.items() if key != "effort"}
+    return {"output_config": rest or None}
 
 
 def plain_metadata(body: dict) -> dict:

@@ -586,3 +586,30 @@ def test_a_server_that_takes_no_tool_reference_gets_the_tools_it_loaded(start_pr
     sent = upstream.requests[0]["json"]["tools"]
     assert sent == (tools if preset == "minimax" else [
         {"name": "Bash", "input_schema": schema}, {"name": "Grep", "input_schema": schema}])
+
+
+@pytest.mark.parametrize("thinking, output_config, sent", [
+    (None, {"effort": "max"}, None),                      # thinking off (the preset's)
+    ({"type": "disabled"}, {"effort": "max", "format": {"type": "json_schema"}},
+     {"format": {"type": "json_schema"}}),
+    ({"type": "adaptive"}, {"effort": "max"}, {"effort": "max"})])
+def test_deepseek_gets_no_effort_with_thinking_off(start_proxy, upstream, thinking,
+                                                   output_config, sent):
+    """Claude Code 2.1.166 on sends its subagents thinking off and, with
+    CLAUDE_CODE_EFFORT_LEVEL set, an effort, which DeepSeek refuses together."""
+    def deepseek(request):
+        body = request["json"]
+        if body["thinking"] == {"type": "disabled"} and "effort" in body.get(
+                "output_config", {}):
+            return json_reply({"type": "error", "error": {
+                "type": "invalid_request_error", "message": "thinking options type cannot be "
+                "disabled when reasoning_effort is set"}}, 400)
+        return answer("deepseek-anthropic", False, "SIG")
+    upstream.script = deepseek
+    proxy = compat_proxy(start_proxy, upstream, "deepseek-anthropic")
+    request = dict(model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}],
+                   extra_body={"output_config": output_config})
+    if thinking:
+        request["thinking"] = thinking
+    sdk(proxy).messages.create(**request)
+    assert upstream.requests[0]["json"].get("output_config") == sent
