@@ -5841,13 +5841,14 @@ def token_count(text: str) -> int:
 # A provider's refusal of max_tokens above a model's output limit, with the limit: Groq's
 # "max_completion_tokens must be less than or equal to 40960" (and "`max_tokens` … `16384`",
 # "max_tokens for `m` … 8000"), OpenAI's "This model supports at most 16384 completion tokens",
-# DeepSeek's "the valid range of max_tokens is [1, 8192]", Anthropic's
+# DeepSeek's "the valid range of max_tokens is [1, 8192]", a GLM host's "The max_tokens
+# parameter is illegal.：限制数值范围[1,131072]" (diegosouzapw/OmniRoute#4518), Anthropic's
 # "max_tokens: 64000 > 32000, which is the maximum allowed number of output tokens".
 OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? must be less than "
                              r"or equal to `?(%s)|supports at most (%s) completion tokens|"
-                             r"range of max_tokens is \[1, (%s)\]|max_tokens: \d+ > (%s), "
-                             r"which is the maximum allowed number of output tokens"
-                             % ((TOKEN_COUNT,) * 4), re.I)
+                             r"max_tokens\b[^\[\]]{0,40}\[1, ?(\d{1,15})\]|max_tokens: \d+ > "
+                             r"(%s), which is the maximum allowed number of output tokens"
+                             % ((TOKEN_COUNT,) * 3), re.I)
 
 
 def body_to_send_again(error: ProxyError, provider: Provider, model: str,

@@ -1596,6 +1596,8 @@ def test_a_pdf_in_a_tool_result_follows_it_and_a_text_document_stays_in_it():
     ("openai", 16384, "max_tokens is too large: 64000. This model supports at most 16384 "
                       "completion tokens, whereas you provided 64000."),
     ("deepseek", 8192, "Invalid max_tokens value, the valid range of max_tokens is [1, 8192]"),
+    ("openai", 32768, "The max_tokens parameter is illegal.\uff1a\u9650\u5236\u6570\u503c"
+                      "\u8303\u56f4[1,32768]"),                  # a GLM host's, in Chinese
 ])
 def test_an_output_limit_a_provider_states_is_learned_and_the_request_sent_again(
         start_proxy, upstream, preset, limit, wording):
