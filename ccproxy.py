@@ -5976,10 +5976,14 @@ def learns_refused_field(error: ProxyError, provider: Provider, model: str) -> b
 
 # An Anthropic-compatible server's refusal of betas the client asked for, Vertex AI's above all
 # (and gateways in front of it): "Unexpected value(s) `effort-2025-11-24`,
-# `web-search-2025-03-05` for the `anthropic-beta` header. … try again without the header".
+# `web-search-2025-03-05` for the `anthropic-beta` header. … try again without the header";
+# a gateway's "Unexpected beta header "advisor-tool-2026-03-01"" (anthropics/claude-code#70563);
+# Bedrock's "invalid beta flag", which names none: then every beta is left out (ALL_BETAS).
 MAX_BETAS_REMEMBERED = 64     # Claude Code sends a dozen; a provider naming more starts afresh
 BETAS_REFUSED_RE = re.compile(r"Unexpected value\(s\) ((?:`[^`]{1,100}`,? ?){1,50}) for the "
-                              r"`anthropic-beta` header")
+                              r"`anthropic-beta` header|Unexpected beta header \"([^\"]{1,100})\""
+                              r"|(invalid beta flag)")
+ALL_BETAS = "*"
 
 
 def learns_refused_betas(error: ProxyError, provider: Provider) -> bool:
@@ -5990,7 +5994,8 @@ def learns_refused_betas(error: ProxyError, provider: Provider) -> bool:
     found = BETAS_REFUSED_RE.search(error.message) if error.status == 400 and \
         provider.protocol == "anthropic" and urllib.parse.urlsplit(
             provider.base_url).hostname != "api.anthropic.com" else None
-    betas = frozenset(re.findall(r"`([^`]+)`", found.group(1))) if found else frozenset()
+    betas = frozenset(re.findall(r"`([^`]+)`", found.group(1)) if found.group(1) else [
+        found.group(2) or ALL_BETAS]) if found else frozenset()
     if betas <= provider.refused_betas:
         return False
     kept = provider.refused_betas if len(provider.refused_betas) < MAX_BETAS_REMEMBERED else ()
@@ -7963,8 +7968,8 @@ def anthropic_request_headers(provider: Provider, request: Request | None = None
     for name in ANTHROPIC_FORWARDED_HEADERS if request is not None else ():
         value = request.headers.get(name)
         if value and name == "anthropic-beta" and provider.refused_betas:
-            value = ",".join(beta for beta in value.split(",")
-                             if beta.strip() not in provider.refused_betas)
+            value = "" if ALL_BETAS in provider.refused_betas else ",".join(
+                beta for beta in value.split(",") if beta.strip() not in provider.refused_betas)
         if value and not (name == "anthropic-beta" and compat["drop_betas"]):
             headers[name] = header_safe(value)
     if provider.api_key and compat["auth"] == "bearer":

@@ -680,6 +680,24 @@ def test_betas_a_gateway_refuses_are_learned_and_left_out(start_proxy, upstream)
                                                      "effort-2025-11-24"]
 
 
+@pytest.mark.parametrize("words, sent_after", [
+    ('Unexpected beta header "advisor-tool-2026-03-01"', "interleaved-thinking-2025-05-14"),
+    ("invalid beta flag", None)])                      # Bedrock's, behind a gateway: none named
+def test_a_refused_beta_is_learned_in_a_gateways_words_or_bedrocks(start_proxy, upstream,
+                                                                    words, sent_after):
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, name="gw",
+                                                          type="anthropic")]})
+    betas = "advisor-tool-2026-03-01,interleaved-thinking-2025-05-14"
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": words}}, 400) if "advisor" in r[
+        "headers"].get("anthropic-beta", "") else json_reply(anthropic_message())
+    for turn in range(2):
+        sdk(proxy).messages.create(model="m", max_tokens=50, extra_headers={
+            "anthropic-beta": betas}, messages=[{"role": "user", "content": "hi"}])
+    assert [r["headers"].get("anthropic-beta") for r in upstream.requests] == [
+        betas, sent_after, sent_after]
+
+
 def test_anthropic_itself_is_sent_the_betas_the_client_sent_whatever_it_refuses():
     config = ccproxy.build_config({"providers": [{"name": "anthropic", "api_key": "k"}]}, "c",
                                   {})
