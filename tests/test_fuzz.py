@@ -735,7 +735,8 @@ ERROR_WORDS = ["maximum context length is ", " tokens. However, you requested ",
                "on tokens per minute (TPM): Limit ", ", Requested ", "You requested up to ",
                " tokens, but can only afford ", "is too large: ", "request has ",
                " input tokens", "Given: ", " `inputs` tokens and ", " `max_new_tokens`",
-               "context size (", "free-models-per-day", "`max_new_tokens` must be <= ", ","]
+               "context size (", "free-models-per-day", "`max_new_tokens` must be <= ", ",",
+               "The max_tokens parameter is illegal.\uff1a[1,", "]"]
 error_numbers = st.one_of(st.integers(0, 10 ** 7).map(str), st.integers(0, 10 ** 7).map(
     "{:,}".format), st.integers(1, 6000).map(lambda n: "9" * n))
 
