@@ -8017,16 +8017,47 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
 
 def compatible_changes(body: dict, changes: dict, compat: dict) -> dict:
     """What else a compatible server gets changed (None: left out): its user id made plain;
-    where it takes no tool_reference, the tools as it can load them; where it refuses an
-    effort without thinking, none then."""
+    the tools as it takes them (compatible_tools); where it refuses an effort without
+    thinking, none then."""
     fields = plain_metadata(body)
-    if "tool_reference" in compat["no_blocks"]:
-        tools = loaded_tools_only(dict(body, tools=changes.get("tools", body.get("tools"))))
-        if tools is not None:
-            fields["tools"] = tools
+    tools = compatible_tools(body, changes.get("tools", body.get("tools")), compat)
+    if tools is not None:
+        fields["tools"] = tools
     if compat["effort_needs_thinking"] and not thinking_asked(body):
         fields.update(without_effort(changes.get("output_config", body.get("output_config"))))
     return fields
+
+
+def compatible_tools(body: dict, tools, compat: dict) -> list | None:
+    """The tools as a compatible server takes them, or None when as they are: where it takes
+    no tool_reference, as it can load them (loaded_tools_only); each input schema whole."""
+    loaded = loaded_tools_only(dict(body, tools=tools)) if "tool_reference" in compat[
+        "no_blocks"] else None
+    whole = tools_with_whole_schemas(list_of(tools if loaded is None else loaded))
+    return loaded if whole is None else whole
+
+
+def tools_with_whole_schemas(tools: list) -> list | None:
+    """The tools with each custom tool's input_schema an object with properties, as a
+    compatible server wants one: MiniMax's answers one of {"type": "object"} alone (an MCP
+    tool's without parameters), or none, with "function name or parameters is empty (2013)",
+    at every request; None when each is whole."""
+    custom = [isinstance(tool, dict) and tool.get("type") in (None, "custom") for tool in tools]
+    if all(whole_schema(tool.get("input_schema")) == tool.get("input_schema")
+           for tool, mine in zip(tools, custom) if mine):
+        return None
+    return [dict(tool, input_schema=whole_schema(tool.get("input_schema"))) if mine else tool
+            for tool, mine in zip(tools, custom)]
+
+
+def whole_schema(schema) -> dict:
+    """A tool's input_schema as an object with properties (none given: none taken)."""
+    schema = schema if isinstance(schema, dict) else {}
+    if schema.get("type") == "object" and isinstance(schema.get("properties"), dict):
+        return schema
+    properties = schema.get("properties")
+    return dict(schema, type="object", properties=properties if isinstance(
+        properties, dict) else {})
 
 
 def without_effort(output_config) -> dict:

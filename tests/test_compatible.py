@@ -613,3 +613,30 @@ def test_deepseek_gets_no_effort_with_thinking_off(start_proxy, upstream, thinki
         request["thinking"] = thinking
     sdk(proxy).messages.create(**request)
     assert upstream.requests[0]["json"].get("output_config") == sent
+
+
+@pytest.mark.parametrize("preset", ["minimax", "anthropic"])
+def test_a_tool_schema_without_properties_reaches_a_compatible_server_whole(start_proxy,
+                                                                            upstream, preset):
+    """An MCP tool without parameters comes as {"type": "object"} alone: MiniMax answers it
+    "function name or parameters is empty (2013)", at every request, since tools go with each.
+    Anthropic takes it as it is."""
+    def minimax(request):
+        for tool in request["json"]["tools"]:
+            if not isinstance(tool["input_schema"].get("properties"), dict):
+                return json_reply({"type": "error", "error": {
+                    "type": "invalid_request_error",
+                    "message": "invalid params, function name or parameters is empty (2013)"}},
+                    400)
+        return answer(preset, False, "SIG")
+    upstream.script = minimax if preset == "minimax" else lambda r: answer(preset, False, "S")
+    proxy = compat_proxy(start_proxy, upstream, preset)
+    tools = [{"name": "mcp__clock__now", "input_schema": {"type": "object"}},
+             {"name": "Bash", "input_schema": {"type": "object", "properties": {
+                 "command": {"type": "string"}}}}]
+    sdk(proxy).messages.create(model="m", max_tokens=50, tools=tools,
+                               messages=[{"role": "user", "content": "what time is it"}])
+    sent = upstream.requests[0]["json"]["tools"]
+    assert sent == (tools if preset == "anthropic" else [
+        {"name": "mcp__clock__now", "input_schema": {"type": "object", "properties": {}}}]
+        + tools[1:])
