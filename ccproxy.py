@@ -998,6 +998,8 @@ ANTHROPIC_COMPAT = {
 #     and tool calls only, no image or document; top_k and stop_sequences ignored)
 #   kimi, moonshot: https://platform.moonshot.ai/docs/guide/agent-support (Bearer key)
 #   glm, zai: https://docs.z.ai/scenario-example/develop-tools/claude (Bearer key)
+#   mimo, xiaomi: https://platform.xiaomimimo.com/docs/en-US/api/chat/anthropic-api (its key as
+#     api-key or Bearer, not x-api-key; updated 2026-06-03, checked 2026-12-07)
 # Kimi and GLM publish no table of what they lack. Kimi's own refusals say it: "Input tag
 # 'document' … does not match any of the expected tags: 'image', 'server_tool_use', 'text',
 # 'thinking', 'tool_result', 'tool_use', 'web_search_tool_result'" (on 2026-03-12,
@@ -1033,6 +1035,8 @@ KIMI = {"type": "anthropic", "api_base_url": "https://api.moonshot.ai/anthropic"
                           "container_upload")}}}
 GLM = {"type": "anthropic", "api_base_url": "https://api.z.ai/api/anthropic",
        "quirks": {"anthropic_compat": {"auth": "bearer", "no_blocks": ("tool_reference",)}}}
+MIMO = {"type": "anthropic", "api_base_url": "https://api.xiaomimimo.com/anthropic",
+        "quirks": {"anthropic_compat": {"auth": "bearer"}}}
 MINIMAX = {"type": "anthropic", "api_base_url": "https://api.minimax.io/anthropic",
            "quirks": {"anthropic_compat": {"drop_fields": ("top_k", "stop_sequences"),
                                            "no_blocks": ("image", "document")}}}
@@ -1092,6 +1096,7 @@ PROVIDER_PRESETS = {
     "kimi": KIMI, "moonshot": KIMI,
     "glm": GLM, "zai": GLM,
     "minimax": MINIMAX,
+    "mimo": MIMO, "xiaomi": MIMO,
 }
 # The hosts of those Anthropic-compatible APIs, their China and coding-plan twins too: a
 # "type": "anthropic" provider of any other name whose base URL is on one is taken for that
@@ -1099,11 +1104,12 @@ PROVIDER_PRESETS = {
 # Moonshot's China platform: https://api.moonshot.cn/anthropic, Zhipu's:
 # https://open.bigmodel.cn/api/anthropic (docs.bigmodel.cn/cn/guide/develop/claude), MiniMax's:
 # https://api.minimaxi.com/anthropic (platform.minimaxi.com/docs/api-reference/
-# text-anthropic-api); checked 2026-12-07.
+# text-anthropic-api); Xiaomi's token plans: https://token-plan-cn.xiaomimimo.com/anthropic and
+# other hosts of xiaomimimo.com (a host's domain is looked up too); checked 2026-12-07.
 ANTHROPIC_COMPAT_HOSTS = {"api.deepseek.com": DEEPSEEK_ANTHROPIC, "api.moonshot.ai": KIMI,
                           "api.moonshot.cn": KIMI, "api.kimi.com": KIMI, "api.z.ai": GLM,
                           "open.bigmodel.cn": GLM, "api.minimax.io": MINIMAX,
-                          "api.minimaxi.com": MINIMAX}
+                          "api.minimaxi.com": MINIMAX, "xiaomimimo.com": MIMO}
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_keys": None,
                      "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
@@ -1783,8 +1789,8 @@ def provider_quirks(fields: dict, preset: dict) -> dict:
     back), then what its entry says of the Responses API and Azure. A provider of no preset's
     name gets the quirks of the Anthropic-compatible server its base URL points at."""
     host = (urllib.parse.urlsplit(fields["api_base_url"]).hostname or "").lower()
-    served = preset or (ANTHROPIC_COMPAT_HOSTS.get(host, {}) if fields["type"] == "anthropic"
-                        else {})
+    served = preset or (ANTHROPIC_COMPAT_HOSTS.get(host) or ANTHROPIC_COMPAT_HOSTS.get(
+        host.partition(".")[2], {}) if fields["type"] == "anthropic" else {})
     quirks = dict(PROVIDER_QUIRKS, **served.get("quirks", {}))
     if quirks["anthropic_compat"] is not None:
         quirks["anthropic_compat"] = dict(ANTHROPIC_COMPAT, **quirks["anthropic_compat"])

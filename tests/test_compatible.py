@@ -24,6 +24,7 @@ RULES = {
                         "web_fetch_tool_result", "code_execution_tool_result", "mcp_tool_use",
                         "mcp_tool_result", "container_upload"}, set(), True),
     "glm": ("bearer", {"tool_reference"}, set(), True),
+    "mimo": ("bearer", set(), set(), True),
 }
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
 
@@ -468,6 +469,7 @@ def test_compatible_presets_cannot_search_and_know_their_limits():
     ("https://open.bigmodel.cn/api/anthropic", "glm"),
     ("https://api.minimaxi.com/anthropic", "minimax"),
     ("https://api.deepseek.com/anthropic", "deepseek-anthropic"),
+    ("https://token-plan-cn.xiaomimimo.com/anthropic", "mimo"),
     ("https://llm.example.com/anthropic", None)])
 def test_a_provider_of_any_name_on_a_compatible_servers_host_is_taken_for_that_server(url,
                                                                                       served):
