@@ -1550,7 +1550,10 @@ def base_url_problem(url) -> str | None:
                                                       else url)
     if control_character_problem(url) or re.search(r"\s", url):
         return "must not contain spaces or control characters"
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as error:                      # "http://[::1": "Invalid IPv6 URL"
+        return "not a URL: %s (%s)" % (json.dumps(url), error)
     if "?" in url or "#" in url:
         return "must not have a query string or fragment (%s…)" % url.split("?")[0].split("#")[0]
     if "@" in parts.netloc:
@@ -1606,8 +1609,11 @@ def host_problem(host: str) -> str | None:
     """Why host cannot be listened on: a URL, brackets or a port written with it, or no
     address or host name at all; None when it is one."""
     if "://" in host:
-        return "must be an address or a host name, not a URL: %s" % json.dumps(
-            urllib.parse.urlsplit(host).hostname or host)
+        try:
+            named = urllib.parse.urlsplit(host).hostname or host
+        except ValueError:                               # "http://[::1": no URL at all
+            named = host
+        return "must be an address or a host name, not a URL: %s" % json.dumps(named)
     if host.startswith("[") and host.endswith("]"):
         return "write the address without brackets: %s" % json.dumps(host[1:-1])
     try:
@@ -13061,8 +13067,8 @@ NOT_ANSWERING = "it does not answer /health (busy, or its process stopped?)"
 
 def accepts_connections(url: str) -> bool:
     """Whether something listens at the URL's host and port."""
-    parts = urllib.parse.urlsplit(url)
     try:
+        parts = urllib.parse.urlsplit(url)
         with socket.create_connection((parts.hostname, parts.port), timeout=1):
             return True
     except (OSError, ValueError, TypeError):

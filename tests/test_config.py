@@ -161,6 +161,8 @@ def test_presets_fill_base_url_and_protocol():
 @pytest.mark.parametrize("raw, message", [
     ({"providers": [{"name": "a", "type": "openai", "api_base_url": "ftp://x"}]},
      'config.json: providers[0].api_base_url: not an http(s) URL: "ftp://x"'),
+    ({"providers": [{"name": "a", "type": "openai", "api_base_url": "http://[::1/v1"}]},
+     'config.json: providers[0].api_base_url: not a URL: "http://[::1/v1" (Invalid IPv6 URL)'),
     ({"providers": [{"name": "vllm"}]}, "config.json: providers[0].type: must be one of"),
     ({"providers": [{"name": "openai"}]}, "config.json: providers[0].api_key: required for openai"),
     ({"providers": [{"name": "openai", "api_key": "k", "models": "gpt-4"}]},
@@ -210,6 +212,7 @@ def test_a_duration_that_looks_like_milliseconds_warns():
     ("http://0.0.0.0", 'must be an address or a host name, not a URL: "0.0.0.0"'),
     ("0.0.0.0:3456", 'must not hold a port (set `port`): "0.0.0.0"'),
     ("[::1]", 'write the address without brackets: "::1"'),
+    ("http://[::1", 'must be an address or a host name, not a URL: "http://[::1"'),
     ("my host", 'must be an address (127.0.0.1, ::1, 0.0.0.0) or a host name, not "my host"'),
 ])
 def test_a_host_that_cannot_be_listened_on_is_said_at_check(host, problem):
