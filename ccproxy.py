@@ -1100,16 +1100,16 @@ PROVIDER_PRESETS = {
 }
 # The hosts of those Anthropic-compatible APIs, their China and coding-plan twins too: a
 # "type": "anthropic" provider of any other name whose base URL is on one is taken for that
-# server (not for Anthropic behind a gateway). Kimi For Coding: https://api.kimi.com/coding,
+# server, with its preset's quirks, limits and prices (not for Anthropic behind a gateway). Kimi For Coding: https://api.kimi.com/coding,
 # Moonshot's China platform: https://api.moonshot.cn/anthropic, Zhipu's:
 # https://open.bigmodel.cn/api/anthropic (docs.bigmodel.cn/cn/guide/develop/claude), MiniMax's:
 # https://api.minimaxi.com/anthropic (platform.minimaxi.com/docs/api-reference/
 # text-anthropic-api); Xiaomi's token plans: https://token-plan-cn.xiaomimimo.com/anthropic and
 # other hosts of xiaomimimo.com (a host's domain is looked up too); checked 2026-12-07.
-ANTHROPIC_COMPAT_HOSTS = {"api.deepseek.com": DEEPSEEK_ANTHROPIC, "api.moonshot.ai": KIMI,
-                          "api.moonshot.cn": KIMI, "api.kimi.com": KIMI, "api.z.ai": GLM,
-                          "open.bigmodel.cn": GLM, "api.minimax.io": MINIMAX,
-                          "api.minimaxi.com": MINIMAX, "xiaomimimo.com": MIMO}
+ANTHROPIC_COMPAT_HOSTS = {"api.deepseek.com": "deepseek-anthropic", "api.moonshot.ai": "kimi",
+                          "api.moonshot.cn": "kimi", "api.kimi.com": "kimi", "api.z.ai": "glm",
+                          "open.bigmodel.cn": "glm", "api.minimax.io": "minimax",
+                          "api.minimaxi.com": "minimax", "xiaomimimo.com": "mimo"}
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_keys": None,
                      "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
@@ -1779,25 +1779,41 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
     if len(checker.problems) > problems_before:
         return None
     headers = dict(preset.get("headers", {}), **fields["headers"])
-    limits = dict(PRESET_MODEL_LIMITS.get(name.lower(), {}))
+    served = served_preset(fields)
+    limits = dict(PRESET_MODEL_LIMITS.get(served, {}))
     limits.update(fields["model_limits"])
     return Provider(name=name, protocol=protocol, base_url=fields["api_base_url"].rstrip("/"),
                     api_keys=tuple(fields["api_keys"]), models=tuple(fields["models"]),
                     enabled=fields["enabled"], headers=headers, max_tokens=fields["max_tokens"],
                     count_tokens=fields["count_tokens"],
-                    quirks=provider_quirks(fields, preset), model_limits=limits,
-                    prices=dict(PRESET_MODEL_PRICES.get(name.lower(), {}), **fields["prices"]))
+                    quirks=provider_quirks(fields, PROVIDER_PRESETS.get(served, {})),
+                    model_limits=limits,
+                    prices=dict(PRESET_MODEL_PRICES.get(served, {}), **fields["prices"]))
+
+
+def served_preset(fields: dict) -> str:
+    """The preset whose data a provider takes: its name's, or, for an anthropic provider of
+    any other name, that of the compatible server its base URL is on (ANTHROPIC_COMPAT_HOSTS,
+    by host or by its domain); "" for none."""
+    name = str(fields.get("name")).lower()
+    if name in PROVIDER_PRESETS:
+        return name
+    if fields.get("type") != "anthropic":
+        return ""
+    try:
+        host = (urllib.parse.urlsplit(str(fields.get("api_base_url"))).hostname or "").lower()
+    except ValueError:                                   # said at api_base_url
+        return ""
+    return ANTHROPIC_COMPAT_HOSTS.get(host) or ANTHROPIC_COMPAT_HOSTS.get(
+        host.partition(".")[2], "")
 
 
 def provider_quirks(fields: dict, preset: dict) -> dict:
     """What the provider's server accepts: the defaults, its preset's (an Azure resource has
     OpenAI's; Gemini's OpenAI-compatible API, found by its host, wants thought signatures
-    back), then what its entry says of the Responses API and Azure. A provider of no preset's
-    name gets the quirks of the Anthropic-compatible server its base URL points at."""
+    back), then what its entry says of the Responses API and Azure."""
     host = (urllib.parse.urlsplit(fields["api_base_url"]).hostname or "").lower()
-    served = preset or (ANTHROPIC_COMPAT_HOSTS.get(host) or ANTHROPIC_COMPAT_HOSTS.get(
-        host.partition(".")[2], {}) if fields["type"] == "anthropic" else {})
-    quirks = dict(PROVIDER_QUIRKS, **served.get("quirks", {}))
+    quirks = dict(PROVIDER_QUIRKS, **preset.get("quirks", {}))
     if quirks["anthropic_compat"] is not None:
         quirks["anthropic_compat"] = dict(ANTHROPIC_COMPAT, **quirks["anthropic_compat"])
     if fields["type"] == "azure":
@@ -1840,7 +1856,7 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
         checker.fail(path + ".api_base_url", problem)
     fields["api_keys"] = provider_keys(checker, fields, path)
     models = checker.typed(fields, "models", path, list, "a list of model names")
-    preset_limits = PRESET_MODEL_LIMITS.get(str(fields.get("name")).lower(), {})
+    preset_limits = PRESET_MODEL_LIMITS.get(served_preset(fields), {})
     fields["models"], fields["model_limits"], fields["prices"] = [], {}, {}
     for index, model in enumerate(models or ()):
         where = "%s.models[%d]" % (path, index)

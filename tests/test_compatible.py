@@ -478,10 +478,13 @@ def test_a_provider_of_any_name_on_a_compatible_servers_host_is_taken_for_that_s
     config = ccproxy.build_config({"providers": [
         {"name": "mine", "type": "anthropic", "api_key": KEY, "api_base_url": url}]},
         "config.json", {})
-    compat = config.provider_named("mine").quirks["anthropic_compat"]
+    mine = config.provider_named("mine")
     preset = ccproxy.PROVIDER_PRESETS.get(served, {"quirks": {"anthropic_compat": None}})
     expected = preset["quirks"]["anthropic_compat"]
-    assert compat == (dict(ccproxy.ANTHROPIC_COMPAT, **expected) if served else None)
+    assert mine.quirks["anthropic_compat"] == (dict(ccproxy.ANTHROPIC_COMPAT, **expected)
+                                               if served else None)
+    assert mine.model_limits == ccproxy.PRESET_MODEL_LIMITS.get(served, {})   # and its data
+    assert mine.prices == ccproxy.PRESET_MODEL_PRICES.get(served, {})
     request = {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": [
         {"type": "document", "source": {"type": "text", "media_type": "text/plain",
                                         "data": "the spec"}}]}]}
