@@ -715,6 +715,46 @@ def test_real_claude_code_runs_a_tool_on_each_compatible_preset_and_azure(versio
             "claude-cli"}
 
 
+def thinks_unasked_model(request):
+    """A server that thinks whatever a request says (Kimi For Coding), and refuses a turn of
+    tool calls without thinking before it, in Kimi's words; its model runs Bash thinking
+    nothing first, then answers in text."""
+    body = request["json"] or {}
+    stream = body.get("stream") is True
+    for index, message in enumerate(body.get("messages", ())):
+        blocks = message["content"] if isinstance(message["content"], list) else []
+        if any(b["type"] == "tool_use" for b in blocks) and blocks[0]["type"] != "thinking":
+            return json_reply({"type": "error", "error": {
+                "type": "invalid_request_error", "message": "thinking is enabled but "
+                "reasoning_content is missing in assistant tool call message at index %d"
+                % index}}, 400)
+    last = body["messages"][-1]["content"]
+    if isinstance(last, list) and any(b.get("type") == "tool_result" for b in last):
+        return anthropic_answer([{"type": "text", "text": FINAL_TEXT}], "end_turn", stream)
+    if "Bash" in [tool.get("name") for tool in body.get("tools") or ()]:
+        return anthropic_answer([{"type": "tool_use", "id": "toolu_cc1", "name": "Bash", "input": {
+            "command": "echo hi > out.txt", "description": "Write out.txt"}}], "tool_use", stream)
+    return anthropic_answer([{"type": "text", "text": "ok"}], "end_turn", stream)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_goes_on_when_a_compatible_server_wants_thinking_before_calls(
+        version, tmp_path, upstream):
+    """Its model thought nothing before its call; the server refused that turn at every
+    request after (Kimi For Coding). Told once, ccproxy puts an empty thinking block there."""
+    upstream.script = thinks_unasked_model
+    provider = {"name": "glm", "api_base_url": upstream.url, "api_key": COMPATIBLE_KEY,
+                "models": ["served-model"]}
+    result, output, work = run_code(
+        version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash tool.",
+        "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+    assert output and output["result"] == FINAL_TEXT, (result.stdout[-2000:],
+                                                        result.stderr[-2000:])
+    assert (work / "out.txt").read_text().strip() == "hi"
+    assert [r["json"]["messages"][1]["content"][0]["type"] for r in upstream.requests
+            if len(r["json"]["messages"]) > 2][-1] == "thinking"
+
+
 # --- WebSearch: Claude Code's search request, answered by Google Search grounding ------------------
 
 SEARCHED = [("https://www.python.org/downloads/release/python-3140/", "python.org"),
