@@ -6162,7 +6162,7 @@ def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError
     if refused is not None:
         return refused
     if error.status in (401, 403):
-        fix = "%s refused its API key; fix providers[%d].api_key%s" % (provider.name, index, place)
+        fix = refused_key_fix(error, provider, "providers[%d]" % index, place)
     elif (error.status == 404 and "model" in error.message.lower()) or (
             error.status == 400 and MISSING_MODEL_RE.search(error.message)):
         fix = "%s has no model %r; fix %s%s" % (provider.name, routing.model,
@@ -6185,6 +6185,24 @@ def diagnosed(error: ProxyError, routing: Routing, config: Config) -> ProxyError
         return error
     return error_for_status(error.status, "%s (%s)" % (fix, error.message),
                             error.headers).made_final()
+
+
+# Kimi For Coding's refusal of a client it does not know for a coding agent (its OpenAI-
+# compatible API knows them by their User-Agent, and ccproxy's translations send their own):
+# "Kimi For Coding is currently only available for Coding Agents such as Kimi CLI, Claude
+# Code, Roo Code, Kilo Code, etc." (403 access_terminated_error).
+CODING_AGENTS_ONLY_RE = re.compile(r"only available for Coding Agents", re.I)
+
+
+def refused_key_fix(error: ProxyError, provider: Provider, entry: str, place: str) -> str:
+    """What to fix after a 401 or 403: the key, or, where the server serves only the coding
+    agents it knows, the address: its Anthropic API gets the client's own User-Agent."""
+    if error.status == 403 and CODING_AGENTS_ONLY_RE.search(error.message):
+        return ("%s serves only the coding agents it knows, whatever the key: set %s.type to "
+                "\"anthropic\" and %s.api_base_url to its Anthropic address (Kimi For Coding: "
+                "https://api.kimi.com/coding)%s, where Claude Code's own User-Agent goes"
+                % (provider.name, entry, entry, place))
+    return "%s refused its API key; fix %s.api_key%s" % (provider.name, entry, place)
 
 
 def model_setting(config: Config, routing: Routing, index: int) -> str:

@@ -1423,6 +1423,26 @@ def test_upstream_errors_are_mapped(openai_proxy, upstream, status, error_class,
         assert caught.value.response.headers["retry-after"] == "3"
 
 
+def test_a_server_for_coding_agents_only_is_told_to_use_its_anthropic_address(start_proxy,
+                                                                             upstream):
+    """Kimi For Coding's OpenAI-compatible API answers an agent it does not know with a 403;
+    the key is not the problem, and its Anthropic API gets Claude Code's own User-Agent."""
+    upstream.script = lambda r: json_reply({"error": {
+        "message": "Kimi For Coding is currently only available for Coding Agents such as Kimi "
+                   "CLI, Claude Code, Roo Code, Kilo Code, etc.",
+        "type": "access_terminated_error"}}, 403)
+    proxy = start_proxy({"providers": [{"name": "kimi-code", "type": "openai", "api_key": "k",
+                                       "api_base_url": upstream.url + "/coding/v1"}]})
+    with pytest.raises(anthropic.PermissionDeniedError) as caught:
+        sdk(proxy).messages.create(**REQUEST)
+    message = caught.value.body["error"]["message"]
+    assert message.startswith(
+        'kimi-code serves only the coding agents it knows, whatever the key: set '
+        'providers[0].type to "anthropic" and providers[0].api_base_url to its Anthropic '
+        'address (Kimi For Coding: https://api.kimi.com/coding)')
+    assert "refused its API key" not in message
+
+
 def test_a_404_at_a_base_url_without_v1_says_to_try_it(start_proxy, upstream):
     upstream.script = lambda r: json_reply({"detail": "Not Found"}, 404)
     proxy = start_proxy({"providers": [{"name": "vllm", "type": "openai",
