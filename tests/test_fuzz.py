@@ -53,6 +53,10 @@ PROVIDERS = providers()
 TRANSLATIONS = [(provider, ccproxy.gemini_request_from_anthropic if provider.protocol == "gemini"
                  else ccproxy.openai_request_from_anthropic) for provider in PROVIDERS]
 TRANSLATIONS.append((PROVIDERS[0], ccproxy.responses_request_from_anthropic))
+ANTHROPIC_PROVIDERS = ccproxy.build_config({"providers": [
+    {"name": name, "api_key": "k"} for name in ("anthropic", "kimi", "glm", "minimax",
+                                                 "deepseek-anthropic", "mimo")]},
+    "c", {}).providers
 
 
 @settings(max_examples=400, deadline=None)
@@ -73,6 +77,11 @@ def check_translations(body: dict) -> None:
             json.dumps(translate(json.loads(json.dumps(body)), provider, "model-x"))
         except ccproxy.InvalidRequestError:
             pass
+    for provider in ANTHROPIC_PROVIDERS:          # the history and fields each server takes
+        json.dumps(ccproxy.anthropic_messages_for(body, provider))
+        compat = provider.quirks["anthropic_compat"]
+        if compat is not None:
+            json.dumps(ccproxy.compatible_changes(body, {}, compat))
 
 
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
