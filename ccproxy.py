@@ -1100,12 +1100,13 @@ PROVIDER_PRESETS = {
 }
 # The hosts of those Anthropic-compatible APIs, their China and coding-plan twins too: a
 # "type": "anthropic" provider of any other name whose base URL is on one is taken for that
-# server, with its preset's quirks, limits and prices (not for Anthropic behind a gateway). Kimi For Coding: https://api.kimi.com/coding,
-# Moonshot's China platform: https://api.moonshot.cn/anthropic, Zhipu's:
-# https://open.bigmodel.cn/api/anthropic (docs.bigmodel.cn/cn/guide/develop/claude), MiniMax's:
-# https://api.minimaxi.com/anthropic (platform.minimaxi.com/docs/api-reference/
-# text-anthropic-api); Xiaomi's token plans: https://token-plan-cn.xiaomimimo.com/anthropic and
-# other hosts of xiaomimimo.com (a host's domain is looked up too); checked 2026-12-07.
+# server, with its preset's quirks, limits and prices (not for Anthropic behind a gateway).
+# Kimi For Coding: https://api.kimi.com/coding, Moonshot's China platform:
+# https://api.moonshot.cn/anthropic, Zhipu's: https://open.bigmodel.cn/api/anthropic
+# (docs.bigmodel.cn/cn/guide/develop/claude), MiniMax's: https://api.minimaxi.com/anthropic
+# (platform.minimaxi.com/docs/api-reference/text-anthropic-api); Xiaomi's token plans:
+# https://token-plan-cn.xiaomimimo.com/anthropic and other hosts of xiaomimimo.com (a host's
+# domain is looked up too); checked 2026-12-07.
 ANTHROPIC_COMPAT_HOSTS = {"api.deepseek.com": "deepseek-anthropic", "api.moonshot.ai": "kimi",
                           "api.moonshot.cn": "kimi", "api.kimi.com": "kimi", "api.z.ai": "glm",
                           "open.bigmodel.cn": "glm", "api.minimax.io": "minimax",
@@ -9268,7 +9269,6 @@ def openai_tool_choice(choice, functions: set) -> dict:
     if choice.get("disable_parallel_tool_use") is True:
         fields["parallel_tool_calls"] = False
     return fields
-
 
 
 def openai_reasoning_fields(body: dict, quirks: dict, model: str) -> dict:
