@@ -1257,7 +1257,7 @@ class Provider:
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
     __slots__ = CONFIGURED + ("api_key", "masker", "runs_models_itself", "loaded_windows",
                               "windows_asked", "loads_tried", "learned_output_limits",
-                              "refused_fields", "refused_betas")
+                              "refused_fields", "refused_betas", "refuses_system_messages")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
@@ -1274,6 +1274,7 @@ class Provider:
         self.learned_output_limits = {}   # model -> the most output tokens it said it allows
         self.refused_fields = {}      # model -> the request fields the server said it refuses
         self.refused_betas = frozenset()  # the anthropic-beta values the server said it refuses
+        self.refuses_system_messages = False  # an Anthropic-protocol server said it takes none
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -3840,6 +3841,8 @@ class ProxyApp:
         compat = provider.quirks["anthropic_compat"]
         if compat and compat["thinking_with_calls"]:
             view["thinking_with_calls"] = compat["thinking_with_calls"]
+        if provider.refuses_system_messages:
+            view["refuses_system_messages"] = True
         if provider.refused_fields:
             view["refused_fields"] = {model: sorted(names)
                                       for model, names in provider.refused_fields.items()}
@@ -5884,10 +5887,14 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
                        body: dict) -> dict | None:
     """The request to send again at once after a provider's refusal that says what it wants
     instead, now learned or known: fewer output tokens (the model's limit; what the credits
-    cover), its reasoning back, no field or beta it does not take. None after any other."""
-    if learns_output_limit(error, provider, model, body) or learns_reasoning_replay(
-            error, provider) or learns_thinking_with_calls(error, provider, body) or \
-            learns_refused_field(error, provider, model) or learns_refused_betas(error, provider):
+    cover), its reasoning back or its thinking before calls, no field, beta or system message
+    it does not take. None after any other."""
+    if (learns_output_limit(error, provider, model, body)
+            or learns_reasoning_replay(error, provider)
+            or learns_thinking_with_calls(error, provider, body)
+            or learns_refused_field(error, provider, model)
+            or learns_refused_betas(error, provider)
+            or learns_system_messages_refused(error, provider)):
         return body
     return affordable_body(error, provider, body)
 
@@ -6031,6 +6038,32 @@ def learns_refused_betas(error: ProxyError, provider: Provider) -> bool:
     provider.refused_betas = frozenset(kept) | betas
     log.info("%s refuses the betas %s, it says; they are left out from now on",
              provider.name, ", ".join(sorted(betas)))
+    return True
+
+
+# An Anthropic-protocol server's refusal of the system messages Claude Code puts among the
+# others (one ends each of its requests, from 2.1.15x on): LM Studio's "request.messages.1.role:
+# Invalid discriminator value. Expected 'user' | 'assistant'" (lmstudio-bug-tracker#1399), a
+# pydantic server's "messages.1.role: Input should be 'user' or 'assistant'", MiniMax's "chat
+# content has invalid message role: system", and Anthropic's own words without the beta,
+# "Unexpected role "system"".
+SYSTEM_ROLE_REFUSED_RE = re.compile(
+    r"role\W{0,5}(?:Invalid discriminator value\. Expected 'user' \| 'assistant'|Input should be "
+    r"'user' or 'assistant'|must be either 'user' or 'assistant')|invalid message role: system|"
+    r"Unexpected role \W?system", re.I)
+
+
+def learns_system_messages_refused(error: ProxyError, provider: Provider) -> bool:
+    """Whether an Anthropic-protocol server's 400 says, in the words above, that it takes no
+    system message among the others: remembered for the provider, whose requests get them
+    joined to the user's from then on (as a compatible server's do), so that the request may
+    be sent again at once. Each request of Claude Code's was refused."""
+    if error.status != 400 or provider.protocol != "anthropic" or \
+            provider.refuses_system_messages or not SYSTEM_ROLE_REFUSED_RE.search(error.message):
+        return False
+    provider.refuses_system_messages = True
+    log.info("%s takes no system message among the others, it says; they are joined to the "
+             "user's from now on", provider.name)
     return True
 
 
@@ -8188,7 +8221,8 @@ def anthropic_messages_for(body: dict, provider: Provider):
         return None
     compat = provider.quirks["anthropic_compat"]
     thinking_on = thinking_asked(body) or (compat or {}).get("thinking_with_calls") == "always"
-    folded = system_messages_as_users(messages) if compat is not None else messages
+    folded = system_messages_as_users(messages) if compat is not None or \
+        provider.refuses_system_messages else messages
     changed, cleaned = folded is not messages, []
     for number, message in enumerate(folded, 1):
         fixed = anthropic_message_for(message, provider.name, compat, thinking_on)

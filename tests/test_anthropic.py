@@ -719,3 +719,29 @@ def test_a_provider_naming_endless_betas_fills_no_memory():
             ).encode())
         assert ccproxy.learns_refused_betas(error, provider)
     assert len(provider.refused_betas) <= ccproxy.MAX_BETAS_REMEMBERED + 50
+
+
+@pytest.mark.parametrize("words", [
+    "request.messages.1.role: Invalid discriminator value. Expected 'user' | 'assistant'",
+    "messages.1.role: Input should be 'user' or 'assistant'",
+    'messages: Unexpected role "system". The Messages API accepts a top-level `system` '
+    'parameter, not "system" as an input message role.'])
+def test_a_server_that_takes_no_system_message_among_the_others_says_so_once(start_proxy,
+                                                                             upstream, words):
+    """Claude Code ends each request with a system message among the others; LM Studio's
+    Anthropic API (and others) refused every one. Said once, they are joined to the user's."""
+    proxy = start_proxy({"providers": [anthropic_provider(upstream, name="lmstudio",
+                                                          type="anthropic")]})
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": words}}, 400) if any(
+        m["role"] == "system" for m in r["json"]["messages"]) else json_reply(anthropic_message())
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "system", "content": "Working directory: /w"}]
+    for turn in range(2):
+        assert sdk(proxy).messages.create(model="m", max_tokens=50, messages=messages
+                                          ).content[0].text == "Hello from upstream"
+    assert [len(r["json"]["messages"]) for r in upstream.requests] == [2, 1, 1]
+    assert upstream.requests[-1]["json"]["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "text", "text": "Working directory: /w"}]}]
+    view = sdk(proxy).get("/providers", cast_to=object)
+    assert view["providers"][0]["refuses_system_messages"] is True
