@@ -720,7 +720,6 @@ def thinks_unasked_model(request):
     tool calls without thinking before it, in Kimi's words; its model runs Bash thinking
     nothing first, then answers in text."""
     body = request["json"] or {}
-    stream = body.get("stream") is True
     for index, message in enumerate(body.get("messages", ())):
         blocks = message["content"] if isinstance(message["content"], list) else []
         if any(b["type"] == "tool_use" for b in blocks) and blocks[0]["type"] != "thinking":
@@ -728,6 +727,12 @@ def thinks_unasked_model(request):
                 "type": "invalid_request_error", "message": "thinking is enabled but "
                 "reasoning_content is missing in assistant tool call message at index %d"
                 % index}}, 400)
+    return bash_then_done(body)
+
+
+def bash_then_done(body):
+    """A model that runs Bash thinking nothing first, then, its result back, answers in text."""
+    stream = body.get("stream") is True
     last = body["messages"][-1]["content"]
     if isinstance(last, list) and any(b.get("type") == "tool_result" for b in last):
         return anthropic_answer([{"type": "text", "text": FINAL_TEXT}], "end_turn", stream)
@@ -753,6 +758,31 @@ def test_real_claude_code_goes_on_when_a_compatible_server_wants_thinking_before
     assert (work / "out.txt").read_text().strip() == "hi"
     assert [r["json"]["messages"][1]["content"][0]["type"] for r in upstream.requests
             if len(r["json"]["messages"]) > 2][-1] == "thinking"
+
+
+def no_system_role_model(request):
+    """LM Studio's Anthropic API: it refuses a system message among the others, in its
+    words; its model runs Bash, then answers in text."""
+    body = request["json"] or {}
+    if any(message["role"] == "system" for message in body.get("messages", ())):
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "request.messages.1.role: Invalid "
+            "discriminator value. Expected 'user' | 'assistant'"}}, 400)
+    return bash_then_done(body)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_runs_on_a_server_that_takes_no_system_message_among_the_others(
+        version, tmp_path, upstream):
+    upstream.script = no_system_role_model
+    provider = {"name": "lmstudio", "type": "anthropic", "api_base_url": upstream.url,
+                "models": ["served-model"]}
+    result, output, work = run_code(
+        version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash tool.",
+        "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+    assert output and output["result"] == FINAL_TEXT, (result.stdout[-2000:],
+                                                        result.stderr[-2000:])
+    assert (work / "out.txt").read_text().strip() == "hi"
 
 
 # --- WebSearch: Claude Code's search request, answered by Google Search grounding ------------------
