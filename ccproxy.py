@@ -38,6 +38,9 @@ Sections, in the order a request travels (grep -n '^# [0-9]' ccproxy.py), and th
     8. Router and resilience
         8.1 Routing: what a request needs, and the plan of providers it goes to
         8.2 Resilience: retries, key pools, circuit breakers, failover
+            8.2.1 Retries, keys, circuits, and the next candidate
+            8.2.2 What a provider's refusal says it wants: learned, and the request sent again
+            8.2.3 Refusals that are the configuration's: plans, tools, keys, models, addresses
     9. Transformers
         9.1 Shared by every protocol: the client's request and events, the relay
             9.1.1 Protocols, a provider's call, and what a translation knows
@@ -5617,6 +5620,9 @@ def default_target(config: Config):
 # 8.2 Resilience: retries, key pools, circuit breakers, failover
 # -----------------------------------------------------------------------------
 
+# 8.2.1 Retries, keys, circuits, and the next candidate
+# .............................................................................
+
 RETRYABLE_STATUSES = frozenset((408, 409, 429, 500, 502, 503, 504, 529))
 
 
@@ -5853,12 +5859,8 @@ def moves_on(failure: ProxyError, plan: list, position: int, config: Config) -> 
     return failure.final or failure.status in RETRYABLE_STATUSES
 
 
-# Words of a provider's 400 that mean it does not have the model asked for (a 404 need only
-# mention a model: Anthropic's says "model: claude-…").
-MISSING_MODEL_RE = re.compile(r"model\b.{0,120}?\b(not[ _]found|does not exist|not exist|no such|"
-                              r"not available)|\b(unknown|invalid) model|not a valid model",
-                              re.I | re.S)
-
+# 8.2.2 What a provider's refusal says it wants: learned, and the request sent again
+# .............................................................................
 
 # A count of tokens in a provider's words, as read from its error messages ("32768", "32,768"):
 # at most 15 digits, not part of a longer run (Python 3.11 refuses int() of 4,300 digits).
@@ -6109,6 +6111,16 @@ def learns_thinking_with_calls(error: ProxyError, provider: Provider, body: dict
     log.info("%s wants a thinking block before each turn of tool calls, it says; an empty one "
              "is put where there is none from now on", provider.name)
     return True
+
+
+# 8.2.3 Refusals that are the configuration's: plans, tools, keys, models, addresses
+# .............................................................................
+
+# Words of a provider's 400 that mean it does not have the model asked for (a 404 need only
+# mention a model: Anthropic's says "model: claude-…").
+MISSING_MODEL_RE = re.compile(r"model\b.{0,120}?\b(not[ _]found|does not exist|not exist|no such|"
+                              r"not available)|\b(unknown|invalid) model|not a valid model",
+                              re.I | re.S)
 
 
 # A provider's refusal of a request larger than the plan allows in a minute, whose numbers
