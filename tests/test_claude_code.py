@@ -17,7 +17,7 @@ import claude_code_canary
 from helpers import (CLAUDE_CODE_VERSIONS as VERSIONS, MISTRAL_FIELDS, REPO, Reply, dead_url,
                      installed_claude, json_reply, mistral_problem, stream_reply)
 from test_compatible import KEY as COMPATIBLE_KEY, RULES as COMPATIBLE_RULES, anthropic_answer, \
-    problems_of
+    problems_of, thinking_missing
 from test_responses import call_item, events_for, message_item, reasoning_item, response, sse
 
 def openai_answer(message: dict, stream: bool, finish: str):
@@ -720,14 +720,7 @@ def thinks_unasked_model(request):
     tool calls without thinking before it, in Kimi's words; its model runs Bash thinking
     nothing first, then answers in text."""
     body = request["json"] or {}
-    for index, message in enumerate(body.get("messages", ())):
-        blocks = message["content"] if isinstance(message["content"], list) else []
-        if any(b["type"] == "tool_use" for b in blocks) and blocks[0]["type"] != "thinking":
-            return json_reply({"type": "error", "error": {
-                "type": "invalid_request_error", "message": "thinking is enabled but "
-                "reasoning_content is missing in assistant tool call message at index %d"
-                % index}}, 400)
-    return bash_then_done(body)
+    return thinking_missing(body) or bash_then_done(body)
 
 
 def bash_then_done(body):
@@ -748,14 +741,8 @@ def test_real_claude_code_goes_on_when_a_compatible_server_wants_thinking_before
     """Its model thought nothing before its call; the server refused that turn at every
     request after (Kimi For Coding). Told once, ccproxy puts an empty thinking block there."""
     upstream.script = thinks_unasked_model
-    provider = {"name": "glm", "api_base_url": upstream.url, "api_key": COMPATIBLE_KEY,
-                "models": ["served-model"]}
-    result, output, work = run_code(
-        version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash tool.",
-        "Bash", CLAUDE_CODE_MAX_RETRIES="0")
-    assert output and output["result"] == FINAL_TEXT, (result.stdout[-2000:],
-                                                        result.stderr[-2000:])
-    assert (work / "out.txt").read_text().strip() == "hi"
+    runs_bash(version, tmp_path, {"name": "glm", "api_base_url": upstream.url,
+                                  "api_key": COMPATIBLE_KEY, "models": ["served-model"]})
     assert [r["json"]["messages"][1]["content"][0]["type"] for r in upstream.requests
             if len(r["json"]["messages"]) > 2][-1] == "thinking"
 
@@ -775,8 +762,13 @@ def no_system_role_model(request):
 def test_real_claude_code_runs_on_a_server_that_takes_no_system_message_among_the_others(
         version, tmp_path, upstream):
     upstream.script = no_system_role_model
-    provider = {"name": "lmstudio", "type": "anthropic", "api_base_url": upstream.url,
-                "models": ["served-model"]}
+    runs_bash(version, tmp_path, {"name": "lmstudio", "type": "anthropic",
+                                  "api_base_url": upstream.url, "models": ["served-model"]})
+
+
+def runs_bash(version, tmp_path, provider):
+    """The real Claude Code, on this provider alone, asked to write out.txt with Bash: it
+    finishes with the model's final text, and the file is written."""
     result, output, work = run_code(
         version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash tool.",
         "Bash", CLAUDE_CODE_MAX_RETRIES="0")

@@ -494,17 +494,23 @@ def test_a_provider_of_any_name_on_a_compatible_servers_host_is_taken_for_that_s
                     if as_text else None)
 
 
-def kimi_for_coding(request):
-    """A mock of Kimi For Coding: it thinks whatever a request says, and refuses a history
-    with a turn of tool calls that has no thinking before them."""
-    for index, message in enumerate(request["json"]["messages"]):
+def thinking_missing(body):
+    """Kimi For Coding's refusal (it thinks whatever a request says) of a history with a turn
+    of tool calls that has no thinking before them, or None."""
+    for index, message in enumerate(body["messages"]):
         blocks = message["content"] if isinstance(message["content"], list) else []
         if any(b["type"] == "tool_use" for b in blocks) and blocks[0]["type"] != "thinking":
             return json_reply({"type": "error", "error": {
                 "type": "invalid_request_error", "message": "thinking is enabled but "
                 "reasoning_content is missing in assistant tool call message at index %d"
                 % index}}, 400)
-    return answer("glm", request["json"].get("stream") is True, "SIG")
+    return None
+
+
+def kimi_for_coding(request):
+    """A mock of Kimi For Coding."""
+    return thinking_missing(request["json"]) or answer(
+        "glm", request["json"].get("stream") is True, "SIG")
 
 
 CALLED_BEFORE = [{"role": "user", "content": "hi"},
