@@ -6047,12 +6047,13 @@ def learns_refused_betas(error: ProxyError, provider: Provider) -> bool:
 # others (one ends each of its requests, from 2.1.15x on): LM Studio's "request.messages.1.role:
 # Invalid discriminator value. Expected 'user' | 'assistant'" (lmstudio-bug-tracker#1399), a
 # pydantic server's "messages.1.role: Input should be 'user' or 'assistant'", MiniMax's "chat
-# content has invalid message role: system", and Anthropic's own words without the beta,
-# "Unexpected role "system"".
+# content has invalid message role: system", a Rust server's "messages[1].role: unknown variant
+# `system`, expected `user` or `assistant`" (DeepSeek's, May 2026), FastAPI's 422 at ["body",
+# "messages", 1, "role"], and Anthropic's own words without the beta, "Unexpected role "system"".
 SYSTEM_ROLE_REFUSED_RE = re.compile(
-    r"role\W{0,5}(?:Invalid discriminator value\. Expected 'user' \| 'assistant'|Input should be "
-    r"'user' or 'assistant'|must be either 'user' or 'assistant')|invalid message role: system|"
-    r"Unexpected role \W?system", re.I)
+    r"role\b.{0,20}?(?:Invalid discriminator value\. Expected 'user' \| 'assistant'|Input should "
+    r"be 'user' or 'assistant'|must be either 'user' or 'assistant'|unknown variant `?system)|"
+    r"invalid message role: system|Unexpected role \W?system", re.I | re.S)
 
 
 def learns_system_messages_refused(error: ProxyError, provider: Provider) -> bool:
@@ -6060,7 +6061,7 @@ def learns_system_messages_refused(error: ProxyError, provider: Provider) -> boo
     system message among the others: remembered for the provider, whose requests get them
     joined to the user's from then on (as a compatible server's do), so that the request may
     be sent again at once. Each request of Claude Code's was refused."""
-    if error.status != 400 or provider.protocol != "anthropic" or \
+    if error.status not in (400, 422) or provider.protocol != "anthropic" or \
             provider.refuses_system_messages or not SYSTEM_ROLE_REFUSED_RE.search(error.message):
         return False
     provider.refuses_system_messages = True

@@ -721,19 +721,24 @@ def test_a_provider_naming_endless_betas_fills_no_memory():
     assert len(provider.refused_betas) <= ccproxy.MAX_BETAS_REMEMBERED + 50
 
 
-@pytest.mark.parametrize("words", [
-    "request.messages.1.role: Invalid discriminator value. Expected 'user' | 'assistant'",
-    "messages.1.role: Input should be 'user' or 'assistant'",
-    'messages: Unexpected role "system". The Messages API accepts a top-level `system` '
-    'parameter, not "system" as an input message role.'])
-def test_a_server_that_takes_no_system_message_among_the_others_says_so_once(start_proxy,
-                                                                             upstream, words):
+@pytest.mark.parametrize("status, words", [
+    (400, "request.messages.1.role: Invalid discriminator value. Expected 'user' | 'assistant'"),
+    (400, "messages.1.role: Input should be 'user' or 'assistant'"),
+    (400, "Failed to deserialize the JSON body into the target type: messages[1].role: unknown "
+          "variant `system`, expected `user` or `assistant` at line 1 column 30325"),
+    (400, 'messages: Unexpected role "system". The Messages API accepts a top-level `system` '
+          'parameter, not "system" as an input message role.'),
+    (422, {"detail": [{"type": "literal_error", "loc": ["body", "messages", 1, "role"],
+                       "msg": "Input should be 'user' or 'assistant'", "input": "system"}]})])
+def test_a_server_that_takes_no_system_message_among_the_others_says_so_once(
+        start_proxy, upstream, status, words):
     """Claude Code ends each request with a system message among the others; LM Studio's
     Anthropic API (and others) refused every one. Said once, they are joined to the user's."""
     proxy = start_proxy({"providers": [anthropic_provider(upstream, name="lmstudio",
                                                           type="anthropic")]})
-    upstream.script = lambda r: json_reply({"type": "error", "error": {
-        "type": "invalid_request_error", "message": words}}, 400) if any(
+    refusal = words if isinstance(words, dict) else {"type": "error", "error": {
+        "type": "invalid_request_error", "message": words}}
+    upstream.script = lambda r: json_reply(refusal, status) if any(
         m["role"] == "system" for m in r["json"]["messages"]) else json_reply(anthropic_message())
     messages = [{"role": "user", "content": "hi"},
                 {"role": "system", "content": "Working directory: /w"}]
