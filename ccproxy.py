@@ -6392,7 +6392,8 @@ class Protocol:
 async def relay_call(protocol: Protocol, call, conn, request: Request, body: dict) -> Response:
     """The one path of every provider call: send it, then turn the provider's error, whole
     answer or event stream into the client's answer, through the protocol's translation."""
-    context = TranslationContext(call.provider, request, body, protocol.upstream_tool_name)
+    context = TranslationContext(call.provider, request, body, protocol.upstream_tool_name,
+                                 call.model)
     stream = body.get("stream") is True
     status = await call_provider(call, conn, stream)
     if status >= 400:
@@ -6449,9 +6450,12 @@ def history_tool_ids(messages) -> frozenset:
 class TranslationContext:
     """What a response translator needs to know about its request."""
 
-    def __init__(self, provider: Provider, request: Request, body: dict, upstream_tool_name):
+    def __init__(self, provider: Provider, request: Request, body: dict, upstream_tool_name,
+                 routed_model: str = ""):
         self.provider = provider
         self.model = body.get("model")
+        asked, cap = body.get("max_tokens"), provider.output_cap(routed_model)
+        self.max_tokens = min(asked, cap) if isinstance(asked, int) and cap else asked  # sent
         self.record = request.record
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
         self._tools = body.get("tools")
@@ -6906,6 +6910,9 @@ INPUT_PART_RE = re.compile(r"(%s) (?:in the messages|of \w+ input|`inputs` token
                            r"request has (%s) input tokens" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
 OUTPUT_PART_RE = re.compile(r"(%s) (?:in the completion|in the output|`max_new_tokens`)|"
                             r"is too large: (%s)" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
+# Or its total only, max_tokens in it: Kimi's "exceeded model token limit: 262144 (requested:
+# 269030)" with a prompt of half that (MoonshotAI/kimi-cli#2011).
+REQUESTED_TOTAL_RE = re.compile(r"\(requested: ?(%s)\)" % TOKEN_COUNT, re.I)
 # Claude Code answers Anthropic's "input length and `max_tokens` exceed context limit" by asking
 # again with max_tokens = window - input - 1,000, when that is at least 3,000 (2.1.197, 2.1.332).
 OUTPUT_ROOM_CLAUDE_CODE_TAKES = 4000
@@ -6950,7 +6957,7 @@ def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool
     max_tokens=1 availability probe is answered as Anthropic would answer the probe: an empty
     message that stopped at max_tokens."""
     if isinstance(error, RelayedError):
-        raise error
+        raise max_tokens_overflow(error, context) or error
     error = unreadable_call(error, context.provider)
     for words, anthropics, what in MEDIA_REFUSALS:        # a retry would be refused again
         if words.search(error.message):
@@ -6964,20 +6971,35 @@ def answer_to_error(error: ProxyError, context: TranslationContext, stream: bool
         error = InvalidRequestError(error.message)     # a retry would fill it again
     if error.status in (400, 413) and CONTEXT_OVERFLOW_RE.search(error.message) \
             and not error.message.startswith("prompt is too long"):
-        error.message = overflow_message(error.message)
+        error.message = overflow_message(error.message, context.max_tokens)
     raise error
 
 
-def overflow_message(message: str) -> str:
+def max_tokens_overflow(error: RelayedError, context: TranslationContext) -> ProxyError | None:
+    """A compatible server's overflow (its words passed on) that max_tokens makes, its total
+    over the window while the input fits with room to answer, in Anthropic's words for that;
+    else None. As it came (Kimi's), Claude Code compacted a session at half the window."""
+    if error.status != 400 or not REQUESTED_TOTAL_RE.search(error.message):
+        return None
+    message = overflow_message(error.message, context.max_tokens)
+    return InvalidRequestError(message) if message.startswith("input length") else None
+
+
+def overflow_message(message: str, max_tokens=None) -> str:
     """A provider's context-overflow message in Anthropic's words, with its numbers where it
     gives them ("maximum context length is 131072 tokens … requested 140000 tokens"). When the
-    input fits with room to answer and max_tokens is what overflows, Anthropic's words for
-    that, on which Claude Code lowers max_tokens and asks again: compacting would not help."""
+    input fits with room to answer and max_tokens (the request's, when the message gives only
+    a total) is what overflows, Anthropic's words for that, on which Claude Code lowers
+    max_tokens and asks again: compacting would not help."""
     limit = OVERFLOW_LIMIT_RE.search(message)
     numbers = [token_count(number) for number in re.findall(TOKEN_COUNT, message)]
     window = token_count(limit.group(1)) if limit else 0
     inputs, output = (sum(token_count(a or b) for a, b in pattern.findall(message))
                       for pattern in (INPUT_PART_RE, OUTPUT_PART_RE))
+    total = REQUESTED_TOTAL_RE.search(message)
+    if not output and total and isinstance(max_tokens, int) and \
+            0 < max_tokens < token_count(total.group(1)):
+        inputs, output = token_count(total.group(1)) - max_tokens, max_tokens
     if window and output and inputs + output > window \
             and window - inputs >= OUTPUT_ROOM_CLAUDE_CODE_TAKES:
         return ("input length and `max_tokens` exceed context limit: %d + %d > %d, decrease "

@@ -766,12 +766,12 @@ def test_real_claude_code_runs_on_a_server_that_takes_no_system_message_among_th
                                   "api_base_url": upstream.url, "models": ["served-model"]})
 
 
-def runs_bash(version, tmp_path, provider):
+def runs_bash(version, tmp_path, provider, retries="0"):
     """The real Claude Code, on this provider alone, asked to write out.txt with Bash: it
     finishes with the model's final text, and the file is written."""
     result, output, work = run_code(
         version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash tool.",
-        "Bash", CLAUDE_CODE_MAX_RETRIES="0")
+        "Bash", CLAUDE_CODE_MAX_RETRIES=retries)
     assert output and output["result"] == FINAL_TEXT, (result.stdout[-2000:],
                                                         result.stderr[-2000:])
     assert (work / "out.txt").read_text().strip() == "hi"
@@ -903,6 +903,34 @@ def test_real_claude_code_lowers_max_tokens_when_a_narrow_window_says_so(version
     assert output and output["is_error"] is False and output["result"] == FINAL_TEXT, (
         result.stdout[-2000:], result.stderr[-2000:])
     assert (work / "out.txt").read_text().strip() == "hi"
+    asked = [r["json"]["max_tokens"] for r in upstream.requests if r["json"]]
+    assert ROOM - 1000 in asked and max(asked) > ROOM               # refused, then lowered
+    assert not any("CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])
+                   for r in upstream.requests)                       # no compaction
+
+
+def kimi_narrow_model(request):
+    """bash_then_done on Kimi's Anthropic API with a window ROOM tokens past the input, whose
+    refusal of a larger max_tokens gives only the total asked, max_tokens in it."""
+    body = request["json"] or {}
+    inputs, wanted = len(request["body"]) // 4, body.get("max_tokens") or 0
+    if wanted > ROOM:
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "Invalid request: Your request exceeded "
+            "model token limit: %d (requested: %d)" % (inputs + ROOM, inputs + wanted)}}, 400)
+    return bash_then_done(body)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_lowers_max_tokens_when_kimi_says_the_total_is_over(version, tmp_path,
+                                                                          upstream):
+    """Kimi counts max_tokens in the total it says was requested; passed on as it came,
+    Claude Code compacted a session at half the window. In Anthropic's words for an overflow
+    that max_tokens makes, it asks again with max_tokens lowered."""
+    upstream.script = kimi_narrow_model
+    runs_bash(version, tmp_path, {"name": "kimi", "api_base_url": upstream.url,
+                                  "api_key": COMPATIBLE_KEY, "models": ["served-model"]},
+              retries="2")
     asked = [r["json"]["max_tokens"] for r in upstream.requests if r["json"]]
     assert ROOM - 1000 in asked and max(asked) > ROOM               # refused, then lowered
     assert not any("CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])

@@ -651,3 +651,26 @@ def test_a_tool_schema_without_properties_reaches_a_compatible_server_whole(star
     assert sent == (tools if preset == "anthropic" else [
         {"name": "mcp__clock__now", "input_schema": {"type": "object", "properties": {}}}]
         + tools[1:])
+
+
+def test_kimis_overflow_that_max_tokens_makes_is_said_in_anthropics_words(start_proxy,
+                                                                         upstream):
+    """Its total counts max_tokens: passed on as it came, Claude Code compacted at half the
+    window; in Anthropic's words for it, Claude Code asks again with max_tokens lowered. An
+    overflow of the input itself goes as it came."""
+    refusal = "Invalid request: Your request exceeded model token limit: 50000 (requested: %d)"
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": refusal % (
+            40000 + r["json"]["max_tokens"])}}, 400)
+    proxy = compat_proxy(start_proxy, upstream, "kimi")
+    ask = dict(model="m", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(max_tokens=20000, **ask)
+    assert caught.value.body["error"]["message"] == (
+        "input length and `max_tokens` exceed context limit: 40000 + 20000 > 50000, "
+        "decrease input length or `max_tokens` and try again (%s)" % (refusal % 60000))
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": refusal % 61000}}, 400)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(max_tokens=1000, **ask)
+    assert caught.value.body["error"]["message"] == refusal % 61000

@@ -1544,6 +1544,17 @@ def test_an_overflow_by_max_tokens_says_so_in_anthropics_words(openai_proxy, ups
         "`max_tokens` and try again (openai: HTTP 400: " % numbers)
 
 
+@pytest.mark.parametrize("max_tokens, starts", [
+    (128000, "input length and `max_tokens` exceed context limit: 141030 + 128000 > 262144"),
+    (None, "prompt is too long: 269030 tokens > 262144 maximum"),      # the request's unknown
+    (8000, "prompt is too long: 269030 tokens > 262144 maximum")])     # the input is over
+def test_an_overflow_said_as_a_total_is_split_by_the_requests_max_tokens(max_tokens, starts):
+    """Kimi's words give only the total asked, max_tokens in it (MoonshotAI/kimi-cli#2011)."""
+    message = ccproxy.overflow_message("Invalid request: Your request exceeded model token "
+                                       "limit: 262144 (requested: 269030)", max_tokens)
+    assert message.startswith(starts)
+
+
 def test_an_overflow_leaving_no_room_to_answer_is_a_prompt_too_long():
     """With under 4,000 tokens left for the answer, Claude Code would not ask again: it must
     compact."""
