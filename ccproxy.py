@@ -6910,8 +6910,8 @@ INPUT_PART_RE = re.compile(r"(%s) (?:in the messages|of \w+ input|`inputs` token
                            r"request has (%s) input tokens" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
 OUTPUT_PART_RE = re.compile(r"(%s) (?:in the completion|in the output|`max_new_tokens`)|"
                             r"is too large: (%s)" % (TOKEN_COUNT, TOKEN_COUNT), re.I)
-# Or its total only, max_tokens in it: Kimi's "exceeded model token limit: 262144 (requested:
-# 269030)" with a prompt of half that (MoonshotAI/kimi-cli#2011).
+# Or its total only, max_tokens in it: Kimi's "exceeded model token limit: 262144
+# (requested: 269030)" with a prompt of half that (MoonshotAI/kimi-cli#2011).
 REQUESTED_TOTAL_RE = re.compile(r"\(requested: ?(%s)\)" % TOKEN_COUNT, re.I)
 # Claude Code answers Anthropic's "input length and `max_tokens` exceed context limit" by asking
 # again with max_tokens = window - input - 1,000, when that is at least 3,000 (2.1.197, 2.1.332).
