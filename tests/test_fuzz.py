@@ -745,7 +745,8 @@ ERROR_WORDS = ["maximum context length is ", " tokens. However, you requested ",
                " tokens, but can only afford ", "is too large: ", "request has ",
                " input tokens", "Given: ", " `inputs` tokens and ", " `max_new_tokens`",
                "context size (", "free-models-per-day", "`max_new_tokens` must be <= ", ",",
-               "The max_tokens parameter is illegal.\uff1a[1,", "]"]
+               "The max_tokens parameter is illegal.\uff1a[1,", "]",
+               "exceeded model token limit: ", " (requested: ", ")"]
 error_numbers = st.one_of(st.integers(0, 10 ** 7).map(str), st.integers(0, 10 ** 7).map(
     "{:,}".format), st.integers(1, 6000).map(lambda n: "9" * n))
 
@@ -761,7 +762,7 @@ def test_a_providers_error_words_are_read_without_fail(parts, status, max_tokens
     provider = ccproxy.build_config({"providers": [{"name": "groq", "api_key": "k"}]}, "c",
                                     {}).providers[0]
     error = ccproxy.error_for_status(status, message)
-    ccproxy.overflow_message(message)
+    ccproxy.overflow_message(message, max_tokens)
     ccproxy.learns_output_limit(error, provider, "m", {"max_tokens": max_tokens})
     ccproxy.affordable_body(error, provider, {"max_tokens": max_tokens})
     ccproxy.over_the_plan(error, ccproxy.Routing(provider, "m", "default"))
