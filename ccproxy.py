@@ -949,6 +949,7 @@ PROVIDER_QUIRKS = {
     "reasoning_models": None,   # model ids (regex) that take max_completion_tokens, no sampling
     "reasoning_style": None,    # how thinking is asked for: "effort", "deepseek", "openrouter"
     "reasoning_replay": False,  # thinking goes back as reasoning_content on tool-call turns
+                                # (or, "all", on every turn)
     "reasoning_details": False,  # reasoning_details (signed, encrypted) go back on the next turn
     "stream_usage": True,       # accepts stream_options.include_usage
     "user_field": True,         # accepts `user` (metadata.user_id)
@@ -3840,7 +3841,7 @@ class ProxyApp:
         if provider.learned_output_limits:
             view["learned_output_limits"] = dict(provider.learned_output_limits)
         if provider.quirks["reasoning_replay"]:
-            view["reasoning_replay"] = True
+            view["reasoning_replay"] = provider.quirks["reasoning_replay"]
         compat = provider.quirks["anthropic_compat"]
         if compat and compat["thinking_with_calls"]:
             view["thinking_with_calls"] = compat["thinking_with_calls"]
@@ -6075,23 +6076,31 @@ def learns_system_messages_refused(error: ProxyError, provider: Provider) -> boo
 # at index 8", from Moonshot and the hosts that serve Kimi, in both its APIs; DeepSeek's
 # "Missing `reasoning_content` field in the assistant message" and "The `reasoning_content` in
 # the thinking mode must be passed back to the API", and from its Anthropic API "The
-# `content[].thinking` in the thinking mode must be passed back to the API").
+# `content[].thinking` in the thinking mode must be passed back to the API"). A model that
+# keeps all its thinking wants it on every turn: Kimi's "preserved thinking (thinking.keep=all)
+# requires reasoning_content on every assistant message, but assistant message at index 6 is
+# missing reasoning_content" (MoonshotAI/kimi-cli#2498).
 REASONING_MISSING_RE = re.compile(r"(?:reasoning_content|thinking)\W{0,3} (?:is missing|field "
-                                  r"in the assistant|in the thinking mode must be passed back)",
-                                  re.I)
+                                  r"in the assistant|in the thinking mode must be passed back)|"
+                                  r"is missing reasoning_content", re.I)
+REASONING_ON_EVERY_TURN_RE = re.compile(r"reasoning_content on every assistant message", re.I)
 
 
 def learns_reasoning_replay(error: ProxyError, provider: Provider) -> bool:
     """Whether a Chat Completions provider's 400 says that its model's reasoning must come back
-    on tool-call turns, which its preset (or having none) did not say: remembered for the
-    provider (as the deepseek preset says it), so that the request may be sent again at once.
-    Claude Code sends each turn's thinking back; it was dropped, and each such turn refused."""
-    if error.status != 400 or provider.protocol != "openai" or provider.quirks[
-            "reasoning_replay"] or not REASONING_MISSING_RE.search(error.message):
+    on tool-call turns (or, "all", on every turn), which its preset (or having none) did not
+    say: remembered for the provider (as the deepseek preset says it), so that the request may
+    be sent again at once. Claude Code sends each turn's thinking back; it was dropped, and
+    each such turn refused."""
+    if error.status != 400 or provider.protocol != "openai" or \
+            not REASONING_MISSING_RE.search(error.message):
         return False
-    provider.quirks["reasoning_replay"] = True
-    log.info("%s wants its models' reasoning back on tool-call turns, it says; it is sent from "
-             "now on", provider.name)
+    wanted = "all" if REASONING_ON_EVERY_TURN_RE.search(error.message) else True
+    if provider.quirks["reasoning_replay"] in (wanted, "all"):
+        return False
+    provider.quirks["reasoning_replay"] = wanted
+    log.info("%s wants its models' reasoning back on %s, it says; it is sent from now on",
+             provider.name, "every turn" if wanted == "all" else "tool-call turns")
     return True
 
 
@@ -9053,8 +9062,8 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
         message["reasoning_details"] = details
     if calls:
         message["tool_calls"] = calls
-        if quirks["reasoning_replay"]:
-            message["reasoning_content"] = "".join(thoughts)
+    if calls and quirks["reasoning_replay"] or quirks["reasoning_replay"] == "all":
+        message["reasoning_content"] = "".join(thoughts)
     return message
 
 

@@ -1694,6 +1694,33 @@ def test_reasoning_a_server_wants_back_is_learned_and_the_request_sent_again(
     assert view["providers"][0]["reasoning_replay"] is True
 
 
+def test_reasoning_a_server_wants_on_every_turn_is_learned(start_proxy, upstream):
+    """A model that keeps all its thinking (Kimi's thinking.keep=all) wants it back on every
+    assistant message, text turns too (MoonshotAI/kimi-cli#2498)."""
+    proxy = start_proxy({"providers": [preset_provider("custom", upstream,
+                                                       name="kimi-openai")]})
+
+    def kimi(request):
+        turns = [m for m in request["json"]["messages"] if m["role"] == "assistant"]
+        if any("reasoning_content" not in m for m in turns):
+            return json_reply({"error": {"type": "invalid_request_error", "message": (
+                "preserved thinking (thinking.keep=all) requires reasoning_content on every "
+                "assistant message, but assistant message at index 1 is missing "
+                "reasoning_content")}}, 400)
+        return json_reply(completion({"content": "ok"}))
+    upstream.script = kimi
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "Greet back.", "signature": "ccpx1.kimi"},
+        {"type": "text", "text": "hello"}]}] + THOUGHT_CALL_HISTORY
+    message = sdk(proxy).messages.create(**dict(REQUEST, messages=history,
+                                                thinking={"type": "adaptive"}))
+    assert block_dicts(message) == [{"type": "text", "text": "ok"}]
+    assert [m.get("reasoning_content") for m in upstream.requests[-1]["json"]["messages"]
+            if m["role"] == "assistant"] == ["Greet back.", "ls shows the files."]
+    view = json.loads(urllib.request.urlopen(proxy.url + "/providers").read())
+    assert view["providers"][0]["reasoning_replay"] == "all"
+
+
 @pytest.mark.parametrize("field, status, wording", [
     ("user", 400, "Unrecognized request argument supplied: user"),
     ("user", 400, "Unknown parameter: 'user'."),
