@@ -1102,19 +1102,22 @@ PROVIDER_PRESETS = {
     "minimax": MINIMAX,
     "mimo": MIMO, "xiaomi": MIMO,
 }
-# The hosts of those Anthropic-compatible APIs, their China and coding-plan twins too: a
-# "type": "anthropic" provider of any other name whose base URL is on one is taken for that
-# server, with its preset's quirks, limits and prices (not for Anthropic behind a gateway).
-# Kimi For Coding: https://api.kimi.com/coding, Moonshot's China platform:
-# https://api.moonshot.cn/anthropic, Zhipu's: https://open.bigmodel.cn/api/anthropic
-# (docs.bigmodel.cn/cn/guide/develop/claude), MiniMax's: https://api.minimaxi.com/anthropic
-# (platform.minimaxi.com/docs/api-reference/text-anthropic-api); Xiaomi's token plans:
-# https://token-plan-cn.xiaomimimo.com/anthropic and other hosts of xiaomimimo.com (a host's
-# domain is looked up too); checked 2026-12-07.
-ANTHROPIC_COMPAT_HOSTS = {"api.deepseek.com": "deepseek-anthropic", "api.moonshot.ai": "kimi",
-                          "api.moonshot.cn": "kimi", "api.kimi.com": "kimi", "api.z.ai": "glm",
-                          "open.bigmodel.cn": "glm", "api.minimax.io": "minimax",
-                          "api.minimaxi.com": "minimax", "xiaomimimo.com": "mimo"}
+# A provider of any name whose base URL is on a preset's host, of the preset's type, is taken
+# for that server, with its preset's quirks, limits and prices ("openai-work" at
+# api.openai.com; a second Mistral account): each preset's own host (a local server's aside),
+# and the China and coding-plan twins of the Anthropic-compatible APIs. Kimi For Coding:
+# https://api.kimi.com/coding, Moonshot's China platform: https://api.moonshot.cn/anthropic,
+# Zhipu's: https://open.bigmodel.cn/api/anthropic (docs.bigmodel.cn/cn/guide/develop/claude),
+# MiniMax's: https://api.minimaxi.com/anthropic (platform.minimaxi.com/docs/api-reference/
+# text-anthropic-api); Xiaomi's token plans: https://token-plan-cn.xiaomimimo.com/anthropic and
+# other hosts of xiaomimimo.com (a host's domain is looked up too); checked 2026-12-07. Any
+# other "type": "anthropic" address is taken for Anthropic behind a gateway.
+PRESET_HOSTS = {(preset["type"], urllib.parse.urlsplit(preset["api_base_url"]).hostname): name
+                for name, preset in reversed(list(PROVIDER_PRESETS.items()))
+                if not preset.get("key_optional")}
+PRESET_HOSTS.update({("anthropic", host): name for host, name in (
+    ("api.moonshot.cn", "kimi"), ("api.kimi.com", "kimi"), ("open.bigmodel.cn", "glm"),
+    ("api.minimaxi.com", "minimax"), ("xiaomimimo.com", "mimo"))})
 PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_keys": None,
                      "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
@@ -1798,20 +1801,18 @@ def build_provider(checker: ConfigChecker, entry, index: int, path: str = "") ->
 
 
 def served_preset(fields: dict) -> str:
-    """The preset whose data a provider takes: its name's, or, for an anthropic provider of
-    any other name, that of the compatible server its base URL is on (ANTHROPIC_COMPAT_HOSTS,
-    by host or by its domain); "" for none."""
+    """The preset whose data a provider takes: its name's, or, for a provider of any other
+    name, that of the server its base URL is on (PRESET_HOSTS, by type and host or the host's
+    domain); "" for none."""
     name = str(fields.get("name")).lower()
     if name in PROVIDER_PRESETS:
         return name
-    if fields.get("type") != "anthropic":
-        return ""
     try:
         host = (urllib.parse.urlsplit(str(fields.get("api_base_url"))).hostname or "").lower()
     except ValueError:                                   # said at api_base_url
         return ""
-    return ANTHROPIC_COMPAT_HOSTS.get(host) or ANTHROPIC_COMPAT_HOSTS.get(
-        host.partition(".")[2], "")
+    kind = fields.get("type")
+    return PRESET_HOSTS.get((kind, host)) or PRESET_HOSTS.get((kind, host.partition(".")[2]), "")
 
 
 def provider_quirks(fields: dict, preset: dict) -> dict:

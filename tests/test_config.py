@@ -770,3 +770,28 @@ def test_any_value_in_any_place_is_taken_or_refused_naming_the_file(data):
         build(changed_anywhere(data, EVERY_SETTING))
     except ccproxy.ConfigError as error:
         assert str(error).startswith("config.json: ")
+
+
+@pytest.mark.parametrize("kind, url, served", [
+    ("openai", "https://api.openai.com/v1", "openai"),
+    ("openai", "https://api.mistral.ai/v1", "mistral"),       # its calls' ids of 9 characters
+    ("openai", "https://api.groq.com/openai/v1", "groq"),
+    ("openai", "https://api.deepseek.com", "deepseek"),
+    ("gemini", "https://generativelanguage.googleapis.com/v1beta", "gemini"),
+    ("anthropic", "https://api.deepseek.com/anthropic", "deepseek-anthropic"),
+    ("anthropic", "https://api.anthropic.com", "anthropic"),
+    ("openai", "https://api.anthropic.com/v1", None),          # no preset of that type there
+    ("openai", "http://localhost:11434/v1", None),             # a local server: any could be
+    ("openai", "https://llm.example.com/v1", None)])
+def test_a_provider_of_any_name_on_a_presets_address_is_taken_for_it(kind, url, served):
+    """A second account ("openai-work", "mistral-eu") gets what its server needs, as the
+    preset's own name does: Mistral refuses every other form of a call's id at every turn
+    after, and a model's limits and prices are the preset's."""
+    provider = build({"providers": [{"name": "mine", "type": kind, "api_key": "k",
+                                     "api_base_url": url}]}).providers[0]
+    preset = build({"providers": [{"name": served or "x", "api_key": "k", "type": kind,
+                                   "api_base_url": url}]}).providers[0]
+    assert (provider.quirks, provider.model_limits, provider.prices) == (
+        preset.quirks, preset.model_limits, preset.prices)
+    assert ccproxy.served_preset({"name": "mine", "type": kind, "api_base_url": url}) == (
+        served or "")
