@@ -1003,7 +1003,7 @@ ANTHROPIC_COMPAT = {
 #   kimi, moonshot: https://platform.moonshot.ai/docs/guide/agent-support (Bearer key)
 #   glm, zai: https://docs.z.ai/scenario-example/develop-tools/claude (Bearer key)
 #   mimo, xiaomi: https://platform.xiaomimimo.com/docs/en-US/api/chat/anthropic-api (its key as
-#     api-key or Bearer, not x-api-key; updated 2026-06-03, checked 2026-12-07)
+#     api-key or Bearer, and names no x-api-key; updated 2026-06-03, checked 2026-12-07)
 # Kimi and GLM publish no table of what they lack. Kimi's own refusals say it: "Input tag
 # 'document' … does not match any of the expected tags: 'image', 'server_tool_use', 'text',
 # 'thinking', 'tool_result', 'tool_use', 'web_search_tool_result'" (on 2026-03-12,
