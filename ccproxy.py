@@ -8168,7 +8168,7 @@ def tools_with_whole_schemas(tools: list) -> list | None:
     tool's without parameters), or none, with "function name or parameters is empty (2013)",
     at every request; None when each is whole."""
     custom = [isinstance(tool, dict) and tool.get("type") in (None, "custom") for tool in tools]
-    if all(whole_schema(tool.get("input_schema")) == tool.get("input_schema")
+    if all(whole_schema(tool.get("input_schema")) is tool.get("input_schema")
            for tool, mine in zip(tools, custom) if mine):
         return None
     return [dict(tool, input_schema=whole_schema(tool.get("input_schema"))) if mine else tool
@@ -8176,7 +8176,8 @@ def tools_with_whole_schemas(tools: list) -> list | None:
 
 
 def whole_schema(schema) -> dict:
-    """A tool's input_schema as an object with properties (none given: none taken)."""
+    """A tool's input_schema as an object with properties (none given: none taken); itself
+    when it is one."""
     schema = schema if isinstance(schema, dict) else {}
     if schema.get("type") == "object" and isinstance(schema.get("properties"), dict):
         return schema
