@@ -980,9 +980,10 @@ PROVIDER_QUIRKS = {
     "text_tool_calls": False,   # tool calls its model writes in the text are read (TextToolCalls)
 }
 
-# What a server that copies Anthropic's Messages API lacks, as its preset says (each key's
-# default here). Whatever it says, thinking it did not make itself is not sent to it, and the
-# signatures of its own thinking are marked on the way out so that no other provider gets them.
+# What a server that copies Anthropic's Messages API lacks, as its preset or its entry's
+# `compatible` says (each key's default here). Whatever it says, thinking it did not make
+# itself is not sent to it, and the signatures of its own thinking are marked on the way out so
+# that no other provider gets them.
 ANTHROPIC_COMPAT = {
     "auth": "x-api-key",        # how the key goes: "x-api-key" or "bearer"
     "drop_betas": False,        # leave out the anthropic-beta header
@@ -1122,7 +1123,7 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_key
                      "models": [],
                      "enabled": True, "headers": {}, "max_tokens": None, "count_tokens": False,
                      "api": None, "responses_models": None, "deployments": {},
-                     "api_version": "v1", "text_tool_calls": None}
+                     "api_version": "v1", "text_tool_calls": None, "compatible": None}
 
 
 # Published limits of each preset's well-known models: model -> (context window: the most input
@@ -1448,7 +1449,7 @@ def default_max_connections() -> int:
 PROVIDER_KEYS = ("name", "type", "api_base_url", "api_key", "api_keys", "models", "enabled",
                  "headers",
                  "max_tokens", "count_tokens", "api", "responses_models", "deployments",
-                 "api_version", "text_tool_calls")
+                 "api_version", "text_tool_calls", "compatible")
 ROUTE_KEYS = ("provider", "model", "conditions", "fallbacks")
 LONG_CONTEXT_THRESHOLD_KEY = "longContextThreshold"
 # failover: other_providers after a route's own targets; missing_model: a target without the
@@ -1821,8 +1822,8 @@ def provider_quirks(fields: dict, preset: dict) -> dict:
     back), then what its entry says of the Responses API and Azure."""
     host = (urllib.parse.urlsplit(fields["api_base_url"]).hostname or "").lower()
     quirks = dict(PROVIDER_QUIRKS, **preset.get("quirks", {}))
-    if quirks["anthropic_compat"] is not None:
-        quirks["anthropic_compat"] = dict(ANTHROPIC_COMPAT, **quirks["anthropic_compat"])
+    quirks["anthropic_compat"] = compatible_server(quirks["anthropic_compat"],
+                                                   fields["compatible"])
     if fields["type"] == "azure":
         quirks.update(OPENAI_QUIRKS, azure={"api_version": fields["api_version"],
                                             "deployments": fields["deployments"]})
@@ -1835,6 +1836,19 @@ def provider_quirks(fields: dict, preset: dict) -> dict:
     quirks["text_tool_calls"] = fields["text_tool_calls"] if fields["text_tool_calls"] is not None \
         else not preset and fields["type"] == "openai" and not quirks["thought_signatures"]
     return quirks
+
+
+def compatible_server(preset_lacks: dict | None, declared) -> dict | None:
+    """What a server that copies Anthropic's API lacks (ANTHROPIC_COMPAT's keys): its preset's,
+    then what the provider's `compatible` says (true: such a server; an object: what it lacks,
+    over its preset's; false: Anthropic itself, or a gateway in front of it). None for
+    Anthropic."""
+    if declared is False or (declared is None and preset_lacks is None):
+        return None
+    lacks = dict(ANTHROPIC_COMPAT)
+    lacks.update(preset_lacks or {})
+    lacks.update(declared if isinstance(declared, dict) else {})
+    return lacks
 
 
 def provider_name(checker: ConfigChecker, entry: dict, path: str) -> str | None:
@@ -1892,6 +1906,56 @@ def clean_provider_fields(checker: ConfigChecker, fields: dict, path: str) -> No
     if fields["text_tool_calls"] is not None:
         checker.typed(fields, "text_tool_calls", path, bool, "true or false")
     clean_openai_fields(checker, fields, path)
+    clean_compatible(checker, fields, path)
+
+
+# What a `compatible` object may say (ANTHROPIC_COMPAT has each key's meaning): the values of
+# a choice, and the names a list may not hold, with why.
+COMPATIBLE_CHOICES = {"auth": ("x-api-key", "bearer"), "thinking_with_calls": (True, False,
+                                                                              "always")}
+COMPATIBLE_NAME_LISTS = {
+    "drop_fields": (("model", "messages", "max_tokens"),
+                    "every request of the Messages API has model, messages and max_tokens"),
+    "no_blocks": (("text", "tool_use", "tool_result"),
+                  "a server that serves Claude Code takes text, tool_use and tool_result")}
+
+
+def clean_compatible(checker: ConfigChecker, fields: dict, path: str) -> None:
+    """An anthropic provider's `compatible`: true, false, or an object of what its server
+    lacks; its lists made tuples in fields."""
+    value, where = fields["compatible"], path + ".compatible"
+    if value is None:
+        return
+    if fields["type"] != "anthropic":
+        checker.fail(where, 'is for a "type": "anthropic" provider: it says whether its '
+                     "server is Anthropic's or copies Anthropic's API")
+    elif not isinstance(value, (bool, dict)):
+        checker.fail(where, "must be true, false or an object of what the server lacks (%s)"
+                     % ", ".join(ANTHROPIC_COMPAT))
+    elif isinstance(value, dict):
+        checker.unknown_keys(value, tuple(ANTHROPIC_COMPAT), where, refuse=True)
+        fields["compatible"] = {key: compatible_value(checker, value, key, where)
+                                for key in value if key in ANTHROPIC_COMPAT}
+
+
+def compatible_value(checker: ConfigChecker, lacks: dict, key: str, path: str):
+    """One value of a `compatible` object, checked (a list as a tuple of names)."""
+    value, where = lacks[key], join_key(path, key)
+    if key in COMPATIBLE_NAME_LISTS:
+        names = checker.typed(lacks, key, path, list, "a list of names") or []
+        if not all(isinstance(name, str) and name and checker.plain(where, name)
+                   for name in names):
+            checker.fail(where, "must be a list of non-empty names")
+        needed, why = COMPATIBLE_NAME_LISTS[key]
+        taken = [name for name in needed if name in names]
+        if taken:
+            checker.fail(where, "cannot name %s: %s" % (", ".join(taken), why))
+        return tuple(names)
+    choices = COMPATIBLE_CHOICES.get(key, (True, False))
+    if not any(value is choice or (isinstance(choice, str) and value == choice)
+               for choice in choices):
+        checker.fail(where, "must be %s" % " or ".join(json.dumps(c) for c in choices))
+    return value
 
 
 def provider_key(checker: ConfigChecker, section: dict, key: str, path: str) -> str | None:
@@ -3844,6 +3908,8 @@ class ProxyApp:
         if provider.quirks["reasoning_replay"]:
             view["reasoning_replay"] = provider.quirks["reasoning_replay"]
         compat = provider.quirks["anthropic_compat"]
+        if provider.protocol == "anthropic":
+            view["compatible"] = compat is not None
         if compat and compat["thinking_with_calls"]:
             view["thinking_with_calls"] = compat["thinking_with_calls"]
         if provider.refuses_system_messages:

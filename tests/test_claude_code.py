@@ -17,7 +17,7 @@ import claude_code_canary
 from helpers import (CLAUDE_CODE_VERSIONS as VERSIONS, MISTRAL_FIELDS, REPO, Reply, dead_url,
                      installed_claude, json_reply, mistral_problem, stream_reply)
 from test_compatible import KEY as COMPATIBLE_KEY, RULES as COMPATIBLE_RULES, anthropic_answer, \
-    problems_of, thinking_missing
+    compat_entry, problems_of, thinking_missing
 from test_responses import call_item, events_for, message_item, reasoning_item, response, sse
 
 def openai_answer(message: dict, stream: bool, finish: str):
@@ -699,8 +699,7 @@ def test_real_claude_code_runs_a_tool_on_each_compatible_preset_and_azure(versio
                     "models": ["gpt-test"]}
     else:
         upstream.script = compatible_model(preset)
-        provider = {"name": preset, "api_base_url": upstream.url, "api_key": COMPATIBLE_KEY,
-                    "models": ["served-model"]}
+        provider = compat_entry(preset, upstream.url, ["served-model"])
     result, output, work = run_code(
         version, tmp_path, [provider], "Create a file out.txt containing hi, using the Bash tool.",
         "Bash", CLAUDE_CODE_MAX_RETRIES="0")

@@ -1,6 +1,7 @@
-"""Servers that speak Anthropic's Messages API themselves (DeepSeek, Kimi, GLM, MiniMax): each
-preset's mock refuses what its provider's compatibility page says it lacks, and requests shaped
-like Claude Code's still get through; the thinking each server makes goes back to it alone."""
+"""Servers that speak Anthropic's Messages API themselves (DeepSeek, Kimi, GLM, MiniMax, and one
+the config declares): each one's mock refuses what its provider's compatibility page (or the
+config) says it lacks, and requests shaped like Claude Code's still get through; the thinking
+each server makes goes back to it alone."""
 from __future__ import annotations
 
 import json
@@ -25,7 +26,12 @@ RULES = {
                         "mcp_tool_result", "container_upload"}, set(), True),
     "glm": ("bearer", {"tool_reference"}, set(), True),
     "mimo": ("bearer", set(), set(), True),
+    "inhouse": ("bearer", {"image", "document", "redacted_thinking"}, {"top_k"}, False),
 }
+# A server of no preset, which the config says copies Anthropic's API, and what it lacks.
+DECLARED = {"inhouse": {"type": "anthropic", "compatible": {
+    "auth": "bearer", "drop_betas": True, "drop_fields": ["top_k"],
+    "no_blocks": ["image", "document", "redacted_thinking"]}}}
 IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
 
 
@@ -116,9 +122,14 @@ def strict_server(preset):
     return script
 
 
+def compat_entry(preset, url, models=("m",)):
+    """A provider entry for this preset's server (or a declared one's) at url."""
+    return dict({"name": preset, "api_key": KEY, "models": list(models), "api_base_url": url},
+                **DECLARED.get(preset, {}))
+
+
 def compat_proxy(start_proxy, upstream, *presets):
-    return start_proxy({"providers": [{"name": preset, "api_key": KEY, "models": ["m"],
-                                       "api_base_url": upstream.url} for preset in presets]})
+    return start_proxy({"providers": [compat_entry(preset, upstream.url) for preset in presets]})
 
 
 CLAUDE_CODE_USER_ID = json.dumps({"device_id": "8ca5" * 16, "account_uuid": "",
@@ -674,3 +685,91 @@ def test_kimis_overflow_that_max_tokens_makes_is_said_in_anthropics_words(start_
     with pytest.raises(anthropic.BadRequestError) as caught:
         sdk(proxy).messages.create(max_tokens=1000, **ask)
     assert caught.value.body["error"]["message"] == refusal % 61000
+
+
+def test_a_gateway_declared_compatible_keeps_its_thinking_from_anthropic(start_proxy, upstream,
+                                                                         second_upstream):
+    """A gateway in front of other models than Claude, declared `"compatible": true`: its
+    thinking is marked as its own, goes back to it, and never reaches Anthropic after a switch
+    (Anthropic refused the session's every turn after: "Invalid `signature`")."""
+    upstream.script = lambda r: answer("gateway", False, "SIG-gateway")
+    second_upstream.script = lambda r: answer("anthropic", False, "EqQBAnthropic")
+    proxy = start_proxy({"providers": [
+        {"name": "gateway", "type": "anthropic", "api_key": KEY, "api_base_url": upstream.url,
+         "compatible": True},
+        {"name": "anthropic", "api_key": KEY, "api_base_url": second_upstream.url}]})
+    ask = [{"role": "user", "content": "hi"}]
+    thinking = sdk(proxy).messages.create(model="gateway,m", max_tokens=50,
+                                          messages=ask).content[0].model_dump()
+    assert thinking["signature"] == "ccpx1.as.Z2F0ZXdheQ.SIG-gateway"
+    history = ask + [{"role": "assistant", "content": [thinking, {"type": "text", "text": "a"}]},
+                     {"role": "user", "content": "more"}]
+    for target, mock, back in (("gateway", upstream, [dict(thinking, signature="SIG-gateway")]),
+                               ("anthropic", second_upstream, [])):
+        sdk(proxy).messages.create(model=target + ",m", max_tokens=50, messages=history)
+        assert mock.requests[-1]["json"]["messages"][1]["content"][:-1] == back
+    assert upstream.requests[0]["headers"]["x-api-key"] == KEY          # Anthropic's way
+    views = json.loads(urllib.request.urlopen(proxy.url + "/providers", timeout=10).read())
+    assert [view["compatible"] for view in views["providers"]] == [True, False]
+
+
+def test_a_preset_declared_not_compatible_is_taken_for_anthropic(start_proxy, upstream):
+    """`"compatible": false`: Anthropic itself, or a gateway in front of it, at any address:
+    the request as it came, the key as x-api-key, its thinking not marked."""
+    upstream.script = lambda r: answer("kimi", False, "EqQBAnthropic")
+    proxy = start_proxy({"providers": [dict(compat_entry("kimi", upstream.url),
+                                            compatible=False)]})
+    raw = json.dumps({"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "hi"}, {"role": "system", "content": "Working in /w"}]})
+    request = urllib.request.Request(proxy.url + "/v1/messages", data=raw.encode(),
+                                     headers={"content-type": "application/json"})
+    answered = json.loads(urllib.request.urlopen(request, timeout=10).read())
+    assert answered["content"][0]["signature"] == "EqQBAnthropic"
+    sent = upstream.requests[0]
+    assert sent["body"] == raw.encode() and sent["headers"]["x-api-key"] == KEY
+    assert "authorization" not in sent["headers"]
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"type": "openai", "compatible": True},
+     'providers[0].compatible: is for a "type": "anthropic" provider'),
+    ({"compatible": "yes"}, "providers[0].compatible: must be true, false or an object of what "
+                            "the server lacks (auth, drop_betas,"),
+    ({"compatible": {"auht": "bearer"}},
+     "providers[0].compatible.auht: unknown key (did you mean 'auth'?)"),
+    ({"compatible": {"auth": "Bearer"}},
+     'providers[0].compatible.auth: must be "x-api-key" or "bearer"'),
+    ({"compatible": {"thinking_with_calls": "yes"}},
+     'providers[0].compatible.thinking_with_calls: must be true or false or "always"'),
+    ({"compatible": {"drop_betas": 1}}, "providers[0].compatible.drop_betas: must be true or "
+                                        "false"),
+    ({"compatible": {"no_blocks": "image"}},
+     'providers[0].compatible.no_blocks: must be a list of names, not "image"'),
+    ({"compatible": {"no_blocks": ["image", ""]}},
+     "providers[0].compatible.no_blocks: must be a list of non-empty names"),
+    ({"compatible": {"no_blocks": ["tool_result"]}},
+     "providers[0].compatible.no_blocks: cannot name tool_result: a server that serves Claude "
+     "Code takes text, tool_use and tool_result"),
+    ({"compatible": {"drop_fields": ["top_k", "max_tokens"]}},
+     "providers[0].compatible.drop_fields: cannot name max_tokens: every request of the "
+     "Messages API has model, messages and max_tokens")])
+def test_a_wrong_compatible_names_its_key_and_file(tmp_path, entry, problem):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"providers": [dict({
+        "name": "inhouse", "type": "anthropic", "api_base_url": "http://127.0.0.1:9"}, **entry)]}))
+    with pytest.raises(ccproxy.ConfigError) as refused:
+        ccproxy.load_config(str(config))
+    assert "%s: %s" % (config, problem) in str(refused.value)
+
+
+def test_a_compatible_objects_keys_replace_the_presets_one_by_one():
+    config = ccproxy.build_config({"providers": [dict(compat_entry("glm", "https://api.z.ai"),
+                                                      compatible={"no_blocks": ["image"]}),
+                                                 compat_entry("inhouse", "http://127.0.0.1:9")]},
+                                  "config.json", {})
+    glm, inhouse = config.providers
+    assert glm.quirks["anthropic_compat"] == dict(ccproxy.ANTHROPIC_COMPAT, auth="bearer",
+                                                  no_blocks=("image",))
+    assert inhouse.quirks["anthropic_compat"] == dict(
+        ccproxy.ANTHROPIC_COMPAT, auth="bearer", drop_betas=True, drop_fields=("top_k",),
+        no_blocks=("image", "document", "redacted_thinking"))
