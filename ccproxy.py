@@ -9130,7 +9130,7 @@ def openai_assistant_message(blocks, quirks: dict, where: str) -> dict | None:
         message["reasoning_details"] = details
     if calls:
         message["tool_calls"] = calls
-    if calls and quirks["reasoning_replay"] or quirks["reasoning_replay"] == "all":
+    if (calls and quirks["reasoning_replay"]) or quirks["reasoning_replay"] == "all":
         message["reasoning_content"] = "".join(thoughts)
     return message
 
