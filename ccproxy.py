@@ -1265,7 +1265,8 @@ class Provider:
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
     __slots__ = CONFIGURED + ("api_key", "masker", "runs_models_itself", "loaded_windows",
                               "windows_asked", "loads_tried", "learned_output_limits",
-                              "refused_fields", "refused_betas", "refuses_system_messages")
+                              "refused_fields", "refused_betas", "refuses_system_messages",
+                              "opens_thinking")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
@@ -1283,6 +1284,7 @@ class Provider:
         self.refused_fields = {}      # model -> the request fields the server said it refuses
         self.refused_betas = frozenset()  # the anthropic-beta values the server said it refuses
         self.refuses_system_messages = False  # an Anthropic-protocol server said it takes none
+        self.opens_thinking = set()   # models whose answers begin in thinking (ThinkTags)
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -3914,6 +3916,8 @@ class ProxyApp:
             view["thinking_with_calls"] = compat["thinking_with_calls"]
         if provider.refuses_system_messages:
             view["refuses_system_messages"] = True
+        if provider.opens_thinking:
+            view["opens_thinking"] = sorted(provider.opens_thinking)
         if provider.refused_fields:
             view["refused_fields"] = {model: sorted(names)
                                       for model, names in provider.refused_fields.items()}
@@ -6529,7 +6533,7 @@ class TranslationContext:
     def __init__(self, provider: Provider, request: Request, body: dict, upstream_tool_name,
                  routed_model: str = ""):
         self.provider = provider
-        self.model = body.get("model")
+        self.model, self.routed_model = body.get("model"), routed_model
         asked, cap = body.get("max_tokens"), provider.output_cap(routed_model)
         self.max_tokens = min(asked, cap) if isinstance(asked, int) and cap else asked  # sent
         self.record = request.record
@@ -9642,9 +9646,8 @@ def openai_thinking_and_text(message: dict, context) -> tuple:
         content += [{"type": "thinking", "thinking": t, "signature": thinking_signature(
             context.provider.name)} for kind, t in chunks if kind == "thinking"]
         text = "".join(t for kind, t in chunks if kind == "text")
-    if isinstance(text, str) and text.lstrip().startswith(THINK_OPEN):
-        tags = ThinkTags()
-        pieces = tags.split(text) + tags.flush()
+    pieces = think_pieces(text, context) if isinstance(text, str) else None
+    if pieces is not None:
         content += [{"type": "thinking", "thinking": piece, "signature": thinking_signature(
             context.provider.name)} for kind, piece in pieces if kind == "thinking"]
         text = "".join(piece for kind, piece in pieces if kind == "text")
@@ -9884,33 +9887,56 @@ class ThinkTags:
     (Ollama and vLLM serving Qwen3 or DeepSeek-R1 without a reasoning parser): the text as it
     streams in, split into ("thinking" or "text", piece), the tags and the whitespace around
     them dropped. Text that does not open with the tag is text as it came; `passing` once
-    there is nothing more to split."""
+    there is nothing more to split.
 
-    def __init__(self):
+    A model whose chat template opens the thinking itself (Qwen3's Thinking models, DeepSeek-R1
+    and V4: the prompt ends with `<think>`) writes only its end: `opened` says the answer
+    begins in thinking (so learned, see learns_opened_thinking); `watched`, that text which
+    does not open with the tag is watched for a lone `</think>`, which says so
+    (`closed_alone`)."""
+
+    def __init__(self, opened: bool = False, watched: bool = False):
         self._state = "start"         # start, thinking, answer (its leading space dropped), text
         self._held = ""
         self._thought = False         # whether thinking has been given (its leading space gone)
+        self._opened, self._watched = opened, watched and not opened
+        self._tail = ""               # the watched text's last characters, where a tag may begin
+        self._thoughts = [] if opened else None     # an opened thinking, kept until it ends
+        self.closed_alone = False
 
     @property
     def passing(self) -> bool:
-        return self._state == "text"
+        return self._state == "text" and not self._watched
 
     def split(self, text: str) -> list:
+        if self._state == "text":     # watched (passing otherwise): nothing is held
+            self._watch(text)
+            return [("text", text)]
+        pieces = self._split(text)
+        if self._thoughts is not None:
+            self._thoughts += [piece for kind, piece in pieces if kind == "thinking"]
+        return pieces
+
+    def _split(self, text: str) -> list:
         held, self._held = self._held + text, ""
         if self._state == "start":
             opening = held.lstrip()
             if THINK_OPEN.startswith(opening):          # "", "<", "<th", …: not yet told
                 self._held = held
                 return []
-            if not opening.startswith(THINK_OPEN):
+            if not opening.startswith(THINK_OPEN) and not self._opened:
                 self._state = "text"
+                self._watch(held)
                 return [("text", held)]
-            self._state, held = "thinking", opening[len(THINK_OPEN):]
+            self._state, self._watched = "thinking", False
+            held = opening[len(THINK_OPEN):] if opening.startswith(THINK_OPEN) else opening
         if self._state == "thinking":
             return self._thinking(held)
-        answer = held.lstrip() if self._state == "answer" else held
-        self._state = "text" if answer else "answer"
-        return [("text", answer)] if answer else []
+        if self._state == "answer":
+            held = held.lstrip()
+            self._state = "text" if held else "answer"
+        self._watch(held)
+        return [("text", held)] if held else []
 
     def _thinking(self, held: str) -> list:
         held = held if self._thought else held.lstrip()
@@ -9921,16 +9947,73 @@ class ThinkTags:
             thought = held[:len(held) - keep].rstrip()
             self._held, self._thought = held[len(thought):], self._thought or bool(thought)
             return [("thinking", thought)] if thought else []
-        self._state = "answer"
+        self._state, self._thoughts = "answer", None
         pieces = [("thinking", held[:end].rstrip())] if held[:end].strip() else []
-        return pieces + self.split(held[end + len(THINK_CLOSE):])
+        return pieces + self._split(held[end + len(THINK_CLOSE):])
 
-    def flush(self) -> list:
-        """What is held at the answer's end (or before its first tool call)."""
+    def _watch(self, text: str) -> None:
+        """Watched text: a `</think>` with no `<think>` before it closed an opened thinking."""
+        if not self._watched or ("<" not in text and not self._tail):
+            return
+        seen = self._tail + text
+        opening, closing = seen.find(THINK_OPEN), seen.find(THINK_CLOSE)
+        if closing >= 0 or opening >= 0:      # tags of its own (an opening first) teach nothing
+            self.closed_alone = opening < 0 or opening > closing >= 0
+            self._watched = False
+        last = seen.rfind("<", max(len(seen) - len(THINK_CLOSE) + 1, 0))   # a tag may begin
+        self._tail = seen[last:] if last >= 0 else ""
+
+    def flush(self, ended: bool = False) -> list:
+        """What is held at the answer's end (or before its first tool call). An opened thinking
+        that never ended, in an answer that ended by itself without a call (`ended`), was the
+        answer of a model that did not think (its template closed the tag): given as text too."""
         held, self._held = self._held, ""
-        if not held.strip():
-            return []
-        return [("thinking" if self._state == "thinking" else "text", held)]
+        pieces = [("thinking" if self._state == "thinking" else "text", held)] \
+            if held.strip() else []
+        if ended and self._state == "thinking" and self._thoughts:
+            pieces.append(("text", "".join(self._thoughts) + held))
+        return pieces
+
+
+MAX_OPENED_THINKING_MODELS = 64
+
+
+def think_tags(context) -> ThinkTags:
+    """The tags' reader for an answer of this provider's model: opened where the model is
+    known to begin in thinking; watched on a server whose model's calls are read from the text
+    (one that may parse none of its model's output)."""
+    opened = context.routed_model in context.provider.opens_thinking
+    return ThinkTags(opened, context.provider.quirks["text_tool_calls"])
+
+
+def think_pieces(text: str, context) -> list | None:
+    """A whole answer's text split as ThinkTags splits a stream (its thinking opened at the
+    start, or by the template: a lone `</think>`); None when it is text as it came."""
+    if not text.lstrip().startswith(THINK_OPEN):
+        if THINK_CLOSE not in text:
+            return None
+        reader = think_tags(context)
+        reader.split(text)
+        learns_opened_thinking(reader, context)
+        if context.routed_model not in context.provider.opens_thinking:
+            return None
+    tags = ThinkTags(opened=True)
+    return tags.split(text) + tags.flush()
+
+
+def learns_opened_thinking(tags: ThinkTags, context) -> None:
+    """Where an answer's text closed a thinking it never opened (its template opens it: vLLM
+    or SGLang without a reasoning parser, vllm-project/vllm#31045), the model's answers are
+    taken to begin in thinking from then on (a stream that said so has gone out as text).
+    Shown in /status as opens_thinking."""
+    provider, model = context.provider, context.routed_model
+    if not tags.closed_alone or model in provider.opens_thinking:
+        return
+    if len(provider.opens_thinking) >= MAX_OPENED_THINKING_MODELS:
+        provider.opens_thinking.clear()
+    provider.opens_thinking.add(model)
+    log.info("%s: %s begins its answers in thinking and writes only </think> (a server without "
+             "a reasoning parser); its answers are read so from now on", provider.name, model)
 
 
 # Tool calls a server leaves in the text when it does not parse its model's (vLLM or SGLang
@@ -10143,7 +10226,7 @@ class OpenAIStreamTranslator:
         self._done = False
         self._usage = None
         self.learnable_text = None    # the last chunk's text, when a template may learn it
-        self._think = ThinkTags()     # until the answer's text is seen to open otherwise
+        self._think = think_tags(context)   # until the text is seen to open otherwise
         self._text_calls = text_tool_calls(context)
         self._text_call_count = 0
 
@@ -10198,7 +10281,8 @@ class OpenAIStreamTranslator:
         ending = failed_ending(error, self.complete, self._context.provider)
         if ending is not None:
             return ending
-        self._flush_text()
+        self._flush_text(ended=self._finish_reason != "length" and not self._calls
+                         and not self._text_call_count)
         results, citations = openai_search_results(self._annotations, "".join(self._text))
         self._emit.cite(citations)
         made_calls = bool(self._calls) or self._text_call_count > 0
@@ -10254,14 +10338,17 @@ class OpenAIStreamTranslator:
             self._pieces((("text", content),))
             return
         self._pieces(self._think.split(content))
+        if self._think.closed_alone:
+            learns_opened_thinking(self._think, self._context)
         if self._think.passing:
             self._think = None
 
-    def _flush_text(self) -> None:
+    def _flush_text(self, ended: bool = False) -> None:
         """Text held back to be told apart (thinking, a tool call), given out as what it is:
-        at the answer's end, or before a tool call the server parsed."""
+        at the answer's end (`ended`: by itself, without a call), or before a tool call the
+        server parsed."""
         if self._think is not None:
-            self._pieces(self._think.flush())
+            self._pieces(self._think.flush(ended))
         if self._text_calls is not None:
             self._calls_or_text(self._text_calls.flush())
 

@@ -357,6 +357,84 @@ def test_think_tags_in_a_whole_answer_and_before_a_tool_call(openai_proxy, upstr
     assert [b["type"] for b in content_of(events)] == ["thinking", "tool_use"]
 
 
+def opened_thinking_turns(chunks_of_turns, provider=None, model="qwen3-thinking"):
+    """Streams of one model, one after the other, through one provider (a server of no preset
+    unless said): each turn's content blocks, and the models the provider learned."""
+    server = ccproxy.build_config({"providers": [provider or VLLM]}, "c", {}).providers[0]
+    request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
+    request.body, turns = b"x" * 400, []
+    for chunks in chunks_of_turns:
+        translator = ccproxy.OpenAIStreamTranslator(ccproxy.TranslationContext(
+            server, request, {"model": "claude-x", "max_tokens": 100}, ccproxy.openai_tool_name,
+            model))
+        events = parse_events(b"".join(translator.feed(c) for c in chunks) + translator.finish())
+        check_grammar(events)
+        turns.append([{k: v for k, v in b.items() if k != "signature"}
+                      for b in content_of(events)])
+    return turns, server.opens_thinking
+
+
+def pieces_of(text, cuts):
+    """text as stream chunks, cut at these places."""
+    bounds = sorted({cut % len(text) for cut in cuts} - {0}) + [len(text)]
+    return [chunk({"content": text[a:b]}) for a, b in zip([0] + bounds, bounds)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(THOUGHTS.filter(lambda t: "<think>" not in t and t.strip()),
+       st.text("ab \n<>/thik", max_size=12).filter(lambda t: "<think>" not in t),
+       st.sampled_from(["", "\n", "\n\n"]), st.lists(st.integers(min_value=1), max_size=5))
+def test_a_model_whose_template_opens_its_thinking_is_read_so_after_its_first_answer(
+        thought, answer, after, cuts):
+    """Qwen3's Thinking models, DeepSeek-R1 and V4 on vLLM or SGLang without a reasoning parser
+    write no <think> (their template wrote it) and close it: the first answer's text goes out
+    as it came (it has streamed before the </think> shows), the model's next answers begin in
+    thinking, in any pieces."""
+    text = thought + "\n</think>" + after + answer
+    turns, learned = opened_thinking_turns([pieces_of(text, cuts) + [chunk({}, "stop")]] * 2)
+    assert turns[0] == [{"type": "text", "text": text}] and learned == {"qwen3-thinking"}
+    assert turns[1] == [{"type": "thinking", "thinking": thought.strip()}] + (
+        [{"type": "text", "text": answer.lstrip()}] if answer.strip() else [])
+
+
+def test_an_opened_thinking_that_never_ends_is_given_as_text_unless_cut_or_calling():
+    """Once learned, an answer with no </think> was one the model did not think before (its
+    template closed the tag): it goes as text too, never lost; cut at max_tokens, or followed
+    by a call, it was thinking."""
+    first = [chunk({"content": "Hmm.</think>Hi."}), chunk({}, "stop")]
+    turns, _ = opened_thinking_turns([
+        first, [chunk({"content": "Plain answer."}), chunk({}, "stop")],
+        [chunk({"content": "Still thinking"}), chunk({}, "length")],
+        [chunk({"content": "I need ls."}), chunk(call_fragment(0, "c1", "Bash", "{}")),
+         chunk({}, "tool_calls")]])
+    assert turns[1] == [{"type": "thinking", "thinking": "Plain answer."},
+                        {"type": "text", "text": "Plain answer."}]
+    assert turns[2] == [{"type": "thinking", "thinking": "Still thinking"}]
+    assert [b["type"] for b in turns[3]] == ["thinking", "tool_use"]
+
+
+@pytest.mark.parametrize("text", ["Use <think> and </think> tags.", "So <think>x</think> it is."])
+def test_tags_of_its_own_teach_nothing(text):
+    turns, learned = opened_thinking_turns([[chunk({"content": text}), chunk({}, "stop")]] * 2)
+    assert turns == [[{"type": "text", "text": text}]] * 2 and learned == set()
+
+
+def test_a_whole_answer_that_closes_a_thinking_it_never_opened(start_proxy, upstream):
+    """Whole, the answer is split at once; a preset's server (OpenAI's) is not watched."""
+    upstream.script = lambda r: json_reply(completion({
+        "content": "The user greets me.\n</think>\n\nHello!"}))
+    proxy = start_proxy({"providers": [dict(VLLM, api_base_url=upstream.url + "/v1",
+                                            models=["qwen3-thinking"]),
+                                       preset_provider("openai", upstream)]})
+    message = sdk(proxy).messages.create(**dict(REQUEST, model="vllm,qwen3-thinking"))
+    assert [(b.type, getattr(b, "thinking", None) or b.text) for b in message.content] == [
+        ("thinking", "The user greets me."), ("text", "Hello!")]
+    views = json.loads(urllib.request.urlopen(proxy.url + "/providers", timeout=10).read())
+    assert views["providers"][0]["opens_thinking"] == ["qwen3-thinking"]
+    plain = sdk(proxy).messages.create(**dict(REQUEST, model="openai,gpt-5"))
+    assert [b.text for b in plain.content] == ["The user greets me.\n</think>\n\nHello!"]
+
+
 # --- tool calls a server of no preset leaves in the text (vLLM, SGLang without its parser) ----
 
 VLLM = {"name": "vllm", "type": "openai", "api_base_url": "http://127.0.0.1:9/v1"}
