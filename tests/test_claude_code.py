@@ -377,6 +377,38 @@ def test_real_claude_code_runs_a_call_its_server_left_in_the_text(version, tmp_p
     assert "<tool_call>" not in json.dumps(turn)
 
 
+def opened_thinking_model(request):
+    """As vLLM streams a Qwen3 Thinking model without a reasoning parser: its template opened
+    the thinking, so each answer's text is reasoning, a lone </think>, then the answer; a Bash
+    call (parsed by the server) first, then FINAL_TEXT."""
+    body = request["json"] or {}
+    if body.get("stream") is not True or not body.get("tools"):
+        return scripted_model(request)
+    if any(m.get("role") == "tool" for m in body.get("messages", ())):
+        return openai_stream([{"role": "assistant", "content": "The file is written.\n</th"},
+                              {"content": "ink>\n\n" + FINAL_TEXT}], "stop")
+    call = {"index": 0, "id": "call_w", "type": "function", "function": {
+        "name": "Bash", "arguments": json.dumps({"command": "echo hi > out.txt",
+                                                 "description": "Write out.txt"})}}
+    return openai_stream([{"role": "assistant", "content": "I should use Bash.\n</think>\n\n"},
+                          {"tool_calls": [call]}], "tool_calls")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_real_claude_code_reads_a_model_whose_template_opens_its_thinking(version, tmp_path,
+                                                                          upstream):
+    """Its first answer taught that the model's answers begin in thinking; the last one's
+    reasoning is thinking, and Claude Code's result is the answer alone (before, the reasoning
+    and the tag with it)."""
+    upstream.script = opened_thinking_model
+    vllm = openai_provider(upstream.url, name="vllm", type="openai")
+    result, output, work = run_code(version, tmp_path, [vllm], "Create a file out.txt "
+                                    "containing hi, using the Bash tool.", "Bash",
+                                    CLAUDE_CODE_MAX_RETRIES="0")
+    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
+    assert (work / "out.txt").read_text().strip() == "hi"
+
+
 def turn_numbering_model(request):
     """As Kimi on Fireworks or grok answer: each call named by its place in its answer
     (`Bash:0`), so every turn's first call has one id. Three Bash calls, then FINAL_TEXT; a
