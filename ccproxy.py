@@ -13846,11 +13846,18 @@ async def tool_call_verdict(upstream: Upstream, provider: Provider, model: str) 
         fix = next((fix for refusal, fix in TOOLS_REFUSALS if refusal.search(words)), None)
         return "gives it no tools: " + fix % "routes" if fix else "ok"
     try:
-        message = dict_of(list_of(dict_of(json.loads(answer)).get("choices"))[0]).get("message")
+        message = dict_of(dict_of(list_of(dict_of(json.loads(answer)).get("choices"))[0]).get(
+            "message"))
     except (ValueError, RecursionError, IndexError):
         return "ok"
-    text = dict_of(message).get("content")
-    if dict_of(message).get("tool_calls") or not isinstance(text, str) \
+    return written_calls_verdict(message, provider) + opened_thinking_note(
+        message.get("content"))
+
+
+def written_calls_verdict(message: dict, provider: Provider) -> str:
+    """"ok", or what the probe's answer says of the calls its model writes as text."""
+    text = message.get("content")
+    if message.get("tool_calls") or not isinstance(text, str) \
             or not TEXT_TOOL_CALL_RE.search(text):
         return "ok"
     if provider.quirks["text_tool_calls"] and reads_a_text_call(text):
@@ -13862,6 +13869,18 @@ async def tool_call_verdict(upstream: Upstream, provider: Provider, model: str) 
 
 TEXT_CALLS_FIX = "vLLM: --enable-auto-tool-choice and the model's --tool-call-parser; " \
                  "llama-server: --jinja"
+
+
+def opened_thinking_note(text) -> str:
+    """What the probe says of an answer whose text closes a thinking it never opened (see
+    learns_opened_thinking); "" of any other."""
+    tags = ThinkTags(watched=True)
+    tags.split(text if isinstance(text, str) else "")
+    if not tags.closed_alone:
+        return ""
+    return (", and writes its thinking into the text with only the closing tag, which ccproxy "
+            "reads from its second answer on (vLLM, SGLang: the model's --reasoning-parser "
+            "has the server split it)")
 
 
 def reads_a_text_call(text: str) -> bool:

@@ -543,6 +543,8 @@ def calling_server(answers: dict):
                                                        "</function>\n</tool_call>"}
         elif answer == "writes its own way":                # Mistral's, which ccproxy cannot read
             message = {"role": "assistant", "content": "[TOOL_CALLS]current_time[ARGS]{}"}
+        elif answer == "thinks in the text":        # a template that opens the thinking
+            message["content"] = "The user wants the time.\n</think>\n\n"
         return json_reply({"id": "c", "choices": [{"index": 0, "message": message,
                                                    "finish_reason": "stop"}]})
     return script
@@ -585,6 +587,18 @@ def test_probe_asks_a_server_of_no_preset_to_call_a_tool(tmp_path, upstream):
                           {"default": "local,qwen3-coder"})
     assert result.returncode == 0 and "ccproxy reads" in rows["local"], rows
     assert "tool_choice" not in asked[0] or asked[0]["tool_choice"] == "auto"
+
+
+def test_probe_says_when_a_model_writes_its_thinking_with_only_the_closing_tag(tmp_path,
+                                                                               upstream):
+    upstream.script = calling_server({"qwen3-thinking": "thinks in the text", "m": "calls"})
+    result, rows = probed(tmp_path, [openai_entry("local", upstream.url)],
+                          {"default": "local,qwen3-thinking", "think": "local,m"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert rows["local"].endswith(
+        "qwen3-thinking ok, and writes its thinking into the text with only the closing tag, "
+        "which ccproxy reads from its second answer on (vLLM, SGLang: the model's "
+        "--reasoning-parser has the server split it); m ok"), rows
 
 
 def test_probe_asks_no_model_of_a_preset_to_call_a_tool(tmp_path, upstream):
