@@ -55,7 +55,12 @@ TRANSLATIONS = [(provider, ccproxy.gemini_request_from_anthropic if provider.pro
 TRANSLATIONS.append((PROVIDERS[0], ccproxy.responses_request_from_anthropic))
 ANTHROPIC_PROVIDERS = ccproxy.build_config({"providers": [
     {"name": name, "api_key": "k"} for name in ("anthropic", "kimi", "glm", "minimax",
-                                                 "deepseek-anthropic", "mimo")]},
+                                                 "deepseek-anthropic", "mimo")] + [
+    {"name": "declared", "type": "anthropic", "api_base_url": "http://127.0.0.1:9",
+     "compatible": {"auth": "bearer", "drop_betas": True, "drop_fields": ["top_k", "container"],
+                    "no_blocks": ["image", "document", "tool_reference", "search_result"],
+                    "thinking_with_calls": "always", "thinks_unasked": True,
+                    "effort_needs_thinking": True}}]},
     "c", {}).providers
 
 
@@ -142,14 +147,21 @@ chunk_keys = st.sampled_from(["choices", "delta", "usage", "error", "candidates"
                               "promptFeedback", "blockReason", "reasoning_content", "x_groq",
                               "object", "status", "code", "message", "details", "retryDelay",
                               "refusal", "function_call", "prompt_tokens", "cached_tokens"])
-chunk_like = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+chunk_like = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+                          | st.sampled_from(["<think>", "</think>", "</th", "ink>\n"]),
                           lambda children: st.lists(children, max_size=3)
                           | st.dictionaries(chunk_keys, children, max_size=4), max_leaves=12)
 
 
-def translation_context(search=False):
-    """What a translator knows of its request: a plain one, or Claude Code's web search."""
-    config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
+def translation_context(search=False, server="openai"):
+    """What a translator knows of its request: a plain one, or Claude Code's web search; to
+    OpenAI, or to a server of no preset ("vllm": its model's thinking watched for a lone
+    </think>; "vllm-opened": its model's answers known to begin in thinking)."""
+    config = ccproxy.build_config({"providers": [
+        {"name": "openai", "api_key": "k"} if server == "openai" else
+        {"name": "vllm", "type": "openai", "api_base_url": "http://127.0.0.1:9/v1"}]}, "c", {})
+    if server == "vllm-opened":
+        config.providers[0].opens_thinking.add("model-x")
     request = ccproxy.Request("POST", "/v1/messages", "HTTP/1.1", ccproxy.Headers())
     body = {"model": "m", "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
             "messages": [{"role": "user", "content": "hi"}]}
@@ -157,7 +169,7 @@ def translation_context(search=False):
         body.update(tools=[{"type": "web_search_20250305", "name": "web_search"}], messages=[
             {"role": "user", "content": "Perform a web search for the query: ccproxy"}])
     return ccproxy.TranslationContext(config.providers[0], request, body,
-                                      ccproxy.openai_tool_name)
+                                      ccproxy.openai_tool_name, "model-x")
 
 
 def check_translated(translator, events) -> None:
@@ -222,7 +234,9 @@ STREAM_SEEDS["chat"] += [
      "usage": {"prompt_tokens": 5, "completion_tokens": 2,
                "prompt_tokens_details": {"cached_tokens": 1},
                "completion_tokens_details": {"reasoning_tokens": 1}}},
-    {"error": {"message": "overloaded", "code": 529}}]
+    {"error": {"message": "overloaded", "code": 529}},
+    {"choices": [{"index": 0, "delta": {"content": "So.\n</th"}}]},        # a thinking the
+    {"choices": [{"index": 0, "delta": {"content": "ink>\n\nHi"}}]}]      # template opened
 STREAM_SEEDS["responses"] += [
     {"type": "response.refusal.delta", "output_index": 3, "delta": "no"},
     {"type": "response.output_item.done", "output_index": 2, "item": {
@@ -273,7 +287,8 @@ def test_streams_a_provider_gets_almost_right_translate_in_order_or_fail_cleanly
                                                                                 data):
     """Each protocol's usual events, with any value in them replaced by any other."""
     events = data.draw(st.lists(st.sampled_from(STREAM_SEEDS[protocol]), min_size=1, max_size=9))
-    check_translated(PROTOCOL_OF[protocol].stream_translator(translation_context(search)),
+    server = data.draw(st.sampled_from(["openai", "vllm", "vllm-opened"]))
+    check_translated(PROTOCOL_OF[protocol].stream_translator(translation_context(search, server)),
                      [("", event) for event in changed_anywhere(data, events)
                       if isinstance(event, dict)])
 
@@ -282,13 +297,14 @@ def test_streams_a_provider_gets_almost_right_translate_in_order_or_fail_cleanly
 @given(protocol=st.sampled_from(sorted(WHOLE_SEEDS)), search=st.booleans(), data=st.data())
 def test_answers_a_provider_gets_almost_right_translate_or_fail_cleanly(protocol, search, data):
     answer = changed_anywhere(data, data.draw(st.sampled_from(WHOLE_SEEDS[protocol])))
-    check_whole(PROTOCOL_OF[protocol], answer, translation_context(search))
+    server = data.draw(st.sampled_from(["openai", "vllm", "vllm-opened"]))
+    check_whole(PROTOCOL_OF[protocol], answer, translation_context(search, server))
 
 
 @settings(max_examples=600, deadline=None)
-@given(st.lists(chunk_like, max_size=6))
-def test_stream_translators_survive_any_chunks(chunks):
-    for translator in (ccproxy.OpenAIStreamTranslator(translation_context()),
+@given(st.lists(chunk_like, max_size=6), st.sampled_from(["openai", "vllm", "vllm-opened"]))
+def test_stream_translators_survive_any_chunks(chunks, server):
+    for translator in (ccproxy.OpenAIStreamTranslator(translation_context(server=server)),
                        ccproxy.GeminiStreamTranslator(translation_context())):
         check_translated(translator, [("", chunk) for chunk in chunks if isinstance(chunk, dict)])
 
