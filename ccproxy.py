@@ -1265,6 +1265,7 @@ class Provider:
                   "max_tokens", "count_tokens", "quirks", "model_limits", "prices")
     __slots__ = CONFIGURED + ("api_key", "masker", "runs_models_itself", "loaded_windows",
                               "windows_asked", "loads_tried", "learned_output_limits",
+                              "learned_context_lengths",
                               "refused_fields", "refused_betas", "refuses_system_messages",
                               "opens_thinking")
 
@@ -1281,6 +1282,7 @@ class Provider:
         self.windows_asked = -math.inf    # when the server was last asked for them
         self.loads_tried = {}         # model -> when the server was asked to load it
         self.learned_output_limits = {}   # model -> the most output tokens it said it allows
+        self.learned_context_lengths = {}     # model -> its input and output at most, it said
         self.refused_fields = {}      # model -> the request fields the server said it refuses
         self.refused_betas = frozenset()  # the anthropic-beta values the server said it refuses
         self.refuses_system_messages = False  # an Anthropic-protocol server said it takes none
@@ -1322,8 +1324,10 @@ class Provider:
 
     def context_window(self, model: str) -> int | None:
         """The most input tokens the model takes, when known: configured (or from the
-        preset), else the context length the server runs the model with, when it says."""
-        return self.model_limits.get(model, (None, None))[0] or self.loaded_windows.get(model)
+        preset), else the context length the server runs the model with, when it says (Ollama's
+        list of loaded models; a refusal that gave it, within_context_length)."""
+        return self.model_limits.get(model, (None, None))[0] or self.loaded_windows.get(
+            model) or self.learned_context_lengths.get(model)
 
     def window_is_loaded(self, model: str) -> bool:
         """Whether the model's window is the one the server runs it with (Ollama's, which cuts
@@ -3907,6 +3911,8 @@ class ProxyApp:
             view["loaded_windows"] = dict(provider.loaded_windows)
         if provider.learned_output_limits:
             view["learned_output_limits"] = dict(provider.learned_output_limits)
+        if provider.learned_context_lengths:
+            view["learned_context_lengths"] = dict(provider.learned_context_lengths)
         if provider.quirks["reasoning_replay"]:
             view["reasoning_replay"] = provider.quirks["reasoning_replay"]
         compat = provider.quirks["anthropic_compat"]
@@ -4328,6 +4334,9 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     provider, model, route = routing
     if request.record is not None:
         request.record.update(route=route, provider=provider.name, model=model)
+    if model in provider.learned_context_lengths:       # lowered before it goes
+        body = rewritten(request, body, await app.off_the_loop(
+            request, within_context_length, body, provider, model))
     pool = app.key_pool(provider)
     if pool is None:
         return await call_with_key(app, request, conn, body, routing)
@@ -4360,10 +4369,18 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
     except ProxyError as error:
         again = body_to_send_again(error, provider, model, body)
         if again is not None:
-            return await call_with_key(app, request, conn, again, routing)
+            return await call_with_key(app, request, conn, rewritten(request, body, again),
+                                       routing)
         error = diagnosed(error, routing, app.config)
         call.log_failure(error)
         raise error from None
+
+
+def rewritten(request: Request, body: dict, changed: dict) -> dict:
+    """changed, the body ccproxy made of the client's, its changed top-level values noted for
+    a pass-through (anthropic_body splices them into the client's text)."""
+    request.rewritten.update(key for key, value in changed.items() if body.get(key) is not value)
+    return changed
 
 
 async def handle_count_tokens(app: ProxyApp, request: Request, conn) -> Response:
@@ -5970,7 +5987,8 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
             or learns_refused_betas(error, provider)
             or learns_system_messages_refused(error, provider)):
         return body
-    return affordable_body(error, provider, body)
+    return affordable_body(error, provider, body) or body_within_context(error, provider,
+                                                                         model, body)
 
 
 # OpenRouter's 402 for a max_tokens the account's credits cannot cover, whatever the answer
@@ -5993,6 +6011,61 @@ def affordable_body(error: ProxyError, provider: Provider, body: dict) -> dict |
                 "with max_tokens %d (add credits to lift it)", provider.name, affordable,
                 body["max_tokens"], affordable)
     return dict(body, max_tokens=affordable)
+
+
+# Anthropic's words for an overflow that max_tokens makes, in which ccproxy says another
+# server's (overflow_message): "input length and `max_tokens` exceed context limit: 6000 + 64000
+# > 32768, decrease input length or `max_tokens` and try again".
+MAX_TOKENS_OVERFLOW_RE = re.compile(r"input length and `max_tokens` exceed context limit: "
+                                    r"(\d{1,15}) \+ \d{1,15} > (\d{1,15})")
+
+
+def body_within_context(error: ProxyError, provider: Provider, model: str,
+                        body: dict) -> dict | None:
+    """The request with max_tokens lowered to the room the model's context length leaves its
+    input, where another server than Anthropic said max_tokens is what overflows (vLLM's
+    "maximum context length is 32768 tokens. However, you requested 70000 tokens (6000 in the
+    messages, 64000 in the completion)", Kimi's total; said again in Anthropic's words): the
+    length is remembered for the model, and later requests are lowered before they go
+    (within_context_length). Claude Code asks for 32,000 to 128,000 output tokens; told, it
+    asked again itself, but as one of its retries (none left: the turn failed), at every turn.
+    None after any other refusal, and Anthropic's own (its window depends on the request)."""
+    found = MAX_TOKENS_OVERFLOW_RE.match(error.message) if error.status == 400 else None
+    if found is None or (provider.protocol == "anthropic"
+                         and provider.quirks["anthropic_compat"] is None):
+        return None
+    inputs, window = int(found.group(1)), int(found.group(2))
+    sent = min(body["max_tokens"], provider.output_cap(model) or body["max_tokens"])
+    if provider.learned_context_lengths.get(model) != window:
+        if len(provider.learned_context_lengths) >= MAX_MODELS_REMEMBERED:
+            provider.learned_context_lengths.clear()
+        provider.learned_context_lengths[model] = window
+        log.info("%s: %s takes %d tokens of input and output together, it says; max_tokens is "
+                 "lowered to the room its input leaves from now on", provider.name, model,
+                 window)
+    room = window - inputs
+    return with_max_tokens(body, room) if OUTPUT_ROOM_CLAUDE_CODE_TAKES <= room < sent else None
+
+
+def within_context_length(body: dict, provider: Provider, model: str) -> dict:
+    """The request with max_tokens lowered to the room the model's learned context length
+    leaves its estimated input, where that is less than asked and enough to answer in; else
+    the request itself (a server that refuses it still says the room: body_within_context).
+    The estimate is taken as up to WINDOW_ESTIMATE_MARGIN too low here: the server counts its
+    chat template too."""
+    length = provider.learned_context_lengths[model]
+    sent = min(body["max_tokens"], provider.output_cap(model) or body["max_tokens"])
+    room = length - int(estimate_request_tokens(body) * (1 + WINDOW_ESTIMATE_MARGIN))
+    return with_max_tokens(body, room) if OUTPUT_ROOM_CLAUDE_CODE_TAKES <= room < sent else body
+
+
+def with_max_tokens(body: dict, most: int) -> dict:
+    """The request asking for at most `most` output tokens, a thinking budget within them."""
+    thinking = dict_of(body.get("thinking"))
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, int) and budget >= most:
+        return dict(body, max_tokens=most, thinking=dict(thinking, budget_tokens=most - 1))
+    return dict(body, max_tokens=most)
 
 
 def learns_output_limit(error: ProxyError, provider: Provider, model: str, body: dict) -> bool:

@@ -750,3 +750,19 @@ def test_a_server_that_takes_no_system_message_among_the_others_says_so_once(
         {"type": "text", "text": "hi"}, {"type": "text", "text": "Working directory: /w"}]}]
     view = sdk(proxy).get("/providers", cast_to=object)
     assert view["providers"][0]["refuses_system_messages"] is True
+
+
+def test_anthropics_own_overflow_by_max_tokens_reaches_the_client_as_it_came(start_proxy,
+                                                                             upstream):
+    """Its window depends on the request (a beta widens it): Claude Code lowers max_tokens
+    itself, as it does against Anthropic."""
+    words = ("input length and `max_tokens` exceed context limit: 190000 + 32000 > 200000, "
+             "decrease input length or `max_tokens` and try again")
+    upstream.script = lambda r: json_reply({"type": "error", "error": {
+        "type": "invalid_request_error", "message": words}}, 400)
+    proxy = start_proxy({"providers": [{"name": "anthropic", "api_key": "sk-ant-test-0123456789",
+                                        "api_base_url": upstream.url}]})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(model="claude-x", max_tokens=32000, timeout=30,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["error"]["message"] == words and len(upstream.requests) == 1

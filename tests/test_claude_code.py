@@ -904,68 +904,78 @@ def test_real_claude_code_compacts_when_the_provider_overflows(version, tmp_path
     assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
 
 
-ROOM = 10000      # what the window leaves the answer, past each request's own input
+WINDOW = 40000    # the context length of a narrow server: input and output together
+
+
+def narrow_refusal(request):
+    """(the input tokens, counted as a quarter of the body's bytes, and max_tokens) of a request
+    a server of context length WINDOW refuses, or None."""
+    inputs, wanted = len(request["body"]) // 4, (request["json"] or {}).get("max_tokens") or 0
+    return (inputs, wanted) if inputs + wanted > WINDOW else None
 
 
 def narrow_model(request):
-    """scripted_model on a server whose window leaves ROOM tokens past the input (counted as
-    a quarter of the body's bytes), refusing a larger max_tokens in OpenAI's and vLLM's words."""
-    body = request["json"] or {}
-    inputs, wanted = len(request["body"]) // 4, body.get("max_tokens") or 0
-    if wanted > ROOM:
+    """scripted_model on a server of context length WINDOW, refusing a request over it in
+    OpenAI's and vLLM's words."""
+    refused = narrow_refusal(request)
+    if refused:
         return json_reply({"error": {"message": (
             "This model's maximum context length is %d tokens. However, you requested %d tokens "
             "(%d in the messages, %d in the completion). Please reduce the length of the "
-            "messages or completion." % (inputs + ROOM, inputs + wanted, inputs, wanted)),
+            "messages or completion." % (WINDOW, sum(refused), refused[0], refused[1])),
             "type": "BadRequestError", "param": None, "code": 400}}, 400)
     return scripted_model(request)
 
 
+def asked_within_the_window(requests):
+    """Claude Code's first request, refused for its max_tokens; sent again at once with the
+    room its input leaves; every later one lowered before it went, and taken."""
+    refused = [narrow_refusal(r) for r in requests]
+    assert refused[0] and not any(refused[1:]), refused
+    assert requests[1]["json"]["max_tokens"] == WINDOW - refused[0][0]
+    assert not any("CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])
+                   for r in requests)                                # no compaction
+
+
 @pytest.mark.parametrize("version", VERSIONS)
-def test_real_claude_code_lowers_max_tokens_when_a_narrow_window_says_so(version, tmp_path,
-                                                                         upstream):
-    """Refused with the provider's words reworded as Anthropic's, Claude Code asks again at
-    once with max_tokens = window - input - 1,000: no compaction, no error. (It does so as one
-    of its retries: with CLAUDE_CODE_MAX_RETRIES=0 it reports the prompt as too long.)"""
+def test_real_claude_code_runs_on_a_narrow_window_that_max_tokens_overflows(version, tmp_path,
+                                                                            upstream):
+    """The server says its context length and the input; ccproxy asks again at once with the
+    room the input leaves, and lowers the session's later requests before they go. Told in
+    Anthropic's words, Claude Code had asked again itself as one of its retries, at every turn
+    (with CLAUDE_CODE_MAX_RETRIES=0 it reported the prompt as too long)."""
     upstream.script = narrow_model
     result, output, work = run_code(version, tmp_path, [openai_provider(upstream.url)],
                                     "Create a file out.txt containing hi, using the Bash tool.",
-                                    "Bash", CLAUDE_CODE_MAX_RETRIES="2")
+                                    "Bash", CLAUDE_CODE_MAX_RETRIES="0")
     assert output and output["is_error"] is False and output["result"] == FINAL_TEXT, (
         result.stdout[-2000:], result.stderr[-2000:])
     assert (work / "out.txt").read_text().strip() == "hi"
-    asked = [r["json"]["max_tokens"] for r in upstream.requests if r["json"]]
-    assert ROOM - 1000 in asked and max(asked) > ROOM               # refused, then lowered
-    assert not any("CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])
-                   for r in upstream.requests)                       # no compaction
+    asked_within_the_window([r for r in upstream.requests if r["json"]])
 
 
 def kimi_narrow_model(request):
-    """bash_then_done on Kimi's Anthropic API with a window ROOM tokens past the input, whose
-    refusal of a larger max_tokens gives only the total asked, max_tokens in it."""
-    body = request["json"] or {}
-    inputs, wanted = len(request["body"]) // 4, body.get("max_tokens") or 0
-    if wanted > ROOM:
+    """bash_then_done on Kimi's Anthropic API of context length WINDOW, whose refusal gives
+    only the total asked, max_tokens in it."""
+    refused = narrow_refusal(request)
+    if refused:
         return json_reply({"type": "error", "error": {
             "type": "invalid_request_error", "message": "Invalid request: Your request exceeded "
-            "model token limit: %d (requested: %d)" % (inputs + ROOM, inputs + wanted)}}, 400)
-    return bash_then_done(body)
+            "model token limit: %d (requested: %d)" % (WINDOW, sum(refused))}}, 400)
+    return bash_then_done(request["json"] or {})
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_real_claude_code_lowers_max_tokens_when_kimi_says_the_total_is_over(version, tmp_path,
-                                                                          upstream):
+def test_real_claude_code_runs_on_kimi_when_it_says_the_total_is_over(version, tmp_path,
+                                                                       upstream):
     """Kimi counts max_tokens in the total it says was requested; passed on as it came,
-    Claude Code compacted a session at half the window. In Anthropic's words for an overflow
-    that max_tokens makes, it asks again with max_tokens lowered."""
+    Claude Code compacted a session at half the window. Read with the max_tokens sent, the
+    room is known: as for any server that says it."""
     upstream.script = kimi_narrow_model
     runs_bash(version, tmp_path, {"name": "kimi", "api_base_url": upstream.url,
                                   "api_key": COMPATIBLE_KEY, "models": ["served-model"]},
-              retries="2")
-    asked = [r["json"]["max_tokens"] for r in upstream.requests if r["json"]]
-    assert ROOM - 1000 in asked and max(asked) > ROOM               # refused, then lowered
-    assert not any("CRITICAL: Respond with TEXT ONLY" in json.dumps(r["json"])
-                   for r in upstream.requests)                       # no compaction
+              retries="0")
+    asked_within_the_window([r for r in upstream.requests if r["json"]])
 
 
 def groq_model(request):

@@ -664,24 +664,29 @@ def test_a_tool_schema_without_properties_reaches_a_compatible_server_whole(star
         + tools[1:])
 
 
-def test_kimis_overflow_that_max_tokens_makes_is_said_in_anthropics_words(start_proxy,
-                                                                         upstream):
-    """Its total counts max_tokens: passed on as it came, Claude Code compacted at half the
-    window; in Anthropic's words for it, Claude Code asks again with max_tokens lowered. An
-    overflow of the input itself goes as it came."""
+def test_kimis_overflow_that_max_tokens_makes_is_asked_again_within_its_window(start_proxy,
+                                                                              upstream):
+    """Its total counts max_tokens (passed on as it came, Claude Code compacted at half the
+    window): read with the max_tokens sent, the request goes again at once with the room the
+    input leaves, spliced into the client's body, a thinking budget within it. An overflow of
+    the input itself goes as it came."""
     refusal = "Invalid request: Your request exceeded model token limit: 50000 (requested: %d)"
-    upstream.script = lambda r: json_reply({"type": "error", "error": {
-        "type": "invalid_request_error", "message": refusal % (
-            40000 + r["json"]["max_tokens"])}}, 400)
+    inputs = [40000]
+
+    def kimi(request):
+        total = inputs[0] + request["json"]["max_tokens"]
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error", "message": refusal % total}}, 400) \
+            if total > 50000 else answer("kimi", False, "SIG")
+    upstream.script = kimi
     proxy = compat_proxy(start_proxy, upstream, "kimi")
     ask = dict(model="m", messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(anthropic.BadRequestError) as caught:
-        sdk(proxy).messages.create(max_tokens=20000, **ask)
-    assert caught.value.body["error"]["message"] == (
-        "input length and `max_tokens` exceed context limit: 40000 + 20000 > 50000, "
-        "decrease input length or `max_tokens` and try again (%s)" % (refusal % 60000))
-    upstream.script = lambda r: json_reply({"type": "error", "error": {
-        "type": "invalid_request_error", "message": refusal % 61000}}, 400)
+    message = sdk(proxy).messages.create(max_tokens=20000, thinking={
+        "type": "enabled", "budget_tokens": 19999}, **ask)
+    assert message.content[-1].text == "ok"
+    assert [(r["json"]["max_tokens"], r["json"]["thinking"]["budget_tokens"])
+            for r in upstream.requests] == [(20000, 19999), (10000, 9999)]
+    inputs[0] = 60000
     with pytest.raises(anthropic.BadRequestError) as caught:
         sdk(proxy).messages.create(max_tokens=1000, **ask)
     assert caught.value.body["error"]["message"] == refusal % 61000

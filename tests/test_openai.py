@@ -1610,16 +1610,52 @@ def test_a_providers_overflow_carries_its_numbers_in_anthropics_form(openai_prox
     ("Input validation error: `inputs` tokens + `max_new_tokens` must be <= 32769. Given: 1000 "
      "`inputs` tokens and 32000 `max_new_tokens`", "1000 + 32000 > 32769"),  # TGI (Together)
 ])
-def test_an_overflow_by_max_tokens_says_so_in_anthropics_words(openai_proxy, upstream, wording,
-                                                              numbers):
-    """Claude Code answers these words by asking again with max_tokens lowered to fit;
-    compacting, which "prompt is too long" asks for, would not help a prompt that fits."""
-    upstream.script = lambda r: json_reply(openai_error_body(wording), 400)
+def test_an_overflow_by_max_tokens_is_asked_again_with_the_room_the_input_leaves(
+        openai_proxy, upstream, wording, numbers):
+    """The server says its context length and the input: the request goes again at once with
+    the room the input leaves, and the length is remembered for the model. (Told in
+    Anthropic's words, Claude Code asked again itself, as one of its retries, at every turn.)"""
+    inputs, asked, window = map(int, re.findall(r"\d+", numbers))
+    upstream.script = lambda r: json_reply(openai_error_body(wording), 400) \
+        if r["json"]["max_tokens"] + inputs > window else json_reply(completion({"content": "ok"}))
+    message = sdk(openai_proxy).messages.create(**dict(REQUEST, max_tokens=asked), timeout=30)
+    assert message.content[0].text == "ok"
+    assert [r["json"]["max_tokens"] for r in upstream.requests] == [asked, window - inputs]
+    views = json.loads(urllib.request.urlopen(openai_proxy.url + "/providers", timeout=10).read())
+    assert views["providers"][0]["learned_context_lengths"] == {
+        upstream.requests[0]["json"]["model"]: window}
+
+
+def test_a_server_that_refuses_the_room_it_gave_has_its_overflow_said_in_anthropics_words(
+        openai_proxy, upstream):
+    """Asked again once; refused again, the client gets Anthropic's words for an overflow
+    that max_tokens makes, on which Claude Code lowers max_tokens itself."""
+    upstream.script = lambda r: json_reply(openai_error_body(
+        "This model's maximum context length is 32768 tokens. However, you requested 47000 "
+        "tokens (15000 in the messages, 32000 in the completion)."), 400)
     with pytest.raises(anthropic.BadRequestError) as caught:
-        sdk(openai_proxy).messages.create(**REQUEST)
+        sdk(openai_proxy).messages.create(**dict(REQUEST, max_tokens=32000), timeout=30)
     assert caught.value.body["error"]["message"].startswith(
-        "input length and `max_tokens` exceed context limit: %s, decrease input length or "
-        "`max_tokens` and try again (openai: HTTP 400: " % numbers)
+        "input length and `max_tokens` exceed context limit: 15000 + 32000 > 32768, decrease "
+        "input length or `max_tokens` and try again (openai: HTTP 400: ")
+    assert [r["json"]["max_tokens"] for r in upstream.requests] == [32000, 17768]
+
+
+def test_a_learned_context_length_lowers_max_tokens_before_the_request_goes():
+    """With room for an answer left, max_tokens is lowered to it, a thinking budget within
+    it; with too little, the request goes as it is, for the server to say the prompt is too
+    long (Claude Code then compacts)."""
+    provider = ccproxy.build_config({"providers": [VLLM]}, "c", {}).providers[0]
+    provider.learned_context_lengths["m"] = 32768
+    body = {"model": "m", "max_tokens": 32000, "thinking": {"type": "enabled",
+                                                          "budget_tokens": 31999},
+            "messages": [{"role": "user", "content": "word " * 8000}]}
+    room = 32768 - int(ccproxy.estimate_request_tokens(body) * 1.1)
+    assert 4000 < room < 32000
+    assert ccproxy.within_context_length(body, provider, "m") == dict(
+        body, max_tokens=room, thinking={"type": "enabled", "budget_tokens": room - 1})
+    crowded = dict(body, messages=[{"role": "user", "content": "word " * 27000}])
+    assert ccproxy.within_context_length(crowded, provider, "m") is crowded
 
 
 @pytest.mark.parametrize("max_tokens, starts", [
