@@ -9960,31 +9960,22 @@ class ThinkTags:
     (Ollama and vLLM serving Qwen3 or DeepSeek-R1 without a reasoning parser): the text as it
     streams in, split into ("thinking" or "text", piece), the tags and the whitespace around
     them dropped. Text that does not open with the tag is text as it came; `passing` once
-    there is nothing more to split.
+    there is nothing more to split. A model whose chat template opens the thinking itself
+    (Qwen3's Thinking models, DeepSeek-R1 and V4: the prompt ends with `<think>`) writes only
+    its end: `opened` says the answer begins in thinking (learned: see LoneThinkClose)."""
 
-    A model whose chat template opens the thinking itself (Qwen3's Thinking models, DeepSeek-R1
-    and V4: the prompt ends with `<think>`) writes only its end: `opened` says the answer
-    begins in thinking (so learned, see learns_opened_thinking); `watched`, that text which
-    does not open with the tag is watched for a lone `</think>`, which says so
-    (`closed_alone`)."""
-
-    def __init__(self, opened: bool = False, watched: bool = False):
+    def __init__(self, opened: bool = False):
         self._state = "start"         # start, thinking, answer (its leading space dropped), text
         self._held = ""
         self._thought = False         # whether thinking has been given (its leading space gone)
-        self._opened, self._watched = opened, watched and not opened
-        self._tail = ""               # the watched text's last characters, where a tag may begin
+        self._opened = opened
         self._thoughts = [] if opened else None     # an opened thinking, kept until it ends
-        self.closed_alone = False
 
     @property
     def passing(self) -> bool:
-        return self._state == "text" and not self._watched
+        return self._state == "text"
 
     def split(self, text: str) -> list:
-        if self._state == "text":     # watched (passing otherwise): nothing is held
-            self._watch(text)
-            return [("text", text)]
         pieces = self._split(text)
         if self._thoughts is not None:
             self._thoughts += [piece for kind, piece in pieces if kind == "thinking"]
@@ -9999,17 +9990,14 @@ class ThinkTags:
                 return []
             if not opening.startswith(THINK_OPEN) and not self._opened:
                 self._state = "text"
-                self._watch(held)
                 return [("text", held)]
-            self._state, self._watched = "thinking", False
+            self._state = "thinking"
             held = opening[len(THINK_OPEN):] if opening.startswith(THINK_OPEN) else opening
         if self._state == "thinking":
             return self._thinking(held)
-        if self._state == "answer":
-            held = held.lstrip()
-            self._state = "text" if held else "answer"
-        self._watch(held)
-        return [("text", held)] if held else []
+        answer = held.lstrip() if self._state == "answer" else held
+        self._state = "text" if answer else "answer"
+        return [("text", answer)] if answer else []
 
     def _thinking(self, held: str) -> list:
         held = held if self._thought else held.lstrip()
@@ -10023,18 +10011,6 @@ class ThinkTags:
         self._state, self._thoughts = "answer", None
         pieces = [("thinking", held[:end].rstrip())] if held[:end].strip() else []
         return pieces + self._split(held[end + len(THINK_CLOSE):])
-
-    def _watch(self, text: str) -> None:
-        """Watched text: a `</think>` with no `<think>` before it closed an opened thinking."""
-        if not self._watched or ("<" not in text and not self._tail):
-            return
-        seen = self._tail + text
-        opening, closing = seen.find(THINK_OPEN), seen.find(THINK_CLOSE)
-        if closing >= 0 or opening >= 0:      # tags of its own (an opening first) teach nothing
-            self.closed_alone = opening < 0 or opening > closing >= 0
-            self._watched = False
-        last = seen.rfind("<", max(len(seen) - len(THINK_CLOSE) + 1, 0))   # a tag may begin
-        self._tail = seen[last:] if last >= 0 else ""
 
     def flush(self, ended: bool = False) -> list:
         """What is held at the answer's end (or before its first tool call). An opened thinking
@@ -10051,12 +10027,44 @@ class ThinkTags:
 MAX_OPENED_THINKING_MODELS = 64
 
 
-def think_tags(context) -> ThinkTags:
-    """The tags' reader for an answer of this provider's model: opened where the model is
-    known to begin in thinking; watched on a server whose model's calls are read from the text
-    (one that may parse none of its model's output)."""
-    opened = context.routed_model in context.provider.opens_thinking
-    return ThinkTags(opened, context.provider.quirks["text_tool_calls"])
+class LoneThinkClose:
+    """An answer's text watched for a `</think>` with no `<think>` before it: the model's
+    template opened the thinking (vLLM or SGLang without a reasoning parser,
+    vllm-project/vllm#31045), so its answers begin in thinking. A reader needs a look only at
+    text that holds a `<`, or follows one (`tail`)."""
+
+    __slots__ = ("tail",)
+
+    def __init__(self):
+        self.tail = ""                # the text's last characters, where a tag may begin
+
+    def sees(self, text: str, context) -> "LoneThinkClose | None":
+        """Itself, or None once the text has said (a lone `</think>`: learned for the model;
+        a `<think>` first: nothing to learn)."""
+        seen = self.tail + text
+        if closes_alone(seen):
+            learns_opened_thinking(context)
+        if THINK_CLOSE in seen or THINK_OPEN in seen:
+            return None
+        last = seen.rfind("<", max(len(seen) - len(THINK_CLOSE) + 1, 0))
+        self.tail = seen[last:] if last >= 0 else ""
+        return self
+
+
+def closes_alone(text: str) -> bool:
+    """Whether text holds a `</think>` with no `<think>` before it."""
+    closing = text.find(THINK_CLOSE)
+    return closing >= 0 and not 0 <= text.find(THINK_OPEN) < closing
+
+
+def lone_think_close(context) -> LoneThinkClose | None:
+    """A watch for a lone `</think>` on a server whose models' calls are read from the text
+    (one that may parse none of its model's output), for a model not known to open in
+    thinking; None where none is kept."""
+    provider = context.provider
+    if not provider.quirks["text_tool_calls"] or context.routed_model in provider.opens_thinking:
+        return None
+    return LoneThinkClose()
 
 
 def think_pieces(text: str, context) -> list | None:
@@ -10065,23 +10073,20 @@ def think_pieces(text: str, context) -> list | None:
     if not text.lstrip().startswith(THINK_OPEN):
         if THINK_CLOSE not in text:
             return None
-        reader = think_tags(context)
-        reader.split(text)
-        learns_opened_thinking(reader, context)
+        watch = lone_think_close(context)
+        if watch is not None:
+            watch.sees(text, context)           # a lone </think> is learned
         if context.routed_model not in context.provider.opens_thinking:
             return None
     tags = ThinkTags(opened=True)
     return tags.split(text) + tags.flush()
 
 
-def learns_opened_thinking(tags: ThinkTags, context) -> None:
-    """Where an answer's text closed a thinking it never opened (its template opens it: vLLM
-    or SGLang without a reasoning parser, vllm-project/vllm#31045), the model's answers are
-    taken to begin in thinking from then on (a stream that said so has gone out as text).
-    Shown in /status as opens_thinking."""
+def learns_opened_thinking(context) -> None:
+    """Where an answer's text closed a thinking it never opened (see LoneThinkClose), the
+    model's answers are taken to begin in thinking from then on (a stream that said so has
+    gone out as text). Shown in /status as opens_thinking."""
     provider, model = context.provider, context.routed_model
-    if not tags.closed_alone or model in provider.opens_thinking:
-        return
     if len(provider.opens_thinking) >= MAX_OPENED_THINKING_MODELS:
         provider.opens_thinking.clear()
     provider.opens_thinking.add(model)
@@ -10299,7 +10304,8 @@ class OpenAIStreamTranslator:
         self._done = False
         self._usage = None
         self.learnable_text = None    # the last chunk's text, when a template may learn it
-        self._think = think_tags(context)   # until the text is seen to open otherwise
+        self._think = ThinkTags(context.routed_model in context.provider.opens_thinking)
+        self._lone_close = lone_think_close(context)      # until the text has said
         self._text_calls = text_tool_calls(context)
         self._text_call_count = 0
 
@@ -10325,8 +10331,10 @@ class OpenAIStreamTranslator:
         take it the short way (its message has not started, or a web search gathers text)."""
         if not self._emit.started or self._context.search_query is not None:
             return None
+        if self._lone_close is not None:
+            self._watch(text)
         if self._think is not None or self._text_calls is not None:
-            self._content(text)
+            self._split_text(text)
         elif text:
             self._emit.text(text)
         return self._emit.take()
@@ -10406,13 +10414,22 @@ class OpenAIStreamTranslator:
             self._stop_sequence = matched_stop_sequence(choice)
 
     def _content(self, content: str) -> None:
+        if self._lone_close is not None:
+            self._watch(content)
+        self._split_text(content)
+
+    def _watch(self, text: str) -> None:
+        """Text that may hold a lone </think> looked through (see LoneThinkClose)."""
+        watch = self._lone_close
+        if "<" in text or watch.tail:
+            self._lone_close = watch.sees(text, self._context)
+
+    def _split_text(self, content: str) -> None:
         """The answer's text, what opens it as <think>…</think> as thinking (see ThinkTags)."""
         if self._think is None:
             self._pieces((("text", content),))
             return
         self._pieces(self._think.split(content))
-        if self._think.closed_alone:
-            learns_opened_thinking(self._think, self._context)
         if self._think.passing:
             self._think = None
 
@@ -13947,9 +13964,7 @@ TEXT_CALLS_FIX = "vLLM: --enable-auto-tool-choice and the model's --tool-call-pa
 def opened_thinking_note(text) -> str:
     """What the probe says of an answer whose text closes a thinking it never opened (see
     learns_opened_thinking); "" of any other."""
-    tags = ThinkTags(watched=True)
-    tags.split(text if isinstance(text, str) else "")
-    if not tags.closed_alone:
+    if not isinstance(text, str) or not closes_alone(text):
         return ""
     return (", and writes its thinking into the text with only the closing tag, which ccproxy "
             "reads from its second answer on (vLLM, SGLang: the model's --reasoning-parser "
