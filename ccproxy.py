@@ -149,7 +149,8 @@ WINDOW_ESTIMATE_MARGIN = 0.10                    # the token estimate may be thi
 LOADED_WINDOWS_EVERY_SECONDS = 10.0              # Ollama's /api/ps is asked at most this often
 OLLAMA_CODING_CONTEXT = 64000                    # what Ollama advises for coding tools
 MAX_MODELS_REMEMBERED = 256                      # per provider: models asked to load (Ollama),
-                                                 # and models whose output limit it stated
+                                                 # and those it said something of (limits,
+                                                 # fields, how their answers begin)
 OFFLOADED_BODY_BYTES = 1024 * 1024               # a request this large is read, checked, routed
                                                  # and translated on a worker thread
 RETRY_BASE_SECONDS = 0.25                        # first backoff; doubles per retry
@@ -1341,6 +1342,11 @@ class Provider:
         caps = [cap for cap in (self.max_tokens, self.model_limits.get(model, (None, None))[1],
                                 self.learned_output_limits.get(model)) if cap]
         return min(caps) if caps else None
+
+    def sent_max_tokens(self, model: str, asked: int) -> int:
+        """max_tokens as the model gets it: what was asked, within its output cap."""
+        cap = self.output_cap(model)
+        return min(asked, cap) if cap else asked
 
     def secrets(self) -> list:
         """Values that must never be shown: the keys and every header value the user gave (a
@@ -6035,7 +6041,7 @@ def body_within_context(error: ProxyError, provider: Provider, model: str,
                          and provider.quirks["anthropic_compat"] is None):
         return None
     inputs, window = int(found.group(1)), int(found.group(2))
-    sent = min(body["max_tokens"], provider.output_cap(model) or body["max_tokens"])
+    sent = provider.sent_max_tokens(model, body["max_tokens"])
     if provider.learned_context_lengths.get(model) != window:
         if len(provider.learned_context_lengths) >= MAX_MODELS_REMEMBERED:
             provider.learned_context_lengths.clear()
@@ -6054,7 +6060,7 @@ def within_context_length(body: dict, provider: Provider, model: str) -> dict:
     The estimate is taken as up to WINDOW_ESTIMATE_MARGIN too low here: the server counts its
     chat template too."""
     length = provider.learned_context_lengths[model]
-    sent = min(body["max_tokens"], provider.output_cap(model) or body["max_tokens"])
+    sent = provider.sent_max_tokens(model, body["max_tokens"])
     room = length - int(estimate_request_tokens(body) * (1 + WINDOW_ESTIMATE_MARGIN))
     return with_max_tokens(body, room) if OUTPUT_ROOM_CLAUDE_CODE_TAKES <= room < sent else body
 
@@ -6075,7 +6081,7 @@ def learns_output_limit(error: ProxyError, provider: Provider, model: str, body:
     to 128,000 output tokens, more than many models allow (Groq's most of all)."""
     found = OUTPUT_LIMIT_RE.search(error.message) if error.status == 400 else None
     limit = token_count(next(group for group in found.groups() if group)) if found else 0
-    asked = min(body["max_tokens"], provider.output_cap(model) or body["max_tokens"])
+    asked = provider.sent_max_tokens(model, body["max_tokens"])
     if not 0 < limit < asked:
         return False
     if len(provider.learned_output_limits) >= MAX_MODELS_REMEMBERED:
@@ -6607,8 +6613,9 @@ class TranslationContext:
                  routed_model: str = ""):
         self.provider = provider
         self.model, self.routed_model = body.get("model"), routed_model
-        asked, cap = body.get("max_tokens"), provider.output_cap(routed_model)
-        self.max_tokens = min(asked, cap) if isinstance(asked, int) and cap else asked  # sent
+        asked = body.get("max_tokens")
+        self.max_tokens = provider.sent_max_tokens(routed_model, asked) if isinstance(
+            asked, int) else asked
         self.record = request.record
         self.input_estimate = max(len(request.body) // 4, 1)   # cheap; real usage comes later
         self._tools = body.get("tools")
@@ -10024,9 +10031,6 @@ class ThinkTags:
         return pieces
 
 
-MAX_OPENED_THINKING_MODELS = 64
-
-
 class LoneThinkClose:
     """An answer's text watched for a `</think>` with no `<think>` before it: the model's
     template opened the thinking (vLLM or SGLang without a reasoning parser,
@@ -10087,7 +10091,7 @@ def learns_opened_thinking(context) -> None:
     model's answers are taken to begin in thinking from then on (a stream that said so has
     gone out as text). Shown in /status as opens_thinking."""
     provider, model = context.provider, context.routed_model
-    if len(provider.opens_thinking) >= MAX_OPENED_THINKING_MODELS:
+    if len(provider.opens_thinking) >= MAX_MODELS_REMEMBERED:
         provider.opens_thinking.clear()
     provider.opens_thinking.add(model)
     log.info("%s: %s begins its answers in thinking and writes only </think> (a server without "
