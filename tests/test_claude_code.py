@@ -363,12 +363,7 @@ def test_real_claude_code_runs_a_call_its_server_left_in_the_text(version, tmp_p
     """Before, Claude Code showed the <tool_call> text and ran nothing: the session ended
     there, every request answered 200."""
     upstream.script = unparsed_calls_model
-    vllm = openai_provider(upstream.url, name="vllm", type="openai")
-    result, output, work = run_code(version, tmp_path, [vllm], "Create a file out.txt "
-                                    "containing hi, using the Bash tool.", "Bash",
-                                    CLAUDE_CODE_MAX_RETRIES="0")
-    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
-    assert (work / "out.txt").read_text().strip() == "hi"
+    runs_bash(version, tmp_path, openai_provider(upstream.url, name="vllm", type="openai"))
     turn = [r["json"] for r in upstream.requests if r["json"] and any(
         m.get("role") == "tool" for m in r["json"]["messages"])][0]["messages"]
     asked = [m for m in turn if m.get("role") == "assistant" and m.get("tool_calls")][0]
@@ -401,12 +396,7 @@ def test_real_claude_code_reads_a_model_whose_template_opens_its_thinking(versio
     reasoning is thinking, and Claude Code's result is the answer alone (before, the reasoning
     and the tag with it)."""
     upstream.script = opened_thinking_model
-    vllm = openai_provider(upstream.url, name="vllm", type="openai")
-    result, output, work = run_code(version, tmp_path, [vllm], "Create a file out.txt "
-                                    "containing hi, using the Bash tool.", "Bash",
-                                    CLAUDE_CODE_MAX_RETRIES="0")
-    assert output["is_error"] is False and output["result"] == FINAL_TEXT, output
-    assert (work / "out.txt").read_text().strip() == "hi"
+    runs_bash(version, tmp_path, openai_provider(upstream.url, name="vllm", type="openai"))
 
 
 def turn_numbering_model(request):
