@@ -4361,9 +4361,11 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
             return response
 
 
-async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routing: Routing):
+async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routing: Routing,
+                        sent_again: int = 0):
     """One call to the routing's provider with the key it holds: the protocol builds it,
-    relay_call() answers with it; a failure is logged, a configuration problem named as such."""
+    relay_call() answers with it, sent again as the provider's refusal says (at most
+    MAX_SENDS_AGAIN times); a failure is logged, a configuration problem named as such."""
     provider, model, _ = routing
     protocol = protocol_for(provider, model)
     protocol.check_request(body)
@@ -4373,10 +4375,11 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
     try:
         return await relay_call(protocol, call, conn, request, body)
     except ProxyError as error:
-        again = body_to_send_again(error, provider, model, body)
+        again = body_to_send_again(error, provider, model, body) \
+            if sent_again < MAX_SENDS_AGAIN else None
         if again is not None:
             return await call_with_key(app, request, conn, rewritten(request, body, again),
-                                       routing)
+                                       routing, sent_again + 1)
         error = diagnosed(error, routing, app.config)
         call.log_failure(error)
         raise error from None
@@ -5978,6 +5981,12 @@ OUTPUT_LIMIT_RE = re.compile(r"max_(?:completion_)?tokens`?(?: for `[^`]*`)? mus
                              r"max_tokens\b[^\[\]]{0,40}\[1, ?(\d{1,15})\]|max_tokens: \d+ > "
                              r"(%s), which is the maximum allowed number of output tokens"
                              % ((TOKEN_COUNT,) * 3), re.I)
+
+
+# A request is sent again, as a refusal says, this many times at most: each learns something
+# (a field, a beta, a limit), and a server that says something new at every refusal (or gives
+# a smaller room each time) would otherwise be called until Python's recursion ran out.
+MAX_SENDS_AGAIN = 8
 
 
 def body_to_send_again(error: ProxyError, provider: Provider, model: str,

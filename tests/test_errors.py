@@ -197,3 +197,30 @@ def test_internal_error_is_an_anthropic_500_and_the_server_goes_on(proxy, monkey
     assert caught.value.body["error"] == {"type": "api_error",
                                           "message": "internal error in ccproxy; see its log"}
     assert sdk(proxy).get("/health", cast_to=object)["status"] == "ok"
+
+
+def test_a_server_that_says_something_new_at_every_refusal_is_sent_again_a_few_times_only(
+        start_proxy, upstream):
+    """Each refusal of this server gives a smaller room for the answer than the last (and each
+    would be learned from): sent again at every one, it was called some 965 times, until
+    Python's recursion ran out and the client got a 500. Now the client gets the last refusal,
+    in Anthropic's words, after MAX_SENDS_AGAIN more calls, and the server serves on."""
+    def shrinking_room(request):
+        inputs, sent = 50000 + len(upstream.requests), request["json"]["max_tokens"]
+        return json_reply({"error": {"message": (
+            "This model's maximum context length is 100000 tokens. However, you requested %d "
+            "tokens (%d in the messages, %d in the completion)." % (inputs + sent, inputs,
+                                                                     sent))}}, 400)
+    upstream.script = shrinking_room
+    proxy = start_proxy({"providers": [{"name": "v", "type": "openai", "api_key": PROVIDER_KEY,
+                                        "api_base_url": upstream.url + "/v1"}]})
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(model="m", max_tokens=60000, timeout=60,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["error"]["message"].startswith(
+        "input length and `max_tokens` exceed context limit: ")
+    assert len(upstream.requests) == 1 + ccproxy.MAX_SENDS_AGAIN
+    upstream.script = lambda r: json_reply({"id": "c", "choices": [{"index": 0, "message": {
+        "role": "assistant", "content": "ok"}, "finish_reason": "stop"}]})
+    assert sdk(proxy).messages.create(model="m", max_tokens=100, messages=[
+        {"role": "user", "content": "hi"}]).content[0].text == "ok"
