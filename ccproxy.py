@@ -9856,9 +9856,21 @@ def anthropic_usage_from_openai(usage) -> dict:
     cache_read = min(count_of(details.get("cached_tokens")) or count_of(
         usage.get("prompt_cache_hit_tokens")), prompt)
     cache_write = min(count_of(details.get("cache_write_tokens")), prompt - cache_read)
-    return anthropic_usage(prompt - cache_read - cache_write, count_of(usage.get(
-        "completion_tokens")), cache_read, cache_write, count_of(dict_of(usage.get(
-            "completion_tokens_details")).get("reasoning_tokens")))
+    reasoning = count_of(dict_of(usage.get("completion_tokens_details")).get("reasoning_tokens"))
+    output = output_with_reasoning(usage, prompt, count_of(usage.get("completion_tokens")),
+                                   reasoning)
+    return anthropic_usage(prompt - cache_read - cache_write, output, cache_read, cache_write,
+                           reasoning)
+
+
+def output_with_reasoning(usage: dict, prompt: int, output: int, reasoning: int) -> int:
+    """The output tokens of an OpenAI-style usage, its reasoning among them. OpenAI counts the
+    reasoning within completion_tokens (and output_tokens); xAI counts it apart, billed as output
+    all the same (its total_tokens is the prompt, the completion and the reasoning: issues of
+    vercel/ai#12425, inspect_ai#5528): the total tells which."""
+    if reasoning and count_of(usage.get("total_tokens")) == prompt + output + reasoning:
+        return output + reasoning
+    return output
 
 
 REASONING_DETAILS_PREFIX = PROXY_SIGNATURE_PREFIX + "rd."
@@ -10808,9 +10820,9 @@ def anthropic_usage_from_responses(usage) -> dict:
     details = dict_of(usage.get("input_tokens_details"))
     cached = min(count_of(details.get("cached_tokens")), total)
     written = min(count_of(details.get("cache_write_tokens")), total - cached)
-    return anthropic_usage(total - cached - written, count_of(usage.get("output_tokens")),
-                           cached, written, count_of(dict_of(usage.get(
-                               "output_tokens_details")).get("reasoning_tokens")))
+    reasoning = count_of(dict_of(usage.get("output_tokens_details")).get("reasoning_tokens"))
+    output = output_with_reasoning(usage, total, count_of(usage.get("output_tokens")), reasoning)
+    return anthropic_usage(total - cached - written, output, cached, written, reasoning)
 
 
 def responses_error(provider: Provider, error) -> ProxyError:

@@ -810,6 +810,44 @@ def test_groq_models_cost_what_groqs_pages_say_cached_input_at_half(start_proxy,
         "input": 0.05, "cache_read": 0.025, "output": 0.08}
 
 
+# What an xAI answer reports (sub2api#5771's, anonymised): reasoning apart from completion_tokens,
+# the total their sum with the prompt; billed as output all the same.
+XAI_USAGE = {"prompt_tokens": 10120, "completion_tokens": 1499, "total_tokens": 14428,
+             "prompt_tokens_details": {"cached_tokens": 128},
+             "completion_tokens_details": {"reasoning_tokens": 2809}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_xai_answer_counts_its_reasoning_as_output(
+        start_proxy, upstream, stream):
+    upstream.script = lambda r: openrouter_answer(XAI_USAGE, stream)
+    proxy = start_proxy({"providers": [{"name": "xai", "api_key": PROVIDER_KEY,
+                                        "api_base_url": upstream.url}]})
+    answer = ask(proxy, model="xai,grok-4.7", stream=stream)
+    assert answer.usage.output_tokens == 1499 + 2809
+    assert answer.usage.input_tokens == 10120 - 128
+    session = get(proxy, "/sessions/" + SESSION)[1]
+    assert session["output_tokens"] == 1499 + 2809
+
+
+def test_reasoning_within_completion_tokens_is_counted_once():
+    """OpenAI's own usage: the reasoning is part of completion_tokens (and of output_tokens in
+    the Responses API), the total the prompt and the completion."""
+    chat = ccproxy.anthropic_usage_from_openai({
+        "prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
+        "completion_tokens_details": {"reasoning_tokens": 30}})
+    responses = ccproxy.anthropic_usage_from_responses({
+        "input_tokens": 100, "output_tokens": 50, "total_tokens": 150,
+        "output_tokens_details": {"reasoning_tokens": 30}})
+    for usage in (chat, responses):
+        assert usage["output_tokens"] == 50
+        assert usage["output_tokens_details"] == {"thinking_tokens": 30}
+    apart = ccproxy.anthropic_usage_from_responses({
+        "input_tokens": 100, "output_tokens": 5, "total_tokens": 135,
+        "output_tokens_details": {"reasoning_tokens": 30}})
+    assert apart["output_tokens"] == 35
+
+
 def utc(*moment) -> float:
     """The Unix time of a moment in UTC: (year, month, day, hour, minute)."""
     return float(calendar.timegm(moment + (0,) * (6 - len(moment))))
