@@ -1186,8 +1186,15 @@ PRESET_MODEL_LIMITS = {
 #       half the peak ones; peak 09:00-12:00 and 14:00-18:00 Beijing time, Monday to Friday,
 #       China's public holidays aside; no charge to write the cache: a miss pays the input rate;
 #       the retired deepseek-v4-flash is billed as Flash)
-# Not given for Gemini, xAI and Mistral (their pricing pages were not reachable to check; Gemini
-# and xAI bill long prompts at a higher rate): a model without a price shows tokens only.
+#   xai: docs.x.ai/developers/grok-4-7 (grok-4.7: input $2.00, output $6.00) and the model pages
+#       under docs.x.ai/developers/models (grok-4.6's, seen in a copy: the same rates, cached
+#       input $0.50; grok-4.20-0309's), checked 2026-12-07: cached input at a quarter of the
+#       input rate (also the docs' cookbook, examples/prompt-caching), nothing to write the
+#       cache, and "requests whose prompt reaches 200k tokens are billed at the higher rate for
+#       all tokens in the request": every rate twice. Grok 4.7 kept Grok 4.6's rates (LiteLLM's
+#       note on it, BerriAI/litellm discussions/42287).
+# Not given for Gemini and Mistral (their pricing pages were not reachable to check; Gemini
+# bills long prompts at a higher rate): a model without a price shows tokens only.
 # OpenRouter reports each answer's cost (note_reported_cost).
 ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
     ("claude-fable-5-1",): (10.0, 12.5, 0.25, 50.0), ("claude-fable-5",): (10.0, 12.5, 1.0, 50.0),
@@ -1203,14 +1210,28 @@ DEEPSEEK_PRICES = {"deepseek-flash": (0.15, 0.003, 0.60),      # off-peak: input
                    "deepseek-v4-pro": (0.66, 0.022, 1.98)}    # output
 DEEPSEEK_PRICES["deepseek-v4-flash"] = DEEPSEEK_PRICES["deepseek-flash"]    # retired: as Flash
 DEEPSEEK_PEAK_UTC_HOURS = [(1, 4), (6, 10)]                    # 09-12 and 14-18 in Beijing
+XAI_PRICES = {"grok-4.7": (2.0, 0.5, 6.0), "grok-4.6": (2.0, 0.5, 6.0)}  # in, cache read, out
+XAI_LONG_PROMPT_TOKENS = 199_999           # a prompt that "reaches 200k" pays the long rates
+
+
+def twice(rates: dict) -> dict:
+    """Every rate of a price doubled (DeepSeek's peak hours, xAI's long prompts)."""
+    return {kind: rate * 2 for kind, rate in rates.items()}
 
 
 def deepseek_price(input_rate: float, cache_read: float, output: float) -> dict:
     """A DeepSeek model's price from its off-peak rates: twice them in peak hours."""
     rates = {"input": input_rate, "cache_write": input_rate, "cache_read": cache_read,
              "output": output}
-    peak = {kind: rate * 2 for kind, rate in rates.items()}
-    return dict(rates, peak=dict(peak, utc_hours=DEEPSEEK_PEAK_UTC_HOURS, weekdays_only=True))
+    return dict(rates, peak=dict(twice(rates), utc_hours=DEEPSEEK_PEAK_UTC_HOURS,
+                                 weekdays_only=True))
+
+
+def xai_price(input_rate: float, cache_read: float, output: float) -> dict:
+    """An xAI model's price from its rates for prompts under 200k tokens: twice them from
+    there on, for every token of the request."""
+    rates = {"input": input_rate, "cache_read": cache_read, "output": output}
+    return dict(rates, above=dict(twice(rates), tokens=XAI_LONG_PROMPT_TOKENS))
 
 
 DEEPSEEK_MODEL_PRICES = {model: deepseek_price(*rates) for model, rates in DEEPSEEK_PRICES.items()}
@@ -1222,6 +1243,7 @@ PRESET_MODEL_PRICES = {
     "groq": {model: {"input": rates[0], "cache_read": rates[0] / 2, "output": rates[1]}
              for model, rates in GROQ_PRICES.items()},
     "deepseek": DEEPSEEK_MODEL_PRICES, "deepseek-anthropic": DEEPSEEK_MODEL_PRICES,
+    "xai": {model: xai_price(*rates) for model, rates in XAI_PRICES.items()},
 }
 # Models a preset's provider has retired: model -> (the day it ended, what replaces it). A config
 # naming one is warned about, by key, at startup and by `start --check`; requests are not

@@ -818,7 +818,7 @@ XAI_USAGE = {"prompt_tokens": 10120, "completion_tokens": 1499, "total_tokens": 
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_xai_answer_counts_its_reasoning_as_output(
+def test_an_xai_answer_counts_its_reasoning_as_output_and_costs_what_xais_pages_say(
         start_proxy, upstream, stream):
     upstream.script = lambda r: openrouter_answer(XAI_USAGE, stream)
     proxy = start_proxy({"providers": [{"name": "xai", "api_key": PROVIDER_KEY,
@@ -828,6 +828,8 @@ def test_an_xai_answer_counts_its_reasoning_as_output(
     assert answer.usage.input_tokens == 10120 - 128
     session = get(proxy, "/sessions/" + SESSION)[1]
     assert session["output_tokens"] == 1499 + 2809
+    assert session["cost_usd"] == pytest.approx(
+        ((10120 - 128) * 2.0 + 128 * 0.5 + (1499 + 2809) * 6.0) / 1e6)
 
 
 def test_reasoning_within_completion_tokens_is_counted_once():
@@ -846,6 +848,20 @@ def test_reasoning_within_completion_tokens_is_counted_once():
         "input_tokens": 100, "output_tokens": 5, "total_tokens": 135,
         "output_tokens_details": {"reasoning_tokens": 30}})
     assert apart["output_tokens"] == 35
+
+
+@pytest.mark.parametrize("model", ["grok-4.7", "grok-4.6"])
+def test_an_xai_prompt_that_reaches_200k_tokens_pays_twice_every_rate(model):
+    config = ccproxy.build_config({"providers": [
+        {"name": "xai", "api_key": "k", "models": [model]}]}, "c", {})
+    (xai,) = config.providers
+    usage = {"input_tokens": 150_000, "cache_read_input_tokens": 49_999, "output_tokens": 1000}
+    below = (150_000 * 2.0 + 49_999 * 0.5 + 1000 * 6.0) / 1e6
+    assert xai.cost(model, usage) == pytest.approx(below)
+    reached = dict(usage, cache_read_input_tokens=50_000)
+    assert xai.cost(model, reached) == pytest.approx(
+        (150_000 * 4.0 + 50_000 * 1.0 + 1000 * 12.0) / 1e6)
+    assert xai.cost("grok-4", usage) is None                   # no page checked: tokens only
 
 
 def utc(*moment) -> float:
