@@ -889,7 +889,9 @@ def file_signature(path: str | None) -> tuple | None:
 # those it has (effort -> its own value) and each request takes the highest it has at or
 # below what was asked (the lowest when it has none below). Checked 2026-12-05:
 #   OpenAI reasoning_effort, https://platform.openai.com/docs/guides/reasoning: low, medium,
-#   high; xhigh on gpt-5.1-codex-max and gpt-5.2 on. OpenRouter reasoning.effort,
+#   high; xhigh on gpt-5.1-codex-max, gpt-5.2 on and the GPT-6 models (checked 2026-12-07 on
+#   developers.openai.com/api/docs/models/gpt-6-sol and gpt-6.2-sol: none to xhigh, and a max
+#   that Chat Completions does not take). OpenRouter reasoning.effort,
 #   https://openrouter.ai/docs/use-cases/reasoning-tokens: up to xhigh. Groq's gpt-oss:
 #   low, medium, high (https://console.groq.com/docs/reasoning). xAI, https://docs.x.ai/:
 #   grok-4.7 low to xhigh, grok-3-mini low and high. Gemini thinkingLevel,
@@ -901,7 +903,7 @@ def file_signature(path: str | None) -> tuple | None:
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 EFFORTS_TO_HIGH = {"low": "low", "medium": "medium", "high": "high"}
 EFFORTS_TO_XHIGH = dict(EFFORTS_TO_HIGH, xhigh="xhigh")
-OPENAI_EFFORT_SCALES = ((r"^gpt-5\.(?:[2-9]|1-codex-max)", EFFORTS_TO_XHIGH),
+OPENAI_EFFORT_SCALES = ((r"^gpt-(?:5\.(?:[2-9]|1-codex-max)|6)", EFFORTS_TO_XHIGH),
                         (r"^(o\d|gpt-5)", EFFORTS_TO_HIGH))
 # The least reasoning each asks for, sent when a request turns thinking off (Claude Code's side
 # requests do, with a few dozen output tokens, which a model reasoning at its default, medium,
@@ -910,24 +912,33 @@ OPENAI_EFFORT_SCALES = ((r"^gpt-5\.(?:[2-9]|1-codex-max)", EFFORTS_TO_XHIGH),
 # "low" for the o-series. Checked 2026-12-06 in Azure's copy of OpenAI's reasoning_effort
 # (learn.microsoft.com/en-us/javascript/api/@azure/ai-projects/reasoningeffort) and OpenAI's
 # own 400, which lists what gpt-5.1 takes ("'none', 'low', 'medium', and 'high'"); other gpt-5.x,
-# codex and pro models keep their default.
+# codex and pro models keep their default. GPT-6 Sol and Luna take "none"; GPT-6 Astra, 6.1 Sol
+# and 6.2 Sol refuse it ("The API rejects requests that set reasoning effort to none",
+# developers.openai.com/api/docs/models/gpt-6.2-sol, checked 2026-12-07), and think least at
+# "low".
 OPENAI_THINKING_OFF = (
     (r"^gpt-5\.(?:[125]|4-(?:mini|nano))(?:-mini|-nano)?(?:-\d{4}-\d\d-\d\d)?$", "none"),
+    (r"^gpt-6-(?:sol|luna)(?:-\d{4}-\d\d-\d\d)?$", "none"),
+    (r"^gpt-6(?:\.\d+)?-(?:astra|sol)(?:-\d{4}-\d\d-\d\d)?$", "low"),
     (r"^gpt-5(?:-mini|-nano)?(?:-\d{4}-\d\d-\d\d)?$", "minimal"),
     (r"^o\d(?:-mini)?(?:-\d{4}-\d\d-\d\d)?$", "low"))
 # The models OpenAI serves only on the Responses API: the Responses-only entries of the
 # official SDK's ResponsesModel (openai-python 3.63, types/shared/responses_model.py) and the
-# codex family (platform.openai.com/docs/models, checked 2026-12-05).
+# codex family (platform.openai.com/docs/models, checked 2026-12-05); and the GPT-6 models,
+# which call functions on Chat Completions only while reasoning is off ("Use the Responses API
+# for built-in tools and function calling. Chat Completions supports function calling only with
+# reasoning_effort set to none": developers.openai.com/api/docs/models/gpt-6-sol, checked
+# on 2026-12-07), where Claude Code sends tools at every turn and thinks at most of them.
 OPENAI_RESPONSES_MODELS = (r"^(o\d+-pro|o\d+(-mini)?-deep-research|computer-use|codex-|"
                            r"gpt-[\d.]+-(pro|codex|cyber|rosalind)|gpt-[\d.]+-\w+-codex|"
-                           r"gpt-rosalind|gpt-[\d.]+-(astra|sol)-|gpt-daybreak)")
+                           r"gpt-rosalind|gpt-[\d.]+-(astra|sol)-|gpt-daybreak|gpt-6)")
 # Prompt caching (https://platform.openai.com/docs/guides/prompt-caching, checked 2026-12-05):
 # automatic from 1,024 tokens; prompt_cache_key groups a session's calls; prompt_cache_retention
 # "24h" (extended caching) on the gpt-5 family and gpt-4.1, in both APIs. A tool call's id is
 # at most 40 characters ("Invalid 'messages[3].tool_calls[0].id': string too long. Expected a
 # string with maximum length 40", code string_above_max_length: its refusal, quoted in
 # agno-agi/agno#5382 and microsoft/autogen#6377), as Azure's (Portkey-AI/gateway#1062).
-OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-5)", "reasoning_style": "effort",
+OPENAI_QUIRKS = {"reasoning_models": r"^(o\d|gpt-[56])", "reasoning_style": "effort",
                  "effort_scales": OPENAI_EFFORT_SCALES, "thinking_off": OPENAI_THINKING_OFF,
                  "system_anywhere": True, "tool_id_style": "max40",
                  "responses_models": OPENAI_RESPONSES_MODELS, "prompt_cache_key": True,

@@ -388,6 +388,31 @@ def test_thinking_turned_off_is_the_least_reasoning_and_no_summary(start_proxy, 
     assert upstream.requests[0]["json"]["reasoning"] == {"effort": "none"}
 
 
+@pytest.mark.parametrize("model, effort, off", [("gpt-6.2-sol", "xhigh", "low"),
+                                                ("gpt-6-astra", "xhigh", "low"),
+                                                ("gpt-6-sol", "xhigh", "none"),
+                                                ("gpt-6-luna", "medium", "none")])
+def test_a_gpt_6_model_reasons_on_its_scale_and_least_at_what_it_takes(start_proxy, upstream,
+                                                                       model, effort, off):
+    """GPT-6 models reason up to xhigh (max is Responses-only, and not every model's); with
+    thinking off, Sol and Luna take "none", Astra and the later Sols refuse it and get "low".
+    They take max_output_tokens, and no sampling while they reason."""
+    proxy = start_proxy({"providers": [{"name": "openai", "api_key": KEY,
+                                        "api_base_url": upstream.url + "/v1"}]})
+    upstream.script = lambda r: json_reply(response([message_item("ok")]))
+    asked = "max" if effort == "xhigh" else effort
+    sdk(proxy).messages.create(**dict(REQUEST, model="openai," + model,
+                                      thinking={"type": "adaptive"}, extra_body={
+                                          "temperature": 0.5, "output_config": {"effort": asked}}))
+    sdk(proxy).messages.create(**dict(REQUEST, model="openai," + model,
+                                      thinking={"type": "disabled"}))
+    thinking, plain = (upstream.requests[n]["json"] for n in (0, 1))
+    assert thinking["reasoning"] == {"effort": effort, "summary": "auto"}
+    assert plain["reasoning"] == {"effort": off}
+    assert thinking["max_output_tokens"] == 300 and "temperature" not in thinking
+    assert [r["path"] for r in upstream.requests] == ["/v1/responses"] * 2
+
+
 def test_stop_sequences_the_responses_api_has_no_field_for_are_kept_by_ccproxy(
         responses_proxy, upstream):
     """The Responses API takes no stop sequences: ccproxy ends the answer before the first,
@@ -496,6 +521,8 @@ def test_the_stream_keeps_the_anthropic_event_grammar():
 @pytest.mark.parametrize("model, path", [("gpt-5-codex", "/v1/responses"),
                                          ("gpt-5.2-pro", "/v1/responses"),
                                          ("o3-pro", "/v1/responses"),
+                                         ("gpt-6.2-sol", "/v1/responses"),
+                                         ("gpt-6-luna", "/v1/responses"),
                                          ("gpt-4.1", "/v1/chat/completions"),
                                          ("gpt-5", "/v1/chat/completions")])
 def test_the_openai_preset_sends_responses_only_models_to_the_responses_api(
