@@ -1143,7 +1143,9 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_key
 # the providers' model pages on 2026-12-05:
 #   openai: https://platform.openai.com/docs/models (gpt-5: 400,000 in all, of which input at most
 #           272,000 and output 128,000; gpt-4.1: 1,047,576 / 32,768; gpt-4o: 128,000 / 16,384;
-#           o3, o4-mini: 200,000 / 100,000)
+#           o3: 200,000 / 100,000); developers.openai.com/api/docs/models/gpt-6-sol and
+#           gpt-6.2-sol (checked 2026-12-07: 1,050,000 in all, input at most 922,000, output
+#           128,000). o4-mini and gpt-4.1-nano are retired (OPENAI_RETIRED).
 #   gemini: https://ai.google.dev/gemini-api/docs/models (1,048,576 input / 65,536 output)
 #   deepseek: https://api-docs.deepseek.com/quick_start/pricing (deepseek-flash, which also
 #           answers the retired deepseek-v4-flash, and deepseek-v4-pro: 1M context, 384K
@@ -1156,11 +1158,11 @@ PROVIDER_DEFAULTS = {"type": None, "api_base_url": None, "api_key": "", "api_key
 # the config's models list.
 PRESET_MODEL_LIMITS = {
     "openai": {
+        "gpt-6.2-sol": (922000, 128000), "gpt-6-sol": (922000, 128000),
         "gpt-5": (272000, 128000), "gpt-5-mini": (272000, 128000),
         "gpt-5-nano": (272000, 128000), "gpt-4.1": (1047576, 32768),
-        "gpt-4.1-mini": (1047576, 32768), "gpt-4.1-nano": (1047576, 32768),
-        "gpt-4o": (128000, 16384), "gpt-4o-mini": (128000, 16384),
-        "o3": (200000, 100000), "o4-mini": (200000, 100000),
+        "gpt-4.1-mini": (1047576, 32768), "gpt-4o": (128000, 16384),
+        "gpt-4o-mini": (128000, 16384), "o3": (200000, 100000),
     },
     "gemini": {
         "gemini-3-pro-preview": (1048576, 65536), "gemini-2.5-pro": (1048576, 65536),
@@ -1186,6 +1188,9 @@ PRESET_MODEL_LIMITS = {
 # Published prices (US dollars per million tokens) where the provider's own page gives one rate
 # for a model, checked 2026-12-05:
 #   openai: developers.openai.com/api/docs/models/gpt-5-codex (GPT-5 and GPT-5-Codex, standard)
+#       and .../models/gpt-6.2-sol (checked 2026-12-07: cache writes $2.50 for the 30-minute
+#       retention; "for requests with more than 272K input tokens, input and cache rates double
+#       and output costs 1.5 times the short-context rate for the full request")
 #   anthropic: platform.claude.com/docs/en/about-claude/pricing (the table of every model) and
 #       .../models/sonnet-5-5/overview, .../models/sonnet-5/overview; cache_write is the 5-minute
 #       rate, the one Claude Code writes unless ENABLE_PROMPT_CACHING_1H is set or it is logged in
@@ -1246,9 +1251,12 @@ def xai_price(input_rate: float, cache_read: float, output: float) -> dict:
 
 
 DEEPSEEK_MODEL_PRICES = {model: deepseek_price(*rates) for model, rates in DEEPSEEK_PRICES.items()}
+GPT_6_2_SOL_PRICE = {"input": 2.0, "cache_read": 0.1, "cache_write": 2.5, "output": 10.0,
+                     "above": {"tokens": 272000, "input": 4.0, "cache_read": 0.2,
+                               "cache_write": 5.0, "output": 15.0}}
 PRESET_MODEL_PRICES = {
-    "openai": {model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
-               for model in ("gpt-5", "gpt-5-codex")},
+    "openai": dict({model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
+                    for model in ("gpt-5", "gpt-5-codex")}, **{"gpt-6.2-sol": GPT_6_2_SOL_PRICE}),
     "anthropic": {model: dict(zip(("input", "cache_write", "cache_read", "output"), rates))
                   for models, rates in ANTHROPIC_PRICES.items() for model in models},
     "groq": {model: {"input": rates[0], "cache_read": rates[0] / 2, "output": rates[1]}
@@ -1262,8 +1270,21 @@ PRESET_MODEL_PRICES = {
 # deepseek-flash and deepseek-v4-pro are listed); platform.claude.com's model pages.
 DEEPSEEK_RETIRED = {"deepseek-chat": ("2026-07-24", "deepseek-flash"),
                     "deepseek-reasoner": ("2026-07-24", "deepseek-flash")}
+# OpenAI's, from developers.openai.com/api/docs/deprecations (checked 2026-12-07): gpt-5, -mini
+# and -nano and their snapshots end on 2026-12-11, for gpt-6.1-sol, gpt-6.1-terra and gpt-6-luna
+# (the last cut short in the copy read, "gpt-6…"), o3 with them; o1, o3-mini, o4-mini and
+# gpt-4.1-nano ended on 2026-10-23 (the page as copied on 2026-10-15, with its replacements then).
+OPENAI_RETIRED = dict(
+    {name: ("2026-12-11", successor) for names, successor in (
+        (("gpt-5", "gpt-5-2025-08-07", "o3", "o3-2025-04-16"), "gpt-6.1-sol"),
+        (("gpt-5-mini", "gpt-5-mini-2025-08-07"), "gpt-6.1-terra"),
+        (("gpt-5-nano", "gpt-5-nano-2025-08-07"), "gpt-6-luna")) for name in names},
+    **{name: ("2026-10-23", successor) for names, successor in (
+        (("o1", "o1-2024-12-17", "o3-mini", "o3-mini-2025-01-31"), "gpt-5.6-sol"),
+        (("o4-mini", "o4-mini-2025-04-16"), "gpt-5.6-terra"),
+        (("gpt-4.1-nano", "gpt-4.1-nano-2025-04-14"), "gpt-5.6-luna")) for name in names})
 RETIRED_MODELS = {
-    "deepseek": DEEPSEEK_RETIRED, "deepseek-anthropic": DEEPSEEK_RETIRED,
+    "deepseek": DEEPSEEK_RETIRED, "deepseek-anthropic": DEEPSEEK_RETIRED, "openai": OPENAI_RETIRED,
     "anthropic": {"claude-sonnet-4-5": ("2026-11-30", "claude-sonnet-5"),
                   "claude-sonnet-4-5-20250929": ("2026-11-30", "claude-sonnet-5")},
 }
@@ -2266,11 +2287,17 @@ def build_route_target(checker: ConfigChecker, entry: dict, path: str,
 
 
 def warn_if_retired(checker: ConfigChecker, provider, model: str, path: str) -> None:
-    """A warning at path when the preset's provider has retired the model (its calls fail)."""
-    ended = RETIRED_MODELS.get(str(provider).lower(), {}).get(model)
-    if ended:
+    """A warning at path when the preset's provider has retired the model (its calls fail), or
+    has said the day it will."""
+    day, successor = RETIRED_MODELS.get(str(provider).lower(), {}).get(model, (None, None))
+    if day is None:
+        return
+    if day > time.strftime("%Y-%m-%d", time.gmtime()):
+        checker.warn(path, "%s retires %r on %s: its calls fail from then; use %r" % (
+            provider, model, day, successor))
+    else:
         checker.warn(path, "%s retired %r on %s: its calls fail; use %r" % (
-            provider, model, ended[0], ended[1]))
+            provider, model, day, successor))
 
 
 def build_conditions(checker: ConfigChecker, conditions, path: str) -> list:
@@ -14759,7 +14786,7 @@ def learn_ollama_window(config: Config) -> None:
 
 FIRST_CONFIG_EXAMPLE = (  # the Quick start's
     '{"providers": [{"name": "openai", "api_key": "${OPENAI_API_KEY}", '
-    '"models": ["gpt-4.1"]}]}')
+    '"models": ["gpt-6.1-sol"]}]}')
 
 
 def start_for_code(config: Config) -> dict | None:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -483,6 +484,24 @@ def test_a_model_its_provider_retired_is_warned_about_where_it_is_named(tmp_path
     assert result.returncode == 0 and "retired 'deepseek-chat' on 2026-07-24" in result.stderr
 
 
+@pytest.mark.parametrize("today, verb, tense", [
+    ("2026-12-07", "retires", "its calls fail from then"),
+    ("2026-12-11", "retired", "its calls fail")])
+def test_an_openai_model_is_warned_about_before_and_after_its_shutdown_day(monkeypatch, today,
+                                                                          verb, tense):
+    """OpenAI's deprecations page: gpt-5 ends on 2026-12-11 (for gpt-6.1-sol), o4-mini ended on
+    2026-10-23 (for gpt-5.6-terra); a current model is not warned about."""
+    moment = time.strptime(today, "%Y-%m-%d")
+    monkeypatch.setattr(ccproxy.time, "gmtime", lambda *seconds: moment)
+    raw = {"providers": [{"name": "openai", "api_key": "k",
+                          "models": ["gpt-6.1-sol", "gpt-5", "o4-mini-2025-04-16"]}]}
+    assert build(raw).warnings == [
+        "config.json: providers[0].models[1]: openai %s 'gpt-5' on 2026-12-11: %s; use "
+        "'gpt-6.1-sol'" % (verb, tense),
+        "config.json: providers[0].models[2]: openai retired 'o4-mini-2025-04-16' on 2026-10-23: "
+        "its calls fail; use 'gpt-5.6-terra'"]
+
+
 def test_check_names_the_file_in_use_and_each_warning_with_a_near_miss(tmp_path):
     result = run_check(tmp_path, '{"providers": [{"name": "ollama"}], "prot": 1}')
     assert result.returncode == 0
@@ -750,15 +769,16 @@ EVERY_SETTING = {
                                         "price": {"input": 1, "output": 2, "cache_read": 0.1,
                                                   "cache_write": 1.25}}]},
         {"name": "openai", "api_keys": ["a", "b"], "api": "responses",
-         "responses_models": "codex", "models": ["gpt-5"]},
+         "responses_models": "codex", "models": ["gpt-6.1-sol"]},
         {"name": "az", "type": "azure", "api_base_url": "https://r.openai.azure.com",
          "api_key": "k", "deployments": {"gpt-4.1": "d"}, "api_version": "2025-04-01-preview"},
         {"name": "gem", "type": "gemini", "api_base_url": "https://g.example/v1beta",
          "api_key": "k", "models": ["gemini-2.5-pro"]}],
     "routes": {
         "default": {"provider": "anthropic", "model": "claude-sonnet-5",
-                    "fallbacks": ["openai,gpt-5", {"provider": "gem", "model": "gemini-2.5-pro"}]},
-        "background": "openai,gpt-5", "longContext": "gem,gemini-2.5-pro",
+                    "fallbacks": ["openai,gpt-6.1-sol",
+                                  {"provider": "gem", "model": "gemini-2.5-pro"}]},
+        "background": "openai,gpt-6.1-sol", "longContext": "gem,gemini-2.5-pro",
         "longContextThreshold": 60000,
         "reviews": {"provider": "az", "model": "gpt-4.1", "conditions": [
             {"type": "header", "header": "x-task", "operator": "==", "value": "review"},

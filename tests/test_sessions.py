@@ -772,6 +772,22 @@ def test_a_preset_model_has_its_published_price_unless_the_config_gives_one():
     assert mistral.cost("mistral-large-latest", usage) is None    # no page checked: no price
 
 
+def test_gpt_6_2_sol_costs_its_page_s_rates_and_more_past_272k_input_tokens():
+    """Cache writes at $2.50; a request of more than 272K input tokens (cached ones too) pays
+    twice the input and cache rates and 1.5 times the output rate, for all its tokens."""
+    config = ccproxy.build_config({"providers": [{"name": "openai", "api_key": "k"}]}, "c", {})
+    (openai,) = config.providers
+    usage = {"input_tokens": 200_000, "cache_read_input_tokens": 60_000,
+             "cache_creation_input_tokens": 12_000, "output_tokens": 1000}
+    assert openai.cost("gpt-6.2-sol", usage) == pytest.approx(
+        (200_000 * 2.0 + 60_000 * 0.1 + 12_000 * 2.5 + 1000 * 10.0) / 1e6)
+    longer = dict(usage, input_tokens=200_001)
+    assert openai.cost("gpt-6.2-sol", longer) == pytest.approx(
+        (200_001 * 4.0 + 60_000 * 0.2 + 12_000 * 5.0 + 1000 * 15.0) / 1e6)
+    assert openai.context_window("gpt-6.2-sol") == 922_000
+    assert openai.output_cap("gpt-6.2-sol") == 128_000
+
+
 def test_claude_models_through_the_anthropic_preset_cost_what_the_pricing_page_says(
         start_proxy, upstream):
     upstream.script = lambda r: json_reply(with_usage(
