@@ -477,11 +477,15 @@ def responses_model(request):
     return responses_answer([message_item("ok")], stream)
 
 
+@pytest.mark.parametrize("model", ["gpt-5-codex", "gpt-6.2-sol"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_real_claude_code_runs_a_tool_on_a_responses_only_model(version, tmp_path, upstream):
+def test_real_claude_code_runs_a_tool_on_a_responses_only_model(version, model, tmp_path,
+                                                                upstream):
+    """A codex model, and a GPT-6 one (which calls functions on Chat Completions only while
+    reasoning is off, and refuses no reasoning at all)."""
     upstream.script = responses_model
     result, output, work = run_code(
-        version, tmp_path, [openai_provider(upstream.url, models=["gpt-5-codex"])],
+        version, tmp_path, [openai_provider(upstream.url, models=[model])],
         "Create a file out.txt containing hi, using the Bash tool.", "Bash",
         CLAUDE_CODE_MAX_RETRIES="0")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
@@ -493,6 +497,10 @@ def test_real_claude_code_runs_a_tool_on_a_responses_only_model(version, tmp_pat
     assert followed and all(r["json"]["stream"] for r in upstream.requests)
     carried = [item for item in followed[0] if item.get("type") == "reasoning"]
     assert carried == [reasoning_item(("Bash can write it.",), "ENC-CC", "rs_cc")]
+    if model.startswith("gpt-6"):                 # no sampling while it reasons, never "none"
+        sent = [r["json"] for r in upstream.requests]
+        assert "none" not in [body.get("reasoning", {}).get("effort") for body in sent]
+        assert not any("temperature" in body for body in sent)
 
 
 # --- a file worked on through each translation: Write, Read, Edit, Glob, Grep, an image -------
