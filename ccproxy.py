@@ -14786,7 +14786,7 @@ def learn_ollama_window(config: Config) -> None:
 
 FIRST_CONFIG_EXAMPLE = (  # the Quick start's
     '{"providers": [{"name": "openai", "api_key": "${OPENAI_API_KEY}", '
-    '"models": ["gpt-6.1-sol"]}]}')
+    '"models": ["gpt-6.2-sol"]}]}')
 
 
 def start_for_code(config: Config) -> dict | None:

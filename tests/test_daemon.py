@@ -545,7 +545,7 @@ def test_code_with_nowhere_to_send_requests_says_how_to_give_it_a_provider(
             word, h.config) in result.stderr and "start --check --probe" in result.stderr
     assert not h.healthy() and h.record() is None             # nothing was started
     assert '"providers": [{"name": "openai", "api_key": "${OPENAI_API_KEY}", "models": ' \
-        '["gpt-6.1-sol"]}]' in (REPO / "README.md").read_text()   # the Quick start's, word for word
+        '["gpt-6.2-sol"]}]' in (REPO / "README.md").read_text()   # the Quick start's, word for word
 
 
 def test_code_in_a_home_it_cannot_write_says_so(home, claude_stand_in, tmp_path):
