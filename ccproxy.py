@@ -1194,8 +1194,10 @@ PRESET_MODEL_LIMITS = {
 #   anthropic: platform.claude.com/docs/en/about-claude/pricing (the table of every model) and
 #       .../models/sonnet-5-5/overview, .../models/sonnet-5/overview; cache_write is the 5-minute
 #       rate, the one Claude Code writes unless ENABLE_PROMPT_CACHING_1H is set or it is logged in
-#       as a claude.ai subscriber (seen in 2.1.330). Opus 5.5 and Haiku 5.5 are left out: their
-#       cache rates (and Haiku 5.5's tiers) were not on a page checked; Sonnet 4.5 retired.
+#       as a claude.ai subscriber (seen in 2.1.330); .../models/opus-5-5/overview (its zh-CN
+#       copy, checked 2026-12-07: Opus 5.5 reads its cache at 0.05 times input, not 0.1). Haiku
+#       5.5 and Fable 5.2 are left out: their cache rates (and Haiku 5.5's prompt-size tiers)
+#       were not on a page checked; Sonnet 4.5 retired.
 #   groq: console.groq.com/docs/models (its production models) and .../docs/prompt-caching
 #       (cached input at half the input rate, no charge to write)
 #   deepseek, deepseek-anthropic: api-docs.deepseek.com/quick_start/pricing (off-peak rates
@@ -1214,6 +1216,7 @@ PRESET_MODEL_LIMITS = {
 # OpenRouter reports each answer's cost (note_reported_cost).
 ANTHROPIC_PRICES = {  # input, 5-minute cache write, cache read, output
     ("claude-fable-5-1",): (10.0, 12.5, 0.25, 50.0), ("claude-fable-5",): (10.0, 12.5, 1.0, 50.0),
+    ("claude-opus-5-5",): (4.0, 5.0, 0.2, 20.0),
     ("claude-opus-5", "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6", "claude-opus-4-5",
      "claude-opus-4-5-20251101"): (5.0, 6.25, 0.5, 25.0),
     ("claude-sonnet-5-5", "claude-sonnet-5"): (2.0, 2.5, 0.2, 10.0),

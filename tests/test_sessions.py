@@ -800,6 +800,8 @@ def test_claude_models_through_the_anthropic_preset_cost_what_the_pricing_page_s
         (1000 * 2.0 + 2000 * 10.0 + 100_000 * 0.2 + 4000 * 2.5) / 1e6)
     haiku = ccproxy.PRESET_MODEL_PRICES["anthropic"]["claude-haiku-4-5-20251001"]
     assert haiku == {"input": 1.0, "cache_write": 1.25, "cache_read": 0.1, "output": 5.0}
+    opus = ccproxy.PRESET_MODEL_PRICES["anthropic"]["claude-opus-5-5"]   # reads at 0.05 × input
+    assert opus == {"input": 4.0, "cache_write": 5.0, "cache_read": 0.2, "output": 20.0}
     assert "claude-sonnet-4-5" not in ccproxy.PRESET_MODEL_PRICES["anthropic"]     # retired
 
 
