@@ -1325,7 +1325,7 @@ class Provider:
                               "windows_asked", "loads_tried", "learned_output_limits",
                               "learned_context_lengths",
                               "refused_fields", "refused_betas", "refuses_system_messages",
-                              "opens_thinking")
+                              "opens_thinking", "adaptive_thinking_only")
 
     def __init__(self, **fields):
         for key in self.CONFIGURED:
@@ -1345,6 +1345,7 @@ class Provider:
         self.refused_betas = frozenset()  # the anthropic-beta values the server said it refuses
         self.refuses_system_messages = False  # an Anthropic-protocol server said it takes none
         self.opens_thinking = set()   # models whose answers begin in thinking (ThinkTags)
+        self.adaptive_thinking_only = set()   # models that said they think only adaptively
 
     def with_key(self, key: str) -> "Provider":
         """This provider, calling with one key of its pool."""
@@ -3993,6 +3994,8 @@ class ProxyApp:
             view["refuses_system_messages"] = True
         if provider.opens_thinking:
             view["opens_thinking"] = sorted(provider.opens_thinking)
+        if provider.adaptive_thinking_only:
+            view["adaptive_thinking_only"] = sorted(provider.adaptive_thinking_only)
         if provider.refused_fields:
             view["refused_fields"] = {model: sorted(names)
                                       for model, names in provider.refused_fields.items()}
@@ -4406,6 +4409,8 @@ async def send_to(app: ProxyApp, request: Request, conn, body: dict, routing: Ro
     if model in provider.learned_context_lengths:       # lowered before it goes
         body = rewritten(request, body, await app.off_the_loop(
             request, within_context_length, body, provider, model))
+    if model in provider.adaptive_thinking_only:
+        body = rewritten(request, body, with_adaptive_thinking(body))
     pool = app.key_pool(provider)
     if pool is None:
         return await call_with_key(app, request, conn, body, routing)
@@ -6057,7 +6062,7 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
     """The request to send again at once after a provider's refusal that says what it wants
     instead, now learned or known: fewer output tokens (the model's limit; what the credits
     cover), its reasoning back or its thinking before calls, no field, beta or system message
-    it does not take. None after any other."""
+    it does not take, adaptive thinking. None after any other."""
     if (learns_output_limit(error, provider, model, body)
             or learns_reasoning_replay(error, provider)
             or learns_thinking_with_calls(error, provider, body)
@@ -6065,8 +6070,9 @@ def body_to_send_again(error: ProxyError, provider: Provider, model: str,
             or learns_refused_betas(error, provider)
             or learns_system_messages_refused(error, provider)):
         return body
-    return affordable_body(error, provider, body) or body_within_context(error, provider,
-                                                                         model, body)
+    return (affordable_body(error, provider, body)
+            or body_within_context(error, provider, model, body)
+            or adaptive_thinking_body(error, provider, model, body))
 
 
 # OpenRouter's 402 for a max_tokens the account's credits cannot cover, whatever the answer
@@ -6144,6 +6150,43 @@ def with_max_tokens(body: dict, most: int) -> dict:
     if isinstance(budget, int) and budget >= most:
         return dict(body, max_tokens=most, thinking=dict(thinking, budget_tokens=most - 1))
     return dict(body, max_tokens=most)
+
+
+# Anthropic's 400 for thinking turned off, or given a budget, on a model that thinks only
+# adaptively (Claude Opus 5.5 and Fable 5.1: '"thinking.type.disabled" is not supported for this
+# model. Use "thinking.type.adaptive" and "output_config.effort" to control thinking behavior.',
+# platform.claude.com/docs/en/models/opus-5-5/whats-new-opus-5-5, checked 2026-12-07). Claude
+# Code sends either to a model it does not know as such: a route's, or one named "provider,model".
+ADAPTIVE_ONLY_RE = re.compile(r'"thinking\.type\.(?:disabled|enabled)" is not supported')
+
+
+def adaptive_thinking_body(error: ProxyError, provider: Provider, model: str,
+                           body: dict) -> dict | None:
+    """The request with adaptive thinking, where the provider's 400 says the model thinks no
+    other way (remembered for the model: later requests go so from the start); else None."""
+    changed = with_adaptive_thinking(body)
+    if error.status != 400 or changed is body or not ADAPTIVE_ONLY_RE.search(error.message):
+        return None
+    if len(provider.adaptive_thinking_only) >= MAX_MODELS_REMEMBERED:
+        provider.adaptive_thinking_only.clear()
+    provider.adaptive_thinking_only.add(model)
+    log.info("%s: %s thinks only adaptively, it says; thinking turned off or given a budget goes "
+             "as adaptive thinking at an effort from now on", provider.name, model)
+    return changed
+
+
+def with_adaptive_thinking(body: dict) -> dict:
+    """The request with thinking turned off, or given a budget, as adaptive thinking at the
+    least effort, or at the budget's (thinking_effort); any other request as it is."""
+    thinking = dict_of(body.get("thinking"))
+    if thinking.get("type") not in ("disabled", "enabled"):
+        return body
+    effort = "low" if thinking["type"] == "disabled" else thinking_effort(body)
+    adaptive = {"type": "adaptive"}
+    if "display" in thinking:
+        adaptive["display"] = thinking["display"]
+    return dict(body, thinking=adaptive,
+                output_config=dict(dict_of(body.get("output_config")), effort=effort))
 
 
 def learns_output_limit(error: ProxyError, provider: Provider, model: str, body: dict) -> bool:
@@ -8354,7 +8397,7 @@ def anthropic_body(request: Request, body: dict, model: str, provider: Provider,
                if key in body] + [key for key, value in changes.items() if value is None]
     added = {"thinking": {"type": "disabled"}} if compat and compat["thinks_unasked"] \
         and "thinking" not in body else {}    # Anthropic's models think only when asked
-    if dropped or added:
+    if dropped or added or not changes.keys() <= request.body_spans.keys():   # not splicable
         return json_bytes(dict({key: changes.get(key, value) for key, value in body.items()
                                 if key not in dropped}, **added))
     if not changes:

@@ -50,6 +50,41 @@ def test_model_is_set_to_the_routed_model(start_proxy, upstream):
     assert upstream.requests[0]["json"]["model"] == "claude-routed"
 
 
+def adaptive_only_model(request):
+    """Claude Opus 5.5 as Anthropic answers it: thinking turned off or given a budget is a 400
+    (its words, platform.claude.com's Opus 5.5 page), adaptive thinking an answer."""
+    kind = (request["json"].get("thinking") or {}).get("type")
+    if kind in ("disabled", "enabled"):
+        return json_reply({"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": '"thinking.type.%s" is not supported for this model. Use '
+                       '"thinking.type.adaptive" and "output_config.effort" to control thinking '
+                       'behavior.' % kind}}, 400)
+    return json_reply(anthropic_message())
+
+
+def test_a_model_that_thinks_only_adaptively_gets_adaptive_thinking_at_an_effort(start_proxy,
+                                                                                 upstream):
+    """Thinking turned off (Claude Code's side requests, routed here) or given a budget, to a
+    model that thinks only adaptively: the refusal is learned for the model, the request sent
+    again with adaptive thinking at the least effort, or at the budget's; later ones go so."""
+    upstream.script = adaptive_only_model
+    proxy = start_proxy({"providers": [anthropic_provider(upstream)],
+                         "routes": {"background": "anthropic,claude-opus-5-5"}})
+    client = sdk(proxy)
+    for thinking in ({"type": "disabled"}, {"type": "enabled", "budget_tokens": 20000}):
+        answer = client.messages.create(model="claude-haiku-4-5", max_tokens=16000,
+                                        thinking=thinking,
+                                        messages=[{"role": "user", "content": "title?"}])
+        assert answer.content[0].text == "Hello from upstream"
+    sent = [(r["json"]["thinking"], r["json"].get("output_config")) for r in upstream.requests]
+    assert sent == [({"type": "disabled"}, None),
+                    ({"type": "adaptive"}, {"effort": "low"}),
+                    ({"type": "adaptive"}, {"effort": "high"})]
+    views = client.get("/status", cast_to=object)["providers"]
+    assert views[0]["adaptive_thinking_only"] == ["claude-opus-5-5"]
+
+
 def sent_to_anthropic_and_to(start_proxy, upstream, preset, history):
     """The messages Anthropic and a compatible preset's server each got for one history."""
     proxy = start_proxy({"providers": [anthropic_provider(upstream, models=["claude-x"]),
