@@ -10881,8 +10881,11 @@ def anthropic_message_from_responses(data, context) -> dict:
         raise UpstreamError("%s: the answer is not a JSON object" % context.provider.name)
     if data.get("status") == "failed" or data.get("error"):
         raise responses_error(context.provider, data.get("error"))
+    if not isinstance(data.get("output"), list):
+        raise UpstreamError("%s: the answer has no output: it is no response of the Responses "
+                            "API" % context.provider.name)
     content, refused = [], False
-    for item in list_of(data.get("output")):
+    for item in data["output"]:
         kind = dict_of(item).get("type")
         if kind == "reasoning":
             content.append({"type": "thinking", "thinking": reasoning_text(item),

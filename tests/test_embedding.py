@@ -19,6 +19,7 @@ import pytest
 
 import ccproxy
 from helpers import PROVIDER_KEY, REPO, anthropic_provider, json_reply, stream_reply, wait_until
+from test_responses import message_item, response
 
 SIDE_EFFECTS = r'''
 import asyncio, json, logging, os, signal, sys, threading
@@ -208,11 +209,12 @@ def readme_python(section: str) -> list:
 
 def test_the_readmes_examples_run(upstream, monkeypatch, capsys):
     example, fixture = readme_python("Use it from Python")
-    upstream.script = lambda r: json_reply(
-        {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
-                      "finish_reason": "stop"}],
-         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
+    upstream.script = lambda r: json_reply(response([message_item("Hi!")]) if r["path"].endswith(
+        "/responses") else {   # the example's GPT-6 model goes to the Responses API, Ollama not
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
     for preset in ("openai", "ollama"):
         monkeypatch.setitem(ccproxy.PROVIDER_PRESETS, preset, dict(
             ccproxy.PROVIDER_PRESETS[preset], api_base_url=upstream.url + "/v1"))

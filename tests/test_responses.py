@@ -440,6 +440,21 @@ def test_a_response_that_fails_before_any_output_is_its_http_error(responses_pro
     assert caught.value.body["error"]["message"] == "oai: slow down"
 
 
+def test_an_answer_that_is_no_response_is_a_502_not_an_empty_message(responses_proxy,
+                                                                     upstream):
+    """A server that answers the Responses API's path in Chat Completions' shape (an OpenAI-
+    compatible server without it): its answer has no output, and the client hears so."""
+    upstream.script = lambda r: json_reply({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [{
+            "index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "Hi!"}}]})
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        sdk(responses_proxy).messages.create(**REQUEST)
+    assert caught.value.status_code == 502
+    assert caught.value.body["error"]["message"] == (
+        "oai: the answer has no output: it is no response of the Responses API")
+
+
 @pytest.mark.parametrize("ending", ["failed", "cut", "failed with the last text"])
 def test_a_stream_that_fails_or_is_cut_after_text_ends_with_an_error_event(
         responses_proxy, upstream, ending):
