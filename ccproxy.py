@@ -1258,8 +1258,9 @@ GPT_6_2_SOL_PRICE = {"input": 2.0, "cache_read": 0.1, "cache_write": 2.5, "outpu
                      "above": {"tokens": 272000, "input": 4.0, "cache_read": 0.2,
                                "cache_write": 5.0, "output": 15.0}}
 PRESET_MODEL_PRICES = {
-    "openai": dict({model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
-                    for model in ("gpt-5", "gpt-5-codex")}, **{"gpt-6.2-sol": GPT_6_2_SOL_PRICE}),
+    "openai": {"gpt-6.2-sol": GPT_6_2_SOL_PRICE,
+               **{model: {"input": 1.25, "cache_read": 0.125, "output": 10.0}
+                  for model in ("gpt-5", "gpt-5-codex")}},
     "anthropic": {model: dict(zip(("input", "cache_write", "cache_read", "output"), rates))
                   for models, rates in ANTHROPIC_PRICES.items() for model in models},
     "groq": {model: {"input": rates[0], "cache_read": rates[0] / 2, "output": rates[1]}
@@ -2294,14 +2295,11 @@ def warn_if_retired(checker: ConfigChecker, provider, model: str, path: str) -> 
     """A warning at path when the preset's provider has retired the model (its calls fail), or
     has said the day it will."""
     day, successor = RETIRED_MODELS.get(str(provider).lower(), {}).get(model, (None, None))
-    if day is None:
-        return
-    if day > time.strftime("%Y-%m-%d", time.gmtime()):
-        checker.warn(path, "%s retires %r on %s: its calls fail from then; use %r" % (
-            provider, model, day, successor))
-    else:
-        checker.warn(path, "%s retired %r on %s: its calls fail; use %r" % (
-            provider, model, day, successor))
+    if day is not None:
+        coming = day > time.strftime("%Y-%m-%d", time.gmtime())
+        checker.warn(path, "%s %s %r on %s: its calls fail%s; use %r" % (
+            provider, "retires" if coming else "retired", model, day,
+            " from then" if coming else "", successor))
 
 
 def build_conditions(checker: ConfigChecker, conditions, path: str) -> list:
