@@ -1287,8 +1287,15 @@ OPENAI_RETIRED = dict(
         (("o1", "o1-2024-12-17", "o3-mini", "o3-mini-2025-01-31"), "gpt-5.6-sol"),
         (("o4-mini", "o4-mini-2025-04-16"), "gpt-5.6-terra"),
         (("gpt-4.1-nano", "gpt-4.1-nano-2025-04-14"), "gpt-5.6-luna")) for name in names})
+# Gemini's, from ai.google.dev/gemini-api/docs/deprecations (checked 2026-12-07):
+# gemini-3-pro-preview ended on 2026-03-09; gemini-2.5-pro and -flash on 2026-12-01 (the page as
+# read on 2026-11-10, aideprecations.com; gemini-2.5-flash-lite stays).
+GEMINI_RETIRED = {"gemini-3-pro-preview": ("2026-03-09", "gemini-3.1-pro-preview"),
+                  "gemini-2.5-pro": ("2026-12-01", "gemini-3.8-flash"),
+                  "gemini-2.5-flash": ("2026-12-01", "gemini-3.5-flash-lite")}
 RETIRED_MODELS = {
     "deepseek": DEEPSEEK_RETIRED, "deepseek-anthropic": DEEPSEEK_RETIRED, "openai": OPENAI_RETIRED,
+    "gemini": GEMINI_RETIRED,
     "anthropic": {"claude-sonnet-4-5": ("2026-11-30", "claude-sonnet-5"),
                   "claude-sonnet-4-5-20250929": ("2026-11-30", "claude-sonnet-5")},
 }

@@ -490,16 +490,21 @@ def test_a_model_its_provider_retired_is_warned_about_where_it_is_named(tmp_path
 def test_an_openai_model_is_warned_about_before_and_after_its_shutdown_day(monkeypatch, today,
                                                                           verb, tense):
     """OpenAI's deprecations page: gpt-5 ends on 2026-12-11 (for gpt-6.1-sol), o4-mini ended on
-    2026-10-23 (for gpt-5.6-terra); a current model is not warned about."""
+    2026-10-23 (for gpt-5.6-terra); Gemini's: gemini-2.5-pro ended on 2026-12-01; current models
+    (gemini-2.5-flash-lite stays) are not warned about."""
     moment = time.strptime(today, "%Y-%m-%d")
     monkeypatch.setattr(ccproxy.time, "gmtime", lambda *seconds: moment)
     raw = {"providers": [{"name": "openai", "api_key": "k",
-                          "models": ["gpt-6.1-sol", "gpt-5", "o4-mini-2025-04-16"]}]}
+                          "models": ["gpt-6.1-sol", "gpt-5", "o4-mini-2025-04-16"]},
+                         {"name": "gemini", "api_key": "k",
+                          "models": ["gemini-2.5-flash-lite", "gemini-2.5-pro"]}]}
     assert build(raw).warnings == [
         "config.json: providers[0].models[1]: openai %s 'gpt-5' on 2026-12-11: %s; use "
         "'gpt-6.1-sol'" % (verb, tense),
         "config.json: providers[0].models[2]: openai retired 'o4-mini-2025-04-16' on 2026-10-23: "
-        "its calls fail; use 'gpt-5.6-terra'"]
+        "its calls fail; use 'gpt-5.6-terra'",
+        "config.json: providers[1].models[1]: gemini retired 'gemini-2.5-pro' on 2026-12-01: its "
+        "calls fail; use 'gemini-3.8-flash'"]
 
 
 def test_check_names_the_file_in_use_and_each_warning_with_a_near_miss(tmp_path):
