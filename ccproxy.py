@@ -3666,8 +3666,9 @@ def another_users_program(config: Config, peer_user: int | None) -> bool:
     """Whether a loopback client of a proxy without client keys runs as another user of this
     machine (not ccproxy's user, not root): on a shared machine, everyone else's programs
     could otherwise spend the user's credits and change where their prompts go."""
-    own = os.geteuid() if hasattr(os, "geteuid") else None
-    return not config.client_keys_in_use and peer_user not in (None, 0, own)
+    if config.client_keys_in_use or peer_user in (None, 0):
+        return False
+    return peer_user != (os.geteuid() if hasattr(os, "geteuid") else None)
 
 
 def host_name(host: str) -> str:
@@ -4909,7 +4910,14 @@ class UsageLedger:
 
 
 def local_day() -> str:
-    return time.strftime("%Y-%m-%d")
+    """Today's date here, YYYY-MM-DD."""
+    return day_of_second(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def day_of_second(second: int) -> str:
+    """The local date of a second since the epoch (once a second, not once a request)."""
+    return time.strftime("%Y-%m-%d", time.localtime(second))
 
 
 def totals_list(totals_by_model: dict) -> list:
@@ -7351,14 +7359,18 @@ class UpstreamStream:
     def __init__(self, call, chunks, relay, first: bytes = b""):
         self._call, self._chunks, self._relay, self._first = call, chunks, relay, first
         self._write = None
+        self._last = b""              # the events of the body's last receive, kept for the ending
 
     async def send(self, write, drain) -> bytes:
         """Write the stream with write(piece), which returns true when the client is behind:
         drain() is then awaited. The body pushes its pieces through the relay (from the loop's
         callback when the loop reads it). Returns the relay's ending, for the caller to write
-        last."""
+        last, after the events of the body's last receive: one send for both (for a short
+        answer, one for the whole stream)."""
         self._write = write
-        if self._first and write(self._first):
+        if self._chunks.ended:
+            self._last = self._first
+        elif self._first and write(self._first):
             await drain()
         error = None
         try:
@@ -7371,16 +7383,20 @@ class UpstreamStream:
         if error is not None or not self._relay.complete:
             self._call.log_failure(error or self._relay.broken or UpstreamError(
                 "the stream ended before it was complete"), " after its stream began")
-        return self._relay.finish(error)
+        return self._last + self._relay.finish(error)
 
     def _consume(self, chunk: bytes) -> bool:
         piece = self._relay.feed(chunk)
-        behind = bool(piece) and self._write(piece)
         if self._relay.broken is not None:       # what came before the break is written
+            if piece:
+                self._write(piece)
             raise self._relay.broken
+        if not (self._chunks.ended or self._relay.ended):
+            return bool(piece) and self._write(piece)
+        self._last = piece
         if self._relay.ended:
             raise AnswerEnded
-        return behind
+        return False
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
@@ -7762,6 +7778,7 @@ THINKING_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_del
 INPUT_JSON_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
                     b'"delta":{"type":"input_json_delta","partial_json":%s}}\n\n')
 BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":%d}\n\n'
+MESSAGE_STOP = sse_event("message_stop", {"type": "message_stop"})
 
 
 def failed_ending(error: ProxyError | None, complete: bool, provider: Provider) -> bytes | None:
@@ -8175,7 +8192,7 @@ class EventEmitter:
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
             "usage": usage}))
-        self._out.append(sse_event("message_stop", {"type": "message_stop"}))
+        self._out.append(MESSAGE_STOP)
 
 
 PROXY_SIGNATURE_PREFIX = "ccpx1."          # starts the signature of thinking ccproxy made
@@ -12438,6 +12455,11 @@ class LoopBody:
         self._closed = False
         self._consume = None
 
+    @property
+    def ended(self) -> bool:
+        """Whether the whole body has been received."""
+        return self._ended
+
     def __aiter__(self):
         return self
 
@@ -12525,6 +12547,8 @@ class LoopBody:
 class ThreadBody:
     """A streamed answer's body read by a worker thread (where the event loop cannot watch
     sockets): an async generator's pieces, with the same push() as a LoopBody."""
+
+    ended = False                     # not known before the last piece has been handed on
 
     def __init__(self, pieces):
         self._pieces = pieces
