@@ -979,6 +979,7 @@ PROVIDER_QUIRKS = {
     "thinking_off": (),         # (model regex, the value for no thinking) for the first match
     "search": None,             # how it searches the web: "web_search_options", "web_plugin"
     "search_models": None,      # model ids (regex) that can search with web_search_options
+    "responses_search": False,  # its Responses API runs OpenAI's web_search tool
     "cache_control_models": None,   # model ids (regex) whose text parts keep cache_control
     "api": None,                # "responses": every model goes to the Responses API
     "responses_models": None,   # model ids (regex) that go to the Responses API
@@ -1066,7 +1067,7 @@ PROVIDER_PRESETS = {
                   "count_tokens": True},
     "openai": {"type": "openai", "api_base_url": "https://api.openai.com/v1",
                "quirks": dict(OPENAI_QUIRKS, search="web_search_options",
-                              search_models=r"search")},
+                              search_models=r"search", responses_search=True)},
     "gemini": {"type": "gemini", "api_base_url": "https://generativelanguage.googleapis.com/v1beta",
                "count_tokens": True, "quirks": {"thinking_level_models": r"^gemini-3",
                                                 "effort_scales": GEMINI_EFFORT_SCALES,
@@ -5746,7 +5747,8 @@ def refuse_search(routing: Routing):
     """Raise a 400 for a web search that no candidate can run."""
     raise InvalidRequestError(
         "%s cannot search the web (model %s); set routes.webSearch to a provider that can: "
-        "gemini, openrouter, anthropic, or openai with a search model" % (
+        "gemini, openrouter, anthropic, or openai (a model on its Responses API, or a search "
+        "model)" % (
             routing.provider.name, routing.model))
 
 
@@ -6962,6 +6964,15 @@ def search_blocks(query: str, results: list) -> list:
             {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": [
                 {"type": "web_search_result", "url": url, "title": title, "page_age": None,
                  "encrypted_content": ""} for url, title in results]}]
+
+
+def with_search_blocks(content: list, results: list, citations: list, query: str) -> list:
+    """A whole answer's blocks with the search its provider ran: the citations on its first
+    text block, then the blocks that report the search (none when it found nothing)."""
+    text_blocks = [block for block in content if block["type"] == "text"]
+    if citations and text_blocks:
+        text_blocks[0]["citations"] = citations
+    return content + search_blocks(query, results) if results else content
 
 
 def search_citation(url: str, title: str, cited_text: str) -> dict:
@@ -9768,11 +9779,7 @@ def anthropic_message_from_openai(data: dict, context) -> dict:
                             "signature": GEMINI_SIGNATURE_PREFIX + signature})
         content.append(anthropic_tool_use(call, context, whole))
     results, citations = openai_search_results(message.get("annotations"), text)
-    text_blocks = [block for block in content if block["type"] == "text"]
-    if citations and text_blocks:
-        text_blocks[0]["citations"] = citations
-    if results:
-        content += search_blocks(context.search_query or "", results)
+    content = with_search_blocks(content, results, citations, context.search_query or "")
     stop_sequence = matched_stop_sequence(choice)
     stop_reason = "refusal" if refusal else openai_stop_reason(
         choice.get("finish_reason"), bool(calls) or text_calls, stop_sequence)
@@ -10724,7 +10731,7 @@ class OpenAIResponsesProtocol(OpenAIChatProtocol):
         return UpstreamRequest(url, openai_request_headers(provider), json_bytes(payload))
 
     def can_search(self, provider, model) -> bool:
-        return False                  # its hosted web_search is not translated yet
+        return provider.quirks["responses_search"]
 
     def message(self, answer, context) -> dict:
         return anthropic_message_from_responses(answer, context)
@@ -10749,16 +10756,10 @@ def responses_request_from_anthropic(body: dict, provider: Provider, model: str)
             body.get(key), (int, float)) and not isinstance(body.get(key), bool))
     if body.get("stream") is True:
         request["stream"] = True
-    tools = [dict(tool["function"], type="function", strict=False)
-             for tool in openai_tools_from_anthropic(offered_tools(body), quirks)]
-    if tools:
-        request["tools"] = tools
-        choice = openai_tool_choice(body.get("tool_choice"), {t["name"] for t in tools})
-        if isinstance(choice.get("tool_choice"), dict):
-            choice["tool_choice"] = {"type": "function",
-                                     "name": choice["tool_choice"]["function"]["name"]}
-        request.update(choice)
-    request.update(responses_reasoning(body, quirks, model))
+    request.update(responses_tool_fields(body, quirks))
+    if any(tool["type"] == "web_search" for tool in request.get("tools", ())):
+        request["include"].append("web_search_call.action.sources")   # all it read, not only
+    request.update(responses_reasoning(body, quirks, model))           # what it cites
     response_format = openai_response_format(body).get("response_format")
     if response_format:
         request["text"] = {"format": dict(response_format["json_schema"], type="json_schema")}
@@ -10766,6 +10767,49 @@ def responses_request_from_anthropic(body: dict, provider: Provider, model: str)
     if user:
         request["safety_identifier"] = user
     return request
+
+
+def responses_tool_fields(body: dict, quirks: dict) -> dict:
+    """tools (the functions, and OpenAI's web_search for the web_search server tool where the
+    provider runs it), tool_choice and parallel_tool_calls, and max_tool_calls for the search's
+    max_uses. A forced web_search, the only tool (Claude Code 2.1.197's search request), is
+    `required`: the API takes no choice of a named hosted tool."""
+    functions = [dict(tool["function"], type="function", strict=False)
+                 for tool in openai_tools_from_anthropic(offered_tools(body), quirks)]
+    search = web_search_tool(body) if quirks["responses_search"] else None
+    tools = functions + ([responses_search_tool(search)] if search else [])
+    if not tools:
+        return {}
+    fields = dict(openai_tool_choice(body.get("tool_choice"), {t["name"] for t in functions}),
+                  tools=tools)
+    if isinstance(fields.get("tool_choice"), dict):
+        fields["tool_choice"] = {"type": "function",
+                                 "name": fields["tool_choice"]["function"]["name"]}
+    elif search and not functions and dict_of(body.get("tool_choice")).get("name") == \
+            search.get("name"):
+        fields["tool_choice"] = "required"
+    uses = search.get("max_uses") if search else None
+    if isinstance(uses, int) and not isinstance(uses, bool) and uses > 0:
+        fields["max_tool_calls"] = uses
+    return fields
+
+
+def responses_search_tool(tool: dict) -> dict:
+    """OpenAI's web_search tool for Anthropic's (developers.openai.com/api/docs/guides/
+    tools-web-search, checked 2026-12-07): allowed_domains as its filter (no scheme), the
+    user's location as it came; blocked_domains it has no equivalent of (logged)."""
+    search = {"type": "web_search"}
+    domains = [re.sub(r"^https?://", "", domain) for domain in list_of(tool.get(
+        "allowed_domains")) if isinstance(domain, str) and domain]
+    if domains:
+        search["filters"] = {"allowed_domains": domains}
+    location = {key: value for key, value in dict_of(tool.get("user_location")).items()
+                if key in ("city", "region", "country", "timezone") and isinstance(value, str)}
+    if location:
+        search["user_location"] = dict(location, type="approximate")
+    if tool.get("blocked_domains"):
+        log.info("web search blocked_domains have no OpenAI equivalent; searching without them")
+    return search
 
 
 def responses_reasoning(body: dict, quirks: dict, model: str) -> dict:
@@ -10921,10 +10965,43 @@ def anthropic_message_from_responses(data, context) -> dict:
         elif kind == "function_call":
             content.append(anthropic_tool_use({"id": item.get("call_id"), "function": item},
                                               context, data.get("status") != "incomplete"))
+    results, citations, queries = responses_search(data["output"])
+    content = with_search_blocks(content, results, citations,
+                                 queries[0] if queries else context.search_query or "")
     reason = responses_stop_reason(data, any(b["type"] == "tool_use" for b in content), refused)
     usage = anthropic_usage_from_responses(data.get("usage")) if data.get("usage") else \
         context.estimated_usage(sum(len(json.dumps(block)) for block in content))
     return new_message(context.model, content, reason, usage)
+
+
+def responses_search(output: list) -> tuple:
+    """(results, citations, queries) of the web searches a response ran (its web_search_call
+    items): each URL its text cites, with the title and the text each url_citation marks, then
+    the other pages the searches read (the actions' sources and pages, their URL as title)."""
+    cited, citations, read, queries = [], [], [], []
+    for item in map(dict_of, output):
+        if item.get("type") == "web_search_call":
+            action = dict_of(item.get("action"))
+            queries += [query for query in [action.get("query")] + list_of(action.get("queries"))
+                        if isinstance(query, str) and query]
+            read += [dict_of(source).get("url") for source in list_of(action.get("sources"))]
+            read.append(action.get("url"))               # a page it opened or looked through
+        elif item.get("type") == "message":
+            for part in map(dict_of, list_of(item.get("content"))):
+                found, marked = openai_search_results(url_citations(part), part.get("text"))
+                cited += found
+                citations += marked
+    titles = {}
+    for url, title in cited + [(url, url) for url in read if isinstance(url, str) and url]:
+        titles.setdefault(url, title)
+    return list(titles.items()), citations, queries
+
+
+def url_citations(part: dict) -> list:
+    """An output_text part's url_citation annotations, in Chat Completions' shape (the URL, title
+    and indexes under "url_citation")."""
+    return [{"url_citation": annotation} for annotation in map(dict_of, list_of(part.get(
+        "annotations"))) if annotation.get("type") == "url_citation"]
 
 
 def reasoning_text(item: dict) -> str:
@@ -10998,10 +11075,20 @@ class ResponsesStreamTranslator:
         ending = failed_ending(error, self.complete, self._context.provider)
         if ending is not None:
             return ending
+        if self._context.search_query is not None:
+            self._report_search(list_of(self._response.get("output")))
         usage = dict_of(self._response).get("usage")
         self._emit.stop(responses_stop_reason(self._response, self._made_calls, self._refused),
                         anthropic_usage_from_responses(usage) if usage else None)
         return self._emit.take()
+
+    def _report_search(self, output: list) -> None:
+        """The searches the response ran, from its final output (the text has streamed): the
+        citations on the open text block, then the blocks that report them."""
+        results, citations, queries = responses_search(output)
+        self._emit.cite(citations)
+        if results:
+            self._emit.search(queries[0] if queries else self._context.search_query, results)
 
     def _item_added(self, payload: dict, index) -> None:
         item = dict_of(payload.get("item"))

@@ -806,7 +806,7 @@ def runs_bash(version, tmp_path, provider, retries="0"):
     assert (work / "out.txt").read_text().strip() == "hi"
 
 
-# --- WebSearch: Claude Code's search request, answered by Google Search grounding ------------------
+# --- WebSearch: Claude Code's search request, answered by Google's search or OpenAI's ---------
 
 SEARCHED = [("https://www.python.org/downloads/release/python-3140/", "python.org"),
             ("https://docs.python.org/3.14/whatsnew/3.14.html", "docs.python.org")]
@@ -849,20 +849,58 @@ def searching_model(request):
     return gemini_answer([{"text": "ok"}], stream)
 
 
+def searching_responses_model(request):
+    """The same through OpenAI's Responses API (a GPT-6 model), whose web_search tool runs the
+    search request."""
+    body = request["json"] or {}
+    stream = body.get("stream") is True
+    tools = body.get("tools") or []
+    if {"type": "web_search"} in tools:
+        search = {"type": "web_search_call", "id": "ws_cc", "status": "completed", "action": {
+            "type": "search", "query": "python 3.14 release date",
+            "sources": [{"type": "url", "url": url} for url, _ in SEARCHED]}}
+        answer = message_item("Python 3.14.0 was released on 7 October 2025.", 1)
+        answer["content"][0]["annotations"] = [
+            {"type": "url_citation", "url": url, "title": title, "start_index": 0,
+             "end_index": 10} for url, title in SEARCHED]
+        return responses_answer([search, answer], stream)
+    results = [item for item in body.get("input", ()) if item.get("type") == "function_call_output"]
+    if results:
+        found = [url for url, _ in SEARCHED if url in json.dumps(results)]
+        return responses_answer([message_item("Sources: " + " ".join(found))], stream)
+    if "WebSearch" in [tool.get("name") for tool in tools]:
+        return responses_answer([call_item("call_ws", "WebSearch", json.dumps(
+            {"query": "python 3.14 release date"}))], stream)
+    return responses_answer([message_item("ok")], stream)
+
+
+# Each searching provider: its model, its provider entry, and whether a request is its search
+# request with nothing forced that it was not given (Claude Code 2.1.197 forces web_search).
+SEARCHERS = {
+    "gemini": (searching_model, lambda url: {"name": "gemini", "api_base_url": url + "/v1beta",
+                                             "api_key": "g-key-0123456789",
+                                             "models": ["gemini-2.5-pro"]},
+               lambda body: any("googleSearch" in tool for tool in body.get("tools") or ())
+               and "toolConfig" not in body),
+    "openai": (searching_responses_model, lambda url: openai_provider(url, models=["gpt-6.2-sol"]),
+               lambda body: body.get("tools") == [{"type": "web_search"}]
+               and body.get("tool_choice", "auto") in ("auto", "required"))}
+
+
+@pytest.mark.parametrize("searcher", sorted(SEARCHERS))
 @pytest.mark.parametrize("version", VERSIONS)
-def test_real_claude_code_web_search_returns_the_searched_links(version, tmp_path, upstream):
-    upstream.script = searching_model
+def test_real_claude_code_web_search_returns_the_searched_links(version, searcher, tmp_path,
+                                                                upstream):
+    model, provider, searches = SEARCHERS[searcher]
+    upstream.script = model
     result, output, _ = run_code(
-        version, tmp_path, [{"name": "gemini", "api_base_url": upstream.url + "/v1beta",
-                             "api_key": "g-key-0123456789", "models": ["gemini-2.5-pro"]}],
+        version, tmp_path, [provider(upstream.url)],
         "When was Python 3.14 released? Search the web.", "WebSearch",
         CLAUDE_CODE_MAX_RETRIES="0", ENABLE_TOOL_SEARCH="false")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
     assert output["is_error"] is False
     assert output["result"] == "Sources: " + " ".join(url for url, _ in SEARCHED)
-    searches = [r for r in upstream.requests if r["json"] and any(
-        "googleSearch" in tool for tool in r["json"].get("tools") or ())]
-    assert len(searches) == 1 and "toolConfig" not in searches[0]["json"]
+    assert len([r for r in upstream.requests if r["json"] and searches(r["json"])]) == 1
 
 
 # --- compaction: a provider's overflow, answered in Anthropic's words, makes Claude Code compact ---

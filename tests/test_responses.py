@@ -12,7 +12,7 @@ import openai
 import pydantic
 import pytest
 
-from helpers import check_grammar, json_reply, parse_events, sdk, stream_reply
+from helpers import answer_of, check_grammar, json_reply, parse_events, sdk, stream_reply
 
 KEY = "sk-resp-0123456789abcdef"
 STREAM_EVENT = pydantic.TypeAdapter(openai.types.responses.ResponseStreamEvent)
@@ -69,6 +69,8 @@ def events_for(items, final_status="completed", **final):
             started["arguments"] = ""
         elif item["type"] == "reasoning":
             started["summary"], started["encrypted_content"] = [], None
+        elif item["type"] == "web_search_call":
+            started["action"] = {"type": "search"}
         events.append({"type": "response.output_item.added", "output_index": index,
                        "item": started})
         events += item_deltas(item, index)
@@ -80,12 +82,20 @@ def events_for(items, final_status="completed", **final):
 
 
 def item_deltas(item, index):
-    """An item's deltas, in pieces (text and arguments in two halves)."""
+    """An item's deltas, in pieces (text and arguments in two halves, a text's annotations
+    after it), or a web search's progress."""
     if item["type"] == "message":
         text = item["content"][0]["text"]
         return [{"type": "response.output_text.delta", "item_id": item["id"], "logprobs": [],
                  "output_index": index, "content_index": 0, "delta": piece}
-                for piece in (text[:len(text) // 2], text[len(text) // 2:])]
+                for piece in (text[:len(text) // 2], text[len(text) // 2:])] + [
+            {"type": "response.output_text.annotation.added", "item_id": item["id"],
+             "output_index": index, "content_index": 0, "annotation_index": number,
+             "annotation": annotation}
+            for number, annotation in enumerate(item["content"][0]["annotations"])]
+    if item["type"] == "web_search_call":
+        return [{"type": "response.web_search_call." + step, "item_id": item["id"],
+                 "output_index": index} for step in ("in_progress", "searching", "completed")]
     if item["type"] == "function_call":
         arguments = item["arguments"]
         return [{"type": "response.function_call_arguments.delta", "item_id": item["id"],
@@ -529,6 +539,101 @@ def test_the_stream_keeps_the_anthropic_event_grammar():
     items = [reasoning_item(), message_item("Hi", 1), call_item("c", "get_time", "{}", 2)]
     out = b"".join(translator.feed_event(e["type"], e) for e in events_for(items))
     check_grammar(parse_events(out + translator.finish()))
+
+
+# --- web search: OpenAI's own web_search tool -----------------------------------------------------
+
+SEARCH_TOOL = {"type": "web_search_20250305", "name": "web_search", "max_uses": 8}
+SEARCH_REQUEST = dict(model="openai,gpt-6.2-sol", max_tokens=300, tools=[SEARCH_TOOL],
+                      messages=[{"role": "user", "content":
+                                 "Perform a web search for the query: oslo weather today"}],
+                      tool_choice={"type": "tool", "name": "web_search"})
+SEARCH_ANSWER = "Oslo is 4°C and cloudy today."
+CITED = [("https://yr.no/oslo", "Yr: Oslo", 0), ("https://met.no/", "MET Norway", 9),
+         ("https://yr.no/oslo", "Yr: Oslo", 17)]
+
+
+def search_items():
+    """A search that read three pages, then an answer citing two of them (one twice)."""
+    read = ["https://met.no/", "https://yr.no/oslo", "https://weather.example/oslo"]
+    search = {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {
+        "type": "search", "query": "oslo weather", "sources": [
+            {"type": "url", "url": url} for url in read]}}
+    answer = message_item(SEARCH_ANSWER, 1)
+    answer["content"][0]["annotations"] = [
+        {"type": "url_citation", "url": url, "title": title, "start_index": start,
+         "end_index": 29} for url, title, start in CITED]
+    return [search, answer]
+
+
+def openai_proxy(start_proxy, upstream):
+    return start_proxy({"providers": [{"name": "openai", "api_key": KEY,
+                                       "api_base_url": upstream.url + "/v1"}]})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_web_search_runs_at_openais_own_web_search_tool(start_proxy, upstream, stream):
+    """Claude Code's search request to a GPT-6 model (the Responses API) goes to OpenAI's
+    web_search tool, its forced choice as `required` and every page read asked for; the answer
+    reports the search as Anthropic does: the links Claude Code shows are the result block's."""
+    proxy = openai_proxy(start_proxy, upstream)
+    upstream.script = lambda r: stream_reply(sse(events_for(search_items()))) if stream \
+        else json_reply(response(search_items()))
+    message = answer_of(sdk(proxy), stream, **SEARCH_REQUEST)
+    sent = sent_body(upstream)
+    assert (sent["tools"], sent["tool_choice"], sent["max_tool_calls"]) == (
+        [{"type": "web_search"}], "required", 8)
+    assert sent["include"] == ["reasoning.encrypted_content", "web_search_call.action.sources"]
+    text, use, result = message.content
+    assert text.text == SEARCH_ANSWER and [c.url for c in text.citations] == [
+        url for url, _, _ in CITED]
+    assert text.citations[1].cited_text == SEARCH_ANSWER[9:29]
+    assert (use.name, use.input, result.tool_use_id) == ("web_search", {"query": "oslo weather"},
+                                                         use.id)
+    assert [(r.url, r.title) for r in result.content] == [
+        ("https://yr.no/oslo", "Yr: Oslo"), ("https://met.no/", "MET Norway"),
+        ("https://weather.example/oslo", "https://weather.example/oslo")]
+    assert message.stop_reason == "end_turn"
+
+
+def test_search_filters_and_location_go_with_the_tool_and_no_choice_is_forced_among_functions(
+        start_proxy, upstream):
+    """allowed_domains become OpenAI's filter (without a scheme) and the user's location goes as
+    it came; beside functions a forced web_search is not `required` (a function would do); an
+    answer that searched nothing reports no search."""
+    proxy = openai_proxy(start_proxy, upstream)
+    upstream.script = lambda r: json_reply(response([message_item("No need to search.")]))
+    location = {"type": "approximate", "city": "Oslo", "country": "NO", "timezone": "Europe/Oslo"}
+    message = sdk(proxy).messages.create(**dict(SEARCH_REQUEST, tools=TOOLS + [dict(
+        SEARCH_TOOL, allowed_domains=["https://yr.no", "met.no"], user_location=location)]))
+    sent = sent_body(upstream)
+    assert [tool.get("name") for tool in sent["tools"]] == ["get_weather", "get_time", None]
+    assert sent["tools"][2] == {"type": "web_search", "user_location": location,
+                                "filters": {"allowed_domains": ["yr.no", "met.no"]}}
+    assert "tool_choice" not in sent and sent["max_tool_calls"] == 8
+    assert [block.type for block in message.content] == ["text"]
+
+
+def test_another_responses_server_cannot_search_and_says_so(responses_proxy, upstream):
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(responses_proxy).messages.create(**dict(SEARCH_REQUEST, model="gpt-5-codex"))
+    assert caught.value.body["error"]["message"].startswith(
+        "oai cannot search the web (model gpt-5-codex); set routes.webSearch")
+    assert upstream.requests == []
+
+
+def test_a_streamed_search_keeps_the_anthropic_event_grammar():
+    import ccproxy
+    from test_openai import context
+    searching = context()
+    searching.search_query = "oslo weather today"
+    translator = ccproxy.ResponsesStreamTranslator(searching)
+    out = b"".join(translator.feed_event(e["type"], e) for e in events_for(search_items()))
+    events = parse_events(out + translator.finish())
+    check_grammar(events)
+    assert [payload["content_block"]["type"] for name, payload in events
+            if name == "content_block_start"] == ["text", "server_tool_use",
+                                                  "web_search_tool_result"]
 
 
 # --- which API a model goes to ----------------------------------------------------------------
