@@ -244,7 +244,13 @@ STREAM_SEEDS["responses"] += [
     {"type": "response.incomplete", "response": {
         "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}},
     {"type": "response.failed", "response": {"error": {"code": "server_error", "message": "x"}}},
-    {"type": "error", "code": "rate_limit_exceeded", "message": "slow down"}]
+    {"type": "error", "code": "rate_limit_exceeded", "message": "slow down"},
+    {"type": "response.completed", "response": {"status": "completed", "output": [
+        {"type": "web_search_call", "action": {"type": "search", "query": "q", "sources": [
+            {"type": "url", "url": "https://x"}]}},
+        {"type": "message", "content": [{"type": "output_text", "text": "Hi", "annotations": [
+            {"type": "url_citation", "url": "https://y", "title": "t", "start_index": 0,
+             "end_index": 2}]}]}]}}]
 STREAM_SEEDS["gemini"] += [
     {"candidates": [{"content": {"parts": [{"functionCall": {"name": "Read", "args": {}},
                                             "thoughtSignature": "sig"}]},
@@ -266,6 +272,10 @@ WHOLE_SEEDS["responses"].append({
     "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"},
     "output": [{"type": "reasoning", "id": "rs_1", "encrypted_content": "e",
                 "summary": [{"type": "summary_text", "text": "x"}]},
+               {"type": "web_search_call", "action": {"type": "open_page", "url": "https://z"}},
+               {"type": "web_search_call", "action": {
+                   "type": "search", "queries": ["q"], "sources": [{"type": "url",
+                                                                     "url": "https://x"}]}},
                {"type": "message", "content": [
                    {"type": "output_text", "text": "Hi", "annotations": [
                        {"type": "url_citation", "url": "https://x", "title": "t"}]},
