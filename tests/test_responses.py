@@ -5,6 +5,7 @@ against the official openai SDK's types."""
 from __future__ import annotations
 
 import json
+import typing
 import urllib.request
 
 import anthropic
@@ -69,8 +70,8 @@ def events_for(items, final_status="completed", **final):
             started["arguments"] = ""
         elif item["type"] == "reasoning":
             started["summary"], started["encrypted_content"] = [], None
-        elif item["type"] == "web_search_call":
-            started["action"] = {"type": "search"}
+        elif item["type"] == "web_search_call":             # its sources come when done
+            started["action"] = {"type": "search", "query": item["action"]["query"]}
         events.append({"type": "response.output_item.added", "output_index": index,
                        "item": started})
         events += item_deltas(item, index)
@@ -127,10 +128,19 @@ def responses_proxy(start_proxy, upstream):
     return start_proxy({"providers": [responses_provider(upstream)]})
 
 
+# What a response may be asked to include, as the installed SDK knows it: openai 2.2.0, the
+# last for Python 3.8, has no "web_search_call.action.sources" (3.63 has; the API takes it).
+INCLUDABLE = set(typing.get_args(openai.types.responses.ResponseIncludable)) | {
+    "web_search_call.action.sources"}
+
+
 def sent_body(upstream, index=0):
-    """The body the proxy sent, checked against the SDK's request type."""
+    """The body the proxy sent, checked against the SDK's request type (what it may include
+    against INCLUDABLE)."""
     body = upstream.requests[index]["json"]
-    CREATE_PARAMS.validate_python(body)
+    assert set(body.get("include", ())) <= INCLUDABLE
+    CREATE_PARAMS.validate_python(dict(body, include=[
+        item for item in body.get("include", ()) if item != "web_search_call.action.sources"]))
     return body
 
 
