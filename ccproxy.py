@@ -10758,8 +10758,8 @@ def responses_request_from_anthropic(body: dict, provider: Provider, model: str)
         request["stream"] = True
     request.update(responses_tool_fields(body, quirks))
     if any(tool["type"] == "web_search" for tool in request.get("tools", ())):
-        request["include"].append("web_search_call.action.sources")   # all it read, not only
-    request.update(responses_reasoning(body, quirks, model))           # what it cites
+        request["include"].append("web_search_call.action.sources")   # every page it read
+    request.update(responses_reasoning(body, quirks, model))
     response_format = openai_response_format(body).get("response_format")
     if response_format:
         request["text"] = {"format": dict(response_format["json_schema"], type="json_schema")}
@@ -10785,13 +10785,18 @@ def responses_tool_fields(body: dict, quirks: dict) -> dict:
     if isinstance(fields.get("tool_choice"), dict):
         fields["tool_choice"] = {"type": "function",
                                  "name": fields["tool_choice"]["function"]["name"]}
-    elif search and not functions and dict_of(body.get("tool_choice")).get("name") == \
-            search.get("name"):
+    elif search and not functions and forced_tool(body) == search.get("name"):
         fields["tool_choice"] = "required"
     uses = search.get("max_uses") if search else None
     if isinstance(uses, int) and not isinstance(uses, bool) and uses > 0:
         fields["max_tool_calls"] = uses
     return fields
+
+
+def forced_tool(body: dict) -> str | None:
+    """The name of the tool the request's tool_choice forces, if it forces one."""
+    choice = dict_of(body.get("tool_choice"))
+    return choice.get("name") if choice.get("type") == "tool" else None
 
 
 def responses_search_tool(tool: dict) -> dict:
