@@ -4442,7 +4442,7 @@ async def call_with_key(app: ProxyApp, request: Request, conn, body: dict, routi
     relay_call() answers with it, sent again as the provider's refusal says (at most
     MAX_SENDS_AGAIN times); a failure is logged, a configuration problem named as such."""
     provider, model, _ = routing
-    protocol = protocol_for(provider, model)
+    protocol = protocol_for(provider, model, body)
     protocol.check_request(body)
     outgoing = await app.off_the_loop(request, protocol.messages_request, provider, model,
                                       request, body)
@@ -5427,12 +5427,12 @@ class RequestFacts:
     """What routing rules ask about a request, each worked out once and only when asked."""
 
     def __init__(self, config: Config, body: dict, headers: Headers):
-        self._config, self._body, self.headers = config, body, headers
+        self._config, self.body, self.headers = config, body, headers
         self._tokens = None
 
     @property
     def model(self) -> str:
-        return str(self._body.get("model") or "")
+        return str(self.body.get("model") or "")
 
     @property
     def alias(self) -> str:
@@ -5443,25 +5443,24 @@ class RequestFacts:
     @property
     def tokens(self) -> int:
         if self._tokens is None:
-            self._tokens = estimate_request_tokens(self._body)
+            self._tokens = estimate_request_tokens(self.body)
         return self._tokens
 
     @property
     def thinking(self) -> bool:
-        return thinking_asked(self._body)
+        return thinking_asked(self.body)
 
     @property
     def tool_names(self) -> list:
-        return [str(t.get("name")) for t in self._body.get("tools") or () if isinstance(t, dict)]
+        return [str(t.get("name")) for t in self.body.get("tools") or () if isinstance(t, dict)]
 
     @property
     def web_search(self) -> bool:
-        return any(str(t.get("type", "")).startswith("web_search")
-                   for t in self._body.get("tools") or () if isinstance(t, dict))
+        return web_search_tool(self.body) is not None
 
     @property
     def images(self) -> bool:
-        return any(block_has_image(b) for m in self._body.get("messages") or ()
+        return any(block_has_image(b) for m in self.body.get("messages") or ()
                    if isinstance(m, dict) and isinstance(m.get("content"), list)
                    for b in m["content"])
 
@@ -5641,7 +5640,8 @@ def able_plan(config: Config, facts: RequestFacts, plan: list) -> list:
         plan = narrowed(config, plan, lambda routing: window_fits(routing, facts.tokens),
                         "longContext") or refuse_overflow(plan[0], facts.tokens)
     if facts.web_search:
-        plan = narrowed(config, plan, can_search, "webSearch") or refuse_search(plan[0])
+        plan = narrowed(config, plan, lambda routing: can_search(routing, facts.body),
+                        "webSearch") or refuse_search(plan[0])
     return plan
 
 
@@ -5656,10 +5656,11 @@ def window_fits(routing: Routing, tokens: int) -> bool:
     return window is None or tokens <= window * (1 + margin)
 
 
-def can_search(routing: Routing) -> bool:
-    """Whether the candidate can run a web search: its protocol's own search, for its model."""
-    return protocol_for(routing.provider, routing.model).can_search(routing.provider,
-                                                                    routing.model)
+def can_search(routing: Routing, body: dict) -> bool:
+    """Whether the candidate can run the request's web search: its protocol's own search, for
+    its model."""
+    provider, model = routing.provider, routing.model
+    return protocol_for(provider, model, body).can_search(provider, model)
 
 
 def narrowed(config: Config, plan: list, able, route_name: str) -> list:
@@ -5747,8 +5748,7 @@ def refuse_search(routing: Routing):
     """Raise a 400 for a web search that no candidate can run."""
     raise InvalidRequestError(
         "%s cannot search the web (model %s); set routes.webSearch to a provider that can: "
-        "gemini, openrouter, anthropic, or openai (a model on its Responses API, or a search "
-        "model)" % (
+        "gemini, openrouter, anthropic or openai" % (
             routing.provider.name, routing.model))
 
 
@@ -11825,15 +11825,24 @@ PROTOCOLS = {protocol.name: protocol for protocol in (
 PROTOCOLS["azure"] = PROTOCOLS["openai"]          # OpenAI's APIs at an Azure resource
 
 
-def protocol_for(provider: Provider, model: str) -> Protocol:
+def protocol_for(provider: Provider, model: str, body: dict | None = None) -> Protocol:
     """The protocol a call of a model speaks: its provider's, except that an OpenAI or Azure
     provider sends the Responses API what it says it should ("api": "responses", or a model
-    that responses_models matches)."""
+    that responses_models matches), and OpenAI's a request (body) with a web search that Chat
+    Completions cannot run for the model: there OpenAI runs its web_search tool for any."""
     quirks = provider.quirks
     if provider.protocol in ("openai", "azure") and (
-            quirks["api"] == "responses" or quirk_holds(quirks["responses_models"], model)):
+            quirks["api"] == "responses" or quirk_holds(quirks["responses_models"], model)
+            or body is not None and searches_on_responses(provider, model, body)):
         return PROTOCOLS["openai-responses"]
     return PROTOCOLS[provider.protocol]
+
+
+def searches_on_responses(provider: Provider, model: str, body: dict) -> bool:
+    """Whether the request is a web search that goes to OpenAI's Responses API: its model is
+    none of Chat Completions' search models (which search there)."""
+    return provider.quirks["responses_search"] and openai_search_style(provider, model) is None \
+        and web_search_tool(body) is not None
 
 
 

@@ -874,6 +874,25 @@ def searching_responses_model(request):
     return responses_answer([message_item("ok")], stream)
 
 
+def searching_chat_model(request):
+    """A model that answers on Chat Completions (gpt-4.1), whose search request alone goes to
+    the Responses API."""
+    body = request["json"] or {}
+    if request["path"].endswith("/responses"):        # the search request, and nothing else
+        return searching_responses_model(request) if {"type": "web_search"} in (
+            body.get("tools") or []) else json_reply({"error": {"message": "not here"}}, 400)
+    stream = body.get("stream") is True
+    results = [message for message in body.get("messages", ()) if message.get("role") == "tool"]
+    if results:
+        found = [url for url, _ in SEARCHED if url in json.dumps(results)]
+        return openai_answer({"content": "Sources: " + " ".join(found)}, stream, "stop")
+    if "WebSearch" in [tool["function"]["name"] for tool in body.get("tools") or ()]:
+        return openai_answer({"tool_calls": [{"id": "call_ws", "type": "function", "function": {
+            "name": "WebSearch", "arguments": json.dumps(
+                {"query": "python 3.14 release date"})}}]}, stream, "tool_calls")
+    return openai_answer({"content": "ok"}, stream, "stop")
+
+
 # Each searching provider: its model, its provider entry, and whether a request is its search
 # request with nothing forced that it was not given (Claude Code 2.1.197 forces web_search).
 SEARCHERS = {
@@ -885,6 +904,9 @@ SEARCHERS = {
     "openai": (searching_responses_model, lambda url: openai_provider(url, models=["gpt-6.2-sol"]),
                lambda body: body.get("tools") == [{"type": "web_search"}]
                and body.get("tool_choice", "auto") in ("auto", "required"))}
+SEARCHERS["openai-chat"] = (searching_chat_model,
+                            lambda url: openai_provider(url, models=["gpt-4.1"]),
+                            SEARCHERS["openai"][2])
 
 
 @pytest.mark.parametrize("searcher", sorted(SEARCHERS))

@@ -624,6 +624,23 @@ def test_search_filters_and_location_go_with_the_tool_and_no_choice_is_forced_am
     assert [block.type for block in message.content] == ["text"]
 
 
+def test_a_chat_completions_models_search_goes_to_the_responses_api(start_proxy, upstream):
+    """gpt-4.1 answers on Chat Completions, where only OpenAI's search models search: its search
+    request goes to the Responses API, whose web_search tool runs for it; the rest stays."""
+    proxy = openai_proxy(start_proxy, upstream)
+    upstream.script = lambda r: json_reply(response(search_items()) if r["path"].endswith(
+        "/responses") else {"id": "c", "object": "chat.completion", "created": 1,
+                            "model": "gpt-4.1", "choices": [{"index": 0, "finish_reason": "stop",
+                                                             "message": {"role": "assistant",
+                                                                         "content": "ok"}}]})
+    searched = sdk(proxy).messages.create(**dict(SEARCH_REQUEST, model="openai,gpt-4.1"))
+    sdk(proxy).messages.create(**dict(REQUEST, model="openai,gpt-4.1"))
+    assert [r["path"] for r in upstream.requests] == ["/v1/responses", "/v1/chat/completions"]
+    assert sent_body(upstream)["tools"] == [{"type": "web_search"}]
+    assert [block.type for block in searched.content] == ["text", "server_tool_use",
+                                                          "web_search_tool_result"]
+
+
 def test_another_responses_server_cannot_search_and_says_so(responses_proxy, upstream):
     with pytest.raises(anthropic.BadRequestError) as caught:
         sdk(responses_proxy).messages.create(**dict(SEARCH_REQUEST, model="gpt-5-codex"))
