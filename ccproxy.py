@@ -4081,16 +4081,40 @@ class MemoryReturn:
             self._quiet.set(WORKER_IDLE_SECONDS)    # they held goes back once they have
 
 
+# CPython 3.8 aborts the whole process ("Fatal Python error: Cannot recover from stack
+# overflow") when a collector pass, begun by an allocation deep in the parse or walk of JSON
+# nested near the recursion limit (a body of 100,000 brackets), runs a finalizer that overflows
+# the stack, and the parse then goes on down: an overflow while handling one. 3.9 and later
+# raise RecursionError, a 400. There the server makes the collector's passes itself.
+COLLECTOR_ABORTS_DEEP = sys.version_info < (3, 9)
+COLLECTOR_SECONDS = 1.0               # how often the server looks for a pass due (3.8)
+
+
 def tune_garbage_collector() -> None:
     """For a process that is a server and nothing else (start): what startup made is put out
     of the cyclic garbage collector's way (gc.freeze), and its full passes come a tenth as
     often, leaving them to MemoryReturn at each quiet moment. A stream's parts leave no
     cycles (they are freed as it ends), so a full pass during a burst only walks the live
-    streams: 50-90 ms with a thousand open, a pause every stream waited out."""
+    streams: 50-90 ms with a thousand open, a pause every stream waited out. On Python 3.8
+    the passes are made from the event loop's top (collect_from_the_loop)."""
     gc.collect()
     gc.freeze()
     young, middle, old = gc.get_threshold()
     gc.set_threshold(young, middle, old * 10)
+    if COLLECTOR_ABORTS_DEEP:
+        gc.disable()
+        collect_from_the_loop(asyncio.get_running_loop())
+
+
+def collect_from_the_loop(loop) -> None:
+    """The pass the collector would have made by now (the oldest generation over its
+    threshold), made every COLLECTOR_SECONDS from the top of the event loop, where no parse
+    or walk of a request or an answer is under way (see COLLECTOR_ABORTS_DEEP)."""
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    due = [generation for generation in (2, 1, 0) if counts[generation] > thresholds[generation]]
+    if due:
+        gc.collect(due[0])
+    loop.call_later(COLLECTOR_SECONDS, collect_from_the_loop, loop)
 
 
 def malloc_trim_function():

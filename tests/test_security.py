@@ -987,6 +987,33 @@ def test_a_body_that_trickles_in_is_cut_by_the_body_timeout(start_proxy):
     assert b"performance.body_timeout" in answer
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_answer_nested_too_deeply_to_read_is_a_502_that_fails_over(
+        start_proxy, upstream, second_upstream, kind, stream):
+    """A 200 whose JSON (or first event) nests 100,000 deep cannot be read: a 502 before the
+    answer begins, so the next provider answers."""
+    deep = b"[" * 100000 + b"]" * 100000
+    field = b'{"choices": ' if kind == "openai" else b'{"type": "message_start", "message": '
+    if stream:
+        upstream.script = lambda r: Reply(200, b"data: " + field + deep + b"}\n\n",
+                                          content_type="text/event-stream")
+    else:
+        upstream.script = lambda r: Reply(200, field + deep + b"}")
+    proxy = start_proxy({"providers": [
+        anthropic_provider(upstream, type=kind, name="first"),
+        anthropic_provider(second_upstream, type="anthropic", name="second")]})
+    if stream:
+        second_upstream.script = lambda r: stream_reply(anthropic_stream_events())
+        with sdk(proxy, "client").messages.stream(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as answer:
+            assert answer.get_final_text() == "Hello!"
+        assert upstream.requests[0]["json"]["stream"] is True
+    else:
+        assert ask(proxy).content[0].text == "Hello from upstream"
+    assert (len(upstream.requests), len(second_upstream.requests)) == (1, 1)
+
+
 def test_a_deeply_nested_upstream_error_fails_over(start_proxy, upstream, second_upstream):
     upstream.script = lambda r: Reply(500, b"[" * 100000 + b"]" * 100000)
     proxy = start_proxy({"providers": [anthropic_provider(upstream, type="anthropic", name="first"),
