@@ -3876,10 +3876,15 @@ class ProxyApp:
         """function(*args), on a worker thread when the request's body is large: the event
         loop serves everyone else meanwhile (taking its turn at each of Python's thread
         switches) instead of stopping for as long as a large request takes to read, check, route
-        and translate. A small one is done here, quicker than a thread's round trip."""
-        if len(request.body or b"") < OFFLOADED_BODY_BYTES:
-            return function(*args)
-        return await self.upstream.run(function, *args)
+        and translate. A small one is done here, quicker than a thread's round trip. Each
+        step walks the client's body: one that runs out of stack on the way is a 400."""
+        try:
+            if len(request.body or b"") < OFFLOADED_BODY_BYTES:
+                return function(*args)
+            return await self.upstream.run(function, *args)
+        except RecursionError:
+            raise InvalidRequestError("the request nests too deeply to check, route and "
+                                      "translate (hundreds of levels)") from None
 
     def refresh_loaded_windows(self) -> None:
         """Have each enabled provider that runs models with a context length of its own

@@ -87,6 +87,24 @@ def collector_paused():
             gc.enable()
 
 
+@pytest.mark.parametrize("kind", ["openai", "gemini", "anthropic"])
+def test_a_request_nested_too_deeply_to_walk_is_a_400(start_proxy, upstream, kind):
+    """Tool results inside tool results, 300 deep: JSON can read it (600 levels), but the steps
+    that walk it (checks, routing, translation) run out of stack on the way: a 400 that says
+    why, never an internal error, and no provider is called."""
+    content = [{"type": "text", "text": "x"}]
+    for _ in range(300):
+        content = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": content}]
+    proxy = start_proxy({"providers": [{"name": "p", "type": kind, "api_key": PROVIDER_KEY,
+                                        "api_base_url": upstream.url, "models": ["m"]}]})
+    with pytest.raises(anthropic.BadRequestError) as caught, collector_paused():
+        sdk(proxy).messages.create(model="m", max_tokens=5,
+                                   messages=[{"role": "user", "content": content}])
+    assert caught.value.body["error"]["message"] == (
+        "the request nests too deeply to check, route and translate (hundreds of levels)")
+    assert upstream.requests == []
+
+
 # One process as `start` makes it (tune_garbage_collector), forced into Python 3.8's regime on
 # any version: JSON nested past the recursion limit, with a collector pass due deep inside the
 # parse (800 empty siblings there, the threshold reached among them) and garbage whose
