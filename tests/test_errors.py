@@ -9,13 +9,15 @@ import json
 import logging
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import anthropic
 import pytest
 
 import ccproxy
-from helpers import PROVIDER_KEY, REPO, Reply, json_reply, raw_exchange, sdk, sse
+from helpers import PROVIDER_KEY, REPO, Reply, anthropic_message, json_reply, raw_exchange, sdk, sse
 
 KEY = "sk-proj-abc/def+ghi=0123456789xyz"       # '/', '+', '=' change when URL-encoded
 
@@ -87,22 +89,48 @@ def collector_paused():
             gc.enable()
 
 
+# A fine answer in each protocol, for a request nested deep but not too deep to walk.
+FINE_ANSWERS = {
+    "openai": {"id": "c", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+    "gemini": {"candidates": [{"content": {"role": "model", "parts": [{"text": "ok"}]},
+                               "finishReason": "STOP"}],
+               "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1}},
+    "anthropic": anthropic_message("ok")}
+TOO_DEEP_TO_WALK = "the request nests too deeply to check, route and translate (hundreds of levels)"
+
+
+def tool_results_within_tool_results(depth: int) -> bytes:
+    """A request whose message holds a tool result inside a tool result, depth times, written
+    out as text (a JSON writer would run out of stack first)."""
+    result = '[{"type": "tool_result", "tool_use_id": "toolu_1", "content": '
+    return ('{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": %s%s%s}]}'
+            % (result * depth, '[{"type": "text", "text": "x"}]', "}]" * depth)).encode()
+
+
 @pytest.mark.parametrize("kind", ["openai", "gemini", "anthropic"])
 def test_a_request_nested_too_deeply_to_walk_is_a_400(start_proxy, upstream, kind):
-    """Tool results inside tool results, 300 deep: JSON can read it (600 levels), but the steps
-    that walk it (checks, routing, translation) run out of stack on the way: a 400 that says
-    why, never an internal error, and no provider is called."""
-    content = [{"type": "text", "text": "x"}]
-    for _ in range(300):
-        content = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": content}]
+    """Tool results inside tool results, hundreds deep: JSON reads more levels than the steps
+    that walk a request (checks, routing, translation) can follow, by how much depending on the
+    Python version. Each depth is an answer, a 400 saying it nests too deeply to walk, or one
+    that it is too deep to read; never an internal error."""
+    upstream.script = lambda r: json_reply(FINE_ANSWERS[kind])
     proxy = start_proxy({"providers": [{"name": "p", "type": kind, "api_key": PROVIDER_KEY,
                                         "api_base_url": upstream.url, "models": ["m"]}]})
-    with pytest.raises(anthropic.BadRequestError) as caught, collector_paused():
-        sdk(proxy).messages.create(model="m", max_tokens=5,
-                                   messages=[{"role": "user", "content": content}])
-    assert caught.value.body["error"]["message"] == (
-        "the request nests too deeply to check, route and translate (hundreds of levels)")
-    assert upstream.requests == []
+    outcomes = set()
+    for depth in (300, 450, 600, 1200):
+        request = urllib.request.Request(proxy.url + "/v1/messages",
+                                         tool_results_within_tool_results(depth),
+                                         {"x-api-key": "client", "content-type": "application/json"})
+        try:
+            with collector_paused(), urllib.request.urlopen(request, timeout=30) as answer:
+                outcomes.add(json.loads(answer.read())["content"][0]["text"])
+        except urllib.error.HTTPError as error:
+            message = json.loads(error.read())["error"]["message"]
+            outcomes.add((error.code, message.split(":")[0]))      # the parser's says why
+    assert (400, TOO_DEEP_TO_WALK) in outcomes
+    assert outcomes <= {"ok", (400, TOO_DEEP_TO_WALK), (400, "request body is not a valid JSON object")}
 
 
 # One process as `start` makes it (tune_garbage_collector), forced into Python 3.8's regime on
