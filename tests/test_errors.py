@@ -120,9 +120,9 @@ def test_a_request_nested_too_deeply_to_walk_is_a_400(start_proxy, upstream, kin
                                         "api_base_url": upstream.url, "models": ["m"]}]})
     outcomes = set()
     for depth in (300, 450, 600, 1200):
-        request = urllib.request.Request(proxy.url + "/v1/messages",
-                                         tool_results_within_tool_results(depth),
-                                         {"x-api-key": "client", "content-type": "application/json"})
+        request = urllib.request.Request(
+            proxy.url + "/v1/messages", tool_results_within_tool_results(depth),
+            {"x-api-key": "client", "content-type": "application/json"})
         try:
             with collector_paused(), urllib.request.urlopen(request, timeout=30) as answer:
                 outcomes.add(json.loads(answer.read())["content"][0]["text"])
@@ -130,7 +130,8 @@ def test_a_request_nested_too_deeply_to_walk_is_a_400(start_proxy, upstream, kin
             message = json.loads(error.read())["error"]["message"]
             outcomes.add((error.code, message.split(":")[0]))      # the parser's says why
     assert (400, TOO_DEEP_TO_WALK) in outcomes
-    assert outcomes <= {"ok", (400, TOO_DEEP_TO_WALK), (400, "request body is not a valid JSON object")}
+    assert outcomes <= {"ok", (400, TOO_DEEP_TO_WALK),
+                        (400, "request body is not a valid JSON object")}
 
 
 # One process as `start` makes it (tune_garbage_collector), forced into Python 3.8's regime on
