@@ -4090,7 +4090,7 @@ class MemoryReturn:
 # overflow") when a collector pass, begun by an allocation deep in the parse or walk of JSON
 # nested near the recursion limit (a body of 100,000 brackets), runs a finalizer that overflows
 # the stack, and the parse then goes on down: an overflow while handling one. 3.9 and later
-# raise RecursionError, a 400. There the server makes the collector's passes itself.
+# raise RecursionError (a 400; an answer's, a 502). There the server makes the passes itself.
 COLLECTOR_ABORTS_DEEP = sys.version_info < (3, 9)
 COLLECTOR_SECONDS = 1.0               # how often the server looks for a pass due (3.8)
 
