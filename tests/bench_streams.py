@@ -215,13 +215,15 @@ def start_cost(run: Processes, streams: int) -> None:
     """CPU per stream when `streams` one-chunk streams start at once, twice over: what a burst's
     time to first token is made of (the last stream waits for the ones started before it)."""
     shape = start_shape(streams)
-    _, mock_cpu = measured(run.mock.pid, lambda: load(run.mock_url, "openai", **shape))
-    _, proxy_cpu, loop_cpu = started_on_loop(run.proxy.pid, lambda: load(run.proxy_url,
-                                                                         "anthropic", **shape))
+    straight, mock_cpu = measured(run.mock.pid, lambda: load(run.mock_url, "openai", **shape))
+    proxied, proxy_cpu, loop_cpu = started_on_loop(run.proxy.pid, lambda: load(
+        run.proxy_url, "anthropic", **shape))
     row("CPU per stream started (%d at once)" % streams, "mock %.2f ms" % (
         mock_cpu / (2 * streams) * 1e3), "%.2f ms" % (proxy_cpu / (2 * streams) * 1e3),
         "%.1f×" % (proxy_cpu / mock_cpu))
     row("  of which on the event loop", "-", "%.2f ms" % (loop_cpu / (2 * streams) * 1e3))
+    row("  the load generator's, per stream started", "%.2f ms" % straight[
+        "loadgen_cpu_ms_per_req"], "%.2f ms" % proxied["loadgen_cpu_ms_per_req"])
 
 
 def started_on_loop(pid: int, run) -> tuple:
