@@ -9,12 +9,15 @@ keep-alive load generator (tests/bench/loadgen.py) in a third; both tools are th
 shared benchmark helpers. Rows:
 
   paced streams     --streams concurrent streams of 40 chunks 50 ms apart (2 s each), twice
-                    that many in all: stream time p99 and time to first token p99
+                    that many in all: stream time p99 and time to first token p99; the CPU
+                    all of the machine's CPUs spent from the start of the first burst to its
+                    first token p99 (from /proc/stat), and its share of what they could do
   memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later,
                     and again after --bursts of the same paced bursts in a row
   memory held       what an open stream holds with a 200 KB prompt (Claude Code's size late
                     in a session): ccproxy serving from a thread of this process, traced
-  stream start      CPU per one-chunk stream, --streams of them started at once, twice
+  stream start      CPU per one-chunk stream, --streams of them started at once, twice:
+                    ccproxy's (on its event loop apart), the mock's, the load generator's
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients; and one after another, a Claude Code-like
                     session that grows by a turn at every request (60 to 80 turns)
@@ -50,6 +53,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 import urllib.request
@@ -59,6 +63,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_proxy import REPO, free_port, wait_healthy  # noqa: E402
 
 TOOLS = REPO / "tests" / "bench"
+
+
+class MachineCPU:
+    """The CPU time the whole machine spends (all CPUs, every process), sampled from /proc/stat
+    every 10 ms by a thread while the `with` block runs, against time.monotonic()."""
+
+    def __enter__(self):
+        self.samples, self._done = [], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+            busy = sum(values) - values[3] - values[4]          # all but idle and iowait
+            self.samples.append((time.monotonic(), busy / os.sysconf("SC_CLK_TCK")))
+            self._done.wait(0.01)
+
+    def busy_between(self, start: float, end: float) -> float:
+        """CPU seconds spent from start to end (time.monotonic() values), to the nearest samples."""
+        def nearest(moment):
+            return min(self.samples, key=lambda sample: abs(sample[0] - moment))[1]
+        return nearest(end) - nearest(start)
+
+
+def first_burst_cpu(result: dict, machine: MachineCPU) -> str:
+    """The CPU the machine spent from a paced load's start to its first burst's ttft p99, and
+    its share of what all CPUs could have done meanwhile."""
+    seconds = result["first_burst_ttft_p99_ms"] / 1000
+    spent = machine.busy_between(result["go_monotonic"], result["go_monotonic"] + seconds)
+    return "%.2f s, %.0f%%" % (spent, 100 * spent / (seconds * os.cpu_count()))
 
 
 def status_of(pid: int) -> dict:
@@ -149,8 +189,10 @@ def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
     time.sleep(1)
     idle = status_of(pid)
     shape = paced_shape(streams)
-    straight = load(run.mock_url, "openai", **shape)
-    proxied = load(run.proxy_url, "anthropic", **shape)
+    with MachineCPU() as straight_machine:
+        straight = load(run.mock_url, "openai", **shape)
+    with MachineCPU() as proxied_machine:
+        proxied = load(run.proxy_url, "anthropic", **shape)
     peak = status_of(pid)
     row("paced streams: stream time p99", "%.2f s" % (straight["p99_ms"] / 1000),
         "%.2f s" % (proxied["p99_ms"] / 1000), "%.2f×" % (proxied["p99_ms"] / straight["p99_ms"]))
@@ -160,6 +202,8 @@ def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
     row("paced streams: time to first token p50", "%.3f s" % (straight["ttft_p50_ms"] / 1000),
         "%.3f s" % (proxied["ttft_p50_ms"] / 1000),
         "+%.3f s" % ((proxied["ttft_p50_ms"] - straight["ttft_p50_ms"]) / 1000))
+    row("  machine CPU until the first burst's p99", first_burst_cpu(straight, straight_machine),
+        first_burst_cpu(proxied, proxied_machine))
     row("memory per open stream", "-", "%.0f KB" % ((peak["VmHWM"] - idle["VmRSS"]) / streams))
     if proxied["errors"] or straight["errors"]:
         row("errors", str(straight["errors"]), str(proxied["errors"]))
