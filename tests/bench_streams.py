@@ -82,7 +82,7 @@ class MachineCPU:
     def _sample(self) -> None:
         while not self._done.is_set():
             values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            busy = sum(values) - values[3] - values[4]          # all but idle and iowait
+            busy = sum(values[i] for i in (0, 1, 2, 5, 6))   # user, nice, system, irq, softirq
             self.samples.append((time.monotonic(), busy / os.sysconf("SC_CLK_TCK")))
             self._done.wait(0.01)
 
