@@ -96,6 +96,8 @@ class MachineCPU:
 def first_burst_cpu(result: dict, machine: MachineCPU) -> str:
     """The CPU the machine spent from a paced load's start to its first burst's ttft p99, and
     its share of what all CPUs could have done meanwhile."""
+    if not result.get("first_burst_ttft_p99_ms"):
+        return "-"                                      # no stream of that burst answered
     seconds = result["first_burst_ttft_p99_ms"] / 1000
     spent = machine.busy_between(result["go_monotonic"], result["go_monotonic"] + seconds)
     return "%.2f s, %.0f%%" % (spent, 100 * spent / (seconds * os.cpu_count()))
