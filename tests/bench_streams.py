@@ -11,7 +11,9 @@ shared benchmark helpers. Rows:
   paced streams     --streams concurrent streams of 40 chunks 50 ms apart (2 s each), twice
                     that many in all: stream time p99 and time to first token p99; the CPU
                     all of the machine's CPUs spent from the start of the first burst to its
-                    first token p99 (from /proc/stat), and its share of what they could do
+                    first token p99 (from /proc/stat), and its share of what they could do;
+                    how ccproxy's event loop spent that time: on a CPU, waiting for one (in
+                    the run queue), asleep (waiting for the GIL, or in epoll); from its schedstat
   memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later,
                     and again after --bursts of the same paced bursts in a row
   memory held       what an open stream holds with a 200 KB prompt (Claude Code's size late
@@ -67,7 +69,12 @@ TOOLS = REPO / "tests" / "bench"
 
 class MachineCPU:
     """The CPU time the whole machine spends (all CPUs, every process), sampled from /proc/stat
-    every 10 ms by a thread while the `with` block runs, against time.monotonic()."""
+    every 10 ms by a thread while the `with` block runs, against time.monotonic(); with
+    `thread` (pid, tid), also that thread's time on a CPU and waiting for one (its schedstat,
+    in ns)."""
+
+    def __init__(self, thread: tuple | None = None):
+        self.thread = thread
 
     def __enter__(self):
         self.samples, self._done = [], threading.Event()
@@ -80,17 +87,23 @@ class MachineCPU:
         self._thread.join()
 
     def _sample(self) -> None:
+        schedstat = self.thread and Path("/proc/%d/task/%d/schedstat" % self.thread)
+        self.thread = schedstat and schedstat.exists() and self.thread   # schedstats built in
         while not self._done.is_set():
             values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
             busy = sum(values[i] for i in (0, 1, 2, 5, 6))   # user, nice, system, irq, softirq
-            self.samples.append((time.monotonic(), busy / os.sysconf("SC_CLK_TCK")))
+            on_cpu, waiting = ([int(v) / 1e9 for v in schedstat.read_text().split()[:2]]
+                               if schedstat else (0, 0))
+            self.samples.append((time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), on_cpu,
+                                 waiting))
             self._done.wait(0.01)
 
-    def busy_between(self, start: float, end: float) -> float:
-        """CPU seconds spent from start to end (time.monotonic() values), to the nearest samples."""
+    def spent_between(self, start: float, end: float) -> tuple:
+        """(machine CPU seconds, the thread's on a CPU, the thread's waiting for one) from start
+        to end (time.monotonic() values), to the nearest samples."""
         def nearest(moment):
-            return min(self.samples, key=lambda sample: abs(sample[0] - moment))[1]
-        return nearest(end) - nearest(start)
+            return min(self.samples, key=lambda sample: abs(sample[0] - moment))[1:]
+        return tuple(b - a for a, b in zip(nearest(start), nearest(end)))
 
 
 def first_burst_cpu(result: dict, machine: MachineCPU) -> str:
@@ -99,8 +112,20 @@ def first_burst_cpu(result: dict, machine: MachineCPU) -> str:
     if not result.get("first_burst_ttft_p99_ms"):
         return "-"                                      # no stream of that burst answered
     seconds = result["first_burst_ttft_p99_ms"] / 1000
-    spent = machine.busy_between(result["go_monotonic"], result["go_monotonic"] + seconds)
+    spent = machine.spent_between(result["go_monotonic"], result["go_monotonic"] + seconds)[0]
     return "%.2f s, %.0f%%" % (spent, 100 * spent / (seconds * os.cpu_count()))
+
+
+def first_burst_loop(result: dict, machine: MachineCPU) -> str:
+    """Where the event loop's time went from a paced load's start to its first burst's ttft
+    p99: on a CPU, waiting for one (the run queue), and the rest, asleep (for the GIL or in
+    epoll)."""
+    if not result.get("first_burst_ttft_p99_ms") or not machine.thread:
+        return "-"
+    seconds = result["first_burst_ttft_p99_ms"] / 1000
+    _, on_cpu, waiting = machine.spent_between(result["go_monotonic"],
+                                               result["go_monotonic"] + seconds)
+    return "%.2f / %.2f / %.2f s" % (on_cpu, waiting, seconds - on_cpu - waiting)
 
 
 def status_of(pid: int) -> dict:
@@ -193,7 +218,7 @@ def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
     shape = paced_shape(streams)
     with MachineCPU() as straight_machine:
         straight = load(run.mock_url, "openai", **shape)
-    with MachineCPU() as proxied_machine:
+    with MachineCPU((pid, pid)) as proxied_machine:
         proxied = load(run.proxy_url, "anthropic", **shape)
     peak = status_of(pid)
     row("paced streams: stream time p99", "%.2f s" % (straight["p99_ms"] / 1000),
@@ -206,6 +231,8 @@ def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
         "+%.3f s" % ((proxied["ttft_p50_ms"] - straight["ttft_p50_ms"]) / 1000))
     row("  machine CPU until the first burst's p99", first_burst_cpu(straight, straight_machine),
         first_burst_cpu(proxied, proxied_machine))
+    row("  its event loop: on a CPU / waiting / asleep", "-",
+        first_burst_loop(proxied, proxied_machine))
     row("memory per open stream", "-", "%.0f KB" % ((peak["VmHWM"] - idle["VmRSS"]) / streams))
     if proxied["errors"] or straight["errors"]:
         row("errors", str(straight["errors"]), str(proxied["errors"]))
