@@ -34,20 +34,22 @@ shared benchmark helpers. Rows:
   bare relay        tests/bench/floor_relay.py, a relay that only relays: with ccproxy's
                     architecture (a worker thread sends to the mock through http.client, the
                     event loop reads the answer), with the one before it (the thread also waits
-                    for the answer's head), and with
-                    the call made by the event loop, then that with 0.1 and 0.3 ms of CPU spent
-                    on every request, as a proxy's own work: paced streams, stream start
+                    for the answer's head), and with the call made by the event loop, then that
+                    with 0.1 and 0.3 ms of CPU spent on every request, as a proxy's own work:
+                    paced streams, stream start
                     (CPU on the event loop and on the worker threads apart), JSON request
   peer              where node and npm are: Claude Code Router 2.0.0 (installed into
                     ~/.cache/ccproxy-bench/ccr, never globally) on the same mock: paced
                     streams, memory, CPU per chunk, streams/s, the growing session
 
 Machines differ and shared ones drift: compare the ratios, not the absolute figures. Not part
-of the test suite (nothing here is asserted).
+of the test suite (nothing here is asserted), but it needs the test dependencies:
+`python3 -m pip install -e ".[test]"`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import py_compile
@@ -611,6 +613,11 @@ def main() -> None:
                         "followed by --settle s, for the memory a server keeps over time")
     parser.add_argument("--quick", action="store_true", help="fewer requests per row")
     options = parser.parse_args()
+    try:
+        importlib.import_module("helpers")   # held_per_stream serves as the tests do
+    except ImportError as missing:
+        raise SystemExit("the benchmark needs the test dependencies (%s): python3 -m pip install "
+                         "-e \".[test]\"" % missing)
     requests = 200 if options.quick else 1000
     print("%d CPUs, Python %s, %s" % (os.cpu_count(), sys.version.split()[0], sys.platform))
     row("", "straight to mock", "ccproxy", "ratio")
