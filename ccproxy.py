@@ -7529,8 +7529,9 @@ class PlainChunkTemplate:
 class TranslatedStreamRelay:
     """Bytes of a provider's event stream in, the client's events out, for every translating
     protocol: SSE decoding and JSON parsing around the protocol's stream translator, which
-    takes each (event name, payload); `[DONE]` comes as a None payload. An empty chunk
-    (upstream silence) becomes a ping. An event that is not a JSON object, or that the
+    takes each (event name, payload); `[DONE]` comes as a None payload, and ends the stream:
+    what a provider sends after it is no answer, and is dropped. An empty chunk (upstream
+    silence) becomes a ping. An event that is not a JSON object, or that the
     translator fails on (the provider's own error event), breaks the stream: what came before
     it, in the same receive too, is sent, then the stream ends with an error event, never as
     complete.
@@ -7544,12 +7545,15 @@ class TranslatedStreamRelay:
         self._translator = translator
         self._plain = PlainChunkTemplate() if hasattr(translator, "feed_text") else None
         self._stops = context.stops
+        self._over = False            # the provider has said [DONE]
         self.broken = None
         self.provider = context.provider
 
     def feed(self, chunk: bytes) -> bytes:
         if self.broken is not None:
             raise self.broken
+        if self._over:
+            return b""
         if not chunk:
             return SSE_PING
         out = []
@@ -7562,7 +7566,8 @@ class TranslatedStreamRelay:
                 continue
             if len(data) < 16 and data.strip() == "[DONE]":
                 self._translator.feed_event(event, None)
-                continue
+                self._over = True
+                break
             try:
                 payload = decode_event_json(data)
             except (ValueError, RecursionError):
@@ -8976,7 +8981,8 @@ class AnthropicStreamRelay:
     is not a JSON object (which a client's SDK cannot read) breaks the stream, as it does a
     translated one: the events before it are relayed, never it. What comes before the first
     named event (a comment, `data: [DONE]`, junk) is dropped, as no client reads it: until
-    then the answer has not begun, and a stream that ends there may still fail over.
+    then the answer has not begun, and a stream that ends there may still fail over. What
+    comes after message_stop (or an error event) is dropped too: the stream is over.
     """
 
     ended = False                     # never before the provider's end
@@ -9003,15 +9009,19 @@ class AnthropicStreamRelay:
         if end <= 0:
             self._held.hold(chunk)
             return b""
-        complete = self._readable(self._held.release(chunk[:end]))
+        complete = self._held.release(chunk[:end])
         self._held.hold(chunk[end:])
+        if self._terminated:
+            return b""                # the stream is over: what a provider adds is no answer
+        ending = stream_end(complete) if b"message_stop" in complete or b"error" in complete \
+            else None
+        if ending is not None:
+            complete, self._terminated = complete[:ending], True
+        complete = self._readable(complete)
         if not self._begun:
             if not self._begins(complete):
                 return b""
             self._begun = True
-        if not self._terminated:
-            self._terminated = (b"message_stop" in complete or b"error" in complete) \
-                and ends_the_stream(complete)
         if complete and self._record is not None:
             note_anthropic_usage(complete, self._record)
         if b"error" in complete:
@@ -9114,14 +9124,18 @@ def without_dataless_events(events: bytes) -> bytes:
     return b"".join(kept) + events[start:]
 
 
-def ends_the_stream(events: bytes) -> bool:
-    """Whether these whole events hold message_stop or error as a client reads them: a frame's
-    last event field names it, and a frame without data is no event at all."""
-    for frame in SSE_EVENT_END_RE.split(events):
+def stream_end(events: bytes) -> int | None:
+    """Where these whole events end the stream as a client reads it: just after the first
+    frame whose last event field names message_stop or error (a frame without data is no event
+    at all); None when none does."""
+    start = 0
+    for end in SSE_EVENT_END_RE.finditer(events):
+        frame = events[start:end.start()]
         names = SSE_EVENT_NAME_RE.findall(frame)
         if names and names[-1] in (b"message_stop", b"error") and SSE_DATA_RE.search(frame):
-            return True
-    return False
+            return end.end()
+        start = end.end()
+    return None
 
 
 def data_line_readable(line: re.Match) -> bytes:

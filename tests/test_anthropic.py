@@ -335,6 +335,41 @@ def test_an_event_that_is_not_json_is_never_relayed(proxy, upstream):
                                         "object; text of the answer was lost"}
 
 
+@pytest.mark.parametrize("later", [True, False], ids=["in a later receive", "in the same one"])
+def test_what_a_provider_sends_after_message_stop_is_no_answer(proxy, upstream, later):
+    """message_stop ends the stream: an unreadable event or an error event a provider sends
+    after it would have followed a whole answer with an error event (the client's SDK then
+    raises, and Claude Code asks again); it and any event after the end are dropped."""
+    events = anthropic_stream_events()
+    after = [b"event: content_block_delta\ndata: {broken\n\n", OVERLOADED_EVENT,
+             b'event: ping\ndata: {"type": "ping"}\n\n']
+    replies = []
+
+    def answer(request):
+        replies.append(stream_reply(events + after if later else [b"".join(events + after)],
+                                    pause_before=len(events) if later else None))
+        return replies[-1]
+    upstream.script = answer
+    body = b'{"model":"m","max_tokens":5,"stream":true,"messages":[{"role":"user","content":"x"}]}'
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        reader, streamed = sock.makefile("rb"), b""
+        for received in iter(lambda: reader.read1(65536), b""):
+            streamed += received
+            if b"message_stop" in streamed:         # relayed before the rest is sent
+                break
+        replies[-1].release.set()
+        streamed = (streamed + reader.read()).split(b"\r\n\r\n", 1)[1]
+    assert streamed == b"".join(events)
+    with sdk(proxy).messages.stream(model="m", max_tokens=5,
+                                    messages=[{"role": "user", "content": "hi"}]) as stream:
+        for event in stream:
+            if event.type == "message_stop":
+                replies[-1].release.set()
+        assert stream.get_final_message().content[0].text == "Hello!"
+
+
 OVERLOADED_EVENT = (b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
                     b'"message": "Overloaded"}}\n\n')
 

@@ -1372,6 +1372,25 @@ def test_sdk_stream_usage_reaches_the_final_message(openai_proxy, upstream):
     assert final.usage.cache_read_input_tokens == 100
 
 
+@pytest.mark.parametrize("later", [True, False], ids=["in a later receive", "in the same one"])
+def test_what_a_provider_sends_after_done_is_no_answer(openai_proxy, upstream, later):
+    """[DONE] ends the stream: junk or an error event a provider sends after it would have
+    turned a whole answer into an error event (the client's SDK then raises, and Claude Code
+    asks again); it is dropped."""
+    after = [b"data: {broken\n\n", b'event: error\ndata: {"error": {"message": "late"}}\n\n']
+    pieces = sse_pieces(SCENARIOS["plain_text"])
+    reply = stream_reply(pieces + after if later else [b"".join(pieces + after)],
+                         pause_before=len(pieces) if later else None)
+    upstream.script = lambda r: reply
+    with sdk(openai_proxy).messages.stream(**REQUEST) as stream:
+        for event in stream:
+            if event.type == "text":          # the text is out: the junk may come now
+                reply.release.set()
+        final = stream.get_final_message()
+    assert block_dicts(final) == [{"type": "text", "text": "Hello"}]
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == 7
+
+
 NON_STREAM_CASES = {
     "text": (completion({"content": "Hello"}), [{"type": "text", "text": "Hello"}], "end_turn"),
     "tools": (completion({"content": None, "tool_calls": [
