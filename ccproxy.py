@@ -9002,6 +9002,8 @@ class AnthropicStreamRelay:
         self._tool_ids = tool_ids
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._terminated:
+            return b""                # the stream is over: what a provider adds is no answer
         if not chunk:
             return SSE_PING
         tail = self._held.tail(3)             # an event boundary may straddle two chunks
@@ -9011,8 +9013,6 @@ class AnthropicStreamRelay:
             return b""
         complete = self._held.release(chunk[:end])
         self._held.hold(chunk[end:])
-        if self._terminated:
-            return b""                # the stream is over: what a provider adds is no answer
         ending = stream_end(complete) if b"message_stop" in complete or b"error" in complete \
             else None
         if ending is not None:

@@ -370,6 +370,19 @@ def test_what_a_provider_sends_after_message_stop_is_no_answer(proxy, upstream, 
         assert stream.get_final_message().content[0].text == "Hello!"
 
 
+def test_a_relay_adds_nothing_after_the_end_not_even_a_ping():
+    """After message_stop a provider that falls silent while it holds the connection open gets
+    no ping sent on its behalf, and what it sends later is not relayed."""
+    config = ccproxy.build_config({"providers": [{"name": "p", "type": "anthropic",
+                                                  "api_base_url": "http://127.0.0.1:9"}]}, "c", {})
+    relay = ccproxy.AnthropicStreamRelay(config.providers[0])
+    assert relay.feed(b"") == ccproxy.SSE_PING                    # silence mid-stream: a ping
+    events = b"".join(anthropic_stream_events())
+    assert relay.feed(events + b"event: ping\ndata: {}\n\n") == events
+    assert relay.feed(b"") == b"" and relay.feed(OVERLOADED_EVENT) == b""
+    assert relay.complete and relay.finish() == b""
+
+
 OVERLOADED_EVENT = (b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
                     b'"message": "Overloaded"}}\n\n')
 
