@@ -36,8 +36,8 @@ shared benchmark helpers. Rows:
                     event loop reads the answer), with the one before it (the thread also waits
                     for the answer's head), and with the call made by the event loop, then that
                     with 0.1 and 0.3 ms of CPU spent on every request, as a proxy's own work:
-                    paced streams, stream start
-                    (CPU on the event loop and on the worker threads apart), JSON request
+                    paced streams, stream start (CPU on the event loop and on the worker
+                    threads apart), JSON request
   peer              where node and npm are: Claude Code Router 2.0.0 (installed into
                     ~/.cache/ccproxy-bench/ccr, never globally) on the same mock: paced
                     streams, memory, CPU per chunk, streams/s, the growing session
@@ -76,7 +76,8 @@ class MachineCPU:
     in ns)."""
 
     def __init__(self, thread: tuple | None = None):
-        self.thread = thread
+        schedstat = thread and Path("/proc/%d/task/%d/schedstat" % thread)
+        self.schedstat = schedstat if schedstat and schedstat.exists() else None  # built in?
 
     def __enter__(self):
         self.samples, self._done = [], threading.Event()
@@ -89,8 +90,7 @@ class MachineCPU:
         self._thread.join()
 
     def _sample(self) -> None:
-        schedstat = self.thread and Path("/proc/%d/task/%d/schedstat" % self.thread)
-        self.thread = schedstat and schedstat.exists() and self.thread   # schedstats built in
+        schedstat = self.schedstat
         while not self._done.is_set():
             values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
             busy = sum(values[i] for i in (0, 1, 2, 5, 6))   # user, nice, system, irq, softirq
@@ -108,25 +108,33 @@ class MachineCPU:
         return tuple(b - a for a, b in zip(nearest(start), nearest(end)))
 
 
-def first_burst_cpu(result: dict, machine: MachineCPU) -> str:
-    """The CPU the machine spent from a paced load's start to its first burst's ttft p99, and
-    its share of what all CPUs could have done meanwhile."""
+def first_burst_spent(result: dict, machine: MachineCPU) -> tuple | None:
+    """(the span from a paced load's start to its first burst's ttft p99, then what
+    spent_between() gives for it); None when no stream of that burst answered."""
     if not result.get("first_burst_ttft_p99_ms"):
-        return "-"                                      # no stream of that burst answered
+        return None
     seconds = result["first_burst_ttft_p99_ms"] / 1000
-    spent = machine.spent_between(result["go_monotonic"], result["go_monotonic"] + seconds)[0]
-    return "%.2f s, %.0f%%" % (spent, 100 * spent / (seconds * os.cpu_count()))
+    return (seconds,) + machine.spent_between(result["go_monotonic"],
+                                              result["go_monotonic"] + seconds)
+
+
+def first_burst_cpu(result: dict, machine: MachineCPU) -> str:
+    """The CPU the machine spent until its first burst's ttft p99, and its share of what all
+    CPUs could have done meanwhile."""
+    spent = first_burst_spent(result, machine)
+    if spent is None:
+        return "-"
+    seconds, busy, _, _ = spent
+    return "%.2f s, %.0f%%" % (busy, 100 * busy / (seconds * os.cpu_count()))
 
 
 def first_burst_loop(result: dict, machine: MachineCPU) -> str:
-    """Where the event loop's time went from a paced load's start to its first burst's ttft
-    p99: on a CPU, waiting for one (the run queue), and the rest, asleep (for the GIL or in
-    epoll)."""
-    if not result.get("first_burst_ttft_p99_ms") or not machine.thread:
+    """Where the event loop's time went until its first burst's ttft p99: on a CPU, waiting
+    for one (the run queue), and the rest, asleep (for the GIL or in epoll)."""
+    spent = first_burst_spent(result, machine)
+    if spent is None or machine.schedstat is None:
         return "-"
-    seconds = result["first_burst_ttft_p99_ms"] / 1000
-    _, on_cpu, waiting = machine.spent_between(result["go_monotonic"],
-                                               result["go_monotonic"] + seconds)
+    seconds, _, on_cpu, waiting = spent
     return "%.2f / %.2f / %.2f s" % (on_cpu, waiting, seconds - on_cpu - waiting)
 
 
