@@ -8992,7 +8992,7 @@ class AnthropicStreamRelay:
         self._provider = provider
         self._held = HeldBytes()
         self._begun = False           # whether a named event has come
-        self._terminated = False
+        self._over = False            # message_stop or an error event has come
         self.broken = None
         self._record = record
         # A compatible server's stream: its thinking signatures are marked, the message is of
@@ -9002,7 +9002,7 @@ class AnthropicStreamRelay:
         self._tool_ids = tool_ids
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._terminated:
+        if self._over:
             return b""                # the stream is over: what a provider adds is no answer
         if not chunk:
             return SSE_PING
@@ -9016,7 +9016,7 @@ class AnthropicStreamRelay:
         ending = stream_end(complete) if b"message_stop" in complete or b"error" in complete \
             else None
         if ending is not None:
-            complete, self._terminated = complete[:ending], True
+            complete, self._over = complete[:ending], True
         complete = self._readable(complete)
         if not self._begun:
             if not self._begins(complete):
@@ -9070,7 +9070,7 @@ class AnthropicStreamRelay:
 
     @property
     def complete(self) -> bool:
-        return self._terminated and self.broken is None
+        return self._over and self.broken is None
 
     def finish(self, error: ProxyError | None = None) -> bytes:
         if self.complete:
