@@ -19,7 +19,8 @@ shared benchmark helpers. Rows:
   memory held       what an open stream holds with a 200 KB prompt (Claude Code's size late
                     in a session): ccproxy serving from a thread of this process, traced
   stream start      CPU per one-chunk stream, --streams of them started at once, twice:
-                    ccproxy's (on its event loop apart), the mock's, the load generator's
+                    ccproxy's (on its event loop apart: in user mode, in the kernel; and its
+                    threads' context switches), the mock's, the load generator's
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients; and one after another, a Claude Code-like
                     session that grows by a turn at every request (60 to 80 turns)
@@ -150,9 +151,27 @@ def status_of(pid: int) -> dict:
 
 def cpu_seconds(pid: int, thread: int | None = None) -> float:
     """CPU seconds a process has spent (its threads that have ended too), or one thread."""
+    return sum(user_and_kernel_seconds(pid, thread))
+
+
+def user_and_kernel_seconds(pid: int, thread: int | None = None) -> tuple:
+    """(CPU seconds in user mode, in the kernel) of a process or one of its threads."""
     path = "/proc/%d/stat" % pid if thread is None else "/proc/%d/task/%d/stat" % (pid, thread)
     parts = Path(path).read_text().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    return int(parts[11]) / os.sysconf("SC_CLK_TCK"), int(parts[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_switches(pid: int) -> int:
+    """How often the process's live threads have left a CPU, waiting (for the GIL, a lock, a
+    socket) or put off by the scheduler: voluntary and involuntary context switches."""
+    total = 0
+    for status in Path("/proc/%d/task" % pid).glob("*/status"):
+        try:
+            total += sum(int(line.split()[1]) for line in status.read_text().splitlines()
+                         if line.split(":")[0].endswith("ctxt_switches"))
+        except (OSError, IndexError, ValueError):     # a thread that ended meanwhile
+            pass
+    return total
 
 
 def load(url: str, mode: str, **options) -> dict:
@@ -299,22 +318,35 @@ def start_cost(run: Processes, streams: int) -> None:
     time to first token is made of (the last stream waits for the ones started before it)."""
     shape = start_shape(streams)
     straight, mock_cpu = measured(run.mock.pid, lambda: load(run.mock_url, "openai", **shape))
-    proxied, proxy_cpu, loop_cpu = started_on_loop(run.proxy.pid, lambda: load(
+    proxied, proxy_cpu, loop_cpu, spent = started_on_loop(run.proxy.pid, lambda: load(
         run.proxy_url, "anthropic", **shape))
     row("CPU per stream started (%d at once)" % streams, "mock %.2f ms" % (
         mock_cpu / (2 * streams) * 1e3), "%.2f ms" % (proxy_cpu / (2 * streams) * 1e3),
         "%.1f×" % (proxy_cpu / mock_cpu))
     row("  of which on the event loop", "-", "%.2f ms" % (loop_cpu / (2 * streams) * 1e3))
+    loop_rows(spent, 2 * streams)
     row("  the load generator's, per stream started", "%.2f ms" % straight[
         "loadgen_cpu_ms_per_req"], "%.2f ms" % proxied["loadgen_cpu_ms_per_req"])
 
 
 def started_on_loop(pid: int, run) -> tuple:
     """(run()'s result, CPU seconds the process spent during it, the share of its main thread,
-    the event loop; the rest is the worker threads')."""
-    before = cpu_seconds(pid, pid)
+    the event loop (the rest is the worker threads'), and what the stream-start rows show of
+    it: the loop's CPU in user mode and in the kernel, and the process's thread switches)."""
+    loop_before, switches_before = user_and_kernel_seconds(pid, pid), thread_switches(pid)
     outcome, cpu = measured(pid, run)
-    return outcome, cpu, cpu_seconds(pid, pid) - before
+    loop_after = user_and_kernel_seconds(pid, pid)
+    loop = [after - before for before, after in zip(loop_before, loop_after)]
+    return outcome, cpu, sum(loop), dict(loop_user=loop[0], loop_kernel=loop[1],
+                                         switches=thread_switches(pid) - switches_before)
+
+
+def loop_rows(spent: dict, starts: int) -> None:
+    """The stream-start rows that say what the event loop's time is: Python running (user
+    mode), or system calls and thread switches (the kernel), and how many switches."""
+    row("  the loop's in user mode / in the kernel", "-", "%.2f / %.2f ms" % (
+        spent["loop_user"] / starts * 1e3, spent["loop_kernel"] / starts * 1e3))
+    row("  thread switches per stream started", "-", "%.1f" % (spent["switches"] / starts))
 
 
 def cpu_rows(run: Processes, requests: int) -> None:
@@ -426,10 +458,11 @@ def relay_rows(url: str, pid: int, name: str, straight: dict, streams: int,
     row("%s: first token p99" % name, "%.3f s" % (straight["ttft_p99_ms"] / 1000),
         "%.3f s" % (paced_run["ttft_p99_ms"] / 1000),
         "+%.3f s" % ((paced_run["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
-    started, cpu, loop_cpu = started_on_loop(pid, lambda: load(url, "anthropic",
-                                                               **start_shape(streams)))
+    started, cpu, loop_cpu, spent = started_on_loop(pid, lambda: load(url, "anthropic",
+                                                                      **start_shape(streams)))
     row("%s: CPU per stream started" % name, "-", "%.2f ms" % (cpu / (2 * streams) * 1e3))
     row("  of which on the event loop", "-", "%.2f ms" % (loop_cpu / (2 * streams) * 1e3))
+    loop_rows(spent, 2 * streams)
     answered, cpu = measured(pid, lambda: load(url, "anthropic", stream=0, conc=10,
                                                n=requests * 4))
     row("%s: CPU per JSON request" % name, "-", "%.2f ms" % (cpu / requests / 4 * 1e3))
