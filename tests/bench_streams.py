@@ -19,8 +19,8 @@ shared benchmark helpers. Rows:
   memory held       what an open stream holds with a 200 KB prompt (Claude Code's size late
                     in a session): ccproxy serving from a thread of this process, traced
   stream start      CPU per one-chunk stream, --streams of them started at once, twice:
-                    ccproxy's (on its event loop apart: in user mode, in the kernel; and its
-                    threads' context switches), the mock's, the load generator's
+                    ccproxy's (on its event loop apart; in user mode and in the kernel, and
+                    its threads' context switches), the mock's, the load generator's
   CPU per chunk     200-chunk streams, 10 clients: CPU time per chunk, ccproxy and the mock
   CPU per request   JSON requests, 10 clients; and one after another, a Claude Code-like
                     session that grows by a turn at every request (60 to 80 turns)
@@ -333,19 +333,24 @@ def started_on_loop(pid: int, run) -> tuple:
     """(run()'s result, CPU seconds the process spent during it, the share of its main thread,
     the event loop (the rest is the worker threads'), and what the stream-start rows show of
     it: the loop's CPU in user mode and in the kernel, and the process's thread switches)."""
-    loop_before, switches_before = user_and_kernel_seconds(pid, pid), thread_switches(pid)
+    before = user_and_kernel_seconds(pid) + user_and_kernel_seconds(pid, pid)
+    switches_before = thread_switches(pid)
     outcome, cpu = measured(pid, run)
-    loop_after = user_and_kernel_seconds(pid, pid)
-    loop = [after - before for before, after in zip(loop_before, loop_after)]
-    return outcome, cpu, sum(loop), dict(loop_user=loop[0], loop_kernel=loop[1],
-                                         switches=thread_switches(pid) - switches_before)
+    after = user_and_kernel_seconds(pid) + user_and_kernel_seconds(pid, pid)
+    user, kernel, loop_user, loop_kernel = [b - a for a, b in zip(before, after)]
+    return outcome, cpu, loop_user + loop_kernel, dict(
+        user=user, kernel=kernel, loop_user=loop_user, loop_kernel=loop_kernel,
+        switches=thread_switches(pid) - switches_before)
 
 
 def loop_rows(spent: dict, starts: int) -> None:
-    """The stream-start rows that say what the event loop's time is: Python running (user
-    mode), or system calls and thread switches (the kernel), and how many switches."""
-    row("  the loop's in user mode / in the kernel", "-", "%.2f / %.2f ms" % (
-        spent["loop_user"] / starts * 1e3, spent["loop_kernel"] / starts * 1e3))
+    """The stream-start rows that say what the CPU time is: Python running (user mode), or
+    system calls and thread switches (the kernel), all threads' and the event loop's; and how
+    often the threads switched."""
+    for name, user, kernel in (("all threads'", "user", "kernel"),
+                               ("the loop's", "loop_user", "loop_kernel")):
+        row("  %s in user mode / in the kernel" % name, "-", "%.2f / %.2f ms" % (
+            spent[user] / starts * 1e3, spent[kernel] / starts * 1e3))
     row("  thread switches per stream started", "-", "%.1f" % (spent["switches"] / starts))
 
 
