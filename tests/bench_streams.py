@@ -16,6 +16,8 @@ shared benchmark helpers. Rows:
                     the run queue), asleep (waiting for the GIL, or in epoll); from its schedstat
   memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later,
                     and again after --bursts of the same paced bursts in a row
+  burst sizes       the paced load again with 10, 100 and 300 streams starting at once: first
+                    token p99 over straight, and stream time p99 as a ratio
   memory held       what an open stream holds with a 200 KB prompt (Claude Code's size late
                     in a session): ccproxy serving from a thread of this process, traced
   stream start      CPU per one-chunk stream, --streams of them started at once, twice:
@@ -238,6 +240,21 @@ def row(name: str, straight: str, proxied: str, ratio: str = "") -> None:
 def paced_shape(streams: int) -> dict:
     """The paced load: `streams` clients, each twice a stream of 40 chunks 50 ms apart."""
     return dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
+
+
+BURST_SIZES = (10, 100, 300)
+
+
+def paced_by_burst_size(run: Processes) -> None:
+    """The paced load's first token at smaller bursts: how many streams may start in the same
+    instant, on this machine, within the target."""
+    for streams in BURST_SIZES:
+        straight = load(run.mock_url, "openai", **paced_shape(streams))
+        proxied = load(run.proxy_url, "anthropic", **paced_shape(streams))
+        row("  %d at once: first token p99, stream p99" % streams, "%.3f s, %.2f s" % (
+            straight["ttft_p99_ms"] / 1000, straight["p99_ms"] / 1000), "+%.3f s, %.2f×" % (
+            (proxied["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000,
+            proxied["p99_ms"] / straight["p99_ms"]))
 
 
 def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
@@ -674,6 +691,7 @@ def main() -> None:
         try:
             statusline_time(run, home)
             paced(run, options.streams, options.settle, options.bursts)
+            paced_by_burst_size(run)
             held_per_stream(run)
             start_cost(run, options.streams)
             cpu_rows(run, requests)
