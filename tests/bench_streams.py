@@ -341,26 +341,26 @@ def start_cost(run: Processes, streams: int) -> None:
         mock_cpu / (2 * streams) * 1e3), "%.2f ms" % (proxy_cpu / (2 * streams) * 1e3),
         "%.1f×" % (proxy_cpu / mock_cpu))
     row("  of which on the event loop", "-", "%.2f ms" % (loop_cpu / (2 * streams) * 1e3))
-    loop_rows(spent, 2 * streams)
+    cpu_split_rows(spent, 2 * streams)
     row("  the load generator's, per stream started", "%.2f ms" % straight[
         "loadgen_cpu_ms_per_req"], "%.2f ms" % proxied["loadgen_cpu_ms_per_req"])
 
 
 def started_on_loop(pid: int, run) -> tuple:
     """(run()'s result, CPU seconds the process spent during it, the share of its main thread,
-    the event loop (the rest is the worker threads'), and what the stream-start rows show of
-    it: the loop's CPU in user mode and in the kernel, and the process's thread switches)."""
+    the event loop (the rest is the worker threads'), and its split for cpu_split_rows():
+    the process's and the loop's CPU in user mode and in the kernel, and thread switches)."""
     before = user_and_kernel_seconds(pid) + user_and_kernel_seconds(pid, pid)
     switches_before = thread_switches(pid)
-    outcome, cpu = measured(pid, run)
+    outcome = run()
     after = user_and_kernel_seconds(pid) + user_and_kernel_seconds(pid, pid)
     user, kernel, loop_user, loop_kernel = [b - a for a, b in zip(before, after)]
-    return outcome, cpu, loop_user + loop_kernel, dict(
+    return outcome, user + kernel, loop_user + loop_kernel, dict(
         user=user, kernel=kernel, loop_user=loop_user, loop_kernel=loop_kernel,
         switches=thread_switches(pid) - switches_before)
 
 
-def loop_rows(spent: dict, starts: int) -> None:
+def cpu_split_rows(spent: dict, starts: int) -> None:
     """The stream-start rows that say what the CPU time is: Python running (user mode), or
     system calls and thread switches (the kernel), all threads' and the event loop's; and how
     often the threads switched."""
@@ -484,7 +484,7 @@ def relay_rows(url: str, pid: int, name: str, straight: dict, streams: int,
                                                                       **start_shape(streams)))
     row("%s: CPU per stream started" % name, "-", "%.2f ms" % (cpu / (2 * streams) * 1e3))
     row("  of which on the event loop", "-", "%.2f ms" % (loop_cpu / (2 * streams) * 1e3))
-    loop_rows(spent, 2 * streams)
+    cpu_split_rows(spent, 2 * streams)
     answered, cpu = measured(pid, lambda: load(url, "anthropic", stream=0, conc=10,
                                                n=requests * 4))
     row("%s: CPU per JSON request" % name, "-", "%.2f ms" % (cpu / requests / 4 * 1e3))
