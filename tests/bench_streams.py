@@ -16,8 +16,8 @@ shared benchmark helpers. Rows:
                     the run queue), asleep (waiting for the GIL, or in epoll); from its schedstat
   memory            peak RSS over idle RSS per open stream; threads and RSS --settle s later,
                     and again after --bursts of the same paced bursts in a row
-  burst sizes       the paced load again with 10, 100 and 300 streams starting at once: first
-                    token p99 over straight, and stream time p99 as a ratio
+  burst sizes       the paced load again with 10, 100 and 300 streams starting at once: stream
+                    time p99 and time to first token p99
   memory held       what an open stream holds with a 200 KB prompt (Claude Code's size late
                     in a session): ccproxy serving from a thread of this process, traced
   stream start      CPU per one-chunk stream, --streams of them started at once, twice:
@@ -237,6 +237,16 @@ def row(name: str, straight: str, proxied: str, ratio: str = "") -> None:
     print("%-44s %16s %16s %14s" % (name, straight, proxied, ratio))
 
 
+def paced_rows(label: str, straight: dict, proxied: dict) -> None:
+    """A paced load's stream time p99 (as a ratio) and first token p99 (as the time added),
+    beside the same load sent straight to the mock."""
+    row("%s: stream time p99" % label, "%.2f s" % (straight["p99_ms"] / 1000),
+        "%.2f s" % (proxied["p99_ms"] / 1000), "%.2f×" % (proxied["p99_ms"] / straight["p99_ms"]))
+    row("%s: time to first token p99" % label, "%.3f s" % (straight["ttft_p99_ms"] / 1000),
+        "%.3f s" % (proxied["ttft_p99_ms"] / 1000),
+        "+%.3f s" % ((proxied["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+
+
 def paced_shape(streams: int) -> dict:
     """The paced load: `streams` clients, each twice a stream of 40 chunks 50 ms apart."""
     return dict(stream=1, conc=streams, n=2 * streams, chunks=40, delay_ms=50)
@@ -251,10 +261,7 @@ def paced_by_burst_size(run: Processes) -> None:
     for streams in BURST_SIZES:
         straight = load(run.mock_url, "openai", **paced_shape(streams))
         proxied = load(run.proxy_url, "anthropic", **paced_shape(streams))
-        row("  %d at once: first token p99, stream p99" % streams, "%.3f s, %.2f s" % (
-            straight["ttft_p99_ms"] / 1000, straight["p99_ms"] / 1000), "+%.3f s, %.2f×" % (
-            (proxied["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000,
-            proxied["p99_ms"] / straight["p99_ms"]))
+        paced_rows("  %d at once" % streams, straight, proxied)
 
 
 def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
@@ -267,11 +274,7 @@ def paced(run: Processes, streams: int, settle: float, bursts: int) -> None:
     with MachineCPU((pid, pid)) as proxied_machine:
         proxied = load(run.proxy_url, "anthropic", **shape)
     peak = status_of(pid)
-    row("paced streams: stream time p99", "%.2f s" % (straight["p99_ms"] / 1000),
-        "%.2f s" % (proxied["p99_ms"] / 1000), "%.2f×" % (proxied["p99_ms"] / straight["p99_ms"]))
-    row("paced streams: time to first token p99", "%.3f s" % (straight["ttft_p99_ms"] / 1000),
-        "%.3f s" % (proxied["ttft_p99_ms"] / 1000),
-        "+%.3f s" % ((proxied["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+    paced_rows("paced streams", straight, proxied)
     row("paced streams: time to first token p50", "%.3f s" % (straight["ttft_p50_ms"] / 1000),
         "%.3f s" % (proxied["ttft_p50_ms"] / 1000),
         "+%.3f s" % ((proxied["ttft_p50_ms"] - straight["ttft_p50_ms"]) / 1000))
@@ -474,12 +477,7 @@ def relay_rows(url: str, pid: int, name: str, straight: dict, streams: int,
     """One bare relay's rows: paced streams, stream start, JSON request."""
     wait_healthy(url)
     paced_run = load(url, "anthropic", **paced_shape(streams))
-    row("%s: paced stream time p99" % name, "%.2f s" % (straight["p99_ms"] / 1000),
-        "%.2f s" % (paced_run["p99_ms"] / 1000),
-        "%.2f×" % (paced_run["p99_ms"] / straight["p99_ms"]))
-    row("%s: first token p99" % name, "%.3f s" % (straight["ttft_p99_ms"] / 1000),
-        "%.3f s" % (paced_run["ttft_p99_ms"] / 1000),
-        "+%.3f s" % ((paced_run["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+    paced_rows("%s: paced" % name, straight, paced_run)
     started, cpu, loop_cpu, spent = started_on_loop(pid, lambda: load(url, "anthropic",
                                                                       **start_shape(streams)))
     row("%s: CPU per stream started" % name, "-", "%.2f ms" % (cpu / (2 * streams) * 1e3))
@@ -605,11 +603,7 @@ def peer_rows(run: Processes, home: Path, streams: int, requests: int) -> None:
         shape = paced_shape(streams)
         straight, peer = load(run.mock_url, "openai", **shape), load(url, "anthropic", **shape)
         peak = status_of(process.pid)
-        row("peer: paced streams, stream time p99", "%.2f s" % (straight["p99_ms"] / 1000),
-            "%.2f s" % (peer["p99_ms"] / 1000), "%.2f×" % (peer["p99_ms"] / straight["p99_ms"]))
-        row("peer: paced streams, first token p99", "%.3f s" % (straight["ttft_p99_ms"] / 1000),
-            "%.3f s" % (peer["ttft_p99_ms"] / 1000),
-            "+%.3f s" % ((peer["ttft_p99_ms"] - straight["ttft_p99_ms"]) / 1000))
+        paced_rows("peer: paced streams", straight, peer)
         row("peer: idle RSS, peak RSS", "-", "%.0f MB, %.0f MB" % (
             idle["VmRSS"] / 1024, peak["VmHWM"] / 1024))
         shape = dict(stream=1, conc=10, n=requests, chunks=200)
