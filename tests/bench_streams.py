@@ -36,11 +36,12 @@ shared benchmark helpers. Rows:
                     and 50 clients (which may not fall)
   bare relay        tests/bench/floor_relay.py, a relay that only relays: with ccproxy's
                     architecture (a worker thread sends to the mock through http.client, the
-                    event loop reads the answer), with the one before it (the thread also waits
-                    for the answer's head), and with the call made by the event loop, then that
-                    with 0.1 and 0.3 ms of CPU spent on every request, as a proxy's own work:
-                    paced streams, stream start (CPU on the event loop and on the worker
-                    threads apart), JSON request
+                    event loop reads the answer), the same sending through a urllib opener (the
+                    least the design that keeps urllib can spend), with the one before it (the
+                    thread also waits for the answer's head), and with the call made by the
+                    event loop, then that with 0.1 and 0.3 ms of CPU spent on every request, as
+                    a proxy's own work: paced streams, stream start (CPU on the event loop and
+                    on the worker threads apart), JSON request
   peer              where node and npm are: Claude Code Router 2.0.0 (installed into
                     ~/.cache/ccproxy-bench/ccr, never globally) on the same mock: paced
                     streams, memory, CPU per chunk, streams/s, the growing session
@@ -443,7 +444,7 @@ def throughput_rows(run: Processes, requests: int) -> None:
             "%.0f, %.0f" % (json_rate["rps"], stream_rate["rps"]))
 
 
-FLOOR_MODES = (("thread", 0.0, "bare relay (thread)"),
+FLOOR_MODES = (("thread", 0.0, "bare relay (thread)"), ("urllib", 0.0, "bare relay (urllib)"),
                ("thread-head", 0.0, "bare relay (thread reads head)"),
                ("asyncio", 0.0, "bare relay (asyncio)"),
                ("asyncio", 0.1, "asyncio +0.1 ms work"), ("asyncio", 0.3, "asyncio +0.3 ms work"))
@@ -452,7 +453,8 @@ FLOOR_MODES = (("thread", 0.0, "bare relay (thread)"),
 def floor_rows(run: Processes, streams: int, requests: int) -> None:
     """The rows issue #11 sets targets for, again through tests/bench/floor_relay.py: a relay that
     does nothing but relay, with ccproxy's architecture (a worker thread making the upstream call
-    with http.client) and with the upstream call made by the event loop instead; then the latter
+    with http.client, or through a urllib opener as ccproxy does) and with the upstream call made
+    by the event loop instead; then the latter
     spending some CPU of its own on every request, as a proxy's checks, routing and translation
     would. Where ccproxy stands against the least its architecture can spend, what a different
     one would give, and how much work of its own each target leaves a proxy."""

@@ -2,7 +2,7 @@
 """A bare Anthropic-to-OpenAI relay, for benchmarks: what an architecture costs without the work.
 
     python3 floor_relay.py --port PORT --upstream-port MOCK_PORT
-                           [--upstream thread|thread-head|asyncio] [--work-ms MS]
+                           [--upstream thread|urllib|thread-head|asyncio] [--work-ms MS]
 
 It answers POST /v1/messages (JSON or a stream) by calling the OpenAI mock (mock_openai.py) and
 GET /health, and does nothing else: no checks, no routing, no errors, no usage or records, the
@@ -14,6 +14,10 @@ what its architecture does:
                       the upstream request with http.client (urllib's HTTP layer, here without
                       urllib's handlers above it), keep-alive, one connection per client
                       connection; the event loop reads the answer, head and body
+  --upstream urllib   the same, the worker sending through a urllib opener (one handler, which
+                      sends on the kept-alive connection and leaves the answer to the loop): the
+                      least the design ccproxy must keep (urllib makes every upstream request)
+                      can cost
   --upstream thread-head
                       ccproxy's design until 2026-12-06: the worker thread also waits for the
                       answer's head, and reads a JSON answer's body; the loop reads a stream's
@@ -25,6 +29,8 @@ what its architecture does:
 
 Only for the mock: it trusts every byte it is sent. Loopback only; never expose it.
 """
+from __future__ import annotations
+
 import argparse
 import asyncio
 import concurrent.futures
@@ -32,6 +38,7 @@ import http.client
 import json
 import re
 import time
+import urllib.request
 
 CONTENT = re.compile(rb'"content":"((?:[^"\\]|\\.)+)"')      # the mock's text deltas
 STREAM_END = b"\r\n0\r\n\r\n"                                   # the last chunk of a chunked body
@@ -70,6 +77,9 @@ class Relay:
     def __init__(self, upstream_port: int, mode: str, work_seconds: float = 0.0):
         self.upstream_port, self.mode, self.work_seconds = upstream_port, mode, work_seconds
         self.workers = concurrent.futures.ThreadPoolExecutor(1024)
+        self.opener = urllib.request.OpenerDirector()
+        self.opener.add_handler(SendingHandler())
+        self.url = "http://127.0.0.1:%d/v1/chat/completions" % upstream_port
 
     async def serve(self, reader, writer) -> None:
         upstream = Upstream(self, asyncio.get_running_loop())
@@ -134,16 +144,24 @@ class Upstream:
         if self.relay.mode == "thread-head":
             return await self.loop.run_in_executor(self.relay.workers, self.call_blocking, body,
                                                    stream)
-        await self.loop.run_in_executor(self.relay.workers, self.send_blocking, body)
+        send = self.send_by_urllib if self.relay.mode == "urllib" else self.send_blocking
+        await self.loop.run_in_executor(self.relay.workers, send, body)
         return await self.answer_from_loop(stream)
 
-    def send_blocking(self, body: bytes) -> None:
+    def send_by_urllib(self, body: bytes) -> None:
+        """Worker thread: send the request through the relay's urllib opener."""
+        request = urllib.request.Request(self.relay.url, data=body, method="POST", headers={
+            "Content-Type": "application/json", "Authorization": "Bearer sk-floor"})
+        request.relay_upstream = self
+        self.relay.opener.open(request, timeout=60)
+
+    def send_blocking(self, body: bytes, method: str = "POST",
+                      path: str = "/v1/chat/completions", headers: dict | None = None) -> None:
         """Worker thread: send the request (then the event loop reads the answer)."""
         if self.connection.sock is not None:
             self.connection.sock.settimeout(60)          # blocking again, for the send
-        self.connection.request("POST", "/v1/chat/completions", body,
-                                {"Content-Type": "application/json",
-                                 "Authorization": "Bearer sk-floor"})
+        self.connection.request(method, path, body, headers or {
+            "Content-Type": "application/json", "Authorization": "Bearer sk-floor"})
         self.connection.sock.setblocking(False)
         self.connection._HTTPConnection__state = http.client._CS_IDLE   # answered by the loop
 
@@ -204,11 +222,22 @@ class Upstream:
             self.streams[1].close()
 
 
+class SendingHandler(urllib.request.HTTPHandler):
+    """urllib's HTTP handler, sending on the client connection's kept-alive connection to the
+    mock and leaving the answer to the event loop."""
+
+    def http_open(self, req):
+        headers = dict(req.unredirected_hdrs)
+        headers.update(req.headers)
+        req.relay_upstream.send_blocking(req.data, req.get_method(), req.selector, headers)
+        return True          # the answer, for urllib: the loop reads the real one
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream-port", type=int, required=True)
-    parser.add_argument("--upstream", choices=("thread", "thread-head", "asyncio"),
+    parser.add_argument("--upstream", choices=("thread", "urllib", "thread-head", "asyncio"),
                         default="thread")
     parser.add_argument("--work-ms", type=float, default=0.0)
     options = parser.parse_args()
