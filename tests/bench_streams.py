@@ -454,10 +454,10 @@ def floor_rows(run: Processes, streams: int, requests: int) -> None:
     """The rows issue #11 sets targets for, again through tests/bench/floor_relay.py: a relay that
     does nothing but relay, with ccproxy's architecture (a worker thread making the upstream call
     with http.client, or through a urllib opener as ccproxy does) and with the upstream call made
-    by the event loop instead; then the latter
-    spending some CPU of its own on every request, as a proxy's checks, routing and translation
-    would. Where ccproxy stands against the least its architecture can spend, what a different
-    one would give, and how much work of its own each target leaves a proxy."""
+    by the event loop instead; then the latter spending some CPU of its own on every request, as
+    a proxy's checks, routing and translation would. Where ccproxy stands against the least its
+    architecture can spend, what a different one would give, and how much work of its own each
+    target leaves a proxy."""
     row("", "straight to mock", "bare relay", "ratio")
     straight = load(run.mock_url, "openai", **paced_shape(streams))
     for mode, work_ms, name in FLOOR_MODES:

@@ -29,8 +29,6 @@ what its architecture does:
 
 Only for the mock: it trusts every byte it is sent. Loopback only; never expose it.
 """
-from __future__ import annotations
-
 import argparse
 import asyncio
 import concurrent.futures
@@ -56,6 +54,7 @@ CLOSING = (b'event: content_block_stop\ndata: {"type":"content_block_stop","inde
 MESSAGE = ('{"id":"msg_floor","type":"message","role":"assistant","model":"%s","content":'
            '[{"type":"text","text":"%s"}],"stop_reason":"end_turn","stop_sequence":null,'
            '"usage":{"input_tokens":1,"output_tokens":1}}')
+MOCK_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer sk-floor"}
 HEALTH = (b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n'
           b'{"ok":true}')
 
@@ -150,18 +149,17 @@ class Upstream:
 
     def send_by_urllib(self, body: bytes) -> None:
         """Worker thread: send the request through the relay's urllib opener."""
-        request = urllib.request.Request(self.relay.url, data=body, method="POST", headers={
-            "Content-Type": "application/json", "Authorization": "Bearer sk-floor"})
+        request = urllib.request.Request(self.relay.url, data=body, method="POST",
+                                         headers=MOCK_HEADERS)
         request.relay_upstream = self
         self.relay.opener.open(request, timeout=60)
 
     def send_blocking(self, body: bytes, method: str = "POST",
-                      path: str = "/v1/chat/completions", headers: dict | None = None) -> None:
+                      path: str = "/v1/chat/completions", headers: dict = MOCK_HEADERS) -> None:
         """Worker thread: send the request (then the event loop reads the answer)."""
         if self.connection.sock is not None:
             self.connection.sock.settimeout(60)          # blocking again, for the send
-        self.connection.request(method, path, body, headers or {
-            "Content-Type": "application/json", "Authorization": "Bearer sk-floor"})
+        self.connection.request(method, path, body, headers)
         self.connection.sock.setblocking(False)
         self.connection._HTTPConnection__state = http.client._CS_IDLE   # answered by the loop
 
@@ -182,9 +180,7 @@ class Upstream:
     def call_blocking(self, body: bytes, stream: bool) -> bytes:
         """Worker thread: send, read the head; the whole body of a JSON answer, and of a stream
         what came with the head (the event loop reads the rest from the socket)."""
-        self.connection.request("POST", "/v1/chat/completions", body,
-                                {"Content-Type": "application/json",
-                                 "Authorization": "Bearer sk-floor"})
+        self.connection.request("POST", "/v1/chat/completions", body, MOCK_HEADERS)
         response = self.connection.getresponse()
         if not stream:
             return response.read()
